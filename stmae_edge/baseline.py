@@ -1,0 +1,50 @@
+"""A simple baseline on the same frozen features: a Gaussian per feature-grid position (PaDiM-style).
+
+Fit: mean and covariance of the C-dimensional feature vector at each of the G x G positions over the
+good images (+ eps * I so the inverse exists). Score: Mahalanobis distance per position, smoothed
+and upsampled exactly like ST-MAE's map, image score = max. It answers "does the transformer earn
+its keep over plain statistics of the same features?".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .models.stmae import gaussian_kernel
+
+
+class GaussianBaseline:
+    def __init__(self, eps: float = 0.01, smoothing_sigma: float = 0.5):
+        self.eps = eps
+        self.kernel = gaussian_kernel(smoothing_sigma)
+        self.mean: torch.Tensor | None = None  # (P, C), P = G * G positions
+        self.precision: torch.Tensor | None = None  # (P, C, C)
+        self.grid = 0
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor) -> "GaussianBaseline":
+        """features: raw backbone features of good images (N, C, G, G), any float dtype."""
+        n, c, g, _ = features.shape
+        self.grid = g
+        x = features.float().flatten(2).permute(2, 0, 1)  # (P, N, C)
+        self.mean = x.mean(dim=1)
+        centred = x - self.mean[:, None]
+        cov = centred.transpose(1, 2) @ centred / max(1, n - 1)
+        cov += self.eps * torch.eye(c)
+        self.precision = torch.linalg.inv(cov)
+        return self
+
+    @torch.no_grad()
+    def score(self, features: torch.Tensor, output_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (B, C, G, G) -> maps (B, 1, H, W) and image scores (B,), as STMAE.forward returns."""
+        if self.mean is None:
+            raise RuntimeError("fit the baseline before scoring")
+        b = features.shape[0]
+        d = features.float().flatten(2).permute(2, 0, 1) - self.mean[:, None]  # (P, B, C)
+        distance = torch.einsum("pbc,pcd,pbd->bp", d, self.precision, d).clamp_min(0).sqrt()
+        grid_map = distance.view(b, 1, self.grid, self.grid)
+        pad = self.kernel.shape[-1] // 2
+        grid_map = F.conv2d(F.pad(grid_map, (pad,) * 4, mode="replicate"), self.kernel)
+        scores = grid_map.flatten(1).amax(dim=1)
+        return F.interpolate(grid_map, size=output_size, mode="bilinear", align_corners=False), scores

@@ -1,0 +1,127 @@
+"""The `stmae-edge` command. User mistakes end as one line on stderr and a non-zero exit code."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import StmaeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.")
+
+
+def _model_config(preset_name: str, backbone: Optional[str]):
+    from .models.backbones import DEFAULT_LAYERS
+    from .models.stmae import preset
+
+    overrides = {}
+    if backbone:
+        overrides = {"backbone": backbone, "layers": DEFAULT_LAYERS.get(backbone, ())}
+    return preset(preset_name, **overrides)
+
+
+@app.command()
+def train(
+    data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses DATA_DIR/train/good)"),
+    out: Path = typer.Option(Path("model.pt"), "--out", "-o", help="checkpoint to write"),
+    preset_name: str = typer.Option("small", "--preset", help="model size: tiny, small (default), paper"),
+    backbone: Optional[str] = typer.Option(None, help="override the preset's backbone: efficientnet_lite0, vgg19"),
+    backbone_weights: str = typer.Option("imagenet", help="'imagenet', a path to a torchvision-format "
+                                         "weight file, or 'random' (explicitly untrained)"),
+    epochs: int = typer.Option(40, help="passes over the training images"),
+    batch_size: int = typer.Option(16),
+    lr: float = typer.Option(4e-4, help="peak learning rate (AdamW, warm-up then cosine decay)"),
+    holdout: float = typer.Option(0.1, help="fraction of good images held out for score statistics"),
+    sigma: float = typer.Option(3.0, help="default threshold = mean + SIGMA * std of held-out scores"),
+    max_images: int = typer.Option(0, help="use at most this many training images (0 = all)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train ST-MAE on good images and write one self-describing checkpoint."""
+    from .train import TrainConfig, train as run_train
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
+                      max_images=max_images, sigma=sigma)
+    meta = run_train(data_dir, out, _model_config(preset_name, backbone), cfg, backbone_weights)
+    t = meta.training
+    typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out, "
+               f"final loss {t['loss_per_epoch'][-1]:.4f}, {t['seconds']:.0f}s; "
+               f"threshold {meta.thresholds.image:.4g} ({meta.thresholds.rule})")
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="checkpoint written by `stmae-edge train`"),
+    data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses test/ and ground_truth/)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
+    batch_size: int = typer.Option(16),
+) -> None:
+    """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the default threshold."""
+    from .evaluate import evaluate as run_evaluate, format_report, write_json
+
+    result = run_evaluate(model, data_dir, batch_size)
+    out = out or model.with_suffix(".eval.json")
+    write_json(result, out)
+    typer.echo(format_report(result))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def info(model: Path = typer.Argument(..., help="checkpoint")) -> None:
+    """Print a model's metadata (preprocessing, score statistics, thresholds) as JSON."""
+    from .checkpoint import read_checkpoint
+
+    metadata, _ = read_checkpoint(model)
+    typer.echo(metadata.to_json())
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("runs/demo"), help="where the dataset view, model and report go"),
+    epochs: int = typer.Option(30),
+    max_train: int = typer.Option(240, help="good cells to train on (0 = all 470)"),
+) -> None:
+    """The embedded default: prepare ELPV solar cells, train a small model, evaluate, print results."""
+    from .demo import prepare_elpv
+    from .evaluate import evaluate as run_evaluate, format_report, write_json
+    from .train import TrainConfig, train as run_train
+
+    data_dir = prepare_elpv(workdir / "elpv_mono", max_train=max_train)
+    model_path = workdir / "model.pt"
+    typer.echo(f"dataset: {data_dir} (ELPV mono cells; image labels only, no pixel masks)")
+    meta = run_train(data_dir, model_path, _model_config("small", None), TrainConfig(epochs=epochs))
+    typer.echo(f"trained {model_path} in {meta.training['seconds']:.0f}s")
+    result = run_evaluate(model_path, data_dir)
+    write_json(result, workdir / "eval.json")
+    typer.echo(format_report(result))
+    typer.echo(f"wrote {workdir / 'eval.json'}")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True)) -> None:
+    pass
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except StmaeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

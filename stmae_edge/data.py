@@ -1,0 +1,76 @@
+"""Datasets in the MVTec AD layout: train/good, test/<type>, ground_truth/<type>/<name>_mask.png."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import DatasetError
+from .preprocessing import cv2, load_image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    path: Path
+    defect_type: str  # "good" or the defect folder's name
+    mask_path: Optional[Path]  # None for good images and for datasets without ground truth
+
+    @property
+    def label(self) -> int:
+        return int(self.defect_type != "good")
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def train_images(root: Path | str) -> list[Path]:
+    folder = Path(root) / "train" / "good"
+    if not folder.is_dir():
+        raise DatasetError(f"{root}: no train/good folder; expected the MVTec AD layout "
+                           "(DATA_DIR/train/good/*.png, DATA_DIR/test/<type>/*.png)")
+    paths = _images(folder)
+    if len(paths) < 4:
+        raise DatasetError(f"{folder}: {len(paths)} images; training needs at least 4 good images")
+    return paths
+
+
+def eval_samples(root: Path | str) -> list[EvalSample]:
+    root = Path(root)
+    folder = root / "test"
+    if not folder.is_dir():
+        raise DatasetError(f"{root}: no test folder; expected DATA_DIR/test/good and DATA_DIR/test/<defect>")
+    samples = []
+    for type_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for path in _images(type_dir):
+            mask = None
+            if type_dir.name != "good":
+                candidate = root / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
+                mask = candidate if candidate.is_file() else None
+            samples.append(EvalSample(path, type_dir.name, mask))
+    labels = {s.label for s in samples}
+    if labels != {0, 1}:
+        raise DatasetError(f"{folder}: evaluation needs both good and defective test images, found "
+                           f"{sorted({s.defect_type for s in samples}) or 'none'}")
+    return samples
+
+
+def has_masks(samples: list[EvalSample]) -> bool:
+    """Pixel metrics are meaningful only when every defective image has a mask."""
+    return all(s.mask_path is not None for s in samples if s.label == 1)
+
+
+def load_mask(sample: EvalSample, size: tuple[int, int]) -> np.ndarray:
+    """Ground truth at (height, width) as bool; all False for good images."""
+    if sample.mask_path is None:
+        return np.zeros(size, dtype=bool)
+    mask = load_image(sample.mask_path)
+    if mask.ndim == 3:
+        mask = mask.max(axis=2)
+    # Nearest keeps the mask binary; maps are compared at the same resolution.
+    return cv2.resize((mask > 0).astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0

@@ -1,0 +1,59 @@
+"""The embedded default job: ELPV solar cells (PyPI `elpv-dataset`) laid out as an MVTec AD dataset.
+
+ELPV labels each 300x300 electroluminescence cell image with a defect probability (0, 1/3, 2/3, 1)
+and the cell type (mono, poly). The demo uses one cell type, the certainly good cells (0) for training
+and as good test images, and the certainly defective cells (1) as the defective test images. ELPV has
+no pixel masks, so the demo reports image-level metrics only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatasetError
+
+
+def elpv_root() -> Path:
+    try:
+        import elpv_dataset
+    except ImportError as exc:
+        raise DatasetError("the demo needs the ELPV dataset: pip install 'stmae-edge[demo]' "
+                           "(or pip install elpv-dataset)") from exc
+    return Path(elpv_dataset.__file__).parent / "data"
+
+
+def prepare_elpv(out: Path | str, cell_type: str = "mono", test_good_fraction: float = 0.2,
+                 max_train: int = 0, max_defective: int = 0, seed: int = 0) -> Path:
+    """Link (or copy) ELPV images into out/train/good, out/test/good, out/test/defective."""
+    src = elpv_root()
+    rows = np.genfromtxt(src / "labels.csv", dtype=["U32", "f8", "U8"], names=["path", "prob", "type"])
+    rows = rows[rows["type"] == cell_type]
+    if rows.size == 0:
+        raise DatasetError(f"ELPV has no cells of type {cell_type!r}; use mono or poly")
+    rng = np.random.default_rng(seed)
+    good = rng.permutation(rows["path"][rows["prob"] == 0.0])
+    defective = sorted(rows["path"][rows["prob"] == 1.0])
+    n_test_good = int(round(len(good) * test_good_fraction))
+    test_good, train_good = sorted(good[:n_test_good]), sorted(good[n_test_good:])
+    if max_train:
+        train_good = train_good[:max_train]
+    if max_defective:
+        defective = [defective[i] for i in sorted(rng.permutation(len(defective))[:max_defective])]
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    for folder, names in (("train/good", train_good), ("test/good", test_good), ("test/defective", defective)):
+        target = out / folder
+        target.mkdir(parents=True)
+        for name in names:
+            source = src / name
+            link = target / source.name
+            try:
+                link.symlink_to(source)
+            except OSError:  # filesystems without symlinks
+                shutil.copyfile(source, link)
+    return out

@@ -1,0 +1,25 @@
+"""Typed errors. Each message says what was wrong and what to do; the CLI prints it as one line."""
+
+
+class StmaeError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidImageError(StmaeError, ValueError):
+    """An image could not be read or is not usable (corrupt, empty, wrong channels, too large, NaN)."""
+
+
+class DatasetError(StmaeError):
+    """A dataset folder does not have the expected (MVTec AD) layout or has no usable images."""
+
+
+class CheckpointError(StmaeError):
+    """A model file is missing, corrupt, from an incompatible version or fails its checksum."""
+
+
+class WeightsError(StmaeError):
+    """Pretrained backbone weights are missing, unreachable or do not match the architecture."""
+
+
+class ConfigError(StmaeError, ValueError):
+    """A configuration value is unknown or out of range."""

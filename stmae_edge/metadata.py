@@ -1,0 +1,77 @@
+"""The one versioned metadata schema: written into checkpoints (and ONNX files), read by the runtime.
+
+Plain JSON-able values only, so the same dictionary serialises into a torch checkpoint (which must
+load with weights_only=True), ONNX metadata_props and engine sidecars.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from . import __version__
+from .errors import CheckpointError
+from .preprocessing import Preprocessing
+from .scoring import ScoreStats, Thresholds
+
+SCHEMA = "stmae-edge/metadata"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ModelMetadata:
+    model_family: str  # "stmae"
+    config: dict  # the model's architecture config (models.stmae.STMAEConfig.to_dict())
+    preprocessing: Preprocessing
+    score_stats: ScoreStats
+    thresholds: Thresholds
+    model_hash: str = ""  # sha256 over the weights; see checkpoint.weights_digest
+    package_version: str = __version__
+    training: dict = field(default_factory=dict)  # data, epochs, seed, losses: provenance only
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "model_family": self.model_family,
+            "config": self.config,
+            "preprocessing": self.preprocessing.to_dict(),
+            "score_stats": self.score_stats.to_dict(),
+            "thresholds": self.thresholds.to_dict(),
+            "model_hash": self.model_hash,
+            "package_version": self.package_version,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelMetadata":
+        if d.get("schema") != SCHEMA:
+            raise CheckpointError(f"metadata schema {d.get('schema')!r} is not {SCHEMA!r}: "
+                                  "not a stmae-edge model")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CheckpointError(f"metadata schema version {version} is not supported by stmae-edge "
+                                  f"{__version__} (expects {SCHEMA_VERSION}); re-export with this version")
+        try:
+            return cls(
+                model_family=str(d["model_family"]),
+                config=dict(d["config"]),
+                preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+                score_stats=ScoreStats.from_dict(d["score_stats"]),
+                thresholds=Thresholds.from_dict(d["thresholds"]),
+                model_hash=str(d.get("model_hash", "")),
+                package_version=str(d.get("package_version", "")),
+                training=dict(d.get("training", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"metadata is incomplete or malformed ({exc!r}); re-create the model file") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelMetadata":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"metadata is not valid JSON: {exc}") from exc

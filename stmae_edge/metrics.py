@@ -1,0 +1,300 @@
+"""Evaluation metrics in the MVTec AD style: image AUROC, pixel AUROC, AUPRO, F1 at a threshold.
+
+numpy, scipy.ndimage and scikit-learn only (no torch). scipy and scikit-learn are imported inside the
+functions that need them, so importing this module costs nothing on a runtime-only install.
+
+Conventions
+- Labels and masks: nonzero / True = anomalous. Scores and maps: higher = more anomalous.
+- A metric that is undefined for the data (one class only, no ground-truth region, ...) is NaN from the
+  metric functions and None in :func:`summarize` (so its result passes ``json.dumps(..., allow_nan=False)``).
+- Maps are used in their own floating dtype (float32 stays float32: 40M pixels are 160 MB, not 320 MB).
+  NaN in scores or maps is an error (ValueError): it has no place in a ranking.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_at_threshold", "summarize"]
+
+_NAN = float("nan")
+# Thresholds processed per block when building the PRO curve: bounds the memory of the exact curve.
+_CHUNK = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------------
+# input handling
+
+
+def _scores_1d(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels).reshape(-1) != 0
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.size}) and scores ({s.size}) must have the same length")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    return y, s
+
+
+def _pixels(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W) bool masks and floating maps, without a copy where the input already fits."""
+    m = np.asarray(maps)
+    if m.dtype not in (np.float32, np.float64):
+        m = m.astype(np.float32 if m.dtype.itemsize <= 2 else np.float64)
+    g = np.asarray(masks)
+    if g.dtype != np.bool_:
+        g = g > 0
+    if m.ndim == 2:
+        m = m[None]
+    if g.ndim == 2:
+        g = g[None]
+    if m.ndim != 3 or g.shape != m.shape:
+        raise ValueError(f"masks {g.shape} and maps {m.shape} must both have shape (N, H, W)")
+    if np.isnan(m).any():
+        raise ValueError("anomaly maps contain NaN")
+    return g, m
+
+
+# ----------------------------------------------------------------------------------------------------
+# image level
+
+
+def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """ROC AUC of image scores (labels: 1 = anomalous). NaN when only one class is present."""
+    y, s = _scores_1d(labels, scores)
+    if y.all() or not y.any():
+        return _NAN
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
+
+
+def f1_at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: float) -> Dict[str, float]:
+    """Precision, recall and F1 of the decision ``score > threshold`` (0/0 is taken as 0.0)."""
+    y, s = _scores_1d(labels, scores)
+    pred = s > float(threshold)
+    tp = int(np.count_nonzero(pred & y))
+    fp = int(np.count_nonzero(pred & ~y))
+    fn = int(np.count_nonzero(~pred & y))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2.0 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# pixel level
+
+
+def _auc_from_classes(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Mann-Whitney AUC = P(pos > neg) + P(pos == neg) / 2, exact, by sorting (ties handled).
+
+    Equal to sklearn's roc_auc_score on the same data, ~20x faster on 40M pixels (sklearn does a stable
+    argsort of float64 copies; this sorts each class in its own dtype and binary-searches sorted keys).
+    """
+    neg.sort()
+    pos.sort()
+    below = np.searchsorted(neg, pos, side="left").sum(dtype=np.int64)
+    below_or_tied = np.searchsorted(neg, pos, side="right").sum(dtype=np.int64)
+    return float((int(below) + int(below_or_tied)) / (2.0 * pos.size * neg.size))
+
+
+def pixel_auroc(masks: Any, maps: Any) -> float:
+    """ROC AUC over all pixels of all images (masks (N,H,W) bool/0-1, maps (N,H,W) float).
+
+    NaN when there is no anomalous or no normal pixel.
+    """
+    g, m = _pixels(masks, maps)
+    pos = m[g]  # copies (boolean indexing), sorted in place below
+    if pos.size == 0 or pos.size == g.size:
+        return _NAN
+    neg = m[~g]
+    return _auc_from_classes(pos, neg)
+
+
+def _region_weights(g: np.ndarray) -> tuple[np.ndarray, int]:
+    """For each anomalous pixel (in the C order of ``maps[masks]``): 1 / size of its region.
+
+    Regions are the 8-connected components of each image's mask, labelled image by image.
+    Returns the weights and the number of regions.
+    """
+    from scipy import ndimage
+
+    structure = np.ones((3, 3), dtype=bool)
+    parts = []
+    n_regions = 0
+    for image_mask in g:
+        if not image_mask.any():
+            continue
+        lab, n = ndimage.label(image_mask, structure=structure)
+        ids = lab[image_mask]  # 1..n, C order: matches maps[i][mask[i]] and so maps[masks]
+        sizes = np.bincount(ids, minlength=n + 1).astype(np.float64)
+        parts.append(1.0 / sizes[ids])
+        n_regions += n
+    if not parts:
+        return np.zeros(0), 0
+    return np.concatenate(parts), n_regions
+
+
+def aupro(masks: Any, maps: Any, max_fpr: float = 0.3, num_thresholds: Optional[int] = None) -> float:
+    """Normalised area under the per-region-overlap curve up to ``max_fpr`` (MVTec AD definition).
+
+    Regions are the 8-connected components of each ground-truth mask. For a threshold t,
+    PRO(t) = mean over all regions of the fraction of the region's pixels with score >= t, and
+    FPR(t) = fraction of all normal pixels (all images) with score >= t. PRO is integrated over FPR with
+    the trapezoid rule from 0 to exactly ``max_fpr`` (PRO at ``max_fpr`` is interpolated linearly
+    between its two neighbouring curve points), then divided by ``max_fpr``: a perfect detector gives 1.
+
+    Threshold set:
+    - ``num_thresholds=None`` (default): exact. Every distinct normal-pixel score down to the one at
+      which FPR first reaches ``max_fpr`` is a threshold; for each one the curve gets the point just
+      above it and the point at it, so ties are segments of the exact curve and the result equals a
+      loop over every distinct score of the data (thresholds that are anomalous scores only move PRO at
+      constant FPR, which adds no area). Cost: a partition and a sort of the normal scores plus
+      binary searches; ~1-2 s for 600 maps of 256x256.
+    - ``num_thresholds=K``: K thresholds at evenly spaced quantiles of the normal-pixel scores, i.e.
+      FPR steps of ``max_fpr / (K - 1)`` (plus the point just above the highest normal score, so the
+      PRO at FPR 0 is exact). Each point is on the exact curve; the trapezoids between them differ from
+      the exact area by at most ``max_fpr / (K - 1) / 2`` after normalisation.
+
+    PRO per threshold is computed without a loop over regions: each anomalous pixel carries the weight
+    1 / (number of regions * size of its region), and PRO(t) is the sum of the weights of the pixels
+    with score >= t (a binary search in the sorted anomalous scores and a cumulative sum).
+
+    NaN when there is no anomalous region or no normal pixel.
+    """
+    if not 0.0 < float(max_fpr) <= 1.0:
+        raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+    if num_thresholds is not None and int(num_thresholds) < 2:
+        raise ValueError(f"num_thresholds must be None (exact) or >= 2, got {num_thresholds}")
+    max_fpr = float(max_fpr)
+    g, m = _pixels(masks, maps)
+    weights, n_regions = _region_weights(g)
+    n_pos = weights.size
+    n_neg = g.size - n_pos
+    if n_regions == 0 or n_neg == 0:
+        return _NAN
+
+    # Only thresholds >= s_k matter, s_k = k-th highest normal score with k = ceil(max_fpr * n_neg):
+    # FPR(s_k) >= max_fpr, and every higher threshold has FPR < max_fpr.
+    neg = m[~g]
+    k = min(max(int(math.ceil(max_fpr * n_neg)), 1), n_neg)
+    neg.partition(n_neg - k)  # in place: neg is already a copy
+    s_k = neg[n_neg - k]
+    neg = neg[neg >= s_k]
+    neg.sort()  # ascending; neg[-k] == s_k
+
+    pos = m[g]
+    keep = pos >= s_k
+    pos, weights = pos[keep], weights[keep] / n_regions
+    order = np.argsort(pos)
+    pos = pos[order]
+    # pro_ge[i] = sum of the weights of pos[i:], so PRO(t) = pro_ge[searchsorted(pos, t, "left")].
+    pro_ge = np.zeros(pos.size + 1, dtype=np.float64)
+    pro_ge[:-1] = np.cumsum(weights[order][::-1])[::-1]
+    del order, weights, keep
+
+    if num_thresholds is None:
+        first = np.empty(neg.size, dtype=bool)  # distinct values of the sorted normal scores
+        first[0] = True
+        np.not_equal(neg[1:], neg[:-1], out=first[1:])
+        thresholds = neg[first][::-1]  # descending
+        del first
+    else:
+        ranks = np.unique(np.round(np.linspace(0, k - 1, int(num_thresholds))).astype(np.int64))
+        thresholds = np.unique(neg[neg.size - 1 - ranks])[::-1]  # descending, ends with s_k
+
+    area = 0.0
+    x0, y0 = 0.0, 0.0  # the curve starts at (FPR 0, PRO 0): threshold above every score
+    for start in range(0, thresholds.size, _CHUNK):
+        t = thresholds[start : start + _CHUNK]
+        n = t.size
+        x = np.empty(2 * n + 1)
+        y = np.empty(2 * n + 1)
+        x[0], y[0] = x0, y0
+        # Point just above t (score > t), then the point at t (score >= t).
+        x[1::2] = (neg.size - np.searchsorted(neg, t, side="right")) / n_neg
+        x[2::2] = (neg.size - np.searchsorted(neg, t, side="left")) / n_neg
+        y[1::2] = pro_ge[np.searchsorted(pos, t, side="right")]
+        y[2::2] = pro_ge[np.searchsorted(pos, t, side="left")]
+        j = int(np.searchsorted(x, max_fpr, side="left"))  # first point with FPR >= max_fpr
+        if j <= 2 * n:
+            # j >= 1 since x[0] < max_fpr (x[0] is 0 or a FPR of a threshold above s_k).
+            frac = (max_fpr - x[j - 1]) / (x[j] - x[j - 1])
+            y_end = y[j - 1] + frac * (y[j] - y[j - 1])
+            x = np.append(x[:j], max_fpr)
+            y = np.append(y[:j], y_end)
+            area += float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
+            return float(min(area / max_fpr, 1.0))
+        area += float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
+        x0, y0 = float(x[-1]), float(y[-1])
+    raise AssertionError("PRO curve did not reach max_fpr")  # unreachable: s_k is a threshold
+
+
+# ----------------------------------------------------------------------------------------------------
+# summary
+
+
+def _or_none(value: float) -> Optional[float]:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def summarize(
+    labels: Sequence[int],
+    scores: Sequence[float],
+    masks: Any,
+    maps: Any,
+    defect_types: Sequence[str],
+    threshold: Optional[float],
+) -> Dict[str, Any]:
+    """All metrics of an evaluation run as plain Python values (JSON-serialisable, no NaN).
+
+    Overall: image_auroc, pixel_auroc, aupro, f1, precision, recall (at ``score > threshold``),
+    threshold, n_images, n_anomalous. ``per_defect_type``: for each defect type other than "good",
+    image_auroc (that type's images against all "good" images), pixel_auroc and aupro (that type's
+    images plus the good images) and n_images (of that type).
+
+    ``masks`` (or ``maps``) None: the pixel metrics are None. ``threshold`` None: f1/precision/recall
+    are None. Undefined metrics (e.g. no good image) are None.
+    """
+    y, s = _scores_1d(labels, scores)
+    types = np.asarray([str(t) for t in defect_types])
+    if types.shape != y.shape:
+        raise ValueError(f"defect_types ({types.size}) and labels ({y.size}) must have the same length")
+    has_pixels = masks is not None and maps is not None
+    if has_pixels:
+        g, m = _pixels(masks, maps)
+        if g.shape[0] != y.size:
+            raise ValueError(f"masks/maps have {g.shape[0]} images, labels {y.size}")
+
+    out: Dict[str, Any] = {"image_auroc": _or_none(image_auroc(y, s))}
+    out["pixel_auroc"] = _or_none(pixel_auroc(g, m)) if has_pixels else None
+    out["aupro"] = _or_none(aupro(g, m)) if has_pixels else None
+    if threshold is None:
+        out.update(f1=None, precision=None, recall=None, threshold=None)
+    else:
+        prf = f1_at_threshold(y, s, threshold)
+        out.update(f1=prf["f1"], precision=prf["precision"], recall=prf["recall"], threshold=float(threshold))
+    out["n_images"] = int(y.size)
+    out["n_anomalous"] = int(np.count_nonzero(y))
+
+    good = types == "good"
+    per_type: Dict[str, Dict[str, Any]] = {}
+    for name in sorted(set(types.tolist()) - {"good"}):
+        this = types == name
+        sel = np.flatnonzero(this | good)
+        entry: Dict[str, Any] = {"image_auroc": _or_none(image_auroc(y[sel], s[sel]))}
+        if has_pixels:
+            entry["pixel_auroc"] = _or_none(pixel_auroc(g[sel], m[sel]))
+            entry["aupro"] = _or_none(aupro(g[sel], m[sel]))
+        else:
+            entry["pixel_auroc"] = None
+            entry["aupro"] = None
+        entry["n_images"] = int(np.count_nonzero(this))
+        per_type[name] = entry
+    out["per_defect_type"] = per_type
+    return out

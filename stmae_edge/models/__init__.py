@@ -1,0 +1,1 @@
+"""Torch models: frozen pretrained backbones and the ST-MAE network built on their features."""

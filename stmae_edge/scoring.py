@@ -1,0 +1,83 @@
+"""Score statistics, normalisation and thresholds: one definition for training, evaluation and runtime.
+
+numpy only. Raw scores are the model's image scores (max of the smoothed residual map). They are
+normalised against the held-out good images as a z-score: "how many standard deviations above a
+good part". The default threshold is the same rule in raw units, mean + k * std, so an engineer can
+read it, move it, and see what it means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+DEFAULT_SIGMA = 3.0
+
+
+@dataclass(frozen=True)
+class ScoreStats:
+    """Statistics of raw image scores on held-out good images."""
+
+    count: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    p50: float
+    p95: float
+    p99: float
+
+    @classmethod
+    def from_scores(cls, scores: np.ndarray) -> "ScoreStats":
+        s = np.asarray(scores, dtype=np.float64).ravel()
+        if s.size < 2 or not np.isfinite(s).all():
+            raise ConfigError(f"score statistics need at least 2 finite scores, got {s.size}")
+        q50, q95, q99 = np.percentile(s, [50, 95, 99])
+        # A floor on std keeps normalisation finite for a degenerate, perfectly constant score set.
+        std = max(float(s.std(ddof=1)), 1e-12)
+        return cls(int(s.size), float(s.mean()), std, float(s.min()), float(s.max()),
+                   float(q50), float(q95), float(q99))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScoreStats":
+        return cls(int(d["count"]), *(float(d[k]) for k in ("mean", "std", "min", "max", "p50", "p95", "p99")))
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Raw-score thresholds. `image` decides pass/fail; `pixel` outlines defect regions in the map.
+
+    They are equal by default so that an image fails exactly when it has a defect region.
+    """
+
+    image: float
+    pixel: float
+    rule: str = f"mean + {DEFAULT_SIGMA:g} * std of held-out good image scores"
+
+    @classmethod
+    def from_stats(cls, stats: ScoreStats, sigma: float = DEFAULT_SIGMA) -> "Thresholds":
+        t = stats.mean + sigma * stats.std
+        return cls(image=t, pixel=t, rule=f"mean + {sigma:g} * std of held-out good image scores")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Thresholds":
+        return cls(float(d["image"]), float(d["pixel"]), str(d.get("rule", "")))
+
+
+def normalize(raw: np.ndarray | float, stats: ScoreStats) -> np.ndarray:
+    """Raw scores or maps -> z-scores against the good images (0 = a typical good part)."""
+    return (np.asarray(raw, dtype=np.float32) - np.float32(stats.mean)) / np.float32(stats.std)
+
+
+def denormalize(z: np.ndarray | float, stats: ScoreStats) -> np.ndarray:
+    """z-scores -> raw scores; lets a user give a threshold as 'k sigma'."""
+    return np.asarray(z, dtype=np.float32) * np.float32(stats.std) + np.float32(stats.mean)

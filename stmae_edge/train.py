@@ -1,0 +1,199 @@
+"""Training: frozen-backbone features are extracted once, then the ST-MAE learns on them.
+
+The backbone is frozen and images are not augmented, so caching its features is exact and makes
+each epoch cost only the transformer. Held-out good images give the score statistics and the
+default threshold through the same forward() that export and the runtime use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import data
+from .checkpoint import save_checkpoint
+from .errors import ConfigError
+from .metadata import ModelMetadata
+from .models.backbones import BACKBONE_PREPROCESSING
+from .models.stmae import STMAE, STMAEConfig, random_split
+from .preprocessing import Preprocessing
+from .progress import progress_bar
+from .scoring import ScoreStats, Thresholds
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    holdout_fraction: float = 0.1
+    seed: int = 0
+    max_images: int = 0  # 0 = all; a cap for quick runs
+    sigma: float = 3.0  # default threshold = mean + sigma * std of held-out good scores
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("epochs, batch size and learning rate must be positive")
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError(f"holdout fraction {self.holdout_fraction} must be between 0 and 1")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def preprocessing_for(config: STMAEConfig) -> Preprocessing:
+    norm = BACKBONE_PREPROCESSING[config.backbone]
+    return Preprocessing(input_size=(config.input_size, config.input_size), mean=norm["mean"], std=norm["std"])
+
+
+def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    order = np.random.default_rng(seed).permutation(len(paths))
+    n_holdout = max(2, int(round(len(paths) * fraction)))
+    if len(paths) - n_holdout < 2:
+        raise ConfigError(f"{len(paths)} good images are too few to hold out {n_holdout} and still train")
+    holdout = sorted(paths[i] for i in order[:n_holdout])
+    train = sorted(paths[i] for i in order[n_holdout:])
+    return train, holdout
+
+
+def batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def extract_features(model: STMAE, preprocessing: Preprocessing, paths: Sequence[Path],
+                     batch_size: int = 16, description: str = "features") -> torch.Tensor:
+    """Raw backbone features of every image, stored in fp16 to halve memory: (N, C, G, G)."""
+    out = []
+    with progress_bar(description, len(paths)) as advance:
+        for chunk in batches(paths, batch_size):
+            out.append(model.extract(torch.from_numpy(preprocessing(chunk))).to(torch.float16))
+            advance(len(chunk))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def score_images(model: STMAE, preprocessing: Preprocessing, paths: Sequence[Path], batch_size: int = 16,
+                 description: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
+    """The full forward pass (as exported): maps (N, H, W) at input size and scores (N,)."""
+    model.eval()
+    maps, scores = [], []
+    with progress_bar(description, len(paths)) as advance:
+        for chunk in batches(paths, batch_size):
+            m, s = model(torch.from_numpy(preprocessing(chunk)))
+            maps.append(m[:, 0].numpy())
+            scores.append(s.numpy())
+            advance(len(chunk))
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over images and positions, accumulated in float64 chunks."""
+    channels = features.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    total_sq = torch.zeros(channels, dtype=torch.float64)
+    for chunk in features.split(64):
+        c = chunk.double()
+        total += c.sum(dim=(0, 2, 3))
+        total_sq += c.pow(2).sum(dim=(0, 2, 3))
+    count = features.shape[0] * features.shape[2] * features.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return mean.float().view(1, -1, 1, 1), std.float().clamp_min(1e-4).view(1, -1, 1, 1)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warmup = max(1, int(total * cfg.warmup_fraction))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fit(model: STMAE, features: torch.Tensor, cfg: TrainConfig) -> list[float]:
+    """Train the transformer on cached raw features; returns the mean loss of each epoch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    n = features.shape[0]
+    batch_size = min(cfg.batch_size, n)
+    steps_per_epoch = n // batch_size  # drop the ragged last batch: equal-sized steps
+    total = cfg.epochs * steps_per_epoch
+    tokens = model.config.tokens_per_side ** 2
+    history = []
+    model.train()
+    step = 0
+    with progress_bar("training", total) as advance:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=generator)
+            losses = []
+            for i in range(steps_per_epoch):
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                feats = model.standardize(features[idx].float())
+                split_a, split_b = random_split(len(idx), tokens, generator)
+                loss = model.loss(feats, model.reconstruct(feats, split_a, split_b))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                step += 1
+                advance(1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f}")
+            history.append(float(np.mean(losses)))
+    model.eval()
+    return history
+
+
+def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg: TrainConfig,
+          backbone_weights: str = "imagenet") -> ModelMetadata:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    seed_everything(cfg.seed)
+    paths = data.train_images(data_dir)
+    if cfg.max_images:
+        paths = [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
+    train_paths, holdout_paths = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
+    preprocessing = preprocessing_for(model_config)
+
+    started = time.perf_counter()
+    model = STMAE(model_config, backbone_weights=backbone_weights)
+    features = extract_features(model, preprocessing, train_paths, description="backbone features")
+    mean, std = feature_statistics(features)
+    model.feature_mean.copy_(mean)
+    model.feature_std.copy_(std)
+    history = fit(model, features, cfg)
+    del features
+
+    _, holdout_scores = score_images(model, preprocessing, holdout_paths, description="held-out scores")
+    stats = ScoreStats.from_scores(holdout_scores)
+    metadata = ModelMetadata(
+        model_family="stmae",
+        config=model_config.to_dict(),
+        preprocessing=preprocessing,
+        score_stats=stats,
+        thresholds=Thresholds.from_stats(stats, cfg.sigma),
+        training={
+            "data_dir": str(data_dir),
+            "train_images": len(train_paths),
+            "holdout_images": len(holdout_paths),
+            "train_config": asdict(cfg),
+            "backbone_weights": backbone_weights,
+            "loss_per_epoch": history,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    return save_checkpoint(out, model, metadata)

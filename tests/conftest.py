@@ -1,0 +1,51 @@
+"""Shared fixtures: a small synthetic MVTec-layout dataset and the path to ../shared datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth random texture with fine grain: 'good parts' that still vary from image to image."""
+    coarse = cv2.resize(rng.normal(128, 20, (size // 8, size // 8)), (size, size), interpolation=cv2.INTER_CUBIC)
+    return np.clip(coarse + rng.normal(0, 4, (size, size)), 0, 255)
+
+
+def make_synthetic_dataset(root: Path, n_train: int = 24, n_good: int = 6, n_bad: int = 6, size: int = 96,
+                           seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for folder in ("train/good", "test/good", "test/scratch", "ground_truth/scratch"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        cv2.imwrite(str(root / "train/good" / f"{i:03d}.png"), _texture(rng, size).astype(np.uint8))
+    for i in range(n_good):
+        cv2.imwrite(str(root / "test/good" / f"{i:03d}.png"), _texture(rng, size).astype(np.uint8))
+    for i in range(n_bad):
+        image = _texture(rng, size)
+        mask = np.zeros((size, size), np.uint8)
+        x, y = rng.integers(size // 6, size - size // 3, 2)
+        cv2.rectangle(mask, (int(x), int(y)), (int(x) + size // 5, int(y) + size // 12), 255, -1)
+        image[mask > 0] = 250
+        cv2.imwrite(str(root / "test/scratch" / f"{i:03d}.png"), image.astype(np.uint8))
+        cv2.imwrite(str(root / "ground_truth/scratch" / f"{i:03d}_mask.png"), mask)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="session")
+def magnetic_tile() -> Path:
+    path = SHARED_DATASETS / "magnetic_tile"
+    if not (path / "train" / "good").is_dir():
+        pytest.skip(f"needs the magnetic_tile dataset at {path} (CI has ../shared; users do not)")
+    return path

@@ -1,0 +1,86 @@
+"""Training writes one self-describing checkpoint that loads with weights_only=True and is verified."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stmae_edge import __version__, data
+from stmae_edge.checkpoint import load_model, read_checkpoint
+from stmae_edge.errors import CheckpointError
+from stmae_edge.models.stmae import preset
+from stmae_edge.scoring import ScoreStats
+from stmae_edge.train import TrainConfig, score_images, split_holdout, train
+
+CFG = TrainConfig(epochs=3, batch_size=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_dataset, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    meta = train(synthetic_dataset, path, preset("tiny"), CFG, backbone_weights="random")
+    return path, meta
+
+
+def test_checkpoint_is_self_describing_and_safe_to_load(trained):
+    path, meta = trained
+    blob = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling needed
+    md = blob["metadata"]
+    assert md["schema"] == "stmae-edge/metadata" and md["package_version"] == __version__
+    assert md["config"] == preset("tiny").to_dict()
+    assert md["preprocessing"]["input_size"] == [64, 64]
+    assert set(md["score_stats"]) >= {"mean", "std", "count", "p99"}
+    assert md["thresholds"]["image"] == pytest.approx(meta.score_stats.mean + 3 * meta.score_stats.std)
+    assert md["training"]["train_config"]["epochs"] == 3
+    assert any(k.startswith("features.body.") for k in blob["state_dict"])  # backbone travels along
+
+
+def test_loaded_model_reproduces_the_held_out_statistics(trained, synthetic_dataset):
+    path, meta = trained
+    model, loaded = load_model(path)
+    assert loaded.model_hash == meta.model_hash
+    _, holdout = split_holdout(data.train_images(synthetic_dataset), CFG.holdout_fraction, CFG.seed)
+    _, scores = score_images(model, loaded.preprocessing, holdout)
+    assert ScoreStats.from_scores(scores).mean == pytest.approx(loaded.score_stats.mean, rel=1e-5)
+
+
+def test_training_is_seeded(trained, synthetic_dataset, tmp_path):
+    path, meta = trained
+    again = train(synthetic_dataset, tmp_path / "again.pt", preset("tiny"), CFG, backbone_weights="random")
+    assert again.model_hash == meta.model_hash
+
+
+def test_tampered_weights_fail_the_checksum(trained, tmp_path):
+    path, _ = trained
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    name = next(k for k in blob["state_dict"] if k.startswith("head."))
+    blob["state_dict"][name] = blob["state_dict"][name] + 1e-3
+    bad = tmp_path / "tampered.pt"
+    torch.save(blob, bad)
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_checkpoint(bad)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all", b"PK\x03\x04broken zip"])
+def test_garbage_files_give_a_checkpoint_error(tmp_path, content):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError):
+        load_model(bad)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "stmae-edge/checkpoint", "payload": np.random.default_rng(0)}, bad)
+    with pytest.raises(CheckpointError):
+        load_model(bad)
+
+
+def test_missing_file_and_foreign_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such model file"):
+        load_model(tmp_path / "absent.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not a stmae-edge model"):
+        load_model(foreign)

@@ -1,0 +1,54 @@
+"""Dataset layout, masks, the ELPV demo view, and the Gaussian baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stmae_edge import data
+from stmae_edge.baseline import GaussianBaseline
+from stmae_edge.errors import DatasetError
+
+
+def test_mvtec_layout(synthetic_dataset):
+    assert len(data.train_images(synthetic_dataset)) == 24
+    samples = data.eval_samples(synthetic_dataset)
+    assert {s.defect_type for s in samples} == {"good", "scratch"}
+    assert data.has_masks(samples)
+    bad = next(s for s in samples if s.label == 1)
+    mask = data.load_mask(bad, (32, 32))
+    assert mask.dtype == bool and 0 < mask.sum() < mask.size
+    good = next(s for s in samples if s.label == 0)
+    assert not data.load_mask(good, (32, 32)).any()
+
+
+def test_layout_errors(tmp_path):
+    with pytest.raises(DatasetError, match="train/good"):
+        data.train_images(tmp_path)
+    (tmp_path / "test" / "good").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="both good and defective"):
+        data.eval_samples(tmp_path)
+
+
+def test_elpv_demo_view_is_disjoint(tmp_path):
+    pytest.importorskip("elpv_dataset", reason="the demo extra (elpv-dataset) is not installed")
+    from stmae_edge.demo import prepare_elpv
+
+    root = prepare_elpv(tmp_path / "elpv", max_train=20, max_defective=10)
+    train = {p.name for p in data.train_images(root)}
+    samples = data.eval_samples(root)
+    test = {s.path.name for s in samples}
+    assert len(train) == 20 and not train & test
+    assert sum(s.label for s in samples) == 10 and not data.has_masks(samples)
+
+
+def test_gaussian_baseline_finds_the_outlier_position():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(64, 4, 8, 8, generator=g)
+    baseline = GaussianBaseline(smoothing_sigma=0.5).fit(train)
+    test = torch.randn(2, 4, 8, 8, generator=g)
+    test[1, :, 5, 2] += 6.0
+    maps, scores = baseline.score(test, (8, 8))
+    assert scores[1] > scores[0] + 1
+    assert np.unravel_index(maps[1, 0].argmax().item(), (8, 8)) == (5, 2)

@@ -1,0 +1,81 @@
+"""The one preprocessing definition: formats, channels, normalisation, and typed errors."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from stmae_edge.errors import ConfigError, InvalidImageError
+from stmae_edge.preprocessing import Preprocessing, load_image
+
+PRE = Preprocessing(input_size=(32, 48), mean=(0.5, 0.4, 0.3), std=(0.5, 0.25, 0.2))
+
+
+def test_gray_8_and_16_bit_and_float_agree():
+    gray8 = np.random.default_rng(0).integers(0, 256, (40, 60), dtype=np.uint8)
+    gray16 = gray8.astype(np.uint16) * 257  # the same intensities on 16 bits
+    out8, out16 = PRE(gray8), PRE(gray16)
+    assert out8.shape == (1, 3, 32, 48) and out8.dtype == np.float32
+    np.testing.assert_allclose(out8, out16, atol=1e-5)
+    np.testing.assert_allclose(out8, PRE(gray8.astype(np.float32) / 255), atol=1e-5)
+    # Gray is replicated: after undoing each channel's normalisation, all three are equal.
+    raw = out8[0] * np.array(PRE.std)[:, None, None] + np.array(PRE.mean)[:, None, None]
+    np.testing.assert_allclose(raw[0], raw[1], atol=1e-5)
+
+
+def test_normalisation_value_and_bgr_to_rgb():
+    bgr = np.zeros((32, 48, 3), np.uint8)
+    bgr[..., 0] = 255  # pure blue in OpenCV order
+    out = PRE(bgr)[0]
+    # RGB order: R = 0, G = 0, B = 1 -> (x - mean) / std
+    np.testing.assert_allclose(out[:, 0, 0], [(0 - 0.5) / 0.5, (0 - 0.4) / 0.25, (1 - 0.3) / 0.2], atol=1e-6)
+    bgra = np.dstack([bgr, np.full((32, 48), 7, np.uint8)])
+    np.testing.assert_array_equal(PRE(bgra), PRE(bgr))
+
+
+def test_files_and_arrays_give_the_same_tensor(tmp_path):
+    image = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), image)
+    np.testing.assert_array_equal(PRE(tmp_path / "a.png"), PRE(image))
+    batch = PRE([tmp_path / "a.png", image])
+    assert batch.shape == (2, 3, 32, 48)
+
+
+@pytest.mark.parametrize("bad,fragment", [
+    (np.zeros((0, 10), np.uint8), "expected an image"),
+    (np.zeros((10, 10, 2), np.uint8), "2 channels"),
+    (np.zeros((10,), np.uint8), "expected an image"),
+    (np.full((10, 10), np.nan, np.float32), "NaN"),
+    (np.zeros((10, 10), np.int64), "pixel type"),
+])
+def test_bad_arrays_raise_typed_errors(bad, fragment):
+    with pytest.raises(InvalidImageError, match=fragment):
+        PRE(bad)
+
+
+def test_bad_files_raise_typed_errors(tmp_path):
+    good = tmp_path / "good.png"
+    cv2.imwrite(str(good), np.zeros((20, 20), np.uint8))
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:30])
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"\xff\xd8 not really a jpeg")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    for path in (truncated, garbage, empty, tmp_path / "absent.png"):
+        with pytest.raises(InvalidImageError):
+            load_image(path)
+
+
+def test_oversized_images_are_refused():
+    with pytest.raises(InvalidImageError, match="exceeds the limit"):
+        load_image(np.zeros((100, 100), np.uint8), max_pixels=5000)
+
+
+def test_round_trip_and_validation():
+    assert Preprocessing.from_dict(PRE.to_dict()) == PRE
+    with pytest.raises(ConfigError):
+        Preprocessing(std=(1.0, 0.0, 1.0))
+    with pytest.raises(ConfigError):
+        Preprocessing(resize="cubic-ish")

@@ -1,0 +1,45 @@
+"""Score statistics, thresholds, normalisation and the metadata schema."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stmae_edge.errors import CheckpointError, ConfigError
+from stmae_edge.metadata import SCHEMA_VERSION, ModelMetadata
+from stmae_edge.preprocessing import Preprocessing
+from stmae_edge.scoring import ScoreStats, Thresholds, denormalize, normalize
+
+
+def test_stats_threshold_and_normalisation_by_hand():
+    stats = ScoreStats.from_scores([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert stats.mean == 3.0 and stats.std == pytest.approx(np.sqrt(2.5))  # sample std
+    assert (stats.min, stats.max, stats.p50) == (1.0, 5.0, 3.0)
+    t = Thresholds.from_stats(stats, sigma=2)
+    assert t.image == t.pixel == pytest.approx(3 + 2 * np.sqrt(2.5))
+    assert "2 * std" in t.rule
+    assert normalize(t.image, stats) == pytest.approx(2.0)
+    np.testing.assert_allclose(denormalize(normalize([0.5, 7.0], stats), stats), [0.5, 7.0], rtol=1e-6)
+    with pytest.raises(ConfigError):
+        ScoreStats.from_scores([1.0])
+
+
+def _metadata() -> ModelMetadata:
+    stats = ScoreStats.from_scores([1.0, 2.0, 4.0])
+    return ModelMetadata("stmae", {"grid": 32}, Preprocessing(), stats, Thresholds.from_stats(stats), "ab" * 32)
+
+
+def test_metadata_json_round_trip():
+    md = _metadata()
+    again = ModelMetadata.from_json(md.to_json())
+    assert again.to_dict() == md.to_dict()
+
+
+def test_metadata_from_another_schema_or_version_is_refused():
+    d = _metadata().to_dict()
+    with pytest.raises(CheckpointError, match="version"):
+        ModelMetadata.from_dict({**d, "schema_version": SCHEMA_VERSION + 1})
+    with pytest.raises(CheckpointError, match="not a stmae-edge model"):
+        ModelMetadata.from_dict({**d, "schema": "other"})
+    with pytest.raises(CheckpointError, match="malformed"):
+        ModelMetadata.from_dict({k: v for k, v in d.items() if k != "thresholds"})
