@@ -116,6 +116,15 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return mean.float().view(1, -1, 1, 1), std.float().clamp_min(1e-4).view(1, -1, 1, 1)
 
 
+@torch.no_grad()
+def residual_statistics(model: STMAE, features: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the eval-mode residual at each grid position over the training images."""
+    model.eval()
+    residuals = torch.cat([model.residual(f, model.reconstruct(f))
+                           for f in (model.standardize(chunk.float()) for chunk in features.split(batch_size))])
+    return residuals.mean(dim=0, keepdim=True), residuals.std(dim=0, keepdim=True).clamp_min(1e-6)
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     warmup = max(1, int(total * cfg.warmup_fraction))
     if step < warmup:
@@ -176,6 +185,10 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg:
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(std)
     history = fit(model, features, cfg)
+    if model_config.position_norm:
+        mean, std = residual_statistics(model, features)
+        model.residual_mean.copy_(mean)
+        model.residual_std.copy_(std)
     del features
 
     _, holdout_scores = score_images(model, preprocessing, holdout_paths, description="held-out scores")

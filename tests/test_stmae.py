@@ -132,6 +132,21 @@ def test_training_reduces_loss_on_a_fixed_batch(model):
     assert all(not p.requires_grad for p in m.features.parameters())
 
 
+def test_residual_is_normalised_per_position(model):
+    feats = _feats(model, batch=2)
+    recon = model.reconstruct(feats)
+    raw = (feats - recon).pow(2).mean(1, keepdim=True) * (1 - torch.cosine_similarity(feats, recon, dim=1)[:, None])
+    torch.testing.assert_close(model.residual(feats, recon), raw)
+    g = model.config.grid
+    mean, std = torch.rand(1, 1, g, g), torch.rand(1, 1, g, g) + 0.5
+    m = STMAE(model.config, backbone_weights="random").eval()
+    m.load_state_dict({**model.state_dict(), "residual_mean": mean, "residual_std": std})
+    pad = m.smoothing_kernel.shape[-1] // 2
+    expected = torch.nn.functional.conv2d(
+        torch.nn.functional.pad((raw - mean) / std, (pad,) * 4, mode="replicate"), m.smoothing_kernel)
+    torch.testing.assert_close(m.anomaly_map(feats, recon), expected)
+
+
 def test_presets_and_config_validation():
     assert preset("paper").backbone == "vgg19" and preset("paper").embed_dim == 768
     assert STMAEConfig.from_dict(preset("small").to_dict()) == preset("small")
@@ -141,3 +156,13 @@ def test_presets_and_config_validation():
         STMAEConfig(grid=64, patch=5)
     with pytest.raises(ConfigError):
         STMAEConfig.from_dict({**preset("small").to_dict(), "unknown_key": 1})
+
+
+def test_paper_preset_builds_and_runs():
+    torch.manual_seed(0)
+    m = STMAE(preset("paper"), backbone_weights="random").eval()
+    assert m.features.channels == 64 + 128 + 256 + 512
+    assert m.config.tokens_per_side == 16 and m.token_dim == 960 * 16
+    with torch.no_grad():
+        maps, scores = m(torch.randn(1, 3, 256, 256))
+    assert maps.shape == (1, 1, 256, 256) and torch.isfinite(scores).all()

@@ -8,7 +8,9 @@ Data flow for one image (the names below are the methods):
   transit   decoder input = one half's latents at its own positions + mask tokens at the other's;
             a light decoder predicts the other half. A predicts B, B predicts A.
   restore   predictions put back in raster order, folded into (C, G, G)
-  anomaly   per-position squared residual, Gaussian-smoothed, upsampled; score = max of the map
+  anomaly   per-position residual (mean squared error, by default times 1 - cosine), as a z-score
+            against the good training images at that position, Gaussian-smoothed, upsampled;
+            image score = max of the map
 
 Training draws a fresh random split per sample per step; eval uses fixed complementary index sets
 (a checkerboard over the token grid) kept as buffers, so export sees constant-index Gathers and
@@ -28,6 +30,9 @@ from ..errors import ConfigError
 from .backbones import DEFAULT_LAYERS, FeatureExtractor
 
 
+RESIDUALS = ("mse", "mse_cos")
+
+
 @dataclass(frozen=True)
 class STMAEConfig:
     backbone: str = "efficientnet_lite0"
@@ -44,12 +49,16 @@ class STMAEConfig:
     mlp_ratio: float = 2.0
     smoothing_sigma: float = 0.5  # in grid cells: 4 input pixels at 256 / 32
     cosine_weight: float = 1.0  # loss = mse + cosine_weight * (1 - cos)
+    residual: str = "mse_cos"  # per-position residual: "mse", or "mse_cos" = mse * (1 - cos)
+    position_norm: bool = True  # residual as a z-score against good images at the same position
 
     def __post_init__(self) -> None:
         if self.grid % self.patch:
             raise ConfigError(f"grid {self.grid} is not a multiple of patch {self.patch}")
         if (self.grid // self.patch) ** 2 % 2:
             raise ConfigError("the token count must be even to split it into two halves")
+        if self.residual not in RESIDUALS:
+            raise ConfigError(f"unknown residual {self.residual!r}; choose one of {RESIDUALS}")
         if self.embed_dim % self.heads or self.decoder_dim % self.decoder_heads:
             raise ConfigError("embed_dim and decoder_dim must be multiples of their head counts")
 
@@ -187,6 +196,10 @@ class STMAE(nn.Module):
         self.register_buffer("eval_split_b", split_b)
         self.register_buffer("eval_restore", torch.cat([split_a, split_b]).argsort())
         self.register_buffer("smoothing_kernel", gaussian_kernel(c.smoothing_sigma))
+        # Some positions (tile edges, borders) have large residuals on every good part; measuring each
+        # position against its own good-image statistics keeps them from setting the image score.
+        self.register_buffer("residual_mean", torch.zeros(1, 1, c.grid, c.grid))
+        self.register_buffer("residual_std", torch.ones(1, 1, c.grid, c.grid))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -253,9 +266,18 @@ class STMAE(nn.Module):
         predicted = self.head(self.decoder_norm(x[:, half:]))  # only the masked half is a prediction
         return predicted[b:], predicted[:b]
 
-    def anomaly_map(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """Per-position squared residual, smoothed: (B, 1, G, G)."""
+    def residual(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Per-position residual before normalisation: (B, 1, G, G)."""
         residual = (feats - recon).pow(2).mean(dim=1, keepdim=True)
+        if self.config.residual == "mse_cos":
+            residual = residual * (1.0 - F.cosine_similarity(feats, recon, dim=1).unsqueeze(1))
+        return residual
+
+    def anomaly_map(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Residual, normalised per position if configured, then smoothed: (B, 1, G, G)."""
+        residual = self.residual(feats, recon)
+        if self.config.position_norm:
+            residual = (residual - self.residual_mean) / self.residual_std
         pad = self.smoothing_kernel.shape[-1] // 2
         return F.conv2d(F.pad(residual, (pad, pad, pad, pad), mode="replicate"), self.smoothing_kernel)
 

@@ -1,0 +1,20 @@
+"""The runtime half (preprocessing, scoring, metadata, metrics) must import without torch."""
+
+import subprocess
+import sys
+
+CODE = """
+import sys
+sys.modules['torch'] = None  # any 'import torch' now raises ImportError
+import stmae_edge, stmae_edge.preprocessing, stmae_edge.scoring, stmae_edge.metadata, stmae_edge.metrics
+import stmae_edge.errors, stmae_edge.data
+import numpy as np
+x = stmae_edge.preprocessing.Preprocessing()(np.zeros((10, 10), np.uint8))
+assert x.shape == (1, 3, 256, 256)
+print('ok')
+"""
+
+
+def test_runtime_modules_import_without_torch():
+    result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
