@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stmae_edge import data  # noqa: E402
+from stmae_edge.cli import use_available_cores  # noqa: E402
 from stmae_edge.baseline import GaussianBaseline  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.evaluate import evaluate, format_report  # noqa: E402
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--md", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    use_available_cores()
 
     cfg = TrainConfig(epochs=args.epochs)
     model_path = args.workdir / "stmae.pt"

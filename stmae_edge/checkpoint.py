@@ -2,42 +2,65 @@
 provenance) plus all weights, the frozen backbone's included, so export needs nothing else.
 
 It holds only tensors and plain values, so it loads with torch.load(weights_only=True): opening a
-model file someone hands you cannot run code. A sha256 over the weights catches corruption.
+model file someone hands you cannot run code. A sha256 over everything that decides the computation
+(weights, architecture, preprocessing) catches corruption and edits; score statistics and thresholds
+stay outside it on purpose, as readable settings.
 """
 
 from __future__ import annotations
 
 import hashlib
-import pickle
-import zipfile
+import json
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, OutputError
 from .metadata import ModelMetadata
 from .models.stmae import STMAE, STMAEConfig
 
 FORMAT = "stmae-edge/checkpoint"
 
 
-def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+def model_digest(state_dict: dict, metadata: ModelMetadata) -> str:
     h = hashlib.sha256()
     for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
+        t = state_dict[name]
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"weight {name!r} is not a tensor; the model file is corrupt")
+        t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps({"config": metadata.config, "preprocessing": metadata.preprocessing.to_dict()},
+                        sort_keys=True).encode())
     return h.hexdigest()
+
+
+def check_writable(path: Path | str) -> Path:
+    """Fail before long work, not after it, when the output cannot be written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(path.name + ".partial")
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose another --out") from exc
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name with --out")
+    return path
 
 
 def save_checkpoint(path: Path | str, model: STMAE, metadata: ModelMetadata) -> ModelMetadata:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    metadata.model_hash = weights_digest(state)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata.model_hash = model_digest(state, metadata)
+    path = check_writable(path)
     tmp = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "metadata": metadata.to_dict(), "state_dict": state}, tmp)
-    tmp.replace(path)  # never leave a half-written model under the real name
+    try:
+        torch.save({"format": FORMAT, "metadata": metadata.to_dict(), "state_dict": state}, tmp)
+        tmp.replace(path)  # never leave a half-written model under the real name
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
     return metadata
 
 
@@ -47,15 +70,17 @@ def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Te
         raise CheckpointError(f"{path}: no such model file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # torch raises many types for bad files; all mean the same to a user
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a loadable stmae-edge model file ({first_line[:200]})") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a stmae-edge model file (no '{FORMAT}' marker)")
+    if not isinstance(blob.get("metadata"), dict) or not isinstance(blob.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: model file without metadata or weights; it is corrupt")
     metadata = ModelMetadata.from_dict(blob["metadata"])
     state = blob["state_dict"]
-    if weights_digest(state) != metadata.model_hash:
-        raise CheckpointError(f"{path}: weights do not match their recorded sha256; the file is corrupt "
+    if model_digest(state, metadata) != metadata.model_hash:
+        raise CheckpointError(f"{path}: contents do not match their recorded sha256; the file is corrupt "
                               "or was modified, re-train or copy it again")
     return metadata, state
 
@@ -64,7 +89,14 @@ def load_model(path: Path | str) -> tuple[STMAE, ModelMetadata]:
     metadata, state = read_checkpoint(path)
     if metadata.model_family != "stmae":
         raise CheckpointError(f"{path}: model family {metadata.model_family!r} is not supported here")
-    model = STMAE(STMAEConfig.from_dict(metadata.config), backbone_weights="none")
+    try:
+        config = STMAEConfig.from_dict(metadata.config)
+    except (ConfigError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{path}: model config is not usable ({exc}); re-train with this version") from exc
+    if metadata.preprocessing.input_size != (config.input_size, config.input_size):
+        raise CheckpointError(f"{path}: preprocessing input size {metadata.preprocessing.input_size} does not "
+                              f"match the model's {config.input_size}; the file is inconsistent")
+    model = STMAE(config, backbone_weights="none")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

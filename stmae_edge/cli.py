@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,21 @@ import typer
 
 from . import __version__
 from .errors import StmaeError
+from .scoring import DEFAULT_SIGMA
+
+# Training defaults, mirrored from train.TrainConfig without importing torch for `--help`.
+EPOCHS, BATCH_SIZE, LR, HOLDOUT = 40, 16, 4e-4, 0.1
+
+
+def use_available_cores() -> None:
+    """All cores this process may run on (not all the machine has: containers and affinity limit it)."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores))
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.")
@@ -33,17 +49,20 @@ def train(
     backbone: Optional[str] = typer.Option(None, help="override the preset's backbone: efficientnet_lite0, vgg19"),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet', a path to a torchvision-format "
                                          "weight file, or 'random' (explicitly untrained)"),
-    epochs: int = typer.Option(40, help="passes over the training images"),
-    batch_size: int = typer.Option(16),
-    lr: float = typer.Option(4e-4, help="peak learning rate (AdamW, warm-up then cosine decay)"),
-    holdout: float = typer.Option(0.1, help="fraction of good images held out for score statistics"),
-    sigma: float = typer.Option(3.0, help="default threshold = mean + SIGMA * std of held-out scores"),
-    max_images: int = typer.Option(0, help="use at most this many training images (0 = all)"),
+    epochs: int = typer.Option(EPOCHS, min=1, help="passes over the training images"),
+    batch_size: int = typer.Option(BATCH_SIZE, min=1),
+    lr: float = typer.Option(LR, min=1e-8, help="peak learning rate (AdamW, warm-up then cosine decay)"),
+    holdout: float = typer.Option(HOLDOUT, min=0.01, max=0.9, help="fraction of good images held out for "
+                                  "score statistics and the default threshold"),
+    sigma: float = typer.Option(DEFAULT_SIGMA, min=0.0, help="default threshold = mean + SIGMA * std of "
+                                "held-out scores"),
+    max_images: int = typer.Option(0, min=0, help="use at most this many training images (0 = all)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Train ST-MAE on good images and write one self-describing checkpoint."""
     from .train import TrainConfig, train as run_train
 
+    use_available_cores()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
                       max_images=max_images, sigma=sigma)
     meta = run_train(data_dir, out, _model_config(preset_name, backbone), cfg, backbone_weights)
@@ -58,13 +77,15 @@ def evaluate(
     model: Path = typer.Argument(..., help="checkpoint written by `stmae-edge train`"),
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses test/ and ground_truth/)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
-    batch_size: int = typer.Option(16),
+    batch_size: int = typer.Option(BATCH_SIZE, min=1),
 ) -> None:
     """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the default threshold."""
+    from .checkpoint import check_writable
     from .evaluate import evaluate as run_evaluate, format_report, write_json
 
+    use_available_cores()
+    out = check_writable(out or model.with_suffix(".eval.json"))
     result = run_evaluate(model, data_dir, batch_size)
-    out = out or model.with_suffix(".eval.json")
     write_json(result, out)
     typer.echo(format_report(result))
     typer.echo(f"wrote {out}")
@@ -82,14 +103,15 @@ def info(model: Path = typer.Argument(..., help="checkpoint")) -> None:
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="where the dataset view, model and report go"),
-    epochs: int = typer.Option(30),
-    max_train: int = typer.Option(240, help="good cells to train on (0 = all 470)"),
+    epochs: int = typer.Option(30, min=1),
+    max_train: int = typer.Option(240, min=0, help="good cells to train on (0 = all 470)"),
 ) -> None:
     """The embedded default: prepare ELPV solar cells, train a small model, evaluate, print results."""
     from .demo import prepare_elpv
     from .evaluate import evaluate as run_evaluate, format_report, write_json
     from .train import TrainConfig, train as run_train
 
+    use_available_cores()
     data_dir = prepare_elpv(workdir / "elpv_mono", max_train=max_train)
     model_path = workdir / "model.pt"
     typer.echo(f"dataset: {data_dir} (ELPV mono cells; image labels only, no pixel masks)")
@@ -118,9 +140,6 @@ def main() -> None:
     except StmaeError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DatasetError
+from .errors import DatasetError, OutputError
 
 
 def elpv_root() -> Path:
@@ -44,16 +44,19 @@ def prepare_elpv(out: Path | str, cell_type: str = "mono", test_good_fraction: f
         defective = [defective[i] for i in sorted(rng.permutation(len(defective))[:max_defective])]
 
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    for folder, names in (("train/good", train_good), ("test/good", test_good), ("test/defective", defective)):
-        target = out / folder
-        target.mkdir(parents=True)
-        for name in names:
-            source = src / name
-            link = target / source.name
-            try:
-                link.symlink_to(source)
-            except OSError:  # filesystems without symlinks
-                shutil.copyfile(source, link)
+    try:
+        if out.exists():  # a view of links we made ourselves: rebuilt each run so it matches the split
+            shutil.rmtree(out)
+        for folder, names in (("train/good", train_good), ("test/good", test_good), ("test/defective", defective)):
+            target = out / folder
+            target.mkdir(parents=True)
+            for name in names:
+                source = src / name
+                link = target / source.name
+                try:
+                    link.symlink_to(source)
+                except OSError:  # filesystems without symlinks
+                    shutil.copyfile(source, link)
+    except OSError as exc:
+        raise OutputError(f"cannot lay out the demo dataset in {out}: {exc}; choose another --workdir") from exc
     return out

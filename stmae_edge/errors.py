@@ -23,3 +23,7 @@ class WeightsError(StmaeError):
 
 class ConfigError(StmaeError, ValueError):
     """A configuration value is unknown or out of range."""
+
+
+class OutputError(StmaeError):
+    """An output file or folder cannot be written."""

@@ -4,20 +4,18 @@ default threshold. Maps and masks are compared at the model's input resolution."
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import data
-from .checkpoint import load_model
+from .checkpoint import check_writable, load_model
+from .errors import OutputError
 from .metrics import summarize
 from .train import score_images
 
 
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16) -> dict:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, metadata = load_model(model_path)
     samples = data.eval_samples(data_dir)
     size = metadata.preprocessing.input_size
@@ -56,5 +54,8 @@ def format_report(result: dict) -> str:
 
 
 def write_json(result: dict, path: Path | str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
+    path = check_writable(path)
+    try:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc

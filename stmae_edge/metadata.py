@@ -25,7 +25,7 @@ class ModelMetadata:
     preprocessing: Preprocessing
     score_stats: ScoreStats
     thresholds: Thresholds
-    model_hash: str = ""  # sha256 over the weights; see checkpoint.weights_digest
+    model_hash: str = ""  # sha256 over weights, config and preprocessing; see checkpoint.model_digest
     package_version: str = __version__
     training: dict = field(default_factory=dict)  # data, epochs, seed, losses: provenance only
 

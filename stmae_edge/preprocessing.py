@@ -22,6 +22,7 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 import cv2  # noqa: E402  (must follow the environment variable above)
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_INPUT_SIDE = 4096
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 
@@ -46,6 +47,10 @@ class Preprocessing:
             raise ConfigError(f"unknown resize mode {self.resize!r}; use one of {sorted(_INTERPOLATION)}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError("mean and std need three values each, std > 0")
+        if len(self.input_size) != 2 or not all(16 <= v <= MAX_INPUT_SIDE for v in self.input_size):
+            raise ConfigError(f"input size {self.input_size} must be two sides within 16..{MAX_INPUT_SIDE}")
+        if not 0 < self.max_pixels <= MAX_IMAGE_PIXELS:
+            raise ConfigError(f"max_pixels {self.max_pixels} must be within 1..{MAX_IMAGE_PIXELS}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -99,11 +104,43 @@ def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndar
         if size == 0 or size > MAX_FILE_BYTES:
             raise InvalidImageError(f"{path}: file size {size} bytes is outside 1..{MAX_FILE_BYTES}")
         data = np.fromfile(path, dtype=np.uint8)
+        declared = header_size(data[:65536].tobytes())
+        if declared and declared[0] * declared[1] > max_pixels:
+            raise InvalidImageError(f"{path}: {declared[0]}x{declared[1]} pixels exceeds the limit of "
+                                    f"{max_pixels}; crop or downscale it first")
         array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
         if array is None:
             raise InvalidImageError(f"{path}: not a readable image (corrupt, truncated or unknown format)")
     check_image(array, source, max_pixels)
     return array
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def header_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) that a PNG or JPEG header declares, read before decoding so that a small file
+    declaring a huge image is refused before it allocates anything (OpenCV's own cap applies only if
+    this module set it before anything else imported cv2). None for other formats."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(head):
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_SOF:
+            return int.from_bytes(head[i + 7:i + 9], "big"), int.from_bytes(head[i + 5:i + 7], "big")
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(head[i + 2:i + 4], "big")
+    return None
 
 
 def check_image(array: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:

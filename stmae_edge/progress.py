@@ -13,12 +13,12 @@ _console = Console(stderr=True)
 
 
 @contextmanager
-def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator:
+def progress_bar(description: str, total: int) -> Iterator:
     """Yields advance(n=1, **fields); `status` shows e.g. the running loss."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     # On a pipe (CI logs) a live bar would print nothing useful until the end: print one line instead.
-    live = enabled and _console.is_terminal
+    live = _console.is_terminal
     with Progress(*columns, console=_console, disable=not live) as progress:
         task = progress.add_task(description, total=total, status="")
 
@@ -26,7 +26,7 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
             progress.update(task, advance=n, status=status)
 
         yield advance
-        if enabled and not live:
+        if not live:
             done = progress.tasks[0]
             print(f"{description}: {int(done.completed)}/{total} in {done.elapsed or 0:.1f}s {done.fields['status']}",
                   file=sys.stderr)

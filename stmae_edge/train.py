@@ -8,7 +8,6 @@ default threshold through the same forward() that export and the runtime use.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -19,14 +18,14 @@ import numpy as np
 import torch
 
 from . import data
-from .checkpoint import save_checkpoint
+from .checkpoint import check_writable, save_checkpoint
 from .errors import ConfigError
 from .metadata import ModelMetadata
 from .models.backbones import BACKBONE_PREPROCESSING
 from .models.stmae import STMAE, STMAEConfig, random_split
 from .preprocessing import Preprocessing
 from .progress import progress_bar
-from .scoring import ScoreStats, Thresholds
+from .scoring import DEFAULT_SIGMA, ScoreStats, Thresholds
 
 
 @dataclass(frozen=True)
@@ -39,11 +38,13 @@ class TrainConfig:
     holdout_fraction: float = 0.1
     seed: int = 0
     max_images: int = 0  # 0 = all; a cap for quick runs
-    sigma: float = 3.0  # default threshold = mean + sigma * std of held-out good scores
+    sigma: float = DEFAULT_SIGMA  # default threshold = mean + sigma * std of held-out good scores
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("epochs, batch size and learning rate must be positive")
+        if self.max_images < 0 or not math.isfinite(self.sigma) or self.sigma < 0:
+            raise ConfigError("max images and sigma must not be negative")
         if not 0 < self.holdout_fraction < 1:
             raise ConfigError(f"holdout fraction {self.holdout_fraction} must be between 0 and 1")
 
@@ -118,7 +119,11 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 @torch.no_grad()
 def residual_statistics(model: STMAE, features: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the eval-mode residual at each grid position over the training images."""
+    """Mean and std of the eval-mode residual at each grid position over the training images.
+
+    Training rather than held-out images: 686 against 76 samples per position, and measured on
+    magnetic_tile, image AUROC 0.883 against 0.870. Per-position stds there are 0.06..0.09, far from
+    the floor below."""
     model.eval()
     residuals = torch.cat([model.residual(f, model.reconstruct(f))
                            for f in (model.standardize(chunk.float()) for chunk in features.split(batch_size))])
@@ -170,7 +175,10 @@ def fit(model: STMAE, features: torch.Tensor, cfg: TrainConfig) -> list[float]:
 
 def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg: TrainConfig,
           backbone_weights: str = "imagenet") -> ModelMetadata:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if backbone_weights == "none":
+        raise ConfigError("backbone weights 'none' would train on an uninitialised backbone; "
+                          "use 'imagenet', a weight file path, or 'random'")
+    check_writable(out)
     seed_everything(cfg.seed)
     paths = data.train_images(data_dir)
     if cfg.max_images:

@@ -46,6 +46,6 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def magnetic_tile() -> Path:
     path = SHARED_DATASETS / "magnetic_tile"
-    if not (path / "train" / "good").is_dir():
+    if not ((path / "train" / "good").is_dir() and (path / "test").is_dir()):
         pytest.skip(f"needs the magnetic_tile dataset at {path} (CI has ../shared; users do not)")
     return path

@@ -84,3 +84,20 @@ def test_missing_file_and_foreign_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(CheckpointError, match="not a stmae-edge model"):
         load_model(foreign)
+
+
+def test_edited_architecture_or_preprocessing_fails_the_checksum(trained, tmp_path):
+    path, _ = trained
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob["metadata"]["preprocessing"]["max_pixels"] = 1000
+    edited = tmp_path / "edited.pt"
+    torch.save(blob, edited)
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_checkpoint(edited)
+
+
+def test_marker_without_contents_is_a_checkpoint_error(tmp_path):
+    bad = tmp_path / "hollow.pt"
+    torch.save({"format": "stmae-edge/checkpoint"}, bad)
+    with pytest.raises(CheckpointError, match="without metadata"):
+        load_model(bad)

@@ -57,3 +57,34 @@ def test_vgg19_without_weights_offline_is_one_line(synthetic_dataset, tmp_path):
     r = run("train", str(synthetic_dataset), "--preset", "tiny", "--backbone", "vgg19", "--backbone-weights",
             str(tmp_path / "missing_vgg19.pth"), "--out", str(tmp_path / "m.pt"))
     _assert_one_line_error(r, "backbone-weights")
+
+
+def test_cli_defaults_match_the_training_config():
+    from stmae_edge import cli
+    from stmae_edge.train import TrainConfig
+
+    d = TrainConfig()
+    assert (cli.EPOCHS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT) == (d.epochs, d.batch_size, d.lr, d.holdout_fraction)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("evaluate", "model.pt", "data", "--batch-size", "0"), "batch-size"),
+    (("train", "data", "--sigma", "-1"), "sigma"),
+])
+def test_out_of_range_options_are_refused_by_the_parser(args, fragment):
+    r = run(*args)
+    assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unwritable_output_fails_before_training(synthetic_dataset, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = run("train", str(synthetic_dataset), "--out", str(blocker / "m.pt"), "--preset", "tiny",
+            "--backbone-weights", "random")
+    _assert_one_line_error(r, "cannot write")
+    assert "training" not in r.stderr  # refused before any work
+
+
+def test_backbone_weights_none_is_refused(synthetic_dataset, tmp_path):
+    r = run("train", str(synthetic_dataset), "--backbone-weights", "none", "--out", str(tmp_path / "m.pt"))
+    _assert_one_line_error(r, "uninitialised")

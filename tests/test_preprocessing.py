@@ -79,3 +79,23 @@ def test_round_trip_and_validation():
         Preprocessing(std=(1.0, 0.0, 1.0))
     with pytest.raises(ConfigError):
         Preprocessing(resize="cubic-ish")
+
+
+def test_a_small_file_declaring_a_huge_image_is_refused_before_decoding(tmp_path):
+    ok, png = cv2.imencode(".png", np.zeros((8, 8), np.uint8))
+    data = bytearray(png.tobytes())
+    data[16:24] = (100_000).to_bytes(4, "big") * 2  # IHDR width and height; the CRC no longer matters
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bytes(data))
+    with pytest.raises(InvalidImageError, match="100000x100000 pixels exceeds"):
+        load_image(bomb)
+
+
+def test_header_size_reads_png_and_jpeg():
+    from stmae_edge.preprocessing import header_size
+
+    image = np.zeros((30, 50, 3), np.uint8)
+    for ext in (".png", ".jpg"):
+        ok, buf = cv2.imencode(ext, image)
+        assert header_size(buf.tobytes()) == (50, 30)
+    assert header_size(b"BM not handled") is None

@@ -55,8 +55,6 @@ def test_take_tokens_constant_and_per_sample_indices_agree():
 class OracleSTMAE(STMAE):
     """A transition that 'predicts' exactly its targets: a correct raster restore gives a zero map."""
 
-    restore_raster = True
-
     def transit(self, patches, split_a, split_b):
         return take_tokens(patches, split_a), take_tokens(patches, split_b)
 
@@ -98,7 +96,7 @@ def test_eval_is_deterministic_and_train_mode_is_not_used_for_scoring(model):
     maps2, scores2 = model(images)
     assert torch.equal(maps1, maps2) and torch.equal(scores1, scores2)
     assert maps1.shape == (2, 1, model.config.input_size, model.config.input_size)
-    assert torch.allclose(scores1, maps1.flatten(1).amax(1), rtol=0.05)
+    assert torch.equal(scores1, maps1.flatten(1).amax(1))  # the score is the max of the map users see
 
 
 def test_batch_size_does_not_change_per_image_results(model):

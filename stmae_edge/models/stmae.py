@@ -165,6 +165,18 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return (k1[:, None] * k1[None, :])[None, None]
 
 
+def smooth(grid_map: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    pad = kernel.shape[-1] // 2
+    return F.conv2d(F.pad(grid_map, (pad, pad, pad, pad), mode="replicate"), kernel)
+
+
+def maps_and_scores(grid_map: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid map -> map at input size and image score. The score is the max of the map the user
+    sees, so an image over the threshold always has pixels over the same threshold."""
+    maps = F.interpolate(grid_map, size=size, mode="bilinear", align_corners=False)
+    return maps, maps.flatten(1).amax(dim=1)
+
+
 class STMAE(nn.Module):
     def __init__(self, config: STMAEConfig, backbone_weights: str = "imagenet"):
         super().__init__()
@@ -278,8 +290,7 @@ class STMAE(nn.Module):
         residual = self.residual(feats, recon)
         if self.config.position_norm:
             residual = (residual - self.residual_mean) / self.residual_std
-        pad = self.smoothing_kernel.shape[-1] // 2
-        return F.conv2d(F.pad(residual, (pad, pad, pad, pad), mode="replicate"), self.smoothing_kernel)
+        return smooth(residual, self.smoothing_kernel)
 
     def loss(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         mse = F.mse_loss(recon, feats)
@@ -289,7 +300,4 @@ class STMAE(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W), preprocessed -> anomaly maps (B, 1, H, W) and image scores (B,)."""
         feats = self.standardize(self.extract(images))
-        grid_map = self.anomaly_map(feats, self.reconstruct(feats))
-        scores = grid_map.flatten(1).amax(dim=1)
-        maps = F.interpolate(grid_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return maps, scores
+        return maps_and_scores(self.anomaly_map(feats, self.reconstruct(feats)), images.shape[-2:])
