@@ -82,12 +82,13 @@ def pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
-def write_rows(md_path: Path, rows: list[str], header: str) -> None:
+def write_rows(md_path: Path, rows: list[str], header: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace this benchmark's section (between its markers) in the Markdown file, or append it."""
     md_path.parent.mkdir(parents=True, exist_ok=True)
     text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{header}\n" + "\n".join(rows) + f"\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    block = f"{begin}\n{header}\n" + "\n".join(rows) + f"\n{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     md_path.write_text(text)

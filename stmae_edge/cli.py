@@ -27,6 +27,7 @@ def use_available_cores() -> None:
         cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, cores))
 
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.")
 
