@@ -79,7 +79,7 @@ def main() -> None:
                 default = block == 1 and kind == cfg.residual and norm == cfg.position_norm
                 rows.append(f"| {'1x1' if block == 1 else '2x2'} checkerboard | {kind} | {'on' if norm else 'off'} | "
                             f"{pct(r['image_auroc'])} | {pct(r['pixel_auroc'])} | {pct(r['aupro'])} | "
-                            f"{pct(r['per_defect_type']['uneven']['pixel_auroc'])} |{' default' if default else ''}")
+                            f"{pct(r['per_defect_type']['uneven']['pixel_auroc'])} | {'default' if default else ''} |")
                 print(rows[-1], flush=True)
     header = (f"Measured on {machine()}, by `python benchmarks/ablation_magnetic_tile.py` on the model of the "
               "quality benchmark above (same weights in every row).\n\n"

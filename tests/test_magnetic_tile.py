@@ -7,7 +7,6 @@ images: a pretrained backbone, a few epochs, a subset with masks.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -40,7 +39,7 @@ def test_short_training_finds_real_defects(magnetic_tile, tmp_path):
     meta = train(magnetic_tile, model, preset("small"), TrainConfig(epochs=4, max_images=96, seed=0))
     assert meta.training["train_images"] + meta.training["holdout_images"] == 96
     result = evaluate(model, _subset(magnetic_tile, tmp_path / "subset"))
-    (tmp_path / "result.json").write_text(json.dumps(result))
-    assert result["image_auroc"] >= 0.75, result
-    assert result["pixel_auroc"] >= 0.85, result
-    assert result["aupro"] >= 0.6, result
+    print({k: round(result[k], 3) for k in ("image_auroc", "pixel_auroc", "aupro")})
+    assert result["image_auroc"] >= 0.78, result  # measured 0.826
+    assert result["pixel_auroc"] >= 0.92, result  # measured 0.954
+    assert result["aupro"] >= 0.80, result  # measured 0.879
