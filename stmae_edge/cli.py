@@ -124,6 +124,47 @@ def demo(
     typer.echo(f"wrote {workdir / 'eval.json'}")
 
 
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="checkpoint written by `stmae-edge train`"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="ONNX file (default: export/MODEL.onnx)"),
+) -> None:
+    """Export to one self-contained ONNX file (dynamic batch, metadata inside) and check it."""
+    from .export import export_onnx
+
+    use_available_cores()
+    path, figures = export_onnx(model, out)
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(figures["ops"].items()))
+    typer.echo(f"wrote {path} ({figures['size_bytes'] / 1e6:.1f} MB): checker and shape inference pass; "
+               f"inputs/outputs {figures['shapes']}; smoke parity {figures['smoke_max_rel_diff']:.1e} relative")
+    typer.echo(f"ops (all on the TensorRT allow-list): {ops}")
+
+
+@app.command()
+def verify(
+    onnx_file: Path = typer.Argument(..., help="ONNX file written by `stmae-edge export`"),
+    model: Path = typer.Option(..., "--model", "-m", help="the checkpoint it was exported from"),
+    images: Optional[Path] = typer.Option(None, help="folder of real images (default: the model's training images)"),
+    rtol: float = typer.Option(1e-4, min=0.0, help="largest allowed max relative difference"),
+) -> None:
+    """Parity of ONNX Runtime (CPU) with PyTorch on real images at batch 1 and 8."""
+    from .data import IMAGE_SUFFIXES
+    from .errors import DatasetError
+    from .verify import verify as run_verify
+
+    use_available_cores()
+    paths = None
+    if images is not None:
+        if not images.is_dir():
+            raise DatasetError(f"{images}: not a folder of images")
+        paths = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    figures = run_verify(onnx_file, model, paths, rtol=rtol)
+    for size, f in figures["batches"].items():
+        typer.echo(f"batch {size}: map max rel diff {f['map_max_rel_diff']:.2e}, "
+                   f"score max rel diff {f['score_max_rel_diff']:.2e} (limit {figures['rtol']:g})")
+    typer.echo(f"ok: {onnx_file} matches {model} on {figures['images']} real images ({figures['provider']})")
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(__version__)

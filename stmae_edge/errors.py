@@ -27,3 +27,11 @@ class ConfigError(StmaeError, ValueError):
 
 class OutputError(StmaeError):
     """An output file or folder cannot be written."""
+
+
+class ExportError(StmaeError):
+    """Export failed, or the exported graph fails its checks."""
+
+
+class VerificationError(StmaeError):
+    """An exported model does not reproduce the PyTorch model within tolerance, or belongs to another model."""

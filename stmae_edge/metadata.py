@@ -16,6 +16,7 @@ from .scoring import ScoreStats, Thresholds
 
 SCHEMA = "stmae-edge/metadata"
 SCHEMA_VERSION = 1
+ONNX_METADATA_KEY = "stmae_edge.metadata"  # metadata_props key holding to_dict() as JSON
 
 
 @dataclass
@@ -68,6 +69,21 @@ class ModelMetadata:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_onnx(cls, model) -> "ModelMetadata":
+        """From an ONNX file's metadata_props: a path or a loaded onnx.ModelProto."""
+        if not hasattr(model, "metadata_props"):
+            import onnx
+
+            try:
+                model = onnx.load(str(model), load_external_data=False)
+            except Exception as exc:  # onnx raises protobuf DecodeError, OSError, ...
+                raise CheckpointError(f"{model}: not a readable ONNX file ({exc})") from exc
+        props = {p.key: p.value for p in model.metadata_props}
+        if ONNX_METADATA_KEY not in props:
+            raise CheckpointError(f"ONNX file has no '{ONNX_METADATA_KEY}' metadata: not exported by stmae-edge")
+        return cls.from_json(props[ONNX_METADATA_KEY])
 
     @classmethod
     def from_json(cls, text: str) -> "ModelMetadata":

@@ -88,3 +88,15 @@ def test_unwritable_output_fails_before_training(synthetic_dataset, tmp_path):
 def test_backbone_weights_none_is_refused(synthetic_dataset, tmp_path):
     r = run("train", str(synthetic_dataset), "--backbone-weights", "none", "--out", str(tmp_path / "m.pt"))
     _assert_one_line_error(r, "uninitialised")
+
+
+def test_export_and_verify_commands(synthetic_dataset, tmp_path):
+    model = tmp_path / "m.pt"
+    assert run("train", str(synthetic_dataset), "--out", str(model), "--preset", "tiny", "--epochs", "1",
+               "--backbone-weights", "random").returncode == 0
+    onnx_file = tmp_path / "m.onnx"
+    r = run("export", str(model), "--out", str(onnx_file))
+    assert r.returncode == 0 and onnx_file.is_file() and "TensorRT allow-list" in r.stdout, r.stderr
+    r = run("verify", str(onnx_file), "--model", str(model), "--images", str(synthetic_dataset / "test" / "good"))
+    assert r.returncode == 0 and "batch 8" in r.stdout and r.stdout.strip().endswith("(CPUExecutionProvider)")
+    _assert_one_line_error(run("verify", str(tmp_path / "absent.onnx"), "--model", str(model)), "not a readable ONNX")

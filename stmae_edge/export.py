@@ -1,0 +1,103 @@
+"""Export a checkpoint to one self-contained ONNX file, and check what was written.
+
+The graph takes preprocessed images (N, 3, H, W) float32 with a dynamic batch and returns the anomaly
+maps (N, 1, H, W) and image scores (N,). The eval split is the model's constant index buffers, so it
+exports as Gather nodes with constant indices, and the return to raster order as a Gather with the
+inverse permutation: no ScatterND, nothing random. The model's metadata (one schema: metadata.py)
+goes into metadata_props, where the runtime reads it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .checkpoint import check_writable, load_model
+from .errors import ExportError
+from .metadata import ONNX_METADATA_KEY, ModelMetadata
+
+INPUT_NAME, MAP_NAME, SCORE_NAME = "images", "anomaly_map", "score"
+OPSET = 18
+
+# Ops that TensorRT's ONNX parser supports and that this model needs (TensorRT 10 operator list).
+# Anything else fails the export check: a new op must be looked up before it is allowed in.
+TENSORRT_OPS = frozenset({
+    "Abs", "Add", "AveragePool", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Div",
+    "Equal", "Erf", "Expand", "Flatten", "Gather", "Gemm", "Identity", "LayerNormalization", "MatMul",
+    "Max", "MaxPool", "Min", "Mul", "Neg", "Pad", "Pow", "Range", "ReduceL2", "ReduceMax", "ReduceMean",
+    "ReduceSum", "Relu", "Reshape", "Resize", "Shape", "Sigmoid", "Slice", "Softmax", "Sqrt", "Squeeze",
+    "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+})
+
+
+def default_onnx_path(checkpoint: Path | str) -> Path:
+    return Path("export") / f"{Path(checkpoint).stem}.onnx"
+
+
+def export_onnx(checkpoint: Path | str, out: Path | str | None = None) -> tuple[Path, dict]:
+    """Checkpoint -> ONNX file with metadata; returns the path and the checks' figures."""
+    out = check_writable(out or default_onnx_path(checkpoint))
+    model, metadata = load_model(checkpoint)
+    size = metadata.preprocessing.input_size
+    # A batch of 2 as the example: with 1, exporters can bake batch 1 into the graph.
+    example = torch.zeros(2, 3, *size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), torch.no_grad():
+            program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME],
+                                        output_names=[MAP_NAME, SCORE_NAME],
+                                        dynamic_shapes={"images": {0: batch}}, dynamo=True,
+                                        opset_version=OPSET, optimize=True)
+    except Exception as exc:  # the exporter raises many types; the user needs the first line
+        raise ExportError(f"ONNX export of {checkpoint} failed: {str(exc).splitlines()[0][:300]}") from exc
+    proto = program.model_proto
+    proto.producer_name = "stmae-edge"
+    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(metadata.to_dict(), sort_keys=True)})
+    onnx.save(proto, str(out))
+    return out, check_onnx(out, model)
+
+
+def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    return dict(collections.Counter(node.op_type for node in proto.graph.node))
+
+
+def check_onnx(path: Path | str, model=None) -> dict:
+    """onnx.checker, shape inference, the op allow-list and, given the torch model, a smoke parity run."""
+    proto = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"{path}: the ONNX checker rejects the graph: {str(exc).splitlines()[0]}") from exc
+    ops = op_counts(proto)
+    unsupported = sorted(set(ops) - TENSORRT_OPS)
+    if unsupported:
+        raise ExportError(f"{path}: ops outside the TensorRT allow-list: {unsupported}")
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.input) + list(inferred.graph.output)}
+    ModelMetadata.from_onnx(proto)  # the metadata must read back under the schema
+    figures = {"ops": ops, "shapes": shapes, "size_bytes": Path(path).stat().st_size}
+    if model is not None:
+        figures["smoke_max_rel_diff"] = _smoke_parity(path, model)
+    return figures
+
+
+def _smoke_parity(path: Path | str, model) -> float:
+    """Random inputs through ONNX Runtime (CPU) and torch; a quick guard, not the real-image check."""
+    import onnxruntime as ort
+
+    size = model.config.input_size
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        maps, _ = model(x)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_maps = session.run([MAP_NAME], {INPUT_NAME: x.numpy()})[0]
+    return float(np.abs(onnx_maps - maps.numpy()).max() / max(np.abs(maps.numpy()).max(), 1e-12))

@@ -1,0 +1,65 @@
+"""Parity of an exported ONNX file with its PyTorch checkpoint, on real images, through ONNX Runtime (CPU).
+
+Images are preprocessed by the one preprocessing definition, read from the ONNX file's own metadata,
+so the check also proves that the metadata describes the input the graph expects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import data
+from .checkpoint import load_model
+from .errors import DatasetError, VerificationError
+from .export import INPUT_NAME
+from .metadata import ModelMetadata
+
+DEFAULT_RTOL = 1e-4
+
+
+def default_images(metadata: ModelMetadata, count: int = 8) -> list[Path]:
+    """The checkpoint's own training images, when they are still where training found them."""
+    source = metadata.training.get("data_dir")
+    if not source:
+        raise DatasetError("no --images given and the model records no training folder")
+    return data.train_images(source)[:count]
+
+
+def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path] | None = None,
+           batch_sizes: Sequence[int] = (1, 8), rtol: float = DEFAULT_RTOL) -> dict:
+    """Max relative difference of maps and scores per batch size; raises VerificationError above rtol."""
+    import onnxruntime as ort
+
+    exported = ModelMetadata.from_onnx(onnx_path)
+    model, metadata = load_model(checkpoint)
+    if exported.model_hash != metadata.model_hash:
+        raise VerificationError(f"{onnx_path} was exported from another model (hash {exported.model_hash[:12]}, "
+                                f"checkpoint {metadata.model_hash[:12]}); export {checkpoint} again")
+    paths = list(images) if images else default_images(metadata)
+    if not paths:
+        raise DatasetError("no images to verify with")
+    needed = max(batch_sizes)
+    paths = [paths[i % len(paths)] for i in range(needed)]  # repeat a short list up to the largest batch
+    batch = exported.preprocessing(paths)
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    figures = {"provider": session.get_providers()[0], "rtol": rtol, "images": len(set(paths)), "batches": {}}
+    failures = []
+    for size in batch_sizes:
+        x = batch[:size]
+        onnx_maps, onnx_scores = session.run(None, {INPUT_NAME: x})
+        with torch.no_grad():
+            maps, scores = (t.numpy() for t in model(torch.from_numpy(x)))
+        rel_map = float(np.abs(onnx_maps - maps).max() / max(np.abs(maps).max(), 1e-12))
+        rel_score = float(np.abs(onnx_scores - scores).max() / max(np.abs(scores).max(), 1e-12))
+        figures["batches"][size] = {"map_max_rel_diff": rel_map, "score_max_rel_diff": rel_score}
+        if not (rel_map <= rtol and rel_score <= rtol):
+            failures.append(f"batch {size}: map {rel_map:.2e}, score {rel_score:.2e}")
+    if failures:
+        raise VerificationError(f"{onnx_path} differs from {checkpoint} beyond {rtol:g} relative: "
+                                + "; ".join(failures))
+    return figures

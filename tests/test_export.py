@@ -1,0 +1,104 @@
+"""ONNX export: a fixed graph (constant-index Gathers, no scatter, nothing random), metadata inside,
+ops TensorRT supports, and parity with PyTorch through ONNX Runtime at batch 1 and 8."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from stmae_edge import data
+from stmae_edge.checkpoint import load_model
+from stmae_edge.errors import CheckpointError, VerificationError
+from stmae_edge.export import TENSORRT_OPS, export_onnx
+from stmae_edge.metadata import ModelMetadata
+from stmae_edge.models.stmae import preset
+from stmae_edge.train import TrainConfig, train
+from stmae_edge.verify import verify
+
+
+@pytest.fixture(scope="module")
+def exported(synthetic_dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    checkpoint = folder / "model.pt"
+    train(synthetic_dataset, checkpoint, preset("tiny"), TrainConfig(epochs=2, batch_size=8), backbone_weights="random")
+    path, figures = export_onnx(checkpoint, folder / "model.onnx")
+    return checkpoint, path, figures
+
+
+def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def test_graph_is_fixed_and_uses_only_allowed_ops(exported):
+    checkpoint, path, figures = exported
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert ops <= TENSORRT_OPS, ops - TENSORRT_OPS
+    assert not ops & {"ScatterND", "ScatterElements", "RandomUniform", "RandomNormal", "RandomUniformLike",
+                      "RandomNormalLike", "Loop", "If", "NonZero"}
+    assert figures["shapes"]["images"] == ["batch", 3, 64, 64]
+    assert figures["shapes"]["anomaly_map"] == ["batch", 1, 64, 64] and figures["shapes"]["score"] == ["batch"]
+    assert figures["smoke_max_rel_diff"] < 1e-4
+
+
+def test_split_and_restore_are_gathers_with_constant_indices(exported):
+    checkpoint, path, _ = exported
+    model, _ = load_model(checkpoint)
+    proto = onnx.load(str(path))
+    constants = _constants(proto)
+    gather_indices = [constants[n.input[1]] for n in proto.graph.node
+                      if n.op_type == "Gather" and n.input[1] in constants]
+    for buffer in (model.eval_split_a, model.eval_split_b, model.eval_restore):
+        assert any(idx.shape == tuple(buffer.shape) and np.array_equal(idx, buffer.numpy())
+                   for idx in gather_indices), "a split or restore index set is not a constant Gather"
+
+
+def test_metadata_travels_in_the_onnx_file(exported):
+    checkpoint, path, _ = exported
+    _, metadata = load_model(checkpoint)
+    assert ModelMetadata.from_onnx(path).to_dict() == metadata.to_dict()
+    foreign = path.with_name("foreign.onnx")
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(foreign))
+    with pytest.raises(CheckpointError, match="not exported by stmae-edge"):
+        ModelMetadata.from_onnx(foreign)
+
+
+def test_parity_with_pytorch_at_batch_1_and_8(exported, synthetic_dataset):
+    checkpoint, path, _ = exported
+    images = [s.path for s in data.eval_samples(synthetic_dataset)]
+    figures = verify(path, checkpoint, images, batch_sizes=(1, 8))
+    for size in (1, 8):
+        assert figures["batches"][size]["map_max_rel_diff"] <= 1e-4
+    assert figures["provider"] == "CPUExecutionProvider"
+
+
+def test_parity_on_real_images(magnetic_tile, exported):
+    checkpoint, path, _ = exported
+    figures = verify(path, checkpoint, data.train_images(magnetic_tile)[:8], batch_sizes=(1, 8))
+    assert max(f["map_max_rel_diff"] for f in figures["batches"].values()) <= 1e-4
+
+
+def test_verify_catches_a_changed_graph_and_a_foreign_model(exported, synthetic_dataset, tmp_path):
+    checkpoint, path, _ = exported
+    proto = onnx.load(str(path))
+    bias = next(t for t in proto.graph.initializer if t.name == "head.bias")  # feeds every prediction
+    changed = numpy_helper.to_array(bias) + 0.05
+    bias.CopyFrom(numpy_helper.from_array(changed.astype(np.float32), bias.name))
+    altered = tmp_path / "altered.onnx"
+    onnx.save(proto, str(altered))
+    images = [s.path for s in data.eval_samples(synthetic_dataset)]
+    with pytest.raises(VerificationError, match="differs"):
+        verify(altered, checkpoint, images)
+    other = tmp_path / "other.pt"
+    train(synthetic_dataset, other, preset("tiny"), TrainConfig(epochs=1, batch_size=8, seed=1),
+          backbone_weights="random")
+    with pytest.raises(VerificationError, match="another model"):
+        verify(path, other, images)
