@@ -165,6 +165,22 @@ def verify(
     typer.echo(f"ok: {onnx_file} matches {model} on {figures['images']} real images ({figures['provider']})")
 
 
+@app.command()
+def build(
+    onnx_file: Path = typer.Argument(..., help="ONNX file written by `stmae-edge export`"),
+    precision: str = typer.Option("fp32", help="engine precision (this version: fp32)"),
+    batch: str = typer.Option("1:8:32", help="optimisation profile MIN:OPT:MAX batch sizes"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="plan file (default: engines/NAME.PRECISION.plan)"),
+) -> None:
+    """Build a TensorRT engine plan (TensorRT if installed, else TensorRT for RTX) with a JSON sidecar."""
+    from .engine_build import build_engine
+
+    plan, sidecar = build_engine(onnx_file, precision, batch, out)
+    trt = sidecar["tensorrt"]
+    typer.echo(f"wrote {plan} ({sidecar['plan']['size_bytes'] / 1e6:.1f} MB, {trt['flavour']} {trt['version']}, "
+               f"batch {batch}, {sidecar['build_seconds']:.1f}s) and {plan.name}.json; target: {sidecar['target']}")
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(__version__)

@@ -1,0 +1,149 @@
+"""Build TensorRT engine plans from exported ONNX files with the TensorRT Python API.
+
+`tensorrt` (10.x/11.x, users' GPU machines and Jetsons) when installed, else TensorRT for RTX
+(`tensorrt_rtx_bindings`), which builds ahead of time without a GPU, so CI proves every graph we emit
+compiles. One code path serves both: a strongly typed network (the precision lives in the ONNX graph),
+an optimisation profile from the batch range, a timing cache, and a JSON sidecar next to the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import check_writable
+from .errors import ConfigError, ExportError, StmaeError
+from .export import INPUT_NAME
+from .metadata import ModelMetadata
+
+PRECISIONS = ("fp32",)  # fp16 and int8 follow once their ONNX graphs exist (issue 3)
+INSTALL_HINT = ("install TensorRT (pip install tensorrt, or JetPack on a Jetson), or TensorRT for RTX: "
+                "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
+
+
+class TensorRTMissingError(StmaeError):
+    """Neither TensorRT nor TensorRT for RTX can be imported."""
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    min: int
+    opt: int
+    max: int
+
+    @classmethod
+    def parse(cls, text: str) -> "BatchRange":
+        try:
+            low, opt, high = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise ConfigError(f"batch range {text!r} must be MIN:OPT:MAX, e.g. 1:8:32") from None
+        if not 1 <= low <= opt <= high:
+            raise ConfigError(f"batch range {text!r} needs 1 <= MIN <= OPT <= MAX")
+        return cls(low, opt, high)
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+def import_tensorrt():
+    """(module, flavour): full TensorRT first, TensorRT for RTX second."""
+    try:
+        import tensorrt as trt
+
+        return trt, "tensorrt"
+    except ImportError:
+        pass
+    try:
+        import tensorrt_rtx_bindings as trt
+
+        return trt, "tensorrt-rtx"
+    except ImportError:
+        raise TensorRTMissingError(f"TensorRT is not installed: {INSTALL_HINT}") from None
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_plan_path(onnx_path: Path | str, precision: str) -> Path:
+    return Path("engines") / f"{Path(onnx_path).stem}.{precision}.plan"
+
+
+def build_engine(onnx_path: Path | str, precision: str = "fp32", batch: str | BatchRange = "1:8:32",
+                 out: Path | str | None = None, timing_cache: Path | str | None = None) -> tuple[Path, dict]:
+    """ONNX -> engine plan and its sidecar (plan path + '.json'). Returns the plan path and the sidecar."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; this version builds {', '.join(PRECISIONS)}")
+    batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)
+    onnx_path = Path(onnx_path)
+    metadata = ModelMetadata.from_onnx(onnx_path)  # also refuses files that are not ours
+    out = check_writable(out or default_plan_path(onnx_path, precision))
+    cache_path = Path(timing_cache) if timing_cache else out.parent / "timing.cache"
+    trt, flavour = import_tensorrt()
+
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    # Strongly typed: TensorRT 11 and RTX always are; TensorRT 10 needs the flag. Precision comes
+    # from the graph's own types, so the same call builds fp32, fp16 and Q/DQ int8 graphs.
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        first = errors[0] if errors else None
+        where = f" at node {first.node_name()!r} ({first.node_operator()})" if first and first.node_name() else ""
+        desc = first.desc().strip().splitlines()[0] if first else "unknown error"
+        raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed{where}: {desc}")
+
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    shape = tuple(network.get_input(0).shape)[1:]
+    profile.set_shape(INPUT_NAME, (batch.min, *shape), (batch.opt, *shape), (batch.max, *shape))
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    started = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ExportError(f"{onnx_path}: TensorRT could not build an engine ({flavour}); run with a "
+                          "smaller --batch range or check the graph with `stmae-edge verify`")
+    seconds = time.perf_counter() - started
+    out.write_bytes(bytes(plan))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+    sidecar = {
+        "format": "stmae-edge/engine",
+        "metadata": metadata.to_dict(),
+        "precision": precision,
+        "batch": {"min": batch.min, "opt": batch.opt, "max": batch.max},
+        "tensorrt": {"flavour": flavour, "version": trt.__version__},
+        "target": _target(trt, config, flavour),
+        "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
+        "plan": {"path": out.name, "sha256": sha256_file(out), "size_bytes": out.stat().st_size},
+        "build_seconds": round(seconds, 2),
+        "package_version": __version__,
+    }
+    sidecar_path = out.with_name(out.name + ".json")
+    sidecar_path.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    return out, sidecar
+
+
+def _target(trt, config, flavour: str) -> str:
+    if flavour == "tensorrt-rtx":
+        # Ahead-of-time build: the plan runs on the compute capabilities it was built for.
+        count = config.num_compute_capabilities
+        caps = [config.get_compute_capability(i).name for i in range(count)]
+        return "compute capabilities: " + (", ".join(caps) if caps else
+                                           "TensorRT-RTX default set (8.0, 8.6, 8.9 and 12.0)")
+    return "the GPU this was built on (TensorRT plans are specific to GPU model and TensorRT version)"

@@ -1,0 +1,85 @@
+"""Real TensorRT(-RTX) engine builds of exported graphs: no mocks of the builder or the parser."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from stmae_edge.engine_build import BatchRange, build_engine, sha256_file
+from stmae_edge.errors import ConfigError, ExportError
+from stmae_edge.export import export_onnx
+from stmae_edge.metadata import ONNX_METADATA_KEY, ModelMetadata
+from stmae_edge.models.stmae import preset
+from stmae_edge.train import TrainConfig, train
+
+trt_available = pytest.mark.skipif(
+    not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
+    reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
+
+
+@pytest.fixture(scope="module")
+def onnx_file(synthetic_dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engine")
+    train(synthetic_dataset, folder / "m.pt", preset("tiny"), TrainConfig(epochs=1, batch_size=8),
+          backbone_weights="random")
+    path, _ = export_onnx(folder / "m.pt", folder / "m.onnx")
+    return path
+
+
+@trt_available
+def test_fp32_engine_builds_with_a_sidecar(onnx_file, tmp_path):
+    plan, sidecar = build_engine(onnx_file, "fp32", "1:8:32", tmp_path / "m.fp32.plan")
+    assert plan.stat().st_size > 100_000
+    on_disk = json.loads((tmp_path / "m.fp32.plan.json").read_text())
+    assert on_disk == json.loads(json.dumps(sidecar))
+    assert on_disk["plan"]["sha256"] == sha256_file(plan)
+    assert on_disk["onnx"]["sha256"] == sha256_file(onnx_file)
+    assert on_disk["batch"] == {"min": 1, "opt": 8, "max": 32}
+    assert on_disk["metadata"] == ModelMetadata.from_onnx(onnx_file).to_dict()
+    assert on_disk["tensorrt"]["flavour"] in ("tensorrt", "tensorrt-rtx") and on_disk["tensorrt"]["version"]
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+
+
+@trt_available
+def test_parser_errors_name_the_node_and_op(onnx_file, tmp_path):
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    y = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["images"], ["score"], name="mystery_node",
+                                                domain="com.example")], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
+    helper.set_model_props(model, {ONNX_METADATA_KEY: ModelMetadata.from_onnx(onnx_file).to_json()})
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(ExportError, match=r"mystery_node.*NoSuchOp"):
+        build_engine(bad, "fp32", "1:1:2", tmp_path / "bad.plan")
+
+
+def test_precision_and_batch_range_are_checked(onnx_file, tmp_path):
+    with pytest.raises(ConfigError, match="unknown precision"):
+        build_engine(onnx_file, "int4", "1:8:32", tmp_path / "x.plan")
+    for text in ("8:1:32", "0:1:2", "1:8", "a:b:c"):
+        with pytest.raises(ConfigError):
+            BatchRange.parse(text)
+
+
+def test_missing_tensorrt_is_one_clear_line(onnx_file, tmp_path):
+    code = ("import sys; sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx_bindings'] = None; "
+            "sys.argv = ['stmae-edge', 'build', sys.argv[1], '--out', sys.argv[2]]; "
+            "from stmae_edge.cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", code, str(onnx_file), str(tmp_path / "x.plan")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: TensorRT is not installed: install TensorRT") and "\n" not in r.stderr.strip()
+
+
+@trt_available
+def test_build_command(onnx_file, tmp_path):
+    out = tmp_path / "cli.plan"
+    r = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "build", str(onnx_file), "--batch", "1:4:8",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and out.is_file() and "batch 1:4:8" in r.stdout, r.stderr
