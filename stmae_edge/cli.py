@@ -75,7 +75,8 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Argument(..., help="checkpoint written by `stmae-edge train`"),
+    model: Path = typer.Argument(..., help="checkpoint (.pt, runs in PyTorch) or exported graph (.onnx, "
+                                 "runs in ONNX Runtime on the CPU)"),
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses test/ and ground_truth/)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
     batch_size: int = typer.Option(BATCH_SIZE, min=1),
@@ -127,15 +128,16 @@ def demo(
 @app.command()
 def export(
     model: Path = typer.Argument(..., help="checkpoint written by `stmae-edge train`"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="ONNX file (default: export/MODEL.onnx)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="ONNX file (default: export/MODEL[.fp16].onnx)"),
+    precision: str = typer.Option("fp32", help="fp32, or fp16 (fp16 inside, fp32 inputs and outputs)"),
 ) -> None:
     """Export to one self-contained ONNX file (dynamic batch, metadata inside) and check it."""
     from .export import export_onnx
 
     use_available_cores()
-    path, figures = export_onnx(model, out)
+    path, figures = export_onnx(model, out, precision)
     ops = ", ".join(f"{k} {v}" for k, v in sorted(figures["ops"].items()))
-    typer.echo(f"wrote {path} ({figures['size_bytes'] / 1e6:.1f} MB): checker and shape inference pass; "
+    typer.echo(f"wrote {path} ({figures['precision']}, {figures['size_bytes'] / 1e6:.1f} MB): checker and shape inference pass; "
                f"inputs/outputs {figures['shapes']}; smoke parity {figures['smoke_max_rel_diff']:.1e} relative")
     typer.echo(f"ops (all on the TensorRT allow-list): {ops}")
 
@@ -168,7 +170,8 @@ def verify(
 @app.command()
 def build(
     onnx_file: Path = typer.Argument(..., help="ONNX file written by `stmae-edge export`"),
-    precision: str = typer.Option("fp32", help="engine precision (this version: fp32)"),
+    precision: Optional[str] = typer.Option(None, help="fp32 or fp16; must match the ONNX graph "
+                                            "(default: the graph's own precision)"),
     batch: str = typer.Option("1:8:32", help="optimisation profile MIN:OPT:MAX batch sizes"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="plan file (default: engines/NAME.PRECISION.plan)"),
 ) -> None:

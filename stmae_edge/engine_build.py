@@ -14,13 +14,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from . import __version__
 from .checkpoint import check_writable
 from .errors import ConfigError, ExportError, StmaeError
-from .export import INPUT_NAME
+from .export import INPUT_NAME, onnx_precision
 from .metadata import ModelMetadata
 
-PRECISIONS = ("fp32",)  # fp16 and int8 follow once their ONNX graphs exist (issue 3)
+PRECISIONS = ("fp32", "fp16")  # int8 follows once `stmae-edge calibrate` writes Q/DQ graphs
 INSTALL_HINT = ("install TensorRT (pip install tensorrt, or JetPack on a Jetson), or TensorRT for RTX: "
                 "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
 
@@ -74,22 +76,32 @@ def sha256_file(path: Path | str) -> str:
 
 
 def default_plan_path(onnx_path: Path | str, precision: str) -> Path:
-    return Path("engines") / f"{Path(onnx_path).stem}.{precision}.plan"
+    stem = Path(onnx_path).stem
+    stem = stem if stem.endswith(f".{precision}") else f"{stem}.{precision}"
+    return Path("engines") / f"{stem}.plan"
 
 
-def build_engine(onnx_path: Path | str, precision: str = "fp32", batch: str | BatchRange = "1:8:32",
+def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str | BatchRange = "1:8:32",
                  out: Path | str | None = None, timing_cache: Path | str | None = None) -> tuple[Path, dict]:
-    """ONNX -> engine plan and its sidecar (plan path + '.json'). Returns the plan path and the sidecar."""
-    if precision not in PRECISIONS:
+    """ONNX -> engine plan and its sidecar (plan path + '.json'). Returns the plan path and the sidecar.
+
+    The network is strongly typed, so the precision is the ONNX graph's own; `precision` only checks it.
+    """
+    if precision is not None and precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; this version builds {', '.join(PRECISIONS)}")
     batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)
     onnx_path = Path(onnx_path)
     metadata = ModelMetadata.from_onnx(onnx_path)  # also refuses files that are not ours
+    graph_precision = onnx_precision(onnx.load(str(onnx_path), load_external_data=False))
+    if precision is not None and precision != graph_precision:
+        raise ConfigError(f"{onnx_path} is an {graph_precision} graph; for {precision} run "
+                          f"`stmae-edge export MODEL --precision {precision}` and build that file")
+    precision = graph_precision
     out = check_writable(out or default_plan_path(onnx_path, precision))
     cache_path = Path(timing_cache) if timing_cache else out.parent / "timing.cache"
     trt, flavour = import_tensorrt()
 
-    logger = trt.Logger(trt.Logger.ERROR)
+    logger = _collecting_logger(trt)
     builder = trt.Builder(logger)
     # Strongly typed: TensorRT 11 and RTX always are; TensorRT 10 needs the flag. Precision comes
     # from the graph's own types, so the same call builds fp32, fp16 and Q/DQ int8 graphs.
@@ -116,8 +128,9 @@ def build_engine(onnx_path: Path | str, precision: str = "fp32", batch: str | Ba
     started = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise ExportError(f"{onnx_path}: TensorRT could not build an engine ({flavour}); run with a "
-                          "smaller --batch range or check the graph with `stmae-edge verify`")
+        last = logger.errors[-1] if logger.errors else "no message"
+        raise ExportError(f"{onnx_path}: TensorRT could not build an engine ({flavour}: {last}); "
+                          "try a smaller --batch range or check the graph with `stmae-edge verify`")
     seconds = time.perf_counter() - started
     out.write_bytes(bytes(plan))
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
@@ -137,6 +150,22 @@ def build_engine(onnx_path: Path | str, precision: str = "fp32", batch: str | Ba
     sidecar_path = out.with_name(out.name + ".json")
     sidecar_path.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     return out, sidecar
+
+
+def _collecting_logger(trt):
+    """Keeps TensorRT's errors for our one-line message instead of printing them: TensorRT for RTX
+    logs CUDA-driver errors on machines without a GPU even when the ahead-of-time build succeeds."""
+
+    class CollectingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(msg.strip().splitlines()[0][:300])
+
+    return CollectingLogger()
 
 
 def _target(trt, config, flavour: str) -> str:

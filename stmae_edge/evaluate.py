@@ -11,16 +11,44 @@ import numpy as np
 from . import data
 from .checkpoint import check_writable, load_model
 from .errors import OutputError
+from .metadata import ModelMetadata
 from .metrics import summarize
-from .train import score_images
+from .progress import progress_bar
+from .train import batches, score_images
+
+
+def score_with_onnx(onnx_path: Path | str, metadata: ModelMetadata, paths,
+                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """An exported graph through ONNX Runtime's CPU provider, preprocessed from its own metadata."""
+    import onnxruntime as ort
+
+    from .export import INPUT_NAME
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    maps, scores = [], []
+    with progress_bar("evaluating (onnxruntime cpu)", len(paths)) as advance:
+        for chunk in batches(paths, batch_size):
+            m, s = session.run(None, {INPUT_NAME: metadata.preprocessing(chunk)})
+            maps.append(m[:, 0])
+            scores.append(s)
+            advance(len(chunk))
+    return np.concatenate(maps), np.concatenate(scores)
 
 
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16) -> dict:
-    model, metadata = load_model(model_path)
+    """A checkpoint (.pt, PyTorch) or an exported graph (.onnx, ONNX Runtime CPU) on a test set."""
+    is_onnx = Path(model_path).suffix == ".onnx"
+    if is_onnx:  # the model file is checked before any data is read
+        metadata = ModelMetadata.from_onnx(model_path)
+    else:
+        model, metadata = load_model(model_path)
     samples = data.eval_samples(data_dir)
+    paths = [s.path for s in samples]
+    if is_onnx:
+        maps, scores = score_with_onnx(model_path, metadata, paths, batch_size)
+    else:
+        maps, scores = score_images(model, metadata.preprocessing, paths, batch_size, description="evaluating")
     size = metadata.preprocessing.input_size
-    maps, scores = score_images(model, metadata.preprocessing, [s.path for s in samples], batch_size,
-                                description="evaluating")
     masks = np.stack([data.load_mask(s, size) for s in samples]) if data.has_masks(samples) else None
     result = summarize(
         labels=np.array([s.label for s in samples]),

@@ -20,11 +20,25 @@ import onnx
 import torch
 
 from .checkpoint import check_writable, load_model
-from .errors import ExportError
+from .errors import ConfigError, ExportError
 from .metadata import ONNX_METADATA_KEY, ModelMetadata
 
 INPUT_NAME, MAP_NAME, SCORE_NAME = "images", "anomaly_map", "score"
 OPSET = 18
+PRECISION_KEY = "stmae_edge.precision"  # metadata_props: the graph's compute precision
+EXPORT_PRECISIONS = ("fp32", "fp16")
+
+
+class HalfPrecision(torch.nn.Module):
+    """fp16 inside, fp32 at the edges: callers keep feeding float32 images and reading float32 maps."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps, scores = self.model(images.half())
+        return maps.float(), scores.float()
 
 # Ops that TensorRT's ONNX parser supports and that this model needs (TensorRT 10 operator list).
 # Anything else fails the export check: a new op must be looked up before it is allowed in.
@@ -37,14 +51,27 @@ TENSORRT_OPS = frozenset({
 })
 
 
-def default_onnx_path(checkpoint: Path | str) -> Path:
-    return Path("export") / f"{Path(checkpoint).stem}.onnx"
+def default_onnx_path(checkpoint: Path | str, precision: str = "fp32") -> Path:
+    suffix = "" if precision == "fp32" else f".{precision}"
+    return Path("export") / f"{Path(checkpoint).stem}{suffix}.onnx"
 
 
-def export_onnx(checkpoint: Path | str, out: Path | str | None = None) -> tuple[Path, dict]:
+def onnx_precision(proto: onnx.ModelProto) -> str:
+    return {p.key: p.value for p in proto.metadata_props}.get(PRECISION_KEY, "fp32")
+
+
+def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
+                precision: str = "fp32") -> tuple[Path, dict]:
     """Checkpoint -> ONNX file with metadata; returns the path and the checks' figures."""
-    out = check_writable(out or default_onnx_path(checkpoint))
+    if precision not in EXPORT_PRECISIONS:
+        raise ConfigError(f"unknown export precision {precision!r}; choose {', '.join(EXPORT_PRECISIONS)} "
+                          "(int8 comes from `stmae-edge calibrate`)")
+    out = check_writable(out or default_onnx_path(checkpoint, precision))
     model, metadata = load_model(checkpoint)
+    reference = model
+    if precision == "fp16":
+        reference = load_model(checkpoint)[0]  # .half() converts in place; the fp32 twin checks parity
+        model = HalfPrecision(model).eval()
     size = metadata.preprocessing.input_size
     # A batch of 2 as the example: with 1, exporters can bake batch 1 into the graph.
     example = torch.zeros(2, 3, *size)
@@ -60,9 +87,10 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None) -> tuple[
         raise ExportError(f"ONNX export of {checkpoint} failed: {str(exc).splitlines()[0][:300]}") from exc
     proto = program.model_proto
     proto.producer_name = "stmae-edge"
-    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(metadata.to_dict(), sort_keys=True)})
+    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(metadata.to_dict(), sort_keys=True),
+                                        PRECISION_KEY: precision})
     onnx.save(proto, str(out))
-    return out, check_onnx(out, model)
+    return out, check_onnx(out, reference)
 
 
 def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
@@ -84,7 +112,8 @@ def check_onnx(path: Path | str, model=None) -> dict:
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(inferred.graph.input) + list(inferred.graph.output)}
     ModelMetadata.from_onnx(proto)  # the metadata must read back under the schema
-    figures = {"ops": ops, "shapes": shapes, "size_bytes": Path(path).stat().st_size}
+    figures = {"ops": ops, "shapes": shapes, "size_bytes": Path(path).stat().st_size,
+               "precision": onnx_precision(proto)}
     if model is not None:
         figures["smoke_max_rel_diff"] = _smoke_parity(path, model)
     return figures

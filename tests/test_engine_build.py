@@ -83,3 +83,12 @@ def test_build_command(onnx_file, tmp_path):
     r = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "build", str(onnx_file), "--batch", "1:4:8",
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and out.is_file() and "batch 1:4:8" in r.stdout, r.stderr
+
+
+@trt_available
+def test_fp16_engine_builds_and_precision_must_match_the_graph(onnx_file, tmp_path):
+    fp16, _ = export_onnx(onnx_file.with_name("m.pt"), tmp_path / "m.fp16.onnx", "fp16")
+    plan, sidecar = build_engine(fp16, None, "1:2:4", tmp_path / "m.fp16.plan")
+    assert sidecar["precision"] == "fp16" and plan.stat().st_size > 50_000
+    with pytest.raises(ConfigError, match="is an fp32 graph"):
+        build_engine(onnx_file, "fp16", "1:2:4", tmp_path / "x.plan")

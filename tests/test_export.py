@@ -102,3 +102,40 @@ def test_verify_catches_a_changed_graph_and_a_foreign_model(exported, synthetic_
           backbone_weights="random")
     with pytest.raises(VerificationError, match="another model"):
         verify(path, other, images)
+
+
+@pytest.fixture(scope="module")
+def exported_fp16(exported):
+    checkpoint, path, _ = exported
+    fp16_path, figures = export_onnx(checkpoint, path.with_name("model.fp16.onnx"), "fp16")
+    return checkpoint, fp16_path, figures
+
+
+def test_fp16_graph_has_fp32_edges_and_fp16_weights(exported_fp16):
+    _, path, figures = exported_fp16
+    proto = onnx.load(str(path))
+    assert figures["precision"] == "fp16"
+    edges = list(proto.graph.input) + list(proto.graph.output)
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in edges)
+    weight_types = {t.data_type for t in proto.graph.initializer if numpy_helper.to_array(t).size > 64}
+    assert onnx.TensorProto.FLOAT16 in weight_types
+    assert {n.op_type for n in proto.graph.node} <= TENSORRT_OPS
+
+
+def test_fp16_parity_within_half_precision_tolerance(exported_fp16, synthetic_dataset):
+    checkpoint, path, figures = exported_fp16
+    assert figures["smoke_max_rel_diff"] < 2e-2
+    images = [s.path for s in data.eval_samples(synthetic_dataset)]
+    result = verify(path, checkpoint, images, batch_sizes=(1, 8), rtol=2e-2)
+    assert max(f["map_max_rel_diff"] for f in result["batches"].values()) > 1e-6  # really fp16, not fp32
+    with pytest.raises(VerificationError):
+        verify(path, checkpoint, images, batch_sizes=(8,), rtol=1e-7)
+
+
+def test_evaluate_runs_onnx_files_like_checkpoints(exported, synthetic_dataset):
+    from stmae_edge.evaluate import evaluate
+
+    checkpoint, path, _ = exported
+    torch_result, onnx_result = evaluate(checkpoint, synthetic_dataset), evaluate(path, synthetic_dataset)
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1"):
+        assert onnx_result[key] == pytest.approx(torch_result[key], abs=1e-4)

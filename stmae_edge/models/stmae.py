@@ -286,11 +286,15 @@ class STMAE(nn.Module):
         return residual
 
     def anomaly_map(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """Residual, normalised per position if configured, then smoothed: (B, 1, G, G)."""
-        residual = self.residual(feats, recon)
+        """Residual, normalised per position if configured, then smoothed: (B, 1, G, G), float32.
+
+        In an fp16 graph everything from here on stays in fp32: the channel reductions and the cosine's
+        epsilon (1e-8 is 0 in fp16) are where half precision loses what the score depends on.
+        """
+        residual = self.residual(feats.float(), recon.float())
         if self.config.position_norm:
-            residual = (residual - self.residual_mean) / self.residual_std
-        return smooth(residual, self.smoothing_kernel)
+            residual = (residual - self.residual_mean.float()) / self.residual_std.float()
+        return smooth(residual, self.smoothing_kernel.float())
 
     def loss(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         mse = F.mse_loss(recon, feats)

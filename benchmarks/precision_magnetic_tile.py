@@ -1,0 +1,57 @@
+"""FP32 against FP16 ONNX graphs of one model, through ONNX Runtime (CPU), on magnetic_tile.
+
+    python benchmarks/precision_magnetic_tile.py [--model runs/bench_quality/stmae.pt]
+
+Exports the checkpoint as `stmae-edge export MODEL [--precision fp16]` does, scores both graphs with
+the code of `stmae-edge evaluate GRAPH.onnx DATA`, and writes the rows next to the PyTorch figures of
+the same checkpoint. Targets (issue 3): FP16 within 0.2 points of FP32 on image and pixel AUROC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from quality_magnetic_tile import machine, pct, write_rows  # noqa: E402
+
+from stmae_edge.cli import use_available_cores  # noqa: E402
+from stmae_edge.evaluate import evaluate  # noqa: E402
+from stmae_edge.export import export_onnx  # noqa: E402
+
+BEGIN, END = "<!-- precision-magnetic-tile:begin -->", "<!-- precision-magnetic-tile:end -->"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=REPO / "runs" / "bench_quality" / "stmae.pt")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "magnetic_tile")
+    parser.add_argument("--md", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    args = parser.parse_args()
+    use_available_cores()
+    results = {"PyTorch fp32 (checkpoint)": evaluate(args.model, args.data)}
+    for precision in ("fp32", "fp16"):
+        path, _ = export_onnx(args.model, args.model.with_name(f"{args.model.stem}.{precision}.onnx"), precision)
+        results[f"ONNX Runtime CPU, {precision} graph"] = evaluate(path, args.data)
+    fp32 = results["ONNX Runtime CPU, fp32 graph"]
+    rows = []
+    for name, r in results.items():
+        delta = (f"{100 * (r['image_auroc'] - fp32['image_auroc']):+.2f} / "
+                 f"{100 * (r['pixel_auroc'] - fp32['pixel_auroc']):+.2f}")
+        rows.append(f"| {name} | {pct(r['image_auroc'])} | {pct(r['pixel_auroc'])} | {pct(r['aupro'])} | "
+                    f"{pct(r['f1'])} | {delta} |")
+        print(rows[-1], flush=True)
+    header = (f"Measured on {machine()}, by `python benchmarks/precision_magnetic_tile.py` (the model of the "
+              "quality benchmark; each graph scored as `stmae-edge evaluate GRAPH.onnx DATA` does). Target: "
+              "FP16 within 0.2 points of FP32.\n\n"
+              "| model | image AUROC | pixel AUROC | AUPRO@30% | F1 at default threshold | "
+              "image / pixel AUROC against the fp32 graph, points |\n|---|---|---|---|---|---|")
+    write_rows(args.md, rows, header, BEGIN, END)
+    print(f"wrote {args.md}")
+
+
+if __name__ == "__main__":
+    main()
