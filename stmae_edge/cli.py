@@ -170,7 +170,7 @@ def verify(
 @app.command()
 def build(
     onnx_file: Path = typer.Argument(..., help="ONNX file written by `stmae-edge export`"),
-    precision: Optional[str] = typer.Option(None, help="fp32 or fp16; must match the ONNX graph "
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8; must match the ONNX graph "
                                             "(default: the graph's own precision)"),
     batch: str = typer.Option("1:8:32", help="optimisation profile MIN:OPT:MAX batch sizes"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="plan file (default: engines/NAME.PRECISION.plan)"),
@@ -182,6 +182,30 @@ def build(
     trt = sidecar["tensorrt"]
     typer.echo(f"wrote {plan} ({sidecar['plan']['size_bytes'] / 1e6:.1f} MB, {trt['flavour']} {trt['version']}, "
                f"batch {batch}, {sidecar['build_seconds']:.1f}s) and {plan.name}.json; target: {sidecar['target']}")
+
+
+@app.command()
+def calibrate(
+    onnx_file: Path = typer.Argument(..., help="fp32 ONNX file written by `stmae-edge export`"),
+    images: Optional[Path] = typer.Option(None, help="folder of good images (default: a sample of the "
+                                          "model's training images)"),
+    count: int = typer.Option(64, min=8, help="images to sample when --images is not given"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="INT8 graph (default: NAME.int8.onnx beside it)"),
+    cache_dir: Path = typer.Option(Path("calibration"), help="calibration cache folder"),
+) -> None:
+    """Write a symmetric Q/DQ INT8 graph that TensorRT accepts, calibrated on good images (cached)."""
+    from .calibrate import calibrate as run_calibrate
+    from .data import IMAGE_SUFFIXES
+    from .errors import DatasetError
+
+    paths = None
+    if images is not None:
+        if not images.is_dir():
+            raise DatasetError(f"{images}: not a folder of images")
+        paths = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    path, report = run_calibrate(onnx_file, paths, out, count, cache_dir)
+    typer.echo(f"wrote {path}: {report['quantized_nodes']} quantised tensors from {report['images']} images "
+               f"(cache {report['cache']}: {report['cache_file']})")
 
 
 def version_callback(value: bool) -> None:

@@ -19,10 +19,10 @@ import onnx
 from . import __version__
 from .checkpoint import check_writable
 from .errors import ConfigError, ExportError, StmaeError
-from .export import INPUT_NAME, onnx_precision
+from .export import INPUT_NAME, MAX_BATCH, onnx_precision
 from .metadata import ModelMetadata
 
-PRECISIONS = ("fp32", "fp16")  # int8 follows once `stmae-edge calibrate` writes Q/DQ graphs
+PRECISIONS = ("fp32", "fp16", "int8")  # int8 graphs come from `stmae-edge calibrate`
 INSTALL_HINT = ("install TensorRT (pip install tensorrt, or JetPack on a Jetson), or TensorRT for RTX: "
                 "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
 
@@ -43,8 +43,8 @@ class BatchRange:
             low, opt, high = (int(v) for v in text.split(":"))
         except ValueError:
             raise ConfigError(f"batch range {text!r} must be MIN:OPT:MAX, e.g. 1:8:32") from None
-        if not 1 <= low <= opt <= high:
-            raise ConfigError(f"batch range {text!r} needs 1 <= MIN <= OPT <= MAX")
+        if not 1 <= low <= opt <= high <= MAX_BATCH:
+            raise ConfigError(f"batch range {text!r} needs 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}")
         return cls(low, opt, high)
 
     def __str__(self) -> str:
@@ -94,8 +94,10 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     metadata = ModelMetadata.from_onnx(onnx_path)  # also refuses files that are not ours
     graph_precision = onnx_precision(onnx.load(str(onnx_path), load_external_data=False))
     if precision is not None and precision != graph_precision:
-        raise ConfigError(f"{onnx_path} is an {graph_precision} graph; for {precision} run "
-                          f"`stmae-edge export MODEL --precision {precision}` and build that file")
+        how = ("stmae-edge calibrate EXPORTED.onnx" if precision == "int8"
+               else f"stmae-edge export MODEL --precision {precision}")
+        raise ConfigError(f"{onnx_path} is an {graph_precision} graph; for {precision} run `{how}` "
+                          "and build that file")
     precision = graph_precision
     out = check_writable(out or default_plan_path(onnx_path, precision))
     cache_path = Path(timing_cache) if timing_cache else out.parent / "timing.cache"

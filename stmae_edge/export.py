@@ -27,6 +27,7 @@ INPUT_NAME, MAP_NAME, SCORE_NAME = "images", "anomaly_map", "score"
 OPSET = 18
 PRECISION_KEY = "stmae_edge.precision"  # metadata_props: the graph's compute precision
 EXPORT_PRECISIONS = ("fp32", "fp16")
+MAX_BATCH = 4096  # the dynamic batch dimension's declared upper bound
 
 
 class HalfPrecision(torch.nn.Module):
@@ -75,7 +76,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
     size = metadata.preprocessing.input_size
     # A batch of 2 as the example: with 1, exporters can bake batch 1 into the graph.
     example = torch.zeros(2, 3, *size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), torch.no_grad():

@@ -19,12 +19,8 @@ from stmae_edge.verify import verify
 
 
 @pytest.fixture(scope="module")
-def exported(synthetic_dataset, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("export")
-    checkpoint = folder / "model.pt"
-    train(synthetic_dataset, checkpoint, preset("tiny"), TrainConfig(epochs=2, batch_size=8), backbone_weights="random")
-    path, figures = export_onnx(checkpoint, folder / "model.onnx")
-    return checkpoint, path, figures
+def exported(tiny_export):
+    return tiny_export
 
 
 def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -107,7 +103,7 @@ def test_verify_catches_a_changed_graph_and_a_foreign_model(exported, synthetic_
 @pytest.fixture(scope="module")
 def exported_fp16(exported):
     checkpoint, path, _ = exported
-    fp16_path, figures = export_onnx(checkpoint, path.with_name("model.fp16.onnx"), "fp16")
+    fp16_path, figures = export_onnx(checkpoint, path.with_name("m.fp16.onnx"), "fp16")
     return checkpoint, fp16_path, figures
 
 

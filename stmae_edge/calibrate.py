@@ -1,0 +1,124 @@
+"""INT8 calibration: an fp32 ONNX export -> a symmetric Q/DQ INT8 graph that TensorRT accepts.
+
+Tool: onnxruntime.quantization, which the runtime already depends on, so calibration adds no package.
+Settings, each from measurement on magnetic_tile:
+- Q/DQ format, symmetric (every zero point 0): TensorRT rejects non-zero zero points.
+- Biases stay float (QuantizeBias off): TensorRT's parser rejects the int32 bias DequantizeLinear.
+- Only MatMul, that is the transformer, is quantised; the backbone convolutions stay in float.
+  Measured (image / pixel AUROC): fp32 88.3 / 69.0; MatMul only 88.4 / 68.8; Conv only 86.5 / 65.6;
+  Conv and MatMul 85.0 / 65.4. The backbone convolutions are the layers responsible for the loss.
+
+The result is cached under calibration/, keyed by a hash of the model file, the images and the
+settings, and reused when all three match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+
+from . import data
+from .checkpoint import check_writable
+from .engine_build import sha256_file
+from .errors import ConfigError, DatasetError
+from .export import INPUT_NAME, PRECISION_KEY, onnx_precision
+from .metadata import ModelMetadata
+from .progress import progress_bar
+
+SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_bias": False,
+            "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8"}
+DEFAULT_COUNT = 64
+
+
+def default_calibration_images(metadata: ModelMetadata, count: int = DEFAULT_COUNT, seed: int = 0) -> list[Path]:
+    """A seeded sample of the model's own training images (good parts)."""
+    source = metadata.training.get("data_dir")
+    if not source:
+        raise DatasetError("no --images given and the model records no training folder")
+    paths = data.train_images(source)
+    order = np.random.default_rng(seed).permutation(len(paths))[:count]
+    return [paths[i] for i in sorted(order)]
+
+
+def cache_key(onnx_path: Path, images: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    h.update(sha256_file(onnx_path).encode())
+    for path in images:
+        h.update(sha256_file(path).encode())
+    h.update(json.dumps(SETTINGS, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: Path | str | None = None,
+              count: int = DEFAULT_COUNT, cache_dir: Path | str = "calibration",
+              batch_size: int = 8) -> tuple[Path, dict]:
+    """Returns the INT8 graph's path and a report {cache: hit|miss, key, images, quantized_nodes}."""
+    onnx_path = Path(onnx_path)
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    metadata = ModelMetadata.from_onnx(proto)
+    if onnx_precision(proto) != "fp32":
+        raise ConfigError(f"{onnx_path} is an {onnx_precision(proto)} graph; calibrate the fp32 export "
+                          "(`stmae-edge export MODEL`)")
+    images = sorted(images) if images else default_calibration_images(metadata, count)
+    if len(images) < batch_size:
+        raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
+    out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"))
+    key = cache_key(onnx_path, images)
+    cache_dir = Path(cache_dir)
+    cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
+    report = {"key": key, "images": len(images), "cache": "hit" if cached.is_file() else "miss",
+              "cache_file": str(cached), "settings": SETTINGS}
+    if not cached.is_file():
+        check_writable(cached)
+        _quantize(onnx_path, proto, metadata, images, cached, batch_size)
+        (cache_dir / f"{onnx_path.stem}.{key}.json").write_text(json.dumps(
+            {"onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path),
+             "images": [str(p) for p in images], "settings": SETTINGS}, indent=2) + "\n")
+    shutil.copyfile(cached, out)
+    quantized = onnx.load(str(out))
+    report["quantized_nodes"] = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+    return out, report
+
+
+def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, images: Sequence[Path],
+              target: Path, batch_size: int) -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self, advance):
+            self.chunks = iter(range(0, len(images), batch_size))
+            self.advance = advance
+
+        def get_next(self):
+            start = next(self.chunks, None)
+            if start is None:
+                return None
+            chunk = images[start:start + batch_size]
+            self.advance(len(chunk))
+            return {INPUT_NAME: metadata.preprocessing(chunk)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        with progress_bar("calibrating", len(images)) as advance:
+            quantize_static(str(prepared), str(target), Batches(advance), quant_format=QuantFormat.QDQ,
+                            per_channel=True, op_types_to_quantize=SETTINGS["op_types"],
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                           "QuantizeBias": False})
+    quantized = onnx.load(str(target))
+    del quantized.metadata_props[:]
+    props = {p.key: p.value for p in proto.metadata_props}
+    props[PRECISION_KEY] = "int8"
+    onnx.helper.set_model_props(quantized, props)
+    onnx.save(quantized, str(target))
