@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from quality_magnetic_tile import machine, pct, write_rows  # noqa: E402
+from quality_magnetic_tile import pct, write_table  # noqa: E402
 
 from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
@@ -81,12 +81,10 @@ def main() -> None:
                             f"{pct(r['image_auroc'])} | {pct(r['pixel_auroc'])} | {pct(r['aupro'])} | "
                             f"{pct(r['per_defect_type']['uneven']['pixel_auroc'])} | {'default' if default else ''} |")
                 print(rows[-1], flush=True)
-    header = (f"Measured on {machine()}, by `python benchmarks/ablation_magnetic_tile.py` on the model of the "
-              "quality benchmark above (same weights in every row).\n\n"
-              "| eval split | residual | per-position norm | image AUROC | pixel AUROC | AUPRO@30% | "
-              "uneven pixel AUROC | |\n|---|---|---|---|---|---|---|---|")
-    write_rows(args.md, rows, header, BEGIN, END)
-    print(f"wrote {args.md}")
+    write_table(args.md, BEGIN, END, "python benchmarks/ablation_magnetic_tile.py",
+                "the model of the quality benchmark above, same weights in every row",
+                ["eval split", "residual", "per-position norm", "image AUROC", "pixel AUROC", "AUPRO@30%",
+                 "uneven pixel AUROC", ""], rows)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from quality_magnetic_tile import machine, pct, write_rows  # noqa: E402
+from quality_magnetic_tile import pct, write_table  # noqa: E402
 
 from stmae_edge.calibrate import calibrate  # noqa: E402
 from stmae_edge.cli import use_available_cores  # noqa: E402
@@ -49,13 +49,11 @@ def main() -> None:
         rows.append(f"| {name} | {pct(r['image_auroc'])} | {pct(r['pixel_auroc'])} | {pct(r['aupro'])} | "
                     f"{pct(r['f1'])} | {delta} |")
         print(rows[-1], flush=True)
-    header = (f"Measured on {machine()}, by `python benchmarks/precision_magnetic_tile.py` (the model of the "
-              "quality benchmark; each graph scored as `stmae-edge evaluate GRAPH.onnx DATA` does). Target: "
-              "FP16 within 0.2 points and INT8 within 1.0 point of FP32.\n\n"
-              "| model | image AUROC | pixel AUROC | AUPRO@30% | F1 at default threshold | "
-              "image / pixel AUROC against the fp32 graph, points |\n|---|---|---|---|---|---|")
-    write_rows(args.md, rows, header, BEGIN, END)
-    print(f"wrote {args.md}")
+    write_table(args.md, BEGIN, END, "python benchmarks/precision_magnetic_tile.py",
+                "the model of the quality benchmark; each graph scored as `stmae-edge evaluate GRAPH.onnx DATA` "
+                "does; targets: FP16 within 0.2 points and INT8 within 1.0 point of FP32",
+                ["model", "image AUROC", "pixel AUROC", "AUPRO@30%", "F1 at default threshold",
+                 "image / pixel AUROC against the fp32 graph, points"], rows)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,15 @@ def write_rows(md_path: Path, rows: list[str], header: str, begin: str = BEGIN, 
     md_path.write_text(text)
 
 
+def write_table(md_path: Path, begin: str, end: str, command: str, note: str, columns: list[str],
+                rows: list[str]) -> None:
+    """A benchmark's table with its provenance line, written into its own section of the file."""
+    header = (f"Measured on {machine()}, by `{command}` ({note}).\n\n| " + " | ".join(columns) + " |\n|"
+              + "---|" * len(columns))
+    write_rows(md_path, rows, header, begin, end)
+    print(f"wrote {md_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "magnetic_tile")
