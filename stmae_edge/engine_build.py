@@ -91,8 +91,12 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         raise ConfigError(f"unknown precision {precision!r}; this version builds {', '.join(PRECISIONS)}")
     batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)
     onnx_path = Path(onnx_path)
-    metadata = ModelMetadata.from_onnx(onnx_path)  # also refuses files that are not ours
-    graph_precision = onnx_precision(onnx.load(str(onnx_path), load_external_data=False))
+    try:
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, OSError, ...
+        raise ExportError(f"{onnx_path}: not a readable ONNX file ({exc})") from exc
+    metadata = ModelMetadata.from_onnx(proto)  # also refuses files that are not ours
+    graph_precision = onnx_precision(proto)
     if precision is not None and precision != graph_precision:
         how = ("stmae-edge calibrate EXPORTED.onnx" if precision == "int8"
                else f"stmae-edge export MODEL --precision {precision}")
@@ -124,7 +128,12 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     shape = tuple(network.get_input(0).shape)[1:]
     profile.set_shape(INPUT_NAME, (batch.min, *shape), (batch.opt, *shape), (batch.max, *shape))
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    try:
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    except Exception:  # some TensorRT versions raise on a foreign cache, others return None
+        cache = None
+    if cache is None:  # unreadable or from another TensorRT version: start a fresh one
+        cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
 
     started = time.perf_counter()

@@ -86,3 +86,17 @@ def test_fp16_engine_builds_and_precision_must_match_the_graph(onnx_file, tmp_pa
     assert sidecar["precision"] == "fp16" and plan.stat().st_size > 50_000
     with pytest.raises(ConfigError, match="is an fp32 graph"):
         build_engine(onnx_file, "fp16", "1:2:4", tmp_path / "x.plan")
+
+
+@trt_available
+def test_a_corrupt_timing_cache_does_not_stop_a_build(onnx_file, tmp_path):
+    (tmp_path / "timing.cache").write_bytes(b"not a timing cache")
+    plan, _ = build_engine(onnx_file, None, "1:1:2", tmp_path / "m.plan")
+    assert plan.is_file()
+
+
+def test_unreadable_onnx_is_an_export_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ExportError, match="not a readable ONNX"):
+        build_engine(bad, None, "1:1:2", tmp_path / "bad.plan")
