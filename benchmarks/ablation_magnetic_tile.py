@@ -11,7 +11,6 @@ docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,11 +21,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from quality_magnetic_tile import pct, write_table  # noqa: E402
+from quality_magnetic_tile import model_benchmark_args, pct, write_table  # noqa: E402
 
 from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
-from stmae_edge.cli import use_available_cores  # noqa: E402
 from stmae_edge.metrics import summarize  # noqa: E402
 from stmae_edge.models.stmae import maps_and_scores, smooth  # noqa: E402
 from stmae_edge.train import batches, split_holdout  # noqa: E402
@@ -43,12 +41,7 @@ def block_split(side: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=REPO / "runs" / "bench_quality" / "stmae.pt")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "magnetic_tile")
-    parser.add_argument("--md", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
-    args = parser.parse_args()
-    use_available_cores()
+    args = model_benchmark_args(__doc__)
     model, meta = load_model(args.model)
     pre, cfg = meta.preprocessing, model.config
     training = meta.training["train_config"]

@@ -10,17 +10,15 @@ Targets (issue 3): FP16 within 0.2 points and INT8 within 1.0 point of FP32 on i
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from quality_magnetic_tile import pct, write_table  # noqa: E402
+from quality_magnetic_tile import model_benchmark_args, pct, write_table  # noqa: E402
 
 from stmae_edge.calibrate import calibrate  # noqa: E402
-from stmae_edge.cli import use_available_cores  # noqa: E402
 from stmae_edge.evaluate import evaluate  # noqa: E402
 from stmae_edge.export import export_onnx  # noqa: E402
 
@@ -28,12 +26,7 @@ BEGIN, END = "<!-- precision-magnetic-tile:begin -->", "<!-- precision-magnetic-
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=REPO / "runs" / "bench_quality" / "stmae.pt")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "magnetic_tile")
-    parser.add_argument("--md", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
-    args = parser.parse_args()
-    use_available_cores()
+    args = model_benchmark_args(__doc__)
     results = {"PyTorch fp32 (checkpoint)": evaluate(args.model, args.data)}
     for precision in ("fp32", "fp16"):
         path, _ = export_onnx(args.model, args.model.with_name(f"{args.model.stem}.{precision}.onnx"), precision)

@@ -94,6 +94,17 @@ def write_rows(md_path: Path, rows: list[str], header: str, begin: str = BEGIN, 
     md_path.write_text(text)
 
 
+def model_benchmark_args(doc: str) -> argparse.Namespace:
+    """--model (default: this script's trained model), --data and --md, for the scripts that reuse it."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=REPO / "runs" / "bench_quality" / "stmae.pt")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "magnetic_tile")
+    parser.add_argument("--md", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    args = parser.parse_args()
+    use_available_cores()
+    return args
+
+
 def write_table(md_path: Path, begin: str, end: str, command: str, note: str, columns: list[str],
                 rows: list[str]) -> None:
     """A benchmark's table with its provenance line, written into its own section of the file."""

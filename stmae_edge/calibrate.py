@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import onnx
 
 from . import data
@@ -35,16 +34,6 @@ from .progress import progress_bar
 SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_bias": False,
             "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8"}
 DEFAULT_COUNT = 64
-
-
-def default_calibration_images(metadata: ModelMetadata, count: int = DEFAULT_COUNT, seed: int = 0) -> list[Path]:
-    """A seeded sample of the model's own training images (good parts)."""
-    source = metadata.training.get("data_dir")
-    if not source:
-        raise DatasetError("no --images given and the model records no training folder")
-    paths = data.train_images(source)
-    order = np.random.default_rng(seed).permutation(len(paths))[:count]
-    return [paths[i] for i in sorted(order)]
 
 
 def cache_key(onnx_path: Path, images: Sequence[Path]) -> str:
@@ -66,7 +55,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     if onnx_precision(proto) != "fp32":
         raise ConfigError(f"{onnx_path} is an {onnx_precision(proto)} graph; calibrate the fp32 export "
                           "(`stmae-edge export MODEL`)")
-    images = sorted(images) if images else default_calibration_images(metadata, count)
+    images = sorted(images) if images else data.recorded_train_images(metadata.training, count)
     if len(images) < batch_size:
         raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
     out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"))

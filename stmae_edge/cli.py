@@ -150,16 +150,11 @@ def verify(
     rtol: float = typer.Option(1e-4, min=0.0, help="largest allowed max relative difference"),
 ) -> None:
     """Parity of ONNX Runtime (CPU) with PyTorch on real images at batch 1 and 8."""
-    from .data import IMAGE_SUFFIXES
-    from .errors import DatasetError
+    from .data import images_in
     from .verify import verify as run_verify
 
     use_available_cores()
-    paths = None
-    if images is not None:
-        if not images.is_dir():
-            raise DatasetError(f"{images}: not a folder of images")
-        paths = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = images_in(images) if images is not None else None
     figures = run_verify(onnx_file, model, paths, rtol=rtol)
     for size, f in figures["batches"].items():
         typer.echo(f"batch {size}: map max rel diff {f['map_max_rel_diff']:.2e}, "
@@ -195,14 +190,9 @@ def calibrate(
 ) -> None:
     """Write a symmetric Q/DQ INT8 graph that TensorRT accepts, calibrated on good images (cached)."""
     from .calibrate import calibrate as run_calibrate
-    from .data import IMAGE_SUFFIXES
-    from .errors import DatasetError
+    from .data import images_in
 
-    paths = None
-    if images is not None:
-        if not images.is_dir():
-            raise DatasetError(f"{images}: not a folder of images")
-        paths = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = images_in(images) if images is not None else None
     path, report = run_calibrate(onnx_file, paths, out, count, cache_dir)
     typer.echo(f"wrote {path}: {report['quantized_nodes']} quantised tensors from {report['images']} images "
                f"(cache {report['cache']}: {report['cache_file']})")

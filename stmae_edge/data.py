@@ -25,7 +25,11 @@ class EvalSample:
         return int(self.defect_type != "good")
 
 
-def _images(folder: Path) -> list[Path]:
+def images_in(folder: Path | str) -> list[Path]:
+    """The image files of one folder, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a folder of images")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -34,7 +38,7 @@ def train_images(root: Path | str) -> list[Path]:
     if not folder.is_dir():
         raise DatasetError(f"{root}: no train/good folder; expected the MVTec AD layout "
                            "(DATA_DIR/train/good/*.png, DATA_DIR/test/<type>/*.png)")
-    paths = _images(folder)
+    paths = images_in(folder)
     if len(paths) < 4:
         raise DatasetError(f"{folder}: {len(paths)} images; training needs at least 4 good images")
     return paths
@@ -47,7 +51,7 @@ def eval_samples(root: Path | str) -> list[EvalSample]:
         raise DatasetError(f"{root}: no test folder; expected DATA_DIR/test/good and DATA_DIR/test/<defect>")
     samples = []
     for type_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for path in _images(type_dir):
+        for path in images_in(type_dir):
             mask = None
             if type_dir.name != "good":
                 candidate = root / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
@@ -58,6 +62,17 @@ def eval_samples(root: Path | str) -> list[EvalSample]:
         raise DatasetError(f"{folder}: evaluation needs both good and defective test images, found "
                            f"{sorted({s.defect_type for s in samples}) or 'none'}")
     return samples
+
+
+def recorded_train_images(training: dict, count: int, seed: int = 0) -> list[Path]:
+    """A seeded sample of the good images a model was trained on (its metadata's `training` record),
+    when they are still where training found them: the default for verification and calibration."""
+    source = training.get("data_dir")
+    if not source:
+        raise DatasetError("no --images given and the model records no training folder")
+    paths = train_images(source)
+    order = np.random.default_rng(seed).permutation(len(paths))[:count]
+    return [paths[i] for i in sorted(order)]
 
 
 def has_masks(samples: list[EvalSample]) -> bool:

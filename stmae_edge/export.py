@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import io
 import json
 from pathlib import Path
@@ -71,7 +72,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
     model, metadata = load_model(checkpoint)
     reference = model
     if precision == "fp16":
-        reference = load_model(checkpoint)[0]  # .half() converts in place; the fp32 twin checks parity
+        reference = copy.deepcopy(model)  # .half() converts in place; the fp32 twin checks parity
         model = HalfPrecision(model).eval()
     size = metadata.preprocessing.input_size
     # A batch of 2 as the example: with 1, exporters can bake batch 1 into the graph.

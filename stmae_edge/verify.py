@@ -21,14 +21,6 @@ from .metadata import ModelMetadata
 DEFAULT_RTOL = 1e-4
 
 
-def default_images(metadata: ModelMetadata, count: int = 8) -> list[Path]:
-    """The checkpoint's own training images, when they are still where training found them."""
-    source = metadata.training.get("data_dir")
-    if not source:
-        raise DatasetError("no --images given and the model records no training folder")
-    return data.train_images(source)[:count]
-
-
 def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path] | None = None,
            batch_sizes: Sequence[int] = (1, 8), rtol: float = DEFAULT_RTOL) -> dict:
     """Max relative difference of maps and scores per batch size; raises VerificationError above rtol."""
@@ -39,7 +31,7 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
     if exported.model_hash != metadata.model_hash:
         raise VerificationError(f"{onnx_path} was exported from another model (hash {exported.model_hash[:12]}, "
                                 f"checkpoint {metadata.model_hash[:12]}); export {checkpoint} again")
-    paths = list(images) if images else default_images(metadata)
+    paths = list(images) if images else data.recorded_train_images(metadata.training, max(batch_sizes))
     if not paths:
         raise DatasetError("no images to verify with")
     needed = max(batch_sizes)

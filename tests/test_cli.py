@@ -100,3 +100,8 @@ def test_export_and_verify_commands(synthetic_dataset, tmp_path):
     r = run("verify", str(onnx_file), "--model", str(model), "--images", str(synthetic_dataset / "test" / "good"))
     assert r.returncode == 0 and "batch 8" in r.stdout and r.stdout.strip().endswith("(CPUExecutionProvider)")
     _assert_one_line_error(run("verify", str(tmp_path / "absent.onnx"), "--model", str(model)), "not a readable ONNX")
+
+
+def test_image_folder_options_are_checked(tmp_path):
+    for command in (("verify", "m.onnx", "--model", "m.pt"), ("calibrate", "m.onnx")):
+        _assert_one_line_error(run(*command, "--images", str(tmp_path / "absent")), "not a folder of images")

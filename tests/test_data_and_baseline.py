@@ -52,3 +52,16 @@ def test_gaussian_baseline_finds_the_outlier_position():
     maps, scores = baseline.score(test, (8, 8))
     assert scores[1] > scores[0] + 1
     assert np.unravel_index(maps[1, 0].argmax().item(), (8, 8)) == (5, 2)
+
+
+def test_recorded_train_images_and_image_folders(synthetic_dataset, tmp_path):
+    training = {"data_dir": str(synthetic_dataset)}
+    sample = data.recorded_train_images(training, 8)
+    assert sample == data.recorded_train_images(training, 8)  # seeded
+    assert len(sample) == 8 and set(sample) <= set(data.train_images(synthetic_dataset))
+    assert sample != data.train_images(synthetic_dataset)[:8]  # a sample, not just the first files
+    with pytest.raises(DatasetError, match="records no training folder"):
+        data.recorded_train_images({}, 8)
+    assert data.images_in(synthetic_dataset / "test" / "good") == sorted((synthetic_dataset / "test" / "good").iterdir())
+    with pytest.raises(DatasetError, match="not a folder of images"):
+        data.images_in(tmp_path / "absent")
