@@ -24,10 +24,10 @@ from typing import Sequence
 import onnx
 
 from . import data
-from .checkpoint import check_writable
-from .engine_build import sha256_file
+from .outputs import check_writable
+from .engine_plan import sha256_file
 from .errors import ConfigError, DatasetError
-from .export import INPUT_NAME, PRECISION_KEY, onnx_precision
+from .metadata import INPUT_NAME, PRECISION_KEY, onnx_precision
 from .metadata import ModelMetadata
 from .progress import progress_bar
 

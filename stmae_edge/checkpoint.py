@@ -17,6 +17,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError, OutputError
 from .metadata import ModelMetadata
+from .outputs import check_writable
 from .models.stmae import STMAE, STMAEConfig
 
 FORMAT = "stmae-edge/checkpoint"
@@ -34,21 +35,6 @@ def model_digest(state_dict: dict, metadata: ModelMetadata) -> str:
     h.update(json.dumps({"config": metadata.config, "preprocessing": metadata.preprocessing.to_dict()},
                         sort_keys=True).encode())
     return h.hexdigest()
-
-
-def check_writable(path: Path | str) -> Path:
-    """Fail before long work, not after it, when the output cannot be written."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(path.name + ".partial")
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose another --out") from exc
-    if path.is_dir():
-        raise OutputError(f"{path} is a folder; give a file name with --out")
-    return path
 
 
 def save_checkpoint(path: Path | str, model: STMAE, metadata: ModelMetadata) -> ModelMetadata:

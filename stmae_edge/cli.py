@@ -82,7 +82,7 @@ def evaluate(
     batch_size: int = typer.Option(BATCH_SIZE, min=1),
 ) -> None:
     """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the default threshold."""
-    from .checkpoint import check_writable
+    from .outputs import check_writable
     from .evaluate import evaluate as run_evaluate, format_report, write_json
 
     use_available_cores()
@@ -196,6 +196,85 @@ def calibrate(
     path, report = run_calibrate(onnx_file, paths, out, count, cache_dir)
     typer.echo(f"wrote {path}: {report['quantized_nodes']} quantised tensors from {report['images']} images "
                f"(cache {report['cache']}: {report['cache_file']})")
+
+
+BACKEND_HELP = ("auto (.plan: TensorRT; .onnx: CUDA where a GPU is present, else CPU), tensorrt, "
+                "ort-tensorrt, ort-cuda, ort-cpu, torch-cpu, torch-cuda")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help=".onnx file (ONNX Runtime) or .plan file (TensorRT, with its sidecar)"),
+    images: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
+    out: Path = typer.Option(Path("predictions"), "--out", "-o", help="folder for results.json and overlays"),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    threshold: Optional[float] = typer.Option(None, help="image threshold, raw score units (default: the model's)"),
+    pixel_threshold: Optional[float] = typer.Option(None, help="region threshold, raw units (default: the model's)"),
+    sigma: Optional[float] = typer.Option(None, help="both thresholds at mean + SIGMA * std of good images"),
+    batch_size: int = typer.Option(8, min=1),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="write a heatmap PNG per image"),
+    cuda_graph: bool = typer.Option(False, help="TensorRT: replay each batch size as a CUDA graph"),
+) -> None:
+    """Score images: pass/fail, scores and defect regions as JSON, heatmap overlays as PNG."""
+    from .progress import progress_bar
+    from .runtime import Detector
+    from .runtime.files import expand_inputs, predict_to_folder
+
+    detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph)
+    paths = expand_inputs(images)
+    with progress_bar(f"scoring ({detector.info['backend']})", len(paths)) as advance:
+        summary = predict_to_folder(detector, paths, out, overlays=overlays, advance=advance,
+                                    image_threshold=threshold, pixel_threshold=pixel_threshold, sigma=sigma)
+    for error in summary["errors"]:
+        typer.echo(f"error: {error['error']}", err=True)
+    scored = len(summary["results"])
+    info = summary["runtime"]
+    typer.echo(f"{scored} scored: {summary['failed']} fail, {scored - summary['failed']} pass "
+               f"(image threshold {summary['thresholds']['image']:.4g}); {summary['unreadable']} unreadable; "
+               f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}")
+    if summary["unreadable"]:
+        raise typer.Exit(2)
+
+
+@app.command()
+def bench(
+    engine: Path = typer.Option(..., "--engine", help=".plan (TensorRT), .onnx (ONNX Runtime; works on a CPU) "
+                                "or .pt (PyTorch eager, for comparison)"),
+    batch: str = typer.Option("1,8,32", help="comma-separated batch sizes"),
+    iterations: int = typer.Option(20, min=1, help="timed calls per batch size"),
+    warmup: int = typer.Option(2, min=0, help="untimed calls per batch size first"),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    images: Optional[Path] = typer.Option(None, help="folder of real images (default: the model's training "
+                                          "images where present, else synthetic frames)"),
+    cuda_graph: bool = typer.Option(False, help="TensorRT: replay each batch size as a CUDA graph"),
+    json_output: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Latency p50/p90/p99 and throughput per batch size, split into pre-, inference and postprocessing."""
+    import json
+
+    from .errors import ConfigError
+    from .progress import progress_bar
+    from .runtime import Detector
+    from .runtime.bench import bench_images, benchmark, format_rows
+
+    try:
+        sizes = [int(v) for v in batch.split(",")]
+    except ValueError:
+        raise ConfigError(f"--batch {batch!r} must be comma-separated integers, e.g. 1,8,32") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--batch {batch!r}: batch sizes must be at least 1")
+    detector = Detector(engine, backend, batch_size=max(sizes), cuda_graph=cuda_graph)
+    frames, what = bench_images(detector, images)
+    with progress_bar(f"bench ({detector.info['backend']})", len(sizes)) as advance:
+        rows = benchmark(detector, frames, sizes, iterations, warmup, progress=advance)
+    report = {"engine": str(engine), "runtime": detector.info, "images": what, "rows": rows}
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    info = detector.info
+    typer.echo(f"{engine}: {info['backend']} ({info['provider']}, {info['precision']}) on {info['device']}")
+    typer.echo(f"images: {what}; {iterations} timed calls per batch size after {warmup} warm-up calls")
+    typer.echo(format_rows(rows))
 
 
 def version_callback(value: bool) -> None:

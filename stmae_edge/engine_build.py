@@ -8,8 +8,6 @@ an optimisation profile from the batch range, a timing cache, and a JSON sidecar
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +15,12 @@ from pathlib import Path
 import onnx
 
 from . import __version__
-from .checkpoint import check_writable
-from .errors import ConfigError, ExportError, StmaeError
-from .export import INPUT_NAME, MAX_BATCH, onnx_precision
-from .metadata import ModelMetadata
+from .outputs import check_writable
+from .engine_plan import SIDECAR_FORMAT, collecting_logger, import_tensorrt, sha256_file, write_sidecar
+from .errors import ConfigError, ExportError
+from .metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 
 PRECISIONS = ("fp32", "fp16", "int8")  # int8 graphs come from `stmae-edge calibrate`
-INSTALL_HINT = ("install TensorRT (pip install tensorrt, or JetPack on a Jetson), or TensorRT for RTX: "
-                "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
-
-
-class TensorRTMissingError(StmaeError):
-    """Neither TensorRT nor TensorRT for RTX can be imported."""
 
 
 @dataclass(frozen=True)
@@ -49,30 +41,6 @@ class BatchRange:
 
     def __str__(self) -> str:
         return f"{self.min}:{self.opt}:{self.max}"
-
-
-def import_tensorrt():
-    """(module, flavour): full TensorRT first, TensorRT for RTX second."""
-    try:
-        import tensorrt as trt
-
-        return trt, "tensorrt"
-    except ImportError:
-        pass
-    try:
-        import tensorrt_rtx_bindings as trt
-
-        return trt, "tensorrt-rtx"
-    except ImportError:
-        raise TensorRTMissingError(f"TensorRT is not installed: {INSTALL_HINT}") from None
-
-
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_plan_path(onnx_path: Path | str, precision: str) -> Path:
@@ -107,7 +75,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     cache_path = Path(timing_cache) if timing_cache else out.parent / "timing.cache"
     trt, flavour = import_tensorrt()
 
-    logger = _collecting_logger(trt)
+    logger = collecting_logger(trt)
     builder = trt.Builder(logger)
     # Strongly typed: TensorRT 11 and RTX always are; TensorRT 10 needs the flag. Precision comes
     # from the graph's own types, so the same call builds fp32, fp16 and Q/DQ int8 graphs.
@@ -147,7 +115,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
 
     sidecar = {
-        "format": "stmae-edge/engine",
+        "format": SIDECAR_FORMAT,
         "metadata": metadata.to_dict(),
         "precision": precision,
         "batch": {"min": batch.min, "opt": batch.opt, "max": batch.max},
@@ -158,25 +126,8 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         "build_seconds": round(seconds, 2),
         "package_version": __version__,
     }
-    sidecar_path = out.with_name(out.name + ".json")
-    sidecar_path.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    write_sidecar(out, sidecar)
     return out, sidecar
-
-
-def _collecting_logger(trt):
-    """Keeps TensorRT's errors for our one-line message instead of printing them: TensorRT for RTX
-    logs CUDA-driver errors on machines without a GPU even when the ahead-of-time build succeeds."""
-
-    class CollectingLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                self.errors.append(msg.strip().splitlines()[0][:300])
-
-    return CollectingLogger()
 
 
 def _target(trt, config, flavour: str) -> str:

@@ -35,3 +35,11 @@ class ExportError(StmaeError):
 
 class VerificationError(StmaeError):
     """An exported model does not reproduce the PyTorch model within tolerance, or belongs to another model."""
+
+
+class BackendError(StmaeError):
+    """An inference backend cannot be used here: missing package, no GPU, or a provider that would fall back."""
+
+
+class EngineMismatchError(BackendError):
+    """An engine plan does not match its sidecar, the model, or the TensorRT installed here."""

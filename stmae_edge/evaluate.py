@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .checkpoint import check_writable, load_model
+from .checkpoint import load_model
+from .outputs import check_writable
 from .errors import OutputError
 from .metadata import ModelMetadata
 from .metrics import summarize
@@ -22,7 +23,7 @@ def score_with_onnx(onnx_path: Path | str, metadata: ModelMetadata, paths,
     """An exported graph through ONNX Runtime's CPU provider, preprocessed from its own metadata."""
     import onnxruntime as ort
 
-    from .export import INPUT_NAME
+    from .metadata import INPUT_NAME
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     maps, scores = [], []

@@ -20,15 +20,14 @@ import numpy as np
 import onnx
 import torch
 
-from .checkpoint import check_writable, load_model
+from .checkpoint import load_model
+from .outputs import check_writable
 from .errors import ConfigError, ExportError
-from .metadata import ONNX_METADATA_KEY, ModelMetadata
+from .metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PRECISION_KEY, SCORE_NAME,
+                       ModelMetadata, onnx_precision)
 
-INPUT_NAME, MAP_NAME, SCORE_NAME = "images", "anomaly_map", "score"
 OPSET = 18
-PRECISION_KEY = "stmae_edge.precision"  # metadata_props: the graph's compute precision
 EXPORT_PRECISIONS = ("fp32", "fp16")
-MAX_BATCH = 4096  # the dynamic batch dimension's declared upper bound
 
 
 class HalfPrecision(torch.nn.Module):
@@ -56,10 +55,6 @@ TENSORRT_OPS = frozenset({
 def default_onnx_path(checkpoint: Path | str, precision: str = "fp32") -> Path:
     suffix = "" if precision == "fp32" else f".{precision}"
     return Path("export") / f"{Path(checkpoint).stem}{suffix}.onnx"
-
-
-def onnx_precision(proto: onnx.ModelProto) -> str:
-    return {p.key: p.value for p in proto.metadata_props}.get(PRECISION_KEY, "fp32")
 
 
 def export_onnx(checkpoint: Path | str, out: Path | str | None = None,

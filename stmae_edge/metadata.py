@@ -17,6 +17,18 @@ from .scoring import ScoreStats, Thresholds
 SCHEMA = "stmae-edge/metadata"
 SCHEMA_VERSION = 1
 ONNX_METADATA_KEY = "stmae_edge.metadata"  # metadata_props key holding to_dict() as JSON
+PRECISION_KEY = "stmae_edge.precision"  # metadata_props: the graph's compute precision (fp32, fp16, int8)
+
+# The exported graph's interface, shared by export, build and the runtime: images (N, 3, H, W) float32
+# in; anomaly maps (N, 1, H, W) and image scores (N,) float32 out; N up to MAX_BATCH.
+INPUT_NAME, MAP_NAME, SCORE_NAME = "images", "anomaly_map", "score"
+MAX_BATCH = 4096
+
+
+def onnx_precision(model) -> str:
+    """The compute precision recorded in an ONNX model's metadata_props (a ModelProto, or the props as a dict)."""
+    props = model if isinstance(model, dict) else {p.key: p.value for p in model.metadata_props}
+    return props.get(PRECISION_KEY, "fp32")
 
 
 @dataclass

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from . import data
-from .checkpoint import check_writable, save_checkpoint
+from .checkpoint import save_checkpoint
+from .outputs import check_writable
 from .errors import ConfigError
 from .metadata import ModelMetadata
 from .models.backbones import BACKBONE_PREPROCESSING

@@ -15,7 +15,7 @@ import torch
 from . import data
 from .checkpoint import load_model
 from .errors import DatasetError, VerificationError
-from .export import INPUT_NAME
+from .metadata import INPUT_NAME
 from .metadata import ModelMetadata
 
 DEFAULT_RTOL = 1e-4

@@ -10,7 +10,8 @@ from onnx import numpy_helper
 from stmae_edge import data
 from stmae_edge.calibrate import calibrate
 from stmae_edge.errors import ConfigError
-from stmae_edge.export import export_onnx, onnx_precision
+from stmae_edge.export import export_onnx
+from stmae_edge.metadata import onnx_precision
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.verify import verify
 

@@ -1,0 +1,7 @@
+"""The edge runtime: what runs on the line. numpy, OpenCV and the chosen backend; never torch."""
+
+from .backends import BACKENDS, open_backend
+from .detector import Detector
+from .postprocess import Detection, Region
+
+__all__ = ["BACKENDS", "Detection", "Detector", "Region", "open_backend"]

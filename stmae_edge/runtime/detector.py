@@ -1,0 +1,122 @@
+"""The embedding API: one object that turns images into decisions.
+
+    from stmae_edge.runtime import Detector
+
+    detector = Detector("export/model.onnx")          # or engines/model.fp16.plan
+    result = detector.predict("part.png")              # one image (path or numpy array) -> Detection
+    results = detector.predict(frames)                 # a list -> list of Detections, batched
+    detector.thresholds                                 # from the metadata; assign to move them
+    detector.predict(frames, sigma=4.0)                 # or override for one call
+
+numpy, OpenCV and the backend only: never torch. A Detector may be shared between threads: the backend
+call is serialised by a lock, preprocessing and postprocessing run in the callers' threads. A bad
+image raises InvalidImageError naming it; nothing is half-done and the detector stays usable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Sequence, Union, overload
+
+import numpy as np
+
+from ..errors import BackendError, InvalidImageError
+from ..preprocessing import ImageInput, load_image
+from ..scoring import Thresholds
+from .backends import Backend, describe, open_backend
+from .postprocess import Detection, postprocess, resolve_thresholds
+
+DEFAULT_BATCH_SIZE = 32
+STAGES = ("preprocess", "infer", "postprocess")
+
+
+class Detector:
+    def __init__(self, model_path: Path | str, backend: str = "auto", *, batch_size: int = DEFAULT_BATCH_SIZE,
+                 min_region_area: int = 1, cuda_graph: bool = False, threads: int = 0):
+        self.model_path = Path(model_path)
+        self._backend: Backend = open_backend(model_path, backend, cuda_graph=cuda_graph, threads=threads)
+        self.metadata = self._backend.metadata
+        self.preprocessing = self.metadata.preprocessing
+        self.score_stats = self.metadata.score_stats
+        self.thresholds: Thresholds = self.metadata.thresholds
+        self.min_region_area = min_region_area
+        self.batch_size = max(1, min(batch_size, self._backend.max_batch))
+        self._lock = threading.Lock()
+
+    @property
+    def info(self) -> dict:
+        """What runs this detector: backend, provider, device, precision, batch range, model hash."""
+        return describe(self._backend)
+
+    @overload
+    def predict(self, images: ImageInput, **kw) -> Detection: ...
+
+    @overload
+    def predict(self, images: Sequence[ImageInput], **kw) -> list[Detection]: ...
+
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], *, image_threshold: float | None = None,
+                pixel_threshold: float | None = None, sigma: float | None = None,
+                timings: dict | None = None) -> Union[Detection, list[Detection]]:
+        """Score one image or a list (paths or arrays: gray, BGR or BGRA; uint8, uint16 or float in [0, 1]).
+
+        Thresholds are in raw score units; `sigma` sets both to mean + sigma * std of the good images.
+        `timings`, if given, accumulates seconds per stage (preprocess, infer, postprocess)."""
+        single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim <= 3)
+        items = [images] if single else list(images)
+        thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma)
+        spent = dict.fromkeys(STAGES, 0.0)
+        detections: list[Detection] = []
+        for start in range(0, len(items), self.batch_size):
+            detections += self._predict_batch(items[start:start + self.batch_size], start, thresholds, spent)
+        if timings is not None:
+            for stage in STAGES:
+                timings[stage] = timings.get(stage, 0.0) + spent[stage]
+        return detections[0] if single else detections
+
+    __call__ = predict
+
+    def preprocess(self, images: Union[ImageInput, Sequence[ImageInput]]) -> np.ndarray:
+        """The network's input tensor for these images: the same definition training used."""
+        return self.preprocessing(images)
+
+    def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict) -> list[Detection]:
+        started = time.perf_counter()
+        height, width = self.preprocessing.input_size
+        batch = np.empty((len(items), 3, height, width), np.float32)
+        sizes, sources = [], []
+        for i, item in enumerate(items):
+            source = str(item) if isinstance(item, (str, os.PathLike)) else f"array[{offset + i}]"
+            try:
+                image = load_image(item, self.preprocessing.max_pixels)
+            except InvalidImageError as exc:
+                raise InvalidImageError(f"image {offset + i}: {exc}" if source.startswith("array") else str(exc)) from None
+            batch[i] = self.preprocessing.tensor(image)
+            sizes.append(image.shape[:2])
+            sources.append(source)
+        inferred = time.perf_counter()
+        with self._lock:
+            maps, scores = self._backend.run(batch)
+        done = time.perf_counter()
+        if maps.shape != (len(items), height, width) or scores.shape != (len(items),):
+            raise BackendError(f"the backend returned maps {maps.shape} and scores {scores.shape} for a batch of "
+                               f"{len(items)}; the model file does not fit this runtime")
+        if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
+            raise BackendError("the network produced NaN or infinite values; check the model with `stmae-edge verify`")
+        detections = postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area)
+        spent["preprocess"] += inferred - started
+        spent["infer"] += done - inferred
+        spent["postprocess"] += time.perf_counter() - done
+        return detections
+
+    def close(self) -> None:
+        with self._lock:
+            self._backend.close()
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,82 @@
+"""Scoring image files into a folder: results as JSON and heatmap overlays as PNG (`stmae-edge predict`).
+
+A file that cannot be read is reported and skipped; every other file is still scored and written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+
+from ..data import images_in
+from ..errors import InvalidImageError, OutputError
+from ..preprocessing import load_image
+from .detector import Detector
+from .overlay import render_overlay
+from .postprocess import resolve_thresholds
+
+
+def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
+    """Files as given, folders as their image files (sorted), in the order given."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += images_in(item)
+        else:
+            paths.append(item)  # a missing or unreadable file is reported when it is scored
+    return paths
+
+
+def overlay_names(paths: Sequence[Path]) -> list[str]:
+    """<stem>.png per input, made unique when two inputs share a stem."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in paths:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        names.append(f"{path.stem}.png" if count == 0 else f"{path.stem}_{count + 1}.png")
+    return names
+
+
+def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, overlays: bool = True,
+                      advance: Callable[[int], None] | None = None, image_threshold: float | None = None,
+                      pixel_threshold: float | None = None, sigma: float | None = None) -> dict:
+    """Score `paths` in batches; write OUT/results.json and OUT/<stem>.png. Returns the summary."""
+    chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from exc
+    names = overlay_names(paths)
+    results, errors = [], []
+    for start in range(0, len(paths), detector.batch_size):
+        chunk = list(range(start, min(start + detector.batch_size, len(paths))))
+        images, kept = [], []
+        for i in chunk:
+            try:
+                images.append(load_image(paths[i], detector.preprocessing.max_pixels))
+                kept.append(i)
+            except InvalidImageError as exc:
+                errors.append({"source": str(paths[i]), "error": str(exc)})
+        detections = detector.predict(images, image_threshold=chosen.image, pixel_threshold=chosen.pixel) if images else []
+        for i, image, detection in zip(kept, images, detections):
+            detection = dataclasses.replace(detection, source=str(paths[i]))
+            entry = detection.to_dict()
+            if overlays:
+                overlay_path = out / names[i]
+                if not cv2.imwrite(str(overlay_path), render_overlay(image, detection, detector.score_stats)):
+                    raise OutputError(f"cannot write {overlay_path}")
+                entry["overlay"] = names[i]
+            results.append(entry)
+        if advance:
+            advance(len(chunk))
+    summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
+               "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
+               "unreadable": len(errors), "results": results, "errors": errors}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+

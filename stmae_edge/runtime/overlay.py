@@ -1,0 +1,35 @@
+"""Heatmap overlays for people: the anomaly map over the image, defect boxes and the decision."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from ..preprocessing import to_rgb_float
+from ..scoring import ScoreStats
+from .postprocess import Detection
+
+FAIL_COLOR, PASS_COLOR = (40, 40, 230), (60, 180, 60)  # BGR
+
+
+def render_overlay(image: np.ndarray, detection: Detection, stats: ScoreStats, alpha: float = 0.45) -> np.ndarray:
+    """A decoded image (any dtype and channel count the runtime accepts) -> BGR uint8 overlay.
+
+    The colour scale runs from the good parts' mean score (blue) to as far above the pixel threshold
+    as the threshold is above the mean (red), so the threshold sits at mid-scale (green-yellow)."""
+    base = (to_rgb_float(image)[:, :, ::-1] * 255).clip(0, 255).astype(np.uint8)
+    low = stats.mean
+    high = max(2 * detection.pixel_threshold - stats.mean, low + 1e-6)
+    level = np.clip((detection.anomaly_map - low) / (high - low), 0, 1)
+    heat = cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    out = cv2.addWeighted(np.ascontiguousarray(base), 1 - alpha, heat, alpha, 0)
+    thickness = max(1, round(max(out.shape[:2]) / 300))
+    for region in detection.regions:
+        cv2.rectangle(out, (region.x, region.y), (region.x + region.width - 1, region.y + region.height - 1),
+                      FAIL_COLOR, thickness)
+    color = FAIL_COLOR if detection.is_anomalous else PASS_COLOR
+    label = f"{'FAIL' if detection.is_anomalous else 'PASS'} {detection.normalized_score:+.1f} sd"
+    scale = max(0.4, max(out.shape[:2]) / 800)
+    cv2.putText(out, label, (4, int(22 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2)
+    cv2.putText(out, label, (4, int(22 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, color, thickness)
+    return out

@@ -1,0 +1,119 @@
+"""From the network's maps and scores to decisions: maps at each image's own size, normalised scores,
+pass/fail against the thresholds, and defect regions (connected components of the thresholded map).
+
+All values stay in the model's raw score units (those of `Thresholds` and `ScoreStats`), with the
+z-score against good parts alongside, so a threshold read in the metadata means the same thing here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from ..scoring import ScoreStats, Thresholds, normalize
+
+
+@dataclass(frozen=True)
+class Region:
+    """One defect region in image pixel coordinates."""
+
+    x: int  # left column of the bounding box
+    y: int  # top row
+    width: int
+    height: int
+    area: int  # pixels above the pixel threshold
+    peak_score: float  # highest raw map value inside the region
+    peak_normalized: float  # the same as a z-score against good parts
+    peak_x: int
+    peak_y: int
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return self.x, self.y, self.width, self.height
+
+    def to_dict(self) -> dict:
+        return {"box": list(self.box), "area": self.area, "peak_score": self.peak_score,
+                "peak_normalized": self.peak_normalized, "peak": [self.peak_x, self.peak_y]}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The result for one image."""
+
+    source: str  # the path, or "array[i]" for the i-th array of a call
+    image_size: tuple[int, int]  # (height, width) of the input image
+    score: float  # raw image score: the maximum of the model's map
+    normalized_score: float  # z-score against the held-out good images
+    is_anomalous: bool  # score > image threshold
+    image_threshold: float
+    pixel_threshold: float
+    regions: tuple[Region, ...]
+    anomaly_map: np.ndarray = field(repr=False)  # (height, width) float32, raw units
+
+    @property
+    def passed(self) -> bool:
+        return not self.is_anomalous
+
+    def to_dict(self) -> dict:
+        """JSON-able summary (the map itself is left out: write it as an image or .npy)."""
+        return {"source": self.source, "image_size": list(self.image_size), "score": self.score,
+                "normalized_score": self.normalized_score, "decision": "fail" if self.is_anomalous else "pass",
+                "image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold,
+                "regions": [r.to_dict() for r in self.regions]}
+
+
+def resolve_thresholds(default: Thresholds, stats: ScoreStats, image: float | None = None,
+                       pixel: float | None = None, sigma: float | None = None) -> Thresholds:
+    """Per-call overrides: raw values win; `sigma` sets both to mean + sigma * std; else the default."""
+    base = Thresholds.from_stats(stats, sigma) if sigma is not None else default
+    if image is None and pixel is None:
+        return base
+    return Thresholds(image=base.image if image is None else float(image),
+                      pixel=base.pixel if pixel is None else float(pixel), rule="set by the caller")
+
+
+def find_regions(anomaly_map: np.ndarray, threshold: float, stats: ScoreStats,
+                 min_area: int = 1) -> tuple[Region, ...]:
+    """Connected components (8-connected) of map > threshold, highest peak first."""
+    above = anomaly_map > threshold
+    rows, cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
+    if rows.size == 0:  # the usual case on a line: a good part, nothing to label
+        return ()
+    # Label only the bounding box of what is above the threshold: same components, far fewer pixels.
+    top, left = int(rows[0]), int(cols[0])
+    crop = np.ascontiguousarray(above[top:rows[-1] + 1, left:cols[-1] + 1], dtype=np.uint8)
+    values = anomaly_map[top:rows[-1] + 1, left:cols[-1] + 1]
+    count, labels, boxes, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
+    regions = []
+    for label in range(1, count):
+        x, y, w, h, area = (int(v) for v in boxes[label])
+        if area < min_area:
+            continue
+        window = np.where(labels[y:y + h, x:x + w] == label, values[y:y + h, x:x + w], -np.inf)
+        py, px = np.unravel_index(int(np.argmax(window)), window.shape)
+        peak = float(window[py, px])
+        regions.append(Region(left + x, top + y, w, h, area, peak, float(normalize(peak, stats)),
+                              left + x + int(px), top + y + int(py)))
+    return tuple(sorted(regions, key=lambda r: -r.peak_score))
+
+
+def postprocess(maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int]], sources: list[str],
+                thresholds: Thresholds, stats: ScoreStats, min_region_area: int = 1) -> list[Detection]:
+    """Network outputs for a batch (maps (N, h, w) at the model's input size, scores (N,)) -> Detections."""
+    detections = []
+    z_scores = normalize(scores, stats)
+    for i, (height, width) in enumerate(sizes):
+        model_map = maps[i]
+        if model_map.shape != (height, width):
+            # Bilinear: never exceeds the model's own maximum, so regions agree with the image score.
+            model_map = cv2.resize(model_map, (width, height), interpolation=cv2.INTER_LINEAR)
+        score = float(scores[i])
+        detections.append(Detection(
+            source=sources[i], image_size=(height, width), score=score, normalized_score=float(z_scores[i]),
+            is_anomalous=score > thresholds.image, image_threshold=thresholds.image,
+            pixel_threshold=thresholds.pixel,
+            regions=find_regions(model_map, thresholds.pixel, stats, min_region_area),
+            anomaly_map=np.ascontiguousarray(model_map, dtype=np.float32)))
+    return detections

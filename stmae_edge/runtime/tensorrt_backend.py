@@ -1,0 +1,177 @@
+"""TensorRT engine plans on an NVIDIA GPU, with explicit buffers and one stream, in the manner of
+TensorRT's samples/python/common_runtime.py, through cuda-python (`pip install 'stmae-edge[gpu]'`).
+
+Everything is allocated once, at the profile's largest batch: device buffers, page-locked (pinned)
+host buffers for fast asynchronous copies, one non-blocking stream, and tensor addresses bound once.
+A call copies the batch in, enqueues the engine, copies maps and scores out and waits on the stream.
+With `cuda_graph=True` the copy-in, engine and copy-out are captured once per batch size as a CUDA
+graph and replayed, which removes most launch overhead at small batches.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from ..engine_plan import collecting_logger, import_tensorrt, read_plan
+from ..errors import BackendError, EngineMismatchError
+from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
+
+_TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
+
+
+def _import_cudart():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python before 12.6
+        except ImportError:
+            raise BackendError("TensorRT plans need cuda-python for GPU buffers and streams: "
+                               "pip install 'stmae-edge[gpu]' (or pip install cuda-python)") from None
+    return cudart
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, plan_path: Path | str, cuda_graph: bool = False, device_index: int = 0):
+        plan_path = Path(plan_path)
+        data, sidecar, self.metadata = read_plan(plan_path)
+        flavour, version = sidecar["tensorrt"]["flavour"], sidecar["tensorrt"]["version"]
+        trt, _ = import_tensorrt(flavour)
+        if trt.__version__ != version:
+            raise EngineMismatchError(f"{plan_path} was built with {flavour} {version} but this machine has "
+                                      f"{trt.__version__}; plans only run on the TensorRT version that built "
+                                      "them: rebuild it here with `stmae-edge build`")
+        self.precision = str(sidecar.get("precision", "fp32"))
+        self._cudart = cudart = _import_cudart()
+        self._allocations: list[tuple[str, int]] = []
+        self._graphs: dict[int, tuple] = {}
+        self._stream = None
+        count = self._call(cudart.cudaGetDeviceCount(), "finding a CUDA GPU",
+                           hint="TensorRT plans need an NVIDIA GPU and driver; on this machine run the .onnx "
+                                "file instead (--backend ort-cpu)")
+        if not 0 <= device_index < count:
+            raise BackendError(f"CUDA device {device_index} does not exist ({count} found)")
+        self._call(cudart.cudaSetDevice(device_index), "selecting the GPU")
+        props = self._call(cudart.cudaGetDeviceProperties(device_index), "reading the GPU's properties")
+        self.device = f"GPU: {props.name.decode(errors='replace').rstrip(chr(0))}"
+
+        self._logger = collecting_logger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(data)
+        if self._engine is None:
+            last = self._logger.errors[-1] if self._logger.errors else "no message"
+            raise EngineMismatchError(f"{plan_path}: TensorRT cannot load this plan on {self.device} ({last}); "
+                                      "plans are specific to the GPU model: rebuild it here with `stmae-edge build`")
+        self._context = self._engine.create_execution_context()
+        names = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
+        if not set(_TENSORS) <= names:
+            raise EngineMismatchError(f"{plan_path}: tensors {sorted(names)} are not a stmae-edge model's "
+                                      f"{list(_TENSORS)}")
+        low, _, high = (tuple(s) for s in self._engine.get_tensor_profile_shape(INPUT_NAME, 0))
+        self.min_batch, self.max_batch = int(low[0]), int(high[0])
+        self._image_shape = tuple(int(v) for v in high[1:])
+        if self._image_shape[1:] != tuple(self.metadata.preprocessing.input_size):
+            raise EngineMismatchError(f"{plan_path}: the engine takes {self._image_shape[1:]} images but its "
+                                      f"sidecar says {self.metadata.preprocessing.input_size}; rebuild it")
+        self.provider = f"{flavour} {version} (cuda-python{', CUDA graphs' if cuda_graph else ''})"
+        self.cuda_graph = cuda_graph
+        self._stream = self._call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "creating a stream")
+        self._buffers = self._allocate(trt)
+
+    def _call(self, result, what: str, hint: str = ""):
+        """cuda-python returns (error, *values): raise a typed error unless it succeeded."""
+        err, *values = result
+        if err != self._cudart.cudaError_t.cudaSuccess:
+            name = getattr(err, "name", str(err))
+            raise BackendError(f"CUDA error while {what}: {name}" + (f"; {hint}" if hint else ""))
+        return values[0] if len(values) == 1 else (tuple(values) or None)
+
+    def _allocate(self, trt) -> dict[str, tuple[np.ndarray, int, int]]:
+        """Per tensor at the largest batch: (pinned host array, host pointer, device pointer)."""
+        cudart = self._cudart
+        self._context.set_input_shape(INPUT_NAME, (self.max_batch, *self._image_shape))
+        buffers = {}
+        for name in _TENSORS:
+            if self._engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
+                raise EngineMismatchError(f"tensor {name!r} is {self._engine.get_tensor_dtype(name)}, not float32: "
+                                          "not an engine built by stmae-edge")
+            shape = tuple(int(v) for v in self._context.get_tensor_shape(name))
+            nbytes = int(np.prod(shape)) * 4
+            device = self._call(cudart.cudaMalloc(nbytes), f"allocating {nbytes} bytes on the GPU")
+            self._allocations.append(("device", device))
+            host_ptr = self._call(cudart.cudaMallocHost(nbytes), f"allocating {nbytes} bytes of pinned memory")
+            self._allocations.append(("host", host_ptr))
+            raw = (ctypes.c_byte * nbytes).from_address(int(host_ptr))
+            host = np.frombuffer(raw, dtype=np.float32).reshape(shape)
+            self._context.set_tensor_address(name, int(device))
+            buffers[name] = (host, int(host_ptr), int(device))
+        return buffers
+
+    def _enqueue(self, batch_size: int) -> None:
+        cudart = self._cudart
+        copy_in, copy_out = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        host, host_ptr, device = self._buffers[INPUT_NAME]
+        per_image = host[0].nbytes
+        self._call(cudart.cudaMemcpyAsync(device, host_ptr, batch_size * per_image, copy_in, self._stream), "copying in")
+        if not self._context.execute_async_v3(self._stream):
+            raise BackendError("TensorRT failed to enqueue the engine: " +
+                               (self._logger.errors[-1] if self._logger.errors else "no message"))
+        for name in (MAP_NAME, SCORE_NAME):
+            host, host_ptr, device = self._buffers[name]
+            self._call(cudart.cudaMemcpyAsync(host_ptr, device, batch_size * host[0].nbytes, copy_out, self._stream),
+                       "copying out")
+
+    def _graph_for(self, batch_size: int):
+        if batch_size not in self._graphs:
+            cudart = self._cudart
+            self._enqueue(batch_size)  # TensorRT sets up shape-dependent resources on the first enqueue
+            self._call(cudart.cudaStreamSynchronize(self._stream), "warming up")
+            self._call(cudart.cudaStreamBeginCapture(
+                self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "capturing a graph")
+            self._enqueue(batch_size)
+            graph = self._call(cudart.cudaStreamEndCapture(self._stream), "capturing a graph")
+            executable = self._call(cudart.cudaGraphInstantiate(graph, 0), "instantiating a graph")
+            self._graphs[batch_size] = (graph, executable)
+        return self._graphs[batch_size][1]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = batch.shape[0]
+        if n > self.max_batch:
+            raise BackendError(f"batch of {n} exceeds the engine's profile maximum {self.max_batch}")
+        padded = max(n, self.min_batch)  # below the profile's minimum: pad, then drop the padding
+        host = self._buffers[INPUT_NAME][0]
+        host[:n] = batch
+        host[n:padded] = 0
+        self._context.set_input_shape(INPUT_NAME, (padded, *self._image_shape))
+        if self.cuda_graph:
+            self._call(self._cudart.cudaGraphLaunch(self._graph_for(padded), self._stream), "launching a graph")
+        else:
+            self._enqueue(padded)
+        self._call(self._cudart.cudaStreamSynchronize(self._stream), "waiting for the GPU")
+        return self._buffers[MAP_NAME][0][:n, 0].copy(), self._buffers[SCORE_NAME][0][:n].copy()
+
+    def close(self) -> None:
+        cudart = getattr(self, "_cudart", None)
+        if cudart is None:
+            return
+        for graph, executable in self._graphs.values():
+            cudart.cudaGraphExecDestroy(executable)
+            cudart.cudaGraphDestroy(graph)
+        self._graphs = {}
+        for kind, pointer in reversed(self._allocations):
+            (cudart.cudaFree if kind == "device" else cudart.cudaFreeHost)(pointer)
+        self._allocations = []
+        if self._stream is not None:
+            cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the CUDA context may already be gone
+            pass

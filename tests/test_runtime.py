@@ -1,0 +1,166 @@
+"""The edge runtime on a real exported graph in real ONNX Runtime: preprocessing shared with training,
+batched scoring against the PyTorch model, maps at each image's size, thresholds, regions, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from stmae_edge.checkpoint import load_model
+from stmae_edge.errors import BackendError, ConfigError
+from stmae_edge.models.stmae import STMAEConfig
+from stmae_edge.runtime import Detector
+from stmae_edge.runtime.backends import cuda_device_count
+from stmae_edge.runtime.postprocess import find_regions
+from stmae_edge.scoring import ScoreStats, Thresholds
+from stmae_edge.train import preprocessing_for
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_export):
+    return Detector(tiny_export[1])
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_dataset, tmp_path_factory):
+    """Test images of several sizes, bit depths and channel counts, as files: (paths, arrays)."""
+    folder = tmp_path_factory.mktemp("runtime_images")
+    sources = sorted((synthetic_dataset / "test").rglob("*.png"))
+    paths, arrays = [], []
+    for i, src in enumerate(sources):
+        image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+        if i % 3 == 1:
+            image = cv2.resize(image, (120, 80))  # not square, not the model's size
+        if i % 3 == 2:
+            image = (image.astype(np.uint16) * 257)  # 16-bit camera data
+        if i % 4 == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        path = folder / f"{i:02d}.png"
+        cv2.imwrite(str(path), image)
+        paths.append(path)
+        arrays.append(image)
+    return paths, arrays
+
+
+def test_runtime_and_training_preprocess_files_identically(tiny_export, detector, images):
+    _, metadata = load_model(tiny_export[0])
+    training = preprocessing_for(STMAEConfig.from_dict(metadata.config))
+    assert detector.preprocessing == training == metadata.preprocessing
+    paths, arrays = images
+    from_training = training(paths)  # what train.score_images feeds the network
+    np.testing.assert_array_equal(detector.preprocess(paths), from_training)
+    np.testing.assert_array_equal(detector.preprocess(arrays), from_training)
+    assert {a.dtype for a in arrays} == {np.dtype(np.uint8), np.dtype(np.uint16)}
+
+
+def test_detector_scores_match_pytorch_and_maps_have_each_images_size(tiny_export, detector, images):
+    paths, arrays = images
+    model, metadata = load_model(tiny_export[0])
+    with torch.inference_mode():
+        maps, scores = model(torch.from_numpy(metadata.preprocessing(paths)))
+    results = detector.predict(paths)
+    assert [r.source for r in results] == [str(p) for p in paths]
+    np.testing.assert_allclose([r.score for r in results], scores.numpy(), rtol=1e-4)
+    for r, array, model_map in zip(results, arrays, maps[:, 0].numpy()):
+        assert r.image_size == array.shape[:2] and r.anomaly_map.shape == array.shape[:2]
+        expected = cv2.resize(model_map, array.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_allclose(r.anomaly_map, expected, rtol=1e-3, atol=1e-3 * float(np.abs(expected).max()))
+        assert r.normalized_score == pytest.approx((r.score - metadata.score_stats.mean) / metadata.score_stats.std,
+                                                   rel=1e-4)
+
+
+def test_one_image_or_a_list_any_batch_size(tiny_export, images):
+    paths, arrays = images
+    whole = Detector(tiny_export[1], batch_size=32).predict(arrays)
+    in_threes = Detector(tiny_export[1], batch_size=3).predict(arrays)
+    one = Detector(tiny_export[1]).predict(arrays[4])
+    assert not isinstance(one, list) and one.source == "array[0]"
+    np.testing.assert_allclose([r.score for r in in_threes], [r.score for r in whole], rtol=1e-5)
+    assert one.score == pytest.approx(whole[4].score, rel=1e-5)
+    assert Detector(tiny_export[1]).predict([]) == []
+
+
+def test_thresholds_come_from_metadata_and_can_be_overridden_per_call(detector, images):
+    arrays = images[1]
+    stats, default = detector.score_stats, detector.metadata.thresholds
+    assert detector.thresholds == default
+    results = detector.predict(arrays)
+    assert all(r.image_threshold == default.image and r.is_anomalous == (r.score > default.image) for r in results)
+    middle = float(np.median([r.score for r in results]))
+    moved = detector.predict(arrays, image_threshold=middle, pixel_threshold=middle)
+    assert sum(r.is_anomalous for r in moved) == sum(r.score > middle for r in results) > 0
+    assert all(bool(r.regions) == (r.anomaly_map.max() > middle) for r in moved)
+    by_sigma = detector.predict(arrays[0], sigma=-2.0)
+    assert by_sigma.image_threshold == pytest.approx(stats.mean - 2 * stats.std)
+    assert detector.thresholds == default  # per-call overrides leave the detector as it was
+    try:
+        detector.thresholds = Thresholds(image=middle, pixel=middle, rule="line 3 setting")
+        assert detector.predict(arrays[0]).image_threshold == middle
+    finally:
+        detector.thresholds = default
+
+
+def test_regions_are_connected_components_with_box_area_and_peak():
+    stats = ScoreStats(count=10, mean=1.0, std=0.5, min=0.0, max=2.0, p50=1.0, p95=1.8, p99=1.9)
+    anomaly_map = np.zeros((60, 90), np.float32)
+    anomaly_map[10:20, 30:45] = 3.0
+    anomaly_map[14, 40] = 5.0
+    anomaly_map[40:43, 5:7] = 2.5
+    anomaly_map[50, 80] = 2.2  # a single pixel, dropped by min_area=2
+    regions = find_regions(anomaly_map, 2.0, stats, min_area=2)
+    assert [r.box for r in regions] == [(30, 10, 15, 10), (5, 40, 2, 3)]
+    assert [r.area for r in regions] == [150, 6]
+    assert (regions[0].peak_score, regions[0].peak_x, regions[0].peak_y) == (5.0, 40, 14)
+    assert regions[0].peak_normalized == pytest.approx(8.0)
+    assert len(find_regions(anomaly_map, 2.0, stats)) == 3
+    assert find_regions(anomaly_map, 10.0, stats) == ()
+
+
+def test_detector_is_safe_to_share_between_threads(detector, images):
+    arrays = images[1]
+    expected = [r.score for r in detector.predict(arrays)]
+    results: dict[int, list[float]] = {}
+
+    def work(k: int) -> None:
+        order = np.random.default_rng(k).permutation(len(arrays))
+        got = {int(i): detector.predict(arrays[i]).score for i in order}
+        results[k] = [got[i] for i in range(len(arrays))]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4
+    for scores in results.values():
+        np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+def test_backend_choice_is_reported_and_never_a_silent_fallback(tiny_export):
+    onnx_file = tiny_export[1]
+    auto = Detector(onnx_file).info
+    assert auto["backend"] in ("ort-cpu", "ort-cuda") and auto["provider"] in ("CPUExecutionProvider",
+                                                                              "CUDAExecutionProvider")
+    assert Detector(onnx_file, "ort-cpu").info["provider"] == "CPUExecutionProvider"
+    if cuda_device_count() == 0:
+        assert auto["backend"] == "ort-cpu" and auto["device"].startswith("CPU")
+        with pytest.raises(BackendError, match="CUDAExecutionProvider"):
+            Detector(onnx_file, "ort-cuda")
+    with pytest.raises(ConfigError, match="unknown backend"):
+        Detector(onnx_file, "openvino")
+    with pytest.raises(ConfigError, match="ONNX file"):
+        Detector(onnx_file, "tensorrt")
+    with pytest.raises(ConfigError, match="CUDA graphs"):
+        Detector(onnx_file, cuda_graph=True)
+
+
+def test_pytorch_checkpoint_runs_as_a_comparison_backend(tiny_export, detector, images):
+    arrays = images[1]
+    eager = Detector(tiny_export[0])
+    assert eager.info["backend"] == "torch-cpu" and "PyTorch" in eager.info["provider"]
+    np.testing.assert_allclose([r.score for r in eager.predict(arrays)],
+                               [r.score for r in detector.predict(arrays)], rtol=1e-4)

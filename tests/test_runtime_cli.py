@@ -1,0 +1,96 @@
+"""`stmae-edge predict` and `stmae-edge bench` through the real console entry point."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+
+from test_cli import _assert_one_line_error, run
+
+TORCH_BLOCKED = "import sys; sys.modules['torch'] = None; from stmae_edge.cli import main; sys.argv[0] = 'stmae-edge'; main()"
+
+
+def run_without_torch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", TORCH_BLOCKED, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_predict_writes_json_and_overlays_and_reports_unreadable_files(tiny_export, synthetic_dataset, tmp_path):
+    inputs = tmp_path / "in"
+    shutil.copytree(synthetic_dataset / "test" / "scratch", inputs)
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n-broken-")
+    extra = tmp_path / "other" / "000.png"  # same stem as a file in the folder: overlay names stay unique
+    extra.parent.mkdir()
+    cv2.imwrite(str(extra), cv2.resize(cv2.imread(str(inputs / "000.png")), (130, 70)))
+    out = tmp_path / "out"
+    r = run_without_torch("predict", str(tiny_export[1]), str(inputs), str(extra), "--out", str(out))
+    assert r.returncode == 2, r.stderr  # one file was unreadable: non-zero, but everything else is written
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "broken.png" in errors[0] and "Traceback" not in r.stderr
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["images"] == 8 and len(summary["results"]) == 7 and summary["unreadable"] == 1
+    assert summary["runtime"]["backend"] in ("ort-cpu", "ort-cuda")
+    for result in summary["results"]:
+        overlay = cv2.imread(str(out / result["overlay"]))
+        assert overlay.shape == (*result["image_size"], 3)
+        assert result["decision"] in ("pass", "fail")
+        assert set(result) >= {"score", "normalized_score", "regions", "image_threshold", "pixel_threshold"}
+    assert summary["results"][-1]["image_size"] == [70, 130] and summary["results"][-1]["overlay"] == "000_2.png"
+    assert f"7 scored: {summary['failed']} fail" in r.stdout
+
+
+def test_predict_thresholds_from_the_command_line(tiny_export, synthetic_dataset, tmp_path):
+    folder = synthetic_dataset / "test" / "scratch"
+    r = run("predict", str(tiny_export[1]), str(folder), "--out", str(tmp_path / "a"), "--threshold", "-1e9",
+            "--no-overlays")
+    summary = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert r.returncode == 0 and summary["failed"] == 6 and summary["thresholds"]["image"] == -1e9
+    assert not list((tmp_path / "a").glob("*.png"))
+    r = run("predict", str(tiny_export[1]), str(folder), "--out", str(tmp_path / "b"), "--sigma", "1e9")
+    summary = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert r.returncode == 0 and summary["failed"] == 0
+    assert all(res["regions"] == [] for res in summary["results"])
+
+
+def test_bench_json_on_an_onnx_file_without_torch(tiny_export):
+    r = run_without_torch("bench", "--engine", str(tiny_export[1]), "--batch", "1,3", "--iterations", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["runtime"]["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert report["runtime"]["device"].startswith(("CPU:", "GPU:"))
+    assert [row["batch"] for row in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["images_per_s"] > 0 and 0 < row["pre_post_share"] < 1
+        assert row["preprocess_ms"] + row["infer_ms"] + row["postprocess_ms"] <= row["p99_ms"] * 1.05
+
+
+def test_bench_table_for_a_pytorch_checkpoint_and_bad_options(tiny_export, synthetic_dataset):
+    r = run("bench", "--engine", str(tiny_export[0]), "--batch", "2", "--iterations", "2",
+            "--images", str(synthetic_dataset / "test" / "good"))
+    assert r.returncode == 0, r.stderr
+    assert "torch-cpu" in r.stdout and "PyTorch" in r.stdout and "p99 ms" in r.stdout
+    assert "6 images from" in r.stdout
+    _assert_one_line_error(run("bench", "--engine", str(tiny_export[1]), "--batch", "8,x"), "comma-separated")
+    _assert_one_line_error(run("bench", "--engine", str(tiny_export[1]), "--backend", "ort-gpu"), "unknown backend")
+    _assert_one_line_error(run("predict", str(tiny_export[1]).replace(".onnx", ".nope"), "x.png"), "no such model")
+
+
+def test_overlay_for_16_bit_and_alpha_images():
+    from stmae_edge.runtime.overlay import render_overlay
+    from stmae_edge.runtime.postprocess import postprocess
+    from stmae_edge.scoring import ScoreStats, Thresholds
+
+    stats = ScoreStats(10, 1.0, 0.5, 0.0, 2.0, 1.0, 1.8, 1.9)
+    maps = np.zeros((2, 64, 64), np.float32)
+    maps[0, 20:30, 20:30] = 4.0
+    detections = postprocess(maps, np.array([4.0, 0.0], np.float32), [(100, 150), (50, 40)], ["a", "b"],
+                             Thresholds(2.0, 2.0), stats)
+    for image, detection in zip([np.full((100, 150), 40000, np.uint16), np.zeros((50, 40, 4), np.uint8)], detections):
+        overlay = render_overlay(image, detection, stats)
+        assert overlay.shape == (*image.shape[:2], 3) and overlay.dtype == np.uint8
+    assert detections[0].is_anomalous and len(detections[0].regions) == 1 and not detections[1].regions

@@ -1,0 +1,187 @@
+"""Bad input never crashes the host program: each case raises its typed error with a message that
+says what was wrong, and the same detector then still scores a good image exactly as before."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from stmae_edge.engine_build import build_engine
+from stmae_edge.errors import BackendError, EngineMismatchError, InvalidImageError, StmaeError
+from stmae_edge.runtime import Detector
+from stmae_edge.runtime.backends import cuda_device_count
+
+trt_available = pytest.mark.skipif(
+    not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
+    reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny, valid-looking PNG whose header declares a huge image."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + len(ihdr).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, synthetic_dataset):
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    good_png = (synthetic_dataset / "test" / "good" / "000.png").read_bytes()
+    ok, jpeg = cv2.imencode(".jpg", np.full((64, 64), 128, np.uint8))
+    files = {
+        "truncated.png": good_png[: len(good_png) // 3],
+        "truncated.jpg": jpeg.tobytes()[:200],
+        "corrupt.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+        "not_an_image.png": b"%PDF-1.7 this is a document",
+        "empty.png": b"",
+        "huge.png": _png_declaring(100_000, 100_000),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in files} | {"missing.png": folder / "missing.png"}
+
+
+BAD_ARRAYS = {
+    "empty array": (np.zeros((0, 0), np.uint8), "expected an image"),
+    "zero-width": (np.zeros((10, 0, 3), np.uint8), "expected an image"),
+    "two channels": (np.zeros((32, 32, 2), np.uint8), "2 channels"),
+    "five channels": (np.zeros((32, 32, 5), np.uint8), "5 channels"),
+    "1-d": (np.zeros(100, np.uint8), "expected an image"),
+    "NaN": (np.full((32, 32), np.nan, np.float32), "NaN"),
+    "infinite": (np.full((32, 32, 3), np.inf, np.float64), "NaN or infinite"),
+    "int64 pixels": (np.zeros((32, 32), np.int64), "pixel type"),
+    "far too large": (np.zeros((8193, 8193), np.uint8), "exceeds the limit"),
+}
+
+
+def test_every_bad_input_gives_its_typed_error_and_the_detector_stays_usable(tiny_export, bad_files):
+    detector = Detector(tiny_export[1])
+    good = np.random.default_rng(0).integers(0, 256, (80, 100), np.uint8)
+    before = detector.predict(good)
+    messages = {}
+    for name, path in bad_files.items():
+        with pytest.raises(InvalidImageError) as error:
+            detector.predict(path)
+        messages[name] = str(error.value)
+        assert str(path) in messages[name]
+        after = detector.predict(good)
+        assert after.score == before.score and np.array_equal(after.anomaly_map, before.anomaly_map)
+    for name, (array, fragment) in BAD_ARRAYS.items():
+        with pytest.raises(InvalidImageError, match=fragment):
+            detector.predict(array)
+        # in a list, the error names which image, and nothing of the list is returned half-done
+        with pytest.raises(InvalidImageError, match=r"image 1: "):
+            detector.predict([good, array])
+        assert detector.predict(good).score == before.score
+    assert "no such image file" in messages["missing.png"] and "file size 0" in messages["empty.png"]
+    assert "exceeds the limit" in messages["huge.png"]
+    for name in ("truncated.png", "truncated.jpg", "corrupt.png", "not_an_image.png"):
+        assert "not a readable image" in messages[name], messages[name]
+    assert all(isinstance(e, str) and "\n" not in e for e in messages.values())
+
+
+@pytest.fixture(scope="module")
+def plans(tiny_export, tmp_path_factory):
+    """Two real plans of the same model with different profiles (so different bytes), with sidecars."""
+    pytest.importorskip("tensorrt_rtx_bindings" if not __import__("importlib").util.find_spec("tensorrt")
+                        else "tensorrt", reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]'")
+    folder = tmp_path_factory.mktemp("plans")
+    a, _ = build_engine(tiny_export[1], None, "1:4:8", folder / "a.plan", timing_cache=folder / "t.cache")
+    b, _ = build_engine(tiny_export[1], None, "1:1:2", folder / "b.plan", timing_cache=folder / "t.cache")
+    assert a.read_bytes() != b.read_bytes()
+    return a, b
+
+
+def _copy_plan(plan, folder, name):
+    shutil.copy(plan, folder / name)
+    shutil.copy(plan.with_name(plan.name + ".json"), folder / (name + ".json"))
+    return folder / name
+
+
+def test_plan_runs_where_there_is_a_gpu_and_says_why_not_where_there_is_none(plans, tiny_export):
+    if cuda_device_count() == 0:
+        with pytest.raises(BackendError, match=r"CUDA error while finding a CUDA GPU.*--backend ort-cpu"):
+            Detector(plans[0])
+        return
+    image = np.random.default_rng(0).integers(0, 256, (80, 100), np.uint8)
+    for cuda_graph in (False, True):
+        on_gpu = Detector(plans[0], cuda_graph=cuda_graph)
+        assert on_gpu.info["backend"] == "tensorrt" and on_gpu.info["batch"] == [1, 8]
+        expected = Detector(tiny_export[1], "ort-cpu").predict([image] * 5)
+        got = on_gpu.predict([image] * 5)
+        np.testing.assert_allclose([r.score for r in got], [r.score for r in expected], rtol=1e-3)
+
+
+def test_an_engine_whose_sidecar_does_not_match_is_refused(plans, tmp_path):
+    a, b = plans
+    swapped = _copy_plan(a, tmp_path, "swapped.plan")
+    shutil.copy(b.with_name(b.name + ".json"), tmp_path / "swapped.plan.json")
+    with pytest.raises(EngineMismatchError, match="does not match its sidecar"):
+        Detector(swapped)
+
+    tampered = _copy_plan(a, tmp_path, "tampered.plan")
+    with open(tampered, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EngineMismatchError, match="sha256 differs"):
+        Detector(tampered)
+
+    other_version = _copy_plan(a, tmp_path, "version.plan")
+    sidecar = json.loads((tmp_path / "version.plan.json").read_text())
+    sidecar["tensorrt"]["version"] = "9.0.0"
+    (tmp_path / "version.plan.json").write_text(json.dumps(sidecar))
+    with pytest.raises(EngineMismatchError, match="built with .* 9.0.0 .*rebuild"):
+        Detector(other_version)
+
+    lonely = tmp_path / "lonely.plan"
+    shutil.copy(a, lonely)
+    with pytest.raises(EngineMismatchError, match="sidecar lonely.plan.json is missing"):
+        Detector(lonely)
+    (tmp_path / "lonely.plan.json").write_text("{not json")
+    with pytest.raises(EngineMismatchError, match="not a readable sidecar"):
+        Detector(lonely)
+
+
+def test_model_file_errors_are_typed(tiny_export, tmp_path):
+    not_onnx = tmp_path / "x.onnx"
+    not_onnx.write_bytes(b"garbage")
+    for path, fragment in ((tmp_path / "absent.onnx", "no such model file"), (not_onnx, "cannot load"),
+                           (tiny_export[0].with_suffix(".txt"), "no such model file")):
+        with pytest.raises(StmaeError, match=fragment):
+            Detector(path)
+    text = tmp_path / "model.bin"
+    text.write_bytes(b"x")
+    with pytest.raises(StmaeError, match="unknown model file type"):
+        Detector(text)
+
+
+TORCH_FREE = """
+import sys
+sys.modules['torch'] = None  # any 'import torch' now raises ImportError
+import numpy as np
+from stmae_edge.runtime import Detector
+from stmae_edge.errors import InvalidImageError
+d = Detector(sys.argv[1])
+r = d.predict(np.random.default_rng(0).integers(0, 256, (80, 100), np.uint8))
+rs = d.predict([np.zeros((70, 90, 3), np.uint8), np.ones((64, 64), np.uint16)])
+try:
+    d.predict(np.zeros((5, 5, 2), np.uint8))
+except InvalidImageError:
+    pass
+assert d.predict(np.random.default_rng(0).integers(0, 256, (80, 100), np.uint8)).score == r.score
+assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}
+print(d.info['backend'], r.image_size, len(rs))
+"""
+
+
+def test_the_runtime_runs_a_detector_with_torch_unimportable(tiny_export):
+    result = subprocess.run([sys.executable, "-c", TORCH_FREE, str(tiny_export[1])], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] in ("ort-cpu", "ort-cuda") and "(80, 100) 2" in result.stdout
