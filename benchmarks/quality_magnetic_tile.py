@@ -94,9 +94,12 @@ def write_rows(md_path: Path, rows: list[str], header: str, begin: str = BEGIN, 
     md_path.write_text(text)
 
 
-def model_benchmark_args(doc: str) -> argparse.Namespace:
-    """--model (default: this script's trained model), --data and --md, for the scripts that reuse it."""
+def model_benchmark_args(doc: str, configure=None) -> argparse.Namespace:
+    """--model (default: this script's trained model), --data and --md, for the scripts that reuse it;
+    `configure(parser)` adds a script's own options."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if configure:
+        configure(parser)
     parser.add_argument("--model", type=Path, default=REPO / "runs" / "bench_quality" / "stmae.pt")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "magnetic_tile")
     parser.add_argument("--md", type=Path, default=REPO / "docs" / "BENCHMARKS.md")

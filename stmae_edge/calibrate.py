@@ -77,7 +77,9 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
 
 
 def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, images: Sequence[Path],
-              target: Path, batch_size: int) -> None:
+              target: Path, batch_size: int, settings: dict = SETTINGS) -> None:
+    """Static quantisation with `settings` (SETTINGS: the TensorRT-compatible default; the CPU study in
+    benchmarks/ tries others), calibrated on `images`, metadata carried over with precision int8."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -95,16 +97,18 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
             self.advance(len(chunk))
             return {INPUT_NAME: metadata.preprocessing(chunk)}
 
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         with progress_bar("calibrating", len(images)) as advance:
-            quantize_static(str(prepared), str(target), Batches(advance), quant_format=QuantFormat.QDQ,
-                            per_channel=True, op_types_to_quantize=SETTINGS["op_types"],
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                           "QuantizeBias": False})
+            quantize_static(str(prepared), str(target), Batches(advance),
+                            quant_format=getattr(QuantFormat, settings["format"]),
+                            per_channel=settings["per_channel"], op_types_to_quantize=settings["op_types"],
+                            activation_type=types[settings["activation"]], weight_type=types[settings["weight"]],
+                            calibrate_method=getattr(CalibrationMethod, settings["method"]),
+                            extra_options={"ActivationSymmetric": settings["symmetric"], "WeightSymmetric": True,
+                                           "QuantizeBias": settings["quantize_bias"]})
     quantized = onnx.load(str(target))
     del quantized.metadata_props[:]
     props = {p.key: p.value for p in proto.metadata_props}

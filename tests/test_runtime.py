@@ -148,8 +148,9 @@ def test_backend_choice_is_reported_and_never_a_silent_fallback(tiny_export):
     assert Detector(onnx_file, "ort-cpu").info["provider"] == "CPUExecutionProvider"
     if cuda_device_count() == 0:
         assert auto["backend"] == "ort-cpu" and auto["device"].startswith("CPU")
-        with pytest.raises(BackendError, match="CUDAExecutionProvider"):
-            Detector(onnx_file, "ort-cuda")
+        for backend, provider in (("ort-cuda", "CUDAExecutionProvider"), ("ort-tensorrt", "TensorrtExecutionProvider")):
+            with pytest.raises(BackendError, match=f"could not start {provider}.*would run on CPU"):
+                Detector(onnx_file, backend)
     with pytest.raises(ConfigError, match="unknown backend"):
         Detector(onnx_file, "openvino")
     with pytest.raises(ConfigError, match="ONNX file"):

@@ -120,7 +120,9 @@ class OnnxRuntimeBackend:
         providers: list = [wanted]
         if wanted == "TensorrtExecutionProvider":
             Path(engine_cache).mkdir(parents=True, exist_ok=True)
-            providers = [(wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache)}),
+            providers = [(wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache),
+                                   # Q/DQ graphs need the provider's INT8 mode; fp16 graphs carry their types
+                                   "trt_int8_enable": _file_precision(path) == "int8"}),
                          "CUDAExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
@@ -147,6 +149,15 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None
+
+
+def _file_precision(path: Path | str) -> str:
+    import onnx
+
+    try:
+        return onnx_precision(onnx.load(str(path), load_external_data=False))
+    except Exception as exc:  # protobuf DecodeError, OSError, ...
+        raise BackendError(f"{path}: not a readable ONNX file ({exc})") from exc
 
 
 def _check_input_size(shape, metadata: ModelMetadata, path) -> None:

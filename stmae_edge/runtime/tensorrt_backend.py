@@ -4,8 +4,10 @@ TensorRT's samples/python/common_runtime.py, through cuda-python (`pip install '
 Everything is allocated once, at the profile's largest batch: device buffers, page-locked (pinned)
 host buffers for fast asynchronous copies, one non-blocking stream, and tensor addresses bound once.
 A call copies the batch in, enqueues the engine, copies maps and scores out and waits on the stream.
-With `cuda_graph=True` the copy-in, engine and copy-out are captured once per batch size as a CUDA
-graph and replayed, which removes most launch overhead at small batches.
+With `cuda_graph=True` the copy-in, engine and copy-out are captured as a CUDA graph and replayed,
+which removes most launch overhead at small batches. One graph is kept, for the last batch size: a new
+size re-captures, because a graph must not outlive a change of the context's shapes. Engines that
+TensorRT reports as not capturable run without a graph, and `provider` says so.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class TensorRTBackend:
         self.precision = str(sidecar.get("precision", "fp32"))
         self._cudart = cudart = _import_cudart()
         self._allocations: list[tuple[str, int]] = []
-        self._graphs: dict[int, tuple] = {}
+        self._graph: tuple | None = None  # (batch size, graph, executable)
         self._stream = None
         count = self._call(cudart.cudaGetDeviceCount(), "finding a CUDA GPU",
                            hint="TensorRT plans need an NVIDIA GPU and driver; on this machine run the .onnx "
@@ -78,10 +80,12 @@ class TensorRTBackend:
         if self._image_shape[1:] != tuple(self.metadata.preprocessing.input_size):
             raise EngineMismatchError(f"{plan_path}: the engine takes {self._image_shape[1:]} images but its "
                                       f"sidecar says {self.metadata.preprocessing.input_size}; rebuild it")
-        self.provider = f"{flavour} {version} (cuda-python{', CUDA graphs' if cuda_graph else ''})"
-        self.cuda_graph = cuda_graph
         self._stream = self._call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "creating a stream")
         self._buffers = self._allocate(trt)
+        capturable = getattr(self._context, "is_stream_capturable", None)
+        self.cuda_graph = cuda_graph and (capturable is None or bool(capturable(int(self._stream))))
+        graphs = ", CUDA graphs" if self.cuda_graph else (", CUDA graphs not possible for this engine" if cuda_graph else "")
+        self.provider = f"{flavour} {version} (cuda-python{graphs})"
 
     def _call(self, result, what: str, hint: str = ""):
         """cuda-python returns (error, *values): raise a typed error unless it succeeded."""
@@ -94,7 +98,7 @@ class TensorRTBackend:
     def _allocate(self, trt) -> dict[str, tuple[np.ndarray, int, int]]:
         """Per tensor at the largest batch: (pinned host array, host pointer, device pointer)."""
         cudart = self._cudart
-        self._context.set_input_shape(INPUT_NAME, (self.max_batch, *self._image_shape))
+        self._set_batch(self.max_batch)
         buffers = {}
         for name in _TENSORS:
             if self._engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
@@ -108,9 +112,14 @@ class TensorRTBackend:
             self._allocations.append(("host", host_ptr))
             raw = (ctypes.c_byte * nbytes).from_address(int(host_ptr))
             host = np.frombuffer(raw, dtype=np.float32).reshape(shape)
-            self._context.set_tensor_address(name, int(device))
+            if not self._context.set_tensor_address(name, int(device)):
+                raise BackendError(f"TensorRT refused the address of tensor {name!r}")
             buffers[name] = (host, int(host_ptr), int(device))
         return buffers
+
+    def _set_batch(self, batch_size: int) -> None:
+        if not self._context.set_input_shape(INPUT_NAME, (batch_size, *self._image_shape)):
+            raise BackendError(f"TensorRT refused batch {batch_size} (profile {self.min_batch}..{self.max_batch})")
 
     def _enqueue(self, batch_size: int) -> None:
         cudart = self._cudart
@@ -127,27 +136,43 @@ class TensorRTBackend:
                        "copying out")
 
     def _graph_for(self, batch_size: int):
-        if batch_size not in self._graphs:
-            cudart = self._cudart
-            self._enqueue(batch_size)  # TensorRT sets up shape-dependent resources on the first enqueue
-            self._call(cudart.cudaStreamSynchronize(self._stream), "warming up")
-            self._call(cudart.cudaStreamBeginCapture(
-                self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "capturing a graph")
+        if self._graph is not None and self._graph[0] == batch_size:
+            return self._graph[2]
+        self._drop_graph()
+        cudart = self._cudart
+        self._enqueue(batch_size)  # TensorRT sets up shape-dependent resources on the first enqueue
+        self._call(cudart.cudaStreamSynchronize(self._stream), "warming up")
+        self._call(cudart.cudaStreamBeginCapture(
+            self._stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "capturing a graph")
+        try:
             self._enqueue(batch_size)
-            graph = self._call(cudart.cudaStreamEndCapture(self._stream), "capturing a graph")
-            executable = self._call(cudart.cudaGraphInstantiate(graph, 0), "instantiating a graph")
-            self._graphs[batch_size] = (graph, executable)
-        return self._graphs[batch_size][1]
+        except BaseException:
+            err, graph = cudart.cudaStreamEndCapture(self._stream)  # a stream left capturing is unusable
+            if graph is not None and err == cudart.cudaError_t.cudaSuccess:
+                cudart.cudaGraphDestroy(graph)
+            raise
+        graph = self._call(cudart.cudaStreamEndCapture(self._stream), "capturing a graph")
+        executable = self._call(cudart.cudaGraphInstantiate(graph, 0), "instantiating a graph")
+        self._graph = (batch_size, graph, executable)
+        return executable
+
+    def _drop_graph(self) -> None:
+        if self._graph is not None:
+            self._cudart.cudaGraphExecDestroy(self._graph[2])
+            self._cudart.cudaGraphDestroy(self._graph[1])
+            self._graph = None
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = batch.shape[0]
+        if self._stream is None:
+            raise BackendError("this TensorRT backend was closed; create a new Detector")
         if n > self.max_batch:
             raise BackendError(f"batch of {n} exceeds the engine's profile maximum {self.max_batch}")
         padded = max(n, self.min_batch)  # below the profile's minimum: pad, then drop the padding
         host = self._buffers[INPUT_NAME][0]
         host[:n] = batch
         host[n:padded] = 0
-        self._context.set_input_shape(INPUT_NAME, (padded, *self._image_shape))
+        self._set_batch(padded)
         if self.cuda_graph:
             self._call(self._cudart.cudaGraphLaunch(self._graph_for(padded), self._stream), "launching a graph")
         else:
@@ -159,10 +184,7 @@ class TensorRTBackend:
         cudart = getattr(self, "_cudart", None)
         if cudart is None:
             return
-        for graph, executable in self._graphs.values():
-            cudart.cudaGraphExecDestroy(executable)
-            cudart.cudaGraphDestroy(graph)
-        self._graphs = {}
+        self._drop_graph()
         for kind, pointer in reversed(self._allocations):
             (cudart.cudaFree if kind == "device" else cudart.cudaFreeHost)(pointer)
         self._allocations = []
