@@ -13,6 +13,9 @@ from . import __version__
 from .errors import StmaeError
 from .scoring import DEFAULT_SIGMA
 
+# `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
+PARTIAL_EXIT_CODE = 3
+
 # Training defaults, mirrored from train.TrainConfig without importing torch for `--help`.
 EPOCHS, BATCH_SIZE, LR, HOLDOUT = 40, 16, 4e-4, 0.1
 
@@ -233,7 +236,7 @@ def predict(
                f"(image threshold {summary['thresholds']['image']:.4g}); {summary['unreadable']} unreadable; "
                f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}")
     if summary["unreadable"]:
-        raise typer.Exit(2)
+        raise typer.Exit(PARTIAL_EXIT_CODE)
 
 
 @app.command()
@@ -253,6 +256,7 @@ def bench(
     import json
 
     from .errors import ConfigError
+    from .metadata import MAX_BATCH
     from .progress import progress_bar
     from .runtime import Detector
     from .runtime.bench import bench_images, benchmark, format_rows
@@ -261,9 +265,11 @@ def bench(
         sizes = [int(v) for v in batch.split(",")]
     except ValueError:
         raise ConfigError(f"--batch {batch!r} must be comma-separated integers, e.g. 1,8,32") from None
-    if not sizes or min(sizes) < 1:
-        raise ConfigError(f"--batch {batch!r}: batch sizes must be at least 1")
     detector = Detector(engine, backend, batch_size=max(sizes), cuda_graph=cuda_graph)
+    low, high = detector.info["batch"]
+    if min(sizes) < low or max(sizes) > high:
+        raise ConfigError(f"--batch {batch!r}: this model takes batches of {low} to {high}"
+                          + (" (the plan's profile; rebuild with `stmae-edge build --batch`)" if high < MAX_BATCH else ""))
     frames, what = bench_images(detector, images)
     with progress_bar(f"bench ({detector.info['backend']})", len(sizes)) as advance:
         rows = benchmark(detector, frames, sizes, iterations, warmup, progress=advance)

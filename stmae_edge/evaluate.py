@@ -20,17 +20,15 @@ from .train import batches, score_images
 
 def score_with_onnx(onnx_path: Path | str, metadata: ModelMetadata, paths,
                     batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """An exported graph through ONNX Runtime's CPU provider, preprocessed from its own metadata."""
-    import onnxruntime as ort
+    """An exported graph through the runtime's ONNX Runtime CPU backend, preprocessed from its metadata."""
+    from .runtime.backends import OnnxRuntimeBackend
 
-    from .metadata import INPUT_NAME
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    backend = OnnxRuntimeBackend(onnx_path, "ort-cpu")
     maps, scores = [], []
     with progress_bar("evaluating (onnxruntime cpu)", len(paths)) as advance:
         for chunk in batches(paths, batch_size):
-            m, s = session.run(None, {INPUT_NAME: metadata.preprocessing(chunk)})
-            maps.append(m[:, 0])
+            m, s = backend.run(metadata.preprocessing(chunk))
+            maps.append(m)
             scores.append(s)
             advance(len(chunk))
     return np.concatenate(maps), np.concatenate(scores)

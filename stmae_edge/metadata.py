@@ -92,7 +92,11 @@ class ModelMetadata:
                 model = onnx.load(str(model), load_external_data=False)
             except Exception as exc:  # onnx raises protobuf DecodeError, OSError, ...
                 raise CheckpointError(f"{model}: not a readable ONNX file ({exc})") from exc
-        props = {p.key: p.value for p in model.metadata_props}
+        return cls.from_props({p.key: p.value for p in model.metadata_props})
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> "ModelMetadata":
+        """From an ONNX file's metadata_props as a dict (ONNX Runtime's custom_metadata_map is one)."""
         if ONNX_METADATA_KEY not in props:
             raise CheckpointError(f"ONNX file has no '{ONNX_METADATA_KEY}' metadata: not exported by stmae-edge")
         return cls.from_json(props[ONNX_METADATA_KEY])

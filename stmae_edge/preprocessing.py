@@ -103,6 +103,8 @@ def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndar
     if isinstance(image, np.ndarray):
         array = image
         source = f"array of shape {image.shape} and dtype {image.dtype}"
+    elif not isinstance(image, (str, os.PathLike)):
+        raise InvalidImageError(f"{type(image).__name__} is not an image: give a numpy array or a file path")
     else:
         path = Path(image)
         source = str(path)
@@ -111,7 +113,10 @@ def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndar
         size = path.stat().st_size
         if size == 0 or size > MAX_FILE_BYTES:
             raise InvalidImageError(f"{path}: file size {size} bytes is outside 1..{MAX_FILE_BYTES}")
-        data = np.fromfile(path, dtype=np.uint8)
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError as exc:
+            raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
         declared = header_size(data[:65536].tobytes())
         if declared and declared[0] * declared[1] > max_pixels:
             raise InvalidImageError(f"{path}: {declared[0]}x{declared[1]} pixels exceeds the limit of "
@@ -161,8 +166,15 @@ def check_image(array: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXE
                                 f"{max_pixels}; crop or downscale it first")
     if array.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
         raise InvalidImageError(f"{source}: pixel type {array.dtype} unsupported; use uint8, uint16 or float")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InvalidImageError(f"{source}: contains NaN or infinite values")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise InvalidImageError(f"{source}: contains NaN or infinite values")
+        # Float pixels mean intensities in [0, 1]; 0..255 floats straight from a camera SDK would
+        # otherwise be scored, wrongly, without a word.
+        low, high = float(array.min()), float(array.max())
+        if low < -0.01 or high > 1.01:
+            raise InvalidImageError(f"{source}: float pixels range {low:g}..{high:g}; float images must be "
+                                    "in [0, 1] (or pass uint8/uint16 arrays)")
 
 
 def to_float(image: np.ndarray) -> np.ndarray:

@@ -58,10 +58,19 @@ class Thresholds:
 
     image: float
     pixel: float
-    rule: str = f"mean + {DEFAULT_SIGMA:g} * std of held-out good image scores"
+    rule: str = "set by hand"  # how they were chosen, for people reading the metadata
+
+    def __post_init__(self) -> None:
+        for name in ("image", "pixel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                    or not np.isfinite(value):
+                raise ConfigError(f"{name} threshold {value!r} must be a finite number (raw score units)")
 
     @classmethod
     def from_stats(cls, stats: ScoreStats, sigma: float = DEFAULT_SIGMA) -> "Thresholds":
+        if not np.isfinite(sigma):
+            raise ConfigError(f"sigma {sigma!r} must be a finite number")
         t = stats.mean + sigma * stats.std
         return cls(image=t, pixel=t, rule=f"mean + {sigma:g} * std of held-out good image scores")
 

@@ -34,7 +34,12 @@ class TorchBackend:
 
     @torch.inference_mode()
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.model(torch.from_numpy(batch).to(self._device))
+        if self.model is None:
+            raise BackendError("this PyTorch backend was closed; create a new Detector")
+        try:
+            maps, scores = self.model(torch.from_numpy(batch).to(self._device))
+        except RuntimeError as exc:  # out of memory, a failed CUDA kernel, ...
+            raise BackendError(f"PyTorch failed: {str(exc).splitlines()[0][:300]}") from exc
         return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stmae_edge.checkpoint import load_model
-from stmae_edge.errors import BackendError, ConfigError
+from stmae_edge.errors import BackendError, ConfigError, InvalidImageError
 from stmae_edge.models.stmae import STMAEConfig
 from stmae_edge.runtime import Detector
 from stmae_edge.runtime.backends import cuda_device_count
@@ -93,7 +93,7 @@ def test_thresholds_come_from_metadata_and_can_be_overridden_per_call(detector, 
     middle = float(np.median([r.score for r in results]))
     moved = detector.predict(arrays, image_threshold=middle, pixel_threshold=middle)
     assert sum(r.is_anomalous for r in moved) == sum(r.score > middle for r in results) > 0
-    assert all(bool(r.regions) == (r.anomaly_map.max() > middle) for r in moved)
+    assert all(bool(r.regions) == r.is_anomalous for r in moved)  # equal thresholds: fail <=> a region
     by_sigma = detector.predict(arrays[0], sigma=-2.0)
     assert by_sigma.image_threshold == pytest.approx(stats.mean - 2 * stats.std)
     assert detector.thresholds == default  # per-call overrides leave the detector as it was
@@ -111,13 +111,17 @@ def test_regions_are_connected_components_with_box_area_and_peak():
     anomaly_map[14, 40] = 5.0
     anomaly_map[40:43, 5:7] = 2.5
     anomaly_map[50, 80] = 2.2  # a single pixel, dropped by min_area=2
-    regions = find_regions(anomaly_map, 2.0, stats, min_area=2)
+    regions = find_regions(anomaly_map, 2.0, stats, (60, 90), min_area=2)
     assert [r.box for r in regions] == [(30, 10, 15, 10), (5, 40, 2, 3)]
     assert [r.area for r in regions] == [150, 6]
     assert (regions[0].peak_score, regions[0].peak_x, regions[0].peak_y) == (5.0, 40, 14)
     assert regions[0].peak_normalized == pytest.approx(8.0)
-    assert len(find_regions(anomaly_map, 2.0, stats)) == 3
-    assert find_regions(anomaly_map, 10.0, stats) == ()
+    assert len(find_regions(anomaly_map, 2.0, stats, (60, 90))) == 3
+    assert find_regions(anomaly_map, 10.0, stats, (60, 90)) == ()
+    # an image twice the model's size in height, three times in width: boxes, areas and peaks scale
+    scaled = find_regions(anomaly_map, 2.0, stats, (120, 270), min_area=2)
+    assert [r.box for r in scaled] == [(90, 20, 45, 20), (15, 80, 6, 6), (240, 100, 3, 2)]
+    assert [r.area for r in scaled] == [900, 36, 6] and (scaled[0].peak_x, scaled[0].peak_y) == (121, 29)
 
 
 def test_detector_is_safe_to_share_between_threads(detector, images):
@@ -165,3 +169,23 @@ def test_pytorch_checkpoint_runs_as_a_comparison_backend(tiny_export, detector, 
     assert eager.info["backend"] == "torch-cpu" and "PyTorch" in eager.info["provider"]
     np.testing.assert_allclose([r.score for r in eager.predict(arrays)],
                                [r.score for r in detector.predict(arrays)], rtol=1e-4)
+
+
+def test_bad_thresholds_and_non_images_are_typed_errors(tiny_export, detector):
+    image = np.random.default_rng(0).integers(0, 256, (80, 100), np.uint8)
+    for kwargs in ({"image_threshold": float("nan")}, {"pixel_threshold": float("inf")}, {"sigma": float("nan")},
+                   {"image_threshold": "high"}):
+        with pytest.raises(ConfigError, match="finite number"):
+            detector.predict(image, **kwargs)
+    with pytest.raises(ConfigError, match="Thresholds"):
+        detector.thresholds = 5.0
+    for item in (None, b"raw bytes", 3.5):
+        with pytest.raises(InvalidImageError, match="not an image"):
+            detector.predict([image, item])
+    with pytest.raises(InvalidImageError, match=r"float pixels range 0..255"):
+        detector.predict(np.linspace(0, 255, 80 * 100, dtype=np.float32).reshape(80, 100))
+    assert detector.predict(np.float32(image) / 255).score == pytest.approx(detector.predict(image).score, rel=1e-5)
+    closed = Detector(tiny_export[1])
+    closed.close()
+    with pytest.raises(BackendError, match="closed"):
+        closed.predict(image)

@@ -28,7 +28,7 @@ def test_predict_writes_json_and_overlays_and_reports_unreadable_files(tiny_expo
     cv2.imwrite(str(extra), cv2.resize(cv2.imread(str(inputs / "000.png")), (130, 70)))
     out = tmp_path / "out"
     r = run_without_torch("predict", str(tiny_export[1]), str(inputs), str(extra), "--out", str(out))
-    assert r.returncode == 2, r.stderr  # one file was unreadable: non-zero, but everything else is written
+    assert r.returncode == 3, r.stderr  # one file was unreadable: partial success, everything else written
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "broken.png" in errors[0] and "Traceback" not in r.stderr
     summary = json.loads((out / "results.json").read_text())
@@ -94,3 +94,12 @@ def test_overlay_for_16_bit_and_alpha_images():
         overlay = render_overlay(image, detection, stats)
         assert overlay.shape == (*image.shape[:2], 3) and overlay.dtype == np.uint8
     assert detections[0].is_anomalous and len(detections[0].regions) == 1 and not detections[1].regions
+
+
+def test_overlay_names_never_collide():
+    from pathlib import Path
+
+    from stmae_edge.runtime.files import overlay_names
+
+    names = overlay_names([Path("a.png"), Path("a.jpg"), Path("x/a_2.png"), Path("y/a.png"), Path("b.tif")])
+    assert len(set(names)) == 5 and names[0] == "a.png" and names[-1] == "b.png"

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import BackendError, ConfigError, EngineMismatchError
-from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, SCORE_NAME, ModelMetadata, onnx_precision
+from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 
 BACKENDS = ("auto", "tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu", "torch-cpu", "torch-cuda")
 ORT_PROVIDERS = {"ort-tensorrt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
@@ -106,8 +106,7 @@ class OnnxRuntimeBackend:
     name: str
     min_batch = 1
 
-    def __init__(self, path: Path | str, backend: str = "ort-cpu", threads: int = 0,
-                 engine_cache: Path | str = Path("engines") / "ort-tensorrt-cache"):
+    def __init__(self, path: Path | str, backend: str = "ort-cpu", threads: int = 0):
         ort = _ort()
         self.name = backend
         wanted = ORT_PROVIDERS[backend]
@@ -119,7 +118,13 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per physical core
         providers: list = [wanted]
         if wanted == "TensorrtExecutionProvider":
-            Path(engine_cache).mkdir(parents=True, exist_ok=True)
+            # Next to the model, not in the host program's working directory.
+            engine_cache = Path(path).with_name(Path(path).stem + ".ort-tensorrt-cache")
+            try:
+                engine_cache.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise BackendError(f"cannot create the TensorRT engine cache {engine_cache}: "
+                                   f"{exc.strerror or exc}; copy the model to a writable folder") from exc
             providers = [(wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache),
                                    # Q/DQ graphs need the provider's INT8 mode; fp16 graphs carry their types
                                    "trt_int8_enable": _file_precision(path) == "int8"}),
@@ -136,15 +141,18 @@ class OnnxRuntimeBackend:
         self.provider = used[0]
         self.device = cpu_description() if wanted == "CPUExecutionProvider" else gpu_description()
         props = self.session.get_modelmeta().custom_metadata_map
-        if ONNX_METADATA_KEY not in props:
-            raise EngineMismatchError(f"{path} has no '{ONNX_METADATA_KEY}' metadata: not exported by stmae-edge")
-        self.metadata = ModelMetadata.from_json(props[ONNX_METADATA_KEY])
+        self.metadata = ModelMetadata.from_props(props)
         self.precision = onnx_precision(props)
         self.max_batch = MAX_BATCH
-        _check_input_size(self.session.get_inputs()[0].shape[2:], self.metadata, path)
+        check_input_size(self.session.get_inputs()[0].shape[2:], self.metadata, path)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: batch})
+        if self.session is None:
+            raise BackendError("this ONNX Runtime backend was closed; create a new Detector")
+        try:
+            maps, scores = self.session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: batch})
+        except Exception as exc:  # onnxruntime's own types: out of memory, a failed GPU kernel, ...
+            raise BackendError(f"ONNX Runtime ({self.provider}) failed: {str(exc).splitlines()[0][:300]}") from exc
         return maps[:, 0], scores
 
     def close(self) -> None:
@@ -160,7 +168,7 @@ def _file_precision(path: Path | str) -> str:
         raise BackendError(f"{path}: not a readable ONNX file ({exc})") from exc
 
 
-def _check_input_size(shape, metadata: ModelMetadata, path) -> None:
+def check_input_size(shape, metadata: ModelMetadata, path) -> None:
     if tuple(shape) != tuple(metadata.preprocessing.input_size):
         raise EngineMismatchError(f"{path}: the network takes {tuple(shape)} images but its metadata says "
                                   f"{metadata.preprocessing.input_size}; re-export the model")

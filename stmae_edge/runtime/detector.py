@@ -23,7 +23,7 @@ from typing import Sequence, Union, overload
 
 import numpy as np
 
-from ..errors import BackendError, InvalidImageError
+from ..errors import BackendError, ConfigError, InvalidImageError
 from ..preprocessing import ImageInput, load_image
 from ..scoring import Thresholds
 from .backends import Backend, describe, open_backend
@@ -41,10 +41,21 @@ class Detector:
         self.metadata = self._backend.metadata
         self.preprocessing = self.metadata.preprocessing
         self.score_stats = self.metadata.score_stats
-        self.thresholds: Thresholds = self.metadata.thresholds
+        self.thresholds = self.metadata.thresholds
         self.min_region_area = min_region_area
         self.batch_size = max(1, min(batch_size, self._backend.max_batch))
         self._lock = threading.Lock()
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """Raw-score thresholds used when a call does not override them; the model's by default."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: Thresholds) -> None:
+        if not isinstance(value, Thresholds):
+            raise ConfigError(f"thresholds must be a stmae_edge.scoring.Thresholds, not {type(value).__name__}")
+        self._thresholds = value
 
     @property
     def info(self) -> dict:

@@ -32,13 +32,16 @@ def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
 
 
 def overlay_names(paths: Sequence[Path]) -> list[str]:
-    """<stem>.png per input, made unique when two inputs share a stem."""
-    seen: dict[str, int] = {}
+    """<stem>.png per input, made unique (<stem>_2.png, ...) when inputs share a stem."""
+    used: set[str] = set()
     names = []
     for path in paths:
-        count = seen.get(path.stem, 0)
-        seen[path.stem] = count + 1
-        names.append(f"{path.stem}.png" if count == 0 else f"{path.stem}_{count + 1}.png")
+        name, count = f"{path.stem}.png", 1
+        while name in used:
+            count += 1
+            name = f"{path.stem}_{count}.png"
+        used.add(name)
+        names.append(name)
     return names
 
 
@@ -77,6 +80,9 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
                "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
                "unreadable": len(errors), "results": results, "errors": errors}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as exc:
+        raise OutputError(f"cannot write {out / 'results.json'}: {exc.strerror or exc}") from exc
     return summary
 

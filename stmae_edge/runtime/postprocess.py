@@ -23,7 +23,7 @@ class Region:
     y: int  # top row
     width: int
     height: int
-    area: int  # pixels above the pixel threshold
+    area: int  # image pixels above the pixel threshold (counted at the model's resolution, scaled)
     peak_score: float  # highest raw map value inside the region
     peak_normalized: float  # the same as a z-score against good parts
     peak_x: int
@@ -50,7 +50,7 @@ class Detection:
     image_threshold: float
     pixel_threshold: float
     regions: tuple[Region, ...]
-    anomaly_map: np.ndarray = field(repr=False)  # (height, width) float32, raw units
+    anomaly_map: np.ndarray = field(repr=False)  # (height, width) float32, raw units, bilinear from the model's
 
     @property
     def passed(self) -> bool:
@@ -70,32 +70,44 @@ def resolve_thresholds(default: Thresholds, stats: ScoreStats, image: float | No
     base = Thresholds.from_stats(stats, sigma) if sigma is not None else default
     if image is None and pixel is None:
         return base
-    return Thresholds(image=base.image if image is None else float(image),
-                      pixel=base.pixel if pixel is None else float(pixel), rule="set by the caller")
+    return Thresholds(image=base.image if image is None else image,
+                      pixel=base.pixel if pixel is None else pixel, rule="set for this call")
 
 
-def find_regions(anomaly_map: np.ndarray, threshold: float, stats: ScoreStats,
+def find_regions(model_map: np.ndarray, threshold: float, stats: ScoreStats, image_size: tuple[int, int],
                  min_area: int = 1) -> tuple[Region, ...]:
-    """Connected components (8-connected) of map > threshold, highest peak first."""
-    above = anomaly_map > threshold
+    """Connected components (8-connected) of the model's map > threshold, highest peak first, in the
+    image's pixel coordinates.
+
+    They are found at the model's resolution, where the image score is the map's maximum, so an image
+    is over the threshold exactly when it has a region; boxes are then scaled out to cover the same
+    area of the image, areas are scaled, and peaks sit at the centre of their model pixel."""
+    above = model_map > threshold
     rows, cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
     if rows.size == 0:  # the usual case on a line: a good part, nothing to label
         return ()
-    # Label only the bounding box of what is above the threshold: same components, far fewer pixels.
+    # Label only the bounding box of what is above the threshold: same components, fewer pixels.
     top, left = int(rows[0]), int(cols[0])
     crop = np.ascontiguousarray(above[top:rows[-1] + 1, left:cols[-1] + 1], dtype=np.uint8)
-    values = anomaly_map[top:rows[-1] + 1, left:cols[-1] + 1]
+    values = model_map[top:rows[-1] + 1, left:cols[-1] + 1]
     count, labels, boxes, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
+    height, width = image_size
+    scale_y, scale_x = height / model_map.shape[0], width / model_map.shape[1]
     regions = []
     for label in range(1, count):
-        x, y, w, h, area = (int(v) for v in boxes[label])
+        x, y, w, h, pixels = (int(v) for v in boxes[label])
+        area = int(round(pixels * scale_x * scale_y))
         if area < min_area:
             continue
         window = np.where(labels[y:y + h, x:x + w] == label, values[y:y + h, x:x + w], -np.inf)
         py, px = np.unravel_index(int(np.argmax(window)), window.shape)
         peak = float(window[py, px])
-        regions.append(Region(left + x, top + y, w, h, area, peak, float(normalize(peak, stats)),
-                              left + x + int(px), top + y + int(py)))
+        x0, y0 = int(np.floor((left + x) * scale_x)), int(np.floor((top + y) * scale_y))
+        x1 = min(width, int(np.ceil((left + x + w) * scale_x)))
+        y1 = min(height, int(np.ceil((top + y + h) * scale_y)))
+        regions.append(Region(x0, y0, x1 - x0, y1 - y0, max(area, 1), peak, float(normalize(peak, stats)),
+                              min(width - 1, int((left + x + px + 0.5) * scale_x)),
+                              min(height - 1, int((top + y + py + 0.5) * scale_y))))
     return tuple(sorted(regions, key=lambda r: -r.peak_score))
 
 
@@ -106,14 +118,14 @@ def postprocess(maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int
     z_scores = normalize(scores, stats)
     for i, (height, width) in enumerate(sizes):
         model_map = maps[i]
+        image_map = model_map
         if model_map.shape != (height, width):
-            # Bilinear: never exceeds the model's own maximum, so regions agree with the image score.
-            model_map = cv2.resize(model_map, (width, height), interpolation=cv2.INTER_LINEAR)
+            image_map = cv2.resize(model_map, (width, height), interpolation=cv2.INTER_LINEAR)
         score = float(scores[i])
         detections.append(Detection(
             source=sources[i], image_size=(height, width), score=score, normalized_score=float(z_scores[i]),
             is_anomalous=score > thresholds.image, image_threshold=thresholds.image,
             pixel_threshold=thresholds.pixel,
-            regions=find_regions(model_map, thresholds.pixel, stats, min_region_area),
-            anomaly_map=np.ascontiguousarray(model_map, dtype=np.float32)))
+            regions=find_regions(model_map, thresholds.pixel, stats, (height, width), min_region_area),
+            anomaly_map=np.ascontiguousarray(image_map, dtype=np.float32)))
     return detections

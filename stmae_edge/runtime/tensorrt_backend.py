@@ -5,8 +5,9 @@ Everything is allocated once, at the profile's largest batch: device buffers, pa
 host buffers for fast asynchronous copies, one non-blocking stream, and tensor addresses bound once.
 A call copies the batch in, enqueues the engine, copies maps and scores out and waits on the stream.
 With `cuda_graph=True` the copy-in, engine and copy-out are captured as a CUDA graph and replayed,
-which removes most launch overhead at small batches. One graph is kept, for the last batch size: a new
-size re-captures, because a graph must not outlive a change of the context's shapes. Engines that
+which removes most launch overhead at small batches. One graph is kept: a smaller batch is padded to
+its size and replays it, a larger one re-captures, because a graph must not outlive a change of the
+context's shapes. Engines that
 TensorRT reports as not capturable run without a graph, and `provider` says so.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 from ..engine_plan import collecting_logger, import_tensorrt, read_plan
 from ..errors import BackendError, EngineMismatchError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
+from .backends import check_input_size
 
 _TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
 
@@ -77,9 +79,7 @@ class TensorRTBackend:
         low, _, high = (tuple(s) for s in self._engine.get_tensor_profile_shape(INPUT_NAME, 0))
         self.min_batch, self.max_batch = int(low[0]), int(high[0])
         self._image_shape = tuple(int(v) for v in high[1:])
-        if self._image_shape[1:] != tuple(self.metadata.preprocessing.input_size):
-            raise EngineMismatchError(f"{plan_path}: the engine takes {self._image_shape[1:]} images but its "
-                                      f"sidecar says {self.metadata.preprocessing.input_size}; rebuild it")
+        check_input_size(self._image_shape[1:], self.metadata, plan_path)
         self._stream = self._call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "creating a stream")
         self._buffers = self._allocate(trt)
         capturable = getattr(self._context, "is_stream_capturable", None)
@@ -169,6 +169,8 @@ class TensorRTBackend:
         if n > self.max_batch:
             raise BackendError(f"batch of {n} exceeds the engine's profile maximum {self.max_batch}")
         padded = max(n, self.min_batch)  # below the profile's minimum: pad, then drop the padding
+        if self.cuda_graph and self._graph is not None and padded <= self._graph[0]:
+            padded = self._graph[0]  # a short last chunk replays the captured graph instead of re-capturing
         host = self._buffers[INPUT_NAME][0]
         host[:n] = batch
         host[n:padded] = 0
