@@ -61,6 +61,9 @@ def train(
     sigma: float = typer.Option(DEFAULT_SIGMA, min=0.0, help="default threshold = mean + SIGMA * std of "
                                 "held-out scores"),
     max_images: int = typer.Option(0, min=0, help="use at most this many training images (0 = all)"),
+    crop: int = typer.Option(0, min=0, help="train on random SIZE x SIZE crops at native resolution, for "
+                             "tiles cut from larger images (line-scan); the model then takes SIZE x SIZE inputs"),
+    crops_per_image: int = typer.Option(4, min=1, help="with --crop: crops drawn from each image"),
     seed: int = typer.Option(0),
 ) -> None:
     """Train ST-MAE on good images and write one self-describing checkpoint."""
@@ -68,7 +71,7 @@ def train(
 
     use_available_cores()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
-                      max_images=max_images, sigma=sigma)
+                      max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image)
     meta = run_train(data_dir, out, _model_config(preset_name, backbone), cfg, backbone_weights)
     t = meta.training
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out, "
@@ -281,6 +284,42 @@ def bench(
     typer.echo(f"{engine}: {info['backend']} ({info['provider']}, {info['precision']}) on {info['device']}")
     typer.echo(f"images: {what}; {iterations} timed calls per batch size after {warmup} warm-up calls")
     typer.echo(format_rows(rows))
+
+
+@app.command()
+def linescan(
+    model: Path = typer.Argument(..., help=".onnx or .plan file; tiles are cut at its input size, unresized"),
+    strip: Path = typer.Argument(..., help="a recorded strip: one tall image, or a folder of consecutive blocks"),
+    block_rows: int = typer.Option(256, min=1, help="rows per block when STRIP is one image"),
+    overlap: int = typer.Option(32, min=0, help="pixels shared by neighbouring tiles, across and along"),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    pixel_threshold: Optional[float] = typer.Option(None, help="defect threshold, raw units (default: the model's)"),
+    batch_size: int = typer.Option(32, min=1, help="tiles per inference call"),
+    json_output: bool = typer.Option(False, "--json", help="print JSON instead of lines"),
+) -> None:
+    """Replay a line-scan strip: defects in strip coordinates (row, column) and the throughput."""
+    import json
+
+    from .runtime import Detector
+    from .runtime.linescan import StreamingInspector, replay
+
+    detector = Detector(model, backend, batch_size=batch_size)
+    inspector = StreamingInspector(detector, overlap=overlap, pixel_threshold=pixel_threshold)
+
+    def show(defect) -> None:
+        if not json_output:
+            typer.echo(f"defect at row {defect.row}, column {defect.col}: {defect.height}x{defect.width} px, "
+                       f"area {defect.area}, peak {defect.peak_normalized:+.1f} sd, tiles {list(defect.tiles)}"
+                       + (" (continues)" if defect.continues else ""))
+
+    report = replay(inspector, strip, block_rows, on_defect=show)
+    report["runtime"] = detector.info
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{report['rows']} rows x {report['width']} px, {report['tiles']} tiles, "
+               f"{len(report['defects'])} defects in {report['seconds']:.2f}s: {report['rows_per_s']:.0f} rows/s, "
+               f"{report['megapixels_per_s']:.2f} megapixels/s ({detector.info['backend']} on {detector.info['device']})")
 
 
 def version_callback(value: bool) -> None:

@@ -89,3 +89,21 @@ def load_mask(sample: EvalSample, size: tuple[int, int]) -> np.ndarray:
         mask = mask.max(axis=2)
     # Nearest keeps the mask binary; maps are compared at the same resolution.
     return cv2.resize((mask > 0).astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def random_crops(paths: list[Path], size: int, per_image: int, seed: int = 0) -> list[np.ndarray]:
+    """`per_image` seeded random size x size crops of each image at its native resolution (no
+    resizing), for models that will see tiles of a larger image, such as a line-scan strip. Images
+    smaller than the crop are mirrored at their borders up to it."""
+    rng = np.random.default_rng(seed)
+    crops = []
+    for path in paths:
+        image = load_image(path)
+        pad_y, pad_x = max(0, size - image.shape[0]), max(0, size - image.shape[1])
+        if pad_y or pad_x:
+            image = cv2.copyMakeBorder(image, 0, pad_y, 0, pad_x, cv2.BORDER_REFLECT_101)
+        for _ in range(per_image):
+            y = int(rng.integers(0, image.shape[0] - size + 1))
+            x = int(rng.integers(0, image.shape[1] - size + 1))
+            crops.append(np.ascontiguousarray(image[y:y + size, x:x + size]))
+    return crops

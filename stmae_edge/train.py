@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .metadata import ModelMetadata
 from .models.backbones import BACKBONE_PREPROCESSING
 from .models.stmae import STMAE, STMAEConfig, random_split
-from .preprocessing import Preprocessing
+from .preprocessing import ImageInput, Preprocessing
 from .progress import progress_bar
 from .scoring import DEFAULT_SIGMA, ScoreStats, Thresholds
 
@@ -40,12 +40,17 @@ class TrainConfig:
     seed: int = 0
     max_images: int = 0  # 0 = all; a cap for quick runs
     sigma: float = DEFAULT_SIGMA  # default threshold = mean + sigma * std of held-out good scores
+    crop: int = 0  # > 0: train on random crops of this side at native resolution (line-scan tiles)
+    crops_per_image: int = 4  # crops drawn, once and seeded, from each image when crop > 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("epochs, batch size and learning rate must be positive")
         if self.max_images < 0 or not math.isfinite(self.sigma) or self.sigma < 0:
             raise ConfigError("max images and sigma must not be negative")
+        if self.crop and not 16 <= self.crop <= 4096 or self.crops_per_image < 1:
+            raise ConfigError(f"crop {self.crop} must be 0 (whole images) or 16..4096 pixels, with at least "
+                              "one crop per image")
         if not 0 < self.holdout_fraction < 1:
             raise ConfigError(f"holdout fraction {self.holdout_fraction} must be between 0 and 1")
 
@@ -77,7 +82,7 @@ def batches(items: Sequence, size: int):
 
 
 @torch.no_grad()
-def extract_features(model: STMAE, preprocessing: Preprocessing, paths: Sequence[Path],
+def extract_features(model: STMAE, preprocessing: Preprocessing, paths: Sequence[ImageInput],
                      batch_size: int = 16, description: str = "features") -> torch.Tensor:
     """Raw backbone features of every image, stored in fp16 to halve memory: (N, C, G, G)."""
     out = []
@@ -89,7 +94,7 @@ def extract_features(model: STMAE, preprocessing: Preprocessing, paths: Sequence
 
 
 @torch.no_grad()
-def score_images(model: STMAE, preprocessing: Preprocessing, paths: Sequence[Path], batch_size: int = 16,
+def score_images(model: STMAE, preprocessing: Preprocessing, paths: Sequence[ImageInput], batch_size: int = 16,
                  description: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
     """The full forward pass (as exported): maps (N, H, W) at input size and scores (N,)."""
     model.eval()
@@ -185,11 +190,17 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg:
     if cfg.max_images:
         paths = [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
     train_paths, holdout_paths = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
+    train_items, holdout_items = train_paths, holdout_paths
+    if cfg.crop:
+        # The model then takes crop x crop inputs: tiles cut at native scale, never resized.
+        model_config = replace(model_config, input_size=cfg.crop)
+        train_items = data.random_crops(train_paths, cfg.crop, cfg.crops_per_image, cfg.seed)
+        holdout_items = data.random_crops(holdout_paths, cfg.crop, cfg.crops_per_image, cfg.seed + 1)
     preprocessing = preprocessing_for(model_config)
 
     started = time.perf_counter()
     model = STMAE(model_config, backbone_weights=backbone_weights)
-    features = extract_features(model, preprocessing, train_paths, description="backbone features")
+    features = extract_features(model, preprocessing, train_items, description="backbone features")
     mean, std = feature_statistics(features)
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(std)
@@ -200,7 +211,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg:
         model.residual_std.copy_(std)
     del features
 
-    _, holdout_scores = score_images(model, preprocessing, holdout_paths, description="held-out scores")
+    _, holdout_scores = score_images(model, preprocessing, holdout_items, description="held-out scores")
     stats = ScoreStats.from_scores(holdout_scores)
     metadata = ModelMetadata(
         model_family="stmae",
@@ -212,6 +223,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg:
             "data_dir": str(data_dir),
             "train_images": len(train_paths),
             "holdout_images": len(holdout_paths),
+            "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
             "train_config": asdict(cfg),
             "backbone_weights": backbone_weights,
             "loss_per_epoch": history,

@@ -93,7 +93,23 @@ class Detector:
         """The network's input tensor for these images: the same definition training used."""
         return self.preprocessing(images)
 
-    def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict) -> list[Detection]:
+    def raw_maps(self, images: Sequence[ImageInput], timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The network's own output for a list of images, batched: maps (N, H, W) at the model's input
+        size and raw scores (N,), without thresholds or regions. For callers that combine maps
+        themselves, such as the line-scan inspector, which feeds tiles of exactly that size."""
+        spent = dict.fromkeys(STAGES, 0.0)
+        outputs = [self._infer_batch(list(images[start:start + self.batch_size]), start, spent)
+                   for start in range(0, len(images), self.batch_size)]
+        if timings is not None:
+            for stage in ("preprocess", "infer"):
+                timings[stage] = timings.get(stage, 0.0) + spent[stage]
+        if not outputs:
+            height, width = self.preprocessing.input_size
+            return np.empty((0, height, width), np.float32), np.empty(0, np.float32)
+        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
+
+    def _infer_batch(self, items: list, offset: int, spent: dict):
+        """Decode, check and preprocess `items`, run the backend: (maps, scores, sizes, sources)."""
         started = time.perf_counter()
         height, width = self.preprocessing.input_size
         batch = np.empty((len(items), 3, height, width), np.float32)
@@ -104,22 +120,26 @@ class Detector:
                 image = load_image(item, self.preprocessing.max_pixels)
             except InvalidImageError as exc:
                 raise InvalidImageError(f"image {offset + i}: {exc}" if source.startswith("array") else str(exc)) from None
-            batch[i] = self.preprocessing.tensor(image)
+            self.preprocessing.tensor(image, out=batch[i])
             sizes.append(image.shape[:2])
             sources.append(source)
         inferred = time.perf_counter()
         with self._lock:
             maps, scores = self._backend.run(batch)
-        done = time.perf_counter()
+        spent["preprocess"] += inferred - started
+        spent["infer"] += time.perf_counter() - inferred
         if maps.shape != (len(items), height, width) or scores.shape != (len(items),):
             raise BackendError(f"the backend returned maps {maps.shape} and scores {scores.shape} for a batch of "
                                f"{len(items)}; the model file does not fit this runtime")
         if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
             raise BackendError("the network produced NaN or infinite values; check the model with `stmae-edge verify`")
+        return maps, scores, sizes, sources
+
+    def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict) -> list[Detection]:
+        maps, scores, sizes, sources = self._infer_batch(items, offset, spent)
+        started = time.perf_counter()
         detections = postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area)
-        spent["preprocess"] += inferred - started
-        spent["infer"] += done - inferred
-        spent["postprocess"] += time.perf_counter() - done
+        spent["postprocess"] += time.perf_counter() - started
         return detections
 
     def close(self) -> None:

@@ -1,0 +1,316 @@
+"""Line-scan inspection: an endless strip of rows in, defects in strip coordinates out.
+
+    inspector = StreamingInspector(detector, overlap=32)
+    for block in camera:                    # (rows, width[, channels]) uint8/uint16, any number of rows
+        for defect in inspector.push(block):
+            handle(defect)                  # defect.row is the absolute strip row, defect.col the column
+    inspector.flush()                       # end of the strip: the remaining rows
+
+Tiles are cut at the model's native input size, with no resizing, so the scale the model sees on the
+line is the scale it was trained at (`train --crop`). They cover the width and run along the strip
+with `overlap` pixels shared between neighbours. Their maps are blended with weights that fall off
+towards each tile's edges, into one continuous strip map. Rows become final once no later tile can
+cover them. Defects are connected components of the final map above the pixel threshold, tracked
+across bands, so a defect that spans tile or block borders is reported once. Memory is bounded by a
+few tile heights of rows, whatever the strip's length.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from ..errors import ConfigError, InvalidImageError
+from ..scoring import normalize
+from .detector import Detector
+from .postprocess import resolve_thresholds
+
+
+@dataclass(frozen=True)
+class StripDefect:
+    row: int  # top row of the bounding box, counted from the strip's first row
+    col: int  # left column
+    height: int
+    width: int
+    area: int  # pixels above the pixel threshold
+    peak_score: float  # raw units, as the thresholds
+    peak_normalized: float  # z-score against good parts
+    peak_row: int
+    peak_col: int
+    tiles: tuple[tuple[int, int], ...]  # (tile row, tile column) of every tile whose area overlaps the box
+    continues: bool = False  # cut at max_defect_rows: the rest follows as further defects
+
+    def to_dict(self) -> dict:
+        return {"row": self.row, "col": self.col, "height": self.height, "width": self.width, "area": self.area,
+                "peak_score": self.peak_score, "peak_normalized": self.peak_normalized,
+                "peak": [self.peak_row, self.peak_col], "tiles": [list(t) for t in self.tiles],
+                "continues": self.continues}
+
+
+def edge_ramp(length: int, overlap: int) -> np.ndarray:
+    """1 in the middle, falling linearly towards both ends over `overlap` pixels, never 0."""
+    if overlap <= 0:
+        return np.ones(length, np.float32)
+    i = np.arange(length, dtype=np.float32) + 0.5
+    return np.minimum(1.0, np.minimum(i, length - i) / overlap).astype(np.float32)
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Starts of tiles covering [0, length): every `stride`, the last one flush with the end."""
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    return starts
+
+
+class StreamingInspector:
+    def __init__(self, detector: Detector, overlap: int = 32, width: int | None = None,
+                 pixel_threshold: float | None = None, max_defect_rows: int | None = None,
+                 on_rows: Callable[[int, np.ndarray], None] | None = None):
+        self.detector = detector
+        self.pixel_threshold = resolve_thresholds(detector.thresholds, detector.score_stats,
+                                                  pixel=pixel_threshold).pixel
+        self.tile_height, self.tile_width = detector.preprocessing.input_size
+        if not 0 <= overlap <= min(self.tile_height, self.tile_width) // 2:
+            raise ConfigError(f"overlap {overlap} must be within 0..{min(self.tile_height, self.tile_width) // 2} "
+                              f"(half the model's {self.tile_width}x{self.tile_height} tile)")
+        self.overlap = overlap
+        self.stride = self.tile_height - overlap
+        self.max_defect_rows = max_defect_rows or 8 * self.tile_height
+        self.on_rows = on_rows  # called with (first row, final strip map rows) as rows become final
+        self.width = width
+        self._channels: int | None = None
+        self._dtype = None
+        self._weight = np.outer(edge_ramp(self.tile_height, overlap), edge_ramp(self.tile_width, overlap))
+        self._rows = np.empty((0, 0), np.uint8)  # buffered image rows, starting at strip row _rows_start
+        self._rows_start = 0
+        self._next_tile_row = 0  # strip row where the next tile row starts
+        self._tile_row_index = 0
+        self._tile_rows = collections.deque(maxlen=self.max_defect_rows // max(1, self.stride) + 4)
+        self._acc = self._acc_weight = None  # blended map under construction, from strip row _next_tile_row
+        self._regions: StripRegions | None = None  # created with the strip's width, at the first block
+        self.rows_pushed = 0
+        self.rows_final = 0
+        self.tiles = 0
+        self.seconds = {"total": 0.0, "preprocess": 0.0, "infer": 0.0}
+        self._flushed = False
+
+    # -- input -----------------------------------------------------------------------------------
+    def _check_block(self, block: np.ndarray) -> np.ndarray:
+        if not isinstance(block, np.ndarray) or block.ndim not in (2, 3):
+            raise InvalidImageError(f"a block must be a numpy array (rows, width[, channels]), not "
+                                    f"{getattr(block, 'shape', type(block).__name__)}")
+        if block.ndim == 3 and block.shape[2] == 1:
+            block = block[:, :, 0]
+        channels = 1 if block.ndim == 2 else block.shape[2]
+        if channels not in (1, 3):
+            raise InvalidImageError(f"a block has {channels} channels; line-scan takes 1 (gray) or 3 (BGR)")
+        if block.dtype not in (np.uint8, np.uint16):
+            raise InvalidImageError(f"block pixels are {block.dtype}; line-scan takes uint8 or uint16")
+        if self.width is None:
+            self.width = block.shape[1]
+        if block.shape[1] != self.width:
+            raise InvalidImageError(f"a block is {block.shape[1]} pixels wide; this strip is {self.width}")
+        if self.width < self.tile_width:
+            raise InvalidImageError(f"the strip is {self.width} pixels wide, narrower than the model's "
+                                    f"{self.tile_width}-pixel tile")
+        if self._channels is None:
+            self._channels, self._dtype = channels, block.dtype
+            self._rows = np.empty((0, *block.shape[1:]), block.dtype)
+            self._columns = tile_starts(self.width, self.tile_width, self.tile_width - self.overlap)
+            self._regions = StripRegions(self.width, self.pixel_threshold, self.detector.score_stats,
+                                         self.max_defect_rows, self._tiles_for)
+        if channels != self._channels or block.dtype != self._dtype:
+            raise InvalidImageError(f"a block is {channels}-channel {block.dtype}; this strip is "
+                                    f"{self._channels}-channel {self._dtype}")
+        return block
+
+    def push(self, block: np.ndarray) -> list[StripDefect]:
+        """Add rows at the bottom of the strip; returns the defects completed by them."""
+        if self._flushed:
+            raise ConfigError("this strip was flushed; start a new StreamingInspector for the next strip")
+        block = self._check_block(block)
+        started = time.perf_counter()
+        self._rows = np.concatenate([self._rows, block]) if self._rows.size else block.copy()
+        self.rows_pushed += block.shape[0]
+        defects = []
+        while self.rows_pushed >= self._next_tile_row + self.tile_height:
+            defects += self._tile_row(self._next_tile_row, final_row=self._next_tile_row + self.stride)
+        self.seconds["total"] += time.perf_counter() - started
+        return defects
+
+    def flush(self) -> list[StripDefect]:
+        """End of the strip: score the rows not yet covered, close every open defect."""
+        if self._flushed or self.rows_pushed == 0:
+            self._flushed = True
+            return []
+        started = time.perf_counter()
+        defects = []
+        if self._tile_row_index and self._tile_rows[-1][1] + self.tile_height >= self.rows_pushed:
+            defects += self._finalize(self.rows_pushed)  # the last tile row already reaches the end
+        elif self.rows_final < self.rows_pushed:
+            if self.rows_pushed < self.tile_height:  # a strip shorter than one tile: mirror it to one
+                pad = self.tile_height - self.rows_pushed
+                self._rows = cv2.copyMakeBorder(self._rows, 0, pad, 0, 0, cv2.BORDER_REFLECT_101) \
+                    if self._rows.shape[0] > pad else np.concatenate([self._rows] + [self._rows[-1:]] * pad)
+            top = max(0, self.rows_pushed - self.tile_height)  # the last tile row, flush with the end
+            defects += self._tile_row(top, final_row=self.rows_pushed)
+        defects += self._regions.close()
+        self._flushed = True
+        self.seconds["total"] += time.perf_counter() - started
+        return defects
+
+    # -- tiles and blending ------------------------------------------------------------------------
+    def _tile_row(self, top: int, final_row: int) -> list[StripDefect]:
+        """Score one row of tiles starting at strip row `top`; rows before `final_row` become final."""
+        offset = top - self._rows_start
+        band = self._rows[offset:offset + self.tile_height]
+        tiles = [band[:, x:x + self.tile_width] for x in self._columns]
+        maps, _ = self.detector.raw_maps(tiles, timings=self.seconds)
+        self.tiles += len(tiles)
+        self._tile_rows.append((self._tile_row_index, top))
+        self._tile_row_index += 1
+
+        span = top + self.tile_height - self._next_tile_row  # rows from the accumulator's start
+        if self._acc is None:
+            self._acc = np.zeros((0, self.width), np.float32)
+            self._acc_weight = np.zeros((0, self.width), np.float32)
+        if self._acc.shape[0] < span:
+            grow = span - self._acc.shape[0]
+            self._acc = np.concatenate([self._acc, np.zeros((grow, self.width), np.float32)])
+            self._acc_weight = np.concatenate([self._acc_weight, np.zeros((grow, self.width), np.float32)])
+        skip = max(0, self._next_tile_row - top)  # rows of this tile that are already final (last row only)
+        rows = slice(top + skip - self._next_tile_row, span)
+        for x, tile_map in zip(self._columns, maps):
+            self._acc[rows, x:x + self.tile_width] += tile_map[skip:] * self._weight[skip:]
+            self._acc_weight[rows, x:x + self.tile_width] += self._weight[skip:]
+
+        return self._finalize(final_row)
+
+    def _finalize(self, final_row: int) -> list[StripDefect]:
+        """Rows up to `final_row` are covered by every tile that will ever cover them: emit them."""
+        done = final_row - self._next_tile_row
+        final = self._acc[:done] / self._acc_weight[:done]
+        first = self._next_tile_row
+        self._acc, self._acc_weight = self._acc[done:], self._acc_weight[done:]
+        self._next_tile_row = final_row
+        self.rows_final = final_row
+        # Keep one tile height of image rows above the next tile row, for a last tile flush with the end.
+        keep_from = max(0, final_row - self.tile_height)
+        self._rows = self._rows[keep_from - self._rows_start:]
+        self._rows_start = keep_from
+        if self.on_rows is not None:
+            self.on_rows(first, final)
+        return self._regions.add(first, final)
+
+    def _tiles_for(self, top: int, left: int, height: int, width: int) -> tuple[tuple[int, int], ...]:
+        return tuple((i, j) for i, y in self._tile_rows if y < top + height and y + self.tile_height > top
+                     for j, x in enumerate(self._columns) if x < left + width and x + self.tile_width > left)
+
+
+class StripRegions:
+    """Connected components of a map that arrives in bands of final rows, each reported once.
+
+    Components that touch the newest row may continue into the next band, so their rows are kept
+    (pending) and labelled again with it; reported components are masked out of what is kept. A
+    component taller than `max_rows` is reported in parts, each but the last marked `continues`,
+    which bounds memory whatever the defect."""
+
+    def __init__(self, width: int, threshold: float, stats, max_rows: int,
+                 tiles_for: Callable[[int, int, int, int], tuple] = lambda *box: ()):
+        self.width, self.threshold, self.stats, self.max_rows = width, threshold, stats, max_rows
+        self.tiles_for = tiles_for
+        self.pending = np.empty((0, width), np.float32)  # final map rows still holding open components
+        self.pending_start = 0
+
+    def add(self, first: int, band: np.ndarray) -> list[StripDefect]:
+        """Rows first.. of the map, final; returns the components that they complete."""
+        if self.pending.shape[0] == 0:
+            self.pending_start = first
+            stack = band
+        else:
+            stack = np.concatenate([self.pending, band])
+        above = stack > self.threshold
+        if not above.any():
+            self.pending = np.empty((0, self.width), np.float32)
+            return []
+        if stack is band:
+            stack = band.copy()  # reported pixels get masked below; the caller's rows stay as they were
+        count, labels, boxes, _ = cv2.connectedComponentsWithStats(above.astype(np.uint8), connectivity=8)
+        bottom = stack.shape[0]
+        force = bottom > self.max_rows  # a component longer than this is reported in parts
+        defects, open_top = [], bottom
+        for label in range(1, count):
+            x, y, w, h, _ = (int(v) for v in boxes[label])
+            if y + h == bottom and not force:
+                open_top = min(open_top, y)
+                continue
+            defects.append(self._defect(stack, labels, label, boxes[label], continues=force and y + h == bottom))
+            window = stack[y:y + h, x:x + w]
+            window[labels[y:y + h, x:x + w] == label] = -np.inf  # reported: never again
+        self.pending = np.ascontiguousarray(stack[open_top:]) if open_top < bottom else \
+            np.empty((0, self.width), np.float32)
+        self.pending_start += open_top
+        return defects
+
+    def close(self) -> list[StripDefect]:
+        """The end of the map: every component still open."""
+        stack, self.pending = self.pending, np.empty((0, self.width), np.float32)
+        if stack.shape[0] == 0:
+            return []
+        count, labels, boxes, _ = cv2.connectedComponentsWithStats((stack > self.threshold).astype(np.uint8),
+                                                                   connectivity=8)
+        return [self._defect(stack, labels, label, boxes[label]) for label in range(1, count)]
+
+    def _defect(self, stack: np.ndarray, labels: np.ndarray, label: int, box, continues: bool = False) -> StripDefect:
+        x, y, width, height, area = (int(v) for v in box)
+        window = np.where(labels[y:y + height, x:x + width] == label, stack[y:y + height, x:x + width], -np.inf)
+        py, px = np.unravel_index(int(np.argmax(window)), window.shape)
+        peak = float(window[py, px])
+        top = self.pending_start + y
+        return StripDefect(top, x, height, width, area, peak, float(normalize(peak, self.stats)),
+                           top + int(py), x + int(px), self.tiles_for(top, x, height, width), continues)
+
+
+def replay(inspector: StreamingInspector, source, block_rows: int = 256,
+           on_defect: Callable[[StripDefect], None] | None = None) -> dict:
+    """Feed a recorded strip through `inspector` as a camera would: a tall image cut into blocks of
+    `block_rows`, or a folder of consecutive block images (in name order, each pushed as it is).
+    Returns the defects and the inspector's throughput; file decoding is not counted."""
+    from pathlib import Path
+
+    from ..data import images_in
+    from ..preprocessing import load_image
+
+    source = Path(source)
+    if block_rows < 1:
+        raise ConfigError(f"--block-rows {block_rows} must be at least 1")
+    if source.is_dir():
+        files = images_in(source)
+        if not files:
+            raise InvalidImageError(f"{source}: no block images in this folder")
+        blocks = (load_image(path) for path in files)
+    else:
+        strip = load_image(source)
+        blocks = (strip[i:i + block_rows] for i in range(0, strip.shape[0], block_rows))
+    defects: list[StripDefect] = []
+    for block in blocks:
+        found = inspector.push(block)
+        defects += found
+        for defect in found if on_defect else ():
+            on_defect(defect)
+    found = inspector.flush()
+    defects += found
+    for defect in found if on_defect else ():
+        on_defect(defect)
+    seconds = inspector.seconds["total"]
+    rows = inspector.rows_pushed
+    return {"rows": rows, "width": inspector.width, "tiles": inspector.tiles, "seconds": seconds,
+            "rows_per_s": rows / seconds if seconds else 0.0,
+            "megapixels_per_s": rows * inspector.width / seconds / 1e6 if seconds else 0.0,
+            "defects": [d.to_dict() for d in defects]}

@@ -1,0 +1,247 @@
+"""Line-scan: a tiny model trained on native-scale crops, run over synthetic strips in real ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import cv2
+import numpy as np
+import pytest
+
+from stmae_edge.errors import ConfigError, InvalidImageError
+from stmae_edge.runtime import Detector
+from stmae_edge.runtime.linescan import StreamingInspector, StripRegions, edge_ramp
+from stmae_edge.scoring import ScoreStats
+from test_cli import run
+
+OVERLAP = 16  # tiles of 64: stride 48
+
+
+@pytest.fixture(scope="module")
+def linescan_model(synthetic_dataset, tmp_path_factory):
+    from stmae_edge.export import export_onnx
+    from stmae_edge.models.stmae import preset
+    from stmae_edge.train import TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("linescan")
+    metadata = train(synthetic_dataset, folder / "m.pt", preset("tiny"),
+                     TrainConfig(epochs=4, batch_size=8, crop=64), backbone_weights="random")
+    assert metadata.preprocessing.input_size == (64, 64) and metadata.training["crop"] == 64
+    path, _ = export_onnx(folder / "m.pt", folder / "m.onnx")
+    return path
+
+
+@pytest.fixture(scope="module")
+def detector(linescan_model):
+    return Detector(linescan_model)
+
+
+def make_strip(seed: int, rows: int, width: int) -> np.ndarray:
+    """Good 'web' with the texture statistics of the training images (conftest._texture)."""
+    rng = np.random.default_rng(seed)
+    coarse = cv2.resize(rng.normal(128, 20, (rows // 8, width // 8)), (width, rows), interpolation=cv2.INTER_CUBIC)
+    return np.clip(coarse + rng.normal(0, 4, (rows, width)), 0, 255).astype(np.uint8)
+
+
+def inspect(detector, strip, block_heights, threshold=None, keep_map=True):
+    bands = []
+    inspector = StreamingInspector(detector, overlap=OVERLAP, pixel_threshold=threshold,
+                                   on_rows=(lambda first, rows: bands.append((first, rows.copy()))) if keep_map else None)
+    defects, start = [], 0
+    for height in block_heights:
+        defects += inspector.push(strip[start:start + height])
+        start += height
+    assert start == strip.shape[0]
+    defects += inspector.flush()
+    strip_map = None
+    if keep_map:
+        assert [first for first, _ in bands] == list(np.cumsum([0] + [b.shape[0] for _, b in bands[:-1]]))
+        strip_map = np.concatenate([b for _, b in bands])
+    return defects, strip_map, inspector
+
+
+def strong_threshold(detector) -> float:
+    stats = detector.score_stats
+    return stats.mean + 10 * stats.std
+
+
+def test_a_defect_across_tile_seams_and_a_block_border_is_found_once_where_it_is(detector):
+    strip = make_strip(1, 400, 200)
+    strip[100:116, 100:116] = 250  # rows 96..112 and columns 96..112 are tile overlaps; blocks of 37 end at 111
+    defects, _, _ = inspect(detector, strip, [37] * 10 + [30], threshold=strong_threshold(detector))
+    hits = [d for d in defects if d.row < 116 and d.row + d.height > 100 and d.col < 116 and d.col + d.width > 100]
+    assert len(hits) == 1, defects
+    d = hits[0]
+    assert 88 <= d.row <= 100 and 116 <= d.row + d.height <= 128, d  # the square, widened by the map's smoothing
+    assert 88 <= d.col <= 100 and 116 <= d.col + d.width <= 128, d
+    assert 100 <= d.peak_row < 116 and 100 <= d.peak_col < 116
+    assert len(d.tiles) >= 4 and {(2, 2)} <= set(d.tiles)  # tile row 2 starts at 96, column 2 at 96
+    assert len(defects) == 1, defects  # nothing else on a good web at this threshold
+
+
+def test_the_stitched_map_equals_scoring_the_strip_in_one_piece(detector):
+    strip = make_strip(2, 300, 200)
+    strip[200:210, 20:60] = 10
+    _, streamed, _ = inspect(detector, strip, [300])
+    # The reference: every tile of the whole strip scored in one call, blended with the same weights.
+    # Rows a regular tile row finalised are not revised by the last tile, flush with the end.
+    tile, stride = 64, 64 - OVERLAP
+    rows = list(range(0, 300 - tile + 1, stride))
+    cols = list(range(0, 200 - tile + 1, stride)) + [200 - tile]
+    final_before_last = rows[-1] + stride
+    rows_all = rows + [300 - tile]
+    maps, _ = detector.raw_maps([strip[y:y + tile, x:x + tile] for y in rows_all for x in cols])
+    weight = np.outer(edge_ramp(tile, OVERLAP), edge_ramp(tile, OVERLAP))
+    total, weights = np.zeros((300, 200)), np.zeros((300, 200))
+    for k, (y, x) in enumerate((y, x) for y in rows_all for x in cols):
+        mask = np.ones((tile, tile), bool)
+        if y not in rows:
+            mask[: max(0, final_before_last - y)] = False
+        total[y:y + tile, x:x + tile] += np.where(mask, maps[k] * weight, 0)
+        weights[y:y + tile, x:x + tile] += np.where(mask, weight, 0)
+    reference = total / weights
+    assert streamed.shape == (300, 200)
+    np.testing.assert_allclose(streamed, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
+
+
+def test_random_block_heights_give_identical_output(detector):
+    strip = make_strip(3, 500, 200)
+    strip[130:140, 150:190] = 255
+    strip[300:340, 10:14] = 0
+    threshold = strong_threshold(detector)
+    reference, reference_map, _ = inspect(detector, strip, [500], threshold)
+    assert len(reference) >= 2
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        cuts = np.sort(rng.choice(np.arange(1, 500), size=rng.integers(5, 40), replace=False))
+        heights = np.diff(np.concatenate([[0], cuts, [500]])).tolist()
+        defects, strip_map, _ = inspect(detector, strip, heights, threshold)
+        assert defects == reference, heights
+        np.testing.assert_array_equal(strip_map, reference_map)
+
+
+def test_memory_stays_bounded_over_a_long_strip(detector):
+    """Measured with tracemalloc (numpy's buffers report to it): the peak over a strip four times as
+    long is the same, and the row buffers never exceed a few tile heights."""
+    def peak(blocks: int) -> tuple[int, int]:
+        inspector = StreamingInspector(detector, overlap=OVERLAP)
+        largest_buffer = 0
+        tracemalloc.start()
+        for i in range(blocks):
+            inspector.push(make_strip(100 + i % 7, 64, 200))
+            largest_buffer = max(largest_buffer, inspector._rows.shape[0] + inspector._regions.pending.shape[0])
+        inspector.flush()
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top, largest_buffer
+
+    peak(5)  # warm-up: ONNX Runtime's and numpy's one-off allocations
+    short, short_rows = peak(40)
+    long, long_rows = peak(160)
+    assert long <= short * 1.10 + 256 * 1024, (short, long)
+    assert long_rows <= 3 * 64 + 64 and long_rows == short_rows
+
+
+def test_strip_input_checks_and_short_strips(detector):
+    inspector = StreamingInspector(detector, overlap=OVERLAP)
+    with pytest.raises(InvalidImageError, match="narrower than"):
+        inspector.push(np.zeros((10, 50), np.uint8))
+    inspector = StreamingInspector(detector, overlap=OVERLAP)
+    inspector.push(np.zeros((10, 100), np.uint8))
+    for bad, fragment in ((np.zeros((10, 120), np.uint8), "120 pixels wide"),
+                          (np.zeros((10, 100, 3), np.uint8), "3-channel"),
+                          (np.zeros((10, 100), np.uint16), "uint16"),
+                          (np.zeros((10, 100), np.float32), "float32"),
+                          (np.zeros((10, 100, 2), np.uint8), "2 channels"),
+                          ([[1, 2]], "numpy array")):
+        with pytest.raises(InvalidImageError, match=fragment):
+            inspector.push(bad)
+    inspector.push(np.full((20, 100), 128, np.uint8))  # still usable after each refusal
+    inspector.flush()  # 30 rows: fewer than one tile, mirrored up to one
+    assert inspector.rows_final == 30 and inspector.tiles == 2
+    with pytest.raises(ConfigError, match="flushed"):
+        inspector.push(np.zeros((10, 100), np.uint8))
+    with pytest.raises(ConfigError, match="overlap"):
+        StreamingInspector(detector, overlap=40)
+    colour = StreamingInspector(detector, overlap=0)
+    colour.push((make_strip(4, 128, 128)[:, :, None] * np.uint16(257)).repeat(3, axis=2))
+    colour.flush()
+    assert colour.rows_final == 128 and colour.tiles == 4
+
+
+def test_linescan_command_replays_an_image_or_a_folder_of_blocks(linescan_model, tmp_path):
+    strip = make_strip(5, 300, 200)
+    strip[150:166, 90:106] = 250
+    cv2.imwrite(str(tmp_path / "strip.png"), strip)
+    blocks = tmp_path / "blocks"
+    blocks.mkdir()
+    for i, start in enumerate(range(0, 300, 70)):
+        cv2.imwrite(str(blocks / f"{i:04d}.png"), strip[start:start + 70])
+    reports = []
+    for source in (tmp_path / "strip.png", blocks):
+        r = run("linescan", str(linescan_model), str(source), "--block-rows", "45", "--overlap", str(OVERLAP),
+                "--pixel-threshold", str(strong_threshold(Detector(linescan_model))), "--json")
+        assert r.returncode == 0, r.stderr
+        reports.append(json.loads(r.stdout))
+    for report in reports:
+        assert report["rows"] == 300 and report["width"] == 200 and report["rows_per_s"] > 0
+        assert report["megapixels_per_s"] == pytest.approx(report["rows_per_s"] * 200 / 1e6)
+        assert len(report["defects"]) == 1 and 140 <= report["defects"][0]["row"] <= 150
+    assert reports[0]["defects"] == reports[1]["defects"]
+    r = run("linescan", str(linescan_model), str(tmp_path / "strip.png"))
+    assert r.returncode == 0 and "rows/s" in r.stdout and "defect at row" in r.stdout
+
+
+def test_components_across_bands_are_reported_once_and_long_ones_in_parts():
+    stats = ScoreStats(10, 0.0, 1.0, -1.0, 1.0, 0.0, 1.5, 2.0)
+    strip_map = np.zeros((120, 40), np.float32)
+    strip_map[5:100, 3] = 5.0  # a long scratch along the web, open through many bands
+    strip_map[30:34, 20:25] = 7.0  # a short blob beside it, closed while the scratch is still open
+    strip_map[60:75, 30:32] = 6.0  # crosses the band border at 70
+    strip_map[119, 10] = 4.0  # touches the last row: closed only by close()
+
+    def run_bands(max_rows: int) -> list:
+        regions = StripRegions(40, 2.0, stats, max_rows)
+        found = []
+        for first in range(0, 120, 10):
+            found += regions.add(first, strip_map[first:first + 10])
+        return found + regions.close()
+
+    found = run_bands(max_rows=1000)
+    boxes = sorted((d.row, d.col, d.height, d.width, d.area, d.continues) for d in found)
+    assert boxes == [(5, 3, 95, 1, 95, False), (30, 20, 4, 5, 20, False), (60, 30, 15, 2, 30, False),
+                     (119, 10, 1, 1, 1, False)]
+    blob = next(d for d in found if d.col == 20)
+    assert (blob.peak_score, blob.peak_normalized) == (7.0, 7.0)
+    parts = sorted((d.row, d.height, d.continues) for d in run_bands(max_rows=30) if d.col == 3)
+    assert parts[0][2] and not parts[-1][2] and sum(h for _, h, _ in parts) == 95
+    assert all(b[0] + b[1] == a[0] for b, a in zip(parts, parts[1:]))  # the parts tile the scratch
+
+
+def test_random_crops_are_seeded_native_scale_and_mirror_small_images(tmp_path):
+    from stmae_edge.data import random_crops
+
+    big = np.random.default_rng(0).integers(0, 256, (90, 120), np.uint8)
+    small = np.random.default_rng(1).integers(0, 256, (40, 100), np.uint8)
+    cv2.imwrite(str(tmp_path / "big.png"), big)
+    cv2.imwrite(str(tmp_path / "small.png"), small)
+    paths = [tmp_path / "big.png", tmp_path / "small.png"]
+    crops = random_crops(paths, 64, 3, seed=5)
+    assert len(crops) == 6 and all(c.shape == (64, 64) for c in crops)
+    assert all(any(np.array_equal(c, big[y:y + 64, x:x + 64]) for y in range(27) for x in range(57))
+               for c in crops[:3])  # exact windows of the image: nothing resized
+    # 40 rows tall, mirrored to 64: the top 40 rows of every crop are a window of the image itself
+    assert all(any(np.array_equal(c[:40], small[:, x:x + 64]) for x in range(37)) for c in crops[3:])
+    assert all(np.array_equal(a, b) for a, b in zip(crops, random_crops(paths, 64, 3, seed=5)))
+    assert not all(np.array_equal(a, b) for a, b in zip(crops, random_crops(paths, 64, 3, seed=6)))
+
+
+def test_train_crop_from_the_command_line(synthetic_dataset, tmp_path):
+    model = tmp_path / "crop.pt"
+    r = run("train", str(synthetic_dataset), "--out", str(model), "--preset", "tiny", "--epochs", "1",
+            "--crop", "48", "--crops-per-image", "2", "--backbone-weights", "random")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(run("info", str(model)).stdout)
+    assert info["preprocessing"]["input_size"] == [48, 48] and info["config"]["input_size"] == 48
+    assert info["training"]["crop"] == 48 and info["training"]["train_config"]["crops_per_image"] == 2
