@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stmae_edge.errors import ConfigError, InvalidImageError
+from stmae_edge.errors import BackendError, ConfigError, InvalidImageError
 from stmae_edge.runtime import Detector
 from stmae_edge.runtime.linescan import StreamingInspector, StripRegions, edge_ramp
 from stmae_edge.scoring import ScoreStats
@@ -76,7 +76,10 @@ def test_a_defect_across_tile_seams_and_a_block_border_is_found_once_where_it_is
     assert 88 <= d.row <= 100 and 116 <= d.row + d.height <= 128, d  # the square, widened by the map's smoothing
     assert 88 <= d.col <= 100 and 116 <= d.col + d.width <= 128, d
     assert 100 <= d.peak_row < 116 and 100 <= d.peak_col < 116
-    assert len(d.tiles) >= 4 and {(2, 2)} <= set(d.tiles)  # tile row 2 starts at 96, column 2 at 96
+    # tile rows start at 0, 48, 96, ...; tile columns at 0, 48, 96, 136: exactly those under the box
+    expected = {(i, j) for i, y in enumerate(range(0, 337, 48)) for j, x in enumerate((0, 48, 96, 136))
+                if y < d.row + d.height and y + 64 > d.row and x < d.col + d.width and x + 64 > d.col}
+    assert set(d.tiles) == expected and len(d.tiles) == len(expected) >= 4
     assert len(defects) == 1, defects  # nothing else on a good web at this threshold
 
 
@@ -112,6 +115,10 @@ def test_random_block_heights_give_identical_output(detector):
     threshold = strong_threshold(detector)
     reference, reference_map, _ = inspect(detector, strip, [500], threshold)
     assert len(reference) >= 2
+    # the defects are exactly the connected components of the whole strip map above the threshold
+    count, _, boxes, _ = cv2.connectedComponentsWithStats((reference_map > threshold).astype(np.uint8), connectivity=8)
+    assert sorted((d.col, d.row, d.width, d.height, d.area) for d in reference) == \
+        sorted(tuple(int(v) for v in boxes[k]) for k in range(1, count))
     rng = np.random.default_rng(0)
     for trial in range(3):
         cuts = np.sort(rng.choice(np.arange(1, 500), size=rng.integers(5, 40), replace=False))
@@ -146,8 +153,7 @@ def test_memory_stays_bounded_over_a_long_strip(detector):
 def test_strip_input_checks_and_short_strips(detector):
     inspector = StreamingInspector(detector, overlap=OVERLAP)
     with pytest.raises(InvalidImageError, match="narrower than"):
-        inspector.push(np.zeros((10, 50), np.uint8))
-    inspector = StreamingInspector(detector, overlap=OVERLAP)
+        inspector.push(np.zeros((10, 50), np.uint8))  # refused without fixing the strip's width
     inspector.push(np.zeros((10, 100), np.uint8))
     for bad, fragment in ((np.zeros((10, 120), np.uint8), "120 pixels wide"),
                           (np.zeros((10, 100, 3), np.uint8), "3-channel"),
@@ -162,8 +168,10 @@ def test_strip_input_checks_and_short_strips(detector):
     assert inspector.rows_final == 30 and inspector.tiles == 2
     with pytest.raises(ConfigError, match="flushed"):
         inspector.push(np.zeros((10, 100), np.uint8))
-    with pytest.raises(ConfigError, match="overlap"):
-        StreamingInspector(detector, overlap=40)
+    for kwargs, fragment in (({"overlap": 40}, "overlap"), ({"overlap": 8.0}, "overlap"),
+                             ({"max_defect_rows": -5}, "max_defect_rows"), ({"width": 30}, "width")):
+        with pytest.raises(ConfigError, match=fragment):
+            StreamingInspector(detector, **kwargs)
     colour = StreamingInspector(detector, overlap=0)
     colour.push((make_strip(4, 128, 128)[:, :, None] * np.uint16(257)).repeat(3, axis=2))
     colour.flush()
@@ -214,9 +222,13 @@ def test_components_across_bands_are_reported_once_and_long_ones_in_parts():
                      (119, 10, 1, 1, 1, False)]
     blob = next(d for d in found if d.col == 20)
     assert (blob.peak_score, blob.peak_normalized) == (7.0, 7.0)
-    parts = sorted((d.row, d.height, d.continues) for d in run_bands(max_rows=30) if d.col == 3)
+    split = run_bands(max_rows=30)
+    parts = sorted((d.row, d.height, d.continues) for d in split if d.col == 3)
     assert parts[0][2] and not parts[-1][2] and sum(h for _, h, _ in parts) == 95
     assert all(b[0] + b[1] == a[0] for b, a in zip(parts, parts[1:]))  # the parts tile the scratch
+    # while the scratch is being split, the other components are still reported whole, once
+    assert sorted((d.row, d.col, d.height, d.width, d.continues) for d in split if d.col != 3) == \
+        [(30, 20, 4, 5, False), (60, 30, 15, 2, False), (119, 10, 1, 1, False)]
 
 
 def test_random_crops_are_seeded_native_scale_and_mirror_small_images(tmp_path):
@@ -245,3 +257,13 @@ def test_train_crop_from_the_command_line(synthetic_dataset, tmp_path):
     info = json.loads(run("info", str(model)).stdout)
     assert info["preprocessing"]["input_size"] == [48, 48] and info["config"]["input_size"] == 48
     assert info["training"]["crop"] == 48 and info["training"]["train_config"]["crops_per_image"] == 2
+
+
+def test_a_failed_push_leaves_the_inspector_as_it_was(linescan_model):
+    detector = Detector(linescan_model)
+    inspector = StreamingInspector(detector, overlap=OVERLAP)
+    inspector.push(make_strip(6, 40, 100))
+    detector.close()  # the backend now fails every call
+    with pytest.raises(BackendError, match="closed"):
+        inspector.push(make_strip(7, 100, 100))
+    assert inspector.rows_pushed == 40 and inspector._rows.shape[0] == 40 and inspector.tiles == 0

@@ -73,25 +73,33 @@ class StreamingInspector:
                  pixel_threshold: float | None = None, max_defect_rows: int | None = None,
                  on_rows: Callable[[int, np.ndarray], None] | None = None):
         self.detector = detector
+        self.tile_height, self.tile_width = detector.preprocessing.input_size
+        half = min(self.tile_height, self.tile_width) // 2
+        if not _is_whole(overlap) or not 0 <= overlap <= half:
+            raise ConfigError(f"overlap {overlap!r} must be a whole number of pixels within 0..{half} "
+                              f"(half the model's {self.tile_width}x{self.tile_height} tile)")
+        max_defect_rows = 8 * self.tile_height if max_defect_rows is None else max_defect_rows
+        if not _is_whole(max_defect_rows) or max_defect_rows < 1:
+            raise ConfigError(f"max_defect_rows {max_defect_rows!r} must be a whole number of rows, at least 1")
+        if width is not None and (not _is_whole(width) or width < self.tile_width):
+            raise ConfigError(f"width {width!r} must be a whole number of pixels, at least the model's "
+                              f"{self.tile_width}-pixel tile")
         self.pixel_threshold = resolve_thresholds(detector.thresholds, detector.score_stats,
                                                   pixel=pixel_threshold).pixel
-        self.tile_height, self.tile_width = detector.preprocessing.input_size
-        if not 0 <= overlap <= min(self.tile_height, self.tile_width) // 2:
-            raise ConfigError(f"overlap {overlap} must be within 0..{min(self.tile_height, self.tile_width) // 2} "
-                              f"(half the model's {self.tile_width}x{self.tile_height} tile)")
-        self.overlap = overlap
-        self.stride = self.tile_height - overlap
-        self.max_defect_rows = max_defect_rows or 8 * self.tile_height
+        self.overlap = int(overlap)
+        self.stride = self.tile_height - self.overlap
+        self.max_defect_rows = int(max_defect_rows)
         self.on_rows = on_rows  # called with (first row, final strip map rows) as rows become final
         self.width = width
         self._channels: int | None = None
         self._dtype = None
-        self._weight = np.outer(edge_ramp(self.tile_height, overlap), edge_ramp(self.tile_width, overlap))
+        self._weight = np.outer(edge_ramp(self.tile_height, self.overlap), edge_ramp(self.tile_width, self.overlap))
         self._rows = np.empty((0, 0), np.uint8)  # buffered image rows, starting at strip row _rows_start
         self._rows_start = 0
-        self._next_tile_row = 0  # strip row where the next tile row starts
-        self._tile_row_index = 0
-        self._tile_rows = collections.deque(maxlen=self.max_defect_rows // max(1, self.stride) + 4)
+        self._next_tile_row = 0  # strip row where the next tile row starts; rows above it are final
+        # (index, first row, end row) of recent tile rows: the rows each one actually contributed to
+        self._tile_rows: collections.deque = collections.deque(maxlen=self.max_defect_rows // self.stride + 4)
+        self._tile_row_count = 0
         self._acc = self._acc_weight = None  # blended map under construction, from strip row _next_tile_row
         self._regions: StripRegions | None = None  # created with the strip's width, at the first block
         self.rows_pushed = 0
@@ -102,6 +110,7 @@ class StreamingInspector:
 
     # -- input -----------------------------------------------------------------------------------
     def _check_block(self, block: np.ndarray) -> np.ndarray:
+        """Refuse a bad block before anything about the strip is fixed or changed."""
         if not isinstance(block, np.ndarray) or block.ndim not in (2, 3):
             raise InvalidImageError(f"a block must be a numpy array (rows, width[, channels]), not "
                                     f"{getattr(block, 'shape', type(block).__name__)}")
@@ -112,35 +121,40 @@ class StreamingInspector:
             raise InvalidImageError(f"a block has {channels} channels; line-scan takes 1 (gray) or 3 (BGR)")
         if block.dtype not in (np.uint8, np.uint16):
             raise InvalidImageError(f"block pixels are {block.dtype}; line-scan takes uint8 or uint16")
-        if self.width is None:
-            self.width = block.shape[1]
-        if block.shape[1] != self.width:
-            raise InvalidImageError(f"a block is {block.shape[1]} pixels wide; this strip is {self.width}")
-        if self.width < self.tile_width:
-            raise InvalidImageError(f"the strip is {self.width} pixels wide, narrower than the model's "
+        width = block.shape[1]
+        if width < self.tile_width:
+            raise InvalidImageError(f"a block is {width} pixels wide, narrower than the model's "
                                     f"{self.tile_width}-pixel tile")
-        if self._channels is None:
-            self._channels, self._dtype = channels, block.dtype
+        if self.width is not None and width != self.width:
+            raise InvalidImageError(f"a block is {width} pixels wide; this strip is {self.width}")
+        if self._channels is not None and (channels != self._channels or block.dtype != self._dtype):
+            raise InvalidImageError(f"a block is {channels}-channel {block.dtype}; this strip is "
+                                    f"{self._channels}-channel {self._dtype}")
+        if self._channels is None:  # the first good block fixes the strip's format
+            self.width, self._channels, self._dtype = width, channels, block.dtype
             self._rows = np.empty((0, *block.shape[1:]), block.dtype)
             self._columns = tile_starts(self.width, self.tile_width, self.tile_width - self.overlap)
             self._regions = StripRegions(self.width, self.pixel_threshold, self.detector.score_stats,
                                          self.max_defect_rows, self._tiles_for)
-        if channels != self._channels or block.dtype != self._dtype:
-            raise InvalidImageError(f"a block is {channels}-channel {block.dtype}; this strip is "
-                                    f"{self._channels}-channel {self._dtype}")
         return block
 
     def push(self, block: np.ndarray) -> list[StripDefect]:
-        """Add rows at the bottom of the strip; returns the defects completed by them."""
+        """Add rows at the bottom of the strip; returns the defects completed by them.
+
+        Every tile row the new rows complete is scored in one batched call before anything changes,
+        so a push that fails (bad block, backend error) leaves the inspector as it was."""
         if self._flushed:
             raise ConfigError("this strip was flushed; start a new StreamingInspector for the next strip")
         block = self._check_block(block)
         started = time.perf_counter()
-        self._rows = np.concatenate([self._rows, block]) if self._rows.size else block.copy()
-        self.rows_pushed += block.shape[0]
+        rows = np.concatenate([self._rows, block]) if self._rows.shape[0] else block.copy()
+        pushed = self.rows_pushed + block.shape[0]
+        tops = list(range(self._next_tile_row, pushed - self.tile_height + 1, self.stride))
+        maps = self._score(rows, tops)
+        self._rows, self.rows_pushed = rows, pushed
         defects = []
-        while self.rows_pushed >= self._next_tile_row + self.tile_height:
-            defects += self._tile_row(self._next_tile_row, final_row=self._next_tile_row + self.stride)
+        for top, row_maps in zip(tops, maps):
+            defects += self._blend(top, row_maps, final_row=top + self.stride)
         self.seconds["total"] += time.perf_counter() - started
         return defects
 
@@ -151,31 +165,36 @@ class StreamingInspector:
             return []
         started = time.perf_counter()
         defects = []
-        if self._tile_row_index and self._tile_rows[-1][1] + self.tile_height >= self.rows_pushed:
+        if self._tile_rows and self._tile_rows[-1][2] >= self.rows_pushed:
             defects += self._finalize(self.rows_pushed)  # the last tile row already reaches the end
-        elif self.rows_final < self.rows_pushed:
+        else:
             if self.rows_pushed < self.tile_height:  # a strip shorter than one tile: mirror it to one
                 pad = self.tile_height - self.rows_pushed
-                self._rows = cv2.copyMakeBorder(self._rows, 0, pad, 0, 0, cv2.BORDER_REFLECT_101) \
-                    if self._rows.shape[0] > pad else np.concatenate([self._rows] + [self._rows[-1:]] * pad)
+                self._rows = np.concatenate([self._rows, self._rows[::-1]] * (pad // self.rows_pushed + 1))[
+                    :self.tile_height]
             top = max(0, self.rows_pushed - self.tile_height)  # the last tile row, flush with the end
-            defects += self._tile_row(top, final_row=self.rows_pushed)
+            defects += self._blend(top, self._score(self._rows, [top])[0], final_row=self.rows_pushed)
         defects += self._regions.close()
         self._flushed = True
         self.seconds["total"] += time.perf_counter() - started
         return defects
 
     # -- tiles and blending ------------------------------------------------------------------------
-    def _tile_row(self, top: int, final_row: int) -> list[StripDefect]:
-        """Score one row of tiles starting at strip row `top`; rows before `final_row` become final."""
-        offset = top - self._rows_start
-        band = self._rows[offset:offset + self.tile_height]
-        tiles = [band[:, x:x + self.tile_width] for x in self._columns]
+    def _score(self, rows: np.ndarray, tops: list[int]) -> list[np.ndarray]:
+        """Maps of the tile rows starting at `tops`, scored in one batched call: one array per row."""
+        if not tops:
+            return []
+        tiles = []
+        for top in tops:
+            offset = top - self._rows_start
+            tiles += [rows[offset:offset + self.tile_height, x:x + self.tile_width] for x in self._columns]
         maps, _ = self.detector.raw_maps(tiles, timings=self.seconds)
-        self.tiles += len(tiles)
-        self._tile_rows.append((self._tile_row_index, top))
-        self._tile_row_index += 1
+        per_row = len(self._columns)
+        return [maps[i * per_row:(i + 1) * per_row] for i in range(len(tops))]
 
+    def _blend(self, top: int, maps: np.ndarray, final_row: int) -> list[StripDefect]:
+        """Add one tile row's maps to the strip map; rows before `final_row` become final."""
+        self.tiles += len(maps)
         span = top + self.tile_height - self._next_tile_row  # rows from the accumulator's start
         if self._acc is None:
             self._acc = np.zeros((0, self.width), np.float32)
@@ -185,11 +204,12 @@ class StreamingInspector:
             self._acc = np.concatenate([self._acc, np.zeros((grow, self.width), np.float32)])
             self._acc_weight = np.concatenate([self._acc_weight, np.zeros((grow, self.width), np.float32)])
         skip = max(0, self._next_tile_row - top)  # rows of this tile that are already final (last row only)
+        self._tile_rows.append((self._tile_row_count, top + skip, top + self.tile_height))
+        self._tile_row_count += 1
         rows = slice(top + skip - self._next_tile_row, span)
         for x, tile_map in zip(self._columns, maps):
             self._acc[rows, x:x + self.tile_width] += tile_map[skip:] * self._weight[skip:]
             self._acc_weight[rows, x:x + self.tile_width] += self._weight[skip:]
-
         return self._finalize(final_row)
 
     def _finalize(self, final_row: int) -> list[StripDefect]:
@@ -209,8 +229,13 @@ class StreamingInspector:
         return self._regions.add(first, final)
 
     def _tiles_for(self, top: int, left: int, height: int, width: int) -> tuple[tuple[int, int], ...]:
-        return tuple((i, j) for i, y in self._tile_rows if y < top + height and y + self.tile_height > top
+        """The tiles whose maps contributed to this box."""
+        return tuple((i, j) for i, first, end in self._tile_rows if first < top + height and end > top
                      for j, x in enumerate(self._columns) if x < left + width and x + self.tile_width > left)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 class StripRegions:
@@ -243,18 +268,18 @@ class StripRegions:
             stack = band.copy()  # reported pixels get masked below; the caller's rows stay as they were
         count, labels, boxes, _ = cv2.connectedComponentsWithStats(above.astype(np.uint8), connectivity=8)
         bottom = stack.shape[0]
-        force = bottom > self.max_rows  # a component longer than this is reported in parts
         defects, open_top = [], bottom
         for label in range(1, count):
             x, y, w, h, _ = (int(v) for v in boxes[label])
-            if y + h == bottom and not force:
+            touches_bottom = y + h == bottom
+            if touches_bottom and h <= self.max_rows:  # may go on in the next band: keep its rows
                 open_top = min(open_top, y)
                 continue
-            defects.append(self._defect(stack, labels, label, boxes[label], continues=force and y + h == bottom))
+            # Complete, or longer than max_rows: then reported in parts, this one marked `continues`.
+            defects.append(self._defect(stack, labels, label, boxes[label], continues=touches_bottom))
             window = stack[y:y + h, x:x + w]
             window[labels[y:y + h, x:x + w] == label] = -np.inf  # reported: never again
-        self.pending = np.ascontiguousarray(stack[open_top:]) if open_top < bottom else \
-            np.empty((0, self.width), np.float32)
+        self.pending = stack[open_top:].copy() if open_top < bottom else np.empty((0, self.width), np.float32)
         self.pending_start += open_top
         return defects
 
