@@ -182,6 +182,10 @@ def test_bad_thresholds_and_non_images_are_typed_errors(tiny_export, detector):
     for item in (None, b"raw bytes", 3.5):
         with pytest.raises(InvalidImageError, match="not an image"):
             detector.predict([image, item])
+        with pytest.raises(InvalidImageError, match="not an image"):
+            detector.predict(item)
+    batch = detector.predict(np.stack([image, image[::-1]])[..., None])  # a 4-d array (N, H, W, C) is a batch too
+    assert len(batch) == 2 and batch[0].score == pytest.approx(detector.predict(image).score, rel=1e-5)
     with pytest.raises(InvalidImageError, match=r"float pixels range 0..255"):
         detector.predict(np.linspace(0, 255, 80 * 100, dtype=np.float32).reshape(80, 100))
     assert detector.predict(np.float32(image) / 255).score == pytest.approx(detector.predict(image).score, rel=1e-5)

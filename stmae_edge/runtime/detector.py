@@ -4,7 +4,7 @@
 
     detector = Detector("export/model.onnx")          # or engines/model.fp16.plan
     result = detector.predict("part.png")              # one image (path or numpy array) -> Detection
-    results = detector.predict(frames)                 # a list -> list of Detections, batched
+    results = detector.predict(frames)                 # a list (or an (N, H, W, C) array) -> list of Detections
     detector.thresholds                                 # from the metadata; assign to move them
     detector.predict(frames, sigma=4.0)                 # or override for one call
 
@@ -75,7 +75,9 @@ class Detector:
 
         Thresholds are in raw score units; `sigma` sets both to mean + sigma * std of the good images.
         `timings`, if given, accumulates seconds per stage (preprocess, infer, postprocess)."""
-        single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim <= 3)
+        # A list, a tuple or a 4-d array is a batch; anything else is one image (and load_image says
+        # clearly when it is not one).
+        single = not (isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4))
         items = [images] if single else list(images)
         thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma)
         spent = dict.fromkeys(STAGES, 0.0)
