@@ -64,6 +64,10 @@ def train(
     crop: int = typer.Option(0, min=0, help="train on random SIZE x SIZE crops at native resolution, for "
                              "tiles cut from larger images (line-scan); the model then takes SIZE x SIZE inputs"),
     crops_per_image: int = typer.Option(4, min=1, help="with --crop: crops drawn from each image"),
+    self_supervised: bool = typer.Option(False, "--self-supervised", help="learn to restore good features "
+                                         "from images with synthetic defects (Bauer et al. 2022)"),
+    corruptions_per_image: int = typer.Option(2, min=1, help="with --self-supervised: corrupted versions "
+                                              "of each image"),
     seed: int = typer.Option(0),
 ) -> None:
     """Train ST-MAE on good images and write one self-describing checkpoint."""
@@ -71,7 +75,8 @@ def train(
 
     use_available_cores()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
-                      max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image)
+                      max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
+                      self_supervised=self_supervised, corruptions_per_image=corruptions_per_image)
     meta = run_train(data_dir, out, _model_config(preset_name, backbone), cfg, backbone_weights)
     t = meta.training
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out, "

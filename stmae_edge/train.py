@@ -24,7 +24,8 @@ from .errors import ConfigError
 from .metadata import ModelMetadata
 from .models.backbones import BACKBONE_PREPROCESSING
 from .models.stmae import STMAE, STMAEConfig, random_split
-from .preprocessing import ImageInput, Preprocessing
+from .corruption import corrupt
+from .preprocessing import ImageInput, Preprocessing, load_image
 from .progress import progress_bar
 from .scoring import DEFAULT_SIGMA, ScoreStats, Thresholds
 
@@ -42,12 +43,16 @@ class TrainConfig:
     sigma: float = DEFAULT_SIGMA  # default threshold = mean + sigma * std of held-out good scores
     crop: int = 0  # > 0: train on random crops of this side at native resolution (line-scan tiles)
     crops_per_image: int = 4  # crops drawn, once and seeded, from each image when crop > 0
+    self_supervised: bool = False  # learn to restore good features from corrupted images (corruption.py)
+    corruptions_per_image: int = 2  # corrupted versions of each training image, drawn once and seeded
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("epochs, batch size and learning rate must be positive")
         if self.max_images < 0 or not math.isfinite(self.sigma) or self.sigma < 0:
             raise ConfigError("max images and sigma must not be negative")
+        if self.corruptions_per_image < 1:
+            raise ConfigError("corruptions per image must be at least 1")
         if self.crop and not 16 <= self.crop <= 4096 or self.crops_per_image < 1:
             raise ConfigError(f"crop {self.crop} must be 0 (whole images) or 16..4096 pixels, with at least "
                               "one crop per image")
@@ -136,6 +141,29 @@ def residual_statistics(model: STMAE, features: torch.Tensor, batch_size: int = 
     return residuals.mean(dim=0, keepdim=True), residuals.std(dim=0, keepdim=True).clamp_min(1e-6)
 
 
+@torch.no_grad()
+def corrupted_features(model: STMAE, preprocessing: Preprocessing, items: Sequence[ImageInput],
+                       cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features of `corruptions_per_image` seeded corrupted versions of every item, and for
+    each the index of the item whose good features it must be restored to. Other training images
+    lend their textures to the defects."""
+    rng = np.random.default_rng(cfg.seed)
+    donor_ids = rng.permutation(len(items))[:16]
+    donors = [load_image(items[int(i)]) for i in donor_ids]
+    features, targets_of = [], []
+    with progress_bar("corrupted features", len(items)) as advance:
+        for chunk in batches(range(len(items)), max(1, 16 // cfg.corruptions_per_image)):
+            samples = []
+            for i in chunk:  # corrupted on the fly, chunk by chunk: only features are kept
+                image = load_image(items[i])
+                for k in range(cfg.corruptions_per_image):
+                    samples.append(corrupt(image, donors, np.random.default_rng((cfg.seed, i, k))).corrupted)
+                    targets_of.append(i)
+            features.append(model.extract(torch.from_numpy(preprocessing(samples))).to(torch.float16))
+            advance(len(chunk))
+    return torch.cat(features), torch.tensor(targets_of)
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     warmup = max(1, int(total * cfg.warmup_fraction))
     if step < warmup:
@@ -144,12 +172,18 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def fit(model: STMAE, features: torch.Tensor, cfg: TrainConfig) -> list[float]:
-    """Train the transformer on cached raw features; returns the mean loss of each epoch."""
+def fit(model: STMAE, features: torch.Tensor, cfg: TrainConfig, inputs: torch.Tensor | None = None,
+        targets_of: torch.Tensor | None = None) -> list[float]:
+    """Train the transformer on cached raw features; returns the mean loss of each epoch.
+
+    Plain training reconstructs `features` from themselves. Self-supervised training reconstructs
+    `features[targets_of[k]]`, the good image's features, from `inputs[k]`, a corrupted version's."""
+    if inputs is None:
+        inputs, targets_of = features, torch.arange(features.shape[0])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    n = features.shape[0]
+    n = inputs.shape[0]
     batch_size = min(cfg.batch_size, n)
     steps_per_epoch = n // batch_size  # drop the ragged last batch: equal-sized steps
     total = cfg.epochs * steps_per_epoch
@@ -163,9 +197,10 @@ def fit(model: STMAE, features: torch.Tensor, cfg: TrainConfig) -> list[float]:
             losses = []
             for i in range(steps_per_epoch):
                 idx = order[i * batch_size:(i + 1) * batch_size]
-                feats = model.standardize(features[idx].float())
+                seen = model.standardize(inputs[idx].float())
+                wanted = model.standardize(features[targets_of[idx]].float())
                 split_a, split_b = random_split(len(idx), tokens, generator)
-                loss = model.loss(feats, model.reconstruct(feats, split_a, split_b))
+                loss = model.loss(wanted, model.reconstruct(seen, split_a, split_b))
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, cfg)
                 optimizer.zero_grad(set_to_none=True)
@@ -204,7 +239,11 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg:
     mean, std = feature_statistics(features)
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(std)
-    history = fit(model, features, cfg)
+    inputs = targets_of = None
+    if cfg.self_supervised:
+        inputs, targets_of = corrupted_features(model, preprocessing, train_items, cfg)
+    history = fit(model, features, cfg, inputs, targets_of)
+    del inputs
     if model_config.position_norm:
         mean, std = residual_statistics(model, features)
         model.residual_mean.copy_(mean)
@@ -224,6 +263,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg:
             "train_images": len(train_paths),
             "holdout_images": len(holdout_paths),
             "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
+            "self_supervised": cfg.self_supervised,
             "train_config": asdict(cfg),
             "backbone_weights": backbone_weights,
             "loss_per_epoch": history,
