@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import DatasetError
-from .preprocessing import cv2, load_image
+from .preprocessing import cv2, load_image, mirror_pad
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -98,10 +98,7 @@ def random_crops(paths: list[Path], size: int, per_image: int, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     crops = []
     for path in paths:
-        image = load_image(path)
-        pad_y, pad_x = max(0, size - image.shape[0]), max(0, size - image.shape[1])
-        if pad_y or pad_x:
-            image = cv2.copyMakeBorder(image, 0, pad_y, 0, pad_x, cv2.BORDER_REFLECT_101)
+        image = mirror_pad(load_image(path), size, size)
         for _ in range(per_image):
             y = int(rng.integers(0, image.shape[0] - size + 1))
             x = int(rng.integers(0, image.shape[1] - size + 1))

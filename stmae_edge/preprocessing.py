@@ -177,6 +177,15 @@ def check_image(array: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXE
                                     "in [0, 1] (or pass uint8/uint16 arrays)")
 
 
+def mirror_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Extend an image at its bottom and right edge, mirrored, to at least height x width: for crops and
+    tiles taken from images smaller than them. Works for any shortfall, even a one-row image."""
+    pad_y, pad_x = max(0, height - image.shape[0]), max(0, width - image.shape[1])
+    if not (pad_y or pad_x):
+        return image
+    return cv2.copyMakeBorder(image, 0, pad_y, 0, pad_x, cv2.BORDER_REFLECT_101)
+
+
 def to_float(image: np.ndarray) -> np.ndarray:
     """uint8 / uint16 / float pixels -> float32 in [0, 1], channels as they were except alpha, dropped."""
     if image.ndim == 3 and image.shape[2] == 4:

@@ -93,9 +93,14 @@ def extract_features(model: STMAE, preprocessing: Preprocessing, paths: Sequence
     out = []
     with progress_bar(description, len(paths)) as advance:
         for chunk in batches(paths, batch_size):
-            out.append(model.extract(torch.from_numpy(preprocessing(chunk))).to(torch.float16))
+            out.append(features_of(model, preprocessing, chunk))
             advance(len(chunk))
     return torch.cat(out)
+
+
+def features_of(model: STMAE, preprocessing: Preprocessing, images: Sequence[ImageInput]) -> torch.Tensor:
+    """One batch: preprocess, run the frozen backbone, keep fp16."""
+    return model.extract(torch.from_numpy(preprocessing(images))).to(torch.float16)
 
 
 @torch.no_grad()
@@ -159,7 +164,7 @@ def corrupted_features(model: STMAE, preprocessing: Preprocessing, items: Sequen
                 for k in range(cfg.corruptions_per_image):
                     samples.append(corrupt(image, donors, np.random.default_rng((cfg.seed, i, k))).corrupted)
                     targets_of.append(i)
-            features.append(model.extract(torch.from_numpy(preprocessing(samples))).to(torch.float16))
+            features.append(features_of(model, preprocessing, samples))
             advance(len(chunk))
     return torch.cat(features), torch.tensor(targets_of)
 

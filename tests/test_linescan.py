@@ -13,6 +13,7 @@ from stmae_edge.errors import BackendError, ConfigError, InvalidImageError
 from stmae_edge.runtime import Detector
 from stmae_edge.runtime.linescan import StreamingInspector, StripRegions, edge_ramp
 from stmae_edge.scoring import ScoreStats
+from conftest import texture
 from test_cli import run
 
 OVERLAP = 16  # tiles of 64: stride 48
@@ -38,10 +39,8 @@ def detector(linescan_model):
 
 
 def make_strip(seed: int, rows: int, width: int) -> np.ndarray:
-    """Good 'web' with the texture statistics of the training images (conftest._texture)."""
-    rng = np.random.default_rng(seed)
-    coarse = cv2.resize(rng.normal(128, 20, (rows // 8, width // 8)), (width, rows), interpolation=cv2.INTER_CUBIC)
-    return np.clip(coarse + rng.normal(0, 4, (rows, width)), 0, 255).astype(np.uint8)
+    """Good web with the texture of the training images."""
+    return texture(np.random.default_rng(seed), rows, width).astype(np.uint8)
 
 
 def inspect(detector, strip, block_heights, threshold=None, keep_map=True):

@@ -84,9 +84,7 @@ class Detector:
         detections: list[Detection] = []
         for start, stop in self._chunks(len(items)):
             detections += self._predict_batch(items[start:stop], start, thresholds, spent)
-        if timings is not None:
-            for stage in STAGES:
-                timings[stage] = timings.get(stage, 0.0) + spent[stage]
+        _add_timings(timings, spent, STAGES)
         return detections[0] if single else detections
 
     __call__ = predict
@@ -101,9 +99,7 @@ class Detector:
         themselves, such as the line-scan inspector, which feeds tiles of exactly that size."""
         spent = dict.fromkeys(STAGES, 0.0)
         outputs = [self._infer_batch(list(images[start:stop]), start, spent) for start, stop in self._chunks(len(images))]
-        if timings is not None:
-            for stage in ("preprocess", "infer"):
-                timings[stage] = timings.get(stage, 0.0) + spent[stage]
+        _add_timings(timings, spent, ("preprocess", "infer"))
         if not outputs:
             height, width = self.preprocessing.input_size
             return np.empty((0, height, width), np.float32), np.empty(0, np.float32)
@@ -123,11 +119,14 @@ class Detector:
         batch = np.empty((len(items), 3, height, width), np.float32)
         sizes, sources = [], []
         for i, item in enumerate(items):
-            source = str(item) if isinstance(item, (str, os.PathLike)) else f"array[{offset + i}]"
+            is_path = isinstance(item, (str, os.PathLike))
+            source = str(item) if is_path else f"array[{offset + i}]"
             try:
                 image = load_image(item, self.preprocessing.max_pixels)
             except InvalidImageError as exc:
-                raise InvalidImageError(f"image {offset + i}: {exc}" if source.startswith("array") else str(exc)) from None
+                if is_path:  # the message already names the file
+                    raise
+                raise InvalidImageError(f"image {offset + i}: {exc}") from None
             self.preprocessing.tensor(image, out=batch[i])
             sizes.append(image.shape[:2])
             sources.append(source)
@@ -159,3 +158,10 @@ class Detector:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _add_timings(timings: dict | None, spent: dict, stages: tuple[str, ...]) -> None:
+    """Accumulate one call's seconds for `stages` into a caller's dict."""
+    if timings is not None:
+        for stage in stages:
+            timings[stage] = timings.get(stage, 0.0) + spent[stage]

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from ..errors import ConfigError, InvalidImageError
+from ..preprocessing import mirror_pad
 from ..scoring import normalize
 from .detector import Detector
 from .postprocess import resolve_thresholds
@@ -168,10 +169,8 @@ class StreamingInspector:
         if self._tile_rows and self._tile_rows[-1][2] >= self.rows_pushed:
             defects += self._finalize(self.rows_pushed)  # the last tile row already reaches the end
         else:
-            if self.rows_pushed < self.tile_height:  # a strip shorter than one tile: mirror it to one
-                pad = self.tile_height - self.rows_pushed
-                self._rows = np.concatenate([self._rows, self._rows[::-1]] * (pad // self.rows_pushed + 1))[
-                    :self.tile_height]
+            # a strip shorter than one tile is mirrored to one
+            self._rows = mirror_pad(self._rows, self.tile_height, self.width)
             top = max(0, self.rows_pushed - self.tile_height)  # the last tile row, flush with the end
             defects += self._blend(top, self._score(self._rows, [top])[0], final_row=self.rows_pushed)
         defects += self._regions.close()
