@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _console = Console(stderr=True)
+LOG_EVERY_S = 30.0
 
 
 @contextmanager
@@ -17,16 +19,24 @@ def progress_bar(description: str, total: int) -> Iterator:
     """Yields advance(n=1, **fields); `status` shows e.g. the running loss."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-    # On a pipe (CI logs) a live bar would print nothing useful until the end: print one line instead.
+    # On a pipe (CI logs, nohup) a live bar prints nothing useful: print a plain line instead, every
+    # LOG_EVERY_S seconds while the work goes on and once at the end.
     live = _console.is_terminal
     with Progress(*columns, console=_console, disable=not live) as progress:
         task = progress.add_task(description, total=total, status="")
+        last_line = [time.monotonic()]
+
+        def line() -> None:
+            done = progress.tasks[0]
+            print(f"{description}: {int(done.completed)}/{total} in {done.elapsed or 0:.1f}s {done.fields['status']}",
+                  file=sys.stderr, flush=True)
 
         def advance(n: int = 1, status: str = "") -> None:
             progress.update(task, advance=n, status=status)
+            if not live and time.monotonic() - last_line[0] >= LOG_EVERY_S:
+                last_line[0] = time.monotonic()
+                line()
 
         yield advance
         if not live:
-            done = progress.tasks[0]
-            print(f"{description}: {int(done.completed)}/{total} in {done.elapsed or 0:.1f}s {done.fields['status']}",
-                  file=sys.stderr)
+            line()

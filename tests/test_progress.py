@@ -1,0 +1,22 @@
+"""Progress on a pipe (CI logs, nohup): plain lines while the work goes on, not silence until the end."""
+
+from __future__ import annotations
+
+from stmae_edge import progress
+
+
+def test_a_pipe_gets_periodic_lines_and_a_final_one(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    with progress.progress_bar("training", 3) as advance:
+        for epoch in range(3):
+            advance(1, status=f"epoch {epoch + 1}/3")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("training: 1/3") and "epoch 1/3" in lines[0]
+    assert lines[-1].startswith("training: 3/3") and lines[-1].endswith("epoch 3/3")
+
+
+def test_a_pipe_is_not_flooded(capsys):
+    with progress.progress_bar("features", 1000) as advance:
+        for _ in range(1000):
+            advance()
+    assert len(capsys.readouterr().err.splitlines()) == 1
