@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .models.stmae import gaussian_kernel, maps_and_scores, smooth
+from .models.maps import gaussian_kernel, maps_and_scores, smooth
 
 
 class GaussianBaseline:

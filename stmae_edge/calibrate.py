@@ -4,9 +4,10 @@ Tool: onnxruntime.quantization, which the runtime already depends on, so calibra
 Settings, each from measurement on magnetic_tile:
 - Q/DQ format, symmetric (every zero point 0): TensorRT rejects non-zero zero points.
 - Biases stay float (QuantizeBias off): TensorRT's parser rejects the int32 bias DequantizeLinear.
-- Only MatMul, that is the transformer, is quantised; the backbone convolutions stay in float.
-  Measured (image / pixel AUROC): fp32 88.3 / 69.0; MatMul only 88.4 / 68.8; Conv only 86.5 / 65.6;
-  Conv and MatMul 85.0 / 65.4. The backbone convolutions are the layers responsible for the loss.
+- Which ops are quantised depends on the model family (QUANTIZED_OPS). ST-MAE: only MatMul, that is
+  the transformer; the backbone convolutions stay in float. Measured (image / pixel AUROC): fp32
+  88.3 / 69.0; MatMul only 88.4 / 68.8; Conv only 86.5 / 65.6; Conv and MatMul 85.0 / 65.4. The
+  filtering autoencoder is all convolutions, so its Conv layers are quantised.
 
 The result is cached under calibration/, keyed by a hash of the model file, the images and the
 settings, and reused when all three match.
@@ -33,15 +34,23 @@ from .progress import progress_bar
 
 SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_bias": False,
             "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8"}
+QUANTIZED_OPS = {"stmae": ["MatMul"], "filtering-ae": ["Conv"]}
+
+
+def settings_for(metadata: ModelMetadata) -> dict:
+    """SETTINGS with the op types of the model's family."""
+    if metadata.model_family not in QUANTIZED_OPS:
+        raise ConfigError(f"no INT8 settings for model family {metadata.model_family!r}")
+    return SETTINGS | {"op_types": QUANTIZED_OPS[metadata.model_family]}
 DEFAULT_COUNT = 64
 
 
-def cache_key(onnx_path: Path, images: Sequence[Path]) -> str:
+def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
     h = hashlib.sha256()
     h.update(sha256_file(onnx_path).encode())
     for path in images:
         h.update(sha256_file(path).encode())
-    h.update(json.dumps(SETTINGS, sort_keys=True).encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -59,17 +68,18 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     if len(images) < batch_size:
         raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
     out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"))
-    key = cache_key(onnx_path, images)
+    settings = settings_for(metadata)
+    key = cache_key(onnx_path, images, settings)
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
     report = {"key": key, "images": len(images), "cache": "hit" if cached.is_file() else "miss",
-              "cache_file": str(cached), "settings": SETTINGS}
+              "cache_file": str(cached), "settings": settings}
     if not cached.is_file():
         check_writable(cached)
-        _quantize(onnx_path, proto, metadata, images, cached, batch_size)
+        _quantize(onnx_path, proto, metadata, images, cached, batch_size, settings)
         (cache_dir / f"{onnx_path.stem}.{key}.json").write_text(json.dumps(
             {"onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path),
-             "images": [str(p) for p in images], "settings": SETTINGS}, indent=2) + "\n")
+             "images": [str(p) for p in images], "settings": settings}, indent=2) + "\n")
     shutil.copyfile(cached, out)
     quantized = onnx.load(str(out))
     report["quantized_nodes"] = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)

@@ -18,7 +18,7 @@ import torch
 from .errors import CheckpointError, ConfigError, OutputError
 from .metadata import ModelMetadata
 from .outputs import check_writable
-from .models.stmae import STMAE, STMAEConfig
+from .models.families import build_model, config_from_dict
 
 FORMAT = "stmae-edge/checkpoint"
 
@@ -37,7 +37,7 @@ def model_digest(state_dict: dict, metadata: ModelMetadata) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: Path | str, model: STMAE, metadata: ModelMetadata) -> ModelMetadata:
+def save_checkpoint(path: Path | str, model: torch.nn.Module, metadata: ModelMetadata) -> ModelMetadata:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     metadata.model_hash = model_digest(state, metadata)
     path = check_writable(path)
@@ -71,18 +71,17 @@ def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Te
     return metadata, state
 
 
-def load_model(path: Path | str) -> tuple[STMAE, ModelMetadata]:
+def load_model(path: Path | str) -> tuple[torch.nn.Module, ModelMetadata]:
+    """The network of the checkpoint's model family (models/families.py), in eval mode."""
     metadata, state = read_checkpoint(path)
-    if metadata.model_family != "stmae":
-        raise CheckpointError(f"{path}: model family {metadata.model_family!r} is not supported here")
     try:
-        config = STMAEConfig.from_dict(metadata.config)
+        config = config_from_dict(metadata.model_family, metadata.config)
     except (ConfigError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise CheckpointError(f"{path}: model config is not usable ({exc}); re-train with this version") from exc
     if metadata.preprocessing.input_size != (config.input_size, config.input_size):
         raise CheckpointError(f"{path}: preprocessing input size {metadata.preprocessing.input_size} does not "
                               f"match the model's {config.input_size}; the file is inconsistent")
-    model = STMAE(config, backbone_weights="none")
+    model = build_model(metadata.model_family, config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -35,22 +35,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.")
 
 
-def _model_config(preset_name: str, backbone: Optional[str]):
-    from .models.backbones import DEFAULT_LAYERS
-    from .models.stmae import preset
+def _model_config(family: str, preset_name: str, backbone: Optional[str]):
+    from .models.families import preset_config
 
-    overrides = {}
-    if backbone:
-        overrides = {"backbone": backbone, "layers": DEFAULT_LAYERS.get(backbone, ())}
-    return preset(preset_name, **overrides)
+    return preset_config(family, preset_name, backbone)
 
 
 @app.command()
 def train(
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses DATA_DIR/train/good)"),
     out: Path = typer.Option(Path("model.pt"), "--out", "-o", help="checkpoint to write"),
-    preset_name: str = typer.Option("small", "--preset", help="model size: tiny, small (default), paper"),
-    backbone: Optional[str] = typer.Option(None, help="override the preset's backbone: efficientnet_lite0, vgg19"),
+    family: str = typer.Option("stmae", help="stmae (transformer on frozen CNN features), or filtering-ae "
+                               "(image autoencoder trained to remove synthetic defects, Bauer et al. 2022)"),
+    preset_name: str = typer.Option("small", "--preset", help="model size: tiny, small (default), paper "
+                                    "(stmae only)"),
+    backbone: Optional[str] = typer.Option(None, help="stmae: override the preset's backbone: "
+                                           "efficientnet_lite0, vgg19"),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet', a path to a torchvision-format "
                                          "weight file, or 'random' (explicitly untrained)"),
     epochs: int = typer.Option(EPOCHS, min=1, help="passes over the training images"),
@@ -64,20 +64,21 @@ def train(
     crop: int = typer.Option(0, min=0, help="train on random SIZE x SIZE crops at native resolution, for "
                              "tiles cut from larger images (line-scan); the model then takes SIZE x SIZE inputs"),
     crops_per_image: int = typer.Option(4, min=1, help="with --crop: crops drawn from each image"),
-    self_supervised: bool = typer.Option(False, "--self-supervised", help="learn to restore good features "
-                                         "from images with synthetic defects (Bauer et al. 2022)"),
-    corruptions_per_image: int = typer.Option(2, min=1, help="with --self-supervised: corrupted versions "
-                                              "of each image"),
+    self_supervised: bool = typer.Option(False, "--self-supervised", help="stmae: learn to restore good "
+                                         "features from images with synthetic defects (Bauer et al. 2022); "
+                                         "filtering-ae always trains this way"),
+    corruptions_per_image: int = typer.Option(2, min=1, help="stmae --self-supervised: corrupted versions "
+                                              "of each image (filtering-ae draws fresh ones every epoch)"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Train ST-MAE on good images and write one self-describing checkpoint."""
+    """Train a model on good images and write one self-describing checkpoint."""
     from .train import TrainConfig, train as run_train
 
     use_available_cores()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
                       max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
                       self_supervised=self_supervised, corruptions_per_image=corruptions_per_image)
-    meta = run_train(data_dir, out, _model_config(preset_name, backbone), cfg, backbone_weights)
+    meta = run_train(data_dir, out, _model_config(family, preset_name, backbone), cfg, backbone_weights)
     t = meta.training
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out, "
                f"final loss {t['loss_per_epoch'][-1]:.4f}, {t['seconds']:.0f}s; "
@@ -128,7 +129,7 @@ def demo(
     data_dir = prepare_elpv(workdir / "elpv_mono", max_train=max_train)
     model_path = workdir / "model.pt"
     typer.echo(f"dataset: {data_dir} (ELPV mono cells; image labels only, no pixel masks)")
-    meta = run_train(data_dir, model_path, _model_config("small", None), TrainConfig(epochs=epochs))
+    meta = run_train(data_dir, model_path, _model_config("stmae", "small", None), TrainConfig(epochs=epochs))
     typer.echo(f"trained {model_path} in {meta.training['seconds']:.0f}s")
     result = run_evaluate(model_path, data_dir)
     write_json(result, workdir / "eval.json")

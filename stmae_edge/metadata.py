@@ -33,8 +33,8 @@ def onnx_precision(model) -> str:
 
 @dataclass
 class ModelMetadata:
-    model_family: str  # "stmae"
-    config: dict  # the model's architecture config (models.stmae.STMAEConfig.to_dict())
+    model_family: str  # "stmae" or "filtering-ae" (models/families.py); the runtime does not need it
+    config: dict  # the family's architecture config (STMAEConfig or FilteringAEConfig, to_dict())
     preprocessing: Preprocessing
     score_stats: ScoreStats
     thresholds: Thresholds

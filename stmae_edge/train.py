@@ -1,4 +1,5 @@
-"""Training: frozen-backbone features are extracted once, then the ST-MAE learns on them.
+"""Training. ST-MAE: frozen-backbone features are extracted once, then the transformer learns on them.
+The filtering autoencoder has its own loop (train_filtering.py); both end here, in one checkpoint.
 
 The backbone is frozen and images are not augmented, so caching its features is exact and makes
 each epoch cost only the transformer. Held-out good images give the score statistics and the
@@ -23,6 +24,8 @@ from .outputs import check_writable
 from .errors import ConfigError
 from .metadata import ModelMetadata
 from .models.backbones import BACKBONE_PREPROCESSING
+from .models.families import STMAE_FAMILY
+from .models.filtering_ae import FAMILY as FILTERING_FAMILY, FilteringAEConfig
 from .models.stmae import STMAE, STMAEConfig, random_split
 from .corruption import corrupt
 from .preprocessing import ImageInput, Preprocessing, load_image
@@ -44,13 +47,14 @@ class TrainConfig:
     crop: int = 0  # > 0: train on random crops of this side at native resolution (line-scan tiles)
     crops_per_image: int = 4  # crops drawn, once and seeded, from each image when crop > 0
     self_supervised: bool = False  # learn to restore good features from corrupted images (corruption.py)
-    corruptions_per_image: int = 2  # corrupted versions of each training image, drawn once and seeded
+    corruptions_per_image: int = 2  # ST-MAE --self-supervised: corrupted versions of each image, drawn once
+    defect_weight: float = 20.0  # filtering AE: extra loss weight on corrupted pixels (FilteringAutoencoder.loss)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("epochs, batch size and learning rate must be positive")
-        if self.max_images < 0 or not math.isfinite(self.sigma) or self.sigma < 0:
-            raise ConfigError("max images and sigma must not be negative")
+        if self.max_images < 0 or not math.isfinite(self.sigma) or self.sigma < 0 or not 0 <= self.defect_weight < math.inf:
+            raise ConfigError("max images, sigma and defect weight must not be negative")
         if self.corruptions_per_image < 1:
             raise ConfigError("corruptions per image must be at least 1")
         if self.crop and not 16 <= self.crop <= 4096 or self.crops_per_image < 1:
@@ -177,6 +181,39 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def optimize(model: torch.nn.Module, count: int, cfg: TrainConfig, loss_of, description: str = "training",
+             precision: int = 4) -> list[float]:
+    """The training loop both families share: AdamW with warm-up and cosine decay over `cfg.epochs`
+    passes of `count` samples in seeded order, dropping the ragged last batch (equal-sized steps).
+    `loss_of(indices, epoch, generator)` gives a batch's loss. Returns the mean loss of each epoch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batch_size = min(cfg.batch_size, count)
+    steps_per_epoch = count // batch_size
+    total = cfg.epochs * steps_per_epoch
+    history = []
+    model.train()
+    step = 0
+    with progress_bar(description, total) as advance:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(count, generator=generator)
+            losses = []
+            for i in range(steps_per_epoch):
+                loss = loss_of(order[i * batch_size:(i + 1) * batch_size], epoch, generator)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, cfg)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                step += 1
+                advance(1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.{precision}f}")
+            history.append(float(np.mean(losses)))
+    model.eval()
+    return history
+
+
 def fit(model: STMAE, features: torch.Tensor, cfg: TrainConfig, inputs: torch.Tensor | None = None,
         targets_of: torch.Tensor | None = None) -> list[float]:
     """Train the transformer on cached raw features; returns the mean loss of each epoch.
@@ -185,43 +222,22 @@ def fit(model: STMAE, features: torch.Tensor, cfg: TrainConfig, inputs: torch.Te
     `features[targets_of[k]]`, the good image's features, from `inputs[k]`, a corrupted version's."""
     if inputs is None:
         inputs, targets_of = features, torch.arange(features.shape[0])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    n = inputs.shape[0]
-    batch_size = min(cfg.batch_size, n)
-    steps_per_epoch = n // batch_size  # drop the ragged last batch: equal-sized steps
-    total = cfg.epochs * steps_per_epoch
     tokens = model.config.tokens_per_side ** 2
-    history = []
-    model.train()
-    step = 0
-    with progress_bar("training", total) as advance:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(n, generator=generator)
-            losses = []
-            for i in range(steps_per_epoch):
-                idx = order[i * batch_size:(i + 1) * batch_size]
-                seen = model.standardize(inputs[idx].float())
-                wanted = model.standardize(features[targets_of[idx]].float())
-                split_a, split_b = random_split(len(idx), tokens, generator)
-                loss = model.loss(wanted, model.reconstruct(seen, split_a, split_b))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, cfg)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                step += 1
-                advance(1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f}")
-            history.append(float(np.mean(losses)))
-    model.eval()
-    return history
+
+    def loss_of(idx: torch.Tensor, epoch: int, generator: torch.Generator) -> torch.Tensor:
+        seen = model.standardize(inputs[idx].float())
+        wanted = model.standardize(features[targets_of[idx]].float())
+        split_a, split_b = random_split(len(idx), tokens, generator)
+        return model.loss(wanted, model.reconstruct(seen, split_a, split_b))
+
+    return optimize(model, inputs.shape[0], cfg, loss_of)
 
 
-def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg: TrainConfig,
+def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | FilteringAEConfig, cfg: TrainConfig,
           backbone_weights: str = "imagenet") -> ModelMetadata:
-    if backbone_weights == "none":
+    """Train the family that `model_config` belongs to on DATA_DIR/train/good; write one checkpoint."""
+    is_filtering = isinstance(model_config, FilteringAEConfig)
+    if backbone_weights == "none" and not is_filtering:
         raise ConfigError("backbone weights 'none' would train on an uninitialised backbone; "
                           "use 'imagenet', a weight file path, or 'random'")
     check_writable(out)
@@ -236,29 +252,24 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg:
         model_config = replace(model_config, input_size=cfg.crop)
         train_items = data.random_crops(train_paths, cfg.crop, cfg.crops_per_image, cfg.seed)
         holdout_items = data.random_crops(holdout_paths, cfg.crop, cfg.crops_per_image, cfg.seed + 1)
-    preprocessing = preprocessing_for(model_config)
 
     started = time.perf_counter()
-    model = STMAE(model_config, backbone_weights=backbone_weights)
-    features = extract_features(model, preprocessing, train_items, description="backbone features")
-    mean, std = feature_statistics(features)
-    model.feature_mean.copy_(mean)
-    model.feature_std.copy_(std)
-    inputs = targets_of = None
-    if cfg.self_supervised:
-        inputs, targets_of = corrupted_features(model, preprocessing, train_items, cfg)
-    history = fit(model, features, cfg, inputs, targets_of)
-    del inputs
-    if model_config.position_norm:
-        mean, std = residual_statistics(model, features)
-        model.residual_mean.copy_(mean)
-        model.residual_std.copy_(std)
-    del features
+    if is_filtering:
+        from .train_filtering import train_filtering
+
+        preprocessing = Preprocessing(input_size=(model_config.input_size, model_config.input_size))
+        model, history = train_filtering(model_config, preprocessing, train_items, cfg)
+        family, provenance = FILTERING_FAMILY, {"self_supervised": True}
+    else:
+        preprocessing = preprocessing_for(model_config)
+        model, history = train_stmae(model_config, preprocessing, train_items, cfg, backbone_weights)
+        family, provenance = STMAE_FAMILY, {"self_supervised": cfg.self_supervised,
+                                            "backbone_weights": backbone_weights}
 
     _, holdout_scores = score_images(model, preprocessing, holdout_items, description="held-out scores")
     stats = ScoreStats.from_scores(holdout_scores)
     metadata = ModelMetadata(
-        model_family="stmae",
+        model_family=family,
         config=model_config.to_dict(),
         preprocessing=preprocessing,
         score_stats=stats,
@@ -268,11 +279,30 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig, cfg:
             "train_images": len(train_paths),
             "holdout_images": len(holdout_paths),
             "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
-            "self_supervised": cfg.self_supervised,
+            **provenance,
             "train_config": asdict(cfg),
-            "backbone_weights": backbone_weights,
             "loss_per_epoch": history,
             "seconds": round(time.perf_counter() - started, 1),
         },
     )
     return save_checkpoint(out, model, metadata)
+
+
+def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: Sequence[ImageInput],
+                cfg: TrainConfig, backbone_weights: str) -> tuple[STMAE, list[float]]:
+    """Features once, then the transformer on them; residual statistics from the training images."""
+    model = STMAE(model_config, backbone_weights=backbone_weights)
+    features = extract_features(model, preprocessing, items, description="backbone features")
+    mean, std = feature_statistics(features)
+    model.feature_mean.copy_(mean)
+    model.feature_std.copy_(std)
+    inputs = targets_of = None
+    if cfg.self_supervised:
+        inputs, targets_of = corrupted_features(model, preprocessing, items, cfg)
+    history = fit(model, features, cfg, inputs, targets_of)
+    del inputs
+    if model_config.position_norm:
+        mean, std = residual_statistics(model, features)
+        model.residual_mean.copy_(mean)
+        model.residual_std.copy_(std)
+    return model, history

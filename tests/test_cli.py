@@ -42,6 +42,9 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     (("train", "/nonexistent/data"), "no train/good folder"),
     (("evaluate", "/nonexistent/model.pt", "/nonexistent/data"), "no such model file"),
     (("train", "/nonexistent/data", "--preset", "huge"), "unknown preset"),
+    (("train", "/nonexistent/data", "--family", "vae"), "unknown model family 'vae'"),
+    (("train", "/nonexistent/data", "--family", "filtering-ae", "--preset", "paper"), "unknown filtering-ae preset"),
+    (("train", "/nonexistent/data", "--family", "filtering-ae", "--backbone", "vgg19"), "has no backbone"),
 ])
 def test_user_mistakes_are_one_line(args, fragment):
     _assert_one_line_error(run(*args), fragment)

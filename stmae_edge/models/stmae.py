@@ -19,7 +19,6 @@ the inverse permutation as another Gather: no ScatterND, nothing random.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .backbones import DEFAULT_LAYERS, FeatureExtractor
+from .maps import gaussian_kernel, maps_and_scores, smooth
 
 
 RESIDUALS = ("mse", "mse_cos")
@@ -155,26 +155,6 @@ def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if index.dim() == 1:
         return x.index_select(1, index)
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
-    k1 = k1 / k1.sum()
-    return (k1[:, None] * k1[None, :])[None, None]
-
-
-def smooth(grid_map: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    pad = kernel.shape[-1] // 2
-    return F.conv2d(F.pad(grid_map, (pad, pad, pad, pad), mode="replicate"), kernel)
-
-
-def maps_and_scores(grid_map: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid map -> map at input size and image score. The score is the max of the map the user
-    sees, so an image over the threshold always has pixels over the same threshold."""
-    maps = F.interpolate(grid_map, size=size, mode="bilinear", align_corners=False)
-    return maps, maps.flatten(1).amax(dim=1)
 
 
 class STMAE(nn.Module):

@@ -1,0 +1,30 @@
+"""From a residual to what the user sees, shared by every model family: Gaussian smoothing, the map
+at input size, and the image score as the map's maximum."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
+    k1 = k1 / k1.sum()
+    return (k1[:, None] * k1[None, :])[None, None]
+
+
+def smooth(grid_map: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    pad = kernel.shape[-1] // 2
+    return F.conv2d(F.pad(grid_map, (pad, pad, pad, pad), mode="replicate"), kernel)
+
+
+def maps_and_scores(grid_map: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map -> map at input size and image score. The score is the max of the map the user sees, so
+    an image over the threshold always has pixels over the same threshold."""
+    if tuple(grid_map.shape[-2:]) != tuple(size):
+        grid_map = F.interpolate(grid_map, size=size, mode="bilinear", align_corners=False)
+    return grid_map, grid_map.flatten(1).amax(dim=1)
