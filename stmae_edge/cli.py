@@ -17,7 +17,7 @@ from .scoring import DEFAULT_SIGMA
 PARTIAL_EXIT_CODE = 3
 
 # Training defaults, mirrored from train.TrainConfig without importing torch for `--help`.
-EPOCHS, BATCH_SIZE, LR, HOLDOUT = 40, 16, 4e-4, 0.1
+EPOCHS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS = 40, 16, 4e-4, 0.1, 2
 
 
 def use_available_cores() -> None:
@@ -67,12 +67,17 @@ def train(
     self_supervised: bool = typer.Option(False, "--self-supervised", help="stmae: learn to restore good "
                                          "features from images with synthetic defects (Bauer et al. 2022); "
                                          "filtering-ae always trains this way"),
-    corruptions_per_image: int = typer.Option(2, min=1, help="stmae --self-supervised: corrupted versions "
+    corruptions_per_image: int = typer.Option(CORRUPTIONS, min=1, help="stmae --self-supervised: corrupted versions "
                                               "of each image (filtering-ae draws fresh ones every epoch)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Train a model on good images and write one self-describing checkpoint."""
+    from .errors import ConfigError
     from .train import TrainConfig, train as run_train
+
+    if family == "filtering-ae" and (self_supervised or corruptions_per_image != CORRUPTIONS or backbone_weights != "imagenet"):
+        raise ConfigError("--self-supervised, --corruptions-per-image and --backbone-weights are stmae options; "
+                          "the filtering autoencoder has no backbone and always trains on fresh synthetic defects")
 
     use_available_cores()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,

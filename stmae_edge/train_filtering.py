@@ -4,7 +4,8 @@
 Each step takes one corrupted/good pair per image, preprocessed by the one preprocessing definition
 at the model's input size. Whole inputs, not patches: the network's receptive field spans most of a
 256-pixel input, and trained on 64- or 128-pixel patches it saw mostly padding at its coarsest level
-and failed on whole images (measured on magnetic_tile: the error on good pixels grew 100-fold).
+and failed on whole images (measured on magnetic_tile: the error on good pixels grew from about 1e-4
+to 0.5 within 200 steps).
 Images are decoded per step, so memory does not grow with the dataset. Everything is seeded: sample i
 of epoch e is corrupted with rng (seed, e, i).
 """

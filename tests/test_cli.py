@@ -45,6 +45,8 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     (("train", "/nonexistent/data", "--family", "vae"), "unknown model family 'vae'"),
     (("train", "/nonexistent/data", "--family", "filtering-ae", "--preset", "paper"), "unknown filtering-ae preset"),
     (("train", "/nonexistent/data", "--family", "filtering-ae", "--backbone", "vgg19"), "has no backbone"),
+    (("train", "/nonexistent/data", "--family", "filtering-ae", "--self-supervised"), "are stmae options"),
+    (("train", "/nonexistent/data", "--family", "filtering-ae", "--backbone-weights", "w.pth"), "are stmae options"),
 ])
 def test_user_mistakes_are_one_line(args, fragment):
     _assert_one_line_error(run(*args), fragment)
@@ -67,7 +69,8 @@ def test_cli_defaults_match_the_training_config():
     from stmae_edge.train import TrainConfig
 
     d = TrainConfig()
-    assert (cli.EPOCHS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT) == (d.epochs, d.batch_size, d.lr, d.holdout_fraction)
+    assert (cli.EPOCHS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT, cli.CORRUPTIONS) == (
+        d.epochs, d.batch_size, d.lr, d.holdout_fraction, d.corruptions_per_image)
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+from rich.console import Console
+
 from stmae_edge import progress
+
+
+@pytest.fixture(autouse=True)
+def on_a_pipe(monkeypatch):
+    """As under nohup or in CI, even when pytest itself runs in a terminal with -s."""
+    monkeypatch.setattr(progress, "_console", Console(stderr=True, force_terminal=False))
 
 
 def test_a_pipe_gets_periodic_lines_and_a_final_one(monkeypatch, capsys):

@@ -15,6 +15,7 @@ One forward pass, no backbone, nothing random.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -36,14 +37,14 @@ class FilteringAEConfig:
     position_norm: bool = True  # residual as a z-score against good images at the same pixel
 
     def __post_init__(self) -> None:
-        if not self.channels or min(self.channels) < 1 or min(self.dilations, default=1) < 1:
-            raise ConfigError(f"filtering-ae channels {self.channels} and dilations {self.dilations} "
-                              "must be positive")
+        if not self.channels or min(self.channels) < 1 or min(self.dilations, default=1) < 1 or self.input_size < 16:
+            raise ConfigError(f"filtering-ae channels {self.channels} and dilations {self.dilations} must be "
+                              f"positive and the input size {self.input_size} at least 16")
         if self.input_size % self.stride:
-            raise ConfigError(f"input size {self.input_size} is not a multiple of {self.stride}, the "
-                              f"downsampling of {len(self.channels)} levels")
-        if self.smoothing_sigma <= 0:
-            raise ConfigError("smoothing sigma must be positive")
+            raise ConfigError(f"input size {self.input_size} (the --crop side, when given) is not a multiple of "
+                              f"{self.stride}, the downsampling of {len(self.channels)} levels")
+        if not (math.isfinite(self.smoothing_sigma) and 0 < self.smoothing_sigma <= 64):
+            raise ConfigError(f"smoothing sigma {self.smoothing_sigma} must be within (0, 64] pixels")
 
     @property
     def stride(self) -> int:
@@ -64,8 +65,8 @@ class FilteringAEConfig:
         return cls(**d)
 
 
-# "small": about 0.6 M weights and 1.2 GMAC per 256 x 256 image, so ONNX Runtime on a CPU keeps up
-# with the ST-MAE small preset; "tiny" is for tests.
+# "small": 0.85 M weights and about 0.75 GMAC per 256 x 256 image; on ONNX Runtime CPU it runs at 0.81x
+# the ST-MAE small preset's throughput (docs/BENCHMARKS.md). "tiny" is for tests.
 PRESETS: dict[str, FilteringAEConfig] = {
     "tiny": FilteringAEConfig(input_size=64, channels=(8, 16), dilations=(1, 2), smoothing_sigma=2.0),
     "small": FilteringAEConfig(),
