@@ -1,5 +1,6 @@
 """Training. ST-MAE: frozen-backbone features are extracted once, then the transformer learns on them.
-The filtering autoencoder has its own loop (train_filtering.py); both end here, in one checkpoint.
+The filtering autoencoder has its own data and loss (train_filtering.py); both families share one
+training loop (optimize) and end here, in one checkpoint.
 
 The backbone is frozen and images are not augmented, so caching its features is exact and makes
 each epoch cost only the transformer. Held-out good images give the score statistics and the
