@@ -40,6 +40,7 @@ SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_b
 FAMILY_SETTINGS = {"stmae": {"op_types": ["MatMul"]},
                    "filtering-ae": {"op_types": ["Conv"], "float_output_convs": True}}
 OUTPUT_CONV_CHANNELS = 3  # a Conv with at most this many output channels produces or smooths the map
+DEFAULT_COUNT = 64
 
 
 def settings_for(metadata: ModelMetadata) -> dict:
@@ -54,7 +55,6 @@ def output_convs(proto: onnx.ModelProto) -> list[str]:
     weights = {init.name: init for init in proto.graph.initializer}
     return [node.name for node in proto.graph.node if node.op_type == "Conv" and node.input[1] in weights
             and weights[node.input[1]].dims[0] <= OUTPUT_CONV_CHANNELS]
-DEFAULT_COUNT = 64
 
 
 def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:

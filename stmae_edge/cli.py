@@ -73,9 +73,10 @@ def train(
 ) -> None:
     """Train a model on good images and write one self-describing checkpoint."""
     from .errors import ConfigError
+    from .models.filtering_ae import FAMILY as FILTERING_FAMILY
     from .train import TrainConfig, train as run_train
 
-    if family == "filtering-ae" and (self_supervised or corruptions_per_image != CORRUPTIONS or backbone_weights != "imagenet"):
+    if family == FILTERING_FAMILY and (self_supervised or corruptions_per_image != CORRUPTIONS or backbone_weights != "imagenet"):
         raise ConfigError("--self-supervised, --corruptions-per-image and --backbone-weights are stmae options; "
                           "the filtering autoencoder has no backbone and always trains on fresh synthetic defects")
 

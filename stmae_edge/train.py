@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -71,9 +71,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def preprocessing_for(config: STMAEConfig) -> Preprocessing:
+def preprocessing_for(config: STMAEConfig | FilteringAEConfig) -> Preprocessing:
+    """ST-MAE normalises as its backbone was trained; the filtering autoencoder takes the default."""
+    size = (config.input_size, config.input_size)
+    if isinstance(config, FilteringAEConfig):
+        return Preprocessing(input_size=size)
     norm = BACKBONE_PREPROCESSING[config.backbone]
-    return Preprocessing(input_size=(config.input_size, config.input_size), mean=norm["mean"], std=norm["std"])
+    return Preprocessing(input_size=size, mean=norm["mean"], std=norm["std"])
 
 
 def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -123,19 +127,23 @@ def score_images(model: STMAE, preprocessing: Preprocessing, paths: Sequence[Ima
     return np.concatenate(maps), np.concatenate(scores)
 
 
-def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over images and positions, accumulated in float64 chunks."""
-    channels = features.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    total_sq = torch.zeros(channels, dtype=torch.float64)
-    for chunk in features.split(64):
+def mean_and_std(chunks: Iterable[torch.Tensor], dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Population mean and std over `dims` (kept, as size 1) of tensors seen chunk by chunk, in float64."""
+    total = total_sq = 0.0
+    count = 0
+    for chunk in chunks:
         c = chunk.double()
-        total += c.sum(dim=(0, 2, 3))
-        total_sq += c.pow(2).sum(dim=(0, 2, 3))
-    count = features.shape[0] * features.shape[2] * features.shape[3]
+        part = c.sum(dim=dims, keepdim=True)
+        total, total_sq = total + part, total_sq + c.pow(2).sum(dim=dims, keepdim=True)
+        count += c.numel() // part.numel()
     mean = total / count
-    std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
-    return mean.float().view(1, -1, 1, 1), std.float().clamp_min(1e-4).view(1, -1, 1, 1)
+    return mean.float(), (total_sq / count - mean.pow(2)).clamp_min(0).sqrt().float()
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over images and positions: (1, C, 1, 1) each."""
+    mean, std = mean_and_std(features.split(64), dims=(0, 2, 3))
+    return mean, std.clamp_min(1e-4)
 
 
 @torch.no_grad()
@@ -255,14 +263,13 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         holdout_items = data.random_crops(holdout_paths, cfg.crop, cfg.crops_per_image, cfg.seed + 1)
 
     started = time.perf_counter()
+    preprocessing = preprocessing_for(model_config)
     if is_filtering:
         from .train_filtering import train_filtering
 
-        preprocessing = Preprocessing(input_size=(model_config.input_size, model_config.input_size))
         model, history = train_filtering(model_config, preprocessing, train_items, cfg)
         family, provenance = FILTERING_FAMILY, {"self_supervised": True}
     else:
-        preprocessing = preprocessing_for(model_config)
         model, history = train_stmae(model_config, preprocessing, train_items, cfg, backbone_weights)
         family, provenance = STMAE_FAMILY, {"self_supervised": cfg.self_supervised,
                                             "backbone_weights": backbone_weights}

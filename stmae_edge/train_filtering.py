@@ -21,7 +21,7 @@ from .corruption import corrupt
 from .models.filtering_ae import FilteringAEConfig, FilteringAutoencoder
 from .preprocessing import ImageInput, Preprocessing, load_image
 from .progress import progress_bar
-from .train import TrainConfig, batches, optimize
+from .train import TrainConfig, batches, mean_and_std, optimize
 
 DONORS = 16  # training images that lend their texture to "other image" defects
 
@@ -67,13 +67,11 @@ def residual_statistics(model: FilteringAutoencoder, preprocessing: Preprocessin
                         batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the eval-mode residual at each pixel over the good training images, (1, 1, H, W)."""
     model.eval()
-    total = total_sq = None
     with progress_bar("residual statistics", len(items)) as advance:
-        for chunk in batches(items, batch_size):
-            residual = model.residual(model.correction(torch.from_numpy(preprocessing(chunk)))).double()
-            total = residual.sum(dim=0, keepdim=True) + (0 if total is None else total)
-            total_sq = residual.pow(2).sum(dim=0, keepdim=True) + (0 if total_sq is None else total_sq)
-            advance(len(chunk))
-    mean = total / len(items)
-    std = (total_sq / len(items) - mean.pow(2)).clamp_min(0).sqrt()
-    return mean.float(), std.float().clamp_min(1e-6)
+        def residuals():
+            for chunk in batches(items, batch_size):
+                yield model.residual(model.correction(torch.from_numpy(preprocessing(chunk))))
+                advance(len(chunk))
+
+        mean, std = mean_and_std(residuals(), dims=(0,))
+    return mean, std.clamp_min(1e-6)

@@ -24,7 +24,7 @@ from stmae_edge.models.families import FAMILIES
 from stmae_edge.models.filtering_ae import FilteringAEConfig, FilteringAutoencoder, preset
 from stmae_edge.preprocessing import load_image
 from stmae_edge.runtime import Detector
-from stmae_edge.train import TrainConfig, train
+from stmae_edge.train import TrainConfig, preprocessing_for, train
 from stmae_edge.train_filtering import training_pairs
 from stmae_edge.verify import verify
 
@@ -69,10 +69,7 @@ def test_filter_runs_at_any_size_and_the_residual_is_what_it_changed():
 def test_training_pairs_are_seeded_fresh_every_epoch_with_the_good_image_as_target(synthetic_dataset):
     items = data.train_images(synthetic_dataset)[:6]
     donors = [load_image(p) for p in items[:3]]
-    pre = preset("tiny")
-    from stmae_edge.preprocessing import Preprocessing
-
-    preprocessing = Preprocessing(input_size=(pre.input_size, pre.input_size))
+    preprocessing = preprocessing_for(preset("tiny"))
     a = training_pairs(items, range(6), donors, preprocessing, epoch=1, seed=0)
     b = training_pairs(items, range(6), donors, preprocessing, epoch=1, seed=0)
     c = training_pairs(items, range(6), donors, preprocessing, epoch=2, seed=0)
