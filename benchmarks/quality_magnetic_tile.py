@@ -38,14 +38,23 @@ BEGIN, END = "<!-- quality-magnetic-tile:begin -->", "<!-- quality-magnetic-tile
 
 
 def machine() -> str:
+    """The CPU by name and by the vector instructions that change ONNX Runtime's INT8 results."""
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if cpu and flags:
                 break
     except OSError:
         pass
+    if flags:
+        vector = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+        vnni = "VNNI" if {"avx512_vnni", "avx_vnni"} & flags else "no VNNI"
+        cpu = f"{cpu} ({vector}, {vnni})"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, no GPU"
 
 

@@ -40,6 +40,14 @@ def make_synthetic_dataset(root: Path, n_train: int = 24, n_good: int = 6, n_bad
     return root
 
 
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two score lists: how alike two models (fp32 and INT8, say) rank
+    the same images. INT8 is promised to rank like FP32, not to match its numbers: ONNX Runtime's INT8
+    kernels give different numbers on CPUs with and without AVX-512/VNNI."""
+    ranks = [np.argsort(np.argsort(np.asarray(v))) for v in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"))
