@@ -7,6 +7,8 @@ Settings, each from measurement on magnetic_tile:
 - Which ops are quantised depends on the model family (FAMILY_SETTINGS). ST-MAE: only MatMul, that is
   the transformer; the backbone convolutions stay in float. Measured (image / pixel AUROC): fp32
   88.3 / 69.0; MatMul only 88.4 / 68.8; Conv only 86.5 / 65.6; Conv and MatMul 85.0 / 65.4. The
+  per-position Gaussian of the fused map (its MatMuls read initializers named gaussian_*) stays in
+  float too: like the autoencoder's output convolutions below, it is the anomaly signal itself. The
   filtering autoencoder is all convolutions, so its Conv layers are quantised, except its output
   convolutions (at most 3 output channels: the correction head and the map smoothing). Their outputs
   are the anomaly signal itself; quantised, they would be clipped at the range good calibration
@@ -37,7 +39,7 @@ from .progress import progress_bar
 
 SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_bias": False,
             "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8"}
-FAMILY_SETTINGS = {"stmae": {"op_types": ["MatMul"]},
+FAMILY_SETTINGS = {"stmae": {"op_types": ["MatMul"], "float_statistics": True},
                    "filtering-ae": {"op_types": ["Conv"], "float_output_convs": True}}
 OUTPUT_CONV_CHANNELS = 3  # a Conv with at most this many output channels produces or smooths the map
 DEFAULT_COUNT = 64
@@ -55,6 +57,14 @@ def output_convs(proto: onnx.ModelProto) -> list[str]:
     weights = {init.name: init for init in proto.graph.initializer}
     return [node.name for node in proto.graph.node if node.op_type == "Conv" and node.input[1] in weights
             and weights[node.input[1]].dims[0] <= OUTPUT_CONV_CHANNELS]
+
+
+def statistics_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that read ST-MAE's per-position Gaussian (initializers named gaussian_*).
+    The Mahalanobis distance they compute is the anomaly signal itself: quantised at the range that
+    good calibration images reach, it would be clipped exactly where defects go beyond it."""
+    names = {init.name for init in proto.graph.initializer if init.name.rpartition(".")[2].startswith("gaussian_")}
+    return [node.name for node in proto.graph.node if names.intersection(node.input)]
 
 
 def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
@@ -123,7 +133,9 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
-        excluded = output_convs(onnx.load(str(prepared))) if settings.get("float_output_convs") else []
+        prepared_proto = onnx.load(str(prepared))
+        excluded = output_convs(prepared_proto) if settings.get("float_output_convs") else []
+        excluded += statistics_nodes(prepared_proto) if settings.get("float_statistics") else []
         with progress_bar("calibrating", len(images)) as advance:
             quantize_static(str(prepared), str(target), Batches(advance), nodes_to_exclude=excluded,
                             quant_format=getattr(QuantFormat, settings["format"]),

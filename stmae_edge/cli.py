@@ -17,7 +17,7 @@ from .scoring import DEFAULT_SIGMA
 PARTIAL_EXIT_CODE = 3
 
 # Training defaults, mirrored from train.TrainConfig without importing torch for `--help`.
-EPOCHS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS = 40, 16, 4e-4, 0.1, 2
+EPOCHS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS = 20, 16, 4e-4, 0.1, 2
 
 
 def use_available_cores() -> None:
@@ -47,8 +47,10 @@ def train(
     out: Path = typer.Option(Path("model.pt"), "--out", "-o", help="checkpoint to write"),
     family: str = typer.Option("stmae", help="stmae (transformer on frozen CNN features), or filtering-ae "
                                "(image autoencoder trained to remove synthetic defects, Bauer et al. 2022)"),
-    preset_name: str = typer.Option("small", "--preset", help="model size: tiny, small (default), paper "
-                                    "(stmae only)"),
+    preset_name: str = typer.Option("small", "--preset", help="stmae: tiny, small (default: the transition "
+                                    "residual fused with per-position statistics), transition-only (the "
+                                    "residual alone, the default until 2026-11-28), paper; filtering-ae: "
+                                    "tiny, small"),
     backbone: Optional[str] = typer.Option(None, help="stmae: override the preset's backbone: "
                                            "efficientnet_lite0, vgg19"),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet', a path to a torchvision-format "

@@ -30,12 +30,24 @@ OPSET = 18
 EXPORT_PRECISIONS = ("fp32", "fp16")
 
 
+# Statistics that score the map (ST-MAE's per-position Gaussian and residual statistics, the fusion's
+# scale). The map is computed in fp32 from them; an fp16 copy of a precision matrix would lose what
+# a Mahalanobis distance amplifies.
+FP32_STATISTICS = ("gaussian_", "fusion_stats", "residual_mean", "residual_std")
+
+
 class HalfPrecision(torch.nn.Module):
-    """fp16 inside, fp32 at the edges: callers keep feeding float32 images and reading float32 maps."""
+    """fp16 inside, fp32 at the edges: callers keep feeding float32 images and reading float32 maps.
+    The scoring statistics stay fp32."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
+        statistics = {name: buffer.clone() for name, buffer in model.named_buffers()
+                      if name.startswith(FP32_STATISTICS) and buffer.is_floating_point()}
         self.model = model.half()
+        for name, buffer in statistics.items():
+            owner, _, attribute = name.rpartition(".")
+            setattr(self.model.get_submodule(owner) if owner else self.model, attribute, buffer)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps, scores = self.model(images.half())

@@ -27,6 +27,7 @@ from .metadata import ModelMetadata
 from .models.backbones import BACKBONE_PREPROCESSING
 from .models.families import STMAE_FAMILY
 from .models.filtering_ae import FAMILY as FILTERING_FAMILY, FilteringAEConfig
+from .models.gaussian import fit_position_gaussian
 from .models.stmae import STMAE, STMAEConfig, random_split
 from .corruption import corrupt
 from .preprocessing import ImageInput, Preprocessing, load_image
@@ -36,7 +37,7 @@ from .scoring import DEFAULT_SIGMA, ScoreStats, Thresholds
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 40
+    epochs: int = 20  # the default model trains in under 20 minutes on 2 CPU cores (docs/BENCHMARKS.md)
     batch_size: int = 16
     lr: float = 4e-4
     weight_decay: float = 0.05
@@ -236,7 +237,7 @@ def fit(model: STMAE, features: torch.Tensor, cfg: TrainConfig, inputs: torch.Te
     def loss_of(idx: torch.Tensor, epoch: int, generator: torch.Generator) -> torch.Tensor:
         seen = model.standardize(inputs[idx].float())
         wanted = model.standardize(features[targets_of[idx]].float())
-        split_a, split_b = random_split(len(idx), tokens, generator)
+        split_a, split_b = random_split(len(idx), tokens, generator, units=model.mask_units)
         return model.loss(wanted, model.reconstruct(seen, split_a, split_b))
 
     return optimize(model, inputs.shape[0], cfg, loss_of)
@@ -270,7 +271,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         model, history = train_filtering(model_config, preprocessing, train_items, cfg)
         family, provenance = FILTERING_FAMILY, {"self_supervised": True}
     else:
-        model, history = train_stmae(model_config, preprocessing, train_items, cfg, backbone_weights)
+        model, history = train_stmae(model_config, preprocessing, train_items, cfg, backbone_weights,
+                                     holdout_items)
         family, provenance = STMAE_FAMILY, {"self_supervised": cfg.self_supervised,
                                             "backbone_weights": backbone_weights}
 
@@ -297,8 +299,11 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
 
 
 def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: Sequence[ImageInput],
-                cfg: TrainConfig, backbone_weights: str) -> tuple[STMAE, list[float]]:
-    """Features once, then the transformer on them; residual statistics from the training images."""
+                cfg: TrainConfig, backbone_weights: str,
+                holdout: Sequence[ImageInput] = ()) -> tuple[STMAE, list[float]]:
+    """Features once, then the transformer on them; residual statistics from the training images; with
+    a fused map, the per-position Gaussian from the training images and the fusion's scale from the
+    held-out ones."""
     model = STMAE(model_config, backbone_weights=backbone_weights)
     features = extract_features(model, preprocessing, items, description="backbone features")
     mean, std = feature_statistics(features)
@@ -313,4 +318,48 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
         mean, std = residual_statistics(model, features)
         model.residual_mean.copy_(mean)
         model.residual_std.copy_(std)
+    if model_config.gaussian_weight > 0:
+        if len(holdout) < 2:
+            raise ConfigError("the fused map needs at least two held-out good images for its scale")
+        fit_gaussian(model, features, extract_features(model, preprocessing, holdout, description="held-out features"))
     return model, history
+
+
+@torch.no_grad()
+def principal_components(features: torch.Tensor, count: int, samples: int = 200_000, seed: int = 0) -> torch.Tensor:
+    """The top `count` principal directions (C, count) of feature vectors over images and positions,
+    from a seeded sample of at most `samples` vectors."""
+    vectors = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    if vectors.shape[0] > samples:
+        vectors = vectors[torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]]
+    vectors = vectors.double()
+    _, _, directions = torch.linalg.svd(vectors - vectors.mean(dim=0), full_matrices=False)
+    return directions[:count].T.float()
+
+
+@torch.no_grad()
+def fit_gaussian(model: STMAE, features: torch.Tensor, holdout_features: torch.Tensor, batch_size: int = 32) -> None:
+    """The fused map's parts: projection, per-position Gaussian of the Gaussian's inputs (training
+    images) and the (mean, std) of the transition and Gaussian maps over held-out good images, which put
+    both on one scale."""
+    c = model.config
+
+    def pieces(raw: torch.Tensor):
+        for chunk in raw.split(batch_size):
+            f = model.standardize(chunk.float())
+            recon = model.reconstruct(f)
+            yield f, recon, model.gaussian_input(f, recon)
+
+    inputs = torch.cat([x for _, _, x in pieces(features)])
+    if c.gaussian_dim:
+        model.gaussian_projection.copy_(principal_components(inputs, c.gaussian_dim))
+    mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", inputs, model.gaussian_projection),
+                                            c.gaussian_eps)
+    del inputs
+    model.gaussian_mean.copy_(mean)
+    model.gaussian_precision.copy_(precision)
+    transition, gaussian = [], []
+    for f, recon, x in pieces(holdout_features):
+        transition.append(model.transition_map(f, recon).flatten())
+        gaussian.append(model.gaussian_map(x).flatten())
+    model.fusion_stats.copy_(torch.tensor([[torch.cat(m).mean(), torch.cat(m).std()] for m in (transition, gaussian)]))

@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 from stmae_edge import data
-from stmae_edge.calibrate import calibrate
+from stmae_edge.calibrate import calibrate, statistics_nodes
 from stmae_edge.errors import ConfigError
 from stmae_edge.export import export_onnx
 from stmae_edge.metadata import onnx_precision
@@ -44,6 +44,11 @@ def test_int8_graph_is_symmetric_qdq_on_the_transformer_only(fp32_graph):
     # The transformer's MatMuls run on quantised tensors; the backbone's convolutions stay in float
     # (measured: quantising them loses 3 points of image AUROC).
     assert "MatMul" in dequantized_into and "Conv" not in dequantized_into
+    # The per-position Gaussian of the fused map is the anomaly signal itself: it stays in float.
+    produced_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+    statistics = [n for n in proto.graph.node if any(i.rpartition(".")[2].startswith("gaussian_") for i in n.input)]
+    assert len(statistics) == 2 and set(statistics_nodes(onnx.load(str(path)))) == {n.name for n in statistics}
+    assert all(produced_by.get(i) != "DequantizeLinear" for n in statistics for i in n.input)
 
 
 def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_dataset, tmp_path):

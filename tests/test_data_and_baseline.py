@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stmae_edge import data
-from stmae_edge.baseline import GaussianBaseline
+from stmae_edge.baseline import GaussianBaseline, PatchCoreBaseline, greedy_coreset
 from stmae_edge.errors import DatasetError
 
 
@@ -65,3 +65,29 @@ def test_recorded_train_images_and_image_folders(synthetic_dataset, tmp_path):
     assert data.images_in(synthetic_dataset / "test" / "good") == sorted((synthetic_dataset / "test" / "good").iterdir())
     with pytest.raises(DatasetError, match="not a folder of images"):
         data.images_in(tmp_path / "absent")
+
+
+def test_greedy_coreset_picks_the_farthest_points_first():
+    # Two tight clusters and one far point: k-center picks one row of each before any second of a cluster.
+    gen = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(50, 4, generator=gen) * 0.01, torch.randn(50, 4, generator=gen) * 0.01 + 5,
+                        torch.full((1, 4), -20.0)])
+    picked = greedy_coreset(points, 3, projection_dim=4)
+    assert len(set(picked.tolist())) == 3
+    assert {0 if i < 50 else 1 if i < 100 else 2 for i in picked.tolist()} == {0, 1, 2}
+    assert torch.equal(picked, greedy_coreset(points, 3, projection_dim=4))  # seeded
+    with pytest.raises(ValueError):
+        greedy_coreset(points, 0)
+
+
+def test_patchcore_baseline_finds_the_outlier_patch():
+    gen = torch.Generator().manual_seed(1)
+    good = torch.randn(20, 8, 8, 8, generator=gen) * 0.1
+    baseline = PatchCoreBaseline(coreset_ratio=0.25).fit(good)
+    assert baseline.bank.shape == (round(20 * 64 * 0.25), 8)
+    test = torch.randn(2, 8, 8, 8, generator=gen) * 0.1
+    test[1, :, 5, 2] += 3.0
+    maps, scores = baseline.score(test, (32, 32))
+    assert maps.shape == (2, 1, 32, 32) and scores[1] > 3 * scores[0]
+    peak = int(maps[1, 0].argmax())
+    assert abs(peak // 32 - 5 * 4 - 2) <= 4 and abs(peak % 32 - 2 * 4 - 2) <= 4  # at grid cell (5, 2)

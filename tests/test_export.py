@@ -116,6 +116,10 @@ def test_fp16_graph_has_fp32_edges_and_fp16_weights(exported_fp16):
     weight_types = {t.data_type for t in proto.graph.initializer if numpy_helper.to_array(t).size > 64}
     assert onnx.TensorProto.FLOAT16 in weight_types
     assert {n.op_type for n in proto.graph.node} <= TENSORRT_OPS
+    # The per-position Gaussian that scores the map keeps fp32: a Mahalanobis distance amplifies rounding.
+    statistics = {t.name: t.data_type for t in proto.graph.initializer
+                  if t.name.rpartition(".")[2].startswith("gaussian_")}  # "model." inside the fp16 wrapper
+    assert statistics and set(statistics.values()) == {onnx.TensorProto.FLOAT}
 
 
 def test_fp16_parity_within_half_precision_tolerance(exported_fp16, synthetic_dataset):

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from stmae_edge.errors import ConfigError
-from stmae_edge.models.stmae import STMAE, STMAEConfig, checkerboard_split, preset, random_split, take_tokens
+from stmae_edge.models.gaussian import fit_position_gaussian
+from stmae_edge.models.maps import smooth
+from stmae_edge.models.stmae import (STMAE, STMAEConfig, checkerboard_split, preset, random_split, take_tokens,
+                                     unit_tokens)
+from stmae_edge.train import fit_gaussian
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +32,43 @@ def _assert_partition(a: torch.Tensor, b: torch.Tensor, n: int) -> None:
     assert sorted(a.tolist() + b.tolist()) == list(range(n))
 
 
-def test_eval_split_is_a_disjoint_complementary_checkerboard(model):
-    side = model.config.tokens_per_side
-    a, b = model.eval_split_a, model.eval_split_b
+def _block_grid(split: torch.Tensor, side: int, unit: int) -> torch.Tensor:
+    """Which set each unit x unit block is in, asserting that no block is cut: (side/unit, side/unit)."""
+    in_set = torch.zeros(side * side, dtype=torch.bool)
+    in_set[split] = True
+    blocks = in_set.view(side // unit, unit, side // unit, unit).permute(0, 2, 1, 3).flatten(2)
+    assert (blocks.all(dim=2) | ~blocks.any(dim=2)).all(), "a block was split between the halves"
+    return blocks[..., 0]
+
+
+@pytest.mark.parametrize("unit", [1, 2, 4])
+def test_eval_split_is_a_complementary_checkerboard_of_blocks(unit):
+    side = 8
+    a, b = checkerboard_split(side, unit)
     _assert_partition(a, b, side * side)
-    # Checkerboard: horizontal and vertical neighbours of every token lie in the other set.
-    in_a = torch.zeros(side * side, dtype=torch.bool)
-    in_a[a] = True
-    grid = in_a.view(side, side)
+    assert torch.equal(a, a.sort().values) and torch.equal(b, b.sort().values)
+    # Checkerboard of blocks: the 4 neighbouring blocks of every block lie in the other set.
+    grid = _block_grid(a, side, unit)
     assert (grid[:, 1:] != grid[:, :-1]).all() and (grid[1:, :] != grid[:-1, :]).all()
 
 
-def test_random_split_is_fresh_per_sample_and_partitions(model):
-    n = model.config.tokens_per_side ** 2
-    a, b = random_split(4, n, torch.Generator().manual_seed(0))
+def test_the_model_uses_its_configured_blocks(model):
+    c = model.config
+    a, b = checkerboard_split(c.tokens_per_side, c.mask_unit)
+    assert torch.equal(model.eval_split_a, a) and torch.equal(model.eval_split_b, b)
+    assert model.mask_units.shape == ((c.tokens_per_side // c.mask_unit) ** 2, c.mask_unit ** 2)
+
+
+@pytest.mark.parametrize("unit", [1, 2])
+def test_random_split_is_fresh_per_sample_and_keeps_blocks_whole(unit):
+    side = 8
+    a, b = random_split(4, side * side, torch.Generator().manual_seed(0), units=unit_tokens(side, unit))
     for i in range(4):
-        _assert_partition(a[i], b[i], n)
+        _assert_partition(a[i], b[i], side * side)
+        _block_grid(a[i], side, unit)
     assert not torch.equal(a[0].sort().values, a[1].sort().values)
+    with pytest.raises(ConfigError, match="blocks"):
+        STMAEConfig(grid=16, patch=2, mask_unit=3)  # 8 tokens a side: no 3 x 3 blocks
 
 
 def test_take_tokens_constant_and_per_sample_indices_agree():
@@ -68,10 +94,10 @@ def test_raster_order_is_restored_exactly():
     n = oracle.config.tokens_per_side ** 2
     a, b = random_split(feats.shape[0], n, torch.Generator().manual_seed(3))
     assert torch.equal(oracle.reconstruct(feats, a, b), feats)
-    assert oracle.anomaly_map(feats, oracle.reconstruct(feats)).abs().max() == 0
+    assert oracle.transition_map(feats, oracle.reconstruct(feats)).abs().max() == 0
     # Without the inverse permutation the same predictions land in the wrong places.
     unrestored = oracle.fold(torch.cat(oracle.transit(oracle.tokenize(feats), a, b), dim=1))
-    assert oracle.anomaly_map(feats, unrestored).abs().max() > 0.1
+    assert oracle.transition_map(feats, unrestored).abs().max() > 0.1
 
 
 def test_each_half_is_predicted_only_from_the_other(model):
@@ -137,12 +163,52 @@ def test_residual_is_normalised_per_position(model):
     torch.testing.assert_close(model.residual(feats, recon), raw)
     g = model.config.grid
     mean, std = torch.rand(1, 1, g, g), torch.rand(1, 1, g, g) + 0.5
-    m = STMAE(model.config, backbone_weights="random").eval()
-    m.load_state_dict({**model.state_dict(), "residual_mean": mean, "residual_std": std})
+    m = STMAE(replace(model.config, gaussian_weight=0.0), backbone_weights="random").eval()  # the residual alone
+    m.load_state_dict({**{k: v for k, v in model.state_dict().items() if not k.startswith(("gaussian_", "fusion_"))},
+                       "residual_mean": mean, "residual_std": std})
     pad = m.smoothing_kernel.shape[-1] // 2
     expected = torch.nn.functional.conv2d(
         torch.nn.functional.pad((raw - mean) / std, (pad,) * 4, mode="replicate"), m.smoothing_kernel)
     torch.testing.assert_close(m.anomaly_map(feats, recon), expected)
+
+
+@pytest.mark.parametrize("gaussian_input", ["residual", "features"])
+def test_fused_map_adds_the_per_position_gaussian_on_a_common_scale(gaussian_input):
+    torch.manual_seed(0)
+    assert preset("small").gaussian_weight > 0 and preset("tiny").gaussian_input == preset("small").gaussian_input
+    config = replace(preset("tiny"), gaussian_input=gaussian_input, transition_weight=0.5)  # both terms
+    m = STMAE(config, backbone_weights="random").eval()
+    c, g = m.features.channels, config.grid
+    smooth_field = lambda n, seed: torch.nn.functional.interpolate(  # noqa: E731
+        torch.randn(n, c, 4, 4, generator=torch.Generator().manual_seed(seed)), size=(g, g), mode="bilinear")
+    good, holdout = smooth_field(40, 1), smooth_field(8, 2)
+    fit_gaussian(m, good, holdout)
+    with torch.no_grad():
+        modelled = good - m.reconstruct(good) if gaussian_input == "residual" else good
+        torch.testing.assert_close(m.gaussian_input(good, m.reconstruct(good)), modelled)
+        # The projection holds orthonormal principal directions; the Gaussian is the baseline's definition.
+        projection = m.gaussian_projection
+        assert projection.shape == (c, config.gaussian_dim)
+        torch.testing.assert_close(projection.T @ projection, torch.eye(config.gaussian_dim), atol=1e-4, rtol=0)
+        mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", modelled, projection),
+                                                config.gaussian_eps)
+        torch.testing.assert_close(m.gaussian_mean, mean)
+        torch.testing.assert_close(m.gaussian_precision, precision, rtol=1e-4, atol=1e-4)
+        # Both maps have mean 0 and std 1 over the held-out images, so neither dominates by its units.
+        recon = m.reconstruct(holdout)
+        transition = m.transition_map(holdout, recon)
+        gaussian = m.gaussian_map(m.gaussian_input(holdout, recon))
+        expected = torch.tensor([[transition.mean(), transition.std()], [gaussian.mean(), gaussian.std()]])
+        torch.testing.assert_close(m.fusion_stats, expected)
+        test = smooth_field(2, 3)
+        test[1, :, 5, 9] += 4.0
+        recon = m.reconstruct(test)
+        s = m.fusion_stats
+        gaussian = m.gaussian_map(m.gaussian_input(test, recon))
+        fused = (0.5 * (m.transition_map(test, recon) - s[0, 0]) / s[0, 1]
+                 + config.gaussian_weight * (gaussian - s[1, 0]) / s[1, 1])
+        torch.testing.assert_close(m.anomaly_map(test, recon), smooth(fused, m.smoothing_kernel))
+        assert divmod(int(gaussian[1, 0].argmax()), g) == (5, 9)
 
 
 def test_presets_and_config_validation():

@@ -3,18 +3,29 @@
 Data flow for one image (the names below are the methods):
   features  (C, G, G)   frozen backbone, layers resized to one grid, standardised per channel
   tokenize  (N, D)      p x p feature patches -> linear -> + positional embedding   (N = (G/p)^2)
-  split     A, B        two disjoint, complementary halves of the N token positions
+  split     A, B        two disjoint, complementary halves of the N token positions, made of whole
+                        u x u blocks of tokens (mask_unit), so a masked token's neighbours are masked too
   encode    lat_A, lat_B  one shared (Siamese) encoder runs on each half on its own
   transit   decoder input = one half's latents at its own positions + mask tokens at the other's;
             a light decoder predicts the other half. A predicts B, B predicts A.
   restore   predictions put back in raster order, folded into (C, G, G)
-  anomaly   per-position residual (mean squared error, by default times 1 - cosine), as a z-score
-            against the good training images at that position, Gaussian-smoothed, upsampled;
+  transition_map  per-position residual (mean squared error, by default times 1 - cosine), as a
+            z-score against the good training images at that position
+  gaussian_map    (presets with gaussian_weight > 0, the default among them) Mahalanobis distance
+            of each position's residual vector (features - prediction; or the features themselves,
+            gaussian_input) to a Gaussian of the good images' at that position (models/gaussian.py)
+  anomaly   transition_map alone, or the two maps as z-scores on held-out good images, weighted by
+            transition_weight and gaussian_weight and added; Gaussian-smoothed, upsampled;
             image score = max of the map
 
-Training draws a fresh random split per sample per step; eval uses fixed complementary index sets
-(a checkerboard over the token grid) kept as buffers, so export sees constant-index Gathers and
-the inverse permutation as another Gather: no ScatterND, nothing random.
+Why a Gaussian of the residual: the scalar residual treats every channel and every position alike,
+and on good parts it is noisy. The residual vector, measured against what is usual at its own
+position, keeps what context does not explain and what the position does not usually show.
+docs/BENCHMARKS.md has the ablation.
+
+Training draws a fresh random split of blocks per sample per step; eval uses fixed complementary index
+sets (a checkerboard of blocks over the token grid) kept as buffers, so export sees constant-index
+Gathers and the inverse permutation as another Gather: no ScatterND, nothing random.
 """
 
 from __future__ import annotations
@@ -27,10 +38,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from .backbones import DEFAULT_LAYERS, FeatureExtractor
+from .gaussian import mahalanobis
 from .maps import gaussian_kernel, maps_and_scores, smooth
 
 
 RESIDUALS = ("mse", "mse_cos")
+GAUSSIAN_INPUTS = ("features", "residual")
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,7 @@ class STMAEConfig:
     input_size: int = 256
     grid: int = 32  # feature map side after resizing every layer to one grid
     patch: int = 2  # feature patch side: (grid / patch)^2 tokens
+    mask_unit: int = 1  # tokens per side of a masked block, in training and in the eval checkerboard
     embed_dim: int = 160
     depth: int = 4
     heads: int = 4
@@ -51,16 +65,30 @@ class STMAEConfig:
     cosine_weight: float = 1.0  # loss = mse + cosine_weight * (1 - cos)
     residual: str = "mse_cos"  # per-position residual: "mse", or "mse_cos" = mse * (1 - cos)
     position_norm: bool = True  # residual as a z-score against good images at the same position
+    # A Gaussian per grid position, scored by Mahalanobis distance, fused into the map with this weight;
+    # 0 = the transition residual alone.
+    gaussian_weight: float = 0.0
+    gaussian_input: str = "features"  # what the Gaussian models: "features", or "residual" (features - prediction)
+    transition_weight: float = 1.0  # weight of the scalar transition residual in a fused map
+    gaussian_dim: int = 0  # inputs projected to this many principal components first; 0 = all channels
+    gaussian_eps: float = 0.01  # added to each covariance's diagonal (standardised features: variance ~1)
 
     def __post_init__(self) -> None:
         if self.grid % self.patch:
             raise ConfigError(f"grid {self.grid} is not a multiple of patch {self.patch}")
-        if (self.grid // self.patch) ** 2 % 2:
-            raise ConfigError("the token count must be even to split it into two halves")
+        side = self.grid // self.patch
+        if self.mask_unit < 1 or side % self.mask_unit or (side // self.mask_unit) ** 2 % 2:
+            raise ConfigError(f"the {side} x {side} token grid must split into an even number of "
+                              f"{self.mask_unit} x {self.mask_unit} blocks")
         if self.residual not in RESIDUALS:
             raise ConfigError(f"unknown residual {self.residual!r}; choose one of {RESIDUALS}")
         if self.embed_dim % self.heads or self.decoder_dim % self.decoder_heads:
             raise ConfigError("embed_dim and decoder_dim must be multiples of their head counts")
+        if not (self.gaussian_weight >= 0 and self.transition_weight >= 0 and self.gaussian_dim >= 0
+                and self.gaussian_eps > 0):
+            raise ConfigError("fusion weights and gaussian dim must not be negative, and gaussian eps must be positive")
+        if self.gaussian_input not in GAUSSIAN_INPUTS:
+            raise ConfigError(f"unknown gaussian input {self.gaussian_input!r}; choose one of {GAUSSIAN_INPUTS}")
 
     @property
     def tokens_per_side(self) -> int:
@@ -88,8 +116,11 @@ class STMAEConfig:
 # VGG19 relu1_2..relu4_4 on a 64x64 grid, a 768-wide, 12-deep encoder, 512-wide 8-deep decoder.
 PRESETS: dict[str, STMAEConfig] = {
     "tiny": STMAEConfig(input_size=64, grid=16, patch=2, embed_dim=32, depth=1, heads=2,
-                        decoder_dim=32, decoder_depth=1, decoder_heads=2, mlp_ratio=2.0),
-    "small": STMAEConfig(),
+                        decoder_dim=32, decoder_depth=1, decoder_heads=2, mlp_ratio=2.0, mask_unit=2,
+                        gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0, gaussian_dim=16),
+    "small": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0),
+    # The default until 2026-11-28: the transition residual alone, token-wise masking.
+    "transition-only": STMAEConfig(),
     "paper": STMAEConfig(backbone="vgg19", layers=DEFAULT_LAYERS["vgg19"], grid=64, patch=4, embed_dim=768,
                          depth=12, heads=12, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                          mlp_ratio=4.0, smoothing_sigma=1.0),
@@ -135,19 +166,39 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def checkerboard_split(side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Complementary index sets over a side x side token grid: every token's 4 neighbours are in the other set."""
+def unit_tokens(side: int, unit: int = 1) -> torch.Tensor:
+    """Token indices of each unit x unit block of a side x side token grid: (units, unit * unit), blocks
+    and the tokens inside each in raster order. Masking whole blocks keeps a masked token's neighbours
+    masked too, so their receptive fields cannot hand it its own content (notes: model.md)."""
+    if side % unit:
+        raise ConfigError(f"a {side} x {side} token grid cannot be cut into {unit} x {unit} blocks")
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    block = ((rows // unit) * (side // unit) + cols // unit).flatten()
+    return torch.argsort(block, stable=True).view(-1, unit * unit)
+
+
+def checkerboard_split(side: int, unit: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Complementary index sets over a side x side token grid, a checkerboard of unit x unit blocks:
+    every block's 4 neighbouring blocks are in the other set. Each set is in raster order."""
+    units = unit_tokens(side, unit)
+    per_side = side // unit
+    rows, cols = torch.meshgrid(torch.arange(per_side), torch.arange(per_side), indexing="ij")
     white = ((rows + cols) % 2 == 0).flatten()
-    positions = torch.arange(side * side)
-    return positions[white], positions[~white]
+    return units[white].flatten().sort().values, units[~white].flatten().sort().values
 
 
 def random_split(batch: int, tokens: int, generator: torch.Generator | None = None,
-                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fresh random half/half split per sample: (B, N/2) index tensors."""
-    perm = torch.rand(batch, tokens, generator=generator, device=device).argsort(dim=1)
-    return perm[:, : tokens // 2], perm[:, tokens // 2:]
+                 device: torch.device | None = None,
+                 units: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh random half/half split per sample: (B, N/2) index tensors. With `units` (unit_tokens),
+    whole blocks go to one half or the other."""
+    if units is None:
+        perm = torch.rand(batch, tokens, generator=generator, device=device).argsort(dim=1)
+        return perm[:, : tokens // 2], perm[:, tokens // 2:]
+    count = units.shape[0]
+    perm = torch.rand(batch, count, generator=generator, device=device).argsort(dim=1)
+    chosen = units.to(perm.device)[perm].flatten(1)  # (B, N): the tokens of the blocks in drawn order
+    return chosen[:, : tokens // 2], chosen[:, tokens // 2:]
 
 
 def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -183,7 +234,8 @@ class STMAE(nn.Module):
         self.decoder_norm = nn.LayerNorm(c.decoder_dim)
         self.head = nn.Linear(c.decoder_dim, self.token_dim)
 
-        split_a, split_b = checkerboard_split(c.tokens_per_side)
+        split_a, split_b = checkerboard_split(c.tokens_per_side, c.mask_unit)
+        self.register_buffer("mask_units", unit_tokens(c.tokens_per_side, c.mask_unit), persistent=False)
         self.register_buffer("eval_split_a", split_a)
         self.register_buffer("eval_split_b", split_b)
         self.register_buffer("eval_restore", torch.cat([split_a, split_b]).argsort())
@@ -192,6 +244,15 @@ class STMAE(nn.Module):
         # position against its own good-image statistics keeps them from setting the image score.
         self.register_buffer("residual_mean", torch.zeros(1, 1, c.grid, c.grid))
         self.register_buffer("residual_std", torch.ones(1, 1, c.grid, c.grid))
+        if c.gaussian_weight > 0:
+            dim = c.gaussian_dim or channels
+            positions = c.grid * c.grid
+            self.register_buffer("gaussian_projection", torch.eye(channels, dim))
+            self.register_buffer("gaussian_mean", torch.zeros(positions, dim))
+            self.register_buffer("gaussian_precision", torch.eye(dim).repeat(positions, 1, 1))
+            # (mean, std) of each map over held-out good images, rows: transition, gaussian. Each map
+            # enters the fusion as a z-score on that common scale.
+            self.register_buffer("fusion_stats", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -265,16 +326,39 @@ class STMAE(nn.Module):
             residual = residual * (1.0 - F.cosine_similarity(feats, recon, dim=1).unsqueeze(1))
         return residual
 
+    def transition_map(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Residual, normalised per position if configured: (B, 1, G, G), float32."""
+        residual = self.residual(feats.float(), recon.float())
+        if self.config.position_norm:
+            residual = (residual - self.residual_mean.float()) / self.residual_std.float()
+        return residual
+
+    def gaussian_input(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """What the per-position Gaussian models: the features, or what the prediction left of them."""
+        return feats - recon if self.config.gaussian_input == "residual" else feats
+
+    def gaussian_map(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of each position's (projected) inputs to that position's Gaussian."""
+        b, c, g, w = inputs.shape
+        projected = (inputs.float().reshape(b, c, g * w).transpose(1, 2) @ self.gaussian_projection.float())
+        projected = projected.transpose(1, 2).reshape(b, -1, g, w)
+        return mahalanobis(projected, self.gaussian_mean, self.gaussian_precision)
+
     def anomaly_map(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """Residual, normalised per position if configured, then smoothed: (B, 1, G, G), float32.
+        """The transition residual, fused with the per-position Gaussian if configured, smoothed:
+        (B, 1, G, G), float32.
 
         In an fp16 graph everything from here on stays in fp32: the channel reductions and the cosine's
         epsilon (1e-8 is 0 in fp16) are where half precision loses what the score depends on.
         """
-        residual = self.residual(feats.float(), recon.float())
-        if self.config.position_norm:
-            residual = (residual - self.residual_mean.float()) / self.residual_std.float()
-        return smooth(residual, self.smoothing_kernel.float())
+        grid_map = self.transition_map(feats, recon)
+        c = self.config
+        if c.gaussian_weight > 0:
+            stats = self.fusion_stats.float()
+            gaussian = self.gaussian_map(self.gaussian_input(feats.float(), recon.float()))
+            grid_map = (c.transition_weight * (grid_map - stats[0, 0]) / stats[0, 1]
+                        + c.gaussian_weight * (gaussian - stats[1, 0]) / stats[1, 1])
+        return smooth(grid_map, self.smoothing_kernel.float())
 
     def loss(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         mse = F.mse_loss(recon, feats)
