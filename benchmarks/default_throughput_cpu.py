@@ -1,0 +1,60 @@
+"""ONNX Runtime CPU throughput of the default model against the previous default, side by side.
+
+    python benchmarks/default_throughput_cpu.py [--model runs/bench_quality/stmae.pt] [--rounds 15]
+
+The default is the quality benchmark's model. The previous default (preset "transition-only": the
+transition residual alone, token-wise masking, until 2026-11-28) is trained for one epoch on 32 images
+here: speed does not depend on the weights, only on the graph. Both fp32 graphs run behind the same
+Detector, taking turns in every round on the same batches of decoded test images
+(runtime_cpu.side_by_side); the table gives medians. Target (issue 15): the new default keeps at least
+half of the previous default's throughput at batch 8.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from quality_magnetic_tile import model_benchmark_args, write_table  # noqa: E402
+from runtime_cpu import BATCH, side_by_side  # noqa: E402
+
+from stmae_edge import data  # noqa: E402
+from stmae_edge.export import export_onnx  # noqa: E402
+from stmae_edge.models.stmae import preset  # noqa: E402
+from stmae_edge.preprocessing import load_image  # noqa: E402
+from stmae_edge.runtime import Detector  # noqa: E402
+from stmae_edge.train import TrainConfig, train  # noqa: E402
+
+BEGIN, END = "<!-- default-throughput-cpu:begin -->", "<!-- default-throughput-cpu:end -->"
+
+
+def main() -> None:
+    args = model_benchmark_args(__doc__, lambda p: p.add_argument("--rounds", type=int, default=15))
+    previous = args.model.with_name("previous_default.pt")
+    train(args.data, previous, preset("transition-only"), TrainConfig(epochs=1, max_images=32))
+    detectors, sizes = {}, {}
+    for name, path in (("previous default (transition-only)", previous), ("default", args.model)):
+        onnx_path, figures = export_onnx(path, path.with_suffix(".fp32.onnx"))
+        detectors[name] = Detector(onnx_path, "ort-cpu", batch_size=BATCH)
+        sizes[name] = figures["size_bytes"] / 2 ** 20
+    samples = data.eval_samples(args.data)
+    order = np.random.default_rng(0).permutation(len(samples))[:64]
+    images = [load_image(samples[i].path) for i in sorted(order)]
+    medians = side_by_side(detectors, images, args.rounds)
+    reference = medians["previous default (transition-only)"]["total"]
+    rows = [f"| {name} | {BATCH / m['total']:.1f} | {reference / m['total']:.2f}x | {sizes[name]:.1f} MiB |"
+            for name, m in medians.items()]
+    print("\n".join(rows))
+    write_table(args.md, BEGIN, END, f"python benchmarks/default_throughput_cpu.py --rounds {args.rounds}",
+                f"fp32 graphs on ONNX Runtime CPU, batch {BATCH}, end to end through the Detector, medians of "
+                f"{args.rounds} interleaved rounds on {len(images)} decoded magnetic_tile test images; target: "
+                "the default keeps at least 0.5x", ["model", "images/s", "vs previous default", "ONNX file"], rows)
+
+
+if __name__ == "__main__":
+    main()
