@@ -351,13 +351,14 @@ class STMAE(nn.Module):
         In an fp16 graph everything from here on stays in fp32: the channel reductions and the cosine's
         epsilon (1e-8 is 0 in fp16) are where half precision loses what the score depends on.
         """
-        grid_map = self.transition_map(feats, recon)
         c = self.config
-        if c.gaussian_weight > 0:
-            stats = self.fusion_stats.float()
-            gaussian = self.gaussian_map(self.gaussian_input(feats.float(), recon.float()))
-            grid_map = (c.transition_weight * (grid_map - stats[0, 0]) / stats[0, 1]
-                        + c.gaussian_weight * (gaussian - stats[1, 0]) / stats[1, 1])
+        if c.gaussian_weight <= 0:
+            return smooth(self.transition_map(feats, recon), self.smoothing_kernel.float())
+        stats = self.fusion_stats.float()
+        gaussian = self.gaussian_map(self.gaussian_input(feats.float(), recon.float()))
+        grid_map = c.gaussian_weight * (gaussian - stats[1, 0]) / stats[1, 1]
+        if c.transition_weight > 0:  # the default weighs it 0: neither computed nor exported then
+            grid_map = grid_map + c.transition_weight * (self.transition_map(feats, recon) - stats[0, 0]) / stats[0, 1]
         return smooth(grid_map, self.smoothing_kernel.float())
 
     def loss(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
