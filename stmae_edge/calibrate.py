@@ -89,7 +89,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     images = sorted(images) if images else data.recorded_train_images(metadata.training, count)
     if len(images) < batch_size:
         raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
-    out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"))
+    out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
     settings = settings_for(metadata)
     key = cache_key(onnx_path, images, settings)
     cache_dir = Path(cache_dir)

@@ -106,7 +106,7 @@ def evaluate(
     from .evaluate import evaluate as run_evaluate, format_report, write_json
 
     use_available_cores()
-    out = check_writable(out or model.with_suffix(".eval.json"))
+    out = check_writable(out or model.with_suffix(".eval.json"), [model])
     result = run_evaluate(model, data_dir, batch_size)
     write_json(result, out)
     typer.echo(format_report(result))

@@ -71,7 +71,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         raise ConfigError(f"{onnx_path} is an {graph_precision} graph; for {precision} run `{how}` "
                           "and build that file")
     precision = graph_precision
-    out = check_writable(out or default_plan_path(onnx_path, precision))
+    out = check_writable(out or default_plan_path(onnx_path, precision), [onnx_path])
     cache_path = Path(timing_cache) if timing_cache else out.parent / "timing.cache"
     trt, flavour = import_tensorrt()
 

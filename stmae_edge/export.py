@@ -75,7 +75,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
     if precision not in EXPORT_PRECISIONS:
         raise ConfigError(f"unknown export precision {precision!r}; choose {', '.join(EXPORT_PRECISIONS)} "
                           "(int8 comes from `stmae-edge calibrate`)")
-    out = check_writable(out or default_onnx_path(checkpoint, precision))
+    out = check_writable(out or default_onnx_path(checkpoint, precision), [checkpoint])
     model, metadata = load_model(checkpoint)
     reference = model
     if precision == "fp16":

@@ -1,15 +1,36 @@
-"""Output files: checked before long work starts, so a bad --out fails in a second, not after training."""
+"""Output files: checked before long work starts, so a bad --out fails in a second, not after training,
+and never one that would replace an input of the same command."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Iterable
 
 from .errors import OutputError
 
 
-def check_writable(path: Path | str) -> Path:
-    """Fail before long work, not after it, when the output cannot be written."""
+def same_file(a: Path | str, b: Path | str) -> bool:
+    """Whether two paths name one file (through links and relative parts), existing or not."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def check_writable(path: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
+    """Fail before long work, not after it, when the output cannot be written or is one of `inputs`.
+
+    Raises:
+        OutputError: the folder cannot be created or written, the path is a folder, or it names an input.
+    """
     path = Path(path)
+    for source in inputs:
+        if same_file(path, source):
+            raise OutputError(f"{path} is an input of this command and would be replaced; choose another --out")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.with_name(path.name + ".partial")
@@ -20,3 +41,22 @@ def check_writable(path: Path | str) -> Path:
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name with --out")
     return path
+
+
+def check_output_folder(out: Path | str, inputs: Iterable[Path | str]) -> Path:
+    """An output folder that holds none of the inputs: what a command writes there can neither replace
+    an input nor be taken for one by the next run over the input folder.
+
+    Raises:
+        OutputError: `out` is the folder of one of the inputs, or cannot be created.
+    """
+    out = Path(out)
+    for source in inputs:
+        if same_file(Path(source).parent, out):
+            raise OutputError(f"--out {out} is the folder of the input {source}: outputs would sit among (and "
+                              "could replace) the inputs; choose another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from exc
+    return out

@@ -15,6 +15,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from .errors import ConfigError, InvalidImageError
+from .image_header import declared_size
 
 # OpenCV reads this once, at import; it bounds what a hostile file can make the decoder allocate.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
@@ -117,43 +118,35 @@ def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndar
             data = np.fromfile(path, dtype=np.uint8)
         except OSError as exc:
             raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-        declared = header_size(data[:65536].tobytes())
-        if declared and declared[0] * declared[1] > max_pixels:
-            raise InvalidImageError(f"{path}: {declared[0]}x{declared[1]} pixels exceeds the limit of "
-                                    f"{max_pixels}; crop or downscale it first")
-        array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-        if array is None:
-            raise InvalidImageError(f"{path}: not a readable image (corrupt, truncated or unknown format)")
+        array = decode(data, source, max_pixels)
     check_image(array, source, max_pixels)
     return array
 
 
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+def decode(data: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """File bytes -> pixels, for the formats image_header reads, after their declared size is checked.
 
-
-def header_size(head: bytes) -> tuple[int, int] | None:
-    """(width, height) that a PNG or JPEG header declares, read before decoding so that a small file
-    declaring a huge image is refused before it allocates anything (OpenCV's own cap applies only if
-    this module set it before anything else imported cv2). None for other formats."""
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    if head[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 9 <= len(head):
-        if head[i] != 0xFF:
-            return None
-        marker = head[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _JPEG_SOF:
-            return int.from_bytes(head[i + 7:i + 9], "big"), int.from_bytes(head[i + 5:i + 7], "big")
-        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
-            i += 2
-            continue
-        i += 2 + int.from_bytes(head[i + 2:i + 4], "big")
-    return None
+    Raises:
+        InvalidImageError: an unsupported format, a declared size over `max_pixels`, or bytes OpenCV
+            cannot decode (corrupt, truncated, or rewritten while it was read, as in a camera's hot folder).
+    """
+    try:
+        fmt, width, height = declared_size(memoryview(data))
+    except InvalidImageError as exc:
+        raise InvalidImageError(f"{source}: {exc}") from None
+    if width * height > max_pixels:
+        raise InvalidImageError(f"{source}: {width}x{height} pixels exceeds the limit of {max_pixels} "
+                                f"(declared by its {fmt} header); crop or downscale it first")
+    try:
+        array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # some codecs raise instead of returning None
+        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "decoder error"
+        raise InvalidImageError(f"{source}: {fmt} data cannot be decoded ({reason}); the file is corrupt, "
+                                "truncated or was being written") from None
+    if array is None:
+        raise InvalidImageError(f"{source}: {fmt} data cannot be decoded; the file is corrupt, truncated "
+                                "or was being written")
+    return array
 
 
 def check_image(array: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:

@@ -89,13 +89,3 @@ def test_a_small_file_declaring_a_huge_image_is_refused_before_decoding(tmp_path
     bomb.write_bytes(bytes(data))
     with pytest.raises(InvalidImageError, match="100000x100000 pixels exceeds"):
         load_image(bomb)
-
-
-def test_header_size_reads_png_and_jpeg():
-    from stmae_edge.preprocessing import header_size
-
-    image = np.zeros((30, 50, 3), np.uint8)
-    for ext in (".png", ".jpg"):
-        ok, buf = cv2.imencode(ext, image)
-        assert header_size(buf.tobytes()) == (50, 30)
-    assert header_size(b"BM not handled") is None

@@ -124,6 +124,22 @@ def test_regions_are_connected_components_with_box_area_and_peak():
     assert [r.area for r in scaled] == [900, 36, 6] and (scaled[0].peak_x, scaled[0].peak_y) == (121, 29)
 
 
+@pytest.mark.parametrize("size", [(128, 128), (64, 64), (1, 1), (3, 200)])
+def test_an_image_smaller_than_the_model_fails_exactly_when_it_has_a_region(detector, size):
+    """Regions of a small image cover less than one of its pixels each; they must still be reported."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size, dtype=np.uint8)
+    _, scores = detector.raw_maps([image])
+    just_below = float(scores[0]) - 1e-4 * max(1.0, abs(float(scores[0])))  # a few model pixels above it
+    for threshold in (just_below, -1e9):
+        result = detector.predict(image, image_threshold=threshold, pixel_threshold=threshold)
+        assert result.is_anomalous and result.regions, (size, threshold)
+        assert all(r.area >= 1 and r.width >= 1 and r.height >= 1 for r in result.regions)
+        assert all(0 <= r.x < size[1] and 0 <= r.y < size[0] for r in result.regions)
+    high = detector.predict(image, image_threshold=1e9, pixel_threshold=1e9)
+    assert not high.is_anomalous and high.regions == ()
+
+
 def test_detector_is_safe_to_share_between_threads(detector, images):
     arrays = images[1]
     expected = [r.score for r in detector.predict(arrays)]

@@ -43,6 +43,29 @@ def test_predict_writes_json_and_overlays_and_reports_unreadable_files(tiny_expo
     assert f"7 scored: {summary['failed']} fail" in r.stdout
 
 
+def test_predict_never_writes_into_the_folder_of_its_inputs(tiny_export, synthetic_dataset, tmp_path):
+    inputs = tmp_path / "in"
+    shutil.copytree(synthetic_dataset / "test" / "scratch", inputs)
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    for args in ([str(inputs)], [str(inputs / "000.png")], [str(inputs / ".." / "in" / "001.png")]):
+        r = run("predict", str(tiny_export[1]), *args, "--out", str(inputs))
+        _assert_one_line_error(r, "is the folder of the input")
+        assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # nothing written, nothing replaced
+    r = run("predict", str(tiny_export[1]), str(inputs), "--out", str(inputs / "predictions"), "--no-overlays")
+    assert r.returncode == 0, r.stderr  # a folder below the inputs is fine: a folder is scored without its subfolders
+
+
+def test_no_command_writes_over_its_own_input(tiny_export, tmp_path):
+    checkpoint, onnx_file = tiny_export[0], tiny_export[1]
+    copy = tmp_path / "m.onnx"
+    shutil.copy(onnx_file, copy)
+    before = copy.read_bytes()
+    _assert_one_line_error(run("export", str(checkpoint), "--out", str(checkpoint)), "is an input of this command")
+    _assert_one_line_error(run("build", str(copy), "--out", str(copy)), "is an input of this command")
+    _assert_one_line_error(run("calibrate", str(copy), "--out", str(copy)), "is an input of this command")
+    assert copy.read_bytes() == before
+
+
 def test_predict_thresholds_from_the_command_line(tiny_export, synthetic_dataset, tmp_path):
     folder = synthetic_dataset / "test" / "scratch"
     r = run("predict", str(tiny_export[1]), str(folder), "--out", str(tmp_path / "a"), "--threshold", "-1e9",

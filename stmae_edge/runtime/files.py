@@ -14,6 +14,7 @@ import cv2
 
 from ..data import images_in
 from ..errors import InvalidImageError, OutputError
+from ..outputs import check_output_folder
 from ..preprocessing import load_image
 from .detector import Detector
 from .overlay import render_overlay
@@ -50,10 +51,7 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                       pixel_threshold: float | None = None, sigma: float | None = None) -> dict:
     """Score `paths` in batches; write OUT/results.json and OUT/<stem>.png. Returns the summary."""
     chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from exc
+    check_output_folder(out, paths)
     names = overlay_names(paths)
     results, errors = [], []
     for start in range(0, len(paths), detector.batch_size):

@@ -96,7 +96,9 @@ def find_regions(model_map: np.ndarray, threshold: float, stats: ScoreStats, ima
     regions = []
     for label in range(1, count):
         x, y, w, h, pixels = (int(v) for v in boxes[label])
-        area = int(round(pixels * scale_x * scale_y))
+        # In an image smaller than the model's input a region can cover less than one image pixel; it
+        # still counts as one, so that an image over the threshold always has a region.
+        area = max(1, int(round(pixels * scale_x * scale_y)))
         if area < min_area:
             continue
         window = np.where(labels[y:y + h, x:x + w] == label, values[y:y + h, x:x + w], -np.inf)
@@ -105,7 +107,7 @@ def find_regions(model_map: np.ndarray, threshold: float, stats: ScoreStats, ima
         x0, y0 = int(np.floor((left + x) * scale_x)), int(np.floor((top + y) * scale_y))
         x1 = min(width, int(np.ceil((left + x + w) * scale_x)))
         y1 = min(height, int(np.ceil((top + y + h) * scale_y)))
-        regions.append(Region(x0, y0, x1 - x0, y1 - y0, max(area, 1), peak, float(normalize(peak, stats)),
+        regions.append(Region(x0, y0, x1 - x0, y1 - y0, area, peak, float(normalize(peak, stats)),
                               min(width - 1, int((left + x + px + 0.5) * scale_x)),
                               min(height - 1, int((top + y + py + 0.5) * scale_y))))
     return tuple(sorted(regions, key=lambda r: -r.peak_score))

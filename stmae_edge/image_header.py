@@ -1,0 +1,127 @@
+"""The size an image file declares, read from its header before anything is decoded.
+
+    file bytes -> format (PNG, JPEG, BMP, TIFF: what data.IMAGE_SUFFIXES lists) -> (width, height)
+
+Only formats whose header is read here get decoded at all, so the pixel cap holds for every file the
+package opens: a 0.5 MB file that declares 12000 x 12000 pixels is refused before OpenCV allocates
+them, whatever the format and wherever in the file the size sits (a JPEG may carry megabytes of APP
+segments before its frame header; a TIFF puts its directory anywhere). OpenCV's own cap
+(OPENCV_IO_MAX_IMAGE_PIXELS) is not enough alone: it is read when cv2 is first imported, which the host
+program may have done before importing this package.
+
+numpy-free and OpenCV-free on purpose: the fuzz harness drives it with arbitrary bytes.
+"""
+
+from __future__ import annotations
+
+from .errors import InvalidImageError
+
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_SOS = 0xDA
+_TIFF_WIDTH, _TIFF_LENGTH = 256, 257
+_TIFF_SHORT, _TIFF_LONG, _TIFF_LONG8 = 3, 4, 16
+_TIFF_MAX_ENTRIES = 4096  # a real first directory has a few dozen
+
+
+def declared_size(data: bytes | memoryview) -> tuple[str, int, int]:
+    """(format, width, height) that the file's header declares.
+
+    Raises:
+        InvalidImageError: not one of FORMATS, or a header that declares no usable size (truncated,
+            malformed, zero width or height). The message does not name the file; callers add that.
+    """
+    head = bytes(data[:16])
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG", *_png_size(data)
+    if head[:3] == b"\xff\xd8\xff":
+        return "JPEG", *_jpeg_size(data)
+    if head[:2] == b"BM":
+        return "BMP", *_bmp_size(data)
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF", *_tiff_size(data)
+    raise InvalidImageError(f"not a PNG, JPEG, BMP or TIFF file (starts with {head[:8].hex()}); "
+                            "save the image in one of those formats")
+
+
+def _checked(width: int, height: int, fmt: str) -> tuple[int, int]:
+    if width <= 0 or height <= 0:
+        raise InvalidImageError(f"{fmt} header declares {width}x{height} pixels; the file is corrupt")
+    return width, height
+
+
+def _png_size(data) -> tuple[int, int]:
+    if len(data) < 24 or bytes(data[12:16]) != b"IHDR":
+        raise InvalidImageError("PNG without an IHDR header; the file is corrupt or truncated")
+    return _checked(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), "PNG")
+
+
+def _jpeg_size(data) -> tuple[int, int]:
+    """Walks the marker segments from the start of the file to the first frame header, over the
+    whole file: there is no bound on how many APP segments come first."""
+    i, end = 2, len(data)
+    while i + 4 <= end:
+        if data[i] != 0xFF:
+            break
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if marker in (_JPEG_SOS, 0xD9):  # image data or its end, and no frame header yet
+            break
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            break
+        if marker in _JPEG_SOF:
+            if i + 9 > end:
+                break
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return _checked(width, height, "JPEG")
+        i += 2 + length
+    raise InvalidImageError("JPEG without a readable frame header; the file is corrupt or truncated")
+
+
+def _bmp_size(data) -> tuple[int, int]:
+    if len(data) < 26:
+        raise InvalidImageError("BMP header is truncated")
+    header = int.from_bytes(data[14:18], "little")
+    if header == 12:  # OS/2 1.x: 16-bit sizes
+        return _checked(int.from_bytes(data[18:20], "little"), int.from_bytes(data[20:22], "little"), "BMP")
+    width = int.from_bytes(data[18:22], "little", signed=True)
+    height = int.from_bytes(data[22:26], "little", signed=True)
+    return _checked(width, abs(height), "BMP")  # a negative height means top-down rows
+
+
+def _tiff_size(data) -> tuple[int, int]:
+    """ImageWidth and ImageLength of the first directory (the page OpenCV decodes), classic or BigTIFF."""
+    order = "little" if bytes(data[:2]) == b"II" else "big"
+    big = int.from_bytes(data[2:4], order) == 43
+
+    def number(at: int, size: int) -> int:
+        if at < 0 or at + size > len(data):
+            raise InvalidImageError("TIFF directory points past the end of the file; the file is corrupt or truncated")
+        return int.from_bytes(data[at:at + size], order)
+
+    offset = number(8, 8) if big else number(4, 4)
+    count = number(offset, 8) if big else number(offset, 2)
+    if count > _TIFF_MAX_ENTRIES:
+        raise InvalidImageError(f"TIFF directory claims {count} entries; the file is corrupt")
+    entry_size, first = (20, offset + 8) if big else (12, offset + 2)
+    sizes: dict[int, int] = {}
+    for k in range(count):
+        at = first + k * entry_size
+        tag, kind = number(at, 2), number(at + 2, 2)
+        if tag not in (_TIFF_WIDTH, _TIFF_LENGTH):
+            continue
+        value_at = at + (12 if big else 8)
+        width = {_TIFF_SHORT: 2, _TIFF_LONG: 4, _TIFF_LONG8: 8}.get(kind)
+        if width is None or (width == 8 and not big):
+            raise InvalidImageError(f"TIFF size tag {tag} has type {kind}; the file is corrupt")
+        sizes[tag] = number(value_at, width)
+    if _TIFF_WIDTH not in sizes or _TIFF_LENGTH not in sizes:
+        raise InvalidImageError("TIFF without an image width and length; the file is corrupt")
+    return _checked(sizes[_TIFF_WIDTH], sizes[_TIFF_LENGTH], "TIFF")

@@ -1,0 +1,137 @@
+"""Image files as an integrator's camera and disks deliver them (issue 11): the pixel cap holds for every
+format and wherever the size sits in the file, also when the host imported cv2 first; a decoder error
+is a typed error; a file rewritten while it is read never escapes as anything but InvalidImageError."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import cv2
+import numpy as np
+import pytest
+
+from stmae_edge.errors import InvalidImageError
+from stmae_edge.image_header import declared_size
+from stmae_edge.preprocessing import load_image
+
+
+def _encode(ext: str, image: np.ndarray, params=()) -> bytes:
+    ok, buf = cv2.imencode(ext, image, list(params))
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("ext, dtype, channels", [
+    (ext, np.uint8, channels) for ext in (".png", ".jpg", ".bmp", ".tif") for channels in (1, 3)
+] + [(".png", np.uint16, 1), (".tif", np.uint16, 3)])  # JPEG and BMP hold 8-bit pixels only
+def test_declared_size_of_every_accepted_format(ext, dtype, channels):
+    shape = (30, 50) if channels == 1 else (30, 50, channels)
+    data = _encode(ext, np.zeros(shape, dtype))
+    assert declared_size(data)[1:] == (50, 30)
+
+
+def test_big_endian_and_bigtiff_headers():
+    # Classic big-endian TIFF: one directory with ImageWidth (SHORT) and ImageLength (LONG).
+    entries = [(256, 3, 1, (77).to_bytes(2, "big") + b"\0\0"), (257, 4, 1, (33).to_bytes(4, "big"))]
+    ifd = len(entries).to_bytes(2, "big") + b"".join(
+        t.to_bytes(2, "big") + k.to_bytes(2, "big") + n.to_bytes(4, "big") + v for t, k, n, v in entries)
+    assert declared_size(b"MM\x00*" + (8).to_bytes(4, "big") + ifd + b"\0\0\0\0") == ("TIFF", 77, 33)
+    # BigTIFF, little-endian: 8-byte offsets and counts, 20-byte entries, a LONG8 width.
+    entries = [(256, 16, 1, (70000).to_bytes(8, "little")), (257, 3, 1, (9).to_bytes(8, "little"))]
+    ifd = len(entries).to_bytes(8, "little") + b"".join(
+        t.to_bytes(2, "little") + k.to_bytes(2, "little") + n.to_bytes(8, "little") + v for t, k, n, v in entries)
+    header = b"II+\x00" + (8).to_bytes(2, "little") + b"\0\0" + (16).to_bytes(8, "little")
+    assert declared_size(header + ifd) == ("TIFF", 70000, 9)
+
+
+@pytest.fixture(scope="module")
+def oversized(tmp_path_factory) -> dict:
+    """Small files that declare 12000 x 12000 pixels (144 M, over the 64 M cap) where a 64 KB prefix
+    does not show it: a deflate TIFF, and a JPEG with 128 KB of APP segments before its frame header."""
+    folder = tmp_path_factory.mktemp("oversized")
+    tiff = _encode(".tif", np.zeros((12000, 12000), np.uint8), (cv2.IMWRITE_TIFF_COMPRESSION, 8))
+    jpeg = bytearray(_encode(".jpg", np.zeros((16, 16), np.uint8)))
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5:sof + 9] = (12000).to_bytes(2, "big") * 2
+    padding = (b"\xff\xef" + (65535).to_bytes(2, "big") + bytes(65533)) * 2
+    jpeg = bytes(jpeg[:2]) + padding + bytes(jpeg[2:])
+    files = {"tiff": folder / "huge.tif", "jpeg": folder / "huge.jpg"}
+    files["tiff"].write_bytes(tiff)
+    files["jpeg"].write_bytes(jpeg)
+    assert len(tiff) < 1_000_000 and len(jpeg) > 2 * 65536
+    return files
+
+
+@pytest.mark.parametrize("kind", ["tiff", "jpeg"])
+def test_an_oversized_image_is_refused_whatever_its_format(oversized, kind):
+    with pytest.raises(InvalidImageError, match="12000x12000 pixels exceeds the limit"):
+        load_image(oversized[kind])
+
+
+def test_the_cap_holds_when_the_host_imported_cv2_first(oversized):
+    code = ("import cv2, sys\n"  # before the package: OpenCV's own cap is then not in force
+            "from stmae_edge.errors import InvalidImageError\n"
+            "from stmae_edge.preprocessing import load_image\n"
+            "for path in sys.argv[1:]:\n"
+            "    try:\n"
+            "        load_image(path)\n"
+            "    except InvalidImageError as exc:\n"
+            "        print('refused', exc)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(oversized["tiff"]), str(oversized["jpeg"])],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("refused") == 2 and r.stdout.count("exceeds the limit") == 2
+
+
+def test_a_decoder_exception_becomes_a_typed_error(tmp_path):
+    # 32 M pixels is under the cap, but OpenCV asserts that no side exceeds 2^20 and raises cv2.error.
+    bmp = bytearray(_encode(".bmp", np.zeros((8, 16), np.uint8)))
+    bmp[22:26] = (2_000_000).to_bytes(4, "little")
+    path = tmp_path / "tall.bmp"
+    path.write_bytes(bytes(bmp))
+    with pytest.raises(InvalidImageError, match="tall.bmp: BMP data cannot be decoded"):
+        load_image(path)
+
+
+def test_unsupported_formats_are_refused_by_content_not_suffix(tmp_path):
+    for name, data in {"anim.png": b"GIF89a" + bytes(64), "photo.jpg": b"RIFF\0\0\0\0WEBPVP8 " + bytes(64)}.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(InvalidImageError, match="not a PNG, JPEG, BMP or TIFF"):
+            load_image(tmp_path / name)
+
+
+def test_a_file_rewritten_while_it_is_read_gives_only_typed_errors(tmp_path):
+    """A camera's hot folder: the writer truncates and rewrites the file while the runtime reads it."""
+    rng = np.random.default_rng(0)
+    versions = [_encode(ext, rng.integers(0, 256, (96, 128), dtype=np.uint8)) for ext in (".png", ".jpg", ".tif", ".bmp")]
+    path = tmp_path / "frame.png"
+    path.write_bytes(versions[0])
+    stop = threading.Event()
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            data = versions[k % len(versions)]
+            with open(path, "wb") as f:
+                for start in range(0, len(data), 4096):
+                    f.write(data[start:start + 4096])
+                    f.flush()
+            k += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    outcomes = {"read": 0, "refused": 0}
+    try:
+        for _ in range(300):
+            try:
+                image = load_image(path)
+                assert image.shape == (96, 128)
+                outcomes["read"] += 1
+            except InvalidImageError:
+                outcomes["refused"] += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert sum(outcomes.values()) == 300
