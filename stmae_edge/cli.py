@@ -16,6 +16,9 @@ from .scoring import DEFAULT_SIGMA
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
 PARTIAL_EXIT_CODE = 3
 
+BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12 cameras, whose values stop "
+                  "at 1023 or 4095; 8-bit images are unaffected")
+
 # Training defaults, mirrored from train.TrainConfig without importing torch for `--help`.
 EPOCHS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS = 20, 16, 4e-4, 0.1, 2
 
@@ -71,6 +74,7 @@ def train(
                                          "filtering-ae always trains this way"),
     corruptions_per_image: int = typer.Option(CORRUPTIONS, min=1, help="stmae --self-supervised: corrupted versions "
                                               "of each image (filtering-ae draws fresh ones every epoch)"),
+    bit_depth: int = typer.Option(16, min=9, max=16, help=BIT_DEPTH_HELP + " (kept in the model)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Train a model on good images and write one self-describing checkpoint."""
@@ -85,7 +89,8 @@ def train(
     use_available_cores()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
                       max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
-                      self_supervised=self_supervised, corruptions_per_image=corruptions_per_image)
+                      self_supervised=self_supervised, corruptions_per_image=corruptions_per_image,
+                      bit_depth=bit_depth)
     meta = run_train(data_dir, out, _model_config(family, preset_name, backbone), cfg, backbone_weights)
     t = meta.training
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out, "
@@ -234,13 +239,14 @@ def predict(
     batch_size: int = typer.Option(8, min=1),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="write a heatmap PNG per image"),
     cuda_graph: bool = typer.Option(False, help="TensorRT: replay each batch size as a CUDA graph"),
+    bit_depth: Optional[int] = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
 ) -> None:
     """Score images: pass/fail, scores and defect regions as JSON, heatmap overlays as PNG."""
     from .progress import progress_bar
     from .runtime import Detector
     from .runtime.files import expand_inputs, predict_to_folder
 
-    detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph)
+    detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph, bit_depth=bit_depth)
     paths = expand_inputs(images)
     with progress_bar(f"scoring ({detector.info['backend']})", len(paths)) as advance:
         summary = predict_to_folder(detector, paths, out, overlays=overlays, advance=advance,
@@ -310,6 +316,7 @@ def linescan(
     pixel_threshold: Optional[float] = typer.Option(None, help="defect threshold, raw units (default: the model's)"),
     batch_size: int = typer.Option(64, min=1, help="most tiles per inference call (the tile rows a block completes go out together)"),
     json_output: bool = typer.Option(False, "--json", help="print JSON instead of lines"),
+    bit_depth: Optional[int] = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
 ) -> None:
     """Replay a line-scan strip: defects in strip coordinates (row, column) and the throughput."""
     import json
@@ -317,7 +324,7 @@ def linescan(
     from .runtime import Detector
     from .runtime.linescan import StreamingInspector, replay
 
-    detector = Detector(model, backend, batch_size=batch_size)
+    detector = Detector(model, backend, batch_size=batch_size, bit_depth=bit_depth)
     inspector = StreamingInspector(detector, overlap=overlap, pixel_threshold=pixel_threshold)
 
     def show(defect) -> None:

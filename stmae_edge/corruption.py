@@ -55,9 +55,10 @@ class Corruption:
 
 
 def corrupt(image: np.ndarray, donors: Sequence[np.ndarray], rng: np.random.Generator,
-            config: CorruptionConfig = CorruptionConfig()) -> Corruption:
-    """One corrupted sample of a decoded image (gray or BGR, 8/16-bit or float in [0, 1])."""
-    target = to_float(image)
+            config: CorruptionConfig = CorruptionConfig(), bit_depth: int = 16) -> Corruption:
+    """One corrupted sample of a decoded image (gray or BGR, 8/16-bit or float in [0, 1]); uint16
+    images and donors hold `bit_depth` significant bits (Preprocessing.bit_depth)."""
+    target = to_float(image, bit_depth)
     if config.noise_std > 0:
         target = np.clip(target + rng.normal(0, config.noise_std, target.shape).astype(np.float32), 0, 1)
     corrupted = target.copy()
@@ -67,7 +68,7 @@ def corrupt(image: np.ndarray, donors: Sequence[np.ndarray], rng: np.random.Gene
             shape = config.shapes[int(rng.integers(len(config.shapes)))]
             source = config.sources[int(rng.integers(len(config.sources)))]
             footprint = _shape_mask(shape, target.shape[:2], rng, config)
-            texture = _texture(source, target, donors, rng)
+            texture = _texture(source, target, donors, rng, bit_depth)
             alpha = np.float32(rng.uniform(config.min_opacity, config.max_opacity))
             weight = footprint.astype(np.float32) * alpha
             if corrupted.ndim == 3:
@@ -117,11 +118,12 @@ def _shape_mask(shape: str, size: tuple[int, int], rng: np.random.Generator, con
     return canvas.astype(bool)
 
 
-def _texture(source: str, image: np.ndarray, donors: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+def _texture(source: str, image: np.ndarray, donors: Sequence[np.ndarray], rng: np.random.Generator,
+             bit_depth: int = 16) -> np.ndarray:
     """A full-size float texture in the image's channel layout, to be shown through a defect's shape."""
     height, width = image.shape[:2]
     if source == "other" and donors:
-        donor = to_float(donors[int(rng.integers(len(donors)))])
+        donor = to_float(donors[int(rng.integers(len(donors)))], bit_depth)
         if donor.ndim != image.ndim:
             donor = cv2.cvtColor(donor, cv2.COLOR_GRAY2BGR if image.ndim == 3 else cv2.COLOR_BGR2GRAY)
         if donor.shape[0] < height or donor.shape[1] < width:

@@ -1,7 +1,7 @@
 """The one definition of preprocessing, shared by training, evaluation, export and the runtime.
 
 numpy and OpenCV only (no torch), so the edge runtime uses exactly the code that training used.
-Pipeline: decode (8- or 16-bit, gray, colour or with alpha) -> float in [0, 1] -> RGB -> resize to the
+Pipeline: decode (8- or 16-bit, gray, colour or with alpha) -> float in [0, 1] (uint16: bit_depth bits) -> RGB -> resize to the
 model's input size -> (x - mean) / std per channel -> NCHW float32.
 """
 
@@ -39,6 +39,9 @@ class Preprocessing:
     layout: str = "NCHW"
     resize: str = "area"  # cv2.INTER_AREA: alias-free downscaling of large camera frames
     max_pixels: int = field(default=MAX_IMAGE_PIXELS)
+    # Significant bits of uint16 pixels: 16 for full-range data, 10 or 12 for Mono10 / Mono12 cameras,
+    # whose uint16 values stop at 1023 or 4095. uint8 pixels are 8-bit whatever this says.
+    bit_depth: int = 16
 
     def __post_init__(self) -> None:
         if self.color != "rgb" or self.layout != "NCHW":
@@ -50,6 +53,9 @@ class Preprocessing:
             raise ConfigError("mean and std need three values each, std > 0")
         if len(self.input_size) != 2 or not all(16 <= v <= MAX_INPUT_SIDE for v in self.input_size):
             raise ConfigError(f"input size {self.input_size} must be two sides within 16..{MAX_INPUT_SIDE}")
+        if not isinstance(self.bit_depth, int) or not 9 <= self.bit_depth <= 16:
+            raise ConfigError(f"bit depth {self.bit_depth!r} must be an integer within 9..16 (the significant "
+                              "bits of uint16 pixels: 10 or 12 for Mono10/Mono12 cameras, 16 for full range)")
         if not 0 < self.max_pixels <= MAX_IMAGE_PIXELS:
             raise ConfigError(f"max_pixels {self.max_pixels} must be within 1..{MAX_IMAGE_PIXELS}")
 
@@ -58,6 +64,10 @@ class Preprocessing:
         d["input_size"] = list(self.input_size)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if self.bit_depth == 16:
+            # Written only when it differs from 16: the model digest covers this dictionary, so models
+            # made before the setting existed keep their digest, and older runtimes still read 16-bit ones.
+            del d["bit_depth"]
         return d
 
     @classmethod
@@ -66,6 +76,8 @@ class Preprocessing:
         d["input_size"] = tuple(int(v) for v in d["input_size"])
         d["mean"] = tuple(float(v) for v in d["mean"])
         d["std"] = tuple(float(v) for v in d["std"])
+        if "bit_depth" in d:
+            d["bit_depth"] = int(d["bit_depth"])
         return cls(**d)
 
     def __call__(self, images: Union[ImageInput, Sequence[ImageInput]]) -> np.ndarray:
@@ -82,7 +94,7 @@ class Preprocessing:
         """A decoded image (H, W[, C], uint8/uint16/float) -> normalised (3, H, W) float32, into `out`
         if given. Resizing happens before the gray-to-RGB and channel-order steps: resize works per
         channel, so the result is the same as converting first, at a fraction of the work."""
-        x = to_float(image)
+        x = to_float(image, self.bit_depth)
         height, width = self.input_size
         if x.shape[:2] != (height, width):
             x = cv2.resize(x, (width, height), interpolation=_INTERPOLATION[self.resize])
@@ -179,14 +191,23 @@ def mirror_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.copyMakeBorder(image, 0, pad_y, 0, pad_x, cv2.BORDER_REFLECT_101)
 
 
-def to_float(image: np.ndarray) -> np.ndarray:
-    """uint8 / uint16 / float pixels -> float32 in [0, 1], channels as they were except alpha, dropped."""
+def to_float(image: np.ndarray, bit_depth: int = 16) -> np.ndarray:
+    """uint8 / uint16 / float pixels -> float32 in [0, 1], channels as they were except alpha, dropped.
+    uint16 pixels hold `bit_depth` significant bits (Preprocessing.bit_depth).
+
+    Raises:
+        InvalidImageError: uint16 values above what `bit_depth` bits hold (the setting does not match the camera).
+    """
     if image.ndim == 3 and image.shape[2] == 4:
         image = image[:, :, :3]
     if image.dtype == np.uint8:
         return np.multiply(image, np.float32(1 / 255.0), dtype=np.float32)
     if image.dtype == np.uint16:
-        return np.multiply(image, np.float32(1 / 65535.0), dtype=np.float32)
+        top = (1 << bit_depth) - 1
+        if bit_depth < 16 and int(image.max()) > top:
+            raise InvalidImageError(f"uint16 pixels up to {int(image.max())} exceed the {bit_depth}-bit range "
+                                    f"0..{top}; set the bit depth to the camera's (16 for full-range data)")
+        return np.multiply(image, np.float32(1 / top), dtype=np.float32)
     return image.astype(np.float32)
 
 
@@ -199,6 +220,6 @@ def rgb_planes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x[:, :, 2], x[:, :, 1], x[:, :, 0]
 
 
-def to_rgb_float(image: np.ndarray) -> np.ndarray:
+def to_rgb_float(image: np.ndarray, bit_depth: int = 16) -> np.ndarray:
     """uint8 / uint16 / float [0, 1] in OpenCV's channel order (gray, BGR, BGRA) -> RGB float32 in [0, 1]."""
-    return np.stack(rgb_planes(to_float(image)), axis=2)
+    return np.stack(rgb_planes(to_float(image, bit_depth)), axis=2)

@@ -51,6 +51,7 @@ class TrainConfig:
     self_supervised: bool = False  # learn to restore good features from corrupted images (corruption.py)
     corruptions_per_image: int = 2  # ST-MAE --self-supervised: corrupted versions of each image, drawn once
     defect_weight: float = 20.0  # filtering AE: extra loss weight on corrupted pixels (FilteringAutoencoder.loss)
+    bit_depth: int = 16  # significant bits of uint16 training images (Preprocessing.bit_depth), kept in the model
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
@@ -72,13 +73,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def preprocessing_for(config: STMAEConfig | FilteringAEConfig) -> Preprocessing:
+def preprocessing_for(config: STMAEConfig | FilteringAEConfig, bit_depth: int = 16) -> Preprocessing:
     """ST-MAE normalises as its backbone was trained; the filtering autoencoder takes the default."""
     size = (config.input_size, config.input_size)
     if isinstance(config, FilteringAEConfig):
-        return Preprocessing(input_size=size)
+        return Preprocessing(input_size=size, bit_depth=bit_depth)
     norm = BACKBONE_PREPROCESSING[config.backbone]
-    return Preprocessing(input_size=size, mean=norm["mean"], std=norm["std"])
+    return Preprocessing(input_size=size, mean=norm["mean"], std=norm["std"], bit_depth=bit_depth)
 
 
 def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -176,7 +177,8 @@ def corrupted_features(model: STMAE, preprocessing: Preprocessing, items: Sequen
             for i in chunk:  # corrupted on the fly, chunk by chunk: only features are kept
                 image = load_image(items[i])
                 for k in range(cfg.corruptions_per_image):
-                    samples.append(corrupt(image, donors, np.random.default_rng((cfg.seed, i, k))).corrupted)
+                    samples.append(corrupt(image, donors, np.random.default_rng((cfg.seed, i, k)),
+                                           bit_depth=preprocessing.bit_depth).corrupted)
                     targets_of.append(i)
             features.append(features_of(model, preprocessing, samples))
             advance(len(chunk))
@@ -264,7 +266,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         holdout_items = data.random_crops(holdout_paths, cfg.crop, cfg.crops_per_image, cfg.seed + 1)
 
     started = time.perf_counter()
-    preprocessing = preprocessing_for(model_config)
+    preprocessing = preprocessing_for(model_config, cfg.bit_depth)
     if is_filtering:
         from .train_filtering import train_filtering
 

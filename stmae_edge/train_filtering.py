@@ -42,7 +42,8 @@ def training_pairs(items: Sequence[ImageInput], indices: Sequence[int], donors: 
     """(corrupted, good) model inputs, (B, 3, H, W) each, for the items at `indices` in this epoch."""
     corrupted, good = [], []
     for i in indices:
-        sample = corrupt(load_image(items[i]), donors, np.random.default_rng((seed, epoch, int(i))))
+        sample = corrupt(load_image(items[i]), donors, np.random.default_rng((seed, epoch, int(i))),
+                         bit_depth=preprocessing.bit_depth)
         corrupted.append(sample.corrupted)
         good.append(sample.target)
     return preprocessing(corrupted), preprocessing(good)

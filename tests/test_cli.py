@@ -24,7 +24,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -
 def test_train_evaluate_info(synthetic_dataset, tmp_path):
     model = tmp_path / "m.pt"
     r = run("train", str(synthetic_dataset), "--out", str(model), "--preset", "tiny", "--epochs", "2",
-            "--backbone-weights", "random")
+            "--backbone-weights", "random", "--bit-depth", "12")  # 8-bit PNGs: unaffected, but recorded
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and model.is_file()
     report = tmp_path / "report.json"
@@ -36,6 +36,7 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     assert "image AUROC" in r.stdout
     r = run("info", str(model))
     assert r.returncode == 0 and json.loads(r.stdout)["thresholds"]["image"] > 0
+    assert json.loads(r.stdout)["preprocessing"]["bit_depth"] == 12
 
 
 @pytest.mark.parametrize("args,fragment", [

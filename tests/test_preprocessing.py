@@ -89,3 +89,25 @@ def test_a_small_file_declaring_a_huge_image_is_refused_before_decoding(tmp_path
     bomb.write_bytes(bytes(data))
     with pytest.raises(InvalidImageError, match="100000x100000 pixels exceeds"):
         load_image(bomb)
+
+
+def test_10_and_12_bit_pixels_scale_by_their_own_range():
+    from dataclasses import replace
+
+    gray8 = np.random.default_rng(0).integers(0, 256, (40, 60), dtype=np.uint8)
+    for bits in (10, 12):
+        top = (1 << bits) - 1
+        frame = np.round(gray8.astype(np.float64) * top / 255).astype(np.uint16)
+        camera = replace(PRE, bit_depth=bits)
+        np.testing.assert_allclose(camera(frame), PRE(gray8), atol=3e-3)
+        assert np.abs(PRE(frame) - PRE(gray8)).max() > 1.0  # as full-range 16-bit: nearly black
+        with pytest.raises(InvalidImageError, match=f"exceed the {bits}-bit range 0..{top}"):
+            camera(np.full((8, 8), top + 1, np.uint16))
+        assert camera(np.full((8, 8), 200, np.uint8)).tolist() == PRE(np.full((8, 8), 200, np.uint8)).tolist()
+        stored = camera.to_dict()
+        assert stored["bit_depth"] == bits and Preprocessing.from_dict(stored) == camera
+    # Full range is the default and is not written: digests of models made before the setting stay valid.
+    assert "bit_depth" not in PRE.to_dict() and Preprocessing.from_dict(PRE.to_dict()).bit_depth == 16
+    for bad in (8, 17, "12", 12.0):
+        with pytest.raises(ConfigError, match="bit depth"):
+            Preprocessing(bit_depth=bad)

@@ -140,6 +140,25 @@ def test_an_image_smaller_than_the_model_fails_exactly_when_it_has_a_region(dete
     assert not high.is_anomalous and high.regions == ()
 
 
+@pytest.mark.parametrize("bits", [10, 12])
+def test_mono10_and_mono12_frames_score_as_their_8_bit_equivalents(tiny_export, detector, images, bits):
+    eight_bit = [a for a in images[1] if a.dtype == np.uint8]
+    top = (1 << bits) - 1
+    frames = [np.round(a.astype(np.float64) * top / 255).astype(np.uint16) for a in eight_bit]
+    expected = np.array([r.score for r in detector.predict(eight_bit)])
+    camera = Detector(tiny_export[1], bit_depth=bits)
+    np.testing.assert_allclose([r.score for r in camera.predict(frames)], expected, rtol=1e-2, atol=1e-3)
+    # Read as full-range 16-bit data the same frames are nearly black: scores that mean nothing.
+    assert not np.allclose([r.score for r in detector.predict(frames)], expected, rtol=1e-2, atol=1e-3)
+    too_bright = frames[0].copy()
+    too_bright[0, 0] = top + 1
+    with pytest.raises(InvalidImageError, match=f"exceed the {bits}-bit range"):
+        camera.predict([frames[1], too_bright])
+    assert camera.predict(frames[0]).score == pytest.approx(expected[0], rel=1e-2, abs=1e-3)  # still usable
+    with pytest.raises(ConfigError, match="bit depth"):
+        Detector(tiny_export[1], bit_depth=8)
+
+
 def test_detector_is_safe_to_share_between_threads(detector, images):
     arrays = images[1]
     expected = [r.score for r in detector.predict(arrays)]

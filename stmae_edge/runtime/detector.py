@@ -15,6 +15,7 @@ image raises InvalidImageError naming it; nothing is half-done and the detector 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -35,11 +36,30 @@ STAGES = ("preprocess", "infer", "postprocess")
 
 class Detector:
     def __init__(self, model_path: Path | str, backend: str = "auto", *, batch_size: int = DEFAULT_BATCH_SIZE,
-                 min_region_area: int = 1, cuda_graph: bool = False, threads: int = 0):
+                 min_region_area: int = 1, cuda_graph: bool = False, threads: int = 0,
+                 bit_depth: int | None = None):
+        """Open a model file for scoring.
+
+        Args:
+            model_path: .onnx (ONNX Runtime), .plan with its sidecar (TensorRT) or .pt (PyTorch, to compare).
+            backend: "auto" or a name from runtime.backends.
+            batch_size: most images per network call (capped by the model's batch profile).
+            min_region_area: smaller regions, in image pixels, are not reported.
+            cuda_graph: TensorRT only: replay each batch size as a CUDA graph.
+            threads: ONNX Runtime CPU threads (0: its default).
+            bit_depth: significant bits of the uint16 frames this detector will see (10 or 12 for
+                Mono10 / Mono12 cameras) where they differ from the training images'; default: the model's.
+
+        Raises:
+            BackendError: the backend cannot run here. CheckpointError, EngineMismatchError: the file is
+                not a usable model. ConfigError: an argument is out of range.
+        """
         self.model_path = Path(model_path)
         self._backend: Backend = open_backend(model_path, backend, cuda_graph=cuda_graph, threads=threads)
         self.metadata = self._backend.metadata
         self.preprocessing = self.metadata.preprocessing
+        if bit_depth is not None:  # the camera's, where it differs from the training images'
+            self.preprocessing = dataclasses.replace(self.preprocessing, bit_depth=bit_depth)
         self.score_stats = self.metadata.score_stats
         self.thresholds = self.metadata.thresholds
         self.min_region_area = min_region_area
@@ -123,11 +143,11 @@ class Detector:
             source = str(item) if is_path else f"array[{offset + i}]"
             try:
                 image = load_image(item, self.preprocessing.max_pixels)
+                self.preprocessing.tensor(image, out=batch[i])
             except InvalidImageError as exc:
-                if is_path:  # the message already names the file
-                    raise
+                if is_path:
+                    raise InvalidImageError(f"{source}: {exc}" if source not in str(exc) else str(exc)) from None
                 raise InvalidImageError(f"image {offset + i}: {exc}") from None
-            self.preprocessing.tensor(image, out=batch[i])
             sizes.append(image.shape[:2])
             sources.append(source)
         inferred = time.perf_counter()

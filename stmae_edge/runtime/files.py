@@ -69,7 +69,8 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
             entry = detection.to_dict()
             if overlays:
                 overlay_path = out / names[i]
-                if not cv2.imwrite(str(overlay_path), render_overlay(image, detection, detector.score_stats)):
+                if not cv2.imwrite(str(overlay_path), render_overlay(image, detection, detector.score_stats,
+                                                               bit_depth=detector.preprocessing.bit_depth)):
                     raise OutputError(f"cannot write {overlay_path}")
                 entry["overlay"] = names[i]
             results.append(entry)

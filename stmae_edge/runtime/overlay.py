@@ -12,12 +12,13 @@ from .postprocess import Detection
 FAIL_COLOR, PASS_COLOR = (40, 40, 230), (60, 180, 60)  # BGR
 
 
-def render_overlay(image: np.ndarray, detection: Detection, stats: ScoreStats, alpha: float = 0.45) -> np.ndarray:
+def render_overlay(image: np.ndarray, detection: Detection, stats: ScoreStats, alpha: float = 0.45,
+                   bit_depth: int = 16) -> np.ndarray:
     """A decoded image (any dtype and channel count the runtime accepts) -> BGR uint8 overlay.
 
     The colour scale runs from the good parts' mean score (blue) to as far above the pixel threshold
     as the threshold is above the mean (red), so the threshold sits at mid-scale (green-yellow)."""
-    base = (to_rgb_float(image)[:, :, ::-1] * 255).clip(0, 255).astype(np.uint8)
+    base = (to_rgb_float(image, bit_depth)[:, :, ::-1] * 255).clip(0, 255).astype(np.uint8)
     low = stats.mean
     high = max(2 * detection.pixel_threshold - stats.mean, low + 1e-6)
     level = np.clip((detection.anomaly_map - low) / (high - low), 0, 1)
