@@ -16,11 +16,11 @@ import onnx
 
 from . import __version__
 from .outputs import check_writable
-from .engine_plan import SIDECAR_FORMAT, collecting_logger, import_tensorrt, sha256_file, write_sidecar
+from .engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, sha256_file, write_sidecar
 from .errors import ConfigError, ExportError
 from .metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 
-PRECISIONS = ("fp32", "fp16", "int8")  # int8 graphs come from `stmae-edge calibrate`
+PRECISIONS = PLAN_PRECISIONS  # int8 graphs come from `stmae-edge calibrate`
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,13 @@ import hashlib
 import json
 from pathlib import Path
 
+from .checks import MAX_DOCUMENT_BYTES, parse_document
 from .errors import BackendError, EngineMismatchError, StmaeError
 from .metadata import ModelMetadata
 
 SIDECAR_FORMAT = "stmae-edge/engine"
+FLAVOURS = ("tensorrt", "tensorrt-rtx")  # import_tensorrt's names
+PLAN_PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = ("install TensorRT (pip install tensorrt, or JetPack on a Jetson), or TensorRT for RTX: "
                 "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
 
@@ -26,7 +29,7 @@ class TensorRTMissingError(BackendError):
 
 def import_tensorrt(flavour: str | None = None):
     """(module, flavour): full TensorRT first, TensorRT for RTX second; or exactly the flavour asked for."""
-    candidates = [("tensorrt", "tensorrt"), ("tensorrt_rtx_bindings", "tensorrt-rtx")]
+    candidates = list(zip(("tensorrt", "tensorrt_rtx_bindings"), FLAVOURS))
     for module_name, name in candidates:
         if flavour not in (None, name):
             continue
@@ -85,13 +88,21 @@ def read_plan(plan: Path | str) -> tuple[bytes, dict, ModelMetadata]:
         raise EngineMismatchError(f"{plan}: its sidecar {side.name} is missing; rebuild with "
                                   "`stmae-edge build MODEL.onnx`, which writes both")
     try:
-        sidecar = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EngineMismatchError(f"{side}: not a readable sidecar ({exc}); rebuild the engine") from exc
-    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
+        if side.stat().st_size > MAX_DOCUMENT_BYTES:
+            raise EngineMismatchError(f"{side}: {side.stat().st_size:,} bytes is far more than a sidecar holds; "
+                                      "rebuild the engine")
+        text = side.read_bytes()
+    except OSError as exc:
+        raise EngineMismatchError(f"{side}: not a readable sidecar ({exc.strerror or exc}); rebuild the engine") from exc
+    sidecar = parse_document(text, f"the sidecar {side}", EngineMismatchError)
+    if sidecar.get("format") != SIDECAR_FORMAT:
         raise EngineMismatchError(f"{side}: not a stmae-edge engine sidecar; rebuild the engine")
-    data = plan.read_bytes()
-    expected = str(sidecar.get("plan", {}).get("sha256", ""))
+    check_sidecar_fields(sidecar, side)
+    try:
+        data = plan.read_bytes()
+    except OSError as exc:
+        raise EngineMismatchError(f"{plan}: cannot be read ({exc.strerror or exc})") from exc
+    expected = sidecar["plan"]["sha256"]
     if hashlib.sha256(data).hexdigest() != expected:
         raise EngineMismatchError(f"{plan} does not match its sidecar {side.name} (sha256 differs): the plan "
                                   "was rebuilt, replaced or paired with another model's sidecar; rebuild both "
@@ -101,3 +112,18 @@ def read_plan(plan: Path | str) -> tuple[bytes, dict, ModelMetadata]:
     except (KeyError, StmaeError) as exc:
         raise EngineMismatchError(f"{side}: the model metadata is missing or unusable ({exc})") from exc
     return data, sidecar, metadata
+
+
+def check_sidecar_fields(sidecar: dict, side: Path) -> None:
+    """The fields the runtime reads, of the right types: the sidecar is not covered by the plan's hash."""
+    plan_info, trt_info = sidecar.get("plan"), sidecar.get("tensorrt")
+    problems = []
+    if not isinstance(plan_info, dict) or not isinstance(plan_info.get("sha256"), str):
+        problems.append("no plan sha256")
+    if not isinstance(trt_info, dict) or trt_info.get("flavour") not in FLAVOURS \
+            or not isinstance(trt_info.get("version"), str):
+        problems.append(f"no TensorRT flavour ({', '.join(FLAVOURS)}) and version")
+    if sidecar.get("precision", "fp32") not in PLAN_PRECISIONS:
+        problems.append(f"precision {sidecar.get('precision')!r} is not one of {', '.join(PLAN_PRECISIONS)}")
+    if problems:
+        raise EngineMismatchError(f"{side}: {'; '.join(problems)}; rebuild the engine with `stmae-edge build`")

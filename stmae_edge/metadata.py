@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 from . import __version__
+from .checks import parse_document
 from .errors import CheckpointError
 from .preprocessing import Preprocessing
 from .scoring import ScoreStats, Thresholds
@@ -58,6 +59,9 @@ class ModelMetadata:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelMetadata":
+        """Raises CheckpointError for anything but this schema with values of the right types and ranges."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"metadata is a {type(d).__name__}, not a JSON object: not a stmae-edge model")
         if d.get("schema") != SCHEMA:
             raise CheckpointError(f"metadata schema {d.get('schema')!r} is not {SCHEMA!r}: "
                                   "not a stmae-edge model")
@@ -65,6 +69,9 @@ class ModelMetadata:
         if version != SCHEMA_VERSION:
             raise CheckpointError(f"metadata schema version {version} is not supported by stmae-edge "
                                   f"{__version__} (expects {SCHEMA_VERSION}); re-export with this version")
+        for key in ("config", "training"):
+            if not isinstance(d.get(key, {}), dict):
+                raise CheckpointError(f"metadata {key!r} is a {type(d[key]).__name__}, not an object; re-create the model file")
         try:
             return cls(
                 model_family=str(d["model_family"]),
@@ -76,8 +83,9 @@ class ModelMetadata:
                 package_version=str(d.get("package_version", "")),
                 training=dict(d.get("training", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"metadata is incomplete or malformed ({exc!r}); re-create the model file") from exc
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise CheckpointError(f"metadata is incomplete or malformed ({str(exc)[:200] or type(exc).__name__}); "
+                                  "re-create the model file") from exc
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -103,7 +111,4 @@ class ModelMetadata:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelMetadata":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"metadata is not valid JSON: {exc}") from exc
+        return cls.from_dict(parse_document(text, "the model metadata", CheckpointError))

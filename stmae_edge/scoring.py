@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .checks import is_finite_number, is_whole
 from .errors import ConfigError
 
 DEFAULT_SIGMA = 3.0
@@ -29,6 +30,15 @@ class ScoreStats:
     p50: float
     p95: float
     p99: float
+
+    def __post_init__(self) -> None:
+        if not is_whole(self.count) or self.count < 1:
+            raise ConfigError(f"score statistics count {self.count!r} must be a positive whole number")
+        for name in ("mean", "std", "min", "max", "p50", "p95", "p99"):
+            if not is_finite_number(getattr(self, name)):
+                raise ConfigError(f"score statistic {name} {getattr(self, name)!r} must be a finite number")
+        if self.std <= 0:
+            raise ConfigError(f"score statistics std {self.std!r} must be positive: scores are divided by it")
 
     @classmethod
     def from_scores(cls, scores: np.ndarray) -> "ScoreStats":
@@ -63,13 +73,12 @@ class Thresholds:
     def __post_init__(self) -> None:
         for name in ("image", "pixel"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-                    or not np.isfinite(value):
+            if not is_finite_number(value):
                 raise ConfigError(f"{name} threshold {value!r} must be a finite number (raw score units)")
 
     @classmethod
     def from_stats(cls, stats: ScoreStats, sigma: float = DEFAULT_SIGMA) -> "Thresholds":
-        if not np.isfinite(sigma):
+        if not is_finite_number(sigma):
             raise ConfigError(f"sigma {sigma!r} must be a finite number")
         t = stats.mean + sigma * stats.std
         return cls(image=t, pixel=t, rule=f"mean + {sigma:g} * std of held-out good image scores")

@@ -82,8 +82,9 @@ def test_every_bad_input_gives_its_typed_error_and_the_detector_stays_usable(tin
         assert detector.predict(good).score == before.score
     assert "no such image file" in messages["missing.png"] and "file size 0" in messages["empty.png"]
     assert "exceeds the limit" in messages["huge.png"]
-    for name in ("truncated.png", "truncated.jpg", "corrupt.png", "not_an_image.png"):
-        assert "not a readable image" in messages[name], messages[name]
+    for name in ("truncated.png", "truncated.jpg", "corrupt.png"):
+        assert "the file is corrupt" in messages[name], messages[name]
+    assert "not a PNG, JPEG, BMP or TIFF file" in messages["not_an_image.png"]
     assert all(isinstance(e, str) and "\n" not in e for e in messages.values())
 
 
@@ -144,7 +145,7 @@ def test_an_engine_whose_sidecar_does_not_match_is_refused(plans, tmp_path):
     with pytest.raises(EngineMismatchError, match="sidecar lonely.plan.json is missing"):
         Detector(lonely)
     (tmp_path / "lonely.plan.json").write_text("{not json")
-    with pytest.raises(EngineMismatchError, match="not a readable sidecar"):
+    with pytest.raises(EngineMismatchError, match="sidecar .*lonely.plan.json is not valid JSON"):
         Detector(lonely)
 
 

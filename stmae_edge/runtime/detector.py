@@ -24,10 +24,12 @@ from typing import Sequence, Union, overload
 
 import numpy as np
 
+from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
+from ..metadata import MAX_BATCH
 from ..preprocessing import ImageInput, load_image
 from ..scoring import Thresholds
-from .backends import Backend, describe, open_backend
+from .backends import BACKENDS, Backend, describe, open_backend
 from .postprocess import Detection, postprocess, resolve_thresholds
 
 DEFAULT_BATCH_SIZE = 32
@@ -54,6 +56,7 @@ class Detector:
             BackendError: the backend cannot run here. CheckpointError, EngineMismatchError: the file is
                 not a usable model. ConfigError: an argument is out of range.
         """
+        _check_arguments(model_path, backend, batch_size, min_region_area, cuda_graph, threads, bit_depth)
         self.model_path = Path(model_path)
         self._backend: Backend = open_backend(model_path, backend, cuda_graph=cuda_graph, threads=threads)
         self.metadata = self._backend.metadata
@@ -178,6 +181,26 @@ class Detector:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+MAX_THREADS = 1024
+
+
+def _check_arguments(model_path, backend, batch_size, min_region_area, cuda_graph, threads, bit_depth) -> None:
+    """Every argument of the right type and range before anything is opened."""
+    if not isinstance(model_path, (str, os.PathLike)):
+        raise ConfigError(f"model_path must be a path to an .onnx, .plan or .pt file, not {type(model_path).__name__}")
+    if not isinstance(backend, str):
+        raise ConfigError(f"backend must be a name ({', '.join(BACKENDS)}), not {backend!r}")
+    for name, value, low, high in (("batch_size", batch_size, 1, MAX_BATCH), ("threads", threads, 0, MAX_THREADS),
+                                   ("min_region_area", min_region_area, 0, None)):
+        if not is_whole(value) or value < low or (high is not None and value > high):
+            raise ConfigError(f"{name} {value!r} must be a whole number, at least {low}"
+                              + (f" and at most {high}" if high is not None else ""))
+    if not isinstance(cuda_graph, bool):
+        raise ConfigError(f"cuda_graph {cuda_graph!r} must be True or False")
+    if bit_depth is not None and (not is_whole(bit_depth) or not 9 <= bit_depth <= 16):
+        raise ConfigError(f"bit depth {bit_depth!r} must be a whole number within 9..16, or None for the model's")
 
 
 def _add_timings(timings: dict | None, spent: dict, stages: tuple[str, ...]) -> None:

@@ -25,6 +25,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from ..checks import is_whole
 from ..errors import ConfigError, InvalidImageError
 from ..preprocessing import mirror_pad
 from ..scoring import normalize
@@ -76,13 +77,13 @@ class StreamingInspector:
         self.detector = detector
         self.tile_height, self.tile_width = detector.preprocessing.input_size
         half = min(self.tile_height, self.tile_width) // 2
-        if not _is_whole(overlap) or not 0 <= overlap <= half:
+        if not is_whole(overlap) or not 0 <= overlap <= half:
             raise ConfigError(f"overlap {overlap!r} must be a whole number of pixels within 0..{half} "
                               f"(half the model's {self.tile_width}x{self.tile_height} tile)")
         max_defect_rows = 8 * self.tile_height if max_defect_rows is None else max_defect_rows
-        if not _is_whole(max_defect_rows) or max_defect_rows < 1:
+        if not is_whole(max_defect_rows) or max_defect_rows < 1:
             raise ConfigError(f"max_defect_rows {max_defect_rows!r} must be a whole number of rows, at least 1")
-        if width is not None and (not _is_whole(width) or width < self.tile_width):
+        if width is not None and (not is_whole(width) or width < self.tile_width):
             raise ConfigError(f"width {width!r} must be a whole number of pixels, at least the model's "
                               f"{self.tile_width}-pixel tile")
         self.pixel_threshold = resolve_thresholds(detector.thresholds, detector.score_stats,
@@ -231,10 +232,6 @@ class StreamingInspector:
         """The tiles whose maps contributed to this box."""
         return tuple((i, j) for i, first, end in self._tile_rows if first < top + height and end > top
                      for j, x in enumerate(self._columns) if x < left + width and x + self.tile_width > left)
-
-
-def _is_whole(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 class StripRegions:

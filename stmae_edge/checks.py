@@ -1,0 +1,62 @@
+"""Checks of values that come from users and files, shared by every reader: numbers of the right kind
+and range, and JSON documents of bounded size and depth (model metadata, engine sidecars).
+
+A bool is never a number here, and NaN never in range: a setting read from a file or a call must mean
+what it says, or be refused with a typed error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from numbers import Integral, Real
+
+from .errors import StmaeError
+
+MAX_DOCUMENT_BYTES = 1 << 20  # a model's metadata is a few KB; a megabyte means a broken or hostile file
+MAX_DOCUMENT_DEPTH = 32  # ours nest 4 deep
+
+
+def is_whole(value) -> bool:
+    """An integer, Python's or numpy's, and not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A finite real number that a float holds, Python's or numpy's, and not a bool."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def parse_document(text: str | bytes, what: str, error: type[StmaeError]) -> dict:
+    """A JSON object of bounded size and nesting, or `error` saying what is wrong with it."""
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise error(f"{what} is {len(text):,} bytes, more than the {MAX_DOCUMENT_BYTES:,} a model's needs; "
+                    "the file is corrupt or not from stmae-edge")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise error(f"{what} is not valid JSON ({reason})") from None
+    if not isinstance(value, dict):
+        raise error(f"{what} is a JSON {type(value).__name__}, not an object; the file is corrupt")
+    if depth(value) > MAX_DOCUMENT_DEPTH:
+        raise error(f"{what} nests deeper than {MAX_DOCUMENT_DEPTH} levels; the file is corrupt or not from stmae-edge")
+    return value
+
+
+def depth(value) -> int:
+    """Nesting depth of a JSON value, without recursion (stops counting past the limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level)
+            if level > MAX_DOCUMENT_DEPTH:
+                break
+            stack += [(child, level + 1) for child in (node.values() if isinstance(node, dict) else node)]
+    return deepest
