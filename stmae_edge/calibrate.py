@@ -30,7 +30,7 @@ from typing import Sequence
 import onnx
 
 from . import data
-from .outputs import check_writable
+from .outputs import check_writable, write_bytes_atomically, written_atomically
 from .engine_plan import sha256_file
 from .errors import ConfigError, DatasetError
 from .metadata import INPUT_NAME, PRECISION_KEY, onnx_precision
@@ -98,11 +98,13 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
               "cache_file": str(cached), "settings": settings}
     if not cached.is_file():
         check_writable(cached)
-        _quantize(onnx_path, proto, metadata, images, cached, batch_size, settings)
-        (cache_dir / f"{onnx_path.stem}.{key}.json").write_text(json.dumps(
+        with written_atomically(cached) as partial:  # a cache hit must never find half a graph
+            _quantize(onnx_path, proto, metadata, images, partial, batch_size, settings)
+        write_bytes_atomically(cache_dir / f"{onnx_path.stem}.{key}.json", (json.dumps(
             {"onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path),
-             "images": [str(p) for p in images], "settings": settings}, indent=2) + "\n")
-    shutil.copyfile(cached, out)
+             "images": [str(p) for p in images], "settings": settings}, indent=2) + "\n").encode())
+    with written_atomically(out) as partial:
+        shutil.copyfile(cached, partial)
     quantized = onnx.load(str(out))
     report["quantized_nodes"] = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
     return out, report

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, ConfigError, OutputError
+from .errors import CheckpointError, ConfigError
 from .metadata import ModelMetadata
-from .outputs import check_writable
+from .outputs import check_writable, written_atomically
 from .models.families import build_model, config_from_dict
 
 FORMAT = "stmae-edge/checkpoint"
@@ -40,13 +40,8 @@ def model_digest(state_dict: dict, metadata: ModelMetadata) -> str:
 def save_checkpoint(path: Path | str, model: torch.nn.Module, metadata: ModelMetadata) -> ModelMetadata:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     metadata.model_hash = model_digest(state, metadata)
-    path = check_writable(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        torch.save({"format": FORMAT, "metadata": metadata.to_dict(), "state_dict": state}, tmp)
-        tmp.replace(path)  # never leave a half-written model under the real name
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}") from exc
+    with written_atomically(check_writable(path)) as partial:  # never a half-written model under the real name
+        torch.save({"format": FORMAT, "metadata": metadata.to_dict(), "state_dict": state}, partial)
     return metadata
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from . import __version__
-from .outputs import check_writable
+from .outputs import check_writable, write_bytes_atomically
 from .engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, sha256_file, write_sidecar
 from .errors import ConfigError, ExportError
 from .metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
@@ -111,8 +111,10 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         raise ExportError(f"{onnx_path}: TensorRT could not build an engine ({flavour}: {last}); "
                           "try a smaller --batch range or check the graph with `stmae-edge verify`")
     seconds = time.perf_counter() - started
-    out.write_bytes(bytes(plan))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    # The plan, then its sidecar, each under its real name only when whole: a plan without its sidecar,
+    # or beside an older one, is refused by read_plan, so an interrupted build is never taken for done.
+    write_bytes_atomically(out, bytes(plan))
+    write_bytes_atomically(cache_path, bytes(config.get_timing_cache().serialize()))
 
     sidecar = {
         "format": SIDECAR_FORMAT,

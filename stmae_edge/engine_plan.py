@@ -71,8 +71,10 @@ def sidecar_path(plan: Path | str) -> Path:
 
 
 def write_sidecar(plan: Path, sidecar: dict) -> Path:
+    from .outputs import write_bytes_atomically  # outputs is not needed by the runtime's readers
+
     path = sidecar_path(plan)
-    path.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    write_bytes_atomically(path, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 

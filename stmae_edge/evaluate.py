@@ -10,8 +10,7 @@ import numpy as np
 
 from . import data
 from .checkpoint import load_model
-from .outputs import check_writable
-from .errors import OutputError
+from .outputs import check_writable, write_bytes_atomically
 from .metadata import ModelMetadata
 from .metrics import summarize
 from .progress import progress_bar
@@ -81,8 +80,4 @@ def format_report(result: dict) -> str:
 
 
 def write_json(result: dict, path: Path | str) -> None:
-    path = check_writable(path)
-    try:
-        path.write_text(json.dumps(result, indent=2) + "\n")
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}") from exc
+    write_bytes_atomically(check_writable(path), (json.dumps(result, indent=2) + "\n").encode())

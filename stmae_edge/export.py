@@ -21,7 +21,7 @@ import onnx
 import torch
 
 from .checkpoint import load_model
-from .outputs import check_writable
+from .outputs import check_writable, written_atomically
 from .errors import ConfigError, ExportError
 from .metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PRECISION_KEY, SCORE_NAME,
                        ModelMetadata, onnx_precision)
@@ -98,8 +98,10 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
     proto.producer_name = "stmae-edge"
     onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(metadata.to_dict(), sort_keys=True),
                                         PRECISION_KEY: precision})
-    onnx.save(proto, str(out))
-    return out, check_onnx(out, reference)
+    with written_atomically(out) as partial:  # checked before it takes the real name
+        onnx.save(proto, str(partial))
+        figures = check_onnx(partial, reference)
+    return out, figures
 
 
 def op_counts(proto: onnx.ModelProto) -> dict[str, int]:

@@ -3,9 +3,10 @@ and never one that would replace an input of the same command."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .errors import OutputError
 
@@ -41,6 +42,34 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name with --out")
     return path
+
+
+@contextlib.contextmanager
+def written_atomically(path: Path | str) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; renamed over `path` when the block succeeds, removed
+    when it fails or is interrupted. A reader, or a later command, never finds a half-written file under
+    the real name, and a file that was there stays whole until the new one replaces it.
+
+    Raises:
+        OutputError: the rename fails (an OSError inside the block propagates as it is).
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; nothing was replaced") from exc
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomically(path: Path | str, data: bytes) -> None:
+    """`data` as the whole of `path`, or nothing (written_atomically)."""
+    with written_atomically(path) as partial:
+        partial.write_bytes(data)
 
 
 def check_output_folder(out: Path | str, inputs: Iterable[Path | str]) -> Path:

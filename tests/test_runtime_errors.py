@@ -83,7 +83,7 @@ def test_every_bad_input_gives_its_typed_error_and_the_detector_stays_usable(tin
     assert "no such image file" in messages["missing.png"] and "file size 0" in messages["empty.png"]
     assert "exceeds the limit" in messages["huge.png"]
     for name in ("truncated.png", "truncated.jpg", "corrupt.png"):
-        assert "the file is corrupt" in messages[name], messages[name]
+        assert "corrupt" in messages[name], messages[name]
     assert "not a PNG, JPEG, BMP or TIFF file" in messages["not_an_image.png"]
     assert all(isinstance(e, str) and "\n" not in e for e in messages.values())
 

@@ -14,7 +14,7 @@ import cv2
 
 from ..data import images_in
 from ..errors import InvalidImageError, OutputError
-from ..outputs import check_output_folder
+from ..outputs import check_output_folder, write_bytes_atomically
 from ..preprocessing import load_image
 from .detector import Detector
 from .overlay import render_overlay
@@ -68,10 +68,11 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
             detection = dataclasses.replace(detection, source=str(paths[i]))
             entry = detection.to_dict()
             if overlays:
-                overlay_path = out / names[i]
-                if not cv2.imwrite(str(overlay_path), render_overlay(image, detection, detector.score_stats,
-                                                               bit_depth=detector.preprocessing.bit_depth)):
-                    raise OutputError(f"cannot write {overlay_path}")
+                ok, png = cv2.imencode(".png", render_overlay(image, detection, detector.score_stats,
+                                                             bit_depth=detector.preprocessing.bit_depth))
+                if not ok:
+                    raise OutputError(f"cannot encode the overlay of {paths[i]}")
+                write_bytes_atomically(out / names[i], png.tobytes())
                 entry["overlay"] = names[i]
             results.append(entry)
         if advance:
@@ -79,9 +80,6 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
                "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
                "unreadable": len(errors), "results": results, "errors": errors}
-    try:
-        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    except OSError as exc:
-        raise OutputError(f"cannot write {out / 'results.json'}: {exc.strerror or exc}") from exc
+    write_bytes_atomically(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 

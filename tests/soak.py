@@ -1,0 +1,127 @@
+"""Load on one Detector and one StreamingInspector, as a line runs them for weeks: the same calls
+repeated must give bit-identical results and resident memory must stop growing after warm-up.
+tests/test_soak.py runs short versions; benchmarks/soak_runtime.py the full ones.
+
+    soak_detector   a fixed cycle of calls (batches of 1, 8 and 3 frames) repeated: cycle 1 is the
+                    reference and the warm-up; every later cycle must reproduce it exactly
+    soak_linescan   the same strip pushed through fresh inspectors on one Detector, pass after pass
+    concurrent      T threads x N calls on one Detector against the same calls made from one thread
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import numpy as np
+
+BATCH_CYCLE = (1, 8, 3)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc), not its peak."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def fingerprint(detections) -> str:
+    """Scores, decisions, regions and maps of a call's results, down to the last bit."""
+    h = hashlib.sha256()
+    for d in detections:
+        h.update(np.float64(d.score).tobytes())
+        h.update(repr((d.is_anomalous, [r.to_dict() for r in d.regions])).encode())
+        h.update(np.ascontiguousarray(d.anomaly_map).tobytes())
+    return h.hexdigest()
+
+
+def call_schedule(frame_count: int) -> list[list[int]]:
+    """Frame indices of each call in one cycle: every frame once, in batches of 1, 8 and 3."""
+    calls, start, k = [], 0, 0
+    while start < frame_count:
+        size = BATCH_CYCLE[k % len(BATCH_CYCLE)]
+        calls.append(list(range(start, min(start + size, frame_count))))
+        start += size
+        k += 1
+    return calls
+
+
+def soak_detector(detector, frames: list[np.ndarray], total_frames: int) -> dict:
+    schedule = call_schedule(len(frames))
+    reference = [fingerprint(detector.predict([frames[i] for i in call])) for call in schedule]
+    after_warmup = resident_bytes()
+    highest, mismatches, done, started = after_warmup, 0, len(frames), time.perf_counter()
+    while done < total_frames:
+        for call, expected in zip(schedule, reference):
+            mismatches += fingerprint(detector.predict([frames[i] for i in call])) != expected
+            done += len(call)
+        highest = max(highest, resident_bytes())
+    seconds = time.perf_counter() - started
+    end = resident_bytes()
+    return {"frames": done, "mismatches": mismatches, "seconds": seconds, "frames_per_s": (done - len(frames)) / seconds,
+            "rss_after_warmup_mb": after_warmup / 2**20, "rss_growth_mb": (end - after_warmup) / 2**20,
+            "rss_peak_growth_mb": (highest - after_warmup) / 2**20}
+
+
+def soak_linescan(detector, blocks: list[np.ndarray], total_rows: int, overlap: int = 16) -> dict:
+    """Pushes `blocks` in turn until `total_rows` rows, through a fresh inspector per pass; pass 1 is
+    the reference and the warm-up, pass 2 the measured one."""
+    from stmae_edge.runtime.linescan import StreamingInspector
+
+    def one_pass() -> tuple[str, int, int]:
+        digest = hashlib.sha256()
+        inspector = StreamingInspector(detector, overlap=overlap,
+                                       on_rows=lambda first, rows: digest.update(np.int64(first).tobytes() + rows.tobytes()))
+        rows, k, highest = 0, 0, 0
+        defects = []
+        while rows < total_rows:
+            block = blocks[k % len(blocks)][:total_rows - rows]
+            defects += inspector.push(block)
+            rows += block.shape[0]
+            k += 1
+            highest = max(highest, resident_bytes())
+        defects += inspector.flush()
+        digest.update(repr([d.to_dict() for d in defects]).encode())
+        return digest.hexdigest(), rows, highest
+
+    reference, rows, _ = one_pass()
+    after_warmup = resident_bytes()
+    started = time.perf_counter()
+    again, _, highest = one_pass()
+    seconds = time.perf_counter() - started
+    end = resident_bytes()
+    width = blocks[0].shape[1]
+    return {"rows": rows, "width": width, "identical": again == reference, "seconds": seconds,
+            "rows_per_s": rows / seconds, "rss_after_warmup_mb": after_warmup / 2**20,
+            "rss_growth_mb": (end - after_warmup) / 2**20, "rss_peak_growth_mb": (highest - after_warmup) / 2**20}
+
+
+def concurrent(detector, frames: list[np.ndarray], threads: int, calls: int) -> dict:
+    """Each thread makes `calls` single-frame calls in its own seeded order; every result must equal
+    the one-thread result for that frame, bit for bit."""
+    expected = [fingerprint([detector.predict(frame)]) for frame in frames]
+    mismatches = [0] * threads
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        order = np.random.default_rng(k).integers(0, len(frames), calls)
+        try:
+            for i in order:
+                mismatches[k] += fingerprint([detector.predict(frames[i])]) != expected[i]
+        except BaseException as exc:  # reported by the caller, not lost in the thread
+            errors.append(exc)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return {"threads": threads, "calls": threads * calls, "mismatches": sum(mismatches), "seconds": seconds,
+            "calls_per_s": threads * calls / seconds}

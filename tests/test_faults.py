@@ -1,0 +1,150 @@
+"""Faults an integrator meets: the model file changes under a running Detector, the disk fills up in
+the middle of `predict`, a command is killed halfway. Each ends in a typed error or goes unnoticed by
+the running program, and nothing written before is lost or left half-written under its real name."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from stmae_edge.engine_plan import read_plan
+from stmae_edge.errors import EngineMismatchError, StmaeError
+from stmae_edge.metadata import ModelMetadata
+from stmae_edge.runtime import Detector
+
+CLI = [sys.executable, "-m", "stmae_edge.cli"]
+
+
+def test_a_detector_keeps_scoring_when_its_model_file_is_replaced_or_deleted(tiny_export, tmp_path):
+    model = tmp_path / "line3.onnx"
+    shutil.copy(tiny_export[1], model)
+    frame = np.random.default_rng(0).integers(0, 256, (80, 90), np.uint8)
+    detector = Detector(model, "ort-cpu")
+    before = detector.predict(frame)
+    model.write_bytes(b"replaced by a half-copied file")
+    assert detector.predict(frame).score == before.score
+    model.unlink()
+    assert detector.predict(frame).score == before.score
+    with pytest.raises(StmaeError, match="no such model file"):
+        Detector(model, "ort-cpu")
+    model.write_bytes(b"replaced by a half-copied file")
+    with pytest.raises(StmaeError, match="cannot load it"):
+        Detector(model, "ort-cpu")
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_in_the_middle_of_predict_loses_nothing_written_before(tiny_export, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):  # small overlays first, then one far larger than the limit
+        cv2.imwrite(str(inputs / f"a{i}.png"), rng.integers(0, 256, (40, 40), np.uint8))
+    cv2.imwrite(str(inputs / "z_big.png"), rng.integers(0, 256, (900, 900), np.uint8))
+    out = tmp_path / "out"
+    first = subprocess.run([*CLI, "predict", str(tiny_export[1]), str(inputs), "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    r = subprocess.run([*CLI, "predict", str(tiny_export[1]), str(inputs), "--out", str(out)], capture_output=True,
+                       text=True, timeout=300, preexec_fn=_file_size_limit(200_000))
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "z_big.png" in lines[0] and "nothing was replaced" in lines[0] and "Traceback" not in r.stderr
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == earlier  # results.json and every overlay whole: the same files, no partial ones beside them
+
+
+def _kill_when(process: subprocess.Popen, ready, limit_s: float = 240) -> bool:
+    """SIGKILL `process` as soon as `ready()` holds; False if it finished first."""
+    deadline = time.monotonic() + limit_s
+    while process.poll() is None and time.monotonic() < deadline:
+        if ready():
+            process.kill()
+            process.wait()
+            return True
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+    return False
+
+
+def _partials(folder) -> list:
+    return [p for p in folder.iterdir() if p.name.endswith(".partial")]
+
+
+def test_export_killed_while_it_checks_its_graph_leaves_no_onnx_file(tiny_export, tmp_path):
+    out = tmp_path / "m.onnx"
+    process = subprocess.Popen([*CLI, "export", str(tiny_export[0]), "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _kill_when(process, lambda: bool(_partials(tmp_path))), "export finished before it could be interrupted"
+    assert not out.exists()
+    with pytest.raises(StmaeError):
+        Detector(out, "ort-cpu")
+
+
+def test_calibrate_killed_at_any_moment_leaves_no_graph_or_cache_entry_that_reads_as_complete(
+        tiny_export, synthetic_dataset, tmp_path):
+    onnx_file = tmp_path / "m.onnx"
+    shutil.copy(tiny_export[1], onnx_file)
+    cache = tmp_path / "cache"
+
+    def command(out):
+        return [*CLI, "calibrate", str(onnx_file), "--images", str(synthetic_dataset / "train" / "good"),
+                "--cache-dir", str(cache), "--out", str(out)]
+
+    started = time.monotonic()
+    probe = subprocess.run(command(tmp_path / "probe.onnx"), capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    full = time.monotonic() - started
+    for k, fraction in enumerate((0.5, 0.8, 0.9, 0.97)):
+        shutil.rmtree(cache)  # a cache miss each time: the quantised graph is written again
+        out = tmp_path / f"cut{k}.int8.onnx"
+        process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + fraction * full
+        _kill_when(process, lambda: time.monotonic() >= deadline)
+        for graph in [out, *cache.glob("*.int8.onnx")] if cache.is_dir() else [out]:
+            if graph.exists():  # whatever carries a real name is whole and an int8 graph of this model
+                assert ModelMetadata.from_onnx(graph).model_hash == ModelMetadata.from_onnx(onnx_file).model_hash
+    r = subprocess.run(command(tmp_path / "again.int8.onnx"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
+                    reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
+def test_build_killed_at_any_moment_leaves_no_plan_that_reads_as_complete(tiny_export, tmp_path):
+    started = time.monotonic()
+    done = subprocess.run([*CLI, "build", str(tiny_export[1]), "--batch", "1:2:4", "--out", str(tmp_path / "full.plan")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    full = time.monotonic() - started
+    for k, fraction in enumerate((0.3, 0.6, 0.85, 0.95)):
+        plan = tmp_path / f"cut{k}.plan"
+        process = subprocess.Popen([*CLI, "build", str(tiny_export[1]), "--batch", "1:2:4", "--out", str(plan)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + fraction * full
+        _kill_when(process, lambda: time.monotonic() >= deadline)
+        try:
+            read_plan(plan)  # complete: plan and sidecar whole and matching
+        except EngineMismatchError as exc:
+            assert "no such engine plan" in str(exc) or "sidecar" in str(exc), exc
+        sidecar = plan.with_name(plan.name + ".json")
+        if sidecar.exists():
+            json.loads(sidecar.read_text())  # never half a sidecar
+    assert os.path.getsize(tmp_path / "full.plan") > 0

@@ -1,0 +1,47 @@
+"""Short versions of the soak and concurrency runs (benchmarks/soak_runtime.py runs the full ones):
+repeated calls are bit-identical, resident memory stops growing after warm-up, threads change nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import texture
+from soak import concurrent, soak_detector, soak_linescan
+from stmae_edge.runtime import Detector
+
+GROWTH_LIMIT_MB = 5.0
+
+
+@pytest.fixture(scope="module")
+def frames():
+    rng = np.random.default_rng(3)
+    out = [texture(rng, 96).astype(np.uint8) for _ in range(12)]
+    out[3][40:50, 20:60] = 250  # a defect-like bar, so regions are part of what must repeat
+    out.append(rng.integers(0, 65535, (70, 130), dtype=np.uint16))
+    return out
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_export):
+    return Detector(tiny_export[1], "ort-cpu")
+
+
+def test_repeated_calls_are_bit_identical_and_memory_settles(detector, frames):
+    result = soak_detector(detector, frames, total_frames=2_000)
+    assert result["mismatches"] == 0
+    assert result["rss_growth_mb"] < GROWTH_LIMIT_MB, result
+
+
+def test_eight_threads_give_the_one_thread_results_bit_for_bit(detector, frames):
+    result = concurrent(detector, frames, threads=8, calls=60)
+    assert result["calls"] == 480 and result["mismatches"] == 0
+
+
+def test_a_strip_pushed_again_gives_the_same_map_and_defects_and_memory_settles(detector):
+    rng = np.random.default_rng(5)
+    blocks = [texture(rng, 64, 400).astype(np.uint8) for _ in range(3)]
+    blocks[1][10:20, 100:180] = 250
+    result = soak_linescan(detector, blocks, total_rows=1_500)
+    assert result["identical"] and result["rows"] == 1_500
+    assert result["rss_growth_mb"] < GROWTH_LIMIT_MB, result
