@@ -30,6 +30,7 @@ from typing import Sequence
 import onnx
 
 from . import data
+from .onnx_files import load_onnx
 from .outputs import check_writable, write_bytes_atomically, written_atomically
 from .engine_plan import sha256_file
 from .errors import ConfigError, DatasetError
@@ -81,7 +82,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
               batch_size: int = 8) -> tuple[Path, dict]:
     """Returns the INT8 graph's path and a report {cache: hit|miss, key, images, quantized_nodes}."""
     onnx_path = Path(onnx_path)
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    proto = load_onnx(onnx_path)
     metadata = ModelMetadata.from_onnx(proto)
     if onnx_precision(proto) != "fp32":
         raise ConfigError(f"{onnx_path} is an {onnx_precision(proto)} graph; calibrate the fp32 export "

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
 
 from . import __version__
+from .onnx_files import load_onnx
 from .outputs import check_writable, write_bytes_atomically
 from .engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, sha256_file, write_sidecar
 from .errors import ConfigError, ExportError
@@ -59,10 +59,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         raise ConfigError(f"unknown precision {precision!r}; this version builds {', '.join(PRECISIONS)}")
     batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)
     onnx_path = Path(onnx_path)
-    try:
-        proto = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError, OSError, ...
-        raise ExportError(f"{onnx_path}: not a readable ONNX file ({exc})") from exc
+    proto = load_onnx(onnx_path, ExportError)
     metadata = ModelMetadata.from_onnx(proto)  # also refuses files that are not ours
     graph_precision = onnx_precision(proto)
     if precision is not None and precision != graph_precision:

@@ -94,12 +94,9 @@ class ModelMetadata:
     def from_onnx(cls, model) -> "ModelMetadata":
         """From an ONNX file's metadata_props: a path or a loaded onnx.ModelProto."""
         if not hasattr(model, "metadata_props"):
-            import onnx
+            from .onnx_files import load_onnx
 
-            try:
-                model = onnx.load(str(model), load_external_data=False)
-            except Exception as exc:  # onnx raises protobuf DecodeError, OSError, ...
-                raise CheckpointError(f"{model}: not a readable ONNX file ({exc})") from exc
+            model = load_onnx(model)
         return cls.from_props({p.key: p.value for p in model.metadata_props})
 
     @classmethod

@@ -1,0 +1,66 @@
+"""Opening ONNX files a user hands in (export, verify, calibrate, build, evaluate): a security boundary.
+
+    path -> onnx.load without external data -> every tensor that keeps its data in another file
+         must name a file inside the model's own folder -> the ModelProto
+
+A crafted file could otherwise make the ONNX loader or TensorRT's parser read any file on the machine
+("../../home/user/.ssh/id_rsa" as a tensor's location). The runtime's ONNX Runtime backend gets the
+same protection from ONNX Runtime itself, which refuses such files before running anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from .errors import CheckpointError, StmaeError
+
+
+def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
+    """The ModelProto of `path`, its external data checked but not loaded.
+
+    Raises:
+        `error`: the file cannot be parsed, or a tensor's external data lies outside its folder.
+    """
+    import onnx
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, OSError, ...
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise error(f"{path}: not a readable ONNX file ({first})") from None
+    check_external_data(proto, path, error)
+    return proto
+
+
+def check_external_data(proto, path: Path, error: type[StmaeError] = CheckpointError) -> None:
+    """Every external-data location is a relative path that stays inside the model's folder."""
+    folder = path.resolve().parent
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location != 1:  # TensorProto.EXTERNAL
+            continue
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in target.parents:
+            raise error(f"{path}: tensor {tensor.name[:80]!r} takes its data from {location[:200]!r}, outside the "
+                        "model's folder; refusing the file (stmae-edge exports are self-contained)")
+
+
+def _tensors(graph) -> Iterator:
+    """All tensors of a graph: initializers, sparse ones, and those inside node attributes and subgraphs."""
+    graphs = [graph]
+    while graphs:
+        g = graphs.pop()
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)

@@ -1,0 +1,87 @@
+"""Model files are a security boundary: an ONNX file whose tensors read data from outside its folder,
+metadata that is huge, deeply nested or of the wrong types, and a plan paired with another model's
+sidecar are refused with one line, before anything runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+from onnx import TensorProto
+
+from stmae_edge.checks import MAX_DOCUMENT_BYTES
+from stmae_edge.errors import CheckpointError, StmaeError
+from stmae_edge.metadata import ONNX_METADATA_KEY, ModelMetadata
+from stmae_edge.runtime import Detector
+from test_cli import _assert_one_line_error, run
+
+
+def _with_external_weight(source, target, location: str) -> None:
+    """A copy of a real export whose first initializer takes its bytes from `location`."""
+    proto = onnx.load(str(source))
+    tensor = next(t for t in proto.graph.initializer if t.raw_data)
+    size = len(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(size))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(target))
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/hostname", "sub/../../secret.bin"])
+def test_an_onnx_file_reading_data_from_outside_its_folder_is_refused(tiny_export, tmp_path, location):
+    (tmp_path / "secret.bin").write_bytes(bytes(1 << 20))
+    folder = tmp_path / "models"
+    folder.mkdir()
+    evil = folder / "evil.onnx"
+    _with_external_weight(tiny_export[1], evil, location)
+    with pytest.raises(CheckpointError, match="outside the model's folder"):
+        ModelMetadata.from_onnx(evil)
+    for command in (["build", str(evil)], ["calibrate", str(evil), "--out", str(tmp_path / "q.onnx")],
+                    ["evaluate", str(evil), str(tmp_path)]):
+        _assert_one_line_error(run(*command), "outside the model's folder")
+    with pytest.raises(StmaeError):  # ONNX Runtime refuses it itself, before running anything
+        Detector(evil, "ort-cpu")
+
+
+def test_external_data_inside_the_folder_is_accepted(tiny_export, tmp_path):
+    source = onnx.load(str(tiny_export[1]))
+    onnx.save(source, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.weights")
+    assert ModelMetadata.from_onnx(tmp_path / "m.onnx").model_hash == ModelMetadata.from_onnx(tiny_export[1]).model_hash
+    assert Detector(tmp_path / "m.onnx", "ort-cpu").metadata.model_hash
+
+
+def _with_metadata(source, target, text: str) -> None:
+    proto = onnx.load(str(source))
+    for prop in proto.metadata_props:
+        if prop.key == ONNX_METADATA_KEY:
+            prop.value = text
+    onnx.save(proto, str(target))
+
+
+def test_metadata_that_is_huge_deeply_nested_or_of_the_wrong_types_is_refused(tiny_export, tmp_path):
+    good = ModelMetadata.from_onnx(tiny_export[1]).to_dict()
+    huge = dict(good, training={"notes": "x" * (MAX_DOCUMENT_BYTES + 1)})
+    cases = {
+        "huge": (json.dumps(huge), "more than"),
+        "deep": (json.dumps(good)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "not valid JSON|nests deeper"),
+        "nested 40": (json.dumps(dict(good, training={"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]})),
+                      "nests deeper"),
+        "a list": ("[1, 2]", "not an object"),
+        "stats as text": (json.dumps(dict(good, score_stats="high")), "malformed"),
+        "negative std": (json.dumps(dict(good, score_stats=dict(good["score_stats"], std=-1.0))), "must be positive"),
+        "NaN threshold": (json.dumps(dict(good, thresholds=dict(good["thresholds"], image=float("nan")))), "finite"),
+        "input size 1e9": (json.dumps(dict(good, preprocessing=dict(good["preprocessing"], input_size=[10**9, 10**9]))),
+                           "input size"),
+        "unknown key": (json.dumps(dict(good, preprocessing=dict(good["preprocessing"], colour_space="lab"))), "malformed"),
+    }
+    for name, (text, fragment) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.onnx"
+        _with_metadata(tiny_export[1], path, text)
+        with pytest.raises(StmaeError, match=fragment):
+            Detector(path, "ort-cpu")
+        r = run("evaluate", str(path), str(tmp_path))
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (name, r.stderr)
