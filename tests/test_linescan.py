@@ -266,3 +266,22 @@ def test_a_failed_push_leaves_the_inspector_as_it_was(linescan_model):
     with pytest.raises(BackendError, match="closed"):
         inspector.push(make_strip(7, 100, 100))
     assert inspector.rows_pushed == 40 and inspector._rows.shape[0] == 40 and inspector.tiles == 0
+
+
+def test_a_bad_block_mid_strip_is_refused_and_the_strip_goes_on_unchanged(detector):
+    strip = make_strip(8, 300, 200)
+    strip[150:160, 60:120] = 250
+    reference, reference_map, _ = inspect(detector, strip, [100, 100, 100], threshold=strong_threshold(detector))
+    bands = []
+    inspector = StreamingInspector(detector, overlap=OVERLAP, pixel_threshold=strong_threshold(detector),
+                                   on_rows=lambda first, rows: bands.append(rows.copy()))
+    defects = inspector.push(strip[:100])
+    middle = strip[100:200]
+    for bad, fragment in ((middle[:, :150], "150 pixels wide; this strip is 200"),
+                          (middle.astype(np.uint16), "1-channel uint16; this strip is 1-channel uint8"),
+                          (middle.astype(np.float32), "float32"),
+                          (np.dstack([middle] * 3), "3-channel uint8; this strip is 1-channel")):
+        with pytest.raises(InvalidImageError, match=fragment):
+            inspector.push(bad)
+    defects += inspector.push(middle) + inspector.push(strip[200:]) + inspector.flush()
+    assert defects == reference and np.array_equal(np.concatenate(bands), reference_map)
