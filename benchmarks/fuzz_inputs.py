@@ -98,6 +98,9 @@ def run_target(target: str, onnx: Path, seconds: int, timeout: int, seed: int = 
         runs = [int(m) for m in re.findall(r"^#(\d+)", log, re.M)]
     new = sorted(set(findings.iterdir()) - before)
     error = re.findall(r"=== Uncaught Python exception: ===\n(.*?)\n", log)
+    slow = re.findall(r"Slowest unit: (\d+) s", log)
+    if not error and any(name.name.startswith(("slow-unit", "timeout")) for name in new):
+        error = [f"an input that took {slow[0]} s" if slow else "a hang"]
     return {"target": target, "seconds": elapsed, "runs": max(runs) if runs else 0, "findings": [p.name for p in new],
             "exception": error[0] if error else "", "corpus": len(list(corpus.iterdir())), "returncode": r.returncode}
 

@@ -135,3 +135,22 @@ def test_a_file_rewritten_while_it_is_read_gives_only_typed_errors(tmp_path):
         stop.set()
         thread.join()
     assert sum(outcomes.values()) == 300
+
+
+def test_commands_over_a_folder_holding_an_oversized_image(oversized, tiny_export, synthetic_dataset, tmp_path):
+    """predict scores the rest and reports it; bench and linescan stop with one line, no traceback."""
+    import shutil
+
+    from test_cli import _assert_one_line_error, run
+
+    folder = tmp_path / "in"
+    shutil.copytree(synthetic_dataset / "test" / "good", folder)
+    shutil.copy(oversized["tiff"], folder / "zz_huge.tif")
+    r = run("predict", str(tiny_export[1]), str(folder), "--out", str(tmp_path / "out"), "--no-overlays")
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    summary = __import__("json").loads((tmp_path / "out" / "results.json").read_text())
+    assert len(summary["results"]) == 6 and summary["unreadable"] == 1
+    assert "exceeds the limit" in summary["errors"][0]["error"]
+    _assert_one_line_error(run("bench", "--engine", str(tiny_export[1]), "--images", str(folder), "--batch", "1",
+                               "--iterations", "1"), "exceeds the limit")
+    _assert_one_line_error(run("linescan", str(tiny_export[1]), str(oversized["tiff"])), "exceeds the limit")
