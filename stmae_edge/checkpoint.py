@@ -66,6 +66,22 @@ def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Te
     return metadata, state
 
 
+def rewrite_metadata(path: Path | str, change) -> ModelMetadata:
+    """Apply `change` (ModelMetadata -> ModelMetadata) to a checkpoint's metadata and save it, weights
+    untouched. A change to what the digest covers (config, preprocessing) is refused.
+
+    Raises:
+        CheckpointError: as read_checkpoint, or the change would alter the model's digest.
+    """
+    metadata, state = read_checkpoint(path)
+    changed = change(metadata)
+    if model_digest(state, changed) != changed.model_hash:
+        raise CheckpointError(f"{path}: that change would alter what the model computes; re-train instead")
+    with written_atomically(path) as partial:
+        torch.save({"format": FORMAT, "metadata": changed.to_dict(), "state_dict": state}, partial)
+    return changed
+
+
 def load_model(path: Path | str) -> tuple[torch.nn.Module, ModelMetadata]:
     """The network of the checkpoint's model family (models/families.py), in eval mode."""
     metadata, state = read_checkpoint(path)

@@ -223,6 +223,39 @@ def calibrate(
                f"(cache {report['cache']}: {report['cache_file']})")
 
 
+@app.command()
+def threshold(
+    model: Path = typer.Argument(..., help=".pt, .onnx or .plan file (a plan keeps its thresholds in its sidecar)"),
+    data_dir: Path = typer.Argument(..., help="labelled validation set in the MVTec AD layout (DATA_DIR/test/<type>)"),
+    max_false_reject: Optional[float] = typer.Option(None, help="reject at most this fraction of good parts, e.g. 0.01"),
+    min_recall: Optional[float] = typer.Option(None, help="catch at least this fraction of defective parts, e.g. 0.95"),
+    sigma: Optional[float] = typer.Option(None, help="mean + SIGMA * std of the model's held-out good scores"),
+    write: bool = typer.Option(False, "--write", help="store the threshold (image and pixel) and its rule in MODEL"),
+    backend: str = typer.Option("auto", help="how DATA_DIR is scored: auto, ort-cpu, ort-cuda, tensorrt, torch-cpu"),
+    batch_size: int = typer.Option(16, min=1),
+) -> None:
+    """Choose the image threshold that meets a target on validation data; print what it costs there."""
+    from .model_files import write_thresholds
+    from .operating_point import check_target, choose, evaluate_threshold
+    from .validation import score_dataset
+
+    check_target(max_false_reject, min_recall, sigma)
+    scored = score_dataset(model, data_dir, backend, batch_size, description="scoring the validation set")
+    point = choose(scored.good_scores, scored.defect_scores, max_false_reject=max_false_reject,
+                   min_recall=min_recall, sigma=sigma, stats=scored.detector.score_stats, data=str(data_dir))
+    typer.echo(point.describe())
+    current = evaluate_threshold(scored.detector.thresholds.image, scored.good_scores, scored.defect_scores,
+                                 scored.detector.thresholds.rule)
+    typer.echo(f"the model's threshold now: {current.threshold:.6g} ({current.rule}): {current.false_rejects} "
+               f"false rejects, {current.escapes} escapes on the same images")
+    if write:
+        metadata = write_thresholds(model, point.thresholds())
+        typer.echo(f"wrote threshold {point.threshold:.6g} to {model} (model hash {metadata.model_hash[:12]} unchanged); "
+                   f"next: stmae-edge report {model} {data_dir} --out report/")
+    else:
+        typer.echo(f"nothing written; add --write to store it in {model}")
+
+
 BACKEND_HELP = ("auto (.plan: TensorRT; .onnx: CUDA where a GPU is present, else CPU), tensorrt, "
                 "ort-tensorrt, ort-cuda, ort-cpu, torch-cpu, torch-cuda")
 

@@ -44,7 +44,9 @@ def train_images(root: Path | str) -> list[Path]:
     return paths
 
 
-def eval_samples(root: Path | str) -> list[EvalSample]:
+def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample]:
+    """DATA_DIR/test/<type>/* with their masks; with `both_classes`, refused unless good and defective
+    images are both there (AUROC needs both; a false-reject threshold needs only good ones)."""
     root = Path(root)
     folder = root / "test"
     if not folder.is_dir():
@@ -58,7 +60,7 @@ def eval_samples(root: Path | str) -> list[EvalSample]:
                 mask = candidate if candidate.is_file() else None
             samples.append(EvalSample(path, type_dir.name, mask))
     labels = {s.label for s in samples}
-    if labels != {0, 1}:
+    if not samples or (both_classes and labels != {0, 1}):
         raise DatasetError(f"{folder}: evaluation needs both good and defective test images, found "
                            f"{sorted({s.defect_type for s in samples}) or 'none'}")
     return samples

@@ -113,7 +113,7 @@ def test_calibrate_killed_at_any_moment_leaves_no_graph_or_cache_entry_that_read
     probe = subprocess.run(command(tmp_path / "probe.onnx"), capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr
     full = time.monotonic() - started
-    for k, fraction in enumerate((0.5, 0.8, 0.9, 0.97)):
+    for k, fraction in enumerate((0.6, 0.95)):
         shutil.rmtree(cache)  # a cache miss each time: the quantised graph is written again
         out = tmp_path / f"cut{k}.int8.onnx"
         process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -134,7 +134,7 @@ def test_build_killed_at_any_moment_leaves_no_plan_that_reads_as_complete(tiny_e
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     full = time.monotonic() - started
-    for k, fraction in enumerate((0.3, 0.6, 0.85, 0.95)):
+    for k, fraction in enumerate((0.5, 0.9)):
         plan = tmp_path / f"cut{k}.plan"
         process = subprocess.Popen([*CLI, "build", str(tiny_export[1]), "--batch", "1:2:4", "--out", str(plan)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -45,3 +45,26 @@ def test_a_strip_pushed_again_gives_the_same_map_and_defects_and_memory_settles(
     result = soak_linescan(detector, blocks, total_rows=1_500)
     assert result["identical"] and result["rows"] == 1_500
     assert result["rss_growth_mb"] < GROWTH_LIMIT_MB, result
+
+
+def test_an_inspector_is_freed_with_its_last_reference(detector):
+    """No reference cycle: a host that starts a StreamingInspector per strip gets the row buffers back
+    at once, not when the cyclic garbage collector next runs (measured: +1.9 MB per 3,000-row strip)."""
+    import gc
+    import weakref
+
+    from stmae_edge.runtime.linescan import StreamingInspector
+
+    rng = np.random.default_rng(6)
+    strip = texture(rng, 200, 300).astype(np.uint8)
+    strip[50:60, 100:160] = 250
+    gc.disable()
+    try:
+        inspector = StreamingInspector(detector, overlap=16, pixel_threshold=detector.score_stats.mean)
+        defects = inspector.push(strip) + inspector.flush()
+        assert defects and all(d.tiles for d in defects)
+        alive = weakref.ref(inspector)
+        del inspector
+        assert alive() is None
+    finally:
+        gc.enable()

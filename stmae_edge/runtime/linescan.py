@@ -18,6 +18,7 @@ few tile heights of rows, whatever the strip's length.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -137,7 +138,7 @@ class StreamingInspector:
             self._rows = np.empty((0, *block.shape[1:]), block.dtype)
             self._columns = tile_starts(self.width, self.tile_width, self.tile_width - self.overlap)
             self._regions = StripRegions(self.width, self.pixel_threshold, self.detector.score_stats,
-                                         self.max_defect_rows, self._tiles_for)
+                                         self.max_defect_rows)
         return block
 
     def push(self, block: np.ndarray) -> list[StripDefect]:
@@ -174,7 +175,7 @@ class StreamingInspector:
             self._rows = mirror_pad(self._rows, self.tile_height, self.width)
             top = max(0, self.rows_pushed - self.tile_height)  # the last tile row, flush with the end
             defects += self._blend(top, self._score(self._rows, [top])[0], final_row=self.rows_pushed)
-        defects += self._regions.close()
+        defects += self._with_tiles(self._regions.close())
         self._flushed = True
         self.seconds["total"] += time.perf_counter() - started
         return defects
@@ -226,12 +227,16 @@ class StreamingInspector:
         self._rows_start = keep_from
         if self.on_rows is not None:
             self.on_rows(first, final)
-        return self._regions.add(first, final)
+        return self._with_tiles(self._regions.add(first, final))
 
-    def _tiles_for(self, top: int, left: int, height: int, width: int) -> tuple[tuple[int, int], ...]:
-        """The tiles whose maps contributed to this box."""
-        return tuple((i, j) for i, first, end in self._tile_rows if first < top + height and end > top
-                     for j, x in enumerate(self._columns) if x < left + width and x + self.tile_width > left)
+    def _with_tiles(self, defects: list[StripDefect]) -> list[StripDefect]:
+        """Each defect with the tiles whose maps contributed to its box. Done here, not by a callback
+        held in StripRegions: that would be a reference cycle, and an inspector with its row buffers
+        would then wait for the cyclic garbage collector instead of being freed with its last reference."""
+        return [dataclasses.replace(d, tiles=tuple(
+            (i, j) for i, first, end in self._tile_rows if first < d.row + d.height and end > d.row
+            for j, x in enumerate(self._columns) if x < d.col + d.width and x + self.tile_width > d.col))
+            for d in defects]
 
 
 class StripRegions:
@@ -242,10 +247,8 @@ class StripRegions:
     component taller than `max_rows` is reported in parts, each but the last marked `continues`,
     which bounds memory whatever the defect."""
 
-    def __init__(self, width: int, threshold: float, stats, max_rows: int,
-                 tiles_for: Callable[[int, int, int, int], tuple] = lambda *box: ()):
+    def __init__(self, width: int, threshold: float, stats, max_rows: int):
         self.width, self.threshold, self.stats, self.max_rows = width, threshold, stats, max_rows
-        self.tiles_for = tiles_for
         self.pending = np.empty((0, width), np.float32)  # final map rows still holding open components
         self.pending_start = 0
 
@@ -295,7 +298,7 @@ class StripRegions:
         peak = float(window[py, px])
         top = self.pending_start + y
         return StripDefect(top, x, height, width, area, peak, float(normalize(peak, self.stats)),
-                           top + int(py), x + int(px), self.tiles_for(top, x, height, width), continues)
+                           top + int(py), x + int(px), (), continues)
 
 
 def replay(inspector: StreamingInspector, source, block_rows: int = 256,

@@ -1,0 +1,89 @@
+"""The metadata of every kind of model file, read and re-thresholded in place:
+
+    .pt    checkpoint (torch, weights_only)   metadata beside the weights
+    .onnx  exported graph                     metadata_props["stmae_edge.metadata"]
+    .plan  TensorRT engine                    the sidecar <plan>.json
+
+Thresholds sit outside the model digest on purpose (checkpoint.model_digest), so re-thresholding a
+deployed file changes neither its hash nor anything it computes, and a plan needs no rebuild. Each
+file is rewritten under a temporary name and renamed: an interrupted write leaves the old file whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ConfigError
+from .metadata import ONNX_METADATA_KEY, ModelMetadata
+from .scoring import Thresholds
+
+SUFFIXES = (".pt", ".onnx", ".plan", ".engine")
+
+
+def _kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ConfigError(f"{path}: unknown model file type {suffix!r}; give a .pt, .onnx or .plan file")
+    return "plan" if suffix in (".plan", ".engine") else suffix[1:]
+
+
+def read_metadata(path: Path | str) -> ModelMetadata:
+    """The metadata of a .pt, .onnx or .plan file, after the checks its own reader makes.
+
+    Raises:
+        CheckpointError, EngineMismatchError: the file is missing, corrupt or not a stmae-edge model.
+        ConfigError: an unknown file type.
+    """
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "pt":
+        from .checkpoint import read_checkpoint
+
+        return read_checkpoint(path)[0]
+    if kind == "onnx":
+        return ModelMetadata.from_onnx(path)
+    from .engine_plan import read_plan
+
+    return read_plan(path)[2]
+
+
+def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
+    """Store `thresholds` in the model file; nothing else in it changes. Returns the new metadata.
+
+    Raises:
+        as read_metadata; OutputError: the file cannot be rewritten.
+    """
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "pt":
+        from .checkpoint import rewrite_metadata
+
+        return rewrite_metadata(path, lambda m: _with(m, thresholds))
+    if kind == "onnx":
+        import onnx
+
+        from .onnx_files import load_onnx
+        from .outputs import written_atomically
+
+        proto = load_onnx(path)
+        metadata = _with(ModelMetadata.from_onnx(proto), thresholds)
+        props = {p.key: p.value for p in proto.metadata_props}
+        props[ONNX_METADATA_KEY] = json.dumps(metadata.to_dict(), sort_keys=True)
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, props)
+        with written_atomically(path) as partial:
+            onnx.save(proto, str(partial))
+        return metadata
+    from .engine_plan import read_plan, write_sidecar
+
+    _, sidecar, metadata = read_plan(path)
+    metadata = _with(metadata, thresholds)
+    sidecar["metadata"] = metadata.to_dict()
+    write_sidecar(path, sidecar)
+    return metadata
+
+
+def _with(metadata: ModelMetadata, thresholds: Thresholds) -> ModelMetadata:
+    metadata.thresholds = thresholds
+    return metadata

@@ -1,0 +1,170 @@
+"""Choosing the operating point: the image threshold that meets a target on labelled validation data,
+and what it costs there, with confidence intervals that say how few images the figures rest on.
+
+    scores of good and defective validation images
+        --max-false-reject R   lowest threshold that rejects at most R of the good images
+        --min-recall R         highest threshold that still catches at least R of the defective ones
+        --sigma S              mean + S x std of the model's held-out good scores (the training rule)
+    -> OperatingPoint: threshold, false-reject rate, escape rate, precision, recall, each with a 95%
+       Wilson interval, and the counts behind them
+
+An image fails when its score is above the threshold (scoring.Thresholds). Thresholds are placed on
+observed scores, so "exact" means: no other threshold meets the target with more margin on the side
+the target leaves free. The pixel threshold is set equal to the image threshold, which keeps the rule
+that an image fails exactly when it has a defect region.
+
+numpy only: the runtime and the CLI use it without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .checks import is_finite_number
+from .errors import ConfigError
+from .scoring import ScoreStats, Thresholds
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion; (0, 1) when there is nothing to count."""
+    if total == 0:
+        return 0.0, 1.0
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    threshold: float
+    rule: str  # how it was chosen, in words; goes into the model's thresholds
+    goods: int
+    defects: int
+    false_rejects: int  # good images above the threshold
+    escapes: int  # defective images at or below it
+
+    @property
+    def false_reject_rate(self) -> float:
+        return self.false_rejects / self.goods if self.goods else math.nan
+
+    @property
+    def escape_rate(self) -> float:
+        return self.escapes / self.defects if self.defects else math.nan
+
+    @property
+    def recall(self) -> float:
+        return 1 - self.escape_rate
+
+    @property
+    def precision(self) -> float:
+        caught = self.defects - self.escapes
+        flagged = caught + self.false_rejects
+        return caught / flagged if flagged else math.nan
+
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        caught = self.defects - self.escapes
+        return {"false_reject_rate": wilson_interval(self.false_rejects, self.goods),
+                "escape_rate": wilson_interval(self.escapes, self.defects),
+                "precision": wilson_interval(caught, caught + self.false_rejects),
+                "recall": wilson_interval(caught, self.defects)}
+
+    def thresholds(self) -> Thresholds:
+        return Thresholds(image=self.threshold, pixel=self.threshold, rule=self.rule)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(false_reject_rate=self.false_reject_rate, escape_rate=self.escape_rate, precision=self.precision,
+                 recall=self.recall, intervals_95={k: list(v) for k, v in self.intervals().items()})
+        return d
+
+    def describe(self) -> str:
+        """Lines for people: the figures, their intervals and the counts they rest on."""
+        ci = self.intervals()
+
+        def pct(name: str, value: float) -> str:
+            low, high = ci[name]
+            return "n/a" if math.isnan(value) else f"{100 * value:.1f}% (95% CI {100 * low:.1f} to {100 * high:.1f})"
+
+        return "\n".join([
+            f"threshold {self.threshold:.6g} ({self.rule})",
+            f"false rejects  {pct('false_reject_rate', self.false_reject_rate)}: {self.false_rejects} of {self.goods} good images",
+            f"escapes        {pct('escape_rate', self.escape_rate)}: {self.escapes} of {self.defects} defective images",
+            f"precision      {pct('precision', self.precision)}",
+            f"recall         {pct('recall', self.recall)}",
+        ])
+
+
+def evaluate_threshold(threshold: float, good: np.ndarray, defective: np.ndarray, rule: str) -> OperatingPoint:
+    good, defective = np.asarray(good, np.float64), np.asarray(defective, np.float64)
+    return OperatingPoint(float(threshold), rule, int(good.size), int(defective.size),
+                          int((good > threshold).sum()), int((defective <= threshold).sum()))
+
+
+def check_target(max_false_reject: float | None = None, min_recall: float | None = None,
+                 sigma: float | None = None) -> None:
+    """Exactly one target, in range; checked before any image is scored.
+
+    Raises:
+        ConfigError: none or several targets, or one out of range.
+    """
+    given = [v for v in (max_false_reject, min_recall, sigma) if v is not None]
+    if len(given) != 1:
+        raise ConfigError("give exactly one target: --max-false-reject, --min-recall or --sigma")
+    if max_false_reject is not None and (not is_finite_number(max_false_reject) or not 0 <= max_false_reject < 1):
+        raise ConfigError(f"--max-false-reject {max_false_reject!r} must be a fraction in [0, 1), e.g. 0.01")
+    if min_recall is not None and (not is_finite_number(min_recall) or not 0 < min_recall <= 1):
+        raise ConfigError(f"--min-recall {min_recall!r} must be a fraction in (0, 1], e.g. 0.95")
+    if sigma is not None and (not is_finite_number(sigma) or sigma < 0):
+        raise ConfigError(f"--sigma {sigma!r} must be a finite number >= 0")
+
+
+def choose(good: np.ndarray, defective: np.ndarray, *, max_false_reject: float | None = None,
+           min_recall: float | None = None, sigma: float | None = None, stats: ScoreStats | None = None,
+           data: str = "the validation set") -> OperatingPoint:
+    """The operating point for exactly one target.
+
+    Args:
+        good, defective: image scores of the validation set's good and defective images.
+        max_false_reject: lowest threshold whose false-reject rate on `good` is at most this (0 <= R < 1).
+        min_recall: highest threshold whose recall on `defective` is at least this (0 < R <= 1).
+        sigma: mean + sigma x std of `stats` (the model's held-out good scores).
+        data: named in the rule.
+
+    Raises:
+        ConfigError: not exactly one target, a target out of range, or data that cannot support it
+            (no good images for a false-reject target, no defective ones for a recall target).
+    """
+    check_target(max_false_reject, min_recall, sigma)
+    good = np.sort(np.asarray(good, np.float64))[::-1]  # descending
+    defective = np.sort(np.asarray(defective, np.float64))[::-1]
+    if not (np.isfinite(good).all() and np.isfinite(defective).all()):
+        raise ConfigError("scores must be finite; check the model with `stmae-edge verify`")
+    counts = f"{good.size} good, {defective.size} defective images of {data}"
+    if max_false_reject is not None:
+        if good.size == 0:
+            raise ConfigError(f"{data} has no good images: a false-reject rate cannot be measured on it")
+        allowed = int(math.floor(max_false_reject * good.size + 1e-9))  # good images allowed above the threshold
+        threshold = good[allowed]  # the (allowed + 1)-th highest good score: only the `allowed` above it fail
+        rule = f"false rejects <= {100 * max_false_reject:g}% on {counts}"
+    elif min_recall is not None:
+        if defective.size == 0:
+            raise ConfigError(f"{data} has no defective images: recall cannot be measured on it")
+        needed = int(math.ceil(min_recall * defective.size - 1e-9))  # defective images that must be above it
+        lowest_caught = defective[needed - 1]
+        below = np.concatenate([good, defective])
+        below = below[below < lowest_caught]
+        # The highest observed score under the lowest defect that must be caught; with none, just under it.
+        threshold = below.max() if below.size else np.nextafter(lowest_caught, -np.inf)
+        rule = f"recall >= {100 * min_recall:g}% on {counts}"
+    else:
+        if stats is None:
+            raise ConfigError("--sigma needs the model's score statistics")
+        threshold = Thresholds.from_stats(stats, sigma).image
+        rule = f"mean + {sigma:g} * std of held-out good image scores"
+    return evaluate_threshold(float(threshold), good, defective, rule)

@@ -1,0 +1,56 @@
+"""A labelled dataset (MVTec AD layout) scored through the runtime, for `threshold` and `report`:
+any model file the Detector opens (.onnx, .plan, or .pt with the train extra), in batches, with a
+progress bar; maps at the model's input size, where masks are compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+from .progress import progress_bar
+
+
+@dataclass
+class ScoredDataset:
+    samples: list  # data.EvalSample, in eval_samples order
+    scores: np.ndarray  # (N,) raw image scores
+    maps: np.ndarray  # (N, H, W) float32 at the model's input size
+    detector: object  # the runtime.Detector that scored them
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples])
+
+    @property
+    def good_scores(self) -> np.ndarray:
+        return self.scores[self.labels == 0]
+
+    @property
+    def defect_scores(self) -> np.ndarray:
+        return self.scores[self.labels == 1]
+
+
+def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto", batch_size: int = 16,
+                  description: str = "scoring") -> ScoredDataset:
+    """Every image under DATA_DIR/test through a Detector.
+
+    Raises:
+        DatasetError: no test images; and the Detector's and the image reader's typed errors.
+    """
+    from .runtime import Detector
+
+    detector = Detector(model, backend, batch_size=batch_size)
+    samples = data.eval_samples(data_dir, both_classes=False)
+    maps, scores = [], []
+    with progress_bar(f"{description} ({detector.info['backend']})", len(samples)) as advance:
+        for start in range(0, len(samples), batch_size):
+            chunk = [s.path for s in samples[start:start + batch_size]]
+            m, s = detector.raw_maps(chunk)
+            maps.append(m)
+            scores.append(s)
+            advance(len(chunk))
+    return ScoredDataset(samples, np.concatenate(scores).astype(np.float64), np.concatenate(maps), detector)

@@ -1,0 +1,130 @@
+"""Choosing the operating point (`stmae-edge threshold`): exact thresholds for each target on known
+scores, intervals, refusals, and --write on each kind of model file without touching its digest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stmae_edge.checkpoint import read_checkpoint
+from stmae_edge.errors import ConfigError
+from stmae_edge.metadata import ModelMetadata
+from stmae_edge.model_files import read_metadata, write_thresholds
+from stmae_edge.operating_point import choose, wilson_interval
+from stmae_edge.runtime import Detector
+from stmae_edge.scoring import ScoreStats, Thresholds
+from test_cli import _assert_one_line_error, run
+
+GOOD = np.arange(100) / 100  # 0.00 .. 0.99
+DEFECTIVE = np.array([0.5, 0.95, 1.2, 1.5, 2.0])
+
+
+@pytest.mark.parametrize("target, threshold, false_rejects, escapes", [
+    ({"max_false_reject": 0.05}, 0.94, 5, 1),
+    ({"max_false_reject": 0.0}, 0.99, 0, 2),
+    ({"max_false_reject": 0.049}, 0.95, 4, 2),  # 4.9 of 100 goods: at most 4 may fail
+    ({"min_recall": 0.8}, 0.94, 5, 1),  # 4 of 5 defects: the threshold sits just under 0.95
+    ({"min_recall": 1.0}, 0.49, 50, 0),
+    ({"min_recall": 0.5}, 1.0 - 0.01, 0, 2),  # 3 of 5: under 1.2, the highest score below it is 0.99
+])
+def test_each_target_gives_its_exact_threshold(target, threshold, false_rejects, escapes):
+    point = choose(GOOD, DEFECTIVE, **target)
+    assert point.threshold == pytest.approx(threshold)
+    assert (point.false_rejects, point.escapes, point.goods, point.defects) == (false_rejects, escapes, 100, 5)
+    assert point.thresholds().image == point.thresholds().pixel == point.threshold
+    # It is the last observed score that meets the target: the next one beyond it does not.
+    observed = np.concatenate([GOOD, DEFECTIVE])
+    if "max_false_reject" in target:
+        lower = observed[observed < point.threshold].max()
+        assert (GOOD > lower).mean() > target["max_false_reject"]
+    else:
+        higher = observed[observed > point.threshold].min()
+        assert (DEFECTIVE > higher).mean() < target["min_recall"]
+
+
+def test_sigma_rule_intervals_and_description():
+    stats = ScoreStats(count=50, mean=0.4, std=0.1, min=0.1, max=0.8, p50=0.4, p95=0.6, p99=0.7)
+    point = choose(GOOD, DEFECTIVE, sigma=3.0, stats=stats)
+    assert point.threshold == pytest.approx(0.7) and point.false_rejects == 29
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    text = point.describe()
+    assert "29 of 100 good images" in text and "95% CI" in text and "mean + 3 * std" in text
+    assert json.loads(json.dumps(point.to_dict()))["intervals_95"]["recall"][1] <= 1.0
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({}, "exactly one target"),
+    ({"max_false_reject": 0.1, "min_recall": 0.9}, "exactly one target"),
+    ({"max_false_reject": 1.0}, "fraction in [0, 1)"),
+    ({"max_false_reject": float("nan")}, "fraction in [0, 1)"),
+    ({"min_recall": 0.0}, "fraction in (0, 1]"),
+    ({"sigma": 3.0}, "needs the model's score statistics"),
+])
+def test_bad_targets_are_refused(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        choose(GOOD, DEFECTIVE, **kwargs)
+
+
+def test_a_target_the_data_cannot_support_is_refused():
+    with pytest.raises(ConfigError, match="no good images"):
+        choose(np.array([]), DEFECTIVE, max_false_reject=0.01)
+    with pytest.raises(ConfigError, match="no defective images"):
+        choose(GOOD, np.array([]), min_recall=0.9)
+
+
+def test_threshold_command_writes_only_the_thresholds(tiny_export, synthetic_dataset, tmp_path):
+    import shutil
+
+    checkpoint, onnx_file = tmp_path / "m.pt", tmp_path / "m.onnx"
+    shutil.copy(tiny_export[0], checkpoint)
+    shutil.copy(tiny_export[1], onnx_file)
+    before = read_metadata(onnx_file)
+    detector = Detector(onnx_file, "ort-cpu")
+    paths = sorted((synthetic_dataset / "test").rglob("*.png"))
+    _, scores = detector.raw_maps(paths)
+    labels = np.array([p.parent.name != "good" for p in paths])
+    expected = choose(scores[~labels], scores[labels], max_false_reject=0.2)
+
+    for model in (onnx_file, checkpoint):
+        r = run("threshold", str(model), str(synthetic_dataset), "--max-false-reject", "0.2", "--write")
+        assert r.returncode == 0, r.stderr
+        assert "false rejects" in r.stdout and "95% CI" in r.stdout and "unchanged" in r.stdout
+        after = read_metadata(model)
+        assert after.thresholds.image == pytest.approx(expected.threshold, rel=1e-5)
+        assert after.thresholds.pixel == after.thresholds.image and "false rejects <= 20%" in after.thresholds.rule
+        assert after.model_hash == before.model_hash and after.score_stats == before.score_stats
+    read_checkpoint(checkpoint)  # digest still matches
+    assert torch.load(checkpoint, weights_only=True)["metadata"]["thresholds"]["rule"].startswith("false rejects")
+    assert Detector(onnx_file, "ort-cpu").thresholds.image == pytest.approx(expected.threshold, rel=1e-5)
+    r = run("threshold", str(onnx_file), str(synthetic_dataset), "--min-recall", "1.0")
+    assert r.returncode == 0 and "nothing written" in r.stdout
+    assert read_metadata(onnx_file).thresholds.image == pytest.approx(expected.threshold, rel=1e-5)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--max-false-reject", "1.5"], "fraction in [0, 1)"),
+    ([], "exactly one target"),
+    (["--sigma", "3", "--min-recall", "0.9"], "exactly one target"),
+])
+def test_threshold_command_refuses_bad_targets_in_one_line(tiny_export, synthetic_dataset, args, fragment):
+    _assert_one_line_error(run("threshold", str(tiny_export[1]), str(synthetic_dataset), *args), fragment)
+
+
+@pytest.mark.skipif(not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
+                    reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
+def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, tmp_path):
+    from stmae_edge.engine_build import build_engine
+    from stmae_edge.engine_plan import read_plan
+
+    plan, _ = build_engine(tiny_export[1], None, "1:2:4", tmp_path / "m.plan", timing_cache=tmp_path / "t.cache")
+    plan_bytes = plan.read_bytes()
+    write_thresholds(plan, Thresholds(image=7.5, pixel=7.5, rule="false rejects <= 1% on line 3"))
+    data, sidecar, metadata = read_plan(plan)  # what the TensorRT backend reads: sha256 still matches
+    assert data == plan_bytes and metadata.thresholds == Thresholds(7.5, 7.5, "false rejects <= 1% on line 3")
+    assert metadata.model_hash == ModelMetadata.from_onnx(tiny_export[1]).model_hash
