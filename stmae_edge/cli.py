@@ -116,6 +116,8 @@ def evaluate(
     write_json(result, out)
     typer.echo(format_report(result))
     typer.echo(f"wrote {out}")
+    typer.echo(f"next: stmae-edge report {model} {data_dir} --out report/ (the worst cases, as a page), or "
+               f"stmae-edge threshold {model} {data_dir} --max-false-reject 0.01 (choose the operating point)")
 
 
 @app.command()
@@ -256,6 +258,25 @@ def threshold(
         typer.echo(f"nothing written; add --write to store it in {model}")
 
 
+@app.command()
+def report(
+    model: Path = typer.Argument(..., help=".pt, .onnx or .plan file"),
+    data_dir: Path = typer.Argument(..., help="labelled set in the MVTec AD layout (DATA_DIR/test, ground_truth)"),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="folder for index.html, its plots and cases"),
+    worst: int = typer.Option(8, min=0, help="missed defects and false rejects to show, each"),
+    backend: str = typer.Option("auto", help="how DATA_DIR is scored: auto, ort-cpu, ort-cuda, tensorrt, torch-cpu"),
+    batch_size: int = typer.Option(16, min=1),
+) -> None:
+    """One HTML page: score histograms, ROC and PRO curves, per-type escapes, the worst cases, the model."""
+    from .report import build_report
+
+    summary = build_report(model, data_dir, out, backend, worst, batch_size)
+    point = summary["operating_point"]
+    typer.echo(f"wrote {summary['index']}: {point['false_rejects']} false rejects, {point['escapes']} escapes at "
+               f"threshold {point['threshold']:.4g}; open it in a browser (no server needed)")
+    typer.echo(f"next: stmae-edge threshold {model} {data_dir} --max-false-reject 0.01 (or --min-recall 0.95) --write")
+
+
 BACKEND_HELP = ("auto (.plan: TensorRT; .onnx: CUDA where a GPU is present, else CPU), tensorrt, "
                 "ort-tensorrt, ort-cuda, ort-cpu, torch-cpu, torch-cuda")
 
@@ -290,7 +311,8 @@ def predict(
     info = summary["runtime"]
     typer.echo(f"{scored} scored: {summary['failed']} fail, {scored - summary['failed']} pass "
                f"(image threshold {summary['thresholds']['image']:.4g}); {summary['unreadable']} unreadable; "
-               f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}")
+               f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}"
+               + (f" and {scored} overlays ({out}/<name>.png)" if overlays and scored else ""))
     if summary["unreadable"]:
         raise typer.Exit(PARTIAL_EXIT_CODE)
 

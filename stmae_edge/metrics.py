@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_at_threshold", "summarize"]
+__all__ = ["image_auroc", "pixel_auroc", "aupro", "pro_curve", "roc_curve", "f1_at_threshold", "summarize"]
 
 _NAN = float("nan")
 # Thresholds processed per block when building the PRO curve: bounds the memory of the exact curve.
@@ -139,6 +139,52 @@ def _region_weights(g: np.ndarray) -> tuple[np.ndarray, int]:
     return np.concatenate(parts), n_regions
 
 
+def _pro_table(pos: np.ndarray, weights: np.ndarray, n_regions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Anomalous scores sorted ascending, and pro_ge[i] = the sum of the region weights of pos[i:]:
+    PRO(t) = pro_ge[searchsorted(pos, t, "left")] for score >= t, "right" for score > t."""
+    order = np.argsort(pos)
+    pro_ge = np.zeros(pos.size + 1, dtype=np.float64)
+    pro_ge[:-1] = np.cumsum((weights[order] / n_regions)[::-1])[::-1]
+    return pos[order], pro_ge
+
+
+def pro_curve(masks: Any, maps: Any, max_fpr: float = 0.3, points: int = 200,
+              threshold: Optional[float] = None) -> Dict[str, Any]:
+    """The per-region-overlap curve for plots: `points` thresholds evenly spaced in FPR from 0 to
+    ``max_fpr`` (decision: score > t), and, given `threshold`, its own (FPR, PRO) point. The area is
+    :func:`aupro`'s job; this is what a person looks at. Empty when there is no region."""
+    g, m = _pixels(masks, maps)
+    weights, n_regions = _region_weights(g)
+    neg = np.sort(m[~g])
+    if n_regions == 0 or neg.size == 0:
+        return {"fpr": [], "pro": [], "point": None}
+    pos, pro_ge = _pro_table(m[g], weights, n_regions)
+
+    def at(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fpr = (neg.size - np.searchsorted(neg, t, side="right")) / neg.size
+        return fpr, pro_ge[np.searchsorted(pos, t, side="right")]
+
+    ranks = np.clip(np.round(neg.size * (1 - np.linspace(0, max_fpr, points))).astype(np.int64) - 1, 0, neg.size - 1)
+    fpr, pro = at(neg[ranks])
+    point = None
+    if threshold is not None:
+        f, p = at(np.array([threshold], dtype=neg.dtype))
+        point = (float(f[0]), float(p[0]))
+    return {"fpr": fpr.tolist(), "pro": pro.tolist(), "point": point}
+
+
+def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> Dict[str, list]:
+    """Image-level ROC points (FPR, TPR) over every distinct score, highest first, from (0, 0)."""
+    y, s = _scores_1d(labels, scores)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each distinct score
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    return {"fpr": np.r_[0.0, fps / n_neg].tolist(), "tpr": np.r_[0.0, tps / n_pos].tolist()}
+
+
 def aupro(masks: Any, maps: Any, max_fpr: float = 0.3, num_thresholds: Optional[int] = None) -> float:
     """Normalised area under the per-region-overlap curve up to ``max_fpr`` (MVTec AD definition).
 
@@ -189,13 +235,8 @@ def aupro(masks: Any, maps: Any, max_fpr: float = 0.3, num_thresholds: Optional[
 
     pos = m[g]
     keep = pos >= s_k
-    pos, weights = pos[keep], weights[keep] / n_regions
-    order = np.argsort(pos)
-    pos = pos[order]
-    # pro_ge[i] = sum of the weights of pos[i:], so PRO(t) = pro_ge[searchsorted(pos, t, "left")].
-    pro_ge = np.zeros(pos.size + 1, dtype=np.float64)
-    pro_ge[:-1] = np.cumsum(weights[order][::-1])[::-1]
-    del order, weights, keep
+    pos, pro_ge = _pro_table(pos[keep], weights[keep], n_regions)
+    del weights, keep
 
     if num_thresholds is None:
         first = np.empty(neg.size, dtype=bool)  # distinct values of the sorted normal scores

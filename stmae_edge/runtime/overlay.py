@@ -12,13 +12,18 @@ from .postprocess import Detection
 FAIL_COLOR, PASS_COLOR = (40, 40, 230), (60, 180, 60)  # BGR
 
 
+def display_image(image: np.ndarray, bit_depth: int = 16) -> np.ndarray:
+    """A decoded image (any dtype and channel count the runtime accepts) as BGR uint8, for people."""
+    return np.ascontiguousarray((to_rgb_float(image, bit_depth)[:, :, ::-1] * 255).clip(0, 255).astype(np.uint8))
+
+
 def render_overlay(image: np.ndarray, detection: Detection, stats: ScoreStats, alpha: float = 0.45,
                    bit_depth: int = 16) -> np.ndarray:
     """A decoded image (any dtype and channel count the runtime accepts) -> BGR uint8 overlay.
 
     The colour scale runs from the good parts' mean score (blue) to as far above the pixel threshold
     as the threshold is above the mean (red), so the threshold sits at mid-scale (green-yellow)."""
-    base = (to_rgb_float(image, bit_depth)[:, :, ::-1] * 255).clip(0, 255).astype(np.uint8)
+    base = display_image(image, bit_depth)
     low = stats.mean
     high = max(2 * detection.pixel_threshold - stats.mean, low + 1e-6)
     level = np.clip((detection.anomaly_map - low) / (high - low), 0, 1)

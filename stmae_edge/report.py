@@ -1,0 +1,292 @@
+"""`stmae-edge report MODEL DATA --out report/`: one HTML page that shows what the model does on a
+labelled set, for the quality engineer who decides whether to trust it.
+
+    validation.score_dataset          every test image through the runtime (any model file)
+      -> the operating point at the model's own thresholds (operating_point), with 95% intervals
+      -> plots, drawn by matplotlib (the `report` extra): score histograms with the threshold, the
+         ROC curve and the per-region-overlap curve, each with the operating point  -> OUT/plots/
+      -> the worst cases first: missed defects (lowest scores) and false rejects (highest), each as
+         image, anomaly-map overlay with the ground-truth outline, and its score        -> OUT/cases/
+      -> OUT/index.html: relative links only, no server and no network; a few lines of script on the
+         page say whether every image loaded
+
+Per defect type: count, image AUROC against the good images, escapes at the threshold.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import data
+from .errors import ConfigError
+from .metrics import aupro, image_auroc, pixel_auroc, pro_curve, roc_curve
+from .operating_point import evaluate_threshold
+from .outputs import check_output_folder, write_bytes_atomically
+from .preprocessing import load_image
+from .progress import progress_bar
+from .validation import ScoredDataset, score_dataset
+
+CASE_SIDE = 320  # pixels: the longer side of each case picture on the page
+OUTLINE = (255, 255, 255)  # ground truth, drawn over the overlay (BGR)
+
+
+def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backend: str = "auto",
+                 worst: int = 8, batch_size: int = 16) -> dict:
+    """Score DATA_DIR/test with MODEL and write OUT/index.html with its plots and cases.
+
+    Args:
+        worst: missed defects and false rejects shown, each (the worst first).
+
+    Raises:
+        ConfigError: matplotlib is not installed (pip install 'stmae-edge[report]'), or `worst` < 0;
+            and the typed errors of the model, data and output readers.
+    """
+    if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
+        raise ConfigError(f"--worst {worst!r} must be a whole number >= 0")
+    plt = _pyplot()
+    out = check_output_folder(out, [])
+    for folder in ("plots", "cases"):
+        (out / folder).mkdir(exist_ok=True)
+    scored = score_dataset(model, data_dir, backend, batch_size, description="scoring for the report")
+    detector = scored.detector
+    thresholds, stats = detector.thresholds, detector.score_stats
+    labels = scored.labels
+    point = evaluate_threshold(thresholds.image, scored.good_scores, scored.defect_scores, thresholds.rule)
+    size = detector.preprocessing.input_size
+    masks = np.stack([data.load_mask(s, size) for s in scored.samples]) if data.has_masks(scored.samples) else None
+
+    summary = {"model": str(model), "data": str(data_dir), "images": len(labels), "operating_point": point.to_dict(),
+               "image_auroc": _none(image_auroc(labels, scored.scores))}
+    if masks is not None:
+        summary["pixel_auroc"] = _none(pixel_auroc(masks, scored.maps))
+        summary["aupro"] = _none(aupro(masks, scored.maps))
+    plots = {"histogram": _histogram(plt, scored, thresholds.image, out / "plots" / "scores.png"),
+             "roc": _roc(plt, labels, scored.scores, point, out / "plots" / "roc.png")}
+    if masks is not None:
+        plots["pro"] = _pro(plt, masks, scored.maps, thresholds.pixel, out / "plots" / "pro.png")
+    per_type = _per_type(scored, thresholds.image)
+    cases = _cases(scored, masks is not None, worst, out / "cases")
+    page = _page(summary, point, detector, per_type, plots, cases)
+    write_bytes_atomically(out / "index.html", page.encode())
+    write_bytes_atomically(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    summary["index"] = str(out / "index.html")
+    return summary
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no screen on a line PC or in CI
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("the report draws its plots with matplotlib: pip install 'stmae-edge[report]'") from None
+    return plt
+
+
+def _none(value: float):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+# --- plots ----------------------------------------------------------------------------------------
+def _save(plt, figure, path: Path) -> str:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return f"plots/{path.name}"
+
+
+def _histogram(plt, scored: ScoredDataset, threshold: float, path: Path) -> str:
+    figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    bins = np.histogram_bin_edges(scored.scores, bins=40)
+    axis.hist(scored.good_scores, bins=bins, alpha=0.6, label=f"good ({scored.good_scores.size})", color="tab:blue")
+    axis.hist(scored.defect_scores, bins=bins, alpha=0.6, label=f"defective ({scored.defect_scores.size})",
+              color="tab:red")
+    axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    axis.set_xlabel("image score (raw units)")
+    axis.set_ylabel("images")
+    axis.legend()
+    return _save(plt, figure, path)
+
+
+def _roc(plt, labels: np.ndarray, scores: np.ndarray, point, path: Path) -> str:
+    figure, axis = plt.subplots(figsize=(4.2, 4.0))
+    if labels.min() != labels.max():
+        curve = roc_curve(labels, scores)
+        axis.plot(curve["fpr"], curve["tpr"], color="tab:purple")
+        axis.plot([point.false_reject_rate], [point.recall], "ko", label="threshold")
+        axis.legend(loc="lower right")
+    axis.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+    axis.set_xlabel("false-reject rate (good images)")
+    axis.set_ylabel("recall (defective images)")
+    axis.set_title("ROC, images")
+    return _save(plt, figure, path)
+
+
+def _pro(plt, masks: np.ndarray, maps: np.ndarray, pixel_threshold: float, path: Path) -> str:
+    curve = pro_curve(masks, maps, max_fpr=0.3, threshold=pixel_threshold)
+    figure, axis = plt.subplots(figsize=(4.2, 4.0))
+    axis.plot(curve["fpr"], curve["pro"], color="tab:green")
+    if curve["point"] and curve["point"][0] <= 0.3:
+        axis.plot([curve["point"][0]], [curve["point"][1]], "ko", label="pixel threshold")
+        axis.legend(loc="lower right")
+    axis.set_xlim(0, 0.3)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("false-positive rate (normal pixels)")
+    axis.set_ylabel("per-region overlap")
+    axis.set_title("PRO, pixels (up to 30% FPR)")
+    return _save(plt, figure, path)
+
+
+# --- tables and cases -----------------------------------------------------------------------------
+def _per_type(scored: ScoredDataset, threshold: float) -> list[dict]:
+    types = np.array([s.defect_type for s in scored.samples])
+    good = scored.good_scores
+    rows = []
+    for name in sorted(set(types) - {"good"}):
+        scores = scored.scores[types == name]
+        auroc = image_auroc(np.r_[np.zeros(good.size), np.ones(scores.size)], np.r_[good, scores]) if good.size else math.nan
+        escapes = int((scores <= threshold).sum())
+        rows.append({"type": name, "images": int(scores.size), "image_auroc": _none(auroc), "escapes": escapes})
+    return rows
+
+
+def _cases(scored: ScoredDataset, with_masks: bool, worst: int, folder: Path) -> dict[str, list[dict]]:
+    """Missed defects, lowest score first, and false rejects, highest first: up to `worst` of each."""
+    from .runtime.overlay import display_image, render_overlay
+    from .runtime.postprocess import postprocess
+
+    detector = scored.detector
+    threshold = detector.thresholds.image
+    order = np.argsort(scored.scores, kind="stable")
+    missed = [int(i) for i in order if scored.samples[i].label == 1 and scored.scores[i] <= threshold][:worst]
+    rejected = [int(i) for i in order[::-1] if scored.samples[i].label == 0 and scored.scores[i] > threshold][:worst]
+    chosen = {"missed": missed, "false_rejects": rejected}
+    out: dict[str, list[dict]] = {"missed": [], "false_rejects": []}
+    with progress_bar("drawing the worst cases", len(missed) + len(rejected)) as advance:
+        for kind, indices in chosen.items():
+            for rank, i in enumerate(indices):
+                sample = scored.samples[i]
+                image = load_image(sample.path, detector.preprocessing.max_pixels)
+                detection = postprocess(scored.maps[i:i + 1], scored.scores[i:i + 1].astype(np.float32),
+                                        [image.shape[:2]], [str(sample.path)], detector.thresholds,
+                                        detector.score_stats, detector.min_region_area)[0]
+                overlay = render_overlay(image, detection, detector.score_stats,
+                                         bit_depth=detector.preprocessing.bit_depth)
+                if with_masks and sample.mask_path is not None:
+                    mask = data.load_mask(sample, image.shape[:2]).astype(np.uint8)
+                    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                    cv2.drawContours(overlay, contours, -1, OUTLINE, max(1, round(max(image.shape[:2]) / 250)))
+                base = display_image(image, detector.preprocessing.bit_depth)
+                stem = f"{kind}-{rank:02d}"
+                for suffix, picture in (("image", base), ("overlay", overlay)):
+                    _, png = cv2.imencode(".png", _fit(picture))
+                    write_bytes_atomically(folder / f"{stem}-{suffix}.png", png.tobytes())
+                out[kind].append({"source": str(sample.path), "type": sample.defect_type, "score": float(scored.scores[i]),
+                                  "normalized": float(detection.normalized_score), "regions": len(detection.regions),
+                                  "image": f"cases/{stem}-image.png", "overlay": f"cases/{stem}-overlay.png"})
+                advance(1)
+    return out
+
+
+def _fit(picture: np.ndarray) -> np.ndarray:
+    scale = CASE_SIDE / max(picture.shape[:2])
+    if scale >= 1:
+        return picture
+    size = (max(1, round(picture.shape[1] * scale)), max(1, round(picture.shape[0] * scale)))
+    return cv2.resize(picture, size, interpolation=cv2.INTER_AREA)
+
+
+# --- the page -------------------------------------------------------------------------------------
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 8px 0; } td, th { padding: 3px 10px; border-bottom: 1px solid #eee; text-align: left; }
+th { background: #f4f4f4; } .num { text-align: right; font-variant-numeric: tabular-nums; }
+.plots img { margin: 4px; border: 1px solid #ddd; } .cases { display: flex; flex-wrap: wrap; gap: 14px; }
+.case { border: 1px solid #ddd; padding: 6px; font-size: 0.85em; } .case img { display: block; margin-bottom: 4px; }
+.bad { color: #b00; } #image-check { font-size: 0.85em; color: #555; } code { font-size: 0.9em; }
+"""
+
+CHECK_IMAGES = """
+window.addEventListener('load', function () {
+  var images = Array.prototype.slice.call(document.images);
+  var broken = images.filter(function (im) { return !(im.complete && im.naturalWidth > 0); });
+  var note = document.getElementById('image-check');
+  note.textContent = broken.length ? broken.length + ' of ' + images.length + ' images did not load: ' +
+    broken.map(function (im) { return im.getAttribute('src'); }).join(', ') : 'all ' + images.length + ' images loaded';
+  note.className = broken.length ? 'bad' : '';
+  document.body.setAttribute('data-images', images.length + ' ' + broken.length);
+});
+"""
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cases: dict) -> str:
+    e = html.escape
+    meta = detector.metadata
+    ci = point.intervals()
+    config = meta.config
+    config_items = ", ".join(f"{k} {v}" for k, v in config.items()
+                             if k in ("backbone", "layers", "input_size", "grid", "patch", "mask_unit",
+                                      "gaussian_weight", "gaussian_input", "transition_weight", "gaussian_dim"))
+    training = meta.training
+    rows = [("false-reject rate", point.false_reject_rate, "false_reject_rate", f"{point.false_rejects} of {point.goods} good"),
+            ("escape rate", point.escape_rate, "escape_rate", f"{point.escapes} of {point.defects} defective"),
+            ("precision", point.precision, "precision", ""), ("recall", point.recall, "recall", "")]
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>stmae-edge report: {e(Path(summary['model']).name)}</title>",
+             f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>",
+             f"<h1>What {e(Path(summary['model']).name)} does on {e(summary['data'])}</h1>",
+             f"<p>{summary['images']} images. Image AUROC {_pct(summary['image_auroc'])}"
+             + (f", pixel AUROC {_pct(summary.get('pixel_auroc'))}, AUPRO@30% {_pct(summary.get('aupro'))}" if "aupro" in summary else "")
+             + f". Scored by {e(detector.info['backend'])} on {e(detector.info['device'])}. <span id='image-check'>checking images...</span></p>",
+             "<h2>At the model's threshold</h2>",
+             f"<p>Image threshold <b>{point.threshold:.6g}</b> ({e(point.rule)}); pixel threshold {detector.thresholds.pixel:.6g}. "
+             "An image fails when its score is above the threshold. Intervals are 95% Wilson intervals: they say how few images a figure rests on.</p>",
+             "<table><tr><th>measure</th><th class='num'>%</th><th class='num'>95% interval</th><th>counts</th></tr>"]
+    for name, value, key, counts in rows:
+        low, high = ci[key]
+        parts.append(f"<tr><td>{name}</td><td class='num'>{_pct(value)}</td><td class='num'>{100 * low:.1f} to {100 * high:.1f}</td>"
+                     f"<td>{counts}</td></tr>")
+    parts.append("</table><p>Move it with <code>stmae-edge threshold MODEL DATA --max-false-reject 0.01 --write</code> "
+                 "(or <code>--min-recall 0.95</code>).</p>")
+    parts.append("<h2>Scores and curves</h2><div class='plots'>")
+    parts += [f"<img src='{e(src)}' alt='{e(name)}'>" for name, src in plots.items()]
+    parts.append("</div><h2>Per defect type</h2><table><tr><th>type</th><th class='num'>images</th>"
+                 "<th class='num'>image AUROC</th><th class='num'>escapes at the threshold</th></tr>")
+    for row in per_type:
+        parts.append(f"<tr><td>{e(row['type'])}</td><td class='num'>{row['images']}</td><td class='num'>{_pct(row['image_auroc'])}</td>"
+                     f"<td class='num'>{row['escapes']} ({_pct(row['escapes'] / row['images'] if row['images'] else None)}%)</td></tr>")
+    parts.append("</table>")
+    for kind, title, none in (("missed", "Missed defects, lowest score first", "No defective image scored at or below the threshold."),
+                              ("false_rejects", "False rejects, highest score first", "No good image scored above the threshold.")):
+        parts.append(f"<h2>{title}</h2>")
+        if not cases[kind]:
+            parts.append(f"<p>{none}</p>")
+            continue
+        parts.append("<p>Left: the image. Right: the anomaly map over it, defect regions boxed, the ground truth outlined in white.</p><div class='cases'>")
+        for case in cases[kind]:
+            parts.append(f"<div class='case'><div style='display:flex;gap:4px'><img src='{e(case['image'])}' alt='image'>"
+                         f"<img src='{e(case['overlay'])}' alt='overlay'></div>{e(Path(case['source']).name)} ({e(case['type'])}): "
+                         f"score {case['score']:.4g}, {case['normalized']:+.1f} sd, {case['regions']} region(s)</div>")
+        parts.append("</div>")
+    parts.append("<h2>The model</h2><table>")
+    for name, value in (("file", summary["model"]), ("family", meta.model_family), ("architecture", config_items),
+                        ("preprocessing", json.dumps(meta.preprocessing.to_dict())),
+                        ("thresholds", f"image {meta.thresholds.image:.6g}, pixel {meta.thresholds.pixel:.6g}: {meta.thresholds.rule}"),
+                        ("good-score statistics", f"mean {meta.score_stats.mean:.4g}, std {meta.score_stats.std:.4g} over {meta.score_stats.count} held-out images"),
+                        ("model hash", meta.model_hash), ("made by", f"stmae-edge {meta.package_version}"),
+                        ("training", ", ".join(f"{k} {v}" for k, v in training.items()
+                                               if k in ("data", "epochs", "train_images", "holdout_images", "seconds")))):
+        parts.append(f"<tr><th>{e(name)}</th><td>{e(str(value))}</td></tr>")
+    parts.append("</table></body></html>\n")
+    return "\n".join(parts)

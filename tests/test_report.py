@@ -1,0 +1,73 @@
+"""`stmae-edge report`: one self-contained page whose figures match the data, whose every image is on
+disk, and which a real headless browser (Debian's chromium, where installed) loads without errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stmae_edge.report import build_report
+from stmae_edge.runtime import Detector
+from test_cli import run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def report(tiny_export, synthetic_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return build_report(tiny_export[1], synthetic_dataset, out, backend="ort-cpu", worst=3), out
+
+
+def test_the_page_matches_the_data_and_every_image_is_beside_it(report, tiny_export, synthetic_dataset):
+    summary, out = report
+    page = (out / "index.html").read_text()
+    sources = re.findall(r"<img src='([^']+)'", page)
+    assert sources and all((out / s).is_file() and (out / s).stat().st_size > 0 for s in sources)
+    assert not re.search(r"(https?:)?//", page.replace("<!doctype", "")), "no network: every link is relative"
+    assert {"plots/scores.png", "plots/roc.png", "plots/pro.png"} <= set(sources)
+
+    detector = Detector(tiny_export[1], "ort-cpu")
+    paths = sorted((synthetic_dataset / "test").rglob("*.png"))
+    _, scores = detector.raw_maps(paths)
+    defective = np.array([p.parent.name != "good" for p in paths])
+    threshold = detector.thresholds.image
+    point = summary["operating_point"]
+    assert point["false_rejects"] == int((scores[~defective] > threshold).sum())
+    assert point["escapes"] == int((scores[defective] <= threshold).sum())
+    shown = len(re.findall(r"cases/missed-\d\d-overlay.png", page))
+    assert shown == min(3, point["escapes"])
+    assert f"{point['escapes']} of {point['defects']} defective" in page and "95% interval" in page
+    assert "<td>scratch</td>" in page and detector.metadata.model_hash in page
+    assert json.loads((out / "summary.json").read_text())["images"] == len(paths)
+
+
+def test_report_command_says_where_it_wrote_and_what_next(tiny_export, synthetic_dataset, tmp_path):
+    r = run("report", str(tiny_export[1]), str(synthetic_dataset), "--out", str(tmp_path / "r"), "--worst", "1")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'r' / 'index.html'}" in r.stdout and "next: stmae-edge threshold" in r.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for a real browser: apt-get install chromium")
+def test_a_real_browser_loads_the_page_with_every_image_and_no_console_error(report, tmp_path):
+    _, out = report
+    url = (out / "index.html").as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([CHROMIUM, *flags, "--enable-logging=stderr", "--v=0", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120)
+    images, broken = re.search(r"data-images=\"(\d+) (\d+)\"", dom.stdout).groups()
+    assert int(images) >= 5 and broken == "0"
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert console == [], console
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1200,2400", url],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000
+    assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
