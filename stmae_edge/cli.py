@@ -238,10 +238,13 @@ def threshold(
 ) -> None:
     """Choose the image threshold that meets a target on validation data; print what it costs there."""
     from .model_files import write_thresholds
-    from .operating_point import check_target, choose, evaluate_threshold
+    from .data import eval_samples
+    from .operating_point import check_support, check_target, choose, evaluate_threshold
     from .validation import score_dataset
 
     check_target(max_false_reject, min_recall, sigma)
+    labels = [s.label for s in eval_samples(data_dir, both_classes=False)]
+    check_support(max_false_reject, min_recall, labels.count(0), labels.count(1), str(data_dir))
     scored = score_dataset(model, data_dir, backend, batch_size, description="scoring the validation set")
     point = choose(scored.good_scores, scored.defect_scores, max_false_reject=max_false_reject,
                    min_recall=min_recall, sigma=sigma, stats=scored.detector.score_stats, data=str(data_dir))
@@ -313,6 +316,8 @@ def predict(
                f"(image threshold {summary['thresholds']['image']:.4g}); {summary['unreadable']} unreadable; "
                f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}"
                + (f" and {scored} overlays ({out}/<name>.png)" if overlays and scored else ""))
+    typer.echo("next: look at the overlays; on a labelled set, `stmae-edge report MODEL DATA` shows the worst cases "
+               "and `stmae-edge threshold MODEL DATA --max-false-reject 0.01` moves the threshold")
     if summary["unreadable"]:
         raise typer.Exit(PARTIAL_EXIT_CODE)
 

@@ -124,6 +124,19 @@ def check_target(max_false_reject: float | None = None, min_recall: float | None
         raise ConfigError(f"--sigma {sigma!r} must be a finite number >= 0")
 
 
+def check_support(max_false_reject: float | None, min_recall: float | None, goods: int, defects: int,
+                  data: str = "the validation set") -> None:
+    """Whether the data can measure the target at all; checked before any image is scored.
+
+    Raises:
+        ConfigError: no good images for a false-reject target, no defective ones for a recall target.
+    """
+    if max_false_reject is not None and goods == 0:
+        raise ConfigError(f"{data} has no good images: a false-reject rate cannot be measured on it")
+    if min_recall is not None and defects == 0:
+        raise ConfigError(f"{data} has no defective images: recall cannot be measured on it")
+
+
 def choose(good: np.ndarray, defective: np.ndarray, *, max_false_reject: float | None = None,
            min_recall: float | None = None, sigma: float | None = None, stats: ScoreStats | None = None,
            data: str = "the validation set") -> OperatingPoint:
@@ -141,20 +154,17 @@ def choose(good: np.ndarray, defective: np.ndarray, *, max_false_reject: float |
             (no good images for a false-reject target, no defective ones for a recall target).
     """
     check_target(max_false_reject, min_recall, sigma)
+    check_support(max_false_reject, min_recall, len(good), len(defective), data)
     good = np.sort(np.asarray(good, np.float64))[::-1]  # descending
     defective = np.sort(np.asarray(defective, np.float64))[::-1]
     if not (np.isfinite(good).all() and np.isfinite(defective).all()):
         raise ConfigError("scores must be finite; check the model with `stmae-edge verify`")
     counts = f"{good.size} good, {defective.size} defective images of {data}"
     if max_false_reject is not None:
-        if good.size == 0:
-            raise ConfigError(f"{data} has no good images: a false-reject rate cannot be measured on it")
         allowed = int(math.floor(max_false_reject * good.size + 1e-9))  # good images allowed above the threshold
         threshold = good[allowed]  # the (allowed + 1)-th highest good score: only the `allowed` above it fail
         rule = f"false rejects <= {100 * max_false_reject:g}% on {counts}"
     elif min_recall is not None:
-        if defective.size == 0:
-            raise ConfigError(f"{data} has no defective images: recall cannot be measured on it")
         needed = int(math.ceil(min_recall * defective.size - 1e-9))  # defective images that must be above it
         lowest_caught = defective[needed - 1]
         below = np.concatenate([good, defective])

@@ -33,7 +33,7 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     result = json.loads(report.read_text())
     assert {"image_auroc", "pixel_auroc", "aupro", "f1", "per_defect_type"} <= set(result)
     assert set(result["per_defect_type"]) == {"scratch"}
-    assert "image AUROC" in r.stdout
+    assert "image AUROC" in r.stdout and f"wrote {report}" in r.stdout and "next: stmae-edge report" in r.stdout
     r = run("info", str(model))
     assert r.returncode == 0 and json.loads(r.stdout)["thresholds"]["image"] > 0
     assert json.loads(r.stdout)["preprocessing"]["bit_depth"] == 12

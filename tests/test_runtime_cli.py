@@ -40,7 +40,7 @@ def test_predict_writes_json_and_overlays_and_reports_unreadable_files(tiny_expo
         assert result["decision"] in ("pass", "fail")
         assert set(result) >= {"score", "normalized_score", "regions", "image_threshold", "pixel_threshold"}
     assert summary["results"][-1]["image_size"] == [70, 130] and summary["results"][-1]["overlay"] == "000_2.png"
-    assert f"7 scored: {summary['failed']} fail" in r.stdout
+    assert f"7 scored: {summary['failed']} fail" in r.stdout and "7 overlays" in r.stdout and "next: " in r.stdout
 
 
 def test_predict_never_writes_into_the_folder_of_its_inputs(tiny_export, synthetic_dataset, tmp_path):

@@ -107,6 +107,17 @@ def test_threshold_command_writes_only_the_thresholds(tiny_export, synthetic_dat
     assert read_metadata(onnx_file).thresholds.image == pytest.approx(expected.threshold, rel=1e-5)
 
 
+def test_threshold_command_refuses_a_target_its_data_cannot_support(tiny_export, synthetic_dataset, tmp_path):
+    import shutil
+
+    only_good = tmp_path / "only_good"
+    shutil.copytree(synthetic_dataset / "test" / "good", only_good / "test" / "good")
+    _assert_one_line_error(run("threshold", str(tiny_export[1]), str(only_good), "--min-recall", "0.9"),
+                           "no defective images: recall cannot be measured")
+    r = run("threshold", str(tiny_export[1]), str(only_good), "--max-false-reject", "0.1")
+    assert r.returncode == 0 and "0 of 0 defective" in r.stdout, r.stderr
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--max-false-reject", "1.5"], "fraction in [0, 1)"),
     ([], "exactly one target"),
