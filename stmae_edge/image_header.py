@@ -23,6 +23,7 @@ _JPEG_SOS = 0xDA
 _TIFF_WIDTH, _TIFF_LENGTH = 256, 257
 _TIFF_SHORT, _TIFF_LONG, _TIFF_LONG8 = 3, 4, 16
 _TIFF_MAX_ENTRIES = 4096  # a real first directory has a few dozen
+_PNG_MAX_CHUNKS = 100_000  # 256 MB in 8 KB IDAT chunks is 32,000
 
 
 def declared_size(data: bytes | memoryview) -> tuple[str, int, int]:
@@ -56,8 +57,11 @@ def _png_size(data) -> tuple[int, int]:
     100-byte PNG whose chunk claims 4 GB (found by the fuzzer)."""
     if len(data) < 24 or bytes(data[12:16]) != b"IHDR":
         raise InvalidImageError("PNG without an IHDR header; the file is corrupt or truncated")
-    at = 8
+    at, chunks = 8, 0
     while at + 8 <= len(data):
+        chunks += 1
+        if chunks > _PNG_MAX_CHUNKS:  # real files have a few thousand at most; walking millions takes seconds
+            raise InvalidImageError(f"PNG with more than {_PNG_MAX_CHUNKS:,} chunks; the file is corrupt or hostile")
         length, kind = int.from_bytes(data[at:at + 4], "big"), bytes(data[at + 4:at + 8])
         if at + 12 + length > len(data):
             raise InvalidImageError(f"PNG chunk {kind!r} claims {length:,} bytes, past the end of the file; "
@@ -132,6 +136,8 @@ def _tiff_size(data) -> tuple[int, int]:
         width = {_TIFF_SHORT: 2, _TIFF_LONG: 4, _TIFF_LONG8: 8}.get(kind)
         if width is None or (width == 8 and not big):
             raise InvalidImageError(f"TIFF size tag {tag} has type {kind}; the file is corrupt")
+        if tag in sizes:  # libtiff would take one and OpenCV allocate for it: which one is not ours to guess
+            raise InvalidImageError(f"TIFF directory gives tag {tag} twice; the file is corrupt")
         sizes[tag] = number(value_at, width)
     if _TIFF_WIDTH not in sizes or _TIFF_LENGTH not in sizes:
         raise InvalidImageError("TIFF without an image width and length; the file is corrupt")

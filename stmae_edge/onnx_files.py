@@ -37,30 +37,38 @@ def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
 def check_external_data(proto, path: Path, error: type[StmaeError] = CheckpointError) -> None:
     """Every external-data location is a relative path that stays inside the model's folder."""
     folder = path.resolve().parent
-    for tensor in _tensors(proto.graph):
+    for tensor in _tensors(proto):
         if tensor.data_location != 1:  # TensorProto.EXTERNAL
             continue
         location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
-        target = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or folder not in target.parents:
+        try:
+            target = (folder / location).resolve()
+        except (ValueError, OSError):  # a NUL byte, a name too long, a loop of links
+            target = None
+        if not location or Path(location).is_absolute() or target is None or folder not in target.parents:
             raise error(f"{path}: tensor {tensor.name[:80]!r} takes its data from {location[:200]!r}, outside the "
                         "model's folder; refusing the file (stmae-edge exports are self-contained)")
 
 
-def _tensors(graph) -> Iterator:
-    """All tensors of a graph: initializers, sparse ones, and those inside node attributes and subgraphs."""
-    graphs = [graph]
-    while graphs:
-        g = graphs.pop()
-        yield from g.initializer
-        for sparse in g.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in g.node:
+def _tensors(model) -> Iterator:
+    """All tensors of a model: initializers, sparse ones, and those inside node attributes, subgraphs
+    and model-local functions."""
+    node_lists, graphs = [function.node for function in model.functions], [model.graph]
+    while graphs or node_lists:
+        if graphs:
+            g = graphs.pop()
+            yield from g.initializer
+            for sparse in g.sparse_initializer:
+                yield from (sparse.values, sparse.indices)
+            node_lists.append(g.node)
+            continue
+        for node in node_lists.pop():
             for attribute in node.attribute:
                 if attribute.HasField("t"):
                     yield attribute.t
                 yield from attribute.tensors
+                for sparse in ([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []) + list(attribute.sparse_tensors):
+                    yield from (sparse.values, sparse.indices)
                 if attribute.HasField("g"):
                     graphs.append(attribute.g)
                 graphs.extend(attribute.graphs)

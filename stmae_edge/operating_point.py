@@ -8,10 +8,12 @@ and what it costs there, with confidence intervals that say how few images the f
     -> OperatingPoint: threshold, false-reject rate, escape rate, precision, recall, each with a 95%
        Wilson interval, and the counts behind them
 
-An image fails when its score is above the threshold (scoring.Thresholds). Thresholds are placed on
-observed scores, so "exact" means: no other threshold meets the target with more margin on the side
-the target leaves free. The pixel threshold is set equal to the image threshold, which keeps the rule
-that an image fails exactly when it has a defect region.
+An image fails when its score is above the threshold (scoring.Thresholds). Every threshold between
+two neighbouring observed scores classifies the validation set alike; the one chosen is the midpoint
+of the last such gap that meets the target, so that an image on the boundary does not flip for a
+rounding difference between backends. It is a float32 value, as the maps it is compared with, so
+the image score and the map agree on it. The pixel threshold is set equal to the image threshold,
+which keeps the rule that an image fails exactly when it has a defect region.
 
 numpy only: the runtime and the CLI use it without torch.
 """
@@ -100,6 +102,25 @@ class OperatingPoint:
         ])
 
 
+def between(low: float | None, high: float | None) -> float:
+    """A float32 threshold t with low <= t < high (either side may be open: None), in the middle of the
+    gap where float32 allows: every score in [low, high) is classified the same by it."""
+    if low is None and high is None:
+        raise ValueError("a threshold needs at least one bound")
+    if high is None:
+        return float(np.float32(low))
+    high32 = np.float32(high)
+    if low is None:  # nothing observed below: a margin of 1% of the score's size, at least one float32 step
+        t = np.float32(high - max(abs(high), 1.0) * 0.01)
+    else:
+        t = np.float32((low + high) / 2)
+        if t < np.float32(low):
+            t = np.float32(low)
+    if t >= high32:
+        t = np.nextafter(high32, np.float32(-np.inf))
+    return float(t)
+
+
 def evaluate_threshold(threshold: float, good: np.ndarray, defective: np.ndarray, rule: str) -> OperatingPoint:
     good, defective = np.asarray(good, np.float64), np.asarray(defective, np.float64)
     return OperatingPoint(float(threshold), rule, int(good.size), int(defective.size),
@@ -157,20 +178,22 @@ def choose(good: np.ndarray, defective: np.ndarray, *, max_false_reject: float |
     check_support(max_false_reject, min_recall, len(good), len(defective), data)
     good = np.sort(np.asarray(good, np.float64))[::-1]  # descending
     defective = np.sort(np.asarray(defective, np.float64))[::-1]
+    observed = np.concatenate([good, defective])
     if not (np.isfinite(good).all() and np.isfinite(defective).all()):
         raise ConfigError("scores must be finite; check the model with `stmae-edge verify`")
     counts = f"{good.size} good, {defective.size} defective images of {data}"
     if max_false_reject is not None:
-        allowed = int(math.floor(max_false_reject * good.size + 1e-9))  # good images allowed above the threshold
-        threshold = good[allowed]  # the (allowed + 1)-th highest good score: only the `allowed` above it fail
+        allowed = min(int(math.floor(max_false_reject * good.size + 1e-9)), good.size - 1)  # goods allowed above it
+        low = good[allowed]  # the (allowed + 1)-th highest good score: a threshold at or above it rejects `allowed`
+        higher = observed[observed > low]
+        threshold = between(low, higher.min() if higher.size else None)
         rule = f"false rejects <= {100 * max_false_reject:g}% on {counts}"
     elif min_recall is not None:
-        needed = int(math.ceil(min_recall * defective.size - 1e-9))  # defective images that must be above it
+        needed = max(1, int(math.ceil(min_recall * defective.size - 1e-9)))  # defective images above it
         lowest_caught = defective[needed - 1]
-        below = np.concatenate([good, defective])
-        below = below[below < lowest_caught]
-        # The highest observed score under the lowest defect that must be caught; with none, just under it.
-        threshold = below.max() if below.size else np.nextafter(lowest_caught, -np.inf)
+        lower = observed[observed < lowest_caught]
+        # Below the lowest defect that must be caught, above the highest observed score under it.
+        threshold = between(lower.max() if lower.size else None, lowest_caught)
         rule = f"recall >= {100 * min_recall:g}% on {counts}"
     else:
         if stats is None:

@@ -46,24 +46,45 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
 
 @contextlib.contextmanager
 def written_atomically(path: Path | str) -> Iterator[Path]:
-    """A temporary name beside `path` to write to; renamed over `path` when the block succeeds, removed
-    when it fails or is interrupted. A reader, or a later command, never finds a half-written file under
-    the real name, and a file that was there stays whole until the new one replaces it.
+    """A temporary name beside `path` to write to; flushed to disk and renamed over `path` when the
+    block succeeds, removed when it fails or is interrupted. A reader, or a later command, never finds
+    a half-written file under the real name, also after a power cut, and a file that was there stays
+    whole until the new one replaces it. A symbolic link is kept: the file it points to is replaced,
+    with its permissions.
 
     Raises:
-        OutputError: the rename fails (an OSError inside the block propagates as it is).
+        OutputError: writing or renaming failed (an OSError inside the block, or the rename, or
+            torch.save's RuntimeError on a full disk); the old file, if any, is untouched.
     """
     path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    target = path.resolve() if path.is_symlink() else path
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         yield partial
-        os.replace(partial, path)
-    except OSError as exc:
+        if target.exists():
+            os.chmod(partial, target.stat().st_mode & 0o7777)
+        _sync(partial)
+        os.replace(partial, target)
+        _sync(target.parent)
+    except (OSError, RuntimeError) as exc:
         partial.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; nothing was replaced") from exc
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise OutputError(f"cannot write {path}: {reason}; nothing was replaced") from exc
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def _sync(path: Path) -> None:
+    """Data (or a folder's entries) on the disk, not only in the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the rename is still atomic there
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomically(path: Path | str, data: bytes) -> None:

@@ -15,6 +15,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from .errors import ConfigError, InvalidImageError
+from .checks import is_whole
 from .image_header import declared_size
 
 # OpenCV reads this once, at import; it bounds what a hostile file can make the decoder allocate.
@@ -53,7 +54,7 @@ class Preprocessing:
             raise ConfigError("mean and std need three values each, std > 0")
         if len(self.input_size) != 2 or not all(16 <= v <= MAX_INPUT_SIDE for v in self.input_size):
             raise ConfigError(f"input size {self.input_size} must be two sides within 16..{MAX_INPUT_SIDE}")
-        if not isinstance(self.bit_depth, int) or not 9 <= self.bit_depth <= 16:
+        if not is_whole(self.bit_depth) or not 9 <= self.bit_depth <= 16:
             raise ConfigError(f"bit depth {self.bit_depth!r} must be an integer within 9..16 (the significant "
                               "bits of uint16 pixels: 10 or 12 for Mono10/Mono12 cameras, 16 for full range)")
         if not 0 < self.max_pixels <= MAX_IMAGE_PIXELS:
@@ -76,9 +77,7 @@ class Preprocessing:
         d["input_size"] = tuple(int(v) for v in d["input_size"])
         d["mean"] = tuple(float(v) for v in d["mean"])
         d["std"] = tuple(float(v) for v in d["std"])
-        if "bit_depth" in d:
-            d["bit_depth"] = int(d["bit_depth"])
-        return cls(**d)
+        return cls(**d)  # bit_depth as written: 12.9 is refused, not read as 12
 
     def __call__(self, images: Union[ImageInput, Sequence[ImageInput]]) -> np.ndarray:
         """One image or a list of them -> float32 batch (N, 3, H, W)."""

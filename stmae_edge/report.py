@@ -24,10 +24,10 @@ import cv2
 import numpy as np
 
 from . import data
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .metrics import aupro, image_auroc, pixel_auroc, pro_curve, roc_curve
 from .operating_point import evaluate_threshold
-from .outputs import check_output_folder, write_bytes_atomically
+from .outputs import check_output_folder, same_file, write_bytes_atomically
 from .preprocessing import load_image
 from .progress import progress_bar
 from .validation import ScoredDataset, score_dataset
@@ -50,6 +50,10 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
         raise ConfigError(f"--worst {worst!r} must be a whole number >= 0")
     plt = _pyplot()
+    out, data_dir = Path(out), Path(data_dir)
+    if same_file(out, data_dir) or data_dir.resolve() in out.resolve().parents:
+        raise OutputError(f"--out {out} is inside the data folder {data_dir}: its pictures would be read as test "
+                          "images next time; choose a folder outside it")
     out = check_output_folder(out, [])
     for folder in ("plots", "cases"):
         (out / folder).mkdir(exist_ok=True)
@@ -74,9 +78,20 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
     cases = _cases(scored, masks is not None, worst, out / "cases")
     page = _page(summary, point, detector, per_type, plots, cases)
     write_bytes_atomically(out / "index.html", page.encode())
-    write_bytes_atomically(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_bytes_atomically(out / "summary.json", (json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n").encode())
     summary["index"] = str(out / "index.html")
     return summary
+
+
+def _finite(value):
+    """JSON without NaN (rates on a set with no good or no defective image): None instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _pyplot():

@@ -148,3 +148,21 @@ def test_build_killed_at_any_moment_leaves_no_plan_that_reads_as_complete(tiny_e
         if sidecar.exists():
             json.loads(sidecar.read_text())  # never half a sidecar
     assert os.path.getsize(tmp_path / "full.plan") > 0
+
+
+def test_an_atomic_write_keeps_a_symlink_and_the_permissions_and_types_a_failure(tmp_path):
+    from stmae_edge.errors import OutputError
+    from stmae_edge.outputs import write_bytes_atomically, written_atomically
+
+    real = tmp_path / "v3.onnx"
+    real.write_bytes(b"old")
+    os.chmod(real, 0o640)
+    link = tmp_path / "current.onnx"
+    link.symlink_to(real.name)
+    write_bytes_atomically(link, b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new" and (real.stat().st_mode & 0o777) == 0o640
+    with pytest.raises(OutputError, match="nothing was replaced"):
+        with written_atomically(real) as partial:
+            partial.write_bytes(b"half")
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    assert real.read_bytes() == b"new" and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]

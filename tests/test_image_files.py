@@ -154,3 +154,23 @@ def test_commands_over_a_folder_holding_an_oversized_image(oversized, tiny_expor
     _assert_one_line_error(run("bench", "--engine", str(tiny_export[1]), "--images", str(folder), "--batch", "1",
                                "--iterations", "1"), "exceeds the limit")
     _assert_one_line_error(run("linescan", str(tiny_export[1]), str(oversized["tiff"])), "exceeds the limit")
+
+
+def test_headers_that_would_mislead_the_decoder_or_take_seconds_are_refused():
+    # A TIFF that names its width twice: libtiff takes one, a reader taking the other would pass the cap.
+    entries = [(256, 4, 1, 30000), (257, 4, 1, 30000), (256, 4, 1, 1), (257, 4, 1, 1)]
+    ifd = len(entries).to_bytes(2, "little") + b"".join(
+        t.to_bytes(2, "little") + k.to_bytes(2, "little") + n.to_bytes(4, "little") + v.to_bytes(4, "little")
+        for t, k, n, v in entries)
+    with pytest.raises(InvalidImageError, match="tag 256 twice"):
+        declared_size(b"II*\x00" + (8).to_bytes(4, "little") + ifd + bytes(4))
+    # A PNG of a million empty chunks: walking them would take seconds.
+    png = _encode(".png", np.zeros((4, 4), np.uint8))
+    chunk = (0).to_bytes(4, "big") + b"tEXt" + bytes(4)
+    bloated = png[:33] + chunk * 200_000 + png[33:]
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(InvalidImageError, match="more than 100,000 chunks"):
+        declared_size(bloated)
+    assert time.perf_counter() - started < 1.0

@@ -71,3 +71,11 @@ def test_a_real_browser_loads_the_page_with_every_image_and_no_console_error(rep
                    capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000
     assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_report_inside_its_data_folder_is_refused(tiny_export, synthetic_dataset):
+    from test_cli import _assert_one_line_error
+
+    _assert_one_line_error(run("report", str(tiny_export[1]), str(synthetic_dataset), "--out",
+                               str(synthetic_dataset / "test" / "report")), "inside the data folder")
+    assert not (synthetic_dataset / "test" / "report").exists()

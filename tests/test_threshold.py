@@ -23,23 +23,26 @@ DEFECTIVE = np.array([0.5, 0.95, 1.2, 1.5, 2.0])
 
 
 @pytest.mark.parametrize("target, threshold, false_rejects, escapes", [
-    ({"max_false_reject": 0.05}, 0.94, 5, 1),
-    ({"max_false_reject": 0.0}, 0.99, 0, 2),
-    ({"max_false_reject": 0.049}, 0.95, 4, 2),  # 4.9 of 100 goods: at most 4 may fail
-    ({"min_recall": 0.8}, 0.94, 5, 1),  # 4 of 5 defects: the threshold sits just under 0.95
-    ({"min_recall": 1.0}, 0.49, 50, 0),
-    ({"min_recall": 0.5}, 1.0 - 0.01, 0, 2),  # 3 of 5: under 1.2, the highest score below it is 0.99
+    ({"max_false_reject": 0.05}, 0.945, 5, 1),  # between the 6th-highest good score (0.94) and the next (0.95)
+    ({"max_false_reject": 0.0}, 1.095, 0, 2),  # above every good score, halfway to the defect at 1.2
+    ({"max_false_reject": 0.049}, 0.955, 4, 2),  # 4.9 of 100 goods: at most 4 may fail
+    ({"min_recall": 0.8}, 0.945, 5, 1),  # 4 of 5 defects: under 0.95, halfway down to 0.94
+    ({"min_recall": 1.0}, 0.495, 50, 0),
+    ({"min_recall": 0.5}, 1.095, 0, 2),  # 3 of 5: under 1.2, halfway down to the highest good score
+    ({"min_recall": 1e-10}, 1.75, 0, 4),  # at least one defect: the highest
+    ({"max_false_reject": 0.9999999999}, 0.005, 99, 0),  # all but the lowest good image may fail
 ])
 def test_each_target_gives_its_exact_threshold(target, threshold, false_rejects, escapes):
     point = choose(GOOD, DEFECTIVE, **target)
-    assert point.threshold == pytest.approx(threshold)
+    assert point.threshold == pytest.approx(threshold, abs=1e-6)
+    assert np.float32(point.threshold) == point.threshold  # compared with float32 maps as it is
     assert (point.false_rejects, point.escapes, point.goods, point.defects) == (false_rejects, escapes, 100, 5)
     assert point.thresholds().image == point.thresholds().pixel == point.threshold
-    # It is the last observed score that meets the target: the next one beyond it does not.
+    # The last gap between observed scores that meets the target: the next one beyond it does not.
     observed = np.concatenate([GOOD, DEFECTIVE])
     if "max_false_reject" in target:
-        lower = observed[observed < point.threshold].max()
-        assert (GOOD > lower).mean() > target["max_false_reject"]
+        low = observed[observed <= point.threshold].max()
+        assert (GOOD > np.nextafter(low, -np.inf)).mean() > target["max_false_reject"]
     else:
         higher = observed[observed > point.threshold].min()
         assert (DEFECTIVE > higher).mean() < target["min_recall"]
@@ -48,7 +51,7 @@ def test_each_target_gives_its_exact_threshold(target, threshold, false_rejects,
 def test_sigma_rule_intervals_and_description():
     stats = ScoreStats(count=50, mean=0.4, std=0.1, min=0.1, max=0.8, p50=0.4, p95=0.6, p99=0.7)
     point = choose(GOOD, DEFECTIVE, sigma=3.0, stats=stats)
-    assert point.threshold == pytest.approx(0.7) and point.false_rejects == 29
+    assert point.threshold == pytest.approx(0.7, abs=1e-6) and point.false_rejects == 29
     low, high = wilson_interval(0, 10)
     assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
     low, high = wilson_interval(5, 10)

@@ -86,3 +86,10 @@ def test_metadata_that_is_huge_deeply_nested_or_of_the_wrong_types_is_refused(ti
         if name in ("huge", "deep", "stats as text"):  # and the command line says it in one line
             r = run("evaluate", str(path), str(tmp_path))
             assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (name, r.stderr)
+
+
+def test_an_external_data_location_that_is_not_a_path_is_refused(tiny_export, tmp_path):
+    evil = tmp_path / "nul.onnx"
+    _with_external_weight(tiny_export[1], evil, "weights\x00.bin")
+    with pytest.raises(CheckpointError, match="outside the model's folder"):
+        ModelMetadata.from_onnx(evil)

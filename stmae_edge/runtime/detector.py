@@ -62,7 +62,7 @@ class Detector:
         self.metadata = self._backend.metadata
         self.preprocessing = self.metadata.preprocessing
         if bit_depth is not None:  # the camera's, where it differs from the training images'
-            self.preprocessing = dataclasses.replace(self.preprocessing, bit_depth=bit_depth)
+            self.preprocessing = dataclasses.replace(self.preprocessing, bit_depth=int(bit_depth))
         self.score_stats = self.metadata.score_stats
         self.thresholds = self.metadata.thresholds
         self.min_region_area = min_region_area
