@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# GPU acceptance (issue 14): every GPU path against ONNX Runtime on the CPU, then bench JSON; see
+# scripts/gpu_acceptance.py. Uses .venv where there is one, else the machine's python3 with what it
+# has (the lent GPU machines have torch, onnx, onnxruntime, OpenCV and typer; no network).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=python3
+[ -x .venv/bin/python ] && python=.venv/bin/python
+exec timeout 540 "$python" scripts/gpu_acceptance.py "$@"
