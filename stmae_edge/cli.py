@@ -121,12 +121,11 @@ def evaluate(
 
 
 @app.command()
-def info(model: Path = typer.Argument(..., help="checkpoint")) -> None:
+def info(model: Path = typer.Argument(..., help=".pt, .onnx or .plan file")) -> None:
     """Print a model's metadata (preprocessing, score statistics, thresholds) as JSON."""
-    from .checkpoint import read_checkpoint
+    from .model_files import read_metadata
 
-    metadata, _ = read_checkpoint(model)
-    typer.echo(metadata.to_json())
+    typer.echo(read_metadata(model).to_json())
 
 
 @app.command()

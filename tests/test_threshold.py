@@ -103,6 +103,8 @@ def test_threshold_command_writes_only_the_thresholds(tiny_export, synthetic_dat
         assert after.thresholds.pixel == after.thresholds.image and "false rejects <= 20%" in after.thresholds.rule
         assert after.model_hash == before.model_hash and after.score_stats == before.score_stats
     read_checkpoint(checkpoint)  # digest still matches
+    r = run("info", str(onnx_file))  # and what `info` shows of either file
+    assert r.returncode == 0 and json.loads(r.stdout)["thresholds"]["rule"].startswith("false rejects <= 20%")
     assert torch.load(checkpoint, weights_only=True)["metadata"]["thresholds"]["rule"].startswith("false rejects")
     assert Detector(onnx_file, "ort-cpu").thresholds.image == pytest.approx(expected.threshold, rel=1e-5)
     r = run("threshold", str(onnx_file), str(synthetic_dataset), "--min-recall", "1.0")
