@@ -13,24 +13,7 @@ from .checkpoint import load_model
 from .outputs import check_writable, write_bytes_atomically
 from .metadata import ModelMetadata
 from .metrics import summarize
-from .progress import progress_bar
-from .train import batches, score_images
-
-
-def score_with_onnx(onnx_path: Path | str, metadata: ModelMetadata, paths,
-                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """An exported graph through the runtime's ONNX Runtime CPU backend, preprocessed from its metadata."""
-    from .runtime.backends import OnnxRuntimeBackend
-
-    backend = OnnxRuntimeBackend(onnx_path, "ort-cpu")
-    maps, scores = [], []
-    with progress_bar("evaluating (onnxruntime cpu)", len(paths)) as advance:
-        for chunk in batches(paths, batch_size):
-            m, s = backend.run(metadata.preprocessing(chunk))
-            maps.append(m)
-            scores.append(s)
-            advance(len(chunk))
-    return np.concatenate(maps), np.concatenate(scores)
+from .train import score_images
 
 
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16) -> dict:
@@ -42,8 +25,11 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16)
         model, metadata = load_model(model_path)
     samples = data.eval_samples(data_dir)
     paths = [s.path for s in samples]
-    if is_onnx:
-        maps, scores = score_with_onnx(model_path, metadata, paths, batch_size)
+    if is_onnx:  # through the runtime, as `threshold` and `report` score a set
+        from .validation import score_dataset
+
+        scored = score_dataset(model_path, data_dir, "ort-cpu", batch_size, description="evaluating")
+        maps, scores = scored.maps, scored.scores
     else:
         maps, scores = score_images(model, metadata.preprocessing, paths, batch_size, description="evaluating")
     size = metadata.preprocessing.input_size

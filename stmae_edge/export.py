@@ -13,7 +13,6 @@ import collections
 import contextlib
 import copy
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +95,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
         raise ExportError(f"ONNX export of {checkpoint} failed: {str(exc).splitlines()[0][:300]}") from exc
     proto = program.model_proto
     proto.producer_name = "stmae-edge"
-    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: json.dumps(metadata.to_dict(), sort_keys=True),
+    onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: metadata.to_onnx_value(),
                                         PRECISION_KEY: precision})
     with written_atomically(out) as partial:  # checked before it takes the real name
         onnx.save(proto, str(partial))

@@ -87,6 +87,10 @@ class ModelMetadata:
             raise CheckpointError(f"metadata is incomplete or malformed ({str(exc)[:200] or type(exc).__name__}); "
                                   "re-create the model file") from exc
 
+    def to_onnx_value(self) -> str:
+        """What metadata_props[ONNX_METADATA_KEY] holds: compact JSON, keys sorted."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 

@@ -11,7 +11,6 @@ file is rewritten under a temporary name and renamed: an interrupted write leave
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import ConfigError
@@ -69,7 +68,7 @@ def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
         proto = load_onnx(path)
         metadata = _with(ModelMetadata.from_onnx(proto), thresholds)
         props = {p.key: p.value for p in proto.metadata_props}
-        props[ONNX_METADATA_KEY] = json.dumps(metadata.to_dict(), sort_keys=True)
+        props[ONNX_METADATA_KEY] = metadata.to_onnx_value()
         del proto.metadata_props[:]
         onnx.helper.set_model_props(proto, props)
         with written_atomically(path) as partial:

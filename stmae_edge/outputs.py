@@ -101,7 +101,7 @@ def check_output_folder(out: Path | str, inputs: Iterable[Path | str]) -> Path:
         OutputError: `out` is the folder of one of the inputs, or cannot be created.
     """
     out = Path(out)
-    for source in inputs:
+    for source in {Path(s).parent: s for s in inputs}.values():  # one check per input folder
         if same_file(Path(source).parent, out):
             raise OutputError(f"--out {out} is the folder of the input {source}: outputs would sit among (and "
                               "could replace) the inputs; choose another folder")

@@ -54,9 +54,7 @@ class Preprocessing:
             raise ConfigError("mean and std need three values each, std > 0")
         if len(self.input_size) != 2 or not all(16 <= v <= MAX_INPUT_SIDE for v in self.input_size):
             raise ConfigError(f"input size {self.input_size} must be two sides within 16..{MAX_INPUT_SIDE}")
-        if not is_whole(self.bit_depth) or not 9 <= self.bit_depth <= 16:
-            raise ConfigError(f"bit depth {self.bit_depth!r} must be an integer within 9..16 (the significant "
-                              "bits of uint16 pixels: 10 or 12 for Mono10/Mono12 cameras, 16 for full range)")
+        check_bit_depth(self.bit_depth)
         if not 0 < self.max_pixels <= MAX_IMAGE_PIXELS:
             raise ConfigError(f"max_pixels {self.max_pixels} must be within 1..{MAX_IMAGE_PIXELS}")
 
@@ -102,6 +100,13 @@ class Preprocessing:
             np.multiply(plane, np.float32(1.0 / self.std[c]), out=out[c])
             out[c] -= np.float32(self.mean[c] / self.std[c])
         return out
+
+
+def check_bit_depth(bit_depth) -> None:
+    """Raises ConfigError unless `bit_depth` is a whole number within 9..16 (Preprocessing.bit_depth)."""
+    if not is_whole(bit_depth) or not 9 <= bit_depth <= 16:
+        raise ConfigError(f"bit depth {bit_depth!r} must be an integer within 9..16 (the significant bits of "
+                          "uint16 pixels: 10 or 12 for Mono10/Mono12 cameras, 16 for full range)")
 
 
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}

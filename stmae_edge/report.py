@@ -59,7 +59,7 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
         (out / folder).mkdir(exist_ok=True)
     scored = score_dataset(model, data_dir, backend, batch_size, description="scoring for the report")
     detector = scored.detector
-    thresholds, stats = detector.thresholds, detector.score_stats
+    thresholds = detector.thresholds
     labels = scored.labels
     point = evaluate_threshold(thresholds.image, scored.good_scores, scored.defect_scores, thresholds.rule)
     size = detector.preprocessing.input_size

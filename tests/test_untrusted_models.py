@@ -5,7 +5,6 @@ sidecar are refused with one line, before anything runs."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import onnx
 import pytest

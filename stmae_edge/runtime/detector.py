@@ -27,7 +27,7 @@ import numpy as np
 from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
 from ..metadata import MAX_BATCH
-from ..preprocessing import ImageInput, load_image
+from ..preprocessing import ImageInput, check_bit_depth, load_image
 from ..scoring import Thresholds
 from .backends import BACKENDS, Backend, describe, open_backend
 from .postprocess import Detection, postprocess, resolve_thresholds
@@ -199,8 +199,8 @@ def _check_arguments(model_path, backend, batch_size, min_region_area, cuda_grap
                               + (f" and at most {high}" if high is not None else ""))
     if not isinstance(cuda_graph, bool):
         raise ConfigError(f"cuda_graph {cuda_graph!r} must be True or False")
-    if bit_depth is not None and (not is_whole(bit_depth) or not 9 <= bit_depth <= 16):
-        raise ConfigError(f"bit depth {bit_depth!r} must be a whole number within 9..16, or None for the model's")
+    if bit_depth is not None:
+        check_bit_depth(bit_depth)
 
 
 def _add_timings(timings: dict | None, spent: dict, stages: tuple[str, ...]) -> None:
