@@ -5,7 +5,8 @@ Settings, each from measurement on magnetic_tile:
 - Q/DQ format, symmetric (every zero point 0): TensorRT rejects non-zero zero points.
 - Biases stay float (QuantizeBias off): TensorRT's parser rejects the int32 bias DequantizeLinear.
 - Which ops are quantised depends on the model family (FAMILY_SETTINGS). ST-MAE: only MatMul, that is
-  the transformer; the backbone convolutions stay in float. Measured (image / pixel AUROC): fp32
+  the transformer, and only its MatMuls with weights (its Linear layers, not attention's products of
+  two activations: activation_matmuls); the backbone convolutions stay in float. Measured (image / pixel AUROC): fp32
   88.3 / 69.0; MatMul only 88.4 / 68.8; Conv only 86.5 / 65.6; Conv and MatMul 85.0 / 65.4. The
   per-position Gaussian of the fused map (its MatMuls read initializers named gaussian_*) stays in
   float too: like the autoencoder's output convolutions below, it is the anomaly signal itself. The
@@ -13,6 +14,11 @@ Settings, each from measurement on magnetic_tile:
   convolutions (at most 3 output channels: the correction head and the map smoothing). Their outputs
   are the anomaly signal itself; quantised, they would be clipped at the range good calibration
   images reach, exactly where defects go beyond it.
+- The layers left unquantised run in fp16 (FLOAT_PRECISIONS, default fp16): the INT8 graph is the FP16
+  graph with Q/DQ on the quantised layers, so a TensorRT INT8 plan is never an FP32 network with a few
+  INT8 layers, larger and slower than the FP16 plan. The scoring (the model's anomaly map, found by the
+  exporter's `scoring` scope) stays fp32, as in the FP16 export: half_precision.py. `fp32` keeps today's
+  fp32 graph for ONNX Runtime on a CPU, which has few fp16 kernels and runs that graph about 1.7x faster.
 
 The result is cached under calibration/, keyed by a hash of the model file, the images and the
 settings, and reused when all three match.
@@ -30,27 +36,32 @@ from typing import Sequence
 import onnx
 
 from . import data
-from .onnx_files import load_onnx
-from .outputs import check_writable, write_bytes_atomically, written_atomically
 from .engine_plan import sha256_file
 from .errors import ConfigError, DatasetError
-from .metadata import INPUT_NAME, PRECISION_KEY, onnx_precision
-from .metadata import ModelMetadata
+from .half_precision import float_region, scoring_nodes, statistics_nodes, to_half
+from .metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
+from .onnx_files import load_onnx
+from .outputs import check_writable, write_bytes_atomically, written_atomically
 from .progress import progress_bar
 
 SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_bias": False,
-            "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8"}
-FAMILY_SETTINGS = {"stmae": {"op_types": ["MatMul"], "float_statistics": True},
+            "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8",
+            "float_precision": "fp16"}
+FLOAT_PRECISIONS = ("fp16", "fp32")
+FAMILY_SETTINGS = {"stmae": {"op_types": ["MatMul"], "float_statistics": True, "weight_matmuls_only": True},
                    "filtering-ae": {"op_types": ["Conv"], "float_output_convs": True}}
 OUTPUT_CONV_CHANNELS = 3  # a Conv with at most this many output channels produces or smooths the map
 DEFAULT_COUNT = 64
 
 
-def settings_for(metadata: ModelMetadata) -> dict:
-    """SETTINGS with what the model's family quantises."""
+def settings_for(metadata: ModelMetadata, float_precision: str = SETTINGS["float_precision"]) -> dict:
+    """SETTINGS with what the model's family quantises and the precision of the rest."""
     if metadata.model_family not in FAMILY_SETTINGS:
         raise ConfigError(f"no INT8 settings for model family {metadata.model_family!r}")
-    return SETTINGS | FAMILY_SETTINGS[metadata.model_family]
+    if float_precision not in FLOAT_PRECISIONS:
+        raise ConfigError(f"unknown precision {float_precision!r} for the unquantised layers; choose "
+                          f"{' or '.join(FLOAT_PRECISIONS)}")
+    return SETTINGS | FAMILY_SETTINGS[metadata.model_family] | {"float_precision": float_precision}
 
 
 def output_convs(proto: onnx.ModelProto) -> list[str]:
@@ -60,12 +71,20 @@ def output_convs(proto: onnx.ModelProto) -> list[str]:
             and weights[node.input[1]].dims[0] <= OUTPUT_CONV_CHANNELS]
 
 
-def statistics_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Names of the nodes that read ST-MAE's per-position Gaussian (initializers named gaussian_*).
-    The Mahalanobis distance they compute is the anomaly signal itself: quantised at the range that
-    good calibration images reach, it would be clipped exactly where defects go beyond it."""
-    names = {init.name for init in proto.graph.initializer if init.name.rpartition(".")[2].startswith("gaussian_")}
-    return [node.name for node in proto.graph.node if names.intersection(node.input)]
+def activation_matmuls(proto: onnx.ModelProto) -> list[str]:
+    """Names of the MatMuls that multiply two activations (attention's scores and its weighted sum):
+    no weight to shrink, and in a TensorRT-RTX plan each Q/DQ pair costs about 35 KB, more than
+    quantising them saves. They run in the precision of the rest."""
+    constants = {init.name for init in proto.graph.initializer}
+    producer = {out: node for node in proto.graph.node for out in node.output}
+
+    def is_constant(name: str) -> bool:
+        node = producer.get(name)
+        return name in constants or (node is not None and node.op_type in ("Transpose", "Reshape")
+                                     and is_constant(node.input[0]))
+
+    return [node.name for node in proto.graph.node
+            if node.op_type == "MatMul" and not any(is_constant(name) for name in node.input)]
 
 
 def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
@@ -79,8 +98,24 @@ def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
 
 def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: Path | str | None = None,
               count: int = DEFAULT_COUNT, cache_dir: Path | str = "calibration",
-              batch_size: int = 8) -> tuple[Path, dict]:
-    """Returns the INT8 graph's path and a report {cache: hit|miss, key, images, quantized_nodes}."""
+              batch_size: int = 8, float_precision: str = SETTINGS["float_precision"]) -> tuple[Path, dict]:
+    """Calibrate an fp32 export on good images and write its INT8 graph.
+
+    Args:
+        onnx_path: fp32 graph written by `stmae-edge export`.
+        images: good images (default: `count` of the model's recorded training images).
+        out: the INT8 graph (default: NAME.int8.onnx beside the input).
+        float_precision: fp16 (for TensorRT) or fp32 (for ONNX Runtime on a CPU) for the layers left
+            unquantised; the scoring stays fp32 either way.
+
+    Returns:
+        The INT8 graph's path and a report {cache: hit|miss, key, images, quantized_nodes, settings}.
+
+    Raises:
+        ConfigError: not an fp32 graph, an unknown family or precision, or (fp16) a graph exported
+            without the scoring scope.
+        DatasetError: fewer images than one batch.
+    """
     onnx_path = Path(onnx_path)
     proto = load_onnx(onnx_path)
     metadata = ModelMetadata.from_onnx(proto)
@@ -91,7 +126,11 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     if len(images) < batch_size:
         raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
     out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
-    settings = settings_for(metadata)
+    settings = settings_for(metadata, float_precision)
+    if settings["float_precision"] == "fp16" and not scoring_nodes(proto):
+        raise ConfigError(f"{onnx_path} was exported by an older version, without the marks that tell its "
+                          "scoring part (kept in fp32) from the rest; export it again with `stmae-edge "
+                          "export MODEL`, or calibrate with --float-precision fp32")
     key = cache_key(onnx_path, images, settings)
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
@@ -115,8 +154,13 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
               target: Path, batch_size: int, settings: dict = SETTINGS) -> None:
     """Static quantisation with `settings` (SETTINGS: the TensorRT-compatible default; the CPU study in
     benchmarks/ tries others), calibrated on `images`, metadata carried over with precision int8."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Batches(CalibrationDataReader):
@@ -139,6 +183,7 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
         prepared_proto = onnx.load(str(prepared))
         excluded = output_convs(prepared_proto) if settings.get("float_output_convs") else []
         excluded += statistics_nodes(prepared_proto) if settings.get("float_statistics") else []
+        excluded += activation_matmuls(prepared_proto) if settings.get("weight_matmuls_only") else []
         with progress_bar("calibrating", len(images)) as advance:
             quantize_static(str(prepared), str(target), Batches(advance), nodes_to_exclude=excluded,
                             quant_format=getattr(QuantFormat, settings["format"]),
@@ -148,6 +193,8 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
                             extra_options={"ActivationSymmetric": settings["symmetric"], "WeightSymmetric": True,
                                            "QuantizeBias": settings["quantize_bias"]})
     quantized = onnx.load(str(target))
+    if settings["float_precision"] == "fp16":
+        quantized = to_half(quantized, float_region(quantized, scoring_nodes(proto)))
     del quantized.metadata_props[:]
     props = {p.key: p.value for p in proto.metadata_props}
     props[PRECISION_KEY] = "int8"

@@ -213,14 +213,17 @@ def calibrate(
     count: int = typer.Option(64, min=8, help="images to sample when --images is not given"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="INT8 graph (default: NAME.int8.onnx beside it)"),
     cache_dir: Path = typer.Option(Path("calibration"), help="calibration cache folder"),
+    float_precision: str = typer.Option("fp16", help="precision of the layers left unquantised: fp16 for "
+                                        "TensorRT, fp32 for ONNX Runtime on a CPU (the scoring stays fp32)"),
 ) -> None:
     """Write a symmetric Q/DQ INT8 graph that TensorRT accepts, calibrated on good images (cached)."""
     from .calibrate import calibrate as run_calibrate
     from .data import images_in
 
     paths = images_in(images) if images is not None else None
-    path, report = run_calibrate(onnx_file, paths, out, count, cache_dir)
-    typer.echo(f"wrote {path}: {report['quantized_nodes']} quantised tensors from {report['images']} images "
+    path, report = run_calibrate(onnx_file, paths, out, count, cache_dir, float_precision=float_precision)
+    typer.echo(f"wrote {path}: {report['quantized_nodes']} quantised tensors from {report['images']} images, "
+               f"the rest in {report['settings']['float_precision']} "
                f"(cache {report['cache']}: {report['cache_file']})")
 
 

@@ -20,6 +20,7 @@ import onnx
 import torch
 
 from .checkpoint import load_model
+from .half_precision import is_statistic
 from .outputs import check_writable, written_atomically
 from .errors import ConfigError, ExportError
 from .metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PRECISION_KEY, SCORE_NAME,
@@ -29,20 +30,16 @@ OPSET = 18
 EXPORT_PRECISIONS = ("fp32", "fp16")
 
 
-# Statistics that score the map (ST-MAE's per-position Gaussian and residual statistics, the fusion's
-# scale). The map is computed in fp32 from them; an fp16 copy of a precision matrix would lose what
-# a Mahalanobis distance amplifies.
-FP32_STATISTICS = ("gaussian_", "fusion_stats", "residual_mean", "residual_std")
-
 
 class HalfPrecision(torch.nn.Module):
     """fp16 inside, fp32 at the edges: callers keep feeding float32 images and reading float32 maps.
-    The scoring statistics stay fp32."""
+    The scoring statistics (half_precision.is_statistic) stay fp32: the map is computed in fp32 from
+    them, and an fp16 copy of a precision matrix would lose what a Mahalanobis distance amplifies."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         statistics = {name: buffer.clone() for name, buffer in model.named_buffers()
-                      if name.startswith(FP32_STATISTICS) and buffer.is_floating_point()}
+                      if is_statistic(name) and buffer.is_floating_point()}
         self.model = model.half()
         for name, buffer in statistics.items():
             owner, _, attribute = name.rpartition(".")

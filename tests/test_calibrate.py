@@ -1,22 +1,28 @@
-"""INT8 calibration: symmetric Q/DQ on the transformer only, cached by model and images, TensorRT builds it."""
+"""INT8 calibration: symmetric Q/DQ on the transformer only, the rest in fp16 but the scoring, cached by
+model and images, TensorRT builds it."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from conftest import rank_correlation
+from onnx import TensorProto, numpy_helper
 
 from stmae_edge import data
-from stmae_edge.calibrate import calibrate, statistics_nodes
+from stmae_edge.calibrate import calibrate
 from stmae_edge.errors import ConfigError
 from stmae_edge.export import export_onnx
-from stmae_edge.metadata import onnx_precision
-from stmae_edge.metadata import ModelMetadata
+from stmae_edge.half_precision import (
+    SCORING_SCOPE,
+    float_region,
+    scoring_nodes,
+    statistics_nodes,
+)
+from stmae_edge.metadata import ModelMetadata, onnx_precision
 from stmae_edge.metrics import image_auroc
+from stmae_edge.models.maps import ScoringScope
 from stmae_edge.runtime import Detector
-
-from conftest import rank_correlation
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +57,76 @@ def test_int8_graph_is_symmetric_qdq_on_the_transformer_only(fp32_graph):
     assert all(produced_by.get(i) != "DequantizeLinear" for n in statistics for i in n.input)
 
 
+def float_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every float tensor of the graph (inputs, outputs, intermediates, initializers)."""
+    inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]}
+    types |= {t.name: t.data_type for t in proto.graph.initializer}
+    return {name: t for name, t in types.items() if t in (TensorProto.FLOAT, TensorProto.FLOAT16)}
+
+
+def test_int8_graph_is_the_fp16_graph_with_qdq_and_fp32_scoring(fp32_graph):
+    folder, path = fp32_graph
+    exported = onnx.load(str(path))
+    scoring = scoring_nodes(exported)
+    assert scoring and statistics_nodes(exported)
+    out, report = calibrate(path, cache_dir=folder / "cache")
+    proto = onnx.load(str(out))
+    assert report["settings"]["float_precision"] == "fp16"
+    onnx.checker.check_model(proto, full_check=True)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 19  # fp16 Q/DQ scales
+    types = float_types(proto)
+    region = float_region(proto, scoring)
+    # The scoring part: every node the exporter put under the scope, the statistics and all after them.
+    kept = scoring & {n.name for n in proto.graph.node}  # the quantiser folds a few away
+    assert len(kept) > 0.8 * len(scoring) and kept <= region and set(statistics_nodes(proto)) <= region
+    for node in proto.graph.node:
+        outputs = [types[o] for o in node.output if o in types]
+        if node.name in region:
+            assert set(outputs) <= {TensorProto.FLOAT}, (node.op_type, node.name)
+        elif node.op_type != "Cast":
+            assert set(outputs) <= {TensorProto.FLOAT16}, (node.op_type, node.name)
+    # Every Q/DQ scale is fp16, so no Cast sits between a DequantizeLinear and its MatMul.
+    qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(types[n.input[1]] == TensorProto.FLOAT16 for n in qdq)
+    casts = [n for n in proto.graph.node if n.op_type == "Cast"]
+    produced_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+    assert not any(produced_by.get(c.input[0]) == "DequantizeLinear" for c in casts)
+    # The statistics stay fp32, the graph's inputs and outputs too.
+    statistic_inits = [t.name for t in proto.graph.initializer if t.name.startswith("gaussian_")]
+    assert statistic_inits and all(types[name] == TensorProto.FLOAT for name in statistic_inits)
+    assert {types[v.name] for v in [*proto.graph.input, *proto.graph.output]} == {TensorProto.FLOAT}
+    assert ModelMetadata.from_onnx(proto).to_dict() == ModelMetadata.from_onnx(path).to_dict()
+
+
+def test_fp32_unquantised_layers_on_request_and_old_exports_are_refused(fp32_graph, tmp_path):
+    folder, path = fp32_graph
+    out, report = calibrate(path, out=tmp_path / "m.int8.onnx", cache_dir=folder / "cache", float_precision="fp32")
+    assert set(float_types(onnx.load(str(out))).values()) == {TensorProto.FLOAT}
+    _, fp16 = calibrate(path, out=tmp_path / "h.int8.onnx", cache_dir=folder / "cache")
+    assert report["key"] != fp16["key"]  # the precision is part of the cache key
+    with pytest.raises(ConfigError, match="unknown precision 'bf16'"):
+        calibrate(path, out=tmp_path / "x.onnx", cache_dir=folder / "cache", float_precision="bf16")
+    old = onnx.load(str(path))  # an export from before the scoring scope: no node metadata
+    for node in old.graph.node:
+        del node.metadata_props[:]
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    with pytest.raises(ConfigError, match="export it again.*--float-precision fp32"):
+        calibrate(tmp_path / "old.onnx", out=tmp_path / "y.onnx", cache_dir=folder / "cache")
+    assert not (tmp_path / "y.onnx").exists()
+
+
+def test_every_model_family_scores_under_the_scope_calibrate_looks_for():
+    from stmae_edge.models.filtering_ae import FilteringAutoencoder
+    from stmae_edge.models.filtering_ae import preset as ae_preset
+    from stmae_edge.models.stmae import STMAE, preset
+
+    for model in (STMAE(preset("tiny"), backbone_weights="random"), FilteringAutoencoder(ae_preset("tiny"))):
+        assert isinstance(getattr(model, SCORING_SCOPE), ScoringScope)
+        assert not list(getattr(model, SCORING_SCOPE).state_dict())  # checkpoints are unchanged by it
+
+
 def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_dataset, tmp_path):
     folder, path = fp32_graph
     images = data.train_images(synthetic_dataset)[:16]
@@ -80,6 +156,23 @@ def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_data
 
     plan, sidecar = build_engine(out, "int8", "1:2:4", tmp_path / "m.int8.plan")
     assert sidecar["precision"] == "int8" and plan.stat().st_size > 50_000
+    # As TensorRT reads the graph: every convolution and matrix product runs in fp16 or INT8, but for
+    # the scoring's (the Gaussian's two MatMuls, the smoothing Conv), which run in fp32.
+    from stmae_edge.engine_plan import import_tensorrt
+
+    trt, _ = import_tensorrt()
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(0)
+    assert trt.OnnxParser(network, logger).parse_from_file(str(out))
+    heavy = {trt.LayerType.CONVOLUTION, trt.LayerType.MATRIX_MULTIPLY}
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    fp32_heavy = [layer.name for layer in layers if layer.type in heavy
+                  and layer.get_output(0).dtype == trt.DataType.FLOAT]
+    proto = onnx.load(str(out))
+    region = float_region(proto, scoring_nodes(onnx.load(str(path))))
+    in_region = [n.name for n in proto.graph.node if n.name in region and n.op_type in ("Conv", "MatMul")]
+    assert len(fp32_heavy) == len(in_region) == 3, (fp32_heavy, in_region)
+    assert sum(layer.type in heavy and layer.get_output(0).dtype == trt.DataType.HALF for layer in layers) > 10
 
 
 def test_only_fp32_graphs_are_calibrated(fp32_graph, tmp_path):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .maps import gaussian_kernel, maps_and_scores, smooth
+from .maps import ScoringScope, gaussian_kernel, maps_and_scores, smooth
 
 FAMILY = "filtering-ae"
 
@@ -121,6 +121,7 @@ class FilteringAutoencoder(nn.Module):
         nn.init.zeros_(self.head.weight)  # start as the identity: the correction is learnt from zero
         nn.init.zeros_(self.head.bias)
         self.register_buffer("smoothing_kernel", gaussian_kernel(c.smoothing_sigma))
+        self.scoring = ScoringScope()
         # Image borders leave larger residuals on every good part; measuring each pixel against its
         # own good-image statistics keeps them from setting the image score.
         self.register_buffer("residual_mean", torch.zeros(1, 1, c.input_size, c.input_size))
@@ -167,4 +168,4 @@ class FilteringAutoencoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W), preprocessed -> anomaly maps (B, 1, H, W) and image scores (B,)."""
-        return maps_and_scores(self.anomaly_map(self.correction(images)), images.shape[-2:])
+        return maps_and_scores(self.scoring(self.anomaly_map, self.correction(images)), images.shape[-2:])

@@ -9,6 +9,18 @@ import torch
 import torch.nn.functional as F
 
 
+class ScoringScope(torch.nn.Module):
+    """Runs a model's anomaly map under the name `scoring` (the model's attribute holding it).
+
+    It holds no weights and computes nothing of its own. It is there for the exporter, which records
+    the module path of every node: calibrate reads it to find the part of the graph that scores, and
+    keeps that part in fp32 when the rest of the INT8 graph goes to fp16 (half_precision.SCORING_SCOPE).
+    """
+
+    def forward(self, anomaly_map, *inputs: torch.Tensor) -> torch.Tensor:
+        return anomaly_map(*inputs)
+
+
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     radius = max(1, int(math.ceil(3 * sigma)))
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)

@@ -39,7 +39,7 @@ from torch import nn
 from ..errors import ConfigError
 from .backbones import DEFAULT_LAYERS, FeatureExtractor
 from .gaussian import mahalanobis
-from .maps import gaussian_kernel, maps_and_scores, smooth
+from .maps import ScoringScope, gaussian_kernel, maps_and_scores, smooth
 
 
 RESIDUALS = ("mse", "mse_cos")
@@ -240,6 +240,7 @@ class STMAE(nn.Module):
         self.register_buffer("eval_split_b", split_b)
         self.register_buffer("eval_restore", torch.cat([split_a, split_b]).argsort())
         self.register_buffer("smoothing_kernel", gaussian_kernel(c.smoothing_sigma))
+        self.scoring = ScoringScope()
         # Some positions (tile edges, borders) have large residuals on every good part; measuring each
         # position against its own good-image statistics keeps them from setting the image score.
         self.register_buffer("residual_mean", torch.zeros(1, 1, c.grid, c.grid))
@@ -369,4 +370,4 @@ class STMAE(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W), preprocessed -> anomaly maps (B, 1, H, W) and image scores (B,)."""
         feats = self.standardize(self.extract(images))
-        return maps_and_scores(self.anomaly_map(feats, self.reconstruct(feats)), images.shape[-2:])
+        return maps_and_scores(self.scoring(self.anomaly_map, feats, self.reconstruct(feats)), images.shape[-2:])

@@ -1,0 +1,177 @@
+"""An fp32 ONNX graph -> the same graph in fp16, with the scoring statistics and what follows them in fp32.
+
+    fp32 export ──> scoring_nodes(): the nodes the exporter recorded under the models' `scoring`
+                    module (models.maps.ScoringScope: the anomaly map, from features to map)
+    fp32 graph, Q/DQ or not ──> float_region(): those nodes, the nodes that read a scoring statistic
+                    (STATISTICS_PREFIXES), and every node after them, up to the outputs
+                 ──> to_half(): every other float tensor and initializer in fp16, Casts where the
+                    two regions meet, fp32 graph inputs and outputs kept
+
+Why: TensorRT compiles a strongly typed network in the graph's own types, so an INT8 graph whose
+non-quantised layers are fp32 runs them in fp32, slower and larger than the FP16 plan. The INT8 graph
+of `calibrate` goes through `to_half` so that it is the FP16 graph with Q/DQ on the quantised layers.
+Its Q/DQ scales become fp16 too, which ONNX allows from opset 19 (the graph's opset is raised to it).
+
+The scoring stays fp32, as in the FP16 export (HalfPrecision in export.py and the models'
+anomaly_map): a Mahalanobis distance amplifies what an fp16 copy of a precision matrix loses, and the
+residual's channel reductions and the cosine's epsilon are where half precision loses what the score
+depends on. The scope comes from the fp32 export's node metadata, which ONNX Runtime's quantiser drops,
+so calibrate reads it before quantising and finds the nodes again by name. This module needs no torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+# Model buffers (by the last part of their name) that score the map: ST-MAE's per-position Gaussian and
+# residual statistics and the fusion's scale. Export keeps them fp32 in the FP16 graph, calibrate leaves
+# them unquantised in the INT8 graph, and `to_half` keeps them and everything after them in fp32.
+STATISTICS_PREFIXES = ("gaussian_", "fusion_stats", "residual_mean", "residual_std")
+# The attribute name of models.maps.ScoringScope in every model; the exporter records it per node.
+SCORING_SCOPE = "scoring"
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+QDQ_FLOAT_SCALE_OPSET = 19
+# Inputs that ONNX fixes to tensor(float) whatever the node's data type (Resize's scales).
+FLOAT_ONLY_INPUTS = {"Resize": {2}}
+
+
+def is_statistic(name: str) -> bool:
+    """Whether an initializer or buffer name (dotted path) is one of the scoring statistics."""
+    return name.rpartition(".")[2].startswith(STATISTICS_PREFIXES)
+
+
+def statistics_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that read a scoring statistic (initializers named by STATISTICS_PREFIXES)."""
+    names = {init.name for init in proto.graph.initializer if is_statistic(init.name)}
+    return [node.name for node in proto.graph.node if names.intersection(node.input)]
+
+
+def scoring_nodes(proto: onnx.ModelProto) -> set[str]:
+    """Names of the nodes that the exporter recorded under the models' scoring scope; empty for a graph
+    exported before the scope existed, or one that lost its node metadata."""
+    names = set()
+    for node in proto.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES_KEY), None)
+        if scopes and len(scopes) < 10_000:
+            try:
+                path = ast.literal_eval(scopes)
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(path, list) and SCORING_SCOPE in path:
+                names.add(node.name)
+    return names
+
+
+def float_region(proto: onnx.ModelProto, scoring: set[str] = frozenset()) -> set[str]:
+    """Nodes to keep in fp32: the nodes named in `scoring` (scoring_nodes of the fp32 export), the
+    nodes that read a scoring statistic, and every node after them."""
+    graph = proto.graph
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    region = set(statistics_nodes(proto)) | {node.name for node in graph.node if node.name in scoring}
+    stack = [node for node in graph.node if node.name in region]
+    while stack:
+        for out in stack.pop().output:
+            for consumer in consumers[out]:
+                if consumer.name not in region:
+                    region.add(consumer.name)
+                    stack.append(consumer)
+    return region
+
+
+def to_half(proto: onnx.ModelProto, keep_float: set[str]) -> onnx.ModelProto:
+    """A copy of `proto` in fp16 but for the nodes named in `keep_float`; graph inputs and outputs stay
+    fp32. Every node must have a unique name (the exporter and the quantiser give them)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    elem_type = {v.name: v.type.tensor_type.elem_type
+                  for v in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]}
+    initializers = {init.name: init for init in graph.initializer}
+    current = {name: t for name, t in elem_type.items()}  # the type each tensor has in the new graph
+    for init in graph.initializer:
+        current[init.name] = init.data_type
+    half_initializers: dict[str, str] = {}
+    nodes: list[onnx.NodeProto] = []
+    casts: dict[tuple[str, int], str] = {}
+
+    def as_type(name: str, wanted: int) -> str:
+        if current.get(name) == wanted:
+            return name
+        if name in initializers and current[name] == TensorProto.FLOAT and wanted == TensorProto.FLOAT16:
+            if name not in half_initializers:  # a constant is converted once, not cast at run time
+                half = numpy_helper.from_array(numpy_helper.to_array(initializers[name]).astype(np.float16),
+                                               f"{name}.fp16")
+                graph.initializer.append(half)
+                half_initializers[name] = half.name
+                current[half.name] = TensorProto.FLOAT16
+            return half_initializers[name]
+        if (name, wanted) not in casts:
+            cast = onnx.helper.make_node("Cast", [name], [f"{name}.to{wanted}"], name=f"{name}.cast_to{wanted}",
+                                         to=wanted)
+            nodes.append(cast)
+            casts[name, wanted] = cast.output[0]
+            current[cast.output[0]] = wanted
+        return casts[name, wanted]
+
+    for node in _topological(graph):
+        half = node.name not in keep_float
+        for i, name in enumerate(node.input):
+            if name and current.get(name) in (TensorProto.FLOAT, TensorProto.FLOAT16):
+                fixed_float = i in FLOAT_ONLY_INPUTS.get(node.op_type, ())
+                node.input[i] = as_type(name, TensorProto.FLOAT16 if half and not fixed_float else TensorProto.FLOAT)
+        if half:
+            for attribute in node.attribute:
+                if node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT:
+                    attribute.i = TensorProto.FLOAT16
+                if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == TensorProto.FLOAT:
+                    attribute.t.CopyFrom(numpy_helper.from_array(
+                        numpy_helper.to_array(attribute.t).astype(np.float16), attribute.t.name))
+        for out in node.output:
+            if elem_type.get(out) == TensorProto.FLOAT:
+                current[out] = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+        nodes.append(node)
+    for output in graph.output:
+        if current.get(output.name) == TensorProto.FLOAT16:
+            internal = f"{output.name}.fp16"
+            for node in nodes:
+                node.output[:] = [internal if o == output.name else o for o in node.output]
+                node.input[:] = [internal if i == output.name else i for i in node.input]
+            nodes.append(onnx.helper.make_node("Cast", [internal], [output.name], name=f"{output.name}.cast_to_fp32",
+                                               to=TensorProto.FLOAT))
+    used = {name for node in nodes for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]  # stale types; shape inference gives the new ones
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, QDQ_FLOAT_SCALE_OPSET)
+    return model
+
+
+def _topological(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes in an order where each comes after the producers of its inputs."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("the graph has a cycle or an input that nothing produces")
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    return ordered
