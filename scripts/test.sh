@@ -2,5 +2,6 @@
 # The test suite. Tests that need ../shared/datasets skip with a reason where it is absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup_serve_env.sh  # .venv-serve: a real Triton server for tests/test_serve.py
 . scripts/setup_env.sh train,demo,dev,rtx,gpu,report
 python -m pytest -q "$@"

@@ -299,13 +299,22 @@ def predict(
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="write a heatmap PNG per image"),
     cuda_graph: bool = typer.Option(False, help="TensorRT: replay each batch size as a CUDA graph"),
     bit_depth: Optional[int] = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
+    server: Optional[str] = typer.Option(None, help="score on a Triton server instead (http://HOST:PORT or "
+                                         "grpc://HOST:PORT); MODEL is then the served model's name"),
 ) -> None:
     """Score images: pass/fail, scores and defect regions as JSON, heatmap overlays as PNG."""
+    from .errors import ConfigError
     from .progress import progress_bar
-    from .runtime import Detector
+    from .runtime import Detector, RemoteDetector
     from .runtime.files import expand_inputs, predict_to_folder
 
-    detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph, bit_depth=bit_depth)
+    if server is not None:
+        if backend != "auto" or cuda_graph or bit_depth is not None:
+            raise ConfigError("--backend, --cuda-graph and --bit-depth choose how this machine runs the model; "
+                              "with --server, the server decides (see `stmae-edge serve --help`)")
+        detector = RemoteDetector(server, str(model))
+    else:
+        detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph, bit_depth=bit_depth)
     paths = expand_inputs(images)
     with progress_bar(f"scoring ({detector.info['backend']})", len(paths)) as advance:
         summary = predict_to_folder(detector, paths, out, overlays=overlays, advance=advance,
@@ -414,6 +423,51 @@ def version_callback(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True)) -> None:
     pass
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help=".onnx or .plan file (with its sidecar) to serve"),
+    name: Optional[str] = typer.Option(None, help="Triton model name (default: the file's stem)"),
+    address: str = typer.Option("0.0.0.0", help="address the endpoints listen on (127.0.0.1: this machine only)"),
+    http_port: int = typer.Option(8000, min=1, max=65535),
+    grpc_port: int = typer.Option(8001, min=1, max=65535),
+    metrics_port: int = typer.Option(8002, min=1, max=65535, help="Prometheus metrics at /metrics"),
+    max_batch: int = typer.Option(8, min=1, help="largest batch Triton forms from queued requests"),
+    max_queue_delay_us: int = typer.Option(2000, min=0, help="how long Triton waits to fill a batch"),
+    instances: int = typer.Option(1, min=1, help="model instances, each with its own runtime session"),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    threads: int = typer.Option(0, min=0, help="ONNX Runtime CPU threads per instance (0: its default)"),
+) -> None:
+    """Serve MODEL through Triton Inference Server (PyTriton) with dynamic batching, until Ctrl-C.
+
+    Triton models: NAME (preprocessed images), NAME_frames (uint8 BGR frames), NAME_gray (uint8 gray
+    frames), NAME_metadata. Needs the serve extra: scripts/setup_serve_env.sh."""
+    from .serving.server import serve as run_server
+
+    run_server(model, name, address=address, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+               max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances, backend=backend,
+               threads=threads)
+
+
+@app.command("triton-repo")
+def triton_repo(
+    model: Path = typer.Argument(..., help=".onnx or .plan file (with its sidecar)"),
+    out: Path = typer.Option(..., "--out", "-o", help="model repository folder (created; a model already there is refused)"),
+    name: Optional[str] = typer.Option(None, help="Triton model name (default: the file's stem)"),
+    max_batch: int = typer.Option(8, min=1, help="max_batch_size (a plan's: at most its profile's maximum)"),
+    max_queue_delay_us: int = typer.Option(2000, min=0, help="dynamic batching delay"),
+    instances: int = typer.Option(1, min=1, help="instances per GPU (KIND_GPU) or on the CPU (ONNX, --cpu)"),
+    cpu: bool = typer.Option(False, "--cpu", help="ONNX only: run the instances on the CPU (KIND_CPU)"),
+) -> None:
+    """Write a Triton model repository for the official Triton container: config.pbtxt and the model
+    file under version 1/. Clients preprocess with the package (runtime.RemoteDetector does)."""
+    from .serving.repository import write_repository
+
+    folder = write_repository(model, out, name, max_batch=max_batch, max_queue_delay_us=max_queue_delay_us,
+                              instances=instances, cpu=cpu)
+    typer.echo(f"wrote {folder}: serve it with `tritonserver --model-repository {out}`; "
+               f"clients: stmae_edge.runtime.RemoteDetector(URL, {folder.name!r})")
 
 
 def main() -> None:

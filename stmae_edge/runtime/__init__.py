@@ -3,5 +3,6 @@
 from .backends import BACKENDS, open_backend
 from .detector import Detector
 from .postprocess import Detection, Region
+from .remote import RemoteDetector, RemoteError
 
-__all__ = ["BACKENDS", "Detection", "Detector", "Region", "open_backend"]
+__all__ = ["BACKENDS", "Detection", "Detector", "Region", "RemoteDetector", "RemoteError", "open_backend"]

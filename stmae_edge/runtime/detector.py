@@ -154,16 +154,33 @@ class Detector:
             sizes.append(image.shape[:2])
             sources.append(source)
         inferred = time.perf_counter()
-        with self._lock:
-            maps, scores = self._backend.run(batch)
+        maps, scores = self.run_tensors(batch)
         spent["preprocess"] += inferred - started
         spent["infer"] += time.perf_counter() - inferred
-        if maps.shape != (len(items), height, width) or scores.shape != (len(items),):
+        return maps, scores, sizes, sources
+
+    def run_tensors(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The network on preprocessed images (N, 3, H, W) float32, N at most batch_size: maps (N, H, W)
+        and raw scores (N,). For callers that preprocess elsewhere (the Triton server's tensor input).
+
+        Raises:
+            ConfigError: the batch has the wrong shape or dtype. BackendError: the network failed or
+                produced NaN or infinite values.
+        """
+        height, width = self.preprocessing.input_size
+        if (not isinstance(batch, np.ndarray) or batch.dtype != np.float32 or batch.ndim != 4
+                or batch.shape[1:] != (3, height, width) or not 0 < len(batch) <= self._backend.max_batch):
+            got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
+            raise ConfigError(f"expected float32 images (N, 3, {height}, {width}) with 1 <= N <= "
+                              f"{self._backend.max_batch}, got {got}")
+        with self._lock:
+            maps, scores = self._backend.run(batch)
+        if maps.shape != (len(batch), height, width) or scores.shape != (len(batch),):
             raise BackendError(f"the backend returned maps {maps.shape} and scores {scores.shape} for a batch of "
-                               f"{len(items)}; the model file does not fit this runtime")
+                               f"{len(batch)}; the model file does not fit this runtime")
         if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
             raise BackendError("the network produced NaN or infinite values; check the model with `stmae-edge verify`")
-        return maps, scores, sizes, sources
+        return maps, scores
 
     def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict) -> list[Detection]:
         maps, scores, sizes, sources = self._infer_batch(items, offset, spent)

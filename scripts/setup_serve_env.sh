@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv-serve (once) with stmae-edge and its serve extra (PyTriton, which needs numpy < 2, apart
+# from .venv). Run by scripts/test.sh; or run it and then `.venv-serve/bin/stmae-edge serve MODEL`.
+# Triton's Python backend links libpython: the venv is made from a Python that has a shared libpython
+# (pyenv's, the system's /usr/bin/python3), and `serve` puts that library first for the backend.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+python="${STMAE_SERVE_PYTHON:-python3}"
+libpython="$("$python" -c 'import sysconfig, pathlib; d = sysconfig.get_config_var; p = pathlib.Path(d("LIBDIR") or "") / (d("LDLIBRARY") or ""); print(p if p.is_file() and ".so" in p.name else "")')"
+if [ -z "$libpython" ] && [ -x /usr/bin/python3 ]; then
+  python=/usr/bin/python3  # this Python has no shared libpython; the system's does
+fi
+if [ ! -x .venv-serve/bin/python ]; then
+  "$python" -m venv .venv-serve || { echo "error: '$python -m venv' failed; install Python 3.10+ with venv" >&2; exit 2; }
+fi
+stamp=".venv-serve/.stmae-edge-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) serve"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv-serve/bin/python -m pip install --quiet --disable-pip-version-check -e ".[serve]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,133 @@
+"""`stmae-edge triton-repo`: a model repository for the official Triton Inference Server container.
+
+    MODEL.onnx ──> OUT/NAME/config.pbtxt   platform onnxruntime_onnx, KIND_GPU (or KIND_CPU with --cpu)
+    MODEL.plan ──> OUT/NAME/config.pbtxt   platform tensorrt_plan, KIND_GPU, the plan's profile 0
+                   OUT/NAME/1/model.onnx | model.plan   (a copy of the file)
+
+The network's own input and outputs are served: images (N, 3, H, W) float32, anomaly_map (N, 1, H, W)
+and score (N,). Clients preprocess and postprocess with the package (runtime.RemoteDetector), which
+reads the model's metadata from the config's `stmae_edge_metadata` parameter. The repository is
+written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..engine_plan import read_plan
+from ..errors import ConfigError, OutputError
+from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME, ModelMetadata
+from ..onnx_files import load_onnx
+from . import protocol as p
+
+PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan")}
+
+
+def write_repository(model: Path | str, out: Path | str, name: str | None = None, *, max_batch: int = 8,
+                     max_queue_delay_us: int = 2000, instances: int = 1, cpu: bool = False) -> Path:
+    """Write OUT/NAME/{config.pbtxt, 1/model.*}; returns OUT/NAME.
+
+    Raises:
+        ConfigError: an unknown file type, a plan built by TensorRT for RTX, --cpu with a plan, bad numbers.
+        OutputError: OUT/NAME exists already. CheckpointError, EngineMismatchError: not a usable model.
+    """
+    model = Path(model)
+    if model.suffix not in PLATFORMS:
+        raise ConfigError(f"{model}: Triton serves .onnx or .plan files; export or build one first")
+    platform, file_name = PLATFORMS[model.suffix]
+    name = p.check_model_name(name) if name is not None else p.model_name_for(model)
+    for option, value in (("--max-batch", max_batch), ("--instances", instances)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{option} must be a whole number of at least 1, got {value!r}")
+    profile = None
+    if model.suffix == ".plan":
+        if cpu:
+            raise ConfigError("a TensorRT plan runs on a GPU only; give the .onnx file for --cpu")
+        _, sidecar, metadata = read_plan(model)
+        if sidecar.get("tensorrt", {}).get("flavour") == "tensorrt-rtx":
+            raise ConfigError(f"{model} was built by TensorRT for RTX; Triton's TensorRT backend loads plans of full "
+                              "TensorRT, of its own version: build the plan with `stmae-edge build` on the serving "
+                              "machine (same GPU, same TensorRT as the Triton container), or serve the .onnx")
+        if max_batch > sidecar["batch"]["max"]:
+            raise ConfigError(f"--max-batch {max_batch} exceeds the plan's batch profile (at most "
+                              f"{sidecar['batch']['max']}); rebuild with a larger --batch or lower --max-batch")
+        profile = "0"
+    else:
+        metadata = ModelMetadata.from_onnx(load_onnx(model))
+    height, width = metadata.preprocessing.input_size
+    document = {"name": name, "max_batch": max_batch, "metadata": metadata.to_dict(),
+                "thresholds": metadata.thresholds.to_dict()}
+    config = {
+        "name": name, "platform": platform, "max_batch_size": max_batch,
+        "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "dims": [3, height, width]}],
+        "output": [{"name": MAP_NAME, "data_type": "TYPE_FP32", "dims": [1, height, width]},
+                   # (N,) per batch: Triton wants dims per image, so [1] reshaped to a scalar
+                   {"name": SCORE_NAME, "data_type": "TYPE_FP32", "dims": [1], "reshape": {"shape": []}}],
+        "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
+        "instance_group": [{"count": instances, "kind": "KIND_CPU" if cpu else "KIND_GPU",
+                            **({"profile": [profile]} if profile else {})}],
+        "parameters": {p.METADATA_PARAMETER: {"string_value": json.dumps(document, sort_keys=True)}},
+    }
+    out = Path(out)
+    target = out / name
+    if target.exists():
+        raise OutputError(f"{target} exists; remove it or give another --out or --name")
+    partial = out / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        (partial / "1").mkdir(parents=True)
+        (partial / "config.pbtxt").write_text(to_pbtxt(config))
+        shutil.copyfile(model, partial / "1" / file_name)
+        partial.rename(target)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    return target
+
+
+ENUMS = {"data_type", "kind"}
+
+
+def to_pbtxt(message: dict, indent: int = 0) -> str:
+    """A dict as protobuf text format (the ModelConfig message): lists are repeated fields, dicts are
+    messages, except `parameters`, which is a map<string, ModelParameter>."""
+    pad = "  " * indent
+    lines = []
+    for key, value in message.items():
+        if key == "parameters":
+            for map_key, entry in value.items():
+                lines.append(f"{pad}{key} {{\n{pad}  key: {_string(map_key)}\n{pad}  value {{\n"
+                             f"{to_pbtxt(entry, indent + 2)}{pad}  }}\n{pad}}}")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            lines += [f"{pad}{key} {{\n{to_pbtxt(item, indent + 1)}{pad}}}" for item in value]
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [{', '.join(_scalar(key, v) for v in value)}]")
+        elif isinstance(value, dict):
+            lines.append(f"{pad}{key} {{\n{to_pbtxt(value, indent + 1)}{pad}}}")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(key, value)}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _scalar(key: str, value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return value if key in ENUMS else _string(value)
+
+
+def _string(text: str) -> str:
+    """A protobuf text-format string literal; non-ASCII characters as UTF-8 octal escapes."""
+    escaped = []
+    for byte in text.encode():
+        char = chr(byte)
+        if char in '"\\':
+            escaped.append("\\" + char)
+        elif 32 <= byte < 127:
+            escaped.append(char)
+        else:
+            escaped.append(f"\\{byte:03o}")
+    return '"' + "".join(escaped) + '"'

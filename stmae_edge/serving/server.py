@@ -1,0 +1,180 @@
+"""`stmae-edge serve`: one model file behind a real Triton Inference Server, started by PyTriton.
+
+    clients ──HTTP/gRPC──> tritonserver (dynamic batching, health, statistics, metrics)
+                             └─ Python backend stub ──> this process: score_batch() per batch
+                                                          └─ Detector (the runtime's backends)
+
+PyTriton's Python backend stub is linked against libpython. It loads the one the dynamic linker finds,
+which in a virtual environment made from another build of the same Python version fails at model
+load; `use_own_libpython` puts this interpreter's own shared libpython first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError, ConfigError
+from ..runtime.detector import Detector
+from ..scoring import normalize
+from . import protocol as p
+
+logger = logging.getLogger(__name__)
+INSTALL_HINT = ("install the serve extra in its own environment: `bash scripts/setup_serve_env.sh` "
+                "(see the README, \"Serving many cameras\")")
+MAX_INSTANCES = 16
+ADMIN_ENDPOINTS = ("shared-memory", "model-repository", "trace", "logging")
+
+
+def import_pytriton():
+    try:
+        from pytriton.decorators import batch
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+    except ImportError:
+        raise BackendError(f"PyTriton is not installed: {INSTALL_HINT}") from None
+    return batch, DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonSecurityConfig
+
+
+def use_own_libpython() -> None:
+    """Put this interpreter's shared libpython first on LD_LIBRARY_PATH, for the backend stub that
+    tritonserver starts; warn where the interpreter has none (the stub then finds the system's)."""
+    library = Path(sysconfig.get_config_var("LIBDIR") or "") / (sysconfig.get_config_var("LDLIBRARY") or "")
+    if library.suffix != ".so" and ".so." not in library.name or not library.is_file():
+        logger.warning("this Python (%s) has no shared libpython; Triton's Python backend will load the system's, "
+                       "which works only in an environment made from that same Python build", sys.executable)
+        return
+    paths = [str(library.parent)] + [x for x in os.environ.get("LD_LIBRARY_PATH", "").split(":") if x]
+    os.environ["LD_LIBRARY_PATH"] = ":".join(dict.fromkeys(paths))
+
+
+def score_batch(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Preprocessed images (N, 3, H, W) float32 -> the outputs of protocol.OUTPUTS, one row per image.
+    An image with NaN or infinite values gets its own error; the others are scored."""
+    count = len(images)
+    height, width = detector.preprocessing.input_size
+    scores = np.zeros(count, np.float32)
+    maps = np.zeros((count, height, width), np.float32)
+    errors = np.full((count, 1), b"", dtype=object)
+    finite = np.isfinite(images.reshape(count, -1)).all(axis=1)
+    errors[~finite, 0] = b"the image has NaN or infinite values; nothing was scored"
+    good = np.flatnonzero(finite)
+    for start in range(0, len(good), detector.batch_size):
+        rows = good[start:start + detector.batch_size]
+        maps[rows], scores[rows] = detector.run_tensors(np.ascontiguousarray(images[rows]))
+    threshold = detector.thresholds.image
+    return {p.SCORE: scores[:, None], p.NORMALIZED_SCORE: normalize(scores, detector.score_stats).astype(np.float32)[:, None],
+            p.IS_ANOMALOUS: ((scores > threshold) & finite)[:, None], p.ANOMALY_MAP: maps, p.ERROR: errors}
+
+
+def metadata_document(detector: Detector, name: str, max_batch: int) -> bytes:
+    """What a client needs to preprocess and postprocess as the in-process Detector does."""
+    return json.dumps({"name": name, "max_batch": max_batch, "metadata": detector.metadata.to_dict(),
+                       "thresholds": detector.thresholds.to_dict(), "runtime": detector.info}).encode()
+
+
+def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.0.0.0", http_port: int = 8000,
+          grpc_port: int = 8001, metrics_port: int = 8002, max_batch: int = 8, max_queue_delay_us: int = 2000,
+          instances: int = 1, backend: str = "auto", threads: int = 0) -> None:
+    """Serve `model_path` until SIGINT or SIGTERM.
+
+    Args:
+        model_path: .onnx or .plan (with its sidecar), as the runtime's Detector opens them.
+        name: the Triton model name (default: the file's stem).
+        address: where the HTTP, gRPC and metrics endpoints listen (0.0.0.0: every interface).
+        max_batch: the largest batch Triton forms from queued requests (capped by the model's profile).
+        max_queue_delay_us: how long Triton waits for more requests to fill a batch.
+        instances: model instances, each with its own Detector (for a GPU, or more CPU cores).
+
+    Raises:
+        BackendError: PyTriton is missing or the server did not start. ConfigError: a bad argument.
+    """
+    batch, DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonSecurityConfig = import_pytriton()
+    name = p.check_model_name(name) if name is not None else p.model_name_for(model_path)
+    for option, value, low, high in (("--max-batch", max_batch, 1, 4096), ("--instances", instances, 1, MAX_INSTANCES),
+                                     ("--max-queue-delay-us", max_queue_delay_us, 0, 10_000_000)):
+        if not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{option} must be a whole number from {low} to {high}, got {value!r}")
+    detectors = [Detector(model_path, backend, batch_size=max_batch, threads=threads) for _ in range(instances)]
+    max_batch = detectors[0].batch_size
+    height, width = detectors[0].preprocessing.input_size
+    use_own_libpython()
+
+    def image_model(detector: Detector):
+        @batch
+        def infer(images):
+            return score_batch(detector, images.astype(np.float32, copy=False))
+        return infer
+
+    def frame_model(detector: Detector):
+        @batch
+        def infer(frames):
+            return score_batch(detector, detector.preprocess(list(frames)))
+        return infer
+
+    def metadata_model(detector: Detector):
+        document = metadata_document(detector, name, max_batch)
+
+        @batch
+        def infer(request):
+            return {p.METADATA: np.full((len(request), 1), document, dtype=object)}
+        return infer
+
+    outputs = [Tensor(name=p.SCORE, dtype=np.float32, shape=(1,)),
+               Tensor(name=p.NORMALIZED_SCORE, dtype=np.float32, shape=(1,)),
+               Tensor(name=p.IS_ANOMALOUS, dtype=np.bool_, shape=(1,)),
+               Tensor(name=p.ANOMALY_MAP, dtype=np.float32, shape=(height, width)),
+               Tensor(name=p.ERROR, dtype=bytes, shape=(1,))]
+    config = ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
+    models = [(name, image_model, [Tensor(name=p.IMAGES, dtype=np.float32, shape=(3, height, width))], outputs),
+              (name + p.FRAMES_SUFFIX, frame_model, [Tensor(name=p.FRAMES, dtype=np.uint8, shape=(height, width, 3))],
+               outputs),
+              (name + p.GRAY_SUFFIX, frame_model, [Tensor(name=p.FRAMES, dtype=np.uint8, shape=(height, width))],
+               outputs),
+              (name + p.METADATA_SUFFIX, metadata_model, [Tensor(name=p.METADATA_REQUEST, dtype=np.int32, shape=(1,))],
+               [Tensor(name=p.METADATA, dtype=bytes, shape=(1,))])]
+    server_config = TritonConfig(http_address=address, http_port=http_port, grpc_address=address,
+                                 grpc_port=grpc_port, metrics_port=metrics_port, exit_timeout_secs=5)
+    stop = _stop_on_signals()
+    # Statistics stay open, as in a plain tritonserver (PyTriton would put them behind a token); the
+    # endpoints that change the server stay behind the random token PyTriton makes.
+    security = TritonSecurityConfig(restricted_endpoints=list(ADMIN_ENDPOINTS))
+    triton = Triton(config=server_config, security_config=security)
+    try:
+        for model_name, make, inputs, model_outputs in models:
+            triton.bind(model_name=model_name, infer_func=[make(d) for d in detectors], inputs=inputs,
+                        outputs=model_outputs, config=config, strict=True)
+        try:
+            triton.run()
+        except Exception as exc:  # PyTriton raises several types; the user needs the first line
+            raise BackendError(f"Triton did not start: {str(exc).splitlines()[0][:300]}") from exc
+        print(f"serving {name} ({Path(model_path).name}, batches up to {max_batch}) at http://{address}:{http_port}, "
+              f"grpc {address}:{grpc_port}, metrics http://{address}:{metrics_port}/metrics; Ctrl-C stops", flush=True)
+        while not stop["requested"] and triton.is_alive():
+            time.sleep(0.2)
+        if not stop["requested"]:
+            raise BackendError("Triton stopped on its own (its server or a model's backend process exited)")
+    finally:
+        triton.stop()
+        for detector in detectors:
+            detector.close()
+
+
+def _stop_on_signals() -> dict:
+    """SIGINT and SIGTERM end serve() through its own loop, so that Triton is stopped and cleaned up."""
+    state = {"requested": False}
+
+    def handler(signum, frame):
+        state["requested"] = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return state

@@ -1,0 +1,275 @@
+"""Serving through a real Triton Inference Server (PyTriton's tritonserver) on loopback, and the model
+repository for the official container. The server runs from .venv-serve (the serve extra needs
+numpy < 2); scripts/test.sh makes it. Every server is started and stopped by these tests."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from stmae_edge import data
+from stmae_edge.errors import ConfigError, OutputError
+from stmae_edge.metadata import ModelMetadata
+from stmae_edge.runtime import Detector, RemoteDetector, RemoteError
+from stmae_edge.serving.repository import write_repository
+
+SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
+needs_serve_env = pytest.mark.skipif(not SERVE_PYTHON.is_file(),
+                                     reason="needs .venv-serve with the serve extra: bash scripts/setup_serve_env.sh")
+RTOL = 1e-5
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def served(tiny_export, tmp_path_factory):
+    """`stmae-edge serve` on the tiny model's ONNX file, on loopback: (url, grpc url, metrics url, onnx)."""
+    if not SERVE_PYTHON.is_file():
+        pytest.skip("needs .venv-serve with the serve extra: bash scripts/setup_serve_env.sh")
+    _, onnx_path, _ = tiny_export
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    command = [str(SERVE_PYTHON), "-m", "stmae_edge.cli", "serve", str(onnx_path), "--name", "tiny",
+               "--address", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
+               "--metrics-port", str(metrics), "--max-batch", "8", "--max-queue-delay-us", "20000"]
+    with open(log, "wb") as sink:
+        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{http}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/v2/models/tiny_metadata/ready", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url, f"grpc://127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", onnx_path
+    server.send_signal(signal.SIGTERM)
+    try:
+        assert server.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_http_answers_as_the_in_process_detector(served, synthetic_dataset):
+    url, _, _, onnx_path = served
+    paths = [s.path for s in data.eval_samples(synthetic_dataset)]
+    with RemoteDetector(url, "tiny") as remote, Detector(onnx_path) as local:
+        assert remote.metadata.to_dict() == ModelMetadata.from_onnx(onnx_path).to_dict()
+        assert remote.thresholds == local.thresholds
+        far, near = remote.predict(paths), local.predict(paths)
+    assert [d.source for d in far] == [d.source for d in near]
+    np.testing.assert_allclose([d.score for d in far], [d.score for d in near], rtol=RTOL)
+    np.testing.assert_allclose([d.normalized_score for d in far], [d.normalized_score for d in near], rtol=RTOL, atol=1e-6)
+    for a, b in zip(far, near):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=RTOL, atol=1e-6)
+        assert a.is_anomalous == b.is_anomalous and len(a.regions) == len(b.regions)
+
+
+def test_grpc_answers_as_the_in_process_detector(served, synthetic_dataset, tmp_path):
+    _, grpc, _, onnx_path = served
+    paths = [str(s.path) for s in data.eval_samples(synthetic_dataset)]
+    client = (f"import json, sys, numpy as np; from stmae_edge.runtime import RemoteDetector\n"
+              f"r = RemoteDetector({grpc!r}, 'tiny').predict({paths!r})\n"
+              f"np.save({str(tmp_path / 'maps.npy')!r}, np.stack([d.anomaly_map for d in r]))\n"
+              f"print(json.dumps([[d.score, d.is_anomalous] for d in r]))")
+    answer = subprocess.run([str(SERVE_PYTHON), "-c", client], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    remote = json.loads(answer.stdout)
+    with Detector(onnx_path) as local:
+        near = local.predict(paths)
+    np.testing.assert_allclose([s for s, _ in remote], [d.score for d in near], rtol=RTOL)
+    assert [a for _, a in remote] == [d.is_anomalous for d in near]
+    np.testing.assert_allclose(np.load(tmp_path / "maps.npy"), np.stack([d.anomaly_map for d in near]), rtol=RTOL, atol=1e-6)
+
+
+def test_raw_frames_are_preprocessed_by_the_server_as_in_process(served, synthetic_dataset):
+    url, _, _, onnx_path = served
+    with RemoteDetector(url, "tiny") as remote, Detector(onnx_path) as local:
+        height, width = local.preprocessing.input_size
+        rng = np.random.default_rng(0)
+        color = rng.integers(0, 256, (3, height, width, 3), dtype=np.uint8)
+        gray = color[..., 1].copy()
+        for model, frames in (("tiny_frames", color), ("tiny_gray", gray)):
+            out = remote.infer(model, {"frames": frames}, ["score", "normalized_score", "is_anomalous", "anomaly_map"])
+            maps, scores = local.raw_maps(list(frames))
+            np.testing.assert_allclose(out["score"][:, 0], scores, rtol=RTOL)
+            np.testing.assert_allclose(out["anomaly_map"], maps, rtol=RTOL, atol=1e-6)
+            assert list(out["is_anomalous"][:, 0]) == list(scores > local.thresholds.image)
+
+
+def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(served):
+    url, _, _, onnx_path = served
+    remote = RemoteDetector(url, "tiny")
+    height, width = remote.preprocessing.input_size
+    good = np.zeros((2, 3, height, width), np.float32)
+    cases = {"unexpected shape": np.zeros((1, 3, height, width + 1), np.float32),
+             "data-type is 'FP64'": np.zeros((1, 3, height, width), np.float64),
+             "batch-size must be <= 8": np.zeros((9, 3, height, width), np.float32)}
+    for expected, images in cases.items():
+        with pytest.raises(RemoteError, match=expected) as caught:
+            remote.infer("tiny", {"images": images}, ["score"])
+        assert "\n" not in str(caught.value)
+    with_nan = good.copy()
+    with_nan[1, 0, 0, 0] = np.nan
+    out = remote.infer("tiny", {"images": with_nan}, ["score", "error", "is_anomalous"])
+    assert out["error"][0, 0] == b"" and b"NaN" in out["error"][1, 0] and not out["is_anomalous"][1, 0]
+    with pytest.raises(RemoteError, match="image 1: the image has NaN"):
+        remote.run_tensors(with_nan)
+    with Detector(onnx_path) as local:  # and the good image in that batch was scored as usual
+        np.testing.assert_allclose(out["score"][0, 0], local.run_tensors(good[:1])[1][0], rtol=RTOL)
+    maps, scores = remote.run_tensors(good)
+    assert maps.shape == (2, height, width) and np.isfinite(scores).all()
+    with pytest.raises(RemoteError, match="cannot reach the server"):
+        RemoteDetector("http://127.0.0.1:9", "tiny")
+    with pytest.raises(ConfigError, match="model name"):
+        RemoteDetector(url, "../etc")
+
+
+def test_many_clients_are_batched_and_each_gets_its_own_answer(served, synthetic_dataset):
+    url, _, _, onnx_path = served
+    paths = [s.path for s in data.eval_samples(synthetic_dataset)]
+    with Detector(onnx_path) as local:
+        expected = {str(d.source): d.score for d in local.predict(paths)}
+    remote = RemoteDetector(url, "tiny")
+    mismatches, failures = [], []
+
+    def client(index: int) -> None:
+        try:
+            for k in range(50):
+                path = paths[(index + k) % len(paths)]
+                got = remote.predict(path).score
+                if abs(got - expected[str(path)]) > RTOL * abs(expected[str(path)]):
+                    mismatches.append((path, got))
+        except Exception as exc:  # reported below with the rest
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures and not mismatches, (failures[:3], mismatches[:3])
+    stats = json.load(urllib.request.urlopen(f"{url}/v2/models/tiny/stats", timeout=10))["model_stats"][0]
+    sizes = {b["batch_size"] for b in stats["batch_stats"]}
+    assert int(stats["inference_count"]) >= 400 and max(sizes) > 1, sizes  # dynamic batching formed batches
+
+
+def test_predict_with_server_writes_what_local_predict_writes(served, synthetic_dataset, tmp_path):
+    url, _, _, onnx_path = served
+    folder = synthetic_dataset / "test"
+    runs = {}
+    for where, extra in (("local", [str(onnx_path)]), ("server", ["tiny", "--server", url])):
+        result = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "predict", extra[0], str(folder), "--out",
+                                 str(tmp_path / where), "--no-overlays", *extra[1:]],
+                                capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[where] = json.loads((tmp_path / where / "results.json").read_text())["results"]
+    assert [r["source"] for r in runs["server"]] == [r["source"] for r in runs["local"]]
+    np.testing.assert_allclose([r["score"] for r in runs["server"]], [r["score"] for r in runs["local"]], rtol=RTOL)
+    assert [r["decision"] for r in runs["server"]] == [r["decision"] for r in runs["local"]]
+    refused = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "predict", "tiny", str(folder), "--server", url,
+                              "--backend", "ort-cpu"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --backend, --cuda-graph")
+
+
+def test_health_readiness_and_metrics_come_from_triton(served):
+    url, _, metrics, _ = served
+    assert urllib.request.urlopen(f"{url}/v2/health/live", timeout=5).status == 200
+    assert urllib.request.urlopen(f"{url}/v2/health/ready", timeout=5).status == 200
+    for model in ("tiny", "tiny_frames", "tiny_gray", "tiny_metadata"):
+        assert urllib.request.urlopen(f"{url}/v2/models/{model}/ready", timeout=5).status == 200
+    text = urllib.request.urlopen(metrics, timeout=10).read().decode()
+    assert 'nv_inference_count{model="tiny",version="1"}' in text
+
+
+def test_serve_without_pytriton_says_how_to_install_it(tiny_export):
+    _, onnx_path, _ = tiny_export
+    if SERVE_PYTHON.is_file() and Path(sys.prefix).resolve() == SERVE_PYTHON.parents[1].resolve():
+        pytest.skip("this test runs in the environment without PyTriton")
+    result = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "serve", str(onnx_path)], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: PyTriton is not installed: install the serve extra in its own environment: "
+        "`bash scripts/setup_serve_env.sh` (see the README, \"Serving many cameras\")")
+
+
+def parse_config(path: Path) -> dict:
+    """config.pbtxt through the ModelConfig protobuf message that tritonclient ships (in .venv-serve)."""
+    script = ("import json, sys; from google.protobuf import text_format, json_format\n"
+              "from tritonclient.grpc import model_config_pb2\n"
+              "c = text_format.Parse(open(sys.argv[1]).read(), model_config_pb2.ModelConfig())\n"
+              "print(json.dumps(json_format.MessageToDict(c, preserving_proto_field_name=True)))")
+    result = subprocess.run([str(SERVE_PYTHON), "-c", script, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+@needs_serve_env
+def test_triton_repo_for_onnx_parses_as_a_model_config(tiny_export, tmp_path):
+    _, onnx_path, _ = tiny_export
+    folder = write_repository(onnx_path, tmp_path / "repo", max_batch=16, max_queue_delay_us=500, instances=2, cpu=True)
+    assert folder.name == onnx_path.stem and (folder / "1" / "model.onnx").read_bytes() == onnx_path.read_bytes()
+    config = parse_config(folder / "config.pbtxt")
+    height, width = ModelMetadata.from_onnx(onnx_path).preprocessing.input_size
+    assert config["platform"] == "onnxruntime_onnx" and config["max_batch_size"] == 16
+    assert config["input"] == [{"name": "images", "data_type": "TYPE_FP32", "dims": ["3", str(height), str(width)]}]
+    outputs = {o["name"]: o for o in config["output"]}
+    assert outputs["anomaly_map"]["dims"] == ["1", str(height), str(width)] and outputs["score"]["dims"] == ["1"]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "500"
+    assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    document = json.loads(config["parameters"]["stmae_edge_metadata"]["string_value"])
+    assert document["metadata"] == ModelMetadata.from_onnx(onnx_path).to_dict()
+    with pytest.raises(OutputError, match="exists"):
+        write_repository(onnx_path, tmp_path / "repo")
+    with pytest.raises(ConfigError, match="model name"):
+        write_repository(onnx_path, tmp_path / "repo", name="a b")
+
+
+@needs_serve_env
+def test_triton_repo_for_a_plan_keeps_its_profile_and_refuses_rtx_plans(tiny_export, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="needs TensorRT for RTX: pip install '.[rtx]'")
+    from stmae_edge.engine_build import build_engine
+    from stmae_edge.engine_plan import read_plan, sidecar_path
+
+    _, onnx_path, _ = tiny_export
+    plan, _ = build_engine(onnx_path, "fp32", "1:4:8", tmp_path / "m.plan")
+    with pytest.raises(ConfigError, match="built by TensorRT for RTX"):
+        write_repository(plan, tmp_path / "repo")
+    # The same plan as full TensorRT would describe it: what a user's GPU server builds.
+    side = sidecar_path(plan)
+    sidecar = json.loads(side.read_text())
+    sidecar["tensorrt"]["flavour"] = "tensorrt"
+    side.write_text(json.dumps(sidecar))
+    read_plan(plan)  # still a consistent plan and sidecar
+    with pytest.raises(ConfigError, match="exceeds the plan's batch profile"):
+        write_repository(plan, tmp_path / "repo", max_batch=16)
+    with pytest.raises(ConfigError, match="GPU only"):
+        write_repository(plan, tmp_path / "repo", cpu=True)
+    config = parse_config(write_repository(plan, tmp_path / "repo", max_batch=8) / "config.pbtxt")
+    assert config["platform"] == "tensorrt_plan" and config["max_batch_size"] == 8
+    assert config["instance_group"] == [{"count": 1, "kind": "KIND_GPU", "profile": ["0"]}]
