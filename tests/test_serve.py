@@ -218,6 +218,22 @@ def test_serve_without_pytriton_says_how_to_install_it(tiny_export):
         "`bash scripts/setup_serve_env.sh` (see the README, \"Serving many cameras\")")
 
 
+@needs_serve_env
+def test_serve_refuses_a_port_in_use_at_once(tiny_export):
+    _, onnx_path, _ = tiny_export
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run([str(SERVE_PYTHON), "-m", "stmae_edge.cli", "serve", str(onnx_path), "--address",
+                                 "127.0.0.1", "--http-port", str(port)], capture_output=True, text=True, cwd=REPO,
+                                timeout=120)
+    assert result.returncode == 2 and time.monotonic() - started < 60
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --http-port {port} on 127.0.0.1: Address already in use; stop what uses it or choose another port")
+
+
 def parse_config(path: Path) -> dict:
     """config.pbtxt through the ModelConfig protobuf message that tritonclient ships (in .venv-serve)."""
     script = ("import json, sys; from google.protobuf import text_format, json_format\n"

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import sysconfig
 import time
@@ -54,6 +55,25 @@ def use_own_libpython() -> None:
         return
     paths = [str(library.parent)] + [x for x in os.environ.get("LD_LIBRARY_PATH", "").split(":") if x]
     os.environ["LD_LIBRARY_PATH"] = ":".join(dict.fromkeys(paths))
+
+
+def check_ports_free(address: str, ports: dict[str, int]) -> None:
+    """Refuse ports that something already listens on: tritonserver would exit, and PyTriton would
+    report it only as a timeout a minute later.
+
+    Raises:
+        ConfigError: two options name one port, or a port is taken or cannot be bound on `address`.
+    """
+    if len(set(ports.values())) < len(ports):
+        raise ConfigError(f"{', '.join(ports)} must differ, got {', '.join(map(str, ports.values()))}")
+    for option, port in ports.items():
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError as exc:
+                raise ConfigError(f"{option} {port} on {address}: {exc.strerror or exc}; stop what uses it or "
+                                  f"choose another port") from None
 
 
 def score_batch(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -103,6 +123,7 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.
                                      ("--max-queue-delay-us", max_queue_delay_us, 0, 10_000_000)):
         if not isinstance(value, int) or not low <= value <= high:
             raise ConfigError(f"{option} must be a whole number from {low} to {high}, got {value!r}")
+    check_ports_free(address, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     detectors = [Detector(model_path, backend, batch_size=max_batch, threads=threads) for _ in range(instances)]
     max_batch = detectors[0].batch_size
     height, width = detectors[0].preprocessing.input_size
