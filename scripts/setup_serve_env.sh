@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python="${STMAE_SERVE_PYTHON:-python3}"
-libpython="$("$python" -c 'import sysconfig, pathlib; d = sysconfig.get_config_var; p = pathlib.Path(d("LIBDIR") or "") / (d("LDLIBRARY") or ""); print(p if p.is_file() and ".so" in p.name else "")')"
+libpython="$("$python" -c 'import sysconfig, pathlib; d = sysconfig.get_config_var; l = pathlib.Path(d("LIBDIR") or ""); print(next((l / n for n in (d("INSTSONAME") or "", d("LDLIBRARY") or "") if ".so" in n and (l / n).is_file()), ""))')"
 if [ -z "$libpython" ] && [ -x /usr/bin/python3 ]; then
   python=/usr/bin/python3  # this Python has no shared libpython; the system's does
 fi

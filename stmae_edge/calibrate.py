@@ -46,7 +46,7 @@ from .progress import progress_bar
 
 SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_bias": False,
             "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8",
-            "float_precision": "fp16"}
+            "float_precision": "fp16", "graph_version": 2}  # graph_version: changes when the graph we write does
 FLOAT_PRECISIONS = ("fp16", "fp32")
 FAMILY_SETTINGS = {"stmae": {"op_types": ["MatMul"], "float_statistics": True, "weight_matmuls_only": True},
                    "filtering-ae": {"op_types": ["Conv"], "float_output_convs": True}}
@@ -85,6 +85,22 @@ def activation_matmuls(proto: onnx.ModelProto) -> list[str]:
 
     return [node.name for node in proto.graph.node
             if node.op_type == "MatMul" and not any(is_constant(name) for name in node.input)]
+
+
+def scoring_region(quantized: onnx.ModelProto, scoring: set[str], onnx_path: Path) -> set[str]:
+    """float_region of the quantised graph, after checking that the scoring survived quantisation:
+    some of its nodes are still there by name, and every graph output comes from it.
+
+    Raises:
+        ConfigError: it did not; the fp16 graph would score in fp16.
+    """
+    region = float_region(quantized, scoring)
+    producers = {out: node.name for node in quantized.graph.node for out in node.output}
+    outputs_scored = all(producers.get(o.name) in region for o in quantized.graph.output)
+    if not scoring & {node.name for node in quantized.graph.node} or not outputs_scored:
+        raise ConfigError(f"{onnx_path}: the scoring part of the graph was not found after quantisation; calibrate "
+                          "with --float-precision fp32")
+    return region
 
 
 def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
@@ -194,7 +210,7 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
                                            "QuantizeBias": settings["quantize_bias"]})
     quantized = onnx.load(str(target))
     if settings["float_precision"] == "fp16":
-        quantized = to_half(quantized, float_region(quantized, scoring_nodes(proto)))
+        quantized = to_half(quantized, scoring_region(quantized, scoring_nodes(proto), onnx_path))
     del quantized.metadata_props[:]
     props = {p.key: p.value for p in proto.metadata_props}
     props[PRECISION_KEY] = "int8"

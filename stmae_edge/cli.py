@@ -312,7 +312,7 @@ def predict(
         if backend != "auto" or cuda_graph or bit_depth is not None:
             raise ConfigError("--backend, --cuda-graph and --bit-depth choose how this machine runs the model; "
                               "with --server, the server decides (see `stmae-edge serve --help`)")
-        detector = RemoteDetector(server, str(model))
+        detector = RemoteDetector(server, str(model), batch_size=batch_size)
     else:
         detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph, bit_depth=bit_depth)
     paths = expand_inputs(images)

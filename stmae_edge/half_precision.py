@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .errors import ConfigError
+
 # Model buffers (by the last part of their name) that score the map: ST-MAE's per-position Gaussian and
 # residual statistics and the fusion's scale. Export keeps them fp32 in the FP16 graph, calibrate leaves
 # them unquantised in the INT8 graph, and `to_half` keeps them and everything after them in fp32.
@@ -36,6 +38,9 @@ STATISTICS_PREFIXES = ("gaussian_", "fusion_stats", "residual_mean", "residual_s
 SCORING_SCOPE = "scoring"
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 QDQ_FLOAT_SCALE_OPSET = 19
+MIN_OPSET = 18  # Reduce ops take axes as an input from 18 on: raising an older graph's opset would break them
+FP16_MAX = 65504.0
+FP16_SMALLEST_NORMAL = 6.104e-05  # a Q/DQ scale below it loses precision in fp16, or becomes 0
 # Inputs that ONNX fixes to tensor(float) whatever the node's data type (Resize's scales).
 FLOAT_ONLY_INPUTS = {"Resize": {2}}
 
@@ -88,10 +93,20 @@ def float_region(proto: onnx.ModelProto, scoring: set[str] = frozenset()) -> set
 
 def to_half(proto: onnx.ModelProto, keep_float: set[str]) -> onnx.ModelProto:
     """A copy of `proto` in fp16 but for the nodes named in `keep_float`; graph inputs and outputs stay
-    fp32. Every node must have a unique name (the exporter and the quantiser give them)."""
+    fp32. Every node must have a unique name (the exporter and the quantiser give them).
+
+    Raises:
+        ConfigError: the graph's opset is below MIN_OPSET, a constant does not fit fp16, a Q/DQ scale is
+            below fp16's smallest normal number, or the result does not pass ONNX's type check.
+    """
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise ConfigError(f"the graph has opset {opset}; export it again with this version (opset {MIN_OPSET}+)")
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     graph = model.graph
+    _constants_to_initializers(graph)
+    _check_fp16_range(graph, keep_float)
     inferred = onnx.shape_inference.infer_shapes(proto)
     elem_type = {v.name: v.type.tensor_type.elem_type
                   for v in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]}
@@ -154,10 +169,56 @@ def to_half(proto: onnx.ModelProto, keep_float: set[str]) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]  # stale types; shape inference gives the new ones
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = max(opset.version, QDQ_FLOAT_SCALE_OPSET)
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, QDQ_FLOAT_SCALE_OPSET)
+    try:  # a node whose output type comes from an attribute, not its inputs, would show here
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise ConfigError(f"the fp16 graph does not type-check ({str(exc).splitlines()[0][:200]}); "
+                          "calibrate with --float-precision fp32") from None
     return model
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Constant nodes become initializers, so that each consumer gets the precision it needs (a Resize's
+    scales stay fp32, a constant read only by the fp32 scoring is not rounded through fp16)."""
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1:
+            attribute = node.attribute[0]
+            value = onnx.helper.get_attribute_value(attribute)
+            if attribute.name == "value":
+                array = numpy_helper.to_array(value)
+            elif attribute.name in ("value_float", "value_floats"):
+                array = np.asarray(value, dtype=np.float32)
+            elif attribute.name in ("value_int", "value_ints"):
+                array = np.asarray(value, dtype=np.int64)
+            else:
+                kept.append(node)
+                continue
+            graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _check_fp16_range(graph: onnx.GraphProto, keep_float: set[str]) -> None:
+    """Refuse constants that fp16 cannot hold, and Q/DQ scales it would hold only as subnormals."""
+    initializers = {init.name: init for init in graph.initializer if init.data_type == TensorProto.FLOAT}
+    half_inputs = {name for node in graph.node if node.name not in keep_float for name in node.input}
+    for name in half_inputs & initializers.keys():
+        values = np.abs(numpy_helper.to_array(initializers[name]))
+        if values.size and values[np.isfinite(values)].max(initial=0.0) > FP16_MAX:
+            raise ConfigError(f"constant {name} holds {values.max():.3g}, beyond fp16 (65504); "
+                              "calibrate with --float-precision fp32")
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.name not in keep_float:
+            scale = initializers.get(node.input[1])
+            if scale is not None and np.abs(numpy_helper.to_array(scale)).min() < FP16_SMALLEST_NORMAL:
+                raise ConfigError(f"a quantisation scale of {node.name} is below fp16's smallest normal number; "
+                                  "calibrate with --float-precision fp32")
 
 
 def _topological(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

@@ -25,8 +25,17 @@ from stmae_edge.runtime import Detector, RemoteDetector, RemoteError
 from stmae_edge.serving.repository import write_repository
 
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
-needs_serve_env = pytest.mark.skipif(not SERVE_PYTHON.is_file(),
-                                     reason="needs .venv-serve with the serve extra: bash scripts/setup_serve_env.sh")
+
+
+def serve_env_ready() -> bool:
+    """.venv-serve exists and has PyTriton and tritonclient (the serve extra installs nothing on macOS)."""
+    return SERVE_PYTHON.is_file() and subprocess.run(
+        [str(SERVE_PYTHON), "-c", "import pytriton, tritonclient.grpc"], capture_output=True, timeout=120).returncode == 0
+
+
+SERVE_ENV = serve_env_ready()
+SKIP_REASON = "needs .venv-serve with the serve extra (PyTriton, Linux): bash scripts/setup_serve_env.sh"
+needs_serve_env = pytest.mark.skipif(not SERVE_ENV, reason=SKIP_REASON)
 RTOL = 1e-5
 
 
@@ -43,8 +52,8 @@ def free_ports(count: int) -> list[int]:
 @pytest.fixture(scope="module")
 def served(tiny_export, tmp_path_factory):
     """`stmae-edge serve` on the tiny model's ONNX file, on loopback: (url, grpc url, metrics url, onnx)."""
-    if not SERVE_PYTHON.is_file():
-        pytest.skip("needs .venv-serve with the serve extra: bash scripts/setup_serve_env.sh")
+    if not SERVE_ENV:
+        pytest.skip(SKIP_REASON)
     _, onnx_path, _ = tiny_export
     http, grpc, metrics = free_ports(3)
     log = tmp_path_factory.mktemp("serve") / "serve.log"
@@ -86,6 +95,7 @@ def test_http_answers_as_the_in_process_detector(served, synthetic_dataset):
     np.testing.assert_allclose([d.normalized_score for d in far], [d.normalized_score for d in near], rtol=RTOL, atol=1e-6)
     for a, b in zip(far, near):
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=RTOL, atol=1e-6)
+        assert a.anomaly_map.flags.writeable  # as the in-process maps: the user may scale them in place
         assert a.is_anomalous == b.is_anomalous and len(a.regions) == len(b.regions)
 
 
@@ -289,3 +299,107 @@ def test_triton_repo_for_a_plan_keeps_its_profile_and_refuses_rtx_plans(tiny_exp
     config = parse_config(write_repository(plan, tmp_path / "repo", max_batch=8) / "config.pbtxt")
     assert config["platform"] == "tensorrt_plan" and config["max_batch_size"] == 8
     assert config["instance_group"] == [{"count": 1, "kind": "KIND_GPU", "profile": ["0"]}]
+
+
+def test_an_image_whose_output_is_not_finite_fails_alone(tiny_export):
+    from stmae_edge.errors import BackendError
+    from stmae_edge.serving.server import score_batch
+
+    class OverflowingDetector(Detector):
+        """The real detector, but an image of all 7.0 makes the network's output non-finite, as an fp16
+        overflow would: run_tensors then refuses the whole batch, as the real check does."""
+
+        def run_tensors(self, batch):
+            if any((image == 7.0).all() for image in batch):
+                raise BackendError("the network produced NaN or infinite values; check the model with `stmae-edge verify`")
+            return super().run_tensors(batch)
+
+    _, onnx_path, _ = tiny_export
+    with OverflowingDetector(onnx_path) as detector:
+        height, width = detector.preprocessing.input_size
+        images = np.random.default_rng(0).normal(size=(3, 3, height, width)).astype(np.float32)
+        images[1] = 7.0
+        out = score_batch(detector, images)
+        alone = [detector.run_tensors(images[i:i + 1])[1][0] for i in (0, 2)]
+    assert out["error"][0, 0] == out["error"][2, 0] == b"" and b"NaN or infinite" in out["error"][1, 0]
+    np.testing.assert_allclose(out["score"][[0, 2], 0], alone, rtol=RTOL)
+    assert out["normalized_score"][1, 0] == 0.0 and not out["is_anomalous"][1, 0]
+
+
+def test_serve_checks_its_arguments_before_anything_starts(tiny_export):
+    from stmae_edge.serving.server import serve
+
+    _, onnx_path, _ = tiny_export
+    with pytest.raises(ConfigError, match="IPv4"):
+        serve(onnx_path, address="::1")
+    with pytest.raises(ConfigError, match="--http-port must be a whole number from 1 to 65535"):
+        serve(onnx_path, http_port=70000)
+    with pytest.raises(ConfigError, match="must differ"):
+        serve(onnx_path, address="127.0.0.1", http_port=18555, grpc_port=18555)
+
+
+class FakeServer:
+    """A loopback HTTP server that answers every request with one canned response."""
+
+    def __init__(self, status: int, headers: dict, body: bytes):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_client_reads_lowercased_headers_and_refuses_what_is_not_triton(tiny_export):
+    _, onnx_path, _ = tiny_export
+    metadata = ModelMetadata.from_onnx(onnx_path)
+    document = json.dumps({"name": "tiny", "max_batch": 4, "metadata": metadata.to_dict(),
+                           "thresholds": metadata.thresholds.to_dict()}).encode()
+    header = json.dumps({"outputs": [{"name": "metadata", "datatype": "BYTES", "shape": [1, 1],
+                                      "parameters": {"binary_data_size": 4 + len(document)}}]}).encode()
+    body = header + len(document).to_bytes(4, "little") + document
+    proxy = FakeServer(200, {"inference-header-content-length": str(len(header))}, body)  # as Envoy sends it
+    try:
+        remote = RemoteDetector(proxy.url, "tiny")
+        assert remote.metadata.to_dict() == metadata.to_dict() and remote.batch_size == 4
+    finally:
+        proxy.close()
+    for status, text in ((200, b"<html>a web page</html>"), (200, b'{"outputs": [{"name": "x"}]}')):
+        other = FakeServer(status, {"Content-Type": "text/html"}, text)
+        try:
+            with pytest.raises(RemoteError, match="not a Triton"):
+                RemoteDetector(other.url, "tiny")
+        finally:
+            other.close()
+    with socket.socket() as raw:  # something that is not HTTP at all (Triton's gRPC port, say)
+        raw.bind(("127.0.0.1", 0))
+        raw.listen()
+        port = raw.getsockname()[1]
+
+        def answer_garbage():
+            connection, _ = raw.accept()
+            connection.recv(65536)
+            connection.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00garbage\r\n\r\n")
+            connection.close()
+
+        threading.Thread(target=answer_garbage, daemon=True).start()
+        with pytest.raises(RemoteError, match="not HTTP|not a Triton"):
+            RemoteDetector(f"http://127.0.0.1:{port}", "tiny", timeout=10)

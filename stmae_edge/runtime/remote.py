@@ -14,6 +14,7 @@ model of `stmae-edge serve`, or the config parameter that `stmae-edge triton-rep
 
 from __future__ import annotations
 
+import http.client
 import json
 import struct
 import urllib.error
@@ -35,17 +36,24 @@ MAX_RESPONSE_BYTES = 1 << 31
 
 
 class RemoteError(BackendError):
-    """The server refused a request or could not be reached; the message is the server's."""
+    """The server refused a request or could not be reached; the message is the server's.
+    `status` is the HTTP status of a refusal, None when no answer came."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class RemoteDetector:
-    def __init__(self, url: str, model: str, *, timeout: float = 60.0, min_region_area: int = 1):
+    def __init__(self, url: str, model: str, *, timeout: float = 60.0, min_region_area: int = 1,
+                 batch_size: int | None = None):
         """Connect to a served model and read its metadata.
 
         Args:
             url: http://HOST:PORT (Triton's HTTP endpoint) or grpc://HOST:PORT.
             model: the served model's name (`stmae-edge serve` prints it).
             timeout: seconds per request.
+            batch_size: most images per request (default and cap: the server's max batch).
 
         Raises:
             ConfigError: a malformed url or model name. RemoteError: the server or model is not there.
@@ -64,7 +72,8 @@ class RemoteDetector:
         self.score_stats = self.metadata.score_stats
         self.thresholds = Thresholds.from_dict(document["thresholds"]) if "thresholds" in document \
             else self.metadata.thresholds
-        self.max_batch = self.batch_size = int(document.get("max_batch", 8))
+        self.max_batch = int(document.get("max_batch", 8))
+        self.batch_size = self.max_batch if batch_size is None else max(1, min(int(batch_size), self.max_batch))
         self.model_path = f"{self.url}/v2/models/{self.model}"
         self._runtime = document.get("runtime", {})
 
@@ -82,8 +91,8 @@ class RemoteDetector:
         items = [images] if single else list(images)
         thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma)
         detections: list[Detection] = []
-        for start in range(0, len(items), self.max_batch):
-            chunk = items[start:start + self.max_batch]
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start:start + self.batch_size]
             decoded, sources = [], []
             for i, item in enumerate(chunk):
                 source = str(item) if not isinstance(item, np.ndarray) else f"array[{start + i}]"
@@ -103,7 +112,9 @@ class RemoteDetector:
         """Preprocessed images (N, 3, H, W) float32 -> maps (N, H, W) and raw scores (N,), from the server."""
         outputs = self.infer(self.model, {p.IMAGES: np.ascontiguousarray(batch, np.float32)}, self._outputs)
         maps, scores = outputs[p.ANOMALY_MAP], outputs[p.SCORE].reshape(len(batch))
-        maps = maps.reshape(len(batch), *maps.shape[-2:])  # a triton-repo model answers (N, 1, H, W)
+        # a triton-repo model answers (N, 1, H, W); copied: the wire's arrays are read-only views
+        maps = np.array(maps.reshape(len(batch), *maps.shape[-2:]), dtype=np.float32)
+        scores = np.array(scores, dtype=np.float32)
         errors = outputs.get(p.ERROR)
         if errors is not None:
             for i, message in enumerate(errors.reshape(-1)):
@@ -144,29 +155,38 @@ class RemoteDetector:
                                          headers={"Inference-Header-Content-Length": str(len(head)),
                                                   "Content-Type": "application/octet-stream"})
         body, response_headers = self._http(request)
-        length = int(response_headers.get("Inference-Header-Content-Length") or len(body))
-        document = json.loads(body[:length])
-        offset, result = length, {}
-        for output in document.get("outputs", []):
-            size = output.get("parameters", {}).get("binary_data_size")
-            shape = [int(d) for d in output["shape"]]
-            if size is None:  # the server chose JSON for this one
-                result[output["name"]] = _from_json(output, shape)
-                continue
-            raw = body[offset:offset + size]
-            offset += size
-            result[output["name"]] = _from_bytes(output["datatype"], raw, shape)
+        try:
+            length = int(response_headers.get("Inference-Header-Content-Length") or len(body))
+            document = json.loads(body[:length])
+            offset, result = length, {}
+            for output in document.get("outputs", []):
+                size = output.get("parameters", {}).get("binary_data_size")
+                shape = [int(d) for d in output["shape"]]
+                if size is None:  # the server chose JSON for this one
+                    result[output["name"]] = _from_json(output, shape)
+                    continue
+                if offset + size > len(body):
+                    raise ValueError("the answer is shorter than its header says")
+                result[output["name"]] = _from_bytes(output["datatype"], body[offset:offset + size], shape)
+                offset += size
+        except (ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+            raise RemoteError(f"{self.url}: not a Triton (KServe v2) answer for model {model} ({exc}); "
+                              "is the url Triton's HTTP port?") from None
         return result
 
-    def _http(self, request) -> tuple[bytes, dict]:
+    def _http(self, request):
+        """(body, headers); the headers keep their case-insensitive lookup (proxies lowercase them)."""
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read(MAX_RESPONSE_BYTES), dict(response.headers)
+                return response.read(MAX_RESPONSE_BYTES), response.headers
         except urllib.error.HTTPError as exc:
-            raise RemoteError(f"{self.url}: {_server_message(exc)}") from None
+            raise RemoteError(f"{self.url}: {_server_message(exc)}", exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise RemoteError(f"{self.url}: cannot reach the server ({reason}); is `stmae-edge serve` running?") from None
+        except http.client.HTTPException as exc:
+            raise RemoteError(f"{self.url}: the answer is not HTTP ({type(exc).__name__}); is this Triton's HTTP "
+                              "port (8000 by default; gRPC is grpc://HOST:8001)?") from None
 
     def _grpc_client(self, address: str):
         try:
@@ -199,9 +219,12 @@ class RemoteDetector:
             self._outputs = [p.SCORE, p.ANOMALY_MAP, p.ERROR]
             return json.loads(answer[p.METADATA].reshape(-1)[0])
         except RemoteError as first:
+            if self._grpc is None and first.status is None:  # no answer at all: nothing to fall back on
+                raise
             config = self._model_config()
             if config is None:
-                raise first from None
+                raise RemoteError(f"{self.url}: no model {self.model!r} there (`stmae-edge serve` prints the names "
+                                  f"it serves): {first}") from None
             value = config.get("parameters", {}).get(p.METADATA_PARAMETER, {}).get("string_value")
             if not value:
                 raise RemoteError(f"{self.url}: model {self.model} has no stmae-edge metadata; serve it with "

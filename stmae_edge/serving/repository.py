@@ -16,6 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
+import onnx
+
 from ..engine_plan import read_plan
 from ..errors import ConfigError, OutputError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME, ModelMetadata
@@ -38,9 +40,10 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
         raise ConfigError(f"{model}: Triton serves .onnx or .plan files; export or build one first")
     platform, file_name = PLATFORMS[model.suffix]
     name = p.check_model_name(name) if name is not None else p.model_name_for(model)
-    for option, value in (("--max-batch", max_batch), ("--instances", instances)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{option} must be a whole number of at least 1, got {value!r}")
+    for option, value, low in (("--max-batch", max_batch, 1), ("--instances", instances, 1),
+                               ("--max-queue-delay-us", max_queue_delay_us, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{option} must be a whole number of at least {low}, got {value!r}")
     profile = None
     if model.suffix == ".plan":
         if cpu:
@@ -55,7 +58,11 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
                               f"{sidecar['batch']['max']}); rebuild with a larger --batch or lower --max-batch")
         profile = "0"
     else:
-        metadata = ModelMetadata.from_onnx(load_onnx(model))
+        proto = load_onnx(model)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            raise ConfigError(f"{model} keeps its weights in separate files; triton-repo copies one file: export "
+                              "the model as one file (`stmae-edge export` does)")
+        metadata = ModelMetadata.from_onnx(proto)
     height, width = metadata.preprocessing.input_size
     document = {"name": name, "max_batch": max_batch, "metadata": metadata.to_dict(),
                 "thresholds": metadata.thresholds.to_dict()}

@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
 import sysconfig
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -45,15 +48,22 @@ def import_pytriton():
     return batch, DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonSecurityConfig
 
 
-def use_own_libpython() -> None:
-    """Put this interpreter's shared libpython first on LD_LIBRARY_PATH, for the backend stub that
-    tritonserver starts; warn where the interpreter has none (the stub then finds the system's)."""
-    library = Path(sysconfig.get_config_var("LIBDIR") or "") / (sysconfig.get_config_var("LDLIBRARY") or "")
-    if library.suffix != ".so" and ".so." not in library.name or not library.is_file():
+def use_own_libpython(folder: Path) -> None:
+    """Make this interpreter's shared libpython the one that the backend stub, started by tritonserver,
+    loads: a link to it alone in `folder`, first on LD_LIBRARY_PATH (the whole LIBDIR could put other
+    libraries ahead of tritonserver's own). Warns where the interpreter has none: the stub then finds
+    the system's, which works only in an environment made from that same Python build."""
+    libdir = Path(sysconfig.get_config_var("LIBDIR") or "")
+    names = [sysconfig.get_config_var(key) or "" for key in ("INSTSONAME", "LDLIBRARY")]
+    library = next((libdir / n for n in names if ".so" in n and (libdir / n).is_file()), None)
+    if library is None:
         logger.warning("this Python (%s) has no shared libpython; Triton's Python backend will load the system's, "
                        "which works only in an environment made from that same Python build", sys.executable)
         return
-    paths = [str(library.parent)] + [x for x in os.environ.get("LD_LIBRARY_PATH", "").split(":") if x]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in {library.name, names[0]} - {""}:
+        (folder / name).symlink_to(library.resolve())
+    paths = [str(folder)] + [x for x in os.environ.get("LD_LIBRARY_PATH", "").split(":") if x]
     os.environ["LD_LIBRARY_PATH"] = ":".join(dict.fromkeys(paths))
 
 
@@ -67,7 +77,7 @@ def check_ports_free(address: str, ports: dict[str, int]) -> None:
     if len(set(ports.values())) < len(ports):
         raise ConfigError(f"{', '.join(ports)} must differ, got {', '.join(map(str, ports.values()))}")
     for option, port in ports.items():
-        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        with socket.socket(socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((address, port))
@@ -89,10 +99,20 @@ def score_batch(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]
     good = np.flatnonzero(finite)
     for start in range(0, len(good), detector.batch_size):
         rows = good[start:start + detector.batch_size]
-        maps[rows], scores[rows] = detector.run_tensors(np.ascontiguousarray(images[rows]))
-    threshold = detector.thresholds.image
-    return {p.SCORE: scores[:, None], p.NORMALIZED_SCORE: normalize(scores, detector.score_stats).astype(np.float32)[:, None],
-            p.IS_ANOMALOUS: ((scores > threshold) & finite)[:, None], p.ANOMALY_MAP: maps, p.ERROR: errors}
+        try:
+            maps[rows], scores[rows] = detector.run_tensors(np.ascontiguousarray(images[rows]))
+        except BackendError:  # one image's NaN output must not fail the other clients' requests in the batch
+            for row in rows:
+                try:
+                    row_maps, row_scores = detector.run_tensors(np.ascontiguousarray(images[row:row + 1]))
+                    maps[row], scores[row] = row_maps[0], row_scores[0]
+                except BackendError as exc:
+                    errors[row, 0] = str(exc).encode()
+    scored = errors[:, 0] == b""
+    normalized = np.where(scored, normalize(scores, detector.score_stats), 0.0).astype(np.float32)
+    return {p.SCORE: scores[:, None], p.NORMALIZED_SCORE: normalized[:, None],
+            p.IS_ANOMALOUS: ((scores > detector.thresholds.image) & scored)[:, None], p.ANOMALY_MAP: maps,
+            p.ERROR: errors}
 
 
 def metadata_document(detector: Detector, name: str, max_batch: int) -> bytes:
@@ -117,17 +137,21 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.
     Raises:
         BackendError: PyTriton is missing or the server did not start. ConfigError: a bad argument.
     """
-    batch, DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonSecurityConfig = import_pytriton()
     name = p.check_model_name(name) if name is not None else p.model_name_for(model_path)
+    if ":" in address:
+        raise ConfigError(f"--address {address}: give an IPv4 address (0.0.0.0 for every interface, 127.0.0.1 "
+                          "for this machine); PyTriton does not reach Triton over IPv6")
     for option, value, low, high in (("--max-batch", max_batch, 1, 4096), ("--instances", instances, 1, MAX_INSTANCES),
-                                     ("--max-queue-delay-us", max_queue_delay_us, 0, 10_000_000)):
+                                     ("--max-queue-delay-us", max_queue_delay_us, 0, 10_000_000),
+                                     ("--http-port", http_port, 1, 65535), ("--grpc-port", grpc_port, 1, 65535),
+                                     ("--metrics-port", metrics_port, 1, 65535)):
         if not isinstance(value, int) or not low <= value <= high:
             raise ConfigError(f"{option} must be a whole number from {low} to {high}, got {value!r}")
     check_ports_free(address, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
+    batch, DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonSecurityConfig = import_pytriton()
     detectors = [Detector(model_path, backend, batch_size=max_batch, threads=threads) for _ in range(instances)]
     max_batch = detectors[0].batch_size
     height, width = detectors[0].preprocessing.input_size
-    use_own_libpython()
 
     def image_model(detector: Detector):
         @batch
@@ -164,12 +188,15 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.
                [Tensor(name=p.METADATA, dtype=bytes, shape=(1,))])]
     server_config = TritonConfig(http_address=address, http_port=http_port, grpc_address=address,
                                  grpc_port=grpc_port, metrics_port=metrics_port, exit_timeout_secs=5)
-    stop = _stop_on_signals()
-    # Statistics stay open, as in a plain tritonserver (PyTriton would put them behind a token); the
-    # endpoints that change the server stay behind the random token PyTriton makes.
-    security = TritonSecurityConfig(restricted_endpoints=list(ADMIN_ENDPOINTS))
-    triton = Triton(config=server_config, security_config=security)
+    workspace = Path(tempfile.mkdtemp(prefix="stmae-edge-serve-"))
+    stop, previous_handlers = _stop_on_signals()  # Ctrl-C while Triton starts stops it once it is up
+    triton = None
     try:
+        use_own_libpython(workspace / "libpython")
+        # Statistics stay open, as in a plain tritonserver (PyTriton would put them behind a token); the
+        # endpoints that change the server stay behind the random token PyTriton makes.
+        security = TritonSecurityConfig(restricted_endpoints=list(ADMIN_ENDPOINTS))
+        triton = Triton(config=server_config, security_config=security)
         for model_name, make, inputs, model_outputs in models:
             triton.bind(model_name=model_name, infer_func=[make(d) for d in detectors], inputs=inputs,
                         outputs=model_outputs, config=config, strict=True)
@@ -184,18 +211,27 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.
         if not stop["requested"]:
             raise BackendError("Triton stopped on its own (its server or a model's backend process exited)")
     finally:
-        triton.stop()
+        if triton is not None:
+            triton.stop()
         for detector in detectors:
             detector.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(workspace, ignore_errors=True)
 
 
-def _stop_on_signals() -> dict:
-    """SIGINT and SIGTERM end serve() through its own loop, so that Triton is stopped and cleaned up."""
+def _stop_on_signals() -> tuple[dict, dict]:
+    """SIGINT and SIGTERM end serve() through its own loop, so that Triton is stopped and cleaned up.
+    Only the main thread can set handlers; serve() called from another thread stops when the host
+    process does. Returns the state and the handlers to restore."""
     state = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        return state, {}
 
     def handler(signum, frame):
         state["requested"] = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
         signal.signal(sig, handler)
-    return state
+    return state, previous
