@@ -4,6 +4,7 @@ numpy < 2); scripts/test.sh makes it. Every server is started and stopped by the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -49,17 +50,14 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def served(tiny_export, tmp_path_factory):
-    """`stmae-edge serve` on the tiny model's ONNX file, on loopback: (url, grpc url, metrics url, onnx)."""
-    if not SERVE_ENV:
-        pytest.skip(SKIP_REASON)
-    _, onnx_path, _ = tiny_export
+@contextlib.contextmanager
+def running_server(onnx_path: Path, log: Path, *options: str):
+    """`stmae-edge serve` on loopback, model name "tiny", until the block ends: (url, grpc url, metrics url).
+    Stopped with SIGTERM, as a service manager does; it must exit 0."""
     http, grpc, metrics = free_ports(3)
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [str(SERVE_PYTHON), "-m", "stmae_edge.cli", "serve", str(onnx_path), "--name", "tiny",
                "--address", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
-               "--metrics-port", str(metrics), "--max-batch", "8", "--max-queue-delay-us", "20000"]
+               "--metrics-port", str(metrics), *options]
     with open(log, "wb") as sink:
         server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{http}"
@@ -74,13 +72,26 @@ def served(tiny_export, tmp_path_factory):
             server.kill()
             pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
-    yield url, f"grpc://127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", onnx_path
-    server.send_signal(signal.SIGTERM)
     try:
-        assert server.wait(timeout=60) == 0, log.read_text()[-3000:]
+        yield url, f"grpc://127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics"
     finally:
-        if server.poll() is None:
-            server.kill()
+        server.send_signal(signal.SIGTERM)
+        try:
+            assert server.wait(timeout=60) == 0, log.read_text()[-3000:]
+        finally:
+            if server.poll() is None:
+                server.kill()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_export, tmp_path_factory):
+    """The tiny model's ONNX file served on loopback: (url, grpc url, metrics url, onnx)."""
+    if not SERVE_ENV:
+        pytest.skip(SKIP_REASON)
+    _, onnx_path, _ = tiny_export
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with running_server(onnx_path, log, "--max-batch", "8", "--max-queue-delay-us", "20000") as urls:
+        yield (*urls, onnx_path)
 
 
 def test_http_answers_as_the_in_process_detector(served, synthetic_dataset):
@@ -214,6 +225,31 @@ def test_health_readiness_and_metrics_come_from_triton(served):
         assert urllib.request.urlopen(f"{url}/v2/models/{model}/ready", timeout=5).status == 200
     text = urllib.request.urlopen(metrics, timeout=10).read().decode()
     assert 'nv_inference_count{model="tiny",version="1"}' in text
+
+
+@needs_serve_env
+def test_instances_each_get_a_runtime_and_answer_alike(tiny_export, synthetic_dataset, tmp_path):
+    _, onnx_path, _ = tiny_export
+    paths = [s.path for s in data.eval_samples(synthetic_dataset)]
+    with running_server(onnx_path, tmp_path / "serve.log", "--instances", "2", "--max-batch", "4") as (url, _, _):
+        config = json.load(urllib.request.urlopen(f"{url}/v2/models/tiny/config", timeout=10))
+        assert [g["count"] for g in config["instance_group"]] == [2] and config["max_batch_size"] == 4
+        remote = RemoteDetector(url, "tiny")
+        results: dict[int, list[float]] = {}
+
+        def client(index: int) -> None:
+            results[index] = [d.score for d in remote.predict(paths)]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    with Detector(onnx_path) as local:
+        expected = [d.score for d in local.predict(paths)]
+    assert len(results) == 4
+    for scores in results.values():
+        np.testing.assert_allclose(scores, expected, rtol=RTOL)
 
 
 def test_serve_without_pytriton_says_how_to_install_it(tiny_export):
