@@ -26,6 +26,7 @@ from quality_magnetic_tile import model_benchmark_args, write_table  # noqa: E40
 
 from stmae_edge.export import export_onnx  # noqa: E402
 from stmae_edge.runtime import Detector  # noqa: E402
+from stmae_edge.runtime.detector import balanced_chunks  # noqa: E402
 from stmae_edge.runtime.linescan import StreamingInspector, tile_starts  # noqa: E402
 
 BEGIN, END = "<!-- linescan-cpu:begin -->", "<!-- linescan-cpu:end -->"
@@ -67,7 +68,7 @@ def raw_batches(detector: Detector, strip: np.ndarray) -> list[np.ndarray]:
     batches = []
     for tops in groups:
         tiles = [strip[y:y + tile, x:x + tile] for y in tops for x in cols]
-        batches += [detector.preprocess(tiles[a:b]) for a, b in detector._chunks(len(tiles))]
+        batches += [detector.preprocess(tiles[a:b]) for a, b in balanced_chunks(len(tiles), detector.batch_size)]
     return batches
 
 

@@ -12,13 +12,9 @@ idle. Issue 12's target on the CPU path: at 16 clients, at least 0.8x the in-pro
 
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,33 +26,11 @@ from quality_magnetic_tile import model_benchmark_args, write_table  # noqa: E40
 
 from stmae_edge import data  # noqa: E402
 from stmae_edge.runtime import Detector, RemoteDetector  # noqa: E402
+from stmae_edge.serving.launch import serve_in_subprocess  # noqa: E402
 
 BEGIN, END = "<!-- serve-throughput:begin -->", "<!-- serve-throughput:end -->"
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
 IMAGES_PER_ROUND = 96
-
-
-def start_server(onnx: Path) -> tuple[subprocess.Popen, str]:
-    sockets = [socket.socket() for _ in range(3)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    http, grpc, metrics = (s.getsockname()[1] for s in sockets)
-    for s in sockets:
-        s.close()
-    server = subprocess.Popen([str(SERVE_PYTHON), "-m", "stmae_edge.cli", "serve", str(onnx), "--name", "bench",
-                               "--address", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
-                               "--metrics-port", str(metrics), "--max-batch", "8", "--max-queue-delay-us", "5000",
-                               "--backend", "ort-cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    url = f"http://127.0.0.1:{http}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if urllib.request.urlopen(f"{url}/v2/models/bench_metadata/ready", timeout=2).status == 200:
-                return server, url
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise SystemExit("the server did not start; run `.venv-serve/bin/stmae-edge serve MODEL` to see why")
 
 
 def in_process(onnx: Path, paths: list[Path]) -> float:
@@ -99,18 +73,16 @@ def main() -> None:
     samples = data.eval_samples(args.data)
     order = np.random.default_rng(0).permutation(len(samples))[:IMAGES_PER_ROUND]
     paths = [samples[i].path for i in sorted(order)]
-    server, url = start_server(args.onnx)
-    try:
+    with serve_in_subprocess(SERVE_PYTHON, args.onnx, "--max-batch", "8", "--max-queue-delay-us", "5000",
+                             "--backend", "ort-cpu", name="bench", log=args.onnx.with_name("serve_throughput.log"),
+                             start_timeout=180) as server:
         local = [in_process(args.onnx, paths) for _ in range(args.rounds)]
         served = {}
         for clients in (1, 4, 16):
-            runs = [through_server(url, paths, clients) for _ in range(args.rounds)]
+            runs = [through_server(server.http, paths, clients) for _ in range(args.rounds)]
             served[clients] = (float(np.median([r[0] for r in runs])), [x for r in runs for x in r[1]])
             print(clients, served[clients][0], flush=True)
         local += [in_process(args.onnx, paths) for _ in range(args.rounds)]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
     baseline = float(np.median(local))
     rows = [f"| in-process Detector, batch 8 (ONNX Runtime CPU) | - | {baseline:.1f} | - | - | 1.00x |"]
     for clients, (rate, latencies) in served.items():

@@ -4,9 +4,7 @@ numpy < 2); scripts/test.sh makes it. Every server is started and stopped by the
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from stmae_edge import data
 from stmae_edge.errors import ConfigError, OutputError
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.runtime import Detector, RemoteDetector, RemoteError
+from stmae_edge.serving.launch import serve_in_subprocess
 from stmae_edge.serving.repository import write_repository
 
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
@@ -40,49 +39,6 @@ needs_serve_env = pytest.mark.skipif(not SERVE_ENV, reason=SKIP_REASON)
 RTOL = 1e-5
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@contextlib.contextmanager
-def running_server(onnx_path: Path, log: Path, *options: str):
-    """`stmae-edge serve` on loopback, model name "tiny", until the block ends: (url, grpc url, metrics url).
-    Stopped with SIGTERM, as a service manager does; it must exit 0."""
-    http, grpc, metrics = free_ports(3)
-    command = [str(SERVE_PYTHON), "-m", "stmae_edge.cli", "serve", str(onnx_path), "--name", "tiny",
-               "--address", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
-               "--metrics-port", str(metrics), *options]
-    with open(log, "wb") as sink:
-        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
-    url = f"http://127.0.0.1:{http}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/v2/models/tiny_metadata/ready", timeout=2).status == 200:
-                break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    try:
-        yield url, f"grpc://127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics"
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            assert server.wait(timeout=60) == 0, log.read_text()[-3000:]
-        finally:
-            if server.poll() is None:
-                server.kill()
-
-
 @pytest.fixture(scope="module")
 def served(tiny_export, tmp_path_factory):
     """The tiny model's ONNX file served on loopback: (url, grpc url, metrics url, onnx)."""
@@ -90,8 +46,9 @@ def served(tiny_export, tmp_path_factory):
         pytest.skip(SKIP_REASON)
     _, onnx_path, _ = tiny_export
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with running_server(onnx_path, log, "--max-batch", "8", "--max-queue-delay-us", "20000") as urls:
-        yield (*urls, onnx_path)
+    with serve_in_subprocess(SERVE_PYTHON, onnx_path, "--max-batch", "8", "--max-queue-delay-us", "20000",
+                             name="tiny", log=log) as server:
+        yield server.http, server.grpc, server.metrics, onnx_path
 
 
 def test_http_answers_as_the_in_process_detector(served, synthetic_dataset):
@@ -231,7 +188,9 @@ def test_health_readiness_and_metrics_come_from_triton(served):
 def test_instances_each_get_a_runtime_and_answer_alike(tiny_export, synthetic_dataset, tmp_path):
     _, onnx_path, _ = tiny_export
     paths = [s.path for s in data.eval_samples(synthetic_dataset)]
-    with running_server(onnx_path, tmp_path / "serve.log", "--instances", "2", "--max-batch", "4") as (url, _, _):
+    with serve_in_subprocess(SERVE_PYTHON, onnx_path, "--instances", "2", "--max-batch", "4", name="tiny",
+                             log=tmp_path / "serve.log") as server:
+        url = server.http
         config = json.load(urllib.request.urlopen(f"{url}/v2/models/tiny/config", timeout=10))
         assert [g["count"] for g in config["instance_group"]] == [2] and config["max_batch_size"] == 4
         remote = RemoteDetector(url, "tiny")

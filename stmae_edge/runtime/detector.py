@@ -27,7 +27,7 @@ import numpy as np
 from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
 from ..metadata import MAX_BATCH
-from ..preprocessing import ImageInput, check_bit_depth, load_image
+from ..preprocessing import ImageInput, Preprocessing, check_bit_depth, load_image
 from ..scoring import Thresholds
 from .backends import BACKENDS, Backend, describe, open_backend
 from .postprocess import Detection, postprocess, resolve_thresholds
@@ -98,14 +98,11 @@ class Detector:
 
         Thresholds are in raw score units; `sigma` sets both to mean + sigma * std of the good images.
         `timings`, if given, accumulates seconds per stage (preprocess, infer, postprocess)."""
-        # A list, a tuple or a 4-d array is a batch; anything else is one image (and load_image says
-        # clearly when it is not one).
-        single = not (isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4))
-        items = [images] if single else list(images)
+        items, single = as_items(images)
         thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma)
         spent = dict.fromkeys(STAGES, 0.0)
         detections: list[Detection] = []
-        for start, stop in self._chunks(len(items)):
+        for start, stop in balanced_chunks(len(items), self.batch_size):
             detections += self._predict_batch(items[start:stop], start, thresholds, spent)
         _add_timings(timings, spent, STAGES)
         return detections[0] if single else detections
@@ -121,38 +118,18 @@ class Detector:
         size and raw scores (N,), without thresholds or regions. For callers that combine maps
         themselves, such as the line-scan inspector, which feeds tiles of exactly that size."""
         spent = dict.fromkeys(STAGES, 0.0)
-        outputs = [self._infer_batch(list(images[start:stop]), start, spent) for start, stop in self._chunks(len(images))]
+        outputs = [self._infer_batch(list(images[start:stop]), start, spent)
+                   for start, stop in balanced_chunks(len(images), self.batch_size)]
         _add_timings(timings, spent, ("preprocess", "infer"))
         if not outputs:
             height, width = self.preprocessing.input_size
             return np.empty((0, height, width), np.float32), np.empty(0, np.float32)
         return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
 
-    def _chunks(self, count: int) -> list[tuple[int, int]]:
-        """As few batches as batch_size allows, of nearly equal size: 38 items at 32 are 19 + 19, not
-        32 + 6, because a small last batch costs nearly as much as a full one."""
-        calls = -(-count // self.batch_size)
-        size = -(-count // calls) if calls else 0
-        return [(start, min(start + size, count)) for start in range(0, count, size or 1)]
-
     def _infer_batch(self, items: list, offset: int, spent: dict):
         """Decode, check and preprocess `items`, run the backend: (maps, scores, sizes, sources)."""
         started = time.perf_counter()
-        height, width = self.preprocessing.input_size
-        batch = np.empty((len(items), 3, height, width), np.float32)
-        sizes, sources = [], []
-        for i, item in enumerate(items):
-            is_path = isinstance(item, (str, os.PathLike))
-            source = str(item) if is_path else f"array[{offset + i}]"
-            try:
-                image = load_image(item, self.preprocessing.max_pixels)
-                self.preprocessing.tensor(image, out=batch[i])
-            except InvalidImageError as exc:
-                if is_path:
-                    raise InvalidImageError(f"{source}: {exc}" if source not in str(exc) else str(exc)) from None
-                raise InvalidImageError(f"image {offset + i}: {exc}") from None
-            sizes.append(image.shape[:2])
-            sources.append(source)
+        batch, sizes, sources = decode_batch(items, offset, self.preprocessing)
         inferred = time.perf_counter()
         maps, scores = self.run_tensors(batch)
         spent["preprocess"] += inferred - started
@@ -160,8 +137,9 @@ class Detector:
         return maps, scores, sizes, sources
 
     def run_tensors(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The network on preprocessed images (N, 3, H, W) float32, N at most batch_size: maps (N, H, W)
-        and raw scores (N,). For callers that preprocess elsewhere (the Triton server's tensor input).
+        """The network on preprocessed images (N, 3, H, W) float32, N at most the backend's batch maximum:
+        maps (N, H, W) and raw scores (N,). For callers that preprocess elsewhere (the Triton server's
+        tensor input).
 
         Raises:
             ConfigError: the batch has the wrong shape or dtype. BackendError: the network failed or
@@ -198,6 +176,46 @@ class Detector:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def as_items(images) -> tuple[list, bool]:
+    """(the images as a list, whether one image was given). A list, a tuple or a 4-d array is a batch;
+    anything else is one image (and load_image says clearly when it is not one)."""
+    single = not (isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4))
+    return ([images] if single else list(images)), single
+
+
+def balanced_chunks(count: int, batch_size: int) -> list[tuple[int, int]]:
+    """As few batches as batch_size allows, of nearly equal size: 38 items at 32 are 19 + 19, not
+    32 + 6, because a small last batch costs nearly as much as a full one."""
+    calls = -(-count // batch_size)
+    size = -(-count // calls) if calls else 0
+    return [(start, min(start + size, count)) for start in range(0, count, size or 1)]
+
+
+def decode_batch(items: list, offset: int, preprocessing: Preprocessing) -> tuple[np.ndarray, list, list[str]]:
+    """Decode and check `items` (paths or arrays; item i is image offset + i of the call) and preprocess
+    them: (batch (N, 3, H, W) float32, their (height, width), their sources for the Detections).
+
+    Raises:
+        InvalidImageError: naming the file, or the image's index in the call.
+    """
+    height, width = preprocessing.input_size
+    batch = np.empty((len(items), 3, height, width), np.float32)
+    sizes, sources = [], []
+    for i, item in enumerate(items):
+        is_path = isinstance(item, (str, os.PathLike))
+        source = str(item) if is_path else f"array[{offset + i}]"
+        try:
+            image = load_image(item, preprocessing.max_pixels)
+            preprocessing.tensor(image, out=batch[i])
+        except InvalidImageError as exc:
+            if is_path:
+                raise InvalidImageError(f"{source}: {exc}" if source not in str(exc) else str(exc)) from None
+            raise InvalidImageError(f"image {offset + i}: {exc}") from None
+        sizes.append(image.shape[:2])
+        sources.append(source)
+    return batch, sizes, sources
 
 
 MAX_THREADS = 1024

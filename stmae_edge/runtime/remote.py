@@ -23,11 +23,12 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from ..errors import BackendError, ConfigError, InvalidImageError
+from ..errors import BackendError, ConfigError
 from ..metadata import ModelMetadata
-from ..preprocessing import ImageInput, load_image
+from ..preprocessing import ImageInput
 from ..scoring import Thresholds
 from ..serving import protocol as p
+from .detector import as_items, balanced_chunks, decode_batch
 from .postprocess import Detection, postprocess, resolve_thresholds
 
 DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "BOOL": np.bool_, "UINT8": np.uint8,
@@ -87,23 +88,13 @@ class RemoteDetector:
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], *, image_threshold: float | None = None,
                 pixel_threshold: float | None = None, sigma: float | None = None):
         """As Detector.predict: one image or a list (paths or arrays) -> Detection or list of them."""
-        single = not (isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4))
-        items = [images] if single else list(images)
+        items, single = as_items(images)
         thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma)
         detections: list[Detection] = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
-            decoded, sources = [], []
-            for i, item in enumerate(chunk):
-                source = str(item) if not isinstance(item, np.ndarray) else f"array[{start + i}]"
-                try:
-                    decoded.append(load_image(item, self.preprocessing.max_pixels))
-                except InvalidImageError as exc:
-                    raise InvalidImageError(f"{source}: {exc}" if source not in str(exc) else str(exc)) from None
-                sources.append(source)
-            maps, scores = self.run_tensors(self.preprocessing(decoded))
-            detections += postprocess(maps, scores, [d.shape[:2] for d in decoded], sources, thresholds,
-                                      self.score_stats, self.min_region_area)
+        for start, stop in balanced_chunks(len(items), self.batch_size):
+            batch, sizes, sources = decode_batch(items[start:stop], start, self.preprocessing)
+            maps, scores = self.run_tensors(batch)
+            detections += postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area)
         return detections[0] if single else detections
 
     __call__ = predict
