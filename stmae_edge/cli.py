@@ -251,12 +251,22 @@ def threshold(
     point = choose(scored.good_scores, scored.defect_scores, max_false_reject=max_false_reject,
                    min_recall=min_recall, sigma=sigma, stats=scored.detector.score_stats, data=str(data_dir))
     typer.echo(point.describe())
+    pixel = None
+    if scored.detector.metadata.map_stats is not None:
+        # A score head: the map has its own scale. Its threshold meets the same target on the maps' maxima,
+        # so that about as many parts show a region as fail.
+        maxima, labels = scored.map_maxima, scored.labels
+        pixel_point = choose(maxima[labels == 0], maxima[labels == 1], max_false_reject=max_false_reject,
+                             min_recall=min_recall, sigma=sigma, stats=scored.detector.map_stats, data=str(data_dir))
+        pixel = pixel_point.threshold
+        typer.echo(f"pixel threshold {pixel:.6g}: the same target on the maps' maxima ({pixel_point.false_rejects} "
+                   f"good and {pixel_point.defects - pixel_point.escapes} defective images have a region)")
     current = evaluate_threshold(scored.detector.thresholds.image, scored.good_scores, scored.defect_scores,
                                  scored.detector.thresholds.rule)
     typer.echo(f"the model's threshold now: {current.threshold:.6g} ({current.rule}): {current.false_rejects} "
                f"false rejects, {current.escapes} escapes on the same images")
     if write:
-        metadata = write_thresholds(model, point.thresholds())
+        metadata = write_thresholds(model, point.thresholds(pixel))
         typer.echo(f"wrote threshold {point.threshold:.6g} to {model} (model hash {metadata.model_hash[:12]} unchanged); "
                    f"next: stmae-edge report {model} {data_dir} --out report/")
     else:

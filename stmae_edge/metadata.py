@@ -42,8 +42,17 @@ class ModelMetadata:
     model_hash: str = ""  # sha256 over weights, config and preprocessing; see checkpoint.model_digest
     package_version: str = __version__
     training: dict = field(default_factory=dict)  # data, epochs, seed, losses: provenance only
+    # Held-out good maps' maxima, where the image score is not the map's maximum (a score head); see
+    # region_stats.
+    map_stats: ScoreStats | None = None
+
+    @property
+    def region_stats(self) -> ScoreStats:
+        """What a map value is measured against: the good maps' maxima, or the scores where they are the same."""
+        return self.map_stats or self.score_stats
 
     def to_dict(self) -> dict:
+        extra = {"map_stats": self.map_stats.to_dict()} if self.map_stats is not None else {}
         return {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -52,6 +61,7 @@ class ModelMetadata:
             "preprocessing": self.preprocessing.to_dict(),
             "score_stats": self.score_stats.to_dict(),
             "thresholds": self.thresholds.to_dict(),
+            **extra,
             "model_hash": self.model_hash,
             "package_version": self.package_version,
             "training": self.training,
@@ -79,6 +89,7 @@ class ModelMetadata:
                 preprocessing=Preprocessing.from_dict(d["preprocessing"]),
                 score_stats=ScoreStats.from_dict(d["score_stats"]),
                 thresholds=Thresholds.from_dict(d["thresholds"]),
+                map_stats=ScoreStats.from_dict(d["map_stats"]) if d.get("map_stats") is not None else None,
                 model_hash=str(d.get("model_hash", "")),
                 package_version=str(d.get("package_version", "")),
                 training=dict(d.get("training", {})),

@@ -12,8 +12,10 @@ An image fails when its score is above the threshold (scoring.Thresholds). Every
 two neighbouring observed scores classifies the validation set alike; the one chosen is the midpoint
 of the last such gap that meets the target, so that an image on the boundary does not flip for a
 rounding difference between backends. It is a float32 value, as the maps it is compared with, so
-the image score and the map agree on it. The pixel threshold is set equal to the image threshold,
-which keeps the rule that an image fails exactly when it has a defect region.
+the image score and the map agree on it. Where the score is the map's maximum, the pixel threshold
+is set equal to the image threshold, which keeps the rule that an image fails exactly when it has a
+defect region. A model with a score head (its own statistics for the map, metadata `map_stats`) gets
+its pixel threshold by the same target applied to the maps' maxima (`threshold` in cli.py).
 
 numpy only: the runtime and the CLI use it without torch.
 """
@@ -76,8 +78,9 @@ class OperatingPoint:
                 "precision": wilson_interval(caught, caught + self.false_rejects),
                 "recall": wilson_interval(caught, self.defects)}
 
-    def thresholds(self) -> Thresholds:
-        return Thresholds(image=self.threshold, pixel=self.threshold, rule=self.rule)
+    def thresholds(self, pixel: float | None = None) -> Thresholds:
+        """This threshold for images, and for pixels `pixel` (default: the same)."""
+        return Thresholds(image=self.threshold, pixel=self.threshold if pixel is None else pixel, rule=self.rule)
 
     def to_dict(self) -> dict:
         d = asdict(self)

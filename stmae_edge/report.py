@@ -191,8 +191,8 @@ def _cases(scored: ScoredDataset, with_masks: bool, worst: int, folder: Path) ->
                 image = load_image(sample.path, detector.preprocessing.max_pixels)
                 detection = postprocess(scored.maps[i:i + 1], scored.scores[i:i + 1].astype(np.float32),
                                         [image.shape[:2]], [str(sample.path)], detector.thresholds,
-                                        detector.score_stats, detector.min_region_area)[0]
-                overlay = render_overlay(image, detection, detector.score_stats,
+                                        detector.score_stats, detector.min_region_area, detector.map_stats)[0]
+                overlay = render_overlay(image, detection, detector.map_stats,
                                          bit_depth=detector.preprocessing.bit_depth)
                 if with_masks and sample.mask_path is not None:
                     mask = data.load_mask(sample, image.shape[:2]).astype(np.uint8)
@@ -299,6 +299,8 @@ def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cas
                         ("preprocessing", json.dumps(meta.preprocessing.to_dict())),
                         ("thresholds", f"image {meta.thresholds.image:.6g}, pixel {meta.thresholds.pixel:.6g}: {meta.thresholds.rule}"),
                         ("good-score statistics", f"mean {meta.score_stats.mean:.4g}, std {meta.score_stats.std:.4g} over {meta.score_stats.count} held-out images"),
+                        *([("good map-maximum statistics", f"mean {meta.map_stats.mean:.4g}, std {meta.map_stats.std:.4g} (the score comes from the model's score head)")]
+                          if meta.map_stats is not None else []),
                         ("model hash", meta.model_hash), ("made by", f"stmae-edge {meta.package_version}"),
                         ("training", ", ".join(f"{k} {v}" for k, v in training.items()
                                                if k in ("data", "epochs", "train_images", "holdout_images", "seconds")))):

@@ -1,9 +1,12 @@
 """Score statistics, normalisation and thresholds: one definition for training, evaluation and runtime.
 
-numpy only. Raw scores are the model's image scores (max of the smoothed residual map). They are
-normalised against the held-out good images as a z-score: "how many standard deviations above a
-good part". The default threshold is the same rule in raw units, mean + k * std, so an engineer can
-read it, move it, and see what it means.
+numpy only. Raw scores are the model's image scores: the maximum of its anomaly map, or of its own
+score head's map (models/stmae.py). They are normalised against the held-out good images as a
+z-score: "how many standard deviations above a good part". The default threshold is the same rule in
+raw units, mean + k * std, so an engineer can read it, move it, and see what it means.
+
+Maps are read against the maxima of the held-out good maps (`map_stats`). Where the score is the
+map's maximum the two statistics are the same, and a model keeps only `score_stats`.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class ScoreStats:
 class Thresholds:
     """Raw-score thresholds. `image` decides pass/fail; `pixel` outlines defect regions in the map.
 
-    They are equal by default so that an image fails exactly when it has a defect region.
+    Where the score is the map's maximum they are equal by default, so that an image fails exactly when
+    it has a defect region; with a score head each is set on its own statistics by the same rule.
     """
 
     image: float
@@ -77,11 +81,18 @@ class Thresholds:
                 raise ConfigError(f"{name} threshold {value!r} must be a finite number (raw score units)")
 
     @classmethod
-    def from_stats(cls, stats: ScoreStats, sigma: float = DEFAULT_SIGMA) -> "Thresholds":
+    def from_stats(cls, stats: ScoreStats, sigma: float = DEFAULT_SIGMA,
+                   map_stats: ScoreStats | None = None) -> "Thresholds":
+        """mean + sigma * std of the held-out good scores; the pixel threshold by the same rule on
+        `map_stats` (the good maps' maxima) where the model has them, else equal to the image threshold."""
         if not is_finite_number(sigma):
             raise ConfigError(f"sigma {sigma!r} must be a finite number")
         t = stats.mean + sigma * stats.std
-        return cls(image=t, pixel=t, rule=f"mean + {sigma:g} * std of held-out good image scores")
+        rule = f"mean + {sigma:g} * std of held-out good image scores"
+        if map_stats is None or map_stats == stats:
+            return cls(image=t, pixel=t, rule=rule)
+        return cls(image=t, pixel=map_stats.mean + sigma * map_stats.std,
+                   rule=f"{rule} (pixel: of their maps' maxima)")
 
     def to_dict(self) -> dict:
         return asdict(self)

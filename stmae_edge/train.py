@@ -109,6 +109,23 @@ def extract_features(model: STMAE, preprocessing: Preprocessing, paths: Sequence
     return torch.cat(out)
 
 
+@torch.no_grad()
+def extract_feature_pairs(model: STMAE, preprocessing: Preprocessing, paths: Sequence[ImageInput],
+                          batch_size: int = 16,
+                          description: str = "features") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """extract_features and, for a model with a score head, its raw features (N, C_s, S, S) in fp16,
+    from the same backbone pass; None without one."""
+    out, score_out = [], []
+    with progress_bar(description, len(paths)) as advance:
+        for chunk in batches(paths, batch_size):
+            features, score_features = model.extract_with_score(torch.from_numpy(preprocessing(chunk)))
+            out.append(features.to(torch.float16))
+            if score_features is not None:
+                score_out.append(score_features.to(torch.float16))
+            advance(len(chunk))
+    return torch.cat(out), torch.cat(score_out) if score_out else None
+
+
 def features_of(model: STMAE, preprocessing: Preprocessing, images: Sequence[ImageInput]) -> torch.Tensor:
     """One batch: preprocess, run the frozen backbone, keep fp16."""
     return model.extract(torch.from_numpy(preprocessing(images))).to(torch.float16)
@@ -278,14 +295,19 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         family, provenance = STMAE_FAMILY, {"self_supervised": cfg.self_supervised,
                                             "backbone_weights": backbone_weights}
 
-    _, holdout_scores = score_images(model, preprocessing, holdout_items, description="held-out scores")
+    holdout_maps, holdout_scores = score_images(model, preprocessing, holdout_items, description="held-out scores")
     stats = ScoreStats.from_scores(holdout_scores)
+    # A score head scores images on its own scale: regions in the map get statistics of their own.
+    map_stats = None
+    if getattr(model_config, "score_layers", ()):
+        map_stats = ScoreStats.from_scores(holdout_maps.reshape(len(holdout_maps), -1).max(axis=1))
     metadata = ModelMetadata(
         model_family=family,
         config=model_config.to_dict(),
         preprocessing=preprocessing,
         score_stats=stats,
-        thresholds=Thresholds.from_stats(stats, cfg.sigma),
+        map_stats=map_stats,
+        thresholds=Thresholds.from_stats(stats, cfg.sigma, map_stats),
         training={
             "data_dir": str(data_dir),
             "train_images": len(train_paths),
@@ -303,11 +325,14 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
 def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: Sequence[ImageInput],
                 cfg: TrainConfig, backbone_weights: str,
                 holdout: Sequence[ImageInput] = ()) -> tuple[STMAE, list[float]]:
-    """Features once, then the transformer on them; residual statistics from the training images; with
-    a fused map, the per-position Gaussian from the training images and the fusion's scale from the
-    held-out ones."""
+    """Features once (and the score head's, fitted at once), then the transformer on them; residual
+    statistics from the training images; with a fused map, the per-position Gaussian from the training
+    images and the fusion's scale from the held-out ones."""
     model = STMAE(model_config, backbone_weights=backbone_weights)
-    features = extract_features(model, preprocessing, items, description="backbone features")
+    features, score_features = extract_feature_pairs(model, preprocessing, items, description="backbone features")
+    if score_features is not None:
+        fit_score_head(model, score_features)
+        del score_features
     mean, std = feature_statistics(features)
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(std)
@@ -337,6 +362,18 @@ def principal_components(features: torch.Tensor, count: int, samples: int = 200_
     vectors = vectors.double()
     _, _, directions = torch.linalg.svd(vectors - vectors.mean(dim=0), full_matrices=False)
     return directions[:count].T.float()
+
+
+@torch.no_grad()
+def fit_score_head(model: STMAE, score_features: torch.Tensor) -> None:
+    """The image score head from the training images' raw deep features: their principal directions,
+    and a Gaussian per score-grid position of the projected features."""
+    projection = principal_components(score_features.float(), model.score_projection.shape[1])
+    model.score_projection.copy_(projection)
+    mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", score_features.float(), projection),
+                                            model.config.gaussian_eps)
+    model.score_mean.copy_(mean)
+    model.score_precision.copy_(precision)
 
 
 @torch.no_grad()

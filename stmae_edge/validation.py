@@ -33,6 +33,11 @@ class ScoredDataset:
     def defect_scores(self) -> np.ndarray:
         return self.scores[self.labels == 1]
 
+    @property
+    def map_maxima(self) -> np.ndarray:
+        """(N,) each image's map maximum: its score, unless the model has a score head."""
+        return self.maps.reshape(len(self.maps), -1).max(axis=1).astype(np.float64)
+
 
 def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto", batch_size: int = 16,
                   description: str = "scoring") -> ScoredDataset:

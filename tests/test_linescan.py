@@ -61,7 +61,7 @@ def inspect(detector, strip, block_heights, threshold=None, keep_map=True):
 
 
 def strong_threshold(detector) -> float:
-    stats = detector.score_stats
+    stats = detector.map_stats  # a pixel threshold: on the map's scale
     return stats.mean + 10 * stats.std
 
 

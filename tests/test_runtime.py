@@ -91,11 +91,19 @@ def test_thresholds_come_from_metadata_and_can_be_overridden_per_call(detector, 
     results = detector.predict(arrays)
     assert all(r.image_threshold == default.image and r.is_anomalous == (r.score > default.image) for r in results)
     middle = float(np.median([r.score for r in results]))
-    moved = detector.predict(arrays, image_threshold=middle, pixel_threshold=middle)
+    # The tiny model has a score head, as the default: the map has statistics of its own (its held-out
+    # maxima), and the default pixel threshold is the same rule on them.
+    map_stats = detector.map_stats
+    assert detector.metadata.map_stats == map_stats != stats
+    assert default.pixel == pytest.approx(map_stats.mean + 3 * map_stats.std)
+    maxima = detector.raw_maps(arrays)[0].reshape(len(arrays), -1).max(axis=1)
+    map_middle = float(np.median(maxima))
+    moved = detector.predict(arrays, image_threshold=middle, pixel_threshold=map_middle)
     assert sum(r.is_anomalous for r in moved) == sum(r.score > middle for r in results) > 0
-    assert all(bool(r.regions) == r.is_anomalous for r in moved)  # equal thresholds: fail <=> a region
+    assert [bool(r.regions) for r in moved] == list(maxima > map_middle)  # regions follow the pixel threshold
     by_sigma = detector.predict(arrays[0], sigma=-2.0)
     assert by_sigma.image_threshold == pytest.approx(stats.mean - 2 * stats.std)
+    assert by_sigma.pixel_threshold == pytest.approx(map_stats.mean - 2 * map_stats.std)
     assert detector.thresholds == default  # per-call overrides leave the detector as it was
     try:
         detector.thresholds = Thresholds(image=middle, pixel=middle, rule="line 3 setting")

@@ -24,6 +24,22 @@ def test_stats_threshold_and_normalisation_by_hand():
         ScoreStats.from_scores([1.0])
 
 
+def test_a_score_head_gives_the_pixel_threshold_its_own_statistics():
+    scores, maxima = ScoreStats.from_scores([1.0, 2.0, 3.0]), ScoreStats.from_scores([10.0, 20.0, 60.0])
+    t = Thresholds.from_stats(scores, sigma=1, map_stats=maxima)
+    assert t.image == pytest.approx(2.0 + 1.0) and t.pixel == pytest.approx(30.0 + maxima.std)
+    assert "maps' maxima" in t.rule
+    same = Thresholds.from_stats(scores, sigma=1, map_stats=scores)  # the score is the map's maximum
+    assert same.image == same.pixel and "maxima" not in same.rule
+    md = _metadata()
+    assert md.map_stats is None and md.region_stats == md.score_stats and "map_stats" not in md.to_dict()
+    md.map_stats = maxima
+    again = ModelMetadata.from_json(md.to_json())
+    assert again.map_stats == maxima == again.region_stats and again.to_dict() == md.to_dict()
+    with pytest.raises(CheckpointError, match="malformed"):
+        ModelMetadata.from_dict({**md.to_dict(), "map_stats": {"count": 3}})
+
+
 def _metadata() -> ModelMetadata:
     stats = ScoreStats.from_scores([1.0, 2.0, 4.0])
     return ModelMetadata("stmae", {"grid": 32}, Preprocessing(), stats, Thresholds.from_stats(stats), "ab" * 32)

@@ -122,7 +122,30 @@ def test_eval_is_deterministic_and_train_mode_is_not_used_for_scoring(model):
     maps2, scores2 = model(images)
     assert torch.equal(maps1, maps2) and torch.equal(scores1, scores2)
     assert maps1.shape == (2, 1, model.config.input_size, model.config.input_size)
-    assert torch.equal(scores1, maps1.flatten(1).amax(1))  # the score is the max of the map users see
+    # The tiny preset has a score head, as the default: the score is the maximum of its own map.
+    _, score_features = model.extract_with_score(images)
+    assert torch.equal(scores1, model.score_map(score_features).flatten(1).amax(1))
+    without_head = STMAE(replace(model.config, score_layers=()), backbone_weights="none")
+    without_head.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("score_")},
+                                 strict=False)
+    maps, scores = without_head.eval()(images)
+    assert torch.equal(maps, maps1)  # the head leaves the map alone
+    assert torch.equal(scores, maps.flatten(1).amax(1))  # without one, the score is the max of the map users see
+
+
+def test_score_head_reads_deep_layers_from_the_same_backbone_pass(model):
+    images = torch.randn(2, 3, model.config.input_size, model.config.input_size,
+                         generator=torch.Generator().manual_seed(7))
+    features, score_features = model.extract_with_score(images)
+    c = model.config
+    assert torch.equal(features, model.extract(images))
+    assert score_features.shape == (2, model.features.score_channels, c.score_grid, c.score_grid)
+    assert model.features.score_channels == 40 + 112 + 192  # blocks 4, 10, 14 of efficientnet-lite0
+    assert model.score_map(score_features).shape == (2, 1, c.score_grid, c.score_grid)
+    with pytest.raises(ConfigError, match="score head"):
+        replace(c, score_dim=0)
+    with pytest.raises(ConfigError, match="unknown"):
+        STMAE(replace(c, score_layers=("blocks.99",)), backbone_weights="none")
 
 
 def test_batch_size_does_not_change_per_image_results(model):

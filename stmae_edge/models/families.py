@@ -7,12 +7,15 @@ and the architecture differ.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from torch import nn
 
 from ..errors import ConfigError
 from . import filtering_ae, stmae
+
+logger = logging.getLogger(__name__)
 
 STMAE_FAMILY = "stmae"
 FAMILIES = (STMAE_FAMILY, filtering_ae.FAMILY)
@@ -36,6 +39,12 @@ def preset_config(family: str, name: str, backbone: Optional[str] = None):
         from .backbones import DEFAULT_LAYERS
 
         overrides = {"backbone": backbone, "layers": DEFAULT_LAYERS.get(backbone, ())}
+        if stmae.PRESETS.get(name) and stmae.PRESETS[name].score_layers:
+            score_layers = stmae.SCORE_LAYERS.get(backbone, ())
+            if not score_layers:
+                logger.warning("no score head has been measured for the %s backbone: the image score is the "
+                               "map's maximum", backbone)
+            overrides["score_layers"] = score_layers
     return stmae.preset(name, **overrides)
 
 

@@ -38,3 +38,11 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, precision: torch.Ten
     centred = features.float().reshape(b, c, g * w).permute(2, 0, 1) - mean.float().unsqueeze(1)  # (P, B, C)
     squared = ((centred @ precision.float()) * centred).sum(dim=-1)  # (P, B)
     return squared.clamp_min(0).sqrt().permute(1, 0).reshape(b, 1, g, w)
+
+
+def projected_mahalanobis(features: torch.Tensor, projection: torch.Tensor, mean: torch.Tensor,
+                          precision: torch.Tensor) -> torch.Tensor:
+    """features (B, C, G, G) -> projected on `projection` (C, K) -> distance per position (B, 1, G, G)."""
+    b, c, g, w = features.shape
+    projected = features.float().reshape(b, c, g * w).transpose(1, 2) @ projection.float()
+    return mahalanobis(projected.transpose(1, 2).reshape(b, -1, g, w), mean, precision)

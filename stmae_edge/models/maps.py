@@ -1,5 +1,6 @@
 """From a residual to what the user sees, shared by every model family: Gaussian smoothing, the map
-at input size, and the image score as the map's maximum."""
+at input size, and the image score as the map's maximum (which an ST-MAE score head replaces with
+the maximum of its own map, models/stmae.py)."""
 
 from __future__ import annotations
 

@@ -64,6 +64,7 @@ class Detector:
         if bit_depth is not None:  # the camera's, where it differs from the training images'
             self.preprocessing = dataclasses.replace(self.preprocessing, bit_depth=int(bit_depth))
         self.score_stats = self.metadata.score_stats
+        self.map_stats = self.metadata.region_stats  # what map values (regions, overlays) are measured against
         self.thresholds = self.metadata.thresholds
         self.min_region_area = min_region_area
         self.batch_size = max(1, min(batch_size, self._backend.max_batch))
@@ -99,7 +100,8 @@ class Detector:
         Thresholds are in raw score units; `sigma` sets both to mean + sigma * std of the good images.
         `timings`, if given, accumulates seconds per stage (preprocess, infer, postprocess)."""
         items, single = as_items(images)
-        thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma)
+        thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma,
+                                        self.map_stats)
         spent = dict.fromkeys(STAGES, 0.0)
         detections: list[Detection] = []
         for start, stop in balanced_chunks(len(items), self.batch_size):
@@ -163,7 +165,8 @@ class Detector:
     def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict) -> list[Detection]:
         maps, scores, sizes, sources = self._infer_batch(items, offset, spent)
         started = time.perf_counter()
-        detections = postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area)
+        detections = postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area,
+                                 self.map_stats)
         spent["postprocess"] += time.perf_counter() - started
         return detections
 

@@ -50,7 +50,8 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                       advance: Callable[[int], None] | None = None, image_threshold: float | None = None,
                       pixel_threshold: float | None = None, sigma: float | None = None) -> dict:
     """Score `paths` in batches; write OUT/results.json and OUT/<stem>.png. Returns the summary."""
-    chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma)
+    chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma,
+                                detector.map_stats)
     check_output_folder(out, paths)
     names = overlay_names(paths)
     results, errors = [], []
@@ -68,7 +69,7 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
             detection = dataclasses.replace(detection, source=str(paths[i]))
             entry = detection.to_dict()
             if overlays:
-                ok, png = cv2.imencode(".png", render_overlay(image, detection, detector.score_stats,
+                ok, png = cv2.imencode(".png", render_overlay(image, detection, detector.map_stats,
                                                              bit_depth=detector.preprocessing.bit_depth))
                 if not ok:
                     raise OutputError(f"cannot encode the overlay of {paths[i]}")

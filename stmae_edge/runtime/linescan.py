@@ -88,7 +88,7 @@ class StreamingInspector:
             raise ConfigError(f"width {width!r} must be a whole number of pixels, at least the model's "
                               f"{self.tile_width}-pixel tile")
         self.pixel_threshold = resolve_thresholds(detector.thresholds, detector.score_stats,
-                                                  pixel=pixel_threshold).pixel
+                                                  pixel=pixel_threshold, map_stats=detector.map_stats).pixel
         self.overlap = int(overlap)
         self.stride = self.tile_height - self.overlap
         self.max_defect_rows = int(max_defect_rows)
@@ -137,7 +137,7 @@ class StreamingInspector:
             self.width, self._channels, self._dtype = width, channels, block.dtype
             self._rows = np.empty((0, *block.shape[1:]), block.dtype)
             self._columns = tile_starts(self.width, self.tile_width, self.tile_width - self.overlap)
-            self._regions = StripRegions(self.width, self.pixel_threshold, self.detector.score_stats,
+            self._regions = StripRegions(self.width, self.pixel_threshold, self.detector.map_stats,
                                          self.max_defect_rows)
         return block
 

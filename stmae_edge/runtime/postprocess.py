@@ -44,7 +44,7 @@ class Detection:
 
     source: str  # the path, or "array[i]" for the i-th array of a call
     image_size: tuple[int, int]  # (height, width) of the input image
-    score: float  # raw image score: the maximum of the model's map
+    score: float  # raw image score: the maximum of the model's map, or of its score head's
     normalized_score: float  # z-score against the held-out good images
     is_anomalous: bool  # score > image threshold
     image_threshold: float
@@ -65,9 +65,11 @@ class Detection:
 
 
 def resolve_thresholds(default: Thresholds, stats: ScoreStats, image: float | None = None,
-                       pixel: float | None = None, sigma: float | None = None) -> Thresholds:
-    """Per-call overrides: raw values win; `sigma` sets both to mean + sigma * std; else the default."""
-    base = Thresholds.from_stats(stats, sigma) if sigma is not None else default
+                       pixel: float | None = None, sigma: float | None = None,
+                       map_stats: ScoreStats | None = None) -> Thresholds:
+    """Per-call overrides: raw values win; `sigma` sets both to mean + sigma * std (the pixel threshold
+    on `map_stats`, the good maps' maxima, where they differ from the scores'); else the default."""
+    base = Thresholds.from_stats(stats, sigma, map_stats) if sigma is not None else default
     if image is None and pixel is None:
         return base
     return Thresholds(image=base.image if image is None else image,
@@ -79,8 +81,8 @@ def find_regions(model_map: np.ndarray, threshold: float, stats: ScoreStats, ima
     """Connected components (8-connected) of the model's map > threshold, highest peak first, in the
     image's pixel coordinates.
 
-    They are found at the model's resolution, where the image score is the map's maximum, so an image
-    is over the threshold exactly when it has a region; boxes are then scaled out to cover the same
+    They are found at the model's resolution, where an image score that is the map's maximum is
+    measured, so such an image is over equal thresholds exactly when it has a region; boxes are then scaled out to cover the same
     area of the image, areas are scaled, and peaks sit at the centre of their model pixel."""
     above = model_map > threshold
     rows, cols = np.flatnonzero(above.any(axis=1)), np.flatnonzero(above.any(axis=0))
@@ -114,8 +116,10 @@ def find_regions(model_map: np.ndarray, threshold: float, stats: ScoreStats, ima
 
 
 def postprocess(maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int]], sources: list[str],
-                thresholds: Thresholds, stats: ScoreStats, min_region_area: int = 1) -> list[Detection]:
-    """Network outputs for a batch (maps (N, h, w) at the model's input size, scores (N,)) -> Detections."""
+                thresholds: Thresholds, stats: ScoreStats, min_region_area: int = 1,
+                map_stats: ScoreStats | None = None) -> list[Detection]:
+    """Network outputs for a batch (maps (N, h, w) at the model's input size, scores (N,)) -> Detections.
+    Scores are normalised on `stats`, region peaks on `map_stats` (default: the same)."""
     detections = []
     z_scores = normalize(scores, stats)
     for i, (height, width) in enumerate(sizes):
@@ -128,6 +132,6 @@ def postprocess(maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int
             source=sources[i], image_size=(height, width), score=score, normalized_score=float(z_scores[i]),
             is_anomalous=score > thresholds.image, image_threshold=thresholds.image,
             pixel_threshold=thresholds.pixel,
-            regions=find_regions(model_map, thresholds.pixel, stats, (height, width), min_region_area),
+            regions=find_regions(model_map, thresholds.pixel, map_stats or stats, (height, width), min_region_area),
             anomaly_map=np.ascontiguousarray(image_map, dtype=np.float32)))
     return detections

@@ -71,6 +71,7 @@ class RemoteDetector:
         self.metadata = ModelMetadata.from_dict(document["metadata"])
         self.preprocessing = self.metadata.preprocessing
         self.score_stats = self.metadata.score_stats
+        self.map_stats = self.metadata.region_stats
         self.thresholds = Thresholds.from_dict(document["thresholds"]) if "thresholds" in document \
             else self.metadata.thresholds
         self.max_batch = int(document.get("max_batch", 8))
@@ -89,12 +90,14 @@ class RemoteDetector:
                 pixel_threshold: float | None = None, sigma: float | None = None):
         """As Detector.predict: one image or a list (paths or arrays) -> Detection or list of them."""
         items, single = as_items(images)
-        thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma)
+        thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma,
+                                        self.map_stats)
         detections: list[Detection] = []
         for start, stop in balanced_chunks(len(items), self.batch_size):
             batch, sizes, sources = decode_batch(items[start:stop], start, self.preprocessing)
             maps, scores = self.run_tensors(batch)
-            detections += postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area)
+            detections += postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area,
+                                      self.map_stats)
         return detections[0] if single else detections
 
     __call__ = predict
