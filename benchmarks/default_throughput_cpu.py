@@ -6,7 +6,7 @@ The default is the quality benchmark's model. The defaults before it are trained
 images here (speed does not depend on the weights, only on the graph): preset "transition-only" (the
 transition residual alone, token-wise masking, until 2026-11-28; the reference of the target) and
 preset "small-map-score" (the default's map, the image score as its maximum, without the score head;
-until 2026-11-29). All fp32 graphs run behind the same
+the default before the score head, 2026-11-28). All fp32 graphs run behind the same
 Detector, taking turns in every round on the same batches of decoded test images
 (runtime_cpu.side_by_side); the table gives medians. Target (issue 15): the new default keeps at least
 half of the previous default's throughput at batch 8.

@@ -7,7 +7,9 @@ Trains the default model exactly as `stmae-edge train DATA --out W/stmae.pt` doe
 two baselines: a Gaussian per grid position (PaDiM-style) and a PatchCore-style nearest-neighbour
 memory bank with greedy coreset subsampling. All are thresholded on the same held-out good images and
 scored with the same metrics. When the default fuses the transition residual with per-position
-statistics, the ablation scores each part of the same model on its own.
+statistics, the ablation scores each part of the same model on its own. The default scores images
+with a head on deeper layers (blocks 4, 10, 14): a third baseline is the Gaussian on those layers,
+and the ablation gives the model's own map maximum as the score.
 
 Model choices were made on a validation half of the test set (VALIDATION_SEED below); the other
 half, never looked at while choosing, is reported beside the full test set.
@@ -34,6 +36,7 @@ from stmae_edge import data  # noqa: E402
 from stmae_edge.cli import use_available_cores  # noqa: E402
 from stmae_edge.baseline import GaussianBaseline, PatchCoreBaseline  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
+from stmae_edge.models.backbones import FeatureExtractor  # noqa: E402
 from stmae_edge.evaluate import evaluate, format_report  # noqa: E402
 from stmae_edge.metrics import summarize  # noqa: E402
 from stmae_edge.models.maps import maps_and_scores, smooth  # noqa: E402
@@ -99,13 +102,22 @@ def run_baselines(model_path: Path, data_dir: Path, cfg: TrainConfig, coreset_ra
     pre = meta.preprocessing
     train_paths, holdout_paths = split_holdout(data.train_images(data_dir), cfg.holdout_fraction, cfg.seed)
     samples = data.eval_samples(data_dir)
-    features = {"train": extract_features(model, pre, train_paths, description="baseline features")}
-    for name, paths in (("holdout", holdout_paths), ("test", [s.path for s in samples])):
-        features[name] = extract_features(model, pre, paths, description=f"{name} features")
+    c = model.config
+    shallow = model.features
+    deep = FeatureExtractor(c.backbone, c.score_layers, c.grid) if c.score_layers else None
     results = {}
     for name, baseline in (
-            ("gaussian", GaussianBaseline(smoothing_sigma=model.config.smoothing_sigma)),
-            ("patchcore", PatchCoreBaseline(coreset_ratio, smoothing_sigma=model.config.smoothing_sigma))):
+            ("gaussian", GaussianBaseline(smoothing_sigma=c.smoothing_sigma)),
+            ("patchcore", PatchCoreBaseline(coreset_ratio, smoothing_sigma=c.smoothing_sigma)),
+            ("gaussian_deep", GaussianBaseline(smoothing_sigma=c.smoothing_sigma))):
+        if name == "gaussian_deep":
+            if deep is None:
+                continue
+            model.features = deep  # the score head's layers, on the map's grid, all channels
+        if name != "patchcore":
+            features = {"train": extract_features(model, pre, train_paths, description=f"{name} features")}
+            for part, paths in (("holdout", holdout_paths), ("test", [s.path for s in samples])):
+                features[part] = extract_features(model, pre, paths, description=f"{part} features")
         started = time.perf_counter()
         baseline.fit(features["train"])
         fit_seconds = time.perf_counter() - started
@@ -118,23 +130,28 @@ def run_baselines(model_path: Path, data_dir: Path, cfg: TrainConfig, coreset_ra
         threshold = Thresholds.from_stats(ScoreStats.from_scores(score(features["holdout"])[1]), cfg.sigma).image
         maps, scores = score(features["test"])
         results[name] = (summaries(samples, maps, scores, threshold, pre.input_size), fit_seconds)
+    model.features = shallow
     return results
 
 
 @torch.no_grad()
-def run_ablation(model_path: Path, data_dir: Path) -> dict:
+def run_ablation(model_path: Path, data_dir: Path, maps: np.ndarray) -> dict:
     """Each part of a fused model on its own, same weights: {part: summaries}; {} for an unfused model.
+    With a score head, also the model's map with its maximum as the score (`maps`: the model's test maps).
     Thresholds are not comparable across parts, so F1 is left out (threshold None)."""
     model, meta = load_model(model_path)
-    if model.config.gaussian_weight <= 0:
-        return {}
-    pre = meta.preprocessing
+    results = {}
     samples = data.eval_samples(data_dir)
+    if model.config.score_layers:
+        results["the image score as the map's maximum, without the score head"] = summaries(
+            samples, maps, maps.reshape(len(maps), -1).max(axis=1), None, meta.preprocessing.input_size)
+    if model.config.gaussian_weight <= 0:
+        return results
+    pre = meta.preprocessing
     c = model.config
     parts = {"transition residual alone (the map of `--preset transition-only`)": model.transition_map,
              f"per-position Gaussian of the {c.gaussian_input} alone":
                  lambda f, recon: model.gaussian_map(model.gaussian_input(f, recon))}
-    results = {}
     for name, part in parts.items():
         maps, scores = [], []
         for chunk in batches([s.path for s in samples], 16):
@@ -223,7 +240,7 @@ def main() -> None:
     assert abs(stmae["full"]["image_auroc"] - evaluate(model_path, args.data)["image_auroc"]) < 1e-9
     print(format_report(stmae["full"]))
     baselines = run_baselines(model_path, args.data, cfg, args.coreset)
-    ablation = run_ablation(model_path, args.data)
+    ablation = run_ablation(model_path, args.data, maps)
     for name, (r, _) in baselines.items():
         print(name, format_report(r["full"]), sep="\n")
     (args.workdir / "results.json").write_text(json.dumps(
@@ -248,15 +265,22 @@ def main() -> None:
                   f"{config.gaussian_input}")
     described = (f"efficientnet-lite0, {args.epochs} epochs, {config.mask_unit}x{config.mask_unit}-token masked "
                  f"blocks; map: {scored}")
+    if config.score_layers:
+        described += (f"; score: a Gaussian per position of {', '.join(config.score_layers)} on a "
+                      f"{config.score_grid}x{config.score_grid} grid, {config.score_dim} principal components")
     gaussian, patchcore = baselines["gaussian"], baselines["patchcore"]
     bank = round(args.coreset * 100, 2)
     rows = [
         row(f"ST-MAE default ({described})", stmae,
             f"{meta.training['seconds']:.0f} s, `stmae-edge train DATA --out stmae.pt && stmae-edge evaluate stmae.pt DATA`"),
-        row("Gaussian per position (PaDiM-style, same features)", gaussian[0], f"{gaussian[1]:.0f} s, (this script)"),
-        row(f"PatchCore-style memory bank (3x3 neighbourhood, greedy coreset {bank:g}%, same features)",
+        row("Gaussian per position (PaDiM-style, the map's features)", gaussian[0], f"{gaussian[1]:.0f} s, (this script)"),
+        row(f"PatchCore-style memory bank (3x3 neighbourhood, greedy coreset {bank:g}%, the map's features)",
             patchcore[0], f"{patchcore[1]:.0f} s, (this script)"),
     ]
+    if "gaussian_deep" in baselines:
+        deep = baselines["gaussian_deep"]
+        rows.append(row(f"Gaussian per position on the score head's layers ({', '.join(config.score_layers)}, "
+                        f"{config.grid}x{config.grid} grid, all channels)", deep[0], f"{deep[1]:.0f} s, (this script)"))
     rows += [row(f"ablation: {name} (same weights)", r, "") for name, r in ablation.items()]
     rows += ["", "Per defect type, image / pixel AUROC / AUPRO, full test set: "
              + "; ".join([per_type("ST-MAE default", stmae), per_type("Gaussian", gaussian[0]),

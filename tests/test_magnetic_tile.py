@@ -7,9 +7,6 @@ images: a pretrained backbone, a few epochs, a subset with masks.
 
 from __future__ import annotations
 
-
-import pytest
-
 from stmae_edge import data
 from stmae_edge.evaluate import evaluate
 from stmae_edge.models.stmae import preset
