@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -50,10 +51,10 @@ def train(
     out: Path = typer.Option(Path("model.pt"), "--out", "-o", help="checkpoint to write"),
     family: str = typer.Option("stmae", help="stmae (transformer on frozen CNN features), or filtering-ae "
                                "(image autoencoder trained to remove synthetic defects, Bauer et al. 2022)"),
-    preset_name: str = typer.Option("small", "--preset", help="stmae: tiny, small (default: the transition "
-                                    "residual fused with per-position statistics), transition-only (the "
-                                    "residual alone, the default until 2026-11-28), paper; filtering-ae: "
-                                    "tiny, small"),
+    preset_name: str = typer.Option("small", "--preset", help="stmae: tiny, small (default: the residual "
+                                    "scored by per-position statistics, images scored by a head on deeper "
+                                    "layers), small-map-score (the same map, the score its maximum), "
+                                    "transition-only (the residual alone), paper; filtering-ae: tiny, small"),
     backbone: Optional[str] = typer.Option(None, help="stmae: override the preset's backbone: "
                                            "efficientnet_lite0, vgg19"),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet', a path to a torchvision-format "
@@ -259,6 +260,7 @@ def threshold(
         pixel_point = choose(maxima[labels == 0], maxima[labels == 1], max_false_reject=max_false_reject,
                              min_recall=min_recall, sigma=sigma, stats=scored.detector.map_stats, data=str(data_dir))
         pixel = pixel_point.threshold
+        point = replace(point, rule=f"{point.rule}; pixel: the same target on the maps' maxima")
         typer.echo(f"pixel threshold {pixel:.6g}: the same target on the maps' maxima ({pixel_point.false_rejects} "
                    f"good and {pixel_point.defects - pixel_point.escapes} defective images have a region)")
     current = evaluate_threshold(scored.detector.thresholds.image, scored.good_scores, scored.defect_scores,

@@ -127,13 +127,15 @@ def check_onnx(path: Path | str, model=None) -> dict:
 
 
 def _smoke_parity(path: Path | str, model) -> float:
-    """Random inputs through ONNX Runtime (CPU) and torch; a quick guard, not the real-image check."""
+    """Random inputs through ONNX Runtime (CPU) and torch, maps and scores (which a score head computes
+    apart from the map); the larger relative difference. A quick guard, not the real-image check."""
     import onnxruntime as ort
 
     size = model.config.input_size
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        maps, _ = model(x)
+        maps, scores = model(x)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_maps = session.run([MAP_NAME], {INPUT_NAME: x.numpy()})[0]
-    return float(np.abs(onnx_maps - maps.numpy()).max() / max(np.abs(maps.numpy()).max(), 1e-12))
+    onnx_maps, onnx_scores = session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: x.numpy()})
+    return max(float(np.abs(got - want.numpy()).max() / max(np.abs(want.numpy()).max(), 1e-12))
+               for got, want in ((onnx_maps, maps), (onnx_scores, scores)))

@@ -16,7 +16,11 @@ from .preprocessing import Preprocessing
 from .scoring import ScoreStats, Thresholds
 
 SCHEMA = "stmae-edge/metadata"
-SCHEMA_VERSION = 1
+# Version 2 adds `map_stats` (models with a score head). Files without them are still written as
+# version 1, so that older runtimes keep reading them; an older runtime refuses a version 2 file rather
+# than measure its map on the score's scale.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ONNX_METADATA_KEY = "stmae_edge.metadata"  # metadata_props key holding to_dict() as JSON
 PRECISION_KEY = "stmae_edge.precision"  # metadata_props: the graph's compute precision (fp32, fp16, int8)
 
@@ -55,7 +59,7 @@ class ModelMetadata:
         extra = {"map_stats": self.map_stats.to_dict()} if self.map_stats is not None else {}
         return {
             "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if self.map_stats is not None else 1,
             "model_family": self.model_family,
             "config": self.config,
             "preprocessing": self.preprocessing.to_dict(),
@@ -76,9 +80,10 @@ class ModelMetadata:
             raise CheckpointError(f"metadata schema {d.get('schema')!r} is not {SCHEMA!r}: "
                                   "not a stmae-edge model")
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CheckpointError(f"metadata schema version {version} is not supported by stmae-edge "
-                                  f"{__version__} (expects {SCHEMA_VERSION}); re-export with this version")
+                                  f"{__version__} (it reads {', '.join(map(str, READABLE_VERSIONS))}); a newer stmae-edge made it, "
+                                  "or re-export with this version")
         for key in ("config", "training"):
             if not isinstance(d.get(key, {}), dict):
                 raise CheckpointError(f"metadata {key!r} is a {type(d[key]).__name__}, not an object; re-create the model file")

@@ -31,7 +31,8 @@ def report(tiny_export, synthetic_dataset, tmp_path_factory):
     paths = sorted((synthetic_dataset / "test").rglob("*.png"))
     _, scores = Detector(model, "ort-cpu").raw_maps(paths)
     middle = float(np.median(scores[[p.parent.name != "good" for p in paths]]))
-    write_thresholds(model, Thresholds(image=middle, pixel=middle, rule="the defects' median score, for the test"))
+    pixel = Detector(model, "ort-cpu").thresholds.pixel  # the map's own scale, as trained
+    write_thresholds(model, Thresholds(image=middle, pixel=pixel, rule="the defects' median score, for the test"))
     return build_report(model, synthetic_dataset, out, backend="ort-cpu", worst=3), out, model
 
 

@@ -137,11 +137,14 @@ def test_an_image_smaller_than_the_model_fails_exactly_when_it_has_a_region(dete
     """Regions of a small image cover less than one of its pixels each; they must still be reported."""
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, size, dtype=np.uint8)
-    _, scores = detector.raw_maps([image])
-    just_below = float(scores[0]) - 1e-4 * max(1.0, abs(float(scores[0])))  # a few model pixels above it
-    for threshold in (just_below, -1e9):
-        result = detector.predict(image, image_threshold=threshold, pixel_threshold=threshold)
-        assert result.is_anomalous and result.regions, (size, threshold)
+    maps, scores = detector.raw_maps([image])
+
+    def just_below(value) -> float:  # a few model pixels above it
+        return float(value) - 1e-4 * max(1.0, abs(float(value)))
+
+    for image_threshold, pixel_threshold in ((just_below(scores[0]), just_below(maps[0].max())), (-1e9, -1e9)):
+        result = detector.predict(image, image_threshold=image_threshold, pixel_threshold=pixel_threshold)
+        assert result.is_anomalous and result.regions, (size, pixel_threshold)
         assert all(r.area >= 1 and r.width >= 1 and r.height >= 1 for r in result.regions)
         assert all(0 <= r.x < size[1] and 0 <= r.y < size[0] for r in result.regions)
     high = detector.predict(image, image_threshold=1e9, pixel_threshold=1e9)

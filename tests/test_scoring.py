@@ -33,7 +33,9 @@ def test_a_score_head_gives_the_pixel_threshold_its_own_statistics():
     assert same.image == same.pixel and "maxima" not in same.rule
     md = _metadata()
     assert md.map_stats is None and md.region_stats == md.score_stats and "map_stats" not in md.to_dict()
+    assert md.to_dict()["schema_version"] == 1  # readable by older runtimes
     md.map_stats = maxima
+    assert md.to_dict()["schema_version"] == SCHEMA_VERSION == 2  # refused by them
     again = ModelMetadata.from_json(md.to_json())
     assert again.map_stats == maxima == again.region_stats and again.to_dict() == md.to_dict()
     with pytest.raises(CheckpointError, match="malformed"):

@@ -60,7 +60,7 @@ def test_an_inspector_is_freed_with_its_last_reference(detector):
     strip[50:60, 100:160] = 250
     gc.disable()
     try:
-        inspector = StreamingInspector(detector, overlap=16, pixel_threshold=detector.score_stats.mean)
+        inspector = StreamingInspector(detector, overlap=16, pixel_threshold=detector.map_stats.mean)
         defects = inspector.push(strip) + inspector.flush()
         assert defects and all(d.tiles for d in defects)
         alive = weakref.ref(inspector)

@@ -107,7 +107,7 @@ def test_threshold_command_writes_only_the_thresholds(tiny_export, synthetic_dat
         after = read_metadata(model)
         assert after.thresholds.image == pytest.approx(expected.threshold, rel=1e-5)
         assert after.thresholds.pixel == pytest.approx(expected_pixel.threshold, rel=1e-5)
-        assert "false rejects <= 20%" in after.thresholds.rule
+        assert "false rejects <= 20%" in after.thresholds.rule and "pixel: the same target" in after.thresholds.rule
         assert after.model_hash == before.model_hash and after.score_stats == before.score_stats
     read_checkpoint(checkpoint)  # digest still matches
     r = run("info", str(onnx_file))  # and what `info` shows of either file
@@ -151,3 +151,27 @@ def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, t
     data, sidecar, metadata = read_plan(plan)  # what the TensorRT backend reads: sha256 still matches
     assert data == plan_bytes and metadata.thresholds == Thresholds(7.5, 7.5, "false rejects <= 1% on line 3")
     assert metadata.model_hash == ModelMetadata.from_onnx(tiny_export[1]).model_hash
+
+
+def test_without_a_score_head_the_thresholds_stay_equal_and_a_failing_image_has_a_region(synthetic_dataset, tmp_path):
+    """The score is the map's maximum when the model has no score head (`small-map-score`, the filtering
+    autoencoder): one scale, equal thresholds, and fail <=> a region, through training and `threshold --write`."""
+    from dataclasses import replace
+
+    from stmae_edge.models.stmae import preset
+    from stmae_edge.train import TrainConfig, train
+
+    model = tmp_path / "no_head.pt"
+    meta = train(synthetic_dataset, model, replace(preset("tiny"), score_layers=()), TrainConfig(epochs=1, batch_size=8),
+                 backbone_weights="random")
+    assert meta.map_stats is None and meta.thresholds.image == meta.thresholds.pixel
+    assert meta.to_dict()["schema_version"] == 1
+    r = run("threshold", str(model), str(synthetic_dataset), "--max-false-reject", "0.2", "--write")
+    assert r.returncode == 0, r.stderr
+    assert "pixel threshold" not in r.stdout
+    after = read_metadata(model)
+    assert after.thresholds.pixel == after.thresholds.image and "pixel:" not in after.thresholds.rule
+    paths = sorted((synthetic_dataset / "test").rglob("*.png"))
+    results = Detector(model, "torch-cpu").predict(paths)
+    assert any(r.is_anomalous for r in results) and not all(r.is_anomalous for r in results)
+    assert all(bool(r.regions) == r.is_anomalous for r in results)

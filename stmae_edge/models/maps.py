@@ -36,8 +36,9 @@ def smooth(grid_map: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def maps_and_scores(grid_map: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Map -> map at input size and image score. The score is the max of the map the user sees, so
-    an image over the threshold always has pixels over the same threshold."""
+    """Map -> map at input size and image score. The score is the max of the map the user sees, so an
+    image over the threshold always has pixels over the same threshold (unless a score head replaces
+    the score, models/stmae.py)."""
     if tuple(grid_map.shape[-2:]) != tuple(size):
         grid_map = F.interpolate(grid_map, size=size, mode="bilinear", align_corners=False)
     return grid_map, grid_map.flatten(1).amax(dim=1)

@@ -144,7 +144,7 @@ PRESETS: dict[str, STMAEConfig] = {
                         score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8),
     "small": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0,
                          score_layers=DEEP_SCORE_LAYERS),
-    # The default until 2026-11-29: the same map, and the image score as its maximum.
+    # The default before the score head (2026-11-28): the same map, and the image score as its maximum.
     "small-map-score": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
                                    transition_weight=0.0),
     # The default until 2026-11-28: the transition residual alone, token-wise masking.

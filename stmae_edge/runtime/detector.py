@@ -97,7 +97,8 @@ class Detector:
                 timings: dict | None = None) -> Union[Detection, list[Detection]]:
         """Score one image or a list (paths or arrays: gray, BGR or BGRA; uint8, uint16 or float in [0, 1]).
 
-        Thresholds are in raw score units; `sigma` sets both to mean + sigma * std of the good images.
+        Thresholds are in raw score units; `sigma` sets both to mean + sigma * std of the good images'
+        scores (the pixel threshold: of their maps' maxima, where the model has a score head).
         `timings`, if given, accumulates seconds per stage (preprocess, infer, postprocess)."""
         items, single = as_items(images)
         thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma,

@@ -21,7 +21,7 @@ def render_overlay(image: np.ndarray, detection: Detection, stats: ScoreStats, a
                    bit_depth: int = 16) -> np.ndarray:
     """A decoded image (any dtype and channel count the runtime accepts) -> BGR uint8 overlay.
 
-    The colour scale runs from the good parts' mean score (blue) to as far above the pixel threshold
+    `stats` are the map's (Detector.map_stats). The colour scale runs from the good parts' mean (blue) to as far above the pixel threshold
     as the threshold is above the mean (red), so the threshold sits at mid-scale (green-yellow)."""
     base = display_image(image, bit_depth)
     low = stats.mean

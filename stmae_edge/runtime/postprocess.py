@@ -25,7 +25,7 @@ class Region:
     height: int
     area: int  # image pixels above the pixel threshold (counted at the model's resolution, scaled)
     peak_score: float  # highest raw map value inside the region
-    peak_normalized: float  # the same as a z-score against good parts
+    peak_normalized: float  # the same as a z-score against good parts' map maxima (metadata region_stats)
     peak_x: int
     peak_y: int
 
@@ -99,7 +99,7 @@ def find_regions(model_map: np.ndarray, threshold: float, stats: ScoreStats, ima
     for label in range(1, count):
         x, y, w, h, pixels = (int(v) for v in boxes[label])
         # In an image smaller than the model's input a region can cover less than one image pixel; it
-        # still counts as one, so that an image over the threshold always has a region.
+        # still counts as one, so that a map over the pixel threshold always gives a region.
         area = max(1, int(round(pixels * scale_x * scale_y)))
         if area < min_area:
             continue
