@@ -41,7 +41,7 @@ from stmae_edge.evaluate import evaluate, format_report  # noqa: E402
 from stmae_edge.metrics import summarize  # noqa: E402
 from stmae_edge.models.maps import maps_and_scores, smooth  # noqa: E402
 from stmae_edge.models.stmae import preset  # noqa: E402
-from stmae_edge.scoring import ScoreStats, Thresholds  # noqa: E402
+from stmae_edge.scoring import ScoreStats, Thresholds, map_maxima  # noqa: E402
 from stmae_edge.train import TrainConfig, batches, extract_features, score_images, split_holdout, train  # noqa: E402
 
 BEGIN, END = "<!-- quality-magnetic-tile:begin -->", "<!-- quality-magnetic-tile:end -->"
@@ -144,7 +144,7 @@ def run_ablation(model_path: Path, data_dir: Path, maps: np.ndarray) -> dict:
     samples = data.eval_samples(data_dir)
     if model.config.score_layers:
         results["the image score as the map's maximum, without the score head"] = summaries(
-            samples, maps, maps.reshape(len(maps), -1).max(axis=1), None, meta.preprocessing.input_size)
+            samples, maps, map_maxima(maps), None, meta.preprocessing.input_size)
     if model.config.gaussian_weight <= 0:
         return results
     pre = meta.preprocessing

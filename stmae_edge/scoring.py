@@ -102,6 +102,12 @@ class Thresholds:
         return cls(float(d["image"]), float(d["pixel"]), str(d.get("rule", "")))
 
 
+def map_maxima(maps: np.ndarray) -> np.ndarray:
+    """(N, ...) maps -> (N,) float64 maxima: what `map_stats` are computed from."""
+    maps = np.asarray(maps)
+    return maps.reshape(len(maps), -1).max(axis=1).astype(np.float64)
+
+
 def normalize(raw: np.ndarray | float, stats: ScoreStats) -> np.ndarray:
     """Raw scores or maps -> z-scores against the good images (0 = a typical good part)."""
     return (np.asarray(raw, dtype=np.float32) - np.float32(stats.mean)) / np.float32(stats.std)

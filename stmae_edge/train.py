@@ -32,7 +32,7 @@ from .models.stmae import STMAE, STMAEConfig, random_split
 from .corruption import corrupt
 from .preprocessing import ImageInput, Preprocessing, load_image
 from .progress import progress_bar
-from .scoring import DEFAULT_SIGMA, ScoreStats, Thresholds
+from .scoring import DEFAULT_SIGMA, ScoreStats, Thresholds, map_maxima
 
 
 @dataclass(frozen=True)
@@ -101,24 +101,20 @@ def batches(items: Sequence, size: int):
 def extract_features(model: STMAE, preprocessing: Preprocessing, paths: Sequence[ImageInput],
                      batch_size: int = 16, description: str = "features") -> torch.Tensor:
     """Raw backbone features of every image, stored in fp16 to halve memory: (N, C, G, G)."""
-    out = []
-    with progress_bar(description, len(paths)) as advance:
-        for chunk in batches(paths, batch_size):
-            out.append(features_of(model, preprocessing, chunk))
-            advance(len(chunk))
-    return torch.cat(out)
+    return extract_feature_pairs(model, preprocessing, paths, batch_size, description, with_score=False)[0]
 
 
 @torch.no_grad()
 def extract_feature_pairs(model: STMAE, preprocessing: Preprocessing, paths: Sequence[ImageInput],
-                          batch_size: int = 16,
-                          description: str = "features") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """extract_features and, for a model with a score head, its raw features (N, C_s, S, S) in fp16,
-    from the same backbone pass; None without one."""
+                          batch_size: int = 16, description: str = "features",
+                          with_score: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """extract_features and, for a model with a score head (and `with_score`), its raw features
+    (N, C_s, S, S) in fp16, from the same backbone pass; None without."""
     out, score_out = [], []
     with progress_bar(description, len(paths)) as advance:
         for chunk in batches(paths, batch_size):
-            features, score_features = model.extract_with_score(torch.from_numpy(preprocessing(chunk)))
+            images = torch.from_numpy(preprocessing(chunk))
+            features, score_features = model.extract_with_score(images) if with_score else (model.extract(images), None)
             out.append(features.to(torch.float16))
             if score_features is not None:
                 score_out.append(score_features.to(torch.float16))
@@ -300,7 +296,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     # A score head scores images on its own scale: regions in the map get statistics of their own.
     map_stats = None
     if getattr(model_config, "score_layers", ()):
-        map_stats = ScoreStats.from_scores(holdout_maps.reshape(len(holdout_maps), -1).max(axis=1))
+        map_stats = ScoreStats.from_scores(map_maxima(holdout_maps))
     metadata = ModelMetadata(
         model_family=family,
         config=model_config.to_dict(),

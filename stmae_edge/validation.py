@@ -12,6 +12,7 @@ import numpy as np
 
 from . import data
 from .progress import progress_bar
+from .scoring import map_maxima
 
 
 @dataclass
@@ -36,7 +37,7 @@ class ScoredDataset:
     @property
     def map_maxima(self) -> np.ndarray:
         """(N,) each image's map maximum: its score, unless the model has a score head."""
-        return self.maps.reshape(len(self.maps), -1).max(axis=1).astype(np.float64)
+        return map_maxima(self.maps)
 
 
 def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto", batch_size: int = 16,

@@ -230,3 +230,18 @@ def test_vgg19_bad_files_raise_weights_error(vgg_file, tmp_path):
     # the full classifier needs every key, so a features-only file is not enough for it
     with pytest.raises(WeightsError, match="missing"):
         vgg19(weights=path)
+
+
+def test_layer_outputs_stop_at_the_deepest_layer_asked_for():
+    """A body built to block 14 for a score head must not run blocks 11..14 for the map's layers alone."""
+    extractor = FeatureExtractor("efficientnet_lite0", ("blocks.2", "blocks.10"), 16, weights="random",
+                                 score_layers=("blocks.14",), score_grid=8)
+    ran = []
+    for i, block in enumerate(extractor.body._blocks):
+        block.register_forward_hook(lambda module, args, out, i=i: ran.append(i))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    features = extractor(x)
+    assert max(ran) == 10 and features.shape == (1, 24 + 112, 16, 16)
+    ran.clear()
+    both, score = extractor.forward_with_score(x)
+    assert max(ran) == 14 and torch.equal(both, features) and score.shape == (1, 192, 8, 8)

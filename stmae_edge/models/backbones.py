@@ -178,11 +178,14 @@ class EfficientNetLite0(nn.Module):
         return self._fc(x.mean(dim=(2, 3)))
 
     def layer_outputs(self, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
-        """The outputs of the named layers ("stem", "blocks.N"), in the order asked for."""
+        """The outputs of the named layers ("stem", "blocks.N"), in the order asked for; blocks after the
+        deepest of them are not run (a body built deeper for a score head serves map-only callers too)."""
         found = {}
         x = self.stem(x)
         found["stem"] = x
         for i, block in enumerate(self._blocks):
+            if all(name in found for name in names):
+                break
             x = block(x)
             found[f"blocks.{i}"] = x
         return [found[name] for name in names]
@@ -298,6 +301,8 @@ class VGG19(nn.Module):
         index_to_name = {index - 1: name for name, (index, _, _) in _vgg19_layers().items()}
         found = {}
         for i, layer in enumerate(self.features):
+            if all(name in found for name in names):
+                break
             x = layer(x)
             if i in index_to_name:
                 found[index_to_name[i]] = x
