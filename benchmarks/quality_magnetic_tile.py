@@ -265,9 +265,13 @@ def main() -> None:
                   f"{config.gaussian_input}")
     described = (f"efficientnet-lite0, {args.epochs} epochs, {config.mask_unit}x{config.mask_unit}-token masked "
                  f"blocks; map: {scored}")
+    if config.intensity_norm:
+        described = "each image brought to the training images' mean and std; " + described
     if config.score_layers:
         described += (f"; score: a Gaussian per position of {', '.join(config.score_layers)} on a "
-                      f"{config.score_grid}x{config.score_grid} grid, {config.score_dim} principal components")
+                      f"{config.score_grid}x{config.score_grid} grid"
+                      f"{', each channel standardised over the image' if config.score_standardize else ''}, "
+                      f"{config.score_dim} principal components")
     gaussian, patchcore = baselines["gaussian"], baselines["patchcore"]
     bank = round(args.coreset * 100, 2)
     rows = [

@@ -38,7 +38,7 @@ import onnx
 from . import data
 from .engine_plan import sha256_file
 from .errors import ConfigError, DatasetError
-from .half_precision import float_region, scoring_nodes, statistics_nodes, to_half
+from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
 from .metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
 from .onnx_files import load_onnx
 from .outputs import check_writable, write_bytes_atomically, written_atomically
@@ -210,7 +210,8 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
                                            "QuantizeBias": settings["quantize_bias"]})
     quantized = onnx.load(str(target))
     if settings["float_precision"] == "fp16":
-        quantized = to_half(quantized, scoring_region(quantized, scoring_nodes(proto), onnx_path))
+        keep_float = scoring_region(quantized, scoring_nodes(proto), onnx_path) | scoring_nodes(proto, INTENSITY_SCOPE)
+        quantized = to_half(quantized, keep_float)
     del quantized.metadata_props[:]
     props = {p.key: p.value for p in proto.metadata_props}
     props[PRECISION_KEY] = "int8"

@@ -53,8 +53,10 @@ def train(
                                "(image autoencoder trained to remove synthetic defects, Bauer et al. 2022)"),
     preset_name: str = typer.Option("small", "--preset", help="stmae: tiny, small (default: the residual "
                                     "scored by per-position statistics, images scored by a head on deeper "
-                                    "layers), small-map-score (the same map, the score its maximum), "
-                                    "transition-only (the residual alone), paper; filtering-ae: tiny, small"),
+                                    "layers), small-intensity-norm (each image brought to one brightness and "
+                                    "contrast first, for lines whose lighting varies), small-head-raw and "
+                                    "small-map-score (earlier defaults), transition-only (the residual alone), "
+                                    "paper; filtering-ae: tiny, small"),
     backbone: Optional[str] = typer.Option(None, help="stmae: override the preset's backbone: "
                                            "efficientnet_lite0, vgg19"),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet', a path to a torchvision-format "

@@ -3,7 +3,9 @@
     fp32 export ──> scoring_nodes(): the nodes the exporter recorded under the models' `scoring`
                     module (models.maps.ScoringScope: the anomaly map, from features to map)
     fp32 graph, Q/DQ or not ──> float_region(): those nodes, the nodes that read a scoring statistic
-                    (STATISTICS_PREFIXES), and every node after them, up to the outputs
+                    (STATISTICS_PREFIXES), and every node after them, up to the outputs; and,
+                    without what follows them, the per-image intensity normalisation's nodes
+                    (INTENSITY_SCOPE: whole-image means, which overflow fp16 sums)
                  ──> to_half(): every other float tensor and initializer in fp16, Casts where the
                     two regions meet, fp32 graph inputs and outputs kept
 
@@ -36,6 +38,9 @@ from .errors import ConfigError
 STATISTICS_PREFIXES = ("gaussian_", "fusion_stats", "residual_mean", "residual_std", "score_")
 # The attribute name of models.maps.ScoringScope in every model; the exporter records it per node.
 SCORING_SCOPE = "scoring"
+# The attribute name of models.intensity.IntensityNormalization: its nodes alone stay fp32 (a mean over
+# a whole image overflows fp16 sums), and what reads them goes back to fp16.
+INTENSITY_SCOPE = "intensity"
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 QDQ_FLOAT_SCALE_OPSET = 19
 MIN_OPSET = 18  # Reduce ops take axes as an input from 18 on: raising an older graph's opset would break them
@@ -56,9 +61,10 @@ def statistics_nodes(proto: onnx.ModelProto) -> list[str]:
     return [node.name for node in proto.graph.node if names.intersection(node.input)]
 
 
-def scoring_nodes(proto: onnx.ModelProto) -> set[str]:
-    """Names of the nodes that the exporter recorded under the models' scoring scope; empty for a graph
-    exported before the scope existed, or one that lost its node metadata."""
+def scoring_nodes(proto: onnx.ModelProto, scope: str = SCORING_SCOPE) -> set[str]:
+    """Names of the nodes that the exporter recorded under the models' scoring scope (or another module
+    attribute's, INTENSITY_SCOPE); empty for a graph exported before the scope existed, or one that lost
+    its node metadata."""
     names = set()
     for node in proto.graph.node:
         scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES_KEY), None)
@@ -67,7 +73,7 @@ def scoring_nodes(proto: onnx.ModelProto) -> set[str]:
                 path = ast.literal_eval(scopes)
             except (ValueError, SyntaxError):
                 continue
-            if isinstance(path, list) and SCORING_SCOPE in path:
+            if isinstance(path, list) and scope in path:
                 names.add(node.name)
     return names
 

@@ -325,6 +325,8 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
     statistics from the training images; with a fused map, the per-position Gaussian from the training
     images and the fusion's scale from the held-out ones."""
     model = STMAE(model_config, backbone_weights=backbone_weights)
+    if model_config.intensity_norm:
+        fit_intensity_target(model, preprocessing, items)
     features, score_features = extract_feature_pairs(model, preprocessing, items, description="backbone features")
     if score_features is not None:
         fit_score_head(model, score_features)
@@ -349,6 +351,21 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
 
 
 @torch.no_grad()
+def fit_intensity_target(model: STMAE, preprocessing: Preprocessing, items: Sequence[ImageInput],
+                         batch_size: int = 32) -> None:
+    """The intensity every image is brought to: the training images' average mean and std, after
+    preprocessing (models/intensity.py)."""
+    means, stds = [], []
+    with progress_bar("intensity", len(items)) as advance:
+        for chunk in batches(items, batch_size):
+            images = torch.from_numpy(preprocessing(chunk)).double()
+            means.append(images.mean(dim=(1, 2, 3)))
+            stds.append(images.std(dim=(1, 2, 3), correction=0))
+            advance(len(chunk))
+    model.intensity.target.copy_(torch.tensor([torch.cat(means).mean(), torch.cat(stds).mean()]))
+
+
+@torch.no_grad()
 def principal_components(features: torch.Tensor, count: int, samples: int = 200_000, seed: int = 0) -> torch.Tensor:
     """The top `count` principal directions (C, count) of feature vectors over images and positions,
     from a seeded sample of at most `samples` vectors."""
@@ -362,11 +379,12 @@ def principal_components(features: torch.Tensor, count: int, samples: int = 200_
 
 @torch.no_grad()
 def fit_score_head(model: STMAE, score_features: torch.Tensor) -> None:
-    """The image score head from the training images' raw deep features: their principal directions,
-    and a Gaussian per score-grid position of the projected features."""
-    projection = principal_components(score_features.float(), model.score_projection.shape[1])
+    """The image score head from the training images' raw deep features (as score_inputs gives them to
+    it): their principal directions, and a Gaussian per score-grid position of the projected features."""
+    inputs = torch.cat([model.score_inputs(chunk) for chunk in score_features.split(64)])
+    projection = principal_components(inputs, model.score_projection.shape[1])
     model.score_projection.copy_(projection)
-    mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", score_features.float(), projection),
+    mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", inputs, projection),
                                             model.config.gaussian_eps)
     model.score_mean.copy_(mean)
     model.score_precision.copy_(precision)

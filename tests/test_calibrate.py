@@ -14,6 +14,7 @@ from stmae_edge.calibrate import calibrate
 from stmae_edge.errors import ConfigError
 from stmae_edge.export import export_onnx
 from stmae_edge.half_precision import (
+    INTENSITY_SCOPE,
     SCORING_SCOPE,
     float_region,
     scoring_nodes,
@@ -176,6 +177,36 @@ def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_data
     in_region = [n.name for n in proto.graph.node if n.name in region and n.op_type in ("Conv", "MatMul")]
     assert len(fp32_heavy) == len(in_region) == 6, (fp32_heavy, in_region)
     assert sum(layer.type in heavy and layer.get_output(0).dtype == trt.DataType.HALF for layer in layers) > 10
+
+
+def test_intensity_normalisation_stays_fp32_in_every_graph_and_builds(synthetic_dataset, tmp_path):
+    # `--preset small-intensity-norm`: whole-image means, which overflow fp16 sums, before the backbone.
+    from stmae_edge.models.stmae import preset
+    from stmae_edge.train import TrainConfig, train
+
+    train(synthetic_dataset, tmp_path / "m.pt", preset("tiny", intensity_norm=True), TrainConfig(epochs=1, batch_size=8),
+          backbone_weights="random")
+    path, _ = export_onnx(tmp_path / "m.pt", tmp_path / "m.onnx")
+    intensity = scoring_nodes(onnx.load(str(path)), INTENSITY_SCOPE)
+    fp16, _ = export_onnx(tmp_path / "m.pt", tmp_path / "m.fp16.onnx", "fp16")
+    int8, _ = calibrate(path, cache_dir=tmp_path / "cache")
+    for graph in (fp16, int8):
+        proto = onnx.load(str(graph))
+        types = float_types(proto)
+        mine = [n for n in proto.graph.node if n.name in intensity]
+        assert {"ReduceMean", "Sqrt", "Div"} <= {n.op_type for n in mine}, graph
+        assert all(types[o] == TensorProto.FLOAT for n in mine for o in n.output if o in types), graph
+        convs = [n for n in proto.graph.node if n.op_type == "Conv" and n.name not in float_region(proto, scoring_nodes(proto))]
+        assert convs and all(types[n.output[0]] == TensorProto.FLOAT16 for n in convs), graph  # the backbone
+    samples = [s.path for s in data.eval_samples(synthetic_dataset)]
+    with Detector(path) as fp32, Detector(int8) as quantised:
+        assert rank_correlation([r.score for r in fp32.predict(samples)],
+                                [r.score for r in quantised.predict(samples)]) > 0.8
+    pytest.importorskip("tensorrt_rtx_bindings", reason="needs TensorRT for RTX: pip install '.[rtx]'")
+    from stmae_edge.engine_build import build_engine
+
+    plan, sidecar = build_engine(int8, "int8", "1:2:4", tmp_path / "m.int8.plan")
+    assert sidecar["precision"] == "int8" and plan.stat().st_size > 50_000
 
 
 def test_only_fp32_graphs_are_calibrated(fp32_graph, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ from stmae_edge.models.gaussian import fit_position_gaussian
 from stmae_edge.models.maps import smooth
 from stmae_edge.models.stmae import (STMAE, STMAEConfig, checkerboard_split, preset, random_split, take_tokens,
                                      unit_tokens)
-from stmae_edge.train import fit_gaussian
+from stmae_edge.preprocessing import Preprocessing
+from stmae_edge.train import fit_gaussian, fit_intensity_target
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +148,55 @@ def test_score_head_reads_deep_layers_from_the_same_backbone_pass(model):
         replace(c, score_dim=0)
     with pytest.raises(ConfigError, match="unknown"):
         STMAE(replace(c, score_layers=("blocks.99",)), backbone_weights="none")
+
+
+def test_intensity_normalisation_makes_scores_blind_to_gain_and_offset():
+    assert preset("small-intensity-norm").intensity_norm and not preset("small").intensity_norm
+    torch.manual_seed(0)
+    model = STMAE(preset("tiny", intensity_norm=True), backbone_weights="random").eval()
+    s = model.config.input_size
+    images = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(5)) * 0.5 - 0.7
+    model.intensity.target.copy_(torch.tensor([-0.4, 0.2]))
+    normalised = model.normalize_intensity(images)
+    assert torch.allclose(normalised.mean(dim=(1, 2, 3)), torch.tensor(-0.4), atol=1e-5)
+    assert torch.allclose(normalised.std(dim=(1, 2, 3), correction=0), torch.tensor(0.2), atol=1e-5)
+    maps, scores = model(images)
+    brighter_maps, brighter_scores = model(images * 1.7 + 0.3)  # more gain, a brighter lamp
+    assert torch.allclose(brighter_scores, scores, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(brighter_maps, maps, rtol=1e-4, atol=1e-4)
+    flat = model.normalize_intensity(torch.full((1, 3, s, s), 0.25))  # a blank frame stays blank
+    assert torch.allclose(flat, torch.tensor(-0.4))
+    raw = STMAE(replace(model.config, intensity_norm=False), backbone_weights="none")
+    assert not hasattr(raw, "intensity") and torch.equal(raw.normalize_intensity(images), images)
+
+
+def test_score_head_judges_each_channel_against_the_images_own_positions(model):
+    c = model.config
+    assert c.score_standardize and preset("small").score_standardize and not preset("small-head-raw").score_standardize
+    score_features = 10 * torch.rand(2, model.features.score_channels, c.score_grid, c.score_grid,
+                                     generator=torch.Generator().manual_seed(6))
+    inputs = model.score_inputs(score_features)
+    assert torch.allclose(inputs.mean(dim=(2, 3)), torch.tensor(0.0), atol=1e-5)
+    assert torch.allclose(inputs.std(dim=(2, 3), correction=0), torch.tensor(1.0), atol=1e-2)
+    # a channel raised or scaled on the whole image does not change the score; a channel that is 0 stays 0
+    shifted = score_features * 3.0 + 2.0
+    shifted[:, 0] = 0.0
+    assert torch.all(model.score_inputs(shifted)[:, 0] == 0)
+    assert torch.allclose(model.score_inputs(shifted)[:, 1:], inputs[:, 1:], atol=3e-3)  # up to the std floor
+    raw = STMAE(replace(c, score_standardize=False), backbone_weights="none")
+    assert torch.equal(raw.score_inputs(score_features), score_features)
+
+
+def test_intensity_target_is_the_training_images_average_mean_and_std():
+    model = STMAE(preset("tiny", intensity_norm=True), backbone_weights="none")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(lo, lo + 60, (40, 30, 3), dtype=np.uint8) for lo in (10, 120)]
+    pre = Preprocessing(input_size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3)
+    fit_intensity_target(model, pre, images, batch_size=1)
+    batch = torch.from_numpy(pre(images)).double()
+    expected = [batch.mean(dim=(1, 2, 3)).mean(), batch.std(dim=(1, 2, 3), correction=0).mean()]
+    assert torch.allclose(model.intensity.target, torch.tensor(expected, dtype=torch.float32))
+    assert -1 < model.intensity.target[0] < 1 and 0 < model.intensity.target[1] < 0.2
 
 
 def test_batch_size_does_not_change_per_image_results(model):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 
 class ScoringScope(torch.nn.Module):
-    """Runs a model's anomaly map under the name `scoring` (the model's attribute holding it).
+    """Runs a model's anomaly map (and ST-MAE's score head) under the name `scoring` (the model's
+    attribute holding it).
 
     It holds no weights and computes nothing of its own. It is there for the exporter, which records
     the module path of every node: calibrate reads it to find the part of the graph that scores, and

@@ -1,6 +1,9 @@
 """ST-MAE: Siamese Transition Masked Autoencoder (Yao, Wang, Yu 2022) on frozen CNN features.
 
 Data flow for one image (the names below are the methods):
+  normalize_intensity  (presets with intensity_norm: small-intensity-norm) the image's pixels shifted
+            and scaled to the good training images' mean and std: a brighter lamp or a darker part
+            changes no feature (models/intensity.py)
   features  (C, G, G)   frozen backbone, layers resized to one grid, standardised per channel
   tokenize  (N, D)      p x p feature patches -> linear -> + positional embedding   (N = (G/p)^2)
   split     A, B        two disjoint, complementary halves of the N token positions, made of whole
@@ -17,8 +20,9 @@ Data flow for one image (the names below are the methods):
   anomaly   transition_map alone, or the two maps as z-scores on held-out good images, weighted by
             transition_weight and gaussian_weight and added; Gaussian-smoothed, upsampled
   score     image score = max of the map; or, with a score head (score_layers, the default), from the
-            same backbone pass: deeper layers on a coarser grid (score_grid), projected on their
-            principal components, Mahalanobis distance to a Gaussian per position, smoothed, maximum.
+            same backbone pass: deeper layers on a coarser grid (score_grid), each channel standardised
+            over the image's positions (score_standardize, the default), projected on their principal
+            components, Mahalanobis distance to a Gaussian per position, smoothed, maximum.
             The map then shows where; the score says whether. Deep features see a whole tile's texture
             and brightness, which decide the image (BENCHMARKS.md, issue 15), while the shallow map keeps
             the localisation; a fused map traded one for the other.
@@ -44,10 +48,14 @@ from torch import nn
 from ..errors import ConfigError
 from .backbones import DEFAULT_LAYERS, FeatureExtractor
 from .gaussian import projected_mahalanobis
+from .intensity import IntensityNormalization
 from .maps import ScoringScope, gaussian_kernel, maps_and_scores, smooth
 
 
 RESIDUALS = ("mse", "mse_cos")
+# Added to a score-head channel's std over positions: a channel that is 0 everywhere on an image (ReLU6
+# layers can be) stays 0 instead of dividing by zero. Deep features' stds are around 0.1 to 1.
+SCORE_STD_FLOOR = 1e-3
 GAUSSIAN_INPUTS = ("features", "residual")
 
 
@@ -84,6 +92,12 @@ class STMAEConfig:
     score_grid: int = 16
     score_dim: int = 128
     score_smoothing_sigma: float = 0.5  # in score grid cells
+    # Each of the head's channels standardised over the image's own positions before the projection:
+    # the head then judges how the tile's texture is laid out, not its overall level (score_inputs).
+    score_standardize: bool = False
+    # Each image's intensities brought to the training images' mean and std inside the graph, before
+    # the backbone (models/intensity.py); the target is fitted at training.
+    intensity_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.grid % self.patch:
@@ -141,9 +155,17 @@ PRESETS: dict[str, STMAEConfig] = {
     "tiny": STMAEConfig(input_size=64, grid=16, patch=2, embed_dim=32, depth=1, heads=2,
                         decoder_dim=32, decoder_depth=1, decoder_heads=2, mlp_ratio=2.0, mask_unit=2,
                         gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0, gaussian_dim=16,
-                        score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8),
+                        score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8, score_standardize=True),
     "small": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0,
-                         score_layers=DEEP_SCORE_LAYERS),
+                         score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
+    # The default with each image brought to one brightness and contrast first: for lines whose lighting
+    # or parts' brightness varies; costs localisation on magnetic_tile (docs/BENCHMARKS.md).
+    "small-intensity-norm": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
+                                        transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS,
+                                        score_standardize=True, intensity_norm=True),
+    # The default before the head's features were standardised per image (2026-11-28).
+    "small-head-raw": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
+                                  transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS),
     # The default before the score head (2026-11-28): the same map, and the image score as its maximum.
     "small-map-score": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
                                    transition_weight=0.0),
@@ -290,6 +312,8 @@ class STMAE(nn.Module):
             self.register_buffer("score_mean", torch.zeros(positions, dim))
             self.register_buffer("score_precision", torch.eye(dim).repeat(positions, 1, 1))
             self.register_buffer("score_smoothing_kernel", gaussian_kernel(c.score_smoothing_sigma))
+        if c.intensity_norm:
+            self.intensity = IntensityNormalization()  # the attribute name is INTENSITY_SCOPE
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -302,12 +326,18 @@ class STMAE(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # --- the stages -------------------------------------------------------------------------
+    def normalize_intensity(self, images: torch.Tensor) -> torch.Tensor:
+        """Each image brought to the training images' mean and std (models/intensity.py); unchanged
+        without intensity_norm."""
+        return self.intensity(images) if self.config.intensity_norm else images
+
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """Raw backbone features (B, C, G, G); cacheable, since the backbone is frozen."""
-        return self.features(images)
+        return self.features(self.normalize_intensity(images))
 
     def extract_with_score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw features and, with a score head, its raw features (B, C_s, S, S), from one backbone pass."""
+        images = self.normalize_intensity(images)
         if not self.config.score_layers:
             return self.features(images), None
         return self.features.forward_with_score(images)
@@ -384,11 +414,25 @@ class STMAE(nn.Module):
         """Mahalanobis distance of each position's (projected) inputs to that position's Gaussian."""
         return projected_mahalanobis(inputs, self.gaussian_projection, self.gaussian_mean, self.gaussian_precision)
 
+    def score_inputs(self, score_features: torch.Tensor) -> torch.Tensor:
+        """What the score head's Gaussian models, float32: the raw deep features, or with score_standardize
+        each channel standardised over the image's own positions (training fits the head on the same)."""
+        x = score_features.float()
+        if not self.config.score_standardize:
+            return x
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        std = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
+        return (x - mean) / (std + SCORE_STD_FLOOR)
+
     def score_map(self, score_features: torch.Tensor) -> torch.Tensor:
         """The score head's map: distance of each position's projected deep features to that position's
-        Gaussian, smoothed: (B, 1, S, S), float32. Its maximum is the image score."""
-        distance = projected_mahalanobis(score_features, self.score_projection, self.score_mean,
-                                         self.score_precision)
+        Gaussian, smoothed: (B, 1, S, S), float32. Its maximum is the image score. Runs under the scoring
+        scope, so the INT8 graph keeps it in fp32 like the anomaly map."""
+        return self.scoring(self._score_map, score_features)
+
+    def _score_map(self, score_features: torch.Tensor) -> torch.Tensor:
+        distance = projected_mahalanobis(self.score_inputs(score_features), self.score_projection,
+                                         self.score_mean, self.score_precision)
         return smooth(distance, self.score_smoothing_kernel.float())
 
     def anomaly_map(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
