@@ -1,7 +1,8 @@
 """An fp32 ONNX graph -> the same graph in fp16, with the scoring statistics and what follows them in fp32.
 
     fp32 export ──> scoring_nodes(): the nodes the exporter recorded under the models' `scoring`
-                    module (models.maps.ScoringScope: the anomaly map, from features to map)
+                    module (models.maps.ScoringScope: the anomaly map, from features to map,
+                    and the score head)
     fp32 graph, Q/DQ or not ──> float_region(): those nodes, the nodes that read a scoring statistic
                     (STATISTICS_PREFIXES), and every node after them, up to the outputs; and,
                     without what follows them, the per-image intensity normalisation's nodes
@@ -33,8 +34,9 @@ from onnx import TensorProto, numpy_helper
 from .errors import ConfigError
 
 # Model buffers (by the last part of their name) that score the map: ST-MAE's per-position Gaussian and
-# residual statistics, the fusion's scale, and the image score head's projection and Gaussian. Export keeps them fp32 in the FP16 graph, calibrate leaves
-# them unquantised in the INT8 graph, and `to_half` keeps them and everything after them in fp32.
+# residual statistics, the fusion's scale, and the image score head's projection and Gaussian. Export
+# keeps them fp32 in the FP16 graph, calibrate leaves them unquantised in the INT8 graph, and `to_half`
+# keeps them and everything after them in fp32.
 STATISTICS_PREFIXES = ("gaussian_", "fusion_stats", "residual_mean", "residual_std", "score_")
 # The attribute name of models.maps.ScoringScope in every model; the exporter records it per node.
 SCORING_SCOPE = "scoring"

@@ -184,8 +184,8 @@ def test_intensity_normalisation_stays_fp32_in_every_graph_and_builds(synthetic_
     from stmae_edge.models.stmae import preset
     from stmae_edge.train import TrainConfig, train
 
-    train(synthetic_dataset, tmp_path / "m.pt", preset("tiny", intensity_norm=True), TrainConfig(epochs=1, batch_size=8),
-          backbone_weights="random")
+    train(synthetic_dataset, tmp_path / "m.pt", preset("tiny", intensity_norm=True),
+          TrainConfig(epochs=1, batch_size=8), backbone_weights="random")
     path, _ = export_onnx(tmp_path / "m.pt", tmp_path / "m.onnx")
     intensity = scoring_nodes(onnx.load(str(path)), INTENSITY_SCOPE)
     fp16, _ = export_onnx(tmp_path / "m.pt", tmp_path / "m.fp16.onnx", "fp16")
@@ -196,7 +196,8 @@ def test_intensity_normalisation_stays_fp32_in_every_graph_and_builds(synthetic_
         mine = [n for n in proto.graph.node if n.name in intensity]
         assert {"ReduceMean", "Sqrt", "Div"} <= {n.op_type for n in mine}, graph
         assert all(types[o] == TensorProto.FLOAT for n in mine for o in n.output if o in types), graph
-        convs = [n for n in proto.graph.node if n.op_type == "Conv" and n.name not in float_region(proto, scoring_nodes(proto))]
+        region = float_region(proto, scoring_nodes(proto))
+        convs = [n for n in proto.graph.node if n.op_type == "Conv" and n.name not in region]
         assert convs and all(types[n.output[0]] == TensorProto.FLOAT16 for n in convs), graph  # the backbone
     samples = [s.path for s in data.eval_samples(synthetic_dataset)]
     with Detector(path) as fp32, Detector(int8) as quantised:
