@@ -28,6 +28,7 @@ from .models.backbones import BACKBONE_PREPROCESSING
 from .models.families import STMAE_FAMILY
 from .models.filtering_ae import FAMILY as FILTERING_FAMILY, FilteringAEConfig
 from .models.gaussian import fit_position_gaussian
+from .models.intensity import image_statistics
 from .models.stmae import STMAE, STMAEConfig, random_split
 from .corruption import corrupt
 from .preprocessing import ImageInput, Preprocessing, load_image
@@ -358,9 +359,9 @@ def fit_intensity_target(model: STMAE, preprocessing: Preprocessing, items: Sequ
     means, stds = [], []
     with progress_bar("intensity", len(items)) as advance:
         for chunk in batches(items, batch_size):
-            images = torch.from_numpy(preprocessing(chunk)).double()
-            means.append(images.mean(dim=(1, 2, 3)))
-            stds.append(images.std(dim=(1, 2, 3), correction=0))
+            mean, std = image_statistics(torch.from_numpy(preprocessing(chunk)).double())
+            means.append(mean.flatten())
+            stds.append(std.flatten())
             advance(len(chunk))
     model.intensity.target.copy_(torch.tensor([torch.cat(means).mean(), torch.cat(stds).mean()]))
 

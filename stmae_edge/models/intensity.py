@@ -25,6 +25,13 @@ from torch import nn
 INTENSITY_MIN_STD = 1e-3
 
 
+def image_statistics(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's mean and (population) std over channels and pixels, (B, 1, 1, 1) each, in the
+    images' dtype: what the module normalises by, and what training averages into its target."""
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return mean, (images - mean).pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+
+
 class IntensityNormalization(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -33,7 +40,6 @@ class IntensityNormalization(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()  # fp32 inside an fp16 export too
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = (x - mean).pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=INTENSITY_MIN_STD)
+        mean, std = image_statistics(x)
         target = self.target.float()
-        return ((x - mean) / std * target[1] + target[0]).to(images.dtype)
+        return ((x - mean) / std.clamp(min=INTENSITY_MIN_STD) * target[1] + target[0]).to(images.dtype)

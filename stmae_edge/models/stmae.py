@@ -23,8 +23,8 @@ Data flow for one image (the names below are the methods):
             same backbone pass: deeper layers on a coarser grid (score_grid), each channel standardised
             over the image's positions (score_standardize, the default), projected on their principal
             components, Mahalanobis distance to a Gaussian per position, smoothed, maximum.
-            The map then shows where; the score says whether. Deep features see a whole tile's texture
-            and brightness, which decide the image (BENCHMARKS.md, issue 15), while the shallow map keeps
+            The map then shows where; the score says whether. Deep features see a whole tile's texture,
+            which decides the image (BENCHMARKS.md, issue 15), while the shallow map keeps
             the localisation; a fused map traded one for the other.
 
 Why a Gaussian of the residual: the scalar residual treats every channel and every position alike,
