@@ -259,7 +259,8 @@ def main() -> None:
     if config.gaussian_weight <= 0:
         scored = "the transition residual"
     elif config.transition_weight <= 0:
-        scored = f"the {config.gaussian_input} scored by a per-position Gaussian"
+        scaled = ", each channel scaled by its spread over the image," if config.gaussian_scale else ""
+        scored = f"the {config.gaussian_input}{scaled} scored by a per-position Gaussian"
     else:
         scored = (f"the transition residual + {config.gaussian_weight:g} x a per-position Gaussian of the "
                   f"{config.gaussian_input}")

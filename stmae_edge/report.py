@@ -253,7 +253,8 @@ def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cas
     config = meta.config
     config_items = ", ".join(f"{k} {v}" for k, v in config.items()
                              if k in ("backbone", "layers", "input_size", "grid", "patch", "mask_unit",
-                                      "gaussian_weight", "gaussian_input", "transition_weight", "gaussian_dim"))
+                                      "gaussian_weight", "gaussian_input", "gaussian_scale", "transition_weight",
+                                      "gaussian_dim"))
     training = meta.training
     rows = [("false-reject rate", point.false_reject_rate, "false_reject_rate", f"{point.false_rejects} of {point.goods} good"),
             ("escape rate", point.escape_rate, "escape_rate", f"{point.escapes} of {point.defects} defective"),

@@ -187,6 +187,25 @@ def test_score_head_judges_each_channel_against_the_images_own_positions(model):
     assert torch.equal(raw.score_inputs(score_features), score_features)
 
 
+def test_map_scales_each_residual_channel_by_its_spread_over_the_image(model):
+    c = model.config
+    assert c.gaussian_scale and preset("small").gaussian_scale and not preset("small-map-unscaled").gaussian_scale
+    feats = _feats(model, batch=2)
+    with torch.no_grad():
+        recon = model.reconstruct(feats)
+        inputs = model.gaussian_input(feats, recon)
+        assert torch.allclose(inputs.std(dim=(2, 3), correction=0), torch.tensor(1.0), atol=1e-2)
+        # Not centred: the residual's sign and offset are kept, only its scale is the image's own.
+        residual = feats - recon
+        assert torch.allclose(inputs.mean(dim=(2, 3)) * residual.std(dim=(2, 3), correction=0),
+                              residual.mean(dim=(2, 3)), atol=1e-2)
+        # A tile whose residual is three times larger everywhere gets the same map.
+        noisier = recon + 3.0 * residual
+        torch.testing.assert_close(model.gaussian_input(noisier, recon), inputs, atol=2e-3, rtol=1e-3)
+        raw = STMAE(replace(c, gaussian_scale=False), backbone_weights="none")
+        torch.testing.assert_close(raw.gaussian_input(feats, recon), residual)
+
+
 def test_intensity_target_is_the_training_images_average_mean_and_std():
     model = STMAE(preset("tiny", intensity_norm=True), backbone_weights="none")
     rng = np.random.default_rng(0)
@@ -259,6 +278,8 @@ def test_fused_map_adds_the_per_position_gaussian_on_a_common_scale(gaussian_inp
     fit_gaussian(m, good, holdout)
     with torch.no_grad():
         modelled = good - m.reconstruct(good) if gaussian_input == "residual" else good
+        spread = modelled.std(dim=(2, 3), keepdim=True, correction=0)  # config.gaussian_scale, as tiny has it
+        modelled = modelled / (spread + 1e-3)
         torch.testing.assert_close(m.gaussian_input(good, m.reconstruct(good)), modelled)
         # The projection holds orthonormal principal directions; the Gaussian is the baseline's definition.
         projection = m.gaussian_projection

@@ -16,7 +16,9 @@ Data flow for one image (the names below are the methods):
             z-score against the good training images at that position
   gaussian_map    (presets with gaussian_weight > 0, the default among them) Mahalanobis distance
             of each position's residual vector (features - prediction; or the features themselves,
-            gaussian_input) to a Gaussian of the good images' at that position (models/gaussian.py)
+            gaussian_input) to a Gaussian of the good images' at that position (models/gaussian.py);
+            with gaussian_scale (the default) each channel first divided by its spread over the
+            image's own positions, so the map shows where a tile departs from itself
   anomaly   transition_map alone, or the two maps as z-scores on held-out good images, weighted by
             transition_weight and gaussian_weight and added; Gaussian-smoothed, upsampled
   score     image score = max of the map; or, with a score head (score_layers, the default), from the
@@ -53,9 +55,10 @@ from .maps import ScoringScope, gaussian_kernel, maps_and_scores, smooth
 
 
 RESIDUALS = ("mse", "mse_cos")
-# Added to a score-head channel's std over positions: a channel that is 0 everywhere on an image (ReLU6
-# layers can be) stays 0 instead of dividing by zero. Deep features' stds are around 0.1 to 1.
-SCORE_STD_FLOOR = 1e-3
+# Added to a channel's std over an image's positions before dividing by it (score head, Gaussian input):
+# a channel that is 0 everywhere on an image (ReLU6 layers can be) stays 0 instead of dividing by zero.
+# Deep features' and residuals' stds are around 0.1 to 1.
+STD_FLOOR = 1e-3
 GAUSSIAN_INPUTS = ("features", "residual")
 
 
@@ -85,6 +88,11 @@ class STMAEConfig:
     transition_weight: float = 1.0  # weight of the scalar transition residual in a fused map
     gaussian_dim: int = 0  # inputs projected to this many principal components first; 0 = all channels
     gaussian_eps: float = 0.01  # added to each covariance's diagonal (standardised features: variance ~1)
+    # Each channel of the Gaussian's input divided by its std over the image's own positions (not
+    # centred): a tile whose residual is larger everywhere (coarser grinding, more noise) no longer lights
+    # up as a whole, and a local departure stands out against the rest of its tile. The image score
+    # comes from the score head, which sees the tile as a whole (docs/BENCHMARKS.md, issue 15).
+    gaussian_scale: bool = False
     # The image score head: a Gaussian per position of these (deeper) layers' raw features, on a coarser
     # score_grid, projected to score_dim principal components; score = max of its smoothed distance map.
     # () = the score is the anomaly map's maximum.
@@ -155,14 +163,18 @@ PRESETS: dict[str, STMAEConfig] = {
     "tiny": STMAEConfig(input_size=64, grid=16, patch=2, embed_dim=32, depth=1, heads=2,
                         decoder_dim=32, decoder_depth=1, decoder_heads=2, mlp_ratio=2.0, mask_unit=2,
                         gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0, gaussian_dim=16,
-                        score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8, score_standardize=True),
+                        gaussian_scale=True, score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8,
+                        score_standardize=True),
     "small": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0,
-                         score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
+                         gaussian_scale=True, score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
     # The default with each image brought to one brightness and contrast first: for lines whose lighting
     # or parts' brightness varies; costs localisation on magnetic_tile (docs/BENCHMARKS.md).
     "small-intensity-norm": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
-                                        transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS,
+                                        transition_weight=0.0, gaussian_scale=True, score_layers=DEEP_SCORE_LAYERS,
                                         score_standardize=True, intensity_norm=True),
+    # The default before the map's residual was scaled per image (2026-11-28).
+    "small-map-unscaled": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
+                                      transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
     # The default before the head's features were standardised per image (2026-11-28).
     "small-head-raw": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
                                   transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS),
@@ -256,6 +268,13 @@ def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if index.dim() == 1:
         return x.index_select(1, index)
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def spread_over_positions(x: torch.Tensor) -> torch.Tensor:
+    """Each channel's standard deviation over one image's grid positions, not Bessel-corrected:
+    (B, C, H, W) -> (B, C, 1, 1)."""
+    centred = x - x.mean(dim=(2, 3), keepdim=True)
+    return centred.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
 
 
 class STMAE(nn.Module):
@@ -407,8 +426,13 @@ class STMAE(nn.Module):
         return residual
 
     def gaussian_input(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """What the per-position Gaussian models: the features, or what the prediction left of them."""
-        return feats - recon if self.config.gaussian_input == "residual" else feats
+        """What the per-position Gaussian models: the features, or what the prediction left of them; with
+        gaussian_scale each channel divided by its std over the image's positions (training fits the
+        Gaussian on the same)."""
+        x = feats - recon if self.config.gaussian_input == "residual" else feats
+        if not self.config.gaussian_scale:
+            return x
+        return x / (spread_over_positions(x) + STD_FLOOR)
 
     def gaussian_map(self, inputs: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each position's (projected) inputs to that position's Gaussian."""
@@ -420,9 +444,7 @@ class STMAE(nn.Module):
         x = score_features.float()
         if not self.config.score_standardize:
             return x
-        mean = x.mean(dim=(2, 3), keepdim=True)
-        std = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
-        return (x - mean) / (std + SCORE_STD_FLOOR)
+        return (x - x.mean(dim=(2, 3), keepdim=True)) / (spread_over_positions(x) + STD_FLOOR)
 
     def score_map(self, score_features: torch.Tensor) -> torch.Tensor:
         """The score head's map: distance of each position's projected deep features to that position's
