@@ -6,8 +6,8 @@ The default is the quality benchmark's model. The defaults before it are trained
 images here (speed does not depend on the weights, only on the graph): preset "transition-only" (the
 transition residual alone, token-wise masking, until 2026-11-28; the reference of the target) and
 preset "small-map-score" (the default's map, the image score as its maximum, without the score head;
-the default before the score head, 2026-11-28); preset "small-map-unscaled" (the default before its map's
-residual was scaled per image, 2026-11-28); and preset "small-intensity-norm" (the default with
+the default before the score head, 2026-11-28); preset "small-map-scaled" (the default with its map's
+residual scaled per image); and preset "small-intensity-norm" (the default with
 each image brought to one brightness and contrast first), for its cost. All fp32 graphs run behind the same
 Detector, taking turns in every round on the same batches of decoded test images
 (runtime_cpu.side_by_side); the table gives medians. Target (issue 15): the new default keeps at least
@@ -43,14 +43,14 @@ def main() -> None:
     train(args.data, previous, preset("transition-only"), TrainConfig(epochs=1, max_images=32))
     without_head = args.model.with_name("small_map_score.pt")
     train(args.data, without_head, preset("small-map-score"), TrainConfig(epochs=1, max_images=32))
-    unscaled = args.model.with_name("small_map_unscaled.pt")
-    train(args.data, unscaled, preset("small-map-unscaled"), TrainConfig(epochs=1, max_images=32))
+    scaled = args.model.with_name("small_map_scaled.pt")
+    train(args.data, scaled, preset("small-map-scaled"), TrainConfig(epochs=1, max_images=32))
     intensity_norm = args.model.with_name("small_intensity_norm.pt")
     train(args.data, intensity_norm, preset("small-intensity-norm"), TrainConfig(epochs=1, max_images=32))
     detectors, sizes = {}, {}
     for name, path in (("previous default (transition-only)", previous),
                        ("default without the score head (small-map-score)", without_head),
-                       ("default before the map's scaling (small-map-unscaled)", unscaled),
+                       ("default with the map's residual scaled per image (small-map-scaled)", scaled),
                        ("default with intensity normalisation (small-intensity-norm)", intensity_norm),
                        ("default", args.model)):
         onnx_path, figures = export_onnx(path, path.with_suffix(".fp32.onnx"))

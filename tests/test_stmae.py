@@ -188,12 +188,12 @@ def test_score_head_judges_each_channel_against_the_images_own_positions(model):
 
 
 def test_map_scales_each_residual_channel_by_its_spread_over_the_image(model):
-    c = model.config
-    assert c.gaussian_scale and preset("small").gaussian_scale and not preset("small-map-unscaled").gaussian_scale
+    assert preset("small-map-scaled").gaussian_scale and not preset("small").gaussian_scale
+    scaled = STMAE(replace(model.config, gaussian_scale=True), backbone_weights="none")
     feats = _feats(model, batch=2)
     with torch.no_grad():
         recon = model.reconstruct(feats)
-        inputs = model.gaussian_input(feats, recon)
+        inputs = scaled.gaussian_input(feats, recon)
         assert torch.allclose(inputs.std(dim=(2, 3), correction=0), torch.tensor(1.0), atol=1e-2)
         # Not centred: the residual's sign and offset are kept, only its scale is the image's own.
         residual = feats - recon
@@ -201,9 +201,15 @@ def test_map_scales_each_residual_channel_by_its_spread_over_the_image(model):
                               residual.mean(dim=(2, 3)), atol=1e-2)
         # A tile whose residual is three times larger everywhere gets the same map.
         noisier = recon + 3.0 * residual
-        torch.testing.assert_close(model.gaussian_input(noisier, recon), inputs, atol=2e-3, rtol=1e-3)
-        raw = STMAE(replace(c, gaussian_scale=False), backbone_weights="none")
-        torch.testing.assert_close(raw.gaussian_input(feats, recon), residual)
+        torch.testing.assert_close(scaled.gaussian_input(noisier, recon), inputs, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(model.gaussian_input(feats, recon), residual)  # the default: unscaled
+        # Why it is not the default: a defect over a quarter of the tile, however strong, raises the std
+        # it is divided by, and stays near 1 / sqrt(f (1 - f)) = 2.3 units; unscaled it stands out by 100.
+        g = model.config.grid
+        defect = torch.zeros(1, model.features.channels, g, g)
+        defect[..., : g // 2, : g // 2] = 100.0
+        assert float(scaled.gaussian_input(defect, torch.zeros_like(defect)).max()) == pytest.approx(2.31, abs=0.01)
+        assert float(model.gaussian_input(defect, torch.zeros_like(defect)).max()) == 100.0
 
 
 def test_intensity_target_is_the_training_images_average_mean_and_std():
@@ -265,11 +271,12 @@ def test_residual_is_normalised_per_position(model):
     torch.testing.assert_close(m.anomaly_map(feats, recon), expected)
 
 
-@pytest.mark.parametrize("gaussian_input", ["residual", "features"])
-def test_fused_map_adds_the_per_position_gaussian_on_a_common_scale(gaussian_input):
+@pytest.mark.parametrize("gaussian_input, gaussian_scale", [("residual", False), ("features", False), ("residual", True)])
+def test_fused_map_adds_the_per_position_gaussian_on_a_common_scale(gaussian_input, gaussian_scale):
     torch.manual_seed(0)
     assert preset("small").gaussian_weight > 0 and preset("tiny").gaussian_input == preset("small").gaussian_input
-    config = replace(preset("tiny"), gaussian_input=gaussian_input, transition_weight=0.5)  # both terms
+    config = replace(preset("tiny"), gaussian_input=gaussian_input, gaussian_scale=gaussian_scale,
+                     transition_weight=0.5)  # both terms
     m = STMAE(config, backbone_weights="random").eval()
     c, g = m.features.channels, config.grid
     smooth_field = lambda n, seed: torch.nn.functional.interpolate(  # noqa: E731
@@ -278,8 +285,8 @@ def test_fused_map_adds_the_per_position_gaussian_on_a_common_scale(gaussian_inp
     fit_gaussian(m, good, holdout)
     with torch.no_grad():
         modelled = good - m.reconstruct(good) if gaussian_input == "residual" else good
-        spread = modelled.std(dim=(2, 3), keepdim=True, correction=0)  # config.gaussian_scale, as tiny has it
-        modelled = modelled / (spread + 1e-3)
+        if gaussian_scale:
+            modelled = modelled / (modelled.std(dim=(2, 3), keepdim=True, correction=0) + 1e-3)
         torch.testing.assert_close(m.gaussian_input(good, m.reconstruct(good)), modelled)
         # The projection holds orthonormal principal directions; the Gaussian is the baseline's definition.
         projection = m.gaussian_projection

@@ -17,8 +17,8 @@ Data flow for one image (the names below are the methods):
   gaussian_map    (presets with gaussian_weight > 0, the default among them) Mahalanobis distance
             of each position's residual vector (features - prediction; or the features themselves,
             gaussian_input) to a Gaussian of the good images' at that position (models/gaussian.py);
-            with gaussian_scale (the default) each channel first divided by its spread over the
-            image's own positions, so the map shows where a tile departs from itself
+            with gaussian_scale (preset small-map-scaled) each channel first divided by its spread
+            over the image's own positions, so the map shows where a tile departs from itself
   anomaly   transition_map alone, or the two maps as z-scores on held-out good images, weighted by
             transition_weight and gaussian_weight and added; Gaussian-smoothed, upsampled
   score     image score = max of the map; or, with a score head (score_layers, the default), from the
@@ -89,9 +89,10 @@ class STMAEConfig:
     gaussian_dim: int = 0  # inputs projected to this many principal components first; 0 = all channels
     gaussian_eps: float = 0.01  # added to each covariance's diagonal (standardised features: variance ~1)
     # Each channel of the Gaussian's input divided by its std over the image's own positions (not
-    # centred): a tile whose residual is larger everywhere (coarser grinding, more noise) no longer lights
-    # up as a whole, and a local departure stands out against the rest of its tile. The image score
-    # comes from the score head, which sees the tile as a whole (docs/BENCHMARKS.md, issue 15).
+    # centred): a tile whose residual is larger everywhere (a rougher surface, more sensor noise) no
+    # longer lights up as a whole, and a small local departure stands out against the rest of its tile.
+    # Off by default: a defect covering a fraction f of the tile raises that std itself, which caps it
+    # near 1/sqrt(f) standard units, so large defects fade (docs/BENCHMARKS.md, issue 15).
     gaussian_scale: bool = False
     # The image score head: a Gaussian per position of these (deeper) layers' raw features, on a coarser
     # score_grid, projected to score_dim principal components; score = max of its smoothed distance map.
@@ -163,18 +164,19 @@ PRESETS: dict[str, STMAEConfig] = {
     "tiny": STMAEConfig(input_size=64, grid=16, patch=2, embed_dim=32, depth=1, heads=2,
                         decoder_dim=32, decoder_depth=1, decoder_heads=2, mlp_ratio=2.0, mask_unit=2,
                         gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0, gaussian_dim=16,
-                        gaussian_scale=True, score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8,
-                        score_standardize=True),
+                        score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8, score_standardize=True),
     "small": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0,
-                         gaussian_scale=True, score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
+                         score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
     # The default with each image brought to one brightness and contrast first: for lines whose lighting
     # or parts' brightness varies; costs localisation on magnetic_tile (docs/BENCHMARKS.md).
     "small-intensity-norm": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
-                                        transition_weight=0.0, gaussian_scale=True, score_layers=DEEP_SCORE_LAYERS,
+                                        transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS,
                                         score_standardize=True, intensity_norm=True),
-    # The default before the map's residual was scaled per image (2026-11-28).
-    "small-map-unscaled": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
-                                      transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
+    # The default with the map's residual scaled per image: more AUPRO, less pixel AUROC on magnetic_tile,
+    # and large defects fade (docs/BENCHMARKS.md).
+    "small-map-scaled": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
+                                    transition_weight=0.0, gaussian_scale=True, score_layers=DEEP_SCORE_LAYERS,
+                                    score_standardize=True),
     # The default before the head's features were standardised per image (2026-11-28).
     "small-head-raw": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
                                   transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS),
