@@ -2,13 +2,13 @@
 
     python benchmarks/default_throughput_cpu.py [--model runs/bench_quality/stmae.pt] [--rounds 15]
 
-The default is the quality benchmark's model. The defaults before it are trained for one epoch on 32
-images here (speed does not depend on the weights, only on the graph): preset "transition-only" (the
-transition residual alone, token-wise masking, until 2026-11-28; the reference of the target) and
-preset "small-map-score" (the default's map, the image score as its maximum, without the score head;
-the default before the score head, 2026-11-28); preset "small-map-scaled" (the default with its map's
-residual scaled per image); and preset "small-intensity-norm" (the default with
-each image brought to one brightness and contrast first), for its cost. All fp32 graphs run behind the same
+The default is the quality benchmark's model. The others are trained for one epoch on 32 images here
+(speed does not depend on the weights, only on the graph): two defaults before it, preset
+"transition-only" (the transition residual alone, token-wise masking, until 2026-11-28; the reference
+of the target) and preset "small-map-score" (the default's map, the image score as its maximum, without
+the score head; the default before the score head, 2026-11-28); and, for their cost, two variants of
+the default, preset "small-map-scaled" (its map's residual scaled per image) and preset
+"small-intensity-norm" (each image brought to one brightness and contrast first). All fp32 graphs run behind the same
 Detector, taking turns in every round on the same batches of decoded test images
 (runtime_cpu.side_by_side); the table gives medians. Target (issue 15): the new default keeps at least
 half of the previous default's throughput at batch 8.

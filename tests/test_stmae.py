@@ -199,7 +199,7 @@ def test_map_scales_each_residual_channel_by_its_spread_over_the_image(model):
         residual = feats - recon
         assert torch.allclose(inputs.mean(dim=(2, 3)) * residual.std(dim=(2, 3), correction=0),
                               residual.mean(dim=(2, 3)), atol=1e-2)
-        # A tile whose residual is three times larger everywhere gets the same map.
+        # A tile whose residual is three times larger everywhere gets the same Gaussian input, so the same map.
         noisier = recon + 3.0 * residual
         torch.testing.assert_close(scaled.gaussian_input(noisier, recon), inputs, atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(model.gaussian_input(feats, recon), residual)  # the default: unscaled

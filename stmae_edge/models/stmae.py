@@ -92,7 +92,7 @@ class STMAEConfig:
     # centred): a tile whose residual is larger everywhere (a rougher surface, more sensor noise) no
     # longer lights up as a whole, and a small local departure stands out against the rest of its tile.
     # Off by default: a defect covering a fraction f of the tile raises that std itself, which caps it
-    # near 1/sqrt(f) standard units, so large defects fade (docs/BENCHMARKS.md, issue 15).
+    # near 1 / sqrt(f (1 - f)) standard units, so large defects fade (docs/BENCHMARKS.md, issue 15).
     gaussian_scale: bool = False
     # The image score head: a Gaussian per position of these (deeper) layers' raw features, on a coarser
     # score_grid, projected to score_dim principal components; score = max of its smoothed distance map.
