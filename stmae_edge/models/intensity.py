@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .maps import mean_and_spread
+
 # Below this std (in preprocessed units; one grey level of 255 is about 0.008) an image is flat: it is
 # scaled as if its std were this floor, so a blank frame stays blank instead of dividing by zero.
 INTENSITY_MIN_STD = 1e-3
@@ -28,8 +30,7 @@ INTENSITY_MIN_STD = 1e-3
 def image_statistics(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's mean and (population) std over channels and pixels, (B, 1, 1, 1) each, in the
     images' dtype: what the module normalises by, and what training averages into its target."""
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    return mean, (images - mean).pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    return mean_and_spread(images, (1, 2, 3))
 
 
 class IntensityNormalization(nn.Module):

@@ -1,6 +1,7 @@
 """From a residual to what the user sees, shared by every model family: Gaussian smoothing, the map
 at input size, and the image score as the map's maximum (which an ST-MAE score head replaces with
-the maximum of its own map, models/stmae.py)."""
+the maximum of its own map, models/stmae.py). Also the one per-image mean and spread that the
+graph's normalisations divide by (intensity, score head, scaled Gaussian input)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+
+def mean_and_spread(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (not Bessel-corrected) over `dims`, kept as size-1 axes, in x's dtype."""
+    mean = x.mean(dim=dims, keepdim=True)
+    return mean, (x - mean).pow(2).mean(dim=dims, keepdim=True).sqrt()
 
 
 class ScoringScope(torch.nn.Module):

@@ -51,7 +51,7 @@ from ..errors import ConfigError
 from .backbones import DEFAULT_LAYERS, FeatureExtractor
 from .gaussian import projected_mahalanobis
 from .intensity import IntensityNormalization
-from .maps import ScoringScope, gaussian_kernel, maps_and_scores, smooth
+from .maps import ScoringScope, gaussian_kernel, maps_and_scores, mean_and_spread, smooth
 
 
 RESIDUALS = ("mse", "mse_cos")
@@ -272,13 +272,6 @@ def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def spread_over_positions(x: torch.Tensor) -> torch.Tensor:
-    """Each channel's standard deviation over one image's grid positions, not Bessel-corrected:
-    (B, C, H, W) -> (B, C, 1, 1)."""
-    centred = x - x.mean(dim=(2, 3), keepdim=True)
-    return centred.pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
-
-
 class STMAE(nn.Module):
     def __init__(self, config: STMAEConfig, backbone_weights: str = "imagenet"):
         super().__init__()
@@ -434,7 +427,8 @@ class STMAE(nn.Module):
         x = feats - recon if self.config.gaussian_input == "residual" else feats
         if not self.config.gaussian_scale:
             return x
-        return x / (spread_over_positions(x) + STD_FLOOR)
+        _, spread = mean_and_spread(x, (2, 3))  # each channel over the image's positions
+        return x / (spread + STD_FLOOR)
 
     def gaussian_map(self, inputs: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each position's (projected) inputs to that position's Gaussian."""
@@ -446,7 +440,8 @@ class STMAE(nn.Module):
         x = score_features.float()
         if not self.config.score_standardize:
             return x
-        return (x - x.mean(dim=(2, 3), keepdim=True)) / (spread_over_positions(x) + STD_FLOOR)
+        mean, spread = mean_and_spread(x, (2, 3))  # each channel over the image's positions
+        return (x - mean) / (spread + STD_FLOOR)
 
     def score_map(self, score_features: torch.Tensor) -> torch.Tensor:
         """The score head's map: distance of each position's projected deep features to that position's
