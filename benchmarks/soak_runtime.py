@@ -68,7 +68,7 @@ def main() -> None:
 
 def write_rows(results: dict, machine: str, command: str) -> None:
     d, t, s = results["detector"], results["threads"], results["linescan"]
-    lines = [BEGIN, f"Measured {time.strftime('%Y-%m-%d')} on {machine}, 2 cores, ONNX Runtime CPU, the tiny "
+    lines = [BEGIN, f"Measured {time.strftime('%Y-%m-%d')} on {machine}, ONNX Runtime CPU, the tiny "
              f"model (64x64 input), by `{command}`. Target: every result bit-identical to the first pass, "
              f"resident memory after warm-up grows by less than {GROWTH_LIMIT_MB:g} MB.", "",
              "| run | work | results differing from the first pass | resident memory after warm-up | growth at the end (peak) | rate |",
