@@ -21,7 +21,7 @@ BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12
                   "at 1023 or 4095; 8-bit images are unaffected")
 
 # Training defaults, mirrored from train.TrainConfig without importing torch for `--help`.
-EPOCHS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS = 20, 16, 4e-4, 0.1, 2
+EPOCHS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS, ASPECT = 20, 16, 4e-4, 0.1, 2, "auto"
 
 
 def use_available_cores() -> None:
@@ -79,6 +79,10 @@ def train(
     corruptions_per_image: int = typer.Option(CORRUPTIONS, min=1, help="stmae --self-supervised: corrupted versions "
                                               "of each image (filtering-ae draws fresh ones every epoch)"),
     bit_depth: int = typer.Option(16, min=9, max=16, help=BIT_DEPTH_HELP + " (kept in the model)"),
+    aspect: str = typer.Option(ASPECT, help="keep: fit each image into the input with its aspect ratio "
+                               "kept, mirror-padded; stretch: resize it to the input; auto: keep where the "
+                               "training images' shapes differ (kept in the model; maps always come back "
+                               "laid out over each image)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Train a model on good images and write one self-describing checkpoint."""
@@ -94,12 +98,12 @@ def train(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
                       max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
                       self_supervised=self_supervised, corruptions_per_image=corruptions_per_image,
-                      bit_depth=bit_depth)
+                      bit_depth=bit_depth, aspect=aspect)
     meta = run_train(data_dir, out, _model_config(family, preset_name, backbone), cfg, backbone_weights)
     t = meta.training
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out, "
                f"final loss {t['loss_per_epoch'][-1]:.4f}, {t['seconds']:.0f}s; "
-               f"threshold {meta.thresholds.image:.4g} ({meta.thresholds.rule})")
+               f"threshold {meta.thresholds.image:.4g} ({meta.thresholds.rule}); input shape: {t['aspect']}")
 
 
 @app.command()

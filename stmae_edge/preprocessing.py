@@ -3,6 +3,11 @@
 numpy and OpenCV only (no torch), so the edge runtime uses exactly the code that training used.
 Pipeline: decode (8- or 16-bit, gray, colour or with alpha) -> float in [0, 1] (uint16: bit_depth bits) -> RGB -> resize to the
 model's input size -> (x - mean) / std per channel -> NCHW float32.
+
+With `keep_aspect` the resize keeps the image's aspect ratio (its long side fills the input) and the
+rest of the input is the image mirrored, centred (`content_box`); the network's maps then cover more
+than the image, and `to_image_frame` crops them to the image's box and resizes that to the input size,
+so every consumer (thresholds, regions, evaluation against masks) sees maps laid out as without it.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class Preprocessing:
     # Significant bits of uint16 pixels: 16 for full-range data, 10 or 12 for Mono10 / Mono12 cameras,
     # whose uint16 values stop at 1023 or 4095. uint8 pixels are 8-bit whatever this says.
     bit_depth: int = 16
+    # Keep the image's aspect ratio (mirror-padded to the input size) instead of stretching it: texture
+    # keeps its proportions on images of varying shape (docs/BENCHMARKS.md, issue 15).
+    keep_aspect: bool = False
 
     def __post_init__(self) -> None:
         if self.color != "rgb" or self.layout != "NCHW":
@@ -57,6 +65,8 @@ class Preprocessing:
         check_bit_depth(self.bit_depth)
         if not 0 < self.max_pixels <= MAX_IMAGE_PIXELS:
             raise ConfigError(f"max_pixels {self.max_pixels} must be within 1..{MAX_IMAGE_PIXELS}")
+        if not isinstance(self.keep_aspect, bool):
+            raise ConfigError(f"keep_aspect must be true or false, got {self.keep_aspect!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -67,6 +77,8 @@ class Preprocessing:
             # Written only when it differs from 16: the model digest covers this dictionary, so models
             # made before the setting existed keep their digest, and older runtimes still read 16-bit ones.
             del d["bit_depth"]
+        if not self.keep_aspect:
+            del d["keep_aspect"]  # as bit_depth: digests of earlier models unchanged, older runtimes read them
         return d
 
     @classmethod
@@ -93,13 +105,59 @@ class Preprocessing:
         channel, so the result is the same as converting first, at a fraction of the work."""
         x = to_float(image, self.bit_depth)
         height, width = self.input_size
-        if x.shape[:2] != (height, width):
+        if self.keep_aspect:
+            top, left, box_height, box_width = self.content_box(*x.shape[:2])
+            if x.shape[:2] != (box_height, box_width):
+                x = cv2.resize(x, (box_width, box_height), interpolation=_INTERPOLATION[self.resize])
+            x = mirror_around(x, top, height - box_height - top, left, width - box_width - left)
+        elif x.shape[:2] != (height, width):
             x = cv2.resize(x, (width, height), interpolation=_INTERPOLATION[self.resize])
         out = np.empty((3, height, width), np.float32) if out is None else out
         for c, plane in enumerate(rgb_planes(x)):  # (x - mean) / std, straight into the channel-first slot
             np.multiply(plane, np.float32(1.0 / self.std[c]), out=out[c])
             out[c] -= np.float32(self.mean[c] / self.std[c])
         return out
+
+    def content_box(self, image_height: int, image_width: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the image inside the network's input: all of it when stretching;
+        with keep_aspect, the image scaled to fit, centred."""
+        height, width = self.input_size
+        if not self.keep_aspect:
+            return 0, 0, height, width
+        scale = min(height / image_height, width / image_width)
+        box_height = min(height, max(1, round(image_height * scale)))
+        box_width = min(width, max(1, round(image_width * scale)))
+        return (height - box_height) // 2, (width - box_width) // 2, box_height, box_width
+
+    def to_image_frame(self, maps: np.ndarray, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+        """The network's maps (N, H, W) -> maps at the input size covering each image's own extent (the
+        image of size sizes[i] stretched), as a model without keep_aspect gives them. Unchanged without it."""
+        if not self.keep_aspect:
+            return maps
+        height, width = self.input_size
+        out = np.empty((len(maps), height, width), np.float32)
+        for i, (image_height, image_width) in enumerate(sizes):
+            top, left, box_height, box_width = self.content_box(image_height, image_width)
+            box = np.ascontiguousarray(maps[i, top:top + box_height, left:left + box_width], dtype=np.float32)
+            out[i] = box if box.shape == (height, width) else cv2.resize(box, (width, height),
+                                                                          interpolation=cv2.INTER_LINEAR)
+        return out
+
+
+def mirror_around(image: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """The image extended by these margins, mirrored at its edges (repeated where it is thinner than a
+    margin: mirroring a 1-pixel image is repeating it)."""
+    if not (top or bottom or left or right):
+        return image
+    out = image
+    while (top, bottom, left, right) != (0, 0, 0, 0):  # one mirror reaches at most the image's extent - 1
+        h, w = out.shape[:2]
+        step = [min(m, max(n - 1, 0)) for m, n in ((top, h), (bottom, h), (left, w), (right, w))]
+        if not any(step):
+            return cv2.copyMakeBorder(out, top, bottom, left, right, cv2.BORDER_REPLICATE)
+        out = cv2.copyMakeBorder(out, *step, cv2.BORDER_REFLECT_101)
+        top, bottom, left, right = (m - k for m, k in zip((top, bottom, left, right), step))
+    return out
 
 
 def check_bit_depth(bit_depth) -> None:

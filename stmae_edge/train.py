@@ -9,6 +9,7 @@ default threshold through the same forward() that export and the runtime use.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -22,7 +23,8 @@ import torch
 from . import data
 from .checkpoint import save_checkpoint
 from .outputs import check_writable
-from .errors import ConfigError
+from .errors import ConfigError, InvalidImageError
+from .image_header import declared_size
 from .metadata import ModelMetadata
 from .models.backbones import BACKBONE_PREPROCESSING
 from .models.families import STMAE_FAMILY
@@ -34,6 +36,8 @@ from .corruption import corrupt
 from .preprocessing import ImageInput, Preprocessing, load_image
 from .progress import progress_bar
 from .scoring import DEFAULT_SIGMA, ScoreStats, Thresholds, map_maxima
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class TrainConfig:
     corruptions_per_image: int = 2  # ST-MAE --self-supervised: corrupted versions of each image, drawn once
     defect_weight: float = 20.0  # filtering AE: extra loss weight on corrupted pixels (FilteringAutoencoder.loss)
     bit_depth: int = 16  # significant bits of uint16 training images (Preprocessing.bit_depth), kept in the model
+    aspect: str = "auto"  # "keep" (Preprocessing.keep_aspect), "stretch", or "auto": keep where shapes vary
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
@@ -66,6 +71,41 @@ class TrainConfig:
                               "one crop per image")
         if not 0 < self.holdout_fraction < 1:
             raise ConfigError(f"holdout fraction {self.holdout_fraction} must be between 0 and 1")
+        if self.aspect not in ASPECT_CHOICES:
+            raise ConfigError(f"aspect {self.aspect!r}: use one of {', '.join(ASPECT_CHOICES)}")
+
+
+ASPECT_CHOICES = ("auto", "keep", "stretch")
+# "auto" keeps the aspect ratio where the training images' width-to-height ratios differ by more than
+# this factor: stretching them all to one square then distorts their texture by different amounts
+# (magnetic_tile: 0.36 to 2.61). Images of one shape are stretched alike and keep every input pixel.
+ASPECT_SPREAD_TO_KEEP = 1.25
+
+
+def aspect_ratios(paths: Sequence[Path]) -> np.ndarray:
+    """Width / height of each image file, from its header (nothing decoded)."""
+    ratios = []
+    for path in paths:
+        try:
+            _, width, height = declared_size(Path(path).read_bytes())
+        except InvalidImageError as exc:
+            raise InvalidImageError(f"{path}: {exc}") from None
+        ratios.append(width / height)
+    return np.array(ratios)
+
+
+def choose_keep_aspect(cfg: TrainConfig, paths: Sequence[Path]) -> tuple[bool, str]:
+    """(keep the aspect ratio?, why), for TrainConfig.aspect. Crops are square and never resized."""
+    if cfg.crop:
+        return False, "crops are taken at the input size"
+    if cfg.aspect != "auto":
+        return cfg.aspect == "keep", f"--aspect {cfg.aspect}"
+    ratios = aspect_ratios(paths)
+    spread = float(ratios.max() / ratios.min())
+    keep = spread > ASPECT_SPREAD_TO_KEEP
+    why = (f"training images' width/height from {ratios.min():.2f} to {ratios.max():.2f}: "
+           + ("aspect kept, mirror-padded" if keep else "stretched to the input"))
+    return keep, why
 
 
 def seed_everything(seed: int) -> None:
@@ -74,13 +114,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def preprocessing_for(config: STMAEConfig | FilteringAEConfig, bit_depth: int = 16) -> Preprocessing:
+def preprocessing_for(config: STMAEConfig | FilteringAEConfig, bit_depth: int = 16,
+                      keep_aspect: bool = False) -> Preprocessing:
     """ST-MAE normalises as its backbone was trained; the filtering autoencoder takes the default."""
     size = (config.input_size, config.input_size)
     if isinstance(config, FilteringAEConfig):
-        return Preprocessing(input_size=size, bit_depth=bit_depth)
+        return Preprocessing(input_size=size, bit_depth=bit_depth, keep_aspect=keep_aspect)
     norm = BACKBONE_PREPROCESSING[config.backbone]
-    return Preprocessing(input_size=size, mean=norm["mean"], std=norm["std"], bit_depth=bit_depth)
+    return Preprocessing(input_size=size, mean=norm["mean"], std=norm["std"], bit_depth=bit_depth,
+                         keep_aspect=keep_aspect)
 
 
 def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -131,13 +173,15 @@ def features_of(model: STMAE, preprocessing: Preprocessing, images: Sequence[Ima
 @torch.no_grad()
 def score_images(model: STMAE, preprocessing: Preprocessing, paths: Sequence[ImageInput], batch_size: int = 16,
                  description: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
-    """The full forward pass (as exported): maps (N, H, W) at input size and scores (N,)."""
+    """The full forward pass (as exported): maps (N, H, W) at input size, laid out over each image
+    (Preprocessing.to_image_frame), and scores (N,)."""
     model.eval()
     maps, scores = [], []
     with progress_bar(description, len(paths)) as advance:
         for chunk in batches(paths, batch_size):
-            m, s = model(torch.from_numpy(preprocessing(chunk)))
-            maps.append(m[:, 0].numpy())
+            images = [load_image(item, preprocessing.max_pixels) for item in chunk]
+            m, s = model(torch.from_numpy(preprocessing(images)))
+            maps.append(preprocessing.to_image_frame(m[:, 0].numpy(), [image.shape[:2] for image in images]))
             scores.append(s.numpy())
             advance(len(chunk))
     return np.concatenate(maps), np.concatenate(scores)
@@ -280,7 +324,9 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         holdout_items = data.random_crops(holdout_paths, cfg.crop, cfg.crops_per_image, cfg.seed + 1)
 
     started = time.perf_counter()
-    preprocessing = preprocessing_for(model_config, cfg.bit_depth)
+    keep_aspect, aspect_reason = choose_keep_aspect(cfg, paths)
+    logger.info("input shape: %s", aspect_reason)
+    preprocessing = preprocessing_for(model_config, cfg.bit_depth, keep_aspect)
     if is_filtering:
         from .train_filtering import train_filtering
 
@@ -310,6 +356,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             "train_images": len(train_paths),
             "holdout_images": len(holdout_paths),
             "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
+            "aspect": aspect_reason,
             **provenance,
             "train_config": asdict(cfg),
             "loss_per_epoch": history,

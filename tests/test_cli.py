@@ -27,6 +27,7 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
             "--backbone-weights", "random", "--bit-depth", "12")  # 8-bit PNGs: unaffected, but recorded
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and model.is_file()
+    assert "input shape: training images' width/height from 1.00 to 1.00: stretched to the input" in r.stdout
     report = tmp_path / "report.json"
     r = run("evaluate", str(model), str(synthetic_dataset), "--out", str(report))
     assert r.returncode == 0, r.stderr
@@ -48,6 +49,7 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     (("train", "/nonexistent/data", "--family", "filtering-ae", "--backbone", "vgg19"), "has no backbone"),
     (("train", "/nonexistent/data", "--family", "filtering-ae", "--self-supervised"), "are stmae options"),
     (("train", "/nonexistent/data", "--family", "filtering-ae", "--backbone-weights", "w.pth"), "are stmae options"),
+    (("train", "/nonexistent/data", "--aspect", "square"), "aspect 'square': use one of auto, keep, stretch"),
 ])
 def test_user_mistakes_are_one_line(args, fragment):
     _assert_one_line_error(run(*args), fragment)
@@ -73,8 +75,8 @@ def test_cli_defaults_match_the_training_config():
     from stmae_edge.train import TrainConfig
 
     d = TrainConfig()
-    assert (cli.EPOCHS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT, cli.CORRUPTIONS) == (
-        d.epochs, d.batch_size, d.lr, d.holdout_fraction, d.corruptions_per_image)
+    assert (cli.EPOCHS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT, cli.CORRUPTIONS, cli.ASPECT) == (
+        d.epochs, d.batch_size, d.lr, d.holdout_fraction, d.corruptions_per_image, d.aspect)
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -35,8 +35,9 @@ def test_short_training_finds_real_defects(magnetic_tile, tmp_path):
     model = tmp_path / "model.pt"
     meta = train(magnetic_tile, model, preset("small"), TrainConfig(epochs=4, max_images=96, seed=0))
     assert meta.training["train_images"] + meta.training["holdout_images"] == 96
+    assert meta.preprocessing.keep_aspect  # tiles of many shapes: `--aspect auto` keeps their proportions
     result = evaluate(model, _subset(magnetic_tile, tmp_path / "subset"))
     print({k: round(result[k], 3) for k in ("image_auroc", "pixel_auroc", "aupro")})
-    assert result["image_auroc"] >= 0.78, result  # measured 0.826
-    assert result["pixel_auroc"] >= 0.92, result  # measured 0.954
-    assert result["aupro"] >= 0.80, result  # measured 0.879
+    assert result["image_auroc"] >= 0.78, result  # measured 0.920 (0.826 with images stretched)
+    assert result["pixel_auroc"] >= 0.92, result  # measured 0.974 (0.954)
+    assert result["aupro"] >= 0.80, result  # measured 0.934 (0.879)

@@ -111,3 +111,67 @@ def test_10_and_12_bit_pixels_scale_by_their_own_range():
     for bad in (8, 17, "12", 12.0):
         with pytest.raises(ConfigError, match="bit depth"):
             Preprocessing(bit_depth=bad)
+
+
+KEEP = Preprocessing(input_size=(64, 64), keep_aspect=True)
+
+
+def test_keep_aspect_fits_the_image_centred_and_mirrors_the_rest():
+    wide = np.random.default_rng(2).integers(0, 256, (50, 200), dtype=np.uint8)
+    assert KEEP.content_box(50, 200) == (24, 0, 16, 64) and KEEP.content_box(64, 64) == (0, 0, 64, 64)
+    assert KEEP.content_box(200, 50) == (0, 24, 64, 16) and Preprocessing(input_size=(64, 64)).content_box(50, 200) == (0, 0, 64, 64)
+    x = KEEP(wide)[0, 0]
+    inside = cv2.resize(wide.astype(np.float32) / 255, (64, 16), interpolation=cv2.INTER_AREA)
+    np.testing.assert_allclose(x[24:40], (inside - 0.5) / 0.5, atol=1e-5)
+    np.testing.assert_allclose(x[23], x[25], atol=1e-6)  # mirrored about the first row, not a copy of it
+    np.testing.assert_allclose(x[40], x[38], atol=1e-6)
+    square = np.random.default_rng(4).integers(0, 256, (300, 300), dtype=np.uint8)
+    np.testing.assert_array_equal(KEEP(square), Preprocessing(input_size=(64, 64))(square))  # a no-op on square images
+    # thinner than its margins (a 1-pixel line, a 3-pixel strip): still the full input, no error
+    assert KEEP(np.full((1, 300), 9, np.uint8)).shape == (1, 3, 64, 64)
+    assert np.isfinite(KEEP(np.arange(3 * 400, dtype=np.uint8).reshape(3, 400))).all()
+
+
+def test_keep_aspect_maps_come_back_laid_out_over_the_image_as_when_stretched():
+    """A letterboxed input brought back to the image frame is the stretched input: the two functions
+    agree on where the image lies, for wide, tall and square images."""
+    stretch = Preprocessing(input_size=(64, 64))
+    rng = np.random.default_rng(3)
+    for height, width in ((60, 240), (240, 60), (64, 64), (90, 70)):
+        ramp = np.add.outer(np.linspace(0, 1, height), np.linspace(0, 0.5, width)).astype(np.float32) / 1.5
+        ramp += rng.normal(0, 0.002, ramp.shape).astype(np.float32)
+        back = KEEP.to_image_frame(KEEP(ramp)[:, 0], [(height, width)])[0]
+        np.testing.assert_allclose(back, stretch(ramp)[0, 0], atol=0.05)
+    maps = rng.random((2, 64, 64)).astype(np.float32)
+    assert stretch.to_image_frame(maps, [(60, 240), (1, 1)]) is maps  # without keep_aspect: untouched
+
+
+def test_keep_aspect_travels_in_the_metadata_and_leaves_earlier_digests_alone():
+    assert "keep_aspect" not in Preprocessing().to_dict()  # models made before it keep their digest
+    assert Preprocessing.from_dict(KEEP.to_dict()) == KEEP
+    with pytest.raises(ConfigError, match="keep_aspect"):
+        Preprocessing.from_dict({**KEEP.to_dict(), "keep_aspect": "yes"})
+
+
+def test_training_keeps_the_aspect_only_where_the_images_shapes_differ(tmp_path):
+    from stmae_edge.train import TrainConfig, choose_keep_aspect
+
+    def files(shapes, folder):
+        (tmp_path / folder).mkdir()
+        for i, (h, w) in enumerate(shapes):
+            cv2.imwrite(str(tmp_path / folder / f"{i}.png"), np.full((h, w), 100, np.uint8))
+        return sorted((tmp_path / folder).iterdir())
+
+    alike = files([(60, 80)] * 3 + [(120, 160)], "alike")  # one shape at two scales
+    varied = files([(60, 80), (80, 60), (50, 150)], "varied")
+    keep, why = choose_keep_aspect(TrainConfig(), varied)
+    assert keep and "0.75 to 3.00" in why
+    assert not choose_keep_aspect(TrainConfig(), alike)[0]
+    assert choose_keep_aspect(TrainConfig(aspect="keep"), alike)[0]
+    assert not choose_keep_aspect(TrainConfig(aspect="stretch"), varied)[0]
+    assert not choose_keep_aspect(TrainConfig(crop=32), varied)[0]  # square crops, never resized
+    with pytest.raises(ConfigError, match="aspect 'square'"):
+        TrainConfig(aspect="square")
+    (tmp_path / "varied" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(InvalidImageError, match="0.png"):
+        choose_keep_aspect(TrainConfig(), varied)

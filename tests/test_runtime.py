@@ -239,3 +239,36 @@ def test_bad_thresholds_and_non_images_are_typed_errors(tiny_export, detector):
     closed.close()
     with pytest.raises(BackendError, match="closed"):
         closed.predict(image)
+
+
+def test_a_keep_aspect_model_lays_its_maps_over_each_image_in_every_path(tiny_export, images, tmp_path):
+    """The tiny model with `keep_aspect`: the runtime, the PyTorch scoring that training and evaluate use,
+    and a region's box all place the map over the image (Preprocessing.to_image_frame), not over the
+    letterboxed input. The Detector runs the checkpoint (its PyTorch backend): the map is framed in the
+    Detector, the same code for every backend, and exporting costs CI half a minute."""
+    from dataclasses import replace
+
+    from stmae_edge.checkpoint import save_checkpoint
+    from stmae_edge.train import score_images
+
+    model, metadata = load_model(tiny_export[0])
+    metadata.preprocessing = replace(metadata.preprocessing, keep_aspect=True)
+    save_checkpoint(tmp_path / "keep.pt", model, metadata)
+    keep = Detector(tmp_path / "keep.pt")
+    assert keep.preprocessing.keep_aspect
+    paths, arrays = images
+    torch_maps, torch_scores = score_images(model, keep.preprocessing, paths)
+    maps, scores = keep.raw_maps(paths)
+    np.testing.assert_allclose(scores, torch_scores, rtol=1e-4)
+    np.testing.assert_allclose(maps, torch_maps, rtol=1e-3, atol=1e-3 * float(np.abs(torch_maps).max()))
+    with torch.inference_mode():
+        network, _ = model(torch.from_numpy(keep.preprocessing(arrays[1:2])))
+    top, left, height, width = keep.preprocessing.content_box(*arrays[1].shape[:2])
+    assert (height, width) != (64, 64)  # a 120x80 image: letterboxed, not stretched
+    box = network[0, 0, top:top + height, left:left + width].numpy()
+    result = keep.predict(arrays[1])
+    expected = cv2.resize(cv2.resize(box, (64, 64)), arrays[1].shape[1::-1])
+    np.testing.assert_allclose(result.anomaly_map, expected, rtol=1e-3, atol=1e-3 * float(np.abs(expected).max()))
+    low = keep.predict(arrays[1], pixel_threshold=float(np.quantile(expected, 0.9)))
+    assert low.regions and all(0 <= r.x and r.x + r.width <= 120 and 0 <= r.y and r.y + r.height <= 80
+                               for r in low.regions)

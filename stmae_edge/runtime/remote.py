@@ -96,6 +96,7 @@ class RemoteDetector:
         for start, stop in balanced_chunks(len(items), self.batch_size):
             batch, sizes, sources = decode_batch(items[start:stop], start, self.preprocessing)
             maps, scores = self.run_tensors(batch)
+            maps = self.preprocessing.to_image_frame(maps, sizes)
             detections += postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area,
                                       self.map_stats)
         return detections[0] if single else detections
