@@ -42,7 +42,9 @@ from stmae_edge.metrics import summarize  # noqa: E402
 from stmae_edge.models.maps import maps_and_scores, smooth  # noqa: E402
 from stmae_edge.models.stmae import preset  # noqa: E402
 from stmae_edge.scoring import ScoreStats, Thresholds, map_maxima  # noqa: E402
-from stmae_edge.train import TrainConfig, batches, extract_features, score_images, split_holdout, train  # noqa: E402
+from stmae_edge.preprocessing import load_image  # noqa: E402
+from stmae_edge.train import (TrainConfig, batches, choose_keep_aspect, extract_features, score_images,  # noqa: E402
+                              split_holdout, train)
 
 BEGIN, END = "<!-- quality-magnetic-tile:begin -->", "<!-- quality-magnetic-tile:end -->"
 
@@ -83,6 +85,12 @@ def test_half(samples: list) -> np.ndarray:
     return np.array(sorted(kept))
 
 
+def image_sizes(samples: list) -> list[tuple[int, int]]:
+    """Each test image's (height, width): where maps computed outside score_images must be laid over
+    the image (Preprocessing.to_image_frame) before they meet the masks."""
+    return [load_image(s.path).shape[:2] for s in samples]
+
+
 def summaries(samples: list, maps: np.ndarray, scores: np.ndarray, threshold: float, size) -> dict:
     """The evaluate command's metrics on the full test set and on its held-out half."""
     masks = np.stack([data.load_mask(s, size) for s in samples])
@@ -103,6 +111,7 @@ def run_baselines(model_path: Path, data_dir: Path, cfg: TrainConfig, coreset_ra
     train_paths, holdout_paths = split_holdout(data.train_images(data_dir), cfg.holdout_fraction, cfg.seed)
     samples = data.eval_samples(data_dir)
     c = model.config
+    sizes = image_sizes(samples)
     shallow = model.features
     deep = FeatureExtractor(c.backbone, c.score_layers, c.grid) if c.score_layers else None
     results = {}
@@ -129,6 +138,7 @@ def run_baselines(model_path: Path, data_dir: Path, cfg: TrainConfig, coreset_ra
 
         threshold = Thresholds.from_stats(ScoreStats.from_scores(score(features["holdout"])[1]), cfg.sigma).image
         maps, scores = score(features["test"])
+        maps = pre.to_image_frame(maps, sizes)
         results[name] = (summaries(samples, maps, scores, threshold, pre.input_size), fit_seconds)
     model.features = shallow
     return results
@@ -160,7 +170,8 @@ def run_ablation(model_path: Path, data_dir: Path, maps: np.ndarray) -> dict:
             m, sc = maps_and_scores(grid_map, pre.input_size)
             maps.append(m[:, 0].numpy())
             scores.append(sc.numpy())
-        results[name] = summaries(samples, np.concatenate(maps), np.concatenate(scores), None, pre.input_size)
+        maps = pre.to_image_frame(np.concatenate(maps), image_sizes(samples))
+        results[name] = summaries(samples, maps, np.concatenate(scores), None, pre.input_size)
     return results
 
 
@@ -232,7 +243,8 @@ def main() -> None:
     if not model_path.is_file() or args.retrain:
         train(args.data, model_path, preset("small"), cfg)
     model, meta = load_model(model_path)
-    if meta.config != preset("small").to_dict() or meta.training["train_config"]["epochs"] != args.epochs:
+    if (meta.config != preset("small").to_dict() or meta.training["train_config"]["epochs"] != args.epochs
+            or meta.preprocessing.keep_aspect != choose_keep_aspect(cfg, data.train_images(args.data))[0]):
         raise SystemExit(f"{model_path} is not the default model trained for {args.epochs} epochs: pass --retrain")
     samples = data.eval_samples(args.data)
     maps, scores = score_images(model, meta.preprocessing, [s.path for s in samples], description="evaluating")
@@ -268,6 +280,8 @@ def main() -> None:
                  f"blocks; map: {scored}")
     if config.intensity_norm:
         described = "each image brought to the training images' mean and std; " + described
+    if meta.preprocessing.keep_aspect:
+        described = "each image fitted into the input with its aspect ratio kept, mirror-padded; " + described
     if config.score_layers:
         described += (f"; score: a Gaussian per position of {', '.join(config.score_layers)} on a "
                       f"{config.score_grid}x{config.score_grid} grid"
