@@ -109,7 +109,9 @@ class Preprocessing:
             top, left, box_height, box_width = self.content_box(*x.shape[:2])
             if x.shape[:2] != (box_height, box_width):
                 x = cv2.resize(x, (box_width, box_height), interpolation=_INTERPOLATION[self.resize])
-            x = mirror_around(x, top, height - box_height - top, left, width - box_width - left)
+            # OpenCV mirrors again where a margin is wider than the image (a 1-pixel line is repeated)
+            x = cv2.copyMakeBorder(x, top, height - box_height - top, left, width - box_width - left,
+                                   cv2.BORDER_REFLECT_101)
         elif x.shape[:2] != (height, width):
             x = cv2.resize(x, (width, height), interpolation=_INTERPOLATION[self.resize])
         out = np.empty((3, height, width), np.float32) if out is None else out
@@ -142,22 +144,6 @@ class Preprocessing:
             out[i] = box if box.shape == (height, width) else cv2.resize(box, (width, height),
                                                                           interpolation=cv2.INTER_LINEAR)
         return out
-
-
-def mirror_around(image: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
-    """The image extended by these margins, mirrored at its edges (repeated where it is thinner than a
-    margin: mirroring a 1-pixel image is repeating it)."""
-    if not (top or bottom or left or right):
-        return image
-    out = image
-    while (top, bottom, left, right) != (0, 0, 0, 0):  # one mirror reaches at most the image's extent - 1
-        h, w = out.shape[:2]
-        step = [min(m, max(n - 1, 0)) for m, n in ((top, h), (bottom, h), (left, w), (right, w))]
-        if not any(step):
-            return cv2.copyMakeBorder(out, top, bottom, left, right, cv2.BORDER_REPLICATE)
-        out = cv2.copyMakeBorder(out, *step, cv2.BORDER_REFLECT_101)
-        top, bottom, left, right = (m - k for m, k in zip((top, bottom, left, right), step))
-    return out
 
 
 def check_bit_depth(bit_depth) -> None:
