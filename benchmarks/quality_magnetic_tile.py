@@ -42,9 +42,8 @@ from stmae_edge.metrics import summarize  # noqa: E402
 from stmae_edge.models.maps import maps_and_scores, smooth  # noqa: E402
 from stmae_edge.models.stmae import preset  # noqa: E402
 from stmae_edge.scoring import ScoreStats, Thresholds, map_maxima  # noqa: E402
-from stmae_edge.preprocessing import load_image  # noqa: E402
-from stmae_edge.train import (TrainConfig, batches, choose_keep_aspect, extract_features, score_images,  # noqa: E402
-                              split_holdout, train)
+from stmae_edge.train import (TrainConfig, batches, choose_keep_aspect, extract_features, image_sizes,  # noqa: E402
+                              score_images, split_holdout, train)
 
 BEGIN, END = "<!-- quality-magnetic-tile:begin -->", "<!-- quality-magnetic-tile:end -->"
 
@@ -85,12 +84,6 @@ def test_half(samples: list) -> np.ndarray:
     return np.array(sorted(kept))
 
 
-def image_sizes(samples: list) -> list[tuple[int, int]]:
-    """Each test image's (height, width): where maps computed outside score_images must be laid over
-    the image (Preprocessing.to_image_frame) before they meet the masks."""
-    return [load_image(s.path).shape[:2] for s in samples]
-
-
 def summaries(samples: list, maps: np.ndarray, scores: np.ndarray, threshold: float, size) -> dict:
     """The evaluate command's metrics on the full test set and on its held-out half."""
     masks = np.stack([data.load_mask(s, size) for s in samples])
@@ -111,7 +104,7 @@ def run_baselines(model_path: Path, data_dir: Path, cfg: TrainConfig, coreset_ra
     train_paths, holdout_paths = split_holdout(data.train_images(data_dir), cfg.holdout_fraction, cfg.seed)
     samples = data.eval_samples(data_dir)
     c = model.config
-    sizes = image_sizes(samples)
+    sizes = image_sizes([s.path for s in samples])  # maps outside score_images: framed before the masks
     shallow = model.features
     deep = FeatureExtractor(c.backbone, c.score_layers, c.grid) if c.score_layers else None
     results = {}
@@ -159,6 +152,7 @@ def run_ablation(model_path: Path, data_dir: Path, maps: np.ndarray) -> dict:
         return results
     pre = meta.preprocessing
     c = model.config
+    sizes = image_sizes([s.path for s in samples])  # maps outside score_images: framed before the masks
     parts = {"transition residual alone (the map of `--preset transition-only`)": model.transition_map,
              f"per-position Gaussian of the {c.gaussian_input} alone":
                  lambda f, recon: model.gaussian_map(model.gaussian_input(f, recon))}
@@ -170,7 +164,7 @@ def run_ablation(model_path: Path, data_dir: Path, maps: np.ndarray) -> dict:
             m, sc = maps_and_scores(grid_map, pre.input_size)
             maps.append(m[:, 0].numpy())
             scores.append(sc.numpy())
-        maps = pre.to_image_frame(np.concatenate(maps), image_sizes(samples))
+        maps = pre.to_image_frame(np.concatenate(maps), sizes)
         results[name] = summaries(samples, maps, np.concatenate(scores), None, pre.input_size)
     return results
 

@@ -82,16 +82,20 @@ ASPECT_CHOICES = ("auto", "keep", "stretch")
 ASPECT_SPREAD_TO_KEEP = 1.25
 
 
-def aspect_ratios(paths: Sequence[Path]) -> np.ndarray:
-    """Width / height of each image file, from its header (nothing decoded)."""
-    ratios = []
+def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """(height, width) of each image file, from its header (nothing decoded).
+
+    Raises:
+        InvalidImageError: naming the file whose header declares no usable size.
+    """
+    sizes = []
     for path in paths:
         try:
             _, width, height = declared_size(Path(path).read_bytes())
         except InvalidImageError as exc:
             raise InvalidImageError(f"{path}: {exc}") from None
-        ratios.append(width / height)
-    return np.array(ratios)
+        sizes.append((height, width))
+    return sizes
 
 
 def choose_keep_aspect(cfg: TrainConfig, paths: Sequence[Path]) -> tuple[bool, str]:
@@ -100,7 +104,7 @@ def choose_keep_aspect(cfg: TrainConfig, paths: Sequence[Path]) -> tuple[bool, s
         return False, "crops are taken at the input size"
     if cfg.aspect != "auto":
         return cfg.aspect == "keep", f"--aspect {cfg.aspect}"
-    ratios = aspect_ratios(paths)
+    ratios = np.array([width / height for height, width in image_sizes(paths)])
     spread = float(ratios.max() / ratios.min())
     keep = spread > ASPECT_SPREAD_TO_KEEP
     why = (f"training images' width/height from {ratios.min():.2f} to {ratios.max():.2f}: "
