@@ -62,6 +62,13 @@ def format_report(result: dict) -> str:
                      f"{pct(m['aupro']):>9s} {m['n_images']:6d}")
     lines.append(f"default threshold {result['threshold']:.4g}: F1 {pct(result['f1'])}, "
                  f"precision {pct(result['precision'])}, recall {pct(result['recall'])}")
+    against = {name: m["pixel_auroc_against"] for name, m in result["per_defect_type"].items()
+               if m.get("pixel_auroc_against")}
+    if against:
+        groups = list(next(iter(against.values())))
+        lines += ["pixel AUROC of each type's defects against the normal pixels of each group of images:",
+                  f"{'':14s} " + " ".join(f"{g[:9]:>9s}" for g in groups)]
+        lines += [f"{name:14s} " + " ".join(f"{pct(row[g]):>9s}" for g in groups) for name, row in against.items()]
     return "\n".join(lines)
 
 

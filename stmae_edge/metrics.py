@@ -18,7 +18,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["image_auroc", "pixel_auroc", "aupro", "pro_curve", "roc_curve", "f1_at_threshold", "summarize"]
+__all__ = ["image_auroc", "pixel_auroc", "pixel_auroc_against", "aupro", "pro_curve", "roc_curve", "f1_at_threshold",
+           "summarize"]
 
 _NAN = float("nan")
 # Thresholds processed per block when building the PRO curve: bounds the memory of the exact curve.
@@ -97,6 +98,11 @@ def _auc_from_classes(pos: np.ndarray, neg: np.ndarray) -> float:
     """
     neg.sort()
     pos.sort()
+    return _auc_of_sorted(pos, neg)
+
+
+def _auc_of_sorted(pos: np.ndarray, neg: np.ndarray) -> float:
+    """:func:`_auc_from_classes` of two classes already sorted ascending."""
     below = np.searchsorted(neg, pos, side="left").sum(dtype=np.int64)
     below_or_tied = np.searchsorted(neg, pos, side="right").sum(dtype=np.int64)
     return float((int(below) + int(below_or_tied)) / (2.0 * pos.size * neg.size))
@@ -113,6 +119,38 @@ def pixel_auroc(masks: Any, maps: Any) -> float:
         return _NAN
     neg = m[~g]
     return _auc_from_classes(pos, neg)
+
+
+def pixel_auroc_against(masks: Any, maps: Any, defect_types: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Where the pooled pixel AUROC is lost: for each defect type, the AUROC of its anomalous pixels
+    against the normal pixels of each group of images (``result[type][group]``; groups are the values
+    of ``defect_types``, "good" and the defect types alike, so a type is also measured against the
+    normal pixels around its own defects).
+
+    The pooled :func:`pixel_auroc` is their average weighted by pixel counts (each entry by the type's
+    anomalous pixels times the group's normal pixels). Against
+    "good" alone a type can score high while the normal pixels of other defective images outrank its
+    defects: a detector that finds whole defective parts unusual, not only their defects, loses pooled
+    pixel AUROC there. NaN where a type has no anomalous pixel or a group no normal pixel.
+    """
+    g, m = _pixels(masks, maps)
+    types = np.asarray([str(t) for t in defect_types])
+    if types.shape != (g.shape[0],):
+        raise ValueError(f"defect_types ({types.size}) and masks/maps ({g.shape[0]} images) must match")
+    groups = sorted(set(types.tolist()))
+    normal = {}
+    for group in groups:
+        this = types == group
+        normal[group] = np.sort(m[this][~g[this]])
+    out: Dict[str, Dict[str, float]] = {}
+    for name in groups:
+        if name == "good":
+            continue
+        this = types == name
+        anomalous = np.sort(m[this][g[this]])
+        out[name] = {group: (_auc_of_sorted(anomalous, neg) if anomalous.size and neg.size else _NAN)
+                     for group, neg in normal.items()}
+    return out
 
 
 def _region_weights(g: np.ndarray) -> tuple[np.ndarray, int]:
@@ -297,7 +335,8 @@ def summarize(
     Overall: image_auroc, pixel_auroc, aupro, f1, precision, recall (at ``score > threshold``),
     threshold, n_images, n_anomalous. ``per_defect_type``: for each defect type other than "good",
     image_auroc (that type's images against all "good" images), pixel_auroc and aupro (that type's
-    images plus the good images) and n_images (of that type).
+    images plus the good images), pixel_auroc_against (its anomalous pixels against the normal pixels
+    of each group of images, :func:`pixel_auroc_against`) and n_images (of that type).
 
     ``masks`` (or ``maps``) None: the pixel metrics are None. ``threshold`` None: f1/precision/recall
     are None. Undefined metrics (e.g. no good image) are None.
@@ -324,6 +363,7 @@ def summarize(
     out["n_anomalous"] = int(np.count_nonzero(y))
 
     good = types == "good"
+    against = pixel_auroc_against(g, m, types) if has_pixels else {}
     per_type: Dict[str, Dict[str, Any]] = {}
     for name in sorted(set(types.tolist()) - {"good"}):
         this = types == name
@@ -332,9 +372,11 @@ def summarize(
         if has_pixels:
             entry["pixel_auroc"] = _or_none(pixel_auroc(g[sel], m[sel]))
             entry["aupro"] = _or_none(aupro(g[sel], m[sel]))
+            entry["pixel_auroc_against"] = {k: _or_none(v) for k, v in against[name].items()}
         else:
             entry["pixel_auroc"] = None
             entry["aupro"] = None
+            entry["pixel_auroc_against"] = None
         entry["n_images"] = int(np.count_nonzero(this))
         per_type[name] = entry
     out["per_defect_type"] = per_type

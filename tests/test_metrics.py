@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from stmae_edge.metrics import aupro, f1_at_threshold, image_auroc, pixel_auroc, summarize
+from stmae_edge.metrics import aupro, f1_at_threshold, image_auroc, pixel_auroc, pixel_auroc_against, summarize
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,7 +281,10 @@ def test_summarize_overall_and_per_type():
     assert s["threshold"] == 0.5 and s["n_images"] == 7 and s["n_anomalous"] == 4
     per = s["per_defect_type"]
     assert set(per) == {"scratch", "dent"}
-    assert per["scratch"] == {"image_auroc": 1.0, "pixel_auroc": 1.0, "aupro": pytest.approx(1.0), "n_images": 2}
+    assert per["scratch"] == {"image_auroc": 1.0, "pixel_auroc": 1.0, "aupro": pytest.approx(1.0), "n_images": 2,
+                              "pixel_auroc_against": {"dent": 1.0, "good": 1.0, "scratch": 1.0}}
+    # dent's defects (0.0) lose to every normal pixel but scratch's background (0.0, ties)
+    assert per["dent"]["pixel_auroc_against"] == {"dent": 0.0, "good": 0.0, "scratch": 0.5}
     assert per["dent"]["image_auroc"] == pytest.approx(1 / 6)
     assert per["dent"]["pixel_auroc"] == 0.0 and per["dent"]["aupro"] == pytest.approx(0.0)
     assert per["dent"]["n_images"] == 2
@@ -297,7 +300,7 @@ def test_summarize_without_masks():
     assert s["pixel_auroc"] is None and s["aupro"] is None
     assert s["image_auroc"] == pytest.approx(7 / 12)
     for entry in s["per_defect_type"].values():
-        assert entry["pixel_auroc"] is None and entry["aupro"] is None
+        assert entry["pixel_auroc"] is None and entry["aupro"] is None and entry["pixel_auroc_against"] is None
     json.dumps(s, allow_nan=False)
 
 
@@ -305,3 +308,35 @@ def test_summarize_undefined_metric_is_none():
     s = summarize([1, 1], [0.3, 0.7], None, None, ["crack", "crack"], threshold=0.5)
     assert s["image_auroc"] is None and s["per_defect_type"]["crack"]["image_auroc"] is None
     json.dumps(s, allow_nan=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pixel_auroc_against_decomposes_the_pooled_auroc(seed):
+    """Each entry is the AUROC of one type's anomalous pixels against one group's normal pixels, and the
+    pooled pixel AUROC is their average weighted by those pixel counts."""
+    masks, maps = _random_case(seed, n=6)
+    masks[:2] = False  # two good images
+    types = ["good", "good", "crack", "crack", "dent", "dent"]
+    table = pixel_auroc_against(masks, maps.astype(np.float32), types)
+    assert set(table) == {"crack", "dent"} and all(set(row) == {"good", "crack", "dent"} for row in table.values())
+    t = np.array(types)
+    total = weight = 0.0
+    for name, row in table.items():
+        pos = maps[t == name][masks[t == name]]
+        for group, value in row.items():
+            neg = maps[t == group][~masks[t == group]]
+            expected = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+            assert value == pytest.approx(expected, abs=1e-6)
+            total += value * pos.size * neg.size
+            weight += pos.size * neg.size
+    assert total / weight == pytest.approx(pixel_auroc(masks, maps), abs=1e-6)
+    with pytest.raises(ValueError, match="defect_types"):
+        pixel_auroc_against(masks, maps, types[:-1])
+
+
+def test_pixel_auroc_against_is_nan_without_pixels():
+    masks = np.zeros((2, 4, 4), bool)
+    masks[1, 0, 0] = True
+    maps = np.zeros((2, 4, 4))
+    table = pixel_auroc_against(masks, maps, ["crack", "dent"])  # no good image; crack has no defect pixel
+    assert table["dent"] == {"crack": 0.5, "dent": 0.5} and all(math.isnan(v) for v in table["crack"].values())
