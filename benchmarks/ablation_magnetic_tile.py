@@ -58,8 +58,8 @@ def main() -> None:
     rows = []
     for block in (1, 2):
         a, b = block_split(cfg.tokens_per_side, block)
-        recon = lambda f: torch.cat([model.reconstruct(x, a.expand(len(x), -1), b.expand(len(x), -1))  # noqa: E731
-                                     for x in f.split(32)])
+        recon = lambda f, a=a, b=b: torch.cat([model.reconstruct(x, a.expand(len(x), -1), b.expand(len(x), -1))  # noqa: E731
+                                               for x in f.split(32)])
         train_recon, test_recon = recon(train_feats), recon(test_feats)
         for kind in ("mse", "mse_cos"):
             model.config = replace(cfg, residual=kind)  # the model's own residual, each kind in turn

@@ -106,7 +106,7 @@ def main() -> None:
     rows = []
     for width, strip in strips.items():
         inspector, inside, raw = (float(np.median(times[width][k])) for k in ("inspector", "inside", "raw"))
-        own = float(np.median([t - i for t, i in zip(times[width]["inspector"], times[width]["inside"])]))
+        own = float(np.median([t - i for t, i in zip(times[width]["inspector"], times[width]["inside"], strict=True)]))
         megapixels = strip.size / 1e6
         rows.append(f"| {width} | {strip.shape[0]} | {tiles[width]} | {found[width]} | {megapixels / inspector:.2f} | "
                     f"{megapixels / raw:.2f} | {100 * (inspector / raw - 1):+.1f}% | {100 * own / inside:.1f}% | "

@@ -129,7 +129,7 @@ def run_baselines(model_path: Path, data_dir: Path, cfg: TrainConfig, coreset_ra
         baseline.fit(features["train"])
         fit_seconds = time.perf_counter() - started
 
-        def score(raw):
+        def score(raw, baseline=baseline):
             parts = [baseline.score(chunk.float(), pre.input_size) for chunk in raw.split(16)]
             return (np.concatenate([m[:, 0].numpy() for m, _ in parts]),
                     np.concatenate([s.numpy() for _, s in parts]))

@@ -71,10 +71,13 @@ def write_rows(results: dict, machine: str, command: str) -> None:
     lines = [BEGIN, f"Measured {time.strftime('%Y-%m-%d')} on {machine}, ONNX Runtime CPU, the tiny "
              f"model (64x64 input), by `{command}`. Target: every result bit-identical to the first pass, "
              f"resident memory after warm-up grows by less than {GROWTH_LIMIT_MB:g} MB.", "",
-             "| run | work | results differing from the first pass | resident memory after warm-up | growth at the end (peak) | rate |",
+             "| run | work | results differing from the first pass | resident memory after warm-up | "
+             "growth at the end (peak) | rate |",
              "|---|---|---|---|---|---|",
-             f"| one Detector, calls of 1, 8 and 3 frames | {d['frames']:,} frames (41 distinct, 96x96 8-bit and 130x70 16-bit) | "
-             f"{d['mismatches']} | {d['rss_after_warmup_mb']:.1f} MB | {d['rss_growth_mb']:+.2f} MB ({d['rss_peak_growth_mb']:+.2f} MB) | "
+             f"| one Detector, calls of 1, 8 and 3 frames | {d['frames']:,} frames "
+             "(41 distinct, 96x96 8-bit and 130x70 16-bit) | "
+             f"{d['mismatches']} | {d['rss_after_warmup_mb']:.1f} MB | "
+             f"{d['rss_growth_mb']:+.2f} MB ({d['rss_peak_growth_mb']:+.2f} MB) | "
              f"{d['frames_per_s']:,.0f} frames/s |",
              f"| {t['threads']} threads on one Detector | {t['calls']:,} single-frame calls | {t['mismatches']} "
              f"(against one thread) | - | - | {t['calls_per_s']:,.0f} calls/s |",

@@ -404,7 +404,8 @@ def linescan(
     overlap: int = typer.Option(32, min=0, help="pixels shared by neighbouring tiles, across and along"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     pixel_threshold: Optional[float] = typer.Option(None, help="defect threshold, raw units (default: the model's)"),
-    batch_size: int = typer.Option(64, min=1, help="most tiles per inference call (the tile rows a block completes go out together)"),
+    batch_size: int = typer.Option(64, min=1, help="most tiles per inference call "
+                                   "(the tile rows a block completes go out together)"),
     json_output: bool = typer.Option(False, "--json", help="print JSON instead of lines"),
     bit_depth: Optional[int] = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
 ) -> None:

@@ -29,7 +29,7 @@ class TensorRTMissingError(BackendError):
 
 def import_tensorrt(flavour: str | None = None):
     """(module, flavour): full TensorRT first, TensorRT for RTX second; or exactly the flavour asked for."""
-    candidates = list(zip(("tensorrt", "tensorrt_rtx_bindings"), FLAVOURS))
+    candidates = list(zip(("tensorrt", "tensorrt_rtx_bindings"), FLAVOURS, strict=True))
     for module_name, name in candidates:
         if flavour not in (None, name):
             continue

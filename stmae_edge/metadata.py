@@ -82,8 +82,8 @@ class ModelMetadata:
         version = d.get("schema_version")
         if version not in READABLE_VERSIONS:
             raise CheckpointError(f"metadata schema version {version} is not supported by stmae-edge "
-                                  f"{__version__} (it reads {', '.join(map(str, READABLE_VERSIONS))}); a newer stmae-edge made it, "
-                                  "or re-export with this version")
+                                  f"{__version__} (it reads {', '.join(map(str, READABLE_VERSIONS))}); "
+                                  "a newer stmae-edge made it, or re-export with this version")
         for key in ("config", "training"):
             if not isinstance(d.get(key, {}), dict):
                 raise CheckpointError(f"metadata {key!r} is a {type(d[key]).__name__}, not an object; re-create the model file")

@@ -67,7 +67,8 @@ def _tensors(model) -> Iterator:
                 if attribute.HasField("t"):
                     yield attribute.t
                 yield from attribute.tensors
-                for sparse in ([attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []) + list(attribute.sparse_tensors):
+                sparse_tensors = [attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []
+                for sparse in sparse_tensors + list(attribute.sparse_tensors):
                     yield from (sparse.values, sparse.indices)
                 if attribute.HasField("g"):
                     graphs.append(attribute.g)

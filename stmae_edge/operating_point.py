@@ -98,7 +98,8 @@ class OperatingPoint:
 
         return "\n".join([
             f"threshold {self.threshold:.6g} ({self.rule})",
-            f"false rejects  {pct('false_reject_rate', self.false_reject_rate)}: {self.false_rejects} of {self.goods} good images",
+            f"false rejects  {pct('false_reject_rate', self.false_reject_rate)}: "
+            f"{self.false_rejects} of {self.goods} good images",
             f"escapes        {pct('escape_rate', self.escape_rate)}: {self.escapes} of {self.defects} defective images",
             f"precision      {pct('precision', self.precision)}",
             f"recall         {pct('recall', self.recall)}",

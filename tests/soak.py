@@ -59,7 +59,7 @@ def soak_detector(detector, frames: list[np.ndarray], total_frames: int) -> dict
 
     def cycle() -> int:
         return sum(fingerprint(detector.predict([frames[i] for i in call])) != expected
-                   for call, expected in zip(schedule, reference))
+                   for call, expected in zip(schedule, reference, strict=True))
 
     mismatches = sum(cycle() for _ in range(WARMUP_CYCLES))
     after_warmup = resident_bytes()

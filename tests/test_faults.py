@@ -118,7 +118,7 @@ def test_calibrate_killed_at_any_moment_leaves_no_graph_or_cache_entry_that_read
         out = tmp_path / f"cut{k}.int8.onnx"
         process = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + fraction * full
-        _kill_when(process, lambda: time.monotonic() >= deadline)
+        _kill_when(process, lambda deadline=deadline: time.monotonic() >= deadline)
         for graph in [out, *cache.glob("*.int8.onnx")] if cache.is_dir() else [out]:
             if graph.exists():  # whatever carries a real name is whole and an int8 graph of this model
                 assert ModelMetadata.from_onnx(graph).model_hash == ModelMetadata.from_onnx(onnx_file).model_hash
@@ -139,7 +139,7 @@ def test_build_killed_at_any_moment_leaves_no_plan_that_reads_as_complete(tiny_e
         process = subprocess.Popen([*CLI, "build", str(tiny_export[1]), "--batch", "1:2:4", "--out", str(plan)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + fraction * full
-        _kill_when(process, lambda: time.monotonic() >= deadline)
+        _kill_when(process, lambda deadline=deadline: time.monotonic() >= deadline)
         try:
             read_plan(plan)  # complete: plan and sidecar whole and matching
         except EngineMismatchError as exc:

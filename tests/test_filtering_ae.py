@@ -75,7 +75,7 @@ def test_training_pairs_are_seeded_fresh_every_epoch_with_the_good_image_as_targ
     a = training_pairs(items, range(6), donors, preprocessing, epoch=1, seed=0)
     b = training_pairs(items, range(6), donors, preprocessing, epoch=1, seed=0)
     c = training_pairs(items, range(6), donors, preprocessing, epoch=2, seed=0)
-    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
     assert not np.array_equal(a[0], c[0])  # fresh defects every epoch
     assert np.array_equal(a[1], preprocessing(items))  # the target is the good image itself
 

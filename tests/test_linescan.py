@@ -119,7 +119,7 @@ def test_random_block_heights_give_identical_output(detector):
     assert sorted((d.col, d.row, d.width, d.height, d.area) for d in reference) == \
         sorted(tuple(int(v) for v in boxes[k]) for k in range(1, count))
     rng = np.random.default_rng(0)
-    for trial in range(3):
+    for _ in range(3):
         cuts = np.sort(rng.choice(np.arange(1, 500), size=rng.integers(5, 40), replace=False))
         heights = np.diff(np.concatenate([[0], cuts, [500]])).tolist()
         defects, strip_map, _ = inspect(detector, strip, heights, threshold)
@@ -224,7 +224,7 @@ def test_components_across_bands_are_reported_once_and_long_ones_in_parts():
     split = run_bands(max_rows=30)
     parts = sorted((d.row, d.height, d.continues) for d in split if d.col == 3)
     assert parts[0][2] and not parts[-1][2] and sum(h for _, h, _ in parts) == 95
-    assert all(b[0] + b[1] == a[0] for b, a in zip(parts, parts[1:]))  # the parts tile the scratch
+    assert all(b[0] + b[1] == a[0] for b, a in zip(parts, parts[1:], strict=False))  # the parts tile the scratch
     # while the scratch is being split, the other components are still reported whole, once
     assert sorted((d.row, d.col, d.height, d.width, d.continues) for d in split if d.col != 3) == \
         [(30, 20, 4, 5, False), (60, 30, 15, 2, False), (119, 10, 1, 1, False)]
@@ -244,8 +244,8 @@ def test_random_crops_are_seeded_native_scale_and_mirror_small_images(tmp_path):
                for c in crops[:3])  # exact windows of the image: nothing resized
     # 40 rows tall, mirrored to 64: the top 40 rows of every crop are a window of the image itself
     assert all(any(np.array_equal(c[:40], small[:, x:x + 64]) for x in range(37)) for c in crops[3:])
-    assert all(np.array_equal(a, b) for a, b in zip(crops, random_crops(paths, 64, 3, seed=5)))
-    assert not all(np.array_equal(a, b) for a, b in zip(crops, random_crops(paths, 64, 3, seed=6)))
+    assert all(np.array_equal(a, b) for a, b in zip(crops, random_crops(paths, 64, 3, seed=5), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(crops, random_crops(paths, 64, 3, seed=6), strict=True))
 
 
 def test_train_crop_from_the_command_line(synthetic_dataset, tmp_path):

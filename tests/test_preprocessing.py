@@ -119,7 +119,8 @@ KEEP = Preprocessing(input_size=(64, 64), keep_aspect=True)
 def test_keep_aspect_fits_the_image_centred_and_mirrors_the_rest():
     wide = np.random.default_rng(2).integers(0, 256, (50, 200), dtype=np.uint8)
     assert KEEP.content_box(50, 200) == (24, 0, 16, 64) and KEEP.content_box(64, 64) == (0, 0, 64, 64)
-    assert KEEP.content_box(200, 50) == (0, 24, 64, 16) and Preprocessing(input_size=(64, 64)).content_box(50, 200) == (0, 0, 64, 64)
+    assert KEEP.content_box(200, 50) == (0, 24, 64, 16)
+    assert Preprocessing(input_size=(64, 64)).content_box(50, 200) == (0, 0, 64, 64)
     x = KEEP(wide)[0, 0]
     inside = cv2.resize(wide.astype(np.float32) / 255, (64, 16), interpolation=cv2.INTER_AREA)
     np.testing.assert_allclose(x[24:40], (inside - 0.5) / 0.5, atol=1e-5)

@@ -65,7 +65,7 @@ def test_detector_scores_match_pytorch_and_maps_have_each_images_size(tiny_expor
     results = detector.predict(paths)
     assert [r.source for r in results] == [str(p) for p in paths]
     np.testing.assert_allclose([r.score for r in results], scores.numpy(), rtol=1e-4)
-    for r, array, model_map in zip(results, arrays, maps[:, 0].numpy()):
+    for r, array, model_map in zip(results, arrays, maps[:, 0].numpy(), strict=True):
         assert r.image_size == array.shape[:2] and r.anomaly_map.shape == array.shape[:2]
         expected = cv2.resize(model_map, array.shape[1::-1], interpolation=cv2.INTER_LINEAR)
         np.testing.assert_allclose(r.anomaly_map, expected, rtol=1e-3, atol=1e-3 * float(np.abs(expected).max()))

@@ -113,7 +113,8 @@ def test_overlay_for_16_bit_and_alpha_images():
     maps[0, 20:30, 20:30] = 4.0
     detections = postprocess(maps, np.array([4.0, 0.0], np.float32), [(100, 150), (50, 40)], ["a", "b"],
                              Thresholds(2.0, 2.0), stats)
-    for image, detection in zip([np.full((100, 150), 40000, np.uint16), np.zeros((50, 40, 4), np.uint8)], detections):
+    images = [np.full((100, 150), 40000, np.uint16), np.zeros((50, 40, 4), np.uint8)]
+    for image, detection in zip(images, detections, strict=True):
         overlay = render_overlay(image, detection, stats)
         assert overlay.shape == (*image.shape[:2], 3) and overlay.dtype == np.uint8
     assert detections[0].is_anomalous and len(detections[0].regions) == 1 and not detections[1].regions

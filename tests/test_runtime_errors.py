@@ -73,7 +73,7 @@ def test_every_bad_input_gives_its_typed_error_and_the_detector_stays_usable(tin
         assert str(path) in messages[name]
         after = detector.predict(good)
         assert after.score == before.score and np.array_equal(after.anomaly_map, before.anomaly_map)
-    for name, (array, fragment) in BAD_ARRAYS.items():
+    for array, fragment in BAD_ARRAYS.values():
         with pytest.raises(InvalidImageError, match=fragment):
             detector.predict(array)
         # in a list, the error names which image, and nothing of the list is returned half-done

@@ -61,7 +61,7 @@ def test_http_answers_as_the_in_process_detector(served, synthetic_dataset):
     assert [d.source for d in far] == [d.source for d in near]
     np.testing.assert_allclose([d.score for d in far], [d.score for d in near], rtol=RTOL)
     np.testing.assert_allclose([d.normalized_score for d in far], [d.normalized_score for d in near], rtol=RTOL, atol=1e-6)
-    for a, b in zip(far, near):
+    for a, b in zip(far, near, strict=True):
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=RTOL, atol=1e-6)
         assert a.anomaly_map.flags.writeable  # as the in-process maps: the user may scale them in place
         assert a.is_anomalous == b.is_anomalous and len(a.regions) == len(b.regions)

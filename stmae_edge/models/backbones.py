@@ -468,7 +468,7 @@ class FeatureExtractor(nn.Module):
     def forward_with_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One backbone pass -> (the layers on the grid, the score layers on the score grid)."""
         names = self.layers + tuple(n for n in self.score_layers if n not in self.layers)
-        found = {name: _resize(f, self.grid) for name, f in zip(names, self.body.layer_outputs(x, names))}
+        found = {name: _resize(f, self.grid) for name, f in zip(names, self.body.layer_outputs(x, names), strict=True)}
         return (torch.cat([found[n] for n in self.layers], dim=1),
                 _resize(torch.cat([found[n] for n in self.score_layers], dim=1), self.score_grid))
 

@@ -65,7 +65,7 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
             except InvalidImageError as exc:
                 errors.append({"source": str(paths[i]), "error": str(exc)})
         detections = detector.predict(images, image_threshold=chosen.image, pixel_threshold=chosen.pixel) if images else []
-        for i, image, detection in zip(kept, images, detections):
+        for i, image, detection in zip(kept, images, detections, strict=True):
             detection = dataclasses.replace(detection, source=str(paths[i]))
             entry = detection.to_dict()
             if overlays:

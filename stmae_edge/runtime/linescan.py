@@ -156,7 +156,7 @@ class StreamingInspector:
         maps = self._score(rows, tops)
         self._rows, self.rows_pushed = rows, pushed
         defects = []
-        for top, row_maps in zip(tops, maps):
+        for top, row_maps in zip(tops, maps, strict=True):
             defects += self._blend(top, row_maps, final_row=top + self.stride)
         self.seconds["total"] += time.perf_counter() - started
         return defects
@@ -208,7 +208,7 @@ class StreamingInspector:
         self._tile_rows.append((self._tile_row_count, top + skip, top + self.tile_height))
         self._tile_row_count += 1
         rows = slice(top + skip - self._next_tile_row, span)
-        for x, tile_map in zip(self._columns, maps):
+        for x, tile_map in zip(self._columns, maps, strict=True):
             self._acc[rows, x:x + self.tile_width] += tile_map[skip:] * self._weight[skip:]
             self._acc_weight[rows, x:x + self.tile_width] += self._weight[skip:]
         return self._finalize(final_row)

@@ -21,8 +21,9 @@ def render_overlay(image: np.ndarray, detection: Detection, stats: ScoreStats, a
                    bit_depth: int = 16) -> np.ndarray:
     """A decoded image (any dtype and channel count the runtime accepts) -> BGR uint8 overlay.
 
-    `stats` are the map's (Detector.map_stats). The colour scale runs from the good parts' mean (blue) to as far above the pixel threshold
-    as the threshold is above the mean (red), so the threshold sits at mid-scale (green-yellow)."""
+    `stats` are the map's (Detector.map_stats). The colour scale runs from the good parts' mean (blue) to
+    as far above the pixel threshold as the threshold is above the mean (red), so the threshold sits at
+    mid-scale (green-yellow)."""
     base = display_image(image, bit_depth)
     low = stats.mean
     high = max(2 * detection.pixel_threshold - stats.mean, low + 1e-6)
