@@ -1,7 +1,11 @@
-"""Datasets in the MVTec AD layout: train/good, test/<type>, ground_truth/<type>/<name>_mask.png."""
+"""Datasets in the MVTec AD layout: train/good, test/<type>, ground_truth/<type>/<name>_mask.png.
+
+A mask may also carry the image's own name (ground_truth/<type>/<name>.png), as datasets converted to
+this layout often do, and any image suffix the reader takes."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -12,6 +16,10 @@ from .errors import DatasetError
 from .preprocessing import cv2, load_image, mirror_pad
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# Mask file names tried for an image <name>, in this order: MVTec AD's, then the image's own name.
+MASK_NAMES = ("{name}_mask", "{name}")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,16 +62,31 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
     samples = []
     for type_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         for path in images_in(type_dir):
-            mask = None
-            if type_dir.name != "good":
-                candidate = root / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
-                mask = candidate if candidate.is_file() else None
+            mask = None if type_dir.name == "good" else find_mask(root / "ground_truth" / type_dir.name, path)
             samples.append(EvalSample(path, type_dir.name, mask))
     labels = {s.label for s in samples}
     if not samples or (both_classes and labels != {0, 1}):
         raise DatasetError(f"{folder}: evaluation needs both good and defective test images, found "
                            f"{sorted({s.defect_type for s in samples}) or 'none'}")
+    unmasked = [s for s in samples if s.label == 1 and s.mask_path is None]
+    if unmasked and (root / "ground_truth").is_dir():
+        first = unmasked[0]
+        logger.warning("%d of %d defective test images have no mask (first: %s, looked for %s), so pixel "
+                       "metrics are left out", len(unmasked), sum(s.label for s in samples), first.path,
+                       " or ".join(f"ground_truth/{first.defect_type}/{n.format(name=first.path.stem)}.png"
+                                   for n in MASK_NAMES))
     return samples
+
+
+def find_mask(folder: Path, image: Path) -> Optional[Path]:
+    """The ground-truth mask of `image` in `folder` (MASK_NAMES, any image suffix, .png first), or None."""
+    suffixes = [".png", *sorted(IMAGE_SUFFIXES - {".png"})]
+    for pattern in MASK_NAMES:
+        for suffix in suffixes:
+            candidate = folder / (pattern.format(name=image.stem) + suffix)
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def recorded_train_images(training: dict, count: int, seed: int = 0) -> list[Path]:

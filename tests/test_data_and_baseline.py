@@ -23,6 +23,36 @@ def test_mvtec_layout(synthetic_dataset):
     assert not data.load_mask(good, (32, 32)).any()
 
 
+def test_masks_named_like_their_images(tmp_path, caplog):
+    """Masks named <image>_mask.png (MVTec AD) or after the image itself, any suffix the reader takes; a
+    defective image without one is named in a warning, since pixel metrics are then left out."""
+    import cv2
+
+    for folder in ("test/good", "test/dent", "ground_truth/dent"):
+        (tmp_path / folder).mkdir(parents=True)
+    image = np.zeros((8, 8), np.uint8)
+    cv2.imwrite(str(tmp_path / "test/good/g.png"), image)
+    for name in ("a", "b", "c", "d"):
+        cv2.imwrite(str(tmp_path / "test/dent" / f"{name}.bmp"), image)
+    mask = image.copy()
+    mask[2:4, 2:4] = 255
+    cv2.imwrite(str(tmp_path / "ground_truth/dent/a_mask.png"), mask)
+    cv2.imwrite(str(tmp_path / "ground_truth/dent/b.png"), mask)
+    cv2.imwrite(str(tmp_path / "ground_truth/dent/c.bmp"), mask)
+    with caplog.at_level("WARNING", logger="stmae_edge.data"):
+        samples = {s.path.stem: s for s in data.eval_samples(tmp_path)}
+    assert samples["a"].mask_path.name == "a_mask.png" and samples["b"].mask_path.name == "b.png"
+    assert samples["c"].mask_path.name == "c.bmp" and samples["d"].mask_path is None
+    assert data.load_mask(samples["c"], (8, 8)).sum() == 4
+    assert not data.has_masks(list(samples.values()))
+    assert "1 of 4 defective test images have no mask" in caplog.text and "d.bmp" in caplog.text
+    cv2.imwrite(str(tmp_path / "ground_truth/dent/d_mask.png"), mask)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stmae_edge.data"):
+        assert data.has_masks(data.eval_samples(tmp_path))
+    assert not caplog.text
+
+
 def test_layout_errors(tmp_path):
     with pytest.raises(DatasetError, match="train/good"):
         data.train_images(tmp_path)
