@@ -74,7 +74,7 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
         logger.warning("%d of %d defective test images have no mask (first: %s, looked for %s), so pixel "
                        "metrics are left out", len(unmasked), sum(s.label for s in samples), first.path,
                        " or ".join(f"ground_truth/{first.defect_type}/{n.format(name=first.path.stem)}.png"
-                                   for n in MASK_NAMES))
+                                   for n in MASK_NAMES) + ", or another image suffix")
     return samples
 
 

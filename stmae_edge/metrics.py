@@ -128,10 +128,10 @@ def pixel_auroc_against(masks: Any, maps: Any, defect_types: Sequence[str]) -> D
     normal pixels around its own defects).
 
     The pooled :func:`pixel_auroc` is their average weighted by pixel counts (each entry by the type's
-    anomalous pixels times the group's normal pixels). Against
-    "good" alone a type can score high while the normal pixels of other defective images outrank its
-    defects: a detector that finds whole defective parts unusual, not only their defects, loses pooled
-    pixel AUROC there. NaN where a type has no anomalous pixel or a group no normal pixel.
+    anomalous pixels times the group's normal pixels). Against "good" alone a type can score high while
+    the normal pixels of other defective images outrank its defects: a detector that finds whole
+    defective parts unusual, not only their defects, loses pooled pixel AUROC there. NaN where a type
+    has no anomalous pixel or a group no normal pixel.
     """
     g, m = _pixels(masks, maps)
     types = np.asarray([str(t) for t in defect_types])
