@@ -38,7 +38,7 @@ from stmae_edge.baseline import GaussianBaseline, PatchCoreBaseline  # noqa: E40
 from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.models.backbones import FeatureExtractor  # noqa: E402
 from stmae_edge.evaluate import evaluate, format_report  # noqa: E402
-from stmae_edge.metrics import pixel_auroc, summarize  # noqa: E402
+from stmae_edge.metrics import pixel_auroc_against, summarize  # noqa: E402
 from stmae_edge.models.maps import maps_and_scores, smooth  # noqa: E402
 from stmae_edge.models.stmae import preset  # noqa: E402
 from stmae_edge.scoring import ScoreStats, Thresholds, map_maxima  # noqa: E402
@@ -90,12 +90,10 @@ def summaries(samples: list, maps: np.ndarray, scores: np.ndarray, threshold: fl
     labels = np.array([s.label for s in samples])
     types = [s.defect_type for s in samples]
     half = test_half(samples)
-    good = np.array(types) == "good"
-    defects, good_pixels = maps[masks > 0], maps[good].ravel()  # the defects against good parts alone
-    against_good = pixel_auroc(np.r_[np.ones(defects.size, bool), np.zeros(good_pixels.size, bool)][None, None],
-                               np.r_[defects, good_pixels][None, None])
+    # every defect against the good parts alone: all defect types taken as one
+    grouped = pixel_auroc_against(masks, maps, ["good" if t == "good" else "defective" for t in types])
     return {"full": {**summarize(labels, scores, masks, maps, types, threshold),
-                     "pixel_auroc_against_good": against_good},
+                     "pixel_auroc_against_good": grouped["defective"]["good"]},
             "test_half": summarize(labels[half], scores[half], masks[half], maps[half],
                                    [types[i] for i in half], threshold)}
 
