@@ -3,7 +3,8 @@
     python benchmarks/int8_engines.py [--model runs/bench_quality/stmae.pt] [--also runs/bench_quality/previous_default.pt]
 
 For each model: exports the fp32 and fp16 graphs as `stmae-edge export` does, calibrates the INT8 graph
-both ways (`stmae-edge calibrate`, 64 training images, `--float-precision fp16` and `fp32`), and builds
+both ways (`stmae-edge calibrate`, 64 training images, `--float-precision fp16` and `fp32`) and with every
+Linear layer quantised instead of the large ones only (`--min-weights 1`, the graph before), and builds
 every graph with TensorRT for RTX at batch 1:8:32 (no GPU needed). Per graph: the plan size; the
 convolution and matrix-multiply layers by precision as TensorRT's parser reads the graph (strongly
 typed: what the plan runs); image / pixel AUROC and AUPRO as `stmae-edge evaluate GRAPH.onnx DATA`
@@ -84,6 +85,8 @@ def main() -> None:
             graphs[f"int8 graph, rest in {rest}"], _ = calibrate(
                 fp32, out=workdir / f"{model.stem}.int8.{rest}.onnx", cache_dir=REPO / "calibration",
                 float_precision=rest)
+        graphs["int8 graph, rest in fp16, every Linear layer quantised (`--min-weights 1`)"], _ = calibrate(
+            fp32, out=workdir / f"{model.stem}.int8.all.onnx", cache_dir=REPO / "calibration", min_weight_elements=1)
         metadata = ModelMetadata.from_onnx(fp32)
         samples = data.eval_samples(args.data)
         order = sorted(np.random.default_rng(0).permutation(len(samples))[:32])

@@ -33,7 +33,7 @@ def main() -> None:
         results[f"ONNX Runtime CPU, {precision} graph"] = evaluate(path, args.data)
         if precision == "fp32":
             int8, _ = calibrate(path, cache_dir=REPO / "calibration")
-    results["ONNX Runtime CPU, int8 graph (transformer in INT8, rest in fp16)"] = evaluate(int8, args.data)
+    results["ONNX Runtime CPU, int8 graph (the transformer's large layers in INT8, rest in fp16)"] = evaluate(int8, args.data)
     fp32 = results["ONNX Runtime CPU, fp32 graph"]
     rows = []
     for name, r in results.items():

@@ -5,8 +5,10 @@ Settings, each from measurement on magnetic_tile:
 - Q/DQ format, symmetric (every zero point 0): TensorRT rejects non-zero zero points.
 - Biases stay float (QuantizeBias off): TensorRT's parser rejects the int32 bias DequantizeLinear.
 - Which ops are quantised depends on the model family (FAMILY_SETTINGS). ST-MAE: only MatMul, that is
-  the transformer, and only its MatMuls with weights (its Linear layers, not attention's products of
-  two activations: activation_matmuls); the backbone convolutions stay in float. Measured (image / pixel AUROC): fp32
+  the transformer, and only its large MatMuls with weights (layers_left_in_float: not attention's
+  products of two activations, and not Linear layers under 65536 weights, which make a TensorRT plan
+  larger, not smaller; in the default model its input and output projections and its encoder's
+  query-key-value products are quantised); the backbone convolutions stay in float. Measured (image / pixel AUROC): fp32
   88.3 / 69.0; MatMul only 88.4 / 68.8; Conv only 86.5 / 65.6; Conv and MatMul 85.0 / 65.4. The
   per-position Gaussian of the fused map (its MatMuls read initializers named gaussian_*) stays in
   float too: like the autoencoder's output convolutions below, it is the anomaly signal itself. The
@@ -33,6 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import onnx
 
 from . import data
@@ -44,24 +47,30 @@ from .onnx_files import load_onnx
 from .outputs import check_writable, write_bytes_atomically, written_atomically
 from .progress import progress_bar
 
+# graph_version: changes when the graph we write does. min_weight_elements: the smallest layer quantised.
 SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_bias": False,
             "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8",
-            "float_precision": "fp16", "graph_version": 2}  # graph_version: changes when the graph we write does
+            "float_precision": "fp16", "min_weight_elements": 1, "graph_version": 2}
 FLOAT_PRECISIONS = ("fp16", "fp32")
-FAMILY_SETTINGS = {"stmae": {"op_types": ["MatMul"], "float_statistics": True, "weight_matmuls_only": True},
+FAMILY_SETTINGS = {"stmae": {"op_types": ["MatMul"], "float_statistics": True, "min_weight_elements": 65536},
                    "filtering-ae": {"op_types": ["Conv"], "float_output_convs": True}}
 OUTPUT_CONV_CHANNELS = 3  # a Conv with at most this many output channels produces or smooths the map
 DEFAULT_COUNT = 64
 
 
-def settings_for(metadata: ModelMetadata, float_precision: str = SETTINGS["float_precision"]) -> dict:
-    """SETTINGS with what the model's family quantises and the precision of the rest."""
+def settings_for(metadata: ModelMetadata, float_precision: str = SETTINGS["float_precision"],
+                 min_weight_elements: int | None = None) -> dict:
+    """SETTINGS with what the model's family quantises, the precision of the rest, and (when given)
+    the smallest layer worth quantising instead of the family's."""
     if metadata.model_family not in FAMILY_SETTINGS:
         raise ConfigError(f"no INT8 settings for model family {metadata.model_family!r}")
     if float_precision not in FLOAT_PRECISIONS:
         raise ConfigError(f"unknown precision {float_precision!r} for the unquantised layers; choose "
                           f"{' or '.join(FLOAT_PRECISIONS)}")
-    return SETTINGS | FAMILY_SETTINGS[metadata.model_family] | {"float_precision": float_precision}
+    if min_weight_elements is not None and min_weight_elements < 1:
+        raise ConfigError(f"--min-weights must be at least 1 (got {min_weight_elements})")
+    settings = SETTINGS | FAMILY_SETTINGS[metadata.model_family] | {"float_precision": float_precision}
+    return settings | ({"min_weight_elements": min_weight_elements} if min_weight_elements is not None else {})
 
 
 def output_convs(proto: onnx.ModelProto) -> list[str]:
@@ -71,20 +80,43 @@ def output_convs(proto: onnx.ModelProto) -> list[str]:
             and weights[node.input[1]].dims[0] <= OUTPUT_CONV_CHANNELS]
 
 
-def activation_matmuls(proto: onnx.ModelProto) -> list[str]:
-    """Names of the MatMuls that multiply two activations (attention's scores and its weighted sum):
-    no weight to shrink, and in a TensorRT-RTX plan each Q/DQ pair costs about 35 KB, more than
-    quantising them saves. They run in the precision of the rest."""
-    constants = {init.name for init in proto.graph.initializer}
+def weight_elements(proto: onnx.ModelProto, op_types: Sequence[str]) -> dict[str, int]:
+    """Each node of `op_types` and its number of weight elements: the size of its constant operand (an
+    initializer, or one seen through Transpose or Reshape), 0 where it multiplies two activations
+    (attention's scores and its weighted sum)."""
+    sizes = {init.name: int(np.prod(init.dims)) for init in proto.graph.initializer}
     producer = {out: node for node in proto.graph.node for out in node.output}
 
-    def is_constant(name: str) -> bool:
+    def constant_size(name: str) -> int:
         node = producer.get(name)
-        return name in constants or (node is not None and node.op_type in ("Transpose", "Reshape")
-                                     and is_constant(node.input[0]))
+        if name in sizes:
+            return sizes[name]
+        if node is not None and node.op_type in ("Transpose", "Reshape"):
+            return constant_size(node.input[0])
+        return 0
 
-    return [node.name for node in proto.graph.node
-            if node.op_type == "MatMul" and not any(is_constant(name) for name in node.input)]
+    return {node.name: max(constant_size(name) for name in node.input)
+            for node in proto.graph.node if node.op_type in op_types}
+
+
+def layers_left_in_float(proto: onnx.ModelProto, op_types: Sequence[str], min_weight_elements: int) -> list[str]:
+    """Names of the layers INT8 does not pay for, so they run in the precision of the rest: those with
+    no weight to shrink (a product of two activations) and those with fewer than `min_weight_elements`
+    weights. Measured with TensorRT for RTX on ST-MAE's transformer, each MatMul quantised alone: a
+    160x160 to 160x480 product makes the plan 0.1 to 0.4 MB larger, the 704x160 input projection 0.19 MB
+    smaller (docs/BENCHMARKS.md, "INT8 engines with the rest in fp16")."""
+    return [name for name, size in weight_elements(proto, op_types).items() if size < max(1, min_weight_elements)]
+
+
+def check_something_quantised(proto: onnx.ModelProto, excluded: Sequence[str], settings: dict, onnx_path: Path) -> None:
+    """Raises ConfigError when no layer is left to quantise: the INT8 graph would be the FP16 graph."""
+    sizes = weight_elements(proto, settings["op_types"])
+    if not set(sizes) - set(excluded):
+        largest = max(sizes.values(), default=0)
+        raise ConfigError(f"{onnx_path}: no layer of this model is large enough for INT8 to pay (the largest "
+                          f"{'/'.join(settings['op_types'])} has {largest} weights, INT8 starts at "
+                          f"{settings['min_weight_elements']}); build the FP16 graph instead, or quantise the "
+                          "small layers anyway with --min-weights 1")
 
 
 def scoring_region(quantized: onnx.ModelProto, scoring: set[str], onnx_path: Path) -> set[str]:
@@ -114,7 +146,8 @@ def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
 
 def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: Path | str | None = None,
               count: int = DEFAULT_COUNT, cache_dir: Path | str = "calibration",
-              batch_size: int = 8, float_precision: str = SETTINGS["float_precision"]) -> tuple[Path, dict]:
+              batch_size: int = 8, float_precision: str = SETTINGS["float_precision"],
+              min_weight_elements: int | None = None) -> tuple[Path, dict]:
     """Calibrate an fp32 export on good images and write its INT8 graph.
 
     Args:
@@ -123,13 +156,15 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
         out: the INT8 graph (default: NAME.int8.onnx beside the input).
         float_precision: fp16 (for TensorRT) or fp32 (for ONNX Runtime on a CPU) for the layers left
             unquantised; the scoring stays fp32 either way.
+        min_weight_elements: quantise only layers with at least this many weights (default: the
+            family's, FAMILY_SETTINGS; 1 quantises every layer with weights).
 
     Returns:
         The INT8 graph's path and a report {cache: hit|miss, key, images, quantized_nodes, settings}.
 
     Raises:
-        ConfigError: not an fp32 graph, an unknown family or precision, or (fp16) a graph exported
-            without the scoring scope.
+        ConfigError: not an fp32 graph, an unknown family or precision, (fp16) a graph exported
+            without the scoring scope, or no layer as large as `min_weight_elements`.
         DatasetError: fewer images than one batch.
     """
     onnx_path = Path(onnx_path)
@@ -142,7 +177,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     if len(images) < batch_size:
         raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
     out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
-    settings = settings_for(metadata, float_precision)
+    settings = settings_for(metadata, float_precision, min_weight_elements)
     if settings["float_precision"] == "fp16" and not scoring_nodes(proto):
         raise ConfigError(f"{onnx_path} was exported by an older version, without the marks that tell its "
                           "scoring part (kept in fp32) from the rest; export it again with `stmae-edge "
@@ -199,7 +234,8 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
         prepared_proto = onnx.load(str(prepared))
         excluded = output_convs(prepared_proto) if settings.get("float_output_convs") else []
         excluded += statistics_nodes(prepared_proto) if settings.get("float_statistics") else []
-        excluded += activation_matmuls(prepared_proto) if settings.get("weight_matmuls_only") else []
+        excluded += layers_left_in_float(prepared_proto, settings["op_types"], settings["min_weight_elements"])
+        check_something_quantised(prepared_proto, excluded, settings, onnx_path)
         with progress_bar("calibrating", len(images)) as advance:
             quantize_static(str(prepared), str(target), Batches(advance), nodes_to_exclude=excluded,
                             quant_format=getattr(QuantFormat, settings["format"]),

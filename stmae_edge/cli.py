@@ -223,13 +223,17 @@ def calibrate(
     cache_dir: Path = typer.Option(Path("calibration"), help="calibration cache folder"),
     float_precision: str = typer.Option("fp16", help="precision of the layers left unquantised: fp16 for "
                                         "TensorRT, fp32 for ONNX Runtime on a CPU (the scoring stays fp32)"),
+    min_weights: Optional[int] = typer.Option(None, help="quantise only layers with at least this many weights "
+                                              "(default: 65536 for ST-MAE, whose smaller layers make a TensorRT "
+                                              "plan larger in INT8; 1 quantises every layer with weights)"),
 ) -> None:
     """Write a symmetric Q/DQ INT8 graph that TensorRT accepts, calibrated on good images (cached)."""
     from .calibrate import calibrate as run_calibrate
     from .data import images_in
 
     paths = images_in(images) if images is not None else None
-    path, report = run_calibrate(onnx_file, paths, out, count, cache_dir, float_precision=float_precision)
+    path, report = run_calibrate(onnx_file, paths, out, count, cache_dir, float_precision=float_precision,
+                                 min_weight_elements=min_weights)
     typer.echo(f"wrote {path}: {report['quantized_nodes']} quantised tensors from {report['images']} images, "
                f"the rest in {report['settings']['float_precision']} "
                f"(cache {report['cache']}: {report['cache_file']})")

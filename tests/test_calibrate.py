@@ -3,6 +3,9 @@ model and images, TensorRT builds it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -10,7 +13,7 @@ from conftest import rank_correlation
 from onnx import TensorProto, numpy_helper
 
 from stmae_edge import data
-from stmae_edge.calibrate import calibrate
+from stmae_edge.calibrate import FAMILY_SETTINGS, calibrate, weight_elements
 from stmae_edge.errors import ConfigError
 from stmae_edge.export import export_onnx
 from stmae_edge.half_precision import (
@@ -34,7 +37,7 @@ def fp32_graph(tiny_export):
 
 def test_int8_graph_is_symmetric_qdq_on_the_transformer_only(fp32_graph):
     folder, path = fp32_graph
-    out, report = calibrate(path, cache_dir=folder / "cache")
+    out, report = calibrate(path, cache_dir=folder / "cache", min_weight_elements=1)
     proto = onnx.load(str(out))
     assert onnx_precision(proto) == "int8" and report["cache"] == "miss" and report["quantized_nodes"] > 0
     assert ModelMetadata.from_onnx(proto).to_dict() == ModelMetadata.from_onnx(path).to_dict()
@@ -60,6 +63,35 @@ def test_int8_graph_is_symmetric_qdq_on_the_transformer_only(fp32_graph):
     assert all(produced_by.get(i) != "DequantizeLinear" for n in statistics for i in n.input)
 
 
+def test_only_layers_with_enough_weights_are_quantised(fp32_graph, tmp_path):
+    # A quantised Linear layer pays only where its INT8 weights save more plan than its Q/DQ layers
+    # cost: measured with TensorRT for RTX, small ones make the plan larger (docs/BENCHMARKS.md).
+    folder, path = fp32_graph
+    exported = onnx.load(str(path))
+    sizes = weight_elements(exported, ["MatMul"])
+    statistics = set(statistics_nodes(exported))
+    transformer = {name: k for name, k in sizes.items() if k and name not in statistics}
+    cut = sorted(set(transformer.values()))[len(set(transformer.values())) // 2]  # some layers above, some below
+    out, report = calibrate(path, out=tmp_path / "cut.onnx", cache_dir=folder / "cache", min_weight_elements=cut)
+    proto = onnx.load(str(out))
+    produced_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+    quantised = {n.name for n in proto.graph.node
+                 if n.op_type == "MatMul" and any(produced_by.get(i) == "DequantizeLinear" for i in n.input)}
+    assert quantised == {name for name, k in transformer.items() if k >= cut} and 0 < len(quantised) < len(transformer)
+    assert report["settings"]["min_weight_elements"] == cut
+    # The tiny model has no layer as large as the default asks for: refused in one line, nothing written.
+    assert max(transformer.values()) < FAMILY_SETTINGS["stmae"]["min_weight_elements"]
+    with pytest.raises(ConfigError, match="no layer of this model is large enough.*--min-weights 1"):
+        calibrate(path, out=tmp_path / "none.onnx", cache_dir=folder / "cache")
+    with pytest.raises(ConfigError, match="at least 1"):
+        calibrate(path, out=tmp_path / "none.onnx", cache_dir=folder / "cache", min_weight_elements=0)
+    assert not (tmp_path / "none.onnx").exists()
+    result = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "calibrate", str(path), "--out",
+                             str(tmp_path / "none.onnx"), "--cache-dir", str(folder / "cache")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--min-weights 1" in result.stderr
+
+
 def float_types(proto: onnx.ModelProto) -> dict[str, int]:
     """Element type of every float tensor of the graph (inputs, outputs, intermediates, initializers)."""
     inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
@@ -74,7 +106,7 @@ def test_int8_graph_is_the_fp16_graph_with_qdq_and_fp32_scoring(fp32_graph):
     exported = onnx.load(str(path))
     scoring = scoring_nodes(exported)
     assert scoring and statistics_nodes(exported)
-    out, report = calibrate(path, cache_dir=folder / "cache")
+    out, report = calibrate(path, cache_dir=folder / "cache", min_weight_elements=1)
     proto = onnx.load(str(out))
     assert report["settings"]["float_precision"] == "fp16"
     onnx.checker.check_model(proto, full_check=True)
@@ -105,9 +137,10 @@ def test_int8_graph_is_the_fp16_graph_with_qdq_and_fp32_scoring(fp32_graph):
 
 def test_fp32_unquantised_layers_on_request_and_old_exports_are_refused(fp32_graph, tmp_path):
     folder, path = fp32_graph
-    out, report = calibrate(path, out=tmp_path / "m.int8.onnx", cache_dir=folder / "cache", float_precision="fp32")
+    out, report = calibrate(path, out=tmp_path / "m.int8.onnx", cache_dir=folder / "cache", float_precision="fp32",
+                            min_weight_elements=1)
     assert set(float_types(onnx.load(str(out))).values()) == {TensorProto.FLOAT}
-    _, fp16 = calibrate(path, out=tmp_path / "h.int8.onnx", cache_dir=folder / "cache")
+    _, fp16 = calibrate(path, out=tmp_path / "h.int8.onnx", cache_dir=folder / "cache", min_weight_elements=1)
     assert report["key"] != fp16["key"]  # the precision is part of the cache key
     with pytest.raises(ConfigError, match="unknown precision 'bf16'"):
         calibrate(path, out=tmp_path / "x.onnx", cache_dir=folder / "cache", float_precision="bf16")
@@ -133,11 +166,11 @@ def test_every_model_family_scores_under_the_scope_calibrate_looks_for():
 def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_dataset, tmp_path):
     folder, path = fp32_graph
     images = data.train_images(synthetic_dataset)[:16]
-    _, first = calibrate(path, images, tmp_path / "a.onnx", cache_dir=tmp_path / "cache")
-    _, again = calibrate(path, images, tmp_path / "b.onnx", cache_dir=tmp_path / "cache")
+    _, first = calibrate(path, images, tmp_path / "a.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
+    _, again = calibrate(path, images, tmp_path / "b.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
     assert (first["cache"], again["cache"]) == ("miss", "hit") and first["key"] == again["key"]
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-    _, other = calibrate(path, images[1:], tmp_path / "c.onnx", cache_dir=tmp_path / "cache")
+    _, other = calibrate(path, images[1:], tmp_path / "c.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
     assert other["cache"] == "miss" and other["key"] != first["key"]
 
 
@@ -145,7 +178,7 @@ def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_data
     # What INT8 promises is FP32's ranking, not its numbers: ONNX Runtime's INT8 kernels differ between
     # CPUs (AVX2 against AVX-512/VNNI), and a tolerance on maps held on one and failed on the other.
     folder, path = fp32_graph
-    out, _ = calibrate(path, cache_dir=folder / "cache")
+    out, _ = calibrate(path, cache_dir=folder / "cache", min_weight_elements=1)
     samples = data.eval_samples(synthetic_dataset)
     labels = [s.label for s in samples]
     with Detector(path) as fp32, Detector(out) as int8:
@@ -189,7 +222,7 @@ def test_intensity_normalisation_stays_fp32_in_every_graph_and_builds(synthetic_
     path, _ = export_onnx(tmp_path / "m.pt", tmp_path / "m.onnx")
     intensity = scoring_nodes(onnx.load(str(path)), INTENSITY_SCOPE)
     fp16, _ = export_onnx(tmp_path / "m.pt", tmp_path / "m.fp16.onnx", "fp16")
-    int8, _ = calibrate(path, cache_dir=tmp_path / "cache")
+    int8, _ = calibrate(path, cache_dir=tmp_path / "cache", min_weight_elements=1)
     for graph in (fp16, int8):
         proto = onnx.load(str(graph))
         types = float_types(proto)
