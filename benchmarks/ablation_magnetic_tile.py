@@ -25,9 +25,9 @@ from quality_magnetic_tile import model_benchmark_args, pct, write_table  # noqa
 
 from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
-from stmae_edge.metrics import summarize  # noqa: E402
+from stmae_edge.evaluation.metrics import summarize  # noqa: E402
 from stmae_edge.models.maps import maps_and_scores, smooth  # noqa: E402
-from stmae_edge.train import batches, split_holdout  # noqa: E402
+from stmae_edge.training.train import batches, split_holdout  # noqa: E402
 
 BEGIN, END = "<!-- ablation-magnetic-tile:begin -->", "<!-- ablation-magnetic-tile:end -->"
 

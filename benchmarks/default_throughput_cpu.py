@@ -30,11 +30,11 @@ from quality_magnetic_tile import model_benchmark_args, write_table  # noqa: E40
 from runtime_cpu import BATCH, side_by_side  # noqa: E402
 
 from stmae_edge import data  # noqa: E402
-from stmae_edge.export import export_onnx  # noqa: E402
+from stmae_edge.engines.export import export_onnx  # noqa: E402
 from stmae_edge.models.stmae import preset  # noqa: E402
 from stmae_edge.preprocessing import load_image  # noqa: E402
 from stmae_edge.runtime import Detector  # noqa: E402
-from stmae_edge.train import TrainConfig, train  # noqa: E402
+from stmae_edge.training.train import TrainConfig, train  # noqa: E402
 
 BEGIN, END = "<!-- default-throughput-cpu:begin -->", "<!-- default-throughput-cpu:end -->"
 

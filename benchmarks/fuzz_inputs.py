@@ -35,9 +35,9 @@ def tiny_model() -> Path:
     if onnx.is_file():
         return onnx
     from conftest import make_synthetic_dataset
-    from stmae_edge.export import export_onnx
+    from stmae_edge.engines.export import export_onnx
     from stmae_edge.models.stmae import preset
-    from stmae_edge.train import TrainConfig, train
+    from stmae_edge.training.train import TrainConfig, train
 
     data = make_synthetic_dataset(WORK / "data")
     train(data, WORK / "model" / "tiny.pt", preset("tiny"), TrainConfig(epochs=1, batch_size=8), backbone_weights="random")

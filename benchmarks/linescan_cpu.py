@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from quality_magnetic_tile import model_benchmark_args, write_table  # noqa: E402
 
-from stmae_edge.export import export_onnx  # noqa: E402
+from stmae_edge.engines.export import export_onnx  # noqa: E402
 from stmae_edge.runtime import Detector  # noqa: E402
 from stmae_edge.runtime.detector import balanced_chunks  # noqa: E402
 from stmae_edge.runtime.linescan import StreamingInspector, tile_starts  # noqa: E402

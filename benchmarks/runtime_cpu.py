@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO))
 from quality_magnetic_tile import model_benchmark_args, write_table  # noqa: E402
 
 from stmae_edge import data  # noqa: E402
-from stmae_edge.calibrate import calibrate  # noqa: E402
-from stmae_edge.export import export_onnx  # noqa: E402
+from stmae_edge.engines.calibrate import calibrate  # noqa: E402
+from stmae_edge.engines.export import export_onnx  # noqa: E402
 from stmae_edge.preprocessing import load_image  # noqa: E402
 from stmae_edge.runtime import Detector  # noqa: E402
 from stmae_edge.runtime.bench import bench_batch  # noqa: E402

@@ -61,7 +61,7 @@ def inventory() -> dict:
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    from stmae_edge.metrics import _auc_from_classes
+    from stmae_edge.evaluation.metrics import _auc_from_classes
 
     return _auc_from_classes(scores[labels == 1].copy(), scores[labels == 0].copy())
 
@@ -79,10 +79,10 @@ def labelled(folder: Path, limit: int) -> tuple[list[Path], np.ndarray]:
 def prepare(work: Path, model: Path | None) -> dict[str, Path]:
     """The tiny model (or the one given) as .pt, fp32, fp16 and int8 ONNX."""
     from conftest import make_synthetic_dataset
-    from stmae_edge.calibrate import calibrate
-    from stmae_edge.export import export_onnx
+    from stmae_edge.engines.calibrate import calibrate
+    from stmae_edge.engines.export import export_onnx
     from stmae_edge.models.stmae import preset
-    from stmae_edge.train import TrainConfig, train
+    from stmae_edge.training.train import TrainConfig, train
 
     data = make_synthetic_dataset(work / "data")
     tiny = model is None
@@ -113,7 +113,7 @@ def paths(files: dict[str, Path], work: Path, have: dict) -> list[tuple[str, str
 
 def build_plans(files: dict[str, Path], work: Path) -> dict[str, str]:
     """Plans for fp32, fp16 and int8; the reason per precision where none could be built."""
-    from stmae_edge.engine_build import build_engine
+    from stmae_edge.engines.build import build_engine
     from stmae_edge.errors import StmaeError
 
     reasons = {}

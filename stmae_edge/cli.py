@@ -88,7 +88,7 @@ def train(
     """Train a model on good images and write one self-describing checkpoint."""
     from .errors import ConfigError
     from .models.filtering_ae import FAMILY as FILTERING_FAMILY
-    from .train import TrainConfig, train as run_train
+    from .training.train import TrainConfig, train as run_train
 
     if family == FILTERING_FAMILY and (self_supervised or corruptions_per_image != CORRUPTIONS or backbone_weights != "imagenet"):
         raise ConfigError("--self-supervised, --corruptions-per-image and --backbone-weights are stmae options; "
@@ -116,7 +116,7 @@ def evaluate(
 ) -> None:
     """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the default threshold."""
     from .outputs import check_writable
-    from .evaluate import evaluate as run_evaluate, format_report, write_json
+    from .evaluation.evaluate import evaluate as run_evaluate, format_report, write_json
 
     use_available_cores()
     out = check_writable(out or model.with_suffix(".eval.json"), [model])
@@ -144,8 +144,8 @@ def demo(
 ) -> None:
     """The embedded default: prepare ELPV solar cells, train a small model, evaluate, print results."""
     from .demo import prepare_elpv
-    from .evaluate import evaluate as run_evaluate, format_report, write_json
-    from .train import TrainConfig, train as run_train
+    from .evaluation.evaluate import evaluate as run_evaluate, format_report, write_json
+    from .training.train import TrainConfig, train as run_train
 
     use_available_cores()
     data_dir = prepare_elpv(workdir / "elpv_mono", max_train=max_train)
@@ -166,7 +166,7 @@ def export(
     precision: str = typer.Option("fp32", help="fp32, or fp16 (fp16 inside, fp32 inputs and outputs)"),
 ) -> None:
     """Export to one self-contained ONNX file (dynamic batch, metadata inside) and check it."""
-    from .export import export_onnx
+    from .engines.export import export_onnx
 
     use_available_cores()
     path, figures = export_onnx(model, out, precision)
@@ -185,7 +185,7 @@ def verify(
 ) -> None:
     """Parity of ONNX Runtime (CPU) with PyTorch on real images at batch 1 and 8."""
     from .data import images_in
-    from .verify import verify as run_verify
+    from .engines.verify import verify as run_verify
 
     use_available_cores()
     paths = images_in(images) if images is not None else None
@@ -205,7 +205,7 @@ def build(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="plan file (default: engines/NAME.PRECISION.plan)"),
 ) -> None:
     """Build a TensorRT engine plan (TensorRT if installed, else TensorRT for RTX) with a JSON sidecar."""
-    from .engine_build import build_engine
+    from .engines.build import build_engine
 
     plan, sidecar = build_engine(onnx_file, precision, batch, out)
     trt = sidecar["tensorrt"]
@@ -228,7 +228,7 @@ def calibrate(
                                               "plan larger in INT8; 1 quantises every layer with weights)"),
 ) -> None:
     """Write a symmetric Q/DQ INT8 graph that TensorRT accepts, calibrated on good images (cached)."""
-    from .calibrate import calibrate as run_calibrate
+    from .engines.calibrate import calibrate as run_calibrate
     from .data import images_in
 
     paths = images_in(images) if images is not None else None
@@ -253,8 +253,8 @@ def threshold(
     """Choose the image threshold that meets a target on validation data; print what it costs there."""
     from .model_files import write_thresholds
     from .data import eval_samples
-    from .operating_point import check_support, check_target, choose, evaluate_threshold
-    from .validation import score_dataset
+    from .evaluation.operating_point import check_support, check_target, choose, evaluate_threshold
+    from .evaluation.validation import score_dataset
 
     check_target(max_false_reject, min_recall, sigma)
     labels = [s.label for s in eval_samples(data_dir, both_classes=False)]
@@ -296,7 +296,7 @@ def report(
     batch_size: int = typer.Option(16, min=1),
 ) -> None:
     """One HTML page: score histograms, ROC and PRO curves, per-type escapes, the worst cases, the model."""
-    from .report import build_report
+    from .evaluation.report import build_report
 
     summary = build_report(model, data_dir, out, backend, worst, batch_size)
     point = summary["operating_point"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .checks import parse_document
-from .errors import CheckpointError
+from .errors import CheckpointError, EngineMismatchError
 from .preprocessing import Preprocessing
 from .scoring import ScoreStats, Thresholds
 
@@ -54,6 +54,13 @@ class ModelMetadata:
     def region_stats(self) -> ScoreStats:
         """What a map value is measured against: the good maps' maxima, or the scores where they are the same."""
         return self.map_stats or self.score_stats
+
+    def check_input_size(self, shape, source) -> None:
+        """Raises EngineMismatchError when the network in `source` takes images of another (H, W) than
+        the preprocessing recorded with it."""
+        if tuple(shape) != tuple(self.preprocessing.input_size):
+            raise EngineMismatchError(f"{source}: the network takes {tuple(shape)} images but its metadata says "
+                                      f"{self.preprocessing.input_size}; re-export the model")
 
     def to_dict(self) -> dict:
         extra = {"map_stats": self.map_stats.to_dict()} if self.map_stats is not None else {}

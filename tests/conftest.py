@@ -66,9 +66,9 @@ def tiny_export(synthetic_dataset, tmp_path_factory):
     """A tiny model trained on the synthetic set and its fp32 ONNX export: (checkpoint, onnx, export figures).
 
     Shared by the export, engine and calibration tests; they add files beside it but change none."""
-    from stmae_edge.export import export_onnx
+    from stmae_edge.engines.export import export_onnx
     from stmae_edge.models.stmae import preset
-    from stmae_edge.train import TrainConfig, train
+    from stmae_edge.training.train import TrainConfig, train
 
     folder = tmp_path_factory.mktemp("tiny_export")
     train(synthetic_dataset, folder / "m.pt", preset("tiny"), TrainConfig(epochs=2, batch_size=8),

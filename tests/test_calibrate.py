@@ -13,10 +13,10 @@ from conftest import rank_correlation
 from onnx import TensorProto, numpy_helper
 
 from stmae_edge import data
-from stmae_edge.calibrate import FAMILY_SETTINGS, calibrate, weight_elements
+from stmae_edge.engines.calibrate import FAMILY_SETTINGS, calibrate, weight_elements
 from stmae_edge.errors import ConfigError
-from stmae_edge.export import export_onnx
-from stmae_edge.half_precision import (
+from stmae_edge.engines.export import export_onnx
+from stmae_edge.engines.half_precision import (
     INTENSITY_SCOPE,
     SCORING_SCOPE,
     float_region,
@@ -24,7 +24,7 @@ from stmae_edge.half_precision import (
     statistics_nodes,
 )
 from stmae_edge.metadata import ModelMetadata, onnx_precision
-from stmae_edge.metrics import image_auroc
+from stmae_edge.evaluation.metrics import image_auroc
 from stmae_edge.models.maps import ScoringScope
 from stmae_edge.runtime import Detector
 
@@ -188,7 +188,7 @@ def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_data
     assert image_auroc(labels, quantised) == 1.0  # ... and so does its INT8 graph
     assert rank_correlation(full, quantised) > 0.8
     pytest.importorskip("tensorrt_rtx_bindings", reason="needs TensorRT for RTX: pip install '.[rtx]'")
-    from stmae_edge.engine_build import build_engine
+    from stmae_edge.engines.build import build_engine
 
     plan, sidecar = build_engine(out, "int8", "1:2:4", tmp_path / "m.int8.plan")
     assert sidecar["precision"] == "int8" and plan.stat().st_size > 50_000
@@ -215,7 +215,7 @@ def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_data
 def test_intensity_normalisation_stays_fp32_in_every_graph_and_builds(synthetic_dataset, tmp_path):
     # `--preset small-intensity-norm`: whole-image means, which overflow fp16 sums, before the backbone.
     from stmae_edge.models.stmae import preset
-    from stmae_edge.train import TrainConfig, train
+    from stmae_edge.training.train import TrainConfig, train
 
     train(synthetic_dataset, tmp_path / "m.pt", preset("tiny", intensity_norm=True),
           TrainConfig(epochs=1, batch_size=8), backbone_weights="random")
@@ -237,7 +237,7 @@ def test_intensity_normalisation_stays_fp32_in_every_graph_and_builds(synthetic_
         assert rank_correlation([r.score for r in fp32.predict(samples)],
                                 [r.score for r in quantised.predict(samples)]) > 0.8
     pytest.importorskip("tensorrt_rtx_bindings", reason="needs TensorRT for RTX: pip install '.[rtx]'")
-    from stmae_edge.engine_build import build_engine
+    from stmae_edge.engines.build import build_engine
 
     plan, sidecar = build_engine(int8, "int8", "1:2:4", tmp_path / "m.int8.plan")
     assert sidecar["precision"] == "int8" and plan.stat().st_size > 50_000

@@ -11,7 +11,7 @@ from stmae_edge.checkpoint import load_model, read_checkpoint
 from stmae_edge.errors import CheckpointError
 from stmae_edge.models.stmae import preset
 from stmae_edge.scoring import ScoreStats
-from stmae_edge.train import TrainConfig, score_images, split_holdout, train
+from stmae_edge.training.train import TrainConfig, score_images, split_holdout, train
 
 CFG = TrainConfig(epochs=3, batch_size=8, seed=0)
 

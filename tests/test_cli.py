@@ -72,7 +72,7 @@ def test_vgg19_without_weights_offline_is_one_line(synthetic_dataset, tmp_path):
 
 def test_cli_defaults_match_the_training_config():
     from stmae_edge import cli
-    from stmae_edge.train import TrainConfig
+    from stmae_edge.training.train import TrainConfig
 
     d = TrainConfig()
     assert (cli.EPOCHS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT, cli.CORRUPTIONS, cli.ASPECT) == (

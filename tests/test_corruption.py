@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import texture
-from stmae_edge.corruption import SHAPES, SOURCES, CorruptionConfig, corrupt
+from stmae_edge.training.corruption import SHAPES, SOURCES, CorruptionConfig, corrupt
 from stmae_edge.errors import ConfigError
 from stmae_edge.preprocessing import to_float
 
@@ -84,7 +84,7 @@ def test_self_supervised_training_restores_good_features_from_corrupted_ones(syn
 
     from stmae_edge.data import train_images
     from stmae_edge.models.stmae import STMAE, preset
-    from stmae_edge.train import TrainConfig, corrupted_features, extract_features, fit, preprocessing_for, train
+    from stmae_edge.training.train import TrainConfig, corrupted_features, extract_features, fit, preprocessing_for, train
 
     config = preset("tiny")
     torch.manual_seed(0)

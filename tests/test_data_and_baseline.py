@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stmae_edge import data
-from stmae_edge.baseline import GaussianBaseline, PatchCoreBaseline, greedy_coreset
+from stmae_edge.training.baseline import GaussianBaseline, PatchCoreBaseline, greedy_coreset
 from stmae_edge.errors import DatasetError
 
 

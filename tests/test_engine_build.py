@@ -10,10 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from stmae_edge.engine_build import BatchRange, build_engine
+from stmae_edge.engines.build import BatchRange, build_engine
 from stmae_edge.engine_plan import sha256_file
 from stmae_edge.errors import ConfigError, ExportError
-from stmae_edge.export import export_onnx
+from stmae_edge.engines.export import export_onnx
 from stmae_edge.metadata import ONNX_METADATA_KEY, ModelMetadata
 
 trt_available = pytest.mark.skipif(

@@ -11,11 +11,11 @@ from onnx import numpy_helper
 from stmae_edge import data
 from stmae_edge.checkpoint import load_model
 from stmae_edge.errors import CheckpointError, VerificationError
-from stmae_edge.export import TENSORRT_OPS, export_onnx
+from stmae_edge.engines.export import TENSORRT_OPS, export_onnx
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.models.stmae import preset
-from stmae_edge.train import TrainConfig, train
-from stmae_edge.verify import verify
+from stmae_edge.training.train import TrainConfig, train
+from stmae_edge.engines.verify import verify
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_fp16_parity_within_half_precision_tolerance(exported_fp16, synthetic_da
 
 
 def test_evaluate_runs_onnx_files_like_checkpoints(exported, synthetic_dataset):
-    from stmae_edge.evaluate import evaluate
+    from stmae_edge.evaluation.evaluate import evaluate
 
     checkpoint, path, _ = exported
     torch_result, onnx_result = evaluate(checkpoint, synthetic_dataset), evaluate(path, synthetic_dataset)

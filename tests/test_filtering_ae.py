@@ -14,19 +14,19 @@ import pytest
 import torch
 
 from stmae_edge import data
-from stmae_edge.calibrate import FAMILY_SETTINGS, calibrate, output_convs
+from stmae_edge.engines.calibrate import FAMILY_SETTINGS, calibrate, output_convs
 from stmae_edge.checkpoint import load_model
 from stmae_edge.errors import ConfigError
-from stmae_edge.evaluate import evaluate
-from stmae_edge.export import TENSORRT_OPS, export_onnx
+from stmae_edge.evaluation.evaluate import evaluate
+from stmae_edge.engines.export import TENSORRT_OPS, export_onnx
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.models.families import FAMILIES
 from stmae_edge.models.filtering_ae import FilteringAEConfig, FilteringAutoencoder, preset
 from stmae_edge.preprocessing import load_image
 from stmae_edge.runtime import Detector
-from stmae_edge.train import TrainConfig, preprocessing_for, train
-from stmae_edge.train_filtering import training_pairs
-from stmae_edge.verify import verify
+from stmae_edge.training.train import TrainConfig, preprocessing_for, train
+from stmae_edge.training.filtering import training_pairs
+from stmae_edge.engines.verify import verify
 
 from conftest import rank_correlation
 
@@ -152,7 +152,7 @@ def test_int8_calibration_quantises_the_convolutions_but_not_the_anomaly_signal(
 @trt_available
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engines_build_from_every_graph_the_family_emits(trained, exported, precision, tmp_path):
-    from stmae_edge.engine_build import build_engine
+    from stmae_edge.engines.build import build_engine
 
     onnx_path, _ = exported
     if precision == "fp16":

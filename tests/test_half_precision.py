@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from stmae_edge.errors import ConfigError
-from stmae_edge.half_precision import float_region, to_half
+from stmae_edge.engines.half_precision import float_region, to_half
 
 
 def model(nodes, inputs, outputs, initializers=(), opset=18) -> onnx.ModelProto:

@@ -21,9 +21,9 @@ OVERLAP = 16  # tiles of 64: stride 48
 
 @pytest.fixture(scope="module")
 def linescan_model(synthetic_dataset, tmp_path_factory):
-    from stmae_edge.export import export_onnx
+    from stmae_edge.engines.export import export_onnx
     from stmae_edge.models.stmae import preset
-    from stmae_edge.train import TrainConfig, train
+    from stmae_edge.training.train import TrainConfig, train
 
     folder = tmp_path_factory.mktemp("linescan")
     metadata = train(synthetic_dataset, folder / "m.pt", preset("tiny"),

@@ -8,9 +8,9 @@ images: a pretrained backbone, a few epochs, a subset with masks.
 from __future__ import annotations
 
 from stmae_edge import data
-from stmae_edge.evaluate import evaluate
+from stmae_edge.evaluation.evaluate import evaluate
 from stmae_edge.models.stmae import preset
-from stmae_edge.train import TrainConfig, train
+from stmae_edge.training.train import TrainConfig, train
 
 
 def _subset(root, out, per_type: int = 12, good: int = 24):

@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from stmae_edge.metrics import aupro, f1_at_threshold, image_auroc, pixel_auroc, pixel_auroc_against, summarize
+from stmae_edge.evaluation.metrics import aupro, f1_at_threshold, image_auroc, pixel_auroc, pixel_auroc_against, summarize
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from stmae_edge.model_files import write_thresholds
-from stmae_edge.report import build_report
+from stmae_edge.evaluation.report import build_report
 from stmae_edge.runtime import Detector
 from stmae_edge.scoring import Thresholds
 from test_cli import run

@@ -14,10 +14,10 @@ from stmae_edge.checkpoint import load_model
 from stmae_edge.errors import BackendError, ConfigError, InvalidImageError
 from stmae_edge.models.stmae import STMAEConfig
 from stmae_edge.runtime import Detector
-from stmae_edge.runtime.backends import cuda_device_count
+from stmae_edge.runtime.devices import cuda_device_count
 from stmae_edge.runtime.postprocess import find_regions
 from stmae_edge.scoring import ScoreStats, Thresholds
-from stmae_edge.train import preprocessing_for
+from stmae_edge.training.train import preprocessing_for
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +249,7 @@ def test_a_keep_aspect_model_lays_its_maps_over_each_image_in_every_path(tiny_ex
     from dataclasses import replace
 
     from stmae_edge.checkpoint import save_checkpoint
-    from stmae_edge.train import score_images
+    from stmae_edge.training.train import score_images
 
     model, metadata = load_model(tiny_export[0])
     metadata.preprocessing = replace(metadata.preprocessing, keep_aspect=True)

@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from stmae_edge.engine_build import build_engine
+from stmae_edge.engines.build import build_engine
 from stmae_edge.errors import BackendError, EngineMismatchError, InvalidImageError, StmaeError
 from stmae_edge.runtime import Detector
-from stmae_edge.runtime.backends import cuda_device_count
+from stmae_edge.runtime.devices import cuda_device_count
 
 trt_available = pytest.mark.skipif(
     not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),

@@ -14,7 +14,7 @@ from stmae_edge.models.maps import smooth
 from stmae_edge.models.stmae import (STMAE, STMAEConfig, checkerboard_split, preset, random_split, take_tokens,
                                      unit_tokens)
 from stmae_edge.preprocessing import Preprocessing
-from stmae_edge.train import fit_gaussian, fit_intensity_target
+from stmae_edge.training.train import fit_gaussian, fit_intensity_target
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from stmae_edge.checkpoint import read_checkpoint
 from stmae_edge.errors import ConfigError
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.model_files import read_metadata, write_thresholds
-from stmae_edge.operating_point import choose, wilson_interval
+from stmae_edge.evaluation.operating_point import choose, wilson_interval
 from stmae_edge.runtime import Detector
 from stmae_edge.scoring import ScoreStats, Thresholds
 from test_cli import _assert_one_line_error, run
@@ -142,7 +142,7 @@ def test_threshold_command_refuses_bad_targets_in_one_line(tiny_export, syntheti
 @pytest.mark.skipif(not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
                     reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
 def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, tmp_path):
-    from stmae_edge.engine_build import build_engine
+    from stmae_edge.engines.build import build_engine
     from stmae_edge.engine_plan import read_plan
 
     plan, _ = build_engine(tiny_export[1], None, "1:2:4", tmp_path / "m.plan", timing_cache=tmp_path / "t.cache")
@@ -159,7 +159,7 @@ def test_without_a_score_head_the_thresholds_stay_equal_and_a_failing_image_has_
     from dataclasses import replace
 
     from stmae_edge.models.stmae import preset
-    from stmae_edge.train import TrainConfig, train
+    from stmae_edge.training.train import TrainConfig, train
 
     model = tmp_path / "no_head.pt"
     meta = train(synthetic_dataset, model, replace(preset("tiny"), score_layers=()), TrainConfig(epochs=1, batch_size=8),

@@ -14,17 +14,14 @@ Names (`backend=`):
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
-import platform
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from ..errors import BackendError, ConfigError, EngineMismatchError
+from ..errors import BackendError, ConfigError
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
+from .devices import cpu_description, cuda_device_count, gpu_description
 
 BACKENDS = ("auto", "tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu", "torch-cpu", "torch-cuda")
 ORT_PROVIDERS = {"ort-tensorrt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
@@ -85,7 +82,7 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
             backend = "torch-cpu"
         if not backend.startswith("torch-"):
             raise ConfigError(f"{path} is a PyTorch checkpoint; export it (`stmae-edge export`) for {backend}")
-        from ..torch_backend import TorchBackend  # needs the train extra; never imported by the runtime
+        from .torch_backend import TorchBackend  # needs the train extra; never imported by the runtime
 
         return TorchBackend(path, device=backend.removeprefix("torch-"))
     raise ConfigError(f"{path}: unknown model file type {suffix!r}; use an .onnx file from `stmae-edge export` "
@@ -144,7 +141,7 @@ class OnnxRuntimeBackend:
         self.metadata = ModelMetadata.from_props(props)
         self.precision = onnx_precision(props)
         self.max_batch = MAX_BATCH
-        check_input_size(self.session.get_inputs()[0].shape[2:], self.metadata, path)
+        self.metadata.check_input_size(self.session.get_inputs()[0].shape[2:], path)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.session is None:
@@ -168,47 +165,3 @@ def _file_precision(path: Path | str) -> str:
         raise BackendError(f"{path}: not a readable ONNX file ({exc})") from exc
 
 
-def check_input_size(shape, metadata: ModelMetadata, path) -> None:
-    if tuple(shape) != tuple(metadata.preprocessing.input_size):
-        raise EngineMismatchError(f"{path}: the network takes {tuple(shape)} images but its metadata says "
-                                  f"{metadata.preprocessing.input_size}; re-export the model")
-
-
-def _cuda_driver():
-    """The CUDA driver library, initialised, or None: asked directly so that no GPU library has to load
-    just to find out there is no GPU."""
-    name = "nvcuda.dll" if os.name == "nt" else (ctypes.util.find_library("cuda") or "libcuda.so.1")
-    try:
-        driver = ctypes.CDLL(name)
-        return driver if driver.cuInit(0) == 0 else None
-    except (OSError, AttributeError):
-        return None
-
-
-def cuda_device_count() -> int:
-    driver, count = _cuda_driver(), ctypes.c_int(0)
-    if driver is None or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
-
-
-def cpu_description() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return f"CPU: {model} ({cores} cores)"
-
-
-def gpu_description(index: int = 0) -> str:
-    driver, device, buffer = _cuda_driver(), ctypes.c_int(0), ctypes.create_string_buffer(256)
-    if driver is not None and driver.cuDeviceGet(ctypes.byref(device), index) == 0 \
-            and driver.cuDeviceGetName(buffer, 256, device) == 0:
-        return f"GPU: {buffer.value.decode(errors='replace')}"
-    return "GPU: unknown CUDA device"

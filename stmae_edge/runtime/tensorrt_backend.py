@@ -21,7 +21,6 @@ import numpy as np
 from ..engine_plan import collecting_logger, import_tensorrt, read_plan
 from ..errors import BackendError, EngineMismatchError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
-from .backends import check_input_size
 
 _TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
 
@@ -79,7 +78,7 @@ class TensorRTBackend:
         low, _, high = (tuple(s) for s in self._engine.get_tensor_profile_shape(INPUT_NAME, 0))
         self.min_batch, self.max_batch = int(low[0]), int(high[0])
         self._image_shape = tuple(int(v) for v in high[1:])
-        check_input_size(self._image_shape[1:], self.metadata, plan_path)
+        self.metadata.check_input_size(self._image_shape[1:], plan_path)
         self._stream = self._call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "creating a stream")
         self._buffers = self._allocate(trt)
         capturable = getattr(self._context, "is_stream_capturable", None)

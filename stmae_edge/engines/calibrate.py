@@ -38,14 +38,14 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from . import data
-from .engine_plan import sha256_file
-from .errors import ConfigError, DatasetError
+from .. import data
+from ..engine_plan import sha256_file
+from ..errors import ConfigError, DatasetError
 from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
-from .metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
-from .onnx_files import load_onnx
-from .outputs import check_writable, write_bytes_atomically, written_atomically
-from .progress import progress_bar
+from ..metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
+from ..onnx_files import load_onnx
+from ..outputs import check_writable, write_bytes_atomically, written_atomically
+from ..progress import progress_bar
 
 # graph_version: changes when the graph we write does. min_weight_elements: the smallest layer quantised.
 SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_bias": False,

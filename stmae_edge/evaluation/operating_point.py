@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .checks import is_finite_number
-from .errors import ConfigError
-from .scoring import ScoreStats, Thresholds
+from ..checks import is_finite_number
+from ..errors import ConfigError
+from ..scoring import ScoreStats, Thresholds
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 

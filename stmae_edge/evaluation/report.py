@@ -23,13 +23,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import data
-from .errors import ConfigError, OutputError
+from .. import data
+from ..errors import ConfigError, OutputError
 from .metrics import aupro, image_auroc, pixel_auroc, pro_curve, roc_curve
 from .operating_point import evaluate_threshold
-from .outputs import check_output_folder, same_file, write_bytes_atomically
-from .preprocessing import load_image
-from .progress import progress_bar
+from ..outputs import check_output_folder, same_file, write_bytes_atomically
+from ..preprocessing import load_image
+from ..progress import progress_bar
 from .validation import ScoredDataset, score_dataset
 
 CASE_SIDE = 320  # pixels: the longer side of each case picture on the page
@@ -174,8 +174,8 @@ def _per_type(scored: ScoredDataset, threshold: float) -> list[dict]:
 
 def _cases(scored: ScoredDataset, with_masks: bool, worst: int, folder: Path) -> dict[str, list[dict]]:
     """Missed defects, lowest score first, and false rejects, highest first: up to `worst` of each."""
-    from .runtime.overlay import display_image, render_overlay
-    from .runtime.postprocess import postprocess
+    from ..runtime.overlay import display_image, render_overlay
+    from ..runtime.postprocess import postprocess
 
     detector = scored.detector
     threshold = detector.thresholds.image

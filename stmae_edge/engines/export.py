@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 import torch
 
-from .checkpoint import load_model
+from ..checkpoint import load_model
 from .half_precision import is_statistic
-from .outputs import check_writable, written_atomically
-from .errors import ConfigError, ExportError
-from .metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PRECISION_KEY, SCORE_NAME,
+from ..outputs import check_writable, written_atomically
+from ..errors import ConfigError, ExportError
+from ..metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PRECISION_KEY, SCORE_NAME,
                        ModelMetadata, onnx_precision)
 
 OPSET = 18

@@ -12,11 +12,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import data
-from .checkpoint import load_model
-from .errors import DatasetError, VerificationError
-from .metadata import INPUT_NAME
-from .metadata import ModelMetadata
+from .. import data
+from ..checkpoint import load_model
+from ..errors import DatasetError, VerificationError
+from ..metadata import INPUT_NAME
+from ..metadata import ModelMetadata
 
 DEFAULT_RTOL = 1e-4
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
-from .progress import progress_bar
-from .scoring import map_maxima
+from .. import data
+from ..progress import progress_bar
+from ..scoring import map_maxima
 
 
 @dataclass
@@ -47,7 +47,7 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto"
     Raises:
         DatasetError: no test images; and the Detector's and the image reader's typed errors.
     """
-    from .runtime import Detector
+    from ..runtime import Detector
 
     detector = Detector(model, backend, batch_size=batch_size)
     samples = data.eval_samples(data_dir, both_classes=False)

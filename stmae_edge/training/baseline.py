@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .models.gaussian import fit_position_gaussian, mahalanobis
-from .models.maps import gaussian_kernel, maps_and_scores, smooth
+from ..models.gaussian import fit_position_gaussian, mahalanobis
+from ..models.maps import gaussian_kernel, maps_and_scores, smooth
 
 
 class GaussianBaseline:

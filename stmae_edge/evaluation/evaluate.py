@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
-from .checkpoint import load_model
-from .outputs import check_writable, write_bytes_atomically
-from .metadata import ModelMetadata
+from .. import data
+from ..checkpoint import load_model
+from ..outputs import check_writable, write_bytes_atomically
+from ..metadata import ModelMetadata
 from .metrics import summarize
-from .train import score_images
+from ..training.train import score_images
 
 
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16) -> dict:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from .corruption import corrupt
-from .models.filtering_ae import FilteringAEConfig, FilteringAutoencoder
-from .preprocessing import ImageInput, Preprocessing, load_image
-from .progress import progress_bar
-from .train import TrainConfig, batches, mean_and_std, optimize
+from ..models.filtering_ae import FilteringAEConfig, FilteringAutoencoder
+from ..preprocessing import ImageInput, Preprocessing, load_image
+from ..progress import progress_bar
+from .loop import TrainConfig, batches, mean_and_std, optimize
 
 DONORS = 16  # training images that lend their texture to "other image" defects
 
@@ -51,7 +51,7 @@ def training_pairs(items: Sequence[ImageInput], indices: Sequence[int], donors: 
 
 def fit_filtering(model: FilteringAutoencoder, preprocessing: Preprocessing, items: Sequence[ImageInput],
                   cfg: TrainConfig) -> list[float]:
-    """The shared training loop (train.optimize) on fresh corrupted/good pairs; mean loss per epoch."""
+    """The shared training loop (loop.optimize) on fresh corrupted/good pairs; mean loss per epoch."""
     rng = np.random.default_rng(cfg.seed)
     donors = [load_image(items[int(i)]) for i in rng.permutation(len(items))[:DONORS]]
 

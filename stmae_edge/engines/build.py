@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from . import __version__
-from .onnx_files import load_onnx
-from .outputs import check_writable, write_bytes_atomically
-from .engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, sha256_file, write_sidecar
-from .errors import ConfigError, ExportError
-from .metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
+from .. import __version__
+from ..onnx_files import load_onnx
+from ..outputs import check_writable, write_bytes_atomically
+from ..engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, sha256_file, write_sidecar
+from ..errors import ConfigError, ExportError
+from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 
 PRECISIONS = PLAN_PRECISIONS  # int8 graphs come from `stmae-edge calibrate`
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Model buffers (by the last part of their name) that score the map: ST-MAE's per-position Gaussian and
 # residual statistics, the fusion's scale, and the image score head's projection and Gaussian. Export

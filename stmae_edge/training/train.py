@@ -1,6 +1,6 @@
 """Training. ST-MAE: frozen-backbone features are extracted once, then the transformer learns on them.
-The filtering autoencoder has its own data and loss (train_filtering.py); both families share one
-training loop (optimize) and end here, in one checkpoint.
+The filtering autoencoder has its own data and loss (filtering.py); both families share one
+training loop (loop.py: TrainConfig, optimize) and end here, in one checkpoint.
 
 The backbone is frozen and images are not augmented, so caching its features is exact and makes
 each epoch cost only the transformer. Held-out good images give the score statistics and the
@@ -10,72 +10,37 @@ default threshold through the same forward() that export and the runtime use.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import data
-from .checkpoint import save_checkpoint
-from .outputs import check_writable
-from .errors import ConfigError, InvalidImageError
-from .image_header import declared_size
-from .metadata import ModelMetadata
-from .models.backbones import BACKBONE_PREPROCESSING
-from .models.families import STMAE_FAMILY
-from .models.filtering_ae import FAMILY as FILTERING_FAMILY, FilteringAEConfig
-from .models.gaussian import fit_position_gaussian
-from .models.intensity import image_statistics
-from .models.stmae import STMAE, STMAEConfig, random_split
+from .. import data
+from ..checkpoint import save_checkpoint
+from ..outputs import check_writable
+from ..errors import ConfigError, InvalidImageError
+from ..image_header import declared_size
+from ..metadata import ModelMetadata
+from ..models.backbones import BACKBONE_PREPROCESSING
+from ..models.families import STMAE_FAMILY
+from ..models.filtering_ae import FAMILY as FILTERING_FAMILY, FilteringAEConfig
+from ..models.gaussian import fit_position_gaussian
+from ..models.intensity import image_statistics
+from ..models.stmae import STMAE, STMAEConfig, random_split
 from .corruption import corrupt
-from .preprocessing import ImageInput, Preprocessing, load_image
-from .progress import progress_bar
-from .scoring import DEFAULT_SIGMA, ScoreStats, Thresholds, map_maxima
+from .filtering import train_filtering
+from ..preprocessing import ImageInput, Preprocessing, load_image
+from ..progress import progress_bar
+from .loop import TrainConfig, batches, mean_and_std, optimize
+from ..scoring import ScoreStats, Thresholds, map_maxima
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 20  # the default model trains in under 20 minutes on 2 CPU cores (docs/BENCHMARKS.md)
-    batch_size: int = 16
-    lr: float = 4e-4
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
-    holdout_fraction: float = 0.1
-    seed: int = 0
-    max_images: int = 0  # 0 = all; a cap for quick runs
-    sigma: float = DEFAULT_SIGMA  # default threshold = mean + sigma * std of held-out good scores
-    crop: int = 0  # > 0: train on random crops of this side at native resolution (line-scan tiles)
-    crops_per_image: int = 4  # crops drawn, once and seeded, from each image when crop > 0
-    self_supervised: bool = False  # learn to restore good features from corrupted images (corruption.py)
-    corruptions_per_image: int = 2  # ST-MAE --self-supervised: corrupted versions of each image, drawn once
-    defect_weight: float = 20.0  # filtering AE: extra loss weight on corrupted pixels (FilteringAutoencoder.loss)
-    bit_depth: int = 16  # significant bits of uint16 training images (Preprocessing.bit_depth), kept in the model
-    aspect: str = "auto"  # "keep" (Preprocessing.keep_aspect), "stretch", or "auto": keep where shapes vary
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError("epochs, batch size and learning rate must be positive")
-        if self.max_images < 0 or not math.isfinite(self.sigma) or self.sigma < 0 or not 0 <= self.defect_weight < math.inf:
-            raise ConfigError("max images, sigma and defect weight must not be negative")
-        if self.corruptions_per_image < 1:
-            raise ConfigError("corruptions per image must be at least 1")
-        if self.crop and not 16 <= self.crop <= 4096 or self.crops_per_image < 1:
-            raise ConfigError(f"crop {self.crop} must be 0 (whole images) or 16..4096 pixels, with at least "
-                              "one crop per image")
-        if not 0 < self.holdout_fraction < 1:
-            raise ConfigError(f"holdout fraction {self.holdout_fraction} must be between 0 and 1")
-        if self.aspect not in ASPECT_CHOICES:
-            raise ConfigError(f"aspect {self.aspect!r}: use one of {', '.join(ASPECT_CHOICES)}")
-
-
-ASPECT_CHOICES = ("auto", "keep", "stretch")
 # "auto" keeps the aspect ratio where the training images' width-to-height ratios differ by more than
 # this factor: stretching them all to one square then distorts their texture by different amounts
 # (magnetic_tile: 0.36 to 2.61). Images of one shape are stretched alike and keep every input pixel.
@@ -139,11 +104,6 @@ def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[li
     return train, holdout
 
 
-def batches(items: Sequence, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 @torch.no_grad()
 def extract_features(model: STMAE, preprocessing: Preprocessing, paths: Sequence[ImageInput],
                      batch_size: int = 16, description: str = "features") -> torch.Tensor:
@@ -191,19 +151,6 @@ def score_images(model: STMAE, preprocessing: Preprocessing, paths: Sequence[Ima
     return np.concatenate(maps), np.concatenate(scores)
 
 
-def mean_and_std(chunks: Iterable[torch.Tensor], dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Population mean and std over `dims` (kept, as size 1) of tensors seen chunk by chunk, in float64."""
-    total = total_sq = 0.0
-    count = 0
-    for chunk in chunks:
-        c = chunk.double()
-        part = c.sum(dim=dims, keepdim=True)
-        total, total_sq = total + part, total_sq + c.pow(2).sum(dim=dims, keepdim=True)
-        count += c.numel() // part.numel()
-    mean = total / count
-    return mean.float(), (total_sq / count - mean.pow(2)).clamp_min(0).sqrt().float()
-
-
 def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std over images and positions: (1, C, 1, 1) each."""
     mean, std = mean_and_std(features.split(64), dims=(0, 2, 3))
@@ -245,47 +192,6 @@ def corrupted_features(model: STMAE, preprocessing: Preprocessing, items: Sequen
             features.append(features_of(model, preprocessing, samples))
             advance(len(chunk))
     return torch.cat(features), torch.tensor(targets_of)
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    warmup = max(1, int(total * cfg.warmup_fraction))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def optimize(model: torch.nn.Module, count: int, cfg: TrainConfig, loss_of, description: str = "training",
-             precision: int = 4) -> list[float]:
-    """The training loop both families share: AdamW with warm-up and cosine decay over `cfg.epochs`
-    passes of `count` samples in seeded order, dropping the ragged last batch (equal-sized steps).
-    `loss_of(indices, epoch, generator)` gives a batch's loss. Returns the mean loss of each epoch."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batch_size = min(cfg.batch_size, count)
-    steps_per_epoch = count // batch_size
-    total = cfg.epochs * steps_per_epoch
-    history = []
-    model.train()
-    step = 0
-    with progress_bar(description, total) as advance:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(count, generator=generator)
-            losses = []
-            for i in range(steps_per_epoch):
-                loss = loss_of(order[i * batch_size:(i + 1) * batch_size], epoch, generator)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, cfg)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                step += 1
-                advance(1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.{precision}f}")
-            history.append(float(np.mean(losses)))
-    model.eval()
-    return history
 
 
 def fit(model: STMAE, features: torch.Tensor, cfg: TrainConfig, inputs: torch.Tensor | None = None,
@@ -332,8 +238,6 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     logger.info("input shape: %s", aspect_reason)
     preprocessing = preprocessing_for(model_config, cfg.bit_depth, keep_aspect)
     if is_filtering:
-        from .train_filtering import train_filtering
-
         model, history = train_filtering(model_config, preprocessing, train_items, cfg)
         family, provenance = FILTERING_FAMILY, {"self_supervised": True}
     else:

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_model
-from .errors import BackendError
-from .metadata import MAX_BATCH
-from .runtime.backends import cpu_description
+from ..checkpoint import load_model
+from ..errors import BackendError
+from ..metadata import MAX_BATCH
+from .devices import cpu_description
 
 
 class TorchBackend:

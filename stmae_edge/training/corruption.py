@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ConfigError
-from .preprocessing import cv2, to_float
+from ..errors import ConfigError
+from ..preprocessing import cv2, to_float
 
 SHAPES = ("ellipse", "polygon", "blob", "scratch")
 SOURCES = ("other", "shifted", "rotated", "noise")

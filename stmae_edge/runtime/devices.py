@@ -1,0 +1,49 @@
+"""What this machine has: its CPU, and its CUDA GPUs asked of the driver directly, so that no GPU
+library has to load just to find out there is none. Backends name the device they run on from here."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+
+def _cuda_driver():
+    """The CUDA driver library, initialised, or None: asked directly so that no GPU library has to load
+    just to find out there is no GPU."""
+    name = "nvcuda.dll" if os.name == "nt" else (ctypes.util.find_library("cuda") or "libcuda.so.1")
+    try:
+        driver = ctypes.CDLL(name)
+        return driver if driver.cuInit(0) == 0 else None
+    except (OSError, AttributeError):
+        return None
+
+
+def cuda_device_count() -> int:
+    driver, count = _cuda_driver(), ctypes.c_int(0)
+    if driver is None or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def cpu_description() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return f"CPU: {model} ({cores} cores)"
+
+
+def gpu_description(index: int = 0) -> str:
+    driver, device, buffer = _cuda_driver(), ctypes.c_int(0), ctypes.create_string_buffer(256)
+    if driver is not None and driver.cuDeviceGet(ctypes.byref(device), index) == 0 \
+            and driver.cuDeviceGetName(buffer, 256, device) == 0:
+        return f"GPU: {buffer.value.decode(errors='replace')}"
+    return "GPU: unknown CUDA device"
