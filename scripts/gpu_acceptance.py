@@ -10,7 +10,9 @@ Paths, each checked or skipped with the reason (what the machine lacks):
 Checks: FP32 maps and scores within 1e-3 (relative to the largest value) of ONNX Runtime CPU on the
 same images; FP16 and INT8 image AUROC within 0.2 and 1.0 points of FP32 on labelled data (the
 synthetic set always, --data too if given and time allows). Then `stmae-edge bench` rows at batch 1,
-8 and 32 for every path that ran, as JSON. Budget: 8 minutes; what would not fit is skipped, saying so.
+8 and 32 for every path that ran, as JSON, and (with --model) the INT8 plan against the FP16 plan:
+no larger, and at batch 8 no slower (within 5%). Budget: 8 minutes; what would not fit is skipped,
+saying so.
 
 Needs only what the lent machines have (torch, onnx, onnxruntime, OpenCV, typer; cuda-python and
 TensorRT where present): the tiny model is trained here with random backbone weights, so no download.
@@ -125,6 +127,23 @@ def build_plans(files: dict[str, Path], work: Path) -> dict[str, str]:
     return reasons
 
 
+def int8_against_fp16(results: list[dict], work: Path, tiny: bool) -> dict:
+    """Issue 14: an INT8 plan is never larger or slower than the FP16 plan of the same model. Plan
+    sizes, and inference time per batch of 8 (the median of `bench`'s rows, CUDA graphs off)."""
+    row = {"path": "int8 against fp16 plan", "precision": "int8"}
+    if tiny:  # calibrated with every layer quantised (--min-weights 1): not what `calibrate` ships
+        return row | {"status": "skipped", "why": "the tiny model has no layer INT8 pays for; give --model"}
+    ran = {r["precision"]: r for r in results if r["path"].startswith("tensorrt ") and r["status"] != "skipped"}
+    if not {"fp16", "int8"} <= set(ran) or "bench" not in ran["fp16"] or "bench" not in ran["int8"]:
+        return row | {"status": "skipped", "why": "no fp16 and int8 plans ran here"}
+    size = (work / "m.int8.plan").stat().st_size / (work / "m.fp16.plan").stat().st_size
+    batch8 = {p: next(b["infer_ms"] for b in ran[p]["bench"] if b["batch"] == 8) for p in ("fp16", "int8")}
+    speed = batch8["fp16"] / batch8["int8"]
+    checks = [{"plan_size_vs_fp16": round(size, 3), "passed": size <= 1.0},
+              {"batch8_infer_ms": batch8, "speed_vs_fp16": round(speed, 2), "passed": speed >= 0.95}]  # 5% noise
+    return row | {"status": "passed" if all(c["passed"] for c in checks) else "failed", "checks": checks}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="a labelled MVTec-layout set for the FP16/INT8 AUROC checks")
@@ -190,6 +209,7 @@ def main() -> int:
                                   "trace": traceback.format_exc(limit=3)})
         finally:
             detector.close()
+    results.append(int8_against_fp16(results, work, tiny=args.model is None))
     for r in results:
         print(f"{r['path']:24s} {r['status']:8s} {r.get('why') or r.get('checks')}", flush=True)
     print(json.dumps({"results": results, "seconds": round(time.monotonic() - started, 1)}, default=str))
