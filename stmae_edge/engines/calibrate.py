@@ -108,12 +108,15 @@ def layers_left_in_float(proto: onnx.ModelProto, op_types: Sequence[str], min_we
     return [name for name, size in weight_elements(proto, op_types).items() if size < max(1, min_weight_elements)]
 
 
-def check_something_quantised(proto: onnx.ModelProto, excluded: Sequence[str], settings: dict, onnx_path: Path) -> None:
-    """Raises ConfigError when no layer is left to quantise: the INT8 graph would be the FP16 graph."""
-    sizes = weight_elements(proto, settings["op_types"])
-    if not set(sizes) - set(excluded):
-        largest = max(sizes.values(), default=0)
-        raise ConfigError(f"{onnx_path}: no layer of this model is large enough for INT8 to pay (the largest "
+def check_something_quantised(proto: onnx.ModelProto, signal: Sequence[str], small: Sequence[str], settings: dict,
+                              onnx_path: Path) -> None:
+    """Raises ConfigError when no layer is left to quantise, once the layers that make the anomaly
+    signal (`signal`) and those too small to pay (`small`) are left out: the INT8 graph would be the
+    FP16 graph."""
+    candidates = {name: size for name, size in weight_elements(proto, settings["op_types"]).items() if name not in signal}
+    if not set(candidates) - set(small):
+        largest = max(candidates.values(), default=0)
+        raise ConfigError(f"{onnx_path}: no layer of this model is large enough for INT8 to pay (its largest "
                           f"{'/'.join(settings['op_types'])} has {largest} weights, INT8 starts at "
                           f"{settings['min_weight_elements']}); build the FP16 graph instead, or quantise the "
                           "small layers anyway with --min-weights 1")
@@ -232,10 +235,11 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         prepared_proto = onnx.load(str(prepared))
-        excluded = output_convs(prepared_proto) if settings.get("float_output_convs") else []
-        excluded += statistics_nodes(prepared_proto) if settings.get("float_statistics") else []
-        excluded += layers_left_in_float(prepared_proto, settings["op_types"], settings["min_weight_elements"])
-        check_something_quantised(prepared_proto, excluded, settings, onnx_path)
+        signal = output_convs(prepared_proto) if settings.get("float_output_convs") else []
+        signal += statistics_nodes(prepared_proto) if settings.get("float_statistics") else []
+        small = layers_left_in_float(prepared_proto, settings["op_types"], settings["min_weight_elements"])
+        check_something_quantised(prepared_proto, signal, small, settings, onnx_path)
+        excluded = signal + small
         with progress_bar("calibrating", len(images)) as advance:
             quantize_static(str(prepared), str(target), Batches(advance), nodes_to_exclude=excluded,
                             quant_format=getattr(QuantFormat, settings["format"]),
