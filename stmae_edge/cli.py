@@ -12,6 +12,7 @@ import typer
 
 from . import __version__
 from .errors import StmaeError
+from .runtime.backends import backend_help
 from .scoring import DEFAULT_SIGMA
 
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
@@ -34,6 +35,8 @@ def use_available_cores() -> None:
         cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, cores))
 
+
+BACKEND_HELP = backend_help()  # from the runtime's table of backends
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.")
@@ -247,7 +250,7 @@ def threshold(
     min_recall: Optional[float] = typer.Option(None, help="catch at least this fraction of defective parts, e.g. 0.95"),
     sigma: Optional[float] = typer.Option(None, help="mean + SIGMA * std of the model's held-out good scores"),
     write: bool = typer.Option(False, "--write", help="store the threshold (image and pixel) and its rule in MODEL"),
-    backend: str = typer.Option("auto", help="how DATA_DIR is scored: auto, ort-cpu, ort-cuda, tensorrt, torch-cpu"),
+    backend: str = typer.Option("auto", help=f"how DATA_DIR is scored: {BACKEND_HELP}"),
     batch_size: int = typer.Option(16, min=1),
 ) -> None:
     """Choose the image threshold that meets a target on validation data; print what it costs there."""
@@ -292,7 +295,7 @@ def report(
     data_dir: Path = typer.Argument(..., help="labelled set in the MVTec AD layout (DATA_DIR/test, ground_truth)"),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="folder for index.html, its plots and cases"),
     worst: int = typer.Option(8, min=0, help="missed defects and false rejects to show, each"),
-    backend: str = typer.Option("auto", help="how DATA_DIR is scored: auto, ort-cpu, ort-cuda, tensorrt, torch-cpu"),
+    backend: str = typer.Option("auto", help=f"how DATA_DIR is scored: {BACKEND_HELP}"),
     batch_size: int = typer.Option(16, min=1),
 ) -> None:
     """One HTML page: score histograms, ROC and PRO curves, per-type escapes, the worst cases, the model."""
@@ -303,10 +306,6 @@ def report(
     typer.echo(f"wrote {summary['index']}: {point['false_rejects']} false rejects, {point['escapes']} escapes at "
                f"threshold {point['threshold']:.4g}; open it in a browser (no server needed)")
     typer.echo(f"next: stmae-edge threshold {model} {data_dir} --max-false-reject 0.01 (or --min-recall 0.95) --write")
-
-
-BACKEND_HELP = ("auto (.plan: TensorRT; .onnx: CUDA where a GPU is present, else CPU), tensorrt, "
-                "ort-tensorrt, ort-cuda, ort-cpu, torch-cpu, torch-cuda")
 
 
 @app.command()

@@ -186,3 +186,32 @@ def test_the_runtime_runs_a_detector_with_torch_unimportable(tiny_export):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] in ("ort-cpu", "ort-cuda") and "(80, 100) 2" in result.stdout
+
+
+def test_one_table_of_backends_drives_choice_errors_and_help(tiny_export):
+    from stmae_edge.cli import BACKEND_HELP
+    from stmae_edge.errors import ConfigError
+    from stmae_edge.runtime.backends import AUTO, BACKEND_KINDS, BACKENDS, FILE_KINDS, backend_help, choose_backend
+
+    assert BACKENDS == ("auto", *(kind.name for kind in BACKEND_KINDS)) and BACKEND_HELP == backend_help()
+    assert all(kind.name in BACKEND_HELP for kind in BACKEND_KINDS) and set(AUTO) == set(FILE_KINDS)
+    for file_kind, (suffixes, description, other) in FILE_KINDS.items():
+        runs = [kind.name for kind in BACKEND_KINDS if kind.file_kind == file_kind]
+        model = tiny_export[0].with_suffix(suffixes[0])
+        # auto: the last of AUTO's list runs on any machine; the GPU ones only where there is a GPU
+        chosen = choose_backend(model, "auto")
+        assert chosen in AUTO[file_kind] and chosen in runs
+        if cuda_device_count() == 0:
+            assert chosen == AUTO[file_kind][-1]
+        for kind in BACKEND_KINDS:
+            if kind.file_kind == file_kind:
+                assert choose_backend(model, kind.name) == kind.name
+            else:  # names the backends that can run it, and how to get a file for the others
+                with pytest.raises(ConfigError, match=f"is {description}; it runs with --backend "
+                                                      f"{' or '.join(runs)} \\(or auto\\); {other}"):
+                    choose_backend(model, kind.name)
+    with pytest.raises(ConfigError, match="unknown model file type '.bin'; give a TensorRT plan"):
+        choose_backend(tiny_export[0].with_suffix(".bin"), "auto")
+    # Through the Detector, as a user meets it: the ONNX file asked to run in PyTorch.
+    with pytest.raises(ConfigError, match="is an ONNX file; it runs with --backend ort-tensorrt or ort-cuda or ort-cpu"):
+        Detector(tiny_export[1], "torch-cpu")

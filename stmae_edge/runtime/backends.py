@@ -5,15 +5,18 @@ image scores (N,) as float32 numpy arrays. It also says what actually runs it (`
 ONNX Runtime silently falls back to the CPU when a GPU provider cannot load, so we compare the
 provider we asked for with the one the session reports and refuse a fallback the caller did not ask for.
 
-Names (`backend=`):
-  auto          .plan -> tensorrt; .onnx -> ort-cuda where a CUDA GPU is present, else ort-cpu; .pt -> torch-cpu
-  tensorrt      a TensorRT engine plan with its sidecar (runtime/tensorrt_backend.py)
-  ort-tensorrt, ort-cuda, ort-cpu   ONNX Runtime with that execution provider
-  torch-cpu, torch-cuda             the PyTorch checkpoint itself, for comparison (needs the train extra)
+One table, BACKEND_KINDS, names every backend, the model files it runs and what it needs; `auto`'s
+choice (AUTO), the errors for a backend that cannot run a file, and the CLI's --backend help are all
+read from it:
+
+    model file --(FILE_KINDS: suffix)--> the backends that run it --(auto: the first whose device is
+    here)--> open_backend --> OnnxRuntimeBackend | TensorRTBackend (tensorrt_backend.py) | TorchBackend
+    (torch_backend.py, needs the train extra)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -23,10 +26,89 @@ from ..errors import BackendError, ConfigError
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from .devices import cpu_description, cuda_device_count, gpu_description
 
-BACKENDS = ("auto", "tensorrt", "ort-tensorrt", "ort-cuda", "ort-cpu", "torch-cpu", "torch-cuda")
+@dataclass(frozen=True)
+class BackendKind:
+    name: str  # what --backend takes
+    file_kind: str  # the model files it runs: a key of FILE_KINDS
+    device: str  # "cpu" or "gpu" (a CUDA GPU)
+
+
+BACKEND_KINDS = (
+    BackendKind("tensorrt", "plan", "gpu"),  # tensorrt_backend.py, through cuda-python
+    BackendKind("ort-tensorrt", "onnx", "gpu"),  # ONNX Runtime's execution providers
+    BackendKind("ort-cuda", "onnx", "gpu"),
+    BackendKind("ort-cpu", "onnx", "cpu"),
+    BackendKind("torch-cpu", "checkpoint", "cpu"),  # torch_backend.py, for comparison; needs the train extra
+    BackendKind("torch-cuda", "checkpoint", "gpu"),
+)
+# suffixes, what the file is, and how to get a file for the other backends
+FILE_KINDS = {
+    "plan": ((".plan", ".engine"), "a TensorRT plan", "for ONNX Runtime, run the .onnx file it was built from"),
+    "onnx": ((".onnx",), "an ONNX file", "for --backend tensorrt, build a plan with `stmae-edge build`"),
+    "checkpoint": ((".pt",), "a PyTorch checkpoint", "for the others, export it with `stmae-edge export`"),
+}
+# What `auto` tries for each kind of file, in order: the first whose device this machine has.
+AUTO = {"plan": ("tensorrt",), "onnx": ("ort-cuda", "ort-cpu"), "checkpoint": ("torch-cpu",)}
+BACKENDS = ("auto", *(kind.name for kind in BACKEND_KINDS))
+KINDS_BY_NAME = {kind.name: kind for kind in BACKEND_KINDS}
 ORT_PROVIDERS = {"ort-tensorrt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
                  "ort-cpu": "CPUExecutionProvider"}
-PLAN_SUFFIXES = (".plan", ".engine")
+
+
+def backend_help() -> str:
+    """--backend's help, from the table."""
+    auto = "; ".join(f"{'/'.join(FILE_KINDS[k][0])}: {', else '.join(names)}" for k, names in AUTO.items())
+    by_file = "; ".join(f"{', '.join(kind.name for kind in BACKEND_KINDS if kind.file_kind == k)} ({'/'.join(suffixes)})"
+                        for k, (suffixes, _, _) in FILE_KINDS.items())
+    return f"{by_file}; or auto: {auto} (the first that this machine can run)"
+
+
+def file_kind_of(path: Path) -> str:
+    """The FILE_KINDS key of a model file, from its suffix.
+
+    Raises:
+        ConfigError: a suffix no backend runs.
+    """
+    suffix = path.suffix.lower()
+    for key, (suffixes, _, _) in FILE_KINDS.items():
+        if suffix in suffixes:
+            return key
+    known = ", ".join(f"{description} ({'/'.join(suffixes)})" for suffixes, description, _ in FILE_KINDS.values())
+    raise ConfigError(f"{path}: unknown model file type {suffix!r}; give {known}")
+
+
+def check_backend_name(backend: str) -> None:
+    """Raises ConfigError unless `backend` is one of BACKENDS."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+
+
+def choose_backend(path: Path, backend: str) -> str:
+    """The backend that runs `path`: `backend` itself, checked against the file, or auto's choice.
+
+    Raises:
+        ConfigError: an unknown name, or a backend that does not run this kind of file.
+    """
+    check_backend_name(backend)
+    file_kind = file_kind_of(path)
+    if backend == "auto":
+        return next(name for name in AUTO[file_kind] if device_present(name))
+    if KINDS_BY_NAME[backend].file_kind != file_kind:
+        _, description, other = FILE_KINDS[file_kind]
+        runs = [kind.name for kind in BACKEND_KINDS if kind.file_kind == file_kind]
+        raise ConfigError(f"{path} is {description}; it runs with --backend {' or '.join(runs)} (or auto); {other}")
+    return backend
+
+
+def device_present(name: str) -> bool:
+    """Whether this machine has what backend `name` needs to be auto's choice (a CUDA GPU, and for
+    ONNX Runtime its CUDA provider); the CPU always is. The last of each AUTO list runs anywhere."""
+    kind = KINDS_BY_NAME[name]
+    if kind.device == "cpu" or kind.file_kind == "plan":
+        return True  # a plan has one backend: without a GPU it says so when it opens
+    if cuda_device_count() == 0:
+        return False
+    return name not in ORT_PROVIDERS or ORT_PROVIDERS[name] in _ort().get_available_providers()
 
 
 class Backend(Protocol):
@@ -53,40 +135,33 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
                  threads: int = 0) -> Backend:
     """The backend for a model file: chosen from the file type and the machine, or as named.
 
-    `cuda_graph` (TensorRT plans only) replays each batch size as a captured CUDA graph; `threads` sets
-    ONNX Runtime's intra-op threads (0: its default)."""
+    Args:
+        model_path: a .plan (with its sidecar), .onnx or .pt file.
+        backend: a name of BACKENDS; "auto" chooses from the file's kind and the machine (AUTO).
+        cuda_graph: (TensorRT plans only) replay each batch size as a captured CUDA graph.
+        threads: ONNX Runtime's intra-op threads (0: its default).
+
+    Raises:
+        ConfigError: an unknown backend or file type, or a backend that does not run this file.
+        BackendError: no such file, or the backend cannot start here (each says what is missing).
+        EngineMismatchError: a plan and its sidecar, or the graph and its metadata, do not agree.
+    """
     path = Path(model_path)
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    check_backend_name(backend)
     if not path.is_file():
         raise BackendError(f"{path}: no such model file")
-    suffix = path.suffix.lower()
-    if suffix in PLAN_SUFFIXES:
-        if backend not in ("auto", "tensorrt"):
-            raise ConfigError(f"{path} is a TensorRT plan; it runs only with --backend tensorrt (or auto)")
+    chosen = choose_backend(path, backend)
+    if cuda_graph and chosen != "tensorrt":
+        raise ConfigError("CUDA graphs are a TensorRT option: give a .plan file, or leave out --cuda-graph")
+    if chosen == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(path, cuda_graph=cuda_graph)
-    if cuda_graph:
-        raise ConfigError("CUDA graphs are a TensorRT option: give a .plan file, or leave out --cuda-graph")
-    if suffix == ".onnx":
-        if backend == "auto":
-            has_cuda = cuda_device_count() > 0 and "CUDAExecutionProvider" in _ort().get_available_providers()
-            backend = "ort-cuda" if has_cuda else "ort-cpu"
-        if backend not in ORT_PROVIDERS:
-            raise ConfigError(f"{path} is an ONNX file; use --backend ort-cpu, ort-cuda or ort-tensorrt, or "
-                              "build a plan with `stmae-edge build` for --backend tensorrt")
-        return OnnxRuntimeBackend(path, backend, threads=threads)
-    if suffix == ".pt":
-        if backend == "auto":
-            backend = "torch-cpu"
-        if not backend.startswith("torch-"):
-            raise ConfigError(f"{path} is a PyTorch checkpoint; export it (`stmae-edge export`) for {backend}")
-        from .torch_backend import TorchBackend  # needs the train extra; never imported by the runtime
+    if chosen in ORT_PROVIDERS:
+        return OnnxRuntimeBackend(path, chosen, threads=threads)
+    from .torch_backend import TorchBackend  # needs the train extra; never imported by the runtime
 
-        return TorchBackend(path, device=backend.removeprefix("torch-"))
-    raise ConfigError(f"{path}: unknown model file type {suffix!r}; use an .onnx file from `stmae-edge export` "
-                      "or a .plan from `stmae-edge build`")
+    return TorchBackend(path, device=chosen.removeprefix("torch-"))
 
 
 def _ort():
