@@ -54,6 +54,19 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     """ONNX -> engine plan and its sidecar (plan path + '.json'). Returns the plan path and the sidecar.
 
     The network is strongly typed, so the precision is the ONNX graph's own; `precision` only checks it.
+
+    Args:
+        onnx_path: a graph written by `export` or `calibrate`.
+        precision: fp32, fp16 or int8, checked against the graph's own (None: take the graph's).
+        batch: the optimisation profile, "MIN:OPT:MAX".
+        out: the plan (default: engines/NAME.PRECISION.plan); its sidecar is OUT.json.
+        timing_cache: TensorRT's timing cache file (default: timing.cache beside the plan).
+
+    Raises:
+        ConfigError: an unknown precision, one the graph does not have, or a bad batch range.
+        ExportError: not one of our graphs, TensorRT's parser or builder failed (the first error).
+        TensorRTMissingError: neither TensorRT nor TensorRT for RTX is installed.
+        OutputError: `out` cannot be written.
     """
     if precision is not None and precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; this version builds {', '.join(PRECISIONS)}")

@@ -67,7 +67,23 @@ def default_onnx_path(checkpoint: Path | str, precision: str = "fp32") -> Path:
 
 def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
                 precision: str = "fp32") -> tuple[Path, dict]:
-    """Checkpoint -> ONNX file with metadata; returns the path and the checks' figures."""
+    """Checkpoint -> ONNX file with metadata; returns the path and the checks' figures.
+
+    Args:
+        checkpoint: a .pt file written by `train`.
+        out: the ONNX file (default: export/NAME.onnx, or NAME.fp16.onnx).
+        precision: fp32 or fp16 (INT8 comes from engines/calibrate.py).
+
+    Returns:
+        The ONNX file's path and the checks' figures (op counts, parity with PyTorch).
+
+    Raises:
+        ConfigError: an unknown precision.
+        CheckpointError: an unreadable or modified checkpoint.
+        ExportError: the exporter failed, or the graph fails the checks after export (TensorRT's op
+            allow-list, no ScatterND, outputs that agree with PyTorch).
+        OutputError: `out` cannot be written, or names the checkpoint.
+    """
     if precision not in EXPORT_PRECISIONS:
         raise ConfigError(f"unknown export precision {precision!r}; choose {', '.join(EXPORT_PRECISIONS)} "
                           "(int8 comes from `stmae-edge calibrate`)")

@@ -23,7 +23,20 @@ DEFAULT_RTOL = 1e-4
 
 def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path] | None = None,
            batch_sizes: Sequence[int] = (1, 8), rtol: float = DEFAULT_RTOL) -> dict:
-    """Max relative difference of maps and scores per batch size; raises VerificationError above rtol."""
+    """Max relative difference of maps and scores per batch size, ONNX Runtime (CPU) against PyTorch.
+
+    Args:
+        onnx_path: the exported graph.
+        checkpoint: the .pt file it was exported from.
+        images: images to run (default: the model's recorded training images, repeated to fill a batch).
+        batch_sizes: each is run through both.
+        rtol: the largest relative difference allowed.
+
+    Raises:
+        VerificationError: the graph comes from another model, or differs by more than `rtol`.
+        DatasetError: no images to verify with.
+        CheckpointError: an unreadable or modified checkpoint or graph metadata.
+    """
     import onnxruntime as ort
 
     exported = ModelMetadata.from_onnx(onnx_path)

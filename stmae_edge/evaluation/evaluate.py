@@ -17,7 +17,21 @@ from ..training.train import score_images
 
 
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16) -> dict:
-    """A checkpoint (.pt, PyTorch) or an exported graph (.onnx, ONNX Runtime CPU) on a test set."""
+    """A checkpoint (.pt, PyTorch) or an exported graph (.onnx, ONNX Runtime CPU) on a test set.
+
+    Args:
+        model_path: a .pt or .onnx file.
+        data_dir: a labelled set in the MVTec AD layout (DATA_DIR/test/<type>, masks in ground_truth/).
+
+    Returns:
+        metrics.summarize's dictionary: image / pixel AUROC, AUPRO, F1 at the model's threshold, and the
+        same per defect type.
+
+    Raises:
+        DatasetError: no test images, or only one class.
+        CheckpointError: an unreadable or modified model file.
+        InvalidImageError: a test image that cannot be read.
+    """
     is_onnx = Path(model_path).suffix == ".onnx"
     if is_onnx:  # the model file is checked before any data is read
         metadata = ModelMetadata.from_onnx(model_path)

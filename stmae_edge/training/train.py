@@ -215,7 +215,25 @@ def fit(model: STMAE, features: torch.Tensor, cfg: TrainConfig, inputs: torch.Te
 
 def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | FilteringAEConfig, cfg: TrainConfig,
           backbone_weights: str = "imagenet") -> ModelMetadata:
-    """Train the family that `model_config` belongs to on DATA_DIR/train/good; write one checkpoint."""
+    """Train the family that `model_config` belongs to on DATA_DIR/train/good; write one checkpoint.
+
+    Args:
+        data_dir: a dataset in the MVTec AD layout; only DATA_DIR/train/good is read.
+        out: the checkpoint (.pt) to write; checked before any training starts.
+        model_config: STMAEConfig (presets: models/stmae.py) or FilteringAEConfig.
+        cfg: epochs, batch, held-out fraction, threshold rule, crops, input shape (TrainConfig).
+        backbone_weights: "imagenet", a torchvision-compatible weight file, or "random" (tests).
+
+    Returns:
+        The model's metadata, as written into the checkpoint.
+
+    Raises:
+        ConfigError: inconsistent settings ("none" backbone weights for ST-MAE).
+        WeightsError: the backbone's weights are missing or do not match its architecture.
+        DatasetError: no readable training images, or too few to hold some out.
+        InvalidImageError: a training image that cannot be read.
+        OutputError: `out` cannot be written.
+    """
     is_filtering = isinstance(model_config, FilteringAEConfig)
     if backbone_weights == "none" and not is_filtering:
         raise ConfigError("backbone weights 'none' would train on an uninitialised backbone; "
