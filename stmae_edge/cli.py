@@ -21,7 +21,7 @@ PARTIAL_EXIT_CODE = 3
 BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12 cameras, whose values stop "
                   "at 1023 or 4095; 8-bit images are unaffected")
 
-# Training defaults, mirrored from train.TrainConfig without importing torch for `--help`.
+# Training defaults, mirrored from training.loop.TrainConfig without importing torch for `--help`.
 EPOCHS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS, ASPECT = 20, 16, 4e-4, 0.1, 2, "auto"
 
 

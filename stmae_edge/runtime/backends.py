@@ -26,6 +26,7 @@ from ..errors import BackendError, ConfigError
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from .devices import cpu_description, cuda_device_count, gpu_description
 
+
 @dataclass(frozen=True)
 class BackendKind:
     name: str  # what --backend takes

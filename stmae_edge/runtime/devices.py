@@ -1,5 +1,5 @@
-"""What this machine has: its CPU, and its CUDA GPUs asked of the driver directly, so that no GPU
-library has to load just to find out there is none. Backends name the device they run on from here."""
+"""What this machine has: its CPU and its CUDA GPUs. Backends name the device they run on from here,
+and `auto` asks whether there is a GPU at all."""
 
 from __future__ import annotations
 
