@@ -237,9 +237,10 @@ def calibrate(
     paths = images_in(images) if images is not None else None
     path, report = run_calibrate(onnx_file, paths, out, count, cache_dir, float_precision=float_precision,
                                  min_weight_elements=min_weights)
-    typer.echo(f"wrote {path}: {report['quantized_nodes']} quantised tensors from {report['images']} images, "
-               f"the rest in {report['settings']['float_precision']} "
-               f"(cache {report['cache']}: {report['cache_file']})")
+    settings = report["settings"]
+    typer.echo(f"wrote {path}: {report['int8_layers']} of {report['weighted_layers']} layers in INT8 (smaller than "
+               f"{settings['min_weight_elements']} weights: {settings['float_precision']}, like the rest), calibrated on "
+               f"{report['images']} images (cache {report['cache']}: {report['cache_file']})")
 
 
 @app.command()

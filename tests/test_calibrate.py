@@ -79,6 +79,7 @@ def test_only_layers_with_enough_weights_are_quantised(fp32_graph, tmp_path):
                  if n.op_type == "MatMul" and any(produced_by.get(i) == "DequantizeLinear" for i in n.input)}
     assert quantised == {name for name, k in transformer.items() if k >= cut} and 0 < len(quantised) < len(transformer)
     assert report["settings"]["min_weight_elements"] == cut
+    assert report["int8_layers"] == len(quantised) and report["weighted_layers"] == len(transformer)
     # The tiny model has no layer as large as the default asks for: refused in one line, nothing written.
     assert max(transformer.values()) < FAMILY_SETTINGS["stmae"]["min_weight_elements"]
     largest = f"its largest MatMul has {max(transformer.values())} weights, INT8 starts at 65536"
@@ -91,6 +92,11 @@ def test_only_layers_with_enough_weights_are_quantised(fp32_graph, tmp_path):
                              str(tmp_path / "none.onnx"), "--cache-dir", str(folder / "cache")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--min-weights 1" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "calibrate", str(path), "--out",
+                             str(tmp_path / "cli.onnx"), "--cache-dir", str(folder / "cache"), "--min-weights", str(cut)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "cache hit" in result.stdout, result.stderr
+    assert f"{len(quantised)} of {len(transformer)} layers in INT8 (smaller than {cut} weights: fp16" in result.stdout
 
 
 def float_types(proto: onnx.ModelProto) -> dict[str, int]:

@@ -163,7 +163,8 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
             family's, FAMILY_SETTINGS; 1 quantises every layer with weights).
 
     Returns:
-        The INT8 graph's path and a report {cache: hit|miss, key, images, quantized_nodes, settings}.
+        The INT8 graph's path and a report {cache: hit|miss, key, images, quantized_nodes, settings,
+        int8_layers, weighted_layers (the layers that could be: all with weights but the anomaly signal's)}.
 
     Raises:
         ConfigError: not an fp32 graph, an unknown family or precision, (fp16) a graph exported
@@ -201,6 +202,14 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
         shutil.copyfile(cached, partial)
     quantized = onnx.load(str(out))
     report["quantized_nodes"] = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+    produced_by = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    report["int8_layers"] = sum(n.op_type in settings["op_types"] and
+                                any(produced_by.get(i) == "DequantizeLinear" for i in n.input)
+                                for n in quantized.graph.node)
+    signal = set(output_convs(proto) if settings.get("float_output_convs") else [])
+    signal |= set(statistics_nodes(proto) if settings.get("float_statistics") else [])
+    report["weighted_layers"] = sum(size > 0 and name not in signal
+                                    for name, size in weight_elements(proto, settings["op_types"]).items())
     return out, report
 
 
