@@ -34,7 +34,8 @@ CPU_INT8 = {"activation": "uint8", "symmetric": False}  # ORT's recommended U8S8
 # The unquantised layers stay fp32 here: ONNX Runtime's CPU provider has few fp16 kernels.
 CPU_SETTINGS = SETTINGS | {"float_precision": "fp32"}
 VARIANTS = {
-    "MatMul only, symmetric int8 Q/DQ (`calibrate --float-precision fp32`; TensorRT-compatible)": CPU_SETTINGS,
+    "MatMul only, symmetric int8 Q/DQ (`calibrate --float-precision fp32` before 2026-11-28; TensorRT-compatible)":
+        CPU_SETTINGS,
     "Conv and MatMul, symmetric int8 Q/DQ (TensorRT-compatible)": CPU_SETTINGS | {"op_types": ["Conv", "MatMul"]},
     "Conv and MatMul, uint8 activations, QOperator (CPU only)":
         CPU_SETTINGS | CPU_INT8 | {"format": "QOperator", "op_types": ["Conv", "MatMul"]},

@@ -12,7 +12,7 @@ import typer
 
 from . import __version__
 from .errors import StmaeError
-from .runtime.backends import backend_help
+from .runtime.backend_table import backend_help
 from .scoring import DEFAULT_SIGMA
 
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
@@ -238,9 +238,10 @@ def calibrate(
     path, report = run_calibrate(onnx_file, paths, out, count, cache_dir, float_precision=float_precision,
                                  min_weight_elements=min_weights)
     settings = report["settings"]
-    typer.echo(f"wrote {path}: {report['int8_layers']} of {report['weighted_layers']} layers in INT8 (smaller than "
-               f"{settings['min_weight_elements']} weights: {settings['float_precision']}, like the rest), calibrated on "
-               f"{report['images']} images (cache {report['cache']}: {report['cache_file']})")
+    small = (f"; those under {settings['min_weight_elements']} weights stay in {settings['float_precision']}, like the rest"
+             if settings["min_weight_elements"] > 1 else "")
+    typer.echo(f"wrote {path}: {report['int8_layers']} of {report['weighted_layers']} layers in INT8{small}; calibrated "
+               f"on {report['images']} images (cache {report['cache']}: {report['cache_file']})")
 
 
 @app.command()

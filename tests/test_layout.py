@@ -16,7 +16,7 @@ ALLOWED = {
     "models": set(),
     "training": {"models"},
     "engines": {"models"},
-    "runtime": {"models", "serving.protocol"},
+    "runtime": {"serving.protocol"},
     "serving": {"runtime"},
     "evaluation": {"models", "training", "runtime"},
     "shared": {"models"},
@@ -51,9 +51,16 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(parents: bool = False) -> dict[str, set[str]]:
+    """Each module and the package's modules it imports; with `parents`, their parent packages too:
+    importing a.b.c runs a/__init__.py and a/b/__init__.py first, so a cycle through an __init__ counts."""
     files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {name: imports_of(path, set(files)) for name, path in files.items()}
+    graph = {name: imports_of(path, set(files)) for name, path in files.items()}
+    for name, targets in graph.items() if parents else ():
+        for target in list(targets):
+            parts = target.split(".")
+            targets |= {".".join(parts[:k]) for k in range(1, len(parts))} - {name}
+    return graph
 
 
 def part_of(module: str) -> str:
@@ -64,7 +71,7 @@ def part_of(module: str) -> str:
 
 
 def test_no_module_imports_itself_back():
-    graph = import_graph()
+    graph = import_graph(parents=True)
     assert len(graph) > 40 and sum(map(len, graph.values())) > 150  # the parse found the package
     # Tarjan's strongly connected components: any with more than one module is a cycle.
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []

@@ -191,7 +191,8 @@ def test_the_runtime_runs_a_detector_with_torch_unimportable(tiny_export):
 def test_one_table_of_backends_drives_choice_errors_and_help(tiny_export):
     from stmae_edge.cli import BACKEND_HELP
     from stmae_edge.errors import ConfigError
-    from stmae_edge.runtime.backends import AUTO, BACKEND_KINDS, BACKENDS, FILE_KINDS, backend_help, choose_backend
+    from stmae_edge.runtime.backend_table import AUTO, BACKEND_KINDS, BACKENDS, FILE_KINDS, backend_help
+    from stmae_edge.runtime.backends import choose_backend
 
     assert BACKENDS == ("auto", *(kind.name for kind in BACKEND_KINDS)) and BACKEND_HELP == backend_help()
     assert all(kind.name in BACKEND_HELP for kind in BACKEND_KINDS) and set(AUTO) == set(FILE_KINDS)
@@ -212,6 +213,12 @@ def test_one_table_of_backends_drives_choice_errors_and_help(tiny_export):
                     choose_backend(model, kind.name)
     with pytest.raises(ConfigError, match="unknown model file type '.bin'; give a TensorRT plan"):
         choose_backend(tiny_export[0].with_suffix(".bin"), "auto")
+    # The words a user reads, spelled out once: the help and a refusal.
+    assert "ort-tensorrt, ort-cuda, ort-cpu (.onnx); torch-cpu, torch-cuda (.pt); or auto" in BACKEND_HELP
+    with pytest.raises(ConfigError) as refused:
+        choose_backend(tiny_export[0], "ort-cpu")
+    assert str(refused.value).endswith(" is a PyTorch checkpoint; it runs with --backend torch-cpu or torch-cuda (or "
+                                       "auto); for the others, export it with `stmae-edge export`")
     # Through the Detector, as a user meets it: the ONNX file asked to run in PyTorch.
     with pytest.raises(ConfigError, match="is an ONNX file; it runs with --backend ort-tensorrt or ort-cuda or ort-cpu"):
         Detector(tiny_export[1], "torch-cpu")

@@ -20,7 +20,7 @@ Settings, each from measurement on magnetic_tile:
   graph with Q/DQ on the quantised layers, so a TensorRT INT8 plan is never an FP32 network with a few
   INT8 layers, larger and slower than the FP16 plan. The scoring (the model's anomaly map, found by the
   exporter's `scoring` scope) stays fp32, as in the FP16 export: half_precision.py. `fp32` keeps today's
-  fp32 graph for ONNX Runtime on a CPU, which has few fp16 kernels and runs that graph about 1.7x faster.
+  fp32 graph for ONNX Runtime on a CPU, which has few fp16 kernels and runs that graph 1.3x to 1.4x faster.
 
 The result is cached under calibration/, keyed by a hash of the model file, the images and the
 settings, and reused when all three match.
@@ -47,10 +47,11 @@ from ..onnx_files import load_onnx
 from ..outputs import check_writable, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
 
-# graph_version: changes when the graph we write does. min_weight_elements: the smallest layer quantised.
+# graph_version: changes when the graph we write does. min_weight_elements: the smallest layer quantised
+# (0: no rule, products of two activations too; the model families set their own).
 SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_bias": False,
             "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8",
-            "float_precision": "fp16", "min_weight_elements": 1, "graph_version": 2}
+            "float_precision": "fp16", "min_weight_elements": 0, "graph_version": 2}
 FLOAT_PRECISIONS = ("fp16", "fp32")
 FAMILY_SETTINGS = {"stmae": {"op_types": ["MatMul"], "float_statistics": True, "min_weight_elements": 65536},
                    "filtering-ae": {"op_types": ["Conv"], "float_output_convs": True}}
@@ -68,7 +69,8 @@ def settings_for(metadata: ModelMetadata, float_precision: str = SETTINGS["float
         raise ConfigError(f"unknown precision {float_precision!r} for the unquantised layers; choose "
                           f"{' or '.join(FLOAT_PRECISIONS)}")
     if min_weight_elements is not None and min_weight_elements < 1:
-        raise ConfigError(f"--min-weights must be at least 1 (got {min_weight_elements})")
+        raise ConfigError(f"--min-weights must be at least 1 (got {min_weight_elements}): 1 quantises every layer "
+                          "with weights")
     settings = SETTINGS | FAMILY_SETTINGS[metadata.model_family] | {"float_precision": float_precision}
     return settings | ({"min_weight_elements": min_weight_elements} if min_weight_elements is not None else {})
 
@@ -102,10 +104,13 @@ def weight_elements(proto: onnx.ModelProto, op_types: Sequence[str]) -> dict[str
 def layers_left_in_float(proto: onnx.ModelProto, op_types: Sequence[str], min_weight_elements: int) -> list[str]:
     """Names of the layers INT8 does not pay for, so they run in the precision of the rest: those with
     no weight to shrink (a product of two activations) and those with fewer than `min_weight_elements`
-    weights. Measured with TensorRT for RTX on ST-MAE's transformer, each MatMul quantised alone: a
-    160x160 to 160x480 product makes the plan 0.1 to 0.4 MB larger, the 704x160 input projection 0.19 MB
-    smaller (docs/BENCHMARKS.md, "INT8 engines with the rest in fp16")."""
-    return [name for name, size in weight_elements(proto, op_types).items() if size < max(1, min_weight_elements)]
+    weights (0: no rule). Measured with TensorRT for RTX on ST-MAE's transformer, each MatMul quantised
+    alone: the 704x160 input projection makes the plan 0.19 MB smaller, every smaller product larger
+    (0.1 to 0.4 MB); the six from 65536 weights together, the projections and the encoder's 160x480
+    query-key-value products, make it smaller (docs/BENCHMARKS.md, "INT8 engines with the rest in fp16")."""
+    if not min_weight_elements:
+        return []
+    return [name for name, size in weight_elements(proto, op_types).items() if size < min_weight_elements]
 
 
 def check_something_quantised(proto: onnx.ModelProto, signal: Sequence[str], small: Sequence[str], settings: dict,
@@ -246,8 +251,10 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
         prepared_proto = onnx.load(str(prepared))
         signal = output_convs(prepared_proto) if settings.get("float_output_convs") else []
         signal += statistics_nodes(prepared_proto) if settings.get("float_statistics") else []
-        small = layers_left_in_float(prepared_proto, settings["op_types"], settings["min_weight_elements"])
-        check_something_quantised(prepared_proto, signal, small, settings, onnx_path)
+        small = []
+        if settings["op_types"] and settings["min_weight_elements"]:  # op_types None: every op (the CPU study)
+            small = layers_left_in_float(prepared_proto, settings["op_types"], settings["min_weight_elements"])
+            check_something_quantised(prepared_proto, signal, small, settings, onnx_path)
         excluded = signal + small
         with progress_bar("calibrating", len(images)) as advance:
             quantize_static(str(prepared), str(target), Batches(advance), nodes_to_exclude=excluded,

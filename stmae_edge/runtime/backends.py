@@ -5,9 +5,9 @@ image scores (N,) as float32 numpy arrays. It also says what actually runs it (`
 ONNX Runtime silently falls back to the CPU when a GPU provider cannot load, so we compare the
 provider we asked for with the one the session reports and refuse a fallback the caller did not ask for.
 
-One table, BACKEND_KINDS, names every backend, the model files it runs and what it needs; `auto`'s
-choice (AUTO), the errors for a backend that cannot run a file, and the CLI's --backend help are all
-read from it:
+One table (backend_table.py: BACKEND_KINDS, FILE_KINDS, AUTO) names every backend, the model files it
+runs and the device it needs; `auto`'s choice, the errors for a backend that cannot run a file, and
+the CLI's --backend help are all read from it:
 
     model file --(FILE_KINDS: suffix)--> the backends that run it --(auto: the first whose device is
     here)--> open_backend --> OnnxRuntimeBackend | TensorRTBackend (tensorrt_backend.py) | TorchBackend
@@ -16,7 +16,6 @@ read from it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -24,64 +23,11 @@ import numpy as np
 
 from ..errors import BackendError, ConfigError
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
+from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
 from .devices import cpu_description, cuda_device_count, gpu_description
 
-
-@dataclass(frozen=True)
-class BackendKind:
-    name: str  # what --backend takes
-    file_kind: str  # the model files it runs: a key of FILE_KINDS
-    device: str  # "cpu" or "gpu" (a CUDA GPU)
-
-
-BACKEND_KINDS = (
-    BackendKind("tensorrt", "plan", "gpu"),  # tensorrt_backend.py, through cuda-python
-    BackendKind("ort-tensorrt", "onnx", "gpu"),  # ONNX Runtime's execution providers
-    BackendKind("ort-cuda", "onnx", "gpu"),
-    BackendKind("ort-cpu", "onnx", "cpu"),
-    BackendKind("torch-cpu", "checkpoint", "cpu"),  # torch_backend.py, for comparison; needs the train extra
-    BackendKind("torch-cuda", "checkpoint", "gpu"),
-)
-# suffixes, what the file is, and how to get a file for the other backends
-FILE_KINDS = {
-    "plan": ((".plan", ".engine"), "a TensorRT plan", "for ONNX Runtime, run the .onnx file it was built from"),
-    "onnx": ((".onnx",), "an ONNX file", "for --backend tensorrt, build a plan with `stmae-edge build`"),
-    "checkpoint": ((".pt",), "a PyTorch checkpoint", "for the others, export it with `stmae-edge export`"),
-}
-# What `auto` tries for each kind of file, in order: the first whose device this machine has.
-AUTO = {"plan": ("tensorrt",), "onnx": ("ort-cuda", "ort-cpu"), "checkpoint": ("torch-cpu",)}
-BACKENDS = ("auto", *(kind.name for kind in BACKEND_KINDS))
-KINDS_BY_NAME = {kind.name: kind for kind in BACKEND_KINDS}
 ORT_PROVIDERS = {"ort-tensorrt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
                  "ort-cpu": "CPUExecutionProvider"}
-
-
-def backend_help() -> str:
-    """--backend's help, from the table."""
-    auto = "; ".join(f"{'/'.join(FILE_KINDS[k][0])}: {', else '.join(names)}" for k, names in AUTO.items())
-    by_file = "; ".join(f"{', '.join(kind.name for kind in BACKEND_KINDS if kind.file_kind == k)} ({'/'.join(suffixes)})"
-                        for k, (suffixes, _, _) in FILE_KINDS.items())
-    return f"{by_file}; or auto: {auto} (the first that this machine can run)"
-
-
-def file_kind_of(path: Path) -> str:
-    """The FILE_KINDS key of a model file, from its suffix.
-
-    Raises:
-        ConfigError: a suffix no backend runs.
-    """
-    suffix = path.suffix.lower()
-    for key, (suffixes, _, _) in FILE_KINDS.items():
-        if suffix in suffixes:
-            return key
-    known = ", ".join(f"{description} ({'/'.join(suffixes)})" for suffixes, description, _ in FILE_KINDS.values())
-    raise ConfigError(f"{path}: unknown model file type {suffix!r}; give {known}")
-
-
-def check_backend_name(backend: str) -> None:
-    """Raises ConfigError unless `backend` is one of BACKENDS."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
 def choose_backend(path: Path, backend: str) -> str:

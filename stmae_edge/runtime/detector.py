@@ -29,7 +29,8 @@ from ..errors import BackendError, ConfigError, InvalidImageError
 from ..metadata import MAX_BATCH
 from ..preprocessing import ImageInput, Preprocessing, check_bit_depth, load_image
 from ..scoring import Thresholds
-from .backends import BACKENDS, Backend, describe, open_backend
+from .backend_table import BACKENDS
+from .backends import Backend, describe, open_backend
 from .postprocess import Detection, postprocess, resolve_thresholds
 
 DEFAULT_BATCH_SIZE = 32
