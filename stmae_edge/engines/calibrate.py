@@ -82,6 +82,13 @@ def output_convs(proto: onnx.ModelProto) -> list[str]:
             and weights[node.input[1]].dims[0] <= OUTPUT_CONV_CHANNELS]
 
 
+def signal_layers(proto: onnx.ModelProto, settings: dict) -> list[str]:
+    """Names of the layers that make the anomaly signal itself, never quantised: the family's output
+    convolutions or per-position statistics, as `settings` says."""
+    signal = output_convs(proto) if settings.get("float_output_convs") else []
+    return signal + (statistics_nodes(proto) if settings.get("float_statistics") else [])
+
+
 def weight_elements(proto: onnx.ModelProto, op_types: Sequence[str]) -> dict[str, int]:
     """Each node of `op_types` and its number of weight elements: the size of its constant operand (an
     initializer, or one seen through Transpose or Reshape), 0 where it multiplies two activations
@@ -105,9 +112,10 @@ def layers_left_in_float(proto: onnx.ModelProto, op_types: Sequence[str], min_we
     """Names of the layers INT8 does not pay for, so they run in the precision of the rest: those with
     no weight to shrink (a product of two activations) and those with fewer than `min_weight_elements`
     weights (0: no rule). Measured with TensorRT for RTX on ST-MAE's transformer, each MatMul quantised
-    alone: the 704x160 input projection makes the plan 0.19 MB smaller, every smaller product larger
-    (0.1 to 0.4 MB); the six from 65536 weights together, the projections and the encoder's 160x480
-    query-key-value products, make it smaller (docs/BENCHMARKS.md, "INT8 engines with the rest in fp16")."""
+    alone: the 704x160 and 128x704 projections make the plan smaller (0.19 and 0.07 MB), each product
+    inside the transformer blocks larger (0.1 to 0.4 MB); the six from 65536 weights together, the
+    projections and the encoder's 160x480 query-key-value products, make it smaller than FP16
+    (docs/BENCHMARKS.md, "INT8 engines with the rest in fp16")."""
     if not min_weight_elements:
         return []
     return [name for name, size in weight_elements(proto, op_types).items() if size < min_weight_elements]
@@ -211,8 +219,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     report["int8_layers"] = sum(n.op_type in settings["op_types"] and
                                 any(produced_by.get(i) == "DequantizeLinear" for i in n.input)
                                 for n in quantized.graph.node)
-    signal = set(output_convs(proto) if settings.get("float_output_convs") else [])
-    signal |= set(statistics_nodes(proto) if settings.get("float_statistics") else [])
+    signal = set(signal_layers(proto, settings))
     report["weighted_layers"] = sum(size > 0 and name not in signal
                                     for name, size in weight_elements(proto, settings["op_types"]).items())
     return out, report
@@ -249,8 +256,7 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         prepared_proto = onnx.load(str(prepared))
-        signal = output_convs(prepared_proto) if settings.get("float_output_convs") else []
-        signal += statistics_nodes(prepared_proto) if settings.get("float_statistics") else []
+        signal = signal_layers(prepared_proto, settings)
         small = []
         if settings["op_types"] and settings["min_weight_elements"]:  # op_types None: every op (the CPU study)
             small = layers_left_in_float(prepared_proto, settings["op_types"], settings["min_weight_elements"])
