@@ -108,25 +108,23 @@ def weight_elements(proto: onnx.ModelProto, op_types: Sequence[str]) -> dict[str
             for node in proto.graph.node if node.op_type in op_types}
 
 
-def layers_left_in_float(proto: onnx.ModelProto, op_types: Sequence[str], min_weight_elements: int) -> list[str]:
-    """Names of the layers INT8 does not pay for, so they run in the precision of the rest: those with
-    no weight to shrink (a product of two activations) and those with fewer than `min_weight_elements`
-    weights (0: no rule). Measured with TensorRT for RTX on ST-MAE's transformer, each MatMul quantised
-    alone: the 704x160 and 128x704 projections make the plan smaller (0.19 and 0.07 MB), each product
-    inside the transformer blocks larger (0.1 to 0.4 MB); the six from 65536 weights together, the
-    projections and the encoder's 160x480 query-key-value products, make it smaller than FP16
-    (docs/BENCHMARKS.md, "INT8 engines with the rest in fp16")."""
-    if not min_weight_elements:
-        return []
-    return [name for name, size in weight_elements(proto, op_types).items() if size < min_weight_elements]
+def layers_left_in_float(sizes: dict[str, int], min_weight_elements: int) -> list[str]:
+    """Names of the layers INT8 does not pay for, so they run in the precision of the rest, from their
+    weight_elements: those with no weight to shrink (a product of two activations) and those with fewer
+    than `min_weight_elements` weights. Measured with TensorRT for RTX on ST-MAE's transformer, each
+    MatMul quantised alone: the 704x160 and 128x704 projections make the plan smaller (0.19 and 0.07 MB),
+    each product inside the transformer blocks larger (0.1 to 0.4 MB); the six from 65536 weights
+    together, the projections and the encoder's 160x480 query-key-value products, make it smaller than
+    FP16 (docs/BENCHMARKS.md, "INT8 engines with the rest in fp16")."""
+    return [name for name, size in sizes.items() if size < min_weight_elements]
 
 
-def check_something_quantised(proto: onnx.ModelProto, signal: Sequence[str], small: Sequence[str], settings: dict,
+def check_something_quantised(sizes: dict[str, int], signal: Sequence[str], small: Sequence[str], settings: dict,
                               onnx_path: Path) -> None:
     """Raises ConfigError when no layer is left to quantise, once the layers that make the anomaly
     signal (`signal`) and those too small to pay (`small`) are left out: the INT8 graph would be the
-    FP16 graph."""
-    candidates = {name: size for name, size in weight_elements(proto, settings["op_types"]).items() if name not in signal}
+    FP16 graph. `sizes`: weight_elements of the graph."""
+    candidates = {name: size for name, size in sizes.items() if name not in signal}
     if not set(candidates) - set(small):
         largest = max(candidates.values(), default=0)
         raise ConfigError(f"{onnx_path}: no layer of this model is large enough for INT8 to pay (its largest "
@@ -259,8 +257,9 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
         signal = signal_layers(prepared_proto, settings)
         small = []
         if settings["op_types"] and settings["min_weight_elements"]:  # op_types None: every op (the CPU study)
-            small = layers_left_in_float(prepared_proto, settings["op_types"], settings["min_weight_elements"])
-            check_something_quantised(prepared_proto, signal, small, settings, onnx_path)
+            sizes = weight_elements(prepared_proto, settings["op_types"])
+            small = layers_left_in_float(sizes, settings["min_weight_elements"])
+            check_something_quantised(sizes, signal, small, settings, onnx_path)
         excluded = signal + small
         with progress_bar("calibrating", len(images)) as advance:
             quantize_static(str(prepared), str(target), Batches(advance), nodes_to_exclude=excluded,

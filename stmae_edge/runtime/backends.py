@@ -39,7 +39,9 @@ def choose_backend(path: Path, backend: str) -> str:
     check_backend_name(backend)
     file_kind = file_kind_of(path)
     if backend == "auto":
-        return next(name for name in AUTO[file_kind] if device_present(name))
+        # The last of each list is taken without asking: it runs anywhere, or (a plan) says what is missing.
+        *asked, last = AUTO[file_kind]
+        return next((name for name in asked if device_present(name)), last)
     if KINDS_BY_NAME[backend].file_kind != file_kind:
         _, description, other = FILE_KINDS[file_kind]
         runs = [kind.name for kind in BACKEND_KINDS if kind.file_kind == file_kind]
@@ -48,11 +50,10 @@ def choose_backend(path: Path, backend: str) -> str:
 
 
 def device_present(name: str) -> bool:
-    """Whether this machine has what backend `name` needs to be auto's choice (a CUDA GPU, and for
-    ONNX Runtime its CUDA provider); the CPU always is. The last of each AUTO list runs anywhere."""
-    kind = KINDS_BY_NAME[name]
-    if kind.device == "cpu" or kind.file_kind == "plan":
-        return True  # a plan has one backend: without a GPU it says so when it opens
+    """Whether this machine has what backend `name` needs to be auto's choice: a CUDA GPU, and for
+    ONNX Runtime its CUDA provider; nothing for a CPU backend."""
+    if KINDS_BY_NAME[name].device == "cpu":
+        return True
     if cuda_device_count() == 0:
         return False
     return name not in ORT_PROVIDERS or ORT_PROVIDERS[name] in _ort().get_available_providers()
