@@ -34,7 +34,7 @@ def _tile(name: str) -> int:
     return int(name.split("_num_")[1].split(".")[0]) // 1000
 
 
-def test_tile_groups_follow_the_numbers_not_the_exposures(tmp_path):
+def test_tile_groups_follow_the_numbers_not_the_exposures():
     paths = [Path(n) for n in ("exp1_num_100.jpg", "exp2_num_130.jpg", "exp1_num_5000.jpg",
                                "exp6_num_300.jpg", "exp2_num_5100.jpg")]
     groups = tile_groups(paths)
