@@ -223,16 +223,22 @@ def per_type(name: str, r: dict) -> str:
                                    for k, v in r["full"]["per_defect_type"].items())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_benchmark_parser(doc: str, workdir: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that train the default and fit the baselines: --data, --workdir
+    (runs/<workdir>), --epochs, --coreset, --retrain, --md."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "magnetic_tile")
-    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench_quality")
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / workdir)
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--coreset", type=float, default=0.01, help="PatchCore's coreset ratio")
     parser.add_argument("--retrain", action="store_true", help="train again even where WORKDIR/stmae.pt is "
                         "the default model trained for --epochs")
     parser.add_argument("--md", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = training_benchmark_parser(__doc__, "bench_quality").parse_args()
     use_available_cores()
 
     cfg = TrainConfig(epochs=args.epochs)

@@ -17,7 +17,6 @@ benchmarks/quality_magnetic_tile.py on the same images, and writes docs/BENCHMAR
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import re
@@ -31,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from quality_magnetic_tile import machine, pct, per_type, run_baselines, summaries, write_rows  # noqa: E402
+from quality_magnetic_tile import (machine, pct, per_type, run_baselines, summaries,  # noqa: E402
+                                   training_benchmark_parser, write_rows)
 from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.cli import use_available_cores  # noqa: E402
@@ -101,15 +101,9 @@ def regroup(data_dir: Path, out: Path, fraction: float, seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "magnetic_tile")
-    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench_unseen_tiles")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser = training_benchmark_parser(__doc__, "bench_unseen_tiles")
     parser.add_argument("--fraction", type=float, default=0.2, help="share of the good images held out, by tile")
     parser.add_argument("--seed", type=int, default=0, help="which tiles are held out")
-    parser.add_argument("--coreset", type=float, default=0.01, help="PatchCore's coreset ratio")
-    parser.add_argument("--retrain", action="store_true")
-    parser.add_argument("--md", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     args = parser.parse_args()
     use_available_cores()
 
@@ -118,12 +112,15 @@ def main() -> None:
     overlap, given_good = given_split_overlap(args.data)
     print(f"given split: {overlap} of {given_good} test/good images show a tile of train/good; regrouped: {counts}")
     cfg = TrainConfig(epochs=args.epochs)
-    model_path = args.workdir / "stmae.pt"
-    if not model_path.is_file() or args.retrain:
+    model_path, split_path = args.workdir / "stmae.pt", args.workdir / "split.json"
+    # The model is reused only where it was trained on this very split: one trained with other tiles
+    # held out has seen the good test tiles.
+    split = json.dumps({"epochs": args.epochs,
+                        "test_good": sorted(p.name for p in (regrouped / "test" / "good").iterdir())})
+    if args.retrain or not model_path.is_file() or not split_path.is_file() or split_path.read_text() != split:
         train(regrouped, model_path, preset("small"), cfg)
+        split_path.write_text(split)
     model, meta = load_model(model_path)
-    if meta.training["train_images"] != counts["train_good"] - round(counts["train_good"] * cfg.holdout_fraction):
-        print(f"note: {model_path} was trained on {meta.training['train_images']} images")
     samples = data.eval_samples(regrouped)
     maps, scores = score_images(model, meta.preprocessing, [s.path for s in samples], description="evaluating")
     stmae = summaries(samples, maps, scores, meta.thresholds.image, meta.preprocessing.input_size)
