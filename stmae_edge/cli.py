@@ -70,6 +70,10 @@ def train(
     lr: float = typer.Option(LR, min=1e-8, help="peak learning rate (AdamW, warm-up then cosine decay)"),
     holdout: float = typer.Option(HOLDOUT, min=0.01, max=0.9, help="fraction of good images held out for "
                                   "score statistics and the default threshold"),
+    holdout_dir: Optional[Path] = typer.Option(None, help="good images of parts that train/good does not "
+                                               "show, held out in place of --holdout's fraction of "
+                                               "train/good: use it where each part is photographed more "
+                                               "than once, or the threshold is set on training parts"),
     sigma: float = typer.Option(DEFAULT_SIGMA, min=0.0, help="default threshold = mean + SIGMA * std of "
                                 "held-out scores"),
     max_images: int = typer.Option(0, min=0, help="use at most this many training images (0 = all)"),
@@ -99,12 +103,14 @@ def train(
 
     use_available_cores()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
+                      holdout_dir=str(holdout_dir or ""),
                       max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
                       self_supervised=self_supervised, corruptions_per_image=corruptions_per_image,
                       bit_depth=bit_depth, aspect=aspect)
     meta = run_train(data_dir, out, _model_config(family, preset_name, backbone), cfg, backbone_weights)
     t = meta.training
-    typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out, "
+    typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out "
+               f"({t['holdout']}), "
                f"final loss {t['loss_per_epoch'][-1]:.4f}, {t['seconds']:.0f}s; "
                f"threshold {meta.thresholds.image:.4g} ({meta.thresholds.rule}); input shape: {t['aspect']}")
 

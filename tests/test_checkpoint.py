@@ -8,7 +8,7 @@ import torch
 
 from stmae_edge import __version__, data
 from stmae_edge.checkpoint import load_model, read_checkpoint
-from stmae_edge.errors import CheckpointError
+from stmae_edge.errors import CheckpointError, DatasetError
 from stmae_edge.models.stmae import preset
 from stmae_edge.scoring import ScoreStats
 from stmae_edge.training.train import TrainConfig, score_images, split_holdout, train
@@ -101,3 +101,29 @@ def test_marker_without_contents_is_a_checkpoint_error(tmp_path):
     torch.save({"format": "stmae-edge/checkpoint"}, bad)
     with pytest.raises(CheckpointError, match="without metadata"):
         load_model(bad)
+
+
+def test_holdout_dir_sets_the_statistics_and_trains_on_every_image(synthetic_dataset, tmp_path):
+    """Held-out images of other parts: all of train/good trains, the folder's images give the statistics."""
+    cfg = TrainConfig(epochs=1, batch_size=8, seed=0, holdout_dir=str(synthetic_dataset / "test" / "good"))
+    meta = train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"), cfg, backbone_weights="random")
+    held = data.images_in(synthetic_dataset / "test" / "good")
+    assert meta.training["train_images"] == len(data.train_images(synthetic_dataset))
+    assert meta.training["holdout_images"] == len(held)
+    assert meta.training["holdout"] == f"from {synthetic_dataset / 'test' / 'good'}"
+    model, loaded = load_model(tmp_path / "m.pt")
+    _, scores = score_images(model, loaded.preprocessing, held)
+    assert ScoreStats.from_scores(scores).mean == pytest.approx(loaded.score_stats.mean, rel=1e-5)
+
+
+def test_holdout_dir_sharing_a_training_image_is_refused(synthetic_dataset, tmp_path):
+    held = tmp_path / "held"
+    held.mkdir()
+    for path in data.train_images(synthetic_dataset)[:1] + data.images_in(synthetic_dataset / "test" / "good")[:2]:
+        (held / f"copy_{path.parent.parent.name}_{path.name}").write_bytes(path.read_bytes())
+    cfg = TrainConfig(epochs=1, batch_size=8, seed=0, holdout_dir=str(held))
+    with pytest.raises(DatasetError, match="1 of its images are also in train/good"):
+        train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"), cfg, backbone_weights="random")
+    with pytest.raises(DatasetError, match="not a folder of images"):
+        train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"),
+              TrainConfig(holdout_dir=str(tmp_path / "missing")), backbone_weights="random")

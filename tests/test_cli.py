@@ -27,6 +27,7 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
             "--backbone-weights", "random", "--bit-depth", "12")  # 8-bit PNGs: unaffected, but recorded
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and model.is_file()
+    assert "2 held out (drawn at random from train/good)" in r.stdout
     assert "input shape: training images' width/height from 1.00 to 1.00: stretched to the input" in r.stdout
     report = tmp_path / "report.json"
     r = run("evaluate", str(model), str(synthetic_dataset), "--out", str(report))
@@ -53,6 +54,13 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
 ])
 def test_user_mistakes_are_one_line(args, fragment):
     _assert_one_line_error(run(*args), fragment)
+
+
+def test_holdout_dir_of_training_images_is_one_line(synthetic_dataset, tmp_path):
+    r = run("train", str(synthetic_dataset), "--out", str(tmp_path / "m.pt"), "--preset", "tiny",
+            "--backbone-weights", "random", "--holdout-dir", str(synthetic_dataset / "train" / "good"))
+    _assert_one_line_error(r, "24 of its images are also in train/good")
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_corrupt_model_file_is_one_line(tmp_path, synthetic_dataset):

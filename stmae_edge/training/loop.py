@@ -27,6 +27,11 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     holdout_fraction: float = 0.1
+    # A folder of good images of parts that train/good does not show, held out in place of
+    # holdout_fraction of train/good: where each part is photographed several times, images drawn from
+    # train/good are other photographs of training parts and set the threshold too low for new parts
+    # (magnetic_tile: a quarter of new good tiles flagged; docs/BENCHMARKS.md). "" = draw from train/good.
+    holdout_dir: str = ""
     seed: int = 0
     max_images: int = 0  # 0 = all; a cap for quick runs
     sigma: float = DEFAULT_SIGMA  # default threshold = mean + sigma * std of held-out good scores

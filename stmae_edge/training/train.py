@@ -9,6 +9,7 @@ default threshold through the same forward() that export and the runtime use.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -22,7 +23,7 @@ import torch
 from .. import data
 from ..checkpoint import save_checkpoint
 from ..outputs import check_writable
-from ..errors import ConfigError, InvalidImageError
+from ..errors import ConfigError, DatasetError, InvalidImageError
 from ..image_header import declared_size
 from ..metadata import ModelMetadata
 from ..models.backbones import BACKBONE_PREPROCESSING
@@ -92,6 +93,31 @@ def preprocessing_for(config: STMAEConfig | FilteringAEConfig, bit_depth: int = 
     norm = BACKBONE_PREPROCESSING[config.backbone]
     return Preprocessing(input_size=size, mean=norm["mean"], std=norm["std"], bit_depth=bit_depth,
                          keep_aspect=keep_aspect)
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def training_and_holdout(paths: Sequence[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path], str]:
+    """(training images, held-out good images, where the held-out ones come from): cfg.holdout_dir's
+    images beside every image in `paths`, or a seeded holdout_fraction of `paths`.
+
+    Raises:
+        DatasetError: holdout_dir is not a folder of at least two images, or shares an image with
+            `paths` (byte for byte): its images would then be scored by a model fitted on them.
+    """
+    if not cfg.holdout_dir:
+        train, holdout = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
+        return train, holdout, "drawn at random from train/good"
+    holdout = data.images_in(cfg.holdout_dir)
+    if len(holdout) < 2:
+        raise DatasetError(f"{cfg.holdout_dir}: {len(holdout)} images; hold out at least two good images")
+    shared = {file_digest(p) for p in holdout} & {file_digest(p) for p in paths}
+    if shared:
+        raise DatasetError(f"{cfg.holdout_dir}: {len(shared)} of its images are also in train/good; hold out "
+                           "good images of parts that train/good does not show")
+    return list(paths), holdout, f"from {cfg.holdout_dir}"
 
 
 def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -243,7 +269,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     paths = data.train_images(data_dir)
     if cfg.max_images:
         paths = [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
-    train_paths, holdout_paths = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
+    train_paths, holdout_paths, holdout_source = training_and_holdout(paths, cfg)
+    logger.info("%d good images held out for the threshold, %s", len(holdout_paths), holdout_source)
     train_items, holdout_items = train_paths, holdout_paths
     if cfg.crop:
         # The model then takes crop x crop inputs: tiles cut at native scale, never resized.
@@ -281,6 +308,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             "data_dir": str(data_dir),
             "train_images": len(train_paths),
             "holdout_images": len(holdout_paths),
+            "holdout": holdout_source,
             "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
             "aspect": aspect_reason,
             **provenance,
