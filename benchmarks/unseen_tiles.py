@@ -17,6 +17,7 @@ benchmarks/quality_magnetic_tile.py on the same images, and writes docs/BENCHMAR
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import re
@@ -75,17 +76,38 @@ def given_split_overlap(data_dir: Path) -> tuple[int, int]:
     return sum(g in seen for g in groups[len(train_good):]), len(test_good)
 
 
+def held_tiles(groups: np.ndarray, fraction: float, seed: int) -> set[int]:
+    """A seeded choice of whole tiles holding at least `fraction` of the images."""
+    held, count = set(), 0
+    for tile in np.random.default_rng(seed).permutation(groups.max() + 1):
+        if count >= fraction * len(groups):
+            break
+        held.add(int(tile))
+        count += int((groups == tile).sum())
+    return held
+
+
+def trained_once(data_dir: Path, model_path: Path, cfg: TrainConfig, retrain: bool) -> None:
+    """Train the default on `data_dir` into `model_path` unless it was trained there on this very split
+    (its test/good and held-out images) and epochs: one trained with other tiles held out has seen the
+    good test tiles."""
+    split_path = model_path.with_suffix(".split.json")
+    held = Path(cfg.holdout_dir) if cfg.holdout_dir else None
+    split = json.dumps({"epochs": cfg.epochs,
+                        "test_good": sorted(p.name for p in (data_dir / "test" / "good").iterdir()),
+                        "holdout": sorted(p.name for p in held.iterdir()) if held else "random"})
+    if retrain or not model_path.is_file() or not split_path.is_file() or split_path.read_text() != split:
+        train(data_dir, model_path, preset("small"), cfg)
+        split_path.write_text(split)
+
+
 def regroup(data_dir: Path, out: Path, fraction: float, seed: int) -> dict:
     """A copy of the dataset (symbolic links) whose test/good is a seeded `fraction` of the good tiles,
     every exposure of each, and whose train/good is the other tiles; defect folders as given."""
     good = data.images_in(data_dir / "train" / "good") + data.images_in(data_dir / "test" / "good")
     groups = tile_groups(good)
-    held, count = set(), 0
-    for tile in np.random.default_rng(seed).permutation(groups.max() + 1):
-        if count >= fraction * len(good):
-            break
-        held.add(int(tile))
-        count += int((groups == tile).sum())
+    held = held_tiles(groups, fraction, seed)
+    count = int(np.isin(groups, list(held)).sum())
     if out.exists():
         shutil.rmtree(out)
     for part in ("train/good", "test/good"):
@@ -100,11 +122,16 @@ def regroup(data_dir: Path, out: Path, fraction: float, seed: int) -> dict:
             "train_good": len(good) - count}
 
 
-def main() -> None:
-    parser = training_benchmark_parser(__doc__, "bench_unseen_tiles")
+def unseen_tiles_parser(doc: str) -> argparse.ArgumentParser:
+    """training_benchmark_parser's options in runs/bench_unseen_tiles, and which tiles are held out."""
+    parser = training_benchmark_parser(doc, "bench_unseen_tiles")
     parser.add_argument("--fraction", type=float, default=0.2, help="share of the good images held out, by tile")
     parser.add_argument("--seed", type=int, default=0, help="which tiles are held out")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = unseen_tiles_parser(__doc__).parse_args()
     use_available_cores()
 
     regrouped = args.workdir / "data"
@@ -112,14 +139,8 @@ def main() -> None:
     overlap, given_good = given_split_overlap(args.data)
     print(f"given split: {overlap} of {given_good} test/good images show a tile of train/good; regrouped: {counts}")
     cfg = TrainConfig(epochs=args.epochs)
-    model_path, split_path = args.workdir / "stmae.pt", args.workdir / "split.json"
-    # The model is reused only where it was trained on this very split: one trained with other tiles
-    # held out has seen the good test tiles.
-    split = json.dumps({"epochs": args.epochs,
-                        "test_good": sorted(p.name for p in (regrouped / "test" / "good").iterdir())})
-    if args.retrain or not model_path.is_file() or not split_path.is_file() or split_path.read_text() != split:
-        train(regrouped, model_path, preset("small"), cfg)
-        split_path.write_text(split)
+    model_path = args.workdir / "stmae.pt"
+    trained_once(regrouped, model_path, cfg, args.retrain)
     model, meta = load_model(model_path)
     samples = data.eval_samples(regrouped)
     maps, scores = score_images(model, meta.preprocessing, [s.path for s in samples], description="evaluating")

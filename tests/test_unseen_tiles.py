@@ -11,6 +11,7 @@ import numpy as np
 _saved = list(sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from unseen_tiles import given_split_overlap, regroup, tile_groups  # noqa: E402
+from threshold_new_parts import hold_out_parts  # noqa: E402
 
 sys.path[:] = _saved
 
@@ -70,3 +71,17 @@ def test_the_held_out_tiles_follow_the_seed(tmp_path):
 def test_magnetic_tile_given_split_shares_its_good_tiles(magnetic_tile):
     overlap, good = given_split_overlap(magnetic_tile)
     assert good == 190 and overlap >= 180
+
+
+def test_the_threshold_benchmark_holds_out_whole_training_tiles(tmp_path):
+    root = _dataset(tmp_path / "given")
+    regroup(root, tmp_path / "regrouped", fraction=0.2, seed=0)
+    holdout = hold_out_parts(tmp_path / "regrouped", tmp_path / "parts", fraction=0.25, seed=0)
+    held = {_tile(p.name) for p in holdout.iterdir()}
+    training = {_tile(p.name) for p in (tmp_path / "parts" / "data" / "train" / "good").iterdir()}
+    test = {_tile(p.name) for p in (tmp_path / "regrouped" / "test" / "good").iterdir()}
+    assert held and training and not held & training and not (held | training) & test
+    assert len(list(holdout.iterdir())) == 6 * len(held)  # every exposure of each held-out tile
+    assert {p.name for p in (tmp_path / "parts" / "data" / "test" / "good").iterdir()} == \
+        {p.name for p in (tmp_path / "regrouped" / "test" / "good").iterdir()}
+    hold_out_parts(tmp_path / "regrouped", tmp_path / "parts", fraction=0.25, seed=0)  # a second run replaces it
