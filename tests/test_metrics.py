@@ -279,6 +279,9 @@ def test_summarize_overall_and_per_type():
     assert s["aupro"] == pytest.approx(0.5)  # 2 regions found at every FPR, 2 never
     assert s["precision"] == 1.0 and s["recall"] == 0.5 and s["f1"] == pytest.approx(2 / 3)
     assert s["threshold"] == 0.5 and s["n_images"] == 7 and s["n_anomalous"] == 4
+    assert s["false_reject_rate"] == 0.0  # good scores 0.1, 0.2, 0.3
+    assert summarize(labels, scores, None, None, types, threshold=0.25)["false_reject_rate"] == pytest.approx(1 / 3)
+    assert summarize(labels, scores, None, None, types, threshold=None)["false_reject_rate"] is None
     per = s["per_defect_type"]
     assert set(per) == {"scratch", "dent"}
     assert per["scratch"] == {"image_auroc": 1.0, "pixel_auroc": 1.0, "aupro": pytest.approx(1.0), "n_images": 2,

@@ -74,8 +74,11 @@ def format_report(result: dict) -> str:
     for name, m in result["per_defect_type"].items():
         lines.append(f"{name:14s} {pct(m['image_auroc']):>11s} {pct(m['pixel_auroc']):>11s} "
                      f"{pct(m['aupro']):>9s} {m['n_images']:6d}")
-    lines.append(f"default threshold {result['threshold']:.4g}: F1 {pct(result['f1'])}, "
-                 f"precision {pct(result['precision'])}, recall {pct(result['recall'])}")
+    if result["threshold"] is not None:
+        n_good = result["n_images"] - result["n_anomalous"]
+        lines.append(f"default threshold {result['threshold']:.4g}: F1 {pct(result['f1'])}, "
+                     f"precision {pct(result['precision'])}, recall {pct(result['recall'])}, "
+                     f"good images failed {pct(result.get('false_reject_rate')).strip()}% of {n_good}")
     against = {name: m["pixel_auroc_against"] for name, m in result["per_defect_type"].items()
                if m.get("pixel_auroc_against")}
     if against:

@@ -332,14 +332,15 @@ def summarize(
 ) -> Dict[str, Any]:
     """All metrics of an evaluation run as plain Python values (JSON-serialisable, no NaN).
 
-    Overall: image_auroc, pixel_auroc, aupro, f1, precision, recall (at ``score > threshold``),
-    threshold, n_images, n_anomalous. ``per_defect_type``: for each defect type other than "good",
-    image_auroc (that type's images against all "good" images), pixel_auroc and aupro (that type's
-    images plus the good images), pixel_auroc_against (its anomalous pixels against the normal pixels
-    of each group of images, :func:`pixel_auroc_against`) and n_images (of that type).
+    Overall: image_auroc, pixel_auroc, aupro, f1, precision, recall and false_reject_rate (the share of
+    good images failed; all at ``score > threshold``), threshold, n_images, n_anomalous.
+    ``per_defect_type``: for each defect type other than "good", image_auroc (that type's images
+    against all "good" images), pixel_auroc and aupro (that type's images plus the good images),
+    pixel_auroc_against (its anomalous pixels against the normal pixels of each group of images,
+    :func:`pixel_auroc_against`) and n_images (of that type).
 
-    ``masks`` (or ``maps``) None: the pixel metrics are None. ``threshold`` None: f1/precision/recall
-    are None. Undefined metrics (e.g. no good image) are None.
+    ``masks`` (or ``maps``) None: the pixel metrics are None. ``threshold`` None: f1/precision/recall/
+    false_reject_rate are None. Undefined metrics (e.g. no good image) are None.
     """
     y, s = _scores_1d(labels, scores)
     types = np.asarray([str(t) for t in defect_types])
@@ -355,10 +356,12 @@ def summarize(
     out["pixel_auroc"] = _or_none(pixel_auroc(g, m)) if has_pixels else None
     out["aupro"] = _or_none(aupro(g, m)) if has_pixels else None
     if threshold is None:
-        out.update(f1=None, precision=None, recall=None, threshold=None)
+        out.update(f1=None, precision=None, recall=None, false_reject_rate=None, threshold=None)
     else:
         prf = f1_at_threshold(y, s, threshold)
-        out.update(f1=prf["f1"], precision=prf["precision"], recall=prf["recall"], threshold=float(threshold))
+        rejected = s[~y] > float(threshold)  # the same decision as f1_at_threshold's, on the good images
+        out.update(f1=prf["f1"], precision=prf["precision"], recall=prf["recall"],
+                   false_reject_rate=float(rejected.mean()) if rejected.size else None, threshold=float(threshold))
     out["n_images"] = int(y.size)
     out["n_anomalous"] = int(np.count_nonzero(y))
 
