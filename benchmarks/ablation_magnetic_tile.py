@@ -45,7 +45,9 @@ def main() -> None:
     model, meta = load_model(args.model)
     pre, cfg = meta.preprocessing, model.config
     training = meta.training["train_config"]
-    train_paths, _ = split_holdout(data.train_images(args.data), training["holdout_fraction"], training["seed"])
+    train_paths = data.train_images(args.data)
+    if not training.get("holdout_dir"):  # else every image of train/good trained
+        train_paths, _ = split_holdout(train_paths, training["holdout_fraction"], training["seed"])
     samples = data.eval_samples(args.data)
     masks = np.stack([data.load_mask(s, pre.input_size) for s in samples])
     labels = np.array([s.label for s in samples])

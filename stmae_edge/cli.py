@@ -101,6 +101,9 @@ def train(
         raise ConfigError("--self-supervised, --corruptions-per-image and --backbone-weights are stmae options; "
                           "the filtering autoencoder has no backbone and always trains on fresh synthetic defects")
 
+    if holdout_dir is not None and holdout != HOLDOUT:
+        raise ConfigError("--holdout draws the held-out images from train/good and --holdout-dir names them: "
+                          "give one of the two")
     use_available_cores()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
                       holdout_dir=str(holdout_dir or ""),

@@ -8,10 +8,10 @@ import torch
 
 from stmae_edge import __version__, data
 from stmae_edge.checkpoint import load_model, read_checkpoint
-from stmae_edge.errors import CheckpointError, DatasetError
+from stmae_edge.errors import CheckpointError, DatasetError, InvalidImageError
 from stmae_edge.models.stmae import preset
 from stmae_edge.scoring import ScoreStats
-from stmae_edge.training.train import TrainConfig, score_images, split_holdout, train
+from stmae_edge.training.train import TrainConfig, score_images, split_holdout, train, training_and_holdout
 
 CFG = TrainConfig(epochs=3, batch_size=8, seed=0)
 
@@ -127,3 +127,18 @@ def test_holdout_dir_sharing_a_training_image_is_refused(synthetic_dataset, tmp_
     with pytest.raises(DatasetError, match="not a folder of images"):
         train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"),
               TrainConfig(holdout_dir=str(tmp_path / "missing")), backbone_weights="random")
+
+
+def test_holdout_dir_is_checked_before_training(synthetic_dataset, tmp_path):
+    held = tmp_path / "held"
+    held.mkdir()
+    for path in data.images_in(synthetic_dataset / "test" / "good")[:2]:
+        (held / path.name).write_bytes(path.read_bytes())
+    paths = data.train_images(synthetic_dataset)
+    train_paths, holdout, source = training_and_holdout(paths, TrainConfig(holdout_dir=str(held)))
+    assert train_paths == paths and len(holdout) == 2 and source == f"from {held}"
+    with pytest.raises(DatasetError, match="training needs at least two"):
+        training_and_holdout(paths[:1], TrainConfig(holdout_dir=str(held)))
+    (held / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(InvalidImageError, match="broken.png"):
+        training_and_holdout(paths, TrainConfig(holdout_dir=str(held)))

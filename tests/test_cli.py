@@ -63,6 +63,8 @@ def test_holdout_dir_of_training_images_is_one_line(synthetic_dataset, tmp_path)
             "--backbone-weights", "random", "--holdout-dir", str(synthetic_dataset / "train" / "good"))
     _assert_one_line_error(r, "24 of its images are also in train/good")
     assert not (tmp_path / "m.pt").exists()
+    r = run("train", str(synthetic_dataset), "--holdout", "0.2", "--holdout-dir", str(tmp_path))
+    _assert_one_line_error(r, "give one of the two")
 
 
 def test_corrupt_model_file_is_one_line(tmp_path, synthetic_dataset):

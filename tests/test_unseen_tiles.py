@@ -84,4 +84,8 @@ def test_the_threshold_benchmark_holds_out_whole_training_tiles(tmp_path):
     assert len(list(holdout.iterdir())) == 6 * len(held)  # every exposure of each held-out tile
     assert {p.name for p in (tmp_path / "parts" / "data" / "test" / "good").iterdir()} == \
         {p.name for p in (tmp_path / "regrouped" / "test" / "good").iterdir()}
-    hold_out_parts(tmp_path / "regrouped", tmp_path / "parts", fraction=0.25, seed=0)  # a second run replaces it
+    first = sorted(p.name for p in holdout.iterdir())
+    hold_out_parts(tmp_path / "regrouped", tmp_path / "parts", fraction=0.25, seed=1)  # a second run replaces it
+    again = {_tile(p.name) for p in holdout.iterdir()}
+    assert sorted(p.name for p in holdout.iterdir()) != first and len(again) * 6 == len(list(holdout.iterdir()))
+    assert not again & {_tile(p.name) for p in (tmp_path / "parts" / "data" / "train" / "good").iterdir()}

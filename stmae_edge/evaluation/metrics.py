@@ -18,6 +18,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from .operating_point import evaluate_threshold
+
 __all__ = ["image_auroc", "pixel_auroc", "pixel_auroc_against", "aupro", "pro_curve", "roc_curve", "f1_at_threshold",
            "summarize"]
 
@@ -359,9 +361,9 @@ def summarize(
         out.update(f1=None, precision=None, recall=None, false_reject_rate=None, threshold=None)
     else:
         prf = f1_at_threshold(y, s, threshold)
-        rejected = s[~y] > float(threshold)  # the same decision as f1_at_threshold's, on the good images
+        point = evaluate_threshold(threshold, s[~y], s[y], rule="")
         out.update(f1=prf["f1"], precision=prf["precision"], recall=prf["recall"],
-                   false_reject_rate=float(rejected.mean()) if rejected.size else None, threshold=float(threshold))
+                   false_reject_rate=_or_none(point.false_reject_rate), threshold=float(threshold))
     out["n_images"] = int(y.size)
     out["n_anomalous"] = int(np.count_nonzero(y))
 

@@ -9,7 +9,6 @@ default threshold through the same forward() that export and the runtime use.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import time
@@ -22,6 +21,7 @@ import torch
 
 from .. import data
 from ..checkpoint import save_checkpoint
+from ..engine_plan import sha256_file
 from ..outputs import check_writable
 from ..errors import ConfigError, DatasetError, InvalidImageError
 from ..image_header import declared_size
@@ -95,25 +95,27 @@ def preprocessing_for(config: STMAEConfig | FilteringAEConfig, bit_depth: int = 
                          keep_aspect=keep_aspect)
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def training_and_holdout(paths: Sequence[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path], str]:
     """(training images, held-out good images, where the held-out ones come from): cfg.holdout_dir's
-    images beside every image in `paths`, or a seeded holdout_fraction of `paths`.
+    images beside every image in `paths`, or a seeded holdout_fraction of `paths`. Checked before any
+    training starts.
 
     Raises:
-        DatasetError: holdout_dir is not a folder of at least two images, or shares an image with
-            `paths` (byte for byte): its images would then be scored by a model fitted on them.
+        DatasetError: fewer than two training images; holdout_dir is not a folder of at least two
+            images, or shares an image with `paths` (byte for byte): its images would then be scored
+            by a model fitted on them.
+        InvalidImageError: a held-out image whose header declares no usable size.
     """
     if not cfg.holdout_dir:
         train, holdout = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
         return train, holdout, "drawn at random from train/good"
+    if len(paths) < 2:
+        raise DatasetError(f"{len(paths)} training image(s): training needs at least two")
     holdout = data.images_in(cfg.holdout_dir)
     if len(holdout) < 2:
         raise DatasetError(f"{cfg.holdout_dir}: {len(holdout)} images; hold out at least two good images")
-    shared = {file_digest(p) for p in holdout} & {file_digest(p) for p in paths}
+    image_sizes(holdout)
+    shared = {sha256_file(p) for p in holdout} & {sha256_file(p) for p in paths}
     if shared:
         raise DatasetError(f"{cfg.holdout_dir}: {len(shared)} of its images are also in train/good; hold out "
                            "good images of parts that train/good does not show")
