@@ -95,6 +95,7 @@ def train(
     """Train a model on good images and write one self-describing checkpoint."""
     from .errors import ConfigError
     from .models.filtering_ae import FAMILY as FILTERING_FAMILY
+    from .evaluation.operating_point import holdout_check
     from .training.train import TrainConfig, train as run_train
 
     if family == FILTERING_FAMILY and (self_supervised or corruptions_per_image != CORRUPTIONS or backbone_weights != "imagenet"):
@@ -116,6 +117,8 @@ def train(
                f"({t['holdout']}), "
                f"final loss {t['loss_per_epoch'][-1]:.4f}, {t['seconds']:.0f}s; "
                f"threshold {meta.thresholds.image:.4g} ({meta.thresholds.rule}); input shape: {t['aspect']}")
+    # With --crop the statistics come from crops of the held-out images: count what was scored.
+    typer.echo(holdout_check(t["holdout_above_threshold"], meta.score_stats.count, "crops" if cfg.crop else "images"))
 
 
 @app.command()
@@ -157,6 +160,7 @@ def demo(
     """The embedded default: prepare ELPV solar cells, train a small model, evaluate, print results."""
     from .demo import prepare_elpv
     from .evaluation.evaluate import evaluate as run_evaluate, format_report, write_json
+    from .evaluation.operating_point import holdout_check
     from .training.train import TrainConfig, train as run_train
 
     use_available_cores()
@@ -164,7 +168,8 @@ def demo(
     model_path = workdir / "model.pt"
     typer.echo(f"dataset: {data_dir} (ELPV mono cells; image labels only, no pixel masks)")
     meta = run_train(data_dir, model_path, _model_config("stmae", "small", None), TrainConfig(epochs=epochs))
-    typer.echo(f"trained {model_path} in {meta.training['seconds']:.0f}s")
+    typer.echo(f"trained {model_path} in {meta.training['seconds']:.0f}s; threshold {meta.thresholds.image:.4g}: "
+               + holdout_check(meta.training["holdout_above_threshold"], meta.score_stats.count))
     result = run_evaluate(model_path, data_dir)
     write_json(result, workdir / "eval.json")
     typer.echo(format_report(result))

@@ -43,6 +43,7 @@ def test_loaded_model_reproduces_the_held_out_statistics(trained, synthetic_data
     _, holdout = split_holdout(data.train_images(synthetic_dataset), CFG.holdout_fraction, CFG.seed)
     _, scores = score_images(model, loaded.preprocessing, holdout)
     assert ScoreStats.from_scores(scores).mean == pytest.approx(loaded.score_stats.mean, rel=1e-5)
+    assert loaded.training["holdout_above_threshold"] == int((scores > loaded.thresholds.image).sum())
 
 
 def test_training_is_seeded(trained, synthetic_dataset, tmp_path):

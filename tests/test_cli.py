@@ -28,6 +28,8 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and model.is_file()
     assert "2 held out (drawn at random from train/good)" in r.stdout
+    assert "of 2 held-out good images above the threshold" in r.stdout and "(95% upper bound)" in r.stdout
+    assert "hold out more good images to narrow it (train --holdout, --holdout-dir)" in r.stdout  # 2 images promise little
     assert "input shape: training images' width/height from 1.00 to 1.00: stretched to the input" in r.stdout
     report = tmp_path / "report.json"
     r = run("evaluate", str(model), str(synthetic_dataset), "--out", str(report))

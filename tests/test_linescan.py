@@ -256,6 +256,9 @@ def test_train_crop_from_the_command_line(synthetic_dataset, tmp_path):
     info = json.loads(run("info", str(model)).stdout)
     assert info["preprocessing"]["input_size"] == [48, 48] and info["config"]["input_size"] == 48
     assert info["training"]["crop"] == 48 and info["training"]["train_config"]["crops_per_image"] == 2
+    crops = info["score_stats"]["count"]  # two crops of each held-out image
+    assert crops == 2 * info["training"]["holdout_images"]
+    assert f"of {crops} held-out good crops above the threshold; on crops like them" in r.stdout
 
 
 def test_a_failed_push_leaves_the_inspector_as_it_was(linescan_model):

@@ -13,7 +13,7 @@ from stmae_edge.checkpoint import read_checkpoint
 from stmae_edge.errors import ConfigError
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.model_files import read_metadata, write_thresholds
-from stmae_edge.evaluation.operating_point import choose, wilson_interval
+from stmae_edge.evaluation.operating_point import choose, holdout_check, wilson_interval
 from stmae_edge.runtime import Detector
 from stmae_edge.scoring import ScoreStats, Thresholds
 from test_cli import _assert_one_line_error, run
@@ -59,6 +59,20 @@ def test_sigma_rule_intervals_and_description():
     text = point.describe()
     assert "29 of 100 good images" in text and "95% CI" in text and "mean + 3 * std" in text
     assert json.loads(json.dumps(point.to_dict()))["intervals_95"]["recall"][1] <= 1.0
+
+
+@pytest.mark.parametrize("above, held_out, bound, advised", [
+    (0, 76, "4.8%", False),  # magnetic_tile's tenth of train/good: 3.84 / (76 + 3.84)
+    (0, 72, "5.1%", True),  # the first count whose bound passes 5%
+    (0, 24, "13.8%", True),  # the ELPV demo's held-out cells
+    (3, 100, "8.5%", True),
+])
+def test_train_says_how_far_its_held_out_images_carry_the_threshold(above, held_out, bound, advised):
+    line = holdout_check(above, held_out)
+    assert line.startswith(f"{above} of {held_out} held-out good images above the threshold")
+    assert f"up to {bound} (95% upper bound)" in line
+    assert ("hold out more good images to narrow it (train --holdout, --holdout-dir)" in line) == advised
+    assert float(bound[:-1]) == pytest.approx(100 * wilson_interval(above, held_out)[1], abs=0.05)
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

@@ -7,6 +7,7 @@ and what it costs there, with confidence intervals that say how few images the f
         --sigma S              mean + S x std of the model's held-out good scores (the training rule)
     -> OperatingPoint: threshold, false-reject rate, escape rate, precision, recall, each with a 95%
        Wilson interval, and the counts behind them
+    held-out good images' scores at training -> holdout_check: how far they carry train's threshold
 
 An image fails when its score is above the threshold (scoring.Thresholds). Every threshold between
 two neighbouring observed scores classifies the validation set alike; the one chosen is the midpoint
@@ -42,6 +43,24 @@ def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float,
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# Above this 95% upper bound on the false-reject rate, `train` advises on its threshold (with none of
+# them above it, 72 held-out images or fewer already allow more than 5%).
+WIDE_FALSE_REJECT_BOUND = 0.05
+
+
+def holdout_check(above: int, held_out: int, unit: str = "images") -> str:
+    """One line for `train`: how many held-out good images (or crops: `unit`) its threshold fails, and
+    how high a false-reject rate that many cannot rule out (the upper end of a 95% Wilson interval),
+    with what to do where that is above WIDE_FALSE_REJECT_BOUND."""
+    upper = wilson_interval(above, held_out)[1]
+    line = (f"{above} of {held_out} held-out good {unit} above the threshold; on {unit} like them the "
+            f"false-reject rate may be up to {100 * upper:.1f}% (95% upper bound)")
+    if upper > WIDE_FALSE_REJECT_BOUND:
+        line += (f": more than {100 * WIDE_FALSE_REJECT_BOUND:.0f}%; hold out more good images to narrow it "
+                 "(train --holdout, --holdout-dir) or choose the threshold on labelled images (stmae-edge threshold)")
+    return line
 
 
 @dataclass(frozen=True)

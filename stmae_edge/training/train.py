@@ -299,18 +299,22 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     map_stats = None
     if getattr(model_config, "score_layers", ()):
         map_stats = ScoreStats.from_scores(map_maxima(holdout_maps))
+    thresholds = Thresholds.from_stats(stats, cfg.sigma, map_stats)
     metadata = ModelMetadata(
         model_family=family,
         config=model_config.to_dict(),
         preprocessing=preprocessing,
         score_stats=stats,
         map_stats=map_stats,
-        thresholds=Thresholds.from_stats(stats, cfg.sigma, map_stats),
+        thresholds=thresholds,
         training={
             "data_dir": str(data_dir),
             "train_images": len(train_paths),
             "holdout_images": len(holdout_paths),
             "holdout": holdout_source,
+            # How many held-out scores (images, or crops with `crop`) the image threshold fails: with
+            # score_stats.count, how far it can be trusted (evaluation.operating_point.holdout_check).
+            "holdout_above_threshold": int(np.count_nonzero(holdout_scores > thresholds.image)),
             "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
             "aspect": aspect_reason,
             **provenance,
