@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from .operating_point import evaluate_threshold
+from .operating_point import OperatingPoint, evaluate_threshold
 
 __all__ = ["image_auroc", "pixel_auroc", "pixel_auroc_against", "aupro", "pro_curve", "roc_curve", "f1_at_threshold",
            "summarize"]
@@ -78,12 +78,12 @@ def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
 def f1_at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: float) -> Dict[str, float]:
     """Precision, recall and F1 of the decision ``score > threshold`` (0/0 is taken as 0.0)."""
     y, s = _scores_1d(labels, scores)
-    pred = s > float(threshold)
-    tp = int(np.count_nonzero(pred & y))
-    fp = int(np.count_nonzero(pred & ~y))
-    fn = int(np.count_nonzero(~pred & y))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    return _precision_recall_f1(evaluate_threshold(threshold, s[~y], s[y], rule=""))
+
+
+def _precision_recall_f1(point: OperatingPoint) -> Dict[str, float]:
+    precision = 0.0 if math.isnan(point.precision) else point.precision
+    recall = 0.0 if math.isnan(point.recall) else point.recall
     f1 = 2.0 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
 
@@ -360,8 +360,8 @@ def summarize(
     if threshold is None:
         out.update(f1=None, precision=None, recall=None, false_reject_rate=None, threshold=None)
     else:
-        prf = f1_at_threshold(y, s, threshold)
         point = evaluate_threshold(threshold, s[~y], s[y], rule="")
+        prf = _precision_recall_f1(point)
         out.update(f1=prf["f1"], precision=prf["precision"], recall=prf["recall"],
                    false_reject_rate=_or_none(point.false_reject_rate), threshold=float(threshold))
     out["n_images"] = int(y.size)
