@@ -17,6 +17,7 @@ from .scoring import DEFAULT_SIGMA
 
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
 PARTIAL_EXIT_CODE = 3
+DEMO_GOOD_CELLS = 470  # ELPV's defect-free mono cells less the demo's test fifth: `demo --max-train 0`
 
 BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12 cameras, whose values stop "
                   "at 1023 or 4095; 8-bit images are unaffected")
@@ -155,7 +156,7 @@ def info(model: Path = typer.Argument(..., help=".pt, .onnx or .plan file")) -> 
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="where the dataset view, model and report go"),
     epochs: int = typer.Option(30, min=1),
-    max_train: int = typer.Option(240, min=0, help="good cells to train on (0 = all 470)"),
+    max_train: int = typer.Option(240, min=0, help=f"good cells to train on (0 = all {DEMO_GOOD_CELLS})"),
 ) -> None:
     """The embedded default: prepare ELPV solar cells, train a small model, evaluate, print results."""
     from .demo import prepare_elpv
@@ -169,7 +170,8 @@ def demo(
     typer.echo(f"dataset: {data_dir} (ELPV mono cells; image labels only, no pixel masks)")
     meta = run_train(data_dir, model_path, _model_config("stmae", "small", None), TrainConfig(epochs=epochs))
     typer.echo(f"trained {model_path} in {meta.training['seconds']:.0f}s; threshold {meta.thresholds.image:.4g}: "
-               + holdout_check(meta.training["holdout_above_threshold"], meta.score_stats.count))
+               + holdout_check(meta.training["holdout_above_threshold"], meta.score_stats.count,
+                               remedy=f"demo --max-train 0: all {DEMO_GOOD_CELLS} good cells, a tenth held out"))
     result = run_evaluate(model_path, data_dir)
     write_json(result, workdir / "eval.json")
     typer.echo(format_report(result))

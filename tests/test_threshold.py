@@ -75,6 +75,11 @@ def test_train_says_how_far_its_held_out_images_carry_the_threshold(above, held_
     assert float(bound[:-1]) == pytest.approx(100 * wilson_interval(above, held_out)[1], abs=0.05)
 
 
+def test_the_advice_names_the_options_of_the_command_that_trained():
+    line = holdout_check(0, 24, remedy="demo --max-train 0")
+    assert "hold out more good images to narrow it (demo --max-train 0)" in line and "train --holdout" not in line
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     ({}, "exactly one target"),
     ({"max_false_reject": 0.1, "min_recall": 0.9}, "exactly one target"),
