@@ -11,8 +11,8 @@ import torch
 from stmae_edge.errors import ConfigError
 from stmae_edge.models.gaussian import fit_position_gaussian
 from stmae_edge.models.maps import smooth
-from stmae_edge.models.stmae import (STMAE, STMAEConfig, checkerboard_split, preset, random_split, take_tokens,
-                                     unit_tokens)
+from stmae_edge.models.stmae import (STMAE, STMAEConfig, checkerboard_split, explicit_attention, fused_attention,
+                                     preset, random_split, take_tokens, unit_tokens)
 from stmae_edge.preprocessing import Preprocessing
 from stmae_edge.training.train import fit_gaussian, fit_intensity_target
 
@@ -100,6 +100,25 @@ def test_raster_order_is_restored_exactly():
     # Without the inverse permutation the same predictions land in the wrong places.
     unrestored = oracle.fold(torch.cat(oracle.transit(oracle.tokenize(feats), a, b), dim=1))
     assert oracle.transition_map(feats, unrestored).abs().max() > 0.1
+
+
+def test_a_token_is_a_patch_of_every_channel_in_raster_order(model):
+    feats = _feats(model)
+    b, ch, g, _ = feats.shape
+    p, s = model.config.patch, model.config.tokens_per_side
+    tokens = model.tokenize(feats)
+    # Token (row, col) holds feats[:, :, row*p:(row+1)*p, col*p:(col+1)*p], flattened channel first.
+    for row, col in ((0, 0), (0, s - 1), (s - 1, 1)):
+        patch = feats[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p].reshape(b, ch * p * p)
+        assert torch.equal(tokens[:, row * s + col], patch)
+    assert torch.equal(model.fold(tokens), feats)
+
+
+def test_fused_attention_is_the_attention_the_graph_exports():
+    q, k, v = torch.randn(3, 2, 4, 50, 8, generator=torch.Generator().manual_seed(0))
+    written_out = explicit_attention(q, k, v, 8 ** -0.5)
+    assert torch.allclose(fused_attention(q, k, v, 8 ** -0.5), written_out, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(fused_attention(q, k, v, 1.0), written_out, atol=1e-3)
 
 
 def test_each_half_is_predicted_only_from_the_other(model):

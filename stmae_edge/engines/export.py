@@ -52,11 +52,11 @@ class HalfPrecision(torch.nn.Module):
 # Ops that TensorRT's ONNX parser supports and that this model needs (TensorRT 10 operator list).
 # Anything else fails the export check: a new op must be looked up before it is allowed in.
 TENSORRT_OPS = frozenset({
-    "Abs", "Add", "AveragePool", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Div",
-    "Equal", "Erf", "Expand", "Flatten", "Gather", "Gemm", "Identity", "LayerNormalization", "MatMul",
-    "Max", "MaxPool", "Min", "Mul", "Neg", "Pad", "Pow", "Range", "ReduceL2", "ReduceMax", "ReduceMean",
-    "ReduceSum", "Relu", "Reshape", "Resize", "Shape", "Sigmoid", "Slice", "Softmax", "Sqrt", "Squeeze",
-    "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+    "Abs", "Add", "AveragePool", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv",
+    "DepthToSpace", "Div", "Equal", "Erf", "Expand", "Flatten", "Gather", "Gemm", "Identity",
+    "LayerNormalization", "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Pad", "Pow", "Range", "ReduceL2",
+    "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Resize", "Shape", "Sigmoid", "Slice",
+    "Softmax", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
 })
 
 

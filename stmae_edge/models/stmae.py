@@ -197,8 +197,18 @@ def preset(name: str, **overrides) -> STMAEConfig:
     return replace(PRESETS[name], **overrides)
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v, written out: what the exported graph computes."""
+    return (q @ k.transpose(-2, -1) * scale).softmax(dim=-1) @ v
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same attention through PyTorch's fused kernel (equal to explicit_attention within float
+    rounding): a training step on 2 CPU cores ~10% faster (docs/BENCHMARKS.md, issue 15)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 class Attention(nn.Module):
-    # Written out (no fused kernel) so ONNX export gives plain MatMul/Softmax that TensorRT fuses itself.
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -209,9 +219,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        # Exported written out, so the ONNX graph has plain MatMul/Softmax that TensorRT fuses itself
+        # (the exporter's own decomposition of the fused kernel adds Slice/Concat/Shape nodes).
+        attend = explicit_attention if torch.compiler.is_exporting() else fused_attention
+        out = attend(qkv[0], qkv[1], qkv[2], self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class Block(nn.Module):
@@ -359,16 +371,18 @@ class STMAE(nn.Module):
     def standardize(self, raw_features: torch.Tensor) -> torch.Tensor:
         return (raw_features - self.feature_mean) / self.feature_std
 
+    # A token is a p x p patch of every channel, (C, p, p) flattened, tokens in raster order. Pixel
+    # (un)shuffle moves the data as a six-axis permute would, ~10x faster with its gradient on a CPU
+    # (docs/BENCHMARKS.md); exported as Reshape/Transpose and DepthToSpace.
     def tokenize(self, feats: torch.Tensor) -> torch.Tensor:
-        b, ch, _, _ = feats.shape
-        s, p = self.config.tokens_per_side, self.config.patch
-        patches = feats.reshape(b, ch, s, p, s, p).permute(0, 2, 4, 1, 3, 5).reshape(b, s * s, self.token_dim)
-        return patches
+        """(B, C, G, G) -> (B, (G/p)^2, C*p*p)."""
+        return F.pixel_unshuffle(feats, self.config.patch).flatten(2).transpose(1, 2)
 
     def fold(self, tokens: torch.Tensor) -> torch.Tensor:
-        b = tokens.shape[0]
-        s, p, ch = self.config.tokens_per_side, self.config.patch, self.features.channels
-        return tokens.reshape(b, s, s, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, s * p, s * p)
+        """(B, (G/p)^2, C*p*p) -> (B, C, G, G), the inverse of tokenize."""
+        s = self.config.tokens_per_side
+        return F.pixel_shuffle(tokens.transpose(1, 2).reshape(tokens.shape[0], self.token_dim, s, s),
+                               self.config.patch)
 
     def reconstruct(self, feats: torch.Tensor, split_a: torch.Tensor | None = None,
                     split_b: torch.Tensor | None = None) -> torch.Tensor:
