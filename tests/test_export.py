@@ -13,7 +13,7 @@ from stmae_edge.checkpoint import load_model
 from stmae_edge.errors import CheckpointError, VerificationError
 from stmae_edge.engines.export import TENSORRT_OPS, export_onnx
 from stmae_edge.metadata import ModelMetadata
-from stmae_edge.models.stmae import preset
+from stmae_edge.models.stmae import Attention, preset
 from stmae_edge.training.train import TrainConfig, train
 from stmae_edge.engines.verify import verify
 
@@ -53,6 +53,21 @@ def test_split_and_restore_are_gathers_with_constant_indices(exported):
     for buffer in (model.eval_split_a, model.eval_split_b, model.eval_restore):
         assert any(idx.shape == tuple(buffer.shape) and np.array_equal(idx, buffer.numpy())
                    for idx in gather_indices), "a split or restore index set is not a constant Gather"
+
+
+def test_attention_is_exported_written_out(exported):
+    # Training runs the fused kernel; the graph must keep softmax(q k^T * scale) v as MatMul, Mul and
+    # Softmax, which TensorRT fuses itself (the exporter's decomposition of the kernel scales q and k).
+    checkpoint, path, _ = exported
+    model, _ = load_model(checkpoint)
+    proto = onnx.load(str(path))
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    softmaxes = [node for node in proto.graph.node if node.op_type == "Softmax"]
+    assert len(softmaxes) == sum(isinstance(m, Attention) for m in model.modules())
+    for node in softmaxes:
+        scaled = producer[node.input[0]]
+        assert scaled.op_type == "Mul"
+        assert any(name in producer and producer[name].op_type == "MatMul" for name in scaled.input)
 
 
 def test_metadata_travels_in_the_onnx_file(exported):
