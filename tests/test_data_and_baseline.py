@@ -72,6 +72,12 @@ def test_elpv_demo_view_is_disjoint(tmp_path):
     assert len(train) == 20 and not train & test
     assert sum(s.label for s in samples) == 10 and not data.has_masks(samples)
 
+    # Capped, the training cells are a random draw from all training cells, as the test cells are: the
+    # names follow the modules the cells were cut from, and the first names would be a few modules.
+    every = sorted(p.name for p in data.train_images(prepare_elpv(tmp_path / "all", max_defective=10)))
+    ranks = sorted(every.index(name) for name in train)
+    assert ranks != list(range(20)) and ranks[-1] > len(every) // 2 and ranks[0] < len(every) // 2
+
 
 def test_gaussian_baseline_finds_the_outlier_position():
     g = torch.Generator().manual_seed(0)
