@@ -290,6 +290,9 @@ def main() -> None:
                       f"{config.score_grid}x{config.score_grid} grid"
                       f"{', each channel standardised over the image' if config.score_standardize else ''}, "
                       f"{config.score_dim} principal components")
+        if config.score_wide_sigma:
+            described += (f", the larger of its maxima after {config.score_smoothing_sigma:g} and "
+                          f"{config.score_wide_sigma:g} cells of smoothing, each as a z-score on held-out good images")
     gaussian, patchcore = baselines["gaussian"], baselines["patchcore"]
     bank = round(args.coreset * 100, 2)
     rows = [

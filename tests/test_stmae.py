@@ -10,11 +10,11 @@ import torch
 
 from stmae_edge.errors import ConfigError
 from stmae_edge.models.gaussian import fit_position_gaussian
-from stmae_edge.models.maps import smooth
+from stmae_edge.models.maps import gaussian_kernel, smooth
 from stmae_edge.models.stmae import (STMAE, STMAEConfig, checkerboard_split, explicit_attention, fused_attention,
                                      preset, random_split, take_tokens, unit_tokens)
 from stmae_edge.preprocessing import Preprocessing
-from stmae_edge.training.train import fit_gaussian, fit_intensity_target
+from stmae_edge.training.train import fit_gaussian, fit_intensity_target, fit_score_head, fit_score_scales
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +143,9 @@ def test_eval_is_deterministic_and_train_mode_is_not_used_for_scoring(model):
     maps2, scores2 = model(images)
     assert torch.equal(maps1, maps2) and torch.equal(scores1, scores2)
     assert maps1.shape == (2, 1, model.config.input_size, model.config.input_size)
-    # The tiny preset has a score head, as the default: the score is the maximum of its own map.
+    # The tiny preset has a score head, as the default: the score is its own (image_score).
     _, score_features = model.extract_with_score(images)
-    assert torch.equal(scores1, model.score_map(score_features).flatten(1).amax(1))
+    assert torch.equal(scores1, model.image_score(score_features))
     without_head = STMAE(replace(model.config, score_layers=()), backbone_weights="none")
     without_head.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("score_")},
                                  strict=False)
@@ -167,6 +167,38 @@ def test_score_head_reads_deep_layers_from_the_same_backbone_pass(model):
         replace(c, score_dim=0)
     with pytest.raises(ConfigError, match="unknown"):
         STMAE(replace(c, score_layers=("blocks.99",)), backbone_weights="none")
+
+
+def test_score_is_the_larger_of_two_smoothings_each_on_the_held_out_images_scale():
+    assert preset("small").score_wide_sigma > preset("small").score_smoothing_sigma
+    assert not preset("small-one-scale").score_wide_sigma
+    torch.manual_seed(0)
+    m = STMAE(preset("tiny"), backbone_weights="random").eval()
+    c, s = m.config, m.config.score_grid
+    field = lambda n, seed: torch.randn(n, m.features.score_channels, s, s,  # noqa: E731
+                                        generator=torch.Generator().manual_seed(seed))
+    fit_score_head(m, field(40, 1))
+    holdout = field(12, 2)
+    fit_score_scales(m, holdout)
+
+    def maxima(x):
+        distance = m.score_distance(x)
+        return [smooth(distance, gaussian_kernel(sigma)).flatten(1).amax(1)
+                for sigma in (c.score_smoothing_sigma, c.score_wide_sigma)]
+
+    with torch.no_grad():
+        narrow, wide = maxima(holdout)
+        torch.testing.assert_close(m.score_scale_stats,
+                                   torch.tensor([[narrow.mean(), narrow.std()], [wide.mean(), wide.std()]]))
+        test = field(3, 3)
+        test[1, :, 1, 2] += 3.0  # one cell far out
+        direction = torch.randn(m.features.score_channels, 1, 1, generator=torch.Generator().manual_seed(9))
+        test[2, :, :3, :3] += 2.0 * direction  # a patch of cells, each less far out
+        narrow, wide = maxima(test)
+        st = m.score_scale_stats
+        z_narrow, z_wide = (narrow - st[0, 0]) / st[0, 1], (wide - st[1, 0]) / st[1, 1]
+        torch.testing.assert_close(m.image_score(test), torch.maximum(z_narrow, z_wide))
+        assert z_narrow[1] > z_wide[1] and z_wide[2] > z_narrow[2]  # each smoothing decides one of them
 
 
 def test_intensity_normalisation_makes_scores_blind_to_gain_and_offset():

@@ -24,7 +24,9 @@ Data flow for one image (the names below are the methods):
   score     image score = max of the map; or, with a score head (score_layers, the default), from the
             same backbone pass: deeper layers on a coarser grid (score_grid), each channel standardised
             over the image's positions (score_standardize, the default), projected on their principal
-            components, Mahalanobis distance to a Gaussian per position, smoothed, maximum.
+            components, Mahalanobis distance to a Gaussian per position, smoothed, maximum; with
+            score_wide_sigma (the default) smoothed twice, narrow and wide, the larger of the two maxima
+            as z-scores on held-out good images (issue 15: new tiles gain, BENCHMARKS.md).
             The map then shows where; the score says whether. Deep features see a whole tile's texture,
             which decides the image (BENCHMARKS.md, issue 15), while the shallow map keeps
             the localisation; a fused map traded one for the other.
@@ -101,6 +103,10 @@ class STMAEConfig:
     score_grid: int = 16
     score_dim: int = 128
     score_smoothing_sigma: float = 0.5  # in score grid cells
+    # A second, wider smoothing of the head's distance map (score grid cells); 0 = none. With it the
+    # score is the larger of the two smoothed maps' maxima, each as a z-score on held-out good images:
+    # a defect that shows as one strong cell and one that shows as a few weaker ones both count.
+    score_wide_sigma: float = 0.0
     # Each of the head's channels standardised over the image's own positions before the projection:
     # the head then judges how the tile's texture is laid out, not its overall level (score_inputs).
     score_standardize: bool = False
@@ -122,7 +128,8 @@ class STMAEConfig:
         if not (self.gaussian_weight >= 0 and self.transition_weight >= 0 and self.gaussian_dim >= 0
                 and self.gaussian_eps > 0):
             raise ConfigError("fusion weights and gaussian dim must not be negative, and gaussian eps must be positive")
-        if self.score_layers and not (self.score_grid >= 1 and self.score_dim >= 1 and self.score_smoothing_sigma > 0):
+        if self.score_layers and not (self.score_grid >= 1 and self.score_dim >= 1 and self.score_smoothing_sigma > 0
+                                      and self.score_wide_sigma >= 0):
             raise ConfigError("the score head's grid, dimension and smoothing must be positive")
         if self.score_layers and self.grid % self.score_grid:
             raise ConfigError(f"the score head's grid {self.score_grid} must divide the grid {self.grid}")
@@ -164,9 +171,13 @@ PRESETS: dict[str, STMAEConfig] = {
     "tiny": STMAEConfig(input_size=64, grid=16, patch=2, embed_dim=32, depth=1, heads=2,
                         decoder_dim=32, decoder_depth=1, decoder_heads=2, mlp_ratio=2.0, mask_unit=2,
                         gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0, gaussian_dim=16,
-                        score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8, score_standardize=True),
+                        score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8, score_standardize=True,
+                        score_wide_sigma=1.0),
     "small": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0,
-                         score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
+                         score_layers=DEEP_SCORE_LAYERS, score_standardize=True, score_wide_sigma=2.0),
+    # The default before the score head's second, wider smoothing (twelfth session, docs/BENCHMARKS.md).
+    "small-one-scale": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
+                                   transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
     # The default with each image brought to one brightness and contrast first: for lines whose lighting
     # or parts' brightness varies; costs localisation on magnetic_tile (docs/BENCHMARKS.md).
     "small-intensity-norm": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
@@ -338,6 +349,10 @@ class STMAE(nn.Module):
             self.register_buffer("score_mean", torch.zeros(positions, dim))
             self.register_buffer("score_precision", torch.eye(dim).repeat(positions, 1, 1))
             self.register_buffer("score_smoothing_kernel", gaussian_kernel(c.score_smoothing_sigma))
+            if c.score_wide_sigma > 0:
+                self.register_buffer("score_wide_kernel", gaussian_kernel(c.score_wide_sigma))
+                # (mean, std) over held-out good images of each smoothing's maximum; rows: narrow, wide.
+                self.register_buffer("score_scale_stats", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
         if c.intensity_norm:
             self.intensity = IntensityNormalization()  # the attribute name is INTENSITY_SCOPE
         self._init_weights()
@@ -464,9 +479,29 @@ class STMAE(nn.Module):
         return self.scoring(self._score_map, score_features)
 
     def _score_map(self, score_features: torch.Tensor) -> torch.Tensor:
-        distance = projected_mahalanobis(self.score_inputs(score_features), self.score_projection,
-                                         self.score_mean, self.score_precision)
-        return smooth(distance, self.score_smoothing_kernel.float())
+        return smooth(self.score_distance(score_features), self.score_smoothing_kernel.float())
+
+    def score_distance(self, score_features: torch.Tensor) -> torch.Tensor:
+        """The score head's distance map before smoothing: (B, 1, S, S), float32."""
+        return projected_mahalanobis(self.score_inputs(score_features), self.score_projection,
+                                     self.score_mean, self.score_precision)
+
+    def scale_maxima(self, distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image, the maxima of the distance map smoothed narrow and wide (score_wide_sigma)."""
+        narrow = smooth(distance, self.score_smoothing_kernel.float()).flatten(1).amax(dim=1)
+        return narrow, smooth(distance, self.score_wide_kernel.float()).flatten(1).amax(dim=1)
+
+    def image_score(self, score_features: torch.Tensor) -> torch.Tensor:
+        """The score head's image score (B,): the maximum of score_map, or with score_wide_sigma the
+        larger of the two smoothings' maxima, each as a z-score (score_scale_stats). Scoring scope."""
+        return self.scoring(self._image_score, score_features)
+
+    def _image_score(self, score_features: torch.Tensor) -> torch.Tensor:
+        if not self.config.score_wide_sigma:
+            return self._score_map(score_features).flatten(1).amax(dim=1)
+        stats = self.score_scale_stats.float()
+        narrow, wide = self.scale_maxima(self.score_distance(score_features))
+        return torch.maximum((narrow - stats[0, 0]) / stats[0, 1], (wide - stats[1, 0]) / stats[1, 1])
 
     def anomaly_map(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """The transition residual, fused with the per-position Gaussian if configured, smoothed:
@@ -498,5 +533,5 @@ class STMAE(nn.Module):
         maps, scores = maps_and_scores(self.scoring(self.anomaly_map, feats, self.reconstruct(feats)),
                                        images.shape[-2:])
         if score_features is not None:
-            scores = self.score_map(score_features).flatten(1).amax(dim=1)
+            scores = self.image_score(score_features)
         return maps, scores

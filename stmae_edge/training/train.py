@@ -351,10 +351,17 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
         mean, std = residual_statistics(model, features)
         model.residual_mean.copy_(mean)
         model.residual_std.copy_(std)
-    if model_config.gaussian_weight > 0:
+    two_scales = bool(model_config.score_layers) and model_config.score_wide_sigma > 0
+    if model_config.gaussian_weight > 0 or two_scales:
         if len(holdout) < 2:
-            raise ConfigError("the fused map needs at least two held-out good images for its scale")
-        fit_gaussian(model, features, extract_features(model, preprocessing, holdout, description="held-out features"))
+            raise ConfigError("the fused map and the score head's two smoothings need at least two held-out "
+                              "good images for their scales")
+        holdout_features, holdout_score_features = extract_feature_pairs(
+            model, preprocessing, holdout, description="held-out features", with_score=two_scales)
+        if model_config.gaussian_weight > 0:
+            fit_gaussian(model, features, holdout_features)
+        if two_scales:
+            fit_score_scales(model, holdout_score_features)
     return model, history
 
 
@@ -396,6 +403,16 @@ def fit_score_head(model: STMAE, score_features: torch.Tensor) -> None:
                                             model.config.gaussian_eps)
     model.score_mean.copy_(mean)
     model.score_precision.copy_(precision)
+
+
+@torch.no_grad()
+def fit_score_scales(model: STMAE, holdout_score_features: torch.Tensor) -> None:
+    """The (mean, std) over held-out good images of the score head's narrow and wide maxima, which put
+    the two on one scale (STMAE.image_score)."""
+    maxima = [model.scale_maxima(model.score_distance(chunk)) for chunk in holdout_score_features.split(64)]
+    stats = [[float(m.mean()), max(float(m.std()), 1e-6)]
+             for m in (torch.cat([n for n, _ in maxima]), torch.cat([w for _, w in maxima]))]
+    model.score_scale_stats.copy_(torch.tensor(stats))
 
 
 @torch.no_grad()
