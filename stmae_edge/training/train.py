@@ -331,7 +331,7 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
                 holdout: Sequence[ImageInput] = ()) -> tuple[STMAE, list[float]]:
     """Features once (and the score head's, fitted at once), then the transformer on them; residual
     statistics from the training images; with a fused map, the per-position Gaussian from the training
-    images and the fusion's scale from the held-out ones."""
+    images and the fusion's scale from the held-out ones, as the score head's two smoothings' scales."""
     model = STMAE(model_config, backbone_weights=backbone_weights)
     if model_config.intensity_norm:
         fit_intensity_target(model, preprocessing, items)
