@@ -158,14 +158,16 @@ def test_mono10_and_mono12_frames_score_as_their_8_bit_equivalents(tiny_export, 
     frames = [np.round(a.astype(np.float64) * top / 255).astype(np.uint16) for a in eight_bit]
     expected = np.array([r.score for r in detector.predict(eight_bit)])
     camera = Detector(tiny_export[1], bit_depth=bits)
-    np.testing.assert_allclose([r.score for r in camera.predict(frames)], expected, rtol=1e-2, atol=1e-3)
+    # The tiny model scores, as the default, in z-scores on its held-out good images (near 0 for good
+    # parts, so a relative tolerance alone means nothing there): within a twentieth of their spread.
+    np.testing.assert_allclose([r.score for r in camera.predict(frames)], expected, rtol=1e-2, atol=0.05)
     # Read as full-range 16-bit data the same frames are nearly black: scores that mean nothing.
-    assert not np.allclose([r.score for r in detector.predict(frames)], expected, rtol=1e-2, atol=1e-3)
+    assert not np.allclose([r.score for r in detector.predict(frames)], expected, rtol=1e-2, atol=0.05)
     too_bright = frames[0].copy()
     too_bright[0, 0] = top + 1
     with pytest.raises(InvalidImageError, match=f"exceed the {bits}-bit range"):
         camera.predict([frames[1], too_bright])
-    assert camera.predict(frames[0]).score == pytest.approx(expected[0], rel=1e-2, abs=1e-3)  # still usable
+    assert camera.predict(frames[0]).score == pytest.approx(expected[0], rel=1e-2, abs=0.05)  # still usable
     with pytest.raises(ConfigError, match="bit depth"):
         Detector(tiny_export[1], bit_depth=8)
 

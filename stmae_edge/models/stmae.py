@@ -474,8 +474,9 @@ class STMAE(nn.Module):
 
     def score_map(self, score_features: torch.Tensor) -> torch.Tensor:
         """The score head's map: distance of each position's projected deep features to that position's
-        Gaussian, smoothed: (B, 1, S, S), float32. Its maximum is the image score. Runs under the scoring
-        scope, so the INT8 graph keeps it in fp32 like the anomaly map."""
+        Gaussian, smoothed: (B, 1, S, S), float32. Its maximum is the image score, or with
+        score_wide_sigma one of the two that image_score weighs. Runs under the scoring scope, so the
+        INT8 graph keeps it in fp32 like the anomaly map."""
         return self.scoring(self._score_map, score_features)
 
     def _score_map(self, score_features: torch.Tensor) -> torch.Tensor:
