@@ -410,9 +410,17 @@ def fit_score_scales(model: STMAE, holdout_score_features: torch.Tensor) -> None
     """The (mean, std) over held-out good images of the score head's narrow and wide maxima, which put
     the two on one scale (STMAE.image_score)."""
     maxima = [model.scale_maxima(model.score_distance(chunk)) for chunk in holdout_score_features.split(64)]
-    stats = [[float(m.mean()), max(float(m.std()), 1e-6)]
-             for m in (torch.cat([n for n, _ in maxima]), torch.cat([w for _, w in maxima]))]
-    model.score_scale_stats.copy_(torch.tensor(stats))
+    model.score_scale_stats.copy_(z_score_table([[n for n, _ in maxima], [w for _, w in maxima]]))
+
+
+def z_score_table(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """(mean, std) per group of held-out values, one row each, as the graph's z-scores read them. The
+    std is floored at 1e-6: a group that does not vary (a constant map) must not divide by zero."""
+    rows = []
+    for group in groups:
+        values = torch.cat([v.flatten() for v in group])
+        rows.append([float(values.mean()), max(float(values.std()), 1e-6)])
+    return torch.tensor(rows)
 
 
 @torch.no_grad()
@@ -438,6 +446,6 @@ def fit_gaussian(model: STMAE, features: torch.Tensor, holdout_features: torch.T
     model.gaussian_precision.copy_(precision)
     transition, gaussian = [], []
     for f, recon, x in pieces(holdout_features):
-        transition.append(model.transition_map(f, recon).flatten())
-        gaussian.append(model.gaussian_map(x).flatten())
-    model.fusion_stats.copy_(torch.tensor([[torch.cat(m).mean(), torch.cat(m).std()] for m in (transition, gaussian)]))
+        transition.append(model.transition_map(f, recon))
+        gaussian.append(model.gaussian_map(x))
+    model.fusion_stats.copy_(z_score_table([transition, gaussian]))
