@@ -23,7 +23,7 @@ BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12
                   "at 1023 or 4095; 8-bit images are unaffected")
 
 # Training defaults, mirrored from training.loop.TrainConfig without importing torch for `--help`.
-EPOCHS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS, ASPECT = 20, 16, 4e-4, 0.1, 2, "auto"
+EPOCHS, MAX_STEPS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS, ASPECT = 20, 840, 16, 4e-4, 0.1, 2, "auto"
 
 
 def use_available_cores() -> None:
@@ -67,6 +67,9 @@ def train(
     backbone_weights: str = typer.Option("imagenet", help="'imagenet', a path to a torchvision-format "
                                          "weight file, or 'random' (explicitly untrained)"),
     epochs: int = typer.Option(EPOCHS, min=1, help="passes over the training images"),
+    max_steps: int = typer.Option(MAX_STEPS, min=0, help="at most this many optimiser steps, in whole epochs: "
+                                  "fewer epochs on a large training set, so that training time stays bounded "
+                                  "(the default: 20 epochs of 686 images; 0 = every epoch)"),
     batch_size: int = typer.Option(BATCH_SIZE, min=1),
     lr: float = typer.Option(LR, min=1e-8, help="peak learning rate (AdamW, warm-up then cosine decay)"),
     holdout: float = typer.Option(HOLDOUT, min=0.01, max=0.9, help="fraction of good images held out for "
@@ -107,7 +110,7 @@ def train(
         raise ConfigError("--holdout draws the held-out images from train/good and --holdout-dir names them: "
                           "give one of the two")
     use_available_cores()
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
+    cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
                       holdout_dir=str(holdout_dir or ""),
                       max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
                       self_supervised=self_supervised, corruptions_per_image=corruptions_per_image,
@@ -116,7 +119,7 @@ def train(
     t = meta.training
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out "
                f"({t['holdout']}), "
-               f"final loss {t['loss_per_epoch'][-1]:.4f}, {t['seconds']:.0f}s; "
+               f"final loss {t['loss_per_epoch'][-1]:.4f} after {len(t['loss_per_epoch'])} epoch(s), {t['seconds']:.0f}s; "
                f"threshold {meta.thresholds.image:.4g} ({meta.thresholds.rule}); input shape: {t['aspect']}")
     # With --crop the statistics come from crops of the held-out images: count what was scored.
     typer.echo(holdout_check(t["holdout_above_threshold"], meta.score_stats.count, "crops" if cfg.crop else "images"))

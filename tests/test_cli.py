@@ -24,9 +24,11 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -
 def test_train_evaluate_info(synthetic_dataset, tmp_path):
     model = tmp_path / "m.pt"
     r = run("train", str(synthetic_dataset), "--out", str(model), "--preset", "tiny", "--epochs", "2",
-            "--backbone-weights", "random", "--bit-depth", "12")  # 8-bit PNGs: unaffected, but recorded
+            "--max-steps", "1", "--backbone-weights", "random", "--bit-depth", "12")  # 8-bit PNGs: unaffected, but recorded
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and model.is_file()
+    # The step budget stops after whole epochs, at least one, and says so.
+    assert "training 1 of 2 epochs" in r.stderr and "after 1 epoch(s)" in r.stdout
     assert "2 held out (drawn at random from train/good)" in r.stdout
     assert "of 2 held-out good images above the threshold" in r.stdout and "(95% upper bound)" in r.stdout
     assert "hold out more good images to narrow it (train --holdout, --holdout-dir)" in r.stdout  # 2 images promise little
@@ -89,8 +91,8 @@ def test_cli_defaults_match_the_training_config():
     from stmae_edge.training.train import TrainConfig
 
     d = TrainConfig()
-    assert (cli.EPOCHS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT, cli.CORRUPTIONS, cli.ASPECT) == (
-        d.epochs, d.batch_size, d.lr, d.holdout_fraction, d.corruptions_per_image, d.aspect)
+    assert (cli.EPOCHS, cli.MAX_STEPS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT, cli.CORRUPTIONS, cli.ASPECT) == (
+        d.epochs, d.max_steps, d.batch_size, d.lr, d.holdout_fraction, d.corruptions_per_image, d.aspect)
 
 
 @pytest.mark.parametrize("args,fragment", [

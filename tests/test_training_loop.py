@@ -1,0 +1,50 @@
+"""The shared optimisation loop: its step budget keeps training time bounded on large training sets."""
+
+import logging
+
+import pytest
+import torch
+
+from stmae_edge.errors import ConfigError
+from stmae_edge.training.loop import TrainConfig, optimize
+
+
+def run_loop(count: int, cfg: TrainConfig) -> tuple[list[float], list[int]]:
+    """optimize() on a one-weight model; returns its history and the batch size of every step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    steps = []
+
+    def loss_of(idx, epoch, generator):
+        steps.append(len(idx))
+        return model(torch.ones(len(idx), 1)).pow(2).mean()
+
+    return optimize(model, count, cfg, loss_of), steps
+
+
+def test_every_epoch_is_trained_within_the_budget():
+    history, steps = run_loop(100, TrainConfig(epochs=5, batch_size=10, max_steps=50))
+    assert len(history) == 5 and steps == [10] * 50
+
+
+def test_a_large_training_set_trains_fewer_whole_epochs_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="stmae_edge.training.loop"):
+        history, steps = run_loop(100, TrainConfig(epochs=5, batch_size=10, max_steps=25))
+    assert len(history) == 2 and len(steps) == 20  # whole epochs only: 2 x 10 steps <= 25
+    assert "training 2 of 5 epochs" in caplog.text and "--max-steps 0" in caplog.text
+
+
+def test_the_budget_never_trains_less_than_one_epoch_and_zero_means_no_cap():
+    assert len(run_loop(100, TrainConfig(epochs=3, batch_size=10, max_steps=4))[1]) == 10
+    assert len(run_loop(100, TrainConfig(epochs=3, batch_size=10, max_steps=0))[1]) == 30
+
+
+def test_the_default_budget_is_the_default_schedule_on_magnetic_tile():
+    # 686 training images (762 less a tenth held out), batches of 16: 42 steps an epoch, 20 epochs.
+    d = TrainConfig()
+    assert d.epochs * (686 // d.batch_size) == d.max_steps
+
+
+def test_a_negative_budget_is_refused():
+    with pytest.raises(ConfigError, match="max steps"):
+        TrainConfig(max_steps=-1)
