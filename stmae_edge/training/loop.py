@@ -102,8 +102,8 @@ def epochs_within_budget(cfg: TrainConfig, steps_per_epoch: int) -> int:
     if not cfg.max_steps or cfg.epochs * steps_per_epoch <= cfg.max_steps:
         return cfg.epochs
     epochs = max(1, cfg.max_steps // steps_per_epoch)
-    logger.warning("training %d of %d epochs (%d steps of %d): the step budget (--max-steps %d) keeps training "
-                   "time bounded on a large training set; --max-steps 0 trains every epoch", epochs, cfg.epochs,
+    logger.warning("training %d of %d epochs (%d steps of %d): the step budget (--max-steps %d) bounds training "
+                   "time; --max-steps 0 trains every epoch", epochs, cfg.epochs,
                    epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.max_steps)
     return epochs
 
