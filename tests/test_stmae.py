@@ -189,7 +189,8 @@ def test_score_is_the_larger_of_two_smoothings_each_on_the_held_out_images_scale
     with torch.no_grad():
         narrow, wide = maxima(holdout)
         torch.testing.assert_close(m.score_scale_stats,
-                                   torch.tensor([[narrow.mean(), narrow.std()], [wide.mean(), wide.std()]]))
+                                   torch.tensor([[narrow.mean(), narrow.std(correction=0)],
+                                                 [wide.mean(), wide.std(correction=0)]]))
         test = field(3, 3)
         test[1, :, 1, 2] += 3.0  # one cell far out
         direction = torch.randn(m.features.score_channels, 1, 1, generator=torch.Generator().manual_seed(9))
@@ -351,7 +352,8 @@ def test_fused_map_adds_the_per_position_gaussian_on_a_common_scale(gaussian_inp
         recon = m.reconstruct(holdout)
         transition = m.transition_map(holdout, recon)
         gaussian = m.gaussian_map(m.gaussian_input(holdout, recon))
-        expected = torch.tensor([[transition.mean(), transition.std()], [gaussian.mean(), gaussian.std()]])
+        expected = torch.tensor([[transition.mean(), transition.std(correction=0)],
+                                 [gaussian.mean(), gaussian.std(correction=0)]])
         torch.testing.assert_close(m.fusion_stats, expected)
         test = smooth_field(2, 3)
         test[1, :, 5, 9] += 4.0

@@ -414,12 +414,13 @@ def fit_score_scales(model: STMAE, holdout_score_features: torch.Tensor) -> None
 
 
 def z_score_table(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """(mean, std) per group of held-out values, one row each, as the graph's z-scores read them. The
-    std is floored at 1e-6: a group that does not vary (a constant map) must not divide by zero."""
+    """(mean, std) per group of held-out values, one row each, as the graph's z-scores read them
+    (mean_and_std: population std, float64). The std is floored at 1e-6: a group that does not vary
+    (a constant map) must not divide by zero."""
     rows = []
     for group in groups:
-        values = torch.cat([v.flatten() for v in group])
-        rows.append([float(values.mean()), max(float(values.std()), 1e-6)])
+        mean, std = mean_and_std((v.flatten() for v in group), dims=(0,))
+        rows.append([float(mean), max(float(std), 1e-6)])
     return torch.tensor(rows)
 
 
