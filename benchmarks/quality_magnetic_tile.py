@@ -157,8 +157,11 @@ def run_ablation(model_path: Path, data_dir: Path, maps: np.ndarray) -> dict:
     c = model.config
     sizes = image_sizes([s.path for s in samples])  # maps outside score_images: framed before the masks
     parts = {"transition residual alone (the map of `--preset transition-only`)": model.transition_map,
-             f"per-position Gaussian of the {c.gaussian_input} alone":
+             f"per-position Gaussian of the {c.gaussian_input} alone{' (the sharp one)' if c.wide_window else ''}":
                  lambda f, recon: model.gaussian_map(model.gaussian_input(f, recon))}
+    if c.wide_window:
+        parts[f"the wide Gaussian alone ({c.wide_window}x{c.wide_window} cells)"] = (
+            lambda f, recon: model.wide_map(model.gaussian_input(f, recon)))
     for name, part in parts.items():
         maps, scores = [], []
         for chunk in batches([s.path for s in samples], 16):
@@ -276,6 +279,10 @@ def main() -> None:
     elif config.transition_weight <= 0:
         scaled = ", each channel scaled by its spread over the image," if config.gaussian_scale else ""
         scored = f"the {config.gaussian_input}{scaled} scored by a per-position Gaussian"
+        if config.wide_window:
+            scored += (f", and by a second one of it averaged over {config.wide_window}x{config.wide_window} "
+                       f"cells ({config.wide_dim} principal components), the larger of the two as z-scores "
+                       "on held-out good images")
     else:
         scored = (f"the transition residual + {config.gaussian_weight:g} x a per-position Gaussian of the "
                   f"{config.gaussian_input}")

@@ -54,13 +54,14 @@ def test_int8_graph_is_symmetric_qdq_on_the_transformer_only(fp32_graph):
     # The transformer's MatMuls run on quantised tensors; the backbone's convolutions stay in float
     # (measured: quantising them loses 3 points of image AUROC).
     assert "MatMul" in dequantized_into and "Conv" not in dequantized_into
-    # The per-position Gaussians, of the map and of the score head, are the anomaly signal itself: they
-    # stay in float (projection and precision MatMul each), and so does the score head's wide smoothing
-    # (its narrow one shares the map's kernel, which the exporter stores once as smoothing_kernel).
+    # The per-position Gaussians, the map's sharp and wide ones and the score head's, are the anomaly
+    # signal itself: they stay in float (projection and precision MatMul each), and so does the score
+    # head's wide smoothing (its narrow one shares the map's kernel, which the exporter stores once as
+    # smoothing_kernel).
     produced_by = {o: n.op_type for n in proto.graph.node for o in n.output}
     statistics = [n for n in proto.graph.node
-                  if any(i.rpartition(".")[2].startswith(("gaussian_", "score_")) for i in n.input)]
-    assert len(statistics) == 5 and set(statistics_nodes(onnx.load(str(path)))) == {n.name for n in statistics}
+                  if any(i.rpartition(".")[2].startswith(("gaussian_", "wide_", "score_")) for i in n.input)]
+    assert len(statistics) == 7 and set(statistics_nodes(onnx.load(str(path)))) == {n.name for n in statistics}
     assert all(produced_by.get(i) != "DequantizeLinear" for n in statistics for i in n.input)
 
 
@@ -201,8 +202,9 @@ def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_data
     plan, sidecar = build_engine(out, "int8", "1:2:4", tmp_path / "m.int8.plan")
     assert sidecar["precision"] == "int8" and plan.stat().st_size > 50_000
     # As TensorRT reads the graph: every convolution and matrix product runs in fp16 or INT8, but for
-    # the scoring's (the map's Gaussian and the score head's: two MatMuls and a smoothing Conv each, and
-    # the score head's second, wider smoothing), which run in fp32.
+    # the scoring's (the map's sharp Gaussian and the score head's: two MatMuls and a smoothing Conv
+    # each; the map's wide Gaussian: two MatMuls; the score head's second, wider smoothing), which run
+    # in fp32.
     from stmae_edge.engine_plan import import_tensorrt
 
     trt, _ = import_tensorrt()
@@ -216,7 +218,7 @@ def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_data
     proto = onnx.load(str(out))
     region = float_region(proto, scoring_nodes(onnx.load(str(path))))
     in_region = [n.name for n in proto.graph.node if n.name in region and n.op_type in ("Conv", "MatMul")]
-    assert len(fp32_heavy) == len(in_region) == 7, (fp32_heavy, in_region)
+    assert len(fp32_heavy) == len(in_region) == 9, (fp32_heavy, in_region)
     assert sum(layer.type in heavy and layer.get_output(0).dtype == trt.DataType.HALF for layer in layers) > 10
 
 

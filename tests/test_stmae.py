@@ -314,8 +314,8 @@ def test_residual_is_normalised_per_position(model):
     torch.testing.assert_close(model.residual(feats, recon), raw)
     g = model.config.grid
     mean, std = torch.rand(1, 1, g, g), torch.rand(1, 1, g, g) + 0.5
-    m = STMAE(replace(model.config, gaussian_weight=0.0), backbone_weights="random").eval()  # the residual alone
-    m.load_state_dict({**{k: v for k, v in model.state_dict().items() if not k.startswith(("gaussian_", "fusion_"))},
+    m = STMAE(replace(model.config, gaussian_weight=0.0, wide_window=0), backbone_weights="random").eval()  # the residual alone
+    m.load_state_dict({**{k: v for k, v in model.state_dict().items() if not k.startswith(("gaussian_", "fusion_", "wide_"))},
                        "residual_mean": mean, "residual_std": std})
     pad = m.smoothing_kernel.shape[-1] // 2
     expected = torch.nn.functional.conv2d(
@@ -328,7 +328,7 @@ def test_fused_map_adds_the_per_position_gaussian_on_a_common_scale(gaussian_inp
     torch.manual_seed(0)
     assert preset("small").gaussian_weight > 0 and preset("tiny").gaussian_input == preset("small").gaussian_input
     config = replace(preset("tiny"), gaussian_input=gaussian_input, gaussian_scale=gaussian_scale,
-                     transition_weight=0.5)  # both terms
+                     transition_weight=0.5, wide_window=0)  # both terms; the wide Gaussian's test is below
     m = STMAE(config, backbone_weights="random").eval()
     c, g = m.features.channels, config.grid
     smooth_field = lambda n, seed: torch.nn.functional.interpolate(  # noqa: E731
@@ -364,6 +364,49 @@ def test_fused_map_adds_the_per_position_gaussian_on_a_common_scale(gaussian_inp
                  + config.gaussian_weight * (gaussian - s[1, 0]) / s[1, 1])
         torch.testing.assert_close(m.anomaly_map(test, recon), smooth(fused, m.smoothing_kernel))
         assert divmod(int(gaussian[1, 0].argmax()), g) == (5, 9)
+
+
+def test_wide_gaussian_averages_neighbouring_cells_and_the_map_takes_the_larger_z_score():
+    torch.manual_seed(0)
+    config = replace(preset("tiny"), wide_window=5, wide_dim=6)
+    m = STMAE(config, backbone_weights="random").eval()
+    c, g = m.features.channels, config.grid
+    good = torch.randn(40, c, g, g, generator=torch.Generator().manual_seed(1))
+    holdout = torch.randn(8, c, g, g, generator=torch.Generator().manual_seed(2))
+    fit_gaussian(m, good, holdout)
+    with torch.no_grad():
+        modelled = m.gaussian_input(good, m.reconstruct(good))
+        # Each cell the mean of the 5 x 5 cells around it; at a corner, of the 3 x 3 there.
+        averaged = m.wide_input(modelled)
+        torch.testing.assert_close(averaged[:, :, 7, 9], modelled[:, :, 5:10, 7:12].mean(dim=(2, 3)))
+        torch.testing.assert_close(averaged[:, :, 0, 0], modelled[:, :, :3, :3].mean(dim=(2, 3)))
+        projection = m.wide_projection
+        assert projection.shape == (c, 6)
+        torch.testing.assert_close(projection.T @ projection, torch.eye(6), atol=1e-4, rtol=0)
+        mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", averaged, projection),
+                                                config.gaussian_eps)
+        torch.testing.assert_close(m.wide_mean, mean)
+        torch.testing.assert_close(m.wide_precision, precision, rtol=1e-4, atol=1e-4)
+        held = m.wide_map(m.gaussian_input(holdout, m.reconstruct(holdout)))
+        torch.testing.assert_close(m.wide_stats, torch.tensor([[held.mean(), held.std(correction=0)]]))
+        # A small shift spread evenly over a 6 x 6 region: faint in each cell, plain in their mean.
+        test = torch.randn(2, c, g, g, generator=torch.Generator().manual_seed(3))
+        direction = torch.randn(c, generator=torch.Generator().manual_seed(4))
+        test[1, :, 4:10, 4:10] += 0.6 * (direction / direction.norm() * c ** 0.5)[:, None, None]
+        recon = m.reconstruct(test)
+        x = m.gaussian_input(test, recon)
+        s, w = m.fusion_stats, m.wide_stats
+        sharp = (m.gaussian_map(x) - s[1, 0]) / s[1, 1]
+        wide = (m.wide_map(x) - w[0, 0]) / w[0, 1]
+        torch.testing.assert_close(m.anomaly_map(test, recon),
+                                   smooth(config.gaussian_weight * torch.maximum(sharp, wide), m.smoothing_kernel))
+        def gain(z):  # inside the region, shifted image against the plain one
+            return float((z[1, 0, 5:9, 5:9] - z[0, 0, 5:9, 5:9]).mean())
+        assert gain(wide) > 2 * gain(sharp)
+    with pytest.raises(ConfigError):
+        replace(preset("tiny"), wide_window=4)
+    with pytest.raises(ConfigError):
+        replace(preset("transition-only"), wide_window=5)
 
 
 def test_presets_and_config_validation():

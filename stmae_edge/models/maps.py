@@ -1,7 +1,8 @@
 """From a residual to what the user sees, shared by every model family: Gaussian smoothing, the map
 at input size, and the image score as the map's maximum (which an ST-MAE score head replaces with
 the maximum of its own map, models/stmae.py). Also the one per-image mean and spread that the
-graph's normalisations divide by (intensity, score head, scaled Gaussian input)."""
+graph's normalisations divide by (intensity, score head, scaled Gaussian input), and the neighbourhood
+mean that PatchCore and ST-MAE's wide Gaussian average cells with."""
 
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 def smooth(grid_map: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     pad = kernel.shape[-1] // 2
     return F.conv2d(F.pad(grid_map, (pad, pad, pad, pad), mode="replicate"), kernel)
+
+
+def neighbourhood_mean(grid: torch.Tensor, size: int) -> torch.Tensor:
+    """Each cell replaced by the mean of the size x size cells around it (size odd; at the edges, of the
+    cells there): one AveragePool in an exported graph. PatchCore's local aggregation, and the input of
+    ST-MAE's wide Gaussian (models/stmae.py)."""
+    return F.avg_pool2d(grid, size, stride=1, padding=size // 2, count_include_pad=False)
 
 
 def maps_and_scores(grid_map: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,9 @@ Data flow for one image (the names below are the methods):
             of each position's residual vector (features - prediction; or the features themselves,
             gaussian_input) to a Gaussian of the good images' at that position (models/gaussian.py);
             with gaussian_scale (preset small-map-scaled) each channel first divided by its spread
-            over the image's own positions, so the map shows where a tile departs from itself
+            over the image's own positions, so the map shows where a tile departs from itself;
+            with wide_window (the default) a second Gaussian of the same input averaged over
+            the k x k cells around each position (one AveragePool), and the larger of the two z-scores
   anomaly   transition_map alone, or the two maps as z-scores on held-out good images, weighted by
             transition_weight and gaussian_weight and added; Gaussian-smoothed, upsampled
   score     image score = max of the map; or, with a score head (score_layers, the default), from the
@@ -53,7 +55,7 @@ from ..errors import ConfigError
 from .backbones import DEFAULT_LAYERS, FeatureExtractor
 from .gaussian import projected_mahalanobis
 from .intensity import IntensityNormalization
-from .maps import ScoringScope, gaussian_kernel, maps_and_scores, mean_and_spread, smooth
+from .maps import ScoringScope, gaussian_kernel, maps_and_scores, mean_and_spread, neighbourhood_mean, smooth
 
 
 RESIDUALS = ("mse", "mse_cos")
@@ -96,6 +98,13 @@ class STMAEConfig:
     # Off by default: a defect covering a fraction f of the tile raises that std itself, which caps it
     # near 1 / sqrt(f (1 - f)) standard units, so large defects fade (docs/BENCHMARKS.md, issue 15).
     gaussian_scale: bool = False
+    # A second, wide Gaussian per position on the Gaussian's input averaged over the wide_window x
+    # wide_window cells around each position (odd; 0 = none), projected to wide_dim principal
+    # components. The map is then the larger of the two Gaussians' z-scores: a region whose texture is
+    # off as a whole (magnetic_tile's uneven bands) is steadier over many cells than in one, while the
+    # sharp Gaussian keeps small defects sharp (docs/BENCHMARKS.md, issue 15).
+    wide_window: int = 0
+    wide_dim: int = 32
     # The image score head: a Gaussian per position of these (deeper) layers' raw features, on a coarser
     # score_grid, projected to score_dim principal components; score = max of its smoothed distance map.
     # () = the score is the anomaly map's maximum.
@@ -133,6 +142,9 @@ class STMAEConfig:
             raise ConfigError("the score head's grid, dimension and smoothing must be positive")
         if self.score_layers and self.grid % self.score_grid:
             raise ConfigError(f"the score head's grid {self.score_grid} must divide the grid {self.grid}")
+        if self.wide_window and not (self.gaussian_weight > 0 and self.wide_window % 2 == 1 and self.wide_dim >= 1):
+            raise ConfigError("the wide Gaussian needs the Gaussian map (gaussian_weight > 0), an odd wide_window "
+                              "and a positive wide_dim")
         if self.gaussian_input not in GAUSSIAN_INPUTS:
             raise ConfigError(f"unknown gaussian input {self.gaussian_input!r}; choose one of {GAUSSIAN_INPUTS}")
 
@@ -172,9 +184,16 @@ PRESETS: dict[str, STMAEConfig] = {
                         decoder_dim=32, decoder_depth=1, decoder_heads=2, mlp_ratio=2.0, mask_unit=2,
                         gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0, gaussian_dim=16,
                         score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8, score_standardize=True,
-                        score_wide_sigma=1.0),
+                        score_wide_sigma=1.0, wide_window=11, wide_dim=8),
+    # The wide Gaussian over 21 x 21 of the 32 x 32 cells, on 32 principal components: chosen on the
+    # validation halves of the given split and of unseen tiles (docs/BENCHMARKS.md, fourteenth session).
     "small": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0,
-                         score_layers=DEEP_SCORE_LAYERS, score_standardize=True, score_wide_sigma=2.0),
+                         score_layers=DEEP_SCORE_LAYERS, score_standardize=True, score_wide_sigma=2.0,
+                         wide_window=21, wide_dim=32),
+    # The default before the wide Gaussian (thirteenth session): the sharp per-position Gaussian alone.
+    "small-sharp-map": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
+                                   transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS, score_standardize=True,
+                                   score_wide_sigma=2.0),
     # The default before the score head's second, wider smoothing (twelfth session, docs/BENCHMARKS.md).
     "small-one-scale": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
                                    transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
@@ -342,6 +361,13 @@ class STMAE(nn.Module):
             # (mean, std) of each map over held-out good images, rows: transition, gaussian. Each map
             # enters the fusion as a z-score on that common scale.
             self.register_buffer("fusion_stats", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+            if c.wide_window:
+                wide_dim = min(c.wide_dim, channels)
+                self.register_buffer("wide_projection", torch.eye(channels, wide_dim))
+                self.register_buffer("wide_mean", torch.zeros(positions, wide_dim))
+                self.register_buffer("wide_precision", torch.eye(wide_dim).repeat(positions, 1, 1))
+                # (mean, std) of the wide Gaussian's map over held-out good images, as fusion_stats' rows.
+                self.register_buffer("wide_stats", torch.tensor([[0.0, 1.0]]))
         if c.score_layers:
             score_channels, positions = self.features.score_channels, c.score_grid * c.score_grid
             dim = min(c.score_dim, score_channels)
@@ -463,6 +489,26 @@ class STMAE(nn.Module):
         """Mahalanobis distance of each position's (projected) inputs to that position's Gaussian."""
         return projected_mahalanobis(inputs, self.gaussian_projection, self.gaussian_mean, self.gaussian_precision)
 
+    def wide_input(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The wide Gaussian's input: the Gaussian's inputs averaged over wide_window x wide_window cells."""
+        return neighbourhood_mean(inputs, self.config.wide_window)
+
+    def wide_map(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of each position's averaged, projected inputs to that position's wide
+        Gaussian: (B, 1, G, G). `inputs` as for gaussian_map."""
+        return projected_mahalanobis(self.wide_input(inputs), self.wide_projection, self.wide_mean,
+                                     self.wide_precision)
+
+    def gaussian_z(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The Gaussian's map as a z-score on held-out good images; with wide_window, the larger of the
+        sharp and the wide Gaussian's z-scores."""
+        stats = self.fusion_stats.float()
+        z = (self.gaussian_map(inputs) - stats[1, 0]) / stats[1, 1]
+        if not self.config.wide_window:
+            return z
+        wide = self.wide_stats.float()
+        return torch.maximum(z, (self.wide_map(inputs) - wide[0, 0]) / wide[0, 1])
+
     def score_inputs(self, score_features: torch.Tensor) -> torch.Tensor:
         """What the score head's Gaussian models, float32: the raw deep features, or with score_standardize
         each channel standardised over the image's own positions (training fits the head on the same)."""
@@ -515,8 +561,7 @@ class STMAE(nn.Module):
         if c.gaussian_weight <= 0:
             return smooth(self.transition_map(feats, recon), self.smoothing_kernel.float())
         stats = self.fusion_stats.float()
-        gaussian = self.gaussian_map(self.gaussian_input(feats.float(), recon.float()))
-        grid_map = c.gaussian_weight * (gaussian - stats[1, 0]) / stats[1, 1]
+        grid_map = c.gaussian_weight * self.gaussian_z(self.gaussian_input(feats.float(), recon.float()))
         if c.transition_weight > 0:  # the default weighs it 0: neither computed nor exported then
             grid_map = grid_map + c.transition_weight * (self.transition_map(feats, recon) - stats[0, 0]) / stats[0, 1]
         return smooth(grid_map, self.smoothing_kernel.float())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..models.gaussian import fit_position_gaussian, mahalanobis
-from ..models.maps import gaussian_kernel, maps_and_scores, smooth
+from ..models.maps import gaussian_kernel, maps_and_scores, neighbourhood_mean, smooth
 
 
 class GaussianBaseline:
@@ -84,8 +84,7 @@ class PatchCoreBaseline:
         self.bank: torch.Tensor | None = None
 
     def _aggregate(self, features: torch.Tensor) -> torch.Tensor:
-        k = self.neighbourhood
-        return torch.nn.functional.avg_pool2d(features.float(), k, stride=1, padding=k // 2, count_include_pad=False)
+        return neighbourhood_mean(features.float(), self.neighbourhood)
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor) -> "PatchCoreBaseline":

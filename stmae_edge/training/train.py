@@ -427,8 +427,8 @@ def z_score_table(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
 @torch.no_grad()
 def fit_gaussian(model: STMAE, features: torch.Tensor, holdout_features: torch.Tensor, batch_size: int = 32) -> None:
     """The fused map's parts: projection, per-position Gaussian of the Gaussian's inputs (training
-    images) and the (mean, std) of the transition and Gaussian maps over held-out good images, which put
-    both on one scale."""
+    images), with wide_window the wide Gaussian of the same inputs averaged over neighbouring cells,
+    and the (mean, std) of each map over held-out good images, which put them on one scale."""
     c = model.config
 
     def pieces(raw: torch.Tensor):
@@ -442,11 +442,22 @@ def fit_gaussian(model: STMAE, features: torch.Tensor, holdout_features: torch.T
         model.gaussian_projection.copy_(principal_components(inputs, c.gaussian_dim))
     mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", inputs, model.gaussian_projection),
                                             c.gaussian_eps)
-    del inputs
     model.gaussian_mean.copy_(mean)
     model.gaussian_precision.copy_(precision)
-    transition, gaussian = [], []
+    if c.wide_window:
+        inputs = model.wide_input(inputs)
+        model.wide_projection.copy_(principal_components(inputs, model.wide_projection.shape[1]))
+        mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", inputs, model.wide_projection),
+                                                c.gaussian_eps)
+        model.wide_mean.copy_(mean)
+        model.wide_precision.copy_(precision)
+    del inputs
+    transition, gaussian, wide = [], [], []
     for f, recon, x in pieces(holdout_features):
         transition.append(model.transition_map(f, recon))
         gaussian.append(model.gaussian_map(x))
+        if c.wide_window:
+            wide.append(model.wide_map(x))
     model.fusion_stats.copy_(z_score_table([transition, gaussian]))
+    if c.wide_window:
+        model.wide_stats.copy_(z_score_table([wide]))
