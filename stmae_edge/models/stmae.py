@@ -20,7 +20,8 @@ Data flow for one image (the names below are the methods):
             with gaussian_scale (preset small-map-scaled) each channel first divided by its spread
             over the image's own positions, so the map shows where a tile departs from itself;
             with wide_window (the default) a second Gaussian of the same input averaged over
-            the k x k cells around each position (one AveragePool), and the larger of the two z-scores
+            the k x k cells around each position (models/maps.py: two 1-D AveragePools in the
+            graph), and the larger of the two z-scores
   anomaly   transition_map alone, or the two maps as z-scores on held-out good images, weighted by
             transition_weight and gaussian_weight and added; Gaussian-smoothed, upsampled
   score     image score = max of the map; or, with a score head (score_layers, the default), from the
