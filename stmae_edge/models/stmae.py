@@ -561,9 +561,9 @@ class STMAE(nn.Module):
         c = self.config
         if c.gaussian_weight <= 0:
             return smooth(self.transition_map(feats, recon), self.smoothing_kernel.float())
-        stats = self.fusion_stats.float()
         grid_map = c.gaussian_weight * self.gaussian_z(self.gaussian_input(feats.float(), recon.float()))
         if c.transition_weight > 0:  # the default weighs it 0: neither computed nor exported then
+            stats = self.fusion_stats.float()
             grid_map = grid_map + c.transition_weight * (self.transition_map(feats, recon) - stats[0, 0]) / stats[0, 1]
         return smooth(grid_map, self.smoothing_kernel.float())
 
