@@ -162,6 +162,9 @@ def run_ablation(model_path: Path, data_dir: Path, maps: np.ndarray) -> dict:
     if c.wide_window:
         parts[f"the wide Gaussian alone ({c.wide_window}x{c.wide_window} cells)"] = (
             lambda f, recon: model.wide_map(model.gaussian_input(f, recon)))
+    if c.level_fraction:
+        parts["the map not lowered by its mean (`--preset small-wide-map`'s map)"] = (
+            lambda f, recon: model.gaussian_z(model.gaussian_input(f, recon)))
     for name, part in parts.items():
         maps, scores = [], []
         for chunk in batches([s.path for s in samples], 16):
@@ -283,6 +286,8 @@ def main() -> None:
             scored += (f", and by a second one of it averaged over {config.wide_window}x{config.wide_window} "
                        f"cells ({config.wide_dim} principal components), the larger of the two as z-scores "
                        "on held-out good images")
+        if config.level_fraction:
+            scored += f", the map lowered by {config.level_fraction:g} of its mean over the image"
     else:
         scored = (f"the transition residual + {config.gaussian_weight:g} x a per-position Gaussian of the "
                   f"{config.gaussian_input}")

@@ -57,10 +57,11 @@ def train(
                                "(image autoencoder trained to remove synthetic defects, Bauer et al. 2022)"),
     preset_name: str = typer.Option("small", "--preset", help="stmae: tiny, small (default: the residual "
                                     "scored by per-position statistics, sharp and over 21 x 21 cells, "
-                                    "images scored by a head on deeper layers), small-intensity-norm (each "
+                                    "lowered by half its mean over the image; images scored by a head on "
+                                    "deeper layers), small-intensity-norm (each "
                                     "image brought to one brightness and contrast first, for lines whose "
                                     "lighting varies), small-map-scaled (the residual scaled per image: small "
-                                    "defects outlined better, large ones fade), small-sharp-map, "
+                                    "defects outlined better, large ones fade), small-wide-map, small-sharp-map, "
                                     "small-one-scale, small-head-raw and small-map-score (earlier defaults), "
                                     "transition-only (the residual alone), paper; filtering-ae: tiny, small"),
     backbone: Optional[str] = typer.Option(None, help="stmae: override the preset's backbone: "

@@ -314,7 +314,8 @@ def test_residual_is_normalised_per_position(model):
     torch.testing.assert_close(model.residual(feats, recon), raw)
     g = model.config.grid
     mean, std = torch.rand(1, 1, g, g), torch.rand(1, 1, g, g) + 0.5
-    m = STMAE(replace(model.config, gaussian_weight=0.0, wide_window=0), backbone_weights="random").eval()  # the residual alone
+    residual_alone = replace(model.config, gaussian_weight=0.0, wide_window=0, level_fraction=0.0)
+    m = STMAE(residual_alone, backbone_weights="random").eval()
     m.load_state_dict({**{k: v for k, v in model.state_dict().items() if not k.startswith(("gaussian_", "fusion_", "wide_"))},
                        "residual_mean": mean, "residual_std": std})
     pad = m.smoothing_kernel.shape[-1] // 2
@@ -328,7 +329,8 @@ def test_fused_map_adds_the_per_position_gaussian_on_a_common_scale(gaussian_inp
     torch.manual_seed(0)
     assert preset("small").gaussian_weight > 0 and preset("tiny").gaussian_input == preset("small").gaussian_input
     config = replace(preset("tiny"), gaussian_input=gaussian_input, gaussian_scale=gaussian_scale,
-                     transition_weight=0.5, wide_window=0)  # both terms; the wide Gaussian's test is below
+                     transition_weight=0.5, wide_window=0, level_fraction=0.0)  # both terms; the wide Gaussian's and
+    # the level's tests are below
     m = STMAE(config, backbone_weights="random").eval()
     c, g = m.features.channels, config.grid
     smooth_field = lambda n, seed: torch.nn.functional.interpolate(  # noqa: E731
@@ -368,7 +370,7 @@ def test_fused_map_adds_the_per_position_gaussian_on_a_common_scale(gaussian_inp
 
 def test_wide_gaussian_averages_neighbouring_cells_and_the_map_takes_the_larger_z_score():
     torch.manual_seed(0)
-    config = replace(preset("tiny"), wide_window=5, wide_dim=6)
+    config = replace(preset("tiny"), wide_window=5, wide_dim=6, level_fraction=0.0)
     m = STMAE(config, backbone_weights="random").eval()
     c, g = m.features.channels, config.grid
     good = torch.randn(40, c, g, g, generator=torch.Generator().manual_seed(1))
@@ -407,6 +409,36 @@ def test_wide_gaussian_averages_neighbouring_cells_and_the_map_takes_the_larger_
         replace(preset("tiny"), wide_window=4)
     with pytest.raises(ConfigError):
         replace(preset("transition-only"), wide_window=5)
+
+
+def test_map_is_lowered_by_a_fraction_of_its_own_mean_so_a_tile_wide_departure_keeps_the_rest():
+    torch.manual_seed(0)
+    config = preset("tiny")
+    assert config.level_fraction == preset("small").level_fraction == 0.5
+    m = STMAE(config, backbone_weights="random").eval()
+    c, g = m.features.channels, config.grid
+    good = torch.randn(40, c, g, g, generator=torch.Generator().manual_seed(1))
+    fit_gaussian(m, good, torch.randn(8, c, g, g, generator=torch.Generator().manual_seed(2)))
+    with torch.no_grad():
+        test = torch.randn(3, c, g, g, generator=torch.Generator().manual_seed(3))
+        recon = m.reconstruct(test)
+        z = m.gaussian_z(m.gaussian_input(test, recon))
+        lowered = z - 0.5 * z.mean(dim=(2, 3), keepdim=True)
+        torch.testing.assert_close(m.anomaly_map(test, recon), smooth(lowered, m.smoothing_kernel))
+        # Within an image the map keeps its contrasts; across images a tile that departs everywhere by
+        # d (its mean up by d) stands 0.5 d higher, not d: half of a tile-wide departure remains.
+        unlevelled = STMAE(replace(config, level_fraction=0.0), backbone_weights="random").eval()
+        unlevelled.load_state_dict(m.state_dict())
+        plain = unlevelled.anomaly_map(test, recon)
+        levelled = m.anomaly_map(test, recon)
+        torch.testing.assert_close(levelled - levelled[:, :, :1, :1], plain - plain[:, :, :1, :1], atol=1e-4, rtol=0)
+        shift = (plain - levelled).flatten(1).mean(dim=1)
+        torch.testing.assert_close(shift, 0.5 * z.flatten(1).mean(dim=1), atol=1e-4, rtol=0)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError):
+            replace(config, level_fraction=bad)
+    with pytest.raises(ConfigError):  # it lowers the Gaussian's map
+        replace(preset("transition-only"), level_fraction=0.5)
 
 
 def test_presets_and_config_validation():

@@ -23,7 +23,8 @@ Data flow for one image (the names below are the methods):
             the k x k cells around each position (models/maps.py: two 1-D AveragePools in the
             graph), and the larger of the two z-scores
   anomaly   transition_map alone, or the two maps as z-scores on held-out good images, weighted by
-            transition_weight and gaussian_weight and added; Gaussian-smoothed, upsampled
+            transition_weight and gaussian_weight and added; with level_fraction (the default) lowered
+            by that fraction of its own mean over the image; Gaussian-smoothed, upsampled
   score     image score = max of the map; or, with a score head (score_layers, the default), from the
             same backbone pass: deeper layers on a coarser grid (score_grid), each channel standardised
             over the image's positions (score_standardize, the default), projected on their principal
@@ -106,6 +107,12 @@ class STMAEConfig:
     # sharp Gaussian keeps small defects sharp (docs/BENCHMARKS.md, issue 15).
     wide_window: int = 0
     wide_dim: int = 32
+    # Each image's fused map lowered by this fraction of its own mean over the grid (0 = not). A tile
+    # whose surface is unusual all over (another batch, another exposure: magnetic_tile's defective
+    # tiles) no longer lifts its every pixel above other tiles' defects, and a region is measured
+    # partly against the rest of its own tile; a defect covering the whole tile keeps 1 - level_fraction
+    # of its level. Needs the Gaussian map (docs/BENCHMARKS.md, issue 15, fifteenth session).
+    level_fraction: float = 0.0
     # The image score head: a Gaussian per position of these (deeper) layers' raw features, on a coarser
     # score_grid, projected to score_dim principal components; score = max of its smoothed distance map.
     # () = the score is the anomaly map's maximum.
@@ -148,6 +155,9 @@ class STMAEConfig:
                               "and a positive wide_dim")
         if self.gaussian_input not in GAUSSIAN_INPUTS:
             raise ConfigError(f"unknown gaussian input {self.gaussian_input!r}; choose one of {GAUSSIAN_INPUTS}")
+        if not 0 <= self.level_fraction < 1 or (self.level_fraction and self.gaussian_weight <= 0):
+            raise ConfigError(f"level_fraction {self.level_fraction!r} must be in [0, 1), and above 0 only with "
+                              "the Gaussian map (gaussian_weight > 0)")
 
     @property
     def tokens_per_side(self) -> int:
@@ -185,12 +195,17 @@ PRESETS: dict[str, STMAEConfig] = {
                         decoder_dim=32, decoder_depth=1, decoder_heads=2, mlp_ratio=2.0, mask_unit=2,
                         gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0, gaussian_dim=16,
                         score_layers=DEEP_SCORE_LAYERS, score_grid=4, score_dim=8, score_standardize=True,
-                        score_wide_sigma=1.0, wide_window=11, wide_dim=8),
-    # The wide Gaussian over 21 x 21 of the 32 x 32 cells, on 32 principal components: chosen on the
-    # validation halves of the given split and of unseen tiles (docs/BENCHMARKS.md, fourteenth session).
+                        score_wide_sigma=1.0, wide_window=11, wide_dim=8, level_fraction=0.5),
+    # The wide Gaussian over 21 x 21 of the 32 x 32 cells, on 32 principal components (fourteenth
+    # session), and the map lowered by half its mean (fifteenth): each chosen on the validation halves
+    # of the given split and of unseen tiles (docs/BENCHMARKS.md).
     "small": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual", transition_weight=0.0,
                          score_layers=DEEP_SCORE_LAYERS, score_standardize=True, score_wide_sigma=2.0,
-                         wide_window=21, wide_dim=32),
+                         wide_window=21, wide_dim=32, level_fraction=0.5),
+    # The default before the level subtraction (fourteenth session).
+    "small-wide-map": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
+                                  transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS, score_standardize=True,
+                                  score_wide_sigma=2.0, wide_window=21, wide_dim=32),
     # The default before the wide Gaussian (thirteenth session): the sharp per-position Gaussian alone.
     "small-sharp-map": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
                                    transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS, score_standardize=True,
@@ -552,8 +567,8 @@ class STMAE(nn.Module):
         return torch.maximum((narrow - stats[0, 0]) / stats[0, 1], (wide - stats[1, 0]) / stats[1, 1])
 
     def anomaly_map(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """The transition residual, fused with the per-position Gaussian if configured, smoothed:
-        (B, 1, G, G), float32.
+        """The transition residual, fused with the per-position Gaussian if configured, lowered by
+        level_fraction of its mean over the image, smoothed: (B, 1, G, G), float32.
 
         In an fp16 graph everything from here on stays in fp32: the channel reductions and the cosine's
         epsilon (1e-8 is 0 in fp16) are where half precision loses what the score depends on.
@@ -565,6 +580,8 @@ class STMAE(nn.Module):
         if c.transition_weight > 0:  # the default weighs it 0: neither computed nor exported then
             stats = self.fusion_stats.float()
             grid_map = grid_map + c.transition_weight * (self.transition_map(feats, recon) - stats[0, 0]) / stats[0, 1]
+        if c.level_fraction:
+            grid_map = grid_map - c.level_fraction * grid_map.mean(dim=(2, 3), keepdim=True)
         return smooth(grid_map, self.smoothing_kernel.float())
 
     def loss(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
