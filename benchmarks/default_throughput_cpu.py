@@ -9,7 +9,8 @@ of the target) and preset "small-map-score" (the default's map, the image score 
 the score head; the default before the score head, 2026-11-28); and, for their cost, two variants of
 the default, preset "small-map-scaled" (its map's residual scaled per image) and preset
 "small-intensity-norm" (each image brought to one brightness and contrast first); preset "small-sharp-map"
-(the default before the wide Gaussian, fourteenth session), for that Gaussian's cost; and the default with
+(the default before the wide Gaussian, fourteenth session), for that Gaussian's cost; preset
+"small-wide-map" (the default before the map was lowered by its mean, fifteenth session); and the default with
 images stretched to the input (`--aspect stretch`, the default until the sixth session), for the cost of
 keeping the aspect (mirror padding, and the map's crop back to the image). All fp32 graphs run behind the same
 Detector, taking turns in every round on the same batches of decoded test images
@@ -52,6 +53,8 @@ def main() -> None:
     train(args.data, intensity_norm, preset("small-intensity-norm"), TrainConfig(epochs=1, max_images=32))
     sharp = args.model.with_name("small_sharp_map.pt")
     train(args.data, sharp, preset("small-sharp-map"), TrainConfig(epochs=1, max_images=32))
+    wide = args.model.with_name("small_wide_map.pt")
+    train(args.data, wide, preset("small-wide-map"), TrainConfig(epochs=1, max_images=32))
     stretched = args.model.with_name("small_stretched.pt")
     train(args.data, stretched, preset("small"), TrainConfig(epochs=1, max_images=32, aspect="stretch"))
     detectors, sizes = {}, {}
@@ -59,8 +62,9 @@ def main() -> None:
                        ("default without the score head (small-map-score)", without_head),
                        ("default with the map's residual scaled per image (small-map-scaled)", scaled),
                        ("default with intensity normalisation (small-intensity-norm)", intensity_norm),
-                       ("default with images stretched to the input (--aspect stretch; the default before)", stretched),
-                       ("default without the wide Gaussian (small-sharp-map; the default before)", sharp),
+                       ("default with images stretched to the input (--aspect stretch)", stretched),
+                       ("default without the wide Gaussian (small-sharp-map)", sharp),
+                       ("default without the map lowered by its mean (small-wide-map; the default before)", wide),
                        ("default", args.model)):
         onnx_path, figures = export_onnx(path, path.with_suffix(".fp32.onnx"))
         detectors[name] = Detector(onnx_path, "ort-cpu", batch_size=BATCH)
