@@ -15,7 +15,7 @@ from stmae_edge.errors import BackendError, ConfigError, InvalidImageError
 from stmae_edge.models.stmae import STMAEConfig
 from stmae_edge.runtime import Detector
 from stmae_edge.runtime.devices import cuda_device_count
-from stmae_edge.runtime.postprocess import find_regions
+from stmae_edge.runtime.postprocess import find_regions, image_regions
 from stmae_edge.scoring import ScoreStats, Thresholds
 from stmae_edge.training.train import preprocessing_for
 
@@ -100,7 +100,18 @@ def test_thresholds_come_from_metadata_and_can_be_overridden_per_call(detector, 
     map_middle = float(np.median(maxima))
     moved = detector.predict(arrays, image_threshold=middle, pixel_threshold=map_middle)
     assert sum(r.is_anomalous for r in moved) == sum(r.score > middle for r in results) > 0
-    assert [bool(r.regions) for r in moved] == list(maxima > map_middle)  # regions follow the pixel threshold
+    # regions follow the pixel threshold; a failed image under it everywhere gets where its map is highest
+    assert [any(g.above_pixel_threshold for g in r.regions) for r in moved] == list(maxima > map_middle)
+    # With the pixel threshold over every map, each failed image points at its map's highest point
+    over_all = detector.predict(arrays, image_threshold=middle, pixel_threshold=float(maxima.max()) + 1)
+    pointed = [r for r in over_all if r.regions]
+    assert pointed and [r.is_anomalous for r in pointed] == [True] * len(pointed)
+    assert [bool(r.regions) for r in over_all] == [r.is_anomalous and m > map_stats.mean
+                                                  for r, m in zip(over_all, maxima, strict=True)]
+    for r, m in zip(over_all, maxima, strict=True):
+        if r.regions:
+            (region,) = r.regions
+            assert not region.above_pixel_threshold and region.peak_score == pytest.approx(m, rel=1e-4)
     by_sigma = detector.predict(arrays[0], sigma=-2.0)
     assert by_sigma.image_threshold == pytest.approx(stats.mean - 2 * stats.std)
     assert by_sigma.pixel_threshold == pytest.approx(map_stats.mean - 2 * map_stats.std)
@@ -110,6 +121,23 @@ def test_thresholds_come_from_metadata_and_can_be_overridden_per_call(detector, 
         assert detector.predict(arrays[0]).image_threshold == middle
     finally:
         detector.thresholds = default
+
+
+def test_a_failed_image_under_the_pixel_threshold_gets_the_region_where_its_map_is_highest():
+    stats = ScoreStats(count=10, mean=1.0, std=0.5, min=0.0, max=2.0, p50=1.0, p95=1.8, p99=1.9)
+    thresholds = Thresholds(image=3.0, pixel=4.0)
+    anomaly_map = np.zeros((60, 90), np.float32)
+    anomaly_map[10:20, 30:45] = 2.0
+    anomaly_map[14, 40] = 3.5  # the highest point, under the pixel threshold
+    anomaly_map[40:43, 5:7] = 3.0  # a second, lower blob: not reported
+    (region,) = image_regions(anomaly_map, thresholds, True, stats, (60, 90))
+    assert not region.above_pixel_threshold and region.to_dict()["above_pixel_threshold"] is False
+    assert region.box == (30, 10, 15, 10) and (region.peak_score, region.peak_x, region.peak_y) == (3.5, 40, 14)
+    assert image_regions(anomaly_map, thresholds, False, stats, (60, 90)) == ()  # a pass: nothing to point at
+    assert image_regions(np.full((60, 90), 0.9, np.float32), thresholds, True, stats, (60, 90)) == ()  # nowhere above a good part
+    anomaly_map[50:52, 70:72] = 5.0  # over the pixel threshold: the usual regions, and only those
+    regions = image_regions(anomaly_map, thresholds, True, stats, (60, 90))
+    assert [r.box for r in regions] == [(70, 50, 2, 2)] and regions[0].above_pixel_threshold
 
 
 def test_regions_are_connected_components_with_box_area_and_peak():

@@ -120,6 +120,23 @@ def test_overlay_for_16_bit_and_alpha_images():
     assert detections[0].is_anomalous and len(detections[0].regions) == 1 and not detections[1].regions
 
 
+def test_the_overlay_boxes_a_region_under_the_pixel_threshold_in_its_own_colour():
+    from stmae_edge.runtime.overlay import FAIL_COLOR, LOOK_COLOR, render_overlay
+    from stmae_edge.runtime.postprocess import postprocess
+    from stmae_edge.scoring import ScoreStats, Thresholds
+
+    stats = ScoreStats(10, 1.0, 0.5, 0.0, 2.0, 1.0, 1.8, 1.9)
+    maps = np.zeros((2, 64, 64), np.float32)
+    maps[0, 20:30, 20:30], maps[1, 20:30, 20:30] = 3.0, 5.0  # both fail; only the second is over the pixel threshold
+    detections = postprocess(maps, np.array([4.0, 4.0], np.float32), [(64, 64)] * 2, ["a", "b"],
+                             Thresholds(2.0, 4.0), stats)
+    assert [[r.above_pixel_threshold for r in d.regions] for d in detections] == [[False], [True]]
+    image = np.zeros((64, 64), np.uint8)
+    for detection, color in zip(detections, (LOOK_COLOR, FAIL_COLOR), strict=True):
+        edge = render_overlay(image, detection, stats)[20, 25]  # on the box's top edge
+        assert tuple(int(v) for v in edge) == color
+
+
 def test_overlay_names_never_collide():
     from pathlib import Path
 

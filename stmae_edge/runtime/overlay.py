@@ -10,6 +10,7 @@ from ..scoring import ScoreStats
 from .postprocess import Detection
 
 FAIL_COLOR, PASS_COLOR = (40, 40, 230), (60, 180, 60)  # BGR
+LOOK_COLOR = (0, 165, 255)  # a failed image's highest region, under the pixel threshold
 
 
 def display_image(image: np.ndarray, bit_depth: int = 16) -> np.ndarray:
@@ -33,7 +34,7 @@ def render_overlay(image: np.ndarray, detection: Detection, stats: ScoreStats, a
     thickness = max(1, round(max(out.shape[:2]) / 300))
     for region in detection.regions:
         cv2.rectangle(out, (region.x, region.y), (region.x + region.width - 1, region.y + region.height - 1),
-                      FAIL_COLOR, thickness)
+                      FAIL_COLOR if region.above_pixel_threshold else LOOK_COLOR, thickness)
     color = FAIL_COLOR if detection.is_anomalous else PASS_COLOR
     label = f"{'FAIL' if detection.is_anomalous else 'PASS'} {detection.normalized_score:+.1f} sd"
     scale = max(0.4, max(out.shape[:2]) / 800)

@@ -1,13 +1,20 @@
 """From the network's maps and scores to decisions: maps at each image's own size, normalised scores,
 pass/fail against the thresholds, and defect regions (connected components of the thresholded map).
 
+A failed image always says where to look. With a score head the image decision is not the map's: the
+head can fail a part whose map stays under the pixel threshold everywhere (measured on magnetic_tile:
+11 to 14% of the failed defective tiles). Such an image gets the one region around its map's highest
+point, above the highest point of a typical good part (the good maps' maxima's mean), marked
+`above_pixel_threshold=False` (drawn in another colour). Failed defective tiles with a region on the
+defect: 74 -> 82% on the validation half, 79 -> 88% held out (benchmarks/regions_magnetic_tile.py).
+
 All values stay in the model's raw score units (those of `Thresholds` and `ScoreStats`), with the
 z-score against good parts alongside, so a threshold read in the metadata means the same thing here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -28,6 +35,8 @@ class Region:
     peak_normalized: float  # the same as a z-score against good parts' map maxima (metadata region_stats)
     peak_x: int
     peak_y: int
+    # False: a failed image's map has nothing over the pixel threshold; this is where it is highest.
+    above_pixel_threshold: bool = True
 
     @property
     def box(self) -> tuple[int, int, int, int]:
@@ -35,7 +44,8 @@ class Region:
 
     def to_dict(self) -> dict:
         return {"box": list(self.box), "area": self.area, "peak_score": self.peak_score,
-                "peak_normalized": self.peak_normalized, "peak": [self.peak_x, self.peak_y]}
+                "peak_normalized": self.peak_normalized, "peak": [self.peak_x, self.peak_y],
+                "above_pixel_threshold": self.above_pixel_threshold}
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,7 @@ class Detection:
     is_anomalous: bool  # score > image threshold
     image_threshold: float
     pixel_threshold: float
-    regions: tuple[Region, ...]
+    regions: tuple[Region, ...]  # over the pixel threshold; a failed image with none: where its map is highest
     anomaly_map: np.ndarray = field(repr=False)  # (height, width) float32, raw units, bilinear from the model's
 
     @property
@@ -115,6 +125,17 @@ def find_regions(model_map: np.ndarray, threshold: float, stats: ScoreStats, ima
     return tuple(sorted(regions, key=lambda r: -r.peak_score))
 
 
+def image_regions(model_map: np.ndarray, thresholds: Thresholds, failed: bool, stats: ScoreStats,
+                  image_size: tuple[int, int], min_area: int = 1) -> tuple[Region, ...]:
+    """The regions over the pixel threshold; on a failed image with none, the one region around the
+    map's highest point above `stats.mean` (the good maps' typical maximum), if the map reaches it."""
+    regions = find_regions(model_map, thresholds.pixel, stats, image_size, min_area)
+    if regions or not failed:
+        return regions
+    return tuple(replace(r, above_pixel_threshold=False)
+                 for r in find_regions(model_map, stats.mean, stats, image_size, min_area)[:1])
+
+
 def postprocess(maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int]], sources: list[str],
                 thresholds: Thresholds, stats: ScoreStats, min_region_area: int = 1,
                 map_stats: ScoreStats | None = None) -> list[Detection]:
@@ -128,10 +149,10 @@ def postprocess(maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int
         if model_map.shape != (height, width):
             image_map = cv2.resize(model_map, (width, height), interpolation=cv2.INTER_LINEAR)
         score = float(scores[i])
+        failed = score > thresholds.image
         detections.append(Detection(
             source=sources[i], image_size=(height, width), score=score, normalized_score=float(z_scores[i]),
-            is_anomalous=score > thresholds.image, image_threshold=thresholds.image,
-            pixel_threshold=thresholds.pixel,
-            regions=find_regions(model_map, thresholds.pixel, map_stats or stats, (height, width), min_region_area),
+            is_anomalous=failed, image_threshold=thresholds.image, pixel_threshold=thresholds.pixel,
+            regions=image_regions(model_map, thresholds, failed, map_stats or stats, (height, width), min_region_area),
             anomaly_map=np.ascontiguousarray(image_map, dtype=np.float32)))
     return detections
