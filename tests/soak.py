@@ -100,6 +100,7 @@ def soak_detector(detector, frames: list[np.ndarray], total_frames: int) -> dict
         if middle is None and done - measured_from >= total_frames / 2:
             middle = settled_resident_bytes()
     seconds = time.perf_counter() - started
+    middle = settled_resident_bytes() if middle is None else middle  # total_frames 0: no halves
     return {"frames": done, "mismatches": mismatches, "seconds": seconds,
             "frames_per_s": (done - measured_from) / seconds,
             **leak_figures(after_warmup, middle, settled_resident_bytes(), highest)}
