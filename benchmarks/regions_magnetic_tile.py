@@ -40,9 +40,7 @@ def configure(parser) -> None:
 
 
 def detections(model: Path, data_dir: Path) -> tuple[list, list]:
-    onnx_path = model.with_name(model.stem + ".regions.fp32.onnx")
-    if not onnx_path.is_file() or onnx_path.stat().st_mtime < model.stat().st_mtime:
-        export_onnx(model, onnx_path)
+    onnx_path, _ = export_onnx(model, model.with_name(model.stem + ".regions.fp32.onnx"))
     detector = Detector(onnx_path, "ort-cpu", batch_size=8)
     samples = data.eval_samples(data_dir)
     out = []
