@@ -35,7 +35,7 @@ from quality_magnetic_tile import training_benchmark_parser, use_available_cores
 from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.engines.export import export_onnx  # noqa: E402
-from stmae_edge.models.stmae import preset  # noqa: E402
+from stmae_edge.models.stmae import STMAEConfig, preset  # noqa: E402
 from stmae_edge.preprocessing import load_image, mirror_pad  # noqa: E402
 from stmae_edge.progress import progress_bar  # noqa: E402
 from stmae_edge.runtime import Detector  # noqa: E402
@@ -62,8 +62,7 @@ class RecordingDetector(Detector):
         return maps, scores
 
 
-def describe(model: Path) -> str:
-    c = load_model(model)[0].config
+def describe(model: Path, c: STMAEConfig) -> str:
     wide = f"the wide Gaussian ({c.wide_window}x{c.wide_window} cells)" if c.wide_window else "no wide Gaussian"
     level = f"lowered by {c.level_fraction:g} of its tile's mean" if c.level_fraction else "not lowered"
     return f"`{model.name}`: {wide}, {level}"
@@ -131,7 +130,8 @@ def figures(r: dict, labels: np.ndarray) -> dict:
     }
 
 
-def trained_models(args: argparse.Namespace) -> list[Path]:
+def trained_models(args: argparse.Namespace) -> list[tuple[Path, STMAEConfig]]:
+    """Each preset's line-scan model, trained where absent (or with --retrain), and its config."""
     models = []
     for name in PRESETS:
         path = args.workdir / f"{name.replace('-', '_')}.pt"
@@ -142,7 +142,7 @@ def trained_models(args: argparse.Namespace) -> list[Path]:
                 or meta.training["train_config"]["epochs"] != args.epochs):
             raise SystemExit(f"{path} is not preset {name} trained on {CROP}-pixel crops for {args.epochs} "
                              "epochs: pass --retrain")
-        models.append(path)
+        models.append((path, preset(name)))  # the checkpoint's config, checked equal just above
     return models
 
 
@@ -155,9 +155,9 @@ def main() -> None:
     labels = np.array([s.label for s in samples])
     models = trained_models(args)
     rows = []
-    for model in models:
+    for model, config in models:
         f = figures(inspect(model, samples), labels)
-        rows.append(f"| {describe(model)} | {f['gap'][0]:.3f} / {f['gap'][1]:.3f} / {f['gap'][2]:.3f} | "
+        rows.append(f"| {describe(model, config)} | {f['gap'][0]:.3f} / {f['gap'][1]:.3f} / {f['gap'][2]:.3f} | "
                     f"{100 * f['one_tile_only']:.0f}% ({f['images_over']} images) | "
                     f"{f['mean_gap'][0]:.3f} / {f['mean_gap'][1]:.3f} | {100 * f['good_with_defect']:.1f}% | "
                     f"{100 * f['found']:.1f}% |")
