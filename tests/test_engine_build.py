@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import onnx
 import pytest
@@ -37,7 +38,22 @@ def test_fp32_engine_builds_with_a_sidecar(onnx_file, tmp_path):
     assert on_disk["batch"] == {"min": 1, "opt": 8, "max": 32}
     assert on_disk["metadata"] == ModelMetadata.from_onnx(onnx_file).to_dict()
     assert on_disk["tensorrt"]["flavour"] in ("tensorrt", "tensorrt-rtx") and on_disk["tensorrt"]["version"]
-    assert (tmp_path / "timing.cache").stat().st_size > 0
+    # full TensorRT keeps a timing cache beside the plan; TensorRT for RTX has none to keep
+    cache = tmp_path / "timing.cache"
+    assert (cache.is_file() and cache.stat().st_size > 0) == (on_disk["tensorrt"]["flavour"] == "tensorrt")
+
+
+@trt_available
+def test_a_build_calls_no_deprecated_tensorrt_api(onnx_file, tmp_path, caplog):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        _, sidecar = build_engine(onnx_file, None, "1:1:2", tmp_path / "m.plan", timing_cache=tmp_path / "t.cache")
+    ignored = [r.getMessage() for r in caplog.records if "has no timing cache" in r.getMessage()]
+    if sidecar["tensorrt"]["flavour"] == "tensorrt":
+        assert (tmp_path / "t.cache").is_file() and not ignored
+    else:  # the cache asked for is not written, and the log says why
+        assert not (tmp_path / "t.cache").exists()
+        assert ignored == [f"{tmp_path / 't.cache'}: not used; tensorrt-rtx has no timing cache"]
 
 
 @trt_available

@@ -3,11 +3,13 @@
 `tensorrt` (10.x/11.x, users' GPU machines and Jetsons) when installed, else TensorRT for RTX
 (`tensorrt_rtx_bindings`), which builds ahead of time without a GPU, so CI proves every graph we emit
 compiles. One code path serves both: a strongly typed network (the precision lives in the ONNX graph),
-an optimisation profile from the batch range, a timing cache, and a JSON sidecar next to the plan.
+an optimisation profile from the batch range, a timing cache (full TensorRT only: TensorRT for RTX
+made its timing-cache calls no-ops in 1.2), and a JSON sidecar next to the plan.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,10 @@ from ..errors import ConfigError, ExportError
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 
 PRECISIONS = PLAN_PRECISIONS  # int8 graphs come from `stmae-edge calibrate`
+# TensorRT for RTX >= 1.2 (the rtx extra needs 1.7) keeps the timing-cache API as deprecated no-ops
+TIMING_CACHE_FLAVOURS = ("tensorrt",)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,8 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         precision: fp32, fp16 or int8, checked against the graph's own (None: take the graph's).
         batch: the optimisation profile, "MIN:OPT:MAX".
         out: the plan (default: engines/NAME.PRECISION.plan); its sidecar is OUT.json.
-        timing_cache: TensorRT's timing cache file (default: timing.cache beside the plan).
+        timing_cache: TensorRT's timing cache file (default: timing.cache beside the plan); not used
+            with TensorRT for RTX, which has none.
 
     Raises:
         ConfigError: an unknown precision, one the graph does not have, or a bad batch range.
@@ -106,13 +113,11 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     shape = tuple(network.get_input(0).shape)[1:]
     profile.set_shape(INPUT_NAME, (batch.min, *shape), (batch.opt, *shape), (batch.max, *shape))
     config.add_optimization_profile(profile)
-    try:
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    except Exception:  # some TensorRT versions raise on a foreign cache, others return None
-        cache = None
-    if cache is None:  # unreadable or from another TensorRT version: start a fresh one
-        cache = config.create_timing_cache(b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    uses_timing_cache = flavour in TIMING_CACHE_FLAVOURS
+    if uses_timing_cache:
+        _attach_timing_cache(config, cache_path)
+    elif timing_cache:
+        log.warning("%s: not used; %s has no timing cache", timing_cache, flavour)
 
     started = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -124,7 +129,8 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     # The plan, then its sidecar, each under its real name only when whole: a plan without its sidecar,
     # or beside an older one, is refused by read_plan, so an interrupted build is never taken for done.
     write_bytes_atomically(out, bytes(plan))
-    write_bytes_atomically(cache_path, bytes(config.get_timing_cache().serialize()))
+    if uses_timing_cache:
+        write_bytes_atomically(cache_path, bytes(config.get_timing_cache().serialize()))
 
     sidecar = {
         "format": SIDECAR_FORMAT,
@@ -140,6 +146,17 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     }
     write_sidecar(out, sidecar)
     return out, sidecar
+
+
+def _attach_timing_cache(config, cache_path: Path) -> None:
+    """Starts from the cache at cache_path, or from an empty one where that is missing or unreadable."""
+    try:
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    except Exception:  # some TensorRT versions raise on a foreign cache, others return None
+        cache = None
+    if cache is None:  # unreadable or from another TensorRT version: start a fresh one
+        cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
 
 
 def _target(trt, config, flavour: str) -> str:
