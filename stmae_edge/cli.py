@@ -24,6 +24,7 @@ BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12
 
 # Training defaults, mirrored from training.loop.TrainConfig without importing torch for `--help`.
 EPOCHS, MAX_STEPS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS, ASPECT = 20, 840, 16, 4e-4, 0.1, 2, "auto"
+SCORE_FOLDS = 5
 
 
 def use_available_cores() -> None:
@@ -82,6 +83,10 @@ def train(
                                                "than once, or the threshold is set on training parts"),
     sigma: float = typer.Option(DEFAULT_SIGMA, min=0.0, help="default threshold = mean + SIGMA * std of "
                                 "held-out scores"),
+    score_folds: int = typer.Option(SCORE_FOLDS, min=0, help="stmae's score head: fitted on every good "
+                                    "image, its scales and the image threshold from scores cross-fitted in "
+                                    "this many folds (0: from the held-out images, as with --holdout-dir "
+                                    "or --crop)"),
     max_images: int = typer.Option(0, min=0, help="use at most this many training images (0 = all)"),
     crop: int = typer.Option(0, min=0, help="train on random SIZE x SIZE crops at native resolution, for "
                              "tiles cut from larger images (line-scan); the model then takes SIZE x SIZE inputs"),
@@ -101,7 +106,7 @@ def train(
     """Train a model on good images and write one self-describing checkpoint."""
     from .errors import ConfigError
     from .models.filtering_ae import FAMILY as FILTERING_FAMILY
-    from .evaluation.operating_point import holdout_check
+    from .evaluation.operating_point import CROSS_FITTED_REMEDY, TRAIN_REMEDY, holdout_check
     from .training.train import TrainConfig, train as run_train
 
     if family == FILTERING_FAMILY and (self_supervised or corruptions_per_image != CORRUPTIONS or backbone_weights != "imagenet"):
@@ -113,18 +118,21 @@ def train(
                           "give one of the two")
     use_available_cores()
     cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, holdout_fraction=holdout, seed=seed,
-                      holdout_dir=str(holdout_dir or ""),
+                      holdout_dir=str(holdout_dir or ""), score_folds=score_folds,
                       max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
                       self_supervised=self_supervised, corruptions_per_image=corruptions_per_image,
                       bit_depth=bit_depth, aspect=aspect)
     meta = run_train(data_dir, out, _model_config(family, preset_name, backbone), cfg, backbone_weights)
     t = meta.training
+    head = f"; score head {t['score_head']}" if "score_head" in t else ""
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out "
-               f"({t['holdout']}), "
+               f"({t['holdout']}){head}, "
                f"final loss {t['loss_per_epoch'][-1]:.4f} after {len(t['loss_per_epoch'])} epoch(s), {t['seconds']:.0f}s; "
                f"threshold {meta.thresholds.image:.4g} ({meta.thresholds.rule}); input shape: {t['aspect']}")
     # With --crop the statistics come from crops of the held-out images: count what was scored.
-    typer.echo(holdout_check(t["holdout_above_threshold"], meta.score_stats.count, "crops" if cfg.crop else "images"))
+    scored = _threshold_scored(meta)
+    typer.echo(holdout_check(t["holdout_above_threshold"], meta.score_stats.count, "crops" if cfg.crop else "images",
+                             TRAIN_REMEDY if scored == "held-out" else CROSS_FITTED_REMEDY, scored))
 
 
 @app.command()
@@ -157,6 +165,11 @@ def info(model: Path = typer.Argument(..., help=".pt, .onnx or .plan file")) -> 
     typer.echo(read_metadata(model).to_json())
 
 
+def _threshold_scored(meta) -> str:
+    """How the good images behind the image threshold were scored, for holdout_check."""
+    return "cross-fitted" if "score_head" in meta.training else "held-out"
+
+
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="where the dataset view, model and report go"),
@@ -176,7 +189,8 @@ def demo(
     meta = run_train(data_dir, model_path, _model_config("stmae", "small", None), TrainConfig(epochs=epochs))
     typer.echo(f"trained {model_path} in {meta.training['seconds']:.0f}s; threshold {meta.thresholds.image:.4g}: "
                + holdout_check(meta.training["holdout_above_threshold"], meta.score_stats.count,
-                               remedy=f"demo --max-train 0: all {DEMO_GOOD_CELLS} good cells, a tenth held out"))
+                               remedy=f"demo --max-train 0: all {DEMO_GOOD_CELLS} good cells",
+                               scored=_threshold_scored(meta)))
     result = run_evaluate(model_path, data_dir)
     write_json(result, workdir / "eval.json")
     typer.echo(format_report(result))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +11,10 @@ import torch
 from stmae_edge import __version__, data
 from stmae_edge.checkpoint import load_model, read_checkpoint
 from stmae_edge.errors import CheckpointError, DatasetError, InvalidImageError
-from stmae_edge.models.stmae import preset
+from stmae_edge.models.stmae import STMAE, preset
 from stmae_edge.scoring import ScoreStats
-from stmae_edge.training.train import TrainConfig, score_images, split_holdout, train, training_and_holdout
+from stmae_edge.training.train import (TrainConfig, extract_feature_pairs, fit_score_head_cross_fitted, score_images,
+                                       split_holdout, train, training_and_holdout)
 
 CFG = TrainConfig(epochs=3, batch_size=8, seed=0)
 
@@ -36,12 +39,35 @@ def test_checkpoint_is_self_describing_and_safe_to_load(trained):
     assert any(k.startswith("features.body.") for k in blob["state_dict"])  # backbone travels along
 
 
-def test_loaded_model_reproduces_the_held_out_statistics(trained, synthetic_dataset):
+def test_the_image_threshold_rests_on_every_good_images_cross_fitted_score(trained, synthetic_dataset):
+    """The score head is fitted on every good image; the image statistics are the scores that heads
+    fitted on the other folds give each one, recomputed here from the images."""
     path, meta = trained
     model, loaded = load_model(path)
     assert loaded.model_hash == meta.model_hash
-    _, holdout = split_holdout(data.train_images(synthetic_dataset), CFG.holdout_fraction, CFG.seed)
+    train_paths, holdout = split_holdout(data.train_images(synthetic_dataset), CFG.holdout_fraction, CFG.seed)
+    goods = train_paths + holdout
+    assert loaded.score_stats.count == len(goods) and loaded.training["holdout_images"] == len(holdout)
+    assert loaded.training["score_head"] == (f"fitted on all {len(goods)} good images; its scales and the image "
+                                             f"threshold from {CFG.score_folds}-fold cross-fitted scores")
+    fresh = STMAE(preset("tiny"), backbone_weights="random")
+    fresh.load_state_dict(model.state_dict())
+    features = extract_feature_pairs(fresh, loaded.preprocessing, goods, with_score=True)[1]
+    scores = fit_score_head_cross_fitted(fresh, features, CFG.score_folds, CFG.seed).numpy()
+    assert ScoreStats.from_scores(scores).mean == pytest.approx(loaded.score_stats.mean, rel=1e-5)
+    assert ScoreStats.from_scores(scores).std == pytest.approx(loaded.score_stats.std, rel=1e-5)
+    assert loaded.training["holdout_above_threshold"] == int((scores > loaded.thresholds.image).sum())
+    torch.testing.assert_close(fresh.score_scale_stats, model.score_scale_stats)
+    torch.testing.assert_close(fresh.score_precision, model.score_precision)
+
+
+def test_without_score_folds_the_held_out_images_give_the_statistics(synthetic_dataset, tmp_path):
+    cfg = replace(CFG, epochs=1, score_folds=0)
+    meta = train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"), cfg, backbone_weights="random")
+    model, loaded = load_model(tmp_path / "m.pt")
+    _, holdout = split_holdout(data.train_images(synthetic_dataset), cfg.holdout_fraction, cfg.seed)
     _, scores = score_images(model, loaded.preprocessing, holdout)
+    assert loaded.score_stats.count == len(holdout) and "score_head" not in meta.training
     assert ScoreStats.from_scores(scores).mean == pytest.approx(loaded.score_stats.mean, rel=1e-5)
     assert loaded.training["holdout_above_threshold"] == int((scores > loaded.thresholds.image).sum())
 
@@ -115,6 +141,7 @@ def test_holdout_dir_sets_the_statistics_and_trains_on_every_image(synthetic_dat
     model, loaded = load_model(tmp_path / "m.pt")
     _, scores = score_images(model, loaded.preprocessing, held)
     assert ScoreStats.from_scores(scores).mean == pytest.approx(loaded.score_stats.mean, rel=1e-5)
+    assert "score_head" not in meta.training  # other parts calibrate it: no cross-fitting over train/good
 
 
 def test_holdout_dir_sharing_a_training_image_is_refused(synthetic_dataset, tmp_path):

@@ -29,9 +29,9 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     assert "wrote" in r.stdout and model.is_file()
     # The step budget stops after whole epochs, at least one, and says so.
     assert "training 1 of 2 epochs" in r.stderr and "after 1 epoch(s)" in r.stdout
-    assert "2 held out (drawn at random from train/good)" in r.stdout
-    assert "of 2 held-out good images above the threshold" in r.stdout and "(95% upper bound)" in r.stdout
-    assert "hold out more good images to narrow it (train --holdout, --holdout-dir)" in r.stdout  # 2 images promise little
+    assert "2 held out (drawn at random from train/good); score head fitted on all 24 good images" in r.stdout
+    assert "of 24 cross-fitted good images above the threshold" in r.stdout and "(95% upper bound)" in r.stdout
+    assert "train on more good images to narrow it (add them to train/good)" in r.stdout  # 24 allow 13.8%
     assert "input shape: training images' width/height from 1.00 to 1.00: stretched to the input" in r.stdout
     report = tmp_path / "report.json"
     r = run("evaluate", str(model), str(synthetic_dataset), "--out", str(report))
@@ -91,8 +91,9 @@ def test_cli_defaults_match_the_training_config():
     from stmae_edge.training.train import TrainConfig
 
     d = TrainConfig()
-    assert (cli.EPOCHS, cli.MAX_STEPS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT, cli.CORRUPTIONS, cli.ASPECT) == (
-        d.epochs, d.max_steps, d.batch_size, d.lr, d.holdout_fraction, d.corruptions_per_image, d.aspect)
+    assert (cli.EPOCHS, cli.MAX_STEPS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT, cli.CORRUPTIONS, cli.ASPECT,
+            cli.SCORE_FOLDS) == (d.epochs, d.max_steps, d.batch_size, d.lr, d.holdout_fraction,
+                                 d.corruptions_per_image, d.aspect, d.score_folds)
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -14,7 +14,8 @@ from stmae_edge.models.maps import gaussian_kernel, smooth
 from stmae_edge.models.stmae import (STMAE, STMAEConfig, checkerboard_split, explicit_attention, fused_attention,
                                      preset, random_split, take_tokens, unit_tokens)
 from stmae_edge.preprocessing import Preprocessing
-from stmae_edge.training.train import fit_gaussian, fit_intensity_target, fit_score_head, fit_score_scales
+from stmae_edge.training.train import (fit_gaussian, fit_intensity_target, fit_score_head, fit_score_head_cross_fitted,
+                                       fit_score_scales)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +168,28 @@ def test_score_head_reads_deep_layers_from_the_same_backbone_pass(model):
         replace(c, score_dim=0)
     with pytest.raises(ConfigError, match="unknown"):
         STMAE(replace(c, score_layers=("blocks.99",)), backbone_weights="none")
+
+
+def test_cross_fitted_scores_come_from_heads_that_never_saw_the_image():
+    """Every good image trains the final head; each one's score, for the threshold, comes from a head
+    fitted without it (as many folds as images here: each image's head is fitted on all the others)."""
+    torch.manual_seed(0)
+    m = STMAE(preset("tiny"), backbone_weights="random").eval()
+    s = m.config.score_grid
+    goods = torch.randn(12, m.features.score_channels, s, s, generator=torch.Generator().manual_seed(1))
+    goods[7, :, 2, 3] += 4.0  # one good image with one unusual cell
+    scores = fit_score_head_cross_fitted(m, goods, folds=12, seed=0)
+    final, without = (STMAE(preset("tiny"), backbone_weights="random").eval() for _ in range(2))
+    fit_score_head(final, goods)
+    torch.testing.assert_close(m.score_precision, final.score_precision)  # the final head: every image
+    with torch.no_grad():
+        for i in (0, 7):
+            fit_score_head(without, goods[torch.arange(12) != i])
+            without.score_scale_stats.copy_(m.score_scale_stats)
+            torch.testing.assert_close(scores[i], without.image_score(goods[i:i + 1])[0])
+        assert not torch.allclose(scores, m.image_score(goods))  # not the final head's own scores
+    with pytest.raises(ConfigError, match="too few for 40 score folds"):
+        fit_score_head_cross_fitted(m, goods, folds=40, seed=0)
 
 
 def test_score_is_the_larger_of_two_smoothings_each_on_the_held_out_images_scale():

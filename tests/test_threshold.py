@@ -75,6 +75,12 @@ def test_train_says_how_far_its_held_out_images_carry_the_threshold(above, held_
     assert float(bound[:-1]) == pytest.approx(100 * wilson_interval(above, held_out)[1], abs=0.05)
 
 
+def test_cross_fitted_scores_are_named_so_and_advise_more_training_images():
+    line = holdout_check(0, 24, remedy="add them to train/good", scored="cross-fitted")
+    assert line.startswith("0 of 24 cross-fitted good images above the threshold")
+    assert "train on more good images to narrow it (add them to train/good)" in line and "hold out" not in line
+
+
 def test_the_advice_names_the_options_of_the_command_that_trained():
     line = holdout_check(0, 24, remedy="demo --max-train 0")
     assert "hold out more good images to narrow it (demo --max-train 0)" in line and "train --holdout" not in line

@@ -51,18 +51,22 @@ WIDE_FALSE_REJECT_BOUND = 0.05
 
 
 TRAIN_REMEDY = "train --holdout, --holdout-dir"
+CROSS_FITTED_REMEDY = "add them to train/good"  # every good image is scored already
 
 
-def holdout_check(above: int, held_out: int, unit: str = "images", remedy: str = TRAIN_REMEDY) -> str:
-    """One line for `train` and `demo`: how many held-out good images (or crops: `unit`) its threshold
-    fails, and how high a false-reject rate that many cannot rule out (the upper end of a 95% Wilson
-    interval), with what to do where that is above WIDE_FALSE_REJECT_BOUND: hold out more images
+def holdout_check(above: int, held_out: int, unit: str = "images", remedy: str = TRAIN_REMEDY,
+                  scored: str = "held-out") -> str:
+    """One line for `train` and `demo`: how many held-out good images (or crops: `unit`; `scored` says
+    how they were scored: "cross-fitted" where every good image was, by a head not fitted on it) its
+    threshold fails, and how high a false-reject rate that many cannot rule out (the upper end of a 95%
+    Wilson interval), with what to do where that is above WIDE_FALSE_REJECT_BOUND: hold out more images
     (`remedy`: the options of the command that trained) or choose the threshold on labelled images."""
     upper = wilson_interval(above, held_out)[1]
-    line = (f"{above} of {held_out} held-out good {unit} above the threshold; on {unit} like them the "
+    line = (f"{above} of {held_out} {scored} good {unit} above the threshold; on {unit} like them the "
             f"false-reject rate may be up to {100 * upper:.1f}% (95% upper bound)")
     if upper > WIDE_FALSE_REJECT_BOUND:
-        line += (f": more than {100 * WIDE_FALSE_REJECT_BOUND:.0f}%; hold out more good images to narrow it "
+        more = "hold out more" if scored == "held-out" else "train on more"
+        line += (f": more than {100 * WIDE_FALSE_REJECT_BOUND:.0f}%; {more} good images to narrow it "
                  f"({remedy}) or choose the threshold on labelled images (stmae-edge threshold)")
     return line
 

@@ -562,8 +562,11 @@ class STMAE(nn.Module):
     def _image_score(self, score_features: torch.Tensor) -> torch.Tensor:
         if not self.config.score_wide_sigma:
             return self._score_map(score_features).flatten(1).amax(dim=1)
+        return self.scale_score(*self.scale_maxima(self.score_distance(score_features)))
+
+    def scale_score(self, narrow: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+        """The image score from the two smoothings' maxima: the larger, each as a z-score (score_scale_stats)."""
         stats = self.score_scale_stats.float()
-        narrow, wide = self.scale_maxima(self.score_distance(score_features))
         return torch.maximum((narrow - stats[0, 0]) / stats[0, 1], (wide - stats[1, 0]) / stats[1, 1])
 
     def anomaly_map(self, feats: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:

@@ -273,6 +273,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         paths = [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
     train_paths, holdout_paths, holdout_source = training_and_holdout(paths, cfg)
     logger.info("%d good images held out for the threshold, %s", len(holdout_paths), holdout_source)
+    # Cross-fitting needs the held-out images to be like the training ones, and one image per item
+    score_folds = 0 if cfg.holdout_dir or cfg.crop else cfg.score_folds
     train_items, holdout_items = train_paths, holdout_paths
     if cfg.crop:
         # The model then takes crop x crop inputs: tiles cut at native scale, never resized.
@@ -284,16 +286,22 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     keep_aspect, aspect_reason = choose_keep_aspect(cfg, paths)
     logger.info("input shape: %s", aspect_reason)
     preprocessing = preprocessing_for(model_config, cfg.bit_depth, keep_aspect)
+    cross_fitted = None
     if is_filtering:
         model, history = train_filtering(model_config, preprocessing, train_items, cfg)
         family, provenance = FILTERING_FAMILY, {"self_supervised": True}
     else:
-        model, history = train_stmae(model_config, preprocessing, train_items, cfg, backbone_weights,
-                                     holdout_items)
+        model, history, cross_fitted = train_stmae(model_config, preprocessing, train_items, cfg, backbone_weights,
+                                                   holdout_items, score_folds)
         family, provenance = STMAE_FAMILY, {"self_supervised": cfg.self_supervised,
                                             "backbone_weights": backbone_weights}
+        if cross_fitted is not None:
+            provenance["score_head"] = (f"fitted on all {len(cross_fitted)} good images; its scales and the image "
+                                        f"threshold from {score_folds}-fold cross-fitted scores")
 
     holdout_maps, holdout_scores = score_images(model, preprocessing, holdout_items, description="held-out scores")
+    if cross_fitted is not None:
+        holdout_scores = cross_fitted.numpy()  # the image threshold's good scores: every good image's
     stats = ScoreStats.from_scores(holdout_scores)
     # A score head scores images on its own scale: regions in the map get statistics of their own.
     map_stats = None
@@ -312,8 +320,9 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             "train_images": len(train_paths),
             "holdout_images": len(holdout_paths),
             "holdout": holdout_source,
-            # How many held-out scores (images, or crops with `crop`) the image threshold fails: with
-            # score_stats.count, how far it can be trusted (evaluation.operating_point.holdout_check).
+            # How many held-out scores (images, or crops with `crop`; with a cross-fitted score head, every
+            # good image's) the image threshold fails: with score_stats.count, how far it can be trusted
+            # (evaluation.operating_point.holdout_check).
             "holdout_above_threshold": int(np.count_nonzero(holdout_scores > thresholds.image)),
             "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
             "aspect": aspect_reason,
@@ -327,18 +336,23 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
 
 
 def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: Sequence[ImageInput],
-                cfg: TrainConfig, backbone_weights: str,
-                holdout: Sequence[ImageInput] = ()) -> tuple[STMAE, list[float]]:
-    """Features once (and the score head's, fitted at once), then the transformer on them; residual
-    statistics from the training images; with a fused map, the per-position Gaussian from the training
-    images and the fusion's scale from the held-out ones, as the score head's two smoothings' scales."""
+                cfg: TrainConfig, backbone_weights: str, holdout: Sequence[ImageInput] = (),
+                score_folds: int = 0) -> tuple[STMAE, list[float], torch.Tensor | None]:
+    """Features once (and the score head's), then the transformer on them; residual statistics from
+    the training images; with a fused map, the per-position Gaussian from the training images and the
+    fusion's scale from the held-out ones. The score head with two smoothings and score_folds: fitted on
+    the training and held-out images together, cross-fitted (fit_score_head_cross_fitted), and the
+    cross-fitted image scores returned (else None: the head from the training images, its scales from
+    the held-out ones)."""
     model = STMAE(model_config, backbone_weights=backbone_weights)
     if model_config.intensity_norm:
         fit_intensity_target(model, preprocessing, items)
     features, score_features = extract_feature_pairs(model, preprocessing, items, description="backbone features")
-    if score_features is not None:
+    two_scales = bool(model_config.score_layers) and model_config.score_wide_sigma > 0
+    cross_fit = two_scales and score_folds > 0
+    if score_features is not None and not cross_fit:
         fit_score_head(model, score_features)
-        del score_features
+        score_features = None
     mean, std = feature_statistics(features)
     model.feature_mean.copy_(mean)
     model.feature_std.copy_(std)
@@ -351,7 +365,7 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
         mean, std = residual_statistics(model, features)
         model.residual_mean.copy_(mean)
         model.residual_std.copy_(std)
-    two_scales = bool(model_config.score_layers) and model_config.score_wide_sigma > 0
+    cross_fitted = None
     if model_config.gaussian_weight > 0 or two_scales:
         if len(holdout) < 2:
             raise ConfigError("the fused map and the score head's two smoothings need at least two held-out "
@@ -360,9 +374,12 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
             model, preprocessing, holdout, description="held-out features", with_score=two_scales)
         if model_config.gaussian_weight > 0:
             fit_gaussian(model, features, holdout_features)
-        if two_scales:
+        if cross_fit:
+            cross_fitted = fit_score_head_cross_fitted(model, torch.cat([score_features, holdout_score_features]),
+                                                       score_folds, cfg.seed)
+        elif two_scales:
             fit_score_scales(model, holdout_score_features)
-    return model, history
+    return model, history, cross_fitted
 
 
 @torch.no_grad()
@@ -409,8 +426,39 @@ def fit_score_head(model: STMAE, score_features: torch.Tensor) -> None:
 def fit_score_scales(model: STMAE, holdout_score_features: torch.Tensor) -> None:
     """The (mean, std) over held-out good images of the score head's narrow and wide maxima, which put
     the two on one scale (STMAE.image_score)."""
-    maxima = [model.scale_maxima(model.score_distance(chunk)) for chunk in holdout_score_features.split(64)]
-    model.score_scale_stats.copy_(z_score_table([[n for n, _ in maxima], [w for _, w in maxima]]))
+    model.score_scale_stats.copy_(z_score_table([[m] for m in scale_maxima_of(model, holdout_score_features)]))
+
+
+@torch.no_grad()
+def scale_maxima_of(model: STMAE, score_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the score head's narrow and wide maxima (STMAE.scale_maxima), in chunks."""
+    maxima = [model.scale_maxima(model.score_distance(chunk)) for chunk in score_features.split(64)]
+    return torch.cat([n for n, _ in maxima]), torch.cat([w for _, w in maxima])
+
+
+@torch.no_grad()
+def fit_score_head_cross_fitted(model: STMAE, score_features: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """The score head fitted on every good image in `score_features`, with its two smoothings' scales
+    from cross-fitted maxima: the images in seeded folds, each fold's maxima from a head fitted on the
+    other folds. Returns each image's score from those maxima (N,): good scores that no head was fitted on.
+
+    Raises:
+        ConfigError: fewer images than folds.
+    """
+    count = len(score_features)
+    if count < folds:
+        raise ConfigError(f"{count} good images are too few for {folds} score folds; use fewer (--score-folds)")
+    fold = torch.from_numpy(np.random.default_rng(seed).permutation(count) % folds)
+    narrow, wide = torch.zeros(count), torch.zeros(count)
+    with progress_bar("score head, cross-fitted", folds) as advance:
+        for k in range(folds):
+            inside = fold == k
+            fit_score_head(model, score_features[~inside])
+            narrow[inside], wide[inside] = scale_maxima_of(model, score_features[inside])
+            advance()
+    fit_score_head(model, score_features)
+    model.score_scale_stats.copy_(z_score_table([[narrow], [wide]]))
+    return model.scale_score(narrow, wide)
 
 
 def z_score_table(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
