@@ -303,8 +303,10 @@ def main() -> None:
                       f"{', each channel standardised over the image' if config.score_standardize else ''}, "
                       f"{config.score_dim} principal components")
         if config.score_wide_sigma:
+            on = (f"cross-fitted good images (the head {meta.training['score_head']})" if "score_head" in meta.training
+                  else "held-out good images")
             described += (f", the larger of its maxima after {config.score_smoothing_sigma:g} and "
-                          f"{config.score_wide_sigma:g} cells of smoothing, each as a z-score on held-out good images")
+                          f"{config.score_wide_sigma:g} cells of smoothing, each as a z-score on {on}")
     gaussian, patchcore = baselines["gaussian"], baselines["patchcore"]
     bank = round(args.coreset * 100, 2)
     rows = [
