@@ -1,9 +1,10 @@
 """Score statistics, normalisation and thresholds: one definition for training, evaluation and runtime.
 
 numpy only. Raw scores are the model's image scores: the maximum of its anomaly map, or of its own
-score head's map (models/stmae.py). They are normalised against the held-out good images as a
-z-score: "how many standard deviations above a good part". The default threshold is the same rule in
-raw units, mean + k * std, so an engineer can read it, move it, and see what it means.
+score head's map (models/stmae.py). They are normalised against the held-out good images (with a
+cross-fitted score head, every good image, each held out of the head that scored it) as a z-score:
+"how many standard deviations above a good part". The default threshold is the same rule in raw
+units, mean + k * std, so an engineer can read it, move it, and see what it means.
 
 Maps are read against the maxima of the held-out good maps (`map_stats`). Where the score is the
 map's maximum the two statistics are the same, and a model keeps only `score_stats`.
@@ -23,7 +24,8 @@ DEFAULT_SIGMA = 3.0
 
 @dataclass(frozen=True)
 class ScoreStats:
-    """Statistics of raw image scores on held-out good images."""
+    """Statistics of raw image scores on held-out good images (cross-fitted: every good image's score
+    from a head fitted without it; training.train.fit_score_head_cross_fitted)."""
 
     count: int
     mean: float
