@@ -59,7 +59,7 @@ def operating_point(model_path: Path, samples: list) -> dict:
     return {"threshold": meta.thresholds.image, "false_alarms": full["false_reject_rate"],
             "recall": full["recall"], "f1": full["f1"], "image_auroc": full["image_auroc"],
             "train_images": meta.training["train_images"], "holdout_images": meta.training["holdout_images"],
-            "seconds": meta.training["seconds"]}
+            "seconds": meta.training["seconds"], "cross_fitted": "score_head" in meta.training}
 
 
 def main() -> None:
@@ -86,6 +86,10 @@ def main() -> None:
               "test tiles | recall | F1 | image AUROC | training |\n|---|---|---|---|---|---|---|---|---|")
     labels = {"by image": "a random tenth of train/good (`stmae-edge train DATA`)",
               "by part": f"{args.fraction:g} of the training tiles, every exposure (`--holdout-dir`)"}
+    for key, point in points.items():
+        if point["cross_fitted"]:  # the image threshold then comes from every good image, not the held-out ones
+            labels[key] += ("; the score head on all of them, the image threshold on their cross-fitted scores "
+                            "(`--score-folds`)")
     rows = [f"| {labels[k]} | {p['train_images']} | {p['holdout_images']} | {p['threshold']:.1f} | "
             f"{pct(p['false_alarms'])}% | {pct(p['recall'])}% | {pct(p['f1'])} | {pct(p['image_auroc'])} | "
             f"{p['seconds']:.0f} s |" for k, p in points.items()]
