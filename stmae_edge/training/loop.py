@@ -37,7 +37,8 @@ class TrainConfig:
     # A folder of good images of parts that train/good does not show, held out in place of
     # holdout_fraction of train/good: where each part is photographed several times, images drawn from
     # train/good are other photographs of training parts and set the threshold too low for new parts
-    # (magnetic_tile: a quarter of new good tiles flagged; docs/BENCHMARKS.md). "" = draw from train/good.
+    # (magnetic_tile: 13% of new good tiles flagged, 23% before score_folds; docs/BENCHMARKS.md).
+    # "" = draw from train/good.
     holdout_dir: str = ""
     # The score head (a Gaussian of frozen features, no training) is fitted on every good image and
     # calibrated by cross-fitting: each image scored by a head fitted on the other folds. Its scales and

@@ -275,6 +275,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     logger.info("%d good images held out for the threshold, %s", len(holdout_paths), holdout_source)
     # Cross-fitting needs the held-out images to be like the training ones, and one image per item
     score_folds = 0 if cfg.holdout_dir or cfg.crop else cfg.score_folds
+    if cfg.score_folds and not score_folds:
+        logger.info("score head calibrated on the held-out images, not cross-fitted (--holdout-dir or --crop)")
     train_items, holdout_items = train_paths, holdout_paths
     if cfg.crop:
         # The model then takes crop x crop inputs: tiles cut at native scale, never resized.
