@@ -61,6 +61,14 @@ def test_the_image_threshold_rests_on_every_good_images_cross_fitted_score(train
     torch.testing.assert_close(fresh.score_precision, model.score_precision)
 
 
+def test_fewer_good_images_than_score_folds_still_train(synthetic_dataset, tmp_path):
+    cfg = replace(CFG, epochs=1, max_images=4)  # two train, two held out: four folds of one image
+    meta = train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"), cfg, backbone_weights="random")
+    assert meta.score_stats.count == 4
+    assert meta.training["score_head"] == ("fitted on all 4 good images; its scales and the image threshold "
+                                           "from 4-fold cross-fitted scores")
+
+
 def test_without_score_folds_the_held_out_images_give_the_statistics(synthetic_dataset, tmp_path):
     cfg = replace(CFG, epochs=1, score_folds=0)
     meta = train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"), cfg, backbone_weights="random")

@@ -299,7 +299,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
                                             "backbone_weights": backbone_weights}
         if cross_fitted is not None:
             provenance["score_head"] = (f"fitted on all {len(cross_fitted)} good images; its scales and the image "
-                                        f"threshold from {score_folds}-fold cross-fitted scores")
+                                        f"threshold from {min(score_folds, len(cross_fitted))}-fold cross-fitted "
+                                        "scores")
 
     holdout_maps, holdout_scores = score_images(model, preprocessing, holdout_items, description="held-out scores")
     if cross_fitted is not None:
@@ -377,8 +378,11 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
         if model_config.gaussian_weight > 0:
             fit_gaussian(model, features, holdout_features)
         if cross_fit:
-            cross_fitted = fit_score_head_cross_fitted(model, torch.cat([score_features, holdout_score_features]),
-                                                       score_folds, cfg.seed)
+            goods = torch.cat([score_features, holdout_score_features])
+            if len(goods) < score_folds:  # a handful of good images: one fold each
+                logger.info("%d good images: the score head cross-fitted in %d folds, not %d", len(goods),
+                            len(goods), score_folds)
+            cross_fitted = fit_score_head_cross_fitted(model, goods, min(score_folds, len(goods)), cfg.seed)
         elif two_scales:
             fit_score_scales(model, holdout_score_features)
     return model, history, cross_fitted
