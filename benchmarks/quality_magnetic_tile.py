@@ -39,6 +39,7 @@ from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.models.backbones import FeatureExtractor  # noqa: E402
 from stmae_edge.evaluation.evaluate import evaluate, format_report  # noqa: E402
 from stmae_edge.evaluation.metrics import pixel_auroc_against, summarize  # noqa: E402
+from stmae_edge.evaluation.operating_point import threshold_scoring  # noqa: E402
 from stmae_edge.models.maps import maps_and_scores, smooth  # noqa: E402
 from stmae_edge.models.stmae import preset  # noqa: E402
 from stmae_edge.scoring import ScoreStats, Thresholds, map_maxima  # noqa: E402
@@ -303,8 +304,8 @@ def main() -> None:
                       f"{', each channel standardised over the image' if config.score_standardize else ''}, "
                       f"{config.score_dim} principal components")
         if config.score_wide_sigma:
-            on = (f"cross-fitted good images (the head {meta.training['score_head']})" if "score_head" in meta.training
-                  else "held-out good images")
+            on = (f"cross-fitted good images (the head {meta.training['score_head']})"
+                  if threshold_scoring(meta.training) == "cross-fitted" else "held-out good images")
             described += (f", the larger of its maxima after {config.score_smoothing_sigma:g} and "
                           f"{config.score_wide_sigma:g} cells of smoothing, each as a z-score on {on}")
     gaussian, patchcore = baselines["gaussian"], baselines["patchcore"]

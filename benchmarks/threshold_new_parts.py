@@ -27,6 +27,7 @@ from quality_magnetic_tile import machine, pct, summaries, write_rows  # noqa: E
 from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.cli import use_available_cores  # noqa: E402
+from stmae_edge.evaluation.operating_point import threshold_scoring  # noqa: E402
 from stmae_edge.training.train import TrainConfig, score_images  # noqa: E402
 from unseen_tiles import held_tiles, regroup, tile_groups, trained_once, unseen_tiles_parser  # noqa: E402
 
@@ -59,7 +60,7 @@ def operating_point(model_path: Path, samples: list) -> dict:
     return {"threshold": meta.thresholds.image, "false_alarms": full["false_reject_rate"],
             "recall": full["recall"], "f1": full["f1"], "image_auroc": full["image_auroc"],
             "train_images": meta.training["train_images"], "holdout_images": meta.training["holdout_images"],
-            "seconds": meta.training["seconds"], "cross_fitted": "score_head" in meta.training}
+            "seconds": meta.training["seconds"], "cross_fitted": threshold_scoring(meta.training) == "cross-fitted"}
 
 
 def main() -> None:

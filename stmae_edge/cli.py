@@ -106,7 +106,7 @@ def train(
     """Train a model on good images and write one self-describing checkpoint."""
     from .errors import ConfigError
     from .models.filtering_ae import FAMILY as FILTERING_FAMILY
-    from .evaluation.operating_point import CROSS_FITTED_REMEDY, TRAIN_REMEDY, holdout_check
+    from .evaluation.operating_point import holdout_check, threshold_scoring
     from .training.train import TrainConfig, train as run_train
 
     if family == FILTERING_FAMILY and (self_supervised or corruptions_per_image != CORRUPTIONS or backbone_weights != "imagenet"):
@@ -130,9 +130,8 @@ def train(
                f"final loss {t['loss_per_epoch'][-1]:.4f} after {len(t['loss_per_epoch'])} epoch(s), {t['seconds']:.0f}s; "
                f"threshold {meta.thresholds.image:.4g} ({meta.thresholds.rule}); input shape: {t['aspect']}")
     # With --crop the statistics come from crops of the held-out images: count what was scored.
-    scored = _threshold_scored(meta)
     typer.echo(holdout_check(t["holdout_above_threshold"], meta.score_stats.count, "crops" if cfg.crop else "images",
-                             TRAIN_REMEDY if scored == "held-out" else CROSS_FITTED_REMEDY, scored))
+                             scored=threshold_scoring(t)))
 
 
 @app.command()
@@ -165,11 +164,6 @@ def info(model: Path = typer.Argument(..., help=".pt, .onnx or .plan file")) -> 
     typer.echo(read_metadata(model).to_json())
 
 
-def _threshold_scored(meta) -> str:
-    """How the good images behind the image threshold were scored, for holdout_check."""
-    return "cross-fitted" if "score_head" in meta.training else "held-out"
-
-
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="where the dataset view, model and report go"),
@@ -179,7 +173,7 @@ def demo(
     """The embedded default: prepare ELPV solar cells, train a small model, evaluate, print results."""
     from .demo import prepare_elpv
     from .evaluation.evaluate import evaluate as run_evaluate, format_report, write_json
-    from .evaluation.operating_point import holdout_check
+    from .evaluation.operating_point import holdout_check, threshold_scoring
     from .training.train import TrainConfig, train as run_train
 
     use_available_cores()
@@ -190,7 +184,7 @@ def demo(
     typer.echo(f"trained {model_path} in {meta.training['seconds']:.0f}s; threshold {meta.thresholds.image:.4g}: "
                + holdout_check(meta.training["holdout_above_threshold"], meta.score_stats.count,
                                remedy=f"demo --max-train 0: all {DEMO_GOOD_CELLS} good cells",
-                               scored=_threshold_scored(meta)))
+                               scored=threshold_scoring(meta.training)))
     result = run_evaluate(model_path, data_dir)
     write_json(result, workdir / "eval.json")
     typer.echo(format_report(result))

@@ -54,13 +54,22 @@ TRAIN_REMEDY = "train --holdout, --holdout-dir"
 CROSS_FITTED_REMEDY = "add them to train/good"  # every good image is scored already
 
 
-def holdout_check(above: int, held_out: int, unit: str = "images", remedy: str = TRAIN_REMEDY,
+def threshold_scoring(training: dict) -> str:
+    """How the good scores behind a model's image threshold were scored, from its training record:
+    "cross-fitted" (every good image, by a score head fitted without it) or "held-out"."""
+    return "cross-fitted" if "score_head" in training else "held-out"
+
+
+def holdout_check(above: int, held_out: int, unit: str = "images", remedy: str | None = None,
                   scored: str = "held-out") -> str:
     """One line for `train` and `demo`: how many held-out good images (or crops: `unit`; `scored` says
     how they were scored: "cross-fitted" where every good image was, by a head not fitted on it) its
     threshold fails, and how high a false-reject rate that many cannot rule out (the upper end of a 95%
     Wilson interval), with what to do where that is above WIDE_FALSE_REJECT_BOUND: hold out more images
-    (`remedy`: the options of the command that trained) or choose the threshold on labelled images."""
+    (`remedy`: the options of the command that trained; by default train's, for `scored`) or choose the
+    threshold on labelled images."""
+    if remedy is None:
+        remedy = TRAIN_REMEDY if scored == "held-out" else CROSS_FITTED_REMEDY
     upper = wilson_interval(above, held_out)[1]
     line = (f"{above} of {held_out} {scored} good {unit} above the threshold; on {unit} like them the "
             f"false-reject rate may be up to {100 * upper:.1f}% (95% upper bound)")
