@@ -39,7 +39,7 @@ from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.models.backbones import FeatureExtractor  # noqa: E402
 from stmae_edge.evaluation.evaluate import evaluate, format_report  # noqa: E402
 from stmae_edge.evaluation.metrics import pixel_auroc_against, summarize  # noqa: E402
-from stmae_edge.evaluation.operating_point import threshold_scoring  # noqa: E402
+from stmae_edge.scoring import threshold_scoring  # noqa: E402
 from stmae_edge.models.maps import maps_and_scores, smooth  # noqa: E402
 from stmae_edge.models.stmae import preset  # noqa: E402
 from stmae_edge.scoring import ScoreStats, Thresholds, map_maxima  # noqa: E402

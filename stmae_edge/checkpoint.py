@@ -52,8 +52,8 @@ def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Te
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; all mean the same to a user
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable stmae-edge model file ({first_line[:200]})") from exc
+        raise CheckpointError(f"{path}: not a loadable stmae-edge checkpoint: {why_unloadable(path)}; give the "
+                              ".pt file that `stmae-edge train` wrote") from exc
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a stmae-edge model file (no '{FORMAT}' marker)")
     if not isinstance(blob.get("metadata"), dict) or not isinstance(blob.get("state_dict"), dict):
@@ -64,6 +64,17 @@ def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Te
         raise CheckpointError(f"{path}: contents do not match their recorded sha256; the file is corrupt "
                               "or was modified, re-train or copy it again")
     return metadata, state
+
+
+def why_unloadable(path: Path) -> str:
+    """What a file that torch.load refused is, in a user's words (torch's own text speaks of its internals)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if path.suffix.lower() in (".onnx", ".plan", ".engine"):
+        return f"it is {'an ONNX graph' if path.suffix.lower() == '.onnx' else 'a TensorRT plan'}, not a checkpoint"
+    if head != b"PK\x03\x04":  # every checkpoint torch.save writes is a zip archive
+        return "it is not a PyTorch file"
+    return "it is damaged (truncated?) or holds objects other than weights, which are not loaded for safety"
 
 
 def rewrite_metadata(path: Path | str, change) -> ModelMetadata:

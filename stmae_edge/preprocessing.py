@@ -89,14 +89,26 @@ class Preprocessing:
         d["std"] = tuple(float(v) for v in d["std"])
         return cls(**d)  # bit_depth as written: 12.9 is refused, not read as 12
 
-    def __call__(self, images: Union[ImageInput, Sequence[ImageInput]]) -> np.ndarray:
-        """One image or a list of them -> float32 batch (N, 3, H, W)."""
+    def __call__(self, images: Union[ImageInput, Sequence[ImageInput]],
+                 sources: Sequence[ImageInput] | None = None) -> np.ndarray:
+        """One image or a list of them -> float32 batch (N, 3, H, W).
+
+        Args:
+            sources: what each image was read from, where the caller decoded the files itself: an
+                error then names the file.
+
+        Raises:
+            InvalidImageError: naming the file (or the image's index in the call).
+        """
         if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim <= 3):
             images = [images]
         images = list(images)
         batch = np.empty((len(images), 3, *self.input_size), np.float32)
         for i, image in enumerate(images):
-            self.tensor(load_image(image, self.max_pixels), out=batch[i])
+            try:
+                self.tensor(load_image(image, self.max_pixels), out=batch[i])
+            except InvalidImageError as exc:
+                raise InvalidImageError(name_the_image(image if sources is None else sources[i], i, exc)) from None
         return batch
 
     def tensor(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -144,6 +156,14 @@ class Preprocessing:
             out[i] = box if box.shape == (height, width) else cv2.resize(box, (width, height),
                                                                           interpolation=cv2.INTER_LINEAR)
         return out
+
+
+def name_the_image(image: ImageInput, index: int, error: InvalidImageError) -> str:
+    """The error's message led by what the user gave: the file's path, or the image's index in the call
+    for an array, so that one bad image in a batch is found without a search."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(error) if str(image) in str(error) else f"{image}: {error}"
+    return f"image {index}: {error}"
 
 
 def check_bit_depth(bit_depth) -> None:

@@ -84,17 +84,28 @@ class Thresholds:
 
     @classmethod
     def from_stats(cls, stats: ScoreStats, sigma: float = DEFAULT_SIGMA,
-                   map_stats: ScoreStats | None = None) -> "Thresholds":
-        """mean + sigma * std of the held-out good scores; the pixel threshold by the same rule on
-        `map_stats` (the good maps' maxima) where the model has them, else equal to the image threshold."""
-        if not is_finite_number(sigma):
-            raise ConfigError(f"sigma {sigma!r} must be a finite number")
+                   map_stats: ScoreStats | None = None, scored: str = "held-out") -> "Thresholds":
+        """mean + sigma * std of the good scores; the pixel threshold by the same rule on `map_stats`
+        (the good maps' maxima) where the model has them, else equal to the image threshold.
+
+        Args:
+            scored: how the good scores were scored, for the rule's words: "held-out" or "cross-fitted"
+                (threshold_scoring, below, reads it from a model's training record).
+
+        Raises:
+            ConfigError: sigma is not a finite number >= 0.
+        """
+        if not is_finite_number(sigma) or sigma < 0:
+            # below the good images' mean a threshold fails most good parts: never what is meant
+            raise ConfigError(f"sigma {sigma!r} must be a finite number >= 0 (standard deviations above the "
+                              "good images' mean score)")
         t = stats.mean + sigma * stats.std
-        rule = f"mean + {sigma:g} * std of held-out good image scores"
+        rule = f"mean + {sigma:g} * std of {scored} good image scores"
         if map_stats is None or map_stats == stats:
             return cls(image=t, pixel=t, rule=rule)
-        return cls(image=t, pixel=map_stats.mean + sigma * map_stats.std,
-                   rule=f"{rule} (pixel: of their maps' maxima)")
+        # cross-fitting re-scores images through the head only: the maps' statistics stay the held-out images'
+        maps_of = "their maps' maxima" if scored == "held-out" else "held-out good images' maps' maxima"
+        return cls(image=t, pixel=map_stats.mean + sigma * map_stats.std, rule=f"{rule} (pixel: of {maps_of})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +113,18 @@ class Thresholds:
     @classmethod
     def from_dict(cls, d: dict) -> "Thresholds":
         return cls(float(d["image"]), float(d["pixel"]), str(d.get("rule", "")))
+
+
+def fails(scores: np.ndarray | float, threshold: float) -> np.ndarray:
+    """The decision, in one place: a part fails when its raw score is strictly above the threshold (a
+    score equal to it passes)."""
+    return np.asarray(scores) > threshold
+
+
+def threshold_scoring(training: dict) -> str:
+    """How the good scores behind a model's image threshold were scored, from its training record:
+    "cross-fitted" (every good image, by a score head fitted without it) or "held-out"."""
+    return "cross-fitted" if "score_head" in training else "held-out"
 
 
 def map_maxima(maps: np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ def test_int8_graph_is_symmetric_qdq_on_the_transformer_only(fp32_graph):
     assert all(produced_by.get(i) != "DequantizeLinear" for n in statistics for i in n.input)
 
 
-def test_only_layers_with_enough_weights_are_quantised(fp32_graph, tmp_path):
+def test_only_layers_with_enough_weights_are_quantised(fp32_graph, synthetic_dataset, tmp_path):
     # A quantised Linear layer pays only where its INT8 weights save more plan than its Q/DQ layers
     # cost: measured with TensorRT for RTX, small ones make the plan larger (docs/BENCHMARKS.md).
     folder, path = fp32_graph
@@ -98,6 +98,8 @@ def test_only_layers_with_enough_weights_are_quantised(fp32_graph, tmp_path):
                              str(tmp_path / "cli.onnx"), "--cache-dir", str(folder / "cache"), "--min-weights", str(cut)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "cache hit" in result.stdout, result.stderr
+    # no --images: a sample of the training images, from the folder the model recorded, named
+    assert f"images of {(synthetic_dataset / 'train' / 'good').resolve()} (cache" in result.stdout
     assert f"{len(quantised)} of {len(transformer)} layers in INT8; those under {cut} weights stay in fp16" in result.stdout
 
 

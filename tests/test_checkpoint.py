@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +58,7 @@ def test_the_image_threshold_rests_on_every_good_images_cross_fitted_score(train
     assert ScoreStats.from_scores(scores).mean == pytest.approx(loaded.score_stats.mean, rel=1e-5)
     assert ScoreStats.from_scores(scores).std == pytest.approx(loaded.score_stats.std, rel=1e-5)
     assert loaded.training["holdout_above_threshold"] == int((scores > loaded.thresholds.image).sum())
+    assert loaded.thresholds.rule.startswith("mean + 3 * std of cross-fitted good image scores")
     torch.testing.assert_close(fresh.score_scale_stats, model.score_scale_stats)
     torch.testing.assert_close(fresh.score_precision, model.score_precision)
 
@@ -103,6 +105,32 @@ def test_garbage_files_give_a_checkpoint_error(tmp_path, content):
     bad.write_bytes(content)
     with pytest.raises(CheckpointError):
         load_model(bad)
+
+
+@pytest.mark.parametrize("name,content,why", [
+    ("model.onnx", b"\x08\x07\x12\x0bonnx-bytes", "it is an ONNX graph, not a checkpoint"),
+    ("graph.pt", b"\x08\x07\x12\x0bonnx-bytes", "it is not a PyTorch file"),
+    ("cut.pt", b"PK\x03\x04broken zip", "damaged (truncated?)"),
+])
+def test_an_unloadable_file_is_named_for_what_it_is(tmp_path, name, content, why):
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        read_checkpoint(bad)
+    message = str(caught.value)
+    assert why in message and "give the .pt file that `stmae-edge train` wrote" in message
+    assert "weights_only" not in message and "miniz" not in message  # torch's internals stay out of it
+
+
+def test_the_training_folder_is_recorded_absolute_and_a_relative_record_is_explained(trained, tmp_path,
+                                                                                       monkeypatch):
+    _, meta = trained
+    source = meta.training["data_dir"]
+    assert Path(source).is_absolute() and (Path(source) / "train" / "good").is_dir()
+    monkeypatch.chdir(tmp_path)  # elsewhere, the record still finds the images
+    assert len(data.recorded_train_images(meta.training, 4)) == 4
+    with pytest.raises(DatasetError, match="relative to where it was trained.*give --images"):
+        data.recorded_train_images({"data_dir": "data"}, 4)  # as models trained before the change record it
 
 
 def test_pickled_code_is_refused(tmp_path):

@@ -294,3 +294,18 @@ def test_a_bad_block_mid_strip_is_refused_and_the_strip_goes_on_unchanged(detect
             inspector.push(bad)
     defects += inspector.push(middle) + inspector.push(strip[200:]) + inspector.flush()
     assert defects == reference and np.array_equal(np.concatenate(bands), reference_map)
+
+
+def test_a_first_block_that_fails_in_scoring_does_not_fix_the_strip(linescan_model):
+    detector = Detector(linescan_model, bit_depth=10)  # a Mono10 camera: uint16 above 1023 is refused
+    inspector = StreamingInspector(detector, overlap=OVERLAP)
+    wrong = np.full((80, 150, 3), 4000, np.uint16)  # a whole tile row: scored, and refused, in this push
+    with pytest.raises(InvalidImageError, match="exceed the 10-bit range"):
+        inspector.push(wrong)
+    assert inspector.width is None and inspector.rows_pushed == 0 and inspector.tiles == 0
+    # the inspector is as it was made: a first block of another width and format starts the strip
+    strip = make_strip(9, 130, 100)
+    defects = inspector.push(strip[:70]) + inspector.push(strip[70:]) + inspector.flush()
+    reference, _, fresh = inspect(detector, strip, [70, 60], keep_map=False)
+    assert inspector.width == 100 and inspector.rows_final == 130 and inspector.tiles == fresh.tiles
+    assert defects == reference

@@ -176,3 +176,19 @@ def test_training_keeps_the_aspect_only_where_the_images_shapes_differ(tmp_path)
     (tmp_path / "varied" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(InvalidImageError, match="0.png"):
         choose_keep_aspect(TrainConfig(), varied)
+
+
+def test_an_image_the_preprocessing_refuses_is_named(tmp_path):
+    """A uint16 frame above the bit depth is read and then refused: the error names the file (or the
+    image's place in the call), so that one bad image among thousands is found at once."""
+    good, bad = tmp_path / "good.png", tmp_path / "frame_17.png"
+    cv2.imwrite(str(good), np.full((32, 32), 100, np.uint16))
+    cv2.imwrite(str(bad), np.full((32, 32), 65000, np.uint16))
+    preprocessing = Preprocessing(input_size=(32, 32), bit_depth=12)
+    with pytest.raises(InvalidImageError, match=f"^{bad}: uint16 pixels up to 65000 exceed the 12-bit range"):
+        preprocessing([good, bad])
+    arrays = [load_image(good), load_image(bad)]
+    with pytest.raises(InvalidImageError, match="^image 1: uint16"):
+        preprocessing(arrays)
+    with pytest.raises(InvalidImageError, match=f"^{bad}: uint16"):  # decoded by the caller, named by it
+        preprocessing(arrays, sources=[good, bad])

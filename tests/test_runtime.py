@@ -112,9 +112,11 @@ def test_thresholds_come_from_metadata_and_can_be_overridden_per_call(detector, 
         if r.regions:
             (region,) = r.regions
             assert not region.above_pixel_threshold and region.peak_score == pytest.approx(m, rel=1e-4)
-    by_sigma = detector.predict(arrays[0], sigma=-2.0)
-    assert by_sigma.image_threshold == pytest.approx(stats.mean - 2 * stats.std)
-    assert by_sigma.pixel_threshold == pytest.approx(map_stats.mean - 2 * map_stats.std)
+    by_sigma = detector.predict(arrays[0], sigma=0.5)
+    assert by_sigma.image_threshold == pytest.approx(stats.mean + 0.5 * stats.std)
+    assert by_sigma.pixel_threshold == pytest.approx(map_stats.mean + 0.5 * map_stats.std)
+    with pytest.raises(ConfigError, match="sigma"):  # below the good mean: refused, as `threshold` refuses it
+        detector.predict(arrays[0], sigma=-2.0)
     assert detector.thresholds == default  # per-call overrides leave the detector as it was
     try:
         detector.thresholds = Thresholds(image=middle, pixel=middle, rule="line 3 setting")

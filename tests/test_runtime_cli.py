@@ -12,7 +12,19 @@ import numpy as np
 
 from test_cli import _assert_one_line_error, run
 
-TORCH_BLOCKED = "import sys; sys.modules['torch'] = None; from stmae_edge.cli import main; sys.argv[0] = 'stmae-edge'; main()"
+# As on a machine without the train extra: every import of torch fails as a missing package does, and
+# torch is not in sys.modules at all (libraries such as scipy look there for it).
+TORCH_BLOCKED = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTorch())
+from stmae_edge.cli import main
+sys.argv[0] = "stmae-edge"
+main()
+"""
 
 
 def run_without_torch(*args: str) -> subprocess.CompletedProcess:
@@ -41,6 +53,48 @@ def test_predict_writes_json_and_overlays_and_reports_unreadable_files(tiny_expo
         assert set(result) >= {"score", "normalized_score", "regions", "image_threshold", "pixel_threshold"}
     assert summary["results"][-1]["image_size"] == [70, 130] and summary["results"][-1]["overlay"] == "000_2.png"
     assert f"7 scored: {summary['failed']} fail" in r.stdout and "7 overlays" in r.stdout and "next: " in r.stdout
+
+
+def test_one_image_the_model_cannot_take_is_reported_and_the_rest_scored(tiny_export, synthetic_dataset, tmp_path):
+    """A uint16 frame above the bit depth passes the reader and fails in preprocessing, in the middle of
+    a batch: that file alone is reported, by name, and every other one is scored and written."""
+    inputs = tmp_path / "in"
+    shutil.copytree(synthetic_dataset / "test" / "good", inputs)
+    cv2.imwrite(str(inputs / "002_u16.png"), np.full((64, 64), 65000, np.uint16))  # sorts inside the first batch
+    out = tmp_path / "out"
+    r = run("predict", str(tiny_export[1]), str(inputs), "--bit-depth", "12", "--batch-size", "4", "--out", str(out),
+            "--no-overlays")
+    assert r.returncode == 3, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "002_u16.png: uint16 pixels up to 65000 exceed the 12-bit range" in errors[0]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["unreadable"] == 1 and len(summary["results"]) == 6
+    assert [p["source"] for p in summary["results"]] == [str(p) for p in sorted(inputs.iterdir()) if "u16" not in p.name]
+    assert "next: on a labelled set" in r.stdout and "overlays" not in r.stdout  # none were written
+
+
+def test_predict_refuses_a_folder_without_images_and_a_negative_sigma(tiny_export, synthetic_dataset, tmp_path):
+    empty = tmp_path / "webp"
+    empty.mkdir()
+    (empty / "frame.webp").write_bytes(b"RIFF")
+    r = run("predict", str(tiny_export[1]), str(empty), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(r, "no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff) in this folder")
+    assert not (tmp_path / "out").exists()  # an empty run is not "all passed"
+    r = run("predict", str(tiny_export[1]), str(synthetic_dataset / "test" / "good"), "--sigma", "-3", "--out",
+            str(tmp_path / "out"))
+    _assert_one_line_error(r, "must be a finite number >= 0")
+
+
+def test_without_torch_an_onnx_file_is_evaluated_and_a_checkpoint_says_what_to_install(tiny_export, synthetic_dataset,
+                                                                                         tmp_path):
+    r = run_without_torch("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--out", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["image_auroc"] is not None
+    r = run_without_torch("info", str(tiny_export[0]))
+    _assert_one_line_error(r, "needs torch, which is not installed here: pip install 'stmae-edge[train]'")
+    r = run_without_torch("predict", str(tiny_export[0]), str(synthetic_dataset / "test" / "good"), "--out",
+                          str(tmp_path / "p"))
+    _assert_one_line_error(r, "PyTorch is not installed here: run the exported .onnx file")
 
 
 def test_predict_never_writes_into_the_folder_of_its_inputs(tiny_export, synthetic_dataset, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from stmae_edge.errors import CheckpointError, ConfigError
 from stmae_edge.metadata import SCHEMA_VERSION, ModelMetadata
 from stmae_edge.preprocessing import Preprocessing
-from stmae_edge.scoring import ScoreStats, Thresholds, denormalize, normalize
+from stmae_edge.scoring import ScoreStats, Thresholds, denormalize, fails, normalize, threshold_scoring
 
 
 def test_stats_threshold_and_normalisation_by_hand():
@@ -40,6 +40,28 @@ def test_a_score_head_gives_the_pixel_threshold_its_own_statistics():
     assert again.map_stats == maxima == again.region_stats and again.to_dict() == md.to_dict()
     with pytest.raises(CheckpointError, match="malformed"):
         ModelMetadata.from_dict({**md.to_dict(), "map_stats": {"count": 3}})
+
+
+def test_sigma_below_zero_is_refused_and_the_rule_says_how_the_good_scores_were_scored():
+    scores, maxima = ScoreStats.from_scores([1.0, 2.0, 3.0]), ScoreStats.from_scores([10.0, 20.0, 60.0])
+    for sigma in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=">= 0"):
+            Thresholds.from_stats(scores, sigma)
+    assert Thresholds.from_stats(scores, 0).image == pytest.approx(2.0)
+    held_out = Thresholds.from_stats(scores, 3, maxima)
+    assert held_out.rule == "mean + 3 * std of held-out good image scores (pixel: of their maps' maxima)"
+    crossed = Thresholds.from_stats(scores, 3, maxima, scored="cross-fitted")
+    # cross-fitting re-scores the images only: the maps' statistics are still the held-out images'
+    assert crossed.rule == ("mean + 3 * std of cross-fitted good image scores "
+                            "(pixel: of held-out good images' maps' maxima)")
+    assert (crossed.image, crossed.pixel) == (held_out.image, held_out.pixel)
+    assert threshold_scoring({"score_head": "fitted on all ..."}) == "cross-fitted"
+    assert threshold_scoring({}) == "held-out"
+
+
+def test_a_score_equal_to_the_threshold_passes():
+    assert fails([0.5, 1.0, 1.5], 1.0).tolist() == [False, False, True]
+    assert not fails(1.0, 1.0) and fails(1.0 + 1e-9, 1.0)
 
 
 def _metadata() -> ModelMetadata:

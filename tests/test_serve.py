@@ -158,18 +158,20 @@ def test_many_clients_are_batched_and_each_gets_its_own_answer(served, synthetic
 
 def test_predict_with_server_writes_what_local_predict_writes(served, synthetic_dataset, tmp_path):
     url, _, _, onnx_path = served
-    folder = synthetic_dataset / "test"
+    # the image folders themselves: predict does not look into subfolders (and refuses a folder without images)
+    folders = [str(synthetic_dataset / "test" / kind) for kind in ("good", "scratch")]
     runs = {}
     for where, extra in (("local", [str(onnx_path)]), ("server", ["tiny", "--server", url])):
-        result = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "predict", extra[0], str(folder), "--out",
+        result = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "predict", extra[0], *folders, "--out",
                                  str(tmp_path / where), "--no-overlays", *extra[1:]],
                                 capture_output=True, text=True, cwd=REPO, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         runs[where] = json.loads((tmp_path / where / "results.json").read_text())["results"]
     assert [r["source"] for r in runs["server"]] == [r["source"] for r in runs["local"]]
+    assert len(runs["local"]) == 12  # 6 good and 6 scratched test images
     np.testing.assert_allclose([r["score"] for r in runs["server"]], [r["score"] for r in runs["local"]], rtol=RTOL)
     assert [r["decision"] for r in runs["server"]] == [r["decision"] for r in runs["local"]]
-    refused = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "predict", "tiny", str(folder), "--server", url,
+    refused = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "predict", "tiny", *folders, "--server", url,
                               "--backend", "ort-cpu"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert refused.returncode == 2 and refused.stderr.strip().startswith("error: --backend, --cuda-graph")
 

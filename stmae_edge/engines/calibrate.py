@@ -200,7 +200,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     key = cache_key(onnx_path, images, settings)
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
-    report = {"key": key, "images": len(images), "cache": "hit" if cached.is_file() else "miss",
+    report = {"key": key, "images": len(images), "folder": data.folder_of(images), "cache": "hit" if cached.is_file() else "miss",
               "cache_file": str(cached), "settings": settings}
     if not cached.is_file():
         check_writable(cached)

@@ -13,6 +13,8 @@ import collections
 import contextlib
 import copy
 import io
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from ..checkpoint import load_model
 from .half_precision import is_statistic
 from ..outputs import check_writable, written_atomically
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError, StmaeError
 from ..metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PRECISION_KEY, SCORE_NAME,
                        ModelMetadata, onnx_precision)
 
@@ -99,7 +101,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log), torch.no_grad():
+        with contextlib.redirect_stdout(log), quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME],
                                         output_names=[MAP_NAME, SCORE_NAME],
                                         dynamic_shapes={"images": {0: batch}}, dynamo=True,
@@ -112,8 +114,29 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
                                         PRECISION_KEY: precision})
     with written_atomically(out) as partial:  # checked before it takes the real name
         onnx.save(proto, str(partial))
-        figures = check_onnx(partial, reference)
+        try:
+            figures = check_onnx(partial, reference)
+        except StmaeError:
+            raise
+        except Exception as exc:  # ONNX Runtime's own types; not a write failure, which the block would say
+            raise ExportError(f"the graph exported from {checkpoint} fails its checks: "
+                              f"{(str(exc).splitlines() or [type(exc).__name__])[0][:300]}") from exc
     return out, figures
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """The exporter's notes that are not about this model (torchvision's detection ops it cannot register
+    where torchvision is absent, a deprecation inside torch's own pytree) kept off the user's terminal."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def op_counts(proto: onnx.ModelProto) -> dict[str, int]:

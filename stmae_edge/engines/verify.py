@@ -52,7 +52,8 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
     batch = exported.preprocessing(paths)
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    figures = {"provider": session.get_providers()[0], "rtol": rtol, "images": len(set(paths)), "batches": {}}
+    figures = {"provider": session.get_providers()[0], "rtol": rtol, "images": len(set(paths)),
+               "folder": data.folder_of(paths), "batches": {}}
     failures = []
     for size in batch_sizes:
         x = batch[:size]

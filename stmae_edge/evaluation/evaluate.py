@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import data
-from ..checkpoint import load_model
 from ..outputs import check_writable, write_bytes_atomically
 from ..metadata import ModelMetadata
 from .metrics import summarize
-from ..training.train import score_images
 
 
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16) -> dict:
@@ -35,16 +33,21 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16)
     is_onnx = Path(model_path).suffix == ".onnx"
     if is_onnx:  # the model file is checked before any data is read
         metadata = ModelMetadata.from_onnx(model_path)
-    else:
+    else:  # torch only here: an .onnx file is evaluated where only the runtime is installed
+        from ..checkpoint import load_model
+
         model, metadata = load_model(model_path)
     samples = data.eval_samples(data_dir)
     paths = [s.path for s in samples]
     if is_onnx:  # through the runtime, as `threshold` and `report` score a set
         from .validation import score_dataset
 
-        scored = score_dataset(model_path, data_dir, "ort-cpu", batch_size, description="evaluating")
+        scored = score_dataset(model_path, data_dir, "ort-cpu", batch_size, description="evaluating",
+                               samples=samples)
         maps, scores = scored.maps, scored.scores
     else:
+        from ..training.train import score_images
+
         maps, scores = score_images(model, metadata.preprocessing, paths, batch_size, description="evaluating")
     size = metadata.preprocessing.input_size
     masks = np.stack([data.load_mask(s, size) for s in samples]) if data.has_masks(samples) else None

@@ -4,7 +4,7 @@ and what it costs there, with confidence intervals that say how few images the f
     scores of good and defective validation images
         --max-false-reject R   lowest threshold that rejects at most R of the good images
         --min-recall R         highest threshold that still catches at least R of the defective ones
-        --sigma S              mean + S x std of the model's held-out good scores (the training rule)
+        --sigma S              mean + S x std of the model's good scores (the training rule)
     -> OperatingPoint: threshold, false-reject rate, escape rate, precision, recall, each with a 95%
        Wilson interval, and the counts behind them
     held-out good images' scores at training -> holdout_check: how far they carry train's threshold
@@ -30,7 +30,7 @@ import numpy as np
 
 from ..checks import is_finite_number
 from ..errors import ConfigError
-from ..scoring import ScoreStats, Thresholds
+from ..scoring import ScoreStats, Thresholds, fails
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -52,12 +52,6 @@ WIDE_FALSE_REJECT_BOUND = 0.05
 
 TRAIN_REMEDY = "train --holdout, --holdout-dir"
 CROSS_FITTED_REMEDY = "add them to train/good"  # every good image is scored already
-
-
-def threshold_scoring(training: dict) -> str:
-    """How the good scores behind a model's image threshold were scored, from its training record:
-    "cross-fitted" (every good image, by a score head fitted without it) or "held-out"."""
-    return "cross-fitted" if "score_head" in training else "held-out"
 
 
 def holdout_check(above: int, held_out: int, unit: str = "images", remedy: str | None = None,
@@ -164,7 +158,7 @@ def between(low: float | None, high: float | None) -> float:
 def evaluate_threshold(threshold: float, good: np.ndarray, defective: np.ndarray, rule: str) -> OperatingPoint:
     good, defective = np.asarray(good, np.float64), np.asarray(defective, np.float64)
     return OperatingPoint(float(threshold), rule, int(good.size), int(defective.size),
-                          int((good > threshold).sum()), int((defective <= threshold).sum()))
+                          int(fails(good, threshold).sum()), int((~fails(defective, threshold)).sum()))
 
 
 def check_target(max_false_reject: float | None = None, min_recall: float | None = None,
@@ -200,14 +194,15 @@ def check_support(max_false_reject: float | None, min_recall: float | None, good
 
 def choose(good: np.ndarray, defective: np.ndarray, *, max_false_reject: float | None = None,
            min_recall: float | None = None, sigma: float | None = None, stats: ScoreStats | None = None,
-           data: str = "the validation set") -> OperatingPoint:
+           data: str = "the validation set", scored: str = "held-out") -> OperatingPoint:
     """The operating point for exactly one target.
 
     Args:
         good, defective: image scores of the validation set's good and defective images.
         max_false_reject: lowest threshold whose false-reject rate on `good` is at most this (0 <= R < 1).
         min_recall: highest threshold whose recall on `defective` is at least this (0 < R <= 1).
-        sigma: mean + sigma x std of `stats` (the model's held-out good scores).
+        sigma: mean + sigma x std of `stats` (the model's good scores, `scored` as
+            scoring.threshold_scoring says: "held-out" or "cross-fitted").
         data: named in the rule.
 
     Raises:
@@ -238,6 +233,6 @@ def choose(good: np.ndarray, defective: np.ndarray, *, max_false_reject: float |
     else:
         if stats is None:
             raise ConfigError("--sigma needs the model's score statistics")
-        threshold = Thresholds.from_stats(stats, sigma).image
-        rule = f"mean + {sigma:g} * std of held-out good image scores"
+        chosen = Thresholds.from_stats(stats, sigma, scored=scored)
+        threshold, rule = chosen.image, chosen.rule
     return evaluate_threshold(float(threshold), good, defective, rule)

@@ -30,6 +30,7 @@ from .operating_point import evaluate_threshold
 from ..outputs import check_output_folder, same_file, write_bytes_atomically
 from ..preprocessing import load_image
 from ..progress import progress_bar
+from ..scoring import fails
 from .validation import ScoredDataset, score_dataset
 
 CASE_SIDE = 320  # pixels: the longer side of each case picture on the page
@@ -167,7 +168,7 @@ def _per_type(scored: ScoredDataset, threshold: float) -> list[dict]:
     for name in sorted(set(types) - {"good"}):
         scores = scored.scores[types == name]
         auroc = image_auroc(np.r_[np.zeros(good.size), np.ones(scores.size)], np.r_[good, scores]) if good.size else math.nan
-        escapes = int((scores <= threshold).sum())
+        escapes = int((~fails(scores, threshold)).sum())
         rows.append({"type": name, "images": int(scores.size), "image_auroc": _none(auroc), "escapes": escapes})
     return rows
 
@@ -180,8 +181,9 @@ def _cases(scored: ScoredDataset, with_masks: bool, worst: int, folder: Path) ->
     detector = scored.detector
     threshold = detector.thresholds.image
     order = np.argsort(scored.scores, kind="stable")
-    missed = [int(i) for i in order if scored.samples[i].label == 1 and scored.scores[i] <= threshold][:worst]
-    rejected = [int(i) for i in order[::-1] if scored.samples[i].label == 0 and scored.scores[i] > threshold][:worst]
+    failed = fails(scored.scores, threshold)
+    missed = [int(i) for i in order if scored.samples[i].label == 1 and not failed[i]][:worst]
+    rejected = [int(i) for i in order[::-1] if scored.samples[i].label == 0 and failed[i]][:worst]
     chosen = {"missed": missed, "false_rejects": rejected}
     out: dict[str, list[dict]] = {"missed": [], "false_rejects": []}
     with progress_bar("drawing the worst cases", len(missed) + len(rejected)) as advance:

@@ -41,8 +41,9 @@ class ScoredDataset:
 
 
 def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto", batch_size: int = 16,
-                  description: str = "scoring") -> ScoredDataset:
-    """Every image under DATA_DIR/test through a Detector.
+                  description: str = "scoring", samples: list[data.EvalSample] | None = None) -> ScoredDataset:
+    """Every image under DATA_DIR/test through a Detector (`samples`: data.eval_samples(data_dir), where
+    the caller has read them already).
 
     Raises:
         DatasetError: no test images; and the Detector's and the image reader's typed errors.
@@ -50,7 +51,8 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto"
     from ..runtime import Detector
 
     detector = Detector(model, backend, batch_size=batch_size)
-    samples = data.eval_samples(data_dir, both_classes=False)
+    if samples is None:
+        samples = data.eval_samples(data_dir, both_classes=False)
     maps, scores = [], []
     with progress_bar(f"{description} ({detector.info['backend']})", len(samples)) as advance:
         for start in range(0, len(samples), batch_size):

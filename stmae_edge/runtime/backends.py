@@ -107,8 +107,13 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
         return TensorRTBackend(path, cuda_graph=cuda_graph)
     if chosen in ORT_PROVIDERS:
         return OnnxRuntimeBackend(path, chosen, threads=threads)
-    from .torch_backend import TorchBackend  # needs the train extra; never imported by the runtime
-
+    try:
+        from .torch_backend import TorchBackend  # needs the train extra; never imported by the runtime
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        raise BackendError(f"{path} is a PyTorch checkpoint, and PyTorch is not installed here: run the exported "
+                           ".onnx file, or pip install 'stmae-edge[train]'") from None
     return TorchBackend(path, device=chosen.removeprefix("torch-"))
 
 

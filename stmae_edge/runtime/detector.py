@@ -16,6 +16,7 @@ image raises InvalidImageError naming it; nothing is half-done and the detector 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -27,17 +28,34 @@ import numpy as np
 from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
 from ..metadata import MAX_BATCH
-from ..preprocessing import ImageInput, Preprocessing, check_bit_depth, load_image
+from ..preprocessing import ImageInput, Preprocessing, check_bit_depth, load_image, name_the_image
 from ..scoring import Thresholds
 from .backend_table import BACKENDS
 from .backends import Backend, describe, open_backend
 from .postprocess import Detection, postprocess, resolve_thresholds
 
+logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 32
 STAGES = ("preprocess", "infer", "postprocess")
 
 
 class Detector:
+    """A model file opened on a backend, turning images into Detections (see the module docstring).
+
+        images ──> load_image + the model's Preprocessing ──> (N, 3, H, W) float32, batch_size at a time
+               ──> backend.run (under the lock) ──> maps (N, H, W) and raw scores (N,), checked
+               ──> postprocess: maps at each image's size, thresholds, regions ──> Detections
+
+    Attributes:
+        metadata: the model's ModelMetadata, read from the file.
+        preprocessing: how images become the network's input (the model's, with `bit_depth` applied).
+        thresholds: raw-score thresholds used when a call does not override them (assignable).
+        batch_size: most images per backend call, after the cap by the model's batch maximum.
+        min_region_area: smaller regions, in image pixels, are not reported.
+
+    Safe to share between threads; `close()` (or a with block) frees the backend.
+    """
+
     def __init__(self, model_path: Path | str, backend: str = "auto", *, batch_size: int = DEFAULT_BATCH_SIZE,
                  min_region_area: int = 1, cuda_graph: bool = False, threads: int = 0,
                  bit_depth: int | None = None):
@@ -69,6 +87,12 @@ class Detector:
         self.thresholds = self.metadata.thresholds
         self.min_region_area = min_region_area
         self.batch_size = max(1, min(batch_size, self._backend.max_batch))
+        if self.batch_size < batch_size:
+            # The default meeting a plan's smaller profile is routine; a size the caller chose is not
+            # what they will get, which they should hear about.
+            logger.log(logging.INFO if batch_size == DEFAULT_BATCH_SIZE else logging.WARNING,
+                       "batch_size %d exceeds the largest batch that %s takes (%d); batches of at most %d",
+                       batch_size, self.model_path.name, self._backend.max_batch, self.batch_size)
         self._lock = threading.Lock()
 
     @property
@@ -98,9 +122,21 @@ class Detector:
                 timings: dict | None = None) -> Union[Detection, list[Detection]]:
         """Score one image or a list (paths or arrays: gray, BGR or BGRA; uint8, uint16 or float in [0, 1]).
 
-        Thresholds are in raw score units; `sigma` sets both to mean + sigma * std of the good images'
-        scores (the pixel threshold: of their maps' maxima, where the model has a score head).
-        `timings`, if given, accumulates seconds per stage (preprocess, infer, postprocess)."""
+        Args:
+            images: one image (a path or an array) -> one Detection; a list, a tuple or an (N, H, W, C)
+                array -> a list of Detections, in order.
+            image_threshold, pixel_threshold: raw score units, for this call only (default: `thresholds`).
+            sigma: sets both to mean + sigma * std of the good images' scores (the pixel threshold: of
+                their maps' maxima, where the model has a score head); a raw threshold given too wins.
+            timings: if given, accumulates seconds per stage (preprocess, infer, postprocess).
+
+        Raises:
+            InvalidImageError: an image cannot be read or used (naming the file, or its index in the
+                call); nothing of the call is returned and the detector stays usable.
+            ConfigError: a threshold that is not a finite number, or sigma below 0.
+            BackendError: the backend failed (or was closed), or the network produced NaN or infinite
+                values or outputs of the wrong shape.
+        """
         items, single = as_items(images)
         thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma,
                                         self.map_stats)
@@ -160,11 +196,7 @@ class Detector:
                               f"{self._backend.max_batch}, got {got}")
         with self._lock:
             maps, scores = self._backend.run(batch)
-        if maps.shape != (len(batch), height, width) or scores.shape != (len(batch),):
-            raise BackendError(f"the backend returned maps {maps.shape} and scores {scores.shape} for a batch of "
-                               f"{len(batch)}; the model file does not fit this runtime")
-        if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
-            raise BackendError("the network produced NaN or infinite values; check the model with `stmae-edge verify`")
+        check_network_outputs(maps, scores, len(batch), (height, width))
         return maps, scores
 
     def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict) -> list[Detection]:
@@ -184,6 +216,28 @@ class Detector:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_network_outputs(maps: np.ndarray, scores: np.ndarray, count: int, input_size: tuple[int, int], *,
+                          where: str = "", error: type[BackendError] = BackendError) -> None:
+    """Refuse a network's answer unless it is maps (count, H, W) and raw scores (count,), all finite.
+
+    The one check for every place a network runs (Detector on its backends, RemoteDetector on a Triton
+    server): thresholds compare with `>`, so a NaN score would otherwise pass every part.
+
+    Args:
+        where: what answered, as a message prefix ("http://host:8000, model m: "); empty in-process.
+        error: the type to raise: BackendError, or a subclass such as RemoteError.
+
+    Raises:
+        BackendError (or `error`): the shapes do not fit the batch, or a value is NaN or infinite.
+    """
+    height, width = input_size
+    if maps.shape != (count, height, width) or scores.shape != (count,):
+        raise error(f"{where}the network returned maps {maps.shape} and scores {scores.shape} for a batch of "
+                    f"{count} images of {height}x{width}; the model does not fit this runtime")
+    if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
+        raise error(f"{where}the network produced NaN or infinite values; check the model with `stmae-edge verify`")
 
 
 def as_items(images) -> tuple[list, bool]:
@@ -218,9 +272,7 @@ def decode_batch(items: list, offset: int, preprocessing: Preprocessing) -> tupl
             image = load_image(item, preprocessing.max_pixels)
             preprocessing.tensor(image, out=batch[i])
         except InvalidImageError as exc:
-            if is_path:
-                raise InvalidImageError(f"{source}: {exc}" if source not in str(exc) else str(exc)) from None
-            raise InvalidImageError(f"image {offset + i}: {exc}") from None
+            raise InvalidImageError(name_the_image(item, offset + i, exc)) from None
         sizes.append(image.shape[:2])
         sources.append(source)
     return batch, sizes, sources

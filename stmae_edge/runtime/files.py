@@ -12,21 +12,29 @@ from typing import Callable, Sequence
 
 import cv2
 
-from ..data import images_in
-from ..errors import InvalidImageError, OutputError
+from ..data import IMAGE_SUFFIXES, images_in
+from ..errors import DatasetError, InvalidImageError, OutputError
 from ..outputs import check_output_folder, write_bytes_atomically
 from ..preprocessing import load_image
+from ..scoring import threshold_scoring
 from .detector import Detector
 from .overlay import render_overlay
 from .postprocess import resolve_thresholds
 
 
 def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
-    """Files as given, folders as their image files (sorted), in the order given."""
+    """Files as given, folders as their image files (sorted), in the order given.
+
+    Raises:
+        DatasetError: a folder holds no image files (an empty run would read as "all passed").
+    """
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += images_in(item)
+            found = images_in(item)
+            if not found:
+                raise DatasetError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            paths += found
         else:
             paths.append(item)  # a missing or unreadable file is reported when it is scored
     return paths
@@ -51,7 +59,7 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                       pixel_threshold: float | None = None, sigma: float | None = None) -> dict:
     """Score `paths` in batches; write OUT/results.json and OUT/<stem>.png. Returns the summary."""
     chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma,
-                                detector.map_stats)
+                                detector.map_stats, threshold_scoring(detector.metadata.training))
     check_output_folder(out, paths)
     names = overlay_names(paths)
     results, errors = [], []
@@ -64,7 +72,21 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                 kept.append(i)
             except InvalidImageError as exc:
                 errors.append({"source": str(paths[i]), "error": str(exc)})
-        detections = detector.predict(images, image_threshold=chosen.image, pixel_threshold=chosen.pixel) if images else []
+        try:
+            detections = detector.predict(images, image_threshold=chosen.image,
+                                          pixel_threshold=chosen.pixel) if images else []
+        except InvalidImageError:
+            # One image the model cannot take (a uint16 frame above its bit depth) fails the whole batch:
+            # score the batch one file at a time so that only that file is reported and skipped.
+            detections = []
+            for i in list(kept):
+                try:
+                    detections.append(detector.predict(paths[i], image_threshold=chosen.image,
+                                                       pixel_threshold=chosen.pixel))
+                except InvalidImageError as exc:
+                    errors.append({"source": str(paths[i]), "error": str(exc)})
+                    images.pop(kept.index(i))
+                    kept.remove(i)
         for i, image, detection in zip(kept, images, detections, strict=True):
             detection = dataclasses.replace(detection, source=str(paths[i]))
             entry = detection.to_dict()

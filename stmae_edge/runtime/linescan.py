@@ -75,6 +75,21 @@ class StreamingInspector:
     def __init__(self, detector: Detector, overlap: int = 32, width: int | None = None,
                  pixel_threshold: float | None = None, max_defect_rows: int | None = None,
                  on_rows: Callable[[int, np.ndarray], None] | None = None):
+        """Start an empty strip; the first push that succeeds fixes its pixel format and, unless `width`
+        gives it now, its width.
+
+        Args:
+            detector: the model, whose input size is the tile size; its thresholds are the defaults.
+            overlap: pixels shared by neighbouring tiles, 0 to half the tile.
+            width: the strip's width in pixels, at least one tile (default: the first block's).
+            pixel_threshold: raw map units (default: the detector's pixel threshold).
+            max_defect_rows: a defect taller than this is reported in parts, each but the last marked
+                `continues` (default: 8 tile heights); bounds memory whatever the defect.
+            on_rows: called with (first strip row, final strip map rows) as rows become final.
+
+        Raises:
+            ConfigError: overlap, width, max_defect_rows or pixel_threshold out of range or of the wrong type.
+        """
         self.detector = detector
         self.tile_height, self.tile_width = detector.preprocessing.input_size
         half = min(self.tile_height, self.tile_width) // 2
@@ -96,6 +111,7 @@ class StreamingInspector:
         self.width = width
         self._channels: int | None = None
         self._dtype = None
+        self._columns: list[int] = []  # left edges of the tiles across the strip, set with its width
         self._weight = np.outer(edge_ramp(self.tile_height, self.overlap), edge_ramp(self.tile_width, self.overlap))
         self._rows = np.empty((0, 0), np.uint8)  # buffered image rows, starting at strip row _rows_start
         self._rows_start = 0
@@ -133,27 +149,47 @@ class StreamingInspector:
         if self._channels is not None and (channels != self._channels or block.dtype != self._dtype):
             raise InvalidImageError(f"a block is {channels}-channel {block.dtype}; this strip is "
                                     f"{self._channels}-channel {self._dtype}")
-        if self._channels is None:  # the first good block fixes the strip's format
-            self.width, self._channels, self._dtype = width, channels, block.dtype
-            self._rows = np.empty((0, *block.shape[1:]), block.dtype)
-            self._columns = tile_starts(self.width, self.tile_width, self.tile_width - self.overlap)
-            self._regions = StripRegions(self.width, self.pixel_threshold, self.detector.map_stats,
-                                         self.max_defect_rows)
         return block
+
+    def _tile_columns(self, width: int) -> list[int]:
+        """Left edges of the tiles across a strip `width` pixels wide."""
+        return tile_starts(width, self.tile_width, self.tile_width - self.overlap)
+
+    def _fix_format(self, block: np.ndarray, columns: list[int]) -> None:
+        """The first block, once scored, fixes the strip's width, channels and pixel type."""
+        self.width, self._channels, self._dtype = block.shape[1], 1 if block.ndim == 2 else block.shape[2], block.dtype
+        self._columns = columns
+        self._regions = StripRegions(self.width, self.pixel_threshold, self.detector.map_stats, self.max_defect_rows)
 
     def push(self, block: np.ndarray) -> list[StripDefect]:
         """Add rows at the bottom of the strip; returns the defects completed by them.
 
         Every tile row the new rows complete is scored in one batched call before anything changes,
-        so a push that fails (bad block, backend error) leaves the inspector as it was."""
+        so a push that fails (bad block, backend error) leaves the inspector as it was: the first
+        block fixes the strip's width and format only once it is scored.
+
+        Args:
+            block: (rows, width) or (rows, width, 1 or 3) uint8 or uint16, any number of rows, of the
+                strip's width and format.
+
+        Raises:
+            ConfigError: the strip was flushed.
+            InvalidImageError: the block is not such an array, is narrower than a tile, differs from
+                the strip's width or format, or the model refuses its pixels (uint16 beyond bit_depth).
+            BackendError: the backend failed, or the network produced NaN or infinite values.
+        """
         if self._flushed:
             raise ConfigError("this strip was flushed; start a new StreamingInspector for the next strip")
         block = self._check_block(block)
         started = time.perf_counter()
+        first = self._channels is None
+        columns = self._tile_columns(block.shape[1]) if first else self._columns
         rows = np.concatenate([self._rows, block]) if self._rows.shape[0] else block.copy()
         pushed = self.rows_pushed + block.shape[0]
         tops = list(range(self._next_tile_row, pushed - self.tile_height + 1, self.stride))
-        maps = self._score(rows, tops)
+        maps = self._score(rows, tops, columns)
+        if first:  # only now: a first block that failed must not fix the strip's format
+            self._fix_format(block, columns)
         self._rows, self.rows_pushed = rows, pushed
         defects = []
         for top, row_maps in zip(tops, maps, strict=True):
@@ -162,7 +198,14 @@ class StreamingInspector:
         return defects
 
     def flush(self) -> list[StripDefect]:
-        """End of the strip: score the rows not yet covered, close every open defect."""
+        """End of the strip: score the rows not yet covered, close every open defect. Once flushed, the
+        inspector takes no more rows; a second flush returns nothing.
+
+        Raises:
+            InvalidImageError: the model refuses pixels of the last rows, which no push has scored
+                yet (uint16 beyond the detector's bit_depth).
+            BackendError: the backend failed, or the network produced NaN or infinite values.
+        """
         if self._flushed or self.rows_pushed == 0:
             self._flushed = True
             return []
@@ -181,16 +224,18 @@ class StreamingInspector:
         return defects
 
     # -- tiles and blending ------------------------------------------------------------------------
-    def _score(self, rows: np.ndarray, tops: list[int]) -> list[np.ndarray]:
-        """Maps of the tile rows starting at `tops`, scored in one batched call: one array per row."""
+    def _score(self, rows: np.ndarray, tops: list[int], columns: list[int] | None = None) -> list[np.ndarray]:
+        """Maps of the tile rows starting at `tops`, scored in one batched call: one array per row.
+        `columns`: the tiles' left edges, where the strip's are not fixed yet (its first block)."""
         if not tops:
             return []
+        columns = self._columns if columns is None else columns
         tiles = []
         for top in tops:
             offset = top - self._rows_start
-            tiles += [rows[offset:offset + self.tile_height, x:x + self.tile_width] for x in self._columns]
+            tiles += [rows[offset:offset + self.tile_height, x:x + self.tile_width] for x in columns]
         maps, _ = self.detector.raw_maps(tiles, timings=self.seconds)
-        per_row = len(self._columns)
+        per_row = len(columns)
         return [maps[i * per_row:(i + 1) * per_row] for i in range(len(tops))]
 
     def _blend(self, top: int, maps: np.ndarray, final_row: int) -> list[StripDefect]:
@@ -305,15 +350,22 @@ def replay(inspector: StreamingInspector, source, block_rows: int = 256,
            on_defect: Callable[[StripDefect], None] | None = None) -> dict:
     """Feed a recorded strip through `inspector` as a camera would: a tall image cut into blocks of
     `block_rows`, or a folder of consecutive block images (in name order, each pushed as it is).
-    Returns the defects and the inspector's throughput; file decoding is not counted."""
+    Returns the defects and the inspector's throughput; file decoding is not counted.
+
+    Raises:
+        ConfigError: block_rows is not a whole number >= 1, or the inspector was flushed.
+        InvalidImageError: the strip image or a block image cannot be read (naming the file), a block
+            is refused by push, or the folder has no images.
+        BackendError: the backend failed, or the network produced NaN or infinite values.
+    """
     from pathlib import Path
 
     from ..data import images_in
     from ..preprocessing import load_image
 
     source = Path(source)
-    if block_rows < 1:
-        raise ConfigError(f"--block-rows {block_rows} must be at least 1")
+    if not is_whole(block_rows) or block_rows < 1:
+        raise ConfigError(f"--block-rows {block_rows!r} must be a whole number, at least 1")
     if source.is_dir():
         files = images_in(source)
         if not files:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
-from ..scoring import ScoreStats, Thresholds, normalize
+from ..scoring import ScoreStats, Thresholds, fails, normalize
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,15 @@ class Detection:
 
 def resolve_thresholds(default: Thresholds, stats: ScoreStats, image: float | None = None,
                        pixel: float | None = None, sigma: float | None = None,
-                       map_stats: ScoreStats | None = None) -> Thresholds:
+                       map_stats: ScoreStats | None = None, scored: str = "held-out") -> Thresholds:
     """Per-call overrides: raw values win; `sigma` sets both to mean + sigma * std (the pixel threshold
-    on `map_stats`, the good maps' maxima, where they differ from the scores'); else the default."""
-    base = Thresholds.from_stats(stats, sigma, map_stats) if sigma is not None else default
+    on `map_stats`, the good maps' maxima, where they differ from the scores'; `scored`: how the good
+    scores were scored, for the rule's words); else the default.
+
+    Raises:
+        ConfigError: a threshold that is not a finite number, or sigma below 0.
+    """
+    base = Thresholds.from_stats(stats, sigma, map_stats, scored) if sigma is not None else default
     if image is None and pixel is None:
         return base
     return Thresholds(image=base.image if image is None else image,
@@ -149,7 +154,7 @@ def postprocess(maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int
         if model_map.shape != (height, width):
             image_map = cv2.resize(model_map, (width, height), interpolation=cv2.INTER_LINEAR)
         score = float(scores[i])
-        failed = score > thresholds.image
+        failed = bool(fails(score, thresholds.image))
         detections.append(Detection(
             source=sources[i], image_size=(height, width), score=score, normalized_score=float(z_scores[i]),
             is_anomalous=failed, image_threshold=thresholds.image, pixel_threshold=thresholds.pixel,

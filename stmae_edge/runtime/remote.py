@@ -5,17 +5,20 @@
 
     images ──> load_image + the model's Preprocessing (here, the one definition) ──> (N, 3, H, W)
            ──> server: NAME (stmae-edge serve) or NAME from a triton-repo repository
-           ──> maps and scores ──> postprocess (here, as the in-process Detector) ──> Detections
+           ──> maps and scores, checked as the in-process Detector checks its backend's (shapes, NaN)
+           ──> postprocess (here, as the in-process Detector) ──> Detections
 
 HTTP needs nothing beyond numpy: KServe v2 with Triton's binary tensor extension over urllib. gRPC
 uses tritonclient (the serve extra). The model's metadata comes from the server: the NAME_metadata
-model of `stmae-edge serve`, or the config parameter that `stmae-edge triton-repo` writes.
+model of `stmae-edge serve`, or the config parameter that `stmae-edge triton-repo` writes. Whatever the
+server answers is read as untrusted: a missing or malformed part is a RemoteError that names it.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import struct
 import urllib.error
 import urllib.request
@@ -23,13 +26,16 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from ..errors import BackendError, ConfigError
-from ..metadata import ModelMetadata
+from ..checks import is_whole, parse_document
+from ..errors import BackendError, CheckpointError, ConfigError
+from ..metadata import MAX_BATCH, ModelMetadata
 from ..preprocessing import ImageInput
 from ..scoring import Thresholds
 from ..serving import protocol as p
-from .detector import as_items, balanced_chunks, decode_batch
+from .detector import as_items, balanced_chunks, check_network_outputs, decode_batch
 from .postprocess import Detection, postprocess, resolve_thresholds
+
+logger = logging.getLogger(__name__)
 
 DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "BOOL": np.bool_, "UINT8": np.uint8,
              "UINT16": np.uint16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64}
@@ -57,27 +63,30 @@ class RemoteDetector:
             batch_size: most images per request (default and cap: the server's max batch).
 
         Raises:
-            ConfigError: a malformed url or model name. RemoteError: the server or model is not there.
+            ConfigError: a malformed url or model name, or a batch_size that is not a whole number >= 1.
+            RemoteError: the server or model is not there, or its metadata document is missing or
+                malformed (naming the part).
         """
         self.model = p.check_model_name(model)
         scheme, _, address = url.partition("://")
         if scheme not in ("http", "grpc") or not address or "/" in address.rstrip("/"):
             raise ConfigError(f"server url {url!r}: give http://HOST:PORT or grpc://HOST:PORT")
+        if batch_size is not None and (not is_whole(batch_size) or batch_size < 1):
+            raise ConfigError(f"batch_size {batch_size!r} must be a whole number, at least 1 (or None: the server's "
+                              "max batch)")
         self.url, self.protocol, self.timeout = url.rstrip("/"), scheme, float(timeout)
         self.min_region_area = min_region_area
         self._grpc = self._grpc_client(address.rstrip("/")) if scheme == "grpc" else None
         self._outputs = [p.SCORE, p.ANOMALY_MAP]  # and ERROR from a `stmae-edge serve` server
-        document = self._metadata_document()
-        self.metadata = ModelMetadata.from_dict(document["metadata"])
+        self.metadata, self.thresholds, self.max_batch, self._runtime = self._read_document(self._metadata_document())
         self.preprocessing = self.metadata.preprocessing
         self.score_stats = self.metadata.score_stats
         self.map_stats = self.metadata.region_stats
-        self.thresholds = Thresholds.from_dict(document["thresholds"]) if "thresholds" in document \
-            else self.metadata.thresholds
-        self.max_batch = int(document.get("max_batch", 8))
-        self.batch_size = self.max_batch if batch_size is None else max(1, min(int(batch_size), self.max_batch))
+        self.batch_size = self.max_batch if batch_size is None else min(int(batch_size), self.max_batch)
+        if batch_size is not None and batch_size > self.max_batch:  # the caller asked for more than they get
+            logger.warning("batch_size %d exceeds the max batch of model %s on %s (%d); requests of at most %d images",
+                           batch_size, self.model, self.url, self.max_batch, self.batch_size)
         self.model_path = f"{self.url}/v2/models/{self.model}"
-        self._runtime = document.get("runtime", {})
 
     @property
     def info(self) -> dict:
@@ -88,14 +97,30 @@ class RemoteDetector:
     # -- the Detector API -------------------------------------------------------------------------
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], *, image_threshold: float | None = None,
                 pixel_threshold: float | None = None, sigma: float | None = None):
-        """As Detector.predict: one image or a list (paths or arrays) -> Detection or list of them."""
+        """As Detector.predict: one image or a list (paths or arrays) -> Detection or list of them.
+
+        Args:
+            images: one image (a path or an array) -> one Detection; a list, a tuple or an (N, H, W, C)
+                array -> a list of Detections, in order. Sent batch_size images per request.
+            image_threshold, pixel_threshold: raw score units, for this call only (default: `thresholds`).
+            sigma: sets both to mean + sigma * std of the good images' scores (the pixel threshold: of
+                their maps' maxima, where the model has a score head); a raw threshold given too wins.
+
+        Raises:
+            InvalidImageError: an image cannot be read or used here (naming the file, or its index in
+                the call); nothing of the call is returned.
+            ConfigError: a threshold that is not a finite number, or sigma below 0.
+            RemoteError: the server cannot be reached, refused a request or an image (naming its index
+                in the call), or answered maps or scores that are missing, of the wrong shape, or NaN or
+                infinite.
+        """
         items, single = as_items(images)
         thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma,
                                         self.map_stats)
         detections: list[Detection] = []
         for start, stop in balanced_chunks(len(items), self.batch_size):
             batch, sizes, sources = decode_batch(items[start:stop], start, self.preprocessing)
-            maps, scores = self.run_tensors(batch)
+            maps, scores = self.run_tensors(batch, offset=start)
             maps = self.preprocessing.to_image_frame(maps, sizes)
             detections += postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area,
                                       self.map_stats)
@@ -103,18 +128,45 @@ class RemoteDetector:
 
     __call__ = predict
 
-    def run_tensors(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Preprocessed images (N, 3, H, W) float32 -> maps (N, H, W) and raw scores (N,), from the server."""
+    def run_tensors(self, batch: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed images (N, 3, H, W) float32 -> maps (N, H, W) and raw scores (N,), from the server,
+        checked as Detector.run_tensors checks its backend's (check_network_outputs).
+
+        Args:
+            offset: the index of batch[0] in the caller's call, so that an error names the image there.
+
+        Raises:
+            RemoteError: the server refused the request or an image (naming it), or answered maps or
+                scores that are missing, of the wrong shape, or NaN or infinite (a `triton-repo` model
+                has no error output: its network's NaN arrives as a score).
+        """
+        count = len(batch)
         outputs = self.infer(self.model, {p.IMAGES: np.ascontiguousarray(batch, np.float32)}, self._outputs)
-        maps, scores = outputs[p.ANOMALY_MAP], outputs[p.SCORE].reshape(len(batch))
-        # a triton-repo model answers (N, 1, H, W); copied: the wire's arrays are read-only views
-        maps = np.array(maps.reshape(len(batch), *maps.shape[-2:]), dtype=np.float32)
-        scores = np.array(scores, dtype=np.float32)
-        errors = outputs.get(p.ERROR)
+        errors = outputs.get(p.ERROR)  # from `stmae-edge serve`: why an image was not scored (its outputs are 0)
         if errors is not None:
             for i, message in enumerate(errors.reshape(-1)):
                 if message:
-                    raise RemoteError(f"image {i}: {message.decode(errors='replace')}")
+                    text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
+                    raise RemoteError(f"image {offset + i}: {text}")
+        where = f"{self.url}, model {self.model}: "
+        missing = [name for name in (p.ANOMALY_MAP, p.SCORE) if name not in outputs]
+        if missing:
+            raise RemoteError(f"{where}the answer has no {' or '.join(missing)} output; is this a model that "
+                              "`stmae-edge serve` or `stmae-edge triton-repo` made?")
+        maps, scores = outputs[p.ANOMALY_MAP], outputs[p.SCORE]
+        # a triton-repo model answers (N, 1, H, W) and both answer scores (N, 1): drop those axes only,
+        # so that any other shape reaches the check below as it came
+        if maps.ndim == 4 and maps.shape[1] == 1:
+            maps = maps[:, 0]
+        if scores.ndim == 2 and scores.shape[1] == 1:
+            scores = scores[:, 0]
+        try:  # copied: the wire's arrays are read-only views
+            maps, scores = np.array(maps, dtype=np.float32), np.array(scores, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise RemoteError(f"{where}the answer's maps ({maps.dtype}) or scores ({scores.dtype}) are not "
+                              "numbers; is this a model that `stmae-edge serve` or `stmae-edge triton-repo` made?"
+                              ) from None
+        check_network_outputs(maps, scores, count, self.preprocessing.input_size, where=where, error=RemoteError)
         return maps, scores
 
     def close(self) -> None:
@@ -164,7 +216,7 @@ class RemoteDetector:
                     raise ValueError("the answer is shorter than its header says")
                 result[output["name"]] = _from_bytes(output["datatype"], body[offset:offset + size], shape)
                 offset += size
-        except (ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, struct.error) as exc:
             raise RemoteError(f"{self.url}: not a Triton (KServe v2) answer for model {model} ({exc}); "
                               "is the url Triton's HTTP port?") from None
         return result
@@ -207,26 +259,48 @@ class RemoteDetector:
         return {name: response.as_numpy(name) for name in outputs if response.as_numpy(name) is not None}
 
     def _metadata_document(self) -> dict:
-        """From the NAME_metadata model of `stmae-edge serve`, else the config parameter of triton-repo."""
+        """From the NAME_metadata model of `stmae-edge serve`, else the config parameter of triton-repo.
+
+        Raises:
+            RemoteError: no answer, no such model, no metadata, or metadata that is not a JSON object.
+        """
         try:
             answer = self.infer(self.model + p.METADATA_SUFFIX, {p.METADATA_REQUEST: np.zeros((1, 1), np.int32)},
                                 [p.METADATA])
-            self._outputs = [p.SCORE, p.ANOMALY_MAP, p.ERROR]
-            return json.loads(answer[p.METADATA].reshape(-1)[0])
         except RemoteError as first:
             if self._grpc is None and first.status is None:  # no answer at all: nothing to fall back on
                 raise
-            config = self._model_config()
-            if config is None:
-                raise RemoteError(f"{self.url}: no model {self.model!r} there (`stmae-edge serve` prints the names "
-                                  f"it serves): {first}") from None
-            value = config.get("parameters", {}).get(p.METADATA_PARAMETER, {}).get("string_value")
-            if not value:
-                raise RemoteError(f"{self.url}: model {self.model} has no stmae-edge metadata; serve it with "
-                                  "`stmae-edge serve` or write its repository with `stmae-edge triton-repo`") from None
-            return json.loads(value)
+            return self._document_from_config(first)
+        self._outputs = [p.SCORE, p.ANOMALY_MAP, p.ERROR]
+        what = f"{self.url}: the metadata that model {self.model + p.METADATA_SUFFIX} answered"
+        values = answer.get(p.METADATA)
+        text = values.reshape(-1)[0] if values is not None and values.size else None
+        if not isinstance(text, (bytes, str)):
+            raise RemoteError(f"{what} has no {p.METADATA!r} text; is the server `stmae-edge serve`?")
+        return parse_document(text, what, RemoteError)
+
+    def _document_from_config(self, first: RemoteError) -> dict:
+        """The document in the model config's METADATA_PARAMETER, as `stmae-edge triton-repo` writes it;
+        `first`: why the NAME_metadata model did not answer."""
+        config = self._model_config()
+        if config is None:
+            raise RemoteError(f"{self.url}: no model {self.model!r} there (`stmae-edge serve` prints the names "
+                              f"it serves): {first}") from None
+        parameters = config.get("parameters") if isinstance(config, dict) else None
+        entry = parameters.get(p.METADATA_PARAMETER) if isinstance(parameters, dict) else None
+        value = entry.get("string_value") if isinstance(entry, dict) else None
+        if not value or not isinstance(value, str):
+            raise RemoteError(f"{self.url}: model {self.model} has no stmae-edge metadata; serve it with "
+                              "`stmae-edge serve` or write its repository with `stmae-edge triton-repo`") from None
+        return parse_document(value, f"{self.url}: the {p.METADATA_PARAMETER} parameter of model {self.model}",
+                              RemoteError)
 
     def _model_config(self) -> dict | None:
+        """The model's configuration as JSON, or None where the server has no such model.
+
+        Raises:
+            RemoteError: the server answered something that is not a JSON object.
+        """
         if self._grpc is not None:
             from tritonclient.utils import InferenceServerException
 
@@ -238,7 +312,41 @@ class RemoteDetector:
             body, _ = self._http(urllib.request.Request(f"{self.url}/v2/models/{self.model}/config"))
         except RemoteError:
             return None
-        return json.loads(body)
+        return parse_document(body, f"{self.url}: the config of model {self.model}", RemoteError)
+
+    def _read_document(self, document: dict) -> tuple[ModelMetadata, Thresholds, int, dict]:
+        """(metadata, thresholds, max batch, runtime) from the server's metadata document.
+
+        Raises:
+            RemoteError: a part is missing or malformed, named: the server does not serve what
+                `stmae-edge serve` or `stmae-edge triton-repo` wrote.
+        """
+        what = f"{self.url}: the metadata document of model {self.model}"
+        remedy = ("restart the server with `stmae-edge serve`, or write the repository again with "
+                  "`stmae-edge triton-repo`, with this version of stmae-edge")
+        if "metadata" not in document:
+            raise RemoteError(f"{what} has no 'metadata' entry; {remedy}")
+        try:
+            metadata = ModelMetadata.from_dict(document["metadata"])
+        except CheckpointError as exc:
+            raise RemoteError(f"{what}: {exc}") from None
+        thresholds = metadata.thresholds
+        if "thresholds" in document:
+            try:
+                thresholds = Thresholds.from_dict(document["thresholds"])
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # ConfigError too
+                reason = str(exc)[:200] or type(exc).__name__
+                raise RemoteError(f"{what} has malformed 'thresholds' ({reason}); {remedy}") from None
+        # Absent in documents from before the entry: 8, `stmae-edge serve`'s default
+        max_batch = document.get("max_batch", 8)
+        if not is_whole(max_batch) or not 1 <= max_batch <= MAX_BATCH:
+            raise RemoteError(f"{what} gives max_batch {max_batch!r}, not a whole number from 1 to {MAX_BATCH}; "
+                              f"{remedy}")
+        runtime = document.get("runtime", {})
+        if not isinstance(runtime, dict):
+            raise RemoteError(f"{what} has a 'runtime' entry that is a {type(runtime).__name__}, not an object; "
+                              f"{remedy}")
+        return metadata, thresholds, int(max_batch), runtime
 
 
 def _from_bytes(datatype: str, raw: bytes, shape: list[int]) -> np.ndarray:

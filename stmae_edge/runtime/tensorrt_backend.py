@@ -8,12 +8,13 @@ With `cuda_graph=True` the copy-in, engine and copy-out are captured as a CUDA g
 which removes most launch overhead at small batches. One graph is kept: a smaller batch is padded to
 its size and replays it, a larger one re-captures, because a graph must not outlive a change of the
 context's shapes. Engines that
-TensorRT reports as not capturable run without a graph, and `provider` says so.
+TensorRT reports as not capturable run without a graph: `provider` says so, and a warning is logged.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from ..engine_plan import collecting_logger, import_tensorrt, read_plan
 from ..errors import BackendError, EngineMismatchError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
 
+logger = logging.getLogger(__name__)
 _TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
 
 
@@ -83,6 +85,9 @@ class TensorRTBackend:
         self._buffers = self._allocate(trt)
         capturable = getattr(self._context, "is_stream_capturable", None)
         self.cuda_graph = cuda_graph and (capturable is None or bool(capturable(int(self._stream))))
+        if cuda_graph and not self.cuda_graph:  # asked for, and silently slower without this line
+            logger.warning("%s: TensorRT reports this engine cannot be captured as a CUDA graph; running it "
+                           "without CUDA graphs", plan_path.name)
         graphs = ", CUDA graphs" if self.cuda_graph else (", CUDA graphs not possible for this engine" if cuda_graph else "")
         self.provider = f"{flavour} {version} (cuda-python{graphs})"
 
@@ -182,6 +187,10 @@ class TensorRTBackend:
         return self._buffers[MAP_NAME][0][:n, 0].copy(), self._buffers[SCORE_NAME][0][:n].copy()
 
     def close(self) -> None:
+        """Free the GPU now: graph, buffers, stream, then the execution context, engine and runtime
+        (whose device memory TensorRT frees only when they are deleted: otherwise at garbage
+        collection, which a host program that replaces detectors must not wait for). Closing twice,
+        or a backend whose __init__ failed half-way, is harmless."""
         cudart = getattr(self, "_cudart", None)
         if cudart is None:
             return
@@ -189,9 +198,14 @@ class TensorRTBackend:
         for kind, pointer in reversed(self._allocations):
             (cudart.cudaFree if kind == "device" else cudart.cudaFreeHost)(pointer)
         self._allocations = []
+        self._buffers = {}  # their host arrays pointed into the pinned memory just freed
         if self._stream is not None:
             cudart.cudaStreamDestroy(self._stream)
             self._stream = None
+        # In this order: a context belongs to its engine, an engine to its runtime.
+        self._context = None
+        self._engine = None
+        self._runtime = None
 
     def __del__(self):
         try:

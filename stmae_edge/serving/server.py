@@ -23,12 +23,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import BackendError, ConfigError
 from ..runtime.detector import Detector
-from ..scoring import normalize
+from ..scoring import fails, normalize
 from . import protocol as p
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,25 @@ def check_ports_free(address: str, ports: dict[str, int]) -> None:
                                   f"choose another port") from None
 
 
+def open_detectors(count: int, open_one: Callable[[], Detector]) -> list[Detector]:
+    """`count` Detectors from `open_one`, one per model instance. If one fails to open, those already
+    open are closed before its error goes on: each holds a backend (a GPU's memory, say) that nothing
+    else would free until the process ends.
+
+    Raises:
+        whatever `open_one` raises (Detector: BackendError, CheckpointError, ConfigError, ...).
+    """
+    detectors: list[Detector] = []
+    try:
+        for _ in range(count):
+            detectors.append(open_one())
+    except BaseException:
+        for detector in detectors:
+            detector.close()
+        raise
+    return detectors
+
+
 def score_batch(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]:
     """Preprocessed images (N, 3, H, W) float32 -> the outputs of protocol.OUTPUTS, one row per image.
     An image with NaN or infinite values gets its own error; the others are scored."""
@@ -113,7 +133,7 @@ def score_batch(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]
     scored = errors[:, 0] == b""
     normalized = np.where(scored, normalize(scores, detector.score_stats), 0.0).astype(np.float32)
     return {p.SCORE: scores[:, None], p.NORMALIZED_SCORE: normalized[:, None],
-            p.IS_ANOMALOUS: ((scores > detector.thresholds.image) & scored)[:, None], p.ANOMALY_MAP: maps,
+            p.IS_ANOMALOUS: (fails(scores, detector.thresholds.image) & scored)[:, None], p.ANOMALY_MAP: maps,
             p.ERROR: errors}
 
 
@@ -151,49 +171,52 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.
             raise ConfigError(f"{option} must be a whole number from {low} to {high}, got {value!r}")
     check_ports_free(address, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     batch, DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig, TritonSecurityConfig = import_pytriton()
-    detectors = [Detector(model_path, backend, batch_size=max_batch, threads=threads) for _ in range(instances)]
-    max_batch = detectors[0].batch_size
-    height, width = detectors[0].preprocessing.input_size
-
-    def image_model(detector: Detector):
-        @batch
-        def infer(images):
-            return score_batch(detector, images.astype(np.float32, copy=False))
-        return infer
-
-    def frame_model(detector: Detector):
-        @batch
-        def infer(frames):
-            return score_batch(detector, detector.preprocess(list(frames)))
-        return infer
-
-    def metadata_model(detector: Detector):
-        document = metadata_document(detector, name, max_batch)
-
-        @batch
-        def infer(request):
-            return {p.METADATA: np.full((len(request), 1), document, dtype=object)}
-        return infer
-
-    outputs = [Tensor(name=p.SCORE, dtype=np.float32, shape=(1,)),
-               Tensor(name=p.NORMALIZED_SCORE, dtype=np.float32, shape=(1,)),
-               Tensor(name=p.IS_ANOMALOUS, dtype=np.bool_, shape=(1,)),
-               Tensor(name=p.ANOMALY_MAP, dtype=np.float32, shape=(height, width)),
-               Tensor(name=p.ERROR, dtype=bytes, shape=(1,))]
-    config = ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
-    models = [(name, image_model, [Tensor(name=p.IMAGES, dtype=np.float32, shape=(3, height, width))], outputs),
-              (name + p.FRAMES_SUFFIX, frame_model, [Tensor(name=p.FRAMES, dtype=np.uint8, shape=(height, width, 3))],
-               outputs),
-              (name + p.GRAY_SUFFIX, frame_model, [Tensor(name=p.FRAMES, dtype=np.uint8, shape=(height, width))],
-               outputs),
-              (name + p.METADATA_SUFFIX, metadata_model, [Tensor(name=p.METADATA_REQUEST, dtype=np.int32, shape=(1,))],
-               [Tensor(name=p.METADATA, dtype=bytes, shape=(1,))])]
-    server_config = TritonConfig(http_address=address, http_port=http_port, grpc_address=address,
-                                 grpc_port=grpc_port, metrics_port=metrics_port, exit_timeout_secs=5)
-    workspace = Path(tempfile.mkdtemp(prefix="stmae-edge-serve-"))
-    stop, previous_handlers = _stop_on_signals()  # Ctrl-C while Triton starts stops it once it is up
+    # One Detector per instance; open_detectors closes those already open if a later one fails.
+    detectors = open_detectors(instances, lambda: Detector(model_path, backend, batch_size=max_batch, threads=threads))
+    workspace: Path | None = None
+    previous_handlers: dict = {}
     triton = None
-    try:
+    try:  # from here on, the finally closes the detectors whatever fails
+        max_batch = detectors[0].batch_size
+        height, width = detectors[0].preprocessing.input_size
+
+        def image_model(detector: Detector):
+            @batch
+            def infer(images):
+                return score_batch(detector, images.astype(np.float32, copy=False))
+            return infer
+
+        def frame_model(detector: Detector):
+            @batch
+            def infer(frames):
+                return score_batch(detector, detector.preprocess(list(frames)))
+            return infer
+
+        def metadata_model(detector: Detector):
+            document = metadata_document(detector, name, max_batch)
+
+            @batch
+            def infer(request):
+                return {p.METADATA: np.full((len(request), 1), document, dtype=object)}
+            return infer
+
+        outputs = [Tensor(name=p.SCORE, dtype=np.float32, shape=(1,)),
+                   Tensor(name=p.NORMALIZED_SCORE, dtype=np.float32, shape=(1,)),
+                   Tensor(name=p.IS_ANOMALOUS, dtype=np.bool_, shape=(1,)),
+                   Tensor(name=p.ANOMALY_MAP, dtype=np.float32, shape=(height, width)),
+                   Tensor(name=p.ERROR, dtype=bytes, shape=(1,))]
+        config = ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
+        models = [(name, image_model, [Tensor(name=p.IMAGES, dtype=np.float32, shape=(3, height, width))], outputs),
+                  (name + p.FRAMES_SUFFIX, frame_model, [Tensor(name=p.FRAMES, dtype=np.uint8, shape=(height, width, 3))],
+                   outputs),
+                  (name + p.GRAY_SUFFIX, frame_model, [Tensor(name=p.FRAMES, dtype=np.uint8, shape=(height, width))],
+                   outputs),
+                  (name + p.METADATA_SUFFIX, metadata_model, [Tensor(name=p.METADATA_REQUEST, dtype=np.int32, shape=(1,))],
+                   [Tensor(name=p.METADATA, dtype=bytes, shape=(1,))])]
+        server_config = TritonConfig(http_address=address, http_port=http_port, grpc_address=address,
+                                     grpc_port=grpc_port, metrics_port=metrics_port, exit_timeout_secs=5)
+        workspace = Path(tempfile.mkdtemp(prefix="stmae-edge-serve-"))
+        stop, previous_handlers = _stop_on_signals()  # Ctrl-C while Triton starts stops it once it is up
         use_own_libpython(workspace / "libpython")
         # Statistics stay open, as in a plain tritonserver (PyTriton would put them behind a token); the
         # endpoints that change the server stay behind the random token PyTriton makes.
@@ -230,7 +253,8 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.
             detector.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        shutil.rmtree(workspace, ignore_errors=True)
+        if workspace is not None:
+            shutil.rmtree(workspace, ignore_errors=True)
 
 
 def _stop_on_signals() -> tuple[dict, dict]:

@@ -37,7 +37,7 @@ from .filtering import train_filtering
 from ..preprocessing import ImageInput, Preprocessing, load_image
 from ..progress import progress_bar
 from .loop import TrainConfig, batches, mean_and_std, optimize
-from ..scoring import ScoreStats, Thresholds, map_maxima
+from ..scoring import ScoreStats, Thresholds, fails, map_maxima
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def score_images(model: STMAE, preprocessing: Preprocessing, paths: Sequence[Ima
     with progress_bar(description, len(paths)) as advance:
         for chunk in batches(paths, batch_size):
             images = [load_image(item, preprocessing.max_pixels) for item in chunk]
-            m, s = model(torch.from_numpy(preprocessing(images)))
+            m, s = model(torch.from_numpy(preprocessing(images, sources=chunk)))
             maps.append(preprocessing.to_image_frame(m[:, 0].numpy(), [image.shape[:2] for image in images]))
             scores.append(s.numpy())
             advance(len(chunk))
@@ -310,7 +310,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     map_stats = None
     if getattr(model_config, "score_layers", ()):
         map_stats = ScoreStats.from_scores(map_maxima(holdout_maps))
-    thresholds = Thresholds.from_stats(stats, cfg.sigma, map_stats)
+    thresholds = Thresholds.from_stats(stats, cfg.sigma, map_stats,
+                                       scored="held-out" if cross_fitted is None else "cross-fitted")
     metadata = ModelMetadata(
         model_family=family,
         config=model_config.to_dict(),
@@ -319,14 +320,14 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         map_stats=map_stats,
         thresholds=thresholds,
         training={
-            "data_dir": str(data_dir),
+            "data_dir": str(Path(data_dir).resolve()),  # absolute: verify and calibrate read it from anywhere
             "train_images": len(train_paths),
             "holdout_images": len(holdout_paths),
             "holdout": holdout_source,
             # How many held-out scores (images, or crops with `crop`; with a cross-fitted score head, every
             # good image's) the image threshold fails: with score_stats.count, how far it can be trusted
             # (evaluation.operating_point.holdout_check).
-            "holdout_above_threshold": int(np.count_nonzero(holdout_scores > thresholds.image)),
+            "holdout_above_threshold": int(np.count_nonzero(fails(holdout_scores, thresholds.image))),
             "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
             "aspect": aspect_reason,
             **provenance,

@@ -1,0 +1,257 @@
+"""RemoteDetector against a loopback fake of Triton's HTTP API (KServe v2 with the binary tensor
+extension): what it does with answers that a real server can send but should not, without PyTriton.
+
+The fake answers as `stmae-edge triton-repo`'s repository in the official container does (no
+NAME_metadata model, the metadata in the model config, no error output) or as `stmae-edge serve` does
+(the NAME_metadata model, an error output), with the values each test chooses."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import threading
+
+import numpy as np
+import pytest
+
+from stmae_edge.metadata import ModelMetadata
+from stmae_edge.runtime import RemoteDetector, RemoteError
+from stmae_edge.serving import protocol as p
+
+
+def encode_outputs(outputs: dict[str, np.ndarray]) -> tuple[bytes, int]:
+    """(body, header length) of an infer answer with every output as binary data."""
+    entries, blobs = [], []
+    for name, array in outputs.items():
+        if array.dtype == object:
+            blob = b"".join(len(x).to_bytes(4, "little") + x for x in array.reshape(-1))
+            datatype = "BYTES"
+        else:
+            blob = np.ascontiguousarray(array, np.float32).tobytes()
+            datatype = "FP32"
+        entries.append({"name": name, "datatype": datatype, "shape": list(array.shape),
+                        "parameters": {"binary_data_size": len(blob)}})
+        blobs.append(blob)
+    header = json.dumps({"outputs": entries}).encode()
+    return header + b"".join(blobs), len(header)
+
+
+class FakeTriton:
+    """A loopback server routing /v2/models/NAME/infer and /v2/models/NAME/config to `answer(method,
+    model, action, batch)`, which returns (status, dict of outputs | JSON-able | raw bytes). `batch`
+    is the request's leading input dimension (None for a config request)."""
+
+    def __init__(self, answer):
+        self.requests: list[tuple[str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def handle_request(self, method):
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length)
+                _, _, _, model, action = self.path.split("/")[:5]
+                batch = None
+                if method == "POST":
+                    head = json.loads(body[:int(self.headers["Inference-Header-Content-Length"])])
+                    batch = head["inputs"][0]["shape"][0]
+                outer.requests.append((model, action))
+                status, content = answer(method, model, action, batch)
+                extra = {}
+                if isinstance(content, dict) and content and all(isinstance(v, np.ndarray) for v in content.values()):
+                    content, header_length = encode_outputs(content)
+                    extra["Inference-Header-Content-Length"] = str(header_length)
+                elif not isinstance(content, bytes):
+                    content = json.dumps(content).encode()
+                self.send_response(status)
+                for key, value in extra.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                self.handle_request("POST")
+
+            def do_GET(self):  # noqa: N802
+                self.handle_request("GET")
+
+            def log_message(self, *args):
+                pass
+
+        outer = self
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def metadata(tiny_export) -> ModelMetadata:
+    return ModelMetadata.from_onnx(tiny_export[1])
+
+
+def document_for(model: ModelMetadata, /, **changes) -> dict:
+    """The document `stmae-edge triton-repo` writes into the config, with `changes` (None: drop the key)."""
+    document = {"name": "tiny", "max_batch": 4, "metadata": model.to_dict(), "thresholds": model.thresholds.to_dict()}
+    document.update(changes)
+    return {k: v for k, v in document.items() if v is not None}
+
+
+def repo_server(metadata: ModelMetadata, document=None, config=None, infer=None) -> FakeTriton:
+    """A triton-repo model in the official container: NAME_metadata is unknown (400), the config holds
+    the document, and `infer(batch)` gives the model's outputs."""
+    document = document_for(metadata) if document is None else document
+    if config is None:
+        config = {"name": "tiny", "parameters": {p.METADATA_PARAMETER: {"string_value": json.dumps(document)}}}
+
+    def answer(method, model, action, batch):
+        if model == "tiny" + p.METADATA_SUFFIX:
+            return 400, {"error": f"Request for unknown model: '{model}' is not found"}
+        if action == "config":
+            return 200, config
+        return 200, infer(batch)
+    return FakeTriton(answer)
+
+
+def network_outputs(metadata: ModelMetadata, batch: int, score: float = 0.0, map_width: int | None = None):
+    """What a triton-repo model answers: scores (N, 1) and maps (N, 1, H, W)."""
+    height, width = metadata.preprocessing.input_size
+    return {p.SCORE: np.full((batch, 1), score, np.float32),
+            p.ANOMALY_MAP: np.zeros((batch, 1, height, map_width or width), np.float32)}
+
+
+def frames(metadata: ModelMetadata, count: int) -> list[np.ndarray]:
+    height, width = metadata.preprocessing.input_size
+    return [np.full((height, width), 100 + i, np.uint8) for i in range(count)]
+
+
+def test_a_nan_score_from_a_model_without_an_error_output_is_refused_not_passed(metadata):
+    server = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=np.nan))
+    try:
+        remote = RemoteDetector(server.url, "tiny")
+        with pytest.raises(RemoteError, match="model tiny: the network produced NaN or infinite values"):
+            remote.predict(frames(metadata, 2))
+    finally:
+        server.close()
+    good = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=0.0))
+    try:  # the same answer with finite scores is read as before
+        remote = RemoteDetector(good.url, "tiny")
+        results = remote.predict(frames(metadata, 3))
+        assert [r.score for r in results] == [0.0] * 3
+        assert all(r.is_anomalous == (0.0 > remote.thresholds.image) for r in results)
+    finally:
+        good.close()
+
+
+def test_maps_of_the_wrong_shape_are_refused(metadata):
+    height, width = metadata.preprocessing.input_size
+    server = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, map_width=width + 1))
+    try:
+        with pytest.raises(RemoteError, match=f"maps \\(2, {height}, {width + 1}\\).*does not fit"):
+            RemoteDetector(server.url, "tiny").predict(frames(metadata, 2))
+    finally:
+        server.close()
+    no_map = repo_server(metadata, infer=lambda batch: {p.SCORE: np.zeros((batch, 1), np.float32)})
+    try:
+        with pytest.raises(RemoteError, match="has no anomaly_map output"):
+            RemoteDetector(no_map.url, "tiny").predict(frames(metadata, 1))
+    finally:
+        no_map.close()
+
+
+def test_an_image_the_server_refuses_is_named_by_its_index_in_the_call(metadata):
+    """`stmae-edge serve` answers an error per image; the second request's first image is image 2."""
+    document = json.dumps(document_for(metadata, max_batch=2)).encode()
+    calls = []
+
+    def answer(method, model, action, batch):
+        if model == "tiny" + p.METADATA_SUFFIX:
+            return 200, {p.METADATA: np.array([[document]], dtype=object)}
+        calls.append(batch)
+        errors = np.full((batch, 1), b"", dtype=object)
+        if len(calls) == 2:
+            errors[0, 0] = b"the image has NaN or infinite values; nothing was scored"
+        return 200, {**network_outputs(metadata, batch), p.ERROR: errors}
+
+    server = FakeTriton(answer)
+    try:
+        remote = RemoteDetector(server.url, "tiny")
+        assert remote.batch_size == 2
+        with pytest.raises(RemoteError, match="^image 2: the image has NaN"):
+            remote.predict(frames(metadata, 4))
+        assert calls == [2, 2]
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("max_batch", [0, -3, 2.5, "8", True, 10**9])
+def test_a_max_batch_that_is_not_a_whole_number_in_range_is_refused(metadata, max_batch):
+    server = repo_server(metadata, document=document_for(metadata, max_batch=max_batch),
+                         infer=lambda batch: network_outputs(metadata, batch))
+    try:
+        with pytest.raises(RemoteError, match=f"max_batch {max_batch!r}, not a whole number from 1 to 4096"):
+            RemoteDetector(server.url, "tiny")
+    finally:
+        server.close()
+
+
+def malformed_cases(metadata: ModelMetadata):
+    """(what the metadata model answers or None, the config, the message expected)."""
+    good = document_for(metadata)
+    parameter = {p.METADATA_PARAMETER: {"string_value": json.dumps(good)}}
+
+    def config(value):
+        return {"parameters": {p.METADATA_PARAMETER: {"string_value": value}}}
+
+    return [
+        (None, config("{not json"), "parameter of model tiny is not valid JSON"),
+        (None, config("[1, 2]"), "parameter of model tiny is a JSON list, not an object"),
+        (None, config(json.dumps(document_for(metadata, metadata=None))), "has no 'metadata' entry"),
+        (None, config(json.dumps(document_for(metadata, metadata={"schema": "other"}))),
+         "the metadata document of model tiny: metadata schema 'other'"),
+        (None, config(json.dumps(document_for(metadata, thresholds={"image": "high"}))),
+         "has malformed 'thresholds'"),
+        (None, config(json.dumps(document_for(metadata, thresholds={"image": 1.0}))),
+         "has malformed 'thresholds'"),
+        (None, config(json.dumps(document_for(metadata, runtime=[1]))), "'runtime' entry that is a list"),
+        (None, {"parameters": [parameter]}, "has no stmae-edge metadata"),
+        (None, b"<html>not json</html>", "the config of model tiny is not valid JSON"),
+        ({p.METADATA: np.array([[b"{broken"]], dtype=object)}, None, "model tiny_metadata answered is not valid JSON"),
+        ({"other": np.array([[b"{}"]], dtype=object)}, None, "has no 'metadata' text"),
+    ]
+
+
+def test_malformed_metadata_documents_are_remote_errors_that_name_the_part(metadata):
+    for metadata_answer, config, expected in malformed_cases(metadata):
+        def answer(method, model, action, batch, metadata_answer=metadata_answer, config=config):
+            if model == "tiny" + p.METADATA_SUFFIX:
+                return (400, {"error": "unknown model"}) if metadata_answer is None else (200, metadata_answer)
+            return 200, config
+
+        server = FakeTriton(answer)
+        try:
+            with pytest.raises(RemoteError, match=expected) as caught:
+                RemoteDetector(server.url, "tiny")
+            assert "\n" not in str(caught.value)
+        finally:
+            server.close()
+
+
+def test_a_batch_size_above_the_servers_max_is_capped_with_a_warning(metadata, caplog):
+    server = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch))
+    try:
+        with caplog.at_level(logging.WARNING, logger="stmae_edge.runtime.remote"):
+            remote = RemoteDetector(server.url, "tiny", batch_size=16)
+        assert remote.batch_size == 4
+        assert any(r.levelno == logging.WARNING and "batch_size 16 exceeds the max batch of model tiny" in r.getMessage()
+                   for r in caplog.records)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="stmae_edge.runtime.remote"):
+            assert RemoteDetector(server.url, "tiny", batch_size=3).batch_size == 3
+            assert RemoteDetector(server.url, "tiny").batch_size == 4
+        assert not caplog.records
+    finally:
+        server.close()

@@ -1,0 +1,35 @@
+"""serve()'s start-up without PyTriton: the Detectors of its model instances, opened and closed
+together. Real Detectors on the tiny model's ONNX file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stmae_edge.errors import BackendError
+from stmae_edge.runtime import Detector
+from stmae_edge.serving.server import open_detectors
+
+
+def test_an_instance_that_fails_to_open_closes_those_already_open(tiny_export, tmp_path):
+    onnx_path = tiny_export[1]
+    opened: list[Detector] = []
+
+    def open_one() -> Detector:
+        # the third instance's model is gone, as when a file is replaced while the server starts
+        detector = Detector(onnx_path if len(opened) < 2 else tmp_path / "gone.onnx")
+        opened.append(detector)
+        return detector
+
+    with pytest.raises(BackendError, match="no such model file"):
+        open_detectors(3, open_one)
+    assert len(opened) == 2
+    height, width = opened[0].preprocessing.input_size
+    batch = np.zeros((1, 3, height, width), np.float32)
+    for detector in opened:  # closed: their backends are freed, not left until the process ends
+        with pytest.raises(BackendError, match="was closed"):
+            detector.run_tensors(batch)
+    detectors = open_detectors(2, lambda: Detector(onnx_path))
+    assert len(detectors) == 2 and all(np.isfinite(d.run_tensors(batch)[1]).all() for d in detectors)
+    for detector in detectors:
+        detector.close()
