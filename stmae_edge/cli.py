@@ -140,8 +140,8 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Argument(..., help="checkpoint (.pt, runs in PyTorch) or exported graph (.onnx, "
-                                 "runs in ONNX Runtime on the CPU)"),
+    model: Path = typer.Argument(..., help="checkpoint (.pt, runs in PyTorch), exported graph (.onnx, runs in "
+                                 "ONNX Runtime on the CPU) or TensorRT plan (.plan, on its GPU)"),
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses test/ and ground_truth/)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
     batch_size: int = typer.Option(BATCH_SIZE, min=1),

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import DatasetError
-from .preprocessing import cv2, load_image, mirror_pad
+from .preprocessing import cv2, declared_image_size, load_image, mirror_pad
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 # Mask file names tried for an image <name>, in this order: MVTec AD's, then the image's own name.
@@ -124,6 +124,25 @@ def load_mask(sample: EvalSample, size: tuple[int, int]) -> np.ndarray:
         mask = mask.max(axis=2)
     # Nearest keeps the mask binary; maps are compared at the same resolution.
     return cv2.resize((mask > 0).astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
+    """Every sample's ground truth at (height, width), stacked (N, H, W) bool. Masks whose own size
+    differs from their image's are resized all the same, and one warning says how many: a mask of
+    another shape usually belongs to another image, and the pixel metrics would then mislead."""
+    masks, mismatched = [], []
+    for sample in samples:
+        masks.append(load_mask(sample, size))
+        if sample.mask_path is not None:
+            mask_size, image_size = declared_image_size(sample.mask_path), declared_image_size(sample.path)
+            if mask_size != image_size:
+                mismatched.append((sample, mask_size, image_size))
+    if mismatched:
+        first, (mh, mw), (ih, iw) = mismatched[0]
+        logger.warning("%d of %d masks differ in size from their images (first: %s is %dx%d, its image %dx%d); "
+                       "they were resized to fit: check that each mask belongs to its image", len(mismatched),
+                       sum(s.mask_path is not None for s in samples), first.mask_path, mw, mh, iw, ih)
+    return np.stack(masks) if masks else np.zeros((0, *size), bool)
 
 
 def random_crops(paths: list[Path], size: int, per_image: int, seed: int = 0) -> list[np.ndarray]:

@@ -17,14 +17,28 @@ from .errors import ConfigError
 from .metadata import ONNX_METADATA_KEY, ModelMetadata
 from .scoring import Thresholds
 
-SUFFIXES = (".pt", ".onnx", ".plan", ".engine")
+# The kinds of model file, one table for every command and for the runtime's backends
+# (runtime/backend_table.py): suffixes, what the file is, how to get a file for the other backends.
+FILE_KINDS = {
+    "plan": ((".plan", ".engine"), "a TensorRT plan", "for ONNX Runtime, run the .onnx file it was built from"),
+    "onnx": ((".onnx",), "an ONNX file", "for --backend tensorrt, build a plan with `stmae-edge build`"),
+    "checkpoint": ((".pt",), "a PyTorch checkpoint", "for the others, export it with `stmae-edge export`"),
+}
 
 
-def _kind(path: Path) -> str:
+def file_kind_of(path: Path | str) -> str:
+    """The FILE_KINDS key of a model file, from its suffix (in any case).
+
+    Raises:
+        ConfigError: a suffix no backend runs.
+    """
+    path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise ConfigError(f"{path}: unknown model file type {suffix!r}; give a .pt, .onnx or .plan file")
-    return "plan" if suffix in (".plan", ".engine") else suffix[1:]
+    for key, (suffixes, _, _) in FILE_KINDS.items():
+        if suffix in suffixes:
+            return key
+    known = ", ".join(f"{description} ({'/'.join(suffixes)})" for suffixes, description, _ in FILE_KINDS.values())
+    raise ConfigError(f"{path}: unknown model file type {suffix!r}; give {known}")
 
 
 def read_metadata(path: Path | str) -> ModelMetadata:
@@ -35,8 +49,8 @@ def read_metadata(path: Path | str) -> ModelMetadata:
         ConfigError: an unknown file type.
     """
     path = Path(path)
-    kind = _kind(path)
-    if kind == "pt":
+    kind = file_kind_of(path)
+    if kind == "checkpoint":
         from .checkpoint import read_checkpoint
 
         return read_checkpoint(path)[0]
@@ -54,8 +68,8 @@ def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
         as read_metadata; OutputError: the file cannot be rewritten.
     """
     path = Path(path)
-    kind = _kind(path)
-    if kind == "pt":
+    kind = file_kind_of(path)
+    if kind == "checkpoint":
         from .checkpoint import rewrite_metadata
 
         return rewrite_metadata(path, lambda m: _with(m, thresholds))

@@ -187,20 +187,42 @@ def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndar
     elif not isinstance(image, (str, os.PathLike)):
         raise InvalidImageError(f"{type(image).__name__} is not an image: give a numpy array or a file path")
     else:
-        path = Path(image)
-        source = str(path)
-        if not path.is_file():
-            raise InvalidImageError(f"{path}: no such image file")
-        size = path.stat().st_size
-        if size == 0 or size > MAX_FILE_BYTES:
-            raise InvalidImageError(f"{path}: file size {size} bytes is outside 1..{MAX_FILE_BYTES}")
-        try:
-            data = np.fromfile(path, dtype=np.uint8)
-        except OSError as exc:
-            raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-        array = decode(data, source, max_pixels)
+        source = str(image)
+        array = decode(read_image_bytes(image), source, max_pixels)
     check_image(array, source, max_pixels)
     return array
+
+
+def declared_image_size(path: Path | str) -> tuple[int, int]:
+    """(height, width) that an image file's header declares; nothing is decoded.
+
+    Raises:
+        InvalidImageError: naming the file: unreadable, or a header that declares no usable size.
+    """
+    try:
+        _, width, height = declared_size(memoryview(read_image_bytes(path)))
+    except InvalidImageError as exc:
+        raise InvalidImageError(name_the_image(path, 0, exc)) from None
+    return height, width
+
+
+def read_image_bytes(path: Path | str) -> np.ndarray:
+    """An image file's bytes (uint8), after its size is checked against MAX_FILE_BYTES: the one way
+    every reader of user images (decoding, headers for shapes) opens them.
+
+    Raises:
+        InvalidImageError: no such file, an empty or oversized one, or one that cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidImageError(f"{path}: no such image file")
+    size = path.stat().st_size
+    if size == 0 or size > MAX_FILE_BYTES:
+        raise InvalidImageError(f"{path}: file size {size} bytes is outside 1..{MAX_FILE_BYTES}")
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
 
 
 def decode(data: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -183,6 +184,11 @@ def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     _, other = calibrate(path, images[1:], tmp_path / "c.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
     assert other["cache"] == "miss" and other["key"] != first["key"]
+    # a cached graph that no longer matches its record (edited, damaged) is calibrated again, not shipped
+    cached = Path(first["cache_file"])
+    cached.write_bytes(cached.read_bytes()[:-64])
+    _, redone = calibrate(path, images, tmp_path / "d.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
+    assert redone["cache"] == "miss" and (tmp_path / "d.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
 
 
 def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_dataset, tmp_path):

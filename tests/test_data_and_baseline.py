@@ -49,8 +49,15 @@ def test_masks_named_like_their_images(tmp_path, caplog):
     cv2.imwrite(str(tmp_path / "ground_truth/dent/d_mask.png"), mask)
     caplog.clear()
     with caplog.at_level("WARNING", logger="stmae_edge.data"):
-        assert data.has_masks(data.eval_samples(tmp_path))
+        samples = data.eval_samples(tmp_path)
+        assert data.has_masks(samples)
+        assert data.load_masks(samples, (8, 8)).sum() == 4 * 4  # every mask as large as its image: no warning
     assert not caplog.text
+    cv2.imwrite(str(tmp_path / "ground_truth/dent/b.png"), cv2.resize(mask, (5, 8)))  # another image's mask?
+    with caplog.at_level("WARNING", logger="stmae_edge.data"):
+        masks = data.load_masks(samples, (8, 8))
+    assert masks.shape == (5, 8, 8) and "1 of 4 masks differ in size from their images" in caplog.text
+    assert "b.png is 5x8, its image 8x8" in caplog.text
 
 
 def test_layout_errors(tmp_path):

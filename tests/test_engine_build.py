@@ -106,10 +106,13 @@ def test_fp16_engine_builds_and_precision_must_match_the_graph(onnx_file, tmp_pa
 
 
 @trt_available
-def test_a_corrupt_timing_cache_does_not_stop_a_build(onnx_file, tmp_path):
+def test_a_corrupt_timing_cache_does_not_stop_a_build(onnx_file, tmp_path, caplog):
     (tmp_path / "timing.cache").write_bytes(b"not a timing cache")
-    plan, _ = build_engine(onnx_file, None, "1:1:2", tmp_path / "m.plan")
+    with caplog.at_level("WARNING", logger="stmae_edge.engines.build"):
+        plan, sidecar = build_engine(onnx_file, None, "1:1:2", tmp_path / "m.plan")
     assert plan.is_file()
+    if sidecar["tensorrt"]["flavour"] == "tensorrt":  # said, not swallowed (TensorRT for RTX keeps no cache)
+        assert any("timing.cache not used" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_unreadable_onnx_is_an_export_error(tmp_path):
@@ -117,3 +120,24 @@ def test_unreadable_onnx_is_an_export_error(tmp_path):
     bad.write_bytes(b"\x00\x01garbage")
     with pytest.raises(ExportError, match="not a readable ONNX"):
         build_engine(bad, None, "1:1:2", tmp_path / "bad.plan")
+
+
+@trt_available
+def test_a_plan_is_evaluated_by_tensorrt_not_read_as_a_checkpoint(onnx_file, synthetic_dataset, tmp_path):
+    """`evaluate` takes the plan kind from the one table of model files (any case of suffix) and runs
+    it in TensorRT; without a GPU that is a one-line error about the GPU, not torch's unpickler."""
+    plan, _ = build_engine(onnx_file, "fp32", "1:4:8", tmp_path / "m.plan")
+    upper = tmp_path / "M.ENGINE"
+    upper.write_bytes(plan.read_bytes())
+    (tmp_path / "M.ENGINE.json").write_bytes((tmp_path / "m.plan.json").read_bytes())
+    r = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "info", str(upper)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout) == ModelMetadata.from_onnx(onnx_file).to_dict(), r.stderr
+    r = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "evaluate", str(plan), str(synthetic_dataset), "--out",
+                        str(tmp_path / "e.json")], capture_output=True, text=True, timeout=300)
+    if r.returncode == 0:  # a machine with a GPU and TensorRT: the plan's figures
+        assert json.loads((tmp_path / "e.json").read_text())["image_auroc"] is not None
+    else:
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        assert "checkpoint" not in lines[0] and "Traceback" not in r.stderr

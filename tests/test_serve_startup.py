@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stmae_edge.errors import BackendError
+from stmae_edge.errors import BackendError, ConfigError
 from stmae_edge.runtime import Detector
 from stmae_edge.serving.server import open_detectors
 
@@ -33,3 +33,15 @@ def test_an_instance_that_fails_to_open_closes_those_already_open(tiny_export, t
     assert len(detectors) == 2 and all(np.isfinite(d.run_tensors(batch)[1]).all() for d in detectors)
     for detector in detectors:
         detector.close()
+
+
+def test_a_repository_takes_model_files_by_kind_whatever_the_case_of_their_suffix(tiny_export, tmp_path):
+    from stmae_edge.serving.repository import write_repository
+
+    checkpoint, onnx_path, _ = tiny_export
+    upper = tmp_path / "Line3.ONNX"
+    upper.write_bytes(onnx_path.read_bytes())
+    folder = write_repository(upper, tmp_path / "repo")
+    assert (folder / "1" / "model.onnx").read_bytes() == onnx_path.read_bytes()
+    with pytest.raises(ConfigError, match="Triton serves .onnx or .plan files"):
+        write_repository(checkpoint, tmp_path / "repo2")

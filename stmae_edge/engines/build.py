@@ -150,11 +150,13 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
 
 def _attach_timing_cache(config, cache_path: Path) -> None:
     """Starts from the cache at cache_path, or from an empty one where that is missing or unreadable."""
+    reason = "from another TensorRT version, or corrupt"
     try:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    except Exception:  # some TensorRT versions raise on a foreign cache, others return None
-        cache = None
+    except Exception as exc:  # some TensorRT versions raise on a foreign cache, others return None
+        cache, reason = None, (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     if cache is None:  # unreadable or from another TensorRT version: start a fresh one
+        log.warning("timing cache %s not used (%s); starting a fresh one", cache_path, reason)
         cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,6 +40,7 @@ import numpy as np
 import onnx
 
 from .. import data
+from ..checks import parse_document
 from ..engine_plan import sha256_file
 from ..errors import ConfigError, DatasetError
 from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
@@ -46,6 +48,8 @@ from ..metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
 from ..onnx_files import load_onnx
 from ..outputs import check_writable, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 # graph_version: changes when the graph we write does. min_weight_elements: the smallest layer quantised
 # (0: no rule, products of two activations too; the model families set their own).
@@ -158,6 +162,21 @@ def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_intact(cached: Path, record: Path) -> bool:
+    """Whether a cached INT8 graph is the one its record describes (its sha256): a cache folder is a
+    user's folder, and a graph edited or damaged there must be calibrated again, not shipped."""
+    if not cached.is_file():
+        return False
+    try:
+        recorded = parse_document(record.read_bytes(), str(record), ConfigError).get("int8_sha256")
+    except (OSError, ConfigError):
+        recorded = None
+    if recorded != sha256_file(cached):
+        log.warning("calibration cache %s does not match its record %s; calibrating again", cached, record.name)
+        return False
+    return True
+
+
 def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: Path | str | None = None,
               count: int = DEFAULT_COUNT, cache_dir: Path | str = "calibration",
               batch_size: int = 8, float_precision: str = SETTINGS["float_precision"],
@@ -200,14 +219,16 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     key = cache_key(onnx_path, images, settings)
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
-    report = {"key": key, "images": len(images), "folder": data.folder_of(images), "cache": "hit" if cached.is_file() else "miss",
+    record = cache_dir / f"{onnx_path.stem}.{key}.json"
+    hit = cache_intact(cached, record)
+    report = {"key": key, "images": len(images), "folder": data.folder_of(images), "cache": "hit" if hit else "miss",
               "cache_file": str(cached), "settings": settings}
-    if not cached.is_file():
+    if not hit:
         check_writable(cached)
         with written_atomically(cached) as partial:  # a cache hit must never find half a graph
             _quantize(onnx_path, proto, metadata, images, partial, batch_size, settings)
-        write_bytes_atomically(cache_dir / f"{onnx_path.stem}.{key}.json", (json.dumps(
-            {"onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path),
+        write_bytes_atomically(record, (json.dumps(
+            {"onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path), "int8_sha256": sha256_file(cached),
              "images": [str(p) for p in images], "settings": settings}, indent=2) + "\n").encode())
     with written_atomically(out) as partial:
         shutil.copyfile(cached, partial)

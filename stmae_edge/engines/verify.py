@@ -33,7 +33,8 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
         rtol: the largest relative difference allowed.
 
     Raises:
-        VerificationError: the graph comes from another model, or differs by more than `rtol`.
+        VerificationError: the graph comes from another model, ONNX Runtime cannot run it, or it differs
+            by more than `rtol`.
         DatasetError: no images to verify with.
         CheckpointError: an unreadable or modified checkpoint or graph metadata.
     """
@@ -51,13 +52,21 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
     paths = [paths[i % len(paths)] for i in range(needed)]  # repeat a short list up to the largest batch
     batch = exported.preprocessing(paths)
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's own exception types
+        raise VerificationError(f"{onnx_path}: ONNX Runtime cannot load this graph ({_first_line(exc)}); export "
+                                f"{checkpoint} again") from exc
     figures = {"provider": session.get_providers()[0], "rtol": rtol, "images": len(set(paths)),
                "folder": data.folder_of(paths), "batches": {}}
     failures = []
     for size in batch_sizes:
         x = batch[:size]
-        onnx_maps, onnx_scores = session.run(None, {INPUT_NAME: x})
+        try:
+            onnx_maps, onnx_scores = session.run(None, {INPUT_NAME: x})
+        except Exception as exc:
+            raise VerificationError(f"{onnx_path}: ONNX Runtime failed on a batch of {size} ({_first_line(exc)}); "
+                                    f"export {checkpoint} again") from exc
         with torch.no_grad():
             maps, scores = (t.numpy() for t in model(torch.from_numpy(x)))
         rel_map = float(np.abs(onnx_maps - maps).max() / max(np.abs(maps).max(), 1e-12))
@@ -69,3 +78,7 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
         raise VerificationError(f"{onnx_path} differs from {checkpoint} beyond {rtol:g} relative: "
                                 + "; ".join(failures))
     return figures
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -10,15 +10,16 @@ import numpy as np
 
 from .. import data
 from ..outputs import check_writable, write_bytes_atomically
-from ..metadata import ModelMetadata
+from ..model_files import file_kind_of, read_metadata
 from .metrics import summarize
 
 
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16) -> dict:
-    """A checkpoint (.pt, PyTorch) or an exported graph (.onnx, ONNX Runtime CPU) on a test set.
+    """A checkpoint (.pt, PyTorch), an exported graph (.onnx, ONNX Runtime CPU) or a TensorRT plan (.plan,
+    on its GPU) on a test set.
 
     Args:
-        model_path: a .pt or .onnx file.
+        model_path: a .pt, .onnx or .plan file.
         data_dir: a labelled set in the MVTec AD layout (DATA_DIR/test/<type>, masks in ground_truth/).
 
     Returns:
@@ -27,30 +28,31 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16)
 
     Raises:
         DatasetError: no test images, or only one class.
-        CheckpointError: an unreadable or modified model file.
+        CheckpointError, EngineMismatchError: an unreadable or modified model file.
+        ConfigError: not a model file type. BackendError: a plan where TensorRT or its GPU is missing.
         InvalidImageError: a test image that cannot be read.
     """
-    is_onnx = Path(model_path).suffix == ".onnx"
-    if is_onnx:  # the model file is checked before any data is read
-        metadata = ModelMetadata.from_onnx(model_path)
-    else:  # torch only here: an .onnx file is evaluated where only the runtime is installed
+    kind = file_kind_of(model_path)
+    if kind == "checkpoint":  # torch only here: a graph or a plan is evaluated where only the runtime is installed
         from ..checkpoint import load_model
 
         model, metadata = load_model(model_path)
+    else:  # the model file is checked before any data is read
+        metadata = read_metadata(model_path)
     samples = data.eval_samples(data_dir)
     paths = [s.path for s in samples]
-    if is_onnx:  # through the runtime, as `threshold` and `report` score a set
+    if kind != "checkpoint":  # through the runtime, as `threshold` and `report` score a set
         from .validation import score_dataset
 
-        scored = score_dataset(model_path, data_dir, "ort-cpu", batch_size, description="evaluating",
-                               samples=samples)
+        backend = "ort-cpu" if kind == "onnx" else "tensorrt"  # the same numbers on any machine; a plan needs its GPU
+        scored = score_dataset(model_path, data_dir, backend, batch_size, description="evaluating", samples=samples)
         maps, scores = scored.maps, scored.scores
     else:
         from ..training.train import score_images
 
         maps, scores = score_images(model, metadata.preprocessing, paths, batch_size, description="evaluating")
     size = metadata.preprocessing.input_size
-    masks = np.stack([data.load_mask(s, size) for s in samples]) if data.has_masks(samples) else None
+    masks = data.load_masks(samples, size) if data.has_masks(samples) else None
     result = summarize(
         labels=np.array([s.label for s in samples]),
         scores=scores,

@@ -64,7 +64,7 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
     labels = scored.labels
     point = evaluate_threshold(thresholds.image, scored.good_scores, scored.defect_scores, thresholds.rule)
     size = detector.preprocessing.input_size
-    masks = np.stack([data.load_mask(s, size) for s in scored.samples]) if data.has_masks(scored.samples) else None
+    masks = data.load_masks(scored.samples, size) if data.has_masks(scored.samples) else None
 
     summary = {"model": str(model), "data": str(data_dir), "images": len(labels), "operating_point": point.to_dict(),
                "image_auroc": _none(image_auroc(labels, scored.scores))}

@@ -1,14 +1,15 @@
 """The table of backends: every name --backend takes, the model files it runs and the device it needs.
 runtime/backends.py chooses and opens backends from it; the CLI's --backend help is written from it.
-Nothing here imports more than the errors, so reading the table costs the CLI nothing.
+Nothing here imports more than the errors and the model files' table (model_files.FILE_KINDS), so
+reading the table costs the CLI nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import ConfigError
+from ..model_files import FILE_KINDS, file_kind_of  # noqa: F401  (part of the table: backends.py reads them here)
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,6 @@ BACKEND_KINDS = (
     BackendKind("torch-cpu", "checkpoint", "cpu"),  # torch_backend.py, for comparison; needs the train extra
     BackendKind("torch-cuda", "checkpoint", "gpu"),
 )
-# suffixes, what the file is, and how to get a file for the other backends
-FILE_KINDS = {
-    "plan": ((".plan", ".engine"), "a TensorRT plan", "for ONNX Runtime, run the .onnx file it was built from"),
-    "onnx": ((".onnx",), "an ONNX file", "for --backend tensorrt, build a plan with `stmae-edge build`"),
-    "checkpoint": ((".pt",), "a PyTorch checkpoint", "for the others, export it with `stmae-edge export`"),
-}
 # What `auto` tries for each kind of file, in order: the first whose device this machine has.
 AUTO = {"plan": ("tensorrt",), "onnx": ("ort-cuda", "ort-cpu"), "checkpoint": ("torch-cpu",)}
 BACKENDS = ("auto", *(kind.name for kind in BACKEND_KINDS))
@@ -44,20 +39,6 @@ def backend_help() -> str:
     by_file = "; ".join(f"{', '.join(kind.name for kind in BACKEND_KINDS if kind.file_kind == k)} ({'/'.join(suffixes)})"
                         for k, (suffixes, _, _) in FILE_KINDS.items())
     return f"{by_file}; or auto: {auto} (the first that this machine can run)"
-
-
-def file_kind_of(path: Path) -> str:
-    """The FILE_KINDS key of a model file, from its suffix.
-
-    Raises:
-        ConfigError: a suffix no backend runs.
-    """
-    suffix = path.suffix.lower()
-    for key, (suffixes, _, _) in FILE_KINDS.items():
-        if suffix in suffixes:
-            return key
-    known = ", ".join(f"{description} ({'/'.join(suffixes)})" for suffixes, description, _ in FILE_KINDS.values())
-    raise ConfigError(f"{path}: unknown model file type {suffix!r}; give {known}")
 
 
 def check_backend_name(backend: str) -> None:

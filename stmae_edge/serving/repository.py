@@ -20,11 +20,12 @@ import onnx
 
 from ..engine_plan import read_plan
 from ..errors import ConfigError, OutputError
+from ..model_files import file_kind_of
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME, ModelMetadata
 from ..onnx_files import load_onnx
 from . import protocol as p
 
-PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan")}
+PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}  # by file kind
 
 
 def write_repository(model: Path | str, out: Path | str, name: str | None = None, *, max_batch: int = 8,
@@ -36,16 +37,17 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
         OutputError: OUT/NAME exists already. CheckpointError, EngineMismatchError: not a usable model.
     """
     model = Path(model)
-    if model.suffix not in PLATFORMS:
+    kind = file_kind_of(model)
+    if kind not in PLATFORMS:
         raise ConfigError(f"{model}: Triton serves .onnx or .plan files; export or build one first")
-    platform, file_name = PLATFORMS[model.suffix]
+    platform, file_name = PLATFORMS[kind]
     name = p.check_model_name(name) if name is not None else p.model_name_for(model)
     for option, value, low in (("--max-batch", max_batch, 1), ("--instances", instances, 1),
                                ("--max-queue-delay-us", max_queue_delay_us, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"{option} must be a whole number of at least {low}, got {value!r}")
     profile = None
-    if model.suffix == ".plan":
+    if kind == "plan":
         if cpu:
             raise ConfigError("a TensorRT plan runs on a GPU only; give the .onnx file for --cpu")
         _, sidecar, metadata = read_plan(model)

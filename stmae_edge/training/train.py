@@ -23,8 +23,7 @@ from .. import data
 from ..checkpoint import save_checkpoint
 from ..engine_plan import sha256_file
 from ..outputs import check_writable
-from ..errors import ConfigError, DatasetError, InvalidImageError
-from ..image_header import declared_size
+from ..errors import ConfigError, DatasetError
 from ..metadata import ModelMetadata
 from ..models.backbones import BACKBONE_PREPROCESSING
 from ..models.families import STMAE_FAMILY
@@ -34,7 +33,7 @@ from ..models.intensity import image_statistics
 from ..models.stmae import STMAE, STMAEConfig, random_split
 from .corruption import corrupt
 from .filtering import train_filtering
-from ..preprocessing import ImageInput, Preprocessing, load_image
+from ..preprocessing import ImageInput, Preprocessing, declared_image_size, load_image
 from ..progress import progress_bar
 from .loop import TrainConfig, batches, mean_and_std, optimize
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
@@ -54,14 +53,7 @@ def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
     Raises:
         InvalidImageError: naming the file whose header declares no usable size.
     """
-    sizes = []
-    for path in paths:
-        try:
-            _, width, height = declared_size(Path(path).read_bytes())
-        except InvalidImageError as exc:
-            raise InvalidImageError(f"{path}: {exc}") from None
-        sizes.append((height, width))
-    return sizes
+    return [declared_image_size(path) for path in paths]
 
 
 def choose_keep_aspect(cfg: TrainConfig, paths: Sequence[Path]) -> tuple[bool, str]:
