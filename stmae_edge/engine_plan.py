@@ -12,9 +12,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from .checks import MAX_DOCUMENT_BYTES, parse_document
+from .checks import MAX_DOCUMENT_BYTES, is_whole, parse_document
 from .errors import BackendError, EngineMismatchError, StmaeError
-from .metadata import ModelMetadata
+from .metadata import MAX_BATCH, ModelMetadata
 
 SIDECAR_FORMAT = "stmae-edge/engine"
 FLAVOURS = ("tensorrt", "tensorrt-rtx")  # import_tensorrt's names
@@ -127,5 +127,9 @@ def check_sidecar_fields(sidecar: dict, side: Path) -> None:
         problems.append(f"no TensorRT flavour ({', '.join(FLAVOURS)}) and version")
     if sidecar.get("precision", "fp32") not in PLAN_PRECISIONS:
         problems.append(f"precision {sidecar.get('precision')!r} is not one of {', '.join(PLAN_PRECISIONS)}")
+    batch = sidecar.get("batch")
+    sizes = [batch.get(k) for k in ("min", "opt", "max")] if isinstance(batch, dict) else []
+    if not (len(sizes) == 3 and all(is_whole(v) for v in sizes) and 1 <= sizes[0] <= sizes[1] <= sizes[2] <= MAX_BATCH):
+        problems.append(f"no batch profile (min <= opt <= max, whole numbers from 1 to {MAX_BATCH})")
     if problems:
         raise EngineMismatchError(f"{side}: {'; '.join(problems)}; rebuild the engine with `stmae-edge build`")

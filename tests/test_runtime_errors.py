@@ -140,6 +140,15 @@ def test_an_engine_whose_sidecar_does_not_match_is_refused(plans, tmp_path):
     with pytest.raises(EngineMismatchError, match="built with .* 9.0.0 .*rebuild"):
         Detector(other_version)
 
+    # the sidecar is not covered by the plan's hash: its batch profile is checked as the rest is
+    for batch in (None, {"min": 1, "opt": 8}, {"min": 4, "opt": 2, "max": 8}, {"min": 1, "opt": 8, "max": "8"}):
+        odd = _copy_plan(a, tmp_path, "batch.plan")
+        sidecar = json.loads((tmp_path / "batch.plan.json").read_text())
+        sidecar["batch"] = batch
+        (tmp_path / "batch.plan.json").write_text(json.dumps(sidecar))
+        with pytest.raises(EngineMismatchError, match="no batch profile .*rebuild the engine"):
+            Detector(odd)
+
     lonely = tmp_path / "lonely.plan"
     shutil.copy(a, lonely)
     with pytest.raises(EngineMismatchError, match="sidecar lonely.plan.json is missing"):
