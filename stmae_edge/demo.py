@@ -16,6 +16,20 @@ import numpy as np
 from .errors import DatasetError, OutputError
 
 
+VIEW_MARKER = ".stmae-edge-demo-view"  # marks the folder prepare_elpv made, which it may replace
+
+
+def is_demo_view(folder: Path, src: Path) -> bool:
+    """Whether `folder` is a view prepare_elpv made: marked, or (made before the mark) nothing but links
+    into the ELPV package in its train/ and test/ folders."""
+    if (folder / VIEW_MARKER).is_file():
+        return True
+    entries = list(folder.rglob("*"))
+    files = [e for e in entries if not e.is_dir()]
+    return bool(files) and {e.relative_to(folder).parts[0] for e in entries} <= {"train", "test"} and all(
+        f.is_symlink() and Path(f.readlink()).resolve().is_relative_to(src.resolve()) for f in files)
+
+
 def elpv_root() -> Path:
     try:
         import elpv_dataset
@@ -46,9 +60,16 @@ def prepare_elpv(out: Path | str, cell_type: str = "mono", test_good_fraction: f
         defective = [defective[i] for i in sorted(rng.permutation(len(defective))[:max_defective])]
 
     out = Path(out)
+    if out.exists() and not is_demo_view(out, src):
+        # never delete what the demo did not make: a --workdir may be a folder of the user's own
+        raise OutputError(f"{out} exists and is not a dataset view the demo made; choose another --workdir "
+                          "or remove the folder yourself")
     try:
         if out.exists():  # a view of links we made ourselves: rebuilt each run so it matches the split
             shutil.rmtree(out)
+        out.mkdir(parents=True)
+        (out / VIEW_MARKER).write_text("links into the elpv-dataset package, made by `stmae-edge demo`; "
+                                       "rebuilt on each run\n")
         for folder, names in (("train/good", train_good), ("test/good", test_good), ("test/defective", defective)):
             target = out / folder
             target.mkdir(parents=True)

@@ -86,6 +86,24 @@ def test_elpv_demo_view_is_disjoint(tmp_path):
     assert ranks != list(range(20)) and ranks[-1] > len(every) // 2 and ranks[0] < len(every) // 2
 
 
+def test_the_demo_replaces_only_a_view_it_made(tmp_path):
+    pytest.importorskip("elpv_dataset", reason="the demo extra (elpv-dataset) is not installed")
+    from stmae_edge.demo import VIEW_MARKER, prepare_elpv
+    from stmae_edge.errors import OutputError
+
+    root = prepare_elpv(tmp_path / "view", max_train=8, max_defective=4)
+    assert prepare_elpv(root, max_train=6, max_defective=4) == root  # its own view: rebuilt
+    assert len(data.train_images(root)) == 6
+    (root / VIEW_MARKER).unlink()  # a view from before the mark: still only links into the package
+    assert len(data.train_images(prepare_elpv(root, max_train=8, max_defective=4))) == 8
+    mine = tmp_path / "mine"
+    (mine / "train" / "good").mkdir(parents=True)
+    (mine / "train" / "good" / "part.png").write_bytes(b"the user's own image")
+    with pytest.raises(OutputError, match="not a dataset view the demo made"):
+        prepare_elpv(mine)
+    assert (mine / "train" / "good" / "part.png").read_bytes() == b"the user's own image"
+
+
 def test_gaussian_baseline_finds_the_outlier_position():
     g = torch.Generator().manual_seed(0)
     train = torch.randn(64, 4, 8, 8, generator=g)
