@@ -25,6 +25,10 @@ class ConfigError(StmaeError, ValueError):
     """A configuration value is unknown or out of range."""
 
 
+class TrainingError(StmaeError):
+    """Training did not produce a usable model: the loss, or the model's output, is NaN or infinite."""
+
+
 class OutputError(StmaeError):
     """An output file or folder cannot be written."""
 

@@ -40,6 +40,11 @@ def test_int8_graph_is_symmetric_qdq_on_the_transformer_only(fp32_graph):
     folder, path = fp32_graph
     out, report = calibrate(path, cache_dir=folder / "cache", min_weight_elements=1)
     proto = onnx.load(str(out))
+    from stmae_edge.engines.verify import verify
+    from stmae_edge.errors import VerificationError
+
+    with pytest.raises(VerificationError, match="is an int8 graph; verify checks fp32 and fp16 exports"):
+        verify(out, folder / "m.pt")  # no parity tolerance means anything for INT8 numbers
     assert onnx_precision(proto) == "int8" and report["cache"] == "miss" and report["quantized_nodes"] > 0
     assert ModelMetadata.from_onnx(proto).to_dict() == ModelMetadata.from_onnx(path).to_dict()
     initializers = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}

@@ -57,6 +57,7 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     (("train", "/nonexistent/data", "--family", "filtering-ae", "--self-supervised"), "are stmae options"),
     (("train", "/nonexistent/data", "--family", "filtering-ae", "--backbone-weights", "w.pth"), "are stmae options"),
     (("train", "/nonexistent/data", "--aspect", "square"), "aspect 'square': use one of auto, keep, stretch"),
+    (("train", "/nonexistent/data", "--backbone", "resnet18"), "unknown backbone 'resnet18'; use one of"),
 ])
 def test_user_mistakes_are_one_line(args, fragment):
     _assert_one_line_error(run(*args), fragment)

@@ -10,8 +10,8 @@ from onnx import numpy_helper
 
 from stmae_edge import data
 from stmae_edge.checkpoint import load_model
-from stmae_edge.errors import CheckpointError, VerificationError
-from stmae_edge.engines.export import TENSORRT_OPS, export_onnx
+from stmae_edge.errors import CheckpointError, ExportError, VerificationError
+from stmae_edge.engines.export import PARITY_RTOL, TENSORRT_OPS, export_onnx
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.models.stmae import Attention, preset
 from stmae_edge.training.train import TrainConfig, train
@@ -141,10 +141,24 @@ def test_fp16_parity_within_half_precision_tolerance(exported_fp16, synthetic_da
     checkpoint, path, figures = exported_fp16
     assert figures["smoke_max_rel_diff"] < 2e-2
     images = [s.path for s in data.eval_samples(synthetic_dataset)]
-    result = verify(path, checkpoint, images, batch_sizes=(1, 8), rtol=2e-2)
+    result = verify(path, checkpoint, images, batch_sizes=(1, 8))  # the fp16 graph's own tolerance by default
+    assert result["rtol"] == PARITY_RTOL["fp16"] == 2e-2
     assert max(f["map_max_rel_diff"] for f in result["batches"].values()) > 1e-6  # really fp16, not fp32
     with pytest.raises(VerificationError):
         verify(path, checkpoint, images, batch_sizes=(8,), rtol=1e-7)
+
+
+def test_an_export_that_does_not_reproduce_its_model_is_not_written(tiny_export, tmp_path, monkeypatch):
+    """The smoke parity at export is a check, not a figure: above its precision's tolerance (here made
+    stricter than any graph meets) the export stops and leaves no file."""
+    import stmae_edge.engines.export as export_module
+
+    monkeypatch.setitem(export_module.PARITY_RTOL, "fp32", 0.0)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match=r"fp32 graph exported from .* does not reproduce the model: its outputs "
+                                          r"differ by .* relative on random inputs, more than 0; nothing was written"):
+        export_onnx(tiny_export[0], out)
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_evaluate_runs_onnx_files_like_checkpoints(exported, synthetic_dataset):

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from stmae_edge.errors import ConfigError
+from stmae_edge.errors import ConfigError, TrainingError
 from stmae_edge.training.loop import TrainConfig, optimize
 
 
@@ -48,3 +48,21 @@ def test_the_default_budget_is_the_default_schedule_on_magnetic_tile():
 def test_a_negative_budget_is_refused():
     with pytest.raises(ConfigError, match="max steps"):
         TrainConfig(max_steps=-1)
+
+
+def test_a_diverging_loss_stops_training_with_what_to_do():
+    """A loss that overflows (too high a learning rate) stops the run at once, in one line, instead of
+    training every epoch on NaN and failing later in the statistics with a linear-algebra traceback."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    steps = []
+
+    def loss_of(idx, epoch, generator):
+        steps.append(len(idx))
+        loss = model(torch.ones(len(idx), 1)).pow(2).mean()
+        return loss * (float("inf") if len(steps) == 3 else 1.0)
+
+    with pytest.raises(TrainingError, match=r"diverged at epoch 1, step 3: the loss is (inf|nan); .*lower --lr "
+                                            r"\(this run: 0.5\)"):
+        optimize(model, 100, TrainConfig(epochs=5, batch_size=10, lr=0.5), loss_of)
+    assert len(steps) == 3 and all(torch.isfinite(p).all() for p in model.parameters())  # not stepped on it

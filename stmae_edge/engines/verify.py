@@ -15,14 +15,13 @@ import torch
 from .. import data
 from ..checkpoint import load_model
 from ..errors import DatasetError, VerificationError
-from ..metadata import INPUT_NAME
-from ..metadata import ModelMetadata
-
-DEFAULT_RTOL = 1e-4
+from ..metadata import INPUT_NAME, ModelMetadata, onnx_precision
+from ..onnx_files import load_onnx
+from .export import PARITY_RTOL
 
 
 def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path] | None = None,
-           batch_sizes: Sequence[int] = (1, 8), rtol: float = DEFAULT_RTOL) -> dict:
+           batch_sizes: Sequence[int] = (1, 8), rtol: float | None = None) -> dict:
     """Max relative difference of maps and scores per batch size, ONNX Runtime (CPU) against PyTorch.
 
     Args:
@@ -30,7 +29,8 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
         checkpoint: the .pt file it was exported from.
         images: images to run (default: the model's recorded training images, repeated to fill a batch).
         batch_sizes: each is run through both.
-        rtol: the largest relative difference allowed.
+        rtol: the largest relative difference allowed (default: export.PARITY_RTOL for the graph's
+            precision, 1e-4 for fp32 and 2e-2 for fp16).
 
     Raises:
         VerificationError: the graph comes from another model, ONNX Runtime cannot run it, or it differs
@@ -40,7 +40,13 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
     """
     import onnxruntime as ort
 
-    exported = ModelMetadata.from_onnx(onnx_path)
+    proto = load_onnx(onnx_path)
+    exported, precision = ModelMetadata.from_onnx(proto), onnx_precision(proto)
+    if rtol is None:
+        if precision not in PARITY_RTOL:  # an INT8 graph ranks like FP32 but its numbers differ: not a parity check
+            raise VerificationError(f"{onnx_path} is an {precision} graph; verify checks fp32 and fp16 exports "
+                                    "(`stmae-edge evaluate` measures an INT8 graph), or give --rtol")
+        rtol = PARITY_RTOL[precision]
     model, metadata = load_model(checkpoint)
     if exported.model_hash != metadata.model_hash:
         raise VerificationError(f"{onnx_path} was exported from another model (hash {exported.model_hash[:12]}, "

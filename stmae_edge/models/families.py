@@ -38,7 +38,9 @@ def preset_config(family: str, name: str, backbone: Optional[str] = None):
     if backbone:
         from .backbones import DEFAULT_LAYERS
 
-        overrides = {"backbone": backbone, "layers": DEFAULT_LAYERS.get(backbone, ())}
+        if backbone not in DEFAULT_LAYERS:
+            raise ConfigError(f"unknown backbone {backbone!r}; use one of {', '.join(DEFAULT_LAYERS)}")
+        overrides = {"backbone": backbone, "layers": DEFAULT_LAYERS[backbone]}
         if stmae.PRESETS.get(name) and stmae.PRESETS[name].score_layers:
             score_layers = stmae.SCORE_LAYERS.get(backbone, ())
             if not score_layers:

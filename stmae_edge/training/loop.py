@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..progress import progress_bar
 from ..scoring import DEFAULT_SIGMA
 
@@ -139,12 +139,16 @@ def optimize(model: torch.nn.Module, count: int, cfg: TrainConfig, loss_of, desc
             losses = []
             for i in range(steps_per_epoch):
                 loss = loss_of(order[i * batch_size:(i + 1) * batch_size], epoch, generator)
+                value = loss.item()
+                if not math.isfinite(value):  # every step after it would be wasted, and the statistics fail
+                    raise TrainingError(f"training diverged at epoch {epoch + 1}, step {step + 1}: the loss is "
+                                        f"{value}; train again with a lower --lr (this run: {cfg.lr:g})")
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
+                losses.append(value)
                 step += 1
                 advance(1, status=f"epoch {epoch + 1}/{epochs} loss {np.mean(losses):.{precision}f}")
             history.append(float(np.mean(losses)))

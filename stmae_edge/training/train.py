@@ -23,7 +23,7 @@ from .. import data
 from ..checkpoint import save_checkpoint
 from ..engine_plan import sha256_file
 from ..outputs import check_writable
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, TrainingError
 from ..metadata import ModelMetadata
 from ..models.backbones import BACKBONE_PREPROCESSING
 from ..models.families import STMAE_FAMILY
@@ -162,9 +162,13 @@ def score_images(model: STMAE, preprocessing: Preprocessing, paths: Sequence[Ima
     model.eval()
     maps, scores = [], []
     with progress_bar(description, len(paths)) as advance:
-        for chunk in batches(paths, batch_size):
+        for start, chunk in enumerate(batches(paths, batch_size)):
             images = [load_image(item, preprocessing.max_pixels) for item in chunk]
             m, s = model(torch.from_numpy(preprocessing(images, sources=chunk)))
+            if not (torch.isfinite(m).all() and torch.isfinite(s).all()):
+                raise TrainingError(f"the model produced NaN or infinite values on images {start * batch_size} to "
+                                    f"{start * batch_size + len(chunk) - 1} of {len(paths)}; train it again (with "
+                                    "a lower --lr where its loss diverged)")
             maps.append(preprocessing.to_image_frame(m[:, 0].numpy(), [image.shape[:2] for image in images]))
             scores.append(s.numpy())
             advance(len(chunk))
