@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .metadata import ModelMetadata
 from .outputs import check_writable, written_atomically
 from .models.families import build_model, config_from_dict
@@ -108,5 +108,5 @@ def load_model(path: Path | str) -> tuple[torch.nn.Module, ModelMetadata]:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the recorded architecture: "
-                              f"{str(exc).splitlines()[0]}") from exc
+                              f"{first_line(exc)}") from exc
     return model.eval(), metadata

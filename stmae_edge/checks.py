@@ -11,7 +11,7 @@ import json
 import math
 from numbers import Integral, Real
 
-from .errors import StmaeError
+from .errors import StmaeError, first_line
 
 MAX_DOCUMENT_BYTES = 1 << 20  # a model's metadata is a few KB; a megabyte means a broken or hostile file
 MAX_DOCUMENT_DEPTH = 32  # ours nest 4 deep
@@ -40,7 +40,7 @@ def parse_document(text: str | bytes, what: str, error: type[StmaeError]) -> dic
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 120)
         raise error(f"{what} is not valid JSON ({reason})") from None
     if not isinstance(value, dict):
         raise error(f"{what} is a JSON {type(value).__name__}, not an object; the file is corrupt")

@@ -78,18 +78,19 @@ def train(
                                   "(the default: 20 epochs of 686 images; 0 = every epoch)"),
     batch_size: int = typer.Option(BATCH_SIZE, min=1),
     lr: float = typer.Option(LR, min=1e-8, help="peak learning rate (AdamW, warm-up then cosine decay)"),
-    holdout: float = typer.Option(HOLDOUT, min=0.01, max=0.9, help="fraction of good images held out for "
-                                  "score statistics and the default threshold"),
+    holdout: float = typer.Option(HOLDOUT, min=0.01, max=0.9, help="fraction of good images held out: they "
+                                  "set the map's statistics, and the image threshold where the score head is "
+                                  "not cross-fitted (--score-folds 0, or a preset without one)"),
     holdout_dir: Optional[Path] = typer.Option(None, help="good images of parts that train/good does not "
                                                "show, held out in place of --holdout's fraction of "
                                                "train/good: use it where each part is photographed more "
                                                "than once, or the threshold is set on training parts"),
-    sigma: float = typer.Option(DEFAULT_SIGMA, min=0.0, help="default threshold = mean + SIGMA * std of "
-                                "held-out scores"),
+    sigma: float = typer.Option(DEFAULT_SIGMA, min=0.0, help="default threshold = mean + SIGMA * std of the "
+                                "good images' scores (cross-fitted, or held-out)"),
     score_folds: int = typer.Option(SCORE_FOLDS, min=0, help="stmae's score head: fitted on every good "
                                     "image, its scales and the image threshold from scores cross-fitted in "
-                                    "this many folds (0: from the held-out images, as with --holdout-dir "
-                                    "or --crop)"),
+                                    "this many folds (0: from the held-out images, as with --holdout-dir, "
+                                    "--crop and presets whose head has one smoothing)"),
     max_images: int = typer.Option(0, min=0, help="use at most this many training images (0 = all)"),
     crop: int = typer.Option(0, min=0, help="train on random SIZE x SIZE crops at native resolution, for "
                              "tiles cut from larger images (line-scan); the model then takes SIZE x SIZE inputs"),

@@ -5,6 +5,13 @@ class StmaeError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """What a one-line error quotes of a library's exception: its first line, cut to `limit` characters,
+    or its type's name where it has no text (an empty message must not become an IndexError)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 class InvalidImageError(StmaeError, ValueError):
     """An image could not be read or is not usable (corrupt, empty, wrong channels, too large, NaN)."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from .errors import CheckpointError, StmaeError
+from .errors import CheckpointError, StmaeError, first_line
 
 
 def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
@@ -28,7 +28,7 @@ def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, OSError, ...
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 200)
         raise error(f"{path}: not a readable ONNX file ({first})") from None
     check_external_data(proto, path, error)
     return proto

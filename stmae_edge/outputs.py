@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import OutputError
+from .errors import OutputError, first_line
 
 
 def same_file(a: Path | str, b: Path | str) -> bool:
@@ -68,7 +68,7 @@ def written_atomically(path: Path | str) -> Iterator[Path]:
         _sync(target.parent)
     except (OSError, RuntimeError) as exc:
         partial.unlink(missing_ok=True)
-        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        reason = getattr(exc, "strerror", None) or first_line(exc, 200)
         raise OutputError(f"cannot write {path}: {reason}; nothing was replaced") from exc
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -80,6 +80,16 @@ def test_without_score_folds_the_held_out_images_give_the_statistics(synthetic_d
     assert loaded.score_stats.count == len(holdout) and "score_head" not in meta.training
     assert ScoreStats.from_scores(scores).mean == pytest.approx(loaded.score_stats.mean, rel=1e-5)
     assert loaded.training["holdout_above_threshold"] == int((scores > loaded.thresholds.image).sum())
+    assert loaded.thresholds.rule.startswith("mean + 3 * std of held-out good image scores")
+
+
+def test_a_head_with_one_smoothing_is_calibrated_on_the_held_out_images_and_says_so(synthetic_dataset, tmp_path,
+                                                                                     caplog):
+    with caplog.at_level("INFO", logger="stmae_edge.training.train"):
+        meta = train(synthetic_dataset, tmp_path / "m.pt", preset("tiny", score_wide_sigma=0.0), replace(CFG, epochs=1),
+                     backbone_weights="random")
+    assert "score_head" not in meta.training and meta.score_stats.count == meta.training["holdout_images"]
+    assert "--score-folds applies to heads with two smoothings" in caplog.text
 
 
 def test_training_is_seeded(trained, synthetic_dataset, tmp_path):

@@ -56,6 +56,11 @@ def test_the_page_matches_the_data_and_every_image_is_beside_it(report, syntheti
     assert shown == min(3, point["escapes"]) > 0
     assert f"{point['escapes']} of {point['defects']} defective" in page and "95% interval" in page
     assert "<td>scratch</td>" in page and detector.metadata.model_hash in page
+    stats = detector.metadata.score_stats  # the tiny model's head is cross-fitted, as the default's
+    assert f"over {stats.count} cross-fitted good images" in page
+    training = detector.metadata.training
+    assert (f"data_dir {training['data_dir']}, train_images {training['train_images']}, holdout_images "
+            f"{training['holdout_images']}, seconds {training['seconds']}, epochs 2") in page
     assert json.loads((out / "summary.json").read_text())["images"] == len(paths)
 
 

@@ -231,3 +231,11 @@ def test_one_table_of_backends_drives_choice_errors_and_help(tiny_export):
     # Through the Detector, as a user meets it: the ONNX file asked to run in PyTorch.
     with pytest.raises(ConfigError, match="is an ONNX file; it runs with --backend ort-tensorrt or ort-cuda or ort-cpu"):
         Detector(tiny_export[1], "torch-cpu")
+
+
+def test_a_library_exception_is_quoted_in_one_line_even_without_text():
+    from stmae_edge.errors import first_line
+
+    assert first_line(RuntimeError()) == "RuntimeError"  # was an IndexError where a message was empty
+    assert first_line(ValueError("  first\nsecond")) == "first"
+    assert len(first_line(ValueError("x" * 500))) == 300 and len(first_line(ValueError("x" * 500), 200)) == 200

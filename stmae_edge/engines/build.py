@@ -19,7 +19,7 @@ from .. import __version__
 from ..onnx_files import load_onnx
 from ..outputs import check_writable, write_bytes_atomically
 from ..engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, sha256_file, write_sidecar
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError, first_line
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 
 PRECISIONS = PLAN_PRECISIONS  # int8 graphs come from `stmae-edge calibrate`
@@ -154,7 +154,7 @@ def _attach_timing_cache(config, cache_path: Path) -> None:
     try:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     except Exception as exc:  # some TensorRT versions raise on a foreign cache, others return None
-        cache, reason = None, (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        cache, reason = None, first_line(exc, 200)
     if cache is None:  # unreadable or from another TensorRT version: start a fresh one
         log.warning("timing cache %s not used (%s); starting a fresh one", cache_path, reason)
         cache = config.create_timing_cache(b"")

@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import load_model
 from .half_precision import is_statistic
 from ..outputs import check_writable, written_atomically
-from ..errors import ConfigError, ExportError, StmaeError
+from ..errors import ConfigError, ExportError, StmaeError, first_line
 from ..metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PRECISION_KEY, SCORE_NAME,
                        ModelMetadata, onnx_precision)
 
@@ -112,7 +112,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
                                         dynamic_shapes={"images": {0: batch}}, dynamo=True,
                                         opset_version=OPSET, optimize=True)
     except Exception as exc:  # the exporter raises many types; the user needs the first line
-        raise ExportError(f"ONNX export of {checkpoint} failed: {str(exc).splitlines()[0][:300]}") from exc
+        raise ExportError(f"ONNX export of {checkpoint} failed: {first_line(exc)}") from exc
     proto = program.model_proto
     proto.producer_name = "stmae-edge"
     onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: metadata.to_onnx_value(),
@@ -125,7 +125,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
             raise
         except Exception as exc:  # ONNX Runtime's own types; not a write failure, which the block would say
             raise ExportError(f"the graph exported from {checkpoint} fails its checks: "
-                              f"{(str(exc).splitlines() or [type(exc).__name__])[0][:300]}") from exc
+                              f"{first_line(exc)}") from exc
         difference, limit = figures["smoke_max_rel_diff"], PARITY_RTOL[precision] if precision == "fp32" else np.inf
         if not difference <= limit:  # NaN too
             raise ExportError(f"the {precision} graph exported from {checkpoint} does not reproduce the model: its "
@@ -160,7 +160,7 @@ def check_onnx(path: Path | str, model=None) -> dict:
         onnx.checker.check_model(proto, full_check=True)
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"{path}: the ONNX checker rejects the graph: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"{path}: the ONNX checker rejects the graph: {first_line(exc)}") from exc
     ops = op_counts(proto)
     unsupported = sorted(set(ops) - TENSORRT_OPS)
     if unsupported:

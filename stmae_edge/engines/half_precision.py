@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 # Model buffers (by the last part of their name) that score the map: ST-MAE's per-position Gaussians
 # (sharp and wide) and residual statistics, the fusion's scale, and the image score head's projection
@@ -183,7 +183,7 @@ def to_half(proto: onnx.ModelProto, keep_float: set[str]) -> onnx.ModelProto:
     try:  # a node whose output type comes from an attribute, not its inputs, would show here
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
-        raise ConfigError(f"the fp16 graph does not type-check ({str(exc).splitlines()[0][:200]}); "
+        raise ConfigError(f"the fp16 graph does not type-check ({first_line(exc, 200)}); "
                           "calibrate with --float-precision fp32") from None
     return model
 

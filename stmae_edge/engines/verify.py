@@ -14,7 +14,7 @@ import torch
 
 from .. import data
 from ..checkpoint import load_model
-from ..errors import DatasetError, VerificationError
+from ..errors import DatasetError, VerificationError, first_line
 from ..metadata import INPUT_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import load_onnx
 from .export import PARITY_RTOL
@@ -61,7 +61,7 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
     try:
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # ONNX Runtime's own exception types
-        raise VerificationError(f"{onnx_path}: ONNX Runtime cannot load this graph ({_first_line(exc)}); export "
+        raise VerificationError(f"{onnx_path}: ONNX Runtime cannot load this graph ({first_line(exc, 200)}); export "
                                 f"{checkpoint} again") from exc
     figures = {"provider": session.get_providers()[0], "rtol": rtol, "images": len(set(paths)),
                "folder": data.folder_of(paths), "batches": {}}
@@ -71,7 +71,7 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
         try:
             onnx_maps, onnx_scores = session.run(None, {INPUT_NAME: x})
         except Exception as exc:
-            raise VerificationError(f"{onnx_path}: ONNX Runtime failed on a batch of {size} ({_first_line(exc)}); "
+            raise VerificationError(f"{onnx_path}: ONNX Runtime failed on a batch of {size} ({first_line(exc, 200)}); "
                                     f"export {checkpoint} again") from exc
         with torch.no_grad():
             maps, scores = (t.numpy() for t in model(torch.from_numpy(x)))
@@ -84,7 +84,3 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
         raise VerificationError(f"{onnx_path} differs from {checkpoint} beyond {rtol:g} relative: "
                                 + "; ".join(failures))
     return figures
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -30,7 +30,7 @@ from .operating_point import evaluate_threshold
 from ..outputs import check_output_folder, same_file, write_bytes_atomically
 from ..preprocessing import load_image
 from ..progress import progress_bar
-from ..scoring import fails
+from ..scoring import fails, threshold_scoring
 from .validation import ScoredDataset, score_dataset
 
 CASE_SIDE = 320  # pixels: the longer side of each case picture on the page
@@ -301,12 +301,21 @@ def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cas
     for name, value in (("file", summary["model"]), ("family", meta.model_family), ("architecture", config_items),
                         ("preprocessing", json.dumps(meta.preprocessing.to_dict())),
                         ("thresholds", f"image {meta.thresholds.image:.6g}, pixel {meta.thresholds.pixel:.6g}: {meta.thresholds.rule}"),
-                        ("good-score statistics", f"mean {meta.score_stats.mean:.4g}, std {meta.score_stats.std:.4g} over {meta.score_stats.count} held-out images"),
+                        ("good-score statistics", f"mean {meta.score_stats.mean:.4g}, std {meta.score_stats.std:.4g} over "
+                                                  f"{meta.score_stats.count} {threshold_scoring(training)} good images"),
                         *([("good map-maximum statistics", f"mean {meta.map_stats.mean:.4g}, std {meta.map_stats.std:.4g} (the score comes from the model's score head)")]
                           if meta.map_stats is not None else []),
                         ("model hash", meta.model_hash), ("made by", f"stmae-edge {meta.package_version}"),
-                        ("training", ", ".join(f"{k} {v}" for k, v in training.items()
-                                               if k in ("data", "epochs", "train_images", "holdout_images", "seconds")))):
+                        ("training", ", ".join(f"{k} {v}" for k, v in training_summary(training).items()))):
         parts.append(f"<tr><th>{e(name)}</th><td>{e(str(value))}</td></tr>")
     parts.append("</table></body></html>\n")
     return "\n".join(parts)
+
+
+def training_summary(training: dict) -> dict:
+    """The lines of a model's training record a reader of the report wants first (stmae_edge.training
+    writes the record; models from before a key was added simply lack it)."""
+    summary = {k: training[k] for k in ("data_dir", "train_images", "holdout_images", "seconds") if k in training}
+    if "epochs" in training.get("train_config", {}):
+        summary["epochs"] = training["train_config"]["epochs"]
+    return summary

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, ConfigError, first_line
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
 from .devices import cpu_description, cuda_device_count, gpu_description
@@ -157,7 +157,7 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]})") from exc
+            raise BackendError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from exc
         used = self.session.get_providers()
         if used[0] != wanted:
             raise BackendError(f"ONNX Runtime could not start {wanted} and would run on {used[0]} instead; "
@@ -177,7 +177,7 @@ class OnnxRuntimeBackend:
         try:
             maps, scores = self.session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: batch})
         except Exception as exc:  # onnxruntime's own types: out of memory, a failed GPU kernel, ...
-            raise BackendError(f"ONNX Runtime ({self.provider}) failed: {str(exc).splitlines()[0][:300]}") from exc
+            raise BackendError(f"ONNX Runtime ({self.provider}) failed: {first_line(exc)}") from exc
         return maps[:, 0], scores
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_model
-from ..errors import BackendError
+from ..errors import BackendError, first_line
 from ..metadata import MAX_BATCH
 from .devices import cpu_description
 
@@ -39,7 +39,7 @@ class TorchBackend:
         try:
             maps, scores = self.model(torch.from_numpy(batch).to(self._device))
         except RuntimeError as exc:  # out of memory, a failed CUDA kernel, ...
-            raise BackendError(f"PyTorch failed: {str(exc).splitlines()[0][:300]}") from exc
+            raise BackendError(f"PyTorch failed: {first_line(exc)}") from exc
         return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
 
     def close(self) -> None:

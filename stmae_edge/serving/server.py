@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, ConfigError, first_line
 from ..runtime.detector import Detector
 from ..scoring import fails, normalize
 from . import protocol as p
@@ -237,7 +237,7 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.
                 # PyTriton 0.7.0 races with several instances: a second instance may connect to the first
                 # one's handshake socket between its bind and its listen. Seen once in four CI runs.
                 if HANDSHAKE_RACE not in str(exc) or attempt == START_ATTEMPTS or stop["requested"]:
-                    raise BackendError(f"Triton did not start: {str(exc).splitlines()[0][:300]}") from exc
+                    raise BackendError(f"Triton did not start: {first_line(exc)}") from exc
                 logger.warning("Triton's model load lost PyTriton's handshake race (attempt %d); starting again",
                                attempt)
         print(f"serving {name} ({Path(model_path).name}, batches up to {max_batch}) at http://{address}:{http_port}, "

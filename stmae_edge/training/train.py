@@ -2,9 +2,10 @@
 The filtering autoencoder has its own data and loss (filtering.py); both families share one
 training loop (loop.py: TrainConfig, optimize) and end here, in one checkpoint.
 
-The backbone is frozen and images are not augmented, so caching its features is exact and makes
-each epoch cost only the transformer. Held-out good images give the score statistics and the
-default threshold through the same forward() that export and the runtime use.
+The backbone is frozen and images are not augmented, so caching its features (in fp16, to hold them in
+memory) changes them only by that rounding and makes each epoch cost only the transformer. Held-out
+good images give the score statistics and the default threshold through the same forward() that
+export and the runtime use.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..models.gaussian import fit_position_gaussian
 from ..models.intensity import image_statistics
 from ..models.stmae import STMAE, STMAEConfig, random_split
 from .corruption import corrupt
-from .filtering import train_filtering
+from .filtering import DONORS, train_filtering
 from ..preprocessing import ImageInput, Preprocessing, declared_image_size, load_image
 from ..progress import progress_bar
 from .loop import TrainConfig, batches, mean_and_std, optimize
@@ -201,7 +202,7 @@ def corrupted_features(model: STMAE, preprocessing: Preprocessing, items: Sequen
     each the index of the item whose good features it must be restored to. Other training images
     lend their textures to the defects."""
     rng = np.random.default_rng(cfg.seed)
-    donor_ids = rng.permutation(len(items))[:16]
+    donor_ids = rng.permutation(len(items))[:DONORS]
     donors = [load_image(items[int(i)]) for i in donor_ids]
     features, targets_of = [], []
     with progress_bar("corrupted features", len(items)) as advance:
@@ -350,6 +351,9 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
     features, score_features = extract_feature_pairs(model, preprocessing, items, description="backbone features")
     two_scales = bool(model_config.score_layers) and model_config.score_wide_sigma > 0
     cross_fit = two_scales and score_folds > 0
+    if score_folds > 0 and not cross_fit and model_config.score_layers:
+        logger.info("the score head has one smoothing in this preset: its scale and the image threshold come from "
+                    "the held-out images (--score-folds applies to heads with two smoothings)")
     if score_features is not None and not cross_fit:
         fit_score_head(model, score_features)
         score_features = None
