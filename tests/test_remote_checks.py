@@ -7,14 +7,13 @@ NAME_metadata model, the metadata in the model config, no error output) or as `s
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
-import threading
 
 import numpy as np
 import pytest
 
+from loopback_http import LoopbackServer
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.runtime import RemoteDetector, RemoteError
 from stmae_edge.serving import protocol as p
@@ -37,7 +36,7 @@ def encode_outputs(outputs: dict[str, np.ndarray]) -> tuple[bytes, int]:
     return header + b"".join(blobs), len(header)
 
 
-class FakeTriton:
+class FakeTriton(LoopbackServer):
     """A loopback server routing /v2/models/NAME/infer and /v2/models/NAME/config to `answer(method,
     model, action, batch)`, which returns (status, dict of outputs | JSON-able | raw bytes). `batch`
     is the request's leading input dimension (None for a config request)."""
@@ -45,47 +44,23 @@ class FakeTriton:
     def __init__(self, answer):
         self.requests: list[tuple[str, str]] = []
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def handle_request(self, method):
-                length = int(self.headers.get("Content-Length", 0))
-                body = self.rfile.read(length)
-                _, _, _, model, action = self.path.split("/")[:5]
-                batch = None
-                if method == "POST":
-                    head = json.loads(body[:int(self.headers["Inference-Header-Content-Length"])])
-                    batch = head["inputs"][0]["shape"][0]
-                outer.requests.append((model, action))
-                status, content = answer(method, model, action, batch)
-                extra = {}
-                if isinstance(content, dict) and content and all(isinstance(v, np.ndarray) for v in content.values()):
-                    content, header_length = encode_outputs(content)
-                    extra["Inference-Header-Content-Length"] = str(header_length)
-                elif not isinstance(content, bytes):
-                    content = json.dumps(content).encode()
-                self.send_response(status)
-                for key, value in extra.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
+        def respond(method, path, headers, body):
+            _, _, _, model, action = path.split("/")[:5]
+            batch = None
+            if method == "POST":
+                head = json.loads(body[:int(headers["Inference-Header-Content-Length"])])
+                batch = head["inputs"][0]["shape"][0]
+            self.requests.append((model, action))
+            status, content = answer(method, model, action, batch)
+            extra = {}
+            if isinstance(content, dict) and content and all(isinstance(v, np.ndarray) for v in content.values()):
+                content, header_length = encode_outputs(content)
+                extra["Inference-Header-Content-Length"] = str(header_length)
+            elif not isinstance(content, bytes):
+                content = json.dumps(content).encode()
+            return status, extra, content
 
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                self.handle_request("POST")
-
-            def do_GET(self):  # noqa: N802
-                self.handle_request("GET")
-
-            def log_message(self, *args):
-                pass
-
-        outer = self
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(respond)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
+from loopback_http import LoopbackServer
 
 from stmae_edge import data
 from stmae_edge.errors import ConfigError, OutputError
@@ -335,34 +336,9 @@ def test_serve_checks_its_arguments_before_anything_starts(tiny_export):
         serve(onnx_path, address="127.0.0.1", http_port=18555, grpc_port=18555)
 
 
-class FakeServer:
+def FakeServer(status: int, headers: dict, body: bytes) -> LoopbackServer:  # noqa: N802 (reads as a class)
     """A loopback HTTP server that answers every request with one canned response."""
-
-    def __init__(self, status: int, headers: dict, body: bytes):
-        import http.server
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST  # noqa: N815
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    return LoopbackServer(lambda *request: (status, headers, body))
 
 
 def test_the_client_reads_lowercased_headers_and_refuses_what_is_not_triton(tiny_export):
