@@ -68,8 +68,11 @@ def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Te
 
 def why_unloadable(path: Path) -> str:
     """What a file that torch.load refused is, in a user's words (torch's own text speaks of its internals)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
     if path.suffix.lower() in (".onnx", ".plan", ".engine"):
         return f"it is {'an ONNX graph' if path.suffix.lower() == '.onnx' else 'a TensorRT plan'}, not a checkpoint"
     if head != b"PK\x03\x04":  # every checkpoint torch.save writes is a zip archive
