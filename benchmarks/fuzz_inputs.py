@@ -34,7 +34,7 @@ def tiny_model() -> Path:
     onnx = WORK / "model" / "tiny.onnx"
     if onnx.is_file():
         return onnx
-    from conftest import make_synthetic_dataset
+    from synthetic_data import make_synthetic_dataset
     from stmae_edge.engines.export import export_onnx
     from stmae_edge.models.stmae import preset
     from stmae_edge.training.train import TrainConfig, train

@@ -34,7 +34,7 @@ def main() -> None:
 
     import numpy as np
 
-    from conftest import texture
+    from synthetic_data import texture
     from fuzz_inputs import tiny_model
     from quality_magnetic_tile import machine
     from soak import concurrent, soak_detector, soak_linescan

