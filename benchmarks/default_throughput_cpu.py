@@ -44,7 +44,8 @@ BEGIN, END = "<!-- default-throughput-cpu:begin -->", "<!-- default-throughput-c
 def main() -> None:
     args = model_benchmark_args(__doc__, lambda p: p.add_argument("--rounds", type=int, default=15))
     previous = args.model.with_name("previous_default.pt")
-    train(args.data, previous, preset("transition-only"), TrainConfig(epochs=1, max_images=32))
+    # as the issue's default ran: images stretched (it predates --aspect; auto would pad these tiles)
+    train(args.data, previous, preset("transition-only"), TrainConfig(epochs=1, max_images=32, aspect="stretch"))
     without_head = args.model.with_name("small_map_score.pt")
     train(args.data, without_head, preset("small-map-score"), TrainConfig(epochs=1, max_images=32))
     scaled = args.model.with_name("small_map_scaled.pt")
@@ -59,12 +60,13 @@ def main() -> None:
     train(args.data, stretched, preset("small"), TrainConfig(epochs=1, max_images=32, aspect="stretch"))
     detectors, sizes = {}, {}
     for name, path in (("previous default (transition-only)", previous),
-                       ("default without the score head (small-map-score)", without_head),
-                       ("default with the map's residual scaled per image (small-map-scaled)", scaled),
-                       ("default with intensity normalisation (small-intensity-norm)", intensity_norm),
+                       ("small-map-score: the sharp map alone, no score head (the default before 2026-11-28)", without_head),
+                       ("small-map-scaled: the sharp map, its residual scaled per image; one head smoothing", scaled),
+                       ("small-intensity-norm: images brought to one brightness and contrast; the sharp map, "
+                        "one head smoothing", intensity_norm),
                        ("default with images stretched to the input (--aspect stretch)", stretched),
-                       ("default without the wide Gaussian (small-sharp-map)", sharp),
-                       ("default without the map lowered by its mean (small-wide-map; the default before)", wide),
+                       ("small-sharp-map: no wide Gaussian, no lowering by the mean (the thirteenth session's default)", sharp),
+                       ("small-wide-map: the map not lowered by its mean (the fourteenth session's default)", wide),
                        ("default", args.model)):
         onnx_path, figures = export_onnx(path, path.with_suffix(".fp32.onnx"))
         detectors[name] = Detector(onnx_path, "ort-cpu", batch_size=BATCH)

@@ -274,7 +274,8 @@ def main() -> None:
     header = (f"Measured {date} on {machine()}, by `{command}` (one seeded run, seed {cfg.seed}; "
               f"test set: {n['n_images']} images, {n['n_anomalous']} defective; maps and masks at "
               f"{meta.preprocessing.input_size[0]}x{meta.preprocessing.input_size[1]}; the held-out half: "
-              f"{stmae['test_half']['n_images']} images that no model choice saw).\n\n"
+              f"{stmae['test_half']['n_images']} images on which no model choice was made, but for the twentieth "
+              "session's cross-fitted score head, chosen on full-test-set figures).\n\n"
               "| method | image AUROC | pixel AUROC | AUPRO@30% | crack image AUROC | F1 at default threshold | "
               "held-out half: image / pixel / AUPRO | fit time, command |\n|---|---|---|---|---|---|---|---|")
     config = model.config

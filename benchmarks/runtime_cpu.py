@@ -101,7 +101,8 @@ def main() -> None:
     write_table(args.md, BEGIN, END, f"python benchmarks/runtime_cpu.py --rounds {rounds}",
                 f"{len(images)} decoded magnetic_tile test images of their own sizes, medians of {rounds} "
                 "interleaved rounds after warm-up; every row is the same Detector code with another backend; "
-                "the batch 1 and 32 rows are `bench_batch`, as `stmae-edge bench` runs it",
+                f"the batch 1 and 32 rows are `bench_batch` on the first 1 or 32 of those images, "
+                f"{max(5, rounds // 2)} timed calls each, not interleaved, as `stmae-edge bench` runs it",
                 ["backend", "batch", "ms per batch (p50)", "images/s", "pre ms", "infer ms", "post ms",
                  "pre+post", "vs PyTorch eager", "vs ORT fp32"], rows)
 

@@ -82,7 +82,7 @@ def main() -> None:
                f"--fraction {args.fraction:g}")
     header = (f"Measured {dt.date.today().isoformat()} on {machine()}, by `{command}` (one seeded run; unseen_tiles.py's "
               f"split: {good} good test images of tiles no training image shows, {len(samples) - good} defective; "
-              "threshold: mean + 3 std of the held-out good images' scores).\n\n"
+              "threshold: mean + 3 std of good images' scores, held out or cross-fitted as each row says).\n\n"
               "| held out for the threshold | training images | held-out images | threshold | false alarms on good "
               "test tiles | recall | F1 | image AUROC | training |\n|---|---|---|---|---|---|---|---|---|")
     labels = {"by image": "a random tenth of train/good (`stmae-edge train DATA`)",

@@ -23,6 +23,7 @@ import json
 import re
 import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,11 @@ def held_tiles(groups: np.ndarray, fraction: float, seed: int) -> set[int]:
 
 def trained_once(data_dir: Path, model_path: Path, cfg: TrainConfig, retrain: bool) -> None:
     """Train the default on `data_dir` into `model_path` unless it was trained there on this very split
-    (its test/good and held-out images) and epochs: one trained with other tiles held out has seen the
+    (its test/good and held-out images), preset and training settings: one trained with other tiles held out has seen the
     good test tiles."""
     split_path = model_path.with_suffix(".split.json")
     held = Path(cfg.holdout_dir) if cfg.holdout_dir else None
-    split = json.dumps({"epochs": cfg.epochs,
+    split = json.dumps({"epochs": cfg.epochs, "preset": preset("small").to_dict(), "train_config": asdict(cfg),
                         "test_good": sorted(p.name for p in (data_dir / "test" / "good").iterdir()),
                         "holdout": sorted(p.name for p in held.iterdir()) if held else "random"})
     if retrain or not model_path.is_file() or not split_path.is_file() or split_path.read_text() != split:

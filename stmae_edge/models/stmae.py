@@ -213,13 +213,14 @@ PRESETS: dict[str, STMAEConfig] = {
     # The default before the score head's second, wider smoothing (twelfth session, docs/BENCHMARKS.md).
     "small-one-scale": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
                                    transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS, score_standardize=True),
-    # The default with each image brought to one brightness and contrast first: for lines whose lighting
-    # or parts' brightness varies; costs localisation on magnetic_tile (docs/BENCHMARKS.md).
+    # The sixth session's default (the sharp map, one head smoothing) with each image brought to one
+    # brightness and contrast first: for lines whose lighting or parts' brightness varies; costs
+    # localisation on magnetic_tile (docs/BENCHMARKS.md).
     "small-intensity-norm": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
                                         transition_weight=0.0, score_layers=DEEP_SCORE_LAYERS,
                                         score_standardize=True, intensity_norm=True),
-    # The default with the map's residual scaled per image: more AUPRO, less pixel AUROC on magnetic_tile,
-    # and large defects fade (docs/BENCHMARKS.md).
+    # The sixth session's default (the sharp map, one head smoothing) with the map's residual scaled per
+    # image: more AUPRO, less pixel AUROC on magnetic_tile, and large defects fade (docs/BENCHMARKS.md).
     "small-map-scaled": STMAEConfig(mask_unit=4, gaussian_weight=1.0, gaussian_input="residual",
                                     transition_weight=0.0, gaussian_scale=True, score_layers=DEEP_SCORE_LAYERS,
                                     score_standardize=True),
