@@ -5,11 +5,12 @@
 The default is the quality benchmark's model. The others are trained for one epoch on 32 images here
 (speed does not depend on the weights, only on the graph): two defaults before it, preset
 "transition-only" (the transition residual alone, token-wise masking, until 2026-11-28; the reference
-of the target) and preset "small-map-score" (the default's map, the image score as its maximum, without
-the score head; the default before the score head, 2026-11-28); and, for their cost, two variants of
-the default, preset "small-map-scaled" (its map's residual scaled per image) and preset
-"small-intensity-norm" (each image brought to one brightness and contrast first); preset "small-sharp-map"
-(the default before the wide Gaussian, fourteenth session), for that Gaussian's cost; preset
+of the target, its images stretched to the input as they then were) and preset "small-map-score" (the
+sharp map alone, the image score as its maximum; the default before the score head, 2026-11-28); two
+variants of the sixth session's default (the sharp map, one head smoothing), preset "small-map-scaled"
+(its map's residual scaled per image) and preset "small-intensity-norm" (each image brought to one
+brightness and contrast first); preset "small-sharp-map" (no wide Gaussian and no lowering by the mean:
+the thirteenth session's default), for that Gaussian's cost; preset
 "small-wide-map" (the default before the map was lowered by its mean, fifteenth session); and the default with
 images stretched to the input (`--aspect stretch`, the default until the sixth session), for the cost of
 keeping the aspect (mirror padding, and the map's crop back to the image). All fp32 graphs run behind the same
