@@ -227,8 +227,8 @@ def relative_difference(got: np.ndarray, want: np.ndarray) -> float:
 def run_path(Detector, benchmark, model: Path, kwargs: dict, precision: str, sets: dict, reference: dict,
              frames: list) -> dict:
     """One GPU path: opened (or skipped, saying why), checked on every set against ONNX Runtime CPU,
-    then benchmarked on a fresh Detector (a CUDA graph captured at the check's batch would be padded
-    to and timed at that size)."""
+    then benchmarked (with CUDA graphs on a fresh Detector: the graph captured at the check's batch
+    would be padded to and timed at that size)."""
     from stmae_edge.errors import StmaeError
 
     try:
@@ -250,8 +250,9 @@ def run_path(Detector, benchmark, model: Path, kwargs: dict, precision: str, set
                 checks.append({"set": set_name, "auroc_points_from_fp32": points,
                                "passed": points <= AUROC_POINTS[precision]})
         device = detector.info["device"]
-        detector.close()
-        detector = Detector(model, **kwargs)
+        if kwargs.get("cuda_graph"):  # its graph was captured at the check's batch: bench from a fresh one
+            detector.close()
+            detector = Detector(model, **kwargs)
         bench = benchmark(detector, frames, [1, 8, 32], iterations=20, warmup=3)
         return {"status": "passed" if all(c["passed"] for c in checks) else "failed", "device": device,
                 "checks": checks, "bench": bench}

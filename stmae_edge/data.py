@@ -117,13 +117,19 @@ def has_masks(samples: list[EvalSample]) -> bool:
 
 def load_mask(sample: EvalSample, size: tuple[int, int]) -> np.ndarray:
     """Ground truth at (height, width) as bool; all False for good images."""
+    return fit_mask(sample, size)[0]
+
+
+def fit_mask(sample: EvalSample, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """(ground truth at (height, width) as bool, the mask file's own (height, width), None without one)."""
     if sample.mask_path is None:
-        return np.zeros(size, dtype=bool)
+        return np.zeros(size, dtype=bool), None
     mask = load_image(sample.mask_path)
     if mask.ndim == 3:
         mask = mask.max(axis=2)
     # Nearest keeps the mask binary; maps are compared at the same resolution.
-    return cv2.resize((mask > 0).astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
+    fitted = cv2.resize((mask > 0).astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
+    return fitted, mask.shape[:2]
 
 
 def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
@@ -132,11 +138,10 @@ def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
     another shape usually belongs to another image, and the pixel metrics would then mislead."""
     masks, mismatched = [], []
     for sample in samples:
-        masks.append(load_mask(sample, size))
-        if sample.mask_path is not None:
-            mask_size, image_size = declared_image_size(sample.mask_path), declared_image_size(sample.path)
-            if mask_size != image_size:
-                mismatched.append((sample, mask_size, image_size))
+        mask, mask_size = fit_mask(sample, size)  # the mask decoded once; its image's size from its header
+        masks.append(mask)
+        if mask_size is not None and mask_size != (image_size := declared_image_size(sample.path)):
+            mismatched.append((sample, mask_size, image_size))
     if mismatched:
         first, (mh, mw), (ih, iw) = mismatched[0]
         logger.warning("%d of %d masks differ in size from their images (first: %s is %dx%d, its image %dx%d); "

@@ -216,3 +216,17 @@ def test_holdout_dir_is_checked_before_training(synthetic_dataset, tmp_path):
     (held / "broken.png").write_bytes(b"not an image")
     with pytest.raises(InvalidImageError, match="broken.png"):
         training_and_holdout(paths, TrainConfig(holdout_dir=str(held)))
+
+
+def test_pytorch_scoring_refuses_a_model_that_produces_nan(trained, synthetic_dataset):
+    """What a diverged model gives `evaluate` on a .pt file: one line naming the images, not a ValueError
+    deep in the metrics."""
+    from stmae_edge.errors import TrainingError
+
+    path, _ = trained
+    model, meta = load_model(path)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.dtype.is_floating_point).fill_(float("nan"))
+    images = data.train_images(synthetic_dataset)[:5]
+    with pytest.raises(TrainingError, match="NaN or infinite values on images 0 to 3 of 5"):
+        score_images(model, meta.preprocessing, images, batch_size=4)

@@ -27,7 +27,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from ..checks import is_whole, parse_document
-from ..errors import BackendError, CheckpointError, ConfigError
+from ..errors import BackendError, CheckpointError, ConfigError, first_line
 from ..metadata import MAX_BATCH, ModelMetadata
 from ..preprocessing import ImageInput
 from ..scoring import Thresholds
@@ -335,8 +335,7 @@ class RemoteDetector:
             try:
                 thresholds = Thresholds.from_dict(document["thresholds"])
             except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # ConfigError too
-                reason = str(exc)[:200] or type(exc).__name__
-                raise RemoteError(f"{what} has malformed 'thresholds' ({reason}); {remedy}") from None
+                raise RemoteError(f"{what} has malformed 'thresholds' ({first_line(exc, 200)}); {remedy}") from None
         # Absent in documents from before the entry: 8, `stmae-edge serve`'s default
         max_batch = document.get("max_batch", 8)
         if not is_whole(max_batch) or not 1 <= max_batch <= MAX_BATCH:

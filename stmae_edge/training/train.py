@@ -163,13 +163,13 @@ def score_images(model: STMAE, preprocessing: Preprocessing, paths: Sequence[Ima
     model.eval()
     maps, scores = [], []
     with progress_bar(description, len(paths)) as advance:
-        for start, chunk in enumerate(batches(paths, batch_size)):
+        for first, chunk in zip(range(0, len(paths), batch_size), batches(paths, batch_size), strict=True):
             images = [load_image(item, preprocessing.max_pixels) for item in chunk]
             m, s = model(torch.from_numpy(preprocessing(images, sources=chunk)))
             if not (torch.isfinite(m).all() and torch.isfinite(s).all()):
-                raise TrainingError(f"the model produced NaN or infinite values on images {start * batch_size} to "
-                                    f"{start * batch_size + len(chunk) - 1} of {len(paths)}; train it again (with "
-                                    "a lower --lr where its loss diverged)")
+                raise TrainingError(f"the model produced NaN or infinite values on images {first} to "
+                                    f"{first + len(chunk) - 1} of {len(paths)}; train it again (with a lower --lr "
+                                    "where its loss diverged)")
             maps.append(preprocessing.to_image_frame(m[:, 0].numpy(), [image.shape[:2] for image in images]))
             scores.append(s.numpy())
             advance(len(chunk))
