@@ -8,7 +8,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from stmae_edge.evaluation.metrics import aupro, f1_at_threshold, image_auroc, pixel_auroc, pixel_auroc_against, summarize
+from stmae_edge.evaluation.metrics import (aupro, f1_at_threshold, image_auroc, image_auroc_by_type, metric_or_none,
+                                          percent_text, pixel_auroc, pixel_auroc_against, summarize)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,6 +312,18 @@ def test_summarize_undefined_metric_is_none():
     s = summarize([1, 1], [0.3, 0.7], None, None, ["crack", "crack"], threshold=0.5)
     assert s["image_auroc"] is None and s["per_defect_type"]["crack"]["image_auroc"] is None
     json.dumps(s, allow_nan=False)
+
+
+def test_image_auroc_by_type_is_each_type_against_every_good_image():
+    labels, scores, _, _, types = _summary_case()
+    assert image_auroc_by_type(labels, scores, types) == {"dent": pytest.approx(1 / 6), "scratch": 1.0}
+    assert image_auroc_by_type([1, 1], [0.3, 0.7], ["crack", "crack"]) == {"crack": None}
+
+
+def test_undefined_metrics_read_as_none_and_n_a():
+    assert metric_or_none(float("nan")) is None and metric_or_none(None) is None and metric_or_none(0.25) == 0.25
+    assert percent_text(0.9784) == "97.8" and percent_text(None) == "n/a" and percent_text(float("nan"), 5) == "  n/a"
+    assert percent_text(1.0, 5) == "100.0" and percent_text(0.5, 5) == " 50.0"
 
 
 @pytest.mark.parametrize("seed", [0, 1])

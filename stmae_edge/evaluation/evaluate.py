@@ -11,7 +11,7 @@ import numpy as np
 from .. import data
 from ..outputs import check_writable, write_bytes_atomically
 from ..model_files import file_kind_of, read_metadata
-from .metrics import summarize
+from .metrics import percent_text, summarize
 
 
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16) -> dict:
@@ -69,7 +69,7 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16)
 
 def format_report(result: dict) -> str:
     def pct(v):
-        return "  n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:5.1f}"
+        return percent_text(v, 5)
 
     lines = [
         f"{'':14s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'AUPRO@30%':>9s} {'images':>6s}",

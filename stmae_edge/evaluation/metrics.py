@@ -20,8 +20,8 @@ import numpy as np
 
 from .operating_point import OperatingPoint, evaluate_threshold
 
-__all__ = ["image_auroc", "pixel_auroc", "pixel_auroc_against", "aupro", "pro_curve", "roc_curve", "f1_at_threshold",
-           "summarize"]
+__all__ = ["image_auroc", "image_auroc_by_type", "pixel_auroc", "pixel_auroc_against", "aupro", "pro_curve",
+           "roc_curve", "f1_at_threshold", "summarize", "metric_or_none", "percent_text"]
 
 _NAN = float("nan")
 # Thresholds processed per block when building the PRO curve: bounds the memory of the exact curve.
@@ -319,9 +319,30 @@ def aupro(masks: Any, maps: Any, max_fpr: float = 0.3, num_thresholds: Optional[
 # summary
 
 
-def _or_none(value: float) -> Optional[float]:
+def metric_or_none(value: Optional[float]) -> Optional[float]:
+    """A metric as a JSON value: None where it is undefined (NaN) or was not computed."""
+    if value is None:
+        return None
     value = float(value)
     return None if math.isnan(value) else value
+
+
+def percent_text(value: Optional[float], width: int = 0) -> str:
+    """A rate in [0, 1] as percent with one decimal ("97.8"), or "n/a" where undefined; right-aligned to width."""
+    text = "n/a" if metric_or_none(value) is None else f"{100 * float(value):.1f}"
+    return f"{text:>{width}s}"
+
+
+def image_auroc_by_type(labels: Sequence[int], scores: Sequence[float],
+                        defect_types: Sequence[str]) -> Dict[str, Optional[float]]:
+    """Image AUROC of each defect type's images against all "good" images (None where undefined)."""
+    y, s = _scores_1d(labels, scores)
+    types = np.asarray([str(t) for t in defect_types])
+    if types.shape != y.shape:
+        raise ValueError(f"defect_types ({types.size}) and labels ({y.size}) must have the same length")
+    good = types == "good"
+    return {name: metric_or_none(image_auroc(y[(types == name) | good], s[(types == name) | good]))
+            for name in sorted(set(types.tolist()) - {"good"})}
 
 
 def summarize(
@@ -354,30 +375,30 @@ def summarize(
         if g.shape[0] != y.size:
             raise ValueError(f"masks/maps have {g.shape[0]} images, labels {y.size}")
 
-    out: Dict[str, Any] = {"image_auroc": _or_none(image_auroc(y, s))}
-    out["pixel_auroc"] = _or_none(pixel_auroc(g, m)) if has_pixels else None
-    out["aupro"] = _or_none(aupro(g, m)) if has_pixels else None
+    out: Dict[str, Any] = {"image_auroc": metric_or_none(image_auroc(y, s))}
+    out["pixel_auroc"] = metric_or_none(pixel_auroc(g, m)) if has_pixels else None
+    out["aupro"] = metric_or_none(aupro(g, m)) if has_pixels else None
     if threshold is None:
         out.update(f1=None, precision=None, recall=None, false_reject_rate=None, threshold=None)
     else:
         point = evaluate_threshold(threshold, s[~y], s[y], rule="")
         prf = _precision_recall_f1(point)
         out.update(f1=prf["f1"], precision=prf["precision"], recall=prf["recall"],
-                   false_reject_rate=_or_none(point.false_reject_rate), threshold=float(threshold))
+                   false_reject_rate=metric_or_none(point.false_reject_rate), threshold=float(threshold))
     out["n_images"] = int(y.size)
     out["n_anomalous"] = int(np.count_nonzero(y))
 
     good = types == "good"
     against = pixel_auroc_against(g, m, types) if has_pixels else {}
     per_type: Dict[str, Dict[str, Any]] = {}
-    for name in sorted(set(types.tolist()) - {"good"}):
+    for name, auroc in image_auroc_by_type(y, s, types).items():
         this = types == name
         sel = np.flatnonzero(this | good)
-        entry: Dict[str, Any] = {"image_auroc": _or_none(image_auroc(y[sel], s[sel]))}
+        entry: Dict[str, Any] = {"image_auroc": auroc}
         if has_pixels:
-            entry["pixel_auroc"] = _or_none(pixel_auroc(g[sel], m[sel]))
-            entry["aupro"] = _or_none(aupro(g[sel], m[sel]))
-            entry["pixel_auroc_against"] = {k: _or_none(v) for k, v in against[name].items()}
+            entry["pixel_auroc"] = metric_or_none(pixel_auroc(g[sel], m[sel]))
+            entry["aupro"] = metric_or_none(aupro(g[sel], m[sel]))
+            entry["pixel_auroc_against"] = {k: metric_or_none(v) for k, v in against[name].items()}
         else:
             entry["pixel_auroc"] = None
             entry["aupro"] = None

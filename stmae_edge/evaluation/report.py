@@ -25,7 +25,8 @@ import numpy as np
 
 from .. import data
 from ..errors import ConfigError, OutputError
-from .metrics import aupro, image_auroc, pixel_auroc, pro_curve, roc_curve
+from .metrics import (aupro, image_auroc, image_auroc_by_type, metric_or_none, percent_text, pixel_auroc, pro_curve,
+                      roc_curve)
 from .operating_point import evaluate_threshold
 from ..outputs import check_output_folder, same_file, write_bytes_atomically
 from ..preprocessing import load_image
@@ -67,10 +68,10 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
     masks = data.load_masks(scored.samples, size) if data.has_masks(scored.samples) else None
 
     summary = {"model": str(model), "data": str(data_dir), "images": len(labels), "operating_point": point.to_dict(),
-               "image_auroc": _none(image_auroc(labels, scored.scores))}
+               "image_auroc": metric_or_none(image_auroc(labels, scored.scores))}
     if masks is not None:
-        summary["pixel_auroc"] = _none(pixel_auroc(masks, scored.maps))
-        summary["aupro"] = _none(aupro(masks, scored.maps))
+        summary["pixel_auroc"] = metric_or_none(pixel_auroc(masks, scored.maps))
+        summary["aupro"] = metric_or_none(aupro(masks, scored.maps))
     plots = {"histogram": _histogram(plt, scored, thresholds.image, out / "plots" / "scores.png"),
              "roc": _roc(plt, labels, scored.scores, point, out / "plots" / "roc.png")}
     if masks is not None:
@@ -104,10 +105,6 @@ def _pyplot():
     except ImportError:
         raise ConfigError("the report draws its plots with matplotlib: pip install 'stmae-edge[report]'") from None
     return plt
-
-
-def _none(value: float):
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -163,13 +160,12 @@ def _pro(plt, masks: np.ndarray, maps: np.ndarray, pixel_threshold: float, path:
 # --- tables and cases -----------------------------------------------------------------------------
 def _per_type(scored: ScoredDataset, threshold: float) -> list[dict]:
     types = np.array([s.defect_type for s in scored.samples])
-    good = scored.good_scores
+    aurocs = image_auroc_by_type(scored.labels, scored.scores, types)
     rows = []
-    for name in sorted(set(types) - {"good"}):
+    for name, auroc in aurocs.items():
         scores = scored.scores[types == name]
-        auroc = image_auroc(np.r_[np.zeros(good.size), np.ones(scores.size)], np.r_[good, scores]) if good.size else math.nan
         escapes = int((~fails(scores, threshold)).sum())
-        rows.append({"type": name, "images": int(scores.size), "image_auroc": _none(auroc), "escapes": escapes})
+        rows.append({"type": name, "images": int(scores.size), "image_auroc": auroc, "escapes": escapes})
     return rows
 
 
@@ -244,10 +240,6 @@ window.addEventListener('load', function () {
 """
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
-
-
 def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cases: dict) -> str:
     e = html.escape
     meta = detector.metadata
@@ -264,8 +256,8 @@ def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cas
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>stmae-edge report: {e(Path(summary['model']).name)}</title>",
              f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>",
              f"<h1>What {e(Path(summary['model']).name)} does on {e(summary['data'])}</h1>",
-             f"<p>{summary['images']} images. Image AUROC {_pct(summary['image_auroc'])}"
-             + (f", pixel AUROC {_pct(summary.get('pixel_auroc'))}, AUPRO@30% {_pct(summary.get('aupro'))}" if "aupro" in summary else "")
+             f"<p>{summary['images']} images. Image AUROC {percent_text(summary['image_auroc'])}"
+             + (f", pixel AUROC {percent_text(summary.get('pixel_auroc'))}, AUPRO@30% {percent_text(summary.get('aupro'))}" if "aupro" in summary else "")
              + f". Scored by {e(detector.info['backend'])} on {e(detector.info['device'])}. <span id='image-check'>checking images...</span></p>",
              "<h2>At the model's threshold</h2>",
              f"<p>Image threshold <b>{point.threshold:.6g}</b> ({e(point.rule)}); pixel threshold {detector.thresholds.pixel:.6g}. "
@@ -273,7 +265,7 @@ def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cas
              "<table><tr><th>measure</th><th class='num'>%</th><th class='num'>95% interval</th><th>counts</th></tr>"]
     for name, value, key, counts in rows:
         low, high = ci[key]
-        parts.append(f"<tr><td>{name}</td><td class='num'>{_pct(value)}</td><td class='num'>{100 * low:.1f} to {100 * high:.1f}</td>"
+        parts.append(f"<tr><td>{name}</td><td class='num'>{percent_text(value)}</td><td class='num'>{100 * low:.1f} to {100 * high:.1f}</td>"
                      f"<td>{counts}</td></tr>")
     parts.append("</table><p>Move it with <code>stmae-edge threshold MODEL DATA --max-false-reject 0.01 --write</code> "
                  "(or <code>--min-recall 0.95</code>).</p>")
@@ -282,8 +274,8 @@ def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cas
     parts.append("</div><h2>Per defect type</h2><table><tr><th>type</th><th class='num'>images</th>"
                  "<th class='num'>image AUROC</th><th class='num'>escapes at the threshold</th></tr>")
     for row in per_type:
-        parts.append(f"<tr><td>{e(row['type'])}</td><td class='num'>{row['images']}</td><td class='num'>{_pct(row['image_auroc'])}</td>"
-                     f"<td class='num'>{row['escapes']} ({_pct(row['escapes'] / row['images'] if row['images'] else None)}%)</td></tr>")
+        parts.append(f"<tr><td>{e(row['type'])}</td><td class='num'>{row['images']}</td><td class='num'>{percent_text(row['image_auroc'])}</td>"
+                     f"<td class='num'>{row['escapes']} ({percent_text(row['escapes'] / row['images'] if row['images'] else None)}%)</td></tr>")
     parts.append("</table>")
     for kind, title, none in (("missed", "Missed defects, lowest score first", "No defective image scored at or below the threshold."),
                               ("false_rejects", "False rejects, highest score first", "No good image scored above the threshold.")):
