@@ -13,7 +13,9 @@ import typer
 from . import __version__
 from .errors import StmaeError
 from .runtime.backend_table import backend_help
+from .metadata import MAX_BATCH
 from .scoring import DEFAULT_SIGMA
+from .wire_format import DEFAULT_MAX_BATCH
 
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
 PARTIAL_EXIT_CODE = 3
@@ -417,7 +419,6 @@ def bench(
     import json
 
     from .errors import ConfigError
-    from .metadata import MAX_BATCH
     from .progress import progress_bar
     from .runtime import Detector
     from .runtime.bench import bench_images, benchmark, format_rows
@@ -501,7 +502,8 @@ def serve(
     http_port: int = typer.Option(8000, min=1, max=65535),
     grpc_port: int = typer.Option(8001, min=1, max=65535),
     metrics_port: int = typer.Option(8002, min=1, max=65535, help="Prometheus metrics at /metrics"),
-    max_batch: int = typer.Option(8, min=1, help="largest batch Triton forms from queued requests"),
+    max_batch: int = typer.Option(DEFAULT_MAX_BATCH, min=1, max=MAX_BATCH,
+                                  help="largest batch Triton forms from queued requests"),
     max_queue_delay_us: int = typer.Option(2000, min=0, help="how long Triton waits to fill a batch"),
     instances: int = typer.Option(1, min=1, help="model instances, each with its own runtime session"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
@@ -523,7 +525,8 @@ def triton_repo(
     model: Path = typer.Argument(..., help=".onnx or .plan file (with its sidecar)"),
     out: Path = typer.Option(..., "--out", "-o", help="model repository folder (created; a model already there is refused)"),
     name: Optional[str] = typer.Option(None, help="Triton model name (default: the file's stem)"),
-    max_batch: int = typer.Option(8, min=1, help="max_batch_size (a plan's: at most its profile's maximum)"),
+    max_batch: int = typer.Option(DEFAULT_MAX_BATCH, min=1, max=MAX_BATCH,
+                                  help="max_batch_size (a plan's: at most its profile's maximum)"),
     max_queue_delay_us: int = typer.Option(2000, min=0, help="dynamic batching delay"),
     instances: int = typer.Option(1, min=1, help="instances per GPU (KIND_GPU) or on the CPU (ONNX, --cpu)"),
     cpu: bool = typer.Option(False, "--cpu", help="ONNX only: run the instances on the CPU (KIND_CPU)"),

@@ -115,6 +115,17 @@ class Thresholds:
         return cls(float(d["image"]), float(d["pixel"]), str(d.get("rule", "")))
 
 
+def check_thresholds(value: object) -> Thresholds:
+    """`value`, if it is a Thresholds: what a detector's assignable `thresholds` accepts.
+
+    Raises:
+        ConfigError: anything else (a dict, a number), which would fail only at the next image.
+    """
+    if not isinstance(value, Thresholds):
+        raise ConfigError(f"thresholds must be a stmae_edge.scoring.Thresholds, not {type(value).__name__}")
+    return value
+
+
 def fails(scores: np.ndarray | float, threshold: float) -> np.ndarray:
     """The decision, in one place: a part fails when its raw score is strictly above the threshold (a
     score equal to it passes)."""

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
 
 from loopback_http import LoopbackServer
+from stmae_edge.errors import ConfigError
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.runtime import RemoteDetector, RemoteError
-from stmae_edge.serving import protocol as p
+from stmae_edge import wire_format as wire
+from stmae_edge.scoring import Thresholds
 
 
 def encode_outputs(outputs: dict[str, np.ndarray]) -> tuple[bytes, int]:
@@ -80,10 +83,10 @@ def repo_server(metadata: ModelMetadata, document=None, config=None, infer=None)
     the document, and `infer(batch)` gives the model's outputs."""
     document = document_for(metadata) if document is None else document
     if config is None:
-        config = {"name": "tiny", "parameters": {p.METADATA_PARAMETER: {"string_value": json.dumps(document)}}}
+        config = {"name": "tiny", "parameters": {wire.METADATA_PARAMETER: {"string_value": json.dumps(document)}}}
 
     def answer(method, model, action, batch):
-        if model == "tiny" + p.METADATA_SUFFIX:
+        if model == "tiny" + wire.METADATA_SUFFIX:
             return 400, {"error": f"Request for unknown model: '{model}' is not found"}
         if action == "config":
             return 200, config
@@ -94,8 +97,8 @@ def repo_server(metadata: ModelMetadata, document=None, config=None, infer=None)
 def network_outputs(metadata: ModelMetadata, batch: int, score: float = 0.0, map_width: int | None = None):
     """What a triton-repo model answers: scores (N, 1) and maps (N, 1, H, W)."""
     height, width = metadata.preprocessing.input_size
-    return {p.SCORE: np.full((batch, 1), score, np.float32),
-            p.ANOMALY_MAP: np.zeros((batch, 1, height, map_width or width), np.float32)}
+    return {wire.SCORE: np.full((batch, 1), score, np.float32),
+            wire.ANOMALY_MAP: np.zeros((batch, 1, height, map_width or width), np.float32)}
 
 
 def frames(metadata: ModelMetadata, count: int) -> list[np.ndarray]:
@@ -129,7 +132,7 @@ def test_maps_of_the_wrong_shape_are_refused(metadata):
             RemoteDetector(server.url, "tiny").predict(frames(metadata, 2))
     finally:
         server.close()
-    no_map = repo_server(metadata, infer=lambda batch: {p.SCORE: np.zeros((batch, 1), np.float32)})
+    no_map = repo_server(metadata, infer=lambda batch: {wire.SCORE: np.zeros((batch, 1), np.float32)})
     try:
         with pytest.raises(RemoteError, match="has no anomaly_map output"):
             RemoteDetector(no_map.url, "tiny").predict(frames(metadata, 1))
@@ -143,13 +146,13 @@ def test_an_image_the_server_refuses_is_named_by_its_index_in_the_call(metadata)
     calls = []
 
     def answer(method, model, action, batch):
-        if model == "tiny" + p.METADATA_SUFFIX:
-            return 200, {p.METADATA: np.array([[document]], dtype=object)}
+        if model == "tiny" + wire.METADATA_SUFFIX:
+            return 200, {wire.METADATA: np.array([[document]], dtype=object)}
         calls.append(batch)
         errors = np.full((batch, 1), b"", dtype=object)
         if len(calls) == 2:
             errors[0, 0] = b"the image has NaN or infinite values; nothing was scored"
-        return 200, {**network_outputs(metadata, batch), p.ERROR: errors}
+        return 200, {**network_outputs(metadata, batch), wire.ERROR: errors}
 
     server = FakeTriton(answer)
     try:
@@ -176,10 +179,10 @@ def test_a_max_batch_that_is_not_a_whole_number_in_range_is_refused(metadata, ma
 def malformed_cases(metadata: ModelMetadata):
     """(what the metadata model answers or None, the config, the message expected)."""
     good = document_for(metadata)
-    parameter = {p.METADATA_PARAMETER: {"string_value": json.dumps(good)}}
+    parameter = {wire.METADATA_PARAMETER: {"string_value": json.dumps(good)}}
 
     def config(value):
-        return {"parameters": {p.METADATA_PARAMETER: {"string_value": value}}}
+        return {"parameters": {wire.METADATA_PARAMETER: {"string_value": value}}}
 
     return [
         (None, config("{not json"), "parameter of model tiny is not valid JSON"),
@@ -194,7 +197,7 @@ def malformed_cases(metadata: ModelMetadata):
         (None, config(json.dumps(document_for(metadata, runtime=[1]))), "'runtime' entry that is a list"),
         (None, {"parameters": [parameter]}, "has no stmae-edge metadata"),
         (None, b"<html>not json</html>", "the config of model tiny is not valid JSON"),
-        ({p.METADATA: np.array([[b"{broken"]], dtype=object)}, None, "model tiny_metadata answered is not valid JSON"),
+        ({wire.METADATA: np.array([[b"{broken"]], dtype=object)}, None, "model tiny_metadata answered is not valid JSON"),
         ({"other": np.array([[b"{}"]], dtype=object)}, None, "has no 'metadata' text"),
     ]
 
@@ -202,7 +205,7 @@ def malformed_cases(metadata: ModelMetadata):
 def test_malformed_metadata_documents_are_remote_errors_that_name_the_part(metadata):
     for metadata_answer, config, expected in malformed_cases(metadata):
         def answer(method, model, action, batch, metadata_answer=metadata_answer, config=config):
-            if model == "tiny" + p.METADATA_SUFFIX:
+            if model == "tiny" + wire.METADATA_SUFFIX:
                 return (400, {"error": "unknown model"}) if metadata_answer is None else (200, metadata_answer)
             return 200, config
 
@@ -228,5 +231,33 @@ def test_a_batch_size_above_the_servers_max_is_capped_with_a_warning(metadata, c
             assert RemoteDetector(server.url, "tiny", batch_size=3).batch_size == 3
             assert RemoteDetector(server.url, "tiny").batch_size == 4
         assert not caplog.records
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("keyword, value, message", [
+    ("timeout", "abc", "timeout 'abc' must be a number of seconds above 0"),
+    ("timeout", -1, "timeout -1 must be a number of seconds above 0"),
+    ("timeout", 0, "timeout 0 must be a number of seconds above 0"),
+    ("min_region_area", -2, "min_region_area -2 must be a whole number, at least 0"),
+    ("min_region_area", 1.5, "min_region_area 1.5 must be a whole number, at least 0"),
+])
+def test_bad_arguments_are_config_errors_before_anything_is_sent(keyword, value, message):
+    # No server at all: the arguments are refused before the first request.
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RemoteDetector("http://127.0.0.1:9", "tiny", **{keyword: value})
+
+
+def test_thresholds_are_assignable_as_on_the_in_process_detector(metadata):
+    server = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=1.0))
+    try:
+        remote = RemoteDetector(server.url, "tiny")
+        assert remote.thresholds == metadata.thresholds
+        with pytest.raises(ConfigError, match="thresholds must be a stmae_edge.scoring.Thresholds, not dict"):
+            remote.thresholds = {"image": 0.5}
+        remote.thresholds = Thresholds(image=0.5, pixel=metadata.thresholds.pixel, rule="the line's own")
+        assert remote.predict(frames(metadata, 1)[0]).is_anomalous
+        remote.thresholds = Thresholds(image=2.0, pixel=metadata.thresholds.pixel, rule="the line's own")
+        assert not remote.predict(frames(metadata, 1)[0]).is_anomalous
     finally:
         server.close()

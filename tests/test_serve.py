@@ -272,6 +272,10 @@ def test_triton_repo_for_onnx_parses_as_a_model_config(tiny_export, tmp_path):
         write_repository(onnx_path, tmp_path / "repo")
     with pytest.raises(ConfigError, match="model name"):
         write_repository(onnx_path, tmp_path / "repo", name="a b")
+    # More than the runtime's client takes would be written, then refused by every RemoteDetector
+    with pytest.raises(ConfigError, match="--max-batch must be a whole number from 1 to 4096, got 5000"):
+        write_repository(onnx_path, tmp_path / "repo2", max_batch=5000)
+    assert not (tmp_path / "repo2").exists()
 
 
 @needs_serve_env

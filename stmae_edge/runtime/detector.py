@@ -29,7 +29,7 @@ from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
 from ..metadata import MAX_BATCH
 from ..preprocessing import ImageInput, Preprocessing, check_bit_depth, load_image, name_the_image
-from ..scoring import Thresholds
+from ..scoring import Thresholds, check_thresholds
 from .backend_table import BACKENDS
 from .backends import Backend, describe, open_backend
 from .postprocess import Detection, postprocess, resolve_thresholds
@@ -102,9 +102,7 @@ class Detector:
 
     @thresholds.setter
     def thresholds(self, value: Thresholds) -> None:
-        if not isinstance(value, Thresholds):
-            raise ConfigError(f"thresholds must be a stmae_edge.scoring.Thresholds, not {type(value).__name__}")
-        self._thresholds = value
+        self._thresholds = check_thresholds(value)
 
     @property
     def info(self) -> dict:
@@ -208,6 +206,7 @@ class Detector:
         return detections
 
     def close(self) -> None:
+        """Free the backend (its session, engine and device buffers); later calls raise BackendError."""
         with self._lock:
             self._backend.close()
 

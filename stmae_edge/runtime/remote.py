@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import math
 import struct
 import urllib.error
 import urllib.request
@@ -30,8 +31,8 @@ from ..checks import is_whole, parse_document
 from ..errors import BackendError, CheckpointError, ConfigError, first_line
 from ..metadata import MAX_BATCH, ModelMetadata
 from ..preprocessing import ImageInput
-from ..scoring import Thresholds
-from ..serving import protocol as p
+from ..scoring import Thresholds, check_thresholds
+from .. import wire_format as wire
 from .detector import as_items, balanced_chunks, check_network_outputs, decode_batch
 from .postprocess import Detection, postprocess, resolve_thresholds
 
@@ -52,6 +53,17 @@ class RemoteError(BackendError):
 
 
 class RemoteDetector:
+    """A served model, used as the in-process Detector is (see the module docstring).
+
+    Attributes:
+        metadata: the model's ModelMetadata, as the server gives it.
+        preprocessing: how images become the network's input (done here, in the caller's process).
+        thresholds: raw-score thresholds used when a call does not override them (the server's;
+            assignable, for this client only).
+        batch_size: most images per request, after the cap by the server's max batch.
+        min_region_area: smaller regions, in image pixels, are not reported.
+    """
+
     def __init__(self, url: str, model: str, *, timeout: float = 60.0, min_region_area: int = 1,
                  batch_size: int | None = None):
         """Connect to a served model and read its metadata.
@@ -59,25 +71,31 @@ class RemoteDetector:
         Args:
             url: http://HOST:PORT (Triton's HTTP endpoint) or grpc://HOST:PORT.
             model: the served model's name (`stmae-edge serve` prints it).
-            timeout: seconds per request.
+            timeout: seconds per request (more than 0).
+            min_region_area: smaller regions, in image pixels, are not reported.
             batch_size: most images per request (default and cap: the server's max batch).
 
         Raises:
-            ConfigError: a malformed url or model name, or a batch_size that is not a whole number >= 1.
+            ConfigError: a malformed url or model name, a timeout that is not a positive number, or a
+                batch_size or min_region_area that is not a whole number (at least 1 and 0).
             RemoteError: the server or model is not there, or its metadata document is missing or
                 malformed (naming the part).
         """
-        self.model = p.check_model_name(model)
+        self.model = wire.check_model_name(model)
         scheme, _, address = url.partition("://")
         if scheme not in ("http", "grpc") or not address or "/" in address.rstrip("/"):
             raise ConfigError(f"server url {url!r}: give http://HOST:PORT or grpc://HOST:PORT")
         if batch_size is not None and (not is_whole(batch_size) or batch_size < 1):
             raise ConfigError(f"batch_size {batch_size!r} must be a whole number, at least 1 (or None: the server's "
                               "max batch)")
+        if not is_whole(min_region_area) or min_region_area < 0:
+            raise ConfigError(f"min_region_area {min_region_area!r} must be a whole number, at least 0")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ConfigError(f"timeout {timeout!r} must be a number of seconds above 0")
         self.url, self.protocol, self.timeout = url.rstrip("/"), scheme, float(timeout)
         self.min_region_area = min_region_area
         self._grpc = self._grpc_client(address.rstrip("/")) if scheme == "grpc" else None
-        self._outputs = [p.SCORE, p.ANOMALY_MAP]  # and ERROR from a `stmae-edge serve` server
+        self._outputs = [wire.SCORE, wire.ANOMALY_MAP]  # and ERROR from a `stmae-edge serve` server
         self.metadata, self.thresholds, self.max_batch, self._runtime = self._read_document(self._metadata_document())
         self.preprocessing = self.metadata.preprocessing
         self.score_stats = self.metadata.score_stats
@@ -87,6 +105,15 @@ class RemoteDetector:
             logger.warning("batch_size %d exceeds the max batch of model %s on %s (%d); requests of at most %d images",
                            batch_size, self.model, self.url, self.max_batch, self.batch_size)
         self.model_path = f"{self.url}/v2/models/{self.model}"
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """Raw-score thresholds used when a call does not override them; the server's by default."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: Thresholds) -> None:
+        self._thresholds = check_thresholds(value)
 
     @property
     def info(self) -> dict:
@@ -141,19 +168,19 @@ class RemoteDetector:
                 has no error output: its network's NaN arrives as a score).
         """
         count = len(batch)
-        outputs = self.infer(self.model, {p.IMAGES: np.ascontiguousarray(batch, np.float32)}, self._outputs)
-        errors = outputs.get(p.ERROR)  # from `stmae-edge serve`: why an image was not scored (its outputs are 0)
+        outputs = self.infer(self.model, {wire.IMAGES: np.ascontiguousarray(batch, np.float32)}, self._outputs)
+        errors = outputs.get(wire.ERROR)  # from `stmae-edge serve`: why an image was not scored (its outputs are 0)
         if errors is not None:
             for i, message in enumerate(errors.reshape(-1)):
                 if message:
                     text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
                     raise RemoteError(f"image {offset + i}: {text}")
         where = f"{self.url}, model {self.model}: "
-        missing = [name for name in (p.ANOMALY_MAP, p.SCORE) if name not in outputs]
+        missing = [name for name in (wire.ANOMALY_MAP, wire.SCORE) if name not in outputs]
         if missing:
             raise RemoteError(f"{where}the answer has no {' or '.join(missing)} output; is this a model that "
                               "`stmae-edge serve` or `stmae-edge triton-repo` made?")
-        maps, scores = outputs[p.ANOMALY_MAP], outputs[p.SCORE]
+        maps, scores = outputs[wire.ANOMALY_MAP], outputs[wire.SCORE]
         # a triton-repo model answers (N, 1, H, W) and both answer scores (N, 1): drop those axes only,
         # so that any other shape reaches the check below as it came
         if maps.ndim == 4 and maps.shape[1] == 1:
@@ -170,6 +197,7 @@ class RemoteDetector:
         return maps, scores
 
     def close(self) -> None:
+        """Close the gRPC channel (HTTP keeps no connection open between requests)."""
         if self._grpc is not None:
             self._grpc.close()
 
@@ -181,7 +209,17 @@ class RemoteDetector:
 
     # -- the wire ---------------------------------------------------------------------------------
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """One inference request: named arrays in, named arrays out (BYTES as object arrays of bytes)."""
+        """One inference request: named arrays in, named arrays out (BYTES as object arrays of bytes).
+
+        Args:
+            model: the served model's name (NAME, NAME_frames, NAME_gray or NAME_metadata).
+            inputs: the request's tensors by name, each with its batch dimension first.
+            outputs: the names of the tensors to return.
+
+        Raises:
+            RemoteError: the server cannot be reached, refused the request (with its status and
+                message), or answered something that is not a well-formed inference response.
+        """
         if self._grpc is not None:
             return self._infer_grpc(model, inputs, outputs)
         return self._infer_http(model, inputs, outputs)
@@ -265,18 +303,18 @@ class RemoteDetector:
             RemoteError: no answer, no such model, no metadata, or metadata that is not a JSON object.
         """
         try:
-            answer = self.infer(self.model + p.METADATA_SUFFIX, {p.METADATA_REQUEST: np.zeros((1, 1), np.int32)},
-                                [p.METADATA])
+            answer = self.infer(self.model + wire.METADATA_SUFFIX, {wire.METADATA_REQUEST: np.zeros((1, 1), np.int32)},
+                                [wire.METADATA])
         except RemoteError as first:
             if self._grpc is None and first.status is None:  # no answer at all: nothing to fall back on
                 raise
             return self._document_from_config(first)
-        self._outputs = [p.SCORE, p.ANOMALY_MAP, p.ERROR]
-        what = f"{self.url}: the metadata that model {self.model + p.METADATA_SUFFIX} answered"
-        values = answer.get(p.METADATA)
+        self._outputs = [wire.SCORE, wire.ANOMALY_MAP, wire.ERROR]
+        what = f"{self.url}: the metadata that model {self.model + wire.METADATA_SUFFIX} answered"
+        values = answer.get(wire.METADATA)
         text = values.reshape(-1)[0] if values is not None and values.size else None
         if not isinstance(text, (bytes, str)):
-            raise RemoteError(f"{what} has no {p.METADATA!r} text; is the server `stmae-edge serve`?")
+            raise RemoteError(f"{what} has no {wire.METADATA!r} text; is the server `stmae-edge serve`?")
         return parse_document(text, what, RemoteError)
 
     def _document_from_config(self, first: RemoteError) -> dict:
@@ -287,12 +325,12 @@ class RemoteDetector:
             raise RemoteError(f"{self.url}: no model {self.model!r} there (`stmae-edge serve` prints the names "
                               f"it serves): {first}") from None
         parameters = config.get("parameters") if isinstance(config, dict) else None
-        entry = parameters.get(p.METADATA_PARAMETER) if isinstance(parameters, dict) else None
+        entry = parameters.get(wire.METADATA_PARAMETER) if isinstance(parameters, dict) else None
         value = entry.get("string_value") if isinstance(entry, dict) else None
         if not value or not isinstance(value, str):
             raise RemoteError(f"{self.url}: model {self.model} has no stmae-edge metadata; serve it with "
                               "`stmae-edge serve` or write its repository with `stmae-edge triton-repo`") from None
-        return parse_document(value, f"{self.url}: the {p.METADATA_PARAMETER} parameter of model {self.model}",
+        return parse_document(value, f"{self.url}: the {wire.METADATA_PARAMETER} parameter of model {self.model}",
                               RemoteError)
 
     def _model_config(self) -> dict | None:
@@ -336,8 +374,8 @@ class RemoteDetector:
                 thresholds = Thresholds.from_dict(document["thresholds"])
             except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # ConfigError too
                 raise RemoteError(f"{what} has malformed 'thresholds' ({first_line(exc, 200)}); {remedy}") from None
-        # Absent in documents from before the entry: 8, `stmae-edge serve`'s default
-        max_batch = document.get("max_batch", 8)
+        # Absent in documents from before the entry: `stmae-edge serve`'s default
+        max_batch = document.get("max_batch", wire.DEFAULT_MAX_BATCH)
         if not is_whole(max_batch) or not 1 <= max_batch <= MAX_BATCH:
             raise RemoteError(f"{what} gives max_batch {max_batch!r}, not a whole number from 1 to {MAX_BATCH}; "
                               f"{remedy}")

@@ -1,7 +1,7 @@
 """Serving a model through NVIDIA Triton Inference Server.
 
     stmae-edge serve MODEL ──> server.py: PyTriton starts a real tritonserver; per model file, four
-                               Triton models (protocol.py names them), each feeding one Detector:
+                               Triton models (wire_format.py names them), each feeding one Detector:
         NAME          images (N, 3, H, W) float32, preprocessed by the client with the package
         NAME_frames   frames (N, H, W, 3) uint8 BGR at the model's input size, preprocessed here
         NAME_gray     frames (N, H, W) uint8 at the model's input size, preprocessed here

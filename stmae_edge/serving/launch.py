@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import BackendError
-from . import protocol as p
+from .. import wire_format as wire
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def serve_in_subprocess(python: Path | str, model: Path | str, *options: str, na
                          f"http://127.0.0.1:{metrics}/metrics")
     try:
         deadline = time.monotonic() + start_timeout
-        while not _ready(f"{served.http}/v2/models/{name}{p.METADATA_SUFFIX}/ready"):
+        while not _ready(f"{served.http}/v2/models/{name}{wire.METADATA_SUFFIX}/ready"):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise BackendError(f"the server did not start: {_tail(log)}")
             time.sleep(0.5)

@@ -23,12 +23,12 @@ from ..errors import ConfigError, OutputError
 from ..model_files import file_kind_of
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME, ModelMetadata
 from ..onnx_files import load_onnx
-from . import protocol as p
+from .. import wire_format as wire
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}  # by file kind
 
 
-def write_repository(model: Path | str, out: Path | str, name: str | None = None, *, max_batch: int = 8,
+def write_repository(model: Path | str, out: Path | str, name: str | None = None, *, max_batch: int = wire.DEFAULT_MAX_BATCH,
                      max_queue_delay_us: int = 2000, instances: int = 1, cpu: bool = False) -> Path:
     """Write OUT/NAME/{config.pbtxt, 1/model.*}; returns OUT/NAME.
 
@@ -41,8 +41,9 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
     if kind not in PLATFORMS:
         raise ConfigError(f"{model}: Triton serves .onnx or .plan files; export or build one first")
     platform, file_name = PLATFORMS[kind]
-    name = p.check_model_name(name) if name is not None else p.model_name_for(model)
-    for option, value, low in (("--max-batch", max_batch, 1), ("--instances", instances, 1),
+    name = wire.check_model_name(name) if name is not None else wire.model_name_for(model)
+    wire.check_max_batch(max_batch)
+    for option, value, low in (("--instances", instances, 1),
                                ("--max-queue-delay-us", max_queue_delay_us, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"{option} must be a whole number of at least {low}, got {value!r}")
@@ -66,8 +67,7 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
                               "the model as one file (`stmae-edge export` does)")
         metadata = ModelMetadata.from_onnx(proto)
     height, width = metadata.preprocessing.input_size
-    document = {"name": name, "max_batch": max_batch, "metadata": metadata.to_dict(),
-                "thresholds": metadata.thresholds.to_dict()}
+    document = wire.metadata_document(name, max_batch, metadata, metadata.thresholds)
     config = {
         "name": name, "platform": platform, "max_batch_size": max_batch,
         "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "dims": [3, height, width]}],
@@ -77,7 +77,7 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
         "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
         "instance_group": [{"count": instances, "kind": "KIND_CPU" if cpu else "KIND_GPU",
                             **({"profile": [profile]} if profile else {})}],
-        "parameters": {p.METADATA_PARAMETER: {"string_value": json.dumps(document, sort_keys=True)}},
+        "parameters": {wire.METADATA_PARAMETER: {"string_value": json.dumps(document, sort_keys=True)}},
     }
     out = Path(out)
     target = out / name

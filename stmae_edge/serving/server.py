@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import BackendError, ConfigError, first_line
 from ..runtime.detector import Detector
 from ..scoring import fails, normalize
-from . import protocol as p
+from .. import wire_format as wire
 
 logger = logging.getLogger(__name__)
 INSTALL_HINT = ("install the serve extra in its own environment: `bash scripts/setup_serve_env.sh` "
@@ -109,7 +109,7 @@ def open_detectors(count: int, open_one: Callable[[], Detector]) -> list[Detecto
 
 
 def score_batch(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Preprocessed images (N, 3, H, W) float32 -> the outputs of protocol.OUTPUTS, one row per image.
+    """Preprocessed images (N, 3, H, W) float32 -> the outputs of wire_format.OUTPUTS, one row per image.
     An image with NaN or infinite values gets its own error; the others are scored."""
     count = len(images)
     height, width = detector.preprocessing.input_size
@@ -132,20 +132,14 @@ def score_batch(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]
                     errors[row, 0] = str(exc).encode()
     scored = errors[:, 0] == b""
     normalized = np.where(scored, normalize(scores, detector.score_stats), 0.0).astype(np.float32)
-    return {p.SCORE: scores[:, None], p.NORMALIZED_SCORE: normalized[:, None],
-            p.IS_ANOMALOUS: (fails(scores, detector.thresholds.image) & scored)[:, None], p.ANOMALY_MAP: maps,
-            p.ERROR: errors}
-
-
-def metadata_document(detector: Detector, name: str, max_batch: int) -> bytes:
-    """What a client needs to preprocess and postprocess as the in-process Detector does."""
-    return json.dumps({"name": name, "max_batch": max_batch, "metadata": detector.metadata.to_dict(),
-                       "thresholds": detector.thresholds.to_dict(), "runtime": detector.info}).encode()
+    return {wire.SCORE: scores[:, None], wire.NORMALIZED_SCORE: normalized[:, None],
+            wire.IS_ANOMALOUS: (fails(scores, detector.thresholds.image) & scored)[:, None], wire.ANOMALY_MAP: maps,
+            wire.ERROR: errors}
 
 
 def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.0.0.0", http_port: int = 8000,
-          grpc_port: int = 8001, metrics_port: int = 8002, max_batch: int = 8, max_queue_delay_us: int = 2000,
-          instances: int = 1, backend: str = "auto", threads: int = 0) -> None:
+          grpc_port: int = 8001, metrics_port: int = 8002, max_batch: int = wire.DEFAULT_MAX_BATCH,
+          max_queue_delay_us: int = 2000, instances: int = 1, backend: str = "auto", threads: int = 0) -> None:
     """Serve `model_path` until SIGINT or SIGTERM.
 
     Args:
@@ -159,11 +153,12 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.
     Raises:
         BackendError: PyTriton is missing or the server did not start. ConfigError: a bad argument.
     """
-    name = p.check_model_name(name) if name is not None else p.model_name_for(model_path)
+    name = wire.check_model_name(name) if name is not None else wire.model_name_for(model_path)
     if ":" in address:
         raise ConfigError(f"--address {address}: give an IPv4 address (0.0.0.0 for every interface, 127.0.0.1 "
                           "for this machine); PyTriton does not reach Triton over IPv6")
-    for option, value, low, high in (("--max-batch", max_batch, 1, 4096), ("--instances", instances, 1, MAX_INSTANCES),
+    wire.check_max_batch(max_batch)
+    for option, value, low, high in (("--instances", instances, 1, MAX_INSTANCES),
                                      ("--max-queue-delay-us", max_queue_delay_us, 0, 10_000_000),
                                      ("--http-port", http_port, 1, 65535), ("--grpc-port", grpc_port, 1, 65535),
                                      ("--metrics-port", metrics_port, 1, 65535)):
@@ -193,26 +188,27 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.
             return infer
 
         def metadata_model(detector: Detector):
-            document = metadata_document(detector, name, max_batch)
+            document = json.dumps(wire.metadata_document(name, max_batch, detector.metadata, detector.thresholds,
+                                                         detector.info)).encode()
 
             @batch
             def infer(request):
-                return {p.METADATA: np.full((len(request), 1), document, dtype=object)}
+                return {wire.METADATA: np.full((len(request), 1), document, dtype=object)}
             return infer
 
-        outputs = [Tensor(name=p.SCORE, dtype=np.float32, shape=(1,)),
-                   Tensor(name=p.NORMALIZED_SCORE, dtype=np.float32, shape=(1,)),
-                   Tensor(name=p.IS_ANOMALOUS, dtype=np.bool_, shape=(1,)),
-                   Tensor(name=p.ANOMALY_MAP, dtype=np.float32, shape=(height, width)),
-                   Tensor(name=p.ERROR, dtype=bytes, shape=(1,))]
+        outputs = [Tensor(name=wire.SCORE, dtype=np.float32, shape=(1,)),
+                   Tensor(name=wire.NORMALIZED_SCORE, dtype=np.float32, shape=(1,)),
+                   Tensor(name=wire.IS_ANOMALOUS, dtype=np.bool_, shape=(1,)),
+                   Tensor(name=wire.ANOMALY_MAP, dtype=np.float32, shape=(height, width)),
+                   Tensor(name=wire.ERROR, dtype=bytes, shape=(1,))]
         config = ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us))
-        models = [(name, image_model, [Tensor(name=p.IMAGES, dtype=np.float32, shape=(3, height, width))], outputs),
-                  (name + p.FRAMES_SUFFIX, frame_model, [Tensor(name=p.FRAMES, dtype=np.uint8, shape=(height, width, 3))],
+        models = [(name, image_model, [Tensor(name=wire.IMAGES, dtype=np.float32, shape=(3, height, width))], outputs),
+                  (name + wire.FRAMES_SUFFIX, frame_model, [Tensor(name=wire.FRAMES, dtype=np.uint8, shape=(height, width, 3))],
                    outputs),
-                  (name + p.GRAY_SUFFIX, frame_model, [Tensor(name=p.FRAMES, dtype=np.uint8, shape=(height, width))],
+                  (name + wire.GRAY_SUFFIX, frame_model, [Tensor(name=wire.FRAMES, dtype=np.uint8, shape=(height, width))],
                    outputs),
-                  (name + p.METADATA_SUFFIX, metadata_model, [Tensor(name=p.METADATA_REQUEST, dtype=np.int32, shape=(1,))],
-                   [Tensor(name=p.METADATA, dtype=bytes, shape=(1,))])]
+                  (name + wire.METADATA_SUFFIX, metadata_model, [Tensor(name=wire.METADATA_REQUEST, dtype=np.int32, shape=(1,))],
+                   [Tensor(name=wire.METADATA, dtype=bytes, shape=(1,))])]
         server_config = TritonConfig(http_address=address, http_port=http_port, grpc_address=address,
                                      grpc_port=grpc_port, metrics_port=metrics_port, exit_timeout_secs=5)
         workspace = Path(tempfile.mkdtemp(prefix="stmae-edge-serve-"))
