@@ -29,17 +29,17 @@ from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
 from ..metadata import MAX_BATCH
 from ..preprocessing import ImageInput, Preprocessing, check_bit_depth, load_image, name_the_image
-from ..scoring import Thresholds, check_thresholds
+from ..scoring import Thresholds
 from .backend_table import BACKENDS
 from .backends import Backend, describe, open_backend
-from .postprocess import Detection, postprocess, resolve_thresholds
+from .postprocess import AssignableThresholds, Detection, postprocess, resolve_thresholds
 
 logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 32
 STAGES = ("preprocess", "infer", "postprocess")
 
 
-class Detector:
+class Detector(AssignableThresholds):
     """A model file opened on a backend, turning images into Detections (see the module docstring).
 
         images ──> load_image + the model's Preprocessing ──> (N, 3, H, W) float32, batch_size at a time
@@ -94,15 +94,6 @@ class Detector:
                        "batch_size %d exceeds the largest batch that %s takes (%d); batches of at most %d",
                        batch_size, self.model_path.name, self._backend.max_batch, self.batch_size)
         self._lock = threading.Lock()
-
-    @property
-    def thresholds(self) -> Thresholds:
-        """Raw-score thresholds used when a call does not override them; the model's by default."""
-        return self._thresholds
-
-    @thresholds.setter
-    def thresholds(self, value: Thresholds) -> None:
-        self._thresholds = check_thresholds(value)
 
     @property
     def info(self) -> dict:

@@ -19,7 +19,23 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
-from ..scoring import ScoreStats, Thresholds, fails, normalize
+from ..scoring import ScoreStats, Thresholds, check_thresholds, fails, normalize
+
+
+class AssignableThresholds:
+    """The `thresholds` attribute of Detector and RemoteDetector: the raw-score thresholds used when a
+    call does not override them (the model's, or the server's, by default); assigning anything but a
+    Thresholds raises ConfigError at once, not at the next image."""
+
+    _thresholds: Thresholds
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: Thresholds) -> None:
+        self._thresholds = check_thresholds(value)
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ from ..checks import is_whole, parse_document
 from ..errors import BackendError, CheckpointError, ConfigError, first_line
 from ..metadata import MAX_BATCH, ModelMetadata
 from ..preprocessing import ImageInput
-from ..scoring import Thresholds, check_thresholds
+from ..scoring import Thresholds
 from .. import wire_format as wire
 from .detector import as_items, balanced_chunks, check_network_outputs, decode_batch
-from .postprocess import Detection, postprocess, resolve_thresholds
+from .postprocess import AssignableThresholds, Detection, postprocess, resolve_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class RemoteError(BackendError):
         self.status = status
 
 
-class RemoteDetector:
+class RemoteDetector(AssignableThresholds):
     """A served model, used as the in-process Detector is (see the module docstring).
 
     Attributes:
@@ -105,15 +105,6 @@ class RemoteDetector:
             logger.warning("batch_size %d exceeds the max batch of model %s on %s (%d); requests of at most %d images",
                            batch_size, self.model, self.url, self.max_batch, self.batch_size)
         self.model_path = f"{self.url}/v2/models/{self.model}"
-
-    @property
-    def thresholds(self) -> Thresholds:
-        """Raw-score thresholds used when a call does not override them; the server's by default."""
-        return self._thresholds
-
-    @thresholds.setter
-    def thresholds(self, value: Thresholds) -> None:
-        self._thresholds = check_thresholds(value)
 
     @property
     def info(self) -> dict:
