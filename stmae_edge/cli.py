@@ -296,7 +296,7 @@ def threshold(
     batch_size: int = typer.Option(16, min=1),
 ) -> None:
     """Choose the image threshold that meets a target on validation data; print what it costs there."""
-    from .model_files import write_thresholds
+    from .model_files import file_kind_of, write_thresholds
     from .data import eval_samples
     from .evaluation.operating_point import check_support, check_target, choose, evaluate_threshold
     from .evaluation.validation import score_dataset
@@ -329,6 +329,10 @@ def threshold(
         metadata = write_thresholds(model, point.thresholds(pixel))
         typer.echo(f"wrote threshold {point.threshold:.6g} to {model} (model hash {metadata.model_hash[:12]} unchanged); "
                    f"next: stmae-edge report {model} {data_dir} --out report/")
+        if file_kind_of(model) != "plan":
+            # Each exported file carries its own copy, read by the line: say so, or the line keeps the old one
+            typer.echo(f"files exported or built from {model.name} before now keep their own thresholds: write the "
+                       f"one the line runs too (stmae-edge threshold FILE {data_dir} ... --write)")
     else:
         typer.echo(f"nothing written; add --write to store it in {model}")
 
@@ -368,6 +372,8 @@ def predict(
     bit_depth: Optional[int] = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
     server: Optional[str] = typer.Option(None, help="score on a Triton server instead (http://HOST:PORT or "
                                          "grpc://HOST:PORT); MODEL is then the served model's name"),
+    any_size: bool = typer.Option(False, "--any-size", help="score images of any size; by default an image far "
+                                  "from the training images' sizes is refused (`info` shows them)"),
 ) -> None:
     """Score images: pass/fail, scores and defect regions as JSON, heatmap overlays as PNG."""
     from .errors import ConfigError
@@ -379,9 +385,10 @@ def predict(
         if backend != "auto" or cuda_graph or bit_depth is not None:
             raise ConfigError("--backend, --cuda-graph and --bit-depth choose how this machine runs the model; "
                               "with --server, the server decides (see `stmae-edge serve --help`)")
-        detector = RemoteDetector(server, str(model), batch_size=batch_size)
+        detector = RemoteDetector(server, str(model), batch_size=batch_size, check_size=not any_size)
     else:
-        detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph, bit_depth=bit_depth)
+        detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph, bit_depth=bit_depth,
+                            check_size=not any_size)
     paths = expand_inputs(images)
     with progress_bar(f"scoring ({detector.info['backend']})", len(paths)) as advance:
         summary = predict_to_folder(detector, paths, out, overlays=overlays, advance=advance,

@@ -6,13 +6,14 @@ load with weights_only=True), ONNX metadata_props and engine sidecars.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
 from . import __version__
 from .checks import parse_document
 from .errors import CheckpointError, EngineMismatchError
-from .preprocessing import Preprocessing
+from .preprocessing import Preprocessing, TrainedSizes
 from .scoring import ScoreStats, Thresholds
 
 SCHEMA = "stmae-edge/metadata"
@@ -23,6 +24,14 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 ONNX_METADATA_KEY = "stmae_edge.metadata"  # metadata_props key holding to_dict() as JSON
 PRECISION_KEY = "stmae_edge.precision"  # metadata_props: the graph's compute precision (fp32, fp16, int8)
+
+# What decides a model file's numbers besides its weights and is never edited by the package after
+# training: a digest of these entries (METADATA_DIGEST_KEY) is written with them and checked on reading,
+# so a hand-edited file is refused instead of giving other verdicts without a word. The thresholds are
+# not among them: `stmae-edge threshold --write` moves them. Files from before the digest have none and
+# are read as before.
+DIGESTED_KEYS = ("model_family", "config", "preprocessing", "score_stats", "map_stats", "trained_sizes", "model_hash")
+METADATA_DIGEST_KEY = "metadata_digest"
 
 # The exported graph's interface, shared by export, build and the runtime: images (N, 3, H, W) float32
 # in; anomaly maps (N, 1, H, W) and image scores (N,) float32 out; N up to MAX_BATCH.
@@ -49,6 +58,8 @@ class ModelMetadata:
     # Held-out good maps' maxima, where the image score is not the map's maximum (a score head); see
     # region_stats.
     map_stats: ScoreStats | None = None
+    # The training images' sizes, against which the runtime refuses images far off (TrainedSizes).
+    trained_sizes: TrainedSizes | None = None
 
     @property
     def region_stats(self) -> ScoreStats:
@@ -64,7 +75,9 @@ class ModelMetadata:
 
     def to_dict(self) -> dict:
         extra = {"map_stats": self.map_stats.to_dict()} if self.map_stats is not None else {}
-        return {
+        if self.trained_sizes is not None:
+            extra["trained_sizes"] = self.trained_sizes.to_dict()
+        d = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION if self.map_stats is not None else 1,
             "model_family": self.model_family,
@@ -77,6 +90,8 @@ class ModelMetadata:
             "package_version": self.package_version,
             "training": self.training,
         }
+        d[METADATA_DIGEST_KEY] = metadata_digest(d)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelMetadata":
@@ -94,8 +109,9 @@ class ModelMetadata:
         for key in ("config", "training"):
             if not isinstance(d.get(key, {}), dict):
                 raise CheckpointError(f"metadata {key!r} is a {type(d[key]).__name__}, not an object; re-create the model file")
+
         try:
-            return cls(
+            metadata = cls(
                 model_family=str(d["model_family"]),
                 config=dict(d["config"]),
                 preprocessing=Preprocessing.from_dict(d["preprocessing"]),
@@ -105,10 +121,17 @@ class ModelMetadata:
                 model_hash=str(d.get("model_hash", "")),
                 package_version=str(d.get("package_version", "")),
                 training=dict(d.get("training", {})),
+                trained_sizes=TrainedSizes.from_dict(d["trained_sizes"]) if d.get("trained_sizes") is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise CheckpointError(f"metadata is incomplete or malformed ({str(exc)[:200] or type(exc).__name__}); "
                                   "re-create the model file") from exc
+        # Checked after the entries themselves, whose own messages say more about a malformed one.
+        if METADATA_DIGEST_KEY in d and d[METADATA_DIGEST_KEY] != _digest_or_none(d):
+            raise CheckpointError("the model's metadata was changed after training (its digest does not match "
+                                  f"{', '.join(DIGESTED_KEYS)}): its verdicts cannot be trusted; train or export the "
+                                  "model again (to move thresholds, use `stmae-edge threshold`)")
+        return metadata
 
     def to_onnx_value(self) -> str:
         """What metadata_props[ONNX_METADATA_KEY] holds: compact JSON, keys sorted."""
@@ -136,3 +159,17 @@ class ModelMetadata:
     @classmethod
     def from_json(cls, text: str) -> "ModelMetadata":
         return cls.from_dict(parse_document(text, "the model metadata", CheckpointError))
+
+
+def metadata_digest(d: dict) -> str:
+    """sha256 over the DIGESTED_KEYS entries of a metadata dictionary, as canonical JSON."""
+    chosen = {key: d[key] for key in DIGESTED_KEYS if d.get(key) is not None}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def _digest_or_none(d: dict) -> str | None:
+    """The digest of a dictionary read from a file, or None where its entries are not JSON values."""
+    try:
+        return metadata_digest(d)
+    except (TypeError, ValueError):
+        return None

@@ -158,6 +158,66 @@ class Preprocessing:
         return out
 
 
+@dataclass(frozen=True)
+class TrainedSizes:
+    """The sizes of the images a model was trained on, and how far from them an image may be before
+    it is refused rather than scored: a camera whose region of interest was set wrong (a thin strip, a
+    thumbnail, a frame four times larger) would otherwise get a confident verdict on features the
+    model never saw at that scale or shape. Recorded by `train`; models without it accept any size.
+
+    An image passes with each side within [smallest / SIDE_FACTOR, largest * SIDE_FACTOR] of the
+    training images' and its width/height within [narrowest / ASPECT_FACTOR, widest * ASPECT_FACTOR].
+    """
+
+    height: tuple[int, int]  # (smallest, largest) training image height, pixels
+    width: tuple[int, int]
+    aspect: tuple[float, float]  # (smallest, largest) width / height
+
+    SIDE_FACTOR = 4.0
+    ASPECT_FACTOR = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            low, high = getattr(self, name)
+            if not (is_whole(low) and is_whole(high) and 1 <= low <= high):
+                raise ConfigError(f"trained image {name}s {getattr(self, name)!r} must be two whole numbers, "
+                                  "1 <= smallest <= largest")
+        low, high = self.aspect
+        if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0 < low <= high < float("inf")):
+            raise ConfigError(f"trained width/height range {self.aspect!r} must be two numbers, 0 < smallest <= largest")
+
+    @classmethod
+    def of(cls, sizes: Sequence[tuple[int, int]]) -> "TrainedSizes":
+        """From the (height, width) of every training image."""
+        heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
+        aspects = [w / h for h, w in sizes]
+        return cls((min(heights), max(heights)), (min(widths), max(widths)), (min(aspects), max(aspects)))
+
+    def refusal(self, height: int, width: int) -> str | None:
+        """Why an image of this size is refused (None: accepted)."""
+        side, wide = self.SIDE_FACTOR, self.ASPECT_FACTOR
+        if not (self.height[0] / side <= height <= self.height[1] * side
+                and self.width[0] / side <= width <= self.width[1] * side
+                and self.aspect[0] / wide <= width / height <= self.aspect[1] * wide):
+            return (f"{width}x{height} pixels is far from the images this model was trained on ({self.describe()}); "
+                    "check the camera's region of interest and send the whole part as in training, or score it "
+                    "anyway with --any-size (Detector(..., check_size=False))")
+        return None
+
+    def describe(self) -> str:
+        (h0, h1), (w0, w1), (a0, a1) = self.height, self.width, self.aspect
+        widths = f"{w0}" if w0 == w1 else f"{w0} to {w1}"
+        heights = f"{h0}" if h0 == h1 else f"{h0} to {h1}"
+        return f"{widths} wide, {heights} high, width/height {a0:.2f}" + ("" if a0 == a1 else f" to {a1:.2f}")
+
+    def to_dict(self) -> dict:
+        return {"height": list(self.height), "width": list(self.width), "aspect": list(self.aspect)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainedSizes":
+        return cls(tuple(d["height"]), tuple(d["width"]), tuple(float(v) for v in d["aspect"]))
+
+
 def name_the_image(image: ImageInput, index: int, error: InvalidImageError) -> str:
     """The error's message led by what the user gave: the file's path, or the image's index in the call
     for an array, so that one bad image in a batch is found without a search."""
@@ -215,6 +275,10 @@ def read_image_bytes(path: Path | str) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise InvalidImageError(f"{path} is a folder, not an image file")
+        if path.exists():
+            raise InvalidImageError(f"{path} is not a regular file (a device, pipe or socket); give an image file")
         raise InvalidImageError(f"{path}: no such image file")
     size = path.stat().st_size
     if size == 0 or size > MAX_FILE_BYTES:

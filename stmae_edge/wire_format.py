@@ -18,7 +18,7 @@ from .scoring import Thresholds
 IMAGES = INPUT_NAME  # (3, H, W) FP32 per image: preprocessed by the client
 FRAMES = "frames"  # (H, W, 3) UINT8 BGR, or (H, W) UINT8 for the _gray model: preprocessed by the server
 SCORE = SCORE_NAME  # (1,) FP32: the raw image score
-NORMALIZED_SCORE = "normalized_score"  # (1,) FP32: z-score against the held-out good images
+NORMALIZED_SCORE = "normalized_score"  # (1,) FP32: z-score against the model's score_stats
 IS_ANOMALOUS = "is_anomalous"  # (1,) BOOL: score above the model's image threshold
 ANOMALY_MAP = MAP_NAME  # (H, W) FP32 at the model's input size, raw units
 ERROR = "error"  # (1,) BYTES: empty, or why this image was not scored (its other outputs are 0)

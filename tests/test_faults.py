@@ -57,12 +57,12 @@ def test_a_full_disk_in_the_middle_of_predict_loses_nothing_written_before(tiny_
         cv2.imwrite(str(inputs / f"a{i}.png"), rng.integers(0, 256, (40, 40), np.uint8))
     cv2.imwrite(str(inputs / "z_big.png"), rng.integers(0, 256, (900, 900), np.uint8))
     out = tmp_path / "out"
-    first = subprocess.run([*CLI, "predict", str(tiny_export[1]), str(inputs), "--out", str(out)],
+    first = subprocess.run([*CLI, "predict", str(tiny_export[1]), str(inputs), "--out", str(out), "--any-size"],
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     earlier = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    r = subprocess.run([*CLI, "predict", str(tiny_export[1]), str(inputs), "--out", str(out)], capture_output=True,
+    r = subprocess.run([*CLI, "predict", str(tiny_export[1]), str(inputs), "--out", str(out), "--any-size"], capture_output=True,
                        text=True, timeout=300, preexec_fn=_file_size_limit(200_000))
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]

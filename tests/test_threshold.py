@@ -129,6 +129,7 @@ def test_threshold_command_writes_only_the_thresholds(tiny_export, synthetic_dat
         assert r.returncode == 0, r.stderr
         assert "false rejects" in r.stdout and "95% CI" in r.stdout and "unchanged" in r.stdout
         assert "pixel threshold" in r.stdout and "maps' maxima" in r.stdout
+        assert "keep their own thresholds: write the one the line runs too" in r.stdout  # .onnx and .pt alike
         after = read_metadata(model)
         assert after.thresholds.image == pytest.approx(expected.threshold, rel=1e-5)
         assert after.thresholds.pixel == pytest.approx(expected_pixel.threshold, rel=1e-5)

@@ -28,7 +28,7 @@ import numpy as np
 from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
 from ..metadata import MAX_BATCH
-from ..preprocessing import ImageInput, Preprocessing, check_bit_depth, load_image, name_the_image
+from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, check_bit_depth, load_image, name_the_image
 from ..scoring import Thresholds
 from .backend_table import BACKENDS
 from .backends import Backend, describe, open_backend
@@ -58,7 +58,7 @@ class Detector(AssignableThresholds):
 
     def __init__(self, model_path: Path | str, backend: str = "auto", *, batch_size: int = DEFAULT_BATCH_SIZE,
                  min_region_area: int = 1, cuda_graph: bool = False, threads: int = 0,
-                 bit_depth: int | None = None):
+                 bit_depth: int | None = None, check_size: bool = True):
         """Open a model file for scoring.
 
         Args:
@@ -70,12 +70,16 @@ class Detector(AssignableThresholds):
             threads: ONNX Runtime CPU threads (0: its default).
             bit_depth: significant bits of the uint16 frames this detector will see (10 or 12 for
                 Mono10 / Mono12 cameras) where they differ from the training images'; default: the model's.
+            check_size: refuse, in `predict`, images far from the sizes the model was trained on
+                (InvalidImageError; `metadata.trained_sizes` says how far); False scores any size.
 
         Raises:
             BackendError: the backend cannot run here. CheckpointError, EngineMismatchError: the file is
                 not a usable model. ConfigError: an argument is out of range.
         """
         _check_arguments(model_path, backend, batch_size, min_region_area, cuda_graph, threads, bit_depth)
+        if not isinstance(check_size, bool):
+            raise ConfigError(f"check_size {check_size!r} must be True or False")
         self.model_path = Path(model_path)
         self._backend: Backend = open_backend(model_path, backend, cuda_graph=cuda_graph, threads=threads)
         self.metadata = self._backend.metadata
@@ -86,6 +90,7 @@ class Detector(AssignableThresholds):
         self.map_stats = self.metadata.region_stats  # what map values (regions, overlays) are measured against
         self.thresholds = self.metadata.thresholds
         self.min_region_area = min_region_area
+        self.sizes_accepted = accepted_sizes(self.metadata, check_size)
         self.batch_size = max(1, min(batch_size, self._backend.max_batch))
         if self.batch_size < batch_size:
             # The default meeting a plan's smaller profile is routine; a size the caller chose is not
@@ -155,10 +160,10 @@ class Detector(AssignableThresholds):
             return np.empty((0, height, width), np.float32), np.empty(0, np.float32)
         return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
 
-    def _infer_batch(self, items: list, offset: int, spent: dict):
+    def _infer_batch(self, items: list, offset: int, spent: dict, sizes_accepted: TrainedSizes | None = None):
         """Decode, check and preprocess `items`, run the backend: (maps, scores, sizes, sources)."""
         started = time.perf_counter()
-        batch, sizes, sources = decode_batch(items, offset, self.preprocessing)
+        batch, sizes, sources = decode_batch(items, offset, self.preprocessing, sizes_accepted)
         inferred = time.perf_counter()
         maps, scores = self.run_tensors(batch)
         framed = time.perf_counter()
@@ -189,7 +194,7 @@ class Detector(AssignableThresholds):
         return maps, scores
 
     def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict) -> list[Detection]:
-        maps, scores, sizes, sources = self._infer_batch(items, offset, spent)
+        maps, scores, sizes, sources = self._infer_batch(items, offset, spent, self.sizes_accepted)
         started = time.perf_counter()
         detections = postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area,
                                  self.map_stats)
@@ -245,12 +250,14 @@ def balanced_chunks(count: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, count)) for start in range(0, count, size or 1)]
 
 
-def decode_batch(items: list, offset: int, preprocessing: Preprocessing) -> tuple[np.ndarray, list, list[str]]:
+def decode_batch(items: list, offset: int, preprocessing: Preprocessing,
+                 sizes_accepted: TrainedSizes | None = None) -> tuple[np.ndarray, list, list[str]]:
     """Decode and check `items` (paths or arrays; item i is image offset + i of the call) and preprocess
     them: (batch (N, 3, H, W) float32, their (height, width), their sources for the Detections).
 
     Raises:
-        InvalidImageError: naming the file, or the image's index in the call.
+        InvalidImageError: naming the file, or the image's index in the call; also an image far from
+            `sizes_accepted`, where given.
     """
     height, width = preprocessing.input_size
     batch = np.empty((len(items), 3, height, width), np.float32)
@@ -260,6 +267,8 @@ def decode_batch(items: list, offset: int, preprocessing: Preprocessing) -> tupl
         source = str(item) if is_path else f"array[{offset + i}]"
         try:
             image = load_image(item, preprocessing.max_pixels)
+            if sizes_accepted is not None and (why := sizes_accepted.refusal(*image.shape[:2])):
+                raise InvalidImageError(why)
             preprocessing.tensor(image, out=batch[i])
         except InvalidImageError as exc:
             raise InvalidImageError(name_the_image(item, offset + i, exc)) from None
@@ -269,6 +278,15 @@ def decode_batch(items: list, offset: int, preprocessing: Preprocessing) -> tupl
 
 
 MAX_THREADS = 1024
+
+
+def accepted_sizes(metadata, check_size: bool) -> TrainedSizes | None:
+    """What `predict` holds images to: the training images' sizes, unless the caller opted out or the
+    model predates the record (then said once, in the log)."""
+    if check_size and metadata.trained_sizes is None:
+        logger.info("the model records no training image sizes (made before stmae-edge recorded them): images "
+                    "of any size are scored")
+    return metadata.trained_sizes if check_size else None
 
 
 def _check_arguments(model_path, backend, batch_size, min_region_area, cuda_graph, threads, bit_depth) -> None:

@@ -71,7 +71,7 @@ class Detection:
     source: str  # the path, or "array[i]" for the i-th array of a call
     image_size: tuple[int, int]  # (height, width) of the input image
     score: float  # raw image score: the maximum of the model's map, or of its score head's
-    normalized_score: float  # z-score against the held-out good images
+    normalized_score: float  # z-score against the good images' scores stored with the model (score_stats)
     is_anomalous: bool  # score > image threshold
     image_threshold: float
     pixel_threshold: float

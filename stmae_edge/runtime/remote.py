@@ -33,7 +33,7 @@ from ..metadata import MAX_BATCH, ModelMetadata
 from ..preprocessing import ImageInput
 from ..scoring import Thresholds
 from .. import wire_format as wire
-from .detector import as_items, balanced_chunks, check_network_outputs, decode_batch
+from .detector import accepted_sizes, as_items, balanced_chunks, check_network_outputs, decode_batch
 from .postprocess import AssignableThresholds, Detection, postprocess, resolve_thresholds
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class RemoteDetector(AssignableThresholds):
     """
 
     def __init__(self, url: str, model: str, *, timeout: float = 60.0, min_region_area: int = 1,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, check_size: bool = True):
         """Connect to a served model and read its metadata.
 
         Args:
@@ -74,6 +74,7 @@ class RemoteDetector(AssignableThresholds):
             timeout: seconds per request (more than 0).
             min_region_area: smaller regions, in image pixels, are not reported.
             batch_size: most images per request (default and cap: the server's max batch).
+            check_size: refuse images far from the sizes the model was trained on, as Detector does.
 
         Raises:
             ConfigError: a malformed url or model name, a timeout that is not a positive number, or a
@@ -90,6 +91,8 @@ class RemoteDetector(AssignableThresholds):
                               "max batch)")
         if not is_whole(min_region_area) or min_region_area < 0:
             raise ConfigError(f"min_region_area {min_region_area!r} must be a whole number, at least 0")
+        if not isinstance(check_size, bool):
+            raise ConfigError(f"check_size {check_size!r} must be True or False")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise ConfigError(f"timeout {timeout!r} must be a number of seconds above 0")
         self.url, self.protocol, self.timeout = url.rstrip("/"), scheme, float(timeout)
@@ -100,6 +103,7 @@ class RemoteDetector(AssignableThresholds):
         self.preprocessing = self.metadata.preprocessing
         self.score_stats = self.metadata.score_stats
         self.map_stats = self.metadata.region_stats
+        self.sizes_accepted = accepted_sizes(self.metadata, check_size)
         self.batch_size = self.max_batch if batch_size is None else min(int(batch_size), self.max_batch)
         if batch_size is not None and batch_size > self.max_batch:  # the caller asked for more than they get
             logger.warning("batch_size %d exceeds the max batch of model %s on %s (%d); requests of at most %d images",
@@ -137,7 +141,7 @@ class RemoteDetector(AssignableThresholds):
                                         self.map_stats)
         detections: list[Detection] = []
         for start, stop in balanced_chunks(len(items), self.batch_size):
-            batch, sizes, sources = decode_batch(items[start:stop], start, self.preprocessing)
+            batch, sizes, sources = decode_batch(items[start:stop], start, self.preprocessing, self.sizes_accepted)
             maps, scores = self.run_tensors(batch, offset=start)
             maps = self.preprocessing.to_image_frame(maps, sizes)
             detections += postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area,

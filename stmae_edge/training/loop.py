@@ -48,7 +48,7 @@ class TrainConfig:
     score_folds: int = 5
     seed: int = 0
     max_images: int = 0  # 0 = all; a cap for quick runs
-    sigma: float = DEFAULT_SIGMA  # default threshold = mean + sigma * std of held-out good scores
+    sigma: float = DEFAULT_SIGMA  # default threshold = mean + sigma * std of good scores (held-out or cross-fitted)
     crop: int = 0  # > 0: train on random crops of this side at native resolution (line-scan tiles)
     crops_per_image: int = 4  # crops drawn, once and seeded, from each image when crop > 0
     self_supervised: bool = False  # learn to restore good features from corrupted images (corruption.py)

@@ -34,7 +34,7 @@ from ..models.intensity import image_statistics
 from ..models.stmae import STMAE, STMAEConfig, random_split
 from .corruption import corrupt
 from .filtering import DONORS, train_filtering
-from ..preprocessing import ImageInput, Preprocessing, declared_image_size, load_image
+from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, declared_image_size, load_image
 from ..progress import progress_bar
 from .loop import TrainConfig, batches, mean_and_std, optimize
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
@@ -285,6 +285,10 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     keep_aspect, aspect_reason = choose_keep_aspect(cfg, paths)
     logger.info("input shape: %s", aspect_reason)
     preprocessing = preprocessing_for(model_config, cfg.bit_depth, keep_aspect)
+    # What the runtime accepts: crops are the model's whole input; whole images come in their sizes.
+    trained_sizes = TrainedSizes.of([(cfg.crop, cfg.crop)] if cfg.crop
+                                    else image_sizes([*train_paths, *holdout_paths]))
+    logger.info("images accepted at run time: near %s", trained_sizes.describe())
     cross_fitted = None
     if is_filtering:
         model, history = train_filtering(model_config, preprocessing, train_items, cfg)
@@ -316,6 +320,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         score_stats=stats,
         map_stats=map_stats,
         thresholds=thresholds,
+        trained_sizes=trained_sizes,
         training={
             "data_dir": str(Path(data_dir).resolve()),  # absolute: verify and calibrate read it from anywhere
             "train_images": len(train_paths),

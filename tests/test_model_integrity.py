@@ -1,0 +1,136 @@
+"""What a model file vouches for: images far from the training images' sizes are refused before they
+get a verdict, and metadata edited by hand after training (score statistics, preprocessing) is refused
+instead of moving verdicts without a word; thresholds stay movable."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from stmae_edge.errors import CheckpointError, InvalidImageError
+from stmae_edge.metadata import METADATA_DIGEST_KEY, ONNX_METADATA_KEY, ModelMetadata
+from stmae_edge.model_files import read_metadata, write_thresholds
+from stmae_edge.preprocessing import TrainedSizes, read_image_bytes
+from stmae_edge.runtime import Detector
+from stmae_edge.scoring import Thresholds
+from test_cli import run
+
+
+# --- the sizes a model accepts ----------------------------------------------------------------------
+def test_the_accepted_range_is_the_training_images_widened_by_stated_factors():
+    sizes = TrainedSizes.of([(100, 200), (120, 150), (80, 240)])
+    assert sizes.height == (80, 120) and sizes.width == (150, 240) and sizes.aspect == (1.25, 3.0)
+    assert sizes.refusal(100, 200) is None
+    assert sizes.refusal(20, 40) is None and sizes.refusal(480, 960) is None  # sides within a factor 4
+    assert "40x19 pixels is far from" in sizes.refusal(19, 40)  # a side below a quarter of the smallest
+    assert sizes.refusal(481, 962) is not None  # above four times the largest
+    assert sizes.refusal(100, 63) is None and sizes.refusal(100, 62) is not None  # width/height below 1.25 / 2
+    assert sizes.refusal(100, 600) is None and sizes.refusal(100, 601) is not None  # above 3.0 * 2
+    assert "150 to 240 wide, 80 to 120 high, width/height 1.25 to 3.00" in sizes.refusal(1, 1)
+    assert TrainedSizes.from_dict(json.loads(json.dumps(sizes.to_dict()))) == sizes
+
+
+def test_training_records_the_sizes_and_predict_refuses_far_ones(tiny_export, synthetic_dataset):
+    _, onnx_path, _ = tiny_export
+    detector = Detector(onnx_path, "ort-cpu")
+    assert detector.metadata.trained_sizes == TrainedSizes((96, 96), (96, 96), (1.0, 1.0))  # the synthetic set
+    good = sorted((synthetic_dataset / "test" / "good").glob("*.png"))[0]
+    for shape in [(1, 1), (4, 3000), (8, 8), (2000, 2000)]:
+        with pytest.raises(InvalidImageError, match=re.escape(f"{shape[1]}x{shape[0]} pixels is far from the images")):
+            detector.predict([good, np.zeros(shape, np.uint8)])
+    assert detector.predict(good).score == pytest.approx(detector.predict(cv2.imread(str(good))).score)  # still usable
+    # near the training size, and opted out of the check: scored
+    detector.predict(np.zeros((70, 130), np.uint8))
+    lenient = Detector(onnx_path, "ort-cpu", check_size=False)
+    assert len(lenient.predict([np.zeros((1, 1), np.uint8), np.zeros((4, 3000), np.uint8)])) == 2
+    # raw maps (the line-scan inspector's tiles, evaluation) are the network's own output: never refused
+    assert detector.raw_maps([np.zeros((4, 3000), np.uint8)])[0].shape == (1, *detector.preprocessing.input_size)
+
+
+def test_predict_reports_a_far_image_by_name_scores_the_rest_and_any_size_scores_it(tiny_export, synthetic_dataset,
+                                                                                      tmp_path):
+    _, onnx_path, _ = tiny_export
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes((synthetic_dataset / "test" / "good" / "000.png").read_bytes())
+    cv2.imwrite(str(folder / "strip.png"), np.full((4, 3000), 128, np.uint8))
+    r = run("predict", str(onnx_path), str(folder), "--out", str(tmp_path / "p"), "--no-overlays")
+    assert r.returncode == 3, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "strip.png: 3000x4 pixels is far from the images this model was trained on" in errors[0]
+    assert "--any-size" in errors[0] and "Traceback" not in r.stderr
+    assert len(json.loads((tmp_path / "p" / "results.json").read_text())["results"]) == 2
+    r = run("predict", str(onnx_path), str(folder), "--out", str(tmp_path / "q"), "--no-overlays", "--any-size")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads((tmp_path / "q" / "results.json").read_text())["results"]) == 3
+
+
+def test_a_folder_or_a_device_given_as_an_image_says_what_it_is(tmp_path):
+    with pytest.raises(InvalidImageError, match="is a folder, not an image file"):
+        read_image_bytes(tmp_path)
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(InvalidImageError, match="is not a regular file"):
+        read_image_bytes(tmp_path / "zero.png")
+    with pytest.raises(InvalidImageError, match="no such image file"):
+        read_image_bytes(tmp_path / "absent.png")
+
+
+# --- metadata edited after training -----------------------------------------------------------------
+def _edited_checkpoint(source, target, edit) -> None:
+    blob = torch.load(source, map_location="cpu", weights_only=True)
+    edit(blob["metadata"])
+    torch.save(blob, target)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["score_stats"].update(mean=-50.0),
+    lambda m: m["preprocessing"].update(mean=[0.0, 0.0, 0.0]),
+    lambda m: m["trained_sizes"].update(height=[1, 100000]),
+    lambda m: m.update(model_family="filtering-ae"),
+], ids=["score_stats", "preprocessing", "trained_sizes", "model_family"])
+def test_a_checkpoint_whose_metadata_was_edited_is_refused(tiny_export, tmp_path, edit):
+    checkpoint, _, _ = tiny_export
+    _edited_checkpoint(checkpoint, tmp_path / "edited.pt", edit)
+    with pytest.raises(CheckpointError, match="metadata was changed after training"):
+        read_metadata(tmp_path / "edited.pt")
+    r = run("predict", str(tmp_path / "edited.pt"), str(tmp_path), "--out", str(tmp_path / "p"))
+    assert r.returncode == 2 and "metadata was changed after training" in r.stderr and "Traceback" not in r.stderr
+
+
+def _edited_onnx(source, target, edit) -> None:
+    model = onnx.load(str(source))
+    for prop in model.metadata_props:
+        if prop.key == ONNX_METADATA_KEY:
+            document = json.loads(prop.value)
+            edit(document)
+            prop.value = json.dumps(document)
+    onnx.save(model, str(target))
+
+
+def test_an_onnx_file_whose_metadata_was_edited_is_refused_but_thresholds_move(tiny_export, tmp_path):
+    _, onnx_path, _ = tiny_export
+    _edited_onnx(onnx_path, tmp_path / "mean0.onnx", lambda d: d["preprocessing"].update(mean=[0.0, 0.0, 0.0]))
+    with pytest.raises(CheckpointError, match="metadata was changed after training"):
+        Detector(tmp_path / "mean0.onnx", "ort-cpu")
+    r = run("verify", str(tmp_path / "mean0.onnx"), "--model", str(tiny_export[0]))
+    assert r.returncode == 2 and "metadata was changed after training" in r.stderr
+    # the thresholds are the user's to move, by hand as by `stmae-edge threshold --write`
+    _edited_onnx(onnx_path, tmp_path / "moved.onnx", lambda d: d["thresholds"].update(image=1.5))
+    assert Detector(tmp_path / "moved.onnx", "ort-cpu").thresholds.image == 1.5
+    write_thresholds(tmp_path / "moved.onnx", Thresholds(image=2.5, pixel=2.5, rule="the line's"))
+    assert Detector(tmp_path / "moved.onnx", "ort-cpu").thresholds.image == 2.5
+
+
+def test_files_from_before_the_digest_are_read_as_before(tiny_export):
+    metadata = read_metadata(tiny_export[1]).to_dict()
+    assert len(metadata[METADATA_DIGEST_KEY]) == 64
+    del metadata[METADATA_DIGEST_KEY], metadata["trained_sizes"]
+    old = ModelMetadata.from_dict(metadata)
+    assert old.trained_sizes is None and old.score_stats == read_metadata(tiny_export[1]).score_stats
