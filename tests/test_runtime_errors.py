@@ -15,6 +15,7 @@ import pytest
 
 from stmae_edge.engines.build import build_engine
 from stmae_edge.errors import BackendError, EngineMismatchError, InvalidImageError, StmaeError
+from stmae_edge.model_files import read_metadata
 from stmae_edge.runtime import Detector
 from stmae_edge.runtime.devices import cuda_device_count
 
@@ -148,6 +149,16 @@ def test_an_engine_whose_sidecar_does_not_match_is_refused(plans, tmp_path):
         (tmp_path / "batch.plan.json").write_text(json.dumps(sidecar))
         with pytest.raises(EngineMismatchError, match="no batch profile .*rebuild the engine"):
             Detector(odd)
+
+    # the metadata in the sidecar carries the model file's metadata digest: a hand edit is refused
+    edited = _copy_plan(a, tmp_path, "edited.plan")
+    sidecar = json.loads((tmp_path / "edited.plan.json").read_text())
+    sidecar["metadata"]["preprocessing"]["mean"] = [0.0, 0.0, 0.0]
+    (tmp_path / "edited.plan.json").write_text(json.dumps(sidecar))
+    with pytest.raises(EngineMismatchError, match="metadata was changed after training"):
+        read_metadata(edited)
+    with pytest.raises(EngineMismatchError, match="metadata was changed after training"):
+        Detector(edited)
 
     lonely = tmp_path / "lonely.plan"
     shutil.copy(a, lonely)
