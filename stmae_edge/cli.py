@@ -400,7 +400,9 @@ def predict(
     typer.echo(f"{scored} scored: {summary['failed']} fail, {scored - summary['failed']} pass "
                f"(image threshold {summary['thresholds']['image']:.4g}); {summary['unreadable']} unreadable; "
                f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}"
-               + (f" and {scored} overlays ({out}/<name>.png)" if overlays and scored else ""))
+               + (f" and {scored} overlays ({out}/<name>.png)" if overlays and scored else "")
+               + (f"; removed {summary['replaced_overlays']} overlays of the earlier run there"
+                  if summary["replaced_overlays"] else ""))
     if scored:
         typer.echo("next: " + ("look at the overlays; " if overlays else "")
                    + "on a labelled set, `stmae-edge report MODEL DATA` shows the worst cases "

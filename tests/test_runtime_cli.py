@@ -97,6 +97,24 @@ def test_without_torch_an_onnx_file_is_evaluated_and_a_checkpoint_says_what_to_i
     _assert_one_line_error(r, "PyTorch is not installed here: run the exported .onnx file")
 
 
+def test_a_second_run_into_the_same_folder_replaces_the_first_whole(tiny_export, synthetic_dataset, tmp_path):
+    good = sorted((synthetic_dataset / "test" / "good").glob("*.png"))
+    out = tmp_path / "predictions"
+    assert run("predict", str(tiny_export[1]), *map(str, good[:4]), "--out", str(out)).returncode == 0
+    (out / "notes.txt").write_text("the line's own file")
+    (out / "other.png").write_bytes(b"not ours")
+    r = run("predict", str(tiny_export[1]), str(good[0]), str(good[5]), "--out", str(out))
+    assert r.returncode == 0 and "removed 3 overlays of the earlier run there" in r.stdout, r.stdout
+    listed = {entry["overlay"] for entry in json.loads((out / "results.json").read_text())["results"]}
+    assert listed == {good[0].stem + ".png", good[5].stem + ".png"}
+    assert {p.name for p in out.iterdir()} == listed | {"results.json", "notes.txt", "other.png"}
+    # a results.json that is not one: nothing is removed
+    (out / "results.json").write_text("{not json")
+    r = run("predict", str(tiny_export[1]), str(good[1]), "--out", str(out), "--no-overlays")
+    assert r.returncode == 0 and "removed" not in r.stdout
+    assert listed <= {p.name for p in out.iterdir()}
+
+
 def test_predict_never_writes_into_the_folder_of_its_inputs(tiny_export, synthetic_dataset, tmp_path):
     inputs = tmp_path / "in"
     shutil.copytree(synthetic_dataset / "test" / "scratch", inputs)

@@ -1,12 +1,16 @@
 """Scoring image files into a folder: results as JSON and heatmap overlays as PNG (`stmae-edge predict`).
 
 A file that cannot be read is reported and skipped; every other file is still scored and written.
+A run into a folder that holds an earlier run's results replaces them whole: the overlays that the
+earlier results.json lists and this run does not write are removed once the new results.json is in
+place, so the folder never mixes two runs. Files it did not write are never touched.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +24,9 @@ from ..scoring import threshold_scoring
 from .detector import Detector
 from .overlay import render_overlay
 from .postprocess import resolve_thresholds
+
+logger = logging.getLogger(__name__)
+RESULTS_NAME = "results.json"
 
 
 def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
@@ -61,6 +68,7 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma,
                                 detector.map_stats, threshold_scoring(detector.metadata.training))
     check_output_folder(out, paths)
+    earlier_overlays = overlays_listed_in(out / RESULTS_NAME)
     names = overlay_names(paths)
     results, errors = [], []
     for start in range(0, len(paths), detector.batch_size):
@@ -103,6 +111,26 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
                "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
                "unreadable": len(errors), "results": results, "errors": errors}
-    write_bytes_atomically(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_bytes_atomically(out / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode())
+    stale = sorted(earlier_overlays - {entry["overlay"] for entry in results if "overlay" in entry})
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    summary["replaced_overlays"] = len(stale)
     return summary
+
+
+def overlays_listed_in(results_file: Path) -> set[str]:
+    """The overlay files an earlier run's results.json lists, by bare name (anything else in it, or a
+    file that is not such a document, is left alone: never a path outside the folder)."""
+    try:
+        document = json.loads(results_file.read_text())
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is not the results of an earlier run (%s): its overlays, if any, stay", results_file, exc)
+        return set()
+    entries = document.get("results", []) if isinstance(document, dict) else []
+    names = {entry.get("overlay") for entry in entries if isinstance(entry, dict)}
+    return {name for name in names if isinstance(name, str) and name == Path(name).name and name.endswith(".png")
+            and (results_file.parent / name).is_file()}
 
