@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,7 +51,9 @@ def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Te
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a file it refuses would precede our one line
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; all mean the same to a user
         raise CheckpointError(f"{path}: not a loadable stmae-edge checkpoint: {why_unloadable(path)}; give the "
                               ".pt file that `stmae-edge train` wrote") from exc

@@ -499,8 +499,18 @@ def version_callback(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True)) -> None:
-    pass
+def _root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="also print stmae-edge's and ONNX Runtime's "
+                                       "log messages (why a GPU provider did not start, batch caps, ...)")) -> None:
+    """Anomaly detection for production lines: train on good parts, export, run on the line."""
+    import logging
+
+    from .runtime.backends import quiet_onnxruntime_logs
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    else:  # each failure is reported as one `error:` line; ONNX Runtime's own lines would come before it
+        quiet_onnxruntime_logs()
 
 
 @app.command()

@@ -115,6 +115,18 @@ def test_a_second_run_into_the_same_folder_replaces_the_first_whole(tiny_export,
     assert listed <= {p.name for p in out.iterdir()}
 
 
+def test_a_gpu_backend_that_cannot_start_and_a_pickle_are_one_line_each(tiny_export, synthetic_dataset, tmp_path):
+    image = str(sorted((synthetic_dataset / "test" / "good").glob("*.png"))[0])
+    # Here ONNX Runtime either lacks the CUDA provider or cannot load CUDA: either way its own log lines
+    # must not come before the one error line (`-v` shows them)
+    r = run("predict", str(tiny_export[1]), image, "--out", str(tmp_path / "p"), "--backend", "ort-cuda")
+    _assert_one_line_error(r, "CUDA")
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(__import__("pickle").dumps({"format": "stmae-edge/checkpoint", "payload": object}, protocol=4))
+    r = run("predict", str(evil), image, "--out", str(tmp_path / "q"))
+    _assert_one_line_error(r, "evil.pt")
+
+
 def test_predict_never_writes_into_the_folder_of_its_inputs(tiny_export, synthetic_dataset, tmp_path):
     inputs = tmp_path / "in"
     shutil.copytree(synthetic_dataset / "test" / "scratch", inputs)

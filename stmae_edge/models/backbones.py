@@ -15,13 +15,14 @@ state_dict carries a few MB instead of the whole classifier.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Mapping, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, WeightsError
+from ..errors import ConfigError, WeightsError, first_line
 from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -367,9 +368,11 @@ def _read_state_dict(path: str, name: str) -> dict:
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such {name} weights file; {_WEIGHTS_HINT} to an existing state dict")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a file it refuses would precede our one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:200]
+        reason = first_line(exc, 200)
         raise WeightsError(f"{path}: not a readable PyTorch state dict ({type(exc).__name__}: {reason}); "
                            f"{_WEIGHTS_HINT} to the {name} ImageNet .pth file") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -117,11 +117,25 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
     return TorchBackend(path, device=chosen.removeprefix("torch-"))
 
 
+# ONNX Runtime's own messages (a GPU provider that could not start, node placement) go to stderr from
+# its process-wide logger. The CLI turns them off unless asked (-v), as each failure it reports becomes
+# one `error:` line; a program embedding the runtime keeps ONNX Runtime's settings, its own to choose.
+_quiet_onnxruntime = False
+
+
+def quiet_onnxruntime_logs() -> None:
+    """Only ONNX Runtime's fatal errors reach stderr from now on (the CLI's choice; see above)."""
+    global _quiet_onnxruntime
+    _quiet_onnxruntime = True
+
+
 def _ort():
     try:
         import onnxruntime
     except ImportError:
         raise BackendError("ONNX Runtime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu") from None
+    if _quiet_onnxruntime:
+        onnxruntime.set_default_logger_severity(4)  # 4: fatal only
     return onnxruntime
 
 
@@ -161,8 +175,8 @@ class OnnxRuntimeBackend:
         used = self.session.get_providers()
         if used[0] != wanted:
             raise BackendError(f"ONNX Runtime could not start {wanted} and would run on {used[0]} instead; "
-                               "check the GPU driver, CUDA and cuDNN versions that this onnxruntime-gpu needs, "
-                               "or ask for --backend ort-cpu")
+                               "check the GPU driver, CUDA and cuDNN versions that this onnxruntime-gpu needs "
+                               "(`stmae-edge -v ...` prints ONNX Runtime's reason), or ask for --backend ort-cpu")
         self.provider = used[0]
         self.device = cpu_description() if wanted == "CPUExecutionProvider" else gpu_description()
         props = self.session.get_modelmeta().custom_metadata_map
