@@ -161,6 +161,11 @@ def test_predict_thresholds_from_the_command_line(tiny_export, synthetic_dataset
     summary = json.loads((tmp_path / "b" / "results.json").read_text())
     assert r.returncode == 0 and summary["failed"] == 0
     assert all(res["regions"] == [] for res in summary["results"])
+    # a results.json says where each threshold came from, to be audited later
+    r = run("predict", str(tiny_export[1]), str(folder), "--out", str(tmp_path / "c"), "--threshold", "1",
+            "--sigma", "2", "--no-overlays")
+    rule = json.loads((tmp_path / "c" / "results.json").read_text())["thresholds"]["rule"]
+    assert r.returncode == 0 and rule.startswith("image: given for this call (1); pixel: sigma 2 (mean + 2"), rule
 
 
 def test_bench_json_on_an_onnx_file_without_torch(tiny_export):

@@ -103,8 +103,13 @@ def resolve_thresholds(default: Thresholds, stats: ScoreStats, image: float | No
     base = Thresholds.from_stats(stats, sigma, map_stats, scored) if sigma is not None else default
     if image is None and pixel is None:
         return base
-    return Thresholds(image=base.image if image is None else image,
-                      pixel=base.pixel if pixel is None else pixel, rule="set for this call")
+    chosen = Thresholds(image=base.image if image is None else image, pixel=base.pixel if pixel is None else pixel,
+                        rule="")  # checked here: a bad value is refused before the rule quotes it
+    # The rule says where each came from, so that a results.json can be audited later
+    source = f"sigma {sigma:g} ({base.rule})" if sigma is not None else f"the model's ({base.rule})"
+    parts = [f"image: given for this call ({chosen.image:g})" if image is not None else f"image: {source}",
+             f"pixel: given for this call ({chosen.pixel:g})" if pixel is not None else f"pixel: {source}"]
+    return replace(chosen, rule="; ".join(parts))
 
 
 def find_regions(model_map: np.ndarray, threshold: float, stats: ScoreStats, image_size: tuple[int, int],
