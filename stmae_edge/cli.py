@@ -470,6 +470,7 @@ def linescan(
     """Replay a line-scan strip: defects in strip coordinates (row, column) and the throughput."""
     import json
 
+    from .progress import progress_bar
     from .runtime import Detector
     from .runtime.linescan import StreamingInspector, replay
 
@@ -482,7 +483,9 @@ def linescan(
                        f"area {defect.area}, peak {defect.peak_normalized:+.1f} sd, tiles {list(defect.tiles)}"
                        + (" (continues)" if defect.continues else ""))
 
-    report = replay(inspector, strip, block_rows, on_defect=show)
+    with progress_bar(f"line-scan ({detector.info['backend']})", 1) as advance:
+        report = replay(inspector, strip, block_rows, on_defect=show,
+                        on_block=lambda done, total: advance(1, status="blocks", total=total))
     report["runtime"] = detector.info
     if json_output:
         typer.echo(json.dumps(report, indent=2))

@@ -1,4 +1,4 @@
-"""Progress bars for long work (feature extraction, training, evaluation), on stderr."""
+"""Progress bars for long work (feature extraction, training, evaluation, export, engine builds), on stderr."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ LOG_EVERY_S = 30.0
 
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator:
-    """Yields advance(n=1, **fields); `status` shows e.g. the running loss."""
+    """Yields advance(n=1, status="", total=None): `status` shows e.g. the running loss or the step under
+    way; `total` replaces the count of steps where the work learns it as it goes (a TensorRT build)."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     # On a pipe (CI logs, nohup) a live bar prints nothing useful: print a plain line instead, every
@@ -28,11 +29,11 @@ def progress_bar(description: str, total: int) -> Iterator:
 
         def line() -> None:
             done = progress.tasks[0]
-            print(f"{description}: {int(done.completed)}/{total} in {done.elapsed or 0:.1f}s {done.fields['status']}",
-                  file=sys.stderr, flush=True)
+            print(f"{description}: {int(done.completed)}/{int(done.total or 0)} in {done.elapsed or 0:.1f}s "
+                  f"{done.fields['status']}", file=sys.stderr, flush=True)
 
-        def advance(n: int = 1, status: str = "") -> None:
-            progress.update(task, advance=n, status=status)
+        def advance(n: int = 1, status: str = "", total: int | None = None) -> None:
+            progress.update(task, advance=n, status=status, **({"total": total} if total is not None else {}))
             if not live and time.monotonic() - last_line[0] >= LOG_EVERY_S:
                 last_line[0] = time.monotonic()
                 line()

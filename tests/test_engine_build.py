@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import warnings
@@ -94,6 +95,8 @@ def test_build_command(onnx_file, tmp_path):
     r = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "build", str(onnx_file), "--batch", "1:4:8",
                         "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and out.is_file() and "batch 1:4:8" in r.stdout, r.stderr
+    done = [line for line in r.stderr.splitlines() if line.startswith("building (")]  # TensorRT's phases, followed
+    assert len(done) == 1 and re.search(r"\): (\d+)/\1 in [\d.]+s done$", done[0]), r.stderr
 
 
 @trt_available

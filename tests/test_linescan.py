@@ -196,6 +196,8 @@ def test_linescan_command_replays_an_image_or_a_folder_of_blocks(linescan_model,
         r = run("linescan", str(linescan_model), str(source), "--block-rows", "45", "--overlap", str(OVERLAP),
                 "--pixel-threshold", str(strong_threshold(Detector(linescan_model))), "--json")
         assert r.returncode == 0, r.stderr
+        blocks_pushed = 7 if source.is_file() else 5  # 300 rows by 45, or the 5 block files
+        assert "line-scan (" in r.stderr and f"): {blocks_pushed}/{blocks_pushed} in " in r.stderr, r.stderr
         reports.append(json.loads(r.stdout))
     for report in reports:
         assert report["rows"] == 300 and report["width"] == 200 and report["rows_per_s"] > 0

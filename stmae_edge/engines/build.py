@@ -21,6 +21,7 @@ from ..outputs import check_writable, write_bytes_atomically
 from ..engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, sha256_file, write_sidecar
 from ..errors import ConfigError, ExportError, first_line
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
+from ..progress import progress_bar
 
 PRECISIONS = PLAN_PRECISIONS  # int8 graphs come from `stmae-edge calibrate`
 # TensorRT for RTX >= 1.2 (the rtx extra needs 1.7) keeps the timing-cache API as deprecated no-ops
@@ -53,6 +54,45 @@ def default_plan_path(onnx_path: Path | str, precision: str) -> Path:
     stem = Path(onnx_path).stem
     stem = stem if stem.endswith(f".{precision}") else f"{stem}.{precision}"
     return Path("engines") / f"{stem}.plan"
+
+
+def phase_monitor(trt, advance):
+    """A TensorRT IProgressMonitor (TensorRT 10+ and RTX) that moves a progress bar: its total is the
+    top phase's step count, its status the innermost phase under way. It never cancels the build, and a
+    failure of its own (a closed terminal) never stops one."""
+
+    class PhaseMonitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.top: str | None = None
+            self.under_way: list[str] = []
+            self.total = self.done = 0
+
+        def phase_start(self, phase_name, parent_phase, num_steps) -> None:
+            try:
+                self.under_way.append(phase_name)
+                if parent_phase is None:
+                    self.top, self.total = phase_name, max(int(num_steps), 1)
+                    advance(0, status=phase_name, total=self.total)
+                else:
+                    advance(0, status=phase_name)
+            except Exception:  # noqa: BLE001  (a display problem must not end a build)
+                pass
+
+        def step_complete(self, phase_name, step) -> bool:
+            try:
+                if phase_name == self.top:
+                    self.done += 1
+                    advance(1, status=self.under_way[-1] if self.under_way else phase_name)
+            except Exception:  # noqa: BLE001
+                pass
+            return True  # go on
+
+        def phase_finish(self, phase_name) -> None:
+            if phase_name in self.under_way:
+                self.under_way.remove(phase_name)
+
+    return PhaseMonitor()
 
 
 def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str | BatchRange = "1:8:32",
@@ -120,7 +160,13 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         log.warning("%s: not used; %s has no timing cache", timing_cache, flavour)
 
     started = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
+    # A build takes minutes on a Jetson: the bar follows TensorRT's top phase, naming the one under way
+    with progress_bar(f"building ({flavour})", 1) as advance:
+        monitor = phase_monitor(trt, advance)
+        config.progress_monitor = monitor
+        plan = builder.build_serialized_network(network, config)
+        if plan is not None:  # TensorRT reports one step fewer than it announced for its top phase
+            advance(max(monitor.total - monitor.done, 0), status="done")
     if plan is None:
         last = logger.errors[-1] if logger.errors else "no message"
         raise ExportError(f"{onnx_path}: TensorRT could not build an engine ({flavour}: {last}); "

@@ -23,6 +23,7 @@ import torch
 
 from ..checkpoint import load_model
 from .half_precision import is_statistic
+from ..progress import progress_bar
 from ..outputs import check_writable, written_atomically
 from ..errors import ConfigError, ExportError, StmaeError, first_line
 from ..metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PRECISION_KEY, SCORE_NAME,
@@ -95,6 +96,14 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
         raise ConfigError(f"unknown export precision {precision!r}; choose {', '.join(EXPORT_PRECISIONS)} "
                           "(int8 comes from `stmae-edge calibrate`)")
     out = check_writable(out or default_onnx_path(checkpoint, precision), [checkpoint])
+    with progress_bar(f"exporting {Path(checkpoint).name}", 3) as step:
+        step(0, status="loading the model")
+        figures = _export_and_check(checkpoint, out, precision, step)
+    return out, figures
+
+
+def _export_and_check(checkpoint: Path | str, out: Path, precision: str, step) -> dict:
+    """export_onnx's work, `step` moving its progress bar: the export, then the checks on the file."""
     model, metadata = load_model(checkpoint)
     reference = model
     if precision == "fp16":
@@ -105,6 +114,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
     example = torch.zeros(2, 3, *size)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     log = io.StringIO()
+    step(1, status="exporting the graph (the longest step)")
     try:
         with contextlib.redirect_stdout(log), quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME],
@@ -117,6 +127,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
     proto.producer_name = "stmae-edge"
     onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: metadata.to_onnx_value(),
                                         PRECISION_KEY: precision})
+    step(1, status="checking it against PyTorch")
     with written_atomically(out) as partial:  # checked before it takes the real name
         onnx.save(proto, str(partial))
         try:
@@ -131,7 +142,8 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
             raise ExportError(f"the {precision} graph exported from {checkpoint} does not reproduce the model: its "
                               f"outputs differ by {difference:.1e} relative on random inputs, more than {limit:g}; "
                               "nothing was written")
-    return out, figures
+    step(1, status="done")
+    return figures
 
 
 @contextlib.contextmanager

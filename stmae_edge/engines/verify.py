@@ -17,6 +17,7 @@ from ..checkpoint import load_model
 from ..errors import DatasetError, VerificationError, first_line
 from ..metadata import INPUT_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import load_onnx
+from ..progress import progress_bar
 from .export import PARITY_RTOL
 
 
@@ -38,8 +39,6 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
         DatasetError: no images to verify with.
         CheckpointError: an unreadable or modified checkpoint or graph metadata.
     """
-    import onnxruntime as ort
-
     proto = load_onnx(onnx_path)
     exported, precision = ModelMetadata.from_onnx(proto), onnx_precision(proto)
     if rtol is None:
@@ -47,7 +46,17 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
             raise VerificationError(f"{onnx_path} is an {precision} graph; verify checks fp32 and fp16 exports "
                                     "(`stmae-edge evaluate` measures an INT8 graph), or give --rtol")
         rtol = PARITY_RTOL[precision]
+    with progress_bar(f"verifying {Path(onnx_path).name}", 1 + len(batch_sizes)) as step:
+        step(0, status="loading the model")
+        return _compare(onnx_path, checkpoint, exported, images, batch_sizes, rtol, step)
+
+
+def _compare(onnx_path, checkpoint, exported: ModelMetadata, images, batch_sizes, rtol: float, step) -> dict:
+    """verify's work, `step` moving its progress bar: PyTorch and ONNX Runtime on each batch size."""
+    import onnxruntime as ort
+
     model, metadata = load_model(checkpoint)
+    step(1, status="preprocessing images")
     if exported.model_hash != metadata.model_hash:
         raise VerificationError(f"{onnx_path} was exported from another model (hash {exported.model_hash[:12]}, "
                                 f"checkpoint {metadata.model_hash[:12]}); export {checkpoint} again")
@@ -67,6 +76,7 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
                "folder": data.folder_of(paths), "batches": {}}
     failures = []
     for size in batch_sizes:
+        step(0, status=f"batch of {size}")
         x = batch[:size]
         try:
             onnx_maps, onnx_scores = session.run(None, {INPUT_NAME: x})
@@ -80,6 +90,7 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
         figures["batches"][size] = {"map_max_rel_diff": rel_map, "score_max_rel_diff": rel_score}
         if not (rel_map <= rtol and rel_score <= rtol):
             failures.append(f"batch {size}: map {rel_map:.2e}, score {rel_score:.2e}")
+        step(1, status=f"batch of {size} compared")
     if failures:
         raise VerificationError(f"{onnx_path} differs from {checkpoint} beyond {rtol:g} relative: "
                                 + "; ".join(failures))

@@ -347,10 +347,12 @@ class StripRegions:
 
 
 def replay(inspector: StreamingInspector, source, block_rows: int = 256,
-           on_defect: Callable[[StripDefect], None] | None = None) -> dict:
+           on_defect: Callable[[StripDefect], None] | None = None,
+           on_block: Callable[[int, int], None] | None = None) -> dict:
     """Feed a recorded strip through `inspector` as a camera would: a tall image cut into blocks of
     `block_rows`, or a folder of consecutive block images (in name order, each pushed as it is).
     Returns the defects and the inspector's throughput; file decoding is not counted.
+    `on_block(done, total)` is called after each block (a progress bar's hook).
 
     Raises:
         ConfigError: block_rows is not a whole number >= 1, or the inspector was flushed.
@@ -370,16 +372,19 @@ def replay(inspector: StreamingInspector, source, block_rows: int = 256,
         files = images_in(source)
         if not files:
             raise InvalidImageError(f"{source}: no block images in this folder")
-        blocks = (load_image(path) for path in files)
+        blocks, total = (load_image(path) for path in files), len(files)
     else:
         strip = load_image(source)
         blocks = (strip[i:i + block_rows] for i in range(0, strip.shape[0], block_rows))
+        total = -(-strip.shape[0] // block_rows)
     defects: list[StripDefect] = []
-    for block in blocks:
+    for done, block in enumerate(blocks, 1):
         found = inspector.push(block)
         defects += found
         for defect in found if on_defect else ():
             on_defect(defect)
+        if on_block:
+            on_block(done, total)
     found = inspector.flush()
     defects += found
     for defect in found if on_defect else ():
