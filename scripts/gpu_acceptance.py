@@ -72,9 +72,9 @@ def inventory() -> dict:
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    from stmae_edge.evaluation.metrics import _auc_from_classes
+    from stmae_edge.evaluation.metrics import image_auroc
 
-    return _auc_from_classes(scores[labels == 1].copy(), scores[labels == 0].copy())
+    return image_auroc(labels, scores)
 
 
 def labelled(folder: Path, limit: int) -> tuple[list[Path], np.ndarray]:
@@ -220,8 +220,11 @@ def fp32_tf32_off() -> None:
 
 
 def relative_difference(got: np.ndarray, want: np.ndarray) -> float:
-    """Largest absolute difference relative to the largest reference value, of one output."""
-    return float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-12)
+    """Largest absolute difference relative to the largest reference value, of one output: export's
+    definition, which `verify` uses too."""
+    from stmae_edge.engines.parity import relative_difference as definition
+
+    return definition(got, want)
 
 
 def run_path(Detector, benchmark, model: Path, kwargs: dict, precision: str, sets: dict, reference: dict,

@@ -57,14 +57,6 @@ def collecting_logger(trt):
     return CollectingLogger()
 
 
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sidecar_path(plan: Path | str) -> Path:
     plan = Path(plan)
     return plan.with_name(plan.name + ".json")

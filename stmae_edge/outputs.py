@@ -1,14 +1,25 @@
 """Output files: checked before long work starts, so a bad --out fails in a second, not after training,
-and never one that would replace an input of the same command."""
+and never one that would replace an input of the same command; written whole or not at all; and the
+one digest of a file's bytes (sha256_file) that sidecars, calibration caches and training records keep."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import OutputError, first_line
+
+
+def sha256_file(path: Path | str) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def same_file(a: Path | str, b: Path | str) -> bool:

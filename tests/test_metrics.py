@@ -73,6 +73,13 @@ def test_pixel_auroc_hand_computed():
     assert pixel_auroc(masks, maps) == pytest.approx(2.5 / 6)
 
 
+def test_image_auroc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 500)
+    scores = rng.integers(0, 12, 500).astype(np.float32)  # many ties
+    assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
 def test_pixel_auroc_matches_sklearn_with_ties():
     rng = np.random.default_rng(0)
     masks = rng.random((5, 20, 20)) < 0.1

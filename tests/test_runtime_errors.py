@@ -4,6 +4,7 @@ says what was wrong, and the same detector then still scores a good image exactl
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -208,11 +209,11 @@ def test_the_runtime_runs_a_detector_with_torch_unimportable(tiny_export):
     assert result.stdout.split()[0] in ("ort-cpu", "ort-cuda") and "(80, 100) 2" in result.stdout
 
 
-def test_one_table_of_backends_drives_choice_errors_and_help(tiny_export):
+def test_one_table_of_backends_drives_choice_errors_and_help(tiny_export, caplog):
     from stmae_edge.cli import BACKEND_HELP
     from stmae_edge.errors import ConfigError
     from stmae_edge.runtime.backend_table import AUTO, BACKEND_KINDS, BACKENDS, FILE_KINDS, backend_help
-    from stmae_edge.runtime.backends import choose_backend
+    from stmae_edge.runtime.backends import ORT_PROVIDERS, choose_backend
 
     assert BACKENDS == ("auto", *(kind.name for kind in BACKEND_KINDS)) and BACKEND_HELP == backend_help()
     assert all(kind.name in BACKEND_HELP for kind in BACKEND_KINDS) and set(AUTO) == set(FILE_KINDS)
@@ -220,10 +221,14 @@ def test_one_table_of_backends_drives_choice_errors_and_help(tiny_export):
         runs = [kind.name for kind in BACKEND_KINDS if kind.file_kind == file_kind]
         model = tiny_export[0].with_suffix(suffixes[0])
         # auto: the last of AUTO's list runs on any machine; the GPU ones only where there is a GPU
-        chosen = choose_backend(model, "auto")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="stmae_edge.runtime.backends"):
+            chosen = choose_backend(model, "auto")
         assert chosen in AUTO[file_kind] and chosen in runs
         if cuda_device_count() == 0:
             assert chosen == AUTO[file_kind][-1]
+        if chosen != AUTO[file_kind][0]:  # a GPU backend passed over is said, not silent
+            assert f"backend auto: {chosen} for {model.name} ({AUTO[file_kind][0]}" in caplog.text
         for kind in BACKEND_KINDS:
             if kind.file_kind == file_kind:
                 assert choose_backend(model, kind.name) == kind.name
@@ -235,6 +240,8 @@ def test_one_table_of_backends_drives_choice_errors_and_help(tiny_export):
         choose_backend(tiny_export[0].with_suffix(".bin"), "auto")
     # The words a user reads, spelled out once: the help and a refusal.
     assert "ort-tensorrt, ort-cuda, ort-cpu (.onnx); torch-cpu, torch-cuda (.pt); or auto" in BACKEND_HELP
+    assert ORT_PROVIDERS == {"ort-tensorrt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
+                             "ort-cpu": "CPUExecutionProvider"}
     with pytest.raises(ConfigError) as refused:
         choose_backend(tiny_export[0], "ort-cpu")
     assert str(refused.value).endswith(" is a PyTorch checkpoint; it runs with --backend torch-cpu or torch-cuda (or "

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..onnx_files import load_onnx
-from ..outputs import check_writable, write_bytes_atomically
-from ..engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, sha256_file, write_sidecar
+from ..outputs import check_writable, sha256_file, write_bytes_atomically
+from ..engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, write_sidecar
 from ..errors import ConfigError, ExportError, first_line
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 from ..progress import progress_bar

@@ -41,12 +41,11 @@ import onnx
 
 from .. import data
 from ..checks import parse_document
-from ..engine_plan import sha256_file
 from ..errors import ConfigError, DatasetError
 from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
 from ..metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
 from ..onnx_files import load_onnx
-from ..outputs import check_writable, write_bytes_atomically, written_atomically
+from ..outputs import check_writable, sha256_file, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ import torch
 from ..checkpoint import load_model
 from .half_precision import is_statistic
 from ..progress import progress_bar
+from .parity import PARITY_RTOL, relative_difference
 from ..outputs import check_writable, written_atomically
 from ..errors import ConfigError, ExportError, StmaeError, first_line
 from ..metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PRECISION_KEY, SCORE_NAME,
@@ -31,11 +32,6 @@ from ..metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PREC
 
 OPSET = 18
 EXPORT_PRECISIONS = ("fp32", "fp16")
-# The largest relative difference (maximum over maps and scores) an exported graph may show against its
-# PyTorch model on real images (`verify`), by the graph's precision. At export, on random inputs, an fp32
-# graph is held to its tolerance and an fp16 one only to finite outputs: half precision's error on noise
-# says little about images (a tiny model with intensity normalisation: 0.28 on noise, 0.018 on images).
-PARITY_RTOL = {"fp32": 1e-4, "fp16": 2e-2}
 
 
 
@@ -198,5 +194,4 @@ def _smoke_parity(path: Path | str, model) -> float:
         maps, scores = model(x)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_maps, onnx_scores = session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: x.numpy()})
-    return max(float(np.abs(got - want.numpy()).max() / max(np.abs(want.numpy()).max(), 1e-12))
-               for got, want in ((onnx_maps, maps), (onnx_scores, scores)))
+    return max(relative_difference(got, want.numpy()) for got, want in ((onnx_maps, maps), (onnx_scores, scores)))

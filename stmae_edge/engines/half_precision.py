@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ..errors import ConfigError, first_line
+from ..errors import ConfigError, ExportError, first_line
 
 # Model buffers (by the last part of their name) that score the map: ST-MAE's per-position Gaussians
 # (sharp and wide) and residual statistics, the fusion's scale, and the image score head's projection
@@ -237,7 +237,8 @@ def _topological(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     while pending:
         ready = [n for n in pending if all(i in available for i in n.input)]
         if not ready:
-            raise ValueError("the graph has a cycle or an input that nothing produces")
+            raise ExportError("the ONNX graph has a cycle or an input that nothing produces: not a graph that "
+                              "`stmae-edge export` wrote; export the model again")
         for node in ready:
             available.update(node.output)
         ordered += ready

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .. import data
@@ -18,7 +17,7 @@ from ..errors import DatasetError, VerificationError, first_line
 from ..metadata import INPUT_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import load_onnx
 from ..progress import progress_bar
-from .export import PARITY_RTOL
+from .parity import PARITY_RTOL, relative_difference
 
 
 def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path] | None = None,
@@ -30,7 +29,7 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
         checkpoint: the .pt file it was exported from.
         images: images to run (default: the model's recorded training images, repeated to fill a batch).
         batch_sizes: each is run through both.
-        rtol: the largest relative difference allowed (default: export.PARITY_RTOL for the graph's
+        rtol: the largest relative difference allowed (default: parity.PARITY_RTOL for the graph's
             precision, 1e-4 for fp32 and 2e-2 for fp16).
 
     Raises:
@@ -85,8 +84,7 @@ def _compare(onnx_path, checkpoint, exported: ModelMetadata, images, batch_sizes
                                     f"export {checkpoint} again") from exc
         with torch.no_grad():
             maps, scores = (t.numpy() for t in model(torch.from_numpy(x)))
-        rel_map = float(np.abs(onnx_maps - maps).max() / max(np.abs(maps).max(), 1e-12))
-        rel_score = float(np.abs(onnx_scores - scores).max() / max(np.abs(scores).max(), 1e-12))
+        rel_map, rel_score = relative_difference(onnx_maps, maps), relative_difference(onnx_scores, scores)
         figures["batches"][size] = {"map_max_rel_diff": rel_map, "score_max_rel_diff": rel_score}
         if not (rel_map <= rtol and rel_score <= rtol):
             failures.append(f"batch {size}: map {rel_map:.2e}, score {rel_score:.2e}")

@@ -140,7 +140,7 @@ def between(low: float | None, high: float | None) -> float:
     """A float32 threshold t with low <= t < high (either side may be open: None), in the middle of the
     gap where float32 allows: every score in [low, high) is classified the same by it."""
     if low is None and high is None:
-        raise ValueError("a threshold needs at least one bound")
+        raise ConfigError("a threshold needs at least one bound: --max-false-reject or --min-recall")
     if high is None:
         return float(np.float32(low))
     high32 = np.float32(high)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DatasetError
+
 
 @torch.no_grad()
 def fit_position_gaussian(features: torch.Tensor, eps: float, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,7 +18,7 @@ def fit_position_gaussian(features: torch.Tensor, eps: float, chunk: int = 64) -
     chunk (memory stays at one chunk), returned as float32."""
     n, c, g, w = features.shape
     if n < 2:
-        raise ValueError("a per-position Gaussian needs at least two images")
+        raise DatasetError("a per-position Gaussian needs at least two images")
     total = torch.zeros(g * w, c, dtype=torch.float64)
     products = torch.zeros(g * w, c, c, dtype=torch.float64)
     for part in features.split(chunk):

@@ -17,13 +17,14 @@ class BackendKind:
     name: str  # what --backend takes
     file_kind: str  # the model files it runs: a key of FILE_KINDS
     device: str  # "cpu" or "gpu" (a CUDA GPU)
+    provider: str | None = None  # ONNX Runtime's execution provider, for the ort-* backends
 
 
 BACKEND_KINDS = (
     BackendKind("tensorrt", "plan", "gpu"),  # tensorrt_backend.py, through cuda-python
-    BackendKind("ort-tensorrt", "onnx", "gpu"),  # ONNX Runtime's execution providers
-    BackendKind("ort-cuda", "onnx", "gpu"),
-    BackendKind("ort-cpu", "onnx", "cpu"),
+    BackendKind("ort-tensorrt", "onnx", "gpu", "TensorrtExecutionProvider"),  # ONNX Runtime's providers
+    BackendKind("ort-cuda", "onnx", "gpu", "CUDAExecutionProvider"),
+    BackendKind("ort-cpu", "onnx", "cpu", "CPUExecutionProvider"),
     BackendKind("torch-cpu", "checkpoint", "cpu"),  # torch_backend.py, for comparison; needs the train extra
     BackendKind("torch-cuda", "checkpoint", "gpu"),
 )

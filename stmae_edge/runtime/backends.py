@@ -16,6 +16,7 @@ the CLI's --backend help are all read from it:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Protocol
 
@@ -26,8 +27,8 @@ from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadat
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
 from .devices import cpu_description, cuda_device_count, gpu_description
 
-ORT_PROVIDERS = {"ort-tensorrt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
-                 "ort-cpu": "CPUExecutionProvider"}
+logger = logging.getLogger(__name__)
+ORT_PROVIDERS = {kind.name: kind.provider for kind in BACKEND_KINDS if kind.provider}  # backend -> provider
 
 
 def choose_backend(path: Path, backend: str) -> str:
@@ -41,7 +42,12 @@ def choose_backend(path: Path, backend: str) -> str:
     if backend == "auto":
         # The last of each list is taken without asking: it runs anywhere, or (a plan) says what is missing.
         *asked, last = AUTO[file_kind]
-        return next((name for name in asked if device_present(name)), last)
+        chosen = next((name for name in asked if device_present(name)), last)
+        skipped = asked[:asked.index(chosen)] if chosen in asked else asked
+        if skipped:  # said, not silent: a line PC that should have a GPU runs on its CPU
+            logger.info("backend auto: %s for %s (%s: no CUDA GPU, or no such ONNX Runtime provider, here)",
+                        chosen, path.name, ", ".join(skipped))
+        return chosen
     if KINDS_BY_NAME[backend].file_kind != file_kind:
         _, description, other = FILE_KINDS[file_kind]
         runs = [kind.name for kind in BACKEND_KINDS if kind.file_kind == file_kind]

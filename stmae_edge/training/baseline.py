@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..models.gaussian import fit_position_gaussian, mahalanobis
 from ..models.maps import gaussian_kernel, maps_and_scores, neighbourhood_mean, smooth
 
@@ -46,7 +47,7 @@ def greedy_coreset(vectors: torch.Tensor, count: int, projection_dim: int = 128,
     to `projection_dim` dimensions, as PatchCore and anomalib do, to make the selection affordable."""
     n = vectors.shape[0]
     if not 1 <= count <= n:
-        raise ValueError(f"coreset size {count} must be within 1..{n}")
+        raise ConfigError(f"coreset size {count} must be within 1..{n}")
     generator = torch.Generator().manual_seed(seed)
     x = vectors.float()
     if x.shape[1] > projection_dim:
@@ -76,7 +77,7 @@ class PatchCoreBaseline:
     def __init__(self, coreset_ratio: float = 0.01, neighbourhood: int = 3, smoothing_sigma: float = 0.5,
                  seed: int = 0):
         if not 0 < coreset_ratio <= 1:
-            raise ValueError(f"coreset ratio {coreset_ratio} must be within (0, 1]")
+            raise ConfigError(f"coreset ratio {coreset_ratio} must be within (0, 1]")
         self.coreset_ratio = coreset_ratio
         self.neighbourhood = neighbourhood
         self.kernel = gaussian_kernel(smoothing_sigma)

@@ -22,8 +22,7 @@ import torch
 
 from .. import data
 from ..checkpoint import save_checkpoint
-from ..engine_plan import sha256_file
-from ..outputs import check_writable
+from ..outputs import check_writable, sha256_file
 from ..errors import ConfigError, DatasetError, TrainingError
 from ..metadata import ModelMetadata
 from ..models.backbones import BACKBONE_PREPROCESSING
@@ -36,7 +35,7 @@ from .corruption import corrupt
 from .filtering import DONORS, train_filtering
 from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, declared_image_size, load_image
 from ..progress import progress_bar
-from .loop import TrainConfig, batches, mean_and_std, optimize
+from .loop import STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
 
 logger = logging.getLogger(__name__)
@@ -192,7 +191,7 @@ def residual_statistics(model: STMAE, features: torch.Tensor, batch_size: int = 
     model.eval()
     residuals = torch.cat([model.residual(f, model.reconstruct(f))
                            for f in (model.standardize(chunk.float()) for chunk in features.split(batch_size))])
-    return residuals.mean(dim=0, keepdim=True), residuals.std(dim=0, keepdim=True).clamp_min(1e-6)
+    return residuals.mean(dim=0, keepdim=True), residuals.std(dim=0, keepdim=True).clamp_min(STD_FLOOR)
 
 
 @torch.no_grad()
@@ -475,12 +474,11 @@ def fit_score_head_cross_fitted(model: STMAE, score_features: torch.Tensor, fold
 
 def z_score_table(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     """(mean, std) per group of held-out values, one row each, as the graph's z-scores read them
-    (mean_and_std: population std, float64). The std is floored at 1e-6: a group that does not vary
-    (a constant map) must not divide by zero."""
+    (mean_and_std: population std, float64), the std floored at STD_FLOOR."""
     rows = []
     for group in groups:
         mean, std = mean_and_std((v.flatten() for v in group), dims=(0,))
-        rows.append([float(mean), max(float(std), 1e-6)])
+        rows.append([float(mean), max(float(std), STD_FLOOR)])
     return torch.tensor(rows)
 
 
