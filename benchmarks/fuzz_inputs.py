@@ -35,6 +35,7 @@ def tiny_model() -> Path:
     if onnx.is_file():
         return onnx
     from synthetic_data import make_synthetic_dataset
+
     from stmae_edge.engines.export import export_onnx
     from stmae_edge.models.stmae import preset
     from stmae_edge.training.train import TrainConfig, train
@@ -66,6 +67,7 @@ def worker(target: str, onnx: Path, libfuzzer_args: list[str]) -> None:
 
     with atheris.instrument_imports(include=["stmae_edge"]):
         import fuzz_targets
+
         import stmae_edge.engine_plan  # noqa: F401  (instrumented before first use)
         import stmae_edge.metadata  # noqa: F401
         import stmae_edge.preprocessing  # noqa: F401

@@ -25,8 +25,8 @@ from quality_magnetic_tile import model_benchmark_args, pct, write_table  # noqa
 
 from stmae_edge import data  # noqa: E402
 from stmae_edge.engines.calibrate import SETTINGS, _quantize  # noqa: E402
-from stmae_edge.evaluation.evaluate import evaluate  # noqa: E402
 from stmae_edge.engines.export import export_onnx  # noqa: E402
+from stmae_edge.evaluation.evaluate import evaluate  # noqa: E402
 from stmae_edge.metadata import INPUT_NAME, ModelMetadata  # noqa: E402
 
 BEGIN, END = "<!-- int8-cpu-study:begin -->", "<!-- int8-cpu-study:end -->"

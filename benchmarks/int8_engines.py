@@ -27,11 +27,11 @@ sys.path.insert(0, str(REPO))
 from quality_magnetic_tile import model_benchmark_args, pct, write_table  # noqa: E402
 
 from stmae_edge import data  # noqa: E402
-from stmae_edge.engines.calibrate import calibrate  # noqa: E402
-from stmae_edge.engines.build import build_engine  # noqa: E402
 from stmae_edge.engine_plan import import_tensorrt  # noqa: E402
-from stmae_edge.evaluation.evaluate import evaluate  # noqa: E402
+from stmae_edge.engines.build import build_engine  # noqa: E402
+from stmae_edge.engines.calibrate import calibrate  # noqa: E402
 from stmae_edge.engines.export import export_onnx  # noqa: E402
+from stmae_edge.evaluation.evaluate import evaluate  # noqa: E402
 from stmae_edge.metadata import INPUT_NAME, ModelMetadata  # noqa: E402
 
 BEGIN, END = "<!-- int8-engines:begin -->", "<!-- int8-engines:end -->"

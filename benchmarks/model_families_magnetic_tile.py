@@ -23,8 +23,8 @@ from runtime_cpu import BATCH, side_by_side  # noqa: E402
 
 from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import read_checkpoint  # noqa: E402
-from stmae_edge.evaluation.evaluate import evaluate, format_report  # noqa: E402
 from stmae_edge.engines.export import export_onnx  # noqa: E402
+from stmae_edge.evaluation.evaluate import evaluate, format_report  # noqa: E402
 from stmae_edge.models import filtering_ae, stmae  # noqa: E402
 from stmae_edge.preprocessing import load_image  # noqa: E402
 from stmae_edge.runtime import Detector  # noqa: E402

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quality_magnetic_tile import machine, write_rows  # noqa: E402
+
 from stmae_edge.cli import use_available_cores  # noqa: E402
 from stmae_edge.evaluation.operating_point import choose, evaluate_threshold  # noqa: E402
 from stmae_edge.evaluation.validation import score_dataset  # noqa: E402

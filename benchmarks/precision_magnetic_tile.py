@@ -19,8 +19,8 @@ sys.path.insert(0, str(REPO))
 from quality_magnetic_tile import model_benchmark_args, pct, write_table  # noqa: E402
 
 from stmae_edge.engines.calibrate import calibrate  # noqa: E402
-from stmae_edge.evaluation.evaluate import evaluate  # noqa: E402
 from stmae_edge.engines.export import export_onnx  # noqa: E402
+from stmae_edge.evaluation.evaluate import evaluate  # noqa: E402
 
 BEGIN, END = "<!-- precision-magnetic-tile:begin -->", "<!-- precision-magnetic-tile:end -->"
 

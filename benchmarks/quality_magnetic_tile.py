@@ -33,18 +33,30 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stmae_edge import data  # noqa: E402
-from stmae_edge.cli import use_available_cores  # noqa: E402
-from stmae_edge.training.baseline import GaussianBaseline, PatchCoreBaseline  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
-from stmae_edge.models.backbones import FeatureExtractor  # noqa: E402
+from stmae_edge.cli import use_available_cores  # noqa: E402
 from stmae_edge.evaluation.evaluate import evaluate, format_report  # noqa: E402
 from stmae_edge.evaluation.metrics import pixel_auroc_against, summarize  # noqa: E402
-from stmae_edge.scoring import threshold_scoring  # noqa: E402
+from stmae_edge.models.backbones import FeatureExtractor  # noqa: E402
 from stmae_edge.models.maps import maps_and_scores, smooth  # noqa: E402
 from stmae_edge.models.stmae import preset  # noqa: E402
-from stmae_edge.scoring import ScoreStats, Thresholds, map_maxima  # noqa: E402
-from stmae_edge.training.train import (TrainConfig, batches, choose_keep_aspect, extract_features, image_sizes,  # noqa: E402
-                              score_images, split_holdout, train)
+from stmae_edge.scoring import (  # noqa: E402
+    ScoreStats,
+    Thresholds,
+    map_maxima,
+    threshold_scoring,  # noqa: E402
+)
+from stmae_edge.training.baseline import GaussianBaseline, PatchCoreBaseline  # noqa: E402
+from stmae_edge.training.train import (  # noqa: E402
+    TrainConfig,
+    batches,
+    choose_keep_aspect,
+    extract_features,
+    image_sizes,
+    score_images,
+    split_holdout,
+    train,
+)
 
 BEGIN, END = "<!-- quality-magnetic-tile:begin -->", "<!-- quality-magnetic-tile:end -->"
 

@@ -33,11 +33,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-
-    from synthetic_data import texture
     from fuzz_inputs import tiny_model
     from quality_magnetic_tile import machine
     from soak import concurrent, soak_detector, soak_linescan
+    from synthetic_data import texture
+
     from stmae_edge.runtime import Detector
 
     detector = Detector(tiny_model(), "ort-cpu")

@@ -24,12 +24,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quality_magnetic_tile import machine, pct, summaries, write_rows  # noqa: E402
+from unseen_tiles import held_tiles, regroup, tile_groups, trained_once, unseen_tiles_parser  # noqa: E402
+
 from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.cli import use_available_cores  # noqa: E402
 from stmae_edge.scoring import threshold_scoring  # noqa: E402
 from stmae_edge.training.train import TrainConfig, score_images  # noqa: E402
-from unseen_tiles import held_tiles, regroup, tile_groups, trained_once, unseen_tiles_parser  # noqa: E402
 
 BEGIN, END = "<!-- threshold-new-parts:begin -->", "<!-- threshold-new-parts:end -->"
 

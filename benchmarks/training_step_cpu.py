@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from quality_magnetic_tile import write_table  # noqa: E402
 
-from stmae_edge.models import stmae  # noqa: E402
 from stmae_edge.cli import use_available_cores  # noqa: E402
+from stmae_edge.models import stmae  # noqa: E402
 from stmae_edge.training.train import TrainConfig, fit  # noqa: E402
 
 BEGIN, END = "<!-- training-step-cpu:begin -->", "<!-- training-step-cpu:end -->"

@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from quality_magnetic_tile import (machine, pct, per_type, run_baselines, summaries,  # noqa: E402
-                                   training_benchmark_parser, write_rows)
+from quality_magnetic_tile import machine, pct, per_type, run_baselines, summaries, training_benchmark_parser, write_rows  # noqa: E402
+
 from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.cli import use_available_cores  # noqa: E402

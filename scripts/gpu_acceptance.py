@@ -99,6 +99,7 @@ SYNTHETIC = {"n_good": 40, "n_bad": 40}  # enough that one swapped pair moves AU
 def prepare(work: Path, model: Path | None) -> dict[str, Path]:
     """The tiny model (or the one given) as .pt, fp32, fp16 and int8 ONNX."""
     from synthetic_data import make_synthetic_dataset
+
     from stmae_edge.engines.calibrate import calibrate
     from stmae_edge.engines.export import export_onnx
     from stmae_edge.errors import ConfigError

@@ -18,8 +18,8 @@ import torch
 
 from .errors import CheckpointError, ConfigError, first_line
 from .metadata import ModelMetadata
-from .outputs import check_writable, written_atomically
 from .models.families import build_model, config_from_dict
+from .outputs import check_writable, written_atomically
 
 FORMAT = "stmae-edge/checkpoint"
 

@@ -6,14 +6,13 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from . import __version__
 from .errors import StmaeError
-from .runtime.backend_table import backend_help
 from .metadata import MAX_BATCH
+from .runtime.backend_table import backend_help
 from .scoring import DEFAULT_SIGMA
 from .wire_format import DEFAULT_MAX_BATCH
 
@@ -49,7 +48,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.")
 
 
-def _model_config(family: str, preset_name: str, backbone: Optional[str]):
+def _model_config(family: str, preset_name: str, backbone: str | None):
     from .models.families import preset_config
 
     return preset_config(family, preset_name, backbone)
@@ -70,7 +69,7 @@ def train(
                                     "defects outlined better, large ones fade), small-wide-map, small-sharp-map, "
                                     "small-one-scale, small-head-raw and small-map-score (earlier defaults), "
                                     "transition-only (the residual alone), paper; filtering-ae: tiny, small"),
-    backbone: Optional[str] = typer.Option(None, help="stmae: override the preset's backbone: "
+    backbone: str | None = typer.Option(None, help="stmae: override the preset's backbone: "
                                            "efficientnet_lite0, vgg19"),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet', a path to a torchvision-format "
                                          "weight file, or 'random' (explicitly untrained)"),
@@ -83,7 +82,7 @@ def train(
     holdout: float = typer.Option(HOLDOUT, min=0.01, max=0.9, help="fraction of good images held out: they "
                                   "set the map's statistics, and the image threshold where the score head is "
                                   "not cross-fitted (--score-folds 0, or a preset without one)"),
-    holdout_dir: Optional[Path] = typer.Option(None, help="good images of parts that train/good does not "
+    holdout_dir: Path | None = typer.Option(None, help="good images of parts that train/good does not "
                                                "show, held out in place of --holdout's fraction of "
                                                "train/good: use it where each part is photographed more "
                                                "than once, or the threshold is set on training parts"),
@@ -111,10 +110,11 @@ def train(
 ) -> None:
     """Train a model on good images and write one self-describing checkpoint."""
     from .errors import ConfigError
-    from .models.filtering_ae import FAMILY as FILTERING_FAMILY
     from .evaluation.operating_point import holdout_check
+    from .models.filtering_ae import FAMILY as FILTERING_FAMILY
     from .scoring import threshold_scoring
-    from .training.train import TrainConfig, train as run_train
+    from .training.train import TrainConfig
+    from .training.train import train as run_train
 
     if family == FILTERING_FAMILY and (self_supervised or corruptions_per_image != CORRUPTIONS or backbone_weights != "imagenet"):
         raise ConfigError("--self-supervised, --corruptions-per-image and --backbone-weights are stmae options; "
@@ -146,12 +146,13 @@ def evaluate(
     model: Path = typer.Argument(..., help="checkpoint (.pt, runs in PyTorch), exported graph (.onnx, runs in "
                                  "ONNX Runtime on the CPU) or TensorRT plan (.plan, on its GPU)"),
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses test/ and ground_truth/)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
     batch_size: int = typer.Option(BATCH_SIZE, min=1),
 ) -> None:
     """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the default threshold."""
+    from .evaluation.evaluate import evaluate as run_evaluate
+    from .evaluation.evaluate import format_report, write_json
     from .outputs import check_writable
-    from .evaluation.evaluate import evaluate as run_evaluate, format_report, write_json
 
     use_available_cores()
     out = check_writable(out or model.with_suffix(".eval.json"), [model])
@@ -179,10 +180,12 @@ def demo(
 ) -> None:
     """The embedded default: prepare ELPV solar cells, train a small model, evaluate, print results."""
     from .demo import prepare_elpv
-    from .evaluation.evaluate import evaluate as run_evaluate, format_report, write_json
+    from .evaluation.evaluate import evaluate as run_evaluate
+    from .evaluation.evaluate import format_report, write_json
     from .evaluation.operating_point import holdout_check
     from .scoring import threshold_scoring
-    from .training.train import TrainConfig, train as run_train
+    from .training.train import TrainConfig
+    from .training.train import train as run_train
 
     use_available_cores()
     data_dir = prepare_elpv(workdir / "elpv_mono", max_train=max_train)
@@ -202,7 +205,7 @@ def demo(
 @app.command()
 def export(
     model: Path = typer.Argument(..., help="checkpoint written by `stmae-edge train`"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="ONNX file (default: export/MODEL[.fp16].onnx)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="ONNX file (default: export/MODEL[.fp16].onnx)"),
     precision: str = typer.Option("fp32", help="fp32, or fp16 (fp16 inside, fp32 inputs and outputs)"),
 ) -> None:
     """Export to one self-contained ONNX file (dynamic batch, metadata inside) and check it."""
@@ -220,8 +223,8 @@ def export(
 def verify(
     onnx_file: Path = typer.Argument(..., help="ONNX file written by `stmae-edge export`"),
     model: Path = typer.Option(..., "--model", "-m", help="the checkpoint it was exported from"),
-    images: Optional[Path] = typer.Option(None, help="folder of real images (default: the model's training images)"),
-    rtol: Optional[float] = typer.Option(None, min=0.0, help="largest allowed max relative difference (default: "
+    images: Path | None = typer.Option(None, help="folder of real images (default: the model's training images)"),
+    rtol: float | None = typer.Option(None, min=0.0, help="largest allowed max relative difference (default: "
                                          "1e-4 for an fp32 graph, 2e-2 for an fp16 one)"),
 ) -> None:
     """Parity of ONNX Runtime (CPU) with PyTorch on real images at batch 1 and 8."""
@@ -241,10 +244,10 @@ def verify(
 @app.command()
 def build(
     onnx_file: Path = typer.Argument(..., help="ONNX file written by `stmae-edge export`"),
-    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8; must match the ONNX graph "
+    precision: str | None = typer.Option(None, help="fp32, fp16 or int8; must match the ONNX graph "
                                             "(default: the graph's own precision)"),
     batch: str = typer.Option("1:8:32", help="optimisation profile MIN:OPT:MAX batch sizes"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="plan file (default: engines/NAME.PRECISION.plan)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="plan file (default: engines/NAME.PRECISION.plan)"),
 ) -> None:
     """Build a TensorRT engine plan (TensorRT if installed, else TensorRT for RTX) with a JSON sidecar."""
     from .engines.build import build_engine
@@ -258,20 +261,20 @@ def build(
 @app.command()
 def calibrate(
     onnx_file: Path = typer.Argument(..., help="fp32 ONNX file written by `stmae-edge export`"),
-    images: Optional[Path] = typer.Option(None, help="folder of good images (default: a sample of the "
+    images: Path | None = typer.Option(None, help="folder of good images (default: a sample of the "
                                           "model's training images)"),
     count: int = typer.Option(64, min=8, help="images to sample when --images is not given"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="INT8 graph (default: NAME.int8.onnx beside it)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="INT8 graph (default: NAME.int8.onnx beside it)"),
     cache_dir: Path = typer.Option(Path("calibration"), help="calibration cache folder"),
     float_precision: str = typer.Option("fp16", help="precision of the layers left unquantised: fp16 for "
                                         "TensorRT, fp32 for ONNX Runtime on a CPU (the scoring stays fp32)"),
-    min_weights: Optional[int] = typer.Option(None, help="quantise only layers with at least this many weights "
+    min_weights: int | None = typer.Option(None, help="quantise only layers with at least this many weights "
                                               "(default: 65536 for ST-MAE, whose smaller layers make a TensorRT "
                                               "plan larger in INT8; 1 quantises every layer with weights)"),
 ) -> None:
     """Write a symmetric Q/DQ INT8 graph that TensorRT accepts, calibrated on good images (cached)."""
-    from .engines.calibrate import calibrate as run_calibrate
     from .data import images_in
+    from .engines.calibrate import calibrate as run_calibrate
 
     paths = images_in(images) if images is not None else None
     path, report = run_calibrate(onnx_file, paths, out, count, cache_dir, float_precision=float_precision,
@@ -287,19 +290,19 @@ def calibrate(
 def threshold(
     model: Path = typer.Argument(..., help=".pt, .onnx or .plan file (a plan keeps its thresholds in its sidecar)"),
     data_dir: Path = typer.Argument(..., help="labelled validation set in the MVTec AD layout (DATA_DIR/test/<type>)"),
-    max_false_reject: Optional[float] = typer.Option(None, help="reject at most this fraction of good parts, e.g. 0.01"),
-    min_recall: Optional[float] = typer.Option(None, help="catch at least this fraction of defective parts, e.g. 0.95"),
-    sigma: Optional[float] = typer.Option(None, help="mean + SIGMA * std of the model's good scores (held-out or "
+    max_false_reject: float | None = typer.Option(None, help="reject at most this fraction of good parts, e.g. 0.01"),
+    min_recall: float | None = typer.Option(None, help="catch at least this fraction of defective parts, e.g. 0.95"),
+    sigma: float | None = typer.Option(None, help="mean + SIGMA * std of the model's good scores (held-out or "
                                          "cross-fitted, as training recorded)"),
     write: bool = typer.Option(False, "--write", help="store the threshold (image and pixel) and its rule in MODEL"),
     backend: str = typer.Option("auto", help=f"how DATA_DIR is scored: {BACKEND_HELP}"),
     batch_size: int = typer.Option(16, min=1),
 ) -> None:
     """Choose the image threshold that meets a target on validation data; print what it costs there."""
-    from .model_files import file_kind_of, write_thresholds
     from .data import eval_samples
     from .evaluation.operating_point import check_support, check_target, choose, evaluate_threshold
     from .evaluation.validation import score_dataset
+    from .model_files import file_kind_of, write_thresholds
     from .scoring import threshold_scoring
 
     check_target(max_false_reject, min_recall, sigma)
@@ -363,14 +366,14 @@ def predict(
     images: list[Path] = typer.Argument(..., help="image files and/or folders of images"),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="folder for results.json and overlays"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
-    threshold: Optional[float] = typer.Option(None, help="image threshold, raw score units (default: the model's)"),
-    pixel_threshold: Optional[float] = typer.Option(None, help="region threshold, raw units (default: the model's)"),
-    sigma: Optional[float] = typer.Option(None, help="both thresholds at mean + SIGMA * std of good images"),
+    threshold: float | None = typer.Option(None, help="image threshold, raw score units (default: the model's)"),
+    pixel_threshold: float | None = typer.Option(None, help="region threshold, raw units (default: the model's)"),
+    sigma: float | None = typer.Option(None, help="both thresholds at mean + SIGMA * std of good images"),
     batch_size: int = typer.Option(8, min=1),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="write a heatmap PNG per image"),
     cuda_graph: bool = typer.Option(False, help="TensorRT: replay each batch size as a CUDA graph"),
-    bit_depth: Optional[int] = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
-    server: Optional[str] = typer.Option(None, help="score on a Triton server instead (http://HOST:PORT or "
+    bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
+    server: str | None = typer.Option(None, help="score on a Triton server instead (http://HOST:PORT or "
                                          "grpc://HOST:PORT); MODEL is then the served model's name"),
     any_size: bool = typer.Option(False, "--any-size", help="score images of any size; by default an image far "
                                   "from the training images' sizes is refused (`info` shows them)"),
@@ -419,7 +422,7 @@ def bench(
     iterations: int = typer.Option(20, min=1, help="timed calls per batch size"),
     warmup: int = typer.Option(2, min=0, help="untimed calls per batch size first"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
-    images: Optional[Path] = typer.Option(None, help="folder of real images (default: the model's training "
+    images: Path | None = typer.Option(None, help="folder of real images (default: the model's training "
                                           "images where present, else synthetic frames)"),
     cuda_graph: bool = typer.Option(False, help="TensorRT: replay each batch size as a CUDA graph"),
     json_output: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
@@ -461,11 +464,11 @@ def linescan(
     block_rows: int = typer.Option(256, min=1, help="rows per block when STRIP is one image"),
     overlap: int = typer.Option(32, min=0, help="pixels shared by neighbouring tiles, across and along"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
-    pixel_threshold: Optional[float] = typer.Option(None, help="defect threshold, raw units (default: the model's)"),
+    pixel_threshold: float | None = typer.Option(None, help="defect threshold, raw units (default: the model's)"),
     batch_size: int = typer.Option(64, min=1, help="most tiles per inference call "
                                    "(the tile rows a block completes go out together)"),
     json_output: bool = typer.Option(False, "--json", help="print JSON instead of lines"),
-    bit_depth: Optional[int] = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
+    bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
 ) -> None:
     """Replay a line-scan strip: defects in strip coordinates (row, column) and the throughput."""
     import json
@@ -519,7 +522,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=version_call
 @app.command()
 def serve(
     model: Path = typer.Argument(..., help=".onnx or .plan file (with its sidecar) to serve"),
-    name: Optional[str] = typer.Option(None, help="Triton model name (default: the file's stem)"),
+    name: str | None = typer.Option(None, help="Triton model name (default: the file's stem)"),
     address: str = typer.Option("0.0.0.0", help="address the endpoints listen on (127.0.0.1: this machine only)"),
     http_port: int = typer.Option(8000, min=1, max=65535),
     grpc_port: int = typer.Option(8001, min=1, max=65535),
@@ -546,7 +549,7 @@ def serve(
 def triton_repo(
     model: Path = typer.Argument(..., help=".onnx or .plan file (with its sidecar)"),
     out: Path = typer.Option(..., "--out", "-o", help="model repository folder (created; a model already there is refused)"),
-    name: Optional[str] = typer.Option(None, help="Triton model name (default: the file's stem)"),
+    name: str | None = typer.Option(None, help="Triton model name (default: the file's stem)"),
     max_batch: int = typer.Option(DEFAULT_MAX_BATCH, min=1, max=MAX_BATCH,
                                   help="max_batch_size (a plan's: at most its profile's maximum)"),
     max_queue_delay_us: int = typer.Option(2000, min=0, help="dynamic batching delay"),

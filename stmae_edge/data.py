@@ -6,9 +6,9 @@ this layout often do, and any image suffix the reader takes."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 class EvalSample:
     path: Path
     defect_type: str  # "good" or the defect folder's name
-    mask_path: Optional[Path]  # None for good images and for datasets without ground truth
+    mask_path: Path | None  # None for good images and for datasets without ground truth
 
     @property
     def label(self) -> int:
@@ -78,7 +78,7 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
     return samples
 
 
-def find_mask(folder: Path, image: Path) -> Optional[Path]:
+def find_mask(folder: Path, image: Path) -> Path | None:
     """The ground-truth mask of `image` in `folder` (MASK_NAMES, any image suffix, .png first), or None."""
     suffixes = [".png", *sorted(IMAGE_SUFFIXES - {".png"})]
     for pattern in MASK_NAMES:

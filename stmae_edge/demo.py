@@ -15,7 +15,6 @@ import numpy as np
 
 from .errors import DatasetError, OutputError
 
-
 VIEW_MARKER = ".stmae-edge-demo-view"  # marks the folder prepare_elpv made, which it may replace
 
 

@@ -94,7 +94,7 @@ class ModelMetadata:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelMetadata":
+    def from_dict(cls, d: dict) -> ModelMetadata:
         """Raises CheckpointError for anything but this schema with values of the right types and ranges."""
         if not isinstance(d, dict):
             raise CheckpointError(f"metadata is a {type(d).__name__}, not a JSON object: not a stmae-edge model")
@@ -141,7 +141,7 @@ class ModelMetadata:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_onnx(cls, model) -> "ModelMetadata":
+    def from_onnx(cls, model) -> ModelMetadata:
         """From an ONNX file's metadata_props: a path or a loaded onnx.ModelProto."""
         if not hasattr(model, "metadata_props"):
             from .onnx_files import load_onnx
@@ -150,14 +150,14 @@ class ModelMetadata:
         return cls.from_props({p.key: p.value for p in model.metadata_props})
 
     @classmethod
-    def from_props(cls, props: dict[str, str]) -> "ModelMetadata":
+    def from_props(cls, props: dict[str, str]) -> ModelMetadata:
         """From an ONNX file's metadata_props as a dict (ONNX Runtime's custom_metadata_map is one)."""
         if ONNX_METADATA_KEY not in props:
             raise CheckpointError(f"ONNX file has no '{ONNX_METADATA_KEY}' metadata: not exported by stmae-edge")
         return cls.from_json(props[ONNX_METADATA_KEY])
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelMetadata":
+    def from_json(cls, text: str) -> ModelMetadata:
         return cls.from_dict(parse_document(text, "the model metadata", CheckpointError))
 
 

@@ -10,8 +10,8 @@ same protection from ONNX Runtime itself, which refuses such files before runnin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import CheckpointError, StmaeError, first_line
 

@@ -13,14 +13,14 @@ so every consumer (thresholds, regions, evaluation against masks) sees maps laid
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 
-from .errors import ConfigError, InvalidImageError
 from .checks import is_whole
+from .errors import ConfigError, InvalidImageError
 from .image_header import declared_size
 
 # OpenCV reads this once, at import; it bounds what a hostile file can make the decoder allocate.
@@ -31,7 +31,7 @@ import cv2  # noqa: E402  (must follow the environment variable above)
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_INPUT_SIDE = 4096
 
-ImageInput = Union[str, os.PathLike, np.ndarray]
+ImageInput = str | os.PathLike | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,14 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         d = dict(d)
         d["input_size"] = tuple(int(v) for v in d["input_size"])
         d["mean"] = tuple(float(v) for v in d["mean"])
         d["std"] = tuple(float(v) for v in d["std"])
         return cls(**d)  # bit_depth as written: 12.9 is refused, not read as 12
 
-    def __call__(self, images: Union[ImageInput, Sequence[ImageInput]],
+    def __call__(self, images: ImageInput | Sequence[ImageInput],
                  sources: Sequence[ImageInput] | None = None) -> np.ndarray:
         """One image or a list of them -> float32 batch (N, 3, H, W).
 
@@ -187,7 +187,7 @@ class TrainedSizes:
             raise ConfigError(f"trained width/height range {self.aspect!r} must be two numbers, 0 < smallest <= largest")
 
     @classmethod
-    def of(cls, sizes: Sequence[tuple[int, int]]) -> "TrainedSizes":
+    def of(cls, sizes: Sequence[tuple[int, int]]) -> TrainedSizes:
         """From the (height, width) of every training image."""
         heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
         aspects = [w / h for h, w in sizes]
@@ -214,7 +214,7 @@ class TrainedSizes:
         return {"height": list(self.height), "width": list(self.width), "aspect": list(self.aspect)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainedSizes":
+    def from_dict(cls, d: dict) -> TrainedSizes:
         return cls(tuple(d["height"]), tuple(d["width"]), tuple(float(v) for v in d["aspect"]))
 
 

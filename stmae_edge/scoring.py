@@ -46,7 +46,7 @@ class ScoreStats:
             raise ConfigError(f"score statistics std {self.std!r} must be positive: scores are divided by it")
 
     @classmethod
-    def from_scores(cls, scores: np.ndarray) -> "ScoreStats":
+    def from_scores(cls, scores: np.ndarray) -> ScoreStats:
         s = np.asarray(scores, dtype=np.float64).ravel()
         if s.size < 2 or not np.isfinite(s).all():
             raise ConfigError(f"score statistics need at least 2 finite scores, got {s.size}")
@@ -60,7 +60,7 @@ class ScoreStats:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ScoreStats":
+    def from_dict(cls, d: dict) -> ScoreStats:
         return cls(int(d["count"]), *(float(d[k]) for k in ("mean", "std", "min", "max", "p50", "p95", "p99")))
 
 
@@ -84,7 +84,7 @@ class Thresholds:
 
     @classmethod
     def from_stats(cls, stats: ScoreStats, sigma: float = DEFAULT_SIGMA,
-                   map_stats: ScoreStats | None = None, scored: str = "held-out") -> "Thresholds":
+                   map_stats: ScoreStats | None = None, scored: str = "held-out") -> Thresholds:
         """mean + sigma * std of the good scores; the pixel threshold by the same rule on `map_stats`
         (the good maps' maxima) where the model has them, else equal to the image threshold.
 
@@ -111,7 +111,7 @@ class Thresholds:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Thresholds":
+    def from_dict(cls, d: dict) -> Thresholds:
         return cls(float(d["image"]), float(d["pixel"]), str(d.get("rule", "")))
 
 

@@ -177,11 +177,11 @@ FUNCTIONS = {"image": fuzz_image, "metadata": fuzz_metadata, "sidecar": fuzz_sid
 
 def make_context(tiny_onnx: Path) -> dict:
     """Valid documents to mutate and a Detector, from a small exported model."""
+    import hashlib
+
     from stmae_edge.engine_plan import SIDECAR_FORMAT
     from stmae_edge.metadata import ModelMetadata
     from stmae_edge.runtime import Detector
-
-    import hashlib
 
     metadata = ModelMetadata.from_onnx(tiny_onnx).to_dict()
     plan_bytes = b"not a real plan: read_plan checks the sidecar before TensorRT sees the bytes"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import http.server
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 # (method, path, request headers, request body) -> (status, response headers, response body)
 Respond = Callable[[str, str, "http.client.HTTPMessage", bytes], tuple[int, dict, bytes]]

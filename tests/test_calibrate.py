@@ -15,7 +15,6 @@ from onnx import TensorProto, numpy_helper
 
 from stmae_edge import data
 from stmae_edge.engines.calibrate import FAMILY_SETTINGS, calibrate, weight_elements
-from stmae_edge.errors import ConfigError
 from stmae_edge.engines.export import export_onnx
 from stmae_edge.engines.half_precision import (
     INTENSITY_SCOPE,
@@ -24,8 +23,9 @@ from stmae_edge.engines.half_precision import (
     scoring_nodes,
     statistics_nodes,
 )
-from stmae_edge.metadata import ModelMetadata, onnx_precision
+from stmae_edge.errors import ConfigError
 from stmae_edge.evaluation.metrics import image_auroc
+from stmae_edge.metadata import ModelMetadata, onnx_precision
 from stmae_edge.models.maps import ScoringScope
 from stmae_edge.runtime import Detector
 

@@ -14,8 +14,15 @@ from stmae_edge.checkpoint import load_model, read_checkpoint
 from stmae_edge.errors import CheckpointError, DatasetError, InvalidImageError
 from stmae_edge.models.stmae import STMAE, preset
 from stmae_edge.scoring import ScoreStats
-from stmae_edge.training.train import (TrainConfig, extract_feature_pairs, fit_score_head_cross_fitted, score_images,
-                                       split_holdout, train, training_and_holdout)
+from stmae_edge.training.train import (
+    TrainConfig,
+    extract_feature_pairs,
+    fit_score_head_cross_fitted,
+    score_images,
+    split_holdout,
+    train,
+    training_and_holdout,
+)
 
 CFG = TrainConfig(epochs=3, batch_size=8, seed=0)
 

@@ -8,11 +8,11 @@ import collections
 import cv2
 import numpy as np
 import pytest
-
 from conftest import texture
-from stmae_edge.training.corruption import SHAPES, SOURCES, CorruptionConfig, corrupt
+
 from stmae_edge.errors import ConfigError
 from stmae_edge.preprocessing import to_float
+from stmae_edge.training.corruption import SHAPES, SOURCES, CorruptionConfig, corrupt
 
 
 def good_image(seed: int) -> np.ndarray:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from stmae_edge import data
-from stmae_edge.training.baseline import GaussianBaseline, PatchCoreBaseline, greedy_coreset
 from stmae_edge.errors import DatasetError
+from stmae_edge.training.baseline import GaussianBaseline, PatchCoreBaseline, greedy_coreset
 
 
 def test_mvtec_layout(synthetic_dataset):

@@ -13,10 +13,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from stmae_edge.engines.build import BatchRange, build_engine
-from stmae_edge.engine_plan import sha256_file
-from stmae_edge.errors import ConfigError, ExportError
 from stmae_edge.engines.export import export_onnx
+from stmae_edge.errors import ConfigError, ExportError
 from stmae_edge.metadata import ONNX_METADATA_KEY, ModelMetadata
+from stmae_edge.outputs import sha256_file
 
 trt_available = pytest.mark.skipif(
     not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),

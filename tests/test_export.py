@@ -10,12 +10,12 @@ from onnx import numpy_helper
 
 from stmae_edge import data
 from stmae_edge.checkpoint import load_model
-from stmae_edge.errors import CheckpointError, ExportError, VerificationError
 from stmae_edge.engines.export import PARITY_RTOL, TENSORRT_OPS, export_onnx
+from stmae_edge.engines.verify import verify
+from stmae_edge.errors import CheckpointError, ExportError, VerificationError
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.models.stmae import Attention, preset
 from stmae_edge.training.train import TrainConfig, train
-from stmae_edge.engines.verify import verify
 
 
 @pytest.fixture(scope="module")

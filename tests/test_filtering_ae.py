@@ -12,23 +12,22 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import rank_correlation
 
 from stmae_edge import data
-from stmae_edge.engines.calibrate import FAMILY_SETTINGS, calibrate, output_convs
 from stmae_edge.checkpoint import load_model
+from stmae_edge.engines.calibrate import FAMILY_SETTINGS, calibrate, output_convs
+from stmae_edge.engines.export import TENSORRT_OPS, export_onnx
+from stmae_edge.engines.verify import verify
 from stmae_edge.errors import ConfigError
 from stmae_edge.evaluation.evaluate import evaluate
-from stmae_edge.engines.export import TENSORRT_OPS, export_onnx
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.models.families import FAMILIES
 from stmae_edge.models.filtering_ae import FilteringAEConfig, FilteringAutoencoder, preset
 from stmae_edge.preprocessing import load_image
 from stmae_edge.runtime import Detector
-from stmae_edge.training.train import TrainConfig, preprocessing_for, train
 from stmae_edge.training.filtering import training_pairs
-from stmae_edge.engines.verify import verify
-
-from conftest import rank_correlation
+from stmae_edge.training.train import TrainConfig, preprocessing_for, train
 
 CFG = TrainConfig(epochs=100, batch_size=4, lr=3e-3, seed=0)
 trt_available = pytest.mark.skipif(

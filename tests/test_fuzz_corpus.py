@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fuzz_targets import FUNCTIONS, make_context
 
 CORPUS = Path(__file__).parent / "data" / "fuzz"

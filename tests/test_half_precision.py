@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from stmae_edge.errors import ConfigError
 from stmae_edge.engines.half_precision import float_region, to_half
+from stmae_edge.errors import ConfigError
 
 
 def model(nodes, inputs, outputs, initializers=(), opset=18) -> onnx.ModelProto:

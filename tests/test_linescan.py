@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import json
 import tracemalloc
+from dataclasses import replace
 
 import cv2
 import numpy as np
 import pytest
+from conftest import texture
+from test_cli import run
 
 from stmae_edge.errors import BackendError, ConfigError, InvalidImageError
 from stmae_edge.runtime import Detector
 from stmae_edge.runtime.linescan import StreamingInspector, StripRegions, edge_ramp
 from stmae_edge.scoring import ScoreStats
-from conftest import texture
-from test_cli import run
 
 OVERLAP = 16  # tiles of 64: stride 48
 

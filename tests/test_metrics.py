@@ -8,9 +8,17 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from stmae_edge.evaluation.metrics import (aupro, f1_at_threshold, image_auroc, image_auroc_by_type, metric_or_none,
-                                          percent_text, pixel_auroc, pixel_auroc_against, summarize)
-
+from stmae_edge.evaluation.metrics import (
+    aupro,
+    f1_at_threshold,
+    image_auroc,
+    image_auroc_by_type,
+    metric_or_none,
+    percent_text,
+    pixel_auroc,
+    pixel_auroc_against,
+    summarize,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # image AUROC / F1

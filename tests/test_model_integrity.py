@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_cli import run
 
 from stmae_edge.errors import CheckpointError, InvalidImageError
 from stmae_edge.metadata import METADATA_DIGEST_KEY, ONNX_METADATA_KEY, ModelMetadata
@@ -19,7 +20,6 @@ from stmae_edge.model_files import read_metadata, write_thresholds
 from stmae_edge.preprocessing import TrainedSizes, read_image_bytes
 from stmae_edge.runtime import Detector
 from stmae_edge.scoring import Thresholds
-from test_cli import run
 
 
 # --- the sizes a model accepts ----------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """pyproject.toml: the runtime needs no torch, torch is pinned, exactly one onnxruntime per platform."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 PROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]

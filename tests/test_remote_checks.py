@@ -13,12 +13,12 @@ import re
 
 import numpy as np
 import pytest
-
 from loopback_http import LoopbackServer
+
+from stmae_edge import wire_format as wire
 from stmae_edge.errors import ConfigError
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.runtime import RemoteDetector, RemoteError
-from stmae_edge import wire_format as wire
 from stmae_edge.scoring import Thresholds
 
 

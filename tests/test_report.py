@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import run
 
-from stmae_edge.model_files import write_thresholds
 from stmae_edge.evaluation.metrics import percent_text, summarize
 from stmae_edge.evaluation.report import build_report
+from stmae_edge.model_files import write_thresholds
 from stmae_edge.runtime import Detector
 from stmae_edge.scoring import Thresholds
-from test_cli import run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from stmae_edge.errors import BackendError
-from stmae_edge.runtime import Detector, RemoteError
-from stmae_edge.runtime import backends
+from stmae_edge.runtime import Detector, RemoteError, backends
 from stmae_edge.runtime.detector import DEFAULT_BATCH_SIZE, check_network_outputs
 
 

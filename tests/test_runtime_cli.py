@@ -9,7 +9,6 @@ import sys
 
 import cv2
 import numpy as np
-
 from test_cli import _assert_one_line_error, run
 
 # As on a machine without the train extra: every import of torch fails as a missing package does, and

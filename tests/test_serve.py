@@ -281,8 +281,8 @@ def test_triton_repo_for_onnx_parses_as_a_model_config(tiny_export, tmp_path):
 @needs_serve_env
 def test_triton_repo_for_a_plan_keeps_its_profile_and_refuses_rtx_plans(tiny_export, tmp_path):
     pytest.importorskip("tensorrt_rtx_bindings", reason="needs TensorRT for RTX: pip install '.[rtx]'")
-    from stmae_edge.engines.build import build_engine
     from stmae_edge.engine_plan import read_plan, sidecar_path
+    from stmae_edge.engines.build import build_engine
 
     _, onnx_path, _ = tiny_export
     plan, _ = build_engine(onnx_path, "fp32", "1:4:8", tmp_path / "m.plan")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import texture
 from soak import concurrent, soak_detector, soak_linescan
+
 from stmae_edge.runtime import Detector
 
 GROWTH_LIMIT_MB = 5.0

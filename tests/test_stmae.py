@@ -11,11 +11,25 @@ import torch
 from stmae_edge.errors import ConfigError
 from stmae_edge.models.gaussian import fit_position_gaussian
 from stmae_edge.models.maps import gaussian_kernel, smooth
-from stmae_edge.models.stmae import (STMAE, STMAEConfig, checkerboard_split, explicit_attention, fused_attention,
-                                     preset, random_split, take_tokens, unit_tokens)
+from stmae_edge.models.stmae import (
+    STMAE,
+    STMAEConfig,
+    checkerboard_split,
+    explicit_attention,
+    fused_attention,
+    preset,
+    random_split,
+    take_tokens,
+    unit_tokens,
+)
 from stmae_edge.preprocessing import Preprocessing
-from stmae_edge.training.train import (fit_gaussian, fit_intensity_target, fit_score_head, fit_score_head_cross_fitted,
-                                       fit_score_scales)
+from stmae_edge.training.train import (
+    fit_gaussian,
+    fit_intensity_target,
+    fit_score_head,
+    fit_score_head_cross_fitted,
+    fit_score_scales,
+)
 
 
 @pytest.fixture(scope="module")

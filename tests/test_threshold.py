@@ -8,15 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_cli import _assert_one_line_error, run
 
 from stmae_edge.checkpoint import read_checkpoint
 from stmae_edge.errors import ConfigError
+from stmae_edge.evaluation.operating_point import choose, holdout_check, wilson_interval
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.model_files import read_metadata, write_thresholds
-from stmae_edge.evaluation.operating_point import choose, holdout_check, wilson_interval
 from stmae_edge.runtime import Detector
 from stmae_edge.scoring import ScoreStats, Thresholds
-from test_cli import _assert_one_line_error, run
 
 GOOD = np.arange(100) / 100  # 0.00 .. 0.99
 DEFECTIVE = np.array([0.5, 0.95, 1.2, 1.5, 2.0])
@@ -168,8 +168,8 @@ def test_threshold_command_refuses_bad_targets_in_one_line(tiny_export, syntheti
 @pytest.mark.skipif(not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
                     reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
 def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, tmp_path):
-    from stmae_edge.engines.build import build_engine
     from stmae_edge.engine_plan import read_plan
+    from stmae_edge.engines.build import build_engine
 
     plan, _ = build_engine(tiny_export[1], None, "1:2:4", tmp_path / "m.plan", timing_cache=tmp_path / "t.cache")
     plan_bytes = plan.read_bytes()

@@ -10,8 +10,8 @@ import numpy as np
 
 _saved = list(sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from unseen_tiles import given_split_overlap, regroup, tile_groups  # noqa: E402
 from threshold_new_parts import hold_out_parts  # noqa: E402
+from unseen_tiles import given_split_overlap, regroup, tile_groups  # noqa: E402
 
 sys.path[:] = _saved
 

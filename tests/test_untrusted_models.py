@@ -9,12 +9,12 @@ import json
 import onnx
 import pytest
 from onnx import TensorProto
+from test_cli import _assert_one_line_error, run
 
 from stmae_edge.checks import MAX_DOCUMENT_BYTES
 from stmae_edge.errors import CheckpointError, StmaeError
 from stmae_edge.metadata import ONNX_METADATA_KEY, ModelMetadata
 from stmae_edge.runtime import Detector
-from test_cli import _assert_one_line_error, run
 
 
 def _with_external_weight(source, target, location: str) -> None:

@@ -14,13 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from .. import __version__
-from ..onnx_files import load_onnx
-from ..outputs import check_writable, sha256_file, write_bytes_atomically
 from ..engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, write_sidecar
 from ..errors import ConfigError, ExportError, first_line
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
+from ..onnx_files import load_onnx
+from ..outputs import check_writable, sha256_file, write_bytes_atomically
 from ..progress import progress_bar
 
 PRECISIONS = PLAN_PRECISIONS  # int8 graphs come from `stmae-edge calibrate`
@@ -37,7 +36,7 @@ class BatchRange:
     max: int
 
     @classmethod
-    def parse(cls, text: str) -> "BatchRange":
+    def parse(cls, text: str) -> BatchRange:
         try:
             low, opt, high = (int(v) for v in text.split(":"))
         except ValueError:

@@ -33,8 +33,8 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -42,11 +42,11 @@ import onnx
 from .. import data
 from ..checks import parse_document
 from ..errors import ConfigError, DatasetError
-from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
 from ..metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
 from ..onnx_files import load_onnx
 from ..outputs import check_writable, sha256_file, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
+from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
 
 log = logging.getLogger(__name__)
 

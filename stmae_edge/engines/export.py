@@ -22,13 +22,21 @@ import onnx
 import torch
 
 from ..checkpoint import load_model
-from .half_precision import is_statistic
-from ..progress import progress_bar
-from .parity import PARITY_RTOL, relative_difference
-from ..outputs import check_writable, written_atomically
 from ..errors import ConfigError, ExportError, StmaeError, first_line
-from ..metadata import (INPUT_NAME, MAP_NAME, MAX_BATCH, ONNX_METADATA_KEY, PRECISION_KEY, SCORE_NAME,
-                       ModelMetadata, onnx_precision)
+from ..metadata import (
+    INPUT_NAME,
+    MAP_NAME,
+    MAX_BATCH,
+    ONNX_METADATA_KEY,
+    PRECISION_KEY,
+    SCORE_NAME,
+    ModelMetadata,
+    onnx_precision,
+)
+from ..outputs import check_writable, written_atomically
+from ..progress import progress_bar
+from .half_precision import is_statistic
+from .parity import PARITY_RTOL, relative_difference
 
 OPSET = 18
 EXPORT_PRECISIONS = ("fp32", "fp16")

@@ -6,8 +6,8 @@ so the check also proves that the metadata describes the input the graph expects
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

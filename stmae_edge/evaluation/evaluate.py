@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import data
-from ..outputs import check_writable, write_bytes_atomically
 from ..model_files import file_kind_of, read_metadata
+from ..outputs import check_writable, write_bytes_atomically
 from .metrics import percent_text, summarize
 
 

@@ -14,7 +14,8 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,13 +74,13 @@ def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
     return _auc_from_classes(s[y].copy(), s[~y].copy())  # the pixel AUROC's one definition, ties counted half
 
 
-def f1_at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: float) -> Dict[str, float]:
+def f1_at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, float]:
     """Precision, recall and F1 of the decision ``score > threshold`` (0/0 is taken as 0.0)."""
     y, s = _scores_1d(labels, scores)
     return _precision_recall_f1(evaluate_threshold(threshold, s[~y], s[y], rule=""))
 
 
-def _precision_recall_f1(point: OperatingPoint) -> Dict[str, float]:
+def _precision_recall_f1(point: OperatingPoint) -> dict[str, float]:
     precision = 0.0 if math.isnan(point.precision) else point.precision
     recall = 0.0 if math.isnan(point.recall) else point.recall
     f1 = 2.0 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -121,7 +122,7 @@ def pixel_auroc(masks: Any, maps: Any) -> float:
     return _auc_from_classes(pos, neg)
 
 
-def pixel_auroc_against(masks: Any, maps: Any, defect_types: Sequence[str]) -> Dict[str, Dict[str, float]]:
+def pixel_auroc_against(masks: Any, maps: Any, defect_types: Sequence[str]) -> dict[str, dict[str, float]]:
     """Where the pooled pixel AUROC is lost: for each defect type, the AUROC of its anomalous pixels
     against the normal pixels of each group of images (``result[type][group]``; groups are the values
     of ``defect_types``, "good" and the defect types alike, so a type is also measured against the
@@ -142,7 +143,7 @@ def pixel_auroc_against(masks: Any, maps: Any, defect_types: Sequence[str]) -> D
     for group in groups:
         this = types == group
         normal[group] = np.sort(m[this][~g[this]])
-    out: Dict[str, Dict[str, float]] = {}
+    out: dict[str, dict[str, float]] = {}
     for name in groups:
         if name == "good":
             continue
@@ -187,7 +188,7 @@ def _pro_table(pos: np.ndarray, weights: np.ndarray, n_regions: int) -> tuple[np
 
 
 def pro_curve(masks: Any, maps: Any, max_fpr: float = 0.3, points: int = 200,
-              threshold: Optional[float] = None) -> Dict[str, Any]:
+              threshold: float | None = None) -> dict[str, Any]:
     """The per-region-overlap curve for plots: `points` thresholds evenly spaced in FPR from 0 to
     ``max_fpr`` (decision: score > t), and, given `threshold`, its own (FPR, PRO) point. The area is
     :func:`aupro`'s job; this is what a person looks at. Empty when there is no region."""
@@ -211,7 +212,7 @@ def pro_curve(masks: Any, maps: Any, max_fpr: float = 0.3, points: int = 200,
     return {"fpr": fpr.tolist(), "pro": pro.tolist(), "point": point}
 
 
-def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> Dict[str, list]:
+def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> dict[str, list]:
     """Image-level ROC points (FPR, TPR) over every distinct score, highest first, from (0, 0)."""
     y, s = _scores_1d(labels, scores)
     order = np.argsort(-s, kind="stable")
@@ -223,7 +224,7 @@ def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> Dict[str, list]
     return {"fpr": np.r_[0.0, fps / n_neg].tolist(), "tpr": np.r_[0.0, tps / n_pos].tolist()}
 
 
-def aupro(masks: Any, maps: Any, max_fpr: float = 0.3, num_thresholds: Optional[int] = None) -> float:
+def aupro(masks: Any, maps: Any, max_fpr: float = 0.3, num_thresholds: int | None = None) -> float:
     """Normalised area under the per-region-overlap curve up to ``max_fpr`` (MVTec AD definition).
 
     Regions are the 8-connected components of each ground-truth mask. For a threshold t,
@@ -317,7 +318,7 @@ def aupro(masks: Any, maps: Any, max_fpr: float = 0.3, num_thresholds: Optional[
 # summary
 
 
-def metric_or_none(value: Optional[float]) -> Optional[float]:
+def metric_or_none(value: float | None) -> float | None:
     """A metric as a JSON value: None where it is undefined (NaN) or was not computed."""
     if value is None:
         return None
@@ -325,14 +326,14 @@ def metric_or_none(value: Optional[float]) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
-def percent_text(value: Optional[float], width: int = 0) -> str:
+def percent_text(value: float | None, width: int = 0) -> str:
     """A rate in [0, 1] as percent with one decimal ("97.8"), or "n/a" where undefined; right-aligned to width."""
     text = "n/a" if metric_or_none(value) is None else f"{100 * float(value):.1f}"
     return f"{text:>{width}s}"
 
 
 def image_auroc_by_type(labels: Sequence[int], scores: Sequence[float],
-                        defect_types: Sequence[str]) -> Dict[str, Optional[float]]:
+                        defect_types: Sequence[str]) -> dict[str, float | None]:
     """Image AUROC of each defect type's images against all "good" images (None where undefined)."""
     y, s = _scores_1d(labels, scores)
     types = np.asarray([str(t) for t in defect_types])
@@ -349,8 +350,8 @@ def summarize(
     masks: Any,
     maps: Any,
     defect_types: Sequence[str],
-    threshold: Optional[float],
-) -> Dict[str, Any]:
+    threshold: float | None,
+) -> dict[str, Any]:
     """All metrics of an evaluation run as plain Python values (JSON-serialisable, no NaN).
 
     Overall: image_auroc, pixel_auroc, aupro, f1, precision, recall and false_reject_rate (the share of
@@ -373,7 +374,7 @@ def summarize(
         if g.shape[0] != y.size:
             raise ValueError(f"masks/maps have {g.shape[0]} images, labels {y.size}")
 
-    out: Dict[str, Any] = {"image_auroc": metric_or_none(image_auroc(y, s))}
+    out: dict[str, Any] = {"image_auroc": metric_or_none(image_auroc(y, s))}
     out["pixel_auroc"] = metric_or_none(pixel_auroc(g, m)) if has_pixels else None
     out["aupro"] = metric_or_none(aupro(g, m)) if has_pixels else None
     if threshold is None:
@@ -388,11 +389,11 @@ def summarize(
 
     good = types == "good"
     against = pixel_auroc_against(g, m, types) if has_pixels else {}
-    per_type: Dict[str, Dict[str, Any]] = {}
+    per_type: dict[str, dict[str, Any]] = {}
     for name, auroc in image_auroc_by_type(y, s, types).items():
         this = types == name
         sel = np.flatnonzero(this | good)
-        entry: Dict[str, Any] = {"image_auroc": auroc}
+        entry: dict[str, Any] = {"image_auroc": auroc}
         if has_pixels:
             entry["pixel_auroc"] = metric_or_none(pixel_auroc(g[sel], m[sel]))
             entry["aupro"] = metric_or_none(aupro(g[sel], m[sel]))

@@ -25,13 +25,12 @@ import numpy as np
 
 from .. import data
 from ..errors import ConfigError, OutputError
-from .metrics import (aupro, image_auroc, image_auroc_by_type, metric_or_none, percent_text, pixel_auroc, pro_curve,
-                      roc_curve)
-from .operating_point import evaluate_threshold
 from ..outputs import check_output_folder, same_file, write_bytes_atomically
 from ..preprocessing import load_image
 from ..progress import progress_bar
 from ..scoring import fails, threshold_scoring
+from .metrics import aupro, image_auroc, image_auroc_by_type, metric_or_none, percent_text, pixel_auroc, pro_curve, roc_curve
+from .operating_point import evaluate_threshold
 from .validation import ScoredDataset, score_dataset
 
 CASE_SIDE = 320  # pixels: the longer side of each case picture on the page

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Mapping, Union
+from collections.abc import Callable, Mapping
+from typing import Union
 
 import torch
 import torch.nn as nn
@@ -229,7 +230,7 @@ def efficientnet_lite0(weights: WeightsSpec = "imagenet", num_blocks: int = LITE
 # ---------------------------------------------------------------------------------------------------------------
 
 # torchvision's configuration "E": channels per conv, "M" for a 2x2 max pool.
-VGG19_CFG: tuple[Union[int, str], ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+VGG19_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
                                           512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 VGG19_NUM_FEATURES = 37  # len(torchvision vgg19().features): conv + relu per conv, one module per pool
 
@@ -336,7 +337,7 @@ def vgg19(weights: WeightsSpec = "imagenet", num_features: int = VGG19_NUM_FEATU
 
 
 def _with_weights(build: Callable[[], nn.Module], build_full: Callable[[], nn.Module], weights: WeightsSpec,
-                  name: str, imagenet: Callable[[], Union[str, dict]]) -> nn.Module:
+                  name: str, imagenet: Callable[[], str | dict]) -> nn.Module:
     """Build a (possibly truncated) model and fill it according to ``weights``.
 
     A checkpoint is checked against the FULL architecture (every key it has must exist there with that shape) and
@@ -460,7 +461,7 @@ class FeatureExtractor(nn.Module):
         self.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         # Frozen ImageNet statistics: a parent's model.train() must not switch batch norm to batch statistics.
         return super().train(False)
 

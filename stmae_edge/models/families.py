@@ -8,7 +8,6 @@ and the architecture differ.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from torch import nn
 
@@ -27,7 +26,7 @@ def check_family(family: str) -> str:
     return family
 
 
-def preset_config(family: str, name: str, backbone: Optional[str] = None):
+def preset_config(family: str, name: str, backbone: str | None = None):
     """A size preset of a family; `backbone` overrides ST-MAE's backbone (the filtering AE has none)."""
     if check_family(family) == filtering_ae.FAMILY:
         if backbone:

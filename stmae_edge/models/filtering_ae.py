@@ -56,7 +56,7 @@ class FilteringAEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FilteringAEConfig":
+    def from_dict(cls, d: dict) -> FilteringAEConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown model config keys {sorted(unknown)}: made by a newer stmae-edge?")

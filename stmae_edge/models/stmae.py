@@ -59,7 +59,6 @@ from .gaussian import projected_mahalanobis
 from .intensity import IntensityNormalization
 from .maps import ScoringScope, gaussian_kernel, maps_and_scores, mean_and_spread, neighbourhood_mean, smooth
 
-
 RESIDUALS = ("mse", "mse_cos")
 # Added to a channel's std over an image's positions before dividing by it (score head, Gaussian input):
 # a channel that is 0 everywhere on an image (ReLU6 layers can be) stays 0 instead of dividing by zero.
@@ -170,7 +169,7 @@ class STMAEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "STMAEConfig":
+    def from_dict(cls, d: dict) -> STMAEConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:

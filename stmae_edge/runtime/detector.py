@@ -20,8 +20,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union, overload
+from typing import overload
 
 import numpy as np
 
@@ -111,9 +112,9 @@ class Detector(AssignableThresholds):
     @overload
     def predict(self, images: Sequence[ImageInput], **kw) -> list[Detection]: ...
 
-    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], *, image_threshold: float | None = None,
+    def predict(self, images: ImageInput | Sequence[ImageInput], *, image_threshold: float | None = None,
                 pixel_threshold: float | None = None, sigma: float | None = None,
-                timings: dict | None = None) -> Union[Detection, list[Detection]]:
+                timings: dict | None = None) -> Detection | list[Detection]:
         """Score one image or a list (paths or arrays: gray, BGR or BGRA; uint8, uint16 or float in [0, 1]).
 
         Args:
@@ -143,7 +144,7 @@ class Detector(AssignableThresholds):
 
     __call__ = predict
 
-    def preprocess(self, images: Union[ImageInput, Sequence[ImageInput]]) -> np.ndarray:
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """The network's input tensor for these images: the same definition training used."""
         return self.preprocessing(images)
 
@@ -206,7 +207,7 @@ class Detector(AssignableThresholds):
         with self._lock:
             self._backend.close()
 
-    def __enter__(self) -> "Detector":
+    def __enter__(self) -> Detector:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,16 +23,16 @@ import math
 import struct
 import urllib.error
 import urllib.request
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 
+from .. import wire_format as wire
 from ..checks import is_whole, parse_document
 from ..errors import BackendError, CheckpointError, ConfigError, first_line
 from ..metadata import MAX_BATCH, ModelMetadata
 from ..preprocessing import ImageInput
 from ..scoring import Thresholds
-from .. import wire_format as wire
 from .detector import accepted_sizes, as_items, balanced_chunks, check_network_outputs, decode_batch
 from .postprocess import AssignableThresholds, Detection, postprocess, resolve_thresholds
 
@@ -117,7 +117,7 @@ class RemoteDetector(AssignableThresholds):
                 "model": self.model, "server_runtime": self._runtime}
 
     # -- the Detector API -------------------------------------------------------------------------
-    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], *, image_threshold: float | None = None,
+    def predict(self, images: ImageInput | Sequence[ImageInput], *, image_threshold: float | None = None,
                 pixel_threshold: float | None = None, sigma: float | None = None):
         """As Detector.predict: one image or a list (paths or arrays) -> Detection or list of them.
 
@@ -196,7 +196,7 @@ class RemoteDetector(AssignableThresholds):
         if self._grpc is not None:
             self._grpc.close()
 
-    def __enter__(self) -> "RemoteDetector":
+    def __enter__(self) -> RemoteDetector:
         return self
 
     def __exit__(self, *exc) -> None:

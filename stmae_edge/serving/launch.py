@@ -13,12 +13,12 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from ..errors import BackendError
 from .. import wire_format as wire
+from ..errors import BackendError
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import onnx
 
+from .. import wire_format as wire
 from ..engine_plan import read_plan
 from ..errors import ConfigError, OutputError
-from ..model_files import file_kind_of
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME, ModelMetadata
+from ..model_files import file_kind_of
 from ..onnx_files import load_onnx
-from .. import wire_format as wire
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}  # by file kind
 

@@ -22,15 +22,15 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from .. import wire_format as wire
 from ..errors import BackendError, ConfigError, first_line
 from ..runtime.detector import Detector
 from ..scoring import fails, normalize
-from .. import wire_format as wire
 
 logger = logging.getLogger(__name__)
 INSTALL_HINT = ("install the serve extra in its own environment: `bash scripts/setup_serve_env.sh` "

@@ -27,7 +27,7 @@ class GaussianBaseline:
         self.precision: torch.Tensor | None = None  # (P, C, C)
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor) -> "GaussianBaseline":
+    def fit(self, features: torch.Tensor) -> GaussianBaseline:
         """features: raw backbone features of good images (N, C, G, G), any float dtype."""
         self.mean, self.precision = fit_position_gaussian(features, self.eps)
         return self
@@ -88,7 +88,7 @@ class PatchCoreBaseline:
         return neighbourhood_mean(features.float(), self.neighbourhood)
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor) -> "PatchCoreBaseline":
+    def fit(self, features: torch.Tensor) -> PatchCoreBaseline:
         """features: raw backbone features of good images (N, C, G, G)."""
         patches = self._aggregate(features).permute(0, 2, 3, 1).reshape(-1, features.shape[1])
         count = max(1, int(round(patches.shape[0] * self.coreset_ratio)))

@@ -12,8 +12,8 @@ gives the same defects for sample i on every run. numpy and OpenCV only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

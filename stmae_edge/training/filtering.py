@@ -12,15 +12,15 @@ of epoch e is corrupted with rng (seed, e, i).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .corruption import corrupt
 from ..models.filtering_ae import FilteringAEConfig, FilteringAutoencoder
 from ..preprocessing import ImageInput, Preprocessing, load_image
 from ..progress import progress_bar
+from .corruption import corrupt
 from .loop import STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
 
 DONORS = 16  # training images that lend their texture to "other image" defects

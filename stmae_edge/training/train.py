@@ -13,30 +13,31 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from .. import data
 from ..checkpoint import save_checkpoint
-from ..outputs import check_writable, sha256_file
 from ..errors import ConfigError, DatasetError, TrainingError
 from ..metadata import ModelMetadata
 from ..models.backbones import BACKBONE_PREPROCESSING
 from ..models.families import STMAE_FAMILY
-from ..models.filtering_ae import FAMILY as FILTERING_FAMILY, FilteringAEConfig
+from ..models.filtering_ae import FAMILY as FILTERING_FAMILY
+from ..models.filtering_ae import FilteringAEConfig
 from ..models.gaussian import fit_position_gaussian
 from ..models.intensity import image_statistics
 from ..models.stmae import STMAE, STMAEConfig, random_split
-from .corruption import corrupt
-from .filtering import DONORS, train_filtering
+from ..outputs import check_writable, sha256_file
 from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, declared_image_size, load_image
 from ..progress import progress_bar
-from .loop import STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
+from .corruption import corrupt
+from .filtering import DONORS, train_filtering
+from .loop import STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
 
 logger = logging.getLogger(__name__)
 
