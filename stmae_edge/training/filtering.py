@@ -21,7 +21,7 @@ from ..models.filtering_ae import FilteringAEConfig, FilteringAutoencoder
 from ..preprocessing import ImageInput, Preprocessing, load_image
 from ..progress import progress_bar
 from .corruption import corrupt
-from .loop import STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
+from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
 
 DONORS = 16  # training images that lend their texture to "other image" defects
 
@@ -75,4 +75,4 @@ def residual_statistics(model: FilteringAutoencoder, preprocessing: Preprocessin
                 advance(len(chunk))
 
         mean, std = mean_and_std(residuals(), dims=(0,))
-    return mean, std.clamp_min(STD_FLOOR)
+    return mean, std.clamp_min(FITTED_STD_FLOOR)

@@ -88,7 +88,7 @@ def batches(items: Sequence, size: int):
 # The smallest std a normalisation divides by: a statistic that does not vary (a constant map, a
 # feature that is always zero) must not divide by zero. Far below the stds seen (0.06..0.09 per position
 # on magnetic_tile's residuals).
-STD_FLOOR = 1e-6
+FITTED_STD_FLOOR = 1e-6
 
 
 def mean_and_std(chunks: Iterable[torch.Tensor], dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

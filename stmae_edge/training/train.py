@@ -37,7 +37,7 @@ from ..progress import progress_bar
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
 from .corruption import corrupt
 from .filtering import DONORS, train_filtering
-from .loop import STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
+from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def residual_statistics(model: STMAE, features: torch.Tensor, batch_size: int = 
     model.eval()
     residuals = torch.cat([model.residual(f, model.reconstruct(f))
                            for f in (model.standardize(chunk.float()) for chunk in features.split(batch_size))])
-    return residuals.mean(dim=0, keepdim=True), residuals.std(dim=0, keepdim=True).clamp_min(STD_FLOOR)
+    return residuals.mean(dim=0, keepdim=True), residuals.std(dim=0, keepdim=True).clamp_min(FITTED_STD_FLOOR)
 
 
 @torch.no_grad()
@@ -475,11 +475,11 @@ def fit_score_head_cross_fitted(model: STMAE, score_features: torch.Tensor, fold
 
 def z_score_table(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     """(mean, std) per group of held-out values, one row each, as the graph's z-scores read them
-    (mean_and_std: population std, float64), the std floored at STD_FLOOR."""
+    (mean_and_std: population std, float64), the std floored at FITTED_STD_FLOOR."""
     rows = []
     for group in groups:
         mean, std = mean_and_std((v.flatten() for v in group), dims=(0,))
-        rows.append([float(mean), max(float(std), STD_FLOOR)])
+        rows.append([float(mean), max(float(std), FITTED_STD_FLOOR)])
     return torch.tensor(rows)
 
 
