@@ -19,7 +19,7 @@ ALLOWED = {
     "engines": {"models"},
     "runtime": set(),
     "serving": {"runtime"},
-    "evaluation": {"models", "training", "runtime"},
+    "evaluation": {"runtime"},  # scores through the runtime, torch-cpu for a checkpoint: no training import
     "shared": {"models"},
 }
 ENTRY_POINTS = {"stmae_edge.cli", "stmae_edge.demo", "stmae_edge"}

@@ -12,6 +12,9 @@ from .. import data
 from ..model_files import file_kind_of, read_metadata
 from ..outputs import check_writable, write_bytes_atomically
 from .metrics import percent_text, summarize
+from .validation import score_dataset
+
+EVALUATION_BACKENDS = {"checkpoint": "torch-cpu", "onnx": "ort-cpu", "plan": "tensorrt"}
 
 
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16) -> dict:
@@ -32,25 +35,13 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16)
         ConfigError: not a model file type. BackendError: a plan where TensorRT or its GPU is missing.
         InvalidImageError: a test image that cannot be read.
     """
-    kind = file_kind_of(model_path)
-    if kind == "checkpoint":  # torch only here: a graph or a plan is evaluated where only the runtime is installed
-        from ..checkpoint import load_model
-
-        model, metadata = load_model(model_path)
-    else:  # the model file is checked before any data is read
-        metadata = read_metadata(model_path)
+    # Every kind of file through the runtime, as `threshold` and `report` score a set: the same numbers
+    # on any machine (the CPU backends), a plan on its GPU. A checkpoint needs torch, the rest do not.
+    backend = EVALUATION_BACKENDS[file_kind_of(model_path)]
+    metadata = read_metadata(model_path)  # the model file is checked before any data is read
     samples = data.eval_samples(data_dir)
-    paths = [s.path for s in samples]
-    if kind != "checkpoint":  # through the runtime, as `threshold` and `report` score a set
-        from .validation import score_dataset
-
-        backend = "ort-cpu" if kind == "onnx" else "tensorrt"  # the same numbers on any machine; a plan needs its GPU
-        scored = score_dataset(model_path, data_dir, backend, batch_size, description="evaluating", samples=samples)
-        maps, scores = scored.maps, scored.scores
-    else:
-        from ..training.train import score_images
-
-        maps, scores = score_images(model, metadata.preprocessing, paths, batch_size, description="evaluating")
+    scored = score_dataset(model_path, data_dir, backend, batch_size, description="evaluating", samples=samples)
+    maps, scores = scored.maps, scored.scores
     size = metadata.preprocessing.input_size
     masks = data.load_masks(samples, size) if data.has_masks(samples) else None
     result = summarize(
