@@ -263,7 +263,8 @@ def calibrate(
     onnx_file: Path = typer.Argument(..., help="fp32 ONNX file written by `stmae-edge export`"),
     images: Path | None = typer.Option(None, help="folder of good images (default: a sample of the "
                                           "model's training images)"),
-    count: int = typer.Option(64, min=8, help="images to sample when --images is not given"),
+    count: int | None = typer.Option(None, min=8, help="images to sample: of --images (default: all of them), "
+                                        "or of the model's training images (default: 64)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="INT8 graph (default: NAME.int8.onnx beside it)"),
     cache_dir: Path = typer.Option(Path("calibration"), help="calibration cache folder"),
     float_precision: str = typer.Option("fp16", help="precision of the layers left unquantised: fp16 for "
@@ -277,7 +278,11 @@ def calibrate(
     from .engines.calibrate import calibrate as run_calibrate
 
     paths = images_in(images) if images is not None else None
-    path, report = run_calibrate(onnx_file, paths, out, count, cache_dir, float_precision=float_precision,
+    if paths and count and len(paths) > count:  # a seeded sample, so a rerun finds its cache
+        import random
+
+        paths = sorted(random.Random(0).sample(paths, count))
+    path, report = run_calibrate(onnx_file, paths, out, count or 64, cache_dir, float_precision=float_precision,
                                  min_weight_elements=min_weights)
     settings = report["settings"]
     small = (f"; those under {settings['min_weight_elements']} weights stay in {settings['float_precision']}, like the rest"

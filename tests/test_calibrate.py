@@ -107,6 +107,13 @@ def test_only_layers_with_enough_weights_are_quantised(fp32_graph, synthetic_dat
     # no --images: a sample of the training images, from the folder the model recorded, named
     assert f"images of {(synthetic_dataset / 'train' / 'good').resolve()} (cache" in result.stdout
     assert f"{len(quantised)} of {len(transformer)} layers in INT8; those under {cut} weights stay in fp16" in result.stdout
+    # --images with --count: that many of the folder's images (all 24 without it)
+    good = synthetic_dataset / "train" / "good"
+    for extra, used in (([], 24), (["--count", "8"], 8)):
+        result = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "calibrate", str(path), "--out",
+                                 str(tmp_path / "count.onnx"), "--cache-dir", str(folder / "cache"), "--min-weights",
+                                 str(cut), "--images", str(good), *extra], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and f"calibrated on {used} images of {good}" in result.stdout, result.stderr
 
 
 def float_types(proto: onnx.ModelProto) -> dict[str, int]:
