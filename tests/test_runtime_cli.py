@@ -191,6 +191,17 @@ def test_bench_table_for_a_pytorch_checkpoint_and_bad_options(tiny_export, synth
     _assert_one_line_error(run("predict", str(tiny_export[1]).replace(".onnx", ".nope"), "x.png"), "no such model")
 
 
+def test_bench_frames_without_the_training_images_are_of_a_size_the_model_accepts(tiny_export):
+    from stmae_edge.runtime import Detector
+    from stmae_edge.runtime.bench import bench_images
+
+    detector = Detector(tiny_export[1], "ort-cpu")
+    detector.metadata.training = {}  # the training images are not where they were (another machine)
+    images, what = bench_images(detector, count=4)
+    assert "synthetic 96x96" in what and all(image.shape == (96, 96) for image in images)  # the tiny set's size
+    assert len(detector.predict(images)) == 4  # not refused as far from the training images
+
+
 def test_overlay_for_16_bit_and_alpha_images():
     from stmae_edge.runtime.overlay import render_overlay
     from stmae_edge.runtime.postprocess import postprocess

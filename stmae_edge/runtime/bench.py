@@ -60,7 +60,9 @@ def format_rows(rows: list[dict]) -> str:
 
 def bench_images(detector: Detector, folder=None, count: int = 32, seed: int = 0) -> tuple[list[np.ndarray], str]:
     """Decoded images to benchmark with, and what they are: a folder's images, else the model's own
-    training images where they still are, else seeded synthetic gray frames at the model's input size."""
+    training images where they still are, else seeded synthetic gray frames as tall as the tallest
+    training image, of a typical width/height (a size the model accepts, and about the most costly to
+    preprocess), or of the input size for a model that records no training sizes."""
     from ..data import images_in, recorded_train_images
     from ..errors import DatasetError
     from ..preprocessing import load_image
@@ -80,6 +82,12 @@ def bench_images(detector: Detector, folder=None, count: int = 32, seed: int = 0
     if folder is not None:
         raise DatasetError(f"{folder}: no images to benchmark with")
     height, width = detector.preprocessing.input_size
+    sizes = detector.metadata.trained_sizes
+    if sizes:
+        tall = sizes.height[1]
+        wide = min(max(round(tall * (sizes.aspect[0] * sizes.aspect[1]) ** 0.5), sizes.width[0]), sizes.width[1])
+        if not sizes.refusal(tall, wide):
+            height, width = tall, wide
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (height, width), dtype=np.uint8) for _ in range(count)]
     return images, f"{count} synthetic {width}x{height} 8-bit gray frames"
