@@ -129,8 +129,8 @@ class ModelMetadata:
         # Checked after the entries themselves, whose own messages say more about a malformed one.
         if METADATA_DIGEST_KEY in d and d[METADATA_DIGEST_KEY] != _digest_or_none(d):
             raise CheckpointError("the model's metadata was changed after training (its digest does not match "
-                                  f"{', '.join(DIGESTED_KEYS)}): its verdicts cannot be trusted; train or export the "
-                                  "model again (to move thresholds, use `stmae-edge threshold`)")
+                                  f"{', '.join(DIGESTED_KEYS)}): its verdicts would not be the trained model's; train "
+                                  "or export the model again (to move thresholds, use `stmae-edge threshold`)")
         return metadata
 
     def to_onnx_value(self) -> str:

@@ -1,5 +1,5 @@
 """What a served model takes and returns: one definition for the server (`serving/server.py`), the
-model repository (`serving/repository.py`) and the client (`runtime/remote.py`). Needs numpy only;
+model repository (`serving/repository.py`) and the client (`runtime/remote.py`). No torch;
 at the package's top level so that the runtime's client and the serving side both build on it
 and neither imports the other's package for it.
 

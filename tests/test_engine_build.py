@@ -144,3 +144,40 @@ def test_a_plan_is_evaluated_by_tensorrt_not_read_as_a_checkpoint(onnx_file, syn
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         assert "checkpoint" not in lines[0] and "Traceback" not in r.stderr
+
+
+def test_the_build_progress_follows_the_first_top_phase_and_never_passes_its_total():
+    """TensorRT's monitor protocol, played by hand: a second top phase, steps beyond the announced
+    count, and a display that fails must neither overfill the bar nor stop the build."""
+    from stmae_edge.engines.build import phase_monitor
+
+    class FakeTensorRT:
+        class IProgressMonitor:
+            def __init__(self) -> None:
+                pass
+
+    calls = []
+
+    def advance(n=1, status="", total=None):
+        calls.append((n, status, total))
+
+    monitor = phase_monitor(FakeTensorRT, advance)
+    monitor.phase_start("Building engine", None, 3)
+    monitor.phase_start("Optimizing graph", "Building engine", 30)
+    assert all(monitor.step_complete("Optimizing graph", i) for i in range(30))  # never cancels
+    monitor.phase_finish("Optimizing graph")
+    for i in range(5):  # more steps than announced
+        assert monitor.step_complete("Building engine", i)
+    monitor.phase_start("Another top phase", None, 2)
+    monitor.step_complete("Another top phase", 0)
+    monitor.phase_finish("Building engine")
+    assert calls[0] == (0, "Building engine", 3)
+    assert sum(n for n, _, _ in calls) == 3 and {total for _, _, total in calls} == {3, None}
+    assert ("Optimizing graph" in {status for _, status, _ in calls})
+
+    def broken(*args, **kwargs):
+        raise OSError("the terminal is gone")
+
+    monitor = phase_monitor(FakeTensorRT, broken)
+    monitor.phase_start("Building engine", None, 3)
+    assert monitor.step_complete("Building engine", 0)

@@ -107,11 +107,12 @@ def test_a_second_run_into_the_same_folder_replaces_the_first_whole(tiny_export,
     listed = {entry["overlay"] for entry in json.loads((out / "results.json").read_text())["results"]}
     assert listed == {good[0].stem + ".png", good[5].stem + ".png"}
     assert {p.name for p in out.iterdir()} == listed | {"results.json", "notes.txt", "other.png"}
-    # a results.json that is not one: nothing is removed
-    (out / "results.json").write_text("{not json")
-    r = run("predict", str(tiny_export[1]), str(good[1]), "--out", str(out), "--no-overlays")
-    assert r.returncode == 0 and "removed" not in r.stdout
-    assert listed <= {p.name for p in out.iterdir()}
+    # a results.json that is not one, or not of this shape: nothing is removed, nothing fails
+    for text in ("{not json", '{"results": 5}', '{"results": null}', '{"results": [{"overlay": ["a.png"]}]}', "[]"):
+        (out / "results.json").write_text(text)
+        r = run("predict", str(tiny_export[1]), str(good[1]), "--out", str(out), "--no-overlays")
+        assert r.returncode == 0 and "removed" not in r.stdout and "Traceback" not in r.stderr, (text, r.stderr)
+        assert listed <= {p.name for p in out.iterdir()}
 
 
 def test_a_gpu_backend_that_cannot_start_and_a_pickle_are_one_line_each(tiny_export, synthetic_dataset, tmp_path):
@@ -191,7 +192,7 @@ def test_bench_table_for_a_pytorch_checkpoint_and_bad_options(tiny_export, synth
     _assert_one_line_error(run("predict", str(tiny_export[1]).replace(".onnx", ".nope"), "x.png"), "no such model")
 
 
-def test_bench_frames_without_the_training_images_are_of_a_size_the_model_accepts(tiny_export):
+def test_bench_frames_without_the_training_images_are_of_a_size_the_model_accepts(tiny_export, tmp_path):
     from stmae_edge.runtime import Detector
     from stmae_edge.runtime.bench import bench_images
 
@@ -200,6 +201,13 @@ def test_bench_frames_without_the_training_images_are_of_a_size_the_model_accept
     images, what = bench_images(detector, count=4)
     assert "synthetic 96x96" in what and all(image.shape == (96, 96) for image in images)  # the tiny set's size
     assert len(detector.predict(images)) == 4  # not refused as far from the training images
+    # bench measures speed, not verdicts: frames far larger than the training images are timed too
+    # (a --crop model's full frames)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "large.png"), np.full((900, 900), 120, np.uint8))
+    r = run("bench", "--engine", str(tiny_export[1]), "--batch", "1", "--iterations", "1", "--images", str(frames))
+    assert r.returncode == 0 and "1 images from" in r.stdout, r.stderr
 
 
 def test_overlay_for_16_bit_and_alpha_images():

@@ -10,6 +10,7 @@ made its timing-cache calls no-ops in 1.2), and a JSON sidecar next to the plan.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,33 +64,37 @@ def phase_monitor(trt, advance):
     class PhaseMonitor(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
-            self.top: str | None = None
+            self.top: str | None = None  # the first top phase: the bar's steps; later ones only name it
             self.under_way: list[str] = []
             self.total = self.done = 0
+            self.lock = threading.Lock()  # TensorRT may call from several of its threads
 
         def phase_start(self, phase_name, parent_phase, num_steps) -> None:
             try:
-                self.under_way.append(phase_name)
-                if parent_phase is None:
-                    self.top, self.total = phase_name, max(int(num_steps), 1)
-                    advance(0, status=phase_name, total=self.total)
-                else:
-                    advance(0, status=phase_name)
+                with self.lock:
+                    self.under_way.append(phase_name)
+                    if parent_phase is None and self.top is None:
+                        self.top, self.total = phase_name, max(int(num_steps), 1)
+                        advance(0, status=phase_name, total=self.total)
+                    else:
+                        advance(0, status=phase_name)
             except Exception:  # noqa: BLE001  (a display problem must not end a build)
                 pass
 
         def step_complete(self, phase_name, step) -> bool:
             try:
-                if phase_name == self.top:
-                    self.done += 1
-                    advance(1, status=self.under_way[-1] if self.under_way else phase_name)
+                with self.lock:
+                    if phase_name == self.top and self.done < self.total:
+                        self.done += 1
+                        advance(1, status=self.under_way[-1] if self.under_way else phase_name)
             except Exception:  # noqa: BLE001
                 pass
             return True  # go on
 
         def phase_finish(self, phase_name) -> None:
-            if phase_name in self.under_way:
-                self.under_way.remove(phase_name)
+            with self.lock:
+                if phase_name in self.under_way:
+                    self.under_way.remove(phase_name)
 
     return PhaseMonitor()
 

@@ -112,10 +112,17 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
                "unreadable": len(errors), "results": results, "errors": errors}
     write_bytes_atomically(out / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode())
-    stale = sorted(earlier_overlays - {entry["overlay"] for entry in results if "overlay" in entry})
+    # casefold: on a case-insensitive disk (macOS, Windows) Part1.png is the part1.png just written
+    written = {entry["overlay"].casefold() for entry in results if "overlay" in entry}
+    stale = sorted(name for name in earlier_overlays if name.casefold() not in written)
+    removed = 0
     for name in stale:
-        (out / name).unlink(missing_ok=True)
-    summary["replaced_overlays"] = len(stale)
+        try:
+            (out / name).unlink(missing_ok=True)
+            removed += 1
+        except OSError as exc:  # open in a viewer on Windows: the results are written, the file stays
+            logger.warning("%s: an overlay of the earlier run could not be removed (%s)", out / name, exc.strerror or exc)
+    summary["replaced_overlays"] = removed
     return summary
 
 
@@ -129,8 +136,8 @@ def overlays_listed_in(results_file: Path) -> set[str]:
     except (OSError, ValueError) as exc:
         logger.warning("%s is not the results of an earlier run (%s): its overlays, if any, stay", results_file, exc)
         return set()
-    entries = document.get("results", []) if isinstance(document, dict) else []
-    names = {entry.get("overlay") for entry in entries if isinstance(entry, dict)}
+    entries = document.get("results") if isinstance(document, dict) else None
+    names = [entry.get("overlay") for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
     return {name for name in names if isinstance(name, str) and name == Path(name).name and name.endswith(".png")
             and (results_file.parent / name).is_file()}
 

@@ -106,7 +106,7 @@ def resolve_thresholds(default: Thresholds, stats: ScoreStats, image: float | No
     chosen = Thresholds(image=base.image if image is None else image, pixel=base.pixel if pixel is None else pixel,
                         rule="")  # checked here: a bad value is refused before the rule quotes it
     # The rule says where each came from, so that a results.json can be audited later
-    source = f"sigma {sigma:g} ({base.rule})" if sigma is not None else f"the model's ({base.rule})"
+    source = f"sigma {sigma:g} ({base.rule})" if sigma is not None else f"the default ({base.rule})"
     parts = [f"image: given for this call ({chosen.image:g})" if image is not None else f"image: {source}",
              f"pixel: given for this call ({chosen.pixel:g})" if pixel is not None else f"pixel: {source}"]
     return replace(chosen, rule="; ".join(parts))
