@@ -139,6 +139,9 @@ def train(
     # With --crop the statistics come from crops of the held-out images: count what was scored.
     typer.echo(holdout_check(t["holdout_above_threshold"], meta.score_stats.count, "crops" if cfg.crop else "images",
                              scored=threshold_scoring(t)))
+    if meta.trained_sizes is not None:
+        typer.echo(f"trained on images {meta.trained_sizes.describe()}: `predict` refuses images far from these "
+                   "(more than 4x the sides, 2x the width/height; --any-size scores them)")
 
 
 @app.command()

@@ -33,6 +33,7 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     assert "of 24 cross-fitted good images above the threshold" in r.stdout and "(95% upper bound)" in r.stdout
     assert "train on more good images to narrow it (add them to train/good)" in r.stdout  # 24 allow 13.8%
     assert "input shape: training images' width/height from 1.00 to 1.00: stretched to the input" in r.stdout
+    assert "trained on images 96 wide, 96 high, width/height 1.00: `predict` refuses images far from these" in r.stdout
     report = tmp_path / "report.json"
     r = run("evaluate", str(model), str(synthetic_dataset), "--out", str(report))
     assert r.returncode == 0, r.stderr
