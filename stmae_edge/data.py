@@ -16,6 +16,8 @@ from .errors import DatasetError
 from .preprocessing import cv2, declared_image_size, load_image, mirror_pad
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+LOSSY_SUFFIXES = {".jpg", ".jpeg"}
+GOOD = "good"  # the folder of defect-free images, in train/ and test/ (any case: Good, GOOD)
 # Mask file names tried for an image <name>, in this order: MVTec AD's, then the image's own name.
 MASK_NAMES = ("{name}_mask", "{name}")
 
@@ -25,30 +27,47 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EvalSample:
     path: Path
-    defect_type: str  # "good" or the defect folder's name
+    defect_type: str  # "good" (test/good in any case) or the defect folder's name
     mask_path: Path | None  # None for good images and for datasets without ground truth
 
     @property
     def label(self) -> int:
-        return int(self.defect_type != "good")
+        return int(self.defect_type != GOOD)
 
 
 def images_in(folder: Path | str) -> list[Path]:
-    """The image files of one folder, sorted by name."""
+    """The image files of one folder, sorted by name. Hidden files are not images: macOS leaves a
+    `._name.png` (AppleDouble metadata) beside every file it copies to a foreign disk."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: not a folder of images")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def train_images(root: Path | str) -> list[Path]:
-    folder = Path(root) / "train" / "good"
+    """DATA_DIR/train/good's images (that folder alone: images in its subfolders are not read, and said so).
+
+    Raises:
+        DatasetError: no such folder (naming DATA_DIR's parent where DATA_DIR is train/good itself), or
+            fewer than 4 images.
+    """
+    root = Path(root)
+    folder = root / "train" / GOOD
     if not folder.is_dir():
+        hint = (f"; give the dataset's folder, {root.parent.parent}, not train/good itself"
+                if root.name.lower() == GOOD and root.parent.name == "train" else "")
         raise DatasetError(f"{root}: no train/good folder; expected the MVTec AD layout "
-                           "(DATA_DIR/train/good/*.png, DATA_DIR/test/<type>/*.png)")
+                           f"(DATA_DIR/train/good/*.png, DATA_DIR/test/<type>/*.png){hint}")
     paths = images_in(folder)
+    nested = sum(len(images_in(sub)) for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith("."))
+    if nested:
+        logger.warning("%s: %d images in its subfolders are not read; training uses the %d directly in it "
+                       "(move them up to train on them)", folder, nested, len(paths))
     if len(paths) < 4:
-        raise DatasetError(f"{folder}: {len(paths)} images; training needs at least 4 good images")
+        where = f" ({nested} more in subfolders, which are not read)" if nested else ""
+        raise DatasetError(f"{folder}: {len(paths)} image{'s' if len(paths) != 1 else ''}{where}; training needs at "
+                           "least 4 good images")
     return paths
 
 
@@ -60,10 +79,13 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
     if not folder.is_dir():
         raise DatasetError(f"{root}: no test folder; expected DATA_DIR/test/good and DATA_DIR/test/<defect>")
     samples = []
-    for type_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for type_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        # test/Good or test/GOOD are the good images too: counted as a defect type, their scores would
+        # set a threshold that fails every part
+        defect_type = GOOD if type_dir.name.lower() == GOOD else type_dir.name
         for path in images_in(type_dir):
-            mask = None if type_dir.name == "good" else find_mask(root / "ground_truth" / type_dir.name, path)
-            samples.append(EvalSample(path, type_dir.name, mask))
+            mask = None if defect_type == GOOD else find_mask(root / "ground_truth" / type_dir.name, path)
+            samples.append(EvalSample(path, defect_type, mask))
     labels = {s.label for s in samples}
     if not samples or (both_classes and labels != {0, 1}):
         raise DatasetError(f"{folder}: evaluation needs both good and defective test images, found "
@@ -79,12 +101,16 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
 
 
 def find_mask(folder: Path, image: Path) -> Path | None:
-    """The ground-truth mask of `image` in `folder` (MASK_NAMES, any image suffix, .png first), or None."""
+    """The ground-truth mask of `image` in `folder` (MASK_NAMES, any image suffix in any case, .png
+    first), or None."""
+    if not folder.is_dir():
+        return None
+    by_name = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
     suffixes = [".png", *sorted(IMAGE_SUFFIXES - {".png"})]
     for pattern in MASK_NAMES:
         for suffix in suffixes:
-            candidate = folder / (pattern.format(name=image.stem) + suffix)
-            if candidate.is_file():
+            candidate = by_name.get((pattern.format(name=image.stem) + suffix).lower())
+            if candidate is not None:
                 return candidate
     return None
 
@@ -126,9 +152,15 @@ def fit_mask(sample: EvalSample, size: tuple[int, int]) -> tuple[np.ndarray, tup
         return np.zeros(size, dtype=bool), None
     mask = load_image(sample.mask_path)
     if mask.ndim == 3:
-        mask = mask.max(axis=2)
+        # Colour channels only: an alpha channel (a mask saved as RGBA or gray+alpha by an image
+        # editor) is 255 wherever the mask is opaque, which is everywhere
+        mask = (mask[:, :, :3] if mask.shape[2] == 4 else mask[:, :, :1] if mask.shape[2] == 2 else mask).max(axis=2)
+    # Any nonzero pixel is defect in a lossless mask (0/255, 0/1 and label masks alike); in a JPEG mask,
+    # whose compression leaves faint noise around each region, only pixels above half its maximum
+    lossy = sample.mask_path.suffix.lower() in LOSSY_SUFFIXES
+    defect = mask > (mask.max() / 2 if lossy else 0)
     # Nearest keeps the mask binary; maps are compared at the same resolution.
-    fitted = cv2.resize((mask > 0).astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
+    fitted = cv2.resize(defect.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
     return fitted, mask.shape[:2]
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from synthetic_data import make_synthetic_dataset
 
 from stmae_edge import data
 from stmae_edge.errors import DatasetError
@@ -152,3 +154,53 @@ def test_patchcore_baseline_finds_the_outlier_patch():
     assert maps.shape == (2, 1, 32, 32) and scores[1] > 3 * scores[0]
     peak = int(maps[1, 0].argmax())
     assert abs(peak // 32 - 5 * 4 - 2) <= 4 and abs(peak % 32 - 2 * 4 - 2) <= 4  # at grid cell (5, 2)
+
+
+# --- datasets as users' own folders come ------------------------------------------------------------
+def test_a_test_good_folder_in_any_case_holds_good_images(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", n_train=4, n_good=3, n_bad=3, size=32)
+    (root / "test" / "good").rename(root / "test" / "Good")
+    samples = data.eval_samples(root)
+    assert sorted(s.defect_type for s in samples) == ["good"] * 3 + ["scratch"] * 3
+    assert sum(s.label for s in samples) == 3
+
+
+def test_masks_with_alpha_jpeg_noise_or_upper_case_suffixes_read_as_drawn(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", n_train=4, n_good=2, n_bad=3, size=64)
+    truth = {s.path.name: data.fit_mask(s, (64, 64))[0] for s in data.eval_samples(root) if s.label}
+    masks = sorted((root / "ground_truth" / "scratch").glob("*_mask.png"))
+    gray = cv2.imread(str(masks[0]), cv2.IMREAD_UNCHANGED)
+    # an editor's RGBA export: opaque everywhere (alpha 255), the mask in the colour channels
+    cv2.imwrite(str(masks[0]), cv2.merge([gray, gray, gray, np.full_like(gray, 255)]))
+    # 001's mask replaced by a JPEG of 000's, with compression noise around the region
+    masks[1].unlink()
+    cv2.imwrite(str(masks[1].with_suffix(".jpg")), gray, [cv2.IMWRITE_JPEG_QUALITY, 60])
+    noisy = cv2.imread(str(masks[1].with_suffix(".jpg")), 0)
+    assert ((noisy > 0) & (noisy < 128)).any()  # the noise the reading must leave out
+    # an upper-case suffix
+    masks[2].rename(masks[2].with_suffix(".PNG"))
+    samples = {s.path.name: s for s in data.eval_samples(root) if s.label}
+    assert samples["002.png"].mask_path.name == "002_mask.PNG"
+    read = {name: data.fit_mask(s, (64, 64))[0] for name, s in samples.items()}
+    assert np.array_equal(read["000.png"], truth["000.png"])  # not the whole image
+    assert np.array_equal(read["001.png"], truth["000.png"])  # the JPEG of 000's mask, its noise left out
+    assert np.array_equal(read["002.png"], truth["002.png"])
+
+
+def test_hidden_files_and_subfolders_of_train_good(tmp_path, caplog):
+    root = make_synthetic_dataset(tmp_path / "d", n_train=5, n_good=2, n_bad=2, size=32)
+    good = root / "train" / "good"
+    (good / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata beside a copied file
+    (root / "test" / "scratch" / "._001.png").write_bytes(b"\x00\x05\x16\x07")
+    (good / "cam2").mkdir()
+    cv2.imwrite(str(good / "cam2" / "a.png"), np.zeros((32, 32), np.uint8))
+    with caplog.at_level("WARNING"):
+        assert len(data.train_images(root)) == 5
+    assert "1 images in its subfolders are not read; training uses the 5 directly in it" in caplog.text
+    assert all(not s.path.name.startswith(".") for s in data.eval_samples(root))
+    with pytest.raises(DatasetError, match="give the dataset's folder, .*, not train/good itself"):
+        data.train_images(good)
+    for extra in sorted(good.glob("00[1-4].png")):
+        extra.unlink()
+    with pytest.raises(DatasetError, match=r"good: 1 image \(1 more in subfolders, which are not read\); training needs"):
+        data.train_images(root)

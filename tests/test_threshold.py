@@ -201,3 +201,11 @@ def test_without_a_score_head_the_thresholds_stay_equal_and_a_failing_image_has_
     results = Detector(model, "torch-cpu").predict(paths)
     assert any(r.is_anomalous for r in results) and not all(r.is_anomalous for r in results)
     assert all(bool(r.regions) == r.is_anomalous for r in results)
+
+
+def test_a_recall_target_without_good_images_is_warned_about(caplog):
+    from stmae_edge.evaluation.operating_point import check_support
+
+    with caplog.at_level("WARNING", logger="stmae_edge.evaluation.operating_point"):
+        check_support(None, 0.95, goods=0, defects=5)
+    assert "has no good images (test/good): a threshold for recall alone may fail every good part" in caplog.text

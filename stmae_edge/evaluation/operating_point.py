@@ -23,6 +23,7 @@ numpy only: the runtime and the CLI use it without torch.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -31,6 +32,8 @@ import numpy as np
 from ..checks import is_finite_number
 from ..errors import ConfigError
 from ..scoring import ScoreStats, Thresholds, fails
+
+logger = logging.getLogger(__name__)
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -190,6 +193,9 @@ def check_support(max_false_reject: float | None, min_recall: float | None, good
         raise ConfigError(f"{data} has no good images: a false-reject rate cannot be measured on it")
     if min_recall is not None and defects == 0:
         raise ConfigError(f"{data} has no defective images: recall cannot be measured on it")
+    if min_recall is not None and goods == 0:
+        logger.warning("%s has no good images (test/good): a threshold for recall alone may fail every good "
+                       "part, and its false-reject rate is not measured; add good test images", data)
 
 
 def choose(good: np.ndarray, defective: np.ndarray, *, max_false_reject: float | None = None,
