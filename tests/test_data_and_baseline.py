@@ -204,3 +204,29 @@ def test_hidden_files_and_subfolders_of_train_good(tmp_path, caplog):
         extra.unlink()
     with pytest.raises(DatasetError, match=r"good: 1 image \(1 more in subfolders, which are not read\); training needs"):
         data.train_images(root)
+
+
+def test_copies_in_train_good_crops_that_repeat_and_far_test_sizes_are_said(tmp_path, caplog):
+    from stmae_edge.evaluation.validation import warn_about_sizes
+    from stmae_edge.models.stmae import preset
+    from stmae_edge.preprocessing import TrainedSizes
+    from stmae_edge.training.train import TrainConfig, train, warn_about_copies
+
+    root = make_synthetic_dataset(tmp_path / "d", n_train=6, n_good=2, n_bad=2, size=48)
+    good = sorted((root / "train" / "good").glob("*.png"))
+    (root / "train" / "good" / "000_copy.bmp").write_bytes(good[0].read_bytes())  # same bytes, other name
+    (root / "train" / "good" / "link.png").symlink_to(good[1])
+    with caplog.at_level("WARNING"):
+        warn_about_copies(data.train_images(root))
+    assert "train/good holds 2 copies of other files in it (first: 000.png = 000_copy.bmp)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_about_sizes(TrainedSizes((48, 48), (48, 48), (1.0, 1.0)), data.eval_samples(root))
+        assert not caplog.text
+        warn_about_sizes(TrainedSizes((400, 400), (400, 400), (1.0, 1.0)), data.eval_samples(root))
+    assert "4 of 4 test images are far from the sizes this model was trained on" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train(root, tmp_path / "m.pt", preset("tiny"), TrainConfig(epochs=1, batch_size=8, max_steps=1, crop=64),
+              backbone_weights="random")
+    assert "8 of 8 good images are no larger than --crop 64 on a side: their crops repeat" in caplog.text

@@ -5,14 +5,18 @@ progress bar; maps at the model's input size, where masks are compared.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import data
+from ..preprocessing import declared_image_size
 from ..progress import progress_bar
 from ..scoring import map_maxima
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +57,7 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto"
     detector = Detector(model, backend, batch_size=batch_size)
     if samples is None:
         samples = data.eval_samples(data_dir, both_classes=False)
+    warn_about_sizes(detector.metadata.trained_sizes, samples)
     maps, scores = [], []
     with progress_bar(f"{description} ({detector.info['backend']})", len(samples)) as advance:
         for start in range(0, len(samples), batch_size):
@@ -62,3 +67,15 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto"
             scores.append(s)
             advance(len(chunk))
     return ScoredDataset(samples, np.concatenate(scores).astype(np.float64), np.concatenate(maps), detector)
+
+
+def warn_about_sizes(sizes, samples: list[data.EvalSample]) -> None:
+    """Say how many test images `predict` would refuse as far from the training images' sizes: their
+    scores still count here (the figures describe the set as given), but the line would not score them."""
+    if sizes is None:
+        return
+    far = [s.path for s in samples if sizes.refusal(*declared_image_size(s.path))]
+    if far:
+        logger.warning("%d of %d test images are far from the sizes this model was trained on (%s; first: %s): "
+                       "they are scored here, but `predict` refuses them on the line", len(far), len(samples),
+                       sizes.describe(), far[0])

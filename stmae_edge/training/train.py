@@ -100,6 +100,7 @@ def training_and_holdout(paths: Sequence[Path], cfg: TrainConfig) -> tuple[list[
         InvalidImageError: a held-out image whose header declares no usable size.
     """
     if not cfg.holdout_dir:
+        warn_about_copies(paths)
         train, holdout = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
         return train, holdout, "drawn at random from train/good"
     if len(paths) < 2:
@@ -115,11 +116,27 @@ def training_and_holdout(paths: Sequence[Path], cfg: TrainConfig) -> tuple[list[
     return list(paths), holdout, f"from {cfg.holdout_dir}"
 
 
+def warn_about_copies(paths: Sequence[Path]) -> None:
+    """Say so where train/good holds one file more than once (the same bytes under two names or
+    formats, a link to another of its files): copies fall on both sides of the held-out split and of
+    the cross-fitting folds, and the good images' count overstates how far the threshold is measured."""
+    by_content: dict[str, list[Path]] = {}
+    for path in paths:
+        by_content.setdefault(sha256_file(Path(path).resolve()), []).append(path)
+    copies = [group for group in by_content.values() if len(group) > 1]
+    if copies:
+        extra = sum(len(group) - 1 for group in copies)
+        logger.warning("train/good holds %d copies of other files in it (first: %s); they count as more good "
+                       "images than there are, on both sides of the held-out split: remove them",
+                       extra, " = ".join(p.name for p in copies[0]))
+
+
 def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
     order = np.random.default_rng(seed).permutation(len(paths))
     n_holdout = max(2, int(round(len(paths) * fraction)))
     if len(paths) - n_holdout < 2:
-        raise ConfigError(f"{len(paths)} good images are too few to hold out {n_holdout} and still train")
+        raise ConfigError(f"{len(paths)} good images are too few to hold out {n_holdout} and still train (add "
+                          "good images, or raise --max-images if it limits them)")
     holdout = sorted(paths[i] for i in order[:n_holdout])
     train = sorted(paths[i] for i in order[n_holdout:])
     return train, holdout
@@ -278,6 +295,11 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     if cfg.crop:
         # The model then takes crop x crop inputs: tiles cut at native scale, never resized.
         model_config = replace(model_config, input_size=cfg.crop)
+        small = sum(min(size) <= cfg.crop for size in image_sizes(paths))
+        if small:  # every crop of such an image is the same mirrored image: fewer distinct samples than counted
+            logger.warning("%d of %d good images are no larger than --crop %d on a side: their crops repeat one "
+                           "another (mirror-padded), so the held-out crops overstate how far the threshold is "
+                           "measured; crop smaller than the images", small, len(paths), cfg.crop)
         train_items = data.random_crops(train_paths, cfg.crop, cfg.crops_per_image, cfg.seed)
         holdout_items = data.random_crops(holdout_paths, cfg.crop, cfg.crops_per_image, cfg.seed + 1)
 
