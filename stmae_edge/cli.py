@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from . import __version__
-from .errors import StmaeError
+from .errors import StmaeError, first_line
 from .metadata import MAX_BATCH
 from .runtime.backend_table import backend_help
 from .scoring import DEFAULT_SIGMA
@@ -581,9 +581,23 @@ OPTIONAL_PACKAGES = {"torch": "train", "onnxscript": "train", "scipy": "train",
                      "pytriton": "serve", "tensorrt_rtx": "rtx"}
 
 
+# click's exception classes, from typer's own (newer typers carry click inside, older ones import it)
+_CLICK = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+
+
 def main() -> None:
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)  # click's own errors come here, to be said in one line too
+    except _CLICK["UsageError"] as exc:  # a bad option value, an unknown option, a missing argument
+        where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
+        typer.echo(f"error: {first_line(exc.format_message()).rstrip('.')}{where}", err=True)
+        sys.exit(2)
+    except typer.Abort:  # Ctrl-C
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except _CLICK["ClickException"] as exc:
+        typer.echo(f"error: {first_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
     except StmaeError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -594,6 +608,7 @@ def main() -> None:
         typer.echo(f"error: this command needs {package}, which is not installed here: "
                    f"pip install 'stmae-edge[{OPTIONAL_PACKAGES[package]}]'", err=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(3) from predict, 0 after --help
 
 
 if __name__ == "__main__":

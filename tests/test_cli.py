@@ -142,3 +142,13 @@ def test_export_and_verify_commands(synthetic_dataset, tmp_path):
 def test_image_folder_options_are_checked(tmp_path):
     for command in (("verify", "m.onnx", "--model", "m.pt"), ("calibrate", "m.onnx")):
         _assert_one_line_error(run(*command, "--images", str(tmp_path / "absent")), "not a folder of images")
+
+
+def test_usage_errors_are_one_line_too(synthetic_dataset):
+    # click's own errors (a value out of range, an unknown option, a missing argument) were a boxed,
+    # many-line panel; they follow the rest: one line, what to do, exit code 2
+    _assert_one_line_error(run("train", str(synthetic_dataset), "--holdout", "0"), "Invalid value for '--holdout'")
+    _assert_one_line_error(run("predict", "--bogus"), "No such option: --bogus")
+    r = run("train")
+    _assert_one_line_error(r, "Missing argument 'data_dir'; see `")
+    assert r.stderr.strip().endswith("train --help`")
