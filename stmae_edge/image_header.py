@@ -1,6 +1,7 @@
 """The size an image file declares, read from its header before anything is decoded.
 
     file bytes -> format (PNG, JPEG, BMP, TIFF: what data.IMAGE_SUFFIXES lists) -> (width, height)
+    JPEG bytes -> its EXIF orientation (1..8), how a viewer turns the stored pixels to show them
 
 Only formats whose header is read here get decoded at all, so the pixel cap holds for every file the
 package opens: a 0.5 MB file that declares 12000 x 12000 pixels is refused before OpenCV allocates
@@ -142,3 +143,50 @@ def _tiff_size(data) -> tuple[int, int]:
     if _TIFF_WIDTH not in sizes or _TIFF_LENGTH not in sizes:
         raise InvalidImageError("TIFF without an image width and length; the file is corrupt")
     return _checked(sizes[_TIFF_WIDTH], sizes[_TIFF_LENGTH], "TIFF")
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def jpeg_orientation(data: bytes | memoryview) -> int:
+    """The EXIF Orientation of a JPEG (1: as stored; 2..8: mirrored and/or turned, as viewers and
+    annotation tools show it), from its APP1 segment before the image data; 1 where there is none or
+    it cannot be read. Never raises: a malformed EXIF block is a camera's quirk, not a corrupt image."""
+    try:
+        i, end = 2, len(data)
+        while i + 4 <= end and data[i] == 0xFF:
+            marker = data[i + 1]
+            if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:
+                i += 1 if marker == 0xFF else 2
+                continue
+            if marker in (_JPEG_SOS, 0xD9):
+                break
+            length = int.from_bytes(data[i + 2:i + 4], "big")
+            if length < 2:
+                break
+            if marker == 0xE1 and bytes(data[i + 4:i + 10]) == b"Exif\x00\x00":
+                return _tiff_orientation(data, i + 10, min(i + 2 + length, end))
+            i += 2 + length
+    except (IndexError, ValueError):
+        pass
+    return 1
+
+
+def _tiff_orientation(data, start: int, end: int) -> int:
+    """Tag 0x0112 of the first directory of the TIFF structure at data[start:end] (EXIF's), or 1."""
+    order = {b"II": "little", b"MM": "big"}.get(bytes(data[start:start + 2]))
+    if order is None or end - start < 8:
+        return 1
+
+    def number(at: int, size: int) -> int:
+        if at < start or at + size > end:
+            raise ValueError("outside the EXIF block")
+        return int.from_bytes(data[at:at + size], order)
+
+    directory = start + number(start + 4, 4)
+    for k in range(min(number(directory, 2), _TIFF_MAX_ENTRIES)):
+        at = directory + 2 + 12 * k
+        if number(at, 2) == _EXIF_ORIENTATION and number(at + 2, 2) == _TIFF_SHORT:
+            value = number(at + 8, 2)
+            return value if 1 <= value <= 8 else 1
+    return 1

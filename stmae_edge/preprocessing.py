@@ -21,7 +21,7 @@ import numpy as np
 
 from .checks import is_whole
 from .errors import ConfigError, InvalidImageError
-from .image_header import declared_size
+from .image_header import declared_size, jpeg_orientation
 
 # OpenCV reads this once, at import; it bounds what a hostile file can make the decoder allocate.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
@@ -260,9 +260,12 @@ def declared_image_size(path: Path | str) -> tuple[int, int]:
         InvalidImageError: naming the file: unreadable, or a header that declares no usable size.
     """
     try:
-        _, width, height = declared_size(memoryview(read_image_bytes(path)))
+        data = memoryview(read_image_bytes(path))
+        fmt, width, height = declared_size(data)
     except InvalidImageError as exc:
         raise InvalidImageError(name_the_image(path, 0, exc)) from None
+    if fmt == "JPEG" and jpeg_orientation(data) >= 5:  # shown turned by a quarter: as decode() returns it
+        width, height = height, width
     return height, width
 
 
@@ -312,6 +315,29 @@ def decode(data: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS) ->
     if array is None:
         raise InvalidImageError(f"{source}: {fmt} data cannot be decoded; the file is corrupt, truncated "
                                 "or was being written")
+    if fmt == "JPEG":
+        # As viewers and annotation tools show it (and masks are drawn on): IMREAD_UNCHANGED leaves EXIF
+        # orientation unapplied, so a phone's portrait photo would be scored, and its mask laid, on its side
+        array = oriented(array, jpeg_orientation(memoryview(data)))
+    return array
+
+
+def oriented(array: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels turned and mirrored as EXIF orientation 1..8 says a viewer shows them."""
+    if orientation == 2:
+        return cv2.flip(array, 1)
+    if orientation == 3:
+        return cv2.rotate(array, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(array, 0)
+    if orientation == 5:  # transpose
+        return np.ascontiguousarray(np.swapaxes(array, 0, 1))
+    if orientation == 6:
+        return cv2.rotate(array, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:  # transverse
+        return np.ascontiguousarray(np.swapaxes(array, 0, 1)[::-1, ::-1])
+    if orientation == 8:
+        return cv2.rotate(array, cv2.ROTATE_90_COUNTERCLOCKWISE)
     return array
 
 

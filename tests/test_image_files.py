@@ -174,3 +174,48 @@ def test_headers_that_would_mislead_the_decoder_or_take_seconds_are_refused():
     with pytest.raises(InvalidImageError, match="more than 100,000 chunks"):
         declared_size(bloated)
     assert time.perf_counter() - started < 1.0
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int, byte_order: str = "little") -> bytes:
+    """A JPEG with an APP1 EXIF segment whose first directory holds one Orientation entry."""
+    order = "II" if byte_order == "little" else "MM"
+    ifd = (1).to_bytes(2, byte_order) + (0x0112).to_bytes(2, byte_order) + (3).to_bytes(2, byte_order) \
+        + (1).to_bytes(4, byte_order) + orientation.to_bytes(2, byte_order) + b"\0\0" + (0).to_bytes(4, byte_order)
+    tiff = order.encode() + (42).to_bytes(2, byte_order) + (8).to_bytes(4, byte_order) + ifd
+    payload = b"Exif\0\0" + tiff
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+# What EXIF orientation means for the display (the standard's words), written with numpy alone
+EXPECTED = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud,
+            5: lambda a: np.rot90(np.fliplr(a), 1), 6: lambda a: np.rot90(a, -1),
+            7: lambda a: np.rot90(np.fliplr(a), -1), 8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("byte_order", ["little", "big"])
+def test_a_jpeg_is_read_as_its_exif_orientation_shows_it(tmp_path, orientation, byte_order):
+    from stmae_edge.preprocessing import declared_image_size
+
+    image = np.zeros((40, 64, 3), np.uint8)
+    image[:10, :20] = (0, 0, 255)  # a red block top left: every turn and mirror moves it
+    ok, encoded = cv2.imencode(".jpg", image)
+    plain = tmp_path / "plain.jpg"
+    plain.write_bytes(encoded.tobytes())
+    turned = tmp_path / "turned.jpg"
+    turned.write_bytes(with_exif_orientation(encoded.tobytes(), orientation, byte_order))
+    expected = np.ascontiguousarray(EXPECTED[orientation](load_image(plain)))
+    assert np.array_equal(load_image(turned), expected)
+    assert declared_image_size(turned) == expected.shape[:2]  # the header's size, turned alike
+
+
+def test_a_malformed_exif_block_leaves_the_image_as_stored(tmp_path):
+    from stmae_edge.image_header import jpeg_orientation
+
+    ok, encoded = cv2.imencode(".jpg", np.full((8, 12), 90, np.uint8))
+    jpeg = with_exif_orientation(encoded.tobytes(), 6)
+    assert jpeg_orientation(jpeg) == 6
+    cut = jpeg[:30]  # the EXIF block runs past the end of what is there
+    broken = jpeg[:20] + b"\xff" * 10 + jpeg[30:]
+    for data in (cut, broken, with_exif_orientation(encoded.tobytes(), 0), with_exif_orientation(encoded.tobytes(), 99)):
+        assert jpeg_orientation(data) == 1
