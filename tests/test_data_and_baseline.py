@@ -230,3 +230,24 @@ def test_copies_in_train_good_crops_that_repeat_and_far_test_sizes_are_said(tmp_
         train(root, tmp_path / "m.pt", preset("tiny"), TrainConfig(epochs=1, batch_size=8, max_steps=1, crop=64),
               backbone_weights="random")
     assert "8 of 8 good images are no larger than --crop 64 on a side: their crops repeat" in caplog.text
+
+
+def test_16_bit_images_of_a_12_bit_camera_are_said_to_want_bit_depth_12(tmp_path, caplog):
+    from stmae_edge.training.train import hint_bit_depth
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, top in enumerate((4095, 3000, 4000)):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), rng.integers(0, top + 1, (16, 16)).astype(np.uint16))
+        paths.append(path)
+    with caplog.at_level("WARNING"):
+        hint_bit_depth(paths)
+    assert "16-bit files whose pixels stop at 40" in caplog.text
+    assert "if the camera gives 12 bits (Mono12), train with --bit-depth 12" \
+        in caplog.text
+    caplog.clear()
+    cv2.imwrite(str(paths[0]), np.full((16, 16), 60000, np.uint16))  # full range: nothing to say
+    with caplog.at_level("WARNING"):
+        hint_bit_depth(paths)
+    assert not caplog.text

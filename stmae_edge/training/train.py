@@ -116,6 +116,21 @@ def training_and_holdout(paths: Sequence[Path], cfg: TrainConfig) -> tuple[list[
     return list(paths), holdout, f"from {cfg.holdout_dir}"
 
 
+def hint_bit_depth(paths: Sequence[Path], sample: int = 8) -> None:
+    """Say so where 16-bit training images never go above 12 (or 10) bits: a Mono12 or Mono10 camera's
+    frames stored in 16-bit files, which `--bit-depth 16` reads at a sixteenth (or less) of the range."""
+    images = [load_image(path) for path in paths[:sample]]
+    if not images or any(image.dtype != np.uint16 for image in images):
+        return
+    top = max(int(image.max()) for image in images)
+    for bits in (10, 12):
+        if 0 < top < 1 << bits:
+            logger.warning("the first %d training images are 16-bit files whose pixels stop at %d: if the camera "
+                           "gives %d bits (Mono%d), train with --bit-depth %d so they span the full range",
+                           len(images), top, bits, bits, bits)
+            return
+
+
 def warn_about_copies(paths: Sequence[Path]) -> None:
     """Say so where train/good holds one file more than once (the same bytes under two names or
     formats, a link to another of its files): copies fall on both sides of the held-out split and of
@@ -307,6 +322,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     keep_aspect, aspect_reason = choose_keep_aspect(cfg, paths)
     logger.info("input shape: %s", aspect_reason)
     preprocessing = preprocessing_for(model_config, cfg.bit_depth, keep_aspect)
+    if cfg.bit_depth == 16:
+        hint_bit_depth(paths)
     # What the runtime accepts: crops are the model's whole input; whole images come in their sizes.
     trained_sizes = TrainedSizes.of([(cfg.crop, cfg.crop)] if cfg.crop
                                     else image_sizes([*train_paths, *holdout_paths]))
