@@ -314,9 +314,11 @@ def threshold(
     from .scoring import threshold_scoring
 
     check_target(max_false_reject, min_recall, sigma)
-    labels = [s.label for s in eval_samples(data_dir, both_classes=False)]
+    samples = eval_samples(data_dir, both_classes=False)  # read once: its warnings are said once
+    labels = [s.label for s in samples]
     check_support(max_false_reject, min_recall, labels.count(0), labels.count(1), str(data_dir))
-    scored = score_dataset(model, data_dir, backend, batch_size, description="scoring the validation set")
+    scored = score_dataset(model, data_dir, backend, batch_size, description="scoring the validation set",
+                           samples=samples)
     point = choose(scored.good_scores, scored.defect_scores, max_false_reject=max_false_reject,
                    min_recall=min_recall, sigma=sigma, stats=scored.detector.score_stats, data=str(data_dir),
                    scored=threshold_scoring(scored.detector.metadata.training))
