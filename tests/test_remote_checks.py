@@ -261,3 +261,20 @@ def test_thresholds_are_assignable_as_on_the_in_process_detector(metadata):
         assert not remote.predict(frames(metadata, 1)[0]).is_anomalous
     finally:
         server.close()
+
+
+def test_a_served_model_is_used_as_the_in_process_detector_is(metadata):
+    # one predict for both (runtime.detector.ImageScorer): timings and raw maps come with it
+    from stmae_edge.runtime.detector import ImageScorer
+
+    server = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=0.5))
+    try:
+        remote = RemoteDetector(server.url, "tiny", batch_size=2)
+        assert isinstance(remote, ImageScorer)
+        timings: dict = {}
+        results = remote.predict(frames(metadata, 3), timings=timings)
+        assert [r.score for r in results] == [0.5] * 3 and set(timings) == {"preprocess", "infer", "postprocess"}
+        maps, scores = remote.raw_maps(frames(metadata, 3))
+        assert maps.shape == (3, *metadata.preprocessing.input_size) and scores.tolist() == [0.5] * 3
+    finally:
+        server.close()

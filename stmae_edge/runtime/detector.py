@@ -30,7 +30,7 @@ from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
 from ..metadata import MAX_BATCH
 from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, check_bit_depth, load_image, name_the_image
-from ..scoring import Thresholds
+from ..scoring import ScoreStats, Thresholds
 from .backend_table import BACKENDS
 from .backends import Backend, describe, open_backend
 from .postprocess import AssignableThresholds, Detection, postprocess, resolve_thresholds
@@ -40,7 +40,101 @@ DEFAULT_BATCH_SIZE = 32
 STAGES = ("preprocess", "infer", "postprocess")
 
 
-class Detector(AssignableThresholds):
+class ImageScorer(AssignableThresholds):
+    """What turns images into Detections, for any network that `run_tensors` reaches: the in-process
+    Detector's backend, or a served model (RemoteDetector). A subclass sets `preprocessing`,
+    `score_stats`, `map_stats`, `min_region_area`, `batch_size` and `sizes_accepted`, and defines
+    run_tensors(batch, offset) -> (maps, scores), checked."""
+
+    preprocessing: Preprocessing
+    score_stats: ScoreStats
+    map_stats: ScoreStats
+    min_region_area: int
+    batch_size: int
+    sizes_accepted: TrainedSizes | None
+
+    def run_tensors(self, batch: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    @overload
+    def predict(self, images: ImageInput, **kw) -> Detection: ...
+
+    @overload
+    def predict(self, images: Sequence[ImageInput], **kw) -> list[Detection]: ...
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], *, image_threshold: float | None = None,
+                pixel_threshold: float | None = None, sigma: float | None = None,
+                timings: dict | None = None) -> Detection | list[Detection]:
+        """Score one image or a list (paths or arrays: gray, BGR or BGRA; uint8, uint16 or float in [0, 1]).
+
+        Args:
+            images: one image (a path or an array) -> one Detection; a list, a tuple or an (N, H, W, C)
+                array -> a list of Detections, in order.
+            image_threshold, pixel_threshold: raw score units, for this call only (default: `thresholds`).
+            sigma: sets both to mean + sigma * std of the good images' scores (the pixel threshold: of
+                their maps' maxima, where the model has a score head); a raw threshold given too wins.
+            timings: if given, accumulates seconds per stage (preprocess, infer, postprocess).
+
+        Raises:
+            InvalidImageError: an image cannot be read or used (naming the file, or its index in the
+                call); nothing of the call is returned and the detector stays usable.
+            ConfigError: a threshold that is not a finite number, or sigma below 0.
+            BackendError: the backend failed (or was closed), or the network produced NaN or infinite
+                values or outputs of the wrong shape (RemoteError from a served model: also a server
+                that cannot be reached or refused a request).
+        """
+        items, single = as_items(images)
+        thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma,
+                                        self.map_stats)
+        spent = dict.fromkeys(STAGES, 0.0)
+        detections: list[Detection] = []
+        for start, stop in balanced_chunks(len(items), self.batch_size):
+            detections += self._predict_batch(items[start:stop], start, thresholds, spent)
+        _add_timings(timings, spent, STAGES)
+        return detections[0] if single else detections
+
+    __call__ = predict
+
+    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """The network's input tensor for these images: the same definition training used."""
+        return self.preprocessing(images)
+
+    def raw_maps(self, images: Sequence[ImageInput], timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The network's own output for a list of images, batched: maps (N, H, W) at the model's input
+        size and raw scores (N,), without thresholds or regions. For callers that combine maps
+        themselves, such as the line-scan inspector, which feeds tiles of exactly that size."""
+        spent = dict.fromkeys(STAGES, 0.0)
+        outputs = [self._infer_batch(list(images[start:stop]), start, spent)
+                   for start, stop in balanced_chunks(len(images), self.batch_size)]
+        _add_timings(timings, spent, ("preprocess", "infer"))
+        if not outputs:
+            height, width = self.preprocessing.input_size
+            return np.empty((0, height, width), np.float32), np.empty(0, np.float32)
+        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
+
+    def _infer_batch(self, items: list, offset: int, spent: dict, sizes_accepted: TrainedSizes | None = None):
+        """Decode, check and preprocess `items`, run the backend: (maps, scores, sizes, sources)."""
+        started = time.perf_counter()
+        batch, sizes, sources = decode_batch(items, offset, self.preprocessing, sizes_accepted)
+        inferred = time.perf_counter()
+        maps, scores = self.run_tensors(batch, offset)
+        framed = time.perf_counter()
+        maps = self.preprocessing.to_image_frame(maps, sizes)
+        spent["preprocess"] += inferred - started
+        spent["infer"] += framed - inferred
+        spent["postprocess"] += time.perf_counter() - framed
+        return maps, scores, sizes, sources
+
+    def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict) -> list[Detection]:
+        maps, scores, sizes, sources = self._infer_batch(items, offset, spent, self.sizes_accepted)
+        started = time.perf_counter()
+        detections = postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area,
+                                 self.map_stats)
+        spent["postprocess"] += time.perf_counter() - started
+        return detections
+
+
+class Detector(ImageScorer):
     """A model file opened on a backend, turning images into Detections (see the module docstring).
 
         images ──> load_image + the model's Preprocessing ──> (N, 3, H, W) float32, batch_size at a time
@@ -106,78 +200,11 @@ class Detector(AssignableThresholds):
         """What runs this detector: backend, provider, device, precision, batch range, model hash."""
         return describe(self._backend)
 
-    @overload
-    def predict(self, images: ImageInput, **kw) -> Detection: ...
-
-    @overload
-    def predict(self, images: Sequence[ImageInput], **kw) -> list[Detection]: ...
-
-    def predict(self, images: ImageInput | Sequence[ImageInput], *, image_threshold: float | None = None,
-                pixel_threshold: float | None = None, sigma: float | None = None,
-                timings: dict | None = None) -> Detection | list[Detection]:
-        """Score one image or a list (paths or arrays: gray, BGR or BGRA; uint8, uint16 or float in [0, 1]).
-
-        Args:
-            images: one image (a path or an array) -> one Detection; a list, a tuple or an (N, H, W, C)
-                array -> a list of Detections, in order.
-            image_threshold, pixel_threshold: raw score units, for this call only (default: `thresholds`).
-            sigma: sets both to mean + sigma * std of the good images' scores (the pixel threshold: of
-                their maps' maxima, where the model has a score head); a raw threshold given too wins.
-            timings: if given, accumulates seconds per stage (preprocess, infer, postprocess).
-
-        Raises:
-            InvalidImageError: an image cannot be read or used (naming the file, or its index in the
-                call); nothing of the call is returned and the detector stays usable.
-            ConfigError: a threshold that is not a finite number, or sigma below 0.
-            BackendError: the backend failed (or was closed), or the network produced NaN or infinite
-                values or outputs of the wrong shape.
-        """
-        items, single = as_items(images)
-        thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma,
-                                        self.map_stats)
-        spent = dict.fromkeys(STAGES, 0.0)
-        detections: list[Detection] = []
-        for start, stop in balanced_chunks(len(items), self.batch_size):
-            detections += self._predict_batch(items[start:stop], start, thresholds, spent)
-        _add_timings(timings, spent, STAGES)
-        return detections[0] if single else detections
-
-    __call__ = predict
-
-    def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """The network's input tensor for these images: the same definition training used."""
-        return self.preprocessing(images)
-
-    def raw_maps(self, images: Sequence[ImageInput], timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The network's own output for a list of images, batched: maps (N, H, W) at the model's input
-        size and raw scores (N,), without thresholds or regions. For callers that combine maps
-        themselves, such as the line-scan inspector, which feeds tiles of exactly that size."""
-        spent = dict.fromkeys(STAGES, 0.0)
-        outputs = [self._infer_batch(list(images[start:stop]), start, spent)
-                   for start, stop in balanced_chunks(len(images), self.batch_size)]
-        _add_timings(timings, spent, ("preprocess", "infer"))
-        if not outputs:
-            height, width = self.preprocessing.input_size
-            return np.empty((0, height, width), np.float32), np.empty(0, np.float32)
-        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
-
-    def _infer_batch(self, items: list, offset: int, spent: dict, sizes_accepted: TrainedSizes | None = None):
-        """Decode, check and preprocess `items`, run the backend: (maps, scores, sizes, sources)."""
-        started = time.perf_counter()
-        batch, sizes, sources = decode_batch(items, offset, self.preprocessing, sizes_accepted)
-        inferred = time.perf_counter()
-        maps, scores = self.run_tensors(batch)
-        framed = time.perf_counter()
-        maps = self.preprocessing.to_image_frame(maps, sizes)
-        spent["preprocess"] += inferred - started
-        spent["infer"] += framed - inferred
-        spent["postprocess"] += time.perf_counter() - framed
-        return maps, scores, sizes, sources
-
-    def run_tensors(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_tensors(self, batch: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The network on preprocessed images (N, 3, H, W) float32, N at most the backend's batch maximum:
         maps (N, H, W) and raw scores (N,). For callers that preprocess elsewhere (the Triton server's
-        tensor input).
+        tensor input). `offset` (the batch's place in a call) is for a served model's messages; here the
+        backend is the same for every image.
 
         Raises:
             ConfigError: the batch has the wrong shape or dtype. BackendError: the network failed or
@@ -193,14 +220,6 @@ class Detector(AssignableThresholds):
             maps, scores = self._backend.run(batch)
         check_network_outputs(maps, scores, len(batch), (height, width))
         return maps, scores
-
-    def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict) -> list[Detection]:
-        maps, scores, sizes, sources = self._infer_batch(items, offset, spent, self.sizes_accepted)
-        started = time.perf_counter()
-        detections = postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area,
-                                 self.map_stats)
-        spent["postprocess"] += time.perf_counter() - started
-        return detections
 
     def close(self) -> None:
         """Free the backend (its session, engine and device buffers); later calls raise BackendError."""

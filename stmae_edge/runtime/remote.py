@@ -31,10 +31,8 @@ from .. import wire_format as wire
 from ..checks import is_whole, parse_document
 from ..errors import BackendError, CheckpointError, ConfigError, first_line
 from ..metadata import MAX_BATCH, ModelMetadata
-from ..preprocessing import ImageInput
 from ..scoring import Thresholds
-from .detector import accepted_sizes, as_items, balanced_chunks, check_network_outputs, decode_batch
-from .postprocess import AssignableThresholds, Detection, postprocess, resolve_thresholds
+from .detector import ImageScorer, accepted_sizes, check_network_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +50,7 @@ class RemoteError(BackendError):
         self.status = status
 
 
-class RemoteDetector(AssignableThresholds):
+class RemoteDetector(ImageScorer):
     """A served model, used as the in-process Detector is (see the module docstring).
 
     Attributes:
@@ -116,40 +114,7 @@ class RemoteDetector(AssignableThresholds):
         return {"backend": f"triton ({self.protocol})", "device": f"{self.url} ({self._runtime.get('device', 'server')})",
                 "model": self.model, "server_runtime": self._runtime}
 
-    # -- the Detector API -------------------------------------------------------------------------
-    def predict(self, images: ImageInput | Sequence[ImageInput], *, image_threshold: float | None = None,
-                pixel_threshold: float | None = None, sigma: float | None = None):
-        """As Detector.predict: one image or a list (paths or arrays) -> Detection or list of them.
-
-        Args:
-            images: one image (a path or an array) -> one Detection; a list, a tuple or an (N, H, W, C)
-                array -> a list of Detections, in order. Sent batch_size images per request.
-            image_threshold, pixel_threshold: raw score units, for this call only (default: `thresholds`).
-            sigma: sets both to mean + sigma * std of the good images' scores (the pixel threshold: of
-                their maps' maxima, where the model has a score head); a raw threshold given too wins.
-
-        Raises:
-            InvalidImageError: an image cannot be read or used here (naming the file, or its index in
-                the call); nothing of the call is returned.
-            ConfigError: a threshold that is not a finite number, or sigma below 0.
-            RemoteError: the server cannot be reached, refused a request or an image (naming its index
-                in the call), or answered maps or scores that are missing, of the wrong shape, or NaN or
-                infinite.
-        """
-        items, single = as_items(images)
-        thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma,
-                                        self.map_stats)
-        detections: list[Detection] = []
-        for start, stop in balanced_chunks(len(items), self.batch_size):
-            batch, sizes, sources = decode_batch(items[start:stop], start, self.preprocessing, self.sizes_accepted)
-            maps, scores = self.run_tensors(batch, offset=start)
-            maps = self.preprocessing.to_image_frame(maps, sizes)
-            detections += postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area,
-                                      self.map_stats)
-        return detections[0] if single else detections
-
-    __call__ = predict
-
+    # -- the Detector API: predict, raw_maps and preprocess come from ImageScorer --------------
     def run_tensors(self, batch: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed images (N, 3, H, W) float32 -> maps (N, H, W) and raw scores (N,), from the server,
         checked as Detector.run_tensors checks its backend's (check_network_outputs).
