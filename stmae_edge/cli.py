@@ -411,7 +411,7 @@ def predict(
     scored = len(summary["results"])
     info = summary["runtime"]
     typer.echo(f"{scored} scored: {summary['failed']} fail, {scored - summary['failed']} pass "
-               f"(image threshold {summary['thresholds']['image']:.4g}); {summary['unreadable']} unreadable; "
+               f"(image threshold {summary['thresholds']['image']:.4g}); {summary['unreadable']} not scored (error lines); "
                f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}"
                + (f" and {scored} overlays ({out}/<name>.png)" if overlays and scored else "")
                + (f"; removed {summary['replaced_overlays']} overlays of the earlier run there"

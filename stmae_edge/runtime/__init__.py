@@ -1,4 +1,5 @@
-"""The edge runtime: what runs on the line. numpy, OpenCV and the chosen backend; never torch.
+"""The edge runtime: what runs on the line. numpy, OpenCV and the chosen backend; torch only for a
+.pt file (its torch backend, for comparison).
 
 The names below load on first use, so that importing one module of the runtime (the CLI reads the
 table of backends for its help) does not load them all.

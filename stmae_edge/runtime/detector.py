@@ -8,8 +8,9 @@
     detector.thresholds                                 # from the metadata; assign to move them
     detector.predict(frames, sigma=4.0)                 # or override for one call
 
-numpy, OpenCV and the backend only: never torch. A Detector may be shared between threads: the backend
-call is serialised by a lock, preprocessing and postprocessing run in the callers' threads. A bad
+numpy, OpenCV and the backend only (torch only for a .pt file, opened by its torch backend). A
+Detector may be shared between threads: the backend call is serialised by a lock, preprocessing and
+postprocessing run in the callers' threads. A bad
 image raises InvalidImageError naming it; nothing is half-done and the detector stays usable.
 """
 
