@@ -57,13 +57,15 @@ def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
     return [declared_image_size(path) for path in paths]
 
 
-def choose_keep_aspect(cfg: TrainConfig, paths: Sequence[Path]) -> tuple[bool, str]:
-    """(keep the aspect ratio?, why), for TrainConfig.aspect. Crops are square and never resized."""
+def choose_keep_aspect(cfg: TrainConfig, paths: Sequence[Path],
+                       sizes: Sequence[tuple[int, int]] | None = None) -> tuple[bool, str]:
+    """(keep the aspect ratio?, why), for TrainConfig.aspect. Crops are square and never resized.
+    `sizes`: the images' (height, width), where the caller has read them already."""
     if cfg.crop:
         return False, "crops are taken at the input size"
     if cfg.aspect != "auto":
         return cfg.aspect == "keep", f"--aspect {cfg.aspect}"
-    ratios = np.array([width / height for height, width in image_sizes(paths)])
+    ratios = np.array([width / height for height, width in (sizes if sizes is not None else image_sizes(paths))])
     spread = float(ratios.max() / ratios.min())
     keep = spread > ASPECT_SPREAD_TO_KEEP
     why = (f"training images' width/height from {ratios.min():.2f} to {ratios.max():.2f}: "
@@ -307,10 +309,14 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     if cfg.score_folds and not score_folds:
         logger.info("score head calibrated on the held-out images, not cross-fitted (--holdout-dir or --crop)")
     train_items, holdout_items = train_paths, holdout_paths
+    # Every header once: for the crop check, the aspect choice and the sizes the runtime will accept
+    size_of = dict(zip(paths, image_sizes(paths), strict=True))
+    unread = [p for p in holdout_paths if p not in size_of]  # --holdout-dir's images
+    size_of.update(zip(unread, image_sizes(unread), strict=True))
     if cfg.crop:
         # The model then takes crop x crop inputs: tiles cut at native scale, never resized.
         model_config = replace(model_config, input_size=cfg.crop)
-        small = sum(min(size) <= cfg.crop for size in image_sizes(paths))
+        small = sum(min(size_of[p]) <= cfg.crop for p in paths)
         if small:  # every crop of such an image is the same mirrored image: fewer distinct samples than counted
             logger.warning("%d of %d good images are no larger than --crop %d on a side: their crops repeat one "
                            "another (mirror-padded), so the held-out crops overstate how far the threshold is "
@@ -319,14 +325,14 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         holdout_items = data.random_crops(holdout_paths, cfg.crop, cfg.crops_per_image, cfg.seed + 1)
 
     started = time.perf_counter()
-    keep_aspect, aspect_reason = choose_keep_aspect(cfg, paths)
+    keep_aspect, aspect_reason = choose_keep_aspect(cfg, paths, [size_of[p] for p in paths])
     logger.info("input shape: %s", aspect_reason)
     preprocessing = preprocessing_for(model_config, cfg.bit_depth, keep_aspect)
     if cfg.bit_depth == 16:
         hint_bit_depth(paths)
     # What the runtime accepts: crops are the model's whole input; whole images come in their sizes.
     trained_sizes = TrainedSizes.of([(cfg.crop, cfg.crop)] if cfg.crop
-                                    else image_sizes([*train_paths, *holdout_paths]))
+                                    else [size_of[p] for p in (*train_paths, *holdout_paths)])
     logger.info("images accepted at run time: near %s", trained_sizes.describe())
     cross_fitted = None
     if is_filtering:
