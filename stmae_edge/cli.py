@@ -48,6 +48,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.")
 
 
+def _given(ctx: typer.Context, *names: str) -> bool:
+    """Whether any of these options was given on the command line (a default given explicitly counts)."""
+    sources = (ctx.get_parameter_source(name) for name in names)
+    return any(source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT") for source in sources)
+
+
 def _model_config(family: str, preset_name: str, backbone: str | None):
     from .models.families import preset_config
 
@@ -56,6 +62,7 @@ def _model_config(family: str, preset_name: str, backbone: str | None):
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses DATA_DIR/train/good)"),
     out: Path = typer.Option(Path("model.pt"), "--out", "-o", help="checkpoint to write"),
     family: str = typer.Option("stmae", help="stmae (transformer on frozen CNN features), or filtering-ae "
@@ -116,11 +123,11 @@ def train(
     from .training.train import TrainConfig
     from .training.train import train as run_train
 
-    if family == FILTERING_FAMILY and (self_supervised or corruptions_per_image != CORRUPTIONS or backbone_weights != "imagenet"):
+    if family == FILTERING_FAMILY and _given(ctx, "self_supervised", "corruptions_per_image", "backbone_weights"):
         raise ConfigError("--self-supervised, --corruptions-per-image and --backbone-weights are stmae options; "
                           "the filtering autoencoder has no backbone and always trains on fresh synthetic defects")
 
-    if holdout_dir is not None and holdout != HOLDOUT:
+    if holdout_dir is not None and _given(ctx, "holdout"):
         raise ConfigError("--holdout draws the held-out images from train/good and --holdout-dir names them: "
                           "give one of the two")
     use_available_cores()

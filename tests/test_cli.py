@@ -57,6 +57,9 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     (("train", "/nonexistent/data", "--family", "filtering-ae", "--backbone", "vgg19"), "has no backbone"),
     (("train", "/nonexistent/data", "--family", "filtering-ae", "--self-supervised"), "are stmae options"),
     (("train", "/nonexistent/data", "--family", "filtering-ae", "--backbone-weights", "w.pth"), "are stmae options"),
+    # a default given explicitly is still given: it would otherwise be ignored without a word
+    (("train", "/nonexistent/data", "--family", "filtering-ae", "--corruptions-per-image", "2"), "are stmae options"),
+    (("train", "/nonexistent/data", "--holdout", "0.1", "--holdout-dir", "/nonexistent/held"), "give one of the two"),
     (("train", "/nonexistent/data", "--aspect", "square"), "aspect 'square': use one of auto, keep, stretch"),
     (("train", "/nonexistent/data", "--backbone", "resnet18"), "unknown backbone 'resnet18'; use one of"),
 ])
