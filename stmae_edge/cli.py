@@ -529,7 +529,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=version_call
     """Anomaly detection for production lines: train on good parts, export, run on the line."""
     import logging
 
-    from .runtime.backends import quiet_onnxruntime_logs
+    from .onnx_files import quiet_onnxruntime_logs
 
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

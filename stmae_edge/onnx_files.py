@@ -1,4 +1,5 @@
-"""Opening ONNX files a user hands in (export, verify, calibrate, build, evaluate): a security boundary.
+"""Opening ONNX files a user hands in (export, verify, calibrate, build, evaluate): a security boundary;
+and importing ONNX Runtime, whose process-wide log the CLI keeps quiet.
 
     path -> onnx.load without external data -> every tensor that keeps its data in another file
          must name a file inside the model's own folder -> the ModelProto
@@ -13,7 +14,35 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import CheckpointError, StmaeError, first_line
+from .errors import BackendError, CheckpointError, StmaeError, first_line
+
+# ONNX Runtime's own messages (a GPU provider that could not start, node placement, quantisation's
+# advice) go to stderr from its process-wide logger. The CLI turns them off unless asked (-v), as each
+# failure it reports becomes one `error:` line; a program embedding the runtime keeps ONNX Runtime's
+# settings, its own to choose. Every import of ONNX Runtime in the package goes through
+# import_onnxruntime, so that the choice reaches export, verify and calibrate as well as the runtime.
+_quiet_onnxruntime = False
+
+
+def quiet_onnxruntime_logs() -> None:
+    """Only ONNX Runtime's fatal errors reach stderr from now on (the CLI's choice; see above)."""
+    global _quiet_onnxruntime
+    _quiet_onnxruntime = True
+
+
+def import_onnxruntime():
+    """The onnxruntime module, its log quieted where the CLI asked.
+
+    Raises:
+        BackendError: ONNX Runtime is not installed.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError("ONNX Runtime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu") from None
+    if _quiet_onnxruntime:
+        onnxruntime.set_default_logger_severity(4)  # 4: fatal only
+    return onnxruntime
 
 
 def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):

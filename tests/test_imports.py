@@ -29,3 +29,47 @@ print('ok')
 def test_runtime_modules_import_without_torch():
     result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+QUIET = """
+import sys
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from stmae_edge.onnx_files import import_onnxruntime, quiet_onnxruntime_logs
+if sys.argv[1] == 'quiet':
+    quiet_onnxruntime_logs()
+x = helper.make_tensor_value_info('x', TensorProto.FLOAT, [1])
+y = helper.make_tensor_value_info('y', TensorProto.FLOAT, [1])
+unused = numpy_helper.from_array(np.zeros(1, np.float32), 'unused')  # ONNX Runtime warns about it
+graph = helper.make_graph([helper.make_node('Identity', ['x'], ['y'])], 'g', [x], [y], [unused])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)], ir_version=8)
+import_onnxruntime().InferenceSession(model.SerializeToString(), providers=['CPUExecutionProvider'])
+"""
+
+
+def test_quieted_onnxruntime_says_nothing_but_fatal_errors():
+    def stderr(mode):
+        result = subprocess.run([sys.executable, "-c", QUIET, mode], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    assert "Removing initializer 'unused'" in stderr("loud")  # the check can fail
+    assert stderr("quiet") == ""
+
+
+def test_onnxruntime_is_imported_only_through_import_onnxruntime():
+    """So that the CLI's quieting reaches export, verify and calibrate as well as the runtime."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "stmae_edge"
+    direct = []
+    for path in package.rglob("*.py"):
+        if path.name == "onnx_files.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if "onnxruntime" in names:
+                direct.append(f"{path.name}:{node.lineno}")
+    assert not direct, direct

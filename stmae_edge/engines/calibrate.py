@@ -43,7 +43,7 @@ from .. import data
 from ..checks import parse_document
 from ..errors import ConfigError, DatasetError
 from ..metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
-from ..onnx_files import load_onnx
+from ..onnx_files import import_onnxruntime, load_onnx
 from ..outputs import check_writable, sha256_file, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
 from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
@@ -247,6 +247,7 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
               target: Path, batch_size: int, settings: dict = SETTINGS) -> None:
     """Static quantisation with `settings` (SETTINGS: the TensorRT-compatible default; the CPU study in
     benchmarks/ tries others), calibrated on `images`, metadata carried over with precision int8."""
+    import_onnxruntime()  # its log quieted as the CLI asked, before quantisation's sessions start
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,

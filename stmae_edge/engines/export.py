@@ -33,6 +33,7 @@ from ..metadata import (
     ModelMetadata,
     onnx_precision,
 )
+from ..onnx_files import import_onnxruntime
 from ..outputs import check_writable, written_atomically
 from ..progress import progress_bar
 from .half_precision import is_statistic
@@ -194,8 +195,7 @@ def check_onnx(path: Path | str, model=None) -> dict:
 def _smoke_parity(path: Path | str, model) -> float:
     """Random inputs through ONNX Runtime (CPU) and torch, maps and scores (which a score head computes
     apart from the map); the larger relative difference. A quick guard, not the real-image check."""
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     size = model.config.input_size
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -15,7 +15,7 @@ from .. import data
 from ..checkpoint import load_model
 from ..errors import DatasetError, VerificationError, first_line
 from ..metadata import INPUT_NAME, ModelMetadata, onnx_precision
-from ..onnx_files import load_onnx
+from ..onnx_files import import_onnxruntime, load_onnx
 from ..progress import progress_bar
 from .parity import PARITY_RTOL, relative_difference
 
@@ -52,8 +52,7 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
 
 def _compare(onnx_path, checkpoint, exported: ModelMetadata, images, batch_sizes, rtol: float, step) -> dict:
     """verify's work, `step` moving its progress bar: PyTorch and ONNX Runtime on each batch size."""
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     model, metadata = load_model(checkpoint)
     step(1, status="preprocessing images")
     if exported.model_hash != metadata.model_hash:

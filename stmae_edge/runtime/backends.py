@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import BackendError, ConfigError, first_line
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
+from ..onnx_files import import_onnxruntime
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
 from .devices import cpu_description, cuda_device_count, gpu_description
 
@@ -62,7 +63,7 @@ def device_present(name: str) -> bool:
         return True
     if cuda_device_count() == 0:
         return False
-    return name not in ORT_PROVIDERS or ORT_PROVIDERS[name] in _ort().get_available_providers()
+    return name not in ORT_PROVIDERS or ORT_PROVIDERS[name] in import_onnxruntime().get_available_providers()
 
 
 class Backend(Protocol):
@@ -123,28 +124,6 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
     return TorchBackend(path, device=chosen.removeprefix("torch-"))
 
 
-# ONNX Runtime's own messages (a GPU provider that could not start, node placement) go to stderr from
-# its process-wide logger. The CLI turns them off unless asked (-v), as each failure it reports becomes
-# one `error:` line; a program embedding the runtime keeps ONNX Runtime's settings, its own to choose.
-_quiet_onnxruntime = False
-
-
-def quiet_onnxruntime_logs() -> None:
-    """Only ONNX Runtime's fatal errors reach stderr from now on (the CLI's choice; see above)."""
-    global _quiet_onnxruntime
-    _quiet_onnxruntime = True
-
-
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BackendError("ONNX Runtime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu") from None
-    if _quiet_onnxruntime:
-        onnxruntime.set_default_logger_severity(4)  # 4: fatal only
-    return onnxruntime
-
-
 class OnnxRuntimeBackend:
     """An exported ONNX file in ONNX Runtime, on the execution provider named, or an error."""
 
@@ -152,7 +131,7 @@ class OnnxRuntimeBackend:
     min_batch = 1
 
     def __init__(self, path: Path | str, backend: str = "ort-cpu", threads: int = 0):
-        ort = _ort()
+        ort = import_onnxruntime()
         self.name = backend
         wanted = ORT_PROVIDERS[backend]
         if wanted not in ort.get_available_providers():
