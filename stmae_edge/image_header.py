@@ -7,8 +7,8 @@ Only formats whose header is read here get decoded at all, so the pixel cap hold
 package opens: a 0.5 MB file that declares 12000 x 12000 pixels is refused before OpenCV allocates
 them, whatever the format and wherever in the file the size sits (a JPEG may carry megabytes of APP
 segments before its frame header; a TIFF puts its directory anywhere). OpenCV's own cap
-(OPENCV_IO_MAX_IMAGE_PIXELS) is not enough alone: it is read when cv2 is first imported, which the host
-program may have done before importing this package.
+(OPENCV_IO_MAX_IMAGE_PIXELS) is not used: it is read when cv2 is first imported, which the host
+program may have done before importing this package, and it is the whole process's, not ours to set.
 
 numpy-free and OpenCV-free on purpose: the fuzz harness drives it with arbitrary bytes.
 """

@@ -17,16 +17,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from .checks import is_whole
 from .errors import ConfigError, InvalidImageError
 from .image_header import declared_size, jpeg_orientation
 
-# OpenCV reads this once, at import; it bounds what a hostile file can make the decoder allocate.
+# What a file may make the decoder allocate: checked against the size its header declares, before
+# decoding (image_header). OpenCV's own process-wide cap (OPENCV_IO_MAX_IMAGE_PIXELS) is left to the host
+# program: a line-scan host reloading its own long strips must not find them refused after importing us.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
-import cv2  # noqa: E402  (must follow the environment variable above)
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_INPUT_SIDE = 4096

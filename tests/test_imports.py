@@ -73,3 +73,15 @@ def test_onnxruntime_is_imported_only_through_import_onnxruntime():
             if "onnxruntime" in names:
                 direct.append(f"{path.name}:{node.lineno}")
     assert not direct, direct
+
+
+def test_runtime_leaves_opencv_image_cap_to_the_host():
+    """The host's own OpenCV reads strips over our 64-Mpixel cap after importing the runtime; ours is
+    checked on each file's header instead (test_image_files)."""
+    code = ("import os, numpy as np; os.environ.pop('OPENCV_IO_MAX_IMAGE_PIXELS', None)\n"
+            "import stmae_edge.runtime, cv2\n"
+            "assert 'OPENCV_IO_MAX_IMAGE_PIXELS' not in os.environ\n"
+            "ok, png = cv2.imencode('.png', np.zeros((9000, 8000), np.uint8))  # 72 Mpixels\n"
+            "print(cv2.imdecode(png, cv2.IMREAD_GRAYSCALE).shape)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "(9000, 8000)", result.stderr
