@@ -297,6 +297,41 @@ def test_a_bad_block_mid_strip_is_refused_and_the_strip_goes_on_unchanged(detect
     assert defects == reference and np.array_equal(np.concatenate(bands), reference_map)
 
 
+@pytest.mark.parametrize("failing_call", [1, 2, 3, 4])
+def test_an_on_rows_callback_that_raises_loses_no_defect_and_no_row(detector, failing_call):
+    """A host's display hook that fails once: its exception leaves that push (or the flush), and the
+    defects and final rows of that call come with the next one."""
+    strip = make_strip(8, 300, 200)
+    strip[150:160, 60:120] = 250
+    threshold = strong_threshold(detector)
+    reference_bands = []
+    inspector = StreamingInspector(detector, overlap=OVERLAP, pixel_threshold=threshold,
+                                   on_rows=lambda first, rows: reference_bands.append((first, rows.copy())))
+    reference = inspector.push(strip[:100]) + inspector.push(strip[100:200]) + inspector.push(strip[200:])
+    reference += inspector.flush()
+    assert reference and len(reference_bands) >= 4  # the check can fail: a defect to lose, a band per call
+    bands, calls = [], []
+
+    def on_rows(first, rows):
+        calls.append(first)
+        if len(calls) == failing_call:
+            raise RuntimeError("display queue full")
+        bands.append((first, rows.copy()))
+
+    inspector = StreamingInspector(detector, overlap=OVERLAP, pixel_threshold=threshold, on_rows=on_rows)
+    defects, raised = [], 0
+    for call in (lambda: inspector.push(strip[:100]), lambda: inspector.push(strip[100:200]),
+                 lambda: inspector.push(strip[200:]), inspector.flush, inspector.flush):
+        try:
+            defects += call()
+        except RuntimeError:
+            raised += 1
+    assert raised == 1 and defects == reference
+    expected = [band for i, band in enumerate(reference_bands) if i != failing_call - 1]  # all but the failed one
+    assert [first for first, _ in bands] == [first for first, _ in expected]
+    assert all(np.array_equal(rows, want) for (_, rows), (_, want) in zip(bands, expected, strict=True))
+
+
 def test_a_first_block_that_fails_in_scoring_does_not_fix_the_strip(linescan_model):
     detector = Detector(linescan_model, bit_depth=10)  # a Mono10 camera: uint16 above 1023 is refused
     inspector = StreamingInspector(detector, overlap=OVERLAP)

@@ -85,7 +85,9 @@ class StreamingInspector:
             pixel_threshold: raw map units (default: the detector's pixel threshold).
             max_defect_rows: a defect taller than this is reported in parts, each but the last marked
                 `continues` (default: 8 tile heights); bounds memory whatever the defect.
-            on_rows: called with (first strip row, final strip map rows) as rows become final.
+            on_rows: called with (first strip row, final strip map rows) as rows become final, once
+                push or flush has stored everything; if it raises, the exception leaves that call and
+                the call's defects, and the rows not yet shown, come with the next push or flush.
 
         Raises:
             ConfigError: overlap, width, max_defect_rows or pixel_threshold out of range or of the wrong type.
@@ -108,6 +110,8 @@ class StreamingInspector:
         self.stride = self.tile_height - self.overlap
         self.max_defect_rows = int(max_defect_rows)
         self.on_rows = on_rows  # called with (first row, final strip map rows) as rows become final
+        self._unshown: list[tuple[int, np.ndarray]] = []  # final rows for on_rows, shown after each call
+        self._undelivered: list[StripDefect] = []  # defects of a call whose on_rows raised
         self.width = width
         self._channels: int | None = None
         self._dtype = None
@@ -195,7 +199,7 @@ class StreamingInspector:
         for top, row_maps in zip(tops, maps, strict=True):
             defects += self._blend(top, row_maps, final_row=top + self.stride)
         self.seconds["total"] += time.perf_counter() - started
-        return defects
+        return self._deliver(defects)
 
     def flush(self) -> list[StripDefect]:
         """End of the strip: score the rows not yet covered, close every open defect. Once flushed, the
@@ -208,7 +212,7 @@ class StreamingInspector:
         """
         if self._flushed or self.rows_pushed == 0:
             self._flushed = True
-            return []
+            return self._deliver([])
         started = time.perf_counter()
         defects = []
         if self._tile_rows and self._tile_rows[-1][2] >= self.rows_pushed:
@@ -221,6 +225,21 @@ class StreamingInspector:
         defects += self._with_tiles(self._regions.close())
         self._flushed = True
         self.seconds["total"] += time.perf_counter() - started
+        return self._deliver(defects)
+
+    def _deliver(self, defects: list[StripDefect]) -> list[StripDefect]:
+        """The defects to return, after on_rows has seen the rows made final. Called when every row and
+        defect is stored: the host's callback failing then loses nothing; its defects are kept for
+        the next call, so a display hook that raises cannot hide a defect."""
+        defects, self._undelivered = self._undelivered + defects, []
+        while self._unshown and self.on_rows is not None:
+            first, final = self._unshown.pop(0)
+            try:
+                self.on_rows(first, final)
+            except BaseException:
+                self._undelivered = defects
+                raise
+        self._unshown.clear()
         return defects
 
     # -- tiles and blending ------------------------------------------------------------------------
@@ -271,7 +290,7 @@ class StreamingInspector:
         self._rows = self._rows[keep_from - self._rows_start:]
         self._rows_start = keep_from
         if self.on_rows is not None:
-            self.on_rows(first, final)
+            self._unshown.append((first, final))
         return self._with_tiles(self._regions.add(first, final))
 
     def _with_tiles(self, defects: list[StripDefect]) -> list[StripDefect]:
