@@ -384,12 +384,18 @@ def to_float(image: np.ndarray, bit_depth: int = 16) -> np.ndarray:
     if image.dtype == np.uint8:
         return np.multiply(image, np.float32(1 / 255.0), dtype=np.float32)
     if image.dtype == np.uint16:
-        top = (1 << bit_depth) - 1
-        if bit_depth < 16 and int(image.max()) > top:
-            raise InvalidImageError(f"uint16 pixels up to {int(image.max())} exceed the {bit_depth}-bit range "
-                                    f"0..{top}; set the bit depth to the camera's (16 for full-range data)")
-        return np.multiply(image, np.float32(1 / top), dtype=np.float32)
+        check_within_bit_depth(image, bit_depth)
+        return np.multiply(image, np.float32(1 / ((1 << bit_depth) - 1)), dtype=np.float32)
     return image.astype(np.float32)
+
+
+def check_within_bit_depth(image: np.ndarray, bit_depth: int) -> None:
+    """Raises InvalidImageError where uint16 pixels exceed what `bit_depth` bits hold (the setting does
+    not match the camera); other pixel types pass."""
+    top = (1 << bit_depth) - 1
+    if image.dtype == np.uint16 and bit_depth < 16 and image.size and int(image.max()) > top:
+        raise InvalidImageError(f"uint16 pixels up to {int(image.max())} exceed the {bit_depth}-bit range "
+                                f"0..{top}; set the bit depth to the camera's (16 for full-range data)")
 
 
 def rgb_planes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

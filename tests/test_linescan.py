@@ -332,6 +332,19 @@ def test_an_on_rows_callback_that_raises_loses_no_defect_and_no_row(detector, fa
     assert all(np.array_equal(rows, want) for (_, rows), (_, want) in zip(bands, expected, strict=True))
 
 
+def test_a_short_block_beyond_the_bit_depth_is_refused_at_its_own_push(linescan_model):
+    """Its rows are not scored yet (fewer than a tile): refused later, they would fail every push after."""
+    detector = Detector(linescan_model, bit_depth=10)
+    strip = make_strip(9, 130, 100).astype(np.uint16) * 4  # 10-bit values
+    inspector = StreamingInspector(detector, overlap=OVERLAP)
+    defects = inspector.push(strip[:20])
+    with pytest.raises(InvalidImageError, match=r"strip rows 20\.\.30: uint16 pixels up to 4000 exceed the 10-bit"):
+        inspector.push(np.full((10, 100), 4000, np.uint16))
+    defects += inspector.push(strip[20:70]) + inspector.push(strip[70:]) + inspector.flush()
+    reference, _, _ = inspect(detector, strip, [20, 50, 60], keep_map=False)
+    assert defects == reference and inspector.rows_pushed == 130
+
+
 def test_a_first_block_that_fails_in_scoring_does_not_fix_the_strip(linescan_model):
     detector = Detector(linescan_model, bit_depth=10)  # a Mono10 camera: uint16 above 1023 is refused
     inspector = StreamingInspector(detector, overlap=OVERLAP)

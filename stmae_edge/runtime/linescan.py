@@ -28,7 +28,7 @@ import numpy as np
 
 from ..checks import is_whole
 from ..errors import ConfigError, InvalidImageError
-from ..preprocessing import mirror_pad
+from ..preprocessing import check_within_bit_depth, mirror_pad
 from ..scoring import normalize
 from .detector import Detector
 from .postprocess import resolve_thresholds
@@ -153,6 +153,11 @@ class StreamingInspector:
         if self._channels is not None and (channels != self._channels or block.dtype != self._dtype):
             raise InvalidImageError(f"a block is {channels}-channel {block.dtype}; this strip is "
                                     f"{self._channels}-channel {self._dtype}")
+        try:  # here, not when its rows are scored: that can be a later push, which would then fail for good
+            check_within_bit_depth(block, self.detector.preprocessing.bit_depth)
+        except InvalidImageError as exc:
+            raise InvalidImageError(f"the block of strip rows {self.rows_pushed}..{self.rows_pushed + block.shape[0]}: "
+                                    f"{exc}") from None
         return block
 
     def _tile_columns(self, width: int) -> list[int]:
@@ -179,7 +184,7 @@ class StreamingInspector:
         Raises:
             ConfigError: the strip was flushed.
             InvalidImageError: the block is not such an array, is narrower than a tile, differs from
-                the strip's width or format, or the model refuses its pixels (uint16 beyond bit_depth).
+                the strip's width or format, or holds uint16 pixels beyond the detector's bit_depth.
             BackendError: the backend failed, or the network produced NaN or infinite values.
         """
         if self._flushed:
