@@ -84,6 +84,21 @@ def test_one_image_or_a_list_any_batch_size(tiny_export, images):
     assert Detector(tiny_export[1]).predict([]) == []
 
 
+def test_raw_maps_takes_what_predict_takes_and_detections_own_their_maps(detector, images):
+    paths, arrays = images
+    size = detector.preprocessing.input_size
+    maps, scores = detector.raw_maps([arrays[0]])
+    for one in (arrays[0], paths[0], str(paths[0])):  # one image is a batch of one, not rows or characters
+        one_maps, one_scores = detector.raw_maps(one)
+        assert one_maps.shape == (1, *size)
+        np.testing.assert_allclose(one_scores, scores, rtol=1e-5)
+    same_size = np.zeros(size, np.uint8)  # its map is the network's own, unresized
+    kept = detector.predict([same_size, same_size])[0]
+    assert kept.anomaly_map.shape == size and kept.anomaly_map.base is None  # not a view of the batch's maps
+    with pytest.raises(ConfigError, match="timings must be a dict"):
+        detector.predict(arrays[0], timings=[])
+
+
 def test_thresholds_come_from_metadata_and_can_be_overridden_per_call(detector, images):
     arrays = images[1]
     stats, default = detector.score_stats, detector.metadata.thresholds

@@ -85,6 +85,7 @@ class ImageScorer(AssignableThresholds):
                 that cannot be reached or refused a request).
         """
         items, single = as_items(images)
+        _check_timings(timings)
         thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma,
                                         self.map_stats)
         spent = dict.fromkeys(STAGES, 0.0)
@@ -100,10 +101,20 @@ class ImageScorer(AssignableThresholds):
         """The network's input tensor for these images: the same definition training used."""
         return self.preprocessing(images)
 
-    def raw_maps(self, images: Sequence[ImageInput], timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def raw_maps(self, images: ImageInput | Sequence[ImageInput], timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The network's own output for a list of images, batched: maps (N, H, W) at the model's input
         size and raw scores (N,), without thresholds or regions. For callers that combine maps
-        themselves, such as the line-scan inspector, which feeds tiles of exactly that size."""
+        themselves, such as the line-scan inspector, which feeds tiles of exactly that size.
+
+        Args:
+            images: a list, a tuple or an (N, H, W, C) array of images (one image alone gives N = 1).
+            timings: if given, accumulates seconds per stage (preprocess, infer).
+
+        Raises:
+            InvalidImageError, ConfigError, BackendError: as `predict`.
+        """
+        images, _ = as_items(images)
+        _check_timings(timings)
         spent = dict.fromkeys(STAGES, 0.0)
         outputs = [self._infer_batch(list(images[start:stop]), start, spent)
                    for start, stop in balanced_chunks(len(images), self.batch_size)]
@@ -325,6 +336,12 @@ def _check_arguments(model_path, backend, batch_size, min_region_area, cuda_grap
         raise ConfigError(f"cuda_graph {cuda_graph!r} must be True or False")
     if bit_depth is not None:
         check_bit_depth(bit_depth)
+
+
+def _check_timings(timings) -> None:
+    """Before any work: a wrong `timings` found after inference would throw the call's results away."""
+    if timings is not None and not isinstance(timings, dict):
+        raise ConfigError(f"timings must be a dict (seconds are added to it per stage), not {type(timings).__name__}")
 
 
 def _add_timings(timings: dict | None, spent: dict, stages: tuple[str, ...]) -> None:

@@ -171,9 +171,10 @@ def postprocess(maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int
     z_scores = normalize(scores, stats)
     for i, (height, width) in enumerate(sizes):
         model_map = maps[i]
-        image_map = model_map
         if model_map.shape != (height, width):
             image_map = cv2.resize(model_map, (width, height), interpolation=cv2.INTER_LINEAR)
+        else:  # a copy: a view would keep the whole batch's maps alive for as long as one Detection is kept
+            image_map = np.array(model_map, dtype=np.float32)
         score = float(scores[i])
         failed = bool(fails(score, thresholds.image))
         detections.append(Detection(
