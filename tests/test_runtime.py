@@ -257,6 +257,18 @@ def test_backend_choice_is_reported_and_never_a_silent_fallback(tiny_export):
         Detector(onnx_file, cuda_graph=True)
 
 
+def test_onnx_runtime_threads_wait_unless_asked_to_spin(tiny_export, images):
+    """Spinning threads take the host's cores between frames (docs/BENCHMARKS.md); same results either way."""
+    key = "session.intra_op.allow_spinning"
+    waiting, spinning = Detector(tiny_export[1]), Detector(tiny_export[1], spin_threads=True)
+    assert waiting._backend.session.get_session_options().get_session_config_entry(key) == "0"
+    assert spinning._backend.session.get_session_options().get_session_config_entry(key) == "1"
+    arrays = images[1]
+    assert [d.score for d in waiting.predict(arrays)] == [d.score for d in spinning.predict(arrays)]
+    with pytest.raises(ConfigError, match="spin_threads 'yes' must be True or False"):
+        Detector(tiny_export[1], spin_threads="yes")
+
+
 def test_pytorch_checkpoint_runs_as_a_comparison_backend(tiny_export, detector, images):
     arrays = images[1]
     eager = Detector(tiny_export[0])

@@ -87,7 +87,7 @@ def describe(backend: Backend) -> dict:
 
 
 def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: bool = False,
-                 threads: int = 0) -> Backend:
+                 threads: int = 0, spin_threads: bool = False) -> Backend:
     """The backend for a model file: chosen from the file type and the machine, or as named.
 
     Args:
@@ -95,6 +95,7 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
         backend: a name of BACKENDS; "auto" chooses from the file's kind and the machine (AUTO).
         cuda_graph: (TensorRT plans only) replay each batch size as a captured CUDA graph.
         threads: ONNX Runtime's intra-op threads (0: its default).
+        spin_threads: let ONNX Runtime's threads busy-wait for work (see Detector).
 
     Raises:
         ConfigError: an unknown backend or file type, or a backend that does not run this file.
@@ -113,7 +114,7 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
 
         return TensorRTBackend(path, cuda_graph=cuda_graph)
     if chosen in ORT_PROVIDERS:
-        return OnnxRuntimeBackend(path, chosen, threads=threads)
+        return OnnxRuntimeBackend(path, chosen, threads=threads, spin_threads=spin_threads)
     try:
         from .torch_backend import TorchBackend  # needs the train extra; never imported by the runtime
     except ModuleNotFoundError as exc:
@@ -130,7 +131,7 @@ class OnnxRuntimeBackend:
     name: str
     min_batch = 1
 
-    def __init__(self, path: Path | str, backend: str = "ort-cpu", threads: int = 0):
+    def __init__(self, path: Path | str, backend: str = "ort-cpu", threads: int = 0, spin_threads: bool = False):
         ort = import_onnxruntime()
         self.name = backend
         wanted = ORT_PROVIDERS[backend]
@@ -140,6 +141,10 @@ class OnnxRuntimeBackend:
                                "CUDA and TensorRT, or use --backend ort-cpu")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per physical core
+        # Spinning threads burn the cores between frames that arrive at intervals, which a line PC's
+        # acquisition threads need (docs/BENCHMARKS.md, "ONNX Runtime's threads spinning or waiting").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_threads else "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin_threads else "0")
         providers: list = [wanted]
         if wanted == "TensorrtExecutionProvider":
             # Next to the model, not in the host program's working directory.
