@@ -247,7 +247,7 @@ def test_backend_choice_is_reported_and_never_a_silent_fallback(tiny_export):
     if cuda_device_count() == 0:
         assert auto["backend"] == "ort-cpu" and auto["device"].startswith("CPU")
         for backend, provider in (("ort-cuda", "CUDAExecutionProvider"), ("ort-tensorrt", "TensorrtExecutionProvider")):
-            with pytest.raises(BackendError, match=f"could not start {provider}.*would run on CPU"):
+            with pytest.raises(BackendError, match=f"could not start {provider}.*ort-cpu"):
                 Detector(onnx_file, backend)
     with pytest.raises(ConfigError, match="unknown backend"):
         Detector(onnx_file, "openvino")
@@ -267,6 +267,21 @@ def test_onnx_runtime_threads_wait_unless_asked_to_spin(tiny_export, images):
     assert [d.score for d in waiting.predict(arrays)] == [d.score for d in spinning.predict(arrays)]
     with pytest.raises(ConfigError, match="spin_threads 'yes' must be True or False"):
         Detector(tiny_export[1], spin_threads="yes")
+
+
+@pytest.mark.skipif(cuda_device_count() > 0, reason="needs a machine where ONNX Runtime's CUDA provider cannot start")
+def test_auto_passes_over_a_gpu_that_cannot_run_the_file_and_says_so(tiny_export, monkeypatch, caplog):
+    """A GPU driver without the CUDA libraries ONNX Runtime needs (this machine's own provider failing to
+    start, the GPU's presence pretended): auto runs on the CPU, with a warning; a named backend fails."""
+    import stmae_edge.runtime.backends as backends
+
+    monkeypatch.setattr(backends, "device_present", lambda name: True)
+    with caplog.at_level("WARNING", logger="stmae_edge.runtime.backends"):
+        detector = Detector(tiny_export[1])
+    assert detector.info["backend"] == "ort-cpu" and detector.info["provider"] == "CPUExecutionProvider"
+    assert "backend auto: ort-cuda cannot run" in caplog.text and "trying ort-cpu" in caplog.text
+    with pytest.raises(BackendError, match="could not start CUDAExecutionProvider"):
+        Detector(tiny_export[1], "ort-cuda")
 
 
 def test_pytorch_checkpoint_runs_as_a_comparison_backend(tiny_export, detector, images):

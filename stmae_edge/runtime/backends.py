@@ -16,13 +16,15 @@ the CLI's --backend help are all read from it:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from ..errors import BackendError, ConfigError, first_line
+from ..errors import BackendError, ConfigError, EngineMismatchError, first_line
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import import_onnxruntime
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
@@ -30,6 +32,11 @@ from .devices import cpu_description, cuda_device_count, gpu_description
 
 logger = logging.getLogger(__name__)
 ORT_PROVIDERS = {kind.name: kind.provider for kind in BACKEND_KINDS if kind.provider}  # backend -> provider
+# ONNX Runtime's TensorRT provider builds one engine for this batch range (min, opt, max): the range a
+# plan from `build` has by default. Larger batches are split by the Detector.
+ORT_TENSORRT_PROFILE = (1, 8, 32)
+GPU_PROVIDER_HINT = ("check the GPU driver and the CUDA, cuDNN (and TensorRT) versions that this onnxruntime-gpu "
+                     "needs (pip install '.[gpu]' brings CUDA's and cuDNN's), or ask for --backend ort-cpu")
 
 
 def choose_backend(path: Path, backend: str) -> str:
@@ -109,6 +116,23 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
     chosen = choose_backend(path, backend)
     if cuda_graph and chosen != "tensorrt":
         raise ConfigError("CUDA graphs are a TensorRT option: give a .plan file, or leave out --cuda-graph")
+    if backend == "auto":
+        # A GPU that is present but cannot run the file (a CUDA library missing, a provider that fails
+        # to start) passes to auto's next choice, said; a backend named by the caller fails instead.
+        candidates = (names := AUTO[file_kind_of(path)])[names.index(chosen):]
+        for name, following in zip(candidates, candidates[1:], strict=False):
+            try:
+                return _open_chosen(path, name, cuda_graph, threads, spin_threads)
+            except EngineMismatchError:  # the file, not the machine: the next backend would say the same
+                raise
+            except BackendError as exc:
+                logger.warning("backend auto: %s cannot run %s here (%s); trying %s", name, path.name,
+                               first_line(exc, 300), following)
+        chosen = candidates[-1]
+    return _open_chosen(path, chosen, cuda_graph, threads, spin_threads)
+
+
+def _open_chosen(path: Path, chosen: str, cuda_graph: bool, threads: int, spin_threads: bool) -> Backend:
     if chosen == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
@@ -145,34 +169,27 @@ class OnnxRuntimeBackend:
         # acquisition threads need (docs/BENCHMARKS.md, "ONNX Runtime's threads spinning or waiting").
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_threads else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin_threads else "0")
-        providers: list = [wanted]
-        if wanted == "TensorrtExecutionProvider":
-            # Next to the model, not in the host program's working directory.
-            engine_cache = Path(path).with_name(Path(path).stem + ".ort-tensorrt-cache")
-            try:
-                engine_cache.mkdir(exist_ok=True)
-            except OSError as exc:
-                raise BackendError(f"cannot create the TensorRT engine cache {engine_cache}: "
-                                   f"{exc.strerror or exc}; copy the model to a writable folder") from exc
-            providers = [(wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache),
-                                   # Q/DQ graphs need the provider's INT8 mode; fp16 graphs carry their types
-                                   "trt_int8_enable": _file_precision(path) == "int8"}),
-                         "CUDAExecutionProvider"]
+        providers = [wanted] if wanted == "CPUExecutionProvider" else _gpu_providers(ort, wanted, path)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            # No fallback: ONNX Runtime would otherwise print to stdout and move a failing GPU session
+            # to the CPU, at creation or in the middle of a run, while `provider` still named the GPU.
+            self.session = ort.InferenceSession(str(path), options, providers=providers, enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            if wanted != "CPUExecutionProvider":  # most often a library the provider needs (TensorRT's)
+                raise BackendError(f"ONNX Runtime could not start {wanted} for {Path(path).name} "
+                                   f"({first_line(exc)}); {GPU_PROVIDER_HINT}") from exc
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from exc
+        self.session.disable_fallback()  # for versions that do not read enable_fallback
         used = self.session.get_providers()
         if used[0] != wanted:
             raise BackendError(f"ONNX Runtime could not start {wanted} and would run on {used[0]} instead; "
-                               "check the GPU driver, CUDA and cuDNN versions that this onnxruntime-gpu needs "
-                               "(`stmae-edge -v ...` prints ONNX Runtime's reason), or ask for --backend ort-cpu")
+                               f"{GPU_PROVIDER_HINT} (`stmae-edge -v ...` prints ONNX Runtime's reason)")
         self.provider = used[0]
         self.device = cpu_description() if wanted == "CPUExecutionProvider" else gpu_description()
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = ModelMetadata.from_props(props)
         self.precision = onnx_precision(props)
-        self.max_batch = MAX_BATCH
+        self.max_batch = ORT_TENSORRT_PROFILE[2] if wanted == "TensorrtExecutionProvider" else MAX_BATCH
         self.metadata.check_input_size(self.session.get_inputs()[0].shape[2:], path)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,12 +205,68 @@ class OnnxRuntimeBackend:
         self.session = None
 
 
-def _file_precision(path: Path | str) -> str:
+def _gpu_providers(ort, wanted: str, path: Path | str) -> list:
+    """The provider list for a GPU session: CUDA's libraries found, float32 kept float32 (TF32 rounds
+    its operands as fp16 does, which the Mahalanobis distances of the map amplify), and for TensorRT one
+    engine for the whole batch range, cached beside the model."""
+    preload = getattr(ort, "preload_dlls", None)  # 1.21+: CUDA and cuDNN from the nvidia-* wheels of [gpu]
+    if preload is not None:
+        said = io.StringIO()  # it prints what it could not load; the session below reports what matters
+        try:
+            with contextlib.redirect_stdout(said):
+                preload(directory="")
+        except Exception as exc:
+            said.write(first_line(exc))
+        if said.getvalue().strip():
+            logger.info("onnxruntime.preload_dlls: %s", " | ".join(said.getvalue().split("\n")).strip(" |"))
+    cuda = ("CUDAExecutionProvider", {"use_tf32": "0"} if _version(ort) >= (1, 19) else {})
+    if wanted == "CUDAExecutionProvider":
+        return [cuda]
+    # Next to the model, not in the host program's working directory; a folder per TensorRT version, as
+    # an engine from another one is not loadable (the provider rebuilds it, minutes on a Jetson).
+    trt_version = _tensorrt_version()
+    engine_cache = Path(path).with_name(f"{Path(path).stem}.ort-tensorrt-cache" + (f"-{trt_version}" if trt_version else ""))
+    try:
+        engine_cache.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise BackendError(f"cannot create the TensorRT engine cache {engine_cache}: "
+                           f"{exc.strerror or exc}; copy the model to a writable folder") from exc
+    precision, image_shape = _graph_facts(path)
+    shape = "x".join(str(v) for v in image_shape)
+    # Without a profile the provider builds for the batch sizes it has seen and rebuilds for each larger one
+    profile = {f"trt_profile_{bound}_shapes": f"{INPUT_NAME}:{batch}x{shape}"
+               for bound, batch in zip(("min", "opt", "max"), ORT_TENSORRT_PROFILE, strict=True)}
+    return [(wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache), **profile,
+                      # Q/DQ graphs need the provider's INT8 mode; fp16 graphs carry their types
+                      "trt_int8_enable": precision == "int8"}), cuda]
+
+
+def _version(module) -> tuple[int, ...]:
+    parts = []
+    for part in str(getattr(module, "__version__", "0")).split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _tensorrt_version() -> str:
+    """The installed TensorRT's version, as the provider will load it ('' where Python cannot see it)."""
+    try:
+        import tensorrt
+    except ImportError:
+        return ""
+    return str(getattr(tensorrt, "__version__", ""))
+
+
+def _graph_facts(path: Path | str) -> tuple[str, tuple[int, ...]]:
+    """The graph's precision and its input's (channels, height, width)."""
     import onnx
 
     try:
-        return onnx_precision(onnx.load(str(path), load_external_data=False))
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, OSError, ...
         raise BackendError(f"{path}: not a readable ONNX file ({exc})") from exc
+    dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
+    return onnx_precision(proto), tuple(int(d.dim_value) for d in dims)
 
 
