@@ -50,6 +50,21 @@ FP32_TOLERANCE, AUROC_POINTS = 1e-3, {"fp16": 0.2, "int8": 1.0}
 def inventory() -> dict:
     """What this machine has, for the record and for the skip reasons."""
     found: dict = {"python": sys.version.split()[0]}
+    try:  # before torch, whose CUDA libraries would let ONNX Runtime's CUDA provider start where, on a
+        import onnxruntime as ort  # line PC without torch, it could not
+
+        found["onnxruntime"] = f"{ort.__version__}: {', '.join(ort.get_available_providers())}"
+    except ImportError:
+        found["onnxruntime"] = None
+    for name, modules in (("tensorrt", ("tensorrt",)), ("tensorrt_rtx", ("tensorrt_rtx_bindings", "tensorrt_rtx")),
+                          ("cuda_python", ("cuda.bindings",))):
+        found[name] = None
+        for module in modules:
+            try:
+                found[name] = getattr(__import__(module, fromlist=["x"]), "__version__", "present")
+                break
+            except ImportError:
+                pass
     try:
         import torch
 
@@ -57,17 +72,6 @@ def inventory() -> dict:
         found["cuda_gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     except ImportError:
         found["torch"] = found["cuda_gpu"] = None
-    try:
-        import onnxruntime as ort
-
-        found["onnxruntime"] = f"{ort.__version__}: {', '.join(ort.get_available_providers())}"
-    except ImportError:
-        found["onnxruntime"] = None
-    for name, module in (("tensorrt", "tensorrt"), ("tensorrt_rtx", "tensorrt_rtx_bindings"), ("cuda_python", "cuda.bindings")):
-        try:
-            found[name] = getattr(__import__(module, fromlist=["x"]), "__version__", "present")
-        except ImportError:
-            found[name] = None
     return found
 
 
@@ -254,6 +258,8 @@ def run_path(Detector, benchmark, model: Path, kwargs: dict, precision: str, set
                 checks.append({"set": set_name, "auroc_points_from_fp32": points,
                                "passed": points <= AUROC_POINTS[precision]})
         device = detector.info["device"]
+        if kwargs.get("cuda_graph") and "not possible" in detector.info["provider"]:  # ran without graphs
+            checks.append({"set": "CUDA graph capture", "passed": False, "provider": detector.info["provider"]})
         if kwargs.get("cuda_graph"):  # its graph was captured at the check's batch: bench from a fresh one
             detector.close()
             detector = Detector(model, **kwargs)

@@ -29,7 +29,8 @@ class TensorRTMissingError(BackendError):
 
 def import_tensorrt(flavour: str | None = None):
     """(module, flavour): full TensorRT first, TensorRT for RTX second; or exactly the flavour asked for."""
-    candidates = list(zip(("tensorrt", "tensorrt_rtx_bindings"), FLAVOURS, strict=True))
+    # TensorRT for RTX is `tensorrt_rtx_bindings` from PyPI, `tensorrt_rtx` from NVIDIA's SDK wheel
+    candidates = [("tensorrt", "tensorrt"), ("tensorrt_rtx_bindings", "tensorrt-rtx"), ("tensorrt_rtx", "tensorrt-rtx")]
     for module_name, name in candidates:
         if flavour not in (None, name):
             continue
@@ -55,6 +56,13 @@ def collecting_logger(trt):
                 self.errors.append(msg.strip().splitlines()[0][:300])
 
     return CollectingLogger()
+
+
+def telling_error(errors: list[str]) -> str:
+    """The error that says what went wrong: TensorRT for RTX adds CUDA-driver errors after the cause
+    (a failed deserialisation, say), and on machines without a GPU, errors that change nothing."""
+    causes = [e for e in errors if "cudaError" not in e and "CUDA driver" not in e and "CUDA initialization" not in e]
+    return (causes or errors or ["no message"])[0]
 
 
 def sidecar_path(plan: Path | str) -> Path:

@@ -45,6 +45,26 @@ def test_fp32_engine_builds_with_a_sidecar(onnx_file, tmp_path):
 
 
 @trt_available
+def test_builds_keep_float32_from_tf32():
+    from stmae_edge.engine_plan import import_tensorrt
+    from stmae_edge.engines.build import keep_float32
+
+    trt, _ = import_tensorrt()
+    config = trt.Builder(trt.Logger(trt.Logger.ERROR)).create_builder_config()
+    assert config.get_flag(trt.BuilderFlag.TF32)  # TensorRT's default: the check can fail
+    keep_float32(trt, config)
+    assert not config.get_flag(trt.BuilderFlag.TF32)
+
+
+def test_the_error_that_says_what_went_wrong_comes_before_driver_noise():
+    from stmae_edge.engine_plan import telling_error
+
+    noise = "cudaError 35: CUDA driver version is insufficient"
+    assert telling_error([noise, "Serialization assertion failed: magic tag mismatch", noise]).startswith("Serialization")
+    assert telling_error([noise]) == noise and telling_error([]) == "no message"
+
+
+@trt_available
 def test_a_build_calls_no_deprecated_tensorrt_api(onnx_file, tmp_path, caplog):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
@@ -80,7 +100,7 @@ def test_precision_and_batch_range_are_checked(onnx_file, tmp_path):
 
 
 def test_missing_tensorrt_is_one_clear_line(onnx_file, tmp_path):
-    code = ("import sys; sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx_bindings'] = None; "
+    code = ("import sys; sys.modules['tensorrt'] = sys.modules['tensorrt_rtx_bindings'] = sys.modules['tensorrt_rtx'] = None; "
             "sys.argv = ['stmae-edge', 'build', sys.argv[1], '--out', sys.argv[2]]; "
             "from stmae_edge.cli import main; main()")
     r = subprocess.run([sys.executable, "-c", code, str(onnx_file), str(tmp_path / "x.plan")],

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..engine_plan import PLAN_PRECISIONS, SIDECAR_FORMAT, collecting_logger, import_tensorrt, write_sidecar
+from ..engine_plan import (
+    PLAN_PRECISIONS,
+    SIDECAR_FORMAT,
+    collecting_logger,
+    import_tensorrt,
+    telling_error,
+    write_sidecar,
+)
 from ..errors import ConfigError, ExportError, first_line
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 from ..onnx_files import load_onnx
@@ -153,6 +160,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed{where}: {desc}")
 
     config = builder.create_builder_config()
+    keep_float32(trt, config)
     profile = builder.create_optimization_profile()
     shape = tuple(network.get_input(0).shape)[1:]
     profile.set_shape(INPUT_NAME, (batch.min, *shape), (batch.opt, *shape), (batch.max, *shape))
@@ -172,8 +180,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         if plan is not None:  # TensorRT reports one step fewer than it announced for its top phase
             advance(max(monitor.total - monitor.done, 0), status="done")
     if plan is None:
-        last = logger.errors[-1] if logger.errors else "no message"
-        raise ExportError(f"{onnx_path}: TensorRT could not build an engine ({flavour}: {last}); "
+        raise ExportError(f"{onnx_path}: TensorRT could not build an engine ({flavour}: {telling_error(logger.errors)}); "
                           "try a smaller --batch range or check the graph with `stmae-edge verify`")
     seconds = time.perf_counter() - started
     # The plan, then its sidecar, each under its real name only when whole: a plan without its sidecar,
@@ -196,6 +203,14 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     }
     write_sidecar(out, sidecar)
     return out, sidecar
+
+
+def keep_float32(trt, config) -> None:
+    """float32 layers computed in float32: TensorRT's TF32, on by default, rounds their operands to
+    fp16's 10-bit mantissa, which the map's Mahalanobis distances amplify (engines/half_precision.py).
+    An fp32 plan would then not match the fp32 graph, and an fp16 plan's fp32 statistics lose their point."""
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
 
 
 def _attach_timing_cache(config, cache_path: Path) -> None:

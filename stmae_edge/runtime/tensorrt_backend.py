@@ -19,12 +19,38 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine_plan import collecting_logger, import_tensorrt, read_plan
+from ..engine_plan import collecting_logger, import_tensorrt, read_plan, telling_error
 from ..errors import BackendError, EngineMismatchError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
 
 logger = logging.getLogger(__name__)
 _TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
+
+
+NO_GPU_HINT = ("TensorRT plans need an NVIDIA GPU and a driver at least as new as cuda-python's CUDA major "
+               "version (cuda-python 13 needs a CUDA 13 driver; on CUDA 12 drivers, JetPack 6 among them, "
+               "pip install 'cuda-python>=12.6,<13'); without a GPU run the .onnx file instead (--backend ort-cpu)")
+# TensorRT for RTX builds for these compute capabilities and no others (its ComputeCapability list):
+# data-centre GPUs (H100, H200: 9.0) and Jetson Orin (8.7) need full TensorRT.
+RTX_COMPUTE_CAPABILITIES = ((7, 5), (8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
+
+
+def _native_handle(stream) -> int:
+    """A cuda-python stream as the integer TensorRT takes: int(stream) is deprecated from cuda-python 13."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:  # cuda-python before 12.8
+        return int(stream)
+    return int(get_cuda_native_handle(stream))
+
+
+def _rebuild_hint(flavour: str, props) -> str:
+    """What to do about a plan this GPU cannot load."""
+    capability = (int(props.major), int(props.minor))
+    if flavour == "tensorrt-rtx" and capability not in RTX_COMPUTE_CAPABILITIES:
+        return (f"TensorRT for RTX does not run on compute capability {capability[0]}.{capability[1]}: install full "
+                "TensorRT (pip install tensorrt, or JetPack) and build the plan with it here")
+    return "plans are specific to the GPU model: rebuild it here with `stmae-edge build`"
 
 
 def _import_cudart():
@@ -56,9 +82,7 @@ class TensorRTBackend:
         self._allocations: list[tuple[str, int]] = []
         self._graph: tuple | None = None  # (batch size, graph, executable)
         self._stream = None
-        count = self._call(cudart.cudaGetDeviceCount(), "finding a CUDA GPU",
-                           hint="TensorRT plans need an NVIDIA GPU and driver; on this machine run the .onnx "
-                                "file instead (--backend ort-cpu)")
+        count = self._call(cudart.cudaGetDeviceCount(), "finding a CUDA GPU", hint=NO_GPU_HINT)
         if not 0 <= device_index < count:
             raise BackendError(f"CUDA device {device_index} does not exist ({count} found)")
         self._call(cudart.cudaSetDevice(device_index), "selecting the GPU")
@@ -69,9 +93,8 @@ class TensorRTBackend:
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(data)
         if self._engine is None:
-            last = self._logger.errors[-1] if self._logger.errors else "no message"
-            raise EngineMismatchError(f"{plan_path}: TensorRT cannot load this plan on {self.device} ({last}); "
-                                      "plans are specific to the GPU model: rebuild it here with `stmae-edge build`")
+            raise EngineMismatchError(f"{plan_path}: TensorRT cannot load this plan on {self.device} "
+                                      f"({telling_error(self._logger.errors)}); {_rebuild_hint(flavour, props)}")
         self._context = self._engine.create_execution_context()
         names = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
         if not set(_TENSORS) <= names:
@@ -82,9 +105,10 @@ class TensorRTBackend:
         self._image_shape = tuple(int(v) for v in high[1:])
         self.metadata.check_input_size(self._image_shape[1:], plan_path)
         self._stream = self._call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "creating a stream")
+        self._stream_handle = _native_handle(self._stream)  # what TensorRT takes
         self._buffers = self._allocate(trt)
         capturable = getattr(self._context, "is_stream_capturable", None)
-        self.cuda_graph = cuda_graph and (capturable is None or bool(capturable(int(self._stream))))
+        self.cuda_graph = cuda_graph and (capturable is None or bool(capturable(self._stream_handle)))
         if cuda_graph and not self.cuda_graph:  # asked for, and silently slower without this line
             logger.warning("%s: TensorRT reports this engine cannot be captured as a CUDA graph; running it "
                            "without CUDA graphs", plan_path.name)
@@ -131,9 +155,8 @@ class TensorRTBackend:
         host, host_ptr, device = self._buffers[INPUT_NAME]
         per_image = host[0].nbytes
         self._call(cudart.cudaMemcpyAsync(device, host_ptr, batch_size * per_image, copy_in, self._stream), "copying in")
-        if not self._context.execute_async_v3(self._stream):
-            raise BackendError("TensorRT failed to enqueue the engine: " +
-                               (self._logger.errors[-1] if self._logger.errors else "no message"))
+        if not self._context.execute_async_v3(self._stream_handle):
+            raise BackendError(f"TensorRT failed to enqueue the engine: {telling_error(self._logger.errors)}")
         for name in (MAP_NAME, SCORE_NAME):
             host, host_ptr, device = self._buffers[name]
             self._call(cudart.cudaMemcpyAsync(host_ptr, device, batch_size * host[0].nbytes, copy_out, self._stream),
