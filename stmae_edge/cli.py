@@ -317,10 +317,12 @@ def threshold(
     from .data import eval_samples
     from .evaluation.operating_point import check_support, check_target, choose, evaluate_threshold
     from .evaluation.validation import score_dataset
-    from .model_files import file_kind_of, write_thresholds
+    from .model_files import file_kind_of, read_metadata, write_thresholds
     from .scoring import threshold_scoring
 
     check_target(max_false_reject, min_recall, sigma)
+    if write:  # a file that would be refused when rewritten is refused before the scoring, not after it
+        read_metadata(model)
     samples = eval_samples(data_dir, both_classes=False)  # read once: its warnings are said once
     labels = [s.label for s in samples]
     check_support(max_false_reject, min_recall, labels.count(0), labels.count(1), str(data_dir))

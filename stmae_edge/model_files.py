@@ -77,7 +77,7 @@ def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
         import onnx
 
         from .onnx_files import load_onnx
-        from .outputs import written_atomically
+        from .outputs import write_bytes_atomically
 
         proto = load_onnx(path)
         metadata = _with(ModelMetadata.from_onnx(proto), thresholds)
@@ -85,8 +85,9 @@ def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
         props[ONNX_METADATA_KEY] = metadata.to_onnx_value()
         del proto.metadata_props[:]
         onnx.helper.set_model_props(proto, props)
-        with written_atomically(path) as partial:
-            onnx.save(proto, str(partial))
+        # The bytes themselves, not onnx.save: that writes each external tensor's data to its location,
+        # which a crafted file could aim at any file beside it.
+        write_bytes_atomically(path, proto.SerializeToString())
         return metadata
     from .engine_plan import read_plan, write_sidecar
 

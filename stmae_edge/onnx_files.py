@@ -63,12 +63,19 @@ def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
     return proto
 
 
+_INLINE_DATA = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
 def check_external_data(proto, path: Path, error: type[StmaeError] = CheckpointError) -> None:
-    """Every external-data location is a relative path that stays inside the model's folder."""
+    """Every external-data location is a relative path that stays inside the model's folder, and no
+    tensor says its data is external while carrying data of its own (what onnx.save would write there)."""
     folder = path.resolve().parent
     for tensor in _tensors(proto):
         if tensor.data_location != 1:  # TensorProto.EXTERNAL
             continue
+        if any(len(getattr(tensor, field)) for field in _INLINE_DATA):
+            raise error(f"{path}: tensor {tensor.name[:80]!r} is marked as external data but carries its own; "
+                        "refusing a malformed file (stmae-edge exports are self-contained)")
         location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
         try:
             target = (folder / location).resolve()

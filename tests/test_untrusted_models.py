@@ -53,6 +53,43 @@ def test_external_data_inside_the_folder_is_accepted(tiny_export, tmp_path):
     assert Detector(tmp_path / "m.onnx", "ort-cpu").metadata.model_hash
 
 
+def test_a_tensor_marked_external_that_carries_its_own_bytes_is_refused_and_nothing_is_written(
+        tiny_export, synthetic_dataset, tmp_path):
+    """onnx.save writes such a tensor's bytes to its location: `threshold --write` rewriting the model
+    would append to, or create, any file beside it (a shell profile in a home folder)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file\n")
+    proto = onnx.load(str(tiny_export[1]))
+    for name, location in (("append", "victim.txt"), ("create", "created.sh")):
+        payload = b"echo WRITTEN-BY-A-MODEL-FILE\n"
+        tensor = TensorProto(name=name, data_type=TensorProto.UINT8, dims=[len(payload)], raw_data=payload)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(victim.stat().st_size)), ("length", str(len(payload)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        proto.graph.initializer.append(tensor)
+    crafted = tmp_path / "model.onnx"
+    crafted.write_bytes(proto.SerializeToString())
+    with pytest.raises(CheckpointError, match="marked as external data but carries its own"):
+        ModelMetadata.from_onnx(crafted)
+    r = run("threshold", str(crafted), str(synthetic_dataset), "--sigma", "3", "--write")
+    _assert_one_line_error(r, "marked as external data but carries its own")
+    assert victim.read_text() == "a user's file\n" and not (tmp_path / "created.sh").exists()
+
+
+def test_write_thresholds_keeps_a_models_own_external_data_as_it_is(tiny_export, tmp_path):
+    from stmae_edge.model_files import write_thresholds
+    from stmae_edge.scoring import Thresholds
+
+    onnx.save(onnx.load(str(tiny_export[1])), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.weights")
+    weights = (tmp_path / "m.weights").read_bytes()
+    write_thresholds(tmp_path / "m.onnx", Thresholds(image=7.0, pixel=5.0, rule="set by hand"))
+    assert (tmp_path / "m.weights").read_bytes() == weights and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.onnx", "m.weights"]
+    detector = Detector(tmp_path / "m.onnx", "ort-cpu")
+    assert (detector.thresholds.image, detector.thresholds.pixel) == (7.0, 5.0)
+
+
 def _with_metadata(source, target, text: str) -> None:
     proto = onnx.load(str(source))
     for prop in proto.metadata_props:
