@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_document
 from .errors import CheckpointError, ConfigError, first_line
 from .metadata import ModelMetadata
 from .models.families import build_model, config_from_dict
@@ -61,12 +62,45 @@ def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Te
         raise CheckpointError(f"{path}: not a stmae-edge model file (no '{FORMAT}' marker)")
     if not isinstance(blob.get("metadata"), dict) or not isinstance(blob.get("state_dict"), dict):
         raise CheckpointError(f"{path}: model file without metadata or weights; it is corrupt")
-    metadata = ModelMetadata.from_dict(blob["metadata"])
+    metadata = ModelMetadata.from_dict(check_document(blob["metadata"], f"{path}: the metadata", CheckpointError))
     state = blob["state_dict"]
+    check_weights(state, path)
     if model_digest(state, metadata) != metadata.model_hash:
         raise CheckpointError(f"{path}: contents do not match their recorded sha256; the file is corrupt "
                               "or was modified, re-train or copy it again")
     return metadata, state
+
+
+# The dtypes stmae-edge's models have; anything else (quantized, complex, ...) is not one of its files.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
+                 torch.bool)
+
+
+def check_weights(state: dict, path: Path) -> None:
+    """Plain dense tensors under string names, each holding its own bytes, no more in all than the
+    file: a 4 KB file can otherwise hold a tensor expanded to 256 GB, which the digest would read.
+
+    Raises:
+        CheckpointError: naming the first weight that is not such a tensor.
+    """
+    total = 0
+    for name, tensor in state.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: a weight named {name!r}, not by a string; the file is corrupt")
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: weight {name!r} is not a tensor; the file is corrupt")
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{path}: weight {name!r} is a {tensor.layout} {tensor.dtype} tensor, which "
+                                  "stmae-edge does not write; the file is corrupt or not from stmae-edge")
+        size = tensor.numel() * tensor.element_size()
+        if size > tensor.untyped_storage().nbytes():
+            raise CheckpointError(f"{path}: weight {name!r} claims {size:,} bytes from {tensor.untyped_storage().nbytes():,} "
+                                  "of storage (an expanded view); the file is corrupt or crafted")
+        total += size
+    file_size = path.stat().st_size
+    if total > file_size:
+        raise CheckpointError(f"{path}: its weights claim {total:,} bytes, more than the {file_size:,}-byte file "
+                              "holds (shared storage); the file is corrupt or crafted")
 
 
 def why_unloadable(path: Path) -> str:

@@ -49,6 +49,20 @@ def parse_document(text: str | bytes, what: str, error: type[StmaeError]) -> dic
     return value
 
 
+def check_document(value, what: str, error: type[StmaeError]) -> dict:
+    """A document read by another reader than JSON (a checkpoint's metadata): held to the same bounds
+    as parse_document, and to JSON's own types."""
+    if not isinstance(value, dict):
+        raise error(f"{what} is a {type(value).__name__}, not a mapping; the file is corrupt")
+    if depth(value) > MAX_DOCUMENT_DEPTH:
+        raise error(f"{what} nests deeper than {MAX_DOCUMENT_DEPTH} levels; the file is corrupt or not from stmae-edge")
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError) as exc:  # a tensor or another object where JSON's types belong
+        raise error(f"{what} holds a value JSON cannot ({first_line(exc, 120)}); the file is corrupt") from None
+    return parse_document(text, what, error)
+
+
 def depth(value) -> int:
     """Nesting depth of a JSON value, without recursion (stops counting past the limit)."""
     deepest, stack = 0, [(value, 1)]

@@ -116,6 +116,37 @@ def test_tampered_weights_fail_the_checksum(trained, tmp_path):
         read_checkpoint(bad)
 
 
+def _deep(levels: int):
+    value: dict = {}
+    for _ in range(levels):
+        value = {"x": value}
+    return value
+
+
+@pytest.mark.parametrize("change,why", [
+    # a 1 GiB tensor from one float: the digest would make it real before any other check
+    (lambda b: b["state_dict"].update(bomb=torch.zeros(1).expand(1 << 14, 1 << 14)), "an expanded view"),
+    (lambda b: b["state_dict"].update({f"view{i}": torch.zeros(1 << 16)[:] for i in range(1)}) or
+     b["state_dict"].update({f"alias{i}": b["state_dict"]["view0"] for i in range(2000)}), "shared storage"),
+    (lambda b: b["state_dict"].update({1: torch.zeros(1)}), "not by a string"),
+    (lambda b: b["state_dict"].update(sparse=torch.zeros(3, 3).to_sparse()), "torch.sparse_coo"),
+    (lambda b: b["state_dict"].update(q=torch.quantize_per_tensor(torch.zeros(4), 0.1, 0, torch.qint8)), "qint8"),
+    (lambda b: b["state_dict"].update(c=torch.zeros(4, dtype=torch.complex64)), "complex64"),
+    (lambda b: b["metadata"].update(training=_deep(200)), "nests deeper than"),
+    (lambda b: b["metadata"].update(training={"stowaway": torch.zeros(3)}), "holds a value JSON cannot"),
+])
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_a_crafted_checkpoint_is_refused_before_its_weights_are_read(trained, tmp_path, change, why):
+    path, _ = trained
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    change(blob)
+    crafted = tmp_path / "crafted.pt"
+    torch.save(blob, crafted)
+    assert crafted.stat().st_size < path.stat().st_size + (1 << 20)  # each a small file
+    with pytest.raises(CheckpointError, match=why):
+        read_checkpoint(crafted)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a model at all", b"PK\x03\x04broken zip"])
 def test_garbage_files_give_a_checkpoint_error(tmp_path, content):
     bad = tmp_path / "bad.pt"
