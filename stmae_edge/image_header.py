@@ -21,6 +21,7 @@ FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _JPEG_SOS = 0xDA
+MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10
 _TIFF_WIDTH, _TIFF_LENGTH = 256, 257
 _TIFF_SHORT, _TIFF_LONG, _TIFF_LONG8 = 3, 4, 16
 _TIFF_MAX_ENTRIES = 4096  # a real first directory has a few dozen
@@ -96,6 +97,13 @@ def _jpeg_size(data) -> tuple[int, int]:
             if i + 9 > end:
                 break
             height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            # Each scan of a progressive JPEG is decoded over the whole frame: thousands of empty
+            # scans in a 300 KB file make it cost seconds per image. Entropy-coded data cannot hold
+            # FF DA (a literal FF is followed by 00), so this counts the scans.
+            scans = bytes(data[i:]).count(b"\xff\xda")
+            if scans > MAX_JPEG_SCANS:
+                raise InvalidImageError(f"JPEG with {scans} scans, more than the {MAX_JPEG_SCANS} an image needs; "
+                                        "the file is corrupt or crafted")
             return _checked(width, height, "JPEG")
         i += 2 + length
     raise InvalidImageError("JPEG without a readable frame header; the file is corrupt or truncated")

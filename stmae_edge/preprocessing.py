@@ -240,8 +240,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Read a file (or check an array) and return it as decoded pixels, untouched: (H, W) or (H, W, C)."""
+def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS,
+               sizes_accepted: TrainedSizes | None = None) -> np.ndarray:
+    """Read a file (or check an array) and return it as decoded pixels, untouched: (H, W) or (H, W, C).
+
+    Raises:
+        InvalidImageError: not an image, unreadable, over `max_pixels`, or far from `sizes_accepted`
+            (a file's by its header, before anything is decoded).
+    """
     if isinstance(image, np.ndarray):
         array = image
         source = f"array of shape {image.shape} and dtype {image.dtype}"
@@ -249,8 +255,13 @@ def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndar
         raise InvalidImageError(f"{type(image).__name__} is not an image: give a numpy array or a file path")
     else:
         source = str(image)
-        array = decode(read_image_bytes(image), source, max_pixels)
+        data = read_image_bytes(image)
+        if sizes_accepted is not None and (why := sizes_accepted.refusal(*declared_shape(memoryview(data)))):
+            raise InvalidImageError(why)
+        array = decode(data, source, max_pixels)
     check_image(array, source, max_pixels)
+    if sizes_accepted is not None and (why := sizes_accepted.refusal(*array.shape[:2])):
+        raise InvalidImageError(why)
     return array
 
 
@@ -261,11 +272,20 @@ def declared_image_size(path: Path | str) -> tuple[int, int]:
         InvalidImageError: naming the file: unreadable, or a header that declares no usable size.
     """
     try:
-        data = memoryview(read_image_bytes(path))
-        fmt, width, height = declared_size(data)
+        return declared_shape(memoryview(read_image_bytes(path)))
     except InvalidImageError as exc:
         raise InvalidImageError(name_the_image(path, 0, exc)) from None
-    if fmt == "JPEG" and jpeg_orientation(data) >= 5:  # shown turned by a quarter: as decode() returns it
+
+
+def declared_shape(data: memoryview) -> tuple[int, int]:
+    """(height, width) that a file's bytes declare, as decode() will return the image: a JPEG turned
+    by its EXIF orientation.
+
+    Raises:
+        InvalidImageError: a header that declares no usable size.
+    """
+    fmt, width, height = declared_size(data)
+    if fmt == "JPEG" and jpeg_orientation(data) >= 5:  # shown turned by a quarter
         width, height = height, width
     return height, width
 

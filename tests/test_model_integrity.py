@@ -72,6 +72,20 @@ def test_predict_reports_a_far_image_by_name_scores_the_rest_and_any_size_scores
     assert len(json.loads((tmp_path / "q" / "results.json").read_text())["results"]) == 3
 
 
+def test_a_file_far_from_the_training_sizes_is_refused_by_its_header_before_decoding(tiny_export, tmp_path):
+    """A small file can decode to gigabytes within the pixel cap (a 16-bit RGBA PNG): a size the model
+    refuses anyway is refused before the decoder allocates it. Here the image data after the header is
+    garbage, so only a check before decoding can name the size."""
+    detector = Detector(tiny_export[1], "ort-cpu")
+    ok, png = cv2.imencode(".png", np.zeros((4000, 4000), np.uint8))
+    header_only = tmp_path / "big.png"
+    header_only.write_bytes(png.tobytes()[:33] + bytes(64))  # the IHDR chunk, then nothing decodable
+    with pytest.raises(InvalidImageError, match="4000x4000 pixels is far from the images"):
+        detector.predict(header_only)
+    with pytest.raises(InvalidImageError, match="cannot be decoded"):  # the check can fail: it is undecodable
+        Detector(tiny_export[1], "ort-cpu", check_size=False).predict(header_only)
+
+
 def test_a_folder_or_a_device_given_as_an_image_says_what_it_is(tmp_path):
     with pytest.raises(InvalidImageError, match="is a folder, not an image file"):
         read_image_bytes(tmp_path)

@@ -303,9 +303,7 @@ def decode_batch(items: list, offset: int, preprocessing: Preprocessing,
         is_path = isinstance(item, (str, os.PathLike))
         source = str(item) if is_path else f"array[{offset + i}]"
         try:
-            image = load_image(item, preprocessing.max_pixels)
-            if sizes_accepted is not None and (why := sizes_accepted.refusal(*image.shape[:2])):
-                raise InvalidImageError(why)
+            image = load_image(item, preprocessing.max_pixels, sizes_accepted)
             preprocessing.tensor(image, out=batch[i])
         except InvalidImageError as exc:
             raise InvalidImageError(name_the_image(item, offset + i, exc)) from None
