@@ -56,23 +56,25 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
 
 
 @contextlib.contextmanager
-def written_atomically(path: Path | str) -> Iterator[Path]:
+def written_atomically(path: Path | str, follow_links: bool = True) -> Iterator[Path]:
     """A temporary name beside `path` to write to; flushed to disk and renamed over `path` when the
     block succeeds, removed when it fails or is interrupted. A reader, or a later command, never finds
     a half-written file under the real name, also after a power cut, and a file that was there stays
-    whole until the new one replaces it. A symbolic link is kept: the file it points to is replaced,
-    with its permissions.
+    whole until the new one replaces it. A symbolic link is kept, and the file it points to replaced
+    with its permissions (a model file rewritten in place); with follow_links=False the link itself is
+    replaced (outputs written into a folder that others may write to: a planted link must not send
+    them elsewhere).
 
     Raises:
         OutputError: writing or renaming failed (an OSError inside the block, or the rename, or
             torch.save's RuntimeError on a full disk); the old file, if any, is untouched.
     """
     path = Path(path)
-    target = path.resolve() if path.is_symlink() else path
+    target = path.resolve() if follow_links and path.is_symlink() else path
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         yield partial
-        if target.exists():
+        if target.exists() and not target.is_symlink():
             os.chmod(partial, target.stat().st_mode & 0o7777)
         _sync(partial)
         os.replace(partial, target)
@@ -98,9 +100,9 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomically(path: Path | str, data: bytes) -> None:
+def write_bytes_atomically(path: Path | str, data: bytes, follow_links: bool = True) -> None:
     """`data` as the whole of `path`, or nothing (written_atomically)."""
-    with written_atomically(path) as partial:
+    with written_atomically(path, follow_links) as partial:
         partial.write_bytes(data)
 
 

@@ -115,6 +115,31 @@ def test_a_second_run_into_the_same_folder_replaces_the_first_whole(tiny_export,
         assert listed <= {p.name for p in out.iterdir()}
 
 
+
+def test_a_run_touches_no_file_it_did_not_write_and_writes_through_no_link(tiny_export, synthetic_dataset, tmp_path):
+    """A stale or crafted results.json names a user's own PNG, and links planted in a shared output folder
+    point outside it: the PNG stays, the links are replaced, their targets untouched."""
+    good = sorted((synthetic_dataset / "test" / "good").glob("*.png"))
+    out, outside = tmp_path / "predictions", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "my_drawing.png").write_bytes(b"a user's drawing")
+    (out / "results.json").write_text(json.dumps({"results": [
+        {"overlay": "my_drawing.png", "overlay_sha256": "0" * 64}, {"overlay": "my_drawing.png"}]}))
+    r = run("predict", str(tiny_export[1]), str(good[0]), "--out", str(out))
+    assert r.returncode == 0 and "removed" not in r.stdout, r.stdout + r.stderr
+    assert (out / "my_drawing.png").read_bytes() == b"a user's drawing"
+    for name in ("results.json", good[1].stem + ".png"):
+        (out / name).unlink(missing_ok=True)
+        (outside / name).write_bytes(b"outside the folder")
+        (out / name).symlink_to(outside / name)
+    r = run("predict", str(tiny_export[1]), str(good[1]), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert all((outside / name).read_bytes() == b"outside the folder" for name in ("results.json", good[1].stem + ".png"))
+    assert not (out / "results.json").is_symlink() and json.loads((out / "results.json").read_text())["results"]
+    assert not (out / f"{good[1].stem}.png").is_symlink()
+
+
 def test_a_gpu_backend_that_cannot_start_and_a_pickle_are_one_line_each(tiny_export, synthetic_dataset, tmp_path):
     image = str(sorted((synthetic_dataset / "test" / "good").glob("*.png"))[0])
     # Here ONNX Runtime either lacks the CUDA provider or cannot load CUDA: either way its own log lines

@@ -78,8 +78,8 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
     per_type = _per_type(scored, thresholds.image)
     cases = _cases(scored, masks is not None, worst, out / "cases")
     page = _page(summary, point, detector, per_type, plots, cases)
-    write_bytes_atomically(out / "index.html", page.encode())
-    write_bytes_atomically(out / "summary.json", (json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n").encode())
+    write_bytes_atomically(out / "index.html", page.encode(), follow_links=False)
+    write_bytes_atomically(out / "summary.json", (json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n").encode(), follow_links=False)
     summary["index"] = str(out / "index.html")
     return summary
 
@@ -199,7 +199,7 @@ def _cases(scored: ScoredDataset, with_masks: bool, worst: int, folder: Path) ->
                 stem = f"{kind}-{rank:02d}"
                 for suffix, picture in (("image", base), ("overlay", overlay)):
                     _, png = cv2.imencode(".png", _fit(picture))
-                    write_bytes_atomically(folder / f"{stem}-{suffix}.png", png.tobytes())
+                    write_bytes_atomically(folder / f"{stem}-{suffix}.png", png.tobytes(), follow_links=False)
                 out[kind].append({"source": str(sample.path), "type": sample.defect_type, "score": float(scored.scores[i]),
                                   "normalized": float(detection.normalized_score), "regions": len(detection.regions),
                                   "image": f"cases/{stem}-image.png", "overlay": f"cases/{stem}-overlay.png"})

@@ -3,12 +3,15 @@
 A file that cannot be read is reported and skipped; every other file is still scored and written.
 A run into a folder that holds an earlier run's results replaces them whole: the overlays that the
 earlier results.json lists and this run does not write are removed once the new results.json is in
-place, so the folder never mixes two runs. Files it did not write are never touched.
+place, so the folder never mixes two runs. Files it did not write are never touched: an overlay is
+removed only while its bytes are those results.json recorded (a file of the same name that someone
+else wrote stays), and a symbolic link in the folder is replaced, never written through.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -18,7 +21,7 @@ import cv2
 
 from ..data import IMAGE_SUFFIXES, images_in
 from ..errors import DatasetError, InvalidImageError, OutputError
-from ..outputs import check_output_folder, write_bytes_atomically
+from ..outputs import check_output_folder, sha256_file, write_bytes_atomically
 from ..preprocessing import load_image
 from ..scoring import threshold_scoring
 from .detector import Detector
@@ -103,22 +106,26 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                                                              bit_depth=detector.preprocessing.bit_depth))
                 if not ok:
                     raise OutputError(f"cannot encode the overlay of {paths[i]}")
-                write_bytes_atomically(out / names[i], png.tobytes())
+                write_bytes_atomically(out / names[i], png.tobytes(), follow_links=False)
                 entry["overlay"] = names[i]
+                entry["overlay_sha256"] = hashlib.sha256(png.tobytes()).hexdigest()
             results.append(entry)
         if advance:
             advance(len(chunk))
     summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
                "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
                "unreadable": len(errors), "results": results, "errors": errors}
-    write_bytes_atomically(out / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode())
+    write_bytes_atomically(out / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode(), follow_links=False)
     # casefold: on a case-insensitive disk (macOS, Windows) Part1.png is the part1.png just written
     written = {entry["overlay"].casefold() for entry in results if "overlay" in entry}
     stale = sorted(name for name in earlier_overlays if name.casefold() not in written)
     removed = 0
     for name in stale:
+        path = out / name
         try:
-            (out / name).unlink(missing_ok=True)
+            if path.is_symlink() or not path.is_file() or sha256_file(path) != earlier_overlays[name]:
+                continue  # not the overlay that run wrote
+            path.unlink()
             removed += 1
         except OSError as exc:  # open in a viewer on Windows: the results are written, the file stays
             logger.warning("%s: an overlay of the earlier run could not be removed (%s)", out / name, exc.strerror or exc)
@@ -126,18 +133,22 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     return summary
 
 
-def overlays_listed_in(results_file: Path) -> set[str]:
-    """The overlay files an earlier run's results.json lists, by bare name (anything else in it, or a
-    file that is not such a document, is left alone: never a path outside the folder)."""
+def overlays_listed_in(results_file: Path) -> dict[str, str]:
+    """The overlay files an earlier run's results.json lists, by bare name, with the sha256 it recorded
+    for each (anything else in it, or a file that is not such a document, is left alone: never a path
+    outside the folder; overlays listed without a sha256, by versions before it was recorded, stay)."""
     try:
+        if results_file.is_symlink():
+            raise ValueError("a symbolic link")
         document = json.loads(results_file.read_text())
     except FileNotFoundError:
-        return set()
+        return {}
     except (OSError, ValueError) as exc:
         logger.warning("%s is not the results of an earlier run (%s): its overlays, if any, stay", results_file, exc)
-        return set()
+        return {}
     entries = document.get("results") if isinstance(document, dict) else None
-    names = [entry.get("overlay") for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
-    return {name for name in names if isinstance(name, str) and name == Path(name).name and name.endswith(".png")
-            and (results_file.parent / name).is_file()}
+    entries = [entry for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
+    return {entry["overlay"]: entry["overlay_sha256"] for entry in entries
+            if isinstance(entry.get("overlay"), str) and isinstance(entry.get("overlay_sha256"), str)
+            and entry["overlay"] == Path(entry["overlay"]).name and entry["overlay"].endswith(".png")}
 
