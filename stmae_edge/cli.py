@@ -543,7 +543,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=version_call
 def serve(
     model: Path = typer.Argument(..., help=".onnx or .plan file (with its sidecar) to serve"),
     name: str | None = typer.Option(None, help="Triton model name (default: the file's stem)"),
-    address: str = typer.Option("0.0.0.0", help="address the endpoints listen on (127.0.0.1: this machine only)"),
+    address: str = typer.Option("127.0.0.1", help="address the endpoints listen on: this machine only by default; "
+                                "0.0.0.0 for every interface, behind a proxy that limits request sizes (README)"),
     http_port: int = typer.Option(8000, min=1, max=65535),
     grpc_port: int = typer.Option(8001, min=1, max=65535),
     metrics_port: int = typer.Option(8002, min=1, max=65535, help="Prometheus metrics at /metrics"),

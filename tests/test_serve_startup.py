@@ -45,3 +45,17 @@ def test_a_repository_takes_model_files_by_kind_whatever_the_case_of_their_suffi
     assert (folder / "1" / "model.onnx").read_bytes() == onnx_path.read_bytes()
     with pytest.raises(ConfigError, match="Triton serves .onnx or .plan files"):
         write_repository(checkpoint, tmp_path / "repo2")
+
+
+def test_serve_listens_on_this_machine_only_unless_told():
+    """Inference is unauthenticated and the bundled Triton has no request-size limit (README, Serving)."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from stmae_edge.cli import app
+    from stmae_edge.serving.server import serve
+
+    assert inspect.signature(serve).parameters["address"].default == "127.0.0.1"
+    help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    assert "127.0.0.1" in help_text and "0.0.0.0" in help_text

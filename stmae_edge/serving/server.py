@@ -137,7 +137,7 @@ def score_batch(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]
             wire.ERROR: errors}
 
 
-def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.0.0.0", http_port: int = 8000,
+def serve(model_path: Path | str, name: str | None = None, *, address: str = "127.0.0.1", http_port: int = 8000,
           grpc_port: int = 8001, metrics_port: int = 8002, max_batch: int = wire.DEFAULT_MAX_BATCH,
           max_queue_delay_us: int = 2000, instances: int = 1, backend: str = "auto", threads: int = 0) -> None:
     """Serve `model_path` until SIGINT or SIGTERM.
@@ -145,7 +145,8 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "0.
     Args:
         model_path: .onnx or .plan (with its sidecar), as the runtime's Detector opens them.
         name: the Triton model name (default: the file's stem).
-        address: where the HTTP, gRPC and metrics endpoints listen (0.0.0.0: every interface).
+        address: where the HTTP, gRPC and metrics endpoints listen (127.0.0.1: this machine only; 0.0.0.0:
+            every interface, which the README says how to protect).
         max_batch: the largest batch Triton forms from queued requests (capped by the model's profile).
         max_queue_delay_us: how long Triton waits for more requests to fill a batch.
         instances: model instances, each with its own Detector (for a GPU, or more CPU cores).
