@@ -67,13 +67,26 @@ def check_max_batch(max_batch: int, option: str = "--max-batch") -> int:
     return max_batch
 
 
+def without_folders(training: dict) -> dict:
+    """The training record without the paths of the machine that trained it (outside the metadata digest)."""
+    kept = {key: value for key, value in training.items() if key != "data_dir"}
+    if isinstance(kept.get("holdout"), str) and kept["holdout"].startswith("from "):
+        kept["holdout"] = "from a folder of good images of their own"
+    if isinstance(kept.get("train_config"), dict):
+        kept["train_config"] = {k: v for k, v in kept["train_config"].items() if k != "holdout_dir"}
+    return kept
+
+
 def metadata_document(name: str, max_batch: int, metadata: ModelMetadata, thresholds: Thresholds,
                       runtime: dict | None = None) -> dict:
     """What the NAME_metadata model returns (as JSON), and all a client needs to preprocess and
     postprocess as the in-process Detector does: the model's metadata, the thresholds in force (they
     may differ from the metadata's if the server's were changed), the largest batch, and, from a live
-    server, what it runs on."""
-    document = {"name": name, "max_batch": max_batch, "metadata": metadata.to_dict(), "thresholds": thresholds.to_dict()}
+    server, what it runs on. The training's folders are left out: anyone who reaches the server may read
+    this, and a client needs none of them."""
+    served = metadata.to_dict()
+    served["training"] = without_folders(served.get("training", {}))
+    document = {"name": name, "max_batch": max_batch, "metadata": served, "thresholds": thresholds.to_dict()}
     if runtime is not None:
         document["runtime"] = runtime
     return document

@@ -202,6 +202,18 @@ def malformed_cases(metadata: ModelMetadata):
     ]
 
 
+def test_the_served_metadata_names_no_folder_of_the_training_machine(metadata):
+    from dataclasses import replace
+
+    training = {**metadata.training, "holdout": "from /home/someone/parts/held", "train_config": {
+        **metadata.training.get("train_config", {}), "holdout_dir": "/home/someone/parts/held"}}
+    assert metadata.training["data_dir"].startswith("/")  # the check can fail: train records it
+    document = wire.metadata_document("m", 8, replace(metadata, training=training), metadata.thresholds)
+    text = json.dumps(document)
+    assert metadata.training["data_dir"] not in text and "/home/someone" not in text
+    assert ModelMetadata.from_dict(document["metadata"]).model_hash == metadata.model_hash  # still the model's
+
+
 def test_malformed_metadata_documents_are_remote_errors_that_name_the_part(metadata):
     for metadata_answer, config, expected in malformed_cases(metadata):
         def answer(method, model, action, batch, metadata_answer=metadata_answer, config=config):
