@@ -64,9 +64,14 @@ def prepare_elpv(out: Path | str, cell_type: str = "mono", test_good_fraction: f
         raise OutputError(f"{out} exists and is not a dataset view the demo made; choose another --workdir "
                           "or remove the folder yourself")
     try:
-        if out.exists():  # a view of links we made ourselves: rebuilt each run so it matches the split
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        # A view we made ourselves: its train/ and test/ are rebuilt each run so that they match the
+        # split. Nothing else in the folder is ours to remove (results a user saved beside them stay).
+        for made in ("train", "test"):
+            if (out / made).is_symlink() or (out / made).is_file():
+                (out / made).unlink()
+            elif (out / made).is_dir():
+                shutil.rmtree(out / made)
+        out.mkdir(parents=True, exist_ok=True)
         (out / VIEW_MARKER).write_text("links into the elpv-dataset package, made by `stmae-edge demo`; "
                                        "rebuilt on each run\n")
         for folder, names in (("train/good", train_good), ("test/good", test_good), ("test/defective", defective)):

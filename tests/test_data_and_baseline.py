@@ -104,6 +104,10 @@ def test_the_demo_replaces_only_a_view_it_made(tmp_path):
     with pytest.raises(OutputError, match="not a dataset view the demo made"):
         prepare_elpv(mine)
     assert (mine / "train" / "good" / "part.png").read_bytes() == b"the user's own image"
+    # a file of the user's beside the view's train/ and test/ (results saved there): rebuilt around it
+    (root / "my_results.txt").write_text("kept")
+    assert len(data.train_images(prepare_elpv(root, max_train=5, max_defective=4))) == 5
+    assert (root / "my_results.txt").read_text() == "kept"
 
 
 def test_gaussian_baseline_finds_the_outlier_position():

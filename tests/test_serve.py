@@ -24,6 +24,7 @@ from stmae_edge.metadata import ModelMetadata
 from stmae_edge.runtime import Detector, RemoteDetector, RemoteError
 from stmae_edge.serving.launch import serve_in_subprocess
 from stmae_edge.serving.repository import write_repository
+from stmae_edge.wire_format import without_folders
 
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
 
@@ -267,7 +268,8 @@ def test_triton_repo_for_onnx_parses_as_a_model_config(tiny_export, tmp_path):
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "500"
     assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
     document = json.loads(config["parameters"]["stmae_edge_metadata"]["string_value"])
-    assert document["metadata"] == ModelMetadata.from_onnx(onnx_path).to_dict()
+    expected = ModelMetadata.from_onnx(onnx_path).to_dict()
+    assert document["metadata"] == {**expected, "training": without_folders(expected["training"])}
     with pytest.raises(OutputError, match="exists"):
         write_repository(onnx_path, tmp_path / "repo")
     with pytest.raises(ConfigError, match="model name"):
@@ -276,6 +278,18 @@ def test_triton_repo_for_onnx_parses_as_a_model_config(tiny_export, tmp_path):
     with pytest.raises(ConfigError, match="--max-batch must be a whole number from 1 to 4096, got 5000"):
         write_repository(onnx_path, tmp_path / "repo2", max_batch=5000)
     assert not (tmp_path / "repo2").exists()
+
+
+def test_triton_repo_writes_through_no_planted_link_and_removes_no_folder_of_others(tiny_export, tmp_path):
+    _, onnx_path, _ = tiny_export
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    repo.mkdir()
+    (repo / f".{onnx_path.stem}.partial").symlink_to(elsewhere)  # the fixed temporary name it used
+    (repo / "theirs.partial").mkdir()
+    folder = write_repository(onnx_path, repo)
+    assert not folder.is_symlink() and (folder / "config.pbtxt").is_file()
+    assert list(elsewhere.iterdir()) == [] and (repo / "theirs.partial").is_dir()
 
 
 @needs_serve_env

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -83,10 +84,14 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
     target = out / name
     if target.exists():
         raise OutputError(f"{target} exists; remove it or give another --out or --name")
-    partial = out / f".{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     try:
-        (partial / "1").mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
+        # A fresh name of our own: a fixed one could be a link someone planted, or a folder of theirs
+        partial = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.", suffix=".partial"))
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    try:
+        (partial / "1").mkdir()
         (partial / "config.pbtxt").write_text(to_pbtxt(config))
         shutil.copyfile(model, partial / "1" / file_name)
         partial.rename(target)
