@@ -83,9 +83,9 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
         # test/Good or test/GOOD are the good images too: counted as a defect type, their scores would
         # set a threshold that fails every part
         defect_type = GOOD if type_dir.name.lower() == GOOD else type_dir.name
+        masks = {} if defect_type == GOOD else files_by_name(root / "ground_truth" / type_dir.name)  # listed once
         for path in images_in(type_dir):
-            mask = None if defect_type == GOOD else find_mask(root / "ground_truth" / type_dir.name, path)
-            samples.append(EvalSample(path, defect_type, mask))
+            samples.append(EvalSample(path, defect_type, None if defect_type == GOOD else find_mask(masks, path)))
     labels = {s.label for s in samples}
     if not samples or (both_classes and labels != {0, 1}):
         raise DatasetError(f"{folder}: evaluation needs both good and defective test images, found "
@@ -100,12 +100,14 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
     return samples
 
 
-def find_mask(folder: Path, image: Path) -> Path | None:
-    """The ground-truth mask of `image` in `folder` (MASK_NAMES, any image suffix in any case, .png
-    first), or None."""
-    if not folder.is_dir():
-        return None
-    by_name = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
+def files_by_name(folder: Path) -> dict[str, Path]:
+    """The files of `folder` by lower-case name (none where it is missing)."""
+    return {p.name.lower(): p for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+
+
+def find_mask(by_name: dict[str, Path], image: Path) -> Path | None:
+    """The ground-truth mask of `image` among a mask folder's files (files_by_name): MASK_NAMES, any
+    image suffix in any case, .png first; or None."""
     suffixes = [".png", *sorted(IMAGE_SUFFIXES - {".png"})]
     for pattern in MASK_NAMES:
         for suffix in suffixes:
