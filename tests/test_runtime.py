@@ -99,6 +99,28 @@ def test_raw_maps_takes_what_predict_takes_and_detections_own_their_maps(detecto
         detector.predict(arrays[0], timings=[])
 
 
+def test_with_return_errors_one_bad_image_costs_only_itself(tiny_export, images):
+    paths, arrays = images
+    detector = Detector(tiny_export[1], batch_size=4)  # the bad ones fall in different batches
+    bad = {1: np.zeros((96, 96, 2), np.uint8), 6: "/nonexistent/frame.png", 7: np.full((96, 96), np.nan, np.float32)}
+    mixed = [bad.get(i, arrays[i]) for i in range(len(arrays))]
+    with pytest.raises(InvalidImageError, match="image 1: "):
+        detector.predict(mixed)  # the default: raised
+    results = detector.predict(mixed, return_errors=True)
+    reference = detector.predict([a for i, a in enumerate(arrays) if i not in bad])
+    assert len(results) == len(arrays)
+    for i, result in enumerate(results):
+        assert isinstance(result, InvalidImageError) == (i in bad)
+    assert "image 1: " in str(results[1]) and "/nonexistent/frame.png" in str(results[6])
+    good = [r for r in results if not isinstance(r, InvalidImageError)]
+    assert [r.source for r in good] == [f"array[{i}]" for i in range(len(arrays)) if i not in bad]
+    np.testing.assert_allclose([r.score for r in good], [r.score for r in reference], rtol=1e-5)
+    assert isinstance(detector.predict(bad[6], return_errors=True), InvalidImageError)  # one image: returned
+    assert detector.predict([bad[1], bad[6]], return_errors=True)[1].args  # all bad: nothing is run
+    with pytest.raises(ConfigError, match="return_errors"):
+        detector.predict(arrays[0], return_errors="yes")
+
+
 def test_thresholds_come_from_metadata_and_can_be_overridden_per_call(detector, images):
     arrays = images[1]
     stats, default = detector.score_stats, detector.metadata.thresholds

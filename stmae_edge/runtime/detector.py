@@ -65,7 +65,7 @@ class ImageScorer(AssignableThresholds):
 
     def predict(self, images: ImageInput | Sequence[ImageInput], *, image_threshold: float | None = None,
                 pixel_threshold: float | None = None, sigma: float | None = None,
-                timings: dict | None = None) -> Detection | list[Detection]:
+                timings: dict | None = None, return_errors: bool = False) -> Detection | list[Detection]:
         """Score one image or a list (paths or arrays: gray, BGR or BGRA; uint8, uint16 or float in [0, 1]).
 
         Args:
@@ -75,10 +75,14 @@ class ImageScorer(AssignableThresholds):
             sigma: sets both to mean + sigma * std of the good images' scores (the pixel threshold: of
                 their maps' maxima, where the model has a score head); a raw threshold given too wins.
             timings: if given, accumulates seconds per stage (preprocess, infer, postprocess).
+            return_errors: an image that cannot be read or used gets its InvalidImageError in its
+                place in the returned list (one image: returned), and every other image is scored;
+                by default the error is raised. For a batch in which one bad frame must not cost the rest.
 
         Raises:
             InvalidImageError: an image cannot be read or used (naming the file, or its index in the
-                call); nothing of the call is returned and the detector stays usable.
+                call); nothing of the call is returned and the detector stays usable. Not with
+                return_errors.
             ConfigError: a threshold that is not a finite number, or sigma below 0.
             BackendError: the backend failed (or was closed), or the network produced NaN or infinite
                 values or outputs of the wrong shape (RemoteError from a served model: also a server
@@ -86,13 +90,21 @@ class ImageScorer(AssignableThresholds):
         """
         items, single = as_items(images)
         _check_timings(timings)
+        if not isinstance(return_errors, bool):
+            raise ConfigError(f"return_errors {return_errors!r} must be True or False")
         thresholds = resolve_thresholds(self.thresholds, self.score_stats, image_threshold, pixel_threshold, sigma,
                                         self.map_stats)
         spent = dict.fromkeys(STAGES, 0.0)
-        detections: list[Detection] = []
+        errors: dict[int, InvalidImageError] | None = {} if return_errors else None
+        scored: list[Detection] = []
         for start, stop in balanced_chunks(len(items), self.batch_size):
-            detections += self._predict_batch(items[start:stop], start, thresholds, spent)
+            scored += self._predict_batch(items[start:stop], start, thresholds, spent, errors)
         _add_timings(timings, spent, STAGES)
+        if errors:  # each error in its image's place, the Detections of the others in order between them
+            remaining = iter(scored)
+            detections = [errors[i] if i in errors else next(remaining) for i in range(len(items))]
+        else:
+            detections = scored
         return detections[0] if single else detections
 
     __call__ = predict
@@ -124,10 +136,15 @@ class ImageScorer(AssignableThresholds):
             return np.empty((0, height, width), np.float32), np.empty(0, np.float32)
         return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
 
-    def _infer_batch(self, items: list, offset: int, spent: dict, sizes_accepted: TrainedSizes | None = None):
-        """Decode, check and preprocess `items`, run the backend: (maps, scores, sizes, sources)."""
+    def _infer_batch(self, items: list, offset: int, spent: dict, sizes_accepted: TrainedSizes | None = None,
+                     errors: dict | None = None):
+        """Decode, check and preprocess `items`, run the backend: (maps, scores, sizes, sources).
+        With `errors`, images that cannot be used are put there by index in the call, and left out."""
         started = time.perf_counter()
-        batch, sizes, sources = decode_batch(items, offset, self.preprocessing, sizes_accepted)
+        batch, sizes, sources = decode_batch(items, offset, self.preprocessing, sizes_accepted, errors)
+        if not len(batch):
+            height, width = self.preprocessing.input_size
+            return np.empty((0, height, width), np.float32), np.empty(0, np.float32), sizes, sources
         inferred = time.perf_counter()
         maps, scores = self.run_tensors(batch, offset)
         framed = time.perf_counter()
@@ -137,8 +154,9 @@ class ImageScorer(AssignableThresholds):
         spent["postprocess"] += time.perf_counter() - framed
         return maps, scores, sizes, sources
 
-    def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict) -> list[Detection]:
-        maps, scores, sizes, sources = self._infer_batch(items, offset, spent, self.sizes_accepted)
+    def _predict_batch(self, items: list, offset: int, thresholds: Thresholds, spent: dict,
+                       errors: dict | None = None) -> list[Detection]:
+        maps, scores, sizes, sources = self._infer_batch(items, offset, spent, self.sizes_accepted, errors)
         started = time.perf_counter()
         detections = postprocess(maps, scores, sizes, sources, thresholds, self.score_stats, self.min_region_area,
                                  self.map_stats)
@@ -287,29 +305,33 @@ def balanced_chunks(count: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, count)) for start in range(0, count, size or 1)]
 
 
-def decode_batch(items: list, offset: int, preprocessing: Preprocessing,
-                 sizes_accepted: TrainedSizes | None = None) -> tuple[np.ndarray, list, list[str]]:
+def decode_batch(items: list, offset: int, preprocessing: Preprocessing, sizes_accepted: TrainedSizes | None = None,
+                 errors: dict | None = None) -> tuple[np.ndarray, list, list[str]]:
     """Decode and check `items` (paths or arrays; item i is image offset + i of the call) and preprocess
     them: (batch (N, 3, H, W) float32, their (height, width), their sources for the Detections).
 
     Raises:
         InvalidImageError: naming the file, or the image's index in the call; also an image far from
-            `sizes_accepted`, where given.
+            `sizes_accepted`, where given. With `errors`, instead put there under offset + i, and
+            the image left out of the batch.
     """
     height, width = preprocessing.input_size
     batch = np.empty((len(items), 3, height, width), np.float32)
     sizes, sources = [], []
     for i, item in enumerate(items):
         is_path = isinstance(item, (str, os.PathLike))
-        source = str(item) if is_path else f"array[{offset + i}]"
         try:
             image = load_image(item, preprocessing.max_pixels, sizes_accepted)
-            preprocessing.tensor(image, out=batch[i])
+            preprocessing.tensor(image, out=batch[len(sizes)])
         except InvalidImageError as exc:
-            raise InvalidImageError(name_the_image(item, offset + i, exc)) from None
+            named = InvalidImageError(name_the_image(item, offset + i, exc))
+            if errors is None:
+                raise named from None
+            errors[offset + i] = named
+            continue
         sizes.append(image.shape[:2])
-        sources.append(source)
-    return batch, sizes, sources
+        sources.append(str(item) if is_path else f"array[{offset + i}]")
+    return batch[:len(sizes)], sizes, sources
 
 
 MAX_THREADS = 1024
