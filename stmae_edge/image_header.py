@@ -97,16 +97,46 @@ def _jpeg_size(data) -> tuple[int, int]:
             if i + 9 > end:
                 break
             height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-            # Each scan of a progressive JPEG is decoded over the whole frame: thousands of empty
-            # scans in a 300 KB file make it cost seconds per image. Entropy-coded data cannot hold
-            # FF DA (a literal FF is followed by 00), so this counts the scans.
-            scans = bytes(data[i:]).count(b"\xff\xda")
-            if scans > MAX_JPEG_SCANS:
-                raise InvalidImageError(f"JPEG with {scans} scans, more than the {MAX_JPEG_SCANS} an image needs; "
+            if _jpeg_scans(data, i + 2 + length) > MAX_JPEG_SCANS:
+                raise InvalidImageError(f"JPEG with more than {MAX_JPEG_SCANS} scans, which no image needs; "
                                         "the file is corrupt or crafted")
             return _checked(width, height, "JPEG")
         i += 2 + length
     raise InvalidImageError("JPEG without a readable frame header; the file is corrupt or truncated")
+
+
+def _jpeg_scans(data, i: int) -> int:
+    """The scans from offset `i` (after the frame header) to the end of the image, counted up to one
+    past MAX_JPEG_SCANS. Each scan of a progressive JPEG is decoded over the whole frame: thousands of
+    empty scans in a 300 KB file cost seconds per image. Bytes after the end of the image (a phone's
+    motion-photo video, a camera's trailer) are not the image's and are not read."""
+    data = bytes(data)
+    scans, end = 0, len(data)
+    while i + 4 <= end and scans <= MAX_JPEG_SCANS:
+        if data[i] != 0xFF:
+            break  # not a marker: corrupt, the decoder says so
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker != _JPEG_SOS:
+            continue
+        scans += 1
+        while True:  # the entropy-coded data: up to the next FF not followed by 00 (a literal FF) or RSTn
+            i = data.find(b"\xff", i)
+            if i < 0 or i + 1 >= end:
+                return scans
+            if data[i + 1] == 0x00 or 0xD0 <= data[i + 1] <= 0xD7:
+                i += 2
+                continue
+            break
+    return scans
 
 
 def _bmp_size(data) -> tuple[int, int]:

@@ -256,8 +256,11 @@ def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS,
     else:
         source = str(image)
         data = read_image_bytes(image)
-        if sizes_accepted is not None and (why := sizes_accepted.refusal(*declared_shape(memoryview(data)))):
-            raise InvalidImageError(why)
+        if sizes_accepted is not None:
+            height, width = declared_shape(memoryview(data))
+            # over the pixel cap: decode() says so, the limit that holds for every model
+            if height * width <= max_pixels and (why := sizes_accepted.refusal(height, width)):
+                raise InvalidImageError(why)
         array = decode(data, source, max_pixels)
     check_image(array, source, max_pixels)
     if sizes_accepted is not None and (why := sizes_accepted.refusal(*array.shape[:2])):
