@@ -58,7 +58,7 @@ def check_document(value, what: str, error: type[StmaeError]) -> dict:
         raise error(f"{what} nests deeper than {MAX_DOCUMENT_DEPTH} levels; the file is corrupt or not from stmae-edge")
     try:
         text = json.dumps(value)
-    except (TypeError, ValueError) as exc:  # a tensor or another object where JSON's types belong
+    except (TypeError, ValueError, RecursionError) as exc:  # a tensor or another object where JSON's types belong
         raise error(f"{what} holds a value JSON cannot ({first_line(exc, 120)}); the file is corrupt") from None
     return parse_document(text, what, error)
 
@@ -68,7 +68,7 @@ def depth(value) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
         node, level = stack.pop()
-        if isinstance(node, (dict, list)):
+        if isinstance(node, (dict, list, tuple)):
             deepest = max(deepest, level)
             if level > MAX_DOCUMENT_DEPTH:
                 break

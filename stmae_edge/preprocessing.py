@@ -257,14 +257,17 @@ def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS,
         source = str(image)
         data = read_image_bytes(image)
         if sizes_accepted is not None:
-            height, width = declared_shape(memoryview(data))
+            try:
+                height, width = declared_shape(memoryview(data))
+            except InvalidImageError as exc:
+                raise InvalidImageError(f"{source}: {exc}") from None
             # over the pixel cap: decode() says so, the limit that holds for every model
             if height * width <= max_pixels and (why := sizes_accepted.refusal(height, width)):
-                raise InvalidImageError(why)
+                raise InvalidImageError(f"{source}: {why}")
         array = decode(data, source, max_pixels)
     check_image(array, source, max_pixels)
     if sizes_accepted is not None and (why := sizes_accepted.refusal(*array.shape[:2])):
-        raise InvalidImageError(why)
+        raise InvalidImageError(why if isinstance(image, np.ndarray) else f"{source}: {why}")
     return array
 
 

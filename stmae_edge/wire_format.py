@@ -70,6 +70,8 @@ def check_max_batch(max_batch: int, option: str = "--max-batch") -> int:
 def without_folders(training: dict) -> dict:
     """The training record without the paths of the machine that trained it (outside the metadata digest)."""
     kept = {key: value for key, value in training.items() if key != "data_dir"}
+    if kept.get("backbone_weights") not in (None, "imagenet", "random"):  # a weight file's path
+        kept["backbone_weights"] = "a weight file"
     if isinstance(kept.get("holdout"), str) and kept["holdout"].startswith("from "):
         kept["holdout"] = "from a folder of good images of their own"
     if isinstance(kept.get("train_config"), dict):

@@ -116,6 +116,13 @@ def test_tampered_weights_fail_the_checksum(trained, tmp_path):
         read_checkpoint(bad)
 
 
+def _deep_tuple(levels: int):
+    value: tuple = ()
+    for _ in range(levels):
+        value = (value,)
+    return value
+
+
 def _deep(levels: int):
     value: dict = {}
     for _ in range(levels):
@@ -133,6 +140,7 @@ def _deep(levels: int):
     (lambda b: b["state_dict"].update(q=torch.quantize_per_tensor(torch.zeros(4), 0.1, 0, torch.qint8)), "qint8"),
     (lambda b: b["state_dict"].update(c=torch.zeros(4, dtype=torch.complex64)), "complex64"),
     (lambda b: b["metadata"].update(training=_deep(200)), "nests deeper than"),
+    (lambda b: b["metadata"].update(training={"x": _deep_tuple(200)}), "nests deeper than"),
     (lambda b: b["metadata"].update(training={"stowaway": torch.zeros(3)}), "holds a value JSON cannot"),
 ])
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")

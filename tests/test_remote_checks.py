@@ -205,7 +205,8 @@ def malformed_cases(metadata: ModelMetadata):
 def test_the_served_metadata_names_no_folder_of_the_training_machine(metadata):
     from dataclasses import replace
 
-    training = {**metadata.training, "holdout": "from /home/someone/parts/held", "train_config": {
+    training = {**metadata.training, "holdout": "from /home/someone/parts/held",
+                "backbone_weights": "/home/someone/weights/lite0.pth", "train_config": {
         **metadata.training.get("train_config", {}), "holdout_dir": "/home/someone/parts/held"}}
     assert metadata.training["data_dir"].startswith("/")  # the check can fail: train records it
     document = wire.metadata_document("m", 8, replace(metadata, training=training), metadata.thresholds)

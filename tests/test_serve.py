@@ -290,6 +290,7 @@ def test_triton_repo_writes_through_no_planted_link_and_removes_no_folder_of_oth
     (repo / "theirs.partial").mkdir()
     folder = write_repository(onnx_path, repo)
     assert not folder.is_symlink() and (folder / "config.pbtxt").is_file()
+    assert folder.stat().st_mode & 0o777 == 0o755  # readable by a Triton running as another user
     assert list(elsewhere.iterdir()) == [] and (repo / "theirs.partial").is_dir()
 
 

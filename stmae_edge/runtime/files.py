@@ -79,7 +79,8 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
         images, kept = [], []
         for i in chunk:
             try:
-                images.append(load_image(paths[i], detector.preprocessing.max_pixels))
+                # the model's size check too, here where the file is decoded: by its header, first
+                images.append(load_image(paths[i], detector.preprocessing.max_pixels, detector.sizes_accepted))
                 kept.append(i)
             except InvalidImageError as exc:
                 errors.append({"source": str(paths[i]), "error": str(exc)})

@@ -94,6 +94,7 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
         (partial / "1").mkdir()
         (partial / "config.pbtxt").write_text(to_pbtxt(config))
         shutil.copyfile(model, partial / "1" / file_name)
+        partial.chmod(0o755)  # mkdtemp's 0700 would keep out a Triton running as another user
         partial.rename(target)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
