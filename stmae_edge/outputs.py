@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -71,8 +72,11 @@ def written_atomically(path: Path | str, follow_links: bool = True) -> Iterator[
     """
     path = Path(path)
     target = path.resolve() if follow_links and path.is_symlink() else path
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    # A fresh name, created here and not through a link: a name known in advance could be a link
+    # planted in a shared folder, which the writer would follow before the rename replaced it.
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
     try:
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o666))
         yield partial
         if target.exists() and not target.is_symlink():
             os.chmod(partial, target.stat().st_mode & 0o7777)

@@ -101,3 +101,15 @@ def test_a_report_inside_its_data_folder_is_refused(tiny_export, synthetic_datas
     _assert_one_line_error(run("report", str(tiny_export[1]), str(synthetic_dataset), "--out",
                                str(synthetic_dataset / "test" / "report")), "inside the data folder")
     assert not (synthetic_dataset / "test" / "report").exists()
+
+
+def test_a_link_planted_in_the_output_folder_sends_no_picture_elsewhere(tiny_export, synthetic_dataset, tmp_path):
+    out, elsewhere = tmp_path / "report", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "plots").symlink_to(elsewhere, target_is_directory=True)
+    (out / "index.html").symlink_to(elsewhere / "index.html")
+    build_report(tiny_export[1], synthetic_dataset, out, backend="ort-cpu", worst=1)
+    assert list(elsewhere.iterdir()) == []
+    assert not (out / "plots").is_symlink() and any((out / "plots").glob("*.png"))
+    assert not (out / "index.html").is_symlink() and (out / "index.html").stat().st_size > 0

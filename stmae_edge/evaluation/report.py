@@ -16,6 +16,7 @@ Per defect type: count, image AUROC against the good images, escapes at the thre
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 from pathlib import Path
@@ -57,6 +58,8 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
                           "images next time; choose a folder outside it")
     out = check_output_folder(out, [])
     for folder in ("plots", "cases"):
+        if (out / folder).is_symlink():  # a link planted there must not send the pictures elsewhere
+            (out / folder).unlink()
         (out / folder).mkdir(exist_ok=True)
     scored = score_dataset(model, data_dir, backend, batch_size, description="scoring for the report")
     detector = scored.detector
@@ -109,8 +112,10 @@ def _pyplot():
 # --- plots ----------------------------------------------------------------------------------------
 def _save(plt, figure, path: Path) -> str:
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
     plt.close(figure)
+    write_bytes_atomically(path, png.getvalue(), follow_links=False)
     return f"plots/{path.name}"
 
 
