@@ -6,8 +6,9 @@ Detector's default, `spin_threads=False`), side by side in one run.
 One exported model behind two Detectors that differ only in `spin_threads`, taking turns within every
 round, on decoded magnetic_tile test images:
 - batch 8 back to back (throughput: what `bench` measures);
-- single frames arriving every 20 ms, as a line camera hands them to a host program: the latency of
-  each call, and the CPU time the process spends per frame (what the host's own threads lose).
+- single frames with a 20 ms pause after each, as a camera hands them to a host program one at a time:
+  the latency of each call, and the CPU time the process spends per frame (what the host's own threads
+  lose).
 Figures are medians over the rounds.
 """
 
@@ -31,7 +32,7 @@ from stmae_edge.preprocessing import load_image  # noqa: E402
 from stmae_edge.runtime import Detector  # noqa: E402
 
 BEGIN, END = "<!-- ort-spinning:begin -->", "<!-- ort-spinning:end -->"
-BATCH, FRAMES, PERIOD_S = 8, 20, 0.020
+BATCH, FRAMES, PAUSE_S = 8, 20, 0.020
 
 
 def cpu_seconds() -> float:
@@ -49,7 +50,7 @@ def one_round(detector: Detector, images: list[np.ndarray]) -> dict:
         started = time.perf_counter()
         detector.predict(images[i % len(images)])
         latencies.append(time.perf_counter() - started)
-        time.sleep(PERIOD_S)
+        time.sleep(PAUSE_S)
     return {"batch": batch, "latency": float(np.median(latencies)), "cpu": (cpu_seconds() - cpu_before) / FRAMES}
 
 
@@ -73,8 +74,8 @@ def main() -> None:
     print("\n".join(rows))
     write_table(args.md, BEGIN, END, f"python benchmarks/ort_spinning.py --rounds {args.rounds}",
                 f"the quality benchmark's model, exported fp32, ONNX Runtime CPU; {len(images)} decoded "
-                f"magnetic_tile test images; medians of {args.rounds} interleaved rounds; single frames "
-                f"every {1e3 * PERIOD_S:.0f} ms, {FRAMES} per round",
+                f"magnetic_tile test images; medians of {args.rounds} interleaved rounds; single frames, "
+                f"each followed by a {1e3 * PAUSE_S:.0f} ms pause, {FRAMES} per round",
                 ["ONNX Runtime threads", f"ms per batch of {BATCH}", "throughput vs spinning",
                  "ms per single frame (p50)", "process CPU ms per single frame", "CPU vs spinning"], rows)
 

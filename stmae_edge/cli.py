@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from . import __version__
+from .engine_plan import DEFAULT_BATCH_TEXT
 from .errors import StmaeError, first_line
 from .metadata import MAX_BATCH
 from .runtime.backend_table import backend_help
@@ -256,7 +257,7 @@ def build(
     onnx_file: Path = typer.Argument(..., help="ONNX file written by `stmae-edge export`"),
     precision: str | None = typer.Option(None, help="fp32, fp16 or int8; must match the ONNX graph "
                                             "(default: the graph's own precision)"),
-    batch: str = typer.Option("1:8:32", help="optimisation profile MIN:OPT:MAX batch sizes"),
+    batch: str = typer.Option(DEFAULT_BATCH_TEXT, help="optimisation profile MIN:OPT:MAX batch sizes"),
     out: Path | None = typer.Option(None, "--out", "-o", help="plan file (default: engines/NAME.PRECISION.plan)"),
 ) -> None:
     """Build a TensorRT engine plan (TensorRT if installed, else TensorRT for RTX) with a JSON sidecar."""

@@ -18,6 +18,10 @@ from .metadata import MAX_BATCH, ModelMetadata
 
 SIDECAR_FORMAT = "stmae-edge/engine"
 FLAVOURS = ("tensorrt", "tensorrt-rtx")  # import_tensorrt's names
+# The batch sizes (min, opt, max) a plan is built for by default; ONNX Runtime's TensorRT provider is
+# given the same range.
+DEFAULT_BATCH_PROFILE = (1, 8, 32)
+DEFAULT_BATCH_TEXT = ":".join(map(str, DEFAULT_BATCH_PROFILE))
 PLAN_PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = ("install TensorRT (pip install tensorrt, or JetPack on a Jetson), or TensorRT for RTX: "
                 "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
@@ -30,7 +34,8 @@ class TensorRTMissingError(BackendError):
 def import_tensorrt(flavour: str | None = None):
     """(module, flavour): full TensorRT first, TensorRT for RTX second; or exactly the flavour asked for."""
     # TensorRT for RTX is `tensorrt_rtx_bindings` from PyPI, `tensorrt_rtx` from NVIDIA's SDK wheel
-    candidates = [("tensorrt", "tensorrt"), ("tensorrt_rtx_bindings", "tensorrt-rtx"), ("tensorrt_rtx", "tensorrt-rtx")]
+    full, rtx = FLAVOURS
+    candidates = [("tensorrt", full), ("tensorrt_rtx_bindings", rtx), ("tensorrt_rtx", rtx)]
     for module_name, name in candidates:
         if flavour not in (None, name):
             continue

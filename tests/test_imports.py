@@ -70,8 +70,11 @@ def test_onnxruntime_is_imported_only_through_import_onnxruntime():
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            if "onnxruntime" in names:
-                direct.append(f"{path.name}:{node.lineno}")
+            for name in names:
+                # calibrate's quantisation tools come after its import_onnxruntime(), which quiets the log
+                allowed = path.name == "calibrate.py" and name.startswith("onnxruntime.quantization")
+                if (name == "onnxruntime" or name.startswith("onnxruntime.")) and not allowed:
+                    direct.append(f"{path.name}:{node.lineno} {name}")
     assert not direct, direct
 
 

@@ -161,6 +161,14 @@ def test_an_image_the_server_refuses_is_named_by_its_index_in_the_call(metadata)
         with pytest.raises(RemoteError, match="^image 2: the image has NaN"):
             remote.predict(frames(metadata, 4))
         assert calls == [2, 2]
+        # image 2 refused here (2 channels) and left out with return_errors: the server's first image of
+        # the second request is then image 3 of the call
+        calls.clear()
+        mixed = list(frames(metadata, 4))
+        mixed[2] = np.zeros((*mixed[2].shape[:2], 2), np.uint8)
+        with pytest.raises(RemoteError, match="^image 3: the image has NaN"):
+            remote.predict(mixed, return_errors=True)
+        assert calls == [2, 1]
     finally:
         server.close()
 

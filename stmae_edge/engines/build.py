@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..engine_plan import (
+    DEFAULT_BATCH_TEXT,
     PLAN_PRECISIONS,
     SIDECAR_FORMAT,
     collecting_logger,
@@ -48,7 +49,7 @@ class BatchRange:
         try:
             low, opt, high = (int(v) for v in text.split(":"))
         except ValueError:
-            raise ConfigError(f"batch range {text!r} must be MIN:OPT:MAX, e.g. 1:8:32") from None
+            raise ConfigError(f"batch range {text!r} must be MIN:OPT:MAX, e.g. {DEFAULT_BATCH_TEXT}") from None
         if not 1 <= low <= opt <= high <= MAX_BATCH:
             raise ConfigError(f"batch range {text!r} needs 1 <= MIN <= OPT <= MAX <= {MAX_BATCH}")
         return cls(low, opt, high)
@@ -106,7 +107,7 @@ def phase_monitor(trt, advance):
     return PhaseMonitor()
 
 
-def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str | BatchRange = "1:8:32",
+def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str | BatchRange = DEFAULT_BATCH_TEXT,
                  out: Path | str | None = None, timing_cache: Path | str | None = None) -> tuple[Path, dict]:
     """ONNX -> engine plan and its sidecar (plan path + '.json'). Returns the plan path and the sidecar.
 

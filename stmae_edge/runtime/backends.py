@@ -24,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..engine_plan import DEFAULT_BATCH_PROFILE
 from ..errors import BackendError, ConfigError, EngineMismatchError, first_line
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import import_onnxruntime
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 ORT_PROVIDERS = {kind.name: kind.provider for kind in BACKEND_KINDS if kind.provider}  # backend -> provider
 # ONNX Runtime's TensorRT provider builds one engine for this batch range (min, opt, max): the range a
 # plan from `build` has by default. Larger batches are split by the Detector.
-ORT_TENSORRT_PROFILE = (1, 8, 32)
+ORT_TENSORRT_PROFILE = DEFAULT_BATCH_PROFILE
 GPU_PROVIDER_HINT = ("check the GPU driver and the CUDA, cuDNN (and TensorRT) versions that this onnxruntime-gpu "
                      "needs (pip install '.[gpu]' brings CUDA's and cuDNN's), or ask for --backend ort-cpu")
 
@@ -219,7 +220,7 @@ def _gpu_providers(ort, wanted: str, path: Path | str) -> list:
             said.write(first_line(exc))
         if said.getvalue().strip():
             logger.info("onnxruntime.preload_dlls: %s", " | ".join(said.getvalue().split("\n")).strip(" |"))
-    cuda = ("CUDAExecutionProvider", {"use_tf32": "0"} if _version(ort) >= (1, 19) else {})
+    cuda = ("CUDAExecutionProvider", {"use_tf32": "0"} if _version(ort) >= (1, 18) else {})
     if wanted == "CUDAExecutionProvider":
         return [cuda]
     # Next to the model, not in the host program's working directory; a folder per TensorRT version, as
@@ -250,12 +251,16 @@ def _version(module) -> tuple[int, ...]:
 
 
 def _tensorrt_version() -> str:
-    """The installed TensorRT's version, as the provider will load it ('' where Python cannot see it)."""
-    try:
-        import tensorrt
-    except ImportError:
-        return ""
-    return str(getattr(tensorrt, "__version__", ""))
+    """The version of the TensorRT that pip installed ('' otherwise: JetPack's, or one on the library
+    path). Read from the package records: importing TensorRT would load its libraries into the host."""
+    from importlib import metadata
+
+    for name in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu13-libs", "tensorrt-cu12-libs"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return ""
 
 
 def _graph_facts(path: Path | str) -> tuple[str, tuple[int, ...]]:

@@ -115,12 +115,13 @@ class RemoteDetector(ImageScorer):
                 "model": self.model, "server_runtime": self._runtime}
 
     # -- the Detector API: predict, raw_maps and preprocess come from ImageScorer --------------
-    def run_tensors(self, batch: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def run_tensors(self, batch: np.ndarray, offset: int | Sequence[int] = 0) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed images (N, 3, H, W) float32 -> maps (N, H, W) and raw scores (N,), from the server,
         checked as Detector.run_tensors checks its backend's (check_network_outputs).
 
         Args:
-            offset: the index of batch[0] in the caller's call, so that an error names the image there.
+            offset: the index of batch[0] in the caller's call, or of each image (where the call left some
+                out), so that an error names the image there.
 
         Raises:
             RemoteError: the server refused the request or an image (naming it), or answered maps or
@@ -134,7 +135,7 @@ class RemoteDetector(ImageScorer):
             for i, message in enumerate(errors.reshape(-1)):
                 if message:
                     text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
-                    raise RemoteError(f"image {offset + i}: {text}")
+                    raise RemoteError(f"image {offset + i if isinstance(offset, int) else offset[i]}: {text}")
         where = f"{self.url}, model {self.model}: "
         missing = [name for name in (wire.ANOMALY_MAP, wire.SCORE) if name not in outputs]
         if missing:
