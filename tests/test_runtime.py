@@ -272,6 +272,7 @@ def test_backend_choice_is_reported_and_never_a_silent_fallback(tiny_export):
             # onnxruntime-gpu without a GPU: the provider fails to start; CPU onnxruntime: it has none
             with pytest.raises(BackendError, match=f"(could not start|build has no) {provider}.*ort-cpu"):
                 Detector(onnx_file, backend)
+        assert not list(onnx_file.parent.glob("*.ort-tensorrt-cache*"))  # no empty cache left beside the model
     with pytest.raises(ConfigError, match="unknown backend"):
         Detector(onnx_file, "openvino")
     with pytest.raises(ConfigError, match="ONNX file"):

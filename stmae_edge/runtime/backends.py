@@ -176,6 +176,7 @@ class OnnxRuntimeBackend:
             # to the CPU, at creation or in the middle of a run, while `provider` still named the GPU.
             self.session = ort.InferenceSession(str(path), options, providers=providers, enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            _drop_empty_engine_cache(providers)
             if wanted != "CPUExecutionProvider":  # most often a library the provider needs (TensorRT's)
                 raise BackendError(f"ONNX Runtime could not start {wanted} for {Path(path).name} "
                                    f"({first_line(exc)}); {GPU_PROVIDER_HINT}") from exc
@@ -183,6 +184,7 @@ class OnnxRuntimeBackend:
         self.session.disable_fallback()  # for versions that do not read enable_fallback
         used = self.session.get_providers()
         if used[0] != wanted:
+            _drop_empty_engine_cache(providers)
             raise BackendError(f"ONNX Runtime could not start {wanted} and would run on {used[0]} instead; "
                                f"{GPU_PROVIDER_HINT} (`stmae-edge -v ...` prints ONNX Runtime's reason)")
         self.provider = used[0]
@@ -240,6 +242,14 @@ def _gpu_providers(ort, wanted: str, path: Path | str) -> list:
     return [(wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache), **profile,
                       # Q/DQ graphs need the provider's INT8 mode; fp16 graphs carry their types
                       "trt_int8_enable": precision == "int8"}), cuda]
+
+
+def _drop_empty_engine_cache(providers: list) -> None:
+    """The TensorRT provider's cache folder, made for a session that did not start, if it holds nothing."""
+    for provider in providers:
+        if isinstance(provider, tuple) and "trt_engine_cache_path" in provider[1]:
+            with contextlib.suppress(OSError):  # not empty: an earlier session's engines, kept
+                Path(provider[1]["trt_engine_cache_path"]).rmdir()
 
 
 def _version(module) -> tuple[int, ...]:
