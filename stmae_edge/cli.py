@@ -19,6 +19,7 @@ from .wire_format import DEFAULT_MAX_BATCH
 
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
 PARTIAL_EXIT_CODE = 3
+ABORTED_EXIT_CODE = 130  # Ctrl-C, as shells report SIGINT
 DEMO_GOOD_CELLS = 470  # ELPV's defect-free mono cells less the demo's test fifth: `demo --max-train 0`
 
 BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12 cameras, whose values stop "
@@ -605,9 +606,14 @@ def main() -> None:
         where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
         typer.echo(f"error: {first_line(exc.format_message()).rstrip('.')}{where}", err=True)
         sys.exit(2)
-    except typer.Abort:  # Ctrl-C
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C
+        code = ABORTED_EXIT_CODE
+    except MemoryError:
+        _out_of_memory("")
+    except RuntimeError as exc:  # torch's allocator says it in a RuntimeError
+        if "can't allocate memory" not in str(exc) and "not enough memory" not in str(exc):
+            raise
+        _out_of_memory(f" ({first_line(exc, 160)})")
     except _CLICK["ClickException"] as exc:
         typer.echo(f"error: {first_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
@@ -621,7 +627,15 @@ def main() -> None:
         typer.echo(f"error: this command needs {package}, which is not installed here: "
                    f"pip install 'stmae-edge[{OPTIONAL_PACKAGES[package]}]'", err=True)
         sys.exit(2)
+    if code == ABORTED_EXIT_CODE:  # typer turns Ctrl-C into this exit code, silently
+        typer.echo("aborted: outputs are written whole or not at all, so none is left half-written", err=True)
     sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(3) from predict, 0 after --help
+
+
+def _out_of_memory(detail: str) -> None:
+    typer.echo(f"error: out of memory{detail}; give this command fewer images at once (train --max-images, a "
+               "smaller --batch-size), or run it on a machine with more memory", err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

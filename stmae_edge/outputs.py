@@ -5,9 +5,11 @@ one digest of a file's bytes (sha256_file) that sidecars, calibration caches and
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -84,12 +86,28 @@ def written_atomically(path: Path | str, follow_links: bool = True) -> Iterator[
         os.replace(partial, target)
         _sync(target.parent)
     except (OSError, RuntimeError) as exc:
-        partial.unlink(missing_ok=True)
         reason = getattr(exc, "strerror", None) or first_line(exc, 200)
+        if _disk_full(exc, target.parent):  # torch.save says it in its own words ("unexpected pos ...")
+            reason = f"no space left on the disk ({reason})"
+        partial.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {reason}; nothing was replaced") from exc
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+DISK_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space: said so by the error, or by the disk (measured before
+    the partial file is removed, while it still fills it)."""
+    if getattr(exc, "errno", None) == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < DISK_NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def _sync(path: Path) -> None:

@@ -155,3 +155,20 @@ def test_usage_errors_are_one_line_too(synthetic_dataset):
     r = run("train")
     _assert_one_line_error(r, "Missing argument 'data_dir'; see `")
     assert r.stderr.strip().endswith("train --help`")
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "274877906944 bytes")])
+def test_running_out_of_memory_is_one_line_that_says_what_to_do(monkeypatch, capsys, failure):
+    import stmae_edge.cli as cli
+
+    def command(**_):
+        raise failure
+
+    monkeypatch.setattr(cli, "app", command)  # where a command's allocation fails (torch's allocator, numpy)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: out of memory") and "--max-images" in lines[0]

@@ -4,6 +4,7 @@ the running program, and nothing written before is lost or left half-written und
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -166,3 +167,31 @@ def test_an_atomic_write_keeps_a_symlink_and_the_permissions_and_types_a_failure
             partial.write_bytes(b"half")
             raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     assert real.read_bytes() == b"new" and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_ctrl_c_during_export_says_aborted_in_one_line_and_leaves_no_file(tiny_export, tmp_path):
+    out = tmp_path / "m.onnx"
+    process = subprocess.Popen([*CLI, "export", str(tiny_export[0]), "--out", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and not _partials(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "export finished before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("aborted: outputs are written whole or not at all")
+    assert not out.exists() and not _partials(tmp_path)
+
+
+def test_a_full_disk_is_named_when_a_write_fails(tmp_path):
+    from stmae_edge.errors import OutputError
+    from stmae_edge.outputs import written_atomically
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match="cannot write .*m.pt: no space left on the disk"):
+        with written_atomically(tmp_path / "m.pt") as partial:
+            full(partial)
+    assert not list(tmp_path.iterdir())
