@@ -496,3 +496,54 @@ def test_paper_preset_builds_and_runs():
     with torch.no_grad():
         maps, scores = m(torch.randn(1, 3, 256, 256))
     assert maps.shape == (1, 1, 256, 256) and torch.isfinite(scores).all()
+
+
+def test_the_gaussians_are_fitted_a_chunk_at_a_time_exactly_as_in_one_piece(monkeypatch):
+    """fit_gaussian never holds every training image's inputs (720 KB each on the default preset): it
+    samples the principal directions' vectors and adds the Gaussians' sums a chunk at a time. The result
+    is the one-piece fit's, bit for bit, across several chunks and with the vectors sampled."""
+    import stmae_edge.training.train as training
+    from stmae_edge.models.gaussian import GAUSSIAN_CHUNK
+
+    monkeypatch.setattr(training, "PCA_SAMPLES", 3000)  # fewer than the vectors here: the sampled branch
+    config = replace(preset("tiny"), wide_window=5, wide_dim=6, gaussian_dim=8, level_fraction=0.0)
+    m = STMAE(config, backbone_weights="random").eval()
+    c, g = m.features.channels, config.grid
+    good = torch.randn(2 * GAUSSIAN_CHUNK + 9, c, g, g, generator=torch.Generator().manual_seed(1)).half()
+    holdout = torch.randn(8, c, g, g, generator=torch.Generator().manual_seed(2)).half()
+    fit_gaussian(m, good, holdout)
+    with torch.no_grad():
+        f = torch.cat([m.standardize(chunk.float()) for chunk in good.split(32)])
+        inputs = torch.cat([m.gaussian_input(x, m.reconstruct(x)) for x in f.split(32)])
+        assert len(inputs) * g * g > 3000
+
+        def directions(features, count):  # the definition: a seeded sample of the vectors, in one piece
+            vectors = features.permute(0, 2, 3, 1).reshape(-1, c)
+            vectors = vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[:3000]].double()
+            return torch.linalg.svd(vectors - vectors.mean(dim=0), full_matrices=False)[2][:count].T.float()
+
+        sharp, wide = directions(inputs, 8), directions(m.wide_input(inputs), 6)
+        assert torch.equal(m.gaussian_projection, sharp) and torch.equal(m.wide_projection, wide)
+        for (mean, precision), (want_mean, want_precision) in (
+                (fit_position_gaussian(torch.einsum("bchw,cd->bdhw", inputs, sharp), config.gaussian_eps),
+                 (m.gaussian_mean, m.gaussian_precision)),
+                (fit_position_gaussian(torch.einsum("bchw,cd->bdhw", m.wide_input(inputs), wide), config.gaussian_eps),
+                 (m.wide_mean, m.wide_precision))):
+            assert torch.equal(mean, want_mean) and torch.equal(precision, want_precision)
+
+
+def test_the_score_head_is_fitted_on_chosen_rows_exactly_as_on_their_copy(model, monkeypatch):
+    """Cross-fitting fits the head on all but one fold: by index, chunk by chunk, not on a copy."""
+    import stmae_edge.training.train as training
+
+    monkeypatch.setattr(training, "PCA_SAMPLES", 500)
+    c = model.config
+    features = 10 * torch.rand(150, model.features.score_channels, c.score_grid, c.score_grid,
+                               generator=torch.Generator().manual_seed(7))
+    rows = torch.nonzero(torch.arange(150) % 5 != 2).flatten()
+    fitted = {}
+    for name, args in (("by index", (features, rows)), ("copied", (features[rows],))):
+        training.fit_score_head(model, *args)
+        fitted[name] = [model.score_projection.clone(), model.score_mean.clone(), model.score_precision.clone()]
+    assert all(torch.equal(a, b) for a, b in zip(fitted["by index"], fitted["copied"], strict=True))
+    assert len(rows) * c.score_grid ** 2 > 500  # the principal directions from a sample of the vectors

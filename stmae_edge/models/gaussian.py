@@ -11,26 +11,54 @@ import torch
 
 from ..errors import DatasetError
 
+GAUSSIAN_CHUNK = 64  # images added to the sums at a time: the grouping fixes the float64 rounding
+
 
 @torch.no_grad()
-def fit_position_gaussian(features: torch.Tensor, eps: float, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_position_gaussian(features: torch.Tensor, eps: float, chunk: int = GAUSSIAN_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (P, C) and precision (P, C, C), P = G * G, of good images' features, in float64 chunk by
     chunk (memory stays at one chunk), returned as float32."""
-    n, c, g, w = features.shape
-    if n < 2:
-        raise DatasetError("a per-position Gaussian needs at least two images")
-    total = torch.zeros(g * w, c, dtype=torch.float64)
-    products = torch.zeros(g * w, c, c, dtype=torch.float64)
+    sums = PositionGaussianSums()
     for part in features.split(chunk):
-        x = part.double().reshape(part.shape[0], c, g * w).permute(2, 0, 1)  # (P, b, C)
-        total += x.sum(dim=1)
-        products += x.transpose(1, 2) @ x
-    mean = total / n
-    cov = (products - n * mean.unsqueeze(2) * mean.unsqueeze(1)) / (n - 1)
-    cov += eps * torch.eye(c, dtype=torch.float64)
-    # Symmetric positive definite by construction: a float64 Cholesky inverse is exact and stable
-    # where a batched LU inverse (torch.linalg.inv) failed inside MKL on 1024 matrices of 176x176.
-    return mean.float(), torch.cholesky_inverse(torch.linalg.cholesky(cov)).float()
+        sums.add(part)
+    return sums.fit(eps)
+
+
+class PositionGaussianSums:
+    """A per-position Gaussian's sums, added GAUSSIAN_CHUNK images at a time, for features that are
+    never all in memory at once (training on thousands of images); fit_position_gaussian in one piece."""
+
+    def __init__(self):
+        self.count = 0
+        self.total: torch.Tensor | None = None
+        self.products: torch.Tensor | None = None
+
+    def add(self, part: torch.Tensor) -> None:
+        b, c, g, w = part.shape
+        x = part.double().reshape(b, c, g * w).permute(2, 0, 1)  # (P, b, C)
+        if self.total is None:
+            self.total = torch.zeros(g * w, c, dtype=torch.float64)
+            self.products = torch.zeros(g * w, c, c, dtype=torch.float64)
+        self.total += x.sum(dim=1)
+        self.products += x.transpose(1, 2) @ x
+        self.count += b
+
+    def fit(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (P, C), precision (P, C, C)) as float32.
+
+        Raises:
+            DatasetError: fewer than two images were added.
+        """
+        n = self.count
+        if n < 2:
+            raise DatasetError("a per-position Gaussian needs at least two images")
+        c = self.total.shape[1]
+        mean = self.total / n
+        cov = (self.products - n * mean.unsqueeze(2) * mean.unsqueeze(1)) / (n - 1)
+        cov += eps * torch.eye(c, dtype=torch.float64)
+        # Symmetric positive definite by construction: a float64 Cholesky inverse is exact and stable
+        # where a batched LU inverse (torch.linalg.inv) failed inside MKL on 1024 matrices of 176x176.
+        return mean.float(), torch.cholesky_inverse(torch.linalg.cholesky(cov)).float()
 
 
 def mahalanobis(features: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..models.backbones import BACKBONE_PREPROCESSING
 from ..models.families import STMAE_FAMILY
 from ..models.filtering_ae import FAMILY as FILTERING_FAMILY
 from ..models.filtering_ae import FilteringAEConfig
-from ..models.gaussian import fit_position_gaussian
+from ..models.gaussian import GAUSSIAN_CHUNK, PositionGaussianSums
 from ..models.intensity import image_statistics
 from ..models.stmae import STMAE, STMAEConfig, random_split
 from ..outputs import check_writable, sha256_file
@@ -454,27 +454,67 @@ def fit_intensity_target(model: STMAE, preprocessing: Preprocessing, items: Sequ
     model.intensity.target.copy_(torch.tensor([torch.cat(means).mean(), torch.cat(stds).mean()]))
 
 
-@torch.no_grad()
-def principal_components(features: torch.Tensor, count: int, samples: int = 200_000, seed: int = 0) -> torch.Tensor:
-    """The top `count` principal directions (C, count) of feature vectors over images and positions,
-    from a seeded sample of at most `samples` vectors."""
-    vectors = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-    if vectors.shape[0] > samples:
-        vectors = vectors[torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]]
-    vectors = vectors.double()
-    _, _, directions = torch.linalg.svd(vectors - vectors.mean(dim=0), full_matrices=False)
-    return directions[:count].T.float()
+PCA_SAMPLES = 200_000  # feature vectors, at most, that principal directions are computed from
+
+
+class VectorSample:
+    """Principal directions of feature vectors (N, C, G, G) over images and positions, from a seeded
+    sample of at most `samples` (PCA_SAMPLES) vectors, gathered from consecutive chunks of the N images:
+    the same sample, in the same order, however the images are chunked, so the same directions without
+    the N images' features in memory at once."""
+
+    def __init__(self, images: int, positions: int, channels: int, samples: int | None = None, seed: int = 0):
+        samples = PCA_SAMPLES if samples is None else samples
+        total = images * positions
+        self.positions, self.seen = positions, 0
+        self.chosen = (torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:samples]
+                       if total > samples else None)  # None: every vector, in order
+        self.rows: list[torch.Tensor] | torch.Tensor = [] if self.chosen is None else torch.empty(len(self.chosen), channels)
+
+    def add(self, chunk: torch.Tensor) -> None:
+        """The next images' features (b, C, G, G)."""
+        vectors = chunk.permute(0, 2, 3, 1).reshape(-1, chunk.shape[1])
+        if self.chosen is None:
+            self.rows.append(vectors.clone())
+        else:
+            start = self.seen * self.positions
+            inside = (self.chosen >= start) & (self.chosen < start + len(vectors))
+            self.rows[inside] = vectors[self.chosen[inside] - start]
+        self.seen += len(chunk)
+
+    def directions(self, count: int) -> torch.Tensor:
+        """The top `count` principal directions (C, count) of the sample."""
+        vectors = (torch.cat(self.rows) if isinstance(self.rows, list) else self.rows).double()
+        _, _, directions = torch.linalg.svd(vectors - vectors.mean(dim=0), full_matrices=False)
+        return directions[:count].T.float()
 
 
 @torch.no_grad()
-def fit_score_head(model: STMAE, score_features: torch.Tensor) -> None:
+def fit_score_head(model: STMAE, score_features: torch.Tensor, rows: torch.Tensor | None = None) -> None:
     """The image score head from the training images' raw deep features (as score_inputs gives them to
-    it): their principal directions, and a Gaussian per score-grid position of the projected features."""
-    inputs = torch.cat([model.score_inputs(chunk) for chunk in score_features.split(64)])
-    projection = principal_components(inputs, model.score_projection.shape[1])
+    it): their principal directions, and a Gaussian per score-grid position of the projected features.
+    `rows`: the images of score_features to fit on (default: all), without copying them out.
+
+    Two passes over the images, GAUSSIAN_CHUNK at a time (principal directions from their sample of
+    vectors, then the Gaussian's sums), so that the head's inputs are never all in memory."""
+    rows = torch.arange(len(score_features)) if rows is None else rows
+
+    def input_chunks():
+        for start in range(0, len(rows), GAUSSIAN_CHUNK):
+            yield model.score_inputs(score_features[rows[start:start + GAUSSIAN_CHUNK]])
+
+    sample = None
+    for inputs in input_chunks():
+        if sample is None:
+            sample = VectorSample(len(rows), inputs.shape[2] * inputs.shape[3], inputs.shape[1])
+        sample.add(inputs)
+    projection = sample.directions(model.score_projection.shape[1])
+    del sample
     model.score_projection.copy_(projection)
-    mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", inputs, projection),
-                                            model.config.gaussian_eps)
+    sums = PositionGaussianSums()
+    for inputs in input_chunks():
+        sums.add(torch.einsum("bchw,cd->bdhw", inputs, projection))
+    mean, precision = sums.fit(model.config.gaussian_eps)
     model.score_mean.copy_(mean)
     model.score_precision.copy_(precision)
 
@@ -510,7 +550,7 @@ def fit_score_head_cross_fitted(model: STMAE, score_features: torch.Tensor, fold
     with progress_bar("score head, cross-fitted", folds) as advance:
         for k in range(folds):
             inside = fold == k
-            fit_score_head(model, score_features[~inside])
+            fit_score_head(model, score_features, torch.nonzero(~inside).flatten())
             narrow[inside], wide[inside] = scale_maxima_of(model, score_features[inside])
             advance()
     fit_score_head(model, score_features)
@@ -532,7 +572,11 @@ def z_score_table(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
 def fit_gaussian(model: STMAE, features: torch.Tensor, holdout_features: torch.Tensor, batch_size: int = 32) -> None:
     """The fused map's parts: projection, per-position Gaussian of the Gaussian's inputs (training
     images), with wide_window the wide Gaussian of the same inputs averaged over neighbouring cells,
-    and the (mean, std) of each map over held-out good images, which put them on one scale."""
+    and the (mean, std) of each map over held-out good images, which put them on one scale.
+
+    The inputs are never all in memory (720 KB per image on the default preset: 5,000 images would not
+    fit 16 GB): the transformer runs over the training features twice, once for the principal
+    directions' sample of vectors, once for the Gaussians' sums, GAUSSIAN_CHUNK images at a time."""
     c = model.config
 
     def pieces(raw: torch.Tensor):
@@ -541,21 +585,44 @@ def fit_gaussian(model: STMAE, features: torch.Tensor, holdout_features: torch.T
             recon = model.reconstruct(f)
             yield f, recon, model.gaussian_input(f, recon)
 
-    inputs = torch.cat([x for _, _, x in pieces(features)])
-    if c.gaussian_dim:
-        model.gaussian_projection.copy_(principal_components(inputs, c.gaussian_dim))
-    mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", inputs, model.gaussian_projection),
-                                            c.gaussian_eps)
+    def input_groups():
+        """The Gaussian's inputs of the training images, in consecutive groups of GAUSSIAN_CHUNK."""
+        waiting: list[torch.Tensor] = []
+        for _, _, x in pieces(features):
+            waiting.append(x)
+            while sum(len(w) for w in waiting) >= GAUSSIAN_CHUNK:
+                joined = torch.cat(waiting)
+                yield joined[:GAUSSIAN_CHUNK]
+                waiting = [joined[GAUSSIAN_CHUNK:]] if len(joined) > GAUSSIAN_CHUNK else []
+        if waiting:
+            yield torch.cat(waiting)
+
+    if c.gaussian_dim or c.wide_window:  # first pass: the samples the principal directions come from
+        sharp = wide = None
+        for group in input_groups():
+            if sharp is None:
+                shape = (len(features), group.shape[2] * group.shape[3], group.shape[1])
+                sharp, wide = VectorSample(*shape), VectorSample(*shape)
+            sharp.add(group)
+            if c.wide_window:
+                wide.add(model.wide_input(group))
+        if c.gaussian_dim:
+            model.gaussian_projection.copy_(sharp.directions(c.gaussian_dim))
+        if c.wide_window:
+            model.wide_projection.copy_(wide.directions(model.wide_projection.shape[1]))
+        del sharp, wide
+    sharp_sums, wide_sums = PositionGaussianSums(), PositionGaussianSums()
+    for group in input_groups():  # second pass: the Gaussians' sums
+        sharp_sums.add(torch.einsum("bchw,cd->bdhw", group, model.gaussian_projection))
+        if c.wide_window:
+            wide_sums.add(torch.einsum("bchw,cd->bdhw", model.wide_input(group), model.wide_projection))
+    mean, precision = sharp_sums.fit(c.gaussian_eps)
     model.gaussian_mean.copy_(mean)
     model.gaussian_precision.copy_(precision)
     if c.wide_window:
-        inputs = model.wide_input(inputs)
-        model.wide_projection.copy_(principal_components(inputs, model.wide_projection.shape[1]))
-        mean, precision = fit_position_gaussian(torch.einsum("bchw,cd->bdhw", inputs, model.wide_projection),
-                                                c.gaussian_eps)
+        mean, precision = wide_sums.fit(c.gaussian_eps)
         model.wide_mean.copy_(mean)
         model.wide_precision.copy_(precision)
-    del inputs
     transition, gaussian, wide = [], [], []
     for f, recon, x in pieces(holdout_features):
         transition.append(model.transition_map(f, recon))
