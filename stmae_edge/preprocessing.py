@@ -255,19 +255,10 @@ def load_image(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS,
         raise InvalidImageError(f"{type(image).__name__} is not an image: give a numpy array or a file path")
     else:
         source = str(image)
-        data = read_image_bytes(image)
-        if sizes_accepted is not None:
-            try:
-                height, width = declared_shape(memoryview(data))
-            except InvalidImageError as exc:
-                raise InvalidImageError(f"{source}: {exc}") from None
-            # over the pixel cap: decode() says so, the limit that holds for every model
-            if height * width <= max_pixels and (why := sizes_accepted.refusal(height, width)):
-                raise InvalidImageError(f"{source}: {why}")
-        array = decode(data, source, max_pixels)
+        array = decode(read_image_bytes(image), source, max_pixels, sizes_accepted)  # size checked first
     check_image(array, source, max_pixels)
-    if sizes_accepted is not None and (why := sizes_accepted.refusal(*array.shape[:2])):
-        raise InvalidImageError(why if isinstance(image, np.ndarray) else f"{source}: {why}")
+    if isinstance(image, np.ndarray) and sizes_accepted is not None and (why := sizes_accepted.refusal(*array.shape[:2])):
+        raise InvalidImageError(why)  # a file's was checked on its header, in decode
     return array
 
 
@@ -278,22 +269,16 @@ def declared_image_size(path: Path | str) -> tuple[int, int]:
         InvalidImageError: naming the file: unreadable, or a header that declares no usable size.
     """
     try:
-        return declared_shape(memoryview(read_image_bytes(path)))
+        return _declared(memoryview(read_image_bytes(path)))[1]
     except InvalidImageError as exc:
         raise InvalidImageError(name_the_image(path, 0, exc)) from None
 
 
-def declared_shape(data: memoryview) -> tuple[int, int]:
-    """(height, width) that a file's bytes declare, as decode() will return the image: a JPEG turned
-    by its EXIF orientation.
-
-    Raises:
-        InvalidImageError: a header that declares no usable size.
-    """
+def _declared(data: memoryview) -> tuple[str, tuple[int, int], int]:
+    """(format, (height, width) as shown, EXIF orientation: 1 but for a JPEG that says otherwise)."""
     fmt, width, height = declared_size(data)
-    if fmt == "JPEG" and jpeg_orientation(data) >= 5:  # shown turned by a quarter
-        width, height = height, width
-    return height, width
+    orientation = jpeg_orientation(data) if fmt == "JPEG" else 1
+    return fmt, ((width, height) if orientation >= 5 else (height, width)), orientation  # a quarter turn swaps
 
 
 def read_image_bytes(path: Path | str) -> np.ndarray:
@@ -319,20 +304,25 @@ def read_image_bytes(path: Path | str) -> np.ndarray:
         raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
 
 
-def decode(data: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """File bytes -> pixels, for the formats image_header reads, after their declared size is checked.
+def decode(data: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS,
+           sizes_accepted: TrainedSizes | None = None) -> np.ndarray:
+    """File bytes -> pixels, for the formats image_header reads, after their declared size is checked
+    against `max_pixels`, and against `sizes_accepted` where given (as decoding will turn the image).
 
     Raises:
-        InvalidImageError: an unsupported format, a declared size over `max_pixels`, or bytes OpenCV
-            cannot decode (corrupt, truncated, or rewritten while it was read, as in a camera's hot folder).
+        InvalidImageError: an unsupported format, a declared size over `max_pixels` or far from
+            `sizes_accepted`, or bytes OpenCV cannot decode (corrupt, truncated, or rewritten while it
+            was read, as in a camera's hot folder).
     """
     try:
-        fmt, width, height = declared_size(memoryview(data))
+        fmt, (height, width), orientation = _declared(memoryview(data))
     except InvalidImageError as exc:
         raise InvalidImageError(f"{source}: {exc}") from None
     if width * height > max_pixels:
         raise InvalidImageError(f"{source}: {width}x{height} pixels exceeds the limit of {max_pixels} "
                                 f"(declared by its {fmt} header); crop or downscale it first")
+    if sizes_accepted is not None and (why := sizes_accepted.refusal(height, width)):
+        raise InvalidImageError(f"{source}: {why}")
     try:
         array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # some codecs raise instead of returning None
@@ -342,11 +332,9 @@ def decode(data: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS) ->
     if array is None:
         raise InvalidImageError(f"{source}: {fmt} data cannot be decoded; the file is corrupt, truncated "
                                 "or was being written")
-    if fmt == "JPEG":
-        # As viewers and annotation tools show it (and masks are drawn on): IMREAD_UNCHANGED leaves EXIF
-        # orientation unapplied, so a phone's portrait photo would be scored, and its mask laid, on its side
-        array = oriented(array, jpeg_orientation(memoryview(data)))
-    return array
+    # As viewers and annotation tools show it (and masks are drawn on): IMREAD_UNCHANGED leaves EXIF
+    # orientation unapplied, so a phone's portrait photo would be scored, and its mask laid, on its side
+    return oriented(array, orientation)
 
 
 def oriented(array: np.ndarray, orientation: int) -> np.ndarray:
