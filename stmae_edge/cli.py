@@ -83,9 +83,9 @@ def train(
     backbone_weights: str = typer.Option("imagenet", help="'imagenet', a path to a torchvision-format "
                                          "weight file, or 'random' (explicitly untrained)"),
     epochs: int = typer.Option(EPOCHS, min=1, help="passes over the training images"),
-    max_steps: int = typer.Option(MAX_STEPS, min=0, help="at most this many optimiser steps, in whole epochs: "
-                                  "fewer epochs on a large training set, so that training time stays bounded "
-                                  "(the default: 20 epochs of 686 images; 0 = every epoch)"),
+    max_steps: int = typer.Option(MAX_STEPS, min=0, help="at most this many optimiser steps, in whole epochs "
+                                  "where one fits: fewer epochs on a large training set, so that training time "
+                                  "stays bounded (the default: 20 epochs of 686 images; 0 = every epoch)"),
     batch_size: int = typer.Option(BATCH_SIZE, min=1),
     lr: float = typer.Option(LR, min=1e-8, help="peak learning rate (AdamW, warm-up then cosine decay)"),
     holdout: float = typer.Option(HOLDOUT, min=0.01, max=0.9, help="fraction of good images held out: they "

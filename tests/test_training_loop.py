@@ -34,8 +34,13 @@ def test_a_large_training_set_trains_fewer_whole_epochs_and_says_so(caplog):
     assert "training 2 of 5 epochs" in caplog.text and "--max-steps 0" in caplog.text
 
 
-def test_the_budget_never_trains_less_than_one_epoch_and_zero_means_no_cap():
-    assert len(run_loop(100, TrainConfig(epochs=3, batch_size=10, max_steps=4))[1]) == 10
+def test_the_budget_holds_where_one_epoch_alone_exceeds_it_and_zero_means_no_cap(caplog):
+    """A training set of thousands: the budget's steps of one epoch (images drawn at random), not the
+    whole epoch past it (an 18,000-image set trained 1,125 steps against the 840 it was told)."""
+    with caplog.at_level(logging.WARNING, logger="stmae_edge.training.loop"):
+        history, steps = run_loop(100, TrainConfig(epochs=3, batch_size=10, max_steps=4))
+    assert len(history) == 1 and steps == [10] * 4
+    assert "training 4 steps of one epoch's 10 (40 of the images" in caplog.text
     assert len(run_loop(100, TrainConfig(epochs=3, batch_size=10, max_steps=0))[1]) == 30
 
 

@@ -112,15 +112,22 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def epochs_within_budget(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """cfg.epochs, or fewer whole epochs (at least one) where cfg.max_steps would be passed."""
+def epochs_within_budget(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs, steps in each): cfg.epochs, or fewer whole epochs where cfg.max_steps would be passed;
+    where one epoch alone is more than the budget (a training set of thousands), its first max_steps
+    steps, so that the budget bounds training time on any set."""
     if not cfg.max_steps or cfg.epochs * steps_per_epoch <= cfg.max_steps:
-        return cfg.epochs
-    epochs = max(1, cfg.max_steps // steps_per_epoch)
+        return cfg.epochs, steps_per_epoch
+    if cfg.max_steps < steps_per_epoch:
+        logger.warning("training %d steps of one epoch's %d (%d of the images, drawn at random): the step budget "
+                       "(--max-steps %d) bounds training time; --max-steps 0 trains every epoch", cfg.max_steps,
+                       steps_per_epoch, cfg.max_steps * cfg.batch_size, cfg.max_steps)
+        return 1, cfg.max_steps
+    epochs = cfg.max_steps // steps_per_epoch
     logger.warning("training %d of %d epochs (%d steps of %d): the step budget (--max-steps %d) bounds training "
                    "time; --max-steps 0 trains every epoch", epochs, cfg.epochs,
                    epochs * steps_per_epoch, cfg.epochs * steps_per_epoch, cfg.max_steps)
-    return epochs
+    return epochs, steps_per_epoch
 
 
 def optimize(model: torch.nn.Module, count: int, cfg: TrainConfig, loss_of, description: str = "training",
@@ -133,8 +140,7 @@ def optimize(model: torch.nn.Module, count: int, cfg: TrainConfig, loss_of, desc
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     batch_size = min(cfg.batch_size, count)
-    steps_per_epoch = count // batch_size
-    epochs = epochs_within_budget(cfg, steps_per_epoch)
+    epochs, steps_per_epoch = epochs_within_budget(cfg, count // batch_size)
     total = epochs * steps_per_epoch
     history = []
     model.train()
