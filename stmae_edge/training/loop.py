@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 20  # the default model trains in under 20 minutes on 2 CPU cores (docs/BENCHMARKS.md)
-    # At most this many optimiser steps, in whole epochs (at least one): what keeps `train DATA` within
+    # At most this many optimiser steps, in whole epochs where one fits: what keeps `train DATA` within
     # its time on a larger training set than magnetic_tile's, whose 20 epochs of 686 images are these
     # 840 steps (698 s on 2 cores; 5 epochs, 210 steps, already come within 0.3 points). 0 = no cap.
     max_steps: int = 840
