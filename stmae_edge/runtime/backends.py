@@ -27,7 +27,7 @@ import numpy as np
 from ..engine_plan import DEFAULT_BATCH_PROFILE
 from ..errors import BackendError, ConfigError, EngineMismatchError, first_line
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
-from ..onnx_files import import_onnxruntime
+from ..onnx_files import import_onnxruntime, load_onnx
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
 from .devices import cpu_description, cuda_device_count, gpu_description
 
@@ -274,13 +274,9 @@ def _tensorrt_version() -> str:
 
 
 def _graph_facts(path: Path | str) -> tuple[str, tuple[int, ...]]:
-    """The graph's precision and its input's (channels, height, width)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError, OSError, ...
-        raise BackendError(f"{path}: not a readable ONNX file ({exc})") from exc
+    """The graph's precision and its input's (channels, height, width), read by the one loader of
+    users' ONNX files (onnx_files.load_onnx: external data checked, not loaded)."""
+    proto = load_onnx(path, BackendError)
     dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
     return onnx_precision(proto), tuple(int(d.dim_value) for d in dims)
 

@@ -107,9 +107,10 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                                                              bit_depth=detector.preprocessing.bit_depth))
                 if not ok:
                     raise OutputError(f"cannot encode the overlay of {paths[i]}")
-                write_bytes_atomically(out / names[i], png.tobytes(), follow_links=False)
+                encoded = png.tobytes()
+                write_bytes_atomically(out / names[i], encoded, follow_links=False)
                 entry["overlay"] = names[i]
-                entry["overlay_sha256"] = hashlib.sha256(png.tobytes()).hexdigest()
+                entry["overlay_sha256"] = hashlib.sha256(encoded).hexdigest()
             results.append(entry)
         if advance:
             advance(len(chunk))
