@@ -27,7 +27,8 @@ from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.evaluation.metrics import summarize  # noqa: E402
 from stmae_edge.models.maps import maps_and_scores, smooth  # noqa: E402
-from stmae_edge.training.train import batches, split_holdout  # noqa: E402
+from stmae_edge.training.image_set import split_holdout  # noqa: E402
+from stmae_edge.training.train import batches  # noqa: E402
 
 BEGIN, END = "<!-- ablation-magnetic-tile:begin -->", "<!-- ablation-magnetic-tile:end -->"
 

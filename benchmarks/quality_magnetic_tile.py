@@ -47,14 +47,12 @@ from stmae_edge.scoring import (  # noqa: E402
     threshold_scoring,  # noqa: E402
 )
 from stmae_edge.training.baseline import GaussianBaseline, PatchCoreBaseline  # noqa: E402
+from stmae_edge.training.image_set import choose_keep_aspect, image_sizes, split_holdout  # noqa: E402
 from stmae_edge.training.train import (  # noqa: E402
     TrainConfig,
     batches,
-    choose_keep_aspect,
     extract_features,
-    image_sizes,
     score_images,
-    split_holdout,
     train,
 )
 

@@ -115,6 +115,9 @@ def train(
                                "kept, mirror-padded; stretch: resize it to the input; auto: keep where the "
                                "training images' shapes differ (kept in the model; maps always come back "
                                "laid out over each image)"),
+    skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="leave out good images that cannot "
+                                         "be read or decoded, with a warning naming them (without it, training "
+                                         "stops before it starts and names them all)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Train a model on good images and write one self-describing checkpoint."""
@@ -137,12 +140,13 @@ def train(
                       holdout_dir=str(holdout_dir or ""), score_folds=score_folds,
                       max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
                       self_supervised=self_supervised, corruptions_per_image=corruptions_per_image,
-                      bit_depth=bit_depth, aspect=aspect)
+                      bit_depth=bit_depth, aspect=aspect, skip_unreadable=skip_unreadable)
     meta = run_train(data_dir, out, _model_config(family, preset_name, backbone), cfg, backbone_weights)
     t = meta.training
     head = f"; score head {t['score_head']}" if "score_head" in t else ""
+    left_out = f" ({t['unreadable_left_out']} unreadable left out)" if t.get("unreadable_left_out") else ""
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out "
-               f"({t['holdout']}){head}, "
+               f"({t['holdout']}){left_out}{head}, "
                f"final loss {t['loss_per_epoch'][-1]:.4f} after {len(t['loss_per_epoch'])} epoch(s), {t['seconds']:.0f}s; "
                f"threshold {meta.thresholds.image:.4g} ({meta.thresholds.rule}); input shape: {t['aspect']}")
     # With --crop the statistics come from crops of the held-out images: count what was scored.

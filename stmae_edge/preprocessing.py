@@ -269,9 +269,18 @@ def declared_image_size(path: Path | str) -> tuple[int, int]:
         InvalidImageError: naming the file: unreadable, or a header that declares no usable size.
     """
     try:
-        return _declared(memoryview(read_image_bytes(path)))[1]
+        return shown_size(read_image_bytes(path))
     except InvalidImageError as exc:
         raise InvalidImageError(name_the_image(path, 0, exc)) from None
+
+
+def shown_size(data: np.ndarray) -> tuple[int, int]:
+    """(height, width) that an image file's bytes declare, as viewers show it (EXIF orientation applied).
+
+    Raises:
+        InvalidImageError: a header that declares no usable size.
+    """
+    return _declared(memoryview(data))[1]
 
 
 def _declared(data: memoryview) -> tuple[str, tuple[int, int], int]:

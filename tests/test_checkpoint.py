@@ -11,17 +11,16 @@ import torch
 
 from stmae_edge import __version__, data
 from stmae_edge.checkpoint import load_model, read_checkpoint
-from stmae_edge.errors import CheckpointError, DatasetError, InvalidImageError
+from stmae_edge.errors import CheckpointError, DatasetError
 from stmae_edge.models.stmae import STMAE, preset
 from stmae_edge.scoring import ScoreStats
+from stmae_edge.training.image_set import good_images, split_holdout
 from stmae_edge.training.train import (
     TrainConfig,
     extract_feature_pairs,
     fit_score_head_cross_fitted,
     score_images,
-    split_holdout,
     train,
-    training_and_holdout,
 )
 
 CFG = TrainConfig(epochs=3, batch_size=8, seed=0)
@@ -260,13 +259,13 @@ def test_holdout_dir_is_checked_before_training(synthetic_dataset, tmp_path):
     for path in data.images_in(synthetic_dataset / "test" / "good")[:2]:
         (held / path.name).write_bytes(path.read_bytes())
     paths = data.train_images(synthetic_dataset)
-    train_paths, holdout, source = training_and_holdout(paths, TrainConfig(holdout_dir=str(held)))
-    assert train_paths == paths and len(holdout) == 2 and source == f"from {held}"
+    goods = good_images(paths, TrainConfig(holdout_dir=str(held)))
+    assert goods.train == paths and len(goods.holdout) == 2 and goods.holdout_source == f"from {held}"
     with pytest.raises(DatasetError, match="training needs at least two"):
-        training_and_holdout(paths[:1], TrainConfig(holdout_dir=str(held)))
+        good_images(paths[:1], TrainConfig(holdout_dir=str(held)))
     (held / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(InvalidImageError, match="broken.png"):
-        training_and_holdout(paths, TrainConfig(holdout_dir=str(held)))
+    with pytest.raises(DatasetError, match="1 of 3 held-out good images in .* cannot be read: .*broken.png"):
+        good_images(paths, TrainConfig(holdout_dir=str(held)))
 
 
 def test_pytorch_scoring_refuses_a_model_that_produces_nan(trained, synthetic_dataset):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -14,9 +15,13 @@ def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=300)
 
 
+PROGRESS_LINE = re.compile(r"^.+: \d+/\d+ in \d+\.\ds ")  # progress.progress_bar's line on a pipe
+
+
 def _assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    """One error line, whatever progress lines of work done before it (reading the images) came first."""
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 
@@ -74,6 +79,37 @@ def test_holdout_dir_of_training_images_is_one_line(synthetic_dataset, tmp_path)
     assert not (tmp_path / "m.pt").exists()
     r = run("train", str(synthetic_dataset), "--holdout", "0.2", "--holdout-dir", str(tmp_path))
     _assert_one_line_error(r, "give one of the two")
+
+
+def test_unreadable_good_images_stop_training_before_it_starts_or_are_left_out(synthetic_dataset, tmp_path):
+    """A corrupt file found by the backbone pass, or, held out, only after the transformer's minutes of
+    training, threw those minutes away and named one file; every file is now decoded first."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, root)
+    goods = sorted((root / "train" / "good").glob("*.png"))
+    truncated, scrambled = goods[5], goods[17]
+    truncated.write_bytes(truncated.read_bytes()[:len(truncated.read_bytes()) * 2 // 3])  # header intact
+    raw = bytearray(scrambled.read_bytes())
+    raw[60:400] = bytes(340)  # the pixel data zeroed, the header and the file's length as they were
+    scrambled.write_bytes(bytes(raw))
+    model = tmp_path / "m.pt"
+    args = ("train", str(root), "--out", str(model), "--preset", "tiny", "--epochs", "1", "--max-steps", "1",
+            "--backbone-weights", "random")
+    r = run(*args)
+    # libpng prints its own line on the scrambled file (C code writing to stderr): ours is the one error
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "2 of 24 good images in train/good cannot be read: " in errors[0], r.stderr
+    assert truncated.name in r.stderr and scrambled.name in r.stderr and "--skip-unreadable" in r.stderr
+    assert "backbone features" not in r.stderr and not model.exists()  # before any training
+    r = run(*args, "--skip-unreadable")
+    assert r.returncode == 0, r.stderr
+    assert "2 of 24 good images in train/good cannot be read and are left out of training" in r.stderr
+    assert "20 training images, 2 held out (drawn at random from train/good) (2 unreadable left out)" in r.stdout
+    training = json.loads(run("info", str(model)).stdout)["training"]
+    assert training["unreadable_left_out"] == 2 and training["train_images"] + training["holdout_images"] == 22
 
 
 def test_corrupt_model_file_is_one_line(tmp_path, synthetic_dataset):

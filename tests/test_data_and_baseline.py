@@ -214,14 +214,15 @@ def test_copies_in_train_good_crops_that_repeat_and_far_test_sizes_are_said(tmp_
     from stmae_edge.evaluation.validation import warn_about_sizes
     from stmae_edge.models.stmae import preset
     from stmae_edge.preprocessing import TrainedSizes
-    from stmae_edge.training.train import TrainConfig, train, warn_about_copies
+    from stmae_edge.training.image_set import survey, warn_about_copies
+    from stmae_edge.training.train import TrainConfig, train
 
     root = make_synthetic_dataset(tmp_path / "d", n_train=6, n_good=2, n_bad=2, size=48)
     good = sorted((root / "train" / "good").glob("*.png"))
     (root / "train" / "good" / "000_copy.bmp").write_bytes(good[0].read_bytes())  # same bytes, other name
     (root / "train" / "good" / "link.png").symlink_to(good[1])
     with caplog.at_level("WARNING"):
-        warn_about_copies(data.train_images(root))
+        warn_about_copies(survey(data.train_images(root), "good images"))
     assert "train/good holds 2 copies of other files in it (first: 000.png = 000_copy.bmp)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
@@ -237,7 +238,7 @@ def test_copies_in_train_good_crops_that_repeat_and_far_test_sizes_are_said(tmp_
 
 
 def test_16_bit_images_of_a_12_bit_camera_are_said_to_want_bit_depth_12(tmp_path, caplog):
-    from stmae_edge.training.train import hint_bit_depth
+    from stmae_edge.training.image_set import hint_bit_depth
 
     rng = np.random.default_rng(0)
     paths = []

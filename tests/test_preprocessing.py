@@ -155,7 +155,8 @@ def test_keep_aspect_travels_in_the_metadata_and_leaves_earlier_digests_alone():
 
 
 def test_training_keeps_the_aspect_only_where_the_images_shapes_differ(tmp_path):
-    from stmae_edge.training.train import TrainConfig, choose_keep_aspect
+    from stmae_edge.training.image_set import choose_keep_aspect
+    from stmae_edge.training.train import TrainConfig
 
     def files(shapes, folder):
         (tmp_path / folder).mkdir()

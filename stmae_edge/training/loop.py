@@ -56,6 +56,9 @@ class TrainConfig:
     defect_weight: float = 20.0  # filtering AE: extra loss weight on corrupted pixels (FilteringAutoencoder.loss)
     bit_depth: int = 16  # significant bits of uint16 training images (Preprocessing.bit_depth), kept in the model
     aspect: str = "auto"  # "keep" (Preprocessing.keep_aspect), "stretch", or "auto": keep where shapes vary
+    # Every good image is decoded before training starts; one that cannot be stops the run there, unless
+    # this leaves such files out (with a warning; their count kept in the checkpoint).
+    skip_unreadable: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):

@@ -22,7 +22,7 @@ import torch
 
 from .. import data
 from ..checkpoint import save_checkpoint
-from ..errors import ConfigError, DatasetError, TrainingError
+from ..errors import ConfigError, TrainingError
 from ..metadata import ModelMetadata
 from ..models.backbones import BACKBONE_PREPROCESSING
 from ..models.families import STMAE_FAMILY
@@ -31,46 +31,16 @@ from ..models.filtering_ae import FilteringAEConfig
 from ..models.gaussian import GAUSSIAN_CHUNK, PositionGaussianSums
 from ..models.intensity import image_statistics
 from ..models.stmae import STMAE, STMAEConfig, random_split
-from ..outputs import check_writable, sha256_file
-from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, declared_image_size, load_image
+from ..outputs import check_writable
+from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, load_image
 from ..progress import progress_bar
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
 from .corruption import corrupt
 from .filtering import DONORS, train_filtering
+from .image_set import choose_keep_aspect, good_images, hint_bit_depth
 from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
 
 logger = logging.getLogger(__name__)
-
-
-# "auto" keeps the aspect ratio where the training images' width-to-height ratios differ by more than
-# this factor: stretching them all to one square then distorts their texture by different amounts
-# (magnetic_tile: 0.36 to 2.61). Images of one shape are stretched alike and keep every input pixel.
-ASPECT_SPREAD_TO_KEEP = 1.25
-
-
-def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
-    """(height, width) of each image file, from its header (nothing decoded).
-
-    Raises:
-        InvalidImageError: naming the file whose header declares no usable size.
-    """
-    return [declared_image_size(path) for path in paths]
-
-
-def choose_keep_aspect(cfg: TrainConfig, paths: Sequence[Path],
-                       sizes: Sequence[tuple[int, int]] | None = None) -> tuple[bool, str]:
-    """(keep the aspect ratio?, why), for TrainConfig.aspect. Crops are square and never resized.
-    `sizes`: the images' (height, width), where the caller has read them already."""
-    if cfg.crop:
-        return False, "crops are taken at the input size"
-    if cfg.aspect != "auto":
-        return cfg.aspect == "keep", f"--aspect {cfg.aspect}"
-    ratios = np.array([width / height for height, width in (sizes if sizes is not None else image_sizes(paths))])
-    spread = float(ratios.max() / ratios.min())
-    keep = spread > ASPECT_SPREAD_TO_KEEP
-    why = (f"training images' width/height from {ratios.min():.2f} to {ratios.max():.2f}: "
-           + ("aspect kept, mirror-padded" if keep else "stretched to the input"))
-    return keep, why
 
 
 def seed_everything(seed: int) -> None:
@@ -88,75 +58,6 @@ def preprocessing_for(config: STMAEConfig | FilteringAEConfig, bit_depth: int = 
     norm = BACKBONE_PREPROCESSING[config.backbone]
     return Preprocessing(input_size=size, mean=norm["mean"], std=norm["std"], bit_depth=bit_depth,
                          keep_aspect=keep_aspect)
-
-
-def training_and_holdout(paths: Sequence[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path], str]:
-    """(training images, held-out good images, where the held-out ones come from): cfg.holdout_dir's
-    images beside every image in `paths`, or a seeded holdout_fraction of `paths`. Checked before any
-    training starts.
-
-    Raises:
-        DatasetError: fewer than two training images; holdout_dir is not a folder of at least two
-            images, or shares an image with `paths` (byte for byte): its images would then be scored
-            by a model fitted on them.
-        InvalidImageError: a held-out image whose header declares no usable size.
-    """
-    if not cfg.holdout_dir:
-        warn_about_copies(paths)
-        train, holdout = split_holdout(paths, cfg.holdout_fraction, cfg.seed)
-        return train, holdout, "drawn at random from train/good"
-    if len(paths) < 2:
-        raise DatasetError(f"{len(paths)} training image(s): training needs at least two")
-    holdout = data.images_in(cfg.holdout_dir)
-    if len(holdout) < 2:
-        raise DatasetError(f"{cfg.holdout_dir}: {len(holdout)} images; hold out at least two good images")
-    image_sizes(holdout)
-    shared = {sha256_file(p) for p in holdout} & {sha256_file(p) for p in paths}
-    if shared:
-        raise DatasetError(f"{cfg.holdout_dir}: {len(shared)} of its images are also in train/good; hold out "
-                           "good images of parts that train/good does not show")
-    return list(paths), holdout, f"from {cfg.holdout_dir}"
-
-
-def hint_bit_depth(paths: Sequence[Path], sample: int = 8) -> None:
-    """Say so where 16-bit training images never go above 12 (or 10) bits: a Mono12 or Mono10 camera's
-    frames stored in 16-bit files, which `--bit-depth 16` reads at a sixteenth (or less) of the range."""
-    images = [load_image(path) for path in paths[:sample]]
-    if not images or any(image.dtype != np.uint16 for image in images):
-        return
-    top = max(int(image.max()) for image in images)
-    for bits in (10, 12):
-        if 0 < top < 1 << bits:
-            logger.warning("the first %d training images are 16-bit files whose pixels stop at %d: if the camera "
-                           "gives %d bits (Mono%d), train with --bit-depth %d so they span the full range",
-                           len(images), top, bits, bits, bits)
-            return
-
-
-def warn_about_copies(paths: Sequence[Path]) -> None:
-    """Say so where train/good holds one file more than once (the same bytes under two names or
-    formats, a link to another of its files): copies fall on both sides of the held-out split and of
-    the cross-fitting folds, and the good images' count overstates how far the threshold is measured."""
-    by_content: dict[str, list[Path]] = {}
-    for path in paths:
-        by_content.setdefault(sha256_file(Path(path).resolve()), []).append(path)
-    copies = [group for group in by_content.values() if len(group) > 1]
-    if copies:
-        extra = sum(len(group) - 1 for group in copies)
-        logger.warning("train/good holds %d copies of other files in it (first: %s); they count as more good "
-                       "images than there are, on both sides of the held-out split: remove them",
-                       extra, " = ".join(p.name for p in copies[0]))
-
-
-def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
-    order = np.random.default_rng(seed).permutation(len(paths))
-    n_holdout = max(2, int(round(len(paths) * fraction)))
-    if len(paths) - n_holdout < 2:
-        raise ConfigError(f"{len(paths)} good images are too few to hold out {n_holdout} and still train (add "
-                          "good images, or raise --max-images if it limits them)")
-    holdout = sorted(paths[i] for i in order[:n_holdout])
-    train = sorted(paths[i] for i in order[n_holdout:])
-    return train, holdout
 
 
 @torch.no_grad()
@@ -289,8 +190,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     Raises:
         ConfigError: inconsistent settings ("none" backbone weights for ST-MAE).
         WeightsError: the backbone's weights are missing or do not match its architecture.
-        DatasetError: no readable training images, or too few to hold some out.
-        InvalidImageError: a training image that cannot be read.
+        DatasetError: no training images, too few to hold some out, or an unreadable one (all of them
+            named before training starts; cfg.skip_unreadable leaves them out instead).
         OutputError: `out` cannot be written.
     """
     is_filtering = isinstance(model_config, FilteringAEConfig)
@@ -302,17 +203,16 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     paths = data.train_images(data_dir)
     if cfg.max_images:
         paths = [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
-    train_paths, holdout_paths, holdout_source = training_and_holdout(paths, cfg)
+    goods = good_images(paths, cfg)  # every file read and decoded once, before any training
+    train_paths, holdout_paths, holdout_source = goods.train, goods.holdout, goods.holdout_source
+    paths = [p for p in paths if p in goods.sizes]
     logger.info("%d good images held out for the threshold, %s", len(holdout_paths), holdout_source)
     # Cross-fitting needs the held-out images to be like the training ones, and one image per item
     score_folds = 0 if cfg.holdout_dir or cfg.crop else cfg.score_folds
     if cfg.score_folds and not score_folds:
         logger.info("score head calibrated on the held-out images, not cross-fitted (--holdout-dir or --crop)")
     train_items, holdout_items = train_paths, holdout_paths
-    # Every header once: for the crop check, the aspect choice and the sizes the runtime will accept
-    size_of = dict(zip(paths, image_sizes(paths), strict=True))
-    unread = [p for p in holdout_paths if p not in size_of]  # --holdout-dir's images
-    size_of.update(zip(unread, image_sizes(unread), strict=True))
+    size_of = goods.sizes  # for the crop check, the aspect choice and the sizes the runtime will accept
     if cfg.crop:
         # The model then takes crop x crop inputs: tiles cut at native scale, never resized.
         model_config = replace(model_config, input_size=cfg.crop)
@@ -371,6 +271,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             "train_images": len(train_paths),
             "holdout_images": len(holdout_paths),
             "holdout": holdout_source,
+            "unreadable_left_out": len(goods.left_out),  # good images that could not be read (skip_unreadable)
             # How many held-out scores (images, or crops with `crop`; with a cross-fitted score head, every
             # good image's) the image threshold fails: with score_stats.count, how far it can be trusted
             # (evaluation.operating_point.holdout_check).
