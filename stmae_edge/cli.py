@@ -264,11 +264,16 @@ def build(
                                             "(default: the graph's own precision)"),
     batch: str = typer.Option(DEFAULT_BATCH_TEXT, help="optimisation profile MIN:OPT:MAX batch sizes"),
     out: Path | None = typer.Option(None, "--out", "-o", help="plan file (default: engines/NAME.PRECISION.plan)"),
+    compute_capability: str = typer.Option("", help="TensorRT for RTX: the GPUs' compute capabilities to build "
+                                           "for, comma-separated ('current': this machine's GPU); default: its "
+                                           "set, 8.0, 8.6, 8.9, 12.0 and later. Turing (7.5), data-centre GPUs "
+                                           "and Jetson need full TensorRT"),
 ) -> None:
     """Build a TensorRT engine plan (TensorRT if installed, else TensorRT for RTX) with a JSON sidecar."""
     from .engines.build import build_engine
 
-    plan, sidecar = build_engine(onnx_file, precision, batch, out)
+    capabilities = [c.strip() for c in compute_capability.split(",") if c.strip()]
+    plan, sidecar = build_engine(onnx_file, precision, batch, out, compute_capabilities=capabilities)
     trt = sidecar["tensorrt"]
     typer.echo(f"wrote {plan} ({sidecar['plan']['size_bytes'] / 1e6:.1f} MB, {trt['flavour']} {trt['version']}, "
                f"batch {batch}, {sidecar['build_seconds']:.1f}s) and {plan.name}.json; target: {sidecar['target']}")

@@ -120,6 +120,30 @@ def test_build_command(onnx_file, tmp_path):
 
 
 @trt_available
+def test_compute_capabilities_are_chosen_for_tensorrt_for_rtx_and_turing_is_refused(onnx_file, tmp_path):
+    """TensorRT for RTX builds ahead of time for a set of GPUs, which `--compute-capability` names; on
+    Turing it compiles no float32 matrix product (what its builder says, seen here: "Cannot compile
+    operation ... for Turing (SM75): FP32 GEMM is not supported", fp16 graphs too), so 7.5 is refused
+    first. Full TensorRT builds for the GPU it runs on and refuses the option."""
+    from stmae_edge.engine_plan import import_tensorrt
+
+    _, flavour = import_tensorrt()
+    args = [sys.executable, "-m", "stmae_edge.cli", "build", str(onnx_file), "--batch", "1:1:2",
+            "--out", str(tmp_path / "t.plan")]
+    r = subprocess.run([*args, "--compute-capability", "8.6, 12.0"], capture_output=True, text=True, timeout=300)
+    if flavour != "tensorrt-rtx":
+        assert r.returncode == 2 and "--compute-capability is for TensorRT for RTX" in r.stderr, r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    assert "target: compute capabilities: SM86, SM120" in r.stdout
+    assert json.loads((tmp_path / "t.plan.json").read_text())["target"] == "compute capabilities: SM86, SM120"
+    with pytest.raises(ConfigError, match=r"compute capability '9.0': TensorRT for RTX .* builds for 8.0, 8.6, "):
+        build_engine(onnx_file, None, "1:1:2", tmp_path / "u.plan", compute_capabilities=["9.0"])
+    with pytest.raises(ConfigError, match=r"7.5 \(Turing: T4, RTX 20xx\): TensorRT for RTX cannot compile"):
+        build_engine(onnx_file, None, "1:1:2", tmp_path / "u.plan", compute_capabilities=["8.6", "7.5"])
+
+
+@trt_available
 def test_fp16_engine_builds_and_precision_must_match_the_graph(onnx_file, tmp_path):
     fp16, _ = export_onnx(onnx_file.with_name("m.pt"), tmp_path / "m.fp16.onnx", "fp16")
     plan, sidecar = build_engine(fp16, None, "1:2:4", tmp_path / "m.fp16.plan")
@@ -201,3 +225,14 @@ def test_the_build_progress_follows_the_first_top_phase_and_never_passes_its_tot
     monitor = phase_monitor(FakeTensorRT, broken)
     monitor.phase_start("Building engine", None, 3)
     assert monitor.step_complete("Building engine", 0)
+
+
+def test_a_plan_the_gpu_cannot_load_says_which_tensorrt_to_build_it_with():
+    from types import SimpleNamespace
+
+    from stmae_edge.runtime.tensorrt_backend import _rebuild_hint
+
+    for major, minor in ((7, 5), (8, 7), (9, 0)):  # T4, Jetson Orin, H100: full TensorRT
+        assert "install full TensorRT" in _rebuild_hint("tensorrt-rtx", SimpleNamespace(major=major, minor=minor))
+    assert "rebuild it here" in _rebuild_hint("tensorrt-rtx", SimpleNamespace(major=8, minor=6))
+    assert "rebuild it here" in _rebuild_hint("tensorrt", SimpleNamespace(major=7, minor=5))

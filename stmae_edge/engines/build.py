@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def phase_monitor(trt, advance):
 
 
 def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str | BatchRange = DEFAULT_BATCH_TEXT,
-                 out: Path | str | None = None, timing_cache: Path | str | None = None) -> tuple[Path, dict]:
+                 out: Path | str | None = None, timing_cache: Path | str | None = None,
+                 compute_capabilities: Sequence[str] = ()) -> tuple[Path, dict]:
     """ONNX -> engine plan and its sidecar (plan path + '.json'). Returns the plan path and the sidecar.
 
     The network is strongly typed, so the precision is the ONNX graph's own; `precision` only checks it.
@@ -120,9 +122,14 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         out: the plan (default: engines/NAME.PRECISION.plan); its sidecar is OUT.json.
         timing_cache: TensorRT's timing cache file (default: timing.cache beside the plan); not used
             with TensorRT for RTX, which has none.
+        compute_capabilities: TensorRT for RTX only: the GPUs' compute capabilities ("8.6", "12.0", ...)
+            the plan is built for, instead of its default set (8.0, 8.6, 8.9, 12.0 and later); "current"
+            for the GPU of this machine. Not Turing (7.5): see target_compute_capabilities.
 
     Raises:
-        ConfigError: an unknown precision, one the graph does not have, or a bad batch range.
+        ConfigError: an unknown precision, one the graph does not have, a bad batch range, or compute
+            capabilities that TensorRT for RTX does not build for (or given to full TensorRT, whose plans
+            are for the GPU they are built on).
         ExportError: not one of our graphs, TensorRT's parser or builder failed (the first error).
         TensorRTMissingError: neither TensorRT nor TensorRT for RTX is installed.
         OutputError: `out` cannot be written.
@@ -162,6 +169,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
 
     config = builder.create_builder_config()
     keep_float32(trt, config)
+    target_compute_capabilities(trt, config, flavour, compute_capabilities)
     profile = builder.create_optimization_profile()
     shape = tuple(network.get_input(0).shape)[1:]
     profile.set_shape(INPUT_NAME, (batch.min, *shape), (batch.opt, *shape), (batch.max, *shape))
@@ -204,6 +212,39 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     }
     write_sidecar(out, sidecar)
     return out, sidecar
+
+
+def target_compute_capabilities(trt, config, flavour: str, wanted: Sequence[str]) -> None:
+    """TensorRT for RTX builds ahead of time for a set of compute capabilities: `wanted` in place of its
+    default set, each as "MAJOR.MINOR" (its ComputeCapability.SM<MAJOR><MINOR>) or "current".
+
+    Turing (7.5) is refused: there TensorRT for RTX 1.7 compiles no float32 matrix product ("FP32 GEMM is
+    not supported"), and every graph we export keeps its scoring in float32, the fp16 and int8 ones too.
+
+    Raises:
+        ConfigError: a capability it does not build for (Turing among them), or any with full TensorRT.
+    """
+    if not wanted:
+        return
+    if flavour != "tensorrt-rtx":
+        raise ConfigError(f"--compute-capability is for TensorRT for RTX; {flavour} builds a plan for the GPU it "
+                          "runs on: build on the machine (or the same GPU model) that will run the plan")
+    known = {name[2:-1] + "." + name[-1]: getattr(trt.ComputeCapability, name)
+             for name in dir(trt.ComputeCapability) if name.startswith("SM") and name[2:].isdigit()}
+    known["current"] = trt.ComputeCapability.CURRENT
+    if "7.5" in wanted:
+        raise ConfigError("compute capability 7.5 (Turing: T4, RTX 20xx): TensorRT for RTX cannot compile the "
+                          "graph's float32 matrix products for it; build the plan with full TensorRT (pip install "
+                          "tensorrt) on that GPU")
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        offered = sorted((c for c in known if c != "7.5"),
+                         key=lambda c: tuple(map(int, c.split("."))) if c[0].isdigit() else (99,))
+        raise ConfigError(f"compute capability {unknown[0]!r}: TensorRT for RTX {trt.__version__} builds for "
+                          f"{', '.join(offered)}")
+    config.num_compute_capabilities = len(wanted)
+    for i, capability in enumerate(wanted):
+        config.set_compute_capability(known[capability], i)
 
 
 def keep_float32(trt, config) -> None:
