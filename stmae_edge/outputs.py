@@ -89,11 +89,18 @@ def written_atomically(path: Path | str, follow_links: bool = True) -> Iterator[
         reason = getattr(exc, "strerror", None) or first_line(exc, 200)
         if _disk_full(exc, target.parent):  # torch.save says it in its own words ("unexpected pos ...")
             reason = f"no space left on the disk ({reason})"
-        partial.unlink(missing_ok=True)
+        _remove(partial)
         raise OutputError(f"cannot write {path}: {reason}; nothing was replaced") from exc
     except BaseException:
-        partial.unlink(missing_ok=True)
+        _remove(partial)
         raise
+
+
+def _remove(partial: Path) -> None:
+    """The temporary file gone, where it could be made: its removal must not hide why the write failed
+    (a name too long for the file system fails both)."""
+    with contextlib.suppress(OSError):
+        partial.unlink(missing_ok=True)
 
 
 DISK_NEARLY_FULL_BYTES = 1 << 20

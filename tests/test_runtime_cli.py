@@ -138,7 +138,31 @@ def test_a_run_touches_no_file_it_did_not_write_and_writes_through_no_link(tiny_
     assert r.returncode == 0, r.stderr
     assert all((outside / name).read_bytes() == b"outside the folder" for name in ("results.json", good[1].stem + ".png"))
     assert not (out / "results.json").is_symlink() and json.loads((out / "results.json").read_text())["results"]
-    assert not (out / f"{good[1].stem}.png").is_symlink()
+    # the link at the overlay's name is not this command's: left as it is, the overlay takes the next name
+    assert json.loads((out / "results.json").read_text())["results"][0]["overlay"] == f"{good[1].stem}_2.png"
+    assert (out / f"{good[1].stem}.png").is_symlink() and not (out / f"{good[1].stem}_2.png").is_symlink()
+
+
+def test_an_overlay_never_replaces_a_users_file_of_its_name_and_long_names_are_cut(tiny_export, synthetic_dataset,
+                                                                                   tmp_path):
+    """A user's own img.png in --out, and an input img.png: the overlay took its name and replaced it. A
+    230-character stem made the atomic writer's temporary name too long: a traceback, the run lost."""
+    good = sorted((synthetic_dataset / "test" / "good").glob("*.png"))
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    shutil.copy(good[0], inputs / "img0001.png")
+    shutil.copy(good[1], inputs / ("a" * 240 + ".png"))
+    shutil.copy(good[2], inputs / ("a" * 240 + "b.png"))  # the same first 187 bytes: still two names
+    (out / "img0001.png").write_bytes(b"the user's own image")
+    for _ in range(2):  # the second run replaces the first run's overlays, and still not the user's file
+        r = run("predict", str(tiny_export[1]), str(inputs), "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert (out / "img0001.png").read_bytes() == b"the user's own image"
+        overlays = [entry["overlay"] for entry in json.loads((out / "results.json").read_text())["results"]]
+        assert len(set(overlays)) == 3 and "img0001_2.png" in overlays
+        assert all(len(name.encode()) <= 214 and (out / name).is_file() for name in overlays)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*overlays, "img0001.png", "results.json"])
 
 
 def test_a_gpu_backend_that_cannot_start_and_a_pickle_are_one_line_each(tiny_export, synthetic_dataset, tmp_path):

@@ -5,7 +5,8 @@ A run into a folder that holds an earlier run's results replaces them whole: the
 earlier results.json lists and this run does not write are removed once the new results.json is in
 place, so the folder never mixes two runs. Files it did not write are never touched: an overlay is
 removed only while its bytes are those results.json recorded (a file of the same name that someone
-else wrote stays), and a symbolic link in the folder is replaced, never written through.
+else wrote stays), an overlay whose name is another file's there takes the next free name
+(<stem>_2.png), and nothing is written through a symbolic link.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -50,18 +52,51 @@ def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
     return paths
 
 
-def overlay_names(paths: Sequence[Path]) -> list[str]:
-    """<stem>.png per input, made unique (<stem>_2.png, ...) when inputs share a stem."""
+# File systems take names of up to 255 bytes, and the atomic writer's temporary name adds 22 to the
+# overlay's: a longer stem is cut and followed by a digest of the whole, so that names stay distinct.
+MAX_STEM_BYTES = 200
+
+
+def overlay_stem(path: Path) -> str:
+    """The input's stem, or, past MAX_STEM_BYTES in UTF-8, its start and a digest of the whole stem."""
+    stem = path.stem
+    if len(stem.encode()) <= MAX_STEM_BYTES:
+        return stem
+    start = stem.encode()[:MAX_STEM_BYTES - 13].decode(errors="ignore")
+    return f"{start}~{hashlib.sha256(stem.encode(errors='surrogateescape')).hexdigest()[:12]}"
+
+
+def overlay_names(paths: Sequence[Path], taken: Callable[[str], bool] = lambda name: False) -> list[str]:
+    """<stem>.png per input, made unique (<stem>_2.png, ...) when inputs share a stem or the name is
+    `taken` (a file in the output folder that this run may not replace)."""
     used: set[str] = set()
     names = []
     for path in paths:
-        name, count = f"{path.stem}.png", 1
-        while name in used:
+        stem = overlay_stem(path)
+        name, count = f"{stem}.png", 1
+        # casefold: on a case-insensitive disk (macOS, Windows) Part1.png and part1.png are one file
+        while name.casefold() in used or taken(name):
             count += 1
-            name = f"{path.stem}_{count}.png"
-        used.add(name)
+            name = f"{stem}_{count}.png"
+        used.add(name.casefold())
         names.append(name)
     return names
+
+
+def replaceable(out: Path, earlier_overlays: dict[str, str]) -> Callable[[str], bool]:
+    """Whether writing OUT/name would replace a file this command did not write: anything there but an
+    overlay that the earlier results.json lists, with the bytes it recorded (a user's own image that
+    shares an input's stem, in particular)."""
+    def taken(name: str) -> bool:
+        path = out / name
+        if not os.path.lexists(path):
+            return False
+        recorded = earlier_overlays.get(name)
+        try:
+            return path.is_symlink() or not path.is_file() or recorded is None or sha256_file(path) != recorded
+        except OSError:
+            return True
+    return taken
 
 
 def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, overlays: bool = True,
@@ -72,7 +107,7 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                                 detector.map_stats, threshold_scoring(detector.metadata.training))
     check_output_folder(out, paths)
     earlier_overlays = overlays_listed_in(out / RESULTS_NAME)
-    names = overlay_names(paths)
+    names = overlay_names(paths, replaceable(out, earlier_overlays)) if overlays else []
     results, errors = [], []
     for start in range(0, len(paths), detector.batch_size):
         chunk = list(range(start, min(start + detector.batch_size, len(paths))))
