@@ -112,6 +112,28 @@ def test_unreadable_good_images_stop_training_before_it_starts_or_are_left_out(s
     assert training["unreadable_left_out"] == 2 and training["train_images"] + training["holdout_images"] == 22
 
 
+def test_good_images_that_are_one_picture_are_refused(tmp_path):
+    """Eight PNGs of the same pixels (bytes differing by compression) trained a model whose threshold sat
+    on their one score: it failed every image, its own training images among them."""
+    import cv2
+    import numpy as np
+
+    from stmae_edge.errors import TrainingError
+    from stmae_edge.training.train import check_scores_vary
+
+    good = tmp_path / "data" / "train" / "good"
+    good.mkdir(parents=True)
+    picture = np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)
+    for i in range(8):
+        cv2.imwrite(str(good / f"same_{i}.png"), picture, [cv2.IMWRITE_PNG_COMPRESSION, i])
+    r = run("train", str(tmp_path / "data"), "--out", str(tmp_path / "m.pt"), "--preset", "tiny",
+            "--backbone-weights", "random")
+    _assert_one_line_error(r, "the 8 good images in train/good all show the same pixels")
+    check_scores_vary(np.array([0.5, 0.5001]), "scores")
+    with pytest.raises(TrainingError, match="the 3 good images' scores are all 0: the good images look alike"):
+        check_scores_vary(np.zeros(3), "good images' scores")
+
+
 def test_corrupt_model_file_is_one_line(tmp_path, synthetic_dataset):
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"\x00" * 100)

@@ -221,9 +221,11 @@ def test_copies_in_train_good_crops_that_repeat_and_far_test_sizes_are_said(tmp_
     good = sorted((root / "train" / "good").glob("*.png"))
     (root / "train" / "good" / "000_copy.bmp").write_bytes(good[0].read_bytes())  # same bytes, other name
     (root / "train" / "good" / "link.png").symlink_to(good[1])
+    cv2.imwrite(str(root / "train" / "good" / "reencoded.bmp"), cv2.imread(str(good[2]), cv2.IMREAD_UNCHANGED))
     with caplog.at_level("WARNING"):
         warn_about_copies(survey(data.train_images(root), "good images"))
-    assert "train/good holds 2 copies of other files in it (first: 000.png = 000_copy.bmp)" in caplog.text
+    assert "train/good holds 3 copies of other images in it, the same pixels (first: 000.png = 000_copy.bmp)" \
+        in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
         warn_about_sizes(TrainedSizes((48, 48), (48, 48), (1.0, 1.0)), data.eval_samples(root))
@@ -234,7 +236,7 @@ def test_copies_in_train_good_crops_that_repeat_and_far_test_sizes_are_said(tmp_
     with caplog.at_level("WARNING"):
         train(root, tmp_path / "m.pt", preset("tiny"), TrainConfig(epochs=1, batch_size=8, max_steps=1, crop=64),
               backbone_weights="random")
-    assert "8 of 8 good images are no larger than --crop 64 on a side: their crops repeat" in caplog.text
+    assert "9 of 9 good images are no larger than --crop 64 on a side: their crops repeat" in caplog.text
 
 
 def test_16_bit_images_of_a_12_bit_camera_are_said_to_want_bit_depth_12(tmp_path, caplog):

@@ -37,8 +37,9 @@ UNREADABLE_NAMED = 5  # unreadable files named in the error or warning; the rest
 
 @dataclass(frozen=True)
 class SurveyedImages:
-    """Image files that were read and decoded: each one's (height, width) as shown and its sha256;
-    `unreadable` holds the message of each file that could not be, in the order given."""
+    """Image files that were read and decoded: each one's (height, width) as shown and a sha256 of its
+    decoded pixels (the same picture under two names or in two formats has one); `unreadable` holds
+    the message of each file that could not be, in the order given."""
     paths: list[Path]
     sizes: dict[Path, tuple[int, int]]
     digests: dict[Path, str]
@@ -56,7 +57,7 @@ class GoodImages:
 
 
 def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False) -> SurveyedImages:
-    """Read, hash and decode every file once (nothing kept but its size and digest).
+    """Read and decode every file once (nothing kept but its size and its pixels' digest).
 
     Args:
         paths: image files.
@@ -73,12 +74,13 @@ def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False) -> S
             try:
                 raw = read_image_bytes(path)
                 size = shown_size(raw)
-                check_image(decode(raw, str(path)), str(path))
+                pixels = decode(raw, str(path))
+                check_image(pixels, str(path))
             except InvalidImageError as exc:
                 unreadable.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
             else:
                 sizes[path] = size
-                digests[path] = hashlib.sha256(raw).hexdigest()
+                digests[path] = pixel_digest(pixels)
             advance()
     if unreadable:
         named = "; ".join(unreadable[:UNREADABLE_NAMED])
@@ -91,17 +93,27 @@ def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False) -> S
     return SurveyedImages([p for p in paths if p in sizes], sizes, digests, unreadable)
 
 
+def pixel_digest(pixels: np.ndarray) -> str:
+    """sha256 of an image's shape, type and pixels: equal for the same picture in any file format."""
+    return hashlib.sha256(f"{pixels.shape} {pixels.dtype.str} ".encode() + pixels.tobytes()).hexdigest()
+
+
 def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
     """The training images and the held-out good images: cfg.holdout_dir's images beside every image in
     `paths`, or a seeded holdout_fraction of `paths`. Every file is surveyed first.
 
     Raises:
-        DatasetError: an unreadable image (unless cfg.skip_unreadable); fewer than two training images;
+        DatasetError: an unreadable image (unless cfg.skip_unreadable); good images that all show the
+            same pixels; fewer than two training images;
             holdout_dir is not a folder of at least two images, or shares an image with `paths` (byte
             for byte): its images would then be scored by a model fitted on them.
         ConfigError: too few good images to hold some out and still train.
     """
     goods = survey(paths, "good images in train/good", cfg.skip_unreadable)
+    if len(goods.paths) > 1 and len(set(goods.digests.values())) == 1:
+        raise DatasetError(f"the {len(goods.paths)} good images in train/good all show the same pixels: a model "
+                           "needs photographs of several good parts (or of one part, taken apart) to learn "
+                           "how they vary")
     if not cfg.holdout_dir:
         warn_about_copies(goods)
         train, holdout = split_holdout(goods.paths, cfg.holdout_fraction, cfg.seed)
@@ -163,17 +175,17 @@ def hint_bit_depth(paths: Sequence[Path], sample: int = 8) -> None:
 
 
 def warn_about_copies(images: SurveyedImages) -> None:
-    """Say so where train/good holds one file more than once (the same bytes under two names or
-    formats, a link to another of its files): copies fall on both sides of the held-out split and of
-    the cross-fitting folds, and the good images' count overstates how far the threshold is measured."""
+    """Say so where train/good holds one picture more than once (the same pixels under two names or in
+    two formats, a link to another of its files): copies fall on both sides of the held-out split and
+    of the cross-fitting folds, and the good images' count overstates how far the threshold is measured."""
     by_content: dict[str, list[Path]] = {}
     for path in images.paths:
         by_content.setdefault(images.digests[path], []).append(path)
     copies = [group for group in by_content.values() if len(group) > 1]
     if copies:
         extra = sum(len(group) - 1 for group in copies)
-        logger.warning("train/good holds %d copies of other files in it (first: %s); they count as more good "
-                       "images than there are, on both sides of the held-out split: remove them",
+        logger.warning("train/good holds %d copies of other images in it, the same pixels (first: %s); they "
+                       "count as more good images than there are, on both sides of the held-out split: remove them",
                        extra, " = ".join(p.name for p in copies[0]))
 
 

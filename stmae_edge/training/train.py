@@ -251,10 +251,12 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     holdout_maps, holdout_scores = score_images(model, preprocessing, holdout_items, description="held-out scores")
     if cross_fitted is not None:
         holdout_scores = cross_fitted.numpy()  # the image threshold's good scores: every good image's
+    check_scores_vary(holdout_scores, "good images' scores")
     stats = ScoreStats.from_scores(holdout_scores)
     # A score head scores images on its own scale: regions in the map get statistics of their own.
     map_stats = None
     if getattr(model_config, "score_layers", ()):
+        check_scores_vary(map_maxima(holdout_maps), "held-out good images' map maxima")
         map_stats = ScoreStats.from_scores(map_maxima(holdout_maps))
     thresholds = Thresholds.from_stats(stats, cfg.sigma, map_stats,
                                        scored="held-out" if cross_fitted is None else "cross-fitted")
@@ -285,6 +287,17 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         },
     )
     return save_checkpoint(out, model, metadata)
+
+
+def check_scores_vary(scores: np.ndarray, what: str) -> None:
+    """Raises TrainingError where the good images' scores do not vary: the threshold, mean + sigma x std,
+    would then sit on their one value and fail every other image (copies of one picture in train/good,
+    re-encoded or shifted by noise the model cannot see)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.std() <= 1e-9 * max(1.0, abs(float(scores.mean()))):
+        raise TrainingError(f"the {scores.size} {what} are all {scores.mean():.6g}: the good images look alike to "
+                            "the model, and a threshold on them would fail every other image; train on "
+                            "photographs of several good parts")
 
 
 def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: Sequence[ImageInput],
