@@ -2,6 +2,7 @@
 
     file bytes -> format (PNG, JPEG, BMP, TIFF: what data.IMAGE_SUFFIXES lists) -> (width, height)
     JPEG bytes -> its EXIF orientation (1..8), how a viewer turns the stored pixels to show them
+    TIFF bytes -> its Orientation tag (1..8), by which OpenCV turns the pixels it decodes
 
 Only formats whose header is read here get decoded at all, so the pixel cap holds for every file the
 package opens: a 0.5 MB file that declares 12000 x 12000 pixels is refused before OpenCV allocates
@@ -208,6 +209,17 @@ def jpeg_orientation(data: bytes | memoryview) -> int:
     except (IndexError, ValueError):
         pass
     return 1
+
+
+def tiff_orientation(data: bytes | memoryview) -> int:
+    """The Orientation tag of a classic TIFF's first directory (1..8), or 1. OpenCV turns a TIFF's pixels
+    by it when decoding (unlike a JPEG's EXIF), so only the size it shows needs it. Never raises."""
+    try:
+        if int.from_bytes(data[2:4], "little" if bytes(data[:2]) == b"II" else "big") != 42:
+            return 1  # BigTIFF: its directories are laid out otherwise; such files are rarely turned
+        return _tiff_orientation(data, 0, len(data))
+    except (IndexError, ValueError):
+        return 1
 
 
 def _tiff_orientation(data, start: int, end: int) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .checks import is_whole
 from .errors import ConfigError, InvalidImageError
-from .image_header import declared_size, jpeg_orientation
+from .image_header import declared_size, jpeg_orientation, tiff_orientation
 
 # What a file may make the decoder allocate: checked against the size its header declares, before
 # decoding (image_header). OpenCV's own process-wide cap (OPENCV_IO_MAX_IMAGE_PIXELS) is left to the host
@@ -284,10 +284,12 @@ def shown_size(data: np.ndarray) -> tuple[int, int]:
 
 
 def _declared(data: memoryview) -> tuple[str, tuple[int, int], int]:
-    """(format, (height, width) as shown, EXIF orientation: 1 but for a JPEG that says otherwise)."""
+    """(format, (height, width) as shown, the EXIF orientation to apply after decoding: 1 but for a JPEG
+    that says otherwise). A TIFF's Orientation tag turns the shown size only: OpenCV turns its pixels."""
     fmt, width, height = declared_size(data)
     orientation = jpeg_orientation(data) if fmt == "JPEG" else 1
-    return fmt, ((width, height) if orientation >= 5 else (height, width)), orientation  # a quarter turn swaps
+    turn = tiff_orientation(data) if fmt == "TIFF" else orientation
+    return fmt, ((width, height) if turn >= 5 else (height, width)), orientation  # a quarter turn swaps
 
 
 def read_image_bytes(path: Path | str) -> np.ndarray:

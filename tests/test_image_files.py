@@ -227,6 +227,38 @@ def test_a_jpeg_is_read_as_its_exif_orientation_shows_it(tmp_path, orientation, 
     assert declared_image_size(turned) == expected.shape[:2]  # the header's size, turned alike
 
 
+def tiff_with_orientation(image: np.ndarray, orientation: int, byte_order: str = "little") -> bytes:
+    """An uncompressed 8-bit gray classic TIFF of `image` whose directory holds an Orientation tag."""
+    height, width = image.shape
+    entries = [(256, 3, width), (257, 3, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, None),
+               (274, 3, orientation), (277, 3, 1), (278, 3, height), (279, 4, height * width)]
+    data_at = 8 + 2 + 12 * len(entries) + 4
+    ifd = len(entries).to_bytes(2, byte_order)
+    for tag, kind, value in entries:
+        value = data_at if value is None else value
+        field = value.to_bytes(2, byte_order) + b"\0\0" if kind == 3 else value.to_bytes(4, byte_order)
+        ifd += tag.to_bytes(2, byte_order) + kind.to_bytes(2, byte_order) + (1).to_bytes(4, byte_order) + field
+    head = (b"II" if byte_order == "little" else b"MM") + (42).to_bytes(2, byte_order) + (8).to_bytes(4, byte_order)
+    return head + ifd + (0).to_bytes(4, byte_order) + image.tobytes()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("byte_order", ["little", "big"])
+def test_a_tiff_is_read_and_sized_as_its_orientation_tag_shows_it(tmp_path, orientation, byte_order):
+    """OpenCV turns a TIFF's pixels by its Orientation tag; the size read from its header (what `predict`
+    checks and `train` records) was the stored one, so an upright portrait TIFF was refused as far from
+    its own training images."""
+    from stmae_edge.preprocessing import declared_image_size
+
+    image = np.zeros((40, 64), np.uint8)
+    image[:10, :20] = 255  # a block top left: every turn and mirror moves it
+    turned = tmp_path / "turned.tif"
+    turned.write_bytes(tiff_with_orientation(image, orientation, byte_order))
+    expected = np.ascontiguousarray(EXPECTED[orientation](image))
+    assert np.array_equal(load_image(turned), expected)
+    assert declared_image_size(turned) == expected.shape[:2]
+
+
 def test_a_malformed_exif_block_leaves_the_image_as_stored(tmp_path):
     from stmae_edge.image_header import jpeg_orientation
 
