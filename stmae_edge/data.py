@@ -1,10 +1,13 @@
-"""Datasets in the MVTec AD layout: train/good, test/<type>, ground_truth/<type>/<name>_mask.png.
+"""Datasets in the MVTec AD layout: train/good, test/<type>, ground_truth/<type>/<name>_mask.png (the
+folders' names in any case), and the one reading of a set of image files before long work uses them
+(survey: every file decoded once, all unreadable ones named together).
 
 A mask may also carry the image's own name (ground_truth/<type>/<name>.png), as datasets converted to
 this layout often do, and any image suffix the reader takes."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,11 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DatasetError
-from .preprocessing import cv2, declared_image_size, load_image, mirror_pad
+from .errors import DatasetError, InvalidImageError
+from .preprocessing import check_image, cv2, declared_image_size, decode, load_image, mirror_pad, read_image_bytes, shown_size
+from .progress import progress_bar
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-LOSSY_SUFFIXES = {".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff"}
+LOSSY_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif"}
+# Image formats that are not read: a folder holding such files says so, rather than seeming to hold fewer
+UNREAD_IMAGE_SUFFIXES = {".webp", ".gif", ".jp2", ".j2k", ".heic", ".heif", ".avif", ".pgm", ".ppm", ".pnm",
+                         ".exr", ".hdr", ".dng", ".raw"}
+UNREADABLE_NAMED = 5  # unreadable files named in an error or warning; the rest counted
+MASK_COVERS_MOST = 0.9  # a mask marking more of its image than this is likely inverted
 GOOD = "good"  # the folder of defect-free images, in train/ and test/ (any case: Good, GOOD)
 # Mask file names tried for an image <name>, in this order: MVTec AD's, then the image's own name.
 MASK_NAMES = ("{name}_mask", "{name}")
@@ -37,12 +46,94 @@ class EvalSample:
 
 def images_in(folder: Path | str) -> list[Path]:
     """The image files of one folder, sorted by name. Hidden files are not images: macOS leaves a
-    `._name.png` (AppleDouble metadata) beside every file it copies to a foreign disk."""
+    `._name.png` (AppleDouble metadata) beside every file it copies to a foreign disk. What else the
+    folder holds that a user may take for images: not_read_in."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: not a folder of images")
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def not_read_in(folder: Path) -> str:
+    """What images_in leaves out of `folder` that a user may take for images, in words ("" if nothing):
+    images in a format that is not read (UNREAD_IMAGE_SUFFIXES), links that lead to no file, and the
+    images of its subfolders."""
+    other = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")
+                   and (p.suffix.lower() in UNREAD_IMAGE_SUFFIXES or (p.suffix.lower() in IMAGE_SUFFIXES
+                                                                     and not p.exists())))
+    nested = sum(len(images_in(sub)) for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith("."))
+    parts = []
+    if other:
+        parts.append(f"{len(other)} file{'s' if len(other) > 1 else ''} in another format or linking to nothing "
+                     f"(first: {other[0]}; images are read from {', '.join(sorted(IMAGE_SUFFIXES))} files)")
+    if nested:
+        parts.append(f"{nested} image{'s' if nested > 1 else ''} in its subfolders")
+    return " and ".join(parts)
+
+
+def child_folder(parent: Path, name: str) -> Path:
+    """parent/name, or the one folder of that name in another case (Train/Good as written by hand);
+    parent/name where there is neither."""
+    exact = parent / name
+    if exact.is_dir() or not parent.is_dir():
+        return exact
+    matches = [p for p in parent.iterdir() if p.is_dir() and p.name.lower() == name.lower()]
+    return matches[0] if len(matches) == 1 else exact
+
+
+@dataclass(frozen=True)
+class SurveyedImages:
+    """Image files that were read and decoded: each one's (height, width) as shown and a sha256 of its
+    decoded pixels (the same picture under two names or in two formats has one); `unreadable` holds
+    the message of each file that could not be, in the order given."""
+    paths: list[Path]
+    sizes: dict[Path, tuple[int, int]]
+    digests: dict[Path, str]
+    unreadable: list[str]
+
+
+def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
+           remedy: str = "Replace or remove them") -> SurveyedImages:
+    """Read and decode every file once (nothing kept but its size and its pixels' digest).
+
+    Args:
+        paths: image files.
+        role: what they are, in words, for the progress bar and messages ("good images in train/good").
+        skip_unreadable: leave unreadable files out with a warning instead of raising.
+        remedy: what the error tells the user to do.
+
+    Raises:
+        DatasetError: a file cannot be read or decoded (all such files counted, the first few named),
+            unless `skip_unreadable`.
+    """
+    sizes, digests, unreadable = {}, {}, []
+    with progress_bar(f"reading {role}", len(paths)) as advance:
+        for path in paths:
+            try:
+                raw = read_image_bytes(path)
+                size = shown_size(raw)
+                pixels = decode(raw, str(path))
+                check_image(pixels, str(path))
+            except InvalidImageError as exc:
+                unreadable.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+            else:
+                sizes[path] = size
+                digests[path] = pixel_digest(pixels)
+            advance()
+    if unreadable:
+        named = "; ".join(unreadable[:UNREADABLE_NAMED])
+        more = f"; and {len(unreadable) - UNREADABLE_NAMED} more" if len(unreadable) > UNREADABLE_NAMED else ""
+        if not skip_unreadable:
+            raise DatasetError(f"{len(unreadable)} of {len(paths)} {role} cannot be read: {named}{more}. {remedy}")
+        logger.warning("%d of %d %s cannot be read and are left out: %s%s", len(unreadable),
+                       len(paths), role, named, more)
+    return SurveyedImages([p for p in paths if p in sizes], sizes, digests, unreadable)
+
+
+def pixel_digest(pixels: np.ndarray) -> str:
+    """sha256 of an image's shape, type and pixels: equal for the same picture in any file format."""
+    return hashlib.sha256(f"{pixels.shape} {pixels.dtype.str} ".encode() + pixels.tobytes()).hexdigest()
 
 
 def train_images(root: Path | str) -> list[Path]:
@@ -53,19 +144,18 @@ def train_images(root: Path | str) -> list[Path]:
             fewer than 4 images.
     """
     root = Path(root)
-    folder = root / "train" / GOOD
+    folder = child_folder(child_folder(root, "train"), GOOD)
     if not folder.is_dir():
         hint = (f"; give the dataset's folder, {root.parent.parent}, not train/good itself"
                 if root.name.lower() == GOOD and root.parent.name == "train" else "")
         raise DatasetError(f"{root}: no train/good folder; expected the MVTec AD layout "
                            f"(DATA_DIR/train/good/*.png, DATA_DIR/test/<type>/*.png){hint}")
     paths = images_in(folder)
-    nested = sum(len(images_in(sub)) for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith("."))
-    if nested:
-        logger.warning("%s: %d images in its subfolders are not read; training uses the %d directly in it "
-                       "(move them up to train on them)", folder, nested, len(paths))
+    left_out = not_read_in(folder)
+    if left_out:
+        logger.warning("%s: not read: %s; training uses the %d images directly in it", folder, left_out, len(paths))
     if len(paths) < 4:
-        where = f" ({nested} more in subfolders, which are not read)" if nested else ""
+        where = f" (not read: {left_out})" if left_out else ""
         raise DatasetError(f"{folder}: {len(paths)} image{'s' if len(paths) != 1 else ''}{where}; training needs at "
                            "least 4 good images")
     return paths
@@ -75,7 +165,8 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
     """DATA_DIR/test/<type>/* with their masks; with `both_classes`, refused unless good and defective
     images are both there (AUROC needs both; a false-reject threshold needs only good ones)."""
     root = Path(root)
-    folder = root / "test"
+    folder = child_folder(root, "test")
+    truth = child_folder(root, "ground_truth")
     if not folder.is_dir():
         raise DatasetError(f"{root}: no test folder; expected DATA_DIR/test/good and DATA_DIR/test/<defect>")
     samples = []
@@ -83,15 +174,17 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
         # test/Good or test/GOOD are the good images too: counted as a defect type, their scores would
         # set a threshold that fails every part
         defect_type = GOOD if type_dir.name.lower() == GOOD else type_dir.name
-        masks = {} if defect_type == GOOD else files_by_name(root / "ground_truth" / type_dir.name)  # listed once
+        masks = {} if defect_type == GOOD else files_by_name(child_folder(truth, type_dir.name))  # listed once
         for path in images_in(type_dir):
             samples.append(EvalSample(path, defect_type, None if defect_type == GOOD else find_mask(masks, path)))
+        if left_out := not_read_in(type_dir):
+            logger.warning("%s: not scored: %s", type_dir, left_out)
     labels = {s.label for s in samples}
     if not samples or (both_classes and labels != {0, 1}):
         raise DatasetError(f"{folder}: evaluation needs both good and defective test images, found "
                            f"{sorted({s.defect_type for s in samples}) or 'none'}")
     unmasked = [s for s in samples if s.label == 1 and s.mask_path is None]
-    if unmasked and (root / "ground_truth").is_dir():
+    if unmasked and truth.is_dir():
         first = unmasked[0]
         logger.warning("%d of %d defective test images have no mask (first: %s, looked for %s), so pixel "
                        "metrics are left out", len(unmasked), sum(s.label for s in samples), first.path,
@@ -170,12 +263,23 @@ def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
     """Every sample's ground truth at (height, width), stacked (N, H, W) bool. Masks whose own size
     differs from their image's are resized all the same, and one warning says how many: a mask of
     another shape usually belongs to another image, and the pixel metrics would then mislead."""
-    masks, mismatched = [], []
+    masks, mismatched, empty, most = [], [], [], []
     for sample in samples:
         mask, mask_size = fit_mask(sample, size)  # the mask decoded once; its image's size from its header
         masks.append(mask)
         if mask_size is not None and mask_size != (image_size := declared_image_size(sample.path)):
             mismatched.append((sample, mask_size, image_size))
+        if mask_size is not None and not mask.any():
+            empty.append(sample.mask_path)
+        elif mask_size is not None and mask.mean() > MASK_COVERS_MOST:
+            most.append((sample.mask_path, mask.mean()))
+    if empty:  # its image's pixels all count as normal, its defect as a false alarm
+        logger.warning("%d masks of defective images mark no defect pixel (first: %s): their images' pixels all "
+                       "count as normal in the pixel metrics", len(empty), empty[0])
+    if most:  # an inverted mask (defects black on white), or a background of label 1 or opaque white
+        logger.warning("%d masks mark more than %d%% of their image as defect (first: %s, %.0f%%): defects must "
+                       "be the nonzero (white) pixels on a zero (black) background; check that they are not "
+                       "inverted", len(most), round(100 * MASK_COVERS_MOST), most[0][0], 100 * most[0][1])
     if mismatched:
         first, (mh, mw), (ih, iw) = mismatched[0]
         logger.warning("%d of %d masks differ in size from their images (first: %s is %dx%d, its image %dx%d); "

@@ -106,7 +106,7 @@ def test_unreadable_good_images_stop_training_before_it_starts_or_are_left_out(s
     assert "backbone features" not in r.stderr and not model.exists()  # before any training
     r = run(*args, "--skip-unreadable")
     assert r.returncode == 0, r.stderr
-    assert "2 of 24 good images in train/good cannot be read and are left out of training" in r.stderr
+    assert "2 of 24 good images in train/good cannot be read and are left out: " in r.stderr
     assert "20 training images, 2 held out (drawn at random from train/good) (2 unreadable left out)" in r.stdout
     training = json.loads(run("info", str(model)).stdout)["training"]
     assert training["unreadable_left_out"] == 2 and training["train_images"] + training["holdout_images"] == 22
@@ -132,6 +132,26 @@ def test_good_images_that_are_one_picture_are_refused(tmp_path):
     check_scores_vary(np.array([0.5, 0.5001]), "scores")
     with pytest.raises(TrainingError, match="the 3 good images' scores are all 0: the good images look alike"):
         check_scores_vary(np.zeros(3), "good images' scores")
+
+
+def test_evaluate_names_unreadable_test_images_and_masks_before_scoring(tiny_export, synthetic_dataset, tmp_path):
+    """A truncated test image stopped evaluate in the middle of scoring, and a mask that could not be read
+    stopped it once every image had been scored, the image metrics lost with it."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, root)
+    image = sorted((root / "test" / "good").glob("*.png"))[3]
+    image.write_bytes(image.read_bytes()[:100])
+    mask = sorted((root / "ground_truth" / "scratch").glob("*.png"))[-1]
+    mask.write_bytes(b"not a mask")
+    r = run("evaluate", str(tiny_export[1]), str(root), "--out", str(tmp_path / "e.json"))
+    _assert_one_line_error(r, "1 of 12 test images cannot be read: ")
+    assert image.name in r.stderr and "evaluating (" not in r.stderr  # before any image is scored
+    shutil.copy(synthetic_dataset / "test" / "good" / image.name, image)
+    r = run("evaluate", str(tiny_export[1]), str(root), "--out", str(tmp_path / "e.json"))
+    _assert_one_line_error(r, f"1 of 6 masks cannot be read: {mask}: not a PNG, JPEG, BMP or TIFF file")
+    assert "evaluating (" not in r.stderr and not (tmp_path / "e.json").exists()
 
 
 def test_corrupt_model_file_is_one_line(tmp_path, synthetic_dataset):
@@ -198,6 +218,16 @@ def test_export_and_verify_commands(synthetic_dataset, tmp_path):
     assert "verifying m.onnx: 3/3 in " in r.stderr
     assert f"real images of {(synthetic_dataset / 'test' / 'good').resolve()} (" in r.stdout  # which images it used
     _assert_one_line_error(run("verify", str(tmp_path / "absent.onnx"), "--model", str(model)), "not a readable ONNX")
+    # an --images folder without images is refused, not replaced by the training images (nor by
+    # synthetic frames in bench), which the output would then name as what was used
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_one_line_error(run("verify", str(onnx_file), "--model", str(model), "--images", str(empty)),
+                           "no images to verify with: the --images folder holds no image files")
+    _assert_one_line_error(run("calibrate", str(onnx_file), "--images", str(empty), "--out", str(tmp_path / "q.onnx")),
+                           "0 calibration images; give at least")
+    _assert_one_line_error(run("bench", "--engine", str(onnx_file), "--images", str(empty)),
+                           f"{empty}: no image files in this folder to benchmark with")
 
 
 def test_image_folder_options_are_checked(tmp_path):

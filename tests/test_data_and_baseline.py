@@ -200,21 +200,22 @@ def test_hidden_files_and_subfolders_of_train_good(tmp_path, caplog):
     cv2.imwrite(str(good / "cam2" / "a.png"), np.zeros((32, 32), np.uint8))
     with caplog.at_level("WARNING"):
         assert len(data.train_images(root)) == 5
-    assert "1 images in its subfolders are not read; training uses the 5 directly in it" in caplog.text
+    assert "good: not read: 1 image in its subfolders; training uses the 5 images directly in it" in caplog.text
     assert all(not s.path.name.startswith(".") for s in data.eval_samples(root))
     with pytest.raises(DatasetError, match="give the dataset's folder, .*, not train/good itself"):
         data.train_images(good)
     for extra in sorted(good.glob("00[1-4].png")):
         extra.unlink()
-    with pytest.raises(DatasetError, match=r"good: 1 image \(1 more in subfolders, which are not read\); training needs"):
+    with pytest.raises(DatasetError, match=r"good: 1 image \(not read: 1 image in its subfolders\); training needs"):
         data.train_images(root)
 
 
 def test_copies_in_train_good_crops_that_repeat_and_far_test_sizes_are_said(tmp_path, caplog):
+    from stmae_edge.data import survey
     from stmae_edge.evaluation.validation import warn_about_sizes
     from stmae_edge.models.stmae import preset
     from stmae_edge.preprocessing import TrainedSizes
-    from stmae_edge.training.image_set import survey, warn_about_copies
+    from stmae_edge.training.image_set import warn_about_copies
     from stmae_edge.training.train import TrainConfig, train
 
     root = make_synthetic_dataset(tmp_path / "d", n_train=6, n_good=2, n_bad=2, size=48)
@@ -258,3 +259,32 @@ def test_16_bit_images_of_a_12_bit_camera_are_said_to_want_bit_depth_12(tmp_path
     with caplog.at_level("WARNING"):
         hint_bit_depth(paths)
     assert not caplog.text
+
+
+def test_folders_in_another_case_files_not_read_and_masks_that_mislead_are_said(tmp_path, caplog):
+    """Train/Good and Ground_Truth were not found (a ground_truth in another case left the pixel metrics
+    out without a word); .webp files and subfolders' images were passed over silently; an inverted or
+    an empty mask changed the pixel metrics without a word."""
+    root = make_synthetic_dataset(tmp_path / "d", n_train=6, n_good=2, n_bad=3, size=48)
+    (root / "train" / "good").rename(root / "train" / "Good")
+    (root / "train").rename(root / "Train")
+    (root / "ground_truth").rename(root / "Ground_Truth")
+    (root / "Train" / "Good" / "frame.webp").write_bytes(b"RIFF")
+    (root / "Train" / "Good" / "day2").mkdir()
+    cv2.imwrite(str(root / "Train" / "Good" / "day2" / "a.png"), np.zeros((48, 48), np.uint8))
+    (root / "test" / "scratch" / "batch2").mkdir()
+    cv2.imwrite(str(root / "test" / "scratch" / "batch2" / "b.png"), np.zeros((48, 48), np.uint8))
+    masks = sorted((root / "Ground_Truth" / "scratch").glob("*.png"))
+    cv2.imwrite(str(masks[0]), 255 - cv2.imread(str(masks[0]), cv2.IMREAD_GRAYSCALE))  # inverted
+    cv2.imwrite(str(masks[1]), np.zeros((48, 48), np.uint8))  # marks nothing
+    with caplog.at_level("WARNING"):
+        assert len(data.train_images(root)) == 6
+        samples = data.eval_samples(root)
+        assert data.has_masks(samples)  # Ground_Truth found
+        data.load_masks(samples, (48, 48))
+    assert ("Good: not read: 1 file in another format or linking to nothing (first: frame.webp; images are read from "
+            ".bmp, .jfif, .jpe, .jpeg, .jpg, .png, .tif, .tiff files) and 1 image in its subfolders; training uses "
+            "the 6 images directly in it") in caplog.text
+    assert "scratch: not scored: 1 image in its subfolders" in caplog.text
+    assert f"1 masks of defective images mark no defect pixel (first: {masks[1]})" in caplog.text
+    assert f"1 masks mark more than 90% of their image as defect (first: {masks[0]}" in caplog.text

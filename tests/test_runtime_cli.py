@@ -77,7 +77,8 @@ def test_predict_refuses_a_folder_without_images_and_a_negative_sigma(tiny_expor
     empty.mkdir()
     (empty / "frame.webp").write_bytes(b"RIFF")
     r = run("predict", str(tiny_export[1]), str(empty), "--out", str(tmp_path / "out"))
-    _assert_one_line_error(r, "no image files (.bmp, .jpeg, .jpg, .png, .tif, .tiff) in this folder")
+    _assert_one_line_error(r, "no image files (.bmp, .jfif, .jpe, .jpeg, .jpg, .png, .tif, .tiff) in this folder; not "
+                              "read: 1 file in another format or linking to nothing (first: frame.webp")
     assert not (tmp_path / "out").exists()  # an empty run is not "all passed"
     r = run("predict", str(tiny_export[1]), str(synthetic_dataset / "test" / "good"), "--sigma", "-3", "--out",
             str(tmp_path / "out"))

@@ -206,7 +206,8 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     if onnx_precision(proto) != "fp32":
         raise ConfigError(f"{onnx_path} is an {onnx_precision(proto)} graph; calibrate the fp32 export "
                           "(`stmae-edge export MODEL`)")
-    images = sorted(images) if images else data.recorded_train_images(metadata.training, count)
+    # an empty --images folder is refused below, not taken for "no folder given" (the training images instead)
+    images = sorted(images) if images is not None else data.recorded_train_images(metadata.training, count)
     if len(images) < batch_size:
         raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
     out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])

@@ -58,9 +58,10 @@ def _compare(onnx_path, checkpoint, exported: ModelMetadata, images, batch_sizes
     if exported.model_hash != metadata.model_hash:
         raise VerificationError(f"{onnx_path} was exported from another model (hash {exported.model_hash[:12]}, "
                                 f"checkpoint {metadata.model_hash[:12]}); export {checkpoint} again")
-    paths = list(images) if images else data.recorded_train_images(metadata.training, max(batch_sizes))
+    # an empty --images folder is refused, not taken for "no folder given" (the training images instead)
+    paths = list(images) if images is not None else data.recorded_train_images(metadata.training, max(batch_sizes))
     if not paths:
-        raise DatasetError("no images to verify with")
+        raise DatasetError("no images to verify with: the --images folder holds no image files")
     needed = max(batch_sizes)
     paths = [paths[i % len(paths)] for i in range(needed)]  # repeat a short list up to the largest batch
     batch = exported.preprocessing(paths)

@@ -30,10 +30,10 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16)
         same per defect type.
 
     Raises:
-        DatasetError: no test images, or only one class.
+        DatasetError: no test images, only one class, or test images or masks that cannot be read
+            (named before any image is scored).
         CheckpointError, EngineMismatchError: an unreadable or modified model file.
         ConfigError: not a model file type. BackendError: a plan where TensorRT or its GPU is missing.
-        InvalidImageError: a test image that cannot be read.
     """
     # Every kind of file through the runtime, as `threshold` and `report` score a set: the same numbers
     # on any machine (the CPU backends), a plan on its GPU. A checkpoint needs torch, the rest do not.

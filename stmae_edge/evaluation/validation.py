@@ -50,14 +50,19 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto"
     the caller has read them already).
 
     Raises:
-        DatasetError: no test images; and the Detector's and the image reader's typed errors.
+        DatasetError: no test images, or test images or masks that cannot be read (all of them named,
+            before any is scored); and the Detector's typed errors.
     """
     from ..runtime import Detector
 
     detector = Detector(model, backend, batch_size=batch_size)
     if samples is None:
         samples = data.eval_samples(data_dir, both_classes=False)
-    warn_about_sizes(detector.metadata.trained_sizes, samples)
+    # Every image and mask decoded first: one that cannot be read stops the run here, all of them named,
+    # not after minutes of scoring (a mask was read only once every image had been scored)
+    images = data.survey([s.path for s in samples], "test images")
+    data.survey([s.mask_path for s in samples if s.mask_path is not None], "masks")
+    warn_about_sizes(detector.metadata.trained_sizes, samples, images.sizes)
     maps, scores = [], []
     with progress_bar(f"{description} ({detector.info['backend']})", len(samples)) as advance:
         for start in range(0, len(samples), batch_size):
@@ -69,12 +74,14 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto"
     return ScoredDataset(samples, np.concatenate(scores).astype(np.float64), np.concatenate(maps), detector)
 
 
-def warn_about_sizes(sizes, samples: list[data.EvalSample]) -> None:
+def warn_about_sizes(sizes, samples: list[data.EvalSample], shown: dict[Path, tuple[int, int]] | None = None) -> None:
     """Say how many test images `predict` would refuse as far from the training images' sizes: their
-    scores still count here (the figures describe the set as given), but the line would not score them."""
+    scores still count here (the figures describe the set as given), but the line would not score them.
+    `shown`: the images' (height, width), where the caller has read them already."""
     if sizes is None:
         return
-    far = [s.path for s in samples if sizes.refusal(*declared_image_size(s.path))]
+    far = [s.path for s in samples
+           if sizes.refusal(*(shown[s.path] if shown is not None else declared_image_size(s.path)))]
     if far:
         logger.warning("%d of %d test images are far from the sizes this model was trained on (%s; first: %s): "
                        "they are scored here, but `predict` refuses them on the line", len(far), len(samples),

@@ -69,6 +69,8 @@ def bench_images(detector: Detector, folder=None, count: int = 32, seed: int = 0
 
     if folder is not None:
         paths, what = images_in(folder)[:count], f"images from {folder}"
+        if not paths:  # not synthetic frames in their place, which the table would then describe
+            raise DatasetError(f"{folder}: no image files in this folder to benchmark with")
     else:
         try:
             paths = recorded_train_images(detector.metadata.training, count, seed)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import cv2
 
-from ..data import IMAGE_SUFFIXES, images_in
+from ..data import IMAGE_SUFFIXES, images_in, not_read_in
 from ..errors import DatasetError, InvalidImageError, OutputError
 from ..outputs import check_output_folder, sha256_file, write_bytes_atomically
 from ..preprocessing import load_image
@@ -43,9 +43,12 @@ def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = images_in(item)
+            found, left_out = images_in(item), not_read_in(item)
             if not found:
-                raise DatasetError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+                raise DatasetError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this "
+                                   f"folder" + (f"; not read: {left_out}" if left_out else ""))
+            if left_out:
+                logger.warning("%s: not scored: %s", item, left_out)
             paths += found
         else:
             paths.append(item)  # a missing or unreadable file is reported when it is scored

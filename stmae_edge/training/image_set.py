@@ -12,7 +12,6 @@ a file found corrupt in the middle of the run (or, for a held-out image, after i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import data
-from ..errors import ConfigError, DatasetError, InvalidImageError
-from ..preprocessing import check_image, declared_image_size, decode, load_image, read_image_bytes, shown_size
-from ..progress import progress_bar
+from ..data import SurveyedImages, survey
+from ..errors import ConfigError, DatasetError
+from ..preprocessing import declared_image_size, load_image
 from .loop import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -32,18 +31,7 @@ logger = logging.getLogger(__name__)
 # this factor: stretching them all to one square then distorts their texture by different amounts
 # (magnetic_tile: 0.36 to 2.61). Images of one shape are stretched alike and keep every input pixel.
 ASPECT_SPREAD_TO_KEEP = 1.25
-UNREADABLE_NAMED = 5  # unreadable files named in the error or warning; the rest counted
-
-
-@dataclass(frozen=True)
-class SurveyedImages:
-    """Image files that were read and decoded: each one's (height, width) as shown and a sha256 of its
-    decoded pixels (the same picture under two names or in two formats has one); `unreadable` holds
-    the message of each file that could not be, in the order given."""
-    paths: list[Path]
-    sizes: dict[Path, tuple[int, int]]
-    digests: dict[Path, str]
-    unreadable: list[str]
+TRAINING_REMEDY = "Replace or remove them, or train without them (--skip-unreadable)"
 
 
 @dataclass(frozen=True)
@@ -54,48 +42,6 @@ class GoodImages:
     holdout_source: str  # where the held-out images come from, in words
     sizes: dict[Path, tuple[int, int]]  # every image's (height, width) as shown
     left_out: list[str]  # the messages of unreadable files left out (skip_unreadable)
-
-
-def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False) -> SurveyedImages:
-    """Read and decode every file once (nothing kept but its size and its pixels' digest).
-
-    Args:
-        paths: image files.
-        role: what they are, in words, for the progress bar and messages ("good images in train/good").
-        skip_unreadable: leave unreadable files out with a warning instead of raising.
-
-    Raises:
-        DatasetError: a file cannot be read or decoded (all such files counted, the first few named),
-            unless `skip_unreadable`.
-    """
-    sizes, digests, unreadable = {}, {}, []
-    with progress_bar(f"reading {role}", len(paths)) as advance:
-        for path in paths:
-            try:
-                raw = read_image_bytes(path)
-                size = shown_size(raw)
-                pixels = decode(raw, str(path))
-                check_image(pixels, str(path))
-            except InvalidImageError as exc:
-                unreadable.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
-            else:
-                sizes[path] = size
-                digests[path] = pixel_digest(pixels)
-            advance()
-    if unreadable:
-        named = "; ".join(unreadable[:UNREADABLE_NAMED])
-        more = f"; and {len(unreadable) - UNREADABLE_NAMED} more" if len(unreadable) > UNREADABLE_NAMED else ""
-        if not skip_unreadable:
-            raise DatasetError(f"{len(unreadable)} of {len(paths)} {role} cannot be read: {named}{more}. Replace or "
-                               "remove them, or train without them (--skip-unreadable)")
-        logger.warning("%d of %d %s cannot be read and are left out of training: %s%s", len(unreadable),
-                       len(paths), role, named, more)
-    return SurveyedImages([p for p in paths if p in sizes], sizes, digests, unreadable)
-
-
-def pixel_digest(pixels: np.ndarray) -> str:
-    """sha256 of an image's shape, type and pixels: equal for the same picture in any file format."""
-    return hashlib.sha256(f"{pixels.shape} {pixels.dtype.str} ".encode() + pixels.tobytes()).hexdigest()
 
 
 def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
@@ -109,7 +55,7 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
             for byte): its images would then be scored by a model fitted on them.
         ConfigError: too few good images to hold some out and still train.
     """
-    goods = survey(paths, "good images in train/good", cfg.skip_unreadable)
+    goods = survey(paths, "good images in train/good", cfg.skip_unreadable, TRAINING_REMEDY)
     if len(goods.paths) > 1 and len(set(goods.digests.values())) == 1:
         raise DatasetError(f"the {len(goods.paths)} good images in train/good all show the same pixels: a model "
                            "needs photographs of several good parts (or of one part, taken apart) to learn "
@@ -123,7 +69,7 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
     held = data.images_in(cfg.holdout_dir)
     if len(held) < 2:
         raise DatasetError(f"{cfg.holdout_dir}: {len(held)} images; hold out at least two good images")
-    held = survey(held, f"held-out good images in {cfg.holdout_dir}", cfg.skip_unreadable)
+    held = survey(held, f"held-out good images in {cfg.holdout_dir}", cfg.skip_unreadable, TRAINING_REMEDY)
     if len(held.paths) < 2:
         raise DatasetError(f"{cfg.holdout_dir}: {len(held.paths)} readable images; hold out at least two good images")
     shared = set(held.digests.values()) & set(goods.digests.values())
