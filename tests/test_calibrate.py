@@ -278,3 +278,25 @@ def test_only_fp32_graphs_are_calibrated(fp32_graph, tmp_path):
     fp16, _ = export_onnx(folder / "m.pt", tmp_path / "m.fp16.onnx", "fp16")
     with pytest.raises(ConfigError, match="calibrate the fp32 export"):
         calibrate(fp16, cache_dir=tmp_path / "cache")
+
+
+def test_unreadable_images_and_a_graph_the_quantiser_rejects_are_one_error_each(fp32_graph, synthetic_dataset,
+                                                                                tmp_path):
+    """A calibration image that cannot be read stopped calibration midway; ONNX Runtime's quantiser
+    raised its own exception type (InvalidArgument), which reached the user as a traceback."""
+    from stmae_edge.errors import DatasetError, ExportError
+
+    _, path = fp32_graph
+    images = data.images_in(synthetic_dataset / "test" / "good")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(images[0].read_bytes()[:80])
+    with pytest.raises(DatasetError, match=r"1 of 7 calibration images cannot be read: .*broken.png"):
+        calibrate(path, [*images, broken], tmp_path / "q.onnx", cache_dir=tmp_path / "cache", batch_size=2)
+    graph = onnx.load(str(path))
+    del graph.graph.node[0]  # a node's input now comes from nowhere: our metadata, an invalid graph
+    invalid = tmp_path / "invalid.onnx"
+    onnx.save(graph, str(invalid))
+    with pytest.raises(ExportError, match=r"invalid.onnx: ONNX Runtime's quantisation failed \(.*Invalid model"):
+        calibrate(invalid, images, tmp_path / "q.onnx", cache_dir=tmp_path / "cache", batch_size=2,
+                  min_weight_elements=1)
+    assert not (tmp_path / "q.onnx").exists() and not list((tmp_path / "cache").glob("*.onnx"))

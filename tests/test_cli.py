@@ -230,6 +230,27 @@ def test_export_and_verify_commands(synthetic_dataset, tmp_path):
                            f"{empty}: no image files in this folder to benchmark with")
 
 
+ONNXSCRIPT_MISSING = """
+import importlib.abc, sys
+class NoOnnxscript(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "onnxscript":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoOnnxscript())
+from stmae_edge.cli import main
+sys.argv[0] = "stmae-edge"
+main()
+"""
+
+
+def test_export_without_onnxscript_says_which_extra_brings_it(tiny_export, tmp_path):
+    """The exporter's own error hid the missing package: "ONNX export failed: import of onnxscript halted"."""
+    r = subprocess.run([sys.executable, "-c", ONNXSCRIPT_MISSING, "export", str(tiny_export[0]), "--out",
+                        str(tmp_path / "m.onnx")], capture_output=True, text=True, timeout=300)
+    _assert_one_line_error(r, "this command needs onnxscript, which is not installed here: pip install "
+                              "'stmae-edge[train]'")
+
+
 def test_image_folder_options_are_checked(tmp_path):
     for command in (("verify", "m.onnx", "--model", "m.pt"), ("calibrate", "m.onnx")):
         _assert_one_line_error(run(*command, "--images", str(tmp_path / "absent")), "not a folder of images")

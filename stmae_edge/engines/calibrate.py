@@ -28,12 +28,13 @@ settings, and reused when all three match.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ import onnx
 
 from .. import data
 from ..checks import parse_document
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, ExportError, StmaeError, first_line
 from ..metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
 from ..onnx_files import import_onnxruntime, load_onnx
 from ..outputs import check_writable, sha256_file, write_bytes_atomically, written_atomically
@@ -198,7 +199,10 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     Raises:
         ConfigError: not an fp32 graph, an unknown family or precision, (fp16) a graph exported
             without the scoring scope, or no layer as large as `min_weight_elements`.
-        DatasetError: fewer images than one batch.
+        DatasetError: fewer images than one batch, or images that cannot be read (all of them named,
+            before calibration starts).
+        ExportError: ONNX Runtime's quantisation failed on the graph.
+        CheckpointError: not a readable ONNX file of ours. OutputError: `out` cannot be written.
     """
     onnx_path = Path(onnx_path)
     proto = load_onnx(onnx_path)
@@ -210,6 +214,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     images = sorted(images) if images is not None else data.recorded_train_images(metadata.training, count)
     if len(images) < batch_size:
         raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
+    data.survey(images, "calibration images")  # every one decoded before calibration starts
     out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
     settings = settings_for(metadata, float_precision, min_weight_elements)
     if settings["float_precision"] == "fp16" and not scoring_nodes(proto):
@@ -244,6 +249,19 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     return out, report
 
 
+@contextlib.contextmanager
+def quantisation_errors(onnx_path: Path) -> Iterator[None]:
+    """ONNX Runtime's quantisation raises its own exception types (InvalidArgument, Fail) and ValueError:
+    one ExportError saying so, instead of a traceback (our own typed errors pass through)."""
+    try:
+        yield
+    except StmaeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the quantiser raises, the user needs its first line
+        raise ExportError(f"{onnx_path}: ONNX Runtime's quantisation failed ({first_line(exc, 300)}); check the "
+                          "graph with `stmae-edge verify`, or export the model again") from exc
+
+
 def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, images: Sequence[Path],
               target: Path, batch_size: int, settings: dict = SETTINGS) -> None:
     """Static quantisation with `settings` (SETTINGS: the TensorRT-compatible default; the CPU study in
@@ -272,7 +290,7 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
             return {INPUT_NAME: metadata.preprocessing(chunk)}
 
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, quantisation_errors(onnx_path):
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         prepared_proto = onnx.load(str(prepared))

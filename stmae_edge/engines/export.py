@@ -127,6 +127,9 @@ def _export_and_check(checkpoint: Path | str, out: Path, precision: str, step) -
                                         dynamic_shapes={"images": {0: batch}}, dynamo=True,
                                         opset_version=OPSET, optimize=True)
     except Exception as exc:  # the exporter raises many types; the user needs the first line
+        missing = missing_package(exc)
+        if missing is not None:  # onnxscript, which the exporter imports: the CLI says which extra brings it
+            raise missing from None
         raise ExportError(f"ONNX export of {checkpoint} failed: {first_line(exc)}") from exc
     proto = program.model_proto
     proto.producer_name = "stmae-edge"
@@ -149,6 +152,18 @@ def _export_and_check(checkpoint: Path | str, out: Path, precision: str, step) -
                               "nothing was written")
     step(1, status="done")
     return figures
+
+
+def missing_package(exc: BaseException) -> ModuleNotFoundError | None:
+    """The ModuleNotFoundError behind `exc`, itself or among its causes, if there is one."""
+    seen: BaseException | None = exc
+    for _ in range(16):  # a chain of causes, bounded
+        if seen is None:
+            return None
+        if isinstance(seen, ModuleNotFoundError) and seen.name:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @contextlib.contextmanager
