@@ -288,3 +288,26 @@ def test_folders_in_another_case_files_not_read_and_masks_that_mislead_are_said(
     assert "scratch: not scored: 1 image in its subfolders" in caplog.text
     assert f"1 masks of defective images mark no defect pixel (first: {masks[1]})" in caplog.text
     assert f"1 masks mark more than 90% of their image as defect (first: {masks[0]}" in caplog.text
+
+
+def test_a_stray_size_an_enlarged_image_and_a_squashed_strip_are_said(tmp_path, caplog):
+    """One thumbnail or strip among the parts widened the sizes the runtime accepts to almost anything,
+    and images far below the input, or strips squashed into it, were resized without a word."""
+    from stmae_edge.training.image_set import warn_about_sizes
+
+    sizes = {tmp_path / f"{i}.png": (48 + i, 50) for i in range(8)}
+    sizes[tmp_path / "thumb.png"] = (12, 10)
+    sizes[tmp_path / "strip.png"] = (6, 300)
+    with caplog.at_level("WARNING"):
+        warn_about_sizes(sizes, 64, keep_aspect=False)
+    assert ("2 of 10 good images have a size that hardly any other has (first: strip.png, 300x6): the runtime "
+            "accepts sizes near any training image, so they widen what it takes to 10 to 300 wide, 6 to 55 high"
+            in caplog.text)
+    assert "1 of 10 good images are enlarged more than 2x to the model's 64-pixel input (first: thumb.png, 10x12)" \
+        in caplog.text
+    assert "1 of 10 good images are squashed more than 4x into the square input (first: strip.png, 300x6)" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_about_sizes({p: size for p, size in sizes.items() if p.stem.isdigit()}, 64, keep_aspect=False)
+    assert not caplog.text

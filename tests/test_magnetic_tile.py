@@ -41,3 +41,13 @@ def test_short_training_finds_real_defects(magnetic_tile, tmp_path):
     assert result["image_auroc"] >= 0.78, result  # measured 0.920 (0.826 with images stretched)
     assert result["pixel_auroc"] >= 0.92, result  # measured 0.974 (0.954)
     assert result["aupro"] >= 0.80, result  # measured 0.934 (0.879)
+
+
+def test_tiles_of_many_shapes_are_not_taken_for_stray_sizes(magnetic_tile, caplog):
+    """The size warnings must stay quiet on a real set of tiles of many shapes (width/height 0.36 to 2.61)."""
+    from stmae_edge.training.image_set import warn_about_sizes
+
+    sizes = data.survey(data.train_images(magnetic_tile), "good images").sizes
+    with caplog.at_level("WARNING"):
+        warn_about_sizes(sizes, preset("small").input_size, keep_aspect=True)
+    assert not caplog.text

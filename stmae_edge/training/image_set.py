@@ -22,7 +22,7 @@ import numpy as np
 from .. import data
 from ..data import SurveyedImages, survey
 from ..errors import ConfigError, DatasetError
-from ..preprocessing import declared_image_size, load_image
+from ..preprocessing import TrainedSizes, declared_image_size, load_image
 from .loop import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 # (magnetic_tile: 0.36 to 2.61). Images of one shape are stretched alike and keep every input pixel.
 ASPECT_SPREAD_TO_KEEP = 1.25
 TRAINING_REMEDY = "Replace or remove them, or train without them (--skip-unreadable)"
+COMPANY = 0.01  # a good image with fewer others than this fraction near its size is said (at least one)
+ENLARGED_AT_MOST = 2  # a good image enlarged more than this to the input is said
+SQUASHED_AT_MOST = 4  # a good image stretched to the square input from a wider aspect than this is said
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,55 @@ def choose_keep_aspect(cfg: TrainConfig, paths: Sequence[Path],
     why = (f"training images' width/height from {ratios.min():.2f} to {ratios.max():.2f}: "
            + ("aspect kept, mirror-padded" if keep else "stretched to the input"))
     return keep, why
+
+
+def warn_about_sizes(sizes: dict[Path, tuple[int, int]], input_size: int, keep_aspect: bool) -> None:
+    """Say so where some good images are far from the others' size, or would be resized far from theirs.
+
+    The sizes the runtime accepts reach from the smallest training image to the largest (TrainedSizes):
+    one stray thumbnail or strip among the parts widens them to almost anything. An image far below the
+    input is enlarged (its texture blurred, as the line's parts will not be), and one much wider than
+    high is squashed into the square input where aspects are not kept (--crop cuts strips into tiles).
+    """
+    if not sizes:
+        return
+    far = sorted(p for p, alone in zip(sizes, sizes_without_company(list(sizes.values())), strict=True) if alone)
+    if far:
+        h, w = sizes[far[0]]
+        logger.warning("%d of %d good images have a size that hardly any other has (first: %s, %dx%d): the "
+                       "runtime accepts sizes near any training image, so they widen what it takes to %s; remove "
+                       "them unless the line shows parts that way", len(far), len(sizes), far[0].name, w, h,
+                       TrainedSizes.of(list(sizes.values())).describe())
+    small = sorted(p for p, (h, w) in sizes.items() if max(h, w) * ENLARGED_AT_MOST < input_size)
+    if small:
+        h, w = sizes[small[0]]
+        logger.warning("%d of %d good images are enlarged more than %dx to the model's %d-pixel input (first: %s, "
+                       "%dx%d): their texture is blurred; a smaller preset's input suits such images better",
+                       len(small), len(sizes), ENLARGED_AT_MOST, input_size, small[0].name, w, h)
+    if not keep_aspect:
+        squashed = sorted(p for p, (h, w) in sizes.items() if max(h / w, w / h) > SQUASHED_AT_MOST)
+        if squashed:
+            h, w = sizes[squashed[0]]
+            logger.warning("%d of %d good images are squashed more than %dx into the square input (first: %s, "
+                           "%dx%d): for strips, train on square tiles cut from them (--crop)", len(squashed),
+                           len(sizes), SQUASHED_AT_MOST, squashed[0].name, w, h)
+
+
+def sizes_without_company(sizes: Sequence[tuple[int, int]], chunk: int = 512) -> np.ndarray:
+    """(N,) bool: whether an image has fewer than COMPANY of the others (at least one) near its size, as
+    near as the runtime's check (TrainedSizes.refusal) holds an image to a training image's. Tiles of
+    many shapes (magnetic_tile: width/height 0.36 to 2.61) each have many; a stray thumbnail has none."""
+    h, w = (np.array(side, dtype=np.float64) for side in zip(*sizes, strict=True))
+    a = w / h
+    side, wide = TrainedSizes.SIDE_FACTOR, TrainedSizes.ASPECT_FACTOR
+    needed = max(1, int(np.ceil(COMPANY * len(sizes))))
+    company = np.zeros(len(sizes), dtype=np.int64)
+    for start in range(0, len(sizes), chunk):  # (chunk, N) comparisons at a time: bounded memory
+        hs, ws, as_ = (x[start:start + chunk, None] for x in (h, w, a))
+        near = ((h / side <= hs) & (hs <= h * side) & (w / side <= ws) & (ws <= w * side)
+                & (a / wide <= as_) & (as_ <= a * wide))
+        company[start:start + chunk] = near.sum(axis=1) - 1  # not itself
+    return company < needed
 
 
 def hint_bit_depth(paths: Sequence[Path], sample: int = 8) -> None:

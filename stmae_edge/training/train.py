@@ -37,7 +37,7 @@ from ..progress import progress_bar
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
 from .corruption import corrupt
 from .filtering import DONORS, train_filtering
-from .image_set import choose_keep_aspect, good_images, hint_bit_depth
+from .image_set import choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
 from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
 
 logger = logging.getLogger(__name__)
@@ -227,6 +227,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     started = time.perf_counter()
     keep_aspect, aspect_reason = choose_keep_aspect(cfg, paths, [size_of[p] for p in paths])
     logger.info("input shape: %s", aspect_reason)
+    if not cfg.crop:  # crops are cut at the input size: neither enlarged nor squashed
+        warn_about_sizes(size_of, model_config.input_size, keep_aspect)
     preprocessing = preprocessing_for(model_config, cfg.bit_depth, keep_aspect)
     if cfg.bit_depth == 16:
         hint_bit_depth(paths)
