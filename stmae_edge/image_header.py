@@ -45,6 +45,8 @@ def declared_size(data: bytes | memoryview) -> tuple[str, int, int]:
         return "BMP", *_bmp_size(data)
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "TIFF", *_tiff_size(data)
+    if bytes(data[:64]).startswith(b"version https://git-lfs"):  # a clone made without git-lfs, or before `git lfs pull`
+        raise InvalidImageError("a Git LFS pointer, not the image: fetch the images with `git lfs pull`")
     raise InvalidImageError(f"not a PNG, JPEG, BMP or TIFF file (starts with {head[:8].hex()}); "
                             "save the image in one of those formats")
 

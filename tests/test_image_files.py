@@ -269,3 +269,13 @@ def test_a_malformed_exif_block_leaves_the_image_as_stored(tmp_path):
     broken = jpeg[:20] + b"\xff" * 10 + jpeg[30:]
     for data in (cut, broken, with_exif_orientation(encoded.tobytes(), 0), with_exif_orientation(encoded.tobytes(), 99)):
         assert jpeg_orientation(data) == 1
+
+
+def test_a_git_lfs_pointer_says_to_fetch_the_images(tmp_path):
+    """A dataset cloned without git-lfs holds 130-byte text files under image names: "starts with 76657273"
+    told a user nothing."""
+    pointer = tmp_path / "000.png"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 12345\n")
+    with pytest.raises(InvalidImageError, match=r"000.png: a Git LFS pointer, not the image: fetch the images with "
+                                                r"`git lfs pull`"):
+        load_image(pointer)
