@@ -164,6 +164,8 @@ def evaluate(
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses test/ and ground_truth/)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
     batch_size: int = typer.Option(BATCH_SIZE, min=1),
+    backend: str | None = typer.Option(None, help="how DATA_DIR is scored (default: on the CPU, the same figures "
+                                       f"on any machine; a .plan on its GPU): {BACKEND_HELP}"),
 ) -> None:
     """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the default threshold."""
     from .evaluation.evaluate import evaluate as run_evaluate
@@ -172,7 +174,7 @@ def evaluate(
 
     use_available_cores()
     out = check_writable(out or model.with_suffix(".eval.json"), [model])
-    result = run_evaluate(model, data_dir, batch_size)
+    result = run_evaluate(model, data_dir, batch_size, backend)
     write_json(result, out)
     typer.echo(format_report(result))
     typer.echo(f"wrote {out}")

@@ -154,6 +154,17 @@ def test_evaluate_names_unreadable_test_images_and_masks_before_scoring(tiny_exp
     assert "evaluating (" not in r.stderr and not (tmp_path / "e.json").exists()
 
 
+def test_evaluate_takes_a_backend_and_records_the_one_it_used(tiny_export, synthetic_dataset, tmp_path):
+    """evaluate was the one scoring command without --backend (threshold and report had it)."""
+    report = tmp_path / "e.json"
+    r = run("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--out", str(report))
+    assert r.returncode == 0 and json.loads(report.read_text())["backend"] == "ort-cpu", r.stderr
+    r = run("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--out", str(report), "--backend", "auto")
+    assert r.returncode == 0 and json.loads(report.read_text())["backend"] in ("ort-cpu", "ort-cuda", "ort-tensorrt")
+    _assert_one_line_error(run("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--backend", "torch-cpu"),
+                           "is an ONNX file; it runs with --backend ort-tensorrt or ort-cuda or ort-cpu")
+
+
 def test_corrupt_model_file_is_one_line(tmp_path, synthetic_dataset):
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"\x00" * 100)

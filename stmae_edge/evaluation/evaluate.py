@@ -17,13 +17,16 @@ from .validation import score_dataset
 EVALUATION_BACKENDS = {"checkpoint": "torch-cpu", "onnx": "ort-cpu", "plan": "tensorrt"}
 
 
-def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16) -> dict:
+def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16, backend: str | None = None) -> dict:
     """A checkpoint (.pt, PyTorch), an exported graph (.onnx, ONNX Runtime CPU) or a TensorRT plan (.plan,
     on its GPU) on a test set.
 
     Args:
         model_path: a .pt, .onnx or .plan file.
         data_dir: a labelled set in the MVTec AD layout (DATA_DIR/test/<type>, masks in ground_truth/).
+        batch_size: images scored at once.
+        backend: a runtime backend (runtime.BACKEND_KINDS) or "auto"; None: the file kind's CPU backend
+            (EVALUATION_BACKENDS; a plan on its GPU), for the same figures on any machine.
 
     Returns:
         metrics.summarize's dictionary: image / pixel AUROC, AUPRO, F1 at the model's threshold, and the
@@ -37,7 +40,7 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16)
     """
     # Every kind of file through the runtime, as `threshold` and `report` score a set: the same numbers
     # on any machine (the CPU backends), a plan on its GPU. A checkpoint needs torch, the rest do not.
-    backend = EVALUATION_BACKENDS[file_kind_of(model_path)]
+    backend = backend or EVALUATION_BACKENDS[file_kind_of(model_path)]
     metadata = read_metadata(model_path)  # the model file is checked before any data is read
     samples = data.eval_samples(data_dir)
     scored = score_dataset(model_path, data_dir, backend, batch_size, description="evaluating", samples=samples)
@@ -55,6 +58,7 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16)
     result["model"] = str(model_path)
     result["data_dir"] = str(data_dir)
     result["model_hash"] = metadata.model_hash
+    result["backend"] = scored.detector.info["backend"]
     return result
 
 
