@@ -13,6 +13,7 @@ from . import __version__
 from .engine_plan import DEFAULT_BATCH_TEXT
 from .errors import StmaeError, first_line
 from .metadata import MAX_BATCH
+from .preprocessing import TrainedSizes
 from .runtime.backend_table import backend_help
 from .scoring import DEFAULT_SIGMA
 from .wire_format import DEFAULT_MAX_BATCH
@@ -27,7 +28,7 @@ BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12
 
 # Training defaults, mirrored from training.loop.TrainConfig without importing torch for `--help`.
 EPOCHS, MAX_STEPS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS, ASPECT = 20, 840, 16, 4e-4, 0.1, 2, "auto"
-SCORE_FOLDS = 5
+SCORE_FOLDS, CROPS_PER_IMAGE, BIT_DEPTH = 5, 4, 16  # and the presets' names in --preset's help (a test checks)
 
 
 def use_available_cores() -> None:
@@ -104,13 +105,13 @@ def train(
     max_images: int = typer.Option(0, min=0, help="use at most this many training images (0 = all)"),
     crop: int = typer.Option(0, min=0, help="train on random SIZE x SIZE crops at native resolution, for "
                              "tiles cut from larger images (line-scan); the model then takes SIZE x SIZE inputs"),
-    crops_per_image: int = typer.Option(4, min=1, help="with --crop: crops drawn from each image"),
+    crops_per_image: int = typer.Option(CROPS_PER_IMAGE, min=1, help="with --crop: crops drawn from each image"),
     self_supervised: bool = typer.Option(False, "--self-supervised", help="stmae: learn to restore good "
                                          "features from images with synthetic defects (Bauer et al. 2022); "
                                          "filtering-ae always trains this way"),
     corruptions_per_image: int = typer.Option(CORRUPTIONS, min=1, help="stmae --self-supervised: corrupted versions "
                                               "of each image (filtering-ae draws fresh ones every epoch)"),
-    bit_depth: int = typer.Option(16, min=9, max=16, help=BIT_DEPTH_HELP + " (kept in the model)"),
+    bit_depth: int = typer.Option(BIT_DEPTH, min=9, max=16, help=BIT_DEPTH_HELP + " (kept in the model)"),
     aspect: str = typer.Option(ASPECT, help="keep: fit each image into the input with its aspect ratio "
                                "kept, mirror-padded; stretch: resize it to the input; auto: keep where the "
                                "training images' shapes differ (kept in the model; maps always come back "
@@ -154,7 +155,8 @@ def train(
                              scored=threshold_scoring(t)))
     if meta.trained_sizes is not None:
         typer.echo(f"trained on images {meta.trained_sizes.describe()}: `predict` refuses images far from these "
-                   "(more than 4x the sides, 2x the width/height; --any-size scores them)")
+                   f"(more than {TrainedSizes.SIDE_FACTOR:g}x the sides, {TrainedSizes.ASPECT_FACTOR:g}x the "
+                   "width/height; --any-size scores them)")
 
 
 @app.command()

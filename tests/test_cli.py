@@ -186,8 +186,26 @@ def test_cli_defaults_match_the_training_config():
 
     d = TrainConfig()
     assert (cli.EPOCHS, cli.MAX_STEPS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT, cli.CORRUPTIONS, cli.ASPECT,
-            cli.SCORE_FOLDS) == (d.epochs, d.max_steps, d.batch_size, d.lr, d.holdout_fraction,
-                                 d.corruptions_per_image, d.aspect, d.score_folds)
+            cli.SCORE_FOLDS, cli.CROPS_PER_IMAGE, cli.BIT_DEPTH) == (
+        d.epochs, d.max_steps, d.batch_size, d.lr, d.holdout_fraction, d.corruptions_per_image, d.aspect,
+        d.score_folds, d.crops_per_image, d.bit_depth)
+
+
+def test_every_preset_is_named_in_the_help_and_no_other():
+    """--preset's help lists the presets by hand (importing them needs torch, which `--help` must not)."""
+    import inspect
+    import re
+
+    from stmae_edge import cli
+    from stmae_edge.models.filtering_ae import PRESETS as FILTERING
+    from stmae_edge.models.stmae_config import PRESETS as STMAE
+
+    text = inspect.signature(cli.train).parameters["preset_name"].default.help
+    stmae_part, filtering_part = text.split("; filtering-ae: ")
+    bare = re.sub(r" \([^)]*\)", "", stmae_part.removeprefix("stmae: "))  # the names, without what each is
+    named = set(re.split(r", | and ", bare))
+    assert named == set(STMAE), named ^ set(STMAE)
+    assert set(filtering_part.split(", ")) == set(FILTERING)
 
 
 @pytest.mark.parametrize("args,fragment", [
