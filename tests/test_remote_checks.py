@@ -299,3 +299,10 @@ def test_a_served_model_is_used_as_the_in_process_detector_is(metadata):
         assert maps.shape == (3, *metadata.preprocessing.input_size) and scores.tolist() == [0.5] * 3
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("url", [None, b"http://127.0.0.1:9", 8000])
+def test_a_url_that_is_not_a_string_is_a_config_error(url):
+    """RemoteDetector(None, ...) ended in an AttributeError, a bytes url in a TypeError."""
+    with pytest.raises(ConfigError, match="give http://HOST:PORT or grpc://HOST:PORT as a string"):
+        RemoteDetector(url, "tiny")

@@ -204,7 +204,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         "precision": precision,
         "batch": {"min": batch.min, "opt": batch.opt, "max": batch.max},
         "tensorrt": {"flavour": flavour, "version": trt.__version__},
-        "target": _target(trt, config, flavour),
+        "target": _target(config, flavour),
         "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
         "plan": {"path": out.name, "sha256": sha256_file(out), "size_bytes": out.stat().st_size},
         "build_seconds": round(seconds, 2),
@@ -268,7 +268,7 @@ def _attach_timing_cache(config, cache_path: Path) -> None:
     config.set_timing_cache(cache, ignore_mismatch=False)
 
 
-def _target(trt, config, flavour: str) -> str:
+def _target(config, flavour: str) -> str:
     if flavour == "tensorrt-rtx":
         # Ahead-of-time build: the plan runs on the compute capabilities it was built for.
         count = config.num_compute_capabilities

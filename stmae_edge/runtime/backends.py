@@ -222,7 +222,7 @@ def _gpu_providers(ort, wanted: str, path: Path | str) -> list:
             said.write(first_line(exc))
         if said.getvalue().strip():
             logger.info("onnxruntime.preload_dlls: %s", " | ".join(said.getvalue().split("\n")).strip(" |"))
-    cuda = ("CUDAExecutionProvider", {"use_tf32": "0"} if _version(ort) >= (1, 18) else {})
+    cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})  # the option exists from onnxruntime 1.18, our floor
     if wanted == "CUDAExecutionProvider":
         return [cuda]
     # Next to the model, not in the host program's working directory; a folder per TensorRT version, as
@@ -250,14 +250,6 @@ def _drop_empty_engine_cache(providers: list) -> None:
         if isinstance(provider, tuple) and "trt_engine_cache_path" in provider[1]:
             with contextlib.suppress(OSError):  # not empty: an earlier session's engines, kept
                 Path(provider[1]["trt_engine_cache_path"]).rmdir()
-
-
-def _version(module) -> tuple[int, ...]:
-    parts = []
-    for part in str(getattr(module, "__version__", "0")).split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
 
 
 def _tensorrt_version() -> str:

@@ -81,6 +81,8 @@ class RemoteDetector(ImageScorer):
                 malformed (naming the part).
         """
         self.model = wire.check_model_name(model)
+        if not isinstance(url, str):
+            raise ConfigError(f"server url {url!r}: give http://HOST:PORT or grpc://HOST:PORT as a string")
         scheme, _, address = url.partition("://")
         if scheme not in ("http", "grpc") or not address or "/" in address.rstrip("/"):
             raise ConfigError(f"server url {url!r}: give http://HOST:PORT or grpc://HOST:PORT")
