@@ -214,7 +214,6 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     images = sorted(images) if images is not None else data.recorded_train_images(metadata.training, count)
     if len(images) < batch_size:
         raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
-    data.survey(images, "calibration images")  # every one decoded before calibration starts
     out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
     settings = settings_for(metadata, float_precision, min_weight_elements)
     if settings["float_precision"] == "fp16" and not scoring_nodes(proto):
@@ -301,6 +300,7 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
             small = layers_left_in_float(sizes, settings["min_weight_elements"])
             check_something_quantised(sizes, signal, small, settings, onnx_path)
         excluded = signal + small
+        data.survey(images, "calibration images")  # every one decoded before calibration starts
         with progress_bar("calibrating", len(images)) as advance:
             quantize_static(str(prepared), str(target), Batches(advance), nodes_to_exclude=excluded,
                             quant_format=getattr(QuantFormat, settings["format"]),
