@@ -149,7 +149,7 @@ def train(
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out "
                f"({t['holdout']}){left_out}{head}, "
                f"final loss {t['loss_per_epoch'][-1]:.4f} after {len(t['loss_per_epoch'])} epoch(s), {t['seconds']:.0f}s; "
-               f"threshold {meta.thresholds.image:.4g} ({meta.thresholds.rule}); input shape: {t['aspect']}")
+               f"threshold {meta.thresholds.image:.6g} ({meta.thresholds.rule}); input shape: {t['aspect']}")
     # With --crop the statistics come from crops of the held-out images: count what was scored.
     typer.echo(holdout_check(t["holdout_above_threshold"], meta.score_stats.count, "crops" if cfg.crop else "images",
                              scored=threshold_scoring(t)))
@@ -169,7 +169,7 @@ def evaluate(
     backend: str | None = typer.Option(None, help="how DATA_DIR is scored (default: on the CPU, the same figures "
                                        f"on any machine; a .plan on its GPU): {BACKEND_HELP}"),
 ) -> None:
-    """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the default threshold."""
+    """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the model's threshold."""
     from .evaluation.evaluate import evaluate as run_evaluate
     from .evaluation.evaluate import format_report, write_json
     from .outputs import check_writable
@@ -212,7 +212,7 @@ def demo(
     model_path = workdir / "model.pt"
     typer.echo(f"dataset: {data_dir} (ELPV mono cells; image labels only, no pixel masks)")
     meta = run_train(data_dir, model_path, _model_config("stmae", "small", None), TrainConfig(epochs=epochs))
-    typer.echo(f"trained {model_path} in {meta.training['seconds']:.0f}s; threshold {meta.thresholds.image:.4g}: "
+    typer.echo(f"trained {model_path} in {meta.training['seconds']:.0f}s; threshold {meta.thresholds.image:.6g}: "
                + holdout_check(meta.training["holdout_above_threshold"], meta.score_stats.count,
                                remedy=f"demo --max-train 0: all {DEMO_GOOD_CELLS} good cells",
                                scored=threshold_scoring(meta.training)))
@@ -389,7 +389,7 @@ def report(
     summary = build_report(model, data_dir, out, backend, worst, batch_size)
     point = summary["operating_point"]
     typer.echo(f"wrote {summary['index']}: {point['false_rejects']} false rejects, {point['escapes']} escapes at "
-               f"threshold {point['threshold']:.4g}; open it in a browser (no server needed)")
+               f"threshold {point['threshold']:.6g}; open it in a browser (no server needed)")
     typer.echo(f"next: stmae-edge threshold {model} {data_dir} --max-false-reject 0.01 (or --min-recall 0.95) --write")
 
 
@@ -435,7 +435,7 @@ def predict(
     scored = len(summary["results"])
     info = summary["runtime"]
     typer.echo(f"{scored} scored: {summary['failed']} fail, {scored - summary['failed']} pass "
-               f"(image threshold {summary['thresholds']['image']:.4g}); {summary['unreadable']} not scored (error lines); "
+               f"(image threshold {summary['thresholds']['image']:.6g}); {summary['unreadable']} not scored (error lines); "
                f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}"
                + (f" and {scored} overlays ({out}/<name>.png)" if overlays and scored else "")
                + (f"; removed {summary['replaced_overlays']} overlays of the earlier run there"

@@ -64,6 +64,7 @@ def test_the_image_threshold_rests_on_every_good_images_cross_fitted_score(train
     assert ScoreStats.from_scores(scores).mean == pytest.approx(loaded.score_stats.mean, rel=1e-5)
     assert ScoreStats.from_scores(scores).std == pytest.approx(loaded.score_stats.std, rel=1e-5)
     assert loaded.training["holdout_above_threshold"] == int((scores > loaded.thresholds.image).sum())
+    assert loaded.training["threshold_scores"] == len(goods)  # every good image's, not the held-out count
     assert loaded.thresholds.rule.startswith("mean + 3 * std of cross-fitted good image scores")
     torch.testing.assert_close(fresh.score_scale_stats, model.score_scale_stats)
     torch.testing.assert_close(fresh.score_precision, model.score_precision)
@@ -86,6 +87,7 @@ def test_without_score_folds_the_held_out_images_give_the_statistics(synthetic_d
     assert loaded.score_stats.count == len(holdout) and "score_head" not in meta.training
     assert ScoreStats.from_scores(scores).mean == pytest.approx(loaded.score_stats.mean, rel=1e-5)
     assert loaded.training["holdout_above_threshold"] == int((scores > loaded.thresholds.image).sum())
+    assert loaded.training["threshold_scores"] == len(holdout)
     assert loaded.thresholds.rule.startswith("mean + 3 * std of held-out good image scores")
 
 

@@ -46,8 +46,10 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     assert {"image_auroc", "pixel_auroc", "aupro", "f1", "per_defect_type"} <= set(result)
     assert set(result["per_defect_type"]) == {"scratch"}
     assert "image AUROC" in r.stdout and f"wrote {report}" in r.stdout and "next: stmae-edge report" in r.stdout
-    failed = round(100 * result["false_reject_rate"], 1)
-    assert f"good images failed {failed}% of 6" in r.stdout
+    failed = round(result["false_reject_rate"] * 6)
+    assert f"good images failed {failed} of 6 ({100 * result['false_reject_rate']:.1f}%)" in r.stdout
+    assert f"the model's threshold {result['threshold']:.6g} (mean + 3 * std of " in r.stdout
+    assert result["threshold_rule"].startswith("mean + 3 * std of ")
     r = run("info", str(model))
     assert r.returncode == 0 and json.loads(r.stdout)["thresholds"]["image"] > 0
     assert json.loads(r.stdout)["preprocessing"]["bit_depth"] == 12

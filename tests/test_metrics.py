@@ -45,11 +45,13 @@ def test_f1_at_threshold_hand_computed():
     assert r["f1"] == pytest.approx(4 / 7)
 
 
-def test_f1_zero_over_zero_is_zero():
+def test_zero_over_zero_is_undefined_not_zero_and_f1_is_zero():
+    """evaluate printed precision 0.0 where nothing was flagged (threshold and report said n/a): 0.0
+    reads as "every flagged part was good"."""
     r = f1_at_threshold([1, 0], [0.1, 0.2], 0.9)  # nothing predicted anomalous
-    assert r == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-    r = f1_at_threshold([0, 0], [0.1, 0.2], 0.0)  # no anomalous image at all
-    assert r == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert r == {"precision": None, "recall": 0.0, "f1": 0.0}
+    r = f1_at_threshold([0, 0], [0.1, 0.2], 0.0)  # no anomalous image at all: everything flagged is good
+    assert r == {"precision": 0.0, "recall": None, "f1": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------------

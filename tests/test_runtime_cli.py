@@ -278,6 +278,21 @@ def test_overlay_for_16_bit_and_alpha_images():
     assert detections[0].is_anomalous and len(detections[0].regions) == 1 and not detections[1].regions
 
 
+def test_the_overlay_says_the_score_against_the_threshold_it_was_judged_by():
+    """A threshold chosen below the good scores' mean (`threshold --min-recall`): a failed image and a
+    passed one both read "-0.1 sd", which said nothing of the verdict."""
+    from stmae_edge.runtime.overlay import verdict_label
+    from stmae_edge.runtime.postprocess import postprocess
+    from stmae_edge.scoring import ScoreStats, Thresholds
+
+    stats = ScoreStats(10, 0.117, 1.037, -1.0, 2.0, 0.1, 1.8, 1.9)
+    maps = np.zeros((2, 8, 8), np.float32)
+    failed, passed = postprocess(maps, np.array([0.0101, -0.0027], np.float32), [(8, 8), (8, 8)], ["a", "b"],
+                                 Thresholds(0.004, 0.004), stats)
+    assert round(failed.normalized_score, 1) == round(passed.normalized_score, 1) == -0.1
+    assert verdict_label(failed) == "FAIL 0.0101 > 0.004" and verdict_label(passed) == "PASS -0.0027 <= 0.004"
+
+
 def test_the_overlay_boxes_a_region_under_the_pixel_threshold_in_its_own_colour():
     from stmae_edge.runtime.overlay import FAIL_COLOR, LOOK_COLOR, render_overlay
     from stmae_edge.runtime.postprocess import postprocess

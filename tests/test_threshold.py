@@ -56,6 +56,9 @@ def test_sigma_rule_intervals_and_description():
     assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
     low, high = wilson_interval(5, 10)
     assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    # exactly 0 and 1 at the ends (the report's JSON showed 2.7755575615628914e-17)
+    assert [wilson_interval(0, n)[0] for n in (3, 190, 2500)] == [0.0] * 3
+    assert [wilson_interval(n, n)[1] for n in (3, 190, 2500)] == [1.0] * 3
     text = point.describe()
     assert "29 of 100 good images" in text and "95% CI" in text and "mean + 3 * std" in text
     assert json.loads(json.dumps(point.to_dict()))["intervals_95"]["recall"][1] <= 1.0

@@ -1,5 +1,5 @@
 """Evaluation on an MVTec AD-layout test set: image/pixel AUROC, AUPRO, per defect type, F1 at the
-default threshold. Maps and masks are compared at the model's input resolution."""
+model's threshold. Maps and masks are compared at the model's input resolution."""
 
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16,
     result["model"] = str(model_path)
     result["data_dir"] = str(data_dir)
     result["model_hash"] = metadata.model_hash
+    result["threshold_rule"] = metadata.thresholds.rule  # the default rule's, or the one `threshold --write` stored
     result["backend"] = scored.detector.info["backend"]
     return result
 
@@ -76,9 +77,11 @@ def format_report(result: dict) -> str:
                      f"{pct(m['aupro']):>9s} {m['n_images']:6d}")
     if result["threshold"] is not None:
         n_good = result["n_images"] - result["n_anomalous"]
-        lines.append(f"default threshold {result['threshold']:.4g}: F1 {pct(result['f1'])}, "
-                     f"precision {pct(result['precision'])}, recall {pct(result['recall'])}, "
-                     f"good images failed {pct(result.get('false_reject_rate')).strip()}% of {n_good}")
+        failed = round((result.get("false_reject_rate") or 0.0) * n_good)
+        rule = f" ({result['threshold_rule']})" if result.get("threshold_rule") else ""
+        lines.append(f"the model's threshold {result['threshold']:.6g}{rule}: F1 {pct(result['f1']).strip()}, "
+                     f"precision {pct(result['precision']).strip()}, recall {pct(result['recall']).strip()}, "
+                     f"good images failed {failed} of {n_good} ({pct(result.get('false_reject_rate')).strip()}%)")
     against = {name: m["pixel_auroc_against"] for name, m in result["per_defect_type"].items()
                if m.get("pixel_auroc_against")}
     if against:

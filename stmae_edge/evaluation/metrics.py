@@ -75,17 +75,19 @@ def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
     return _auc_from_classes(s[y].copy(), s[~y].copy())  # the pixel AUROC's one definition, ties counted half
 
 
-def f1_at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, float]:
-    """Precision, recall and F1 of the decision ``score > threshold`` (0/0 is taken as 0.0)."""
+def f1_at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, float | None]:
+    """Precision, recall and F1 of the decision ``score > threshold``. Precision is None where no image
+    is flagged and recall None where there is no defective image (0/0: undefined, as `threshold` and
+    `report` say "n/a"); F1 is 0.0 where either is 0 or undefined."""
     y, s = _scores_1d(labels, scores)
     return _precision_recall_f1(evaluate_threshold(threshold, s[~y], s[y], rule=""))
 
 
-def _precision_recall_f1(point: OperatingPoint) -> dict[str, float]:
-    precision = 0.0 if math.isnan(point.precision) else point.precision
-    recall = 0.0 if math.isnan(point.recall) else point.recall
-    f1 = 2.0 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+def _precision_recall_f1(point: OperatingPoint) -> dict[str, float | None]:
+    precision, recall = metric_or_none(point.precision), metric_or_none(point.recall)
+    p, r = precision or 0.0, recall or 0.0
+    f1 = 2.0 * p * r / (p + r) if p + r else 0.0
+    return {"precision": precision, "recall": recall, "f1": float(f1)}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float,
     p = successes / total
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exactly 0 and 1 at the ends, where rounding would leave 2.8e-17 and 0.9999999999999999
+    return (0.0 if successes == 0 else max(0.0, centre - half)), (1.0 if successes == total else min(1.0, centre + half))
 
 
 # Above this 95% upper bound on the false-reject rate, `train` advises on its threshold (with none of

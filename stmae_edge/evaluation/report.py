@@ -125,7 +125,7 @@ def _histogram(plt, scored: ScoredDataset, threshold: float, path: Path) -> str:
     axis.hist(scored.good_scores, bins=bins, alpha=0.6, label=f"good ({scored.good_scores.size})", color="tab:blue")
     axis.hist(scored.defect_scores, bins=bins, alpha=0.6, label=f"defective ({scored.defect_scores.size})",
               color="tab:red")
-    axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    axis.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.6g}")
     axis.set_xlabel("image score (raw units)")
     axis.set_ylabel("images")
     axis.legend()

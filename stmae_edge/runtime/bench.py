@@ -65,7 +65,7 @@ def bench_images(detector: Detector, folder=None, count: int = 32, seed: int = 0
     preprocess), or of the input size for a model that records no training sizes."""
     from ..data import images_in, recorded_train_images
     from ..errors import DatasetError
-    from ..preprocessing import load_image
+    from ..preprocessing import TrainedSizes, load_image
 
     if folder is not None:
         paths, what = images_in(folder)[:count], f"images from {folder}"
@@ -79,8 +79,7 @@ def bench_images(detector: Detector, folder=None, count: int = 32, seed: int = 0
             paths = []
     if paths:
         images = [load_image(p) for p in paths]
-        sizes = sorted({im.shape[:2] for im in images})
-        return images, f"{len(images)} {what}, {sizes[0][1]}x{sizes[0][0]} to {sizes[-1][1]}x{sizes[-1][0]} px"
+        return images, f"{len(images)} {what} ({TrainedSizes.of([im.shape[:2] for im in images]).describe()})"
     if folder is not None:
         raise DatasetError(f"{folder}: no images to benchmark with")
     height, width = detector.preprocessing.input_size

@@ -36,8 +36,16 @@ def render_overlay(image: np.ndarray, detection: Detection, stats: ScoreStats, a
         cv2.rectangle(out, (region.x, region.y), (region.x + region.width - 1, region.y + region.height - 1),
                       FAIL_COLOR if region.above_pixel_threshold else LOOK_COLOR, thickness)
     color = FAIL_COLOR if detection.is_anomalous else PASS_COLOR
-    label = f"{'FAIL' if detection.is_anomalous else 'PASS'} {detection.normalized_score:+.1f} sd"
+    label = verdict_label(detection)
     scale = max(0.4, max(out.shape[:2]) / 800)
     cv2.putText(out, label, (4, int(22 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2)
     cv2.putText(out, label, (4, int(22 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, color, thickness)
     return out
+
+
+def verdict_label(detection: Detection) -> str:
+    """The overlay's words: the verdict, and the score against the threshold it was judged by (a z-score
+    alone does not say which side it is on where the threshold was chosen by another rule)."""
+    if detection.is_anomalous:
+        return f"FAIL {detection.score:.6g} > {detection.image_threshold:.6g}"
+    return f"PASS {detection.score:.6g} <= {detection.image_threshold:.6g}"

@@ -280,6 +280,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             # good image's) the image threshold fails: with score_stats.count, how far it can be trusted
             # (evaluation.operating_point.holdout_check).
             "holdout_above_threshold": int(np.count_nonzero(fails(holdout_scores, thresholds.image))),
+            "threshold_scores": int(len(holdout_scores)),  # of how many: every good image's, where cross-fitted
             "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
             "aspect": aspect_reason,
             **provenance,
