@@ -46,6 +46,8 @@ def use_available_cores() -> None:
 
 
 BACKEND_HELP = backend_help()  # from the runtime's table of backends
+SCORING_BACKEND_HELP = ("how DATA_DIR is scored (default: on the CPU, the same figures on any machine, as evaluate, "
+                        f"threshold and report share; a .plan on its GPU): {BACKEND_HELP}")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.")
@@ -166,8 +168,7 @@ def evaluate(
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses test/ and ground_truth/)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
     batch_size: int = typer.Option(BATCH_SIZE, min=1),
-    backend: str | None = typer.Option(None, help="how DATA_DIR is scored (default: on the CPU, the same figures "
-                                       f"on any machine; a .plan on its GPU): {BACKEND_HELP}"),
+    backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
 ) -> None:
     """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the model's threshold."""
     from .evaluation.evaluate import evaluate as run_evaluate
@@ -325,7 +326,7 @@ def threshold(
     sigma: float | None = typer.Option(None, help="mean + SIGMA * std of the model's good scores (held-out or "
                                          "cross-fitted, as training recorded)"),
     write: bool = typer.Option(False, "--write", help="store the threshold (image and pixel) and its rule in MODEL"),
-    backend: str = typer.Option("auto", help=f"how DATA_DIR is scored: {BACKEND_HELP}"),
+    backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
     batch_size: int = typer.Option(16, min=1),
 ) -> None:
     """Choose the image threshold that meets a target on validation data; print what it costs there."""
@@ -380,7 +381,7 @@ def report(
     data_dir: Path = typer.Argument(..., help="labelled set in the MVTec AD layout (DATA_DIR/test, ground_truth)"),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="folder for index.html, its plots and cases"),
     worst: int = typer.Option(8, min=0, help="missed defects and false rejects to show, each"),
-    backend: str = typer.Option("auto", help=f"how DATA_DIR is scored: {BACKEND_HELP}"),
+    backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
     batch_size: int = typer.Option(16, min=1),
 ) -> None:
     """One HTML page: score histograms, ROC and PRO curves, per-type escapes, the worst cases, the model."""

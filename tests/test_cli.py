@@ -312,3 +312,17 @@ def test_running_out_of_memory_is_one_line_that_says_what_to_do(monkeypatch, cap
     lines = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and len(lines) == 1
     assert lines[0].startswith("error: out of memory") and "--max-images" in lines[0]
+
+
+def test_evaluate_threshold_and_report_score_with_the_same_default_backend():
+    """threshold and report took `auto` (the GPU on a GPU machine) where evaluate took the CPU: a threshold
+    chosen from other scores than those evaluate reports."""
+    import inspect
+
+    from stmae_edge import cli
+    from stmae_edge.evaluation.validation import EVALUATION_BACKENDS
+
+    defaults = {name: inspect.signature(getattr(cli, name)).parameters["backend"].default.default
+                for name in ("evaluate", "threshold", "report")}
+    assert defaults == {"evaluate": None, "threshold": None, "report": None}
+    assert EVALUATION_BACKENDS == {"checkpoint": "torch-cpu", "onnx": "ort-cpu", "plan": "tensorrt"}

@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import data
-from ..model_files import file_kind_of, read_metadata
+from ..model_files import read_metadata
 from ..outputs import check_writable, write_bytes_atomically
 from .metrics import percent_text, summarize
 from .validation import score_dataset
-
-EVALUATION_BACKENDS = {"checkpoint": "torch-cpu", "onnx": "ort-cpu", "plan": "tensorrt"}
 
 
 def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16, backend: str | None = None) -> dict:
@@ -26,7 +24,7 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16,
         data_dir: a labelled set in the MVTec AD layout (DATA_DIR/test/<type>, masks in ground_truth/).
         batch_size: images scored at once.
         backend: a runtime backend (runtime.BACKEND_KINDS) or "auto"; None: the file kind's CPU backend
-            (EVALUATION_BACKENDS; a plan on its GPU), for the same figures on any machine.
+            (validation.EVALUATION_BACKENDS; a plan on its GPU), for the same figures on any machine.
 
     Returns:
         metrics.summarize's dictionary: image / pixel AUROC, AUPRO, F1 at the model's threshold, and the
@@ -38,9 +36,8 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16,
         CheckpointError, EngineMismatchError: an unreadable or modified model file.
         ConfigError: not a model file type. BackendError: a plan where TensorRT or its GPU is missing.
     """
-    # Every kind of file through the runtime, as `threshold` and `report` score a set: the same numbers
-    # on any machine (the CPU backends), a plan on its GPU. A checkpoint needs torch, the rest do not.
-    backend = backend or EVALUATION_BACKENDS[file_kind_of(model_path)]
+    # Every kind of file through the runtime, as `threshold` and `report` score a set (by default on the
+    # CPU: validation.EVALUATION_BACKENDS). A checkpoint needs torch, the rest do not.
     metadata = read_metadata(model_path)  # the model file is checked before any data is read
     samples = data.eval_samples(data_dir)
     scored = score_dataset(model_path, data_dir, backend, batch_size, description="evaluating", samples=samples)

@@ -38,7 +38,7 @@ CASE_SIDE = 320  # pixels: the longer side of each case picture on the page
 OUTLINE = (255, 255, 255)  # ground truth, drawn over the overlay (BGR)
 
 
-def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backend: str = "auto",
+def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backend: str | None = None,
                  worst: int = 8, batch_size: int = 16) -> dict:
     """Score DATA_DIR/test with MODEL and write OUT/index.html with its plots and cases.
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import data
+from ..model_files import file_kind_of
 from ..preprocessing import declared_image_size
 from ..progress import progress_bar
 from ..scoring import map_maxima
@@ -44,10 +45,16 @@ class ScoredDataset:
         return map_maxima(self.maps)
 
 
-def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto", batch_size: int = 16,
+# What scores a labelled set unless a backend is named: the CPU backend of each kind of file (a plan on
+# its GPU), so that evaluate, threshold and report give the same figures on any machine, and choose a
+# threshold from the scores that evaluate reports.
+EVALUATION_BACKENDS = {"checkpoint": "torch-cpu", "onnx": "ort-cpu", "plan": "tensorrt"}
+
+
+def score_dataset(model: Path | str, data_dir: Path | str, backend: str | None = None, batch_size: int = 16,
                   description: str = "scoring", samples: list[data.EvalSample] | None = None) -> ScoredDataset:
     """Every image under DATA_DIR/test through a Detector (`samples`: data.eval_samples(data_dir), where
-    the caller has read them already).
+    the caller has read them already; `backend` None: EVALUATION_BACKENDS's for the file).
 
     Raises:
         DatasetError: no test images, or test images or masks that cannot be read (all of them named,
@@ -55,7 +62,7 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str = "auto"
     """
     from ..runtime import Detector
 
-    detector = Detector(model, backend, batch_size=batch_size)
+    detector = Detector(model, backend or EVALUATION_BACKENDS[file_kind_of(model)], batch_size=batch_size)
     if samples is None:
         samples = data.eval_samples(data_dir, both_classes=False)
     # Every image and mask decoded first: one that cannot be read stops the run here, all of them named,
