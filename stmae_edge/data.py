@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +195,14 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
 
 
 def files_by_name(folder: Path) -> dict[str, Path]:
-    """The files of `folder` by lower-case name (none where it is missing)."""
-    return {p.name.lower(): p for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+    """The files of `folder` by name_key (none where it is missing)."""
+    return {name_key(p.name): p for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+
+
+def name_key(name: str) -> str:
+    """A file name as matched: lower case, Unicode composed (macOS writes "é" as e and an accent, other
+    systems as one character, so an image and its mask named alike could differ byte for byte)."""
+    return unicodedata.normalize("NFC", name).lower()
 
 
 def find_mask(by_name: dict[str, Path], image: Path) -> Path | None:
@@ -204,7 +211,7 @@ def find_mask(by_name: dict[str, Path], image: Path) -> Path | None:
     suffixes = [".png", *sorted(IMAGE_SUFFIXES - {".png"})]
     for pattern in MASK_NAMES:
         for suffix in suffixes:
-            candidate = by_name.get((pattern.format(name=image.stem) + suffix).lower())
+            candidate = by_name.get(name_key(pattern.format(name=image.stem) + suffix))
             if candidate is not None:
                 return candidate
     return None

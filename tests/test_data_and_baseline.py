@@ -311,3 +311,18 @@ def test_a_stray_size_an_enlarged_image_and_a_squashed_strip_are_said(tmp_path, 
     with caplog.at_level("WARNING"):
         warn_about_sizes({p: size for p, size in sizes.items() if p.stem.isdigit()}, 64, keep_aspect=False)
     assert not caplog.text
+
+
+def test_a_mask_is_found_whether_its_name_is_written_composed_or_decomposed(tmp_path):
+    """An image named "défaut.png" (é as one character) and its mask written by macOS (e and an accent):
+    the mask was "not found", though the warning printed a name that looked identical."""
+    import unicodedata
+
+    root = make_synthetic_dataset(tmp_path / "d", n_train=4, n_good=1, n_bad=1, size=32)
+    image = root / "test" / "scratch" / "000.png"
+    image.rename(image.with_name(unicodedata.normalize("NFC", "défaut.png")))
+    mask = root / "ground_truth" / "scratch" / "000_mask.png"
+    mask.rename(mask.with_name(unicodedata.normalize("NFD", "défaut_mask.png")))
+    samples = data.eval_samples(root)
+    assert data.has_masks(samples) and [s.mask_path.name for s in samples if s.mask_path] == [
+        unicodedata.normalize("NFD", "défaut_mask.png")]
