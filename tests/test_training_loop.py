@@ -71,3 +71,36 @@ def test_a_diverging_loss_stops_training_with_what_to_do():
                                             r"\(this run: 0.5\)"):
         optimize(model, 100, TrainConfig(epochs=5, batch_size=10, lr=0.5), loss_of)
     assert len(steps) == 3 and all(torch.isfinite(p).all() for p in model.parameters())  # not stepped on it
+
+
+def test_the_memory_estimate_follows_the_measured_peaks_and_warns_before_training(synthetic_dataset, tmp_path,
+                                                                                   monkeypatch, caplog):
+    """A folder too large for the machine ran out of memory after the backbone pass and the transformer's
+    minutes; the estimate is said first, from the features kept per image."""
+    from stmae_edge.models.stmae import STMAE, preset
+    from stmae_edge.training import memory
+    from stmae_edge.training.train import TrainConfig, train
+
+    default = STMAE(preset("small"), backbone_weights="random")
+    kept = memory.kept_bytes_per_image(default, (256, 256))
+    assert kept == 2 * (176 * 32 * 32 + 344 * 16 * 16)
+    # the default preset's measured peaks (docs/BENCHMARKS.md, "Training memory on large folders")
+    for images, measured_gb in ((640, 3.61), (1280, 4.66)):
+        assert abs(memory.peak_bytes(images, kept) / 1e9 - measured_gb) < 0.1 * measured_gb
+    assert memory.available_bytes() is None or memory.available_bytes() > 0
+    kept_tiny = memory.kept_bytes_per_image(STMAE(preset("tiny"), backbone_weights="random"), (64, 64))
+    for available, said in ((2.7e9, None),
+                            (memory.PEAK_BASE_BYTES + memory.PEAK_PER_KEPT * kept_tiny * 10.5,
+                             "2.6 GB is available: it is likely to run out after the backbone pass; train on fewer "
+                             "(--max-images 10) or on a machine with more memory"),
+                            (2.0e9, "2.0 GB is available: it is likely to run out after the backbone pass; train on "
+                                    "a machine with more memory")):
+        monkeypatch.setattr(memory, "available_bytes", lambda available=available: int(available))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"), TrainConfig(epochs=1, max_steps=1),
+                  backbone_weights="random")
+        if said is None:
+            assert "of memory at its peak" not in caplog.text
+        else:
+            assert f"training on 24 images needs about 2.6 GB of memory at its peak and {said}" in caplog.text

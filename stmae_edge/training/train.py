@@ -39,6 +39,7 @@ from .corruption import corrupt
 from .filtering import DONORS, train_filtering
 from .image_set import choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
 from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
+from .memory import kept_bytes_per_image, warn_if_short
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +314,9 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
     cross-fitted image scores returned (else None: the head from the training images, its scales from
     the held-out ones)."""
     model = STMAE(model_config, backbone_weights=backbone_weights)
+    # said before the backbone pass: every good image's features (and corrupted copies') are kept
+    kept_sets = len(items) + len(holdout) + (cfg.corruptions_per_image * len(items) if cfg.self_supervised else 0)
+    warn_if_short(kept_sets, kept_bytes_per_image(model, preprocessing.input_size))
     if model_config.intensity_norm:
         fit_intensity_target(model, preprocessing, items)
     features, score_features = extract_feature_pairs(model, preprocessing, items, description="backbone features")

@@ -1,0 +1,71 @@
+"""How much memory ST-MAE training will need at its peak, said before the backbone pass starts.
+
+    the features kept for every good image (backbone and score-head features, fp16; a probe of one image)
+      x PEAK_PER_KEPT + PEAK_BASE_BYTES                      (measured, docs/BENCHMARKS.md)
+    against what this machine, or the container it runs in, has available
+
+Running out of memory ends training in one line (cli.py), but only after the backbone pass and the
+transformer's minutes; a folder too large for the machine is better said before either.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Peak resident memory of the default preset grew by 1.64 MB per good image for 0.54 MB of features
+# kept, from 2.6 GB (640 and 1,280 images: 3.61 and 4.66 GB; BENCHMARKS "Training memory on large folders")
+PEAK_PER_KEPT = 3.05
+PEAK_BASE_BYTES = 2.6e9
+GB = 1e9
+MIN_IMAGES = 4  # what training takes at least (data.train_images)
+
+
+@torch.no_grad()
+def kept_bytes_per_image(model, input_size: tuple[int, int]) -> int:
+    """The bytes of features training keeps for each image: one image's through the frozen backbone."""
+    features, score_features = model.extract_with_score(torch.zeros(1, 3, *input_size))
+    return 2 * (features.numel() + (score_features.numel() if score_features is not None else 0))  # fp16
+
+
+def peak_bytes(images: int, kept_per_image: int) -> float:
+    """Estimated peak resident memory of training on `images` feature sets of `kept_per_image` bytes."""
+    return PEAK_BASE_BYTES + PEAK_PER_KEPT * kept_per_image * images
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still take: the system's MemAvailable, or less where a container's limit
+    (cgroup v2 or v1) leaves less; None where neither can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = (Path(name).read_text().strip() for name in (limit_file, usage_file))
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:  # "max", or v1's "no limit"
+            found.append(max(0, int(limit) - int(usage)))
+    return min(found) if found else None
+
+
+def warn_if_short(images: int, kept_per_image: int) -> None:
+    """A warning where the estimated peak exceeds the memory available, with the --max-images that fits."""
+    have = available_bytes()
+    need = peak_bytes(images, kept_per_image)
+    if have is None or need <= have:
+        return
+    fits = int((have - PEAK_BASE_BYTES) / (PEAK_PER_KEPT * kept_per_image))
+    fewer = f"train on fewer (--max-images {fits}) or" if fits >= MIN_IMAGES else "train"
+    logger.warning("training on %d images needs about %.1f GB of memory at its peak and %.1f GB is available: it "
+                   "is likely to run out after the backbone pass; %s on a machine with more memory", images,
+                   need / GB, have / GB, fewer)
