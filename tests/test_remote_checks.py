@@ -306,3 +306,19 @@ def test_a_url_that_is_not_a_string_is_a_config_error(url):
     """RemoteDetector(None, ...) ended in an AttributeError, a bytes url in a TypeError."""
     with pytest.raises(ConfigError, match="give http://HOST:PORT or grpc://HOST:PORT as a string"):
         RemoteDetector(url, "tiny")
+
+
+def test_an_output_of_a_datatype_the_client_does_not_read_is_refused_in_json_replies_too(metadata):
+    """A JSON reply's unknown datatype was read as float32 without a word (a binary one was refused)."""
+    def infer(batch):
+        outputs = network_outputs(metadata, batch)
+        return {"outputs": [{"name": name, "datatype": "FP8" if name == wire.SCORE else "FP32",
+                             "shape": list(array.shape), "data": array.ravel().tolist()}
+                            for name, array in outputs.items()]}
+    server = repo_server(metadata, infer=infer)
+    try:
+        remote = RemoteDetector(server.url, "tiny")
+        with pytest.raises(RemoteError, match="answered with datatype FP8, which this client does not read"):
+            remote.predict(frames(metadata, 2))
+    finally:
+        server.close()

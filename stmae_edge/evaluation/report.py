@@ -203,7 +203,9 @@ def _cases(scored: ScoredDataset, with_masks: bool, worst: int, folder: Path) ->
                 base = display_image(image, detector.preprocessing.bit_depth)
                 stem = f"{kind}-{rank:02d}"
                 for suffix, picture in (("image", base), ("overlay", overlay)):
-                    _, png = cv2.imencode(".png", _fit(picture))
+                    ok, png = cv2.imencode(".png", _fit(picture))
+                    if not ok:  # as predict does: a page without the picture it names would mislead
+                        raise OutputError(f"cannot encode the {suffix} of {sample.path} for the report")
                     write_bytes_atomically(folder / f"{stem}-{suffix}.png", png.tobytes(), follow_links=False)
                 out[kind].append({"source": str(sample.path), "type": sample.defect_type, "score": float(scored.scores[i]),
                                   "normalized": float(detection.normalized_score), "regions": len(detection.regions),

@@ -363,9 +363,12 @@ def _from_bytes(datatype: str, raw: bytes, shape: list[int]) -> np.ndarray:
 
 
 def _from_json(output: dict, shape: list[int]) -> np.ndarray:
-    if output["datatype"] == "BYTES":
+    datatype = output["datatype"]
+    if datatype == "BYTES":
         return np.array([str(x).encode() for x in output["data"]], dtype=object).reshape(shape)
-    return np.asarray(output["data"], dtype=DATATYPES.get(output["datatype"], np.float32)).reshape(shape)
+    if datatype not in DATATYPES:  # as the binary reply's reader says, not read as float32 without a word
+        raise RemoteError(f"the server answered with datatype {datatype}, which this client does not read")
+    return np.asarray(output["data"], dtype=DATATYPES[datatype]).reshape(shape)
 
 
 def _server_message(exc: urllib.error.HTTPError) -> str:
