@@ -40,7 +40,23 @@ def elpv_root() -> Path:
 
 def prepare_elpv(out: Path | str, cell_type: str = "mono", test_good_fraction: float = 0.2,
                  max_train: int = 0, max_defective: int = 0, seed: int = 0) -> Path:
-    """Link (or copy) ELPV images into out/train/good, out/test/good, out/test/defective."""
+    """Link (or copy) ELPV images into out/train/good, out/test/good, out/test/defective.
+
+    Args:
+        out: the view's folder; one the demo made before is rebuilt, any other existing one refused.
+        cell_type: "mono" or "poly" cells.
+        test_good_fraction: the share of defect-free cells held out for the test set.
+        max_train: at most this many good training cells (0: all).
+        max_defective: at most this many defective test cells (0: all).
+        seed: the draw of test cells and of the capped ones.
+
+    Returns:
+        `out`, laid out in the MVTec AD layout.
+
+    Raises:
+        DatasetError: elpv-dataset is not installed, or has no cells of `cell_type`.
+        OutputError: `out` exists and is not a view the demo made, or cannot be written.
+    """
     src = elpv_root()
     rows = np.genfromtxt(src / "labels.csv", dtype=["U32", "f8", "U8"], names=["path", "prob", "type"])
     rows = rows[rows["type"] == cell_type]

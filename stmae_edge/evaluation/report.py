@@ -43,11 +43,21 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
     """Score DATA_DIR/test with MODEL and write OUT/index.html with its plots and cases.
 
     Args:
+        model: a .pt, .onnx or .plan file.
+        data_dir: a labelled set in the MVTec AD layout (DATA_DIR/test/<type>, masks in ground_truth/).
+        out: the report's folder (not inside DATA_DIR).
+        backend: a runtime backend, or None: the file kind's CPU backend (validation.EVALUATION_BACKENDS).
         worst: missed defects and false rejects shown, each (the worst first).
+        batch_size: images scored at once.
+
+    Returns:
+        The summary written as OUT/summary.json.
 
     Raises:
-        ConfigError: matplotlib is not installed (pip install 'stmae-edge[report]'), or `worst` < 0;
-            and the typed errors of the model, data and output readers.
+        ConfigError: matplotlib is not installed (pip install 'stmae-edge[report]'), or `worst` < 0.
+        OutputError: OUT lies inside DATA_DIR, or cannot be written.
+        DatasetError: no test images, or test images or masks that cannot be read; and the typed errors
+            of the model file readers.
     """
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
         raise ConfigError(f"--worst {worst!r} must be a whole number >= 0")

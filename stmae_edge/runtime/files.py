@@ -105,7 +105,21 @@ def replaceable(out: Path, earlier_overlays: dict[str, str]) -> Callable[[str], 
 def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, overlays: bool = True,
                       advance: Callable[[int], None] | None = None, image_threshold: float | None = None,
                       pixel_threshold: float | None = None, sigma: float | None = None) -> dict:
-    """Score `paths` in batches; write OUT/results.json and OUT/<stem>.png. Returns the summary."""
+    """Score `paths` in batches; write OUT/results.json and OUT/<stem>.png. Returns the summary.
+
+    Args:
+        detector: the model, opened.
+        paths: image files (expand_inputs turns folders into them); unreadable ones are reported in the
+            summary's `errors` and skipped.
+        out: the output folder, not the folder of any input.
+        overlays: write a heatmap overlay per image.
+        advance: called with the number of files done after each batch (a progress bar).
+        image_threshold, pixel_threshold, sigma: thresholds for this run instead of the model's
+            (postprocess.resolve_thresholds).
+
+    Raises:
+        OutputError: `out` is an input's folder, or cannot be written. ConfigError: bad thresholds.
+    """
     chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma,
                                 detector.map_stats, threshold_scoring(detector.metadata.training))
     check_output_folder(out, paths)

@@ -33,6 +33,15 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
                      max_queue_delay_us: int = 2000, instances: int = 1, cpu: bool = False) -> Path:
     """Write OUT/NAME/{config.pbtxt, 1/model.*}; returns OUT/NAME.
 
+    Args:
+        model: an .onnx file, or a .plan built by full TensorRT (with its sidecar).
+        out: the model repository's folder.
+        name: the model's name in Triton (default: the file's stem).
+        max_batch: the largest batch Triton forms (capped by a plan's profile).
+        max_queue_delay_us: how long Triton waits for more requests to fill a batch.
+        instances: model instances.
+        cpu: run an .onnx on Triton's CPU (ONNX Runtime's CPU provider) instead of a GPU.
+
     Raises:
         ConfigError: an unknown file type, a plan built by TensorRT for RTX, --cpu with a plan, bad numbers.
         OutputError: OUT/NAME exists already. CheckpointError, EngineMismatchError: not a usable model.

@@ -147,9 +147,12 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "12
         name: the Triton model name (default: the file's stem).
         address: where the HTTP, gRPC and metrics endpoints listen (127.0.0.1: this machine only; 0.0.0.0:
             every interface, which the README says how to protect).
+        http_port, grpc_port, metrics_port: the endpoints' ports.
         max_batch: the largest batch Triton forms from queued requests (capped by the model's profile).
         max_queue_delay_us: how long Triton waits for more requests to fill a batch.
         instances: model instances, each with its own Detector (for a GPU, or more CPU cores).
+        backend: the runtime backend each instance's Detector opens ("auto" or a name of BACKEND_KINDS).
+        threads: ONNX Runtime CPU threads per instance (0: its default).
 
     Raises:
         BackendError: PyTriton is missing or the server did not start. ConfigError: a bad argument.
