@@ -385,7 +385,8 @@ def check_image(array: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXE
         low, high = float(array.min()), float(array.max())
         if low < -0.01 or high > 1.01:
             raise InvalidImageError(f"{source}: float pixels range {low:g}..{high:g}; float images must be "
-                                    "in [0, 1] (or pass uint8/uint16 arrays)")
+                                    "in [0, 1] (values of 0..255 or 0..65535: store or pass them as 8- or 16-bit "
+                                    "integers)")
 
 
 def mirror_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
