@@ -271,7 +271,7 @@ def build(
     out: Path | None = typer.Option(None, "--out", "-o", help="plan file (default: engines/NAME.PRECISION.plan)"),
     compute_capability: str = typer.Option("", help="TensorRT for RTX: the GPUs' compute capabilities to build "
                                            "for, comma-separated ('current': this machine's GPU); default: its "
-                                           "set, 8.0, 8.6, 8.9, 12.0 and later. Turing (7.5), data-centre GPUs "
+                                           "set, 8.0, 8.6, 8.9, 12.0, 12.1. Turing (7.5), data-centre GPUs "
                                            "and Jetson need full TensorRT"),
 ) -> None:
     """Build a TensorRT engine plan (TensorRT if installed, else TensorRT for RTX) with a JSON sidecar."""
@@ -343,7 +343,7 @@ def threshold(
     labels = [s.label for s in samples]
     check_support(max_false_reject, min_recall, labels.count(0), labels.count(1), str(data_dir))
     scored = score_dataset(model, data_dir, backend, batch_size, description="scoring the validation set",
-                           samples=samples)
+                           samples=samples, masks=False)  # image scores only: its masks are not read
     point = choose(scored.good_scores, scored.defect_scores, max_false_reject=max_false_reject,
                    min_recall=min_recall, sigma=sigma, stats=scored.detector.score_stats, data=str(data_dir),
                    scored=threshold_scoring(scored.detector.metadata.training))

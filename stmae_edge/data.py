@@ -7,10 +7,13 @@ this layout often do, and any image suffix the reader takes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import unicodedata
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,8 @@ LOSSY_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif"}
 UNREAD_IMAGE_SUFFIXES = {".webp", ".gif", ".jp2", ".j2k", ".heic", ".heif", ".avif", ".pgm", ".ppm", ".pnm",
                          ".exr", ".hdr", ".dng", ".raw"}
 UNREADABLE_NAMED = 5  # unreadable files named in an error or warning; the rest counted
+MIN_GOOD_IMAGES = 4  # training takes at least this many good images
+SURVEY_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 MASK_COVERS_MOST = 0.9  # a mask marking more of its image than this is likely inverted
 GOOD = "good"  # the folder of defect-free images, in train/ and test/ (any case: Good, GOOD)
 # Mask file names tried for an image <name>, in this order: MVTec AD's, then the image's own name.
@@ -63,7 +68,11 @@ def not_read_in(folder: Path) -> str:
     other = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")
                    and (p.suffix.lower() in UNREAD_IMAGE_SUFFIXES or (p.suffix.lower() in IMAGE_SUFFIXES
                                                                      and not p.exists())))
-    nested = sum(len(images_in(sub)) for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith("."))
+    nested = 0
+    for sub in folder.iterdir():
+        if sub.is_dir() and not sub.name.startswith("."):
+            with contextlib.suppress(OSError):  # a subfolder this user may not list: nothing to say of it
+                nested += len(images_in(sub))
     parts = []
     if other:
         parts.append(f"{len(other)} file{'s' if len(other) > 1 else ''} in another format or linking to nothing "
@@ -95,32 +104,45 @@ class SurveyedImages:
 
 
 def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
-           remedy: str = "Replace or remove them") -> SurveyedImages:
-    """Read and decode every file once (nothing kept but its size and its pixels' digest).
+           remedy: str = "Replace or remove them", digests: bool = True, progress: bool = True) -> SurveyedImages:
+    """Read and decode every file once (nothing kept but its size and, with `digests`, its pixels'
+    digest), on a few threads: OpenCV's decoders and hashlib let go of the GIL.
 
     Args:
         paths: image files.
         role: what they are, in words, for the progress bar and messages ("good images in train/good").
         skip_unreadable: leave unreadable files out with a warning instead of raising.
         remedy: what the error tells the user to do.
+        digests: take each image's pixel_digest (for copies; an empty dict without).
+        progress: show a progress bar (a sample of a few dozen images needs none).
 
     Raises:
         DatasetError: a file cannot be read or decoded (all such files counted, the first few named),
             unless `skip_unreadable`.
     """
-    sizes, digests, unreadable = {}, {}, []
-    with progress_bar(f"reading {role}", len(paths)) as advance:
-        for path in paths:
-            try:
-                raw = read_image_bytes(path)
-                size = shown_size(raw)
-                pixels = decode(raw, str(path))
-                check_image(pixels, str(path))
-            except InvalidImageError as exc:
-                unreadable.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+    if not paths:
+        return SurveyedImages([], {}, {}, [])
+
+    def examine(path: Path) -> tuple[tuple[int, int], str] | str:
+        try:
+            raw = read_image_bytes(path)
+            size = shown_size(raw)
+            pixels = decode(raw, str(path))
+            check_image(pixels, str(path))
+        except InvalidImageError as exc:
+            return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+        return size, pixel_digest(pixels) if digests else ""
+
+    sizes, found, unreadable = {}, {}, []
+    bar = progress_bar(f"reading {role}", len(paths)) if progress else contextlib.nullcontext(lambda n=1: None)
+    with bar as advance, ThreadPoolExecutor(max_workers=min(SURVEY_THREADS, len(paths))) as pool:
+        for path, outcome in zip(paths, pool.map(examine, paths), strict=True):  # in order, as they finish
+            if isinstance(outcome, str):
+                unreadable.append(outcome)
             else:
-                sizes[path] = size
-                digests[path] = pixel_digest(pixels)
+                sizes[path], digest = outcome
+                if digests:
+                    found[path] = digest
             advance()
     if unreadable:
         named = "; ".join(unreadable[:UNREADABLE_NAMED])
@@ -129,7 +151,7 @@ def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
             raise DatasetError(f"{len(unreadable)} of {len(paths)} {role} cannot be read: {named}{more}. {remedy}")
         logger.warning("%d of %d %s cannot be read and are left out: %s%s", len(unreadable),
                        len(paths), role, named, more)
-    return SurveyedImages([p for p in paths if p in sizes], sizes, digests, unreadable)
+    return SurveyedImages([p for p in paths if p in sizes], sizes, found, unreadable)
 
 
 def pixel_digest(pixels: np.ndarray) -> str:
@@ -155,10 +177,10 @@ def train_images(root: Path | str) -> list[Path]:
     left_out = not_read_in(folder)
     if left_out:
         logger.warning("%s: not read: %s; training uses the %d images directly in it", folder, left_out, len(paths))
-    if len(paths) < 4:
+    if len(paths) < MIN_GOOD_IMAGES:
         where = f" (not read: {left_out})" if left_out else ""
         raise DatasetError(f"{folder}: {len(paths)} image{'s' if len(paths) != 1 else ''}{where}; training needs at "
-                           "least 4 good images")
+                           f"least {MIN_GOOD_IMAGES} good images")
     return paths
 
 
@@ -235,7 +257,9 @@ def recorded_train_images(training: dict, count: int, seed: int = 0) -> list[Pat
                            "and it is not found from here: give --images FOLDER of good images")
     paths = train_images(source)
     order = np.random.default_rng(seed).permutation(len(paths))[:count]
-    return [paths[i] for i in sorted(order)]
+    # a model trained with --skip-unreadable left some out: so do its verification, calibration and bench
+    return survey([paths[i] for i in sorted(order)], f"training images in {source}", skip_unreadable=True,
+                  digests=False, progress=False).paths
 
 
 def has_masks(samples: list[EvalSample]) -> bool:
@@ -248,10 +272,12 @@ def load_mask(sample: EvalSample, size: tuple[int, int]) -> np.ndarray:
     return fit_mask(sample, size)[0]
 
 
-def fit_mask(sample: EvalSample, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int] | None]:
-    """(ground truth at (height, width) as bool, the mask file's own (height, width), None without one)."""
+def fit_mask(sample: EvalSample, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int] | None, float]:
+    """(ground truth at (height, width) as bool, the mask file's own (height, width), None without one,
+    and the share of the mask file's own pixels that mark a defect: a thin scratch may vanish in the
+    fitted mask and still be there)."""
     if sample.mask_path is None:
-        return np.zeros(size, dtype=bool), None
+        return np.zeros(size, dtype=bool), None, 0.0
     mask = load_image(sample.mask_path)
     if mask.ndim == 3:
         # Colour channels only: an alpha channel (a mask saved as RGBA or gray+alpha by an image
@@ -263,7 +289,7 @@ def fit_mask(sample: EvalSample, size: tuple[int, int]) -> tuple[np.ndarray, tup
     defect = mask > (mask.max() / 2 if lossy else 0)
     # Nearest keeps the mask binary; maps are compared at the same resolution.
     fitted = cv2.resize(defect.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
-    return fitted, mask.shape[:2]
+    return fitted, mask.shape[:2], float(defect.mean())
 
 
 def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
@@ -272,14 +298,14 @@ def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
     another shape usually belongs to another image, and the pixel metrics would then mislead."""
     masks, mismatched, empty, most = [], [], [], []
     for sample in samples:
-        mask, mask_size = fit_mask(sample, size)  # the mask decoded once; its image's size from its header
+        mask, mask_size, covered = fit_mask(sample, size)  # decoded once; its image's size from its header
         masks.append(mask)
         if mask_size is not None and mask_size != (image_size := declared_image_size(sample.path)):
             mismatched.append((sample, mask_size, image_size))
-        if mask_size is not None and not mask.any():
+        if mask_size is not None and covered == 0:
             empty.append(sample.mask_path)
-        elif mask_size is not None and mask.mean() > MASK_COVERS_MOST:
-            most.append((sample.mask_path, mask.mean()))
+        elif mask_size is not None and covered > MASK_COVERS_MOST:
+            most.append((sample.mask_path, covered))
     if empty:  # its image's pixels all count as normal, its defect as a false alarm
         logger.warning("%d masks of defective images mark no defect pixel (first: %s): their images' pixels all "
                        "count as normal in the pixel metrics", len(empty), empty[0])

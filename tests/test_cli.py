@@ -112,6 +112,9 @@ def test_unreadable_good_images_stop_training_before_it_starts_or_are_left_out(s
     assert "20 training images, 2 held out (drawn at random from train/good) (2 unreadable left out)" in r.stdout
     training = json.loads(run("info", str(model)).stdout)["training"]
     assert training["unreadable_left_out"] == 2 and training["train_images"] + training["holdout_images"] == 22
+    # what falls back to the model's training images leaves them out too (bench stopped at one)
+    r = run("bench", "--engine", str(model), "--batch", "1", "--iterations", "1", "--warmup", "0")
+    assert r.returncode == 0 and "cannot be read and are left out" in r.stderr, r.stderr
 
 
 def test_good_images_that_are_one_picture_are_refused(tmp_path):
@@ -154,6 +157,8 @@ def test_evaluate_names_unreadable_test_images_and_masks_before_scoring(tiny_exp
     r = run("evaluate", str(tiny_export[1]), str(root), "--out", str(tmp_path / "e.json"))
     _assert_one_line_error(r, f"1 of 6 masks cannot be read: {mask}: not a PNG, JPEG, BMP or TIFF file")
     assert "evaluating (" not in r.stderr and not (tmp_path / "e.json").exists()
+    r = run("threshold", str(tiny_export[1]), str(root), "--max-false-reject", "0.2")  # reads no mask
+    assert r.returncode == 0 and "masks" not in r.stderr, r.stderr
 
 
 def test_evaluate_takes_a_backend_and_records_the_one_it_used(tiny_export, synthetic_dataset, tmp_path):

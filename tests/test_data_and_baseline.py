@@ -303,7 +303,8 @@ def test_a_stray_size_an_enlarged_image_and_a_squashed_strip_are_said(tmp_path, 
     assert ("2 of 10 good images have a size that hardly any other has (first: strip.png, 300x6): the runtime "
             "accepts sizes near any training image, so they widen what it takes to 10 to 300 wide, 6 to 55 high"
             in caplog.text)
-    assert "1 of 10 good images are enlarged more than 2x to the model's 64-pixel input (first: thumb.png, 10x12)" \
+    # stretched, the strip's 6 rows are enlarged too
+    assert "2 of 10 good images are enlarged more than 2x to the model's 64-pixel input (first: strip.png, 300x6)" \
         in caplog.text
     assert "1 of 10 good images are squashed more than 4x into the square input (first: strip.png, 300x6)" \
         in caplog.text
@@ -326,3 +327,44 @@ def test_a_mask_is_found_whether_its_name_is_written_composed_or_decomposed(tmp_
     samples = data.eval_samples(root)
     assert data.has_masks(samples) and [s.mask_path.name for s in samples if s.mask_path] == [
         unicodedata.normalize("NFD", "défaut_mask.png")]
+
+
+def test_a_thin_defect_that_vanishes_in_the_fitted_mask_is_not_called_an_empty_mask(tmp_path, caplog):
+    """The 'marks no defect pixel' warning looked at the mask fitted to the input, where a scratch of a
+    pixel or two may vanish; it is about the mask file's own pixels."""
+    root = make_synthetic_dataset(tmp_path / "d", n_train=4, n_good=1, n_bad=1, size=32)
+    mask = np.zeros((400, 400), np.uint8)
+    mask[101, 50:350] = 255  # a scratch one pixel wide
+    cv2.imwrite(str(root / "ground_truth" / "scratch" / "000_mask.png"), mask)
+    cv2.imwrite(str(root / "test" / "scratch" / "000.png"), np.zeros((400, 400), np.uint8))
+    with caplog.at_level("WARNING"):
+        fitted = data.load_masks(data.eval_samples(root), (32, 32))
+    assert not fitted.any()  # gone at the input's resolution
+    assert "mark no defect pixel" not in caplog.text
+
+
+def test_skipping_unreadable_images_still_needs_four_readable_ones(tmp_path):
+    from stmae_edge.training.image_set import good_images
+    from stmae_edge.training.train import TrainConfig
+
+    root = make_synthetic_dataset(tmp_path / "d", n_train=5, n_good=1, n_bad=1, size=32)
+    paths = data.train_images(root)
+    for broken in paths[:2]:
+        broken.write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="3 of the 5 good images in train/good can be read; training needs at "
+                                           "least 4"):
+        good_images(paths, TrainConfig(skip_unreadable=True))
+
+
+def test_a_stretched_image_is_enlarged_by_its_shorter_side(tmp_path, caplog):
+    """150 x 60 stretched to 256 x 256 is enlarged 4.3x in height: neither warning fired."""
+    from stmae_edge.training.image_set import warn_about_sizes
+
+    sizes = {tmp_path / f"{i}.png": (60, 150) for i in range(8)}
+    with caplog.at_level("WARNING"):
+        warn_about_sizes(sizes, 256, keep_aspect=False)
+    assert "8 of 8 good images are enlarged more than 2x to the model's 256-pixel input" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_about_sizes(sizes, 256, keep_aspect=True)  # fitted inside: 256 / 150, under 2x
+    assert "enlarged" not in caplog.text

@@ -3,7 +3,11 @@
 from pathlib import Path
 
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the dev extra brings tomli, tomllib's original
+    import tomli as tomllib
 from packaging.requirements import Requirement
 
 PROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]

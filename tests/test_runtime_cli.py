@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -147,7 +148,8 @@ def test_a_run_touches_no_file_it_did_not_write_and_writes_through_no_link(tiny_
 def test_an_overlay_never_replaces_a_users_file_of_its_name_and_long_names_are_cut(tiny_export, synthetic_dataset,
                                                                                    tmp_path):
     """A user's own img.png in --out, and an input img.png: the overlay took its name and replaced it. A
-    230-character stem made the atomic writer's temporary name too long: a traceback, the run lost."""
+    230-character stem made the atomic writer's temporary name too long, and the length check on a name
+    that is not UTF-8 raised: a traceback, the run lost."""
     good = sorted((synthetic_dataset / "test" / "good").glob("*.png"))
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
@@ -155,14 +157,15 @@ def test_an_overlay_never_replaces_a_users_file_of_its_name_and_long_names_are_c
     shutil.copy(good[0], inputs / "img0001.png")
     shutil.copy(good[1], inputs / ("a" * 240 + ".png"))
     shutil.copy(good[2], inputs / ("a" * 240 + "b.png"))  # the same first 187 bytes: still two names
+    shutil.copy(good[3], inputs / os.fsdecode(b"caf\xe9.png"))  # Latin-1 from a Windows share: not UTF-8
     (out / "img0001.png").write_bytes(b"the user's own image")
     for _ in range(2):  # the second run replaces the first run's overlays, and still not the user's file
         r = run("predict", str(tiny_export[1]), str(inputs), "--out", str(out))
         assert r.returncode == 0, r.stderr
         assert (out / "img0001.png").read_bytes() == b"the user's own image"
         overlays = [entry["overlay"] for entry in json.loads((out / "results.json").read_text())["results"]]
-        assert len(set(overlays)) == 3 and "img0001_2.png" in overlays
-        assert all(len(name.encode()) <= 214 and (out / name).is_file() for name in overlays)
+        assert len(set(overlays)) == 4 and "img0001_2.png" in overlays
+        assert all(len(os.fsencode(name)) <= 214 and (out / name).is_file() for name in overlays)
     assert sorted(p.name for p in out.iterdir()) == sorted([*overlays, "img0001.png", "results.json"])
 
 

@@ -123,7 +123,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         timing_cache: TensorRT's timing cache file (default: timing.cache beside the plan); not used
             with TensorRT for RTX, which has none.
         compute_capabilities: TensorRT for RTX only: the GPUs' compute capabilities ("8.6", "12.0", ...)
-            the plan is built for, instead of its default set (8.0, 8.6, 8.9, 12.0 and later); "current"
+            the plan is built for, instead of its default set (8.0, 8.6, 8.9, 12.0, 12.1); "current"
             for the GPU of this machine. Not Turing (7.5): see target_compute_capabilities.
 
     Raises:

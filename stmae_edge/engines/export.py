@@ -128,7 +128,7 @@ def _export_and_check(checkpoint: Path | str, out: Path, precision: str, step) -
                                         opset_version=OPSET, optimize=True)
     except Exception as exc:  # the exporter raises many types; the user needs the first line
         missing = missing_package(exc)
-        if missing is not None:  # onnxscript, which the exporter imports: the CLI says which extra brings it
+        if missing is not None and missing.name.partition(".")[0] == "onnxscript":  # the CLI says which extra
             raise missing from None
         raise ExportError(f"ONNX export of {checkpoint} failed: {first_line(exc)}") from exc
     proto = program.model_proto

@@ -52,9 +52,11 @@ EVALUATION_BACKENDS = {"checkpoint": "torch-cpu", "onnx": "ort-cpu", "plan": "te
 
 
 def score_dataset(model: Path | str, data_dir: Path | str, backend: str | None = None, batch_size: int = 16,
-                  description: str = "scoring", samples: list[data.EvalSample] | None = None) -> ScoredDataset:
+                  description: str = "scoring", samples: list[data.EvalSample] | None = None,
+                  masks: bool = True) -> ScoredDataset:
     """Every image under DATA_DIR/test through a Detector (`samples`: data.eval_samples(data_dir), where
-    the caller has read them already; `backend` None: EVALUATION_BACKENDS's for the file).
+    the caller has read them already; `backend` None: EVALUATION_BACKENDS's for the file; `masks`: the
+    caller reads the masks, which are then decoded first too).
 
     Raises:
         DatasetError: no test images, or test images or masks that cannot be read (all of them named,
@@ -67,8 +69,9 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str | None =
         samples = data.eval_samples(data_dir, both_classes=False)
     # Every image and mask decoded first: one that cannot be read stops the run here, all of them named,
     # not after minutes of scoring (a mask was read only once every image had been scored)
-    images = data.survey([s.path for s in samples], "test images")
-    data.survey([s.mask_path for s in samples if s.mask_path is not None], "masks")
+    images = data.survey([s.path for s in samples], "test images", digests=False)
+    if masks:
+        data.survey([s.mask_path for s in samples if s.mask_path is not None], "masks", digests=False)
     warn_about_sizes(detector.metadata.trained_sizes, samples, images.sizes)
     maps, scores = [], []
     with progress_bar(f"{description} ({detector.info['backend']})", len(samples)) as advance:

@@ -63,10 +63,13 @@ MAX_STEM_BYTES = 200
 def overlay_stem(path: Path) -> str:
     """The input's stem, or, past MAX_STEM_BYTES in UTF-8, its start and a digest of the whole stem."""
     stem = path.stem
-    if len(stem.encode()) <= MAX_STEM_BYTES:
+    raw = stem.encode(errors="surrogateescape")  # a name in another encoding (a Windows share's Latin-1)
+    if len(raw) <= MAX_STEM_BYTES:
         return stem
-    start = stem.encode()[:MAX_STEM_BYTES - 13].decode(errors="ignore")
-    return f"{start}~{hashlib.sha256(stem.encode(errors='surrogateescape')).hexdigest()[:12]}"
+    start = stem[:MAX_STEM_BYTES - 13]
+    while len(start.encode(errors="surrogateescape")) > MAX_STEM_BYTES - 13:  # whole characters only
+        start = start[:-1]
+    return f"{start}~{hashlib.sha256(raw).hexdigest()[:12]}"
 
 
 def overlay_names(paths: Sequence[Path], taken: Callable[[str], bool] = lambda name: False) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import data
-from ..data import SurveyedImages, survey
+from ..data import MIN_GOOD_IMAGES, SurveyedImages, survey
 from ..errors import ConfigError, DatasetError
 from ..preprocessing import TrainedSizes, declared_image_size, load_image
 from .loop import TrainConfig
@@ -54,11 +54,14 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
     Raises:
         DatasetError: an unreadable image (unless cfg.skip_unreadable); good images that all show the
             same pixels; fewer than two training images;
-            holdout_dir is not a folder of at least two images, or shares an image with `paths` (byte
-            for byte): its images would then be scored by a model fitted on them.
+            holdout_dir is not a folder of at least two images, or shares an image with `paths` (the same
+            pixels): its images would then be scored by a model fitted on them.
         ConfigError: too few good images to hold some out and still train.
     """
     goods = survey(paths, "good images in train/good", cfg.skip_unreadable, TRAINING_REMEDY)
+    if len(goods.paths) < MIN_GOOD_IMAGES:  # what --skip-unreadable left
+        raise DatasetError(f"{len(goods.paths)} of the {len(paths)} good images in train/good can be read; training "
+                           f"needs at least {MIN_GOOD_IMAGES}")
     if len(goods.paths) > 1 and len(set(goods.digests.values())) == 1:
         raise DatasetError(f"the {len(goods.paths)} good images in train/good all show the same pixels: a model "
                            "needs photographs of several good parts (or of one part, taken apart) to learn "
@@ -125,7 +128,9 @@ def warn_about_sizes(sizes: dict[Path, tuple[int, int]], input_size: int, keep_a
                        "runtime accepts sizes near any training image, so they widen what it takes to %s; remove "
                        "them unless the line shows parts that way", len(far), len(sizes), far[0].name, w, h,
                        TrainedSizes.of(list(sizes.values())).describe())
-    small = sorted(p for p, (h, w) in sizes.items() if max(h, w) * ENLARGED_AT_MOST < input_size)
+    # fitted inside the input, an image is enlarged by input / its longer side; stretched, by input / its shorter
+    small = sorted(p for p, (h, w) in sizes.items()
+                   if (max(h, w) if keep_aspect else min(h, w)) * ENLARGED_AT_MOST < input_size)
     if small:
         h, w = sizes[small[0]]
         logger.warning("%d of %d good images are enlarged more than %dx to the model's %d-pixel input (first: %s, "

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..data import MIN_GOOD_IMAGES
+
 logger = logging.getLogger(__name__)
 
 # Peak resident memory of the default preset grew by 1.64 MB per good image for 0.54 MB of features
@@ -22,7 +24,6 @@ logger = logging.getLogger(__name__)
 PEAK_PER_KEPT = 3.05
 PEAK_BASE_BYTES = 2.6e9
 GB = 1e9
-MIN_IMAGES = 4  # what training takes at least (data.train_images)
 
 
 @torch.no_grad()
@@ -46,26 +47,44 @@ def available_bytes() -> int | None:
             found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for folder, limit_name, usage_name, cache_key in (
+            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
         try:
-            limit, usage = (Path(name).read_text().strip() for name in (limit_file, usage_file))
+            limit, usage = (Path(folder, name).read_text().strip() for name in (limit_name, usage_name))
         except OSError:
             continue
         if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:  # "max", or v1's "no limit"
-            found.append(max(0, int(limit) - int(usage)))
+            # usage counts the page cache, which the kernel gives back: reading the images just filled it
+            found.append(max(0, int(limit) - int(usage) + _cgroup_stat(Path(folder, "memory.stat"), cache_key)))
     return min(found) if found else None
 
 
-def warn_if_short(images: int, kept_per_image: int) -> None:
-    """A warning where the estimated peak exceeds the memory available, with the --max-images that fits."""
+def _cgroup_stat(stat_file: Path, key: str) -> int:
+    """One counter of a cgroup's memory.stat (0 where it cannot be read)."""
+    try:
+        for line in stat_file.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def warn_if_short(images: int, feature_sets: int, kept_per_set: int) -> None:
+    """A warning where the estimated peak exceeds the memory available, with the --max-images that fits.
+    `feature_sets`: what is kept for the `images` good images (more than one each with crops or
+    corrupted copies)."""
     have = available_bytes()
-    need = peak_bytes(images, kept_per_image)
+    need = peak_bytes(feature_sets, kept_per_set)
     if have is None or need <= have:
         return
-    fits = int((have - PEAK_BASE_BYTES) / (PEAK_PER_KEPT * kept_per_image))
-    fewer = f"train on fewer (--max-images {fits}) or" if fits >= MIN_IMAGES else "train"
-    logger.warning("training on %d images needs about %.1f GB of memory at its peak and %.1f GB is available: it "
-                   "is likely to run out after the backbone pass; %s on a machine with more memory", images,
-                   need / GB, have / GB, fewer)
+    sets_per_image = feature_sets / max(images, 1)
+    fits = int((have - PEAK_BASE_BYTES) / (PEAK_PER_KEPT * kept_per_set * sets_per_image))
+    fewer = f"train on fewer (--max-images {fits}) or" if fits >= MIN_GOOD_IMAGES else "train"
+    what = f"{images} images" + (f" ({feature_sets} feature sets: crops or corrupted copies)" if feature_sets != images
+                                 else "")
+    logger.warning("training on %s needs about %.1f GB of memory at its peak and %.1f GB is available: it is "
+                   "likely to run out after the backbone pass; %s on a machine with more memory", what, need / GB,
+                   have / GB, fewer)

@@ -191,8 +191,12 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     Raises:
         ConfigError: inconsistent settings ("none" backbone weights for ST-MAE).
         WeightsError: the backbone's weights are missing or do not match its architecture.
-        DatasetError: no training images, too few to hold some out, or an unreadable one (all of them
-            named before training starts; cfg.skip_unreadable leaves them out instead).
+        DatasetError: no training images, good images that all show the same pixels, or an unreadable one
+            (all of them named before training starts; cfg.skip_unreadable leaves them out instead, and
+            then too few readable ones).
+        ConfigError: also too few good images to hold some out and still train.
+        TrainingError: the loss or the model's output is NaN or infinite, or the good images' scores do
+            not vary (a threshold on them would fail every other image).
         OutputError: `out` cannot be written.
     """
     is_filtering = isinstance(model_config, FilteringAEConfig)
@@ -243,7 +247,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         family, provenance = FILTERING_FAMILY, {"self_supervised": True}
     else:
         model, history, cross_fitted = train_stmae(model_config, preprocessing, train_items, cfg, backbone_weights,
-                                                   holdout_items, score_folds)
+                                                   holdout_items, score_folds,
+                                                   good_images=len(train_paths) + len(holdout_paths))
         family, provenance = STMAE_FAMILY, {"self_supervised": cfg.self_supervised,
                                             "backbone_weights": backbone_weights}
         if cross_fitted is not None:
@@ -306,7 +311,7 @@ def check_scores_vary(scores: np.ndarray, what: str) -> None:
 
 def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: Sequence[ImageInput],
                 cfg: TrainConfig, backbone_weights: str, holdout: Sequence[ImageInput] = (),
-                score_folds: int = 0) -> tuple[STMAE, list[float], torch.Tensor | None]:
+                score_folds: int = 0, good_images: int | None = None) -> tuple[STMAE, list[float], torch.Tensor | None]:
     """Features once (and the score head's), then the transformer on them; residual statistics from
     the training images; with a fused map, the per-position Gaussian from the training images and the
     fusion's scale from the held-out ones. The score head with two smoothings and score_folds: fitted on
@@ -314,9 +319,10 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
     cross-fitted image scores returned (else None: the head from the training images, its scales from
     the held-out ones)."""
     model = STMAE(model_config, backbone_weights=backbone_weights)
-    # said before the backbone pass: every good image's features (and corrupted copies') are kept
+    # said before the backbone pass: every item's features (crops', corrupted copies') are kept
     kept_sets = len(items) + len(holdout) + (cfg.corruptions_per_image * len(items) if cfg.self_supervised else 0)
-    warn_if_short(kept_sets, kept_bytes_per_image(model, preprocessing.input_size))
+    warn_if_short(good_images or len(items) + len(holdout), kept_sets,
+                  kept_bytes_per_image(model, preprocessing.input_size))
     if model_config.intensity_norm:
         fit_intensity_target(model, preprocessing, items)
     features, score_features = extract_feature_pairs(model, preprocessing, items, description="backbone features")
