@@ -59,7 +59,7 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
         ConfigError: too few good images to hold some out and still train.
     """
     goods = survey(paths, "good images in train/good", cfg.skip_unreadable, TRAINING_REMEDY)
-    if len(goods.paths) < MIN_GOOD_IMAGES:  # what --skip-unreadable left
+    if goods.unreadable and len(goods.paths) < MIN_GOOD_IMAGES:  # what --skip-unreadable left
         raise DatasetError(f"{len(goods.paths)} of the {len(paths)} good images in train/good can be read; training "
                            f"needs at least {MIN_GOOD_IMAGES}")
     if len(goods.paths) > 1 and len(set(goods.digests.values())) == 1:
