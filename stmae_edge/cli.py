@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -38,11 +37,9 @@ def use_available_cores() -> None:
         import torch
     except ImportError:
         return
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores))
+    from .machine import available_cores
+
+    torch.set_num_threads(available_cores())
 
 
 BACKEND_HELP = backend_help()  # from the runtime's table of backends

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetError, InvalidImageError
+from .machine import available_cores
 from .preprocessing import check_image, cv2, declared_image_size, decode, load_image, mirror_pad, read_image_bytes, shown_size
 from .progress import progress_bar
 
@@ -30,7 +30,7 @@ UNREAD_IMAGE_SUFFIXES = {".webp", ".gif", ".jp2", ".j2k", ".heic", ".heif", ".av
                          ".exr", ".hdr", ".dng", ".raw"}
 UNREADABLE_NAMED = 5  # unreadable files named in an error or warning; the rest counted
 MIN_GOOD_IMAGES = 4  # training takes at least this many good images
-SURVEY_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+SURVEY_THREADS = min(8, available_cores())
 MASK_COVERS_MOST = 0.9  # a mask marking more of its image than this is likely inverted
 GOOD = "good"  # the folder of defect-free images, in train/ and test/ (any case: Good, GOOD)
 # Mask file names tried for an image <name>, in this order: MVTec AD's, then the image's own name.

@@ -87,7 +87,7 @@ def test_the_memory_estimate_follows_the_measured_peaks_and_warns_before_trainin
     # the default preset's measured peaks (docs/BENCHMARKS.md, "Training memory on large folders")
     for images, measured_gb in ((640, 3.61), (1280, 4.66)):
         assert abs(memory.peak_bytes(images, kept) / 1e9 - measured_gb) < 0.1 * measured_gb
-    assert memory.available_bytes() is None or memory.available_bytes() >= 0
+    assert memory.available_memory_bytes() is None or memory.available_memory_bytes() >= 0
     kept_tiny = memory.kept_bytes_per_image(STMAE(preset("tiny"), backbone_weights="random"), (64, 64))
     for available, said in ((2.7e9, None),
                             (memory.PEAK_BASE_BYTES + memory.PEAK_PER_KEPT * kept_tiny * 10.5,
@@ -95,7 +95,7 @@ def test_the_memory_estimate_follows_the_measured_peaks_and_warns_before_trainin
                              "(--max-images 10) or on a machine with more memory"),
                             (2.0e9, "2.0 GB is available: it is likely to run out after the backbone pass; train on "
                                     "a machine with more memory")):
-        monkeypatch.setattr(memory, "available_bytes", lambda available=available: int(available))
+        monkeypatch.setattr(memory, "available_memory_bytes", lambda available=available: int(available))
         caplog.clear()
         with caplog.at_level("WARNING"):
             train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"), TrainConfig(epochs=1, max_steps=1),
@@ -106,7 +106,7 @@ def test_the_memory_estimate_follows_the_measured_peaks_and_warns_before_trainin
             assert f"training on 24 images needs about 2.6 GB of memory at its peak and {said}" in caplog.text
     # with corrupted copies (or crops) more is kept per image: --max-images counts images all the same
     sets = 22 * 3 + 2  # 22 training images and two corrupted copies of each, 2 held out
-    monkeypatch.setattr(memory, "available_bytes",
+    monkeypatch.setattr(memory, "available_memory_bytes",
                         lambda: int(memory.PEAK_BASE_BYTES + memory.PEAK_PER_KEPT * kept_tiny * sets / 24 * 10.5))
     caplog.clear()
     with caplog.at_level("WARNING"):

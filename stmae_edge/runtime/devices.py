@@ -8,6 +8,8 @@ import ctypes.util
 import os
 import platform
 
+from ..machine import available_cores
+
 
 def _cuda_driver():
     """The CUDA driver library, initialised, or None: asked directly so that no GPU library has to load
@@ -34,11 +36,7 @@ def cpu_description() -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return f"CPU: {model} ({cores} cores)"
+    return f"CPU: {model} ({available_cores()} cores)"
 
 
 def gpu_description(index: int = 0) -> str:

@@ -11,11 +11,11 @@ transformer's minutes; a folder too large for the machine is better said before 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
 from ..data import MIN_GOOD_IMAGES
+from ..machine import available_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -38,45 +38,11 @@ def peak_bytes(images: int, kept_per_image: int) -> float:
     return PEAK_BASE_BYTES + PEAK_PER_KEPT * kept_per_image * images
 
 
-def available_bytes() -> int | None:
-    """Memory this process can still take: the system's MemAvailable, or less where a container's limit
-    (cgroup v2 or v1) leaves less; None where neither can be read (not Linux)."""
-    found = []
-    try:
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        pass
-    for folder, limit_name, usage_name, cache_key in (
-            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
-            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
-        try:
-            limit, usage = (Path(folder, name).read_text().strip() for name in (limit_name, usage_name))
-        except OSError:
-            continue
-        if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:  # "max", or v1's "no limit"
-            # usage counts the page cache, which the kernel gives back: reading the images just filled it
-            found.append(max(0, int(limit) - int(usage) + _cgroup_stat(Path(folder, "memory.stat"), cache_key)))
-    return min(found) if found else None
-
-
-def _cgroup_stat(stat_file: Path, key: str) -> int:
-    """One counter of a cgroup's memory.stat (0 where it cannot be read)."""
-    try:
-        for line in stat_file.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
-    except OSError:
-        pass
-    return 0
-
-
 def warn_if_short(images: int, feature_sets: int, kept_per_set: int) -> None:
     """A warning where the estimated peak exceeds the memory available, with the --max-images that fits.
     `feature_sets`: what is kept for the `images` good images (more than one each with crops or
     corrupted copies)."""
-    have = available_bytes()
+    have = available_memory_bytes()
     need = peak_bytes(feature_sets, kept_per_set)
     if have is None or need <= have:
         return

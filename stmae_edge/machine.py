@@ -1,0 +1,51 @@
+"""What this machine gives this process: the CPU cores it may run on, and the memory it may still take
+(a container's limits included). One definition for the CLI's torch threads, the image survey's
+threads, the runtime's device description and training's memory estimate. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def available_cores() -> int:
+    """The cores this process may run on: not all the machine has, where containers and affinity limit it."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still take: the system's MemAvailable, or less where a container's limit
+    (cgroup v2 or v1) leaves less; None where neither can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    for folder, limit_name, usage_name, cache_key in (
+            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        try:
+            limit, usage = (Path(folder, name).read_text().strip() for name in (limit_name, usage_name))
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:  # "max", or v1's "no limit"
+            # usage counts the page cache, which the kernel gives back: reading the images just filled it
+            found.append(max(0, int(limit) - int(usage) + _cgroup_stat(Path(folder, "memory.stat"), cache_key)))
+    return min(found) if found else None
+
+
+def _cgroup_stat(stat_file: Path, key: str) -> int:
+    """One counter of a cgroup's memory.stat (0 where it cannot be read)."""
+    try:
+        for line in stat_file.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
