@@ -231,17 +231,17 @@ def target_compute_capabilities(trt, config, flavour: str, wanted: Sequence[str]
                           "runs on: build on the machine (or the same GPU model) that will run the plan")
     known = {name[2:-1] + "." + name[-1]: getattr(trt.ComputeCapability, name)
              for name in dir(trt.ComputeCapability) if name.startswith("SM") and name[2:].isdigit()}
-    known["current"] = trt.ComputeCapability.CURRENT
     if "7.5" in wanted:
         raise ConfigError("compute capability 7.5 (Turing: T4, RTX 20xx): TensorRT for RTX cannot compile the "
                           "graph's float32 matrix products for it; build the plan with full TensorRT (pip install "
                           "tensorrt) on that GPU")
-    unknown = [c for c in wanted if c not in known]
+    known.pop("7.5", None)
+    unknown = [c for c in wanted if c not in known and c != "current"]
     if unknown:
-        offered = sorted((c for c in known if c != "7.5"),
-                         key=lambda c: tuple(map(int, c.split("."))) if c[0].isdigit() else (99,))
+        offered = [*sorted(known, key=lambda c: tuple(map(int, c.split(".")))), "current"]
         raise ConfigError(f"compute capability {unknown[0]!r}: TensorRT for RTX {trt.__version__} builds for "
                           f"{', '.join(offered)}")
+    known["current"] = trt.ComputeCapability.CURRENT
     config.num_compute_capabilities = len(wanted)
     for i, capability in enumerate(wanted):
         config.set_compute_capability(known[capability], i)

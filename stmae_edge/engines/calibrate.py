@@ -300,7 +300,7 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
             small = layers_left_in_float(sizes, settings["min_weight_elements"])
             check_something_quantised(sizes, signal, small, settings, onnx_path)
         excluded = signal + small
-        data.survey(images, "calibration images")  # every one decoded before calibration starts
+        data.survey(images, "calibration images", digests=False)  # every one decoded before calibration starts
         with progress_bar("calibrating", len(images)) as advance:
             quantize_static(str(prepared), str(target), Batches(advance), nodes_to_exclude=excluded,
                             quant_format=getattr(QuantFormat, settings["format"]),

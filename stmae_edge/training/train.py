@@ -248,7 +248,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     else:
         model, history, cross_fitted = train_stmae(model_config, preprocessing, train_items, cfg, backbone_weights,
                                                    holdout_items, score_folds,
-                                                   good_images=len(train_paths) + len(holdout_paths))
+                                                   image_count=len(train_paths) + len(holdout_paths))
         family, provenance = STMAE_FAMILY, {"self_supervised": cfg.self_supervised,
                                             "backbone_weights": backbone_weights}
         if cross_fitted is not None:
@@ -311,17 +311,18 @@ def check_scores_vary(scores: np.ndarray, what: str) -> None:
 
 def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: Sequence[ImageInput],
                 cfg: TrainConfig, backbone_weights: str, holdout: Sequence[ImageInput] = (),
-                score_folds: int = 0, good_images: int | None = None) -> tuple[STMAE, list[float], torch.Tensor | None]:
+                score_folds: int = 0, image_count: int | None = None) -> tuple[STMAE, list[float], torch.Tensor | None]:
     """Features once (and the score head's), then the transformer on them; residual statistics from
     the training images; with a fused map, the per-position Gaussian from the training images and the
     fusion's scale from the held-out ones. The score head with two smoothings and score_folds: fitted on
     the training and held-out images together, cross-fitted (fit_score_head_cross_fitted), and the
     cross-fitted image scores returned (else None: the head from the training images, its scales from
-    the held-out ones)."""
+    the held-out ones). `image_count`: the good images behind `items` and `holdout` (fewer where they
+    are crops), for the memory estimate's --max-images."""
     model = STMAE(model_config, backbone_weights=backbone_weights)
     # said before the backbone pass: every item's features (crops', corrupted copies') are kept
     kept_sets = len(items) + len(holdout) + (cfg.corruptions_per_image * len(items) if cfg.self_supervised else 0)
-    warn_if_short(good_images or len(items) + len(holdout), kept_sets,
+    warn_if_short(image_count or len(items) + len(holdout), kept_sets,
                   kept_bytes_per_image(model, preprocessing.input_size))
     if model_config.intensity_norm:
         fit_intensity_target(model, preprocessing, items)
