@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .checks import MAX_DOCUMENT_BYTES, is_whole, parse_document
-from .errors import BackendError, EngineMismatchError, StmaeError
+from .errors import EngineMismatchError, StmaeError, TensorRTMissingError
 from .metadata import MAX_BATCH, ModelMetadata
 
 SIDECAR_FORMAT = "stmae-edge/engine"
@@ -25,10 +25,6 @@ DEFAULT_BATCH_TEXT = ":".join(map(str, DEFAULT_BATCH_PROFILE))
 PLAN_PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = ("install TensorRT (pip install tensorrt, or JetPack on a Jetson), or TensorRT for RTX: "
                 "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
-
-
-class TensorRTMissingError(BackendError):
-    """Neither TensorRT nor TensorRT for RTX can be imported."""
 
 
 def import_tensorrt(flavour: str | None = None):

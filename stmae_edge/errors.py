@@ -54,3 +54,21 @@ class BackendError(StmaeError):
 
 class EngineMismatchError(BackendError):
     """An engine plan does not match its sidecar, the model, or the TensorRT installed here."""
+
+
+class TensorRTMissingError(BackendError):
+    """Neither TensorRT nor TensorRT for RTX can be imported."""
+
+
+class RemoteError(BackendError):
+    """A server refused a request or could not be reached; the message is the server's.
+    `status` is the HTTP status of a refusal, None when no answer came."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ModelFileMissingError(CheckpointError, BackendError):
+    """No model file at the path given. A CheckpointError where a checkpoint is read, a BackendError
+    where a backend opens one: callers that catch either kind keep catching it."""

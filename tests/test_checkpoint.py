@@ -11,7 +11,7 @@ import torch
 
 from stmae_edge import __version__, data
 from stmae_edge.checkpoint import load_model, read_checkpoint
-from stmae_edge.errors import CheckpointError, DatasetError
+from stmae_edge.errors import BackendError, CheckpointError, DatasetError
 from stmae_edge.models.stmae import STMAE, preset
 from stmae_edge.scoring import ScoreStats
 from stmae_edge.training.image_set import good_images, split_holdout
@@ -198,8 +198,10 @@ def test_pickled_code_is_refused(tmp_path):
 
 
 def test_missing_file_and_foreign_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="no such model file"):
+    with pytest.raises(CheckpointError, match="no such model file") as caught:
         load_model(tmp_path / "absent.pt")
+    # one kind for a missing model file wherever it is opened: the runtime's callers catch BackendError
+    assert isinstance(caught.value, BackendError) and type(caught.value).__name__ == "ModelFileMissingError"
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(CheckpointError, match="not a stmae-edge model"):

@@ -120,3 +120,23 @@ def test_each_stage_imports_only_what_comes_before_it():
     # The checks themselves can fail: these pairs are the directions that must stay forbidden.
     assert "runtime" not in ALLOWED["training"] | ALLOWED["engines"] | ALLOWED["shared"]
     assert not {"training", "engines", "evaluation", "serving"} & {p.partition(".")[0] for p in ALLOWED["runtime"]}
+
+
+def test_every_error_class_is_defined_in_errors():
+    """One place for the typed errors a user catches (README, "Errors"): a class deriving from an
+    exception, defined anywhere else in the package, is named here."""
+    from stmae_edge import errors
+
+    error_names = {name for name, value in vars(errors).items() if isinstance(value, type)
+                   and issubclass(value, BaseException)}
+    elsewhere = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "errors.py" and path.parent == PACKAGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                if bases & (error_names | {"Exception", "BaseException", "ValueError", "RuntimeError"}):
+                    elsewhere.append(f"{path.relative_to(PACKAGE)}: {node.name}")
+    assert not elsewhere, elsewhere
+    assert {"TensorRTMissingError", "RemoteError", "ModelFileMissingError"} <= error_names

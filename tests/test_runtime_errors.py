@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from stmae_edge.engines.build import build_engine
-from stmae_edge.errors import BackendError, EngineMismatchError, InvalidImageError, StmaeError
+from stmae_edge.errors import BackendError, CheckpointError, EngineMismatchError, InvalidImageError, StmaeError
 from stmae_edge.model_files import read_metadata
 from stmae_edge.runtime import Detector
 from stmae_edge.runtime.devices import cuda_device_count
@@ -175,8 +175,10 @@ def test_model_file_errors_are_typed(tiny_export, tmp_path):
     not_onnx.write_bytes(b"garbage")
     for path, fragment in ((tmp_path / "absent.onnx", "no such model file"), (not_onnx, "cannot load"),
                            (tiny_export[0].with_suffix(".txt"), "no such model file")):
-        with pytest.raises(StmaeError, match=fragment):
+        with pytest.raises(StmaeError, match=fragment) as caught:
             Detector(path)
+        if fragment == "no such model file":  # the checkpoint reader's kind too (one kind wherever it is opened)
+            assert isinstance(caught.value, BackendError) and isinstance(caught.value, CheckpointError)
     text = tmp_path / "model.bin"
     text.write_bytes(b"x")
     with pytest.raises(StmaeError, match="unknown model file type"):

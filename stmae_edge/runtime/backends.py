@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from ..engine_plan import DEFAULT_BATCH_PROFILE
-from ..errors import BackendError, ConfigError, EngineMismatchError, first_line
+from ..errors import BackendError, ConfigError, EngineMismatchError, ModelFileMissingError, first_line
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import import_onnxruntime, load_onnx
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
@@ -113,7 +113,7 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
     path = Path(model_path)
     check_backend_name(backend)
     if not path.is_file():
-        raise BackendError(f"{path}: no such model file")
+        raise ModelFileMissingError(f"{path}: no such model file")
     chosen = choose_backend(path, backend)
     if cuda_graph and chosen != "tensorrt":
         raise ConfigError("CUDA graphs are a TensorRT option: give a .plan file, or leave out --cuda-graph")

@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import wire_format as wire
 from ..checks import is_whole, parse_document
-from ..errors import BackendError, CheckpointError, ConfigError, first_line
+from ..errors import BackendError, CheckpointError, ConfigError, RemoteError, first_line
 from ..metadata import MAX_BATCH, ModelMetadata
 from ..scoring import Thresholds
 from .detector import ImageScorer, accepted_sizes, check_network_outputs
@@ -39,15 +39,6 @@ logger = logging.getLogger(__name__)
 DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "BOOL": np.bool_, "UINT8": np.uint8,
              "UINT16": np.uint16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64}
 MAX_RESPONSE_BYTES = 1 << 31
-
-
-class RemoteError(BackendError):
-    """The server refused a request or could not be reached; the message is the server's.
-    `status` is the HTTP status of a refusal, None when no answer came."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
 
 
 class RemoteDetector(ImageScorer):
