@@ -2,8 +2,8 @@
 
     bash scripts/gpu_acceptance.sh [--data ../shared/datasets/magnetic_tile] [--model MODEL.pt] [--out RESULTS.jsonl]
 
-On a lent machine that lacks the train extra (no onnxscript to export, no scikit-learn) prepare the
-models and images here and carry the folder along (an ignored path, a few MB):
+On a lent machine that lacks the train extra and the network (nothing to train or fetch weights with)
+prepare the models and images here and carry the folder along (an ignored path, about 35 MB):
 
     bash scripts/gpu_acceptance.sh --prepare runs/gpu_prepared [--data ../shared/datasets/magnetic_tile]
     bash scripts/gpu_acceptance.sh --prepared runs/gpu_prepared --out $OUT/gpu_acceptance.jsonl   # there
@@ -12,26 +12,34 @@ Paths, each checked or skipped with the reason (what the machine lacks):
     torch-cuda                 the .pt checkpoint on the GPU (PyTorch with CUDA)
     ort-cuda, ort-tensorrt     the ONNX graphs through onnxruntime-gpu's CUDA and TensorRT providers
     tensorrt, tensorrt+graph   plans built here (TensorRT, or TensorRT for RTX) through cuda-python,
-                               with and without CUDA-graph replay
+                               with and without CUDA-graph replay (TensorRT for RTX plans run on the
+                               compute capabilities it targets only: not 9.0, an H100 or H200)
 Checks: FP32 maps and scores within 1e-3 (relative to the largest value) of ONNX Runtime CPU on the
 same images; FP16 and INT8 image AUROC within 0.2 and 1.0 points of FP32 on labelled data (the
 synthetic set always, --data too if given and time allows). Then `stmae-edge bench` rows at batch 1,
 8 and 32 for every path that ran, as JSON, and (with --model) the INT8 plan against the FP16 plan:
-no larger, and at batch 8 no slower (within 5%). Budget: 8 minutes; what would not fit is skipped,
-saying so.
+no larger, and at batch 8 no slower (within 5%). Budget: 8 minutes (--budget-s); what would not fit is
+skipped, saying so, and a path that hangs past the budget ends the run with a trace of where it hung.
+The AUROC checks show the FP32 AUROC they compare against: the tiny model separates the synthetic set
+perfectly (1.0), where a check says little; --model gives a trained model's.
 
 Needs only what the lent machines have (torch, onnx, onnxruntime, OpenCV, typer; cuda-python and
 TensorRT where present) once prepared: the tiny model is trained with random backbone weights, so no
-download. FP32 comparisons run with TF32 off (PyTorch would otherwise use it for convolutions on the
+download. The inventory row records the GPU, its compute capability and driver (nvidia-smi), and
+torch's CUDA and cuDNN versions. FP32 comparisons run with TF32 off (PyTorch would otherwise use it for convolutions on the
 GPU, and FP32 would be measured against TF32). Each row is printed, and appended to --out, as it
 finishes, so a run cut short keeps what it measured. Exit code: 0 when every path that ran passed (skips
-are not failures), 1 when one failed.
+are not failures), 1 when one failed, 2 when a GPU is here (nvidia-smi or torch sees one, or
+--expect-gpu) and no GPU path ran, 3 when --prepared is not a prepared folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 BUDGET_S = 8 * 60
+SMI_FAILED = "nvidia-smi failed"
+HANG_GRACE_S = 40  # past the budget, a hung path ends the run with its trace (the .sh's timeout comes later)
 FP32_TOLERANCE, AUROC_POINTS = 1e-3, {"fp16": 0.2, "int8": 1.0}
 
 
@@ -65,14 +75,33 @@ def inventory() -> dict:
                 break
             except ImportError:
                 pass
+    found["nvidia_smi"] = nvidia_smi()
     try:
         import torch
 
         found["torch"] = torch.__version__
-        found["cuda_gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        found["torch_cuda"] = torch.version.cuda
+        found["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        found["cuda_gpu"] = None
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            found["cuda_gpu"] = f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"
     except ImportError:
         found["torch"] = found["cuda_gpu"] = None
     return found
+
+
+def nvidia_smi() -> str | None:
+    """The GPUs the driver sees, with compute capability and driver version (None: no nvidia-smi, or it
+    failed): what says a GPU is here even where torch cannot use it."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{SMI_FAILED}: {exc}"
+    return (r.stdout.strip() or f"{SMI_FAILED}: {r.stderr.strip()[:200]}").replace("\n", "; ")
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -136,12 +165,11 @@ MANIFEST = "manifest.json"
 def write_prepared(files: dict, folder: Path, data: Path | None, data_images: int) -> None:
     """The models, the synthetic set and (with `data`) a seeded labelled sample of its test images,
     copied in its layout, in one folder that can travel to a machine without the train extra."""
-    import shutil
-
     if not Path(files["pt"]).resolve().is_relative_to(folder.resolve()):  # --model: a copy travels with the rest
         files["pt"] = Path(shutil.copyfile(files["pt"], folder / "model.pt"))
     manifest = {k: (Path(v).relative_to(folder).as_posix() if isinstance(v, Path) else v) for k, v in files.items()}
     if data is not None:
+        shutil.rmtree(folder / "data_sample", ignore_errors=True)  # a sample of an earlier --prepare would stay in it
         images, _ = labelled(data, data_images)
         for image in images:
             target = folder / "data_sample" / image.relative_to(data)
@@ -151,7 +179,13 @@ def write_prepared(files: dict, folder: Path, data: Path | None, data_images: in
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+class NotPrepared(Exception):
+    """--prepared names a folder that --prepare did not make (not carried, or another path)."""
+
+
 def read_prepared(folder: Path) -> dict:
+    if not (folder / MANIFEST).is_file():
+        raise NotPrepared(f"{folder}: no {MANIFEST}; make it with --prepare {folder} and carry the folder along")
     manifest = json.loads((folder / MANIFEST).read_text())
     return {k: (folder / v if isinstance(v, str) else v) for k, v in manifest.items()}
 
@@ -255,7 +289,7 @@ def run_path(Detector, benchmark, model: Path, kwargs: dict, precision: str, set
                 checks.append({"set": set_name, "max_rel_diff": diff, "passed": diff <= FP32_TOLERANCE})
             else:
                 points = 100 * abs(auroc(labels, scores) - ref_auroc)
-                checks.append({"set": set_name, "auroc_points_from_fp32": points,
+                checks.append({"set": set_name, "auroc_points_from_fp32": points, "fp32_auroc": ref_auroc,
                                "passed": points <= AUROC_POINTS[precision]})
         device = detector.info["device"]
         if kwargs.get("cuda_graph") and "not possible" in detector.info["provider"]:  # ran without graphs
@@ -282,8 +316,14 @@ def main() -> int:
                         "carry to a machine without the train extra, then stop")
     parser.add_argument("--prepared", type=Path, help="a folder made by --prepare: use its models and images")
     parser.add_argument("--out", type=Path, help="append every row to this JSON-lines file as it finishes")
+    parser.add_argument("--budget-s", type=int, default=BUDGET_S, help=f"seconds for the whole run, 60 to {BUDGET_S} (default)")
+    parser.add_argument("--expect-gpu", action="store_true", help="exit 2 unless a GPU path ran (a GPU is "
+                        "expected without this when nvidia-smi or torch sees one)")
     args = parser.parse_args()
+    if not 60 <= args.budget_s <= BUDGET_S:  # gpu_acceptance.sh's timeout allows the default budget and its grace
+        parser.error(f"--budget-s: from 60 to {BUDGET_S}")
     started = time.monotonic()
+    faulthandler.dump_traceback_later(args.budget_s + HANG_GRACE_S, exit=True)
     have = inventory()
     emit({"inventory": have}, args.out)
 
@@ -293,14 +333,16 @@ def main() -> int:
     if args.prepare:
         args.prepare.mkdir(parents=True, exist_ok=True)
         write_prepared(prepare(args.prepare, args.model), args.prepare, args.data, args.data_images)
-        import shutil
-
         shutil.rmtree(args.prepare / "calibration", ignore_errors=True)  # the cache is not needed there
         print(f"prepared {args.prepare} in {time.monotonic() - started:.0f} s: carry it and run with --prepared")
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-acceptance-"))
     work.mkdir(parents=True, exist_ok=True)
-    files = read_prepared(args.prepared) if args.prepared else prepare(work, args.model)
+    try:
+        files = read_prepared(args.prepared) if args.prepared else prepare(work, args.model)
+    except NotPrepared as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     plan_reasons = build_plans(files, work)
     sets = {"synthetic": labelled(files["data"], 10_000)}
     data = files.get("data_sample") or args.data
@@ -322,8 +364,9 @@ def main() -> int:
         if kwargs["backend"] == "tensorrt" and precision in plan_reasons:
             results.append(emit(row | {"status": "skipped", "why": plan_reasons[precision]}, args.out))
             continue
-        if time.monotonic() - started > BUDGET_S - 60:
-            results.append(emit(row | {"status": "skipped", "why": "the 8-minute budget is spent"}, args.out))
+        if time.monotonic() - started > args.budget_s - 60:
+            results.append(emit(row | {"status": "skipped", "why": f"the {args.budget_s} s budget is spent"},
+                                args.out))
             continue
         results.append(emit(row | run_path(Detector, benchmark, model, kwargs, precision, sets, reference, frames),
                             args.out))
@@ -332,7 +375,15 @@ def main() -> int:
     ran = [r for r in results if r["status"] != "skipped"]
     print(f"{len(ran)} paths ran, {sum(r['status'] == 'failed' for r in ran)} failed, "
           f"{len(results) - len(ran)} skipped, in {time.monotonic() - started:.0f} s")
-    return 1 if any(r["status"] == "failed" for r in ran) else 0
+    if any(r["status"] == "failed" for r in ran):
+        return 1
+    smi = have.get("nvidia_smi") or ""
+    gpu_here = args.expect_gpu or have.get("cuda_gpu") or (smi and not smi.startswith(SMI_FAILED))
+    if gpu_here and not any(r["path"] != "int8 against fp16 plan" for r in ran):
+        print("error: a GPU is expected here (nvidia-smi or torch sees one, or --expect-gpu) but no GPU path ran: "
+              "see each row's reason", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

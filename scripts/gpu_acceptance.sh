@@ -7,4 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=python3
 [ -x .venv/bin/python ] && python=.venv/bin/python
-exec timeout 540 "$python" scripts/gpu_acceptance.py "$@"
+# -k: a process that ignores the TERM is killed 10 s later (a hung CUDA call can)
+exec timeout -k 10 540 "$python" scripts/gpu_acceptance.py "$@"

@@ -3,8 +3,12 @@ passes and fails, from rows shaped like those it collects. The GPU paths themsel
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 _saved = list(sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -60,27 +64,83 @@ runpy.run_path("scripts/gpu_acceptance.py", run_name="__main__")
 """
 
 
-def test_a_prepared_folder_runs_where_only_the_runtime_is_installed(synthetic_dataset, tmp_path):
-    """Prepared here (the tiny model, its graphs, the synthetic set and a sample of --data), the folder
-    runs the whole script without the train extra: every path either runs or is skipped with the
-    machine's reason, and every row reaches --out as it finishes."""
-    import json
-    import subprocess
+REPO = Path(__file__).resolve().parents[1]
 
-    repo = Path(__file__).resolve().parents[1]
-    prepared, out = tmp_path / "prepared", tmp_path / "rows.jsonl"
-    r = subprocess.run([sys.executable, "scripts/gpu_acceptance.py", "--prepare", str(prepared), "--data",
-                        str(synthetic_dataset), "--data-images", "8"], cwd=repo, capture_output=True, text=True,
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_dataset, tmp_path_factory) -> Path:
+    """A folder made by --prepare (the tiny model, its graphs, the synthetic set and a sample of --data)."""
+    folder = tmp_path_factory.mktemp("gpu") / "prepared"
+    r = subprocess.run([sys.executable, "scripts/gpu_acceptance.py", "--prepare", str(folder), "--data",
+                        str(synthetic_dataset), "--data-images", "8"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
-    assert r.returncode == 0 and f"prepared {prepared}" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 0 and f"prepared {folder}" in r.stdout, r.stderr[-2000:]
+    return folder
+
+
+def as_on_the_lent_machine(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", AS_ON_THE_LENT_MACHINE, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_prepared_folder_runs_where_only_the_runtime_is_installed(prepared, tmp_path):
+    """Prepared here, the folder runs the whole script without the train extra: every path either runs
+    or is skipped with the machine's reason, and every row reaches --out as it finishes."""
+    out = tmp_path / "rows.jsonl"
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert all((prepared / v).exists() for v in manifest.values() if isinstance(v, str))
     assert len(list((prepared / "data_sample" / "test").rglob("*.png"))) == 8 and not (prepared / "calibration").exists()
-    r = subprocess.run([sys.executable, "-c", AS_ON_THE_LENT_MACHINE, "--prepared", str(prepared), "--out", str(out)],
-                       cwd=repo, capture_output=True, text=True, timeout=300)
+    r = as_on_the_lent_machine("--prepared", str(prepared), "--out", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert "inventory" in rows[0] and rows[0]["inventory"]["tensorrt"] is None
+    inventory = rows[0]["inventory"]
+    assert inventory["tensorrt"] is None and {"nvidia_smi", "torch_cuda", "cudnn"} <= set(inventory)
     paths = rows[1:]
     assert len(paths) == 14 and {p["status"] for p in paths} <= {"passed", "skipped"}, r.stdout[-3000:]
     assert all(p["why"] for p in paths if p["status"] == "skipped")
     assert r.returncode == 0 and "paths ran, 0 failed" in r.stdout, r.stdout[-2000:]
+
+
+def test_a_run_where_a_gpu_is_expected_and_no_gpu_path_ran_fails(prepared):
+    """On the lent machine a torch that cannot see its GPU skips every path: that must not read as a pass."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():  # pragma: no cover - a machine whose GPU torch can use runs a path
+        pytest.skip("torch sees a CUDA GPU here: its path runs")
+    r = as_on_the_lent_machine("--prepared", str(prepared), "--expect-gpu", "--budget-s", "120")
+    assert r.returncode == 2 and "no GPU path ran" in r.stderr, (r.stdout[-2000:], r.stderr[-2000:])
+
+
+def test_a_folder_that_was_not_prepared_is_one_line_and_exit_3(tmp_path):
+    r = subprocess.run(["bash", "scripts/gpu_acceptance.sh", "--prepared", str(tmp_path / "not-carried")], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and "manifest.json" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(["bash", "scripts/gpu_acceptance.sh", "--budget-s", "9999"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--budget-s" in r.stderr
+
+
+def test_the_torch_path_the_gpu_machine_runs_passes_on_the_cpu(prepared):
+    """What the lent GPU machine can run is the torch path: the same chain here on the CPU (checkpoint
+    loaded, maps and scores against ONNX Runtime, bench at 1, 8 and 32) passes its checks."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_acceptance as script
+    finally:
+        sys.path[:] = _saved
+    from stmae_edge.runtime import Detector
+    from stmae_edge.runtime.bench import benchmark
+
+    files = script.read_prepared(prepared)
+    sets = {"synthetic": script.labelled(files["data"], 16), "data": script.labelled(files["data_sample"], 8)}
+    cpu = Detector(files["fp32"], "ort-cpu")
+    reference = {}
+    for name, (images, labels) in sets.items():
+        maps, scores = cpu.raw_maps(images)
+        reference[name] = (maps, scores, script.auroc(labels, scores))
+    frames = [np.full((96, 96), 100 + k, np.uint8) for k in range(4)]
+    row = script.run_path(Detector, benchmark, files["pt"], {"backend": "torch-cpu"}, "fp32", sets, reference, frames)
+    assert row["status"] == "passed", row
+    assert [c["set"] for c in row["checks"]] == ["synthetic", "data"] and [b["batch"] for b in row["bench"]] == [1, 8, 32]
+    fp16 = script.run_path(Detector, benchmark, files["fp16"], {"backend": "ort-cpu"}, "fp16", sets, reference, frames)
+    assert fp16["status"] == "passed" and all("fp32_auroc" in c for c in fp16["checks"]), fp16
