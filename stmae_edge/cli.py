@@ -270,12 +270,16 @@ def build(
                                            "for, comma-separated ('current': this machine's GPU); default: its "
                                            "set, 8.0, 8.6, 8.9, 12.0, 12.1. Turing (7.5), data-centre GPUs "
                                            "and Jetson need full TensorRT"),
+    workspace_mb: int | None = typer.Option(None, help="the most memory TensorRT may take for its tactics while "
+                                            "building, in MiB (default: TensorRT's, all of the GPU's; on a "
+                                            "Jetson, a quarter of the memory it shares, at most 2048)"),
 ) -> None:
     """Build a TensorRT engine plan (TensorRT if installed, else TensorRT for RTX) with a JSON sidecar."""
     from .engines.build import build_engine
 
     capabilities = [c.strip() for c in compute_capability.split(",") if c.strip()]
-    plan, sidecar = build_engine(onnx_file, precision, batch, out, compute_capabilities=capabilities)
+    plan, sidecar = build_engine(onnx_file, precision, batch, out, compute_capabilities=capabilities,
+                                 workspace_mb=workspace_mb)
     trt = sidecar["tensorrt"]
     typer.echo(f"wrote {plan} ({sidecar['plan']['size_bytes'] / 1e6:.1f} MB, {trt['flavour']} {trt['version']}, "
                f"batch {batch}, {sidecar['build_seconds']:.1f}s) and {plan.name}.json; target: {sidecar['target']}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .checks import MAX_DOCUMENT_BYTES, is_whole, parse_document
 from .errors import EngineMismatchError, StmaeError, TensorRTMissingError
+from .machine import is_jetson
 from .metadata import MAX_BATCH, ModelMetadata
 
 SIDECAR_FORMAT = "stmae-edge/engine"
@@ -25,6 +26,16 @@ DEFAULT_BATCH_TEXT = ":".join(map(str, DEFAULT_BATCH_PROFILE))
 PLAN_PRECISIONS = ("fp32", "fp16", "int8")
 INSTALL_HINT = ("install TensorRT (pip install tensorrt, or JetPack on a Jetson), or TensorRT for RTX: "
                 "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
+# On a Jetson TensorRT comes with JetPack, for the system Python: a virtual environment sees it only if
+# made with the system's packages (pip's tensorrt and TensorRT for RTX are not built for L4T).
+JETSON_INSTALL_HINT = ("on a Jetson, JetPack installs TensorRT for the system Python: make the virtual environment "
+                       "with `python3 -m venv --system-site-packages` (sudo apt install python3-libnvinfer where "
+                       "it is missing)")
+
+
+def install_hint() -> str:
+    """How to get TensorRT on this machine."""
+    return JETSON_INSTALL_HINT if is_jetson() else INSTALL_HINT
 
 
 def import_tensorrt(flavour: str | None = None):
@@ -40,7 +51,7 @@ def import_tensorrt(flavour: str | None = None):
         except ImportError:
             pass
     wanted = f"{flavour} is" if flavour else "TensorRT is"
-    raise TensorRTMissingError(f"{wanted} not installed: {INSTALL_HINT}") from None
+    raise TensorRTMissingError(f"{wanted} not installed: {install_hint()}") from None
 
 
 def collecting_logger(trt):

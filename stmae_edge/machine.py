@@ -1,12 +1,41 @@
-"""What this machine gives this process: the CPU cores it may run on, and the memory it may still take
-(a container's limits included). One definition for the CLI's torch threads, the image survey's
-threads, the runtime's device description and training's memory estimate. Standard library only.
+"""What this machine gives this process: the CPU cores it may run on, the memory it may still take
+(a container's limits included), and whether it is a Jetson. One definition for the CLI's torch
+threads, the image survey's threads, the runtime's device description, training's memory estimate,
+and the TensorRT build's and install hints' Jetson cases. Standard library only.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
+
+# L4T (JetPack's Linux) writes its release here; its kernels are named "...-tegra" too
+TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+# The board's name on ARM, where /proc/cpuinfo has no "model name" line
+DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
+
+
+def is_jetson() -> bool:
+    """A Jetson (L4T): its GPU shares the system's memory, and JetPack installs TensorRT for the system
+    Python rather than through pip."""
+    return TEGRA_RELEASE.is_file() or platform.release().endswith("-tegra")
+
+
+def total_memory_bytes() -> int | None:
+    """The machine's physical memory (None where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def board_model() -> str | None:
+    """The board's name from the device tree (a Jetson, a Raspberry Pi), None elsewhere."""
+    try:
+        return DEVICE_TREE_MODEL.read_bytes().rstrip(b"\0").decode("utf-8", "replace").strip() or None
+    except OSError:
+        return None
 
 
 def available_cores() -> int:

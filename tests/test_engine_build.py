@@ -236,3 +236,61 @@ def test_a_plan_the_gpu_cannot_load_says_which_tensorrt_to_build_it_with():
         assert "install full TensorRT" in _rebuild_hint("tensorrt-rtx", SimpleNamespace(major=major, minor=minor))
     assert "rebuild it here" in _rebuild_hint("tensorrt-rtx", SimpleNamespace(major=8, minor=6))
     assert "rebuild it here" in _rebuild_hint("tensorrt", SimpleNamespace(major=7, minor=5))
+
+
+def test_on_a_jetson_missing_tensorrt_says_to_see_jetpacks(monkeypatch, tmp_path):
+    """JetPack installs TensorRT for the system Python; pip's tensorrt and TensorRT for RTX are not for L4T."""
+    from stmae_edge import machine
+    from stmae_edge.engine_plan import import_tensorrt
+    from stmae_edge.errors import TensorRTMissingError
+
+    for module in ("tensorrt", "tensorrt_rtx_bindings", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setattr(machine, "TEGRA_RELEASE", tmp_path / "absent")
+    monkeypatch.setattr(machine.platform, "release", lambda: "6.8.0-45-generic")
+    with pytest.raises(TensorRTMissingError, match="pip install tensorrt") as elsewhere:
+        import_tensorrt()
+    assert "system-site-packages" not in str(elsewhere.value)
+    (tmp_path / "nv_tegra_release").write_text("# R36 (release), REVISION: 4.0\n")
+    monkeypatch.setattr(machine, "TEGRA_RELEASE", tmp_path / "nv_tegra_release")
+    with pytest.raises(TensorRTMissingError, match="--system-site-packages") as jetson:
+        import_tensorrt()
+    assert "tensorrt-rtx" not in str(jetson.value)
+
+
+@trt_available
+def test_a_plan_whose_tensorrt_is_missing_here_says_to_rebuild_it(onnx_file, tmp_path, monkeypatch):
+    from stmae_edge.errors import TensorRTMissingError
+    from stmae_edge.runtime.tensorrt_backend import TensorRTBackend
+
+    plan, sidecar = build_engine(onnx_file, "fp32", "1:1:2", tmp_path / "m.plan")
+    for module in ("tensorrt", "tensorrt_rtx_bindings", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(TensorRTMissingError) as caught:
+        TensorRTBackend(plan)
+    message = str(caught.value)
+    assert f"built with {sidecar['tensorrt']['flavour']} {sidecar['tensorrt']['version']}" in message
+    assert "rebuild the plan here" in message and "ort-cpu" in message and "\n" not in message
+
+
+@trt_available
+def test_the_workspace_limit_reaches_tensorrt_and_a_jetson_caps_it(onnx_file, tmp_path, monkeypatch):
+    """--workspace-mb is TensorRT's workspace pool, read back from the builder; on a Jetson, whose GPU
+    shares the system's memory, the default is a quarter of it, at most 2 GiB."""
+    from stmae_edge import machine
+    from stmae_edge.engines import build
+
+    _, sidecar = build_engine(onnx_file, None, "1:1:2", tmp_path / "a.plan", workspace_mb=64)
+    assert sidecar["workspace_bytes"] == 64 << 20
+    with pytest.raises(ConfigError, match="workspace"):
+        build_engine(onnx_file, None, "1:1:2", tmp_path / "b.plan", workspace_mb=0)
+    monkeypatch.setattr(machine, "TEGRA_RELEASE", tmp_path / "absent")
+    monkeypatch.setattr(machine.platform, "release", lambda: "5.15.148-tegra")
+    monkeypatch.setattr(build, "total_memory_bytes", lambda: 8 << 30)  # an 8 GB Orin Nano
+    assert build.default_workspace_bytes() == 2 << 30
+    monkeypatch.setattr(build, "total_memory_bytes", lambda: 4 << 30)
+    assert build.default_workspace_bytes() == 1 << 30
+    _, sidecar = build_engine(onnx_file, None, "1:1:2", tmp_path / "c.plan")
+    assert sidecar["workspace_bytes"] == 1 << 30
+    monkeypatch.setattr(machine.platform, "release", lambda: "6.8.0-45-generic")
+    assert build.default_workspace_bytes() is None

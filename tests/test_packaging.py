@@ -29,3 +29,16 @@ def test_torch_only_in_the_train_extra_and_pinned():
     torch_reqs = [Requirement(d) for d in PROJECT["optional-dependencies"]["train"] if Requirement(d).name == "torch"]
     assert [str(r.specifier) for r in torch_reqs] == ["==2.13.0"]
     assert PROJECT["scripts"]["stmae-edge"] == "stmae_edge.cli:main"
+
+
+@pytest.mark.parametrize("release,cuda_python,numpy_capped", [
+    ("6.8.0-45-generic", "12.6", False), ("5.15.148-tegra", "12.6", True)])
+def test_the_gpu_extra_follows_jetpacks_cuda_on_a_jetson(release, cuda_python, numpy_capped):
+    """On a Jetson (JetPack 6: CUDA 12.6, its Python packages built for numpy 1) the gpu extra must not
+    bring cuda-python 13, which needs a CUDA 13 driver; elsewhere it takes the newest."""
+    env = {"sys_platform": "linux", "platform_machine": "aarch64", "platform_release": release}
+    chosen = [r for r in map(Requirement, PROJECT["optional-dependencies"]["gpu"]) if r.marker is None or r.marker.evaluate(env)]
+    cuda = [r for r in chosen if r.name == "cuda-python"]
+    assert len(cuda) == 1 and cuda[0].specifier.contains(cuda_python)
+    assert cuda[0].specifier.contains("13.0") != numpy_capped
+    assert any(r.name == "numpy" and not r.specifier.contains("2.0") for r in chosen) == numpy_capped

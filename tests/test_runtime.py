@@ -372,3 +372,45 @@ def test_a_keep_aspect_model_lays_its_maps_over_each_image_in_every_path(tiny_ex
     low = keep.predict(arrays[1], pixel_threshold=float(np.quantile(expected, 0.9)))
     assert low.regions and all(0 <= r.x and r.x + r.width <= 120 and 0 <= r.y and r.y + r.height <= 80
                                for r in low.regions)
+
+
+def test_auto_warns_where_a_gpu_is_here_and_onnx_runtime_is_the_cpu_build(tiny_export, monkeypatch, caplog):
+    """A Jetson's pip install brings the CPU-only onnxruntime: an .onnx file then runs on the ARM CPU
+    beside an idle GPU, which must be a warning that says what to install, not an info line."""
+    from types import SimpleNamespace
+
+    import stmae_edge.runtime.backends as backends
+
+    monkeypatch.setattr(backends, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(backends, "import_onnxruntime",
+                        lambda: SimpleNamespace(get_available_providers=lambda: ["CPUExecutionProvider"]))
+    with caplog.at_level("WARNING", logger="stmae_edge.runtime.backends"):
+        assert backends.choose_backend(tiny_export[1], "auto") == "ort-cpu"
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "a CUDA GPU is here, but this ONNX Runtime has no CUDAExecutionProvider" in warned[0].getMessage()
+    assert "onnxruntime-gpu" in warned[0].getMessage() and "stmae-edge build" in warned[0].getMessage()
+    caplog.clear()
+    monkeypatch.setattr(backends, "cuda_device_count", lambda: 0)  # no GPU: the CPU is the right choice, said quietly
+    with caplog.at_level("WARNING", logger="stmae_edge.runtime.backends"):
+        assert backends.choose_backend(tiny_export[1], "auto") == "ort-cpu"
+    assert not caplog.records
+
+
+def test_the_cpu_is_named_by_its_board_where_cpuinfo_names_no_model(monkeypatch, tmp_path):
+    """ARM's /proc/cpuinfo (a Jetson's) has no "model name" line: the device tree names the board."""
+    from stmae_edge import machine
+    from stmae_edge.runtime import devices
+
+    arm = tmp_path / "cpuinfo"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 62.50\nCPU implementer\t: 0x41\nCPU part\t: 0xd42\n")
+    board = tmp_path / "model"
+    board.write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\0")
+    monkeypatch.setattr(devices, "CPUINFO", arm)
+    monkeypatch.setattr(machine, "DEVICE_TREE_MODEL", board)
+    monkeypatch.setattr(devices.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(devices.platform, "processor", lambda: "")
+    assert devices.cpu_description().startswith("CPU: NVIDIA Jetson AGX Orin Developer Kit (aarch64) (")
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\n")
+    monkeypatch.setattr(devices, "CPUINFO", x86)
+    assert devices.cpu_description().startswith("CPU: AMD EPYC 9B14 (")

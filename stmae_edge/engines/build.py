@@ -4,7 +4,8 @@
 (`tensorrt_rtx_bindings`), which builds ahead of time without a GPU, so CI proves every graph we emit
 compiles. One code path serves both: a strongly typed network (the precision lives in the ONNX graph),
 an optimisation profile from the batch range, a timing cache (full TensorRT only: TensorRT for RTX
-made its timing-cache calls no-ops in 1.2), and a JSON sidecar next to the plan.
+made its timing-cache calls no-ops in 1.2), a workspace limit on Jetsons (or where asked), and a JSON
+sidecar next to the plan.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..engine_plan import (
     write_sidecar,
 )
 from ..errors import ConfigError, ExportError, first_line
+from ..machine import is_jetson, total_memory_bytes
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 from ..onnx_files import load_onnx
 from ..outputs import check_writable, sha256_file, write_bytes_atomically
@@ -37,6 +39,18 @@ PRECISIONS = PLAN_PRECISIONS  # int8 graphs come from `stmae-edge calibrate`
 TIMING_CACHE_FLAVOURS = ("tensorrt",)
 
 log = logging.getLogger(__name__)
+# TensorRT's default workspace is all of the GPU's memory, which on a Jetson is the system's own, shared
+# with the CPU: tactics timed at batch 32 can take enough of it for the kernel to kill the build. There
+# the default is a quarter of the memory, at most 2 GiB (the default model's plans need far less).
+JETSON_WORKSPACE_CAP = 2 << 30
+
+
+def default_workspace_bytes() -> int | None:
+    """The build's workspace limit where none is asked for: TensorRT's own (None), but on a Jetson."""
+    if not is_jetson():
+        return None
+    total = total_memory_bytes()
+    return min(JETSON_WORKSPACE_CAP, total // 4) if total else JETSON_WORKSPACE_CAP
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,7 @@ def phase_monitor(trt, advance):
 
 def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str | BatchRange = DEFAULT_BATCH_TEXT,
                  out: Path | str | None = None, timing_cache: Path | str | None = None,
-                 compute_capabilities: Sequence[str] = ()) -> tuple[Path, dict]:
+                 compute_capabilities: Sequence[str] = (), workspace_mb: int | None = None) -> tuple[Path, dict]:
     """ONNX -> engine plan and its sidecar (plan path + '.json'). Returns the plan path and the sidecar.
 
     The network is strongly typed, so the precision is the ONNX graph's own; `precision` only checks it.
@@ -125,6 +139,8 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         compute_capabilities: TensorRT for RTX only: the GPUs' compute capabilities ("8.6", "12.0", ...)
             the plan is built for, instead of its default set (8.0, 8.6, 8.9, 12.0, 12.1); "current"
             for the GPU of this machine. Not Turing (7.5): see target_compute_capabilities.
+        workspace_mb: the most memory TensorRT may use for its tactics while building, in MiB (None:
+            TensorRT's default, all of the GPU's memory, but on a Jetson: default_workspace_bytes).
 
     Raises:
         ConfigError: an unknown precision, one the graph does not have, a bad batch range, or compute
@@ -136,6 +152,8 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     """
     if precision is not None and precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; this version builds {', '.join(PRECISIONS)}")
+    if workspace_mb is not None and workspace_mb < 1:
+        raise ConfigError(f"--workspace-mb {workspace_mb}: give at least 1 MiB (or leave it out for TensorRT's default)")
     batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)
     onnx_path = Path(onnx_path)
     proto = load_onnx(onnx_path, ExportError)
@@ -168,6 +186,12 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed{where}: {desc}")
 
     config = builder.create_builder_config()
+    workspace = workspace_mb << 20 if workspace_mb is not None else default_workspace_bytes()
+    if workspace is not None:
+        if workspace_mb is None:
+            log.info("building on a Jetson: TensorRT's workspace is capped at %d MiB (--workspace-mb sets another)",
+                     workspace >> 20)
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     keep_float32(trt, config)
     target_compute_capabilities(trt, config, flavour, compute_capabilities)
     profile = builder.create_optimization_profile()
@@ -205,6 +229,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         "batch": {"min": batch.min, "opt": batch.opt, "max": batch.max},
         "tensorrt": {"flavour": flavour, "version": trt.__version__},
         "target": _target(config, flavour),
+        "workspace_bytes": int(config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE)),
         "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
         "plan": {"path": out.name, "sha256": sha256_file(out), "size_bytes": out.stat().st_size},
         "build_seconds": round(seconds, 2),
@@ -265,7 +290,9 @@ def _attach_timing_cache(config, cache_path: Path) -> None:
     if cache is None:  # unreadable or from another TensorRT version: start a fresh one
         log.warning("timing cache %s not used (%s); starting a fresh one", cache_path, reason)
         cache = config.create_timing_cache(b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if config.set_timing_cache(cache, ignore_mismatch=False) is False:  # made on another GPU model
+        log.warning("timing cache %s was made on another GPU; starting a fresh one", cache_path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
 
 def _target(config, flavour: str) -> str:

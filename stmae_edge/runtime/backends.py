@@ -40,6 +40,11 @@ GPU_PROVIDER_HINT = ("check the GPU driver and the CUDA, cuDNN (and TensorRT) ve
                      "needs (pip install '.[gpu]' brings CUDA's and cuDNN's), or ask for --backend ort-cpu")
 
 
+# Where a GPU is present and ONNX Runtime is the CPU-only build (a Jetson's pip install, or both packages)
+NO_GPU_PROVIDER_HINT = ("install onnxruntime-gpu in place of onnxruntime (on a Jetson: NVIDIA's build for its "
+                        "JetPack), or build a TensorRT plan with `stmae-edge build` and run that")
+
+
 def choose_backend(path: Path, backend: str) -> str:
     """The backend that runs `path`: `backend` itself, checked against the file, or auto's choice.
 
@@ -53,9 +58,12 @@ def choose_backend(path: Path, backend: str) -> str:
         *asked, last = AUTO[file_kind]
         chosen = next((name for name in asked if device_present(name)), last)
         skipped = asked[:asked.index(chosen)] if chosen in asked else asked
-        if skipped:  # said, not silent: a line PC that should have a GPU runs on its CPU
-            logger.info("backend auto: %s for %s (%s: no CUDA GPU, or no such ONNX Runtime provider, here)",
-                        chosen, path.name, ", ".join(skipped))
+        if skipped and cuda_device_count() > 0:  # a GPU that ONNX Runtime cannot use: worth a warning
+            missing = " or ".join(ORT_PROVIDERS.get(name, name) for name in skipped)
+            logger.warning("backend auto: %s for %s: a CUDA GPU is here, but this ONNX Runtime has no %s; %s",
+                           chosen, path.name, missing, NO_GPU_PROVIDER_HINT)
+        elif skipped:  # said, not silent: a line PC that should have a GPU runs on its CPU
+            logger.info("backend auto: %s for %s (%s: no CUDA GPU here)", chosen, path.name, ", ".join(skipped))
         return chosen
     if KINDS_BY_NAME[backend].file_kind != file_kind:
         _, description, other = FILE_KINDS[file_kind]

@@ -7,8 +7,9 @@ import ctypes
 import ctypes.util
 import os
 import platform
+from pathlib import Path
 
-from ..machine import available_cores
+from ..machine import available_cores, board_model
 
 
 def _cuda_driver():
@@ -29,13 +30,20 @@ def cuda_device_count() -> int:
     return count.value
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def cpu_description() -> str:
+    """The CPU's model name (x86), or the board's (ARM: a Jetson's /proc/cpuinfo names no model), and the
+    cores this process may use."""
     model = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        with open(CPUINFO) as f:
+            named = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     except OSError:
-        pass
+        named = None
+    board = None if named else board_model()
+    model = named or (f"{board} ({platform.machine()})" if board else model)
     return f"CPU: {model} ({available_cores()} cores)"
 
 

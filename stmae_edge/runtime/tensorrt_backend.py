@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine_plan import collecting_logger, import_tensorrt, read_plan, telling_error
-from ..errors import BackendError, EngineMismatchError
+from ..engine_plan import collecting_logger, import_tensorrt, install_hint, read_plan, telling_error
+from ..errors import BackendError, EngineMismatchError, TensorRTMissingError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,12 @@ class TensorRTBackend:
         plan_path = Path(plan_path)
         data, sidecar, self.metadata = read_plan(plan_path)
         flavour, version = sidecar["tensorrt"]["flavour"], sidecar["tensorrt"]["version"]
-        trt, _ = import_tensorrt(flavour)
+        try:
+            trt, _ = import_tensorrt(flavour)
+        except TensorRTMissingError as exc:  # a plan runs only on the TensorRT that built it: say so first
+            raise TensorRTMissingError(f"{plan_path} was built with {flavour} {version}, which this machine lacks: "
+                                       "rebuild the plan here from its .onnx with `stmae-edge build`, or run the "
+                                       f".onnx (--backend ort-cpu); to build here, {install_hint()}") from exc
         if trt.__version__ != version:
             raise EngineMismatchError(f"{plan_path} was built with {flavour} {version} but this machine has "
                                       f"{trt.__version__}; plans only run on the TensorRT version that built "
