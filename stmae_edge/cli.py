@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -434,19 +435,23 @@ def predict(
                                     image_threshold=threshold, pixel_threshold=pixel_threshold, sigma=sigma)
     for error in summary["errors"]:
         typer.echo(f"error: {error['error']}", err=True)
+    for result in summary["results"]:
+        if "overlay_error" in result:
+            typer.echo(f"error: {result['overlay_error']} (the image was scored: results.json has it)", err=True)
     scored = len(summary["results"])
     info = summary["runtime"]
     typer.echo(f"{scored} scored: {summary['failed']} fail, {scored - summary['failed']} pass "
                f"(image threshold {summary['thresholds']['image']:.6g}); {summary['unreadable']} not scored (error lines); "
                f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}"
-               + (f" and {scored} overlays ({out}/<name>.png)" if overlays and scored else "")
+               + (f" and {scored - summary['overlays_not_written']} overlays ({out}/<name>.png)"
+                  if overlays and scored else "")
                + (f"; removed {summary['replaced_overlays']} overlays of the earlier run there"
                   if summary["replaced_overlays"] else ""))
     if scored:
         typer.echo("next: " + ("look at the overlays; " if overlays else "")
                    + "on a labelled set, `stmae-edge report MODEL DATA` shows the worst cases "
                    "and `stmae-edge threshold MODEL DATA --max-false-reject 0.01` moves the threshold")
-    if summary["unreadable"]:
+    if summary["unreadable"] or summary["overlays_not_written"]:
         raise typer.Exit(PARTIAL_EXIT_CODE)
 
 
@@ -615,6 +620,11 @@ _CLICK = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
 
 
 def main() -> None:
+    # A file name the console or pipe cannot encode (Windows writes pipes in its ANSI code page, strictly)
+    # is printed escaped, not a traceback after the results were written; stderr does this already.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):  # a replaced or closed stream
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = app(standalone_mode=False)  # click's own errors come here, to be said in one line too
     except _CLICK["UsageError"] as exc:  # a bad option value, an unknown option, a missing argument

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .checks import MAX_DOCUMENT_BYTES, is_whole, parse_document
-from .errors import EngineMismatchError, StmaeError, TensorRTMissingError
+from .errors import EngineMismatchError, StmaeError, TensorRTMissingError, first_line
 from .machine import is_jetson
 from .metadata import MAX_BATCH, ModelMetadata
 
@@ -43,15 +43,22 @@ def import_tensorrt(flavour: str | None = None):
     # TensorRT for RTX is `tensorrt_rtx_bindings` from PyPI, `tensorrt_rtx` from NVIDIA's SDK wheel
     full, rtx = FLAVOURS
     candidates = [("tensorrt", full), ("tensorrt_rtx_bindings", rtx), ("tensorrt_rtx", rtx)]
+    unloadable = []
     for module_name, name in candidates:
         if flavour not in (None, name):
             continue
         try:
             return __import__(module_name), name
-        except ImportError:
-            pass
-    wanted = f"{flavour} is" if flavour else "TensorRT is"
-    raise TensorRTMissingError(f"{wanted} not installed: {install_hint()}") from None
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:  # the package is there, one of its own imports is not
+                unloadable.append(f"{module_name}: {first_line(exc, 200)}")
+        except (ImportError, OSError) as exc:  # installed, but its libraries do not load (a DLL not found)
+            unloadable.append(f"{module_name}: {first_line(exc, 200)}")
+    wanted = flavour or "TensorRT"
+    if unloadable:
+        raise TensorRTMissingError(f"{wanted} is installed but cannot load here ({'; '.join(unloadable)}): "
+                                   "reinstall it, or put its libraries where the system finds them")
+    raise TensorRTMissingError(f"{wanted} is not installed: {install_hint()}") from None
 
 
 def collecting_logger(trt):

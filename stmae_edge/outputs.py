@@ -10,6 +10,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
             raise OutputError(f"{path} is an input of this command and would be replaced; choose another --out")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(path.name + ".partial")
+        probe = partial_name(path)  # the name the write will take: the longest it needs (255 bytes, MAX_PATH)
         probe.touch()
         probe.unlink()
     except OSError as exc:
@@ -56,6 +57,11 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name with --out")
     return path
+
+
+def partial_name(target: Path) -> Path:
+    """A fresh temporary name beside `target`, 22 characters longer than its name."""
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
 
 
 @contextlib.contextmanager
@@ -76,15 +82,14 @@ def written_atomically(path: Path | str, follow_links: bool = True) -> Iterator[
     target = path.resolve() if follow_links and path.is_symlink() else path
     # A fresh name, created here and not through a link: a name known in advance could be a link
     # planted in a shared folder, which the writer would follow before the rename replaced it.
-    partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+    partial = partial_name(target)
     try:
         os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o666))
         yield partial
+        _sync_file(partial)  # before the target's mode, which may be read-only, is copied onto it
         if target.exists() and not target.is_symlink():
             os.chmod(partial, target.stat().st_mode & 0o7777)
-        _sync(partial)
-        os.replace(partial, target)
-        _sync(target.parent)
+        _replace(partial, target)
     except (OSError, RuntimeError) as exc:
         reason = getattr(exc, "strerror", None) or first_line(exc, 200)
         if _disk_full(exc, target.parent):  # torch.save says it in its own words ("unexpected pos ...")
@@ -94,6 +99,25 @@ def written_atomically(path: Path | str, follow_links: bool = True) -> Iterator[
     except BaseException:
         _remove(partial)
         raise
+    _sync_folder(target.parent)
+
+
+# Windows refuses to replace a file that another process holds open without sharing its deletion (a
+# viewer, the search indexer, a virus scanner reading the new file): such holds last moments, so the
+# rename is tried again there. POSIX replaces an open file, and a refusal there is final.
+REPLACE_ATTEMPTS = 6 if os.name == "nt" else 1
+REPLACE_PAUSE_S = 0.25
+
+
+def _replace(partial: Path, target: Path) -> None:
+    for attempt in range(REPLACE_ATTEMPTS):
+        try:
+            os.replace(partial, target)
+            return
+        except PermissionError:
+            if attempt == REPLACE_ATTEMPTS - 1:
+                raise
+            time.sleep(REPLACE_PAUSE_S * (attempt + 1))
 
 
 def _remove(partial: Path) -> None:
@@ -117,16 +141,28 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
         return False
 
 
-def _sync(path: Path) -> None:
-    """Data (or a folder's entries) on the disk, not only in the page cache."""
-    fd = os.open(path, os.O_RDONLY)
+def _sync_file(path: Path) -> None:
+    """A file's data on the disk, not only in the page cache. Opened for writing: Windows flushes only
+    a handle with write access (FlushFileBuffers; read-only, os.fsync fails there with EBADF)."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
     try:
         os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a folder; the rename is still atomic there
-        if not path.is_dir():
-            raise
     finally:
         os.close(fd)
+
+
+def _sync_folder(folder: Path) -> None:
+    """The rename on the disk too, where the system allows it: the file is already in place, so a
+    folder that cannot be synced (Windows cannot open one as a file, some file systems refuse) is no
+    failure of the write."""
+    if os.name == "nt":  # NTFS journals its folder entries; os.open cannot open a folder there
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_bytes_atomically(path: Path | str, data: bytes, follow_links: bool = True) -> None:

@@ -163,15 +163,24 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                 if not ok:
                     raise OutputError(f"cannot encode the overlay of {paths[i]}")
                 encoded = png.tobytes()
-                write_bytes_atomically(out / names[i], encoded, follow_links=False)
-                entry["overlay"] = names[i]
-                entry["overlay_sha256"] = hashlib.sha256(encoded).hexdigest()
+                try:
+                    write_bytes_atomically(out / names[i], encoded, follow_links=False)
+                except OutputError as exc:
+                    if not isinstance(exc.__cause__, PermissionError):  # a full disk fails every write after it
+                        raise
+                    # one overlay refused (a file held open on Windows, past the retries) costs only itself
+                    logger.warning("%s", exc)
+                    entry["overlay_error"] = str(exc)
+                else:
+                    entry["overlay"] = names[i]
+                    entry["overlay_sha256"] = hashlib.sha256(encoded).hexdigest()
             results.append(entry)
         if advance:
             advance(len(chunk))
     summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
                "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
-               "unreadable": len(errors), "results": results, "errors": errors}
+               "unreadable": len(errors), "results": results, "errors": errors,
+               "overlays_not_written": sum("overlay_error" in r for r in results)}
     write_bytes_atomically(out / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode(), follow_links=False)
     # casefold: on a case-insensitive disk (macOS, Windows) Part1.png is the part1.png just written
     written = {entry["overlay"].casefold() for entry in results if "overlay" in entry}
@@ -197,7 +206,7 @@ def overlays_listed_in(results_file: Path) -> dict[str, str]:
     try:
         if results_file.is_symlink():
             raise ValueError("a symbolic link")
-        document = json.loads(results_file.read_text())
+        document = json.loads(results_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:

@@ -1,0 +1,135 @@
+"""What behaves differently on Windows and other machines than this one, checked here where it can be:
+the atomic writer's flushes, the temporary name's length, a TensorRT whose libraries do not load, a
+console that cannot print a file name, and one overlay that cannot be written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stmae_edge import outputs
+from stmae_edge.errors import OutputError, TensorRTMissingError
+
+
+def windows_fsync(real_fsync):
+    """os.fsync as Windows runs it (FlushFileBuffers): a handle without write access, or a folder, fails."""
+    import fcntl
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_fsync(fd)
+
+    return fsync
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="emulates Windows' flush on a POSIX descriptor")
+def test_atomic_writes_flush_a_handle_open_for_writing_and_replace_read_only_files(tmp_path, monkeypatch):
+    """Every output goes through written_atomically: its flush must work where a read-only handle cannot
+    be flushed (Windows), and a folder that cannot be synced is no failure once the file is in place."""
+    monkeypatch.setattr(outputs.os, "fsync", windows_fsync(os.fsync))
+    target = tmp_path / "model.json"
+    outputs.write_bytes_atomically(target, b"first")
+    target.chmod(0o444)  # a deployed file made read-only: rewritten in place, its mode kept
+    outputs.write_bytes_atomically(target, b"second")
+    assert target.read_bytes() == b"second" and stat.S_IMODE(target.stat().st_mode) == 0o444
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]  # no temporary file left
+
+
+def test_the_up_front_check_tries_the_temporary_name_the_write_will_take(tmp_path):
+    """A name that fits with ".partial" but not with the writer's 22 characters would pass the check
+    and fail at the end of a long run (255 bytes here; Windows' 260-character paths the same way)."""
+    fits = tmp_path / ("a" * 200 + ".pt")
+    assert outputs.check_writable(fits) == fits
+    too_long = tmp_path / ("a" * 240 + ".pt")
+    with pytest.raises(OutputError, match="cannot write"):
+        outputs.check_writable(too_long)
+
+
+def test_a_tensorrt_that_is_installed_but_cannot_load_is_not_called_missing(tmp_path, monkeypatch):
+    """TensorRT's package raises FileNotFoundError, or ImportError, where its DLLs are not found: that is
+    one line saying it cannot load, not a traceback and not "pip install tensorrt"."""
+    from stmae_edge.engine_plan import import_tensorrt
+
+    package = tmp_path / "tensorrt"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise FileNotFoundError("Could not find: nvinfer_10.dll. Is it on your PATH?")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    with pytest.raises(TensorRTMissingError, match="tensorrt is installed but cannot load here") as caught:
+        import_tensorrt("tensorrt")
+    assert "nvinfer_10.dll" in str(caught.value) and "pip install tensorrt" not in str(caught.value)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # truly absent: the install hint
+    with pytest.raises(TensorRTMissingError, match="tensorrt is not installed: "):
+        import_tensorrt("tensorrt")
+
+
+def test_a_console_that_cannot_encode_a_file_name_gets_it_escaped(tiny_export, synthetic_dataset, tmp_path):
+    """Windows writes a pipe in its ANSI code page, strictly: a name outside it must not end the command
+    in a traceback after the results were written (here: a Latin-1 stdout, as cp1252 is; an ASCII one
+    the command line library replaces with UTF-8 itself)."""
+    inputs = tmp_path / "in"
+    shutil.copytree(synthetic_dataset / "test" / "good", inputs)
+    out = tmp_path / "résultats_検査"
+    r = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "predict", str(tiny_export[1]), str(inputs), "--out",
+                        str(out), "--no-overlays"], capture_output=True, timeout=300,
+                       env={**os.environ, "PYTHONIOENCODING": "latin-1:strict"})
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")[-2000:]
+    assert "résultats_\\u691c\\u67fb".encode("latin-1") in r.stdout and (out / "results.json").is_file()
+
+
+def test_one_overlay_that_cannot_be_written_costs_only_itself(tiny_export, synthetic_dataset, tmp_path, monkeypatch):
+    """A file held open on Windows (a viewer, a virus scanner) refuses its replacement: that overlay is
+    reported in its result and the run goes on to write every other one and results.json. (A full disk
+    still stops the run: tests/test_faults.py.)"""
+    from stmae_edge.runtime import Detector, files
+
+    real_write = files.write_bytes_atomically
+
+    def held_open(path, data, follow_links=True):
+        if Path(path).name == "001.png":
+            raise OutputError(f"cannot write {path}: Permission denied; nothing was replaced") from PermissionError(13, "")
+        real_write(path, data, follow_links)
+
+    monkeypatch.setattr(files, "write_bytes_atomically", held_open)
+    inputs = sorted((synthetic_dataset / "test" / "good").iterdir())[:3]
+    summary = files.predict_to_folder(Detector(tiny_export[1]), inputs, tmp_path / "out")
+    assert summary["overlays_not_written"] == 1 and len(summary["results"]) == 3
+    refused = [r for r in summary["results"] if "overlay_error" in r]
+    assert len(refused) == 1 and refused[0]["source"].endswith("001.png") and "overlay" not in refused[0]
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["overlays_not_written"] == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000.png", "002.png", "results.json"]
+
+
+def test_a_replacement_refused_for_a_moment_is_tried_again_where_windows_needs_it(tmp_path, monkeypatch):
+    """On Windows a file held open for a moment (a virus scanner reading it) refuses its replacement:
+    the rename is tried again there; where it stays refused, the old file is kept and the error says so."""
+    target = tmp_path / "results.json"
+    target.write_bytes(b"old")
+    real_replace, refusals = os.replace, []
+
+    def held_for_a_moment(src, dst):
+        if len(refusals) < 2:
+            refusals.append(dst)
+            raise PermissionError(13, "Permission denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", held_for_a_moment)
+    monkeypatch.setattr(outputs, "REPLACE_ATTEMPTS", 3)  # Windows' count (POSIX: 1, an open file is replaced there)
+    monkeypatch.setattr(outputs, "REPLACE_PAUSE_S", 0.0)
+    outputs.write_bytes_atomically(target, b"new")
+    assert target.read_bytes() == b"new" and len(refusals) == 2
+    refusals.clear()
+    monkeypatch.setattr(outputs, "REPLACE_ATTEMPTS", 2)
+    with pytest.raises(OutputError, match="Permission denied; nothing was replaced"):
+        outputs.write_bytes_atomically(target, b"newer")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
