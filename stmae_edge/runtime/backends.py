@@ -178,7 +178,11 @@ class OnnxRuntimeBackend:
         # acquisition threads need (docs/BENCHMARKS.md, "ONNX Runtime's threads spinning or waiting").
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_threads else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin_threads else "0")
-        providers = [wanted] if wanted == "CPUExecutionProvider" else _gpu_providers(ort, wanted, path)
+        # Read by the one loader of users' ONNX files before ONNX Runtime opens it: external data outside
+        # the model's folder is refused here, whatever this onnxruntime checks (before 1.24 it read such
+        # paths as given). About 0.3 s for the default's 165 MB graph, once per Detector.
+        facts = _graph_facts(path)
+        providers = [wanted] if wanted == "CPUExecutionProvider" else _gpu_providers(ort, wanted, path, facts)
         try:
             # No fallback: ONNX Runtime would otherwise print to stdout and move a failing GPU session
             # to the CPU, at creation or in the middle of a run, while `provider` still named the GPU.
@@ -216,7 +220,7 @@ class OnnxRuntimeBackend:
         self.session = None
 
 
-def _gpu_providers(ort, wanted: str, path: Path | str) -> list:
+def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[int, ...]]) -> list:
     """The provider list for a GPU session: CUDA's libraries found, float32 kept float32 (TF32 rounds
     its operands as fp16 does, which the Mahalanobis distances of the map amplify), and for TensorRT one
     engine for the whole batch range, cached beside the model."""
@@ -242,7 +246,7 @@ def _gpu_providers(ort, wanted: str, path: Path | str) -> list:
     except OSError as exc:
         raise BackendError(f"cannot create the TensorRT engine cache {engine_cache}: "
                            f"{exc.strerror or exc}; copy the model to a writable folder") from exc
-    precision, image_shape = _graph_facts(path)
+    precision, image_shape = facts
     shape = "x".join(str(v) for v in image_shape)
     # Without a profile the provider builds for the batch sizes it has seen and rebuilds for each larger one
     profile = {f"trt_profile_{bound}_shapes": f"{INPUT_NAME}:{batch}x{shape}"
@@ -277,6 +281,9 @@ def _graph_facts(path: Path | str) -> tuple[str, tuple[int, ...]]:
     """The graph's precision and its input's (channels, height, width), read by the one loader of
     users' ONNX files (onnx_files.load_onnx: external data checked, not loaded)."""
     proto = load_onnx(path, BackendError)
+    if not proto.graph.input:
+        raise BackendError(f"{path}: a graph without inputs, not an stmae-edge model; give the .onnx that "
+                           "`stmae-edge export` wrote")
     dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
     return onnx_precision(proto), tuple(int(d.dim_value) for d in dims)
 
