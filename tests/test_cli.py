@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from stmae_edge.runtime.devices import cuda_device_count
+
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stmae_edge.cli", *args], capture_output=True, text=True,
@@ -167,7 +169,10 @@ def test_evaluate_takes_a_backend_and_records_the_one_it_used(tiny_export, synth
     r = run("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--out", str(report))
     assert r.returncode == 0 and json.loads(report.read_text())["backend"] == "ort-cpu", r.stderr
     r = run("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--out", str(report), "--backend", "auto")
-    assert r.returncode == 0 and json.loads(report.read_text())["backend"] in ("ort-cpu", "ort-cuda", "ort-tensorrt")
+    used = json.loads(report.read_text())["backend"]
+    assert r.returncode == 0 and used in ("ort-cpu", "ort-cuda", "ort-tensorrt")
+    if cuda_device_count() == 0:  # no GPU here: auto's choice is the CPU
+        assert used == "ort-cpu"
     _assert_one_line_error(run("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--backend", "torch-cpu"),
                            "is an ONNX file; it runs with --backend ort-tensorrt or ort-cuda or ort-cpu")
 
@@ -319,15 +324,33 @@ def test_running_out_of_memory_is_one_line_that_says_what_to_do(monkeypatch, cap
     assert lines[0].startswith("error: out of memory") and "--max-images" in lines[0]
 
 
-def test_evaluate_threshold_and_report_score_with_the_same_default_backend():
+def test_evaluate_threshold_and_report_score_with_the_same_default_backend(tiny_export, synthetic_dataset, tmp_path,
+                                                                          monkeypatch, caplog):
     """threshold and report took `auto` (the GPU on a GPU machine) where evaluate took the CPU: a threshold
-    chosen from other scores than those evaluate reports."""
-    import inspect
+    chosen from other scores than those evaluate reports. Here a GPU is pretended for `auto`: none of the
+    three may ask for it without --backend, and each scores on the CPU backend."""
+    import logging
 
-    from stmae_edge import cli
+    from typer.testing import CliRunner
+
+    import stmae_edge.runtime.backends as backends
+    from stmae_edge.cli import app
     from stmae_edge.evaluation.validation import EVALUATION_BACKENDS
 
-    defaults = {name: inspect.signature(getattr(cli, name)).parameters["backend"].default.default
-                for name in ("evaluate", "threshold", "report")}
-    assert defaults == {"evaluate": None, "threshold": None, "report": None}
     assert EVALUATION_BACKENDS == {"checkpoint": "torch-cpu", "onnx": "ort-cpu", "plan": "tensorrt"}
+    monkeypatch.setattr(backends, "device_present", lambda name: True)  # auto would take ort-cuda
+    model, data = str(tiny_export[1]), str(synthetic_dataset)
+    for command in (["evaluate", model, data, "--out", str(tmp_path / "e.json")],
+                    ["threshold", model, data, "--max-false-reject", "0.2"],
+                    ["report", model, data, "--out", str(tmp_path / "report")]):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="stmae_edge.runtime.backends"):
+            result = CliRunner().invoke(app, command)
+        assert result.exit_code == 0, (command[0], result.output)
+        assert "backend auto" not in caplog.text, (command[0], caplog.text)  # auto was never asked
+        assert "(ort-cpu)" in result.output, (command[0], result.output)  # its progress line names the backend
+    assert json.loads((tmp_path / "e.json").read_text())["backend"] == "ort-cpu"
+    # and the check can fail: named, auto goes for the pretended GPU
+    with caplog.at_level(logging.INFO, logger="stmae_edge.runtime.backends"):
+        CliRunner().invoke(app, ["threshold", model, data, "--max-false-reject", "0.2", "--backend", "auto"])
+    assert "backend auto" in caplog.text

@@ -158,8 +158,11 @@ def test_a_corrupt_timing_cache_does_not_stop_a_build(onnx_file, tmp_path, caplo
     with caplog.at_level("WARNING", logger="stmae_edge.engines.build"):
         plan, sidecar = build_engine(onnx_file, None, "1:1:2", tmp_path / "m.plan")
     assert plan.is_file()
-    if sidecar["tensorrt"]["flavour"] == "tensorrt":  # said, not swallowed (TensorRT for RTX keeps no cache)
+    if sidecar["tensorrt"]["flavour"] == "tensorrt":  # said, not swallowed, and replaced by the build's own
         assert any("timing.cache not used" in r.getMessage() for r in caplog.records), caplog.text
+        assert (tmp_path / "timing.cache").read_bytes() != b"not a timing cache"
+    else:  # TensorRT for RTX keeps no cache: the file is neither read nor touched, and nothing is said
+        assert (tmp_path / "timing.cache").read_bytes() == b"not a timing cache" and not caplog.records
 
 
 def test_unreadable_onnx_is_an_export_error(tmp_path):
@@ -188,6 +191,7 @@ def test_a_plan_is_evaluated_by_tensorrt_not_read_as_a_checkpoint(onnx_file, syn
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         assert "checkpoint" not in lines[0] and "Traceback" not in r.stderr
+        assert "GPU" in lines[0] and "--backend ort-cpu" in lines[0], lines[0]  # about the GPU, and what to do
 
 
 def test_the_build_progress_follows_the_first_top_phase_and_never_passes_its_total():
