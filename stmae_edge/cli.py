@@ -524,7 +524,7 @@ def linescan(
 
     def show(defect) -> None:
         if not json_output:
-            typer.echo(f"defect at row {defect.row}, column {defect.col}: {defect.height}x{defect.width} px, "
+            typer.echo(f"defect at row {defect.row}, column {defect.col}: {defect.width}x{defect.height} px, "
                        f"area {defect.area}, peak {defect.peak_normalized:+.1f} sd, tiles {list(defect.tiles)}"
                        + (" (continues)" if defect.continues else ""))
 

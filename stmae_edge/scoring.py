@@ -81,6 +81,10 @@ class Thresholds:
             value = getattr(self, name)
             if not is_finite_number(value):
                 raise ConfigError(f"{name} threshold {value!r} must be a finite number (raw score units)")
+            # a numpy scalar (a threshold computed on float32 scores) as Python's float: it must reach
+            # results, JSON and the model's metadata like any other
+            object.__setattr__(self, name, float(value))
+        object.__setattr__(self, "rule", str(self.rule))
 
     @classmethod
     def from_stats(cls, stats: ScoreStats, sigma: float = DEFAULT_SIGMA,

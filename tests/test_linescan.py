@@ -358,3 +358,24 @@ def test_a_first_block_that_fails_in_scoring_does_not_fix_the_strip(linescan_mod
     reference, _, fresh = inspect(detector, strip, [70, 60], keep_map=False)
     assert inspector.width == 100 and inspector.rows_final == 130 and inspector.tiles == fresh.tiles
     assert defects == reference
+
+
+def test_the_pixel_threshold_can_be_set_until_the_strip_starts_and_is_fixed_after(detector):
+    """Set after the first push, it used to be stored and ignored: the strip's defects are tracked at one
+    threshold, so a change mid-strip is refused, saying what to do; before the first push it counts."""
+    strip = make_strip(1, 200, 200)
+    strip[100:116, 100:116] = 250
+    inspector = StreamingInspector(detector, overlap=OVERLAP)
+    inspector.pixel_threshold = strong_threshold(detector)  # before the strip starts: taken
+    found = inspector.push(strip) + inspector.flush()
+    assert len(found) == 1 and inspector.pixel_threshold == strong_threshold(detector)
+    inspector = StreamingInspector(detector, overlap=OVERLAP, pixel_threshold=strong_threshold(detector))
+    inspector.push(strip[:50])
+    with pytest.raises(ConfigError, match="fixed once the strip has started"):
+        inspector.pixel_threshold = 1e9
+    assert inspector.pixel_threshold == strong_threshold(detector)
+    assert len(inspector.push(strip[50:]) + inspector.flush()) == 1
+    with pytest.raises(ConfigError, match="finite number"):
+        StreamingInspector(detector, overlap=OVERLAP).pixel_threshold = float("nan")
+    defect = found[0].to_dict()  # row first in a strip, named too
+    assert defect["peak"] == [defect["peak_row"], defect["peak_col"]] == [found[0].peak_row, found[0].peak_col]

@@ -4,6 +4,7 @@ batched scoring against the PyTorch model, maps at each image's size, thresholds
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -414,3 +415,28 @@ def test_the_cpu_is_named_by_its_board_where_cpuinfo_names_no_model(monkeypatch,
     x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\n")
     monkeypatch.setattr(devices, "CPUINFO", x86)
     assert devices.cpu_description().startswith("CPU: AMD EPYC 9B14 (")
+
+
+def test_detections_compare_and_hash_without_their_maps_and_take_numpy_thresholds(tiny_export, tmp_path):
+    """An integrator's `a == b`, `a in seen` or a set of results raised on the map (an array's truth
+    value); a numpy threshold per call reached to_dict() as numpy and broke json.dumps."""
+    import json
+
+    detector = Detector(tiny_export[1])
+    frame = np.full((96, 96), 120, np.uint8)
+    a, b = detector.predict(frame), detector.predict(frame)
+    assert a == b and a in [b] and len({a, b}) == 1
+    assert a != detector.predict(np.full((96, 96), 30, np.uint8))
+    chosen = detector.predict(frame, image_threshold=np.float32(5), pixel_threshold=np.float64(4))
+    record = json.loads(json.dumps(chosen.to_dict()))
+    assert record["image_threshold"] == 5.0 and record["pixel_threshold"] == 4.0
+    for region in record["regions"]:
+        assert region["peak"] == [region["peak_x"], region["peak_y"]]
+    import shutil
+
+    from stmae_edge.model_files import write_thresholds
+    from stmae_edge.scoring import Thresholds
+
+    copy = Path(shutil.copy(tiny_export[1], tmp_path / "m.onnx"))  # kept in the file: a numpy value too
+    write_thresholds(copy, Thresholds(image=np.float32(18), pixel=np.float32(15), rule="from numpy"))
+    assert Detector(copy).thresholds.image == 18.0

@@ -83,3 +83,15 @@ def test_metadata_from_another_schema_or_version_is_refused():
         ModelMetadata.from_dict({**d, "schema": "other"})
     with pytest.raises(CheckpointError, match="malformed"):
         ModelMetadata.from_dict({k: v for k, v in d.items() if k != "thresholds"})
+
+
+def test_thresholds_computed_with_numpy_are_plain_floats(tmp_path):
+    """A threshold computed on float32 scores is a numpy scalar: it used to be kept as one, and broke
+    the JSON of results and of the model's metadata later."""
+    import json
+
+    t = Thresholds(image=np.float32(18.5), pixel=np.float64(15.25), rule="by hand")
+    assert type(t.image) is float and type(t.pixel) is float and (t.image, t.pixel) == (18.5, 15.25)
+    assert json.loads(json.dumps(t.to_dict()))["image"] == 18.5
+    with pytest.raises(ConfigError, match="finite number"):
+        Thresholds(image=np.float32("nan"), pixel=1.0)

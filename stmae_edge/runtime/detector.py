@@ -79,6 +79,11 @@ class ImageScorer(AssignableThresholds):
                 place in the returned list (one image: returned), and every other image is scored;
                 by default the error is raised. For a batch in which one bad frame must not cost the rest.
 
+        Returns:
+            A Detection (one image) or a list of them in the order given (see Detection for its
+            fields and units); with return_errors, an InvalidImageError in place of each image that
+            could not be scored.
+
         Raises:
             InvalidImageError: an image cannot be read or used (naming the file, or its index in the
                 call); nothing of the call is returned and the detector stays usable. Not with
@@ -176,11 +181,19 @@ class Detector(ImageScorer):
     Attributes:
         metadata: the model's ModelMetadata, read from the file.
         preprocessing: how images become the network's input (the model's, with `bit_depth` applied).
-        thresholds: raw-score thresholds used when a call does not override them (assignable).
+        thresholds: raw-score thresholds used when a call does not override them (assignable; a
+            threshold kept in the file: model_files.write_thresholds).
+        score_stats: the good images' scores stored with the model; `normalized_score` is a z-score
+            against them, and Thresholds.from_stats(score_stats, sigma, map_stats) sets thresholds
+            at mean + sigma * std.
+        map_stats: the same for the good images' map maxima, which regions' `peak_normalized` and
+            the pixel threshold are read against (score_stats where the score is the map's maximum).
         batch_size: most images per backend call, after the cap by the model's batch maximum.
         min_region_area: smaller regions, in image pixels, are not reported.
+        info: the backend, provider, device and precision that run the model.
 
-    Safe to share between threads; `close()` (or a with block) frees the backend.
+    Safe to share between threads; `close()` (or a with block) frees the backend, and a call after it
+    raises BackendError.
     """
 
     def __init__(self, model_path: Path | str, backend: str = "auto", *, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -194,7 +207,8 @@ class Detector(ImageScorer):
             batch_size: most images per network call (capped by the model's batch profile).
             min_region_area: smaller regions, in image pixels, are not reported.
             cuda_graph: TensorRT only: replay each batch size as a CUDA graph.
-            threads: ONNX Runtime CPU threads (0: its default).
+            threads: ONNX Runtime's CPU threads (0: its default, one per physical core); not used by
+                the GPU backends.
             spin_threads: ONNX Runtime's CPU threads busy-wait for work between and within calls (its
                 own default): a few percent lower latency for about 40% more CPU time per frame
                 arriving at intervals, taken from the host's own threads; off by default.

@@ -36,6 +36,10 @@ from .postprocess import resolve_thresholds
 
 @dataclass(frozen=True)
 class StripDefect:
+    """One defect of a strip, in strip coordinates: rows counted from the strip's first row, columns from
+    its left edge. to_dict() gives the peak as "peak": [row, col] and by name ("peak_row", "peak_col"):
+    row first, unlike an image Region's [x, y]."""
+
     row: int  # top row of the bounding box, counted from the strip's first row
     col: int  # left column
     height: int
@@ -51,7 +55,8 @@ class StripDefect:
     def to_dict(self) -> dict:
         return {"row": self.row, "col": self.col, "height": self.height, "width": self.width, "area": self.area,
                 "peak_score": self.peak_score, "peak_normalized": self.peak_normalized,
-                "peak": [self.peak_row, self.peak_col], "tiles": [list(t) for t in self.tiles],
+                "peak": [self.peak_row, self.peak_col], "peak_row": self.peak_row, "peak_col": self.peak_col,
+                "tiles": [list(t) for t in self.tiles],
                 "continues": self.continues}
 
 
@@ -72,6 +77,10 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
 
 
 class StreamingInspector:
+    """One strip's rows in, its defects out (the module docstring shows the loop). One strip per
+    inspector, fed from one thread: after flush() make a new one for the next strip. The pixel threshold
+    can be set until the first push; from then on it is the strip's."""
+
     def __init__(self, detector: Detector, overlap: int = 32, width: int | None = None,
                  pixel_threshold: float | None = None, max_defect_rows: int | None = None,
                  on_rows: Callable[[int, np.ndarray], None] | None = None):
@@ -104,8 +113,7 @@ class StreamingInspector:
         if width is not None and (not is_whole(width) or width < self.tile_width):
             raise ConfigError(f"width {width!r} must be a whole number of pixels, at least the model's "
                               f"{self.tile_width}-pixel tile")
-        self.pixel_threshold = resolve_thresholds(detector.thresholds, detector.score_stats,
-                                                  pixel=pixel_threshold, map_stats=detector.map_stats).pixel
+        self._pixel_threshold = self._resolved(pixel_threshold)
         self.overlap = int(overlap)
         self.stride = self.tile_height - self.overlap
         self.max_defect_rows = int(max_defect_rows)
@@ -130,6 +138,23 @@ class StreamingInspector:
         self.tiles = 0
         self.seconds = {"total": 0.0, "preprocess": 0.0, "infer": 0.0}
         self._flushed = False
+
+    def _resolved(self, pixel_threshold: float | None) -> float:
+        detector = self.detector
+        return resolve_thresholds(detector.thresholds, detector.score_stats, pixel=pixel_threshold,
+                                  map_stats=detector.map_stats).pixel
+
+    @property
+    def pixel_threshold(self) -> float:
+        """Raw map units: the defects are the map's connected regions above it."""
+        return self._pixel_threshold
+
+    @pixel_threshold.setter
+    def pixel_threshold(self, value: float) -> None:
+        if self.rows_pushed or self._regions is not None:  # defects already tracked at the old one
+            raise ConfigError("the pixel threshold is fixed once the strip has started (its defects are tracked "
+                              "across tiles at one threshold): flush() and make a new StreamingInspector")
+        self._pixel_threshold = self._resolved(value)
 
     # -- input -----------------------------------------------------------------------------------
     def _check_block(self, block: np.ndarray) -> np.ndarray:
@@ -168,7 +193,7 @@ class StreamingInspector:
         """The first block, once scored, fixes the strip's width, channels and pixel type."""
         self.width, self._channels, self._dtype = block.shape[1], 1 if block.ndim == 2 else block.shape[2], block.dtype
         self._columns = columns
-        self._regions = StripRegions(self.width, self.pixel_threshold, self.detector.map_stats, self.max_defect_rows)
+        self._regions = StripRegions(self.width, self._pixel_threshold, self.detector.map_stats, self.max_defect_rows)
 
     def push(self, block: np.ndarray) -> list[StripDefect]:
         """Add rows at the bottom of the strip; returns the defects completed by them.

@@ -40,7 +40,17 @@ class AssignableThresholds:
 
 @dataclass(frozen=True)
 class Region:
-    """One defect region in image pixel coordinates."""
+    """One defect region in image pixel coordinates (x: column, y: row, from the image's top left).
+
+    Attributes:
+        x, y, width, height: the bounding box; `box` gives the four together.
+        area: image pixels above the pixel threshold (counted at the model's resolution, scaled).
+        peak_score: the highest raw map value inside the region, in the thresholds' units.
+        peak_normalized: the same as a z-score against good parts' map maxima (Detector.map_stats).
+        peak_x, peak_y: where that value is. to_dict() gives them as "peak": [x, y] and by name.
+        above_pixel_threshold: False for the one region a failed image with nothing over the pixel
+            threshold gets: where its map is highest.
+    """
 
     x: int  # left column of the bounding box
     y: int  # top row
@@ -61,12 +71,27 @@ class Region:
     def to_dict(self) -> dict:
         return {"box": list(self.box), "area": self.area, "peak_score": self.peak_score,
                 "peak_normalized": self.peak_normalized, "peak": [self.peak_x, self.peak_y],
-                "above_pixel_threshold": self.above_pixel_threshold}
+                "peak_x": self.peak_x, "peak_y": self.peak_y, "above_pixel_threshold": self.above_pixel_threshold}
 
 
 @dataclass(frozen=True)
 class Detection:
-    """The result for one image."""
+    """The result for one image. Compared and hashed by everything but its map.
+
+    Attributes:
+        source: the file's path, or "array[i]" for the i-th array of a call.
+        image_size: (height, width) of the input image.
+        score: the raw image score (the maximum of the model's map, or of its score head's), in the
+            thresholds' units.
+        normalized_score: the same as a z-score against the good images' scores stored with the model
+            (Detector.score_stats): 3.0 means three standard deviations above their mean.
+        is_anomalous: score > image_threshold (`passed` is its opposite).
+        image_threshold, pixel_threshold: the raw thresholds this result was decided with.
+        regions: the regions over the pixel threshold, highest peak first; a failed image with none
+            gets one, where its map is highest (Region.above_pixel_threshold False).
+        anomaly_map: (height, width) float32 in raw map units, the image's own size, bilinearly
+            enlarged from the model's map.
+    """
 
     source: str  # the path, or "array[i]" for the i-th array of a call
     image_size: tuple[int, int]  # (height, width) of the input image
@@ -76,7 +101,8 @@ class Detection:
     image_threshold: float
     pixel_threshold: float
     regions: tuple[Region, ...]  # over the pixel threshold; a failed image with none: where its map is highest
-    anomaly_map: np.ndarray = field(repr=False)  # (height, width) float32, raw units, bilinear from the model's
+    # (height, width) float32, raw units, bilinear from the model's; left out of ==, which an array breaks
+    anomaly_map: np.ndarray = field(repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
