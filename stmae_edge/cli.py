@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from . import __version__
-from .engine_plan import DEFAULT_BATCH_TEXT
+from .engine_plan import DEFAULT_BATCH_TEXT, RTX_COMPUTE_CAPABILITIES_TEXT
 from .errors import StmaeError, first_line
 from .metadata import MAX_BATCH
 from .preprocessing import TrainedSizes
@@ -48,7 +48,24 @@ SCORING_BACKEND_HELP = ("how DATA_DIR is scored (default: on the CPU, the same f
                         f"threshold and report share; a .plan on its GPU): {BACKEND_HELP}")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.")
+                  help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.",
+                  epilog="The pipeline: train -> evaluate (report, threshold) -> export -> verify -> calibrate "
+                         "(INT8) -> build (TensorRT) -> predict, bench, linescan or serve. Exit codes: 0 done; "
+                         "2 an error, said in one line, nothing half-written; 3 predict scored some images "
+                         "and not others (error lines name them); 130 interrupted (Ctrl-C).")
+
+
+def _model_out(out: Path | None, kind: str) -> Path | None:
+    """An --out for a model file, with the suffix that tells every command what it is: a model written
+    as notamodel.txt would be refused by each command that reads it, after the work that wrote it."""
+    from .errors import ConfigError
+    from .model_files import FILE_KINDS
+
+    suffixes, description, _ = FILE_KINDS[kind]
+    if out is not None and out.suffix.lower() not in suffixes:
+        raise ConfigError(f"--out {out}: {description} is read by its suffix; give a name ending in "
+                          f"{' or '.join(suffixes)}")
+    return out
 
 
 def _given(ctx: typer.Context, *names: str) -> bool:
@@ -142,7 +159,8 @@ def train(
                       max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
                       self_supervised=self_supervised, corruptions_per_image=corruptions_per_image,
                       bit_depth=bit_depth, aspect=aspect, skip_unreadable=skip_unreadable)
-    meta = run_train(data_dir, out, _model_config(family, preset_name, backbone), cfg, backbone_weights)
+    meta = run_train(data_dir, _model_out(out, "checkpoint"), _model_config(family, preset_name, backbone), cfg,
+                     backbone_weights)
     t = meta.training
     head = f"; score head {t['score_head']}" if "score_head" in t else ""
     left_out = f" ({t['unreadable_left_out']} unreadable left out)" if t.get("unreadable_left_out") else ""
@@ -231,7 +249,7 @@ def export(
     from .engines.export import export_onnx
 
     use_available_cores()
-    path, figures = export_onnx(model, out, precision)
+    path, figures = export_onnx(model, _model_out(out, "onnx"), precision)
     ops = ", ".join(f"{k} {v}" for k, v in sorted(figures["ops"].items()))
     typer.echo(f"wrote {path} ({figures['precision']}, {figures['size_bytes'] / 1e6:.1f} MB): checker and shape inference pass; "
                f"inputs/outputs {figures['shapes']}; smoke parity {figures['smoke_max_rel_diff']:.1e} relative")
@@ -269,7 +287,7 @@ def build(
     out: Path | None = typer.Option(None, "--out", "-o", help="plan file (default: engines/NAME.PRECISION.plan)"),
     compute_capability: str = typer.Option("", help="TensorRT for RTX: the GPUs' compute capabilities to build "
                                            "for, comma-separated ('current': this machine's GPU); default: its "
-                                           "set, 8.0, 8.6, 8.9, 12.0, 12.1. Turing (7.5), data-centre GPUs "
+                                           f"set, {RTX_COMPUTE_CAPABILITIES_TEXT}. Turing (7.5), data-centre GPUs "
                                            "and Jetson need full TensorRT"),
     workspace_mb: int | None = typer.Option(None, help="the most memory TensorRT may take for its tactics while "
                                             "building, in MiB (default: TensorRT's, all of the GPU's; on a "
@@ -279,7 +297,7 @@ def build(
     from .engines.build import build_engine
 
     capabilities = [c.strip() for c in compute_capability.split(",") if c.strip()]
-    plan, sidecar = build_engine(onnx_file, precision, batch, out, compute_capabilities=capabilities,
+    plan, sidecar = build_engine(onnx_file, precision, batch, _model_out(out, "plan"), compute_capabilities=capabilities,
                                  workspace_mb=workspace_mb)
     trt = sidecar["tensorrt"]
     typer.echo(f"wrote {plan} ({sidecar['plan']['size_bytes'] / 1e6:.1f} MB, {trt['flavour']} {trt['version']}, "
@@ -310,8 +328,8 @@ def calibrate(
         import random
 
         paths = sorted(random.Random(0).sample(paths, count))
-    path, report = run_calibrate(onnx_file, paths, out, count or 64, cache_dir, float_precision=float_precision,
-                                 min_weight_elements=min_weights)
+    path, report = run_calibrate(onnx_file, paths, _model_out(out, "onnx"), count or 64, cache_dir,
+                                 float_precision=float_precision, min_weight_elements=min_weights)
     settings = report["settings"]
     small = (f"; those under {settings['min_weight_elements']} weights stay in {settings['float_precision']}, like the rest"
              if settings["min_weight_elements"] > 1 else "")
@@ -405,7 +423,8 @@ def predict(
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     threshold: float | None = typer.Option(None, help="image threshold, raw score units (default: the model's)"),
     pixel_threshold: float | None = typer.Option(None, help="region threshold, raw units (default: the model's)"),
-    sigma: float | None = typer.Option(None, help="both thresholds at mean + SIGMA * std of good images"),
+    sigma: float | None = typer.Option(None, min=0.0, help="both thresholds at mean + SIGMA * std of good "
+                                         "images; a --threshold or --pixel-threshold given too wins for its own"),
     batch_size: int = typer.Option(8, min=1),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="write a heatmap PNG per image"),
     cuda_graph: bool = typer.Option(False, help="TensorRT: replay each batch size as a CUDA graph"),
@@ -451,6 +470,9 @@ def predict(
         typer.echo("next: " + ("look at the overlays; " if overlays else "")
                    + "on a labelled set, `stmae-edge report MODEL DATA` shows the worst cases "
                    "and `stmae-edge threshold MODEL DATA --max-false-reject 0.01` moves the threshold")
+    if not scored:  # every file refused: the command failed, though results.json lists why
+        typer.echo(f"error: none of the {len(paths)} images could be scored (the lines above say why)", err=True)
+        raise typer.Exit(2)
     if summary["unreadable"] or summary["overlays_not_written"]:
         raise typer.Exit(PARTIAL_EXIT_CODE)
 
@@ -628,6 +650,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # click's own errors come here, to be said in one line too
     except _CLICK["UsageError"] as exc:  # a bad option value, an unknown option, a missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `stmae-edge` alone: the help was the answer
+            sys.exit(0)
         where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
         typer.echo(f"error: {first_line(exc.format_message()).rstrip('.')}{where}", err=True)
         sys.exit(2)

@@ -24,6 +24,11 @@ FLAVOURS = ("tensorrt", "tensorrt-rtx")  # import_tensorrt's names
 DEFAULT_BATCH_PROFILE = (1, 8, 32)
 DEFAULT_BATCH_TEXT = ":".join(map(str, DEFAULT_BATCH_PROFILE))
 PLAN_PRECISIONS = ("fp32", "fp16", "int8")
+# TensorRT for RTX builds our graphs for these compute capabilities and no others (its default set):
+# data-centre GPUs (H100, H200: 9.0) and Jetson Orin (8.7) need full TensorRT, and so does Turing (7.5:
+# T4, RTX 20xx), on which it cannot compile the graphs' float32 matrix products (engines/build.py).
+RTX_COMPUTE_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
+RTX_COMPUTE_CAPABILITIES_TEXT = ", ".join(f"{major}.{minor}" for major, minor in RTX_COMPUTE_CAPABILITIES)
 INSTALL_HINT = ("install TensorRT (pip install tensorrt, or JetPack on a Jetson), or TensorRT for RTX: "
                 "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
 # On a Jetson TensorRT comes with JetPack, for the system Python: a virtual environment sees it only if

@@ -57,10 +57,24 @@ def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, OSError, ...
+        if _starts_with(path, ZIP_MAGIC):  # the usual swap: the checkpoint given where the graph goes
+            raise error(f"{path}: a PyTorch checkpoint (a zip file), not an ONNX graph; export it first with "
+                        "`stmae-edge export` and give the .onnx file") from None
         first = first_line(exc, 200)
         raise error(f"{path}: not a readable ONNX file ({first})") from None
     check_external_data(proto, path, error)
     return proto
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 _INLINE_DATA = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")

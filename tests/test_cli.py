@@ -354,3 +354,29 @@ def test_evaluate_threshold_and_report_score_with_the_same_default_backend(tiny_
     with caplog.at_level(logging.INFO, logger="stmae_edge.runtime.backends"):
         CliRunner().invoke(app, ["threshold", model, data, "--max-false-reject", "0.2", "--backend", "auto"])
     assert "backend auto" in caplog.text
+
+
+def test_the_command_alone_shows_the_help_with_the_pipeline_and_exit_codes():
+    r = run()
+    assert r.returncode == 0 and "error" not in r.stderr, r.stderr  # the help was the answer, not a mistake
+    text = " ".join(r.stdout.replace("│", " ").split())  # as wrapped in the help's box
+    assert "train -> evaluate" in text and "130 interrupted" in text, text
+
+
+def test_a_model_written_under_a_name_no_command_reads_is_refused_before_the_work(tiny_export, synthetic_dataset,
+                                                                                  tmp_path):
+    """train -o notamodel.txt trained for minutes, then every command refused the file by its suffix."""
+    _assert_one_line_error(run("train", str(synthetic_dataset), "-o", str(tmp_path / "notamodel.txt")),
+                           "a PyTorch checkpoint is read by its suffix; give a name ending in .pt")
+    assert not (tmp_path / "notamodel.txt").exists()
+    _assert_one_line_error(run("export", str(tiny_export[0]), "-o", str(tmp_path / "out.txt")),
+                           "an ONNX file is read by its suffix; give a name ending in .onnx")
+    _assert_one_line_error(run("build", str(tiny_export[1]), "-o", str(tmp_path / "m.bin")),
+                           "a TensorRT plan is read by its suffix; give a name ending in .plan or .engine")
+
+
+def test_a_checkpoint_given_where_a_graph_goes_is_named_for_what_it_is(tiny_export, tmp_path):
+    for command in (["verify", str(tiny_export[0]), "--model", str(tiny_export[0])],
+                    ["calibrate", str(tiny_export[0]), "--out", str(tmp_path / "q.onnx")],
+                    ["build", str(tiny_export[0]), "--out", str(tmp_path / "m.plan")]):
+        _assert_one_line_error(run(*command), "a PyTorch checkpoint (a zip file), not an ONNX graph; export it first")

@@ -83,7 +83,7 @@ def test_predict_refuses_a_folder_without_images_and_a_negative_sigma(tiny_expor
     assert not (tmp_path / "out").exists()  # an empty run is not "all passed"
     r = run("predict", str(tiny_export[1]), str(synthetic_dataset / "test" / "good"), "--sigma", "-3", "--out",
             str(tmp_path / "out"))
-    _assert_one_line_error(r, "must be a finite number >= 0")
+    _assert_one_line_error(r, "Invalid value for '--sigma': Input should be greater than or equal to 0")
 
 
 def test_without_torch_an_onnx_file_is_evaluated_and_a_checkpoint_says_what_to_install(tiny_export, synthetic_dataset,
@@ -198,8 +198,10 @@ def test_no_command_writes_over_its_own_input(tiny_export, tmp_path):
     copy = tmp_path / "m.onnx"
     shutil.copy(onnx_file, copy)
     before = copy.read_bytes()
-    _assert_one_line_error(run("export", str(checkpoint), "--out", str(checkpoint)), "is an input of this command")
-    _assert_one_line_error(run("build", str(copy), "--out", str(copy)), "is an input of this command")
+    checkpoint_before = checkpoint.read_bytes()  # export's output is an .onnx: its input's name is refused as such
+    _assert_one_line_error(run("export", str(checkpoint), "--out", str(checkpoint)), "give a name ending in .onnx")
+    assert checkpoint.read_bytes() == checkpoint_before
+    _assert_one_line_error(run("build", str(copy), "--out", str(copy)), "give a name ending in .plan or .engine")
     _assert_one_line_error(run("calibrate", str(copy), "--out", str(copy)), "is an input of this command")
     assert copy.read_bytes() == before
 
@@ -320,3 +322,13 @@ def test_overlay_names_never_collide():
 
     names = overlay_names([Path("a.png"), Path("a.jpg"), Path("x/a_2.png"), Path("y/a.png"), Path("b.tif")])
     assert len(set(names)) == 5 and names[0] == "a.png" and names[-1] == "b.png"
+
+
+def test_predict_that_scores_nothing_fails_and_says_so(tiny_export, tmp_path):
+    """Every file refused is the command failing (2), not a partial success (3); results.json lists them."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n-broken-")
+    r = run("predict", str(tiny_export[1]), str(broken), str(tmp_path / "absent.png"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "error: none of the 2 images could be scored (the lines above say why)"
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["unreadable"] == 2

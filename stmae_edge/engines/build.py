@@ -21,6 +21,7 @@ from .. import __version__
 from ..engine_plan import (
     DEFAULT_BATCH_TEXT,
     PLAN_PRECISIONS,
+    RTX_COMPUTE_CAPABILITIES_TEXT,
     SIDECAR_FORMAT,
     collecting_logger,
     import_tensorrt,
@@ -137,7 +138,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         timing_cache: TensorRT's timing cache file (default: timing.cache beside the plan); not used
             with TensorRT for RTX, which has none.
         compute_capabilities: TensorRT for RTX only: the GPUs' compute capabilities ("8.6", "12.0", ...)
-            the plan is built for, instead of its default set (8.0, 8.6, 8.9, 12.0, 12.1); "current"
+            the plan is built for, instead of its default set (RTX_COMPUTE_CAPABILITIES); "current"
             for the GPU of this machine. Not Turing (7.5): see target_compute_capabilities.
         workspace_mb: the most memory TensorRT may use for its tactics while building, in MiB (None:
             TensorRT's default, all of the GPU's memory, but on a Jetson: default_workspace_bytes).
@@ -301,5 +302,5 @@ def _target(config, flavour: str) -> str:
         count = config.num_compute_capabilities
         caps = [config.get_compute_capability(i).name for i in range(count)]
         return "compute capabilities: " + (", ".join(caps) if caps else
-                                           "TensorRT-RTX default set (8.0, 8.6, 8.9 and 12.0)")
+                                           f"TensorRT-RTX default set ({RTX_COMPUTE_CAPABILITIES_TEXT})")
     return "the GPU this was built on (TensorRT plans are specific to GPU model and TensorRT version)"

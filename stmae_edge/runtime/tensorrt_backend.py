@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine_plan import collecting_logger, import_tensorrt, install_hint, read_plan, telling_error
+from ..engine_plan import (
+    RTX_COMPUTE_CAPABILITIES,
+    collecting_logger,
+    import_tensorrt,
+    install_hint,
+    read_plan,
+    telling_error,
+)
 from ..errors import BackendError, EngineMismatchError, TensorRTMissingError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
 
@@ -30,10 +37,6 @@ _TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
 NO_GPU_HINT = ("TensorRT plans need an NVIDIA GPU and a driver at least as new as cuda-python's CUDA major "
                "version (cuda-python 13 needs a CUDA 13 driver; on CUDA 12 drivers, JetPack 6 among them, "
                "pip install 'cuda-python>=12.6,<13'); without a GPU run the .onnx file instead (--backend ort-cpu)")
-# TensorRT for RTX builds our graphs for these compute capabilities and no others (its ComputeCapability
-# list): data-centre GPUs (H100, H200: 9.0) and Jetson Orin (8.7) need full TensorRT, and so does Turing
-# (7.5: T4, RTX 20xx), on which it cannot compile the graphs' float32 matrix products (engines/build.py).
-RTX_COMPUTE_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 
 
 def _native_handle(stream) -> int:
