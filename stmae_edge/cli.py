@@ -104,7 +104,7 @@ def train(
     max_steps: int = typer.Option(MAX_STEPS, min=0, help="at most this many optimiser steps, in whole epochs "
                                   "where one fits: fewer epochs on a large training set, so that training time "
                                   "stays bounded (the default: 20 epochs of 686 images; 0 = every epoch)"),
-    batch_size: int = typer.Option(BATCH_SIZE, min=1),
+    batch_size: int = typer.Option(BATCH_SIZE, min=1, help="images per optimisation step"),
     lr: float = typer.Option(LR, min=1e-8, help="peak learning rate (AdamW, warm-up then cosine decay)"),
     holdout: float = typer.Option(HOLDOUT, min=0.01, max=0.9, help="fraction of good images held out: they "
                                   "set the map's statistics, and the image threshold where the score head is "
@@ -136,7 +136,7 @@ def train(
     skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="leave out good images that cannot "
                                          "be read or decoded, with a warning naming them (without it, training "
                                          "stops before it starts and names them all)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seeds the held-out draw, the random splits of training and the initial weights"),
 ) -> None:
     """Train a model on good images and write one self-describing checkpoint."""
     from .errors import ConfigError
@@ -183,7 +183,7 @@ def evaluate(
                                  "ONNX Runtime on the CPU) or TensorRT plan (.plan, on its GPU)"),
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses test/ and ground_truth/)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
-    batch_size: int = typer.Option(BATCH_SIZE, min=1),
+    batch_size: int = typer.Option(BATCH_SIZE, min=1, max=MAX_BATCH, help="images per network call"),
     backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
 ) -> None:
     """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the model's threshold."""
@@ -212,7 +212,7 @@ def info(model: Path = typer.Argument(..., help=".pt, .onnx or .plan file")) -> 
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="where the dataset view, model and report go"),
-    epochs: int = typer.Option(30, min=1),
+    epochs: int = typer.Option(30, min=1, help="passes over the demo's training cells"),
     max_train: int = typer.Option(240, min=0, help=f"good cells to train on (0 = all {DEMO_GOOD_CELLS})"),
 ) -> None:
     """The embedded default: prepare ELPV solar cells, train a small model, evaluate, print results."""
@@ -347,7 +347,7 @@ def threshold(
                                          "cross-fitted, as training recorded)"),
     write: bool = typer.Option(False, "--write", help="store the threshold (image and pixel) and its rule in MODEL"),
     backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
-    batch_size: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(16, min=1, max=MAX_BATCH, help="images per network call"),
 ) -> None:
     """Choose the image threshold that meets a target on validation data; print what it costs there."""
     from .data import eval_samples
@@ -402,7 +402,7 @@ def report(
     out: Path = typer.Option(Path("report"), "--out", "-o", help="folder for index.html, its plots and cases"),
     worst: int = typer.Option(8, min=0, help="missed defects and false rejects to show, each"),
     backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
-    batch_size: int = typer.Option(16, min=1),
+    batch_size: int = typer.Option(16, min=1, max=MAX_BATCH, help="images per network call"),
 ) -> None:
     """One HTML page: score histograms, ROC and PRO curves, per-type escapes, the worst cases, the model."""
     from .evaluation.report import build_report
@@ -425,7 +425,7 @@ def predict(
     pixel_threshold: float | None = typer.Option(None, help="region threshold, raw units (default: the model's)"),
     sigma: float | None = typer.Option(None, min=0.0, help="both thresholds at mean + SIGMA * std of good "
                                          "images; a --threshold or --pixel-threshold given too wins for its own"),
-    batch_size: int = typer.Option(8, min=1),
+    batch_size: int = typer.Option(8, min=1, max=MAX_BATCH, help="images per network call"),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="write a heatmap PNG per image"),
     cuda_graph: bool = typer.Option(False, help="TensorRT: replay each batch size as a CUDA graph"),
     bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
