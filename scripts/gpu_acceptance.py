@@ -101,7 +101,9 @@ def nvidia_smi() -> str | None:
                            capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{SMI_FAILED}: {exc}"
-    return (r.stdout.strip() or f"{SMI_FAILED}: {r.stderr.strip()[:200]}").replace("\n", "; ")
+    if r.returncode != 0:  # "No devices were found", or no driver to talk to: no GPU to expect
+        return f"{SMI_FAILED} (exit {r.returncode}): {(r.stdout + r.stderr).strip()[:200]}".replace("\n", "; ")
+    return (r.stdout.strip() or f"{SMI_FAILED}: no GPU listed").replace("\n", "; ")
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:

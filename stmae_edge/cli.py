@@ -52,7 +52,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   epilog="The pipeline: train -> evaluate (report, threshold) -> export -> verify -> calibrate "
                          "(INT8) -> build (TensorRT) -> predict, bench, linescan or serve. Exit codes: 0 done; "
                          "2 an error, said in one line, nothing half-written; 3 predict scored some images "
-                         "and not others (error lines name them); 130 interrupted (Ctrl-C).")
+                         "and not others, or could not write some overlays (error lines name them); 130 "
+                         "interrupted (Ctrl-C).")
 
 
 def _model_out(out: Path | None, kind: str) -> Path | None:

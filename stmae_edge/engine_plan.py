@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .checks import MAX_DOCUMENT_BYTES, is_whole, parse_document
-from .errors import EngineMismatchError, StmaeError, TensorRTMissingError, first_line
+from .errors import EngineMismatchError, StmaeError, TensorRTMissingError, TensorRTUnloadableError, first_line
 from .machine import is_jetson
 from .metadata import MAX_BATCH, ModelMetadata
 
@@ -61,8 +61,8 @@ def import_tensorrt(flavour: str | None = None):
             unloadable.append(f"{module_name}: {first_line(exc, 200)}")
     wanted = flavour or "TensorRT"
     if unloadable:
-        raise TensorRTMissingError(f"{wanted} is installed but cannot load here ({'; '.join(unloadable)}): "
-                                   "reinstall it, or put its libraries where the system finds them")
+        raise TensorRTUnloadableError(f"{wanted} is installed but cannot load here ({'; '.join(unloadable)}): "
+                                      "reinstall it, or put its libraries where the system finds them")
     raise TensorRTMissingError(f"{wanted} is not installed: {install_hint()}") from None
 
 

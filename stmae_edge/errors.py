@@ -60,6 +60,10 @@ class TensorRTMissingError(BackendError):
     """Neither TensorRT nor TensorRT for RTX can be imported."""
 
 
+class TensorRTUnloadableError(TensorRTMissingError):
+    """TensorRT is installed but cannot load here (its libraries are not found)."""
+
+
 class RemoteError(BackendError):
     """A server refused a request or could not be reached; the message is the server's.
     `status` is the HTTP status of a refusal, None when no answer came."""

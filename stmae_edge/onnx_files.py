@@ -1,12 +1,12 @@
-"""Opening ONNX files a user hands in (export, verify, calibrate, build, evaluate): a security boundary;
-and importing ONNX Runtime, whose process-wide log the CLI keeps quiet.
+"""Opening ONNX files a user hands in (export, verify, calibrate, build, evaluate, the runtime): a
+security boundary; and importing ONNX Runtime, whose process-wide log the CLI keeps quiet.
 
     path -> onnx.load without external data -> every tensor that keeps its data in another file
          must name a file inside the model's own folder -> the ModelProto
 
 A crafted file could otherwise make the ONNX loader or TensorRT's parser read any file on the machine
-("../../home/user/.ssh/id_rsa" as a tensor's location). The runtime's ONNX Runtime backend gets the
-same protection from ONNX Runtime itself, which refuses such files before running anything.
+("../../home/user/.ssh/id_rsa" as a tensor's location). The runtime's ONNX Runtime backend checks a
+file here before ONNX Runtime opens it: only onnxruntime 1.24 and later refuse such files themselves.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, OSError, ...
         if _starts_with(path, ZIP_MAGIC):  # the usual swap: the checkpoint given where the graph goes
-            raise error(f"{path}: a PyTorch checkpoint (a zip file), not an ONNX graph; export it first with "
-                        "`stmae-edge export` and give the .onnx file") from None
+            raise error(f"{path}: a zip file (a PyTorch checkpoint?), not an ONNX graph; export a checkpoint "
+                        "with `stmae-edge export` and give the .onnx file") from None
         first = first_line(exc, 200)
         raise error(f"{path}: not a readable ONNX file ({first})") from None
     check_external_data(proto, path, error)

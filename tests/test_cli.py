@@ -379,4 +379,4 @@ def test_a_checkpoint_given_where_a_graph_goes_is_named_for_what_it_is(tiny_expo
     for command in (["verify", str(tiny_export[0]), "--model", str(tiny_export[0])],
                     ["calibrate", str(tiny_export[0]), "--out", str(tmp_path / "q.onnx")],
                     ["build", str(tiny_export[0]), "--out", str(tmp_path / "m.plan")]):
-        _assert_one_line_error(run(*command), "a PyTorch checkpoint (a zip file), not an ONNX graph; export it first")
+        _assert_one_line_error(run(*command), "a zip file (a PyTorch checkpoint?), not an ONNX graph; export a checkpoint")

@@ -89,6 +89,18 @@ def _partials(folder) -> list:
     return [p for p in folder.iterdir() if p.name.endswith(".partial")]
 
 
+def _written_partials(folder, name: str) -> list:
+    """The temporary files of `name` that hold data: not the empty probe an up-front check makes."""
+    found = []
+    for p in _partials(folder):
+        try:
+            if p.name.startswith(f".{name}.") and p.stat().st_size > 0:
+                found.append(p)
+        except FileNotFoundError:  # renamed or removed between the listing and the look
+            pass
+    return found
+
+
 def test_export_killed_while_it_checks_its_graph_leaves_no_onnx_file(tiny_export, tmp_path):
     out = tmp_path / "m.onnx"
     process = subprocess.Popen([*CLI, "export", str(tiny_export[0]), "--out", str(out)],
@@ -122,8 +134,9 @@ def test_calibrate_killed_before_a_rename_leaves_no_graph_or_cache_entry_that_re
     command = ["calibrate", str(onnx_file), "--images", str(synthetic_dataset / "train" / "good"),
                "--cache-dir", str(cache), "--out", str(out), "--min-weights", "1"]
     process = subprocess.Popen([*SLOW_RENAMES, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partials = lambda: _partials(tmp_path) + (_partials(cache) if cache.is_dir() else [])  # noqa: E731
-    assert _kill_when(process, lambda: bool(partials())), "calibrate finished before it wrote anything"
+    # the graph itself written and waiting for its rename (its cache entry is written before it)
+    assert _kill_when(process, lambda: bool(_written_partials(tmp_path, out.name))), \
+        "calibrate finished before its graph could be interrupted"
     assert not out.exists()
     for graph in cache.glob("*.int8.onnx") if cache.is_dir() else []:  # a cache entry is whole or absent
         assert ModelMetadata.from_onnx(graph).model_hash == ModelMetadata.from_onnx(onnx_file).model_hash
@@ -142,9 +155,8 @@ def test_build_killed_before_either_rename_leaves_no_plan_that_reads_as_complete
         sidecar = plan.with_name(plan.name + ".json")
         process = subprocess.Popen([*SLOW_RENAMES, "build", str(tiny_export[1]), "--batch", "1:2:4", "--out", str(plan)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ready = ((lambda: bool(_partials(tmp_path))) if stage == "plan" else
-                 (lambda plan=plan, sidecar=sidecar: plan.exists()
-                  and any(p.name.startswith(f".{sidecar.name}.") for p in _partials(tmp_path))))
+        ready = ((lambda plan=plan: bool(_written_partials(tmp_path, plan.name))) if stage == "plan" else
+                 (lambda plan=plan, sidecar=sidecar: plan.exists() and bool(_written_partials(tmp_path, sidecar.name))))
         assert _kill_when(process, ready), f"build finished before the {stage} could be interrupted"
         assert plan.exists() == (stage == "sidecar") and not sidecar.exists()
         with pytest.raises(EngineMismatchError, match="no such engine plan" if stage == "plan" else "sidecar"):

@@ -35,11 +35,17 @@ def windows_fsync(real_fsync):
 def test_atomic_writes_flush_a_handle_open_for_writing_and_replace_read_only_files(tmp_path, monkeypatch):
     """Every output goes through written_atomically: its flush must work where a read-only handle cannot
     be flushed (Windows), and a folder that cannot be synced is no failure once the file is in place."""
-    monkeypatch.setattr(outputs.os, "fsync", windows_fsync(os.fsync))
+    calls = []
+    real_chmod, flush = os.chmod, windows_fsync(os.fsync)
+    monkeypatch.setattr(outputs.os, "fsync", lambda fd: (calls.append("fsync"), flush(fd))[1])
+    monkeypatch.setattr(outputs.os, "chmod", lambda *a, **k: (calls.append("chmod"), real_chmod(*a, **k))[1])
     target = tmp_path / "model.json"
     outputs.write_bytes_atomically(target, b"first")
     target.chmod(0o444)  # a deployed file made read-only: rewritten in place, its mode kept
+    calls.clear()
     outputs.write_bytes_atomically(target, b"second")
+    # flushed while still writable (as root, opening a 0o444 file for writing would succeed anyway)
+    assert calls[:2] == ["fsync", "chmod"], calls
     assert target.read_bytes() == b"second" and stat.S_IMODE(target.stat().st_mode) == 0o444
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]  # no temporary file left
 
@@ -47,7 +53,7 @@ def test_atomic_writes_flush_a_handle_open_for_writing_and_replace_read_only_fil
 def test_the_up_front_check_tries_the_temporary_name_the_write_will_take(tmp_path):
     """A name that fits with ".partial" but not with the writer's 22 characters would pass the check
     and fail at the end of a long run (255 bytes here; Windows' 260-character paths the same way)."""
-    fits = tmp_path / ("a" * 200 + ".pt")
+    fits = tmp_path / ("a" * 150 + ".pt")
     assert outputs.check_writable(fits) == fits
     too_long = tmp_path / ("a" * 240 + ".pt")
     with pytest.raises(OutputError, match="cannot write"):
@@ -92,14 +98,14 @@ def test_one_overlay_that_cannot_be_written_costs_only_itself(tiny_export, synth
     still stops the run: tests/test_faults.py.)"""
     from stmae_edge.runtime import Detector, files
 
-    real_write = files.write_bytes_atomically
+    real_replace = os.replace
 
-    def held_open(path, data, follow_links=True):
-        if Path(path).name == "001.png":
-            raise OutputError(f"cannot write {path}: Permission denied; nothing was replaced") from PermissionError(13, "")
-        real_write(path, data, follow_links)
+    def held_open(src, dst):  # what Windows does past the writer's retries (one attempt here)
+        if Path(dst).name == "001.png":
+            raise PermissionError(13, "Permission denied")
+        real_replace(src, dst)
 
-    monkeypatch.setattr(files, "write_bytes_atomically", held_open)
+    monkeypatch.setattr(outputs.os, "replace", held_open)
     inputs = sorted((synthetic_dataset / "test" / "good").iterdir())[:3]
     summary = files.predict_to_folder(Detector(tiny_export[1]), inputs, tmp_path / "out")
     assert summary["overlays_not_written"] == 1 and len(summary["results"]) == 3
@@ -133,3 +139,41 @@ def test_a_replacement_refused_for_a_moment_is_tried_again_where_windows_needs_i
     with pytest.raises(OutputError, match="Permission denied; nothing was replaced"):
         outputs.write_bytes_atomically(target, b"newer")
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+@pytest.mark.skipif(not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
+                    reason="needs TensorRT or TensorRT for RTX to build a plan: pip install '.[rtx]'")
+def test_a_plan_whose_tensorrt_cannot_load_gives_that_reason_not_install_advice(tiny_export, tmp_path, monkeypatch):
+    from stmae_edge.engines.build import build_engine
+    from stmae_edge.errors import TensorRTUnloadableError
+    from stmae_edge.runtime.tensorrt_backend import TensorRTBackend
+
+    plan, sidecar = build_engine(tiny_export[1], "fp32", "1:1:2", tmp_path / "m.plan")
+    module = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}[sidecar["tensorrt"]["flavour"]]
+    fake = tmp_path / "fake" / module
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise FileNotFoundError("Could not find: tensorrt_rtx_1_7.dll")\n')
+    monkeypatch.syspath_prepend(str(fake.parent))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    with pytest.raises(TensorRTUnloadableError, match="installed but cannot load here") as caught:
+        TensorRTBackend(plan)
+    assert "tensorrt_rtx_1_7.dll" in str(caught.value) and "was built with" not in str(caught.value)
+
+
+def test_nvidia_smi_that_finds_no_gpu_is_not_taken_for_one(tmp_path, monkeypatch):
+    """nvidia-smi without a driver, or without devices, prints its complaint on stdout and exits
+    non-zero: the GPU acceptance script must not expect a GPU from that."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import gpu_acceptance
+    finally:
+        sys.path.pop(0)
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    said = gpu_acceptance.nvidia_smi()
+    assert said.startswith(gpu_acceptance.SMI_FAILED) and "exit 6" in said
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H200, 9.0, 580.65.06'\n")
+    assert gpu_acceptance.nvidia_smi() == "NVIDIA H200, 9.0, 580.65.06"

@@ -440,3 +440,18 @@ def test_detections_compare_and_hash_without_their_maps_and_take_numpy_threshold
     copy = Path(shutil.copy(tiny_export[1], tmp_path / "m.onnx"))  # kept in the file: a numpy value too
     write_thresholds(copy, Thresholds(image=np.float32(18), pixel=np.float32(15), rule="from numpy"))
     assert Detector(copy).thresholds.image == 18.0
+
+
+def test_a_broken_onnx_file_is_its_own_fault_not_the_gpus(tmp_path, monkeypatch, caplog):
+    """auto passes a backend that cannot start on to the next one; a file that is not a readable graph
+    fails the same way on each, so it is refused once, as the file's fault, without 'trying ort-cpu'."""
+    import stmae_edge.runtime.backends as backends
+    from stmae_edge.errors import CheckpointError
+
+    broken = tmp_path / "m.onnx"
+    broken.write_bytes(b"half a graph")
+    monkeypatch.setattr(backends, "device_present", lambda name: True)  # auto would try the GPU first
+    with caplog.at_level("WARNING", logger="stmae_edge.runtime.backends"):
+        with pytest.raises(CheckpointError, match="not a readable ONNX file"):
+            Detector(broken)
+    assert "trying" not in caplog.text, caplog.text

@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from ..engine_plan import DEFAULT_BATCH_PROFILE
-from ..errors import BackendError, ConfigError, EngineMismatchError, ModelFileMissingError, first_line
+from ..errors import BackendError, CheckpointError, ConfigError, EngineMismatchError, ModelFileMissingError, first_line
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import import_onnxruntime, load_onnx
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
@@ -280,10 +280,12 @@ def _tensorrt_version() -> str:
 def _graph_facts(path: Path | str) -> tuple[str, tuple[int, ...]]:
     """The graph's precision and its input's (channels, height, width), read by the one loader of
     users' ONNX files (onnx_files.load_onnx: external data checked, not loaded)."""
-    proto = load_onnx(path, BackendError)
+    # CheckpointError: the file's own fault, which `auto` must not take for the machine's and try the
+    # next backend with (its loop passes BackendErrors on)
+    proto = load_onnx(path, CheckpointError)
     if not proto.graph.input:
-        raise BackendError(f"{path}: a graph without inputs, not an stmae-edge model; give the .onnx that "
-                           "`stmae-edge export` wrote")
+        raise CheckpointError(f"{path}: a graph without inputs, not an stmae-edge model; give the .onnx that "
+                              "`stmae-edge export` wrote")
     dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
     return onnx_precision(proto), tuple(int(d.dim_value) for d in dims)
 

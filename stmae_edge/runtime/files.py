@@ -168,8 +168,9 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                 except OutputError as exc:
                     if not isinstance(exc.__cause__, PermissionError):  # a full disk fails every write after it
                         raise
-                    # one overlay refused (a file held open on Windows, past the retries) costs only itself
-                    logger.warning("%s", exc)
+                    # one overlay refused (a file held open on Windows, past the retries) costs only itself;
+                    # its result says so (the CLI prints it as an error line)
+                    logger.info("%s", exc)
                     entry["overlay_error"] = str(exc)
                 else:
                     entry["overlay"] = names[i]

@@ -27,7 +27,7 @@ from ..engine_plan import (
     read_plan,
     telling_error,
 )
-from ..errors import BackendError, EngineMismatchError, TensorRTMissingError
+from ..errors import BackendError, EngineMismatchError, TensorRTMissingError, TensorRTUnloadableError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ class TensorRTBackend:
         flavour, version = sidecar["tensorrt"]["flavour"], sidecar["tensorrt"]["version"]
         try:
             trt, _ = import_tensorrt(flavour)
+        except TensorRTUnloadableError:  # installed: its own reason (a library not found) is what to fix
+            raise
         except TensorRTMissingError as exc:  # a plan runs only on the TensorRT that built it: say so first
             raise TensorRTMissingError(f"{plan_path} was built with {flavour} {version}, which this machine lacks: "
                                        "rebuild the plan here from its .onnx with `stmae-edge build`, or run the "
