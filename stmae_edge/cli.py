@@ -186,6 +186,8 @@ def evaluate(
     out: Path | None = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
     batch_size: int = typer.Option(BATCH_SIZE, min=1, max=MAX_BATCH, help="images per network call"),
     backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
+    bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's; "
+                                         "as predict takes it)"),
 ) -> None:
     """Image AUROC, pixel AUROC, AUPRO (30% FPR), per defect type, and F1 at the model's threshold."""
     from .evaluation.evaluate import evaluate as run_evaluate
@@ -194,7 +196,7 @@ def evaluate(
 
     use_available_cores()
     out = check_writable(out or model.with_suffix(".eval.json"), [model])
-    result = run_evaluate(model, data_dir, batch_size, backend)
+    result = run_evaluate(model, data_dir, batch_size, backend, bit_depth)
     write_json(result, out)
     typer.echo(format_report(result))
     typer.echo(f"wrote {out}")
@@ -349,6 +351,8 @@ def threshold(
     write: bool = typer.Option(False, "--write", help="store the threshold (image and pixel) and its rule in MODEL"),
     backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
     batch_size: int = typer.Option(16, min=1, max=MAX_BATCH, help="images per network call"),
+    bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's; "
+                                         "as predict takes it)"),
 ) -> None:
     """Choose the image threshold that meets a target on validation data; print what it costs there."""
     from .data import eval_samples
@@ -364,7 +368,7 @@ def threshold(
     labels = [s.label for s in samples]
     check_support(max_false_reject, min_recall, labels.count(0), labels.count(1), str(data_dir))
     scored = score_dataset(model, data_dir, backend, batch_size, description="scoring the validation set",
-                           samples=samples, masks=False)  # image scores only: its masks are not read
+                           samples=samples, masks=False, bit_depth=bit_depth)  # image scores only: no masks read
     point = choose(scored.good_scores, scored.defect_scores, max_false_reject=max_false_reject,
                    min_recall=min_recall, sigma=sigma, stats=scored.detector.score_stats, data=str(data_dir),
                    scored=threshold_scoring(scored.detector.metadata.training))
@@ -404,11 +408,13 @@ def report(
     worst: int = typer.Option(8, min=0, help="missed defects and false rejects to show, each"),
     backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
     batch_size: int = typer.Option(16, min=1, max=MAX_BATCH, help="images per network call"),
+    bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's; "
+                                         "as predict takes it)"),
 ) -> None:
     """One HTML page: score histograms, ROC and PRO curves, per-type escapes, the worst cases, the model."""
     from .evaluation.report import build_report
 
-    summary = build_report(model, data_dir, out, backend, worst, batch_size)
+    summary = build_report(model, data_dir, out, backend, worst, batch_size, bit_depth)
     point = summary["operating_point"]
     typer.echo(f"wrote {summary['index']}: {point['false_rejects']} false rejects, {point['escapes']} escapes at "
                f"threshold {point['threshold']:.6g}; open it in a browser (no server needed)")

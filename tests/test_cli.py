@@ -380,3 +380,30 @@ def test_a_checkpoint_given_where_a_graph_goes_is_named_for_what_it_is(tiny_expo
                     ["calibrate", str(tiny_export[0]), "--out", str(tmp_path / "q.onnx")],
                     ["build", str(tiny_export[0]), "--out", str(tmp_path / "m.plan")]):
         _assert_one_line_error(run(*command), "a zip file (a PyTorch checkpoint?), not an ONNX graph; export a checkpoint")
+
+
+def test_evaluate_threshold_and_report_take_the_bit_depth_predict_takes(tiny_export, synthetic_dataset, tmp_path):
+    """A Mono12 line scored by `predict --bit-depth 12` must be evaluated, and its threshold chosen, on the
+    same scores: the three scoring commands take the option too (only predict and linescan had it)."""
+    import cv2
+    import numpy as np
+
+    from stmae_edge.evaluation.validation import score_dataset
+    from stmae_edge.runtime import Detector
+
+    data = tmp_path / "mono12"
+    for folder in ("good", "scratch"):
+        (data / "test" / folder).mkdir(parents=True)
+        for image in sorted((synthetic_dataset / "test" / folder).glob("*.png"))[:4]:
+            pixels = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 16  # 12 significant bits
+            cv2.imwrite(str(data / "test" / folder / image.name), pixels)
+    scored = score_dataset(tiny_export[1], data, bit_depth=12, masks=False)
+    paths = [s.path for s in scored.samples]
+    as_predict = [d.score for d in Detector(tiny_export[1], "ort-cpu", bit_depth=12).predict(paths)]
+    assert np.allclose(scored.scores, as_predict, rtol=1e-6)
+    assert not np.allclose(score_dataset(tiny_export[1], data, masks=False).scores, as_predict, rtol=1e-3)
+    report = tmp_path / "e.json"
+    r = run("evaluate", str(tiny_export[1]), str(data), "--bit-depth", "12", "--out", str(report))
+    assert r.returncode == 0 and json.loads(report.read_text())["bit_depth"] == 12, r.stderr
+    r = run("threshold", str(tiny_export[1]), str(data), "--bit-depth", "12", "--max-false-reject", "0.25")
+    assert r.returncode == 0, r.stderr

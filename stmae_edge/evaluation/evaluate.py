@@ -15,7 +15,8 @@ from .metrics import percent_text, summarize
 from .validation import score_dataset
 
 
-def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16, backend: str | None = None) -> dict:
+def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16, backend: str | None = None,
+             bit_depth: int | None = None) -> dict:
     """A checkpoint (.pt, PyTorch), an exported graph (.onnx, ONNX Runtime CPU) or a TensorRT plan (.plan,
     on its GPU) on a test set.
 
@@ -25,6 +26,7 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16,
         batch_size: images scored at once.
         backend: a runtime backend (runtime.BACKEND_KINDS) or "auto"; None: the file kind's CPU backend
             (validation.EVALUATION_BACKENDS; a plan on its GPU), for the same figures on any machine.
+        bit_depth: significant bits of 16-bit pixels in place of the model's (as `predict --bit-depth`).
 
     Returns:
         metrics.summarize's dictionary: image / pixel AUROC, AUPRO, F1 at the model's threshold, and the
@@ -40,7 +42,8 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16,
     # CPU: validation.EVALUATION_BACKENDS). A checkpoint needs torch, the rest do not.
     metadata = read_metadata(model_path)  # the model file is checked before any data is read
     samples = data.eval_samples(data_dir)
-    scored = score_dataset(model_path, data_dir, backend, batch_size, description="evaluating", samples=samples)
+    scored = score_dataset(model_path, data_dir, backend, batch_size, description="evaluating", samples=samples,
+                           bit_depth=bit_depth)
     maps, scores = scored.maps, scored.scores
     size = metadata.preprocessing.input_size
     masks = data.load_masks(samples, size) if data.has_masks(samples) else None
@@ -57,6 +60,7 @@ def evaluate(model_path: Path | str, data_dir: Path | str, batch_size: int = 16,
     result["model_hash"] = metadata.model_hash
     result["threshold_rule"] = metadata.thresholds.rule  # the default rule's, or the one `threshold --write` stored
     result["backend"] = scored.detector.info["backend"]
+    result["bit_depth"] = scored.detector.preprocessing.bit_depth
     return result
 
 

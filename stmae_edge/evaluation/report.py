@@ -39,7 +39,7 @@ OUTLINE = (255, 255, 255)  # ground truth, drawn over the overlay (BGR)
 
 
 def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backend: str | None = None,
-                 worst: int = 8, batch_size: int = 16) -> dict:
+                 worst: int = 8, batch_size: int = 16, bit_depth: int | None = None) -> dict:
     """Score DATA_DIR/test with MODEL and write OUT/index.html with its plots and cases.
 
     Args:
@@ -49,6 +49,7 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
         backend: a runtime backend, or None: the file kind's CPU backend (validation.EVALUATION_BACKENDS).
         worst: missed defects and false rejects shown, each (the worst first).
         batch_size: images scored at once.
+        bit_depth: significant bits of 16-bit pixels in place of the model's (as `predict --bit-depth`).
 
     Returns:
         The summary written as OUT/summary.json.
@@ -71,7 +72,8 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
         if (out / folder).is_symlink():  # a link planted there must not send the pictures elsewhere
             (out / folder).unlink()
         (out / folder).mkdir(exist_ok=True)
-    scored = score_dataset(model, data_dir, backend, batch_size, description="scoring for the report")
+    scored = score_dataset(model, data_dir, backend, batch_size, description="scoring for the report",
+                           bit_depth=bit_depth)
     detector = scored.detector
     thresholds = detector.thresholds
     labels = scored.labels

@@ -53,10 +53,11 @@ EVALUATION_BACKENDS = {"checkpoint": "torch-cpu", "onnx": "ort-cpu", "plan": "te
 
 def score_dataset(model: Path | str, data_dir: Path | str, backend: str | None = None, batch_size: int = 16,
                   description: str = "scoring", samples: list[data.EvalSample] | None = None,
-                  masks: bool = True) -> ScoredDataset:
+                  masks: bool = True, bit_depth: int | None = None) -> ScoredDataset:
     """Every image under DATA_DIR/test through a Detector (`samples`: data.eval_samples(data_dir), where
     the caller has read them already; `backend` None: EVALUATION_BACKENDS's for the file; `masks`: the
-    caller reads the masks, which are then decoded first too).
+    caller reads the masks, which are then decoded first too; `bit_depth`: the Detector's, in place of
+    the model's, as predict takes it).
 
     Raises:
         DatasetError: no test images, or test images or masks that cannot be read (all of them named,
@@ -64,7 +65,8 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str | None =
     """
     from ..runtime import Detector
 
-    detector = Detector(model, backend or EVALUATION_BACKENDS[file_kind_of(model)], batch_size=batch_size)
+    detector = Detector(model, backend or EVALUATION_BACKENDS[file_kind_of(model)], batch_size=batch_size,
+                        bit_depth=bit_depth)
     if samples is None:
         samples = data.eval_samples(data_dir, both_classes=False)
     # Every image and mask decoded first: one that cannot be read stops the run here, all of them named,
