@@ -10,7 +10,8 @@ import os
 import platform
 from pathlib import Path
 
-# L4T (JetPack's Linux) writes its release here; its kernels are named "...-tegra" too
+# L4T (JetPack's Linux) writes its release here; its kernels are named "...-tegra" too, which is what
+# pyproject.toml's gpu extra tells a Jetson by ('tegra' in platform_release)
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 # The board's name on ARM, where /proc/cpuinfo has no "model name" line
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
@@ -19,7 +20,7 @@ DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
 def is_jetson() -> bool:
     """A Jetson (L4T): its GPU shares the system's memory, and JetPack installs TensorRT for the system
     Python rather than through pip."""
-    return TEGRA_RELEASE.is_file() or platform.release().endswith("-tegra")
+    return TEGRA_RELEASE.is_file() or "tegra" in platform.release()
 
 
 def total_memory_bytes() -> int | None:

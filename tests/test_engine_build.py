@@ -286,8 +286,9 @@ def test_the_workspace_limit_reaches_tensorrt_and_a_jetson_caps_it(onnx_file, tm
 
     _, sidecar = build_engine(onnx_file, None, "1:1:2", tmp_path / "a.plan", workspace_mb=64)
     assert sidecar["workspace_bytes"] == 64 << 20
-    with pytest.raises(ConfigError, match="workspace"):
-        build_engine(onnx_file, None, "1:1:2", tmp_path / "b.plan", workspace_mb=0)
+    for wrong in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="workspace"):
+            build_engine(onnx_file, None, "1:1:2", tmp_path / "b.plan", workspace_mb=wrong)
     monkeypatch.setattr(machine, "TEGRA_RELEASE", tmp_path / "absent")
     monkeypatch.setattr(machine.platform, "release", lambda: "5.15.148-tegra")
     monkeypatch.setattr(build, "total_memory_bytes", lambda: 8 << 30)  # an 8 GB Orin Nano

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..checks import is_whole
 from ..engine_plan import (
     DEFAULT_BATCH_TEXT,
     PLAN_PRECISIONS,
@@ -153,7 +154,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     """
     if precision is not None and precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; this version builds {', '.join(PRECISIONS)}")
-    if workspace_mb is not None and workspace_mb < 1:
+    if workspace_mb is not None and (not is_whole(workspace_mb) or workspace_mb < 1):
         raise ConfigError(f"--workspace-mb {workspace_mb}: give at least 1 MiB (or leave it out for TensorRT's default)")
     batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)
     onnx_path = Path(onnx_path)

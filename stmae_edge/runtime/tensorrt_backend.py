@@ -35,8 +35,9 @@ _TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
 
 
 NO_GPU_HINT = ("TensorRT plans need an NVIDIA GPU and a driver at least as new as cuda-python's CUDA major "
-               "version (cuda-python 13 needs a CUDA 13 driver; on CUDA 12 drivers, JetPack 6 among them, "
-               "pip install 'cuda-python>=12.6,<13'); without a GPU run the .onnx file instead (--backend ort-cpu)")
+               "version (cuda-python 13 needs a CUDA 13 driver; on CUDA 12 drivers pip install "
+               "'cuda-python>=12.6,<13', on JetPack 6 'cuda-python>=12.6,<12.7', which the gpu extra takes on a "
+               "Jetson); without a GPU run the .onnx file instead (--backend ort-cpu)")
 
 
 def _native_handle(stream) -> int:
