@@ -107,37 +107,26 @@ def frames(metadata: ModelMetadata, count: int) -> list[np.ndarray]:
 
 
 def test_a_nan_score_from_a_model_without_an_error_output_is_refused_not_passed(metadata):
-    server = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=np.nan))
-    try:
+    with repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=np.nan)) as server:
         remote = RemoteDetector(server.url, "tiny")
         with pytest.raises(RemoteError, match="model tiny: the network produced NaN or infinite values"):
             remote.predict(frames(metadata, 2))
-    finally:
-        server.close()
-    good = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=0.0))
-    try:  # the same answer with finite scores is read as before
+    # the same answer with finite scores is read as before
+    with repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=0.0)) as good:
         remote = RemoteDetector(good.url, "tiny")
         results = remote.predict(frames(metadata, 3))
         assert [r.score for r in results] == [0.0] * 3
         assert all(r.is_anomalous == (0.0 > remote.thresholds.image) for r in results)
-    finally:
-        good.close()
 
 
 def test_maps_of_the_wrong_shape_are_refused(metadata):
     height, width = metadata.preprocessing.input_size
-    server = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, map_width=width + 1))
-    try:
+    with repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, map_width=width + 1)) as server:
         with pytest.raises(RemoteError, match=f"maps \\(2, {height}, {width + 1}\\).*does not fit"):
             RemoteDetector(server.url, "tiny").predict(frames(metadata, 2))
-    finally:
-        server.close()
-    no_map = repo_server(metadata, infer=lambda batch: {wire.SCORE: np.zeros((batch, 1), np.float32)})
-    try:
+    with repo_server(metadata, infer=lambda batch: {wire.SCORE: np.zeros((batch, 1), np.float32)}) as no_map:
         with pytest.raises(RemoteError, match="has no anomaly_map output"):
             RemoteDetector(no_map.url, "tiny").predict(frames(metadata, 1))
-    finally:
-        no_map.close()
 
 
 def test_an_image_the_server_refuses_is_named_by_its_index_in_the_call(metadata):
@@ -154,8 +143,7 @@ def test_an_image_the_server_refuses_is_named_by_its_index_in_the_call(metadata)
             errors[0, 0] = b"the image has NaN or infinite values; nothing was scored"
         return 200, {**network_outputs(metadata, batch), wire.ERROR: errors}
 
-    server = FakeTriton(answer)
-    try:
+    with FakeTriton(answer) as server:
         remote = RemoteDetector(server.url, "tiny")
         assert remote.batch_size == 2
         with pytest.raises(RemoteError, match="^image 2: the image has NaN"):
@@ -169,19 +157,14 @@ def test_an_image_the_server_refuses_is_named_by_its_index_in_the_call(metadata)
         with pytest.raises(RemoteError, match="^image 3: the image has NaN"):
             remote.predict(mixed, return_errors=True)
         assert calls == [2, 1]
-    finally:
-        server.close()
 
 
 @pytest.mark.parametrize("max_batch", [0, -3, 2.5, "8", True, 10**9])
 def test_a_max_batch_that_is_not_a_whole_number_in_range_is_refused(metadata, max_batch):
-    server = repo_server(metadata, document=document_for(metadata, max_batch=max_batch),
-                         infer=lambda batch: network_outputs(metadata, batch))
-    try:
+    with repo_server(metadata, document=document_for(metadata, max_batch=max_batch),
+                     infer=lambda batch: network_outputs(metadata, batch)) as server:
         with pytest.raises(RemoteError, match=f"max_batch {max_batch!r}, not a whole number from 1 to 4096"):
             RemoteDetector(server.url, "tiny")
-    finally:
-        server.close()
 
 
 def malformed_cases(metadata: ModelMetadata):
@@ -230,18 +213,14 @@ def test_malformed_metadata_documents_are_remote_errors_that_name_the_part(metad
                 return (400, {"error": "unknown model"}) if metadata_answer is None else (200, metadata_answer)
             return 200, config
 
-        server = FakeTriton(answer)
-        try:
+        with FakeTriton(answer) as server:
             with pytest.raises(RemoteError, match=expected) as caught:
                 RemoteDetector(server.url, "tiny")
             assert "\n" not in str(caught.value)
-        finally:
-            server.close()
 
 
 def test_a_batch_size_above_the_servers_max_is_capped_with_a_warning(metadata, caplog):
-    server = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch))
-    try:
+    with repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch)) as server:
         with caplog.at_level(logging.WARNING, logger="stmae_edge.runtime.remote"):
             remote = RemoteDetector(server.url, "tiny", batch_size=16)
         assert remote.batch_size == 4
@@ -252,8 +231,6 @@ def test_a_batch_size_above_the_servers_max_is_capped_with_a_warning(metadata, c
             assert RemoteDetector(server.url, "tiny", batch_size=3).batch_size == 3
             assert RemoteDetector(server.url, "tiny").batch_size == 4
         assert not caplog.records
-    finally:
-        server.close()
 
 
 @pytest.mark.parametrize("keyword, value, message", [
@@ -270,8 +247,7 @@ def test_bad_arguments_are_config_errors_before_anything_is_sent(keyword, value,
 
 
 def test_thresholds_are_assignable_as_on_the_in_process_detector(metadata):
-    server = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=1.0))
-    try:
+    with repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=1.0)) as server:
         remote = RemoteDetector(server.url, "tiny")
         assert remote.thresholds == metadata.thresholds
         with pytest.raises(ConfigError, match="thresholds must be a stmae_edge.scoring.Thresholds, not dict"):
@@ -280,16 +256,13 @@ def test_thresholds_are_assignable_as_on_the_in_process_detector(metadata):
         assert remote.predict(frames(metadata, 1)[0]).is_anomalous
         remote.thresholds = Thresholds(image=2.0, pixel=metadata.thresholds.pixel, rule="the line's own")
         assert not remote.predict(frames(metadata, 1)[0]).is_anomalous
-    finally:
-        server.close()
 
 
 def test_a_served_model_is_used_as_the_in_process_detector_is(metadata):
     # one predict for both (runtime.detector.ImageScorer): timings and raw maps come with it
     from stmae_edge.runtime.detector import ImageScorer
 
-    server = repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=0.5))
-    try:
+    with repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=0.5)) as server:
         remote = RemoteDetector(server.url, "tiny", batch_size=2)
         assert isinstance(remote, ImageScorer)
         timings: dict = {}
@@ -297,8 +270,6 @@ def test_a_served_model_is_used_as_the_in_process_detector_is(metadata):
         assert [r.score for r in results] == [0.5] * 3 and set(timings) == {"preprocess", "infer", "postprocess"}
         maps, scores = remote.raw_maps(frames(metadata, 3))
         assert maps.shape == (3, *metadata.preprocessing.input_size) and scores.tolist() == [0.5] * 3
-    finally:
-        server.close()
 
 
 @pytest.mark.parametrize("url", [None, b"http://127.0.0.1:9", 8000])
@@ -315,10 +286,7 @@ def test_an_output_of_a_datatype_the_client_does_not_read_is_refused_in_json_rep
         return {"outputs": [{"name": name, "datatype": "FP8" if name == wire.SCORE else "FP32",
                              "shape": list(array.shape), "data": array.ravel().tolist()}
                             for name, array in outputs.items()]}
-    server = repo_server(metadata, infer=infer)
-    try:
+    with repo_server(metadata, infer=infer) as server:
         remote = RemoteDetector(server.url, "tiny")
         with pytest.raises(RemoteError, match="answered with datatype FP8, which this client does not read"):
             remote.predict(frames(metadata, 2))
-    finally:
-        server.close()
