@@ -486,8 +486,10 @@ def predict(
 
 @app.command()
 def bench(
-    engine: Path = typer.Option(..., "--engine", help=".plan (TensorRT), .onnx (ONNX Runtime; works on a CPU) "
-                                "or .pt (PyTorch eager, for comparison)"),
+    model: Path | None = typer.Argument(None, help=".plan (TensorRT), .onnx (ONNX Runtime; works on a CPU) or .pt "
+                                        "(PyTorch eager, for comparison); or give it as --engine",
+                                        show_default=False),
+    engine: Path | None = typer.Option(None, "--engine", help="the model, as the positional MODEL (either one)"),
     batch: str = typer.Option("1,8,32", help="comma-separated batch sizes"),
     iterations: int = typer.Option(20, min=1, help="timed calls per batch size"),
     warmup: int = typer.Option(2, min=0, help="untimed calls per batch size first"),
@@ -505,6 +507,10 @@ def bench(
     from .runtime import Detector
     from .runtime.bench import bench_images, benchmark, format_rows
 
+    if (model is None) == (engine is None):
+        raise ConfigError("bench takes one model: `stmae-edge bench MODEL` or `stmae-edge bench --engine MODEL`"
+                          + ("" if model is None else f", not both ({model} and {engine})"))
+    engine = model or engine
     try:
         sizes = [int(v) for v in batch.split(",")]
     except ValueError:

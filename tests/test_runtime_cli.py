@@ -225,7 +225,8 @@ def test_predict_thresholds_from_the_command_line(tiny_export, synthetic_dataset
 
 
 def test_bench_json_on_an_onnx_file_without_torch(tiny_export):
-    r = run_without_torch("bench", "--engine", str(tiny_export[1]), "--batch", "1,3", "--iterations", "4", "--json")
+    # the model as a positional, as every other command takes it (--engine, the design's spelling, below)
+    r = run_without_torch("bench", str(tiny_export[1]), "--batch", "1,3", "--iterations", "4", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["runtime"]["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
@@ -245,6 +246,8 @@ def test_bench_table_for_a_pytorch_checkpoint_and_bad_options(tiny_export, synth
     assert "6 images from" in r.stdout
     _assert_one_line_error(run("bench", "--engine", str(tiny_export[1]), "--batch", "8,x"), "comma-separated")
     _assert_one_line_error(run("bench", "--engine", str(tiny_export[1]), "--backend", "ort-gpu"), "unknown backend")
+    _assert_one_line_error(run("bench", "--batch", "1"), "bench takes one model")
+    _assert_one_line_error(run("bench", str(tiny_export[1]), "--engine", str(tiny_export[1])), "not both")
     _assert_one_line_error(run("predict", str(tiny_export[1]).replace(".onnx", ".nope"), "x.png"), "no such model")
 
 
