@@ -11,10 +11,16 @@ file here before ONNX Runtime opens it: only onnxruntime 1.24 and later refuse s
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import BackendError, CheckpointError, StmaeError, first_line
+
+logger = logging.getLogger(__name__)
 
 # ONNX Runtime's own messages (a GPU provider that could not start, node placement, quantisation's
 # advice) go to stderr from its process-wide logger. The CLI turns them off unless asked (-v), as each
@@ -25,7 +31,8 @@ _quiet_onnxruntime = False
 
 
 def quiet_onnxruntime_logs() -> None:
-    """Only ONNX Runtime's fatal errors reach stderr from now on (the CLI's choice; see above)."""
+    """Only ONNX Runtime's fatal errors reach stderr from now on, and what its loader of CUDA libraries
+    prints is logged instead of reaching stdout (the CLI's choice; see above and preload_cuda_libraries)."""
     global _quiet_onnxruntime
     _quiet_onnxruntime = True
 
@@ -43,6 +50,32 @@ def import_onnxruntime():
     if _quiet_onnxruntime:
         onnxruntime.set_default_logger_severity(4)  # 4: fatal only
     return onnxruntime
+
+
+_preload_lock = threading.Lock()
+_preloaded = False
+
+
+def preload_cuda_libraries(ort) -> None:
+    """Load the CUDA and cuDNN libraries of the gpu extra's nvidia-* wheels (onnxruntime 1.21+), once per
+    process, before the first GPU session. Their loader prints what it could not load to stdout; only a
+    program that asked for quiet (quiet_onnxruntime_logs) has that caught and logged, as catching it means
+    swapping sys.stdout, the host's, for everyone: each Detector doing it diverted other threads' output,
+    and two opened at once could leave stdout swapped for good."""
+    global _preloaded
+    preload = getattr(ort, "preload_dlls", None)
+    with _preload_lock:
+        if _preloaded or preload is None:
+            return
+        _preloaded = True
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(said) if _quiet_onnxruntime else contextlib.nullcontext():
+                preload(directory="")
+        except Exception as exc:  # a folder it expected that is not there, ...
+            said.write(first_line(exc))
+    if said.getvalue().strip():
+        logger.info("onnxruntime.preload_dlls: %s", " | ".join(said.getvalue().split("\n")).strip(" |"))
 
 
 def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):

@@ -88,3 +88,41 @@ def test_runtime_leaves_opencv_image_cap_to_the_host():
             "print(cv2.imdecode(png, cv2.IMREAD_GRAYSCALE).shape)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "(9000, 8000)", result.stderr
+
+
+def test_cuda_libraries_are_loaded_once_without_taking_the_hosts_stdout(monkeypatch, capsys, caplog):
+    """ONNX Runtime's loader of CUDA libraries prints what it could not load. Each GPU Detector caught
+    that by swapping sys.stdout, which diverted the host's other threads' output, and two Detectors
+    opened at once could leave it swapped for good. Now it runs once per process, and only a program
+    that asked for quiet (the CLI) has its output caught."""
+    import logging
+    import threading
+
+    from stmae_edge import onnx_files
+
+    calls, stdout_seen = [], []
+
+    class Loader:  # onnxruntime's module as preload_cuda_libraries uses it
+        @staticmethod
+        def preload_dlls(directory=None):
+            calls.append(directory)
+            stdout_seen.append(sys.stdout)
+            print("Failed to load libcudnn.so.9")
+
+    host_stdout = sys.stdout
+    monkeypatch.setattr(onnx_files, "_preloaded", False)
+    monkeypatch.setattr(onnx_files, "_quiet_onnxruntime", False)
+    threads = [threading.Thread(target=onnx_files.preload_cuda_libraries, args=(Loader,)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == [""] and stdout_seen == [host_stdout] and sys.stdout is host_stdout
+    assert "Failed to load" in capsys.readouterr().out  # a host that did not ask for quiet sees it
+
+    monkeypatch.setattr(onnx_files, "_preloaded", False)
+    monkeypatch.setattr(onnx_files, "_quiet_onnxruntime", True)  # the CLI's choice
+    with caplog.at_level(logging.INFO, logger="stmae_edge.onnx_files"):
+        onnx_files.preload_cuda_libraries(Loader)
+    assert capsys.readouterr().out == "" and "Failed to load libcudnn.so.9" in caplog.text
+    assert sys.stdout is host_stdout
