@@ -17,17 +17,17 @@ the CLI's --backend help are all read from it:
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from ..checks import is_file
 from ..engine_plan import DEFAULT_BATCH_PROFILE
 from ..errors import BackendError, CheckpointError, ConfigError, EngineMismatchError, ModelFileMissingError, first_line
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
-from ..onnx_files import import_onnxruntime, load_onnx
+from ..onnx_files import import_onnxruntime, load_onnx, preload_cuda_libraries
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
 from .devices import cpu_description, cuda_device_count, gpu_description
 
@@ -120,7 +120,7 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
     """
     path = Path(model_path)
     check_backend_name(backend)
-    if not path.is_file():
+    if not is_file(path, ModelFileMissingError):
         raise ModelFileMissingError(f"{path}: no such model file")
     chosen = choose_backend(path, backend)
     if cuda_graph and chosen != "tensorrt":
@@ -224,16 +224,7 @@ def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[i
     """The provider list for a GPU session: CUDA's libraries found, float32 kept float32 (TF32 rounds
     its operands as fp16 does, which the Mahalanobis distances of the map amplify), and for TensorRT one
     engine for the whole batch range, cached beside the model."""
-    preload = getattr(ort, "preload_dlls", None)  # 1.21+: CUDA and cuDNN from the nvidia-* wheels of [gpu]
-    if preload is not None:
-        said = io.StringIO()  # it prints what it could not load; the session below reports what matters
-        try:
-            with contextlib.redirect_stdout(said):
-                preload(directory="")
-        except Exception as exc:
-            said.write(first_line(exc))
-        if said.getvalue().strip():
-            logger.info("onnxruntime.preload_dlls: %s", " | ".join(said.getvalue().split("\n")).strip(" |"))
+    preload_cuda_libraries(ort)  # 1.21+: CUDA and cuDNN from the nvidia-* wheels of [gpu]
     cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})  # the option exists from onnxruntime 1.18, our floor
     if wanted == "CUDAExecutionProvider":
         return [cuda]
