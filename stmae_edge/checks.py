@@ -10,11 +10,25 @@ from __future__ import annotations
 import json
 import math
 from numbers import Integral, Real
+from pathlib import Path
 
 from .errors import StmaeError, first_line
 
 MAX_DOCUMENT_BYTES = 1 << 20  # a model's metadata is a few KB; a megabyte means a broken or hostile file
 MAX_DOCUMENT_DEPTH = 32  # ours nest 4 deep
+
+
+def is_file(path: Path, error: type[StmaeError]) -> bool:
+    """Path.is_file, with the OS's refusals (no permission on a folder of the path, a name too long)
+    raised as `error`, naming the file: Path.is_file answers False only where the file is absent.
+
+    Raises:
+        `error`: the file's folder cannot be searched, or the name is longer than the system takes.
+    """
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or first_line(exc)})") from exc
 
 
 def is_whole(value) -> bool:

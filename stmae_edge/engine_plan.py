@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .checks import MAX_DOCUMENT_BYTES, is_whole, parse_document
+from .checks import MAX_DOCUMENT_BYTES, is_file, is_whole, parse_document
 from .errors import EngineMismatchError, StmaeError, TensorRTMissingError, TensorRTUnloadableError, first_line
 from .machine import is_jetson
 from .metadata import MAX_BATCH, ModelMetadata
@@ -107,10 +107,10 @@ def read_plan(plan: Path | str) -> tuple[bytes, dict, ModelMetadata]:
 
     Raises EngineMismatchError when the sidecar is missing, malformed or describes another plan."""
     plan = Path(plan)
-    if not plan.is_file():
+    if not is_file(plan, EngineMismatchError):
         raise EngineMismatchError(f"{plan}: no such engine plan")
     side = sidecar_path(plan)
-    if not side.is_file():
+    if not is_file(side, EngineMismatchError):
         raise EngineMismatchError(f"{plan}: its sidecar {side.name} is missing; rebuild with "
                                   "`stmae-edge build MODEL.onnx`, which writes both")
     try:

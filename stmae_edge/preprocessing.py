@@ -13,6 +13,7 @@ so every consumer (thresholds, regions, evaluation against masks) sees maps laid
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,14 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_INPUT_SIDE = 4096
 
 ImageInput = str | os.PathLike | np.ndarray
+
+
+def as_items(images) -> tuple[list, bool]:
+    """(the images as a list, whether one image was given). A list, a tuple or a 4-d array is a batch;
+    anything else is one image (and load_image says clearly when it is not one): the one rule of the
+    Detector's calls and of Preprocessing."""
+    single = not (isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4))
+    return ([images] if single else list(images)), single
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,7 @@ class Preprocessing:
         Raises:
             InvalidImageError: naming the file (or the image's index in the call).
         """
-        if isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim <= 3):
-            images = [images]
-        images = list(images)
+        images, _ = as_items(images)
         batch = np.empty((len(images), 3, *self.input_size), np.float32)
         for i, image in enumerate(images):
             try:
@@ -294,25 +301,42 @@ def _declared(data: memoryview) -> tuple[str, tuple[int, int], int]:
 
 def read_image_bytes(path: Path | str) -> np.ndarray:
     """An image file's bytes (uint8), after its size is checked against MAX_FILE_BYTES: the one way
-    every reader of user images (decoding, headers for shapes) opens them.
+    every reader of user images (decoding, headers for shapes) opens them. The file is opened once and
+    checked through that handle, so a file replaced or removed meanwhile is refused, not half-read.
 
     Raises:
-        InvalidImageError: no such file, an empty or oversized one, or one that cannot be read.
+        InvalidImageError: no such file, an empty or oversized one, or one that cannot be read (a
+            folder without permission, a name too long, a file removed while it is read).
     """
     path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            raise InvalidImageError(f"{path} is a folder, not an image file")
-        if path.exists():
-            raise InvalidImageError(f"{path} is not a regular file (a device, pipe or socket); give an image file")
-        raise InvalidImageError(f"{path}: no such image file")
-    size = path.stat().st_size
-    if size == 0 or size > MAX_FILE_BYTES:
-        raise InvalidImageError(f"{path}: file size {size} bytes is outside 1..{MAX_FILE_BYTES}")
     try:
-        return np.fromfile(path, dtype=np.uint8)
+        # before opening: opening a pipe for reading would wait for a writer
+        kind = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise InvalidImageError(f"{path}: no such image file") from None
+    except OSError as exc:  # a folder without permission, a name too long, a loop of links
+        raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if stat.S_ISDIR(kind):
+        raise InvalidImageError(f"{path} is a folder, not an image file")
+    if not stat.S_ISREG(kind):
+        raise InvalidImageError(f"{path} is not a regular file (a device, pipe or socket); give an image file")
+    try:
+        with open(path, "rb") as file:
+            opened = os.fstat(file.fileno())
+            if not stat.S_ISREG(opened.st_mode):  # replaced by something else since the check above
+                raise InvalidImageError(f"{path} is not a regular file (a device, pipe or socket); give an image file")
+            size = opened.st_size
+            if size == 0 or size > MAX_FILE_BYTES:
+                raise InvalidImageError(f"{path}: file size {size} bytes is outside 1..{MAX_FILE_BYTES}")
+            data = np.empty(size, dtype=np.uint8)
+            read = file.readinto(memoryview(data))  # a file cut short meanwhile gives fewer bytes
+    except FileNotFoundError:
+        raise InvalidImageError(f"{path}: no such image file") from None
     except OSError as exc:
         raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if not read:
+        raise InvalidImageError(f"{path}: file size 0 bytes is outside 1..{MAX_FILE_BYTES}")
+    return data[:read]
 
 
 def decode(data: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS,

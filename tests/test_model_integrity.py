@@ -99,6 +99,32 @@ def test_a_folder_or_a_device_given_as_an_image_says_what_it_is(tmp_path):
         read_image_bytes(tmp_path / "absent.png")
 
 
+def test_an_image_removed_or_out_of_reach_while_it_is_read_is_refused_in_one_line(tmp_path, monkeypatch):
+    """The OS's refusals were bare OSErrors: a file removed between the check and the read, a name too
+    long (and a folder without permission, which root cannot be shown here)."""
+    import os
+
+    image = tmp_path / "frame.png"
+    cv2.imwrite(str(image), np.zeros((8, 8), np.uint8))
+    assert len(read_image_bytes(image)) == image.stat().st_size
+    real_stat = os.stat
+
+    def removed_after_the_check(path, *args, **kwargs):  # another program moves the file away meanwhile
+        result = real_stat(path, *args, **kwargs)
+        if str(path) == str(image):
+            image.unlink()
+        return result
+
+    monkeypatch.setattr(os, "stat", removed_after_the_check)
+    with pytest.raises(InvalidImageError, match="no such image file"):
+        read_image_bytes(image)
+    monkeypatch.undo()
+    with pytest.raises(InvalidImageError, match=r"cannot be read \(File name too long\)"):
+        read_image_bytes(tmp_path / ("x" * 5000 + ".png"))
+    with pytest.raises(CheckpointError, match=r"cannot be read \(File name too long\)"):
+        Detector(tmp_path / ("y" * 5000 + ".onnx"))
+
+
 # --- metadata edited after training -----------------------------------------------------------------
 def _edited_checkpoint(source, target, edit) -> None:
     blob = torch.load(source, map_location="cpu", weights_only=True)

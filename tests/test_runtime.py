@@ -103,7 +103,8 @@ def test_raw_maps_takes_what_predict_takes_and_detections_own_their_maps(detecto
 def test_with_return_errors_one_bad_image_costs_only_itself(tiny_export, images):
     paths, arrays = images
     detector = Detector(tiny_export[1], batch_size=4)  # the bad ones fall in different batches
-    bad = {1: np.zeros((96, 96, 2), np.uint8), 6: "/nonexistent/frame.png", 7: np.full((96, 96), np.nan, np.float32)}
+    bad = {1: np.zeros((96, 96, 2), np.uint8), 6: "/nonexistent/frame.png", 7: np.full((96, 96), np.nan, np.float32),
+           3: "x" * 5000 + ".png"}  # a name the system refuses (ENAMETOOLONG): it raised a bare OSError
     mixed = [bad.get(i, arrays[i]) for i in range(len(arrays))]
     with pytest.raises(InvalidImageError, match="image 1: "):
         detector.predict(mixed)  # the default: raised
@@ -113,6 +114,7 @@ def test_with_return_errors_one_bad_image_costs_only_itself(tiny_export, images)
     for i, result in enumerate(results):
         assert isinstance(result, InvalidImageError) == (i in bad)
     assert "image 1: " in str(results[1]) and "/nonexistent/frame.png" in str(results[6])
+    assert "cannot be read (File name too long)" in str(results[3])
     good = [r for r in results if not isinstance(r, InvalidImageError)]
     assert [r.source for r in good] == [f"array[{i}]" for i in range(len(arrays)) if i not in bad]
     np.testing.assert_allclose([r.score for r in good], [r.score for r in reference], rtol=1e-5)
@@ -120,6 +122,10 @@ def test_with_return_errors_one_bad_image_costs_only_itself(tiny_export, images)
     assert detector.predict([bad[1], bad[6]], return_errors=True)[1].args  # all bad: nothing is run
     with pytest.raises(ConfigError, match="return_errors"):
         detector.predict(arrays[0], return_errors="yes")
+    for not_images in (5, {"a": arrays[0]}):  # preprocess took the rule of its own: a TypeError, a dict's keys
+        with pytest.raises(InvalidImageError, match="image 0: "):
+            detector.preprocess(not_images)
+    assert detector.preprocess(arrays[:2]).shape[0] == 2 and detector.preprocess(arrays[0]).shape[0] == 1
 
 
 def test_thresholds_come_from_metadata_and_can_be_overridden_per_call(detector, images):
