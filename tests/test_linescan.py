@@ -176,6 +176,8 @@ def test_strip_input_checks_and_short_strips(detector):
                              ({"max_defect_rows": -5}, "max_defect_rows"), ({"width": 30}, "width")):
         with pytest.raises(ConfigError, match=fragment):
             StreamingInspector(detector, **kwargs)
+    with pytest.raises(ConfigError, match="must be a stmae_edge Detector .* not NoneType"):
+        StreamingInspector(None)  # was an AttributeError
     colour = StreamingInspector(detector, overlap=0)
     colour.push((make_strip(4, 128, 128)[:, :, None] * np.uint16(257)).repeat(3, axis=2))
     colour.flush()
@@ -330,6 +332,30 @@ def test_an_on_rows_callback_that_raises_loses_no_defect_and_no_row(detector, fa
     expected = [band for i, band in enumerate(reference_bands) if i != failing_call - 1]  # all but the failed one
     assert [first for first, _ in bands] == [first for first, _ in expected]
     assert all(np.array_equal(rows, want) for (_, rows), (_, want) in zip(bands, expected, strict=True))
+
+
+@pytest.mark.parametrize("interrupted_row", [2, 3, 4])
+def test_a_push_interrupted_between_tile_rows_loses_no_defect(detector, interrupted_row):
+    """The defects of the tile rows blended before an interruption (KeyboardInterrupt in the host) were
+    held in a local list and lost with it; now the next call returns them, and blends the rest."""
+    strip = make_strip(8, 300, 200)
+    strip[40:50, 60:120] = 250  # a defect completed by an early tile row of the one block
+    threshold = strong_threshold(detector)
+    reference, _, _ = inspect(detector, strip, [300], threshold=threshold, keep_map=False)
+    assert reference  # the check can fail: a defect to lose
+    inspector = StreamingInspector(detector, overlap=OVERLAP, pixel_threshold=threshold)
+    blend, calls = inspector._blend, []
+
+    def interrupted(*args, **kwargs):  # the host's Ctrl-C, between two tile rows
+        calls.append(1)
+        if len(calls) == interrupted_row:
+            raise KeyboardInterrupt
+        return blend(*args, **kwargs)
+
+    inspector._blend = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        inspector.push(strip)
+    assert inspector.flush() == reference
 
 
 def test_a_short_block_beyond_the_bit_depth_is_refused_at_its_own_push(linescan_model):

@@ -30,7 +30,7 @@ import numpy as np
 from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
 from ..metadata import MAX_BATCH
-from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, check_bit_depth, load_image, name_the_image
+from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, as_items, check_bit_depth, load_image, name_the_image
 from ..scoring import ScoreStats, Thresholds
 from .backend_table import BACKENDS
 from .backends import Backend, describe, open_backend
@@ -304,13 +304,6 @@ def check_network_outputs(maps: np.ndarray, scores: np.ndarray, count: int, inpu
                     f"{count} images of {height}x{width}; the model does not fit this runtime")
     if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
         raise error(f"{where}the network produced NaN or infinite values; check the model with `stmae-edge verify`")
-
-
-def as_items(images) -> tuple[list, bool]:
-    """(the images as a list, whether one image was given). A list, a tuple or a 4-d array is a batch;
-    anything else is one image (and load_image says clearly when it is not one)."""
-    single = not (isinstance(images, (list, tuple)) or (isinstance(images, np.ndarray) and images.ndim == 4))
-    return ([images] if single else list(images)), single
 
 
 def balanced_chunks(count: int, batch_size: int) -> list[tuple[int, int]]:

@@ -99,8 +99,12 @@ class StreamingInspector:
                 the call's defects, and the rows not yet shown, come with the next push or flush.
 
         Raises:
-            ConfigError: overlap, width, max_defect_rows or pixel_threshold out of range or of the wrong type.
+            ConfigError: not a Detector; overlap, width, max_defect_rows or pixel_threshold out of range
+                or of the wrong type.
         """
+        if not isinstance(detector, Detector):
+            raise ConfigError(f"detector must be a stmae_edge Detector (opened on a .onnx or .plan file), not "
+                              f"{type(detector).__name__}")
         self.detector = detector
         self.tile_height, self.tile_width = detector.preprocessing.input_size
         half = min(self.tile_height, self.tile_width) // 2
@@ -119,7 +123,7 @@ class StreamingInspector:
         self.max_defect_rows = int(max_defect_rows)
         self.on_rows = on_rows  # called with (first row, final strip map rows) as rows become final
         self._unshown: list[tuple[int, np.ndarray]] = []  # final rows for on_rows, shown after each call
-        self._undelivered: list[StripDefect] = []  # defects of a call whose on_rows raised
+        self._undelivered: list[StripDefect] = []  # found, not yet returned: on_rows raised, or an interruption
         self.width = width
         self._channels: int | None = None
         self._dtype = None
@@ -200,7 +204,8 @@ class StreamingInspector:
 
         Every tile row the new rows complete is scored in one batched call before anything changes,
         so a push that fails (bad block, backend error) leaves the inspector as it was: the first
-        block fixes the strip's width and format only once it is scored.
+        block fixes the strip's width and format only once it is scored. A push interrupted after
+        that (KeyboardInterrupt between tile rows) keeps what it found for the next call.
 
         Args:
             block: (rows, width) or (rows, width, 1 or 3) uint8 or uint16, any number of rows, of the
@@ -225,11 +230,12 @@ class StreamingInspector:
         if first:  # only now: a first block that failed must not fix the strip's format
             self._fix_format(block, columns)
         self._rows, self.rows_pushed = rows, pushed
-        defects = []
         for top, row_maps in zip(tops, maps, strict=True):
-            defects += self._blend(top, row_maps, final_row=top + self.stride)
+            # kept as each tile row is blended: an interruption between tile rows (KeyboardInterrupt)
+            # loses none of them; the next call returns them, and scores the rows not blended again
+            self._undelivered += self._blend(top, row_maps, final_row=top + self.stride)
         self.seconds["total"] += time.perf_counter() - started
-        return self._deliver(defects)
+        return self._deliver([])
 
     def flush(self) -> list[StripDefect]:
         """End of the strip: score the rows not yet covered, close every open defect. Once flushed, the
@@ -244,18 +250,21 @@ class StreamingInspector:
             self._flushed = True
             return self._deliver([])
         started = time.perf_counter()
-        defects = []
+        # tile rows a push completed but did not blend, having been interrupted
+        pending = list(range(self._next_tile_row, self.rows_pushed - self.tile_height + 1, self.stride))
+        for top, row_maps in zip(pending, self._score(self._rows, pending), strict=True):
+            self._undelivered += self._blend(top, row_maps, final_row=top + self.stride)
         if self._tile_rows and self._tile_rows[-1][2] >= self.rows_pushed:
-            defects += self._finalize(self.rows_pushed)  # the last tile row already reaches the end
+            self._undelivered += self._finalize(self.rows_pushed)  # the last tile row already reaches the end
         else:
             # a strip shorter than one tile is mirrored to one
             self._rows = mirror_pad(self._rows, self.tile_height, self.width)
             top = max(0, self.rows_pushed - self.tile_height)  # the last tile row, flush with the end
-            defects += self._blend(top, self._score(self._rows, [top])[0], final_row=self.rows_pushed)
-        defects += self._with_tiles(self._regions.close())
+            self._undelivered += self._blend(top, self._score(self._rows, [top])[0], final_row=self.rows_pushed)
+        self._undelivered += self._with_tiles(self._regions.close())
         self._flushed = True
         self.seconds["total"] += time.perf_counter() - started
-        return self._deliver(defects)
+        return self._deliver([])
 
     def _deliver(self, defects: list[StripDefect]) -> list[StripDefect]:
         """The defects to return, after on_rows has seen the rows made final. Called when every row and
