@@ -20,6 +20,7 @@ from .checks import is_finite_number, is_whole
 from .errors import ConfigError
 
 DEFAULT_SIGMA = 3.0
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,11 @@ class Thresholds:
     def __post_init__(self) -> None:
         for name in ("image", "pixel"):
             value = getattr(self, name)
-            if not is_finite_number(value):
-                raise ConfigError(f"{name} threshold {value!r} must be a finite number (raw score units)")
+            # the scores and maps are float32: a threshold beyond its range cannot be compared with them
+            # without numpy warning of an overflow in the host program
+            if not is_finite_number(value) or abs(value) > FLOAT32_MAX:
+                raise ConfigError(f"{name} threshold {value!r} must be a finite number within float32's range "
+                                  "(raw score units)")
             # a numpy scalar (a threshold computed on float32 scores) as Python's float: it must reach
             # results, JSON and the model's metadata like any other
             object.__setattr__(self, name, float(value))

@@ -95,3 +95,21 @@ def test_thresholds_computed_with_numpy_are_plain_floats(tmp_path):
     assert json.loads(json.dumps(t.to_dict()))["image"] == 18.5
     with pytest.raises(ConfigError, match="finite number"):
         Thresholds(image=np.float32("nan"), pixel=1.0)
+
+
+def test_thresholds_beyond_float32s_range_are_refused():
+    """Scores and maps are float32: comparing them with 1e39 made numpy warn of an overflow in the
+    host program (an error where warnings are errors), with a threshold that was accepted as finite."""
+    import warnings
+
+    for value in (1e39, -1e39):
+        with pytest.raises(ConfigError, match="within float32's range"):
+            Thresholds(image=value, pixel=1.0)
+        with pytest.raises(ConfigError, match="within float32's range"):
+            Thresholds(image=1.0, pixel=value)
+    with pytest.raises(ConfigError, match="within float32's range"):
+        Thresholds.from_stats(ScoreStats.from_scores([1.0, 2.0, 4.0]), sigma=1e300)
+    largest = Thresholds(image=3e38, pixel=-3e38)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not fails(np.float32([1.0]), largest.image).any()
