@@ -277,6 +277,48 @@ def test_a_plan_whose_tensorrt_is_missing_here_says_to_rebuild_it(onnx_file, tmp
     assert "rebuild the plan here" in message and "ort-cpu" in message and "\n" not in message
 
 
+def test_a_plan_runs_on_its_own_gpu_and_leaves_the_callers_current_gpu_as_it_was():
+    """CUDA's current device is per thread: the backend selected its GPU once, on the thread that
+    opened it, and left it selected there. A host thread working on another GPU found its choice
+    changed, and a Detector run from another thread ran on that thread's GPU, not its own. No GPU
+    here: the CUDA runtime is stood in for by a record of the calls (scripts/gpu_acceptance.sh runs
+    the real one)."""
+    from types import SimpleNamespace
+
+    from stmae_edge.runtime.tensorrt_backend import TensorRTBackend
+
+    success = object()
+    current, calls = {"device": 0}, []
+
+    def get_device():
+        return success, current["device"]
+
+    def set_device(index):
+        calls.append(index)
+        current["device"] = index
+        return (success,)
+
+    cudart = SimpleNamespace(cudaError_t=SimpleNamespace(cudaSuccess=success), cudaGetDevice=get_device,
+                             cudaSetDevice=set_device)
+    backend = TensorRTBackend.__new__(TensorRTBackend)  # what __init__ leaves, without a GPU to open
+    backend._cudart, backend._device_index = cudart, 1
+    backend._graph, backend._allocations, backend._stream = None, [], None
+    with backend._on_device():
+        assert current["device"] == 1
+    assert current["device"] == 0 and calls == [1, 0]
+    with pytest.raises(RuntimeError), backend._on_device():
+        raise RuntimeError("a failed launch")
+    assert current["device"] == 0  # put back on failure too
+    current["device"] = 1
+    calls.clear()
+    with backend._on_device():  # already current: nothing switched
+        pass
+    assert calls == []
+    current["device"] = 0
+    backend.close()
+    assert current["device"] == 0 and calls == [1, 0]
+
+
 @trt_available
 def test_the_workspace_limit_reaches_tensorrt_and_a_jetson_caps_it(onnx_file, tmp_path, monkeypatch):
     """--workspace-mb is TensorRT's workspace pool, read back from the builder; on a Jetson, whose GPU

@@ -13,6 +13,7 @@ TensorRT reports as not capturable run without a graph: `provider` says so, and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 from pathlib import Path
@@ -97,8 +98,29 @@ class TensorRTBackend:
         count = self._call(cudart.cudaGetDeviceCount(), "finding a CUDA GPU", hint=NO_GPU_HINT)
         if not 0 <= device_index < count:
             raise BackendError(f"CUDA device {device_index} does not exist ({count} found)")
-        self._call(cudart.cudaSetDevice(device_index), "selecting the GPU")
-        props = self._call(cudart.cudaGetDeviceProperties(device_index), "reading the GPU's properties")
+        self._device_index = device_index
+        with self._on_device():
+            self._open(trt, data, plan_path, flavour, version, cuda_graph)
+
+    @contextlib.contextmanager
+    def _on_device(self):
+        """This backend's GPU made current for the calling thread (CUDA's current device is per thread:
+        a host may open the Detector on one thread and run it on another), and the thread's own choice
+        put back after, as a guest in the host program should."""
+        cudart = self._cudart
+        previous = self._call(cudart.cudaGetDevice(), "reading the current GPU")
+        if previous != self._device_index:
+            self._call(cudart.cudaSetDevice(self._device_index), "selecting the GPU")
+        try:
+            yield
+        finally:
+            if previous != self._device_index:
+                cudart.cudaSetDevice(previous)
+
+    def _open(self, trt, data: bytes, plan_path: Path, flavour: str, version: str, cuda_graph: bool) -> None:
+        """The engine, its context, stream and buffers, on this backend's GPU (made current)."""
+        cudart = self._cudart
+        props = self._call(cudart.cudaGetDeviceProperties(self._device_index), "reading the GPU's properties")
         self.device = f"GPU: {props.name.decode(errors='replace').rstrip(chr(0))}"
 
         self._logger = collecting_logger(trt)
@@ -213,12 +235,13 @@ class TensorRTBackend:
         host = self._buffers[INPUT_NAME][0]
         host[:n] = batch
         host[n:padded] = 0
-        self._set_batch(padded)
-        if self.cuda_graph:
-            self._call(self._cudart.cudaGraphLaunch(self._graph_for(padded), self._stream), "launching a graph")
-        else:
-            self._enqueue(padded)
-        self._call(self._cudart.cudaStreamSynchronize(self._stream), "waiting for the GPU")
+        with self._on_device():
+            self._set_batch(padded)
+            if self.cuda_graph:
+                self._call(self._cudart.cudaGraphLaunch(self._graph_for(padded), self._stream), "launching a graph")
+            else:
+                self._enqueue(padded)
+            self._call(self._cudart.cudaStreamSynchronize(self._stream), "waiting for the GPU")
         return self._buffers[MAP_NAME][0][:n, 0].copy(), self._buffers[SCORE_NAME][0][:n].copy()
 
     def close(self) -> None:
@@ -227,8 +250,17 @@ class TensorRTBackend:
         collection, which a host program that replaces detectors must not wait for). Closing twice,
         or a backend whose __init__ failed half-way, is harmless."""
         cudart = getattr(self, "_cudart", None)
-        if cudart is None:
+        if cudart is None or not hasattr(self, "_device_index"):
             return
+        try:
+            with self._on_device():
+                self._free(cudart)
+                return
+        except BackendError:  # the current GPU cannot be read (CUDA shutting down): free them as things are
+            pass
+        self._free(cudart)
+
+    def _free(self, cudart) -> None:
         self._drop_graph()
         for kind, pointer in reversed(self._allocations):
             (cudart.cudaFree if kind == "device" else cudart.cudaFreeHost)(pointer)
