@@ -5,12 +5,24 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 extras="${1:-train,dev}"
+python="${STMAE_PYTHON:-python3}"  # another interpreter: STMAE_PYTHON=python3.12
+too_old() { ! "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; }
+if [ -x .venv/bin/python ] && too_old .venv/bin/python; then
+  # a macOS /usr/bin/python3 is 3.9: the install would fail the same way on every run
+  echo "error: .venv was made with Python $(.venv/bin/python -c 'import platform; print(platform.python_version())'), and stmae-edge needs 3.10+: remove .venv and run again, with STMAE_PYTHON=python3.12 (say) if python3 is older" >&2
+  exit 2
+fi
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv || { echo "error: 'python3 -m venv' failed; install Python 3.10+ with venv" >&2; exit 2; }
+  if too_old "$python"; then
+    echo "error: $python is not Python 3.10 or later; install one and run again with STMAE_PYTHON=python3.12 (say)" >&2
+    exit 2
+  fi
+  "$python" -m venv .venv || { echo "error: '$python -m venv' failed; install Python 3.10+ with venv" >&2; exit 2; }
 fi
 . .venv/bin/activate
 stamp=".venv/.stmae-edge-installed"
-project="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+# hashlib, not sha256sum, which macOS 13 and older lack
+project="$(python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')"
 installed_project="" installed_extras=""
 if [ -f "$stamp" ]; then read -r installed_project installed_extras < "$stamp" || true; fi
 [ "$installed_project" = "$project" ] || installed_extras=""

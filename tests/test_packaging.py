@@ -42,3 +42,13 @@ def test_the_gpu_extra_follows_jetpacks_cuda_on_a_jetson(release, cuda_python, n
     assert len(cuda) == 1 and cuda[0].specifier.contains(cuda_python)
     assert cuda[0].specifier.contains("13.0") != numpy_capped
     assert any(r.name == "numpy" and not r.specifier.contains("2.0") for r in chosen) == numpy_capped
+
+
+@pytest.mark.parametrize("platform,machine,release", [
+    ("darwin", "arm64", "24.1.0"), ("darwin", "x86_64", "23.6.0")])
+def test_the_gpu_extra_asks_nothing_of_a_mac(platform, machine, release):
+    """cuda-python has no macOS wheel (its cuda-bindings neither), so asking for it there failed the
+    install of scripts/test.sh, which takes the gpu extra everywhere, before any test ran."""
+    env = {"sys_platform": platform, "platform_machine": machine, "platform_release": release}
+    assert [r.name for r in map(Requirement, PROJECT["optional-dependencies"]["gpu"])
+            if r.marker is None or r.marker.evaluate(env)] == []
