@@ -83,13 +83,15 @@ def not_read_in(folder: Path) -> str:
 
 
 def child_folder(parent: Path, name: str) -> Path:
-    """parent/name, or the one folder of that name in another case (Train/Good as written by hand);
-    parent/name where there is neither."""
-    exact = parent / name
-    if exact.is_dir() or not parent.is_dir():
-        return exact
-    matches = [p for p in parent.iterdir() if p.is_dir() and p.name.lower() == name.lower()]
-    return matches[0] if len(matches) == 1 else exact
+    """parent/name, or the one folder of that name in another case or Unicode form (Train/Good as
+    written by hand; a name with an accent written on a Mac), as the disk spells it; parent/name where
+    there is none. By listing, not by trying the name: a case-insensitive disk (macOS's) finds
+    parent/name under any spelling, and messages would then show the spelling asked for."""
+    if not parent.is_dir():
+        return parent / name
+    matches = [p for p in parent.iterdir() if p.is_dir() and name_key(p.name) == name_key(name)]
+    exact = [p for p in matches if p.name == name]
+    return (exact or matches)[0] if len(exact or matches) == 1 else parent / name
 
 
 @dataclass(frozen=True)
@@ -222,9 +224,10 @@ def files_by_name(folder: Path) -> dict[str, Path]:
 
 
 def name_key(name: str) -> str:
-    """A file name as matched: lower case, Unicode composed (macOS writes "é" as e and an accent, other
-    systems as one character, so an image and its mask named alike could differ byte for byte)."""
-    return unicodedata.normalize("NFC", name).lower()
+    """A file name as matched, and as a case-insensitive disk (macOS's, Windows') tells names apart:
+    case folded, Unicode composed (macOS writes "é" as e and an accent, other systems as one
+    character, so an image and its mask named alike could differ byte for byte)."""
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def find_mask(by_name: dict[str, Path], image: Path) -> Path | None:

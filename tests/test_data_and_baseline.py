@@ -368,3 +368,26 @@ def test_a_stretched_image_is_enlarged_by_its_shorter_side(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         warn_about_sizes(sizes, 256, keep_aspect=True)  # fitted inside: 256 / 150, under 2x
     assert "enlarged" not in caplog.text
+
+
+def test_a_defect_types_mask_folder_is_found_whether_written_composed_or_decomposed(tmp_path):
+    """test/rayé written here (é one character) and ground_truth/rayé written on a Mac (e and an
+    accent): the type's masks were all lost, with a warning whose two names looked identical."""
+    import unicodedata
+
+    root = make_synthetic_dataset(tmp_path / "d", n_train=4, n_good=1, n_bad=2, size=32)
+    (root / "test" / "scratch").rename(root / "test" / unicodedata.normalize("NFC", "rayé"))
+    (root / "ground_truth" / "scratch").rename(root / "ground_truth" / unicodedata.normalize("NFD", "rayé"))
+    samples = data.eval_samples(root)
+    assert data.has_masks(samples) and sum(s.mask_path is not None for s in samples) == 2
+
+
+def test_a_folder_in_another_case_is_named_as_the_disk_spells_it(tmp_path):
+    """On a case-insensitive disk (macOS's) root/"train" exists under any spelling, so the name asked
+    for was returned and messages showed it, not the folder's own; the listing gives the disk's."""
+    (tmp_path / "Train").mkdir()
+    (tmp_path / "train_notes").mkdir()
+    assert data.child_folder(tmp_path, "train") == tmp_path / "Train"
+    (tmp_path / "train").mkdir()  # a case-sensitive disk with both: the exact one
+    assert data.child_folder(tmp_path, "train") == tmp_path / "train"
+    assert data.child_folder(tmp_path, "test") == tmp_path / "test"  # none: the name asked for

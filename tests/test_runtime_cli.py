@@ -325,6 +325,12 @@ def test_overlay_names_never_collide():
 
     names = overlay_names([Path("a.png"), Path("a.jpg"), Path("x/a_2.png"), Path("y/a.png"), Path("b.tif")])
     assert len(set(names)) == 5 and names[0] == "a.png" and names[-1] == "b.png"
+    # on macOS's disk "é" as one character and as e and an accent name one file, as Part1 and part1 do
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "rayé.png"), unicodedata.normalize("NFD", "rayé.png")
+    names = overlay_names([Path("cam1") / composed, Path("cam2") / decomposed, Path("Part1.png"), Path("x/part1.png")])
+    assert names[1] == unicodedata.normalize("NFD", "rayé_2.png") and names[3] == "part1_2.png"
 
 
 def test_predict_that_scores_nothing_fails_and_says_so(tiny_export, tmp_path):

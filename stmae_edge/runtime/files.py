@@ -21,7 +21,7 @@ from pathlib import Path
 
 import cv2
 
-from ..data import IMAGE_SUFFIXES, images_in, not_read_in
+from ..data import IMAGE_SUFFIXES, images_in, name_key, not_read_in
 from ..errors import DatasetError, InvalidImageError, OutputError
 from ..outputs import check_output_folder, sha256_file, write_bytes_atomically
 from ..preprocessing import load_image
@@ -80,11 +80,12 @@ def overlay_names(paths: Sequence[Path], taken: Callable[[str], bool] = lambda n
     for path in paths:
         stem = overlay_stem(path)
         name, count = f"{stem}.png", 1
-        # casefold: on a case-insensitive disk (macOS, Windows) Part1.png and part1.png are one file
-        while name.casefold() in used or taken(name):
+        # on a case-insensitive disk (macOS, Windows) Part1.png and part1.png are one file, and on
+        # macOS's also "é" written as one character or as e and an accent
+        while name_key(name) in used or taken(name):
             count += 1
             name = f"{stem}_{count}.png"
-        used.add(name.casefold())
+        used.add(name_key(name))
         names.append(name)
     return names
 
@@ -183,9 +184,9 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                "unreadable": len(errors), "results": results, "errors": errors,
                "overlays_not_written": sum("overlay_error" in r for r in results)}
     write_bytes_atomically(out / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode(), follow_links=False)
-    # casefold: on a case-insensitive disk (macOS, Windows) Part1.png is the part1.png just written
-    written = {entry["overlay"].casefold() for entry in results if "overlay" in entry}
-    stale = sorted(name for name in earlier_overlays if name.casefold() not in written)
+    # on a case-insensitive disk (macOS, Windows) Part1.png is the part1.png just written
+    written = {name_key(entry["overlay"]) for entry in results if "overlay" in entry}
+    stale = sorted(name for name in earlier_overlays if name_key(name) not in written)
     removed = 0
     for name in stale:
         path = out / name
