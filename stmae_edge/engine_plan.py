@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .checks import MAX_DOCUMENT_BYTES, is_file, is_whole, parse_document
 from .errors import EngineMismatchError, StmaeError, TensorRTMissingError, TensorRTUnloadableError, first_line
-from .machine import is_jetson
+from .machine import nvidia_platform
 from .metadata import MAX_BATCH, ModelMetadata
 
 SIDECAR_FORMAT = "stmae-edge/engine"
@@ -38,9 +38,19 @@ JETSON_INSTALL_HINT = ("on a Jetson, JetPack installs TensorRT for the system Py
                        "it is missing)")
 
 
+# The hint per nvidia_platform(): pip's TensorRT for RTX is built for x86-64 only, and macOS has no CUDA.
+INSTALL_HINTS = {
+    "x86-64": INSTALL_HINT,
+    "jetson": JETSON_INSTALL_HINT,
+    "arm": "install TensorRT (pip install tensorrt: NVIDIA's build for ARM servers); TensorRT for RTX has no ARM build",
+    "macos": ("TensorRT runs on NVIDIA GPUs, which macOS does not drive: build plans on the Linux or Windows "
+              "machine (or the Jetson) that runs them, and run the .onnx here"),
+}
+
+
 def install_hint() -> str:
     """How to get TensorRT on this machine."""
-    return JETSON_INSTALL_HINT if is_jetson() else INSTALL_HINT
+    return INSTALL_HINTS[nvidia_platform()]
 
 
 def import_tensorrt(flavour: str | None = None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 # L4T (JetPack's Linux) writes its release here; its kernels are named "...-tegra" too, which is what
@@ -21,6 +22,18 @@ def is_jetson() -> bool:
     """A Jetson (L4T): its GPU shares the system's memory, and JetPack installs TensorRT for the system
     Python rather than through pip."""
     return TEGRA_RELEASE.is_file() or "tegra" in platform.release()
+
+
+def nvidia_platform() -> str:
+    """Which of NVIDIA's Python packages this platform can install, for install hints: "x86-64" (Linux
+    or Windows: onnxruntime-gpu, TensorRT, TensorRT for RTX from PyPI), "jetson" (JetPack brings them),
+    "arm" (other ARM Linux: TensorRT's server build, no onnxruntime-gpu or TensorRT for RTX on PyPI)
+    or "macos" (no CUDA at all)."""
+    if sys.platform == "darwin":
+        return "macos"
+    if is_jetson():
+        return "jetson"
+    return "x86-64" if platform.machine().lower() in ("x86_64", "amd64") else "arm"
 
 
 def total_memory_bytes() -> int | None:

@@ -50,6 +50,30 @@ def test_atomic_writes_flush_a_handle_open_for_writing_and_replace_read_only_fil
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]  # no temporary file left
 
 
+def test_on_macos_a_file_reaches_the_drive_not_only_its_cache(tmp_path, monkeypatch):
+    """macOS's fsync hands the data to the drive, whose cache can still lose it in a power cut; the
+    promise "nothing half-written, also after a power cut" needs F_FULLFSYNC there (emulated: Linux's
+    fcntl has no such command), and fsync where a file system refuses it."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def full_sync(fd, command, refused=False):
+        calls.append("F_FULLFSYNC")
+        if refused:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    real_fsync = os.fsync
+    monkeypatch.setattr(outputs.os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(outputs, "fcntl", SimpleNamespace(F_FULLFSYNC=51, fcntl=full_sync))
+    outputs.write_bytes_atomically(tmp_path / "a.json", b"x")
+    assert calls[0] == "F_FULLFSYNC" and calls.count("F_FULLFSYNC") == 1  # the file; the folder by fsync
+    calls.clear()
+    monkeypatch.setattr(outputs, "fcntl", SimpleNamespace(F_FULLFSYNC=51, fcntl=lambda fd, c: full_sync(fd, c, True)))
+    outputs.write_bytes_atomically(tmp_path / "b.json", b"y")  # a network share that refuses it
+    assert calls[:2] == ["F_FULLFSYNC", "fsync"] and (tmp_path / "b.json").read_bytes() == b"y"
+
+
 def test_the_up_front_check_tries_the_temporary_name_the_write_will_take(tmp_path):
     """A name that fits with ".partial" but not with the writer's 22 characters would pass the check
     and fail at the end of a long run (255 bytes here; Windows' 260-character paths the same way)."""
@@ -177,3 +201,27 @@ def test_nvidia_smi_that_finds_no_gpu_is_not_taken_for_one(tmp_path, monkeypatch
     assert said.startswith(gpu_acceptance.SMI_FAILED) and "exit 6" in said
     fake.write_text("#!/bin/sh\necho 'NVIDIA H200, 9.0, 580.65.06'\n")
     assert gpu_acceptance.nvidia_smi() == "NVIDIA H200, 9.0, 580.65.06"
+
+
+@pytest.mark.parametrize("system,machine_name,tegra,expected", [
+    ("linux", "x86_64", False, "x86-64"), ("win32", "AMD64", False, "x86-64"), ("linux", "aarch64", True, "jetson"),
+    ("linux", "aarch64", False, "arm"), ("darwin", "arm64", False, "macos")])
+def test_install_hints_name_what_this_platform_can_install(monkeypatch, tmp_path, system, machine_name, tegra, expected):
+    """pip's onnxruntime-gpu and TensorRT for RTX are built for x86-64 only and macOS has no CUDA: a
+    Mac or an ARM server was told to pip install packages that do not exist for it."""
+    from stmae_edge import engine_plan, machine
+    from stmae_edge.runtime import backends
+
+    release = tmp_path / "nv_tegra_release"
+    if tegra:
+        release.write_text("# R36 (release), REVISION: 4.0\n")
+    monkeypatch.setattr(machine, "TEGRA_RELEASE", release)
+    monkeypatch.setattr(machine.sys, "platform", system)
+    monkeypatch.setattr(machine.platform, "machine", lambda: machine_name)
+    monkeypatch.setattr(machine.platform, "release", lambda: "6.8.0")
+    assert machine.nvidia_platform() == expected
+    tensorrt, onnxruntime = engine_plan.install_hint(), backends.gpu_onnxruntime_hint()
+    assert ("tensorrt-rtx" in tensorrt) == (expected == "x86-64")
+    assert onnxruntime.startswith("install onnxruntime-gpu") == (expected == "x86-64")
+    assert {"jetson": "--system-site-packages", "macos": "macOS does not drive", "arm": "ARM servers"}.get(
+        expected, "pip install tensorrt") in tensorrt

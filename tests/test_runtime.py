@@ -421,6 +421,18 @@ def test_the_cpu_is_named_by_its_board_where_cpuinfo_names_no_model(monkeypatch,
     x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\n")
     monkeypatch.setattr(devices, "CPUINFO", x86)
     assert devices.cpu_description().startswith("CPU: AMD EPYC 9B14 (")
+    import os
+
+    # macOS: no /proc/cpuinfo, and platform.processor() says only "arm"; sysctl names the chip
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "sysctl").write_text("#!/bin/sh\n[ \"$2\" = machdep.cpu.brand_string ] && echo 'Apple M2 Pro'\n")
+    (tools / "sysctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(devices, "CPUINFO", tmp_path / "absent")
+    monkeypatch.setattr(devices.sys, "platform", "darwin")
+    monkeypatch.setattr(devices.platform, "processor", lambda: "arm")
+    assert devices.cpu_description().startswith("CPU: Apple M2 Pro (")
 
 
 def test_detections_compare_and_hash_without_their_maps_and_take_numpy_thresholds(tiny_export, tmp_path):

@@ -26,6 +26,7 @@ import numpy as np
 from ..checks import is_file
 from ..engine_plan import DEFAULT_BATCH_PROFILE
 from ..errors import BackendError, CheckpointError, ConfigError, EngineMismatchError, ModelFileMissingError, first_line
+from ..machine import nvidia_platform
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import import_onnxruntime, load_onnx, preload_cuda_libraries
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
@@ -40,9 +41,19 @@ GPU_PROVIDER_HINT = ("check the GPU driver and the CUDA, cuDNN (and TensorRT) ve
                      "needs (pip install '.[gpu]' brings CUDA's and cuDNN's), or ask for --backend ort-cpu")
 
 
-# Where a GPU is present and ONNX Runtime is the CPU-only build (a Jetson's pip install, or both packages)
-NO_GPU_PROVIDER_HINT = ("install onnxruntime-gpu in place of onnxruntime (on a Jetson: NVIDIA's build for its "
-                        "JetPack), or build a TensorRT plan with `stmae-edge build` and run that")
+# How to get ONNX Runtime's GPU providers, per machine.nvidia_platform(): PyPI's onnxruntime-gpu is built
+# for x86-64 Linux and Windows only
+GPU_ONNXRUNTIME_HINTS = {
+    "x86-64": "install onnxruntime-gpu in place of onnxruntime",
+    "jetson": "install NVIDIA's onnxruntime-gpu build for this JetPack in place of onnxruntime",
+    "arm": "PyPI has no onnxruntime-gpu for ARM: build a TensorRT plan with `stmae-edge build` and run that",
+    "macos": "ONNX Runtime has no CUDA on macOS",
+}
+
+
+def gpu_onnxruntime_hint() -> str:
+    """How to get ONNX Runtime's CUDA and TensorRT providers on this machine."""
+    return GPU_ONNXRUNTIME_HINTS[nvidia_platform()]
 
 
 def choose_backend(path: Path, backend: str) -> str:
@@ -61,7 +72,9 @@ def choose_backend(path: Path, backend: str) -> str:
         if skipped and cuda_device_count() > 0:  # a GPU that ONNX Runtime cannot use: worth a warning
             missing = " or ".join(ORT_PROVIDERS.get(name, name) for name in skipped)
             logger.warning("backend auto: %s for %s: a CUDA GPU is here, but this ONNX Runtime has no %s; %s",
-                           chosen, path.name, missing, NO_GPU_PROVIDER_HINT)
+                           chosen, path.name, missing, gpu_onnxruntime_hint() + (
+                               ", or build a TensorRT plan with `stmae-edge build` and run that"
+                               if nvidia_platform() in ("x86-64", "jetson") else ""))
         elif skipped:  # said, not silent: a line PC that should have a GPU runs on its CPU
             logger.info("backend auto: %s for %s (%s: no CUDA GPU here)", chosen, path.name, ", ".join(skipped))
         return chosen
@@ -170,8 +183,8 @@ class OnnxRuntimeBackend:
         wanted = ORT_PROVIDERS[backend]
         if wanted not in ort.get_available_providers():
             raise BackendError(f"this ONNX Runtime build has no {wanted} (it has "
-                               f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu for "
-                               "CUDA and TensorRT, or use --backend ort-cpu")
+                               f"{', '.join(ort.get_available_providers())}); {gpu_onnxruntime_hint()}; the CPU runs "
+                               "it: --backend ort-cpu")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per physical core
         # Spinning threads burn the cores between frames that arrive at intervals, which a line PC's

@@ -7,6 +7,8 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 from ..machine import available_cores, board_model
@@ -33,15 +35,25 @@ def cuda_device_count() -> int:
 CPUINFO = Path("/proc/cpuinfo")
 
 
+def _macos_cpu_name() -> str | None:
+    """The chip's name on macOS ("Apple M2 Pro"), which platform.processor() gives only as "arm"."""
+    try:
+        found = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                               timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.stdout.strip() or None
+
+
 def cpu_description() -> str:
-    """The CPU's model name (x86), or the board's (ARM: a Jetson's /proc/cpuinfo names no model), and the
-    cores this process may use."""
+    """The CPU's model name (x86 Linux, macOS), or the board's (ARM: a Jetson's /proc/cpuinfo names no
+    model), and the cores this process may use."""
     model = platform.processor() or platform.machine()
     try:
         with open(CPUINFO) as f:
             named = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     except OSError:
-        named = None
+        named = _macos_cpu_name() if sys.platform == "darwin" else None
     board = None if named else board_model()
     model = named or (f"{board} ({platform.machine()})" if board else model)
     return f"CPU: {model} ({available_cores()} cores)"
