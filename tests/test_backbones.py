@@ -245,3 +245,24 @@ def test_layer_outputs_stop_at_the_deepest_layer_asked_for():
     ran.clear()
     both, score = extractor.forward_with_score(x)
     assert max(ran) == 14 and torch.equal(both, features) and score.shape == (1, 192, 8, 8)
+
+
+def test_a_failed_download_of_vgg19s_weights_says_what_to_do_in_one_line(monkeypatch):
+    """Offline, or python.org's Python on a Mac before its Install Certificates.command has run: one
+    line naming the URL and the way round it (no network here: the download's own error stands in)."""
+    import sys
+    import urllib.error
+
+    from stmae_edge.models import backbones
+
+    def refused(*args, **kwargs):
+        raise urllib.error.URLError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+
+    monkeypatch.setattr(backbones.torch.hub, "load_state_dict_from_url", refused)
+    for platform, told in (("darwin", True), ("linux", False)):
+        monkeypatch.setattr(sys, "platform", platform)
+        with pytest.raises(WeightsError) as caught:
+            backbones._vgg19_url_state()
+        message = str(caught.value)
+        assert "\n" not in message and backbones.VGG19_URL in message and "download the file elsewhere" in message
+        assert ("Install Certificates.command" in message) == told

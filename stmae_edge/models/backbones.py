@@ -15,6 +15,7 @@ state_dict carries a few MB instead of the whole classifier.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Union
@@ -317,8 +318,11 @@ def _vgg19_url_state() -> dict:
                                                   weights_only=True)
     except Exception as exc:  # offline, proxy, corrupt download, hash mismatch: all end the same way for the user
         reason = " ".join(str(exc).split())[:200]
+        # python.org's Python on macOS trusts no certificate until its "Install Certificates.command" has run
+        certificates = ("; on a Mac, run Install Certificates.command in your Python's Applications folder and try "
+                        "again, or" if "CERTIFICATE_VERIFY_FAILED" in reason and sys.platform == "darwin" else ";")
         raise WeightsError(f"could not download VGG19 ImageNet weights from {VGG19_URL} ({type(exc).__name__}: "
-                           f"{reason}); download the file elsewhere and {_WEIGHTS_HINT}") from None
+                           f"{reason}){certificates} download the file elsewhere and {_WEIGHTS_HINT}") from None
 
 
 def vgg19(weights: WeightsSpec = "imagenet", num_features: int = VGG19_NUM_FEATURES,
