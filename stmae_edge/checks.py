@@ -20,7 +20,8 @@ MAX_DOCUMENT_DEPTH = 32  # ours nest 4 deep
 
 def is_file(path: Path, error: type[StmaeError]) -> bool:
     """Path.is_file, with the OS's refusals (no permission on a folder of the path, a name too long)
-    raised as `error`, naming the file: Path.is_file answers False only where the file is absent.
+    raised as `error`, naming the file: Path.is_file raises them (it answers False only for a missing
+    file, a NUL byte, a loop of links).
 
     Raises:
         `error`: the file's folder cannot be searched, or the name is longer than the system takes.

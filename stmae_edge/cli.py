@@ -588,8 +588,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=version_call
     """Anomaly detection for production lines: train on good parts, export, run on the line."""
     import logging
 
-    from .onnx_files import quiet_onnxruntime_logs
+    from .onnx_files import catch_cuda_loader_output, quiet_onnxruntime_logs
 
+    catch_cuda_loader_output()  # stdout is the commands' output (--json): the loader's lines are logged
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     else:  # each failure is reported as one `error:` line; ONNX Runtime's own lines would come before it

@@ -87,9 +87,11 @@ def child_folder(parent: Path, name: str) -> Path:
     written by hand; a name with an accent written on a Mac), as the disk spells it; parent/name where
     there is none. By listing, not by trying the name: a case-insensitive disk (macOS's) finds
     parent/name under any spelling, and messages would then show the spelling asked for."""
-    if not parent.is_dir():
+    try:
+        entries = list(parent.iterdir())
+    except OSError:  # not a folder, or one that may be entered but not listed (mode 711): the name as given
         return parent / name
-    matches = [p for p in parent.iterdir() if p.is_dir() and name_key(p.name) == name_key(name)]
+    matches = [p for p in entries if name_key(p.name) == name_key(name) and p.is_dir()]
     exact = [p for p in matches if p.name == name]
     return (exact or matches)[0] if len(exact or matches) == 1 else parent / name
 
@@ -198,7 +200,7 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
     for type_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         # test/Good or test/GOOD are the good images too: counted as a defect type, their scores would
         # set a threshold that fails every part
-        defect_type = GOOD if type_dir.name.lower() == GOOD else type_dir.name
+        defect_type = GOOD if name_key(type_dir.name) == GOOD else type_dir.name
         masks = {} if defect_type == GOOD else files_by_name(child_folder(truth, type_dir.name))  # listed once
         for path in images_in(type_dir):
             samples.append(EvalSample(path, defect_type, None if defect_type == GOOD else find_mask(masks, path)))
@@ -224,9 +226,16 @@ def files_by_name(folder: Path) -> dict[str, Path]:
 
 
 def name_key(name: str) -> str:
-    """A file name as matched, and as a case-insensitive disk (macOS's, Windows') tells names apart:
-    case folded, Unicode composed (macOS writes "é" as e and an accent, other systems as one
-    character, so an image and its mask named alike could differ byte for byte)."""
+    """A file name as matched: lower case, Unicode composed (macOS writes "é" as e and an accent, other
+    systems as one character, so an image and its mask named alike could differ byte for byte). Lower
+    case, not case folded: folding makes "Maße" and "Masse" one name, which no disk does."""
+    return unicodedata.normalize("NFC", name).lower()
+
+
+def may_be_one_file(name: str) -> str:
+    """A key under which two names that some disk may take for one file are equal: case folded and
+    composed, as macOS's and Windows' case-insensitive disks compare them, or more. For names this
+    package writes, where taking two names for one costs only a suffix."""
     return unicodedata.normalize("NFC", name).casefold()
 
 

@@ -45,6 +45,8 @@ INSTALL_HINTS = {
     "arm": "install TensorRT (pip install tensorrt: NVIDIA's build for ARM servers); TensorRT for RTX has no ARM build",
     "macos": ("TensorRT runs on NVIDIA GPUs, which macOS does not drive: build plans on the Linux or Windows "
               "machine (or the Jetson) that runs them, and run the .onnx here"),
+    "other": ("NVIDIA builds no TensorRT wheel for this platform: build plans on the x86-64 or Jetson machine "
+              "that runs them, and run the .onnx here"),
 }
 
 

@@ -27,13 +27,18 @@ def is_jetson() -> bool:
 def nvidia_platform() -> str:
     """Which of NVIDIA's Python packages this platform can install, for install hints: "x86-64" (Linux
     or Windows: onnxruntime-gpu, TensorRT, TensorRT for RTX from PyPI), "jetson" (JetPack brings them),
-    "arm" (other ARM Linux: TensorRT's server build, no onnxruntime-gpu or TensorRT for RTX on PyPI)
-    or "macos" (no CUDA at all)."""
+    "arm" (other ARM Linux: TensorRT's server build, no onnxruntime-gpu or TensorRT for RTX on PyPI),
+    "macos" (no CUDA at all) or "other" (Windows on ARM, POWER, ...: none of them)."""
     if sys.platform == "darwin":
         return "macos"
     if is_jetson():
         return "jetson"
-    return "x86-64" if platform.machine().lower() in ("x86_64", "amd64") else "arm"
+    machine = platform.machine().lower()
+    if sys.platform == "linux" and machine in ("aarch64", "arm64"):
+        return "arm"
+    if sys.platform in ("linux", "win32") and machine in ("x86_64", "amd64"):
+        return "x86-64"
+    return "other"  # Windows on ARM, POWER, ...: no NVIDIA wheel
 
 
 def total_memory_bytes() -> int | None:

@@ -30,11 +30,22 @@ logger = logging.getLogger(__name__)
 _quiet_onnxruntime = False
 
 
+_catch_loader_output = False
+
+
 def quiet_onnxruntime_logs() -> None:
     """Only ONNX Runtime's fatal errors reach stderr from now on, and what its loader of CUDA libraries
     prints is logged instead of reaching stdout (the CLI's choice; see above and preload_cuda_libraries)."""
     global _quiet_onnxruntime
     _quiet_onnxruntime = True
+    catch_cuda_loader_output()
+
+
+def catch_cuda_loader_output() -> None:
+    """What ONNX Runtime's loader of CUDA libraries prints to stdout is logged instead (INFO), for a
+    program whose stdout is its output: the CLI's, whose --json must stay JSON even with -v."""
+    global _catch_loader_output
+    _catch_loader_output = True
 
 
 def import_onnxruntime():
@@ -59,7 +70,7 @@ _preloaded = False
 def preload_cuda_libraries(ort) -> None:
     """Load the CUDA and cuDNN libraries of the gpu extra's nvidia-* wheels (onnxruntime 1.21+), once per
     process, before the first GPU session. Their loader prints what it could not load to stdout; only a
-    program that asked for quiet (quiet_onnxruntime_logs) has that caught and logged, as catching it means
+    program that asked (catch_cuda_loader_output, quiet_onnxruntime_logs) has that caught and logged, as catching it means
     swapping sys.stdout, the host's, for everyone: each Detector doing it diverted other threads' output,
     and two opened at once could leave stdout swapped for good."""
     global _preloaded
@@ -70,7 +81,7 @@ def preload_cuda_libraries(ort) -> None:
         _preloaded = True
         said = io.StringIO()
         try:
-            with contextlib.redirect_stdout(said) if _quiet_onnxruntime else contextlib.nullcontext():
+            with contextlib.redirect_stdout(said) if _catch_loader_output else contextlib.nullcontext():
                 preload(directory="")
         except Exception as exc:  # a folder it expected that is not there, ...
             said.write(first_line(exc))

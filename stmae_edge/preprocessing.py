@@ -312,7 +312,7 @@ def read_image_bytes(path: Path | str) -> np.ndarray:
     try:
         # before opening: opening a pipe for reading would wait for a writer
         kind = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL byte, which no name holds
         raise InvalidImageError(f"{path}: no such image file") from None
     except OSError as exc:  # a folder without permission, a name too long, a loop of links
         raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
@@ -321,7 +321,9 @@ def read_image_bytes(path: Path | str) -> np.ndarray:
     if not stat.S_ISREG(kind):
         raise InvalidImageError(f"{path} is not a regular file (a device, pipe or socket); give an image file")
     try:
-        with open(path, "rb") as file:
+        # non-blocking: a file swapped for a pipe since the check must not wait for a writer
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(descriptor, "rb") as file:
             opened = os.fstat(file.fileno())
             if not stat.S_ISREG(opened.st_mode):  # replaced by something else since the check above
                 raise InvalidImageError(f"{path} is not a regular file (a device, pipe or socket); give an image file")

@@ -388,6 +388,37 @@ def test_a_folder_in_another_case_is_named_as_the_disk_spells_it(tmp_path):
     (tmp_path / "Train").mkdir()
     (tmp_path / "train_notes").mkdir()
     assert data.child_folder(tmp_path, "train") == tmp_path / "Train"
-    (tmp_path / "train").mkdir()  # a case-sensitive disk with both: the exact one
-    assert data.child_folder(tmp_path, "train") == tmp_path / "train"
     assert data.child_folder(tmp_path, "test") == tmp_path / "test"  # none: the name asked for
+    if not (tmp_path / "TRAIN").exists():  # a case-sensitive disk with both: the exact one
+        (tmp_path / "train").mkdir()
+        assert data.child_folder(tmp_path, "train") == tmp_path / "train"
+
+
+def test_a_folder_that_can_be_entered_but_not_listed_is_taken_by_the_name_given(tmp_path, monkeypatch):
+    """A dataset folder of mode 711 (shared machines): its train/ can be opened, not found by listing,
+    which raised PermissionError, a traceback (root lists anything, so the refusal is emulated)."""
+    from pathlib import Path
+
+    (tmp_path / "train").mkdir()
+    real_iterdir = Path.iterdir
+
+    def refused(self):
+        if self == tmp_path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    assert data.child_folder(tmp_path, "train") == tmp_path / "train"
+
+
+def test_masks_whose_names_differ_only_where_case_folding_would_merge_them_are_told_apart(tmp_path):
+    """"Maße" and "Masse" are two names on every disk; case folding made them one, and one image took
+    the other's mask."""
+    root = make_synthetic_dataset(tmp_path / "d", n_train=4, n_good=1, n_bad=2, size=32)
+    images = sorted((root / "test" / "scratch").glob("*.png"))
+    masks = sorted((root / "ground_truth" / "scratch").glob("*.png"))
+    for image, mask, stem in zip(images, masks, ("Maße", "Masse"), strict=True):
+        image.rename(image.with_name(f"{stem}.png"))
+        mask.rename(mask.with_name(f"{stem}_mask.png"))
+    found = {s.path.stem: s.mask_path.name for s in data.eval_samples(root) if s.mask_path}
+    assert found == {"Maße": "Maße_mask.png", "Masse": "Masse_mask.png"}

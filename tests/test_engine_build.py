@@ -315,6 +315,23 @@ def test_a_plan_runs_on_its_own_gpu_and_leaves_the_callers_current_gpu_as_it_was
         pass
     assert calls == []
     current["device"] = 0
+    calls.clear()
+    # run(): the engine is enqueued and waited for on the backend's GPU, the caller's put back after
+    import numpy as np
+
+    from stmae_edge.metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
+
+    seen = []
+    backend._stream, backend.cuda_graph, backend.min_batch, backend.max_batch = object(), False, 1, 2
+    backend._buffers = {INPUT_NAME: (np.zeros((2, 3, 4, 4), np.float32), 0, 0),
+                        MAP_NAME: (np.ones((2, 1, 4, 4), np.float32), 0, 0), SCORE_NAME: (np.ones(2, np.float32), 0, 0)}
+    backend._set_batch = lambda n: seen.append(("shape", current["device"]))
+    backend._enqueue = lambda n: seen.append(("enqueue", current["device"]))
+    cudart.cudaStreamSynchronize = lambda stream: (seen.append(("wait", current["device"])), (success,))[1]
+    maps, scores = backend.run(np.zeros((1, 3, 4, 4), np.float32))
+    assert seen == [("shape", 1), ("enqueue", 1), ("wait", 1)] and current["device"] == 0 and maps.shape == (1, 4, 4)
+    backend._stream = None
+    calls.clear()
     backend.close()
     assert current["device"] == 0 and calls == [1, 0]
 

@@ -111,7 +111,7 @@ def test_cuda_libraries_are_loaded_once_without_taking_the_hosts_stdout(monkeypa
 
     host_stdout = sys.stdout
     monkeypatch.setattr(onnx_files, "_preloaded", False)
-    monkeypatch.setattr(onnx_files, "_quiet_onnxruntime", False)
+    monkeypatch.setattr(onnx_files, "_catch_loader_output", False)
     threads = [threading.Thread(target=onnx_files.preload_cuda_libraries, args=(Loader,)) for _ in range(8)]
     for thread in threads:
         thread.start()
@@ -121,7 +121,7 @@ def test_cuda_libraries_are_loaded_once_without_taking_the_hosts_stdout(monkeypa
     assert "Failed to load" in capsys.readouterr().out  # a host that did not ask for quiet sees it
 
     monkeypatch.setattr(onnx_files, "_preloaded", False)
-    monkeypatch.setattr(onnx_files, "_quiet_onnxruntime", True)  # the CLI's choice
+    onnx_files.catch_cuda_loader_output()  # the CLI's choice, with -v too (its --json is stdout)
     with caplog.at_level(logging.INFO, logger="stmae_edge.onnx_files"):
         onnx_files.preload_cuda_libraries(Loader)
     assert capsys.readouterr().out == "" and "Failed to load libcudnn.so.9" in caplog.text

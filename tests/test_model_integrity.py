@@ -121,8 +121,45 @@ def test_an_image_removed_or_out_of_reach_while_it_is_read_is_refused_in_one_lin
     monkeypatch.undo()
     with pytest.raises(InvalidImageError, match=r"cannot be read \(File name too long\)"):
         read_image_bytes(tmp_path / ("x" * 5000 + ".png"))
+    with pytest.raises(InvalidImageError, match="no such image file"):  # a name from a C string: a ValueError
+        read_image_bytes(str(tmp_path / "a\x00b.png"))
+    for model in ("y" * 5000 + ".onnx", "y" * 5000 + ".pt"):
+        with pytest.raises(CheckpointError, match=r"cannot be read \(File name too long\)"):
+            Detector(tmp_path / model)
     with pytest.raises(CheckpointError, match=r"cannot be read \(File name too long\)"):
-        Detector(tmp_path / ("y" * 5000 + ".onnx"))
+        read_metadata(tmp_path / ("y" * 5000 + ".pt"))
+
+
+def test_an_image_swapped_for_a_pipe_while_it_is_read_is_refused_not_waited_on(tmp_path, monkeypatch):
+    """Opening a pipe for reading waits for a writer: a file replaced by one between the check and the
+    open hung the reader (and its host's thread) for good."""
+    import os
+    import threading
+
+    image = tmp_path / "frame.png"
+    cv2.imwrite(str(image), np.zeros((8, 8), np.uint8))
+    real_stat = os.stat
+
+    def swapped_after_the_check(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if str(path) == str(image):
+            image.unlink()
+            os.mkfifo(image)
+        return result
+
+    monkeypatch.setattr(os, "stat", swapped_after_the_check)
+    outcome = []
+
+    def read():
+        try:
+            read_image_bytes(image)
+        except InvalidImageError as exc:
+            outcome.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive() and "is not a regular file" in outcome[0]
 
 
 # --- metadata edited after training -----------------------------------------------------------------

@@ -205,7 +205,7 @@ def test_nvidia_smi_that_finds_no_gpu_is_not_taken_for_one(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("system,machine_name,tegra,expected", [
     ("linux", "x86_64", False, "x86-64"), ("win32", "AMD64", False, "x86-64"), ("linux", "aarch64", True, "jetson"),
-    ("linux", "aarch64", False, "arm"), ("darwin", "arm64", False, "macos")])
+    ("linux", "aarch64", False, "arm"), ("darwin", "arm64", False, "macos"), ("win32", "ARM64", False, "other")])
 def test_install_hints_name_what_this_platform_can_install(monkeypatch, tmp_path, system, machine_name, tegra, expected):
     """pip's onnxruntime-gpu and TensorRT for RTX are built for x86-64 only and macOS has no CUDA: a
     Mac or an ARM server was told to pip install packages that do not exist for it."""
@@ -223,5 +223,6 @@ def test_install_hints_name_what_this_platform_can_install(monkeypatch, tmp_path
     tensorrt, onnxruntime = engine_plan.install_hint(), backends.gpu_onnxruntime_hint()
     assert ("tensorrt-rtx" in tensorrt) == (expected == "x86-64")
     assert onnxruntime.startswith("install onnxruntime-gpu") == (expected == "x86-64")
-    assert {"jetson": "--system-site-packages", "macos": "macOS does not drive", "arm": "ARM servers"}.get(
+    assert {"jetson": "--system-site-packages", "macos": "macOS does not drive", "arm": "ARM servers",
+            "other": "no TensorRT wheel for this platform"}.get(
         expected, "pip install tensorrt") in tensorrt

@@ -290,3 +290,17 @@ def test_an_output_of_a_datatype_the_client_does_not_read_is_refused_in_json_rep
         remote = RemoteDetector(server.url, "tiny")
         with pytest.raises(RemoteError, match="answered with datatype FP8, which this client does not read"):
             remote.predict(frames(metadata, 2))
+
+
+def test_a_served_model_inspects_a_line_scan_strip(metadata):
+    """StreamingInspector takes any scorer with raw_maps, a RemoteDetector too (a check added for a
+    host's mistake had refused it)."""
+    from stmae_edge.runtime.linescan import StreamingInspector
+
+    height, width = metadata.preprocessing.input_size
+    with repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch)) as server:
+        inspector = StreamingInspector(RemoteDetector(server.url, "tiny"), overlap=0)
+        assert inspector.push(np.full((2 * height, 2 * width), 100, np.uint8)) == [] and inspector.flush() == []
+        assert inspector.tiles == 4
+    with pytest.raises(ConfigError, match="Detector or RemoteDetector, not str"):
+        StreamingInspector(server.url)

@@ -487,5 +487,6 @@ def test_an_overlays_picture_of_an_8_bit_image_is_its_own_pixels():
         shown = display_image(image)
         by_floats = np.rint(to_rgb_float(image)[:, :, ::-1] * 255).clip(0, 255).astype(np.uint8)
         assert shown.dtype == np.uint8 and shown.flags.c_contiguous and np.array_equal(shown, by_floats)
+        assert not np.shares_memory(shown, image)  # a picture to draw on, not the caller's frame
     deep = (gray.astype(np.uint16) * 257)[:, :, None]  # other depths: the float path, rounded (it cut 1 off some)
     assert np.array_equal(display_image(deep), display_image(gray))

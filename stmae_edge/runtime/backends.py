@@ -48,6 +48,7 @@ GPU_ONNXRUNTIME_HINTS = {
     "jetson": "install NVIDIA's onnxruntime-gpu build for this JetPack in place of onnxruntime",
     "arm": "PyPI has no onnxruntime-gpu for ARM: build a TensorRT plan with `stmae-edge build` and run that",
     "macos": "ONNX Runtime has no CUDA on macOS",
+    "other": "PyPI has no onnxruntime-gpu for this platform",
 }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import cv2
 
-from ..data import IMAGE_SUFFIXES, images_in, name_key, not_read_in
+from ..data import IMAGE_SUFFIXES, images_in, may_be_one_file, not_read_in
 from ..errors import DatasetError, InvalidImageError, OutputError
 from ..outputs import check_output_folder, sha256_file, write_bytes_atomically
 from ..preprocessing import load_image
@@ -82,10 +82,10 @@ def overlay_names(paths: Sequence[Path], taken: Callable[[str], bool] = lambda n
         name, count = f"{stem}.png", 1
         # on a case-insensitive disk (macOS, Windows) Part1.png and part1.png are one file, and on
         # macOS's also "é" written as one character or as e and an accent
-        while name_key(name) in used or taken(name):
+        while may_be_one_file(name) in used or taken(name):
             count += 1
             name = f"{stem}_{count}.png"
-        used.add(name_key(name))
+        used.add(may_be_one_file(name))
         names.append(name)
     return names
 
@@ -185,8 +185,8 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                "overlays_not_written": sum("overlay_error" in r for r in results)}
     write_bytes_atomically(out / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode(), follow_links=False)
     # on a case-insensitive disk (macOS, Windows) Part1.png is the part1.png just written
-    written = {name_key(entry["overlay"]) for entry in results if "overlay" in entry}
-    stale = sorted(name for name in earlier_overlays if name_key(name) not in written)
+    written = {may_be_one_file(entry["overlay"]) for entry in results if "overlay" in entry}
+    stale = sorted(name for name in earlier_overlays if may_be_one_file(name) not in written)
     removed = 0
     for name in stale:
         path = out / name

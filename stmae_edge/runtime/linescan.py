@@ -30,7 +30,7 @@ from ..checks import is_whole
 from ..errors import ConfigError, InvalidImageError
 from ..preprocessing import check_within_bit_depth, mirror_pad
 from ..scoring import normalize
-from .detector import Detector
+from .detector import ImageScorer
 from .postprocess import resolve_thresholds
 
 
@@ -81,7 +81,7 @@ class StreamingInspector:
     inspector, fed from one thread: after flush() make a new one for the next strip. The pixel threshold
     can be set until the first push; from then on it is the strip's."""
 
-    def __init__(self, detector: Detector, overlap: int = 32, width: int | None = None,
+    def __init__(self, detector: ImageScorer, overlap: int = 32, width: int | None = None,
                  pixel_threshold: float | None = None, max_defect_rows: int | None = None,
                  on_rows: Callable[[int, np.ndarray], None] | None = None):
         """Start an empty strip; the first push that succeeds fixes its pixel format and, unless `width`
@@ -99,12 +99,11 @@ class StreamingInspector:
                 the call's defects, and the rows not yet shown, come with the next push or flush.
 
         Raises:
-            ConfigError: not a Detector; overlap, width, max_defect_rows or pixel_threshold out of range
-                or of the wrong type.
+            ConfigError: not a Detector (or RemoteDetector); overlap, width, max_defect_rows or
+                pixel_threshold out of range or of the wrong type.
         """
-        if not isinstance(detector, Detector):
-            raise ConfigError(f"detector must be a stmae_edge Detector (opened on a .onnx or .plan file), not "
-                              f"{type(detector).__name__}")
+        if not isinstance(detector, ImageScorer):
+            raise ConfigError(f"detector must be a stmae_edge Detector or RemoteDetector, not {type(detector).__name__}")
         self.detector = detector
         self.tile_height, self.tile_width = detector.preprocessing.input_size
         half = min(self.tile_height, self.tile_width) // 2
@@ -205,7 +204,9 @@ class StreamingInspector:
         Every tile row the new rows complete is scored in one batched call before anything changes,
         so a push that fails (bad block, backend error) leaves the inspector as it was: the first
         block fixes the strip's width and format only once it is scored. A push interrupted after
-        that (KeyboardInterrupt between tile rows) keeps what it found for the next call.
+        that (KeyboardInterrupt) keeps the defects of the tile rows it finished for the next call,
+        and flush scores the rows it left; the tile row it was in may be left incomplete: for exact
+        results after an interruption, flush and start a new strip.
 
         Args:
             block: (rows, width) or (rows, width, 1 or 3) uint8 or uint16, any number of rows, of the

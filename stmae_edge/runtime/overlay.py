@@ -18,7 +18,7 @@ def display_image(image: np.ndarray, bit_depth: int = 16) -> np.ndarray:
     if image.dtype == np.uint8:  # already display bytes: the float round trip gives them back exactly, 30x slower
         if image.ndim == 2 or image.shape[2] == 1:
             return cv2.cvtColor(np.ascontiguousarray(image.reshape(image.shape[:2])), cv2.COLOR_GRAY2BGR)
-        return np.ascontiguousarray(image[:, :, :3])  # BGR, or BGRA without its alpha
+        return image[:, :, :3].copy()  # BGR, or BGRA without its alpha; a copy: the caller may draw on it
     # rounded, not cut: a 16-bit frame of 8-bit content (x * 257) shows its own bytes, not one less
     return np.ascontiguousarray(np.rint(to_rgb_float(image, bit_depth)[:, :, ::-1] * 255).clip(0, 255).astype(np.uint8))
 
