@@ -106,7 +106,9 @@ class TensorRTBackend:
     def _on_device(self):
         """This backend's GPU made current for the calling thread (CUDA's current device is per thread:
         a host may open the Detector on one thread and run it on another), and the thread's own choice
-        put back after, as a guest in the host program should."""
+        put back after, as a guest in the host program should. A thread that never chose one reports
+        GPU 0, so a backend on another GPU (device_index, which the Detector leaves at 0) makes GPU 0
+        current there when it puts it back: CUDA then sets up GPU 0's context too."""
         cudart = self._cudart
         previous = self._call(cudart.cudaGetDevice(), "reading the current GPU")
         if previous != self._device_index:
