@@ -47,6 +47,8 @@ BACKEND_HELP = backend_help()  # from the runtime's table of backends
 SCORING_BACKEND_HELP = ("how DATA_DIR is scored (default: on the CPU, the same figures on any machine, as evaluate, "
                         f"threshold and report share; a .plan on its GPU): {BACKEND_HELP}")
 
+# A flag takes no value; typer would show "<bool>" after it, as if it did (`--json true` is refused)
+FLAG = " "
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.",
                   epilog="The pipeline: train -> evaluate (report, threshold) -> export -> verify -> calibrate "
@@ -124,7 +126,7 @@ def train(
     crop: int = typer.Option(0, min=0, help="train on random SIZE x SIZE crops at native resolution, for "
                              "tiles cut from larger images (line-scan); the model then takes SIZE x SIZE inputs"),
     crops_per_image: int = typer.Option(CROPS_PER_IMAGE, min=1, help="with --crop: crops drawn from each image"),
-    self_supervised: bool = typer.Option(False, "--self-supervised", help="stmae: learn to restore good "
+    self_supervised: bool = typer.Option(False, "--self-supervised", metavar=FLAG, help="stmae: learn to restore good "
                                          "features from images with synthetic defects (Bauer et al. 2022); "
                                          "filtering-ae always trains this way"),
     corruptions_per_image: int = typer.Option(CORRUPTIONS, min=1, help="stmae --self-supervised: corrupted versions "
@@ -134,7 +136,7 @@ def train(
                                "kept, mirror-padded; stretch: resize it to the input; auto: keep where the "
                                "training images' shapes differ (kept in the model; maps always come back "
                                "laid out over each image)"),
-    skip_unreadable: bool = typer.Option(False, "--skip-unreadable", help="leave out good images that cannot "
+    skip_unreadable: bool = typer.Option(False, "--skip-unreadable", metavar=FLAG, help="leave out good images that cannot "
                                          "be read or decoded, with a warning naming them (without it, training "
                                          "stops before it starts and names them all)"),
     seed: int = typer.Option(0, help="seeds the held-out draw, the random splits of training and the initial weights"),
@@ -183,7 +185,8 @@ def evaluate(
     model: Path = typer.Argument(..., help="checkpoint (.pt, runs in PyTorch), exported graph (.onnx, runs in "
                                  "ONNX Runtime on the CPU) or TensorRT plan (.plan, on its GPU)"),
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses test/ and ground_truth/)"),
-    out: Path | None = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="JSON report (default: MODEL.eval.json beside it, "
+                                    "e.g. model.onnx.eval.json)"),
     batch_size: int = typer.Option(BATCH_SIZE, min=1, max=MAX_BATCH, help="images per network call"),
     backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
     bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's; "
@@ -195,7 +198,8 @@ def evaluate(
     from .outputs import check_writable
 
     use_available_cores()
-    out = check_writable(out or model.with_suffix(".eval.json"), [model])
+    # the whole name: model.pt's and model.onnx's (or model.fp16.onnx's and model.fp16.plan's) reports apart
+    out = check_writable(out or model.with_name(model.name + ".eval.json"), [model])
     result = run_evaluate(model, data_dir, batch_size, backend, bit_depth)
     write_json(result, out)
     typer.echo(format_report(result))
@@ -348,7 +352,8 @@ def threshold(
     min_recall: float | None = typer.Option(None, help="catch at least this fraction of defective parts, e.g. 0.95"),
     sigma: float | None = typer.Option(None, help="mean + SIGMA * std of the model's good scores (held-out or "
                                          "cross-fitted, as training recorded)"),
-    write: bool = typer.Option(False, "--write", help="store the threshold (image and pixel) and its rule in MODEL"),
+    write: bool = typer.Option(False, "--write", metavar=FLAG,
+                               help="store the threshold (image and pixel) and its rule in MODEL"),
     backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
     batch_size: int = typer.Option(16, min=1, max=MAX_BATCH, help="images per network call"),
     bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's; "
@@ -418,7 +423,13 @@ def report(
     point = summary["operating_point"]
     typer.echo(f"wrote {summary['index']}: {point['false_rejects']} false rejects, {point['escapes']} escapes at "
                f"threshold {point['threshold']:.6g}; open it in a browser (no server needed)")
-    typer.echo(f"next: stmae-edge threshold {model} {data_dir} --max-false-reject 0.01 (or --min-recall 0.95) --write")
+    # both ways on, as after `threshold --write` the page shows the written threshold (it pointed back there)
+    typer.echo(f"next: to move the threshold, stmae-edge threshold {model} {data_dir} --max-false-reject 0.01 "
+               f"(or --min-recall 0.95) --write; to run it, stmae-edge predict {model} IMAGES --out predictions/")
+
+
+def _overlays(count: int) -> str:
+    return f"{count} overlay" + ("" if count == 1 else "s")
 
 
 @app.command()
@@ -433,12 +444,12 @@ def predict(
     sigma: float | None = typer.Option(None, min=0.0, help="both thresholds at mean + SIGMA * std of good "
                                          "images; a --threshold or --pixel-threshold given too wins for its own"),
     batch_size: int = typer.Option(8, min=1, max=MAX_BATCH, help="images per network call"),
-    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="write a heatmap PNG per image"),
-    cuda_graph: bool = typer.Option(False, help="TensorRT: replay each batch size as a CUDA graph"),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays", metavar=FLAG, help="write a heatmap PNG per image"),
+    cuda_graph: bool = typer.Option(False, metavar=FLAG, help="TensorRT: replay each batch size as a CUDA graph"),
     bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
     server: str | None = typer.Option(None, help="score on a Triton server instead (http://HOST:PORT or "
                                          "grpc://HOST:PORT); MODEL is then the served model's name"),
-    any_size: bool = typer.Option(False, "--any-size", help="score images of any size; by default an image far "
+    any_size: bool = typer.Option(False, "--any-size", metavar=FLAG, help="score images of any size; by default an image far "
                                   "from the training images' sizes is refused (`info` shows them)"),
 ) -> None:
     """Score images: pass/fail, scores and defect regions as JSON, heatmap overlays as PNG."""
@@ -469,9 +480,9 @@ def predict(
     typer.echo(f"{scored} scored: {summary['failed']} fail, {scored - summary['failed']} pass "
                f"(image threshold {summary['thresholds']['image']:.6g}); {summary['unreadable']} not scored (error lines); "
                f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}"
-               + (f" and {scored - summary['overlays_not_written']} overlays ({out}/<name>.png)"
+               + (f" and {_overlays(scored - summary['overlays_not_written'])} ({out}/<name>.png)"
                   if overlays and scored else "")
-               + (f"; removed {summary['replaced_overlays']} overlays of the earlier run there"
+               + (f"; removed {_overlays(summary['replaced_overlays'])} of the earlier run there"
                   if summary["replaced_overlays"] else ""))
     if scored:
         typer.echo("next: " + ("look at the overlays; " if overlays else "")
@@ -496,8 +507,8 @@ def bench(
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     images: Path | None = typer.Option(None, help="folder of real images (default: the model's training "
                                           "images where present, else synthetic frames)"),
-    cuda_graph: bool = typer.Option(False, help="TensorRT: replay each batch size as a CUDA graph"),
-    json_output: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    cuda_graph: bool = typer.Option(False, metavar=FLAG, help="TensorRT: replay each batch size as a CUDA graph"),
+    json_output: bool = typer.Option(False, "--json", metavar=FLAG, help="print JSON instead of a table"),
 ) -> None:
     """Latency p50/p90/p99 and throughput per batch size, split into pre-, inference and postprocessing."""
     import json
@@ -544,7 +555,7 @@ def linescan(
     pixel_threshold: float | None = typer.Option(None, help="defect threshold, raw units (default: the model's)"),
     batch_size: int = typer.Option(64, min=1, help="most tiles per inference call "
                                    "(the tile rows a block completes go out together)"),
-    json_output: bool = typer.Option(False, "--json", help="print JSON instead of lines"),
+    json_output: bool = typer.Option(False, "--json", metavar=FLAG, help="print JSON instead of lines"),
     bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
 ) -> None:
     """Replay a line-scan strip: defects in strip coordinates (row, column) and the throughput."""
@@ -582,8 +593,9 @@ def version_callback(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True),
-          verbose: bool = typer.Option(False, "--verbose", "-v", help="also print stmae-edge's and ONNX Runtime's "
+def _root(version: bool = typer.Option(False, "--version", metavar=FLAG, callback=version_callback, is_eager=True,
+                                           help="print the version and exit"),
+          verbose: bool = typer.Option(False, "--verbose", "-v", metavar=FLAG, help="also print stmae-edge's and ONNX Runtime's "
                                        "log messages (why a GPU provider did not start, batch caps, ...)")) -> None:
     """Anomaly detection for production lines: train on good parts, export, run on the line."""
     import logging
@@ -633,7 +645,7 @@ def triton_repo(
                                   help="max_batch_size (a plan's: at most its profile's maximum)"),
     max_queue_delay_us: int = typer.Option(2000, min=0, help="dynamic batching delay"),
     instances: int = typer.Option(1, min=1, help="instances per GPU (KIND_GPU) or on the CPU (ONNX, --cpu)"),
-    cpu: bool = typer.Option(False, "--cpu", help="ONNX only: run the instances on the CPU (KIND_CPU)"),
+    cpu: bool = typer.Option(False, "--cpu", metavar=FLAG, help="ONNX only: run the instances on the CPU (KIND_CPU)"),
 ) -> None:
     """Write a Triton model repository for the official Triton container: config.pbtxt and the model
     file under version 1/. Clients preprocess with the package (runtime.RemoteDetector does)."""

@@ -1,15 +1,24 @@
 """Typed errors. Each message says what was wrong and what to do; the CLI prints it as one line."""
 
+import re
+
 
 class StmaeError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+# Where a C++ library (ONNX Runtime) raised, before what it says: "/src/x.cc:729 void f(A&, const B&) "
+_CPP_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cxx|cu|h|hpp):\d+\s+(?:[^()\n]*\([^()\n]*\)\s+)?")
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """What a one-line error quotes of a library's exception: its first line, cut to `limit` characters,
-    or its type's name where it has no text (an empty message must not become an IndexError)."""
+    """What a one-line error quotes of a library's exception: its first line, without the C++ source
+    location and function a native library puts first (it filled the limit before the reason), cut to
+    `limit` characters; or its type's name where it has no text (an empty message must not become an
+    IndexError)."""
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+    line = _CPP_LOCATION.sub("", text.splitlines()[0]) if text else ""
+    return (line or type(exc).__name__)[:limit]
 
 
 class InvalidImageError(StmaeError, ValueError):

@@ -18,11 +18,17 @@ from .metadata import ONNX_METADATA_KEY, ModelMetadata
 from .scoring import Thresholds
 
 # The kinds of model file, one table for every command and for the runtime's backends
-# (runtime/backend_table.py): suffixes, what the file is, how to get a file for the other backends.
+# (runtime/backend_table.py): suffixes, what the file is, and how to get from it the file of each other kind.
 FILE_KINDS = {
-    "plan": ((".plan", ".engine"), "a TensorRT plan", "for ONNX Runtime, run the .onnx file it was built from"),
-    "onnx": ((".onnx",), "an ONNX file", "for --backend tensorrt, build a plan with `stmae-edge build`"),
-    "checkpoint": ((".pt",), "a PyTorch checkpoint", "for the others, export it with `stmae-edge export`"),
+    "plan": ((".plan", ".engine"), "a TensorRT plan", {
+        "onnx": "run the .onnx file it was built from",
+        "checkpoint": "run the .pt checkpoint that its .onnx was exported from"}),
+    "onnx": ((".onnx",), "an ONNX file", {
+        "plan": "build a plan with `stmae-edge build`",
+        "checkpoint": "run the .pt checkpoint it was exported from"}),
+    "checkpoint": ((".pt",), "a PyTorch checkpoint", {
+        "onnx": "export it with `stmae-edge export`",
+        "plan": "export it with `stmae-edge export`, then build a plan with `stmae-edge build`"}),
 }
 
 

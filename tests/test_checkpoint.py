@@ -250,7 +250,9 @@ def test_holdout_dir_sharing_a_training_image_is_refused(synthetic_dataset, tmp_
     for path in data.train_images(synthetic_dataset)[:1] + data.images_in(synthetic_dataset / "test" / "good")[:2]:
         (held / f"copy_{path.parent.parent.name}_{path.name}").write_bytes(path.read_bytes())
     cfg = TrainConfig(epochs=1, batch_size=8, seed=0, holdout_dir=str(held))
-    with pytest.raises(DatasetError, match="1 of its images are also in train/good"):
+    first = data.train_images(synthetic_dataset)[0]
+    with pytest.raises(DatasetError, match=f"1 of its images is also in train/good \\(first: copy_train_{first.name}, "
+                                           f"the same pixels as {first.name}\\)"):
         train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"), cfg, backbone_weights="random")
     with pytest.raises(DatasetError, match="not a folder of images"):
         train(synthetic_dataset, tmp_path / "m.pt", preset("tiny"),

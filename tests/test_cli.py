@@ -176,6 +176,17 @@ def test_evaluate_takes_a_backend_and_records_the_one_it_used(tiny_export, synth
     _assert_one_line_error(run("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--backend", "torch-cpu"),
                            "is an ONNX file; it runs with --backend ort-tensorrt or ort-cuda or ort-cpu")
 
+    _assert_one_line_error(run("evaluate", str(tiny_export[1]), str(tmp_path / "absent")),  # not "no test folder"
+                           "absent: no such folder; give a dataset folder")
+    # By default beside the model under its whole name: m.pt's and m.onnx's reports were both m.eval.json,
+    # the second replacing the first without a word
+    import shutil
+
+    for model in tiny_export[:2]:
+        shutil.copy(model, tmp_path / model.name)
+        assert run("evaluate", str(tmp_path / model.name), str(synthetic_dataset)).returncode == 0
+    assert sorted(p.name for p in tmp_path.glob("*.eval.json")) == sorted(f"{m.name}.eval.json" for m in tiny_export[:2])
+
 
 def test_corrupt_model_file_is_one_line(tmp_path, synthetic_dataset):
     bad = tmp_path / "model.pt"
@@ -361,6 +372,22 @@ def test_the_command_alone_shows_the_help_with_the_pipeline_and_exit_codes():
     assert r.returncode == 0 and "error" not in r.stderr, r.stderr  # the help was the answer, not a mistake
     text = " ".join(r.stdout.replace("│", " ").split())  # as wrapped in the help's box
     assert "train -> evaluate" in text and "130 interrupted" in text, text
+
+
+def test_no_flag_is_shown_as_taking_a_value():
+    """typer showed "--json <bool>", which reads as "--json true" (refused: an extra argument)."""
+    from typer.testing import CliRunner
+
+    from stmae_edge.cli import app
+
+    commands = ["train", "evaluate", "info", "export", "verify", "calibrate", "build", "threshold", "report",
+                "predict", "bench", "linescan", "serve", "triton-repo", "demo"]
+    for command in ([], *([c] for c in commands)):
+        result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "Usage" in result.output, (command, result.output)
+        # but typer's own --help, which it renders so
+        shown = [line for line in result.output.splitlines() if "<bool>" in line and "--help" not in line]
+        assert not shown, (command, shown)
 
 
 def test_a_model_written_under_a_name_no_command_reads_is_refused_before_the_work(tiny_export, synthetic_dataset,

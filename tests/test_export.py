@@ -106,8 +106,18 @@ def test_verify_catches_a_changed_graph_and_a_foreign_model(exported, synthetic_
     altered = tmp_path / "altered.onnx"
     onnx.save(proto, str(altered))
     images = [s.path for s in data.eval_samples(synthetic_dataset)]
-    with pytest.raises(VerificationError, match="differs"):
+    with pytest.raises(VerificationError, match="differs.*; export .* again$"):  # fp32: something broke
         verify(altered, checkpoint, images)
+    # an fp16 graph's failure says what to look at next
+    fp16_path, _ = export_onnx(checkpoint, tmp_path / "m.fp16.onnx", "fp16")
+    proto = onnx.load(str(fp16_path))
+    bias = next(t for t in proto.graph.initializer if t.name.endswith("head.bias"))  # under its fp16 wrapper
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.asarray(0.5, numpy_helper.to_array(bias).dtype),
+                                          bias.name))
+    onnx.save(proto, str(fp16_path))
+    with pytest.raises(VerificationError, match="differs.*fp16 rounds every layer: compare the two with "
+                                                "`stmae-edge evaluate` \\(AUROC\\), or allow more with --rtol$"):
+        verify(fp16_path, checkpoint, images)
     other = tmp_path / "other.pt"
     train(synthetic_dataset, other, preset("tiny"), TrainConfig(epochs=1, batch_size=8, seed=1),
           backbone_weights="random")

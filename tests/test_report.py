@@ -73,7 +73,9 @@ def test_the_page_matches_the_data_and_every_image_is_beside_it(report, syntheti
 def test_report_command_says_where_it_wrote_and_what_next(tiny_export, synthetic_dataset, tmp_path):
     r = run("report", str(tiny_export[1]), str(synthetic_dataset), "--out", str(tmp_path / "r"), "--worst", "1")
     assert r.returncode == 0, r.stderr
-    assert f"wrote {tmp_path / 'r' / 'index.html'}" in r.stdout and "next: stmae-edge threshold" in r.stdout
+    assert f"wrote {tmp_path / 'r' / 'index.html'}" in r.stdout
+    assert "next: to move the threshold, stmae-edge threshold" in r.stdout
+    assert "to run it, stmae-edge predict" in r.stdout  # not only back to threshold, which sends the user here
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium for a real browser: apt-get install chromium")

@@ -61,6 +61,9 @@ def test_sigma_rule_intervals_and_description():
     assert [wilson_interval(n, n)[1] for n in (3, 190, 2500)] == [1.0] * 3
     text = point.describe()
     assert "29 of 100 good images" in text and "95% CI" in text and "mean + 3 * std" in text
+    caught = point.defects - point.escapes  # every figure with the counts it rests on, as the README says
+    assert f"{caught} of {caught + 29} failed images defective" in text
+    assert f"{caught} of {point.defects} defective images failed" in text
     assert json.loads(json.dumps(point.to_dict()))["intervals_95"]["recall"][1] <= 1.0
 
 

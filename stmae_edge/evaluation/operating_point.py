@@ -125,6 +125,7 @@ class OperatingPoint:
     def describe(self) -> str:
         """Lines for people: the figures, their intervals and the counts they rest on."""
         ci = self.intervals()
+        caught = self.defects - self.escapes
 
         def pct(name: str, value: float) -> str:
             low, high = ci[name]
@@ -135,8 +136,9 @@ class OperatingPoint:
             f"false rejects  {pct('false_reject_rate', self.false_reject_rate)}: "
             f"{self.false_rejects} of {self.goods} good images",
             f"escapes        {pct('escape_rate', self.escape_rate)}: {self.escapes} of {self.defects} defective images",
-            f"precision      {pct('precision', self.precision)}",
-            f"recall         {pct('recall', self.recall)}",
+            f"precision      {pct('precision', self.precision)}: {caught} of {caught + self.false_rejects} failed "
+            "images defective",
+            f"recall         {pct('recall', self.recall)}: {caught} of {self.defects} defective images failed",
         ])
 
 

@@ -80,9 +80,10 @@ def choose_backend(path: Path, backend: str) -> str:
             logger.info("backend auto: %s for %s (%s: no CUDA GPU here)", chosen, path.name, ", ".join(skipped))
         return chosen
     if KINDS_BY_NAME[backend].file_kind != file_kind:
-        _, description, other = FILE_KINDS[file_kind]
+        _, description, ways = FILE_KINDS[file_kind]
         runs = [kind.name for kind in BACKEND_KINDS if kind.file_kind == file_kind]
-        raise ConfigError(f"{path} is {description}; it runs with --backend {' or '.join(runs)} (or auto); {other}")
+        raise ConfigError(f"{path} is {description}; it runs with --backend {' or '.join(runs)} (or auto); for "
+                          f"--backend {backend}, {ways[KINDS_BY_NAME[backend].file_kind]}")
     return backend
 
 

@@ -30,6 +30,7 @@ from ..engine_plan import (
 )
 from ..errors import BackendError, EngineMismatchError, TensorRTMissingError, TensorRTUnloadableError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
+from .devices import cuda_device_count
 
 logger = logging.getLogger(__name__)
 _TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
@@ -95,6 +96,10 @@ class TensorRTBackend:
         self._allocations: list[tuple[str, int]] = []
         self._graph: tuple | None = None  # (batch size, graph, executable)
         self._stream = None
+        if cuda_device_count() == 0:  # asked of the driver itself: cuda-python says "insufficient driver" here
+            raise BackendError(f"{plan_path}: no NVIDIA GPU here (the CUDA driver finds none, or is not installed): a "
+                               "TensorRT plan runs on an NVIDIA GPU; on this machine run the .onnx file it was built "
+                               "from (ONNX Runtime on the CPU)")
         count = self._call(cudart.cudaGetDeviceCount(), "finding a CUDA GPU", hint=NO_GPU_HINT)
         if not 0 <= device_index < count:
             raise BackendError(f"CUDA device {device_index} does not exist ({count} found)")

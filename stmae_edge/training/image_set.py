@@ -80,8 +80,11 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
         raise DatasetError(f"{cfg.holdout_dir}: {len(held.paths)} readable images; hold out at least two good images")
     shared = set(held.digests.values()) & set(goods.digests.values())
     if shared:
-        raise DatasetError(f"{cfg.holdout_dir}: {len(shared)} of its images are also in train/good; hold out "
-                           "good images of parts that train/good does not show")
+        first = next(path for path, digest in held.digests.items() if digest in shared)
+        twin = next(path for path, digest in goods.digests.items() if digest == held.digests[first])
+        count = f"{len(shared)} of its images are" if len(shared) > 1 else "1 of its images is"
+        raise DatasetError(f"{cfg.holdout_dir}: {count} also in train/good (first: {first.name}, the same "
+                           f"pixels as {twin.name}); hold out good images of parts that train/good does not show")
     return GoodImages(list(goods.paths), held.paths, f"from {cfg.holdout_dir}", goods.sizes | held.sizes,
                       goods.unreadable + held.unreadable)
 
@@ -171,9 +174,9 @@ def hint_bit_depth(paths: Sequence[Path], sample: int = 8) -> None:
     top = max(int(image.max()) for image in images)
     for bits in (10, 12):
         if 0 < top < 1 << bits:
-            logger.warning("the first %d training images are 16-bit files whose pixels stop at %d: if the camera "
-                           "gives %d bits (Mono%d), train with --bit-depth %d so they span the full range",
-                           len(images), top, bits, bits, bits)
+            logger.warning("the training images are 16-bit files whose pixels stop at %d (the first %d read): if "
+                           "the camera gives %d bits (Mono%d), train with --bit-depth %d so they span the full range",
+                           top, len(images), bits, bits, bits)
             return
 
 
@@ -187,9 +190,10 @@ def warn_about_copies(images: SurveyedImages) -> None:
     copies = [group for group in by_content.values() if len(group) > 1]
     if copies:
         extra = sum(len(group) - 1 for group in copies)
-        logger.warning("train/good holds %d copies of other images in it, the same pixels (first: %s); they "
-                       "count as more good images than there are, on both sides of the held-out split: remove them",
-                       extra, " = ".join(p.name for p in copies[0]))
+        logger.warning("train/good holds %s in it, the same pixels (first: %s); they count as more good images "
+                       "than there are, on both sides of the held-out split: remove them",
+                       "1 copy of another image" if extra == 1 else f"{extra} copies of other images",
+                       " = ".join(p.name for p in copies[0]))
 
 
 def split_holdout(paths: Sequence[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
