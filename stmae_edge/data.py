@@ -195,7 +195,8 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
     folder = child_folder(root, "test")
     truth = child_folder(root, "ground_truth")
     if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder; give a dataset folder in the MVTec AD layout (DATA_DIR/test/...)")
+        raise DatasetError(f"{root}: " + ("not a folder" if root.exists() else "no such folder")
+                           + "; give a dataset folder in the MVTec AD layout (DATA_DIR/test/...)")
     if not folder.is_dir():
         raise DatasetError(f"{root}: no test folder; expected DATA_DIR/test/good and DATA_DIR/test/<defect>")
     samples = []

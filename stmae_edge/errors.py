@@ -7,8 +7,14 @@ class StmaeError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
-# Where a C++ library (ONNX Runtime) raised, before what it says: "/src/x.cc:729 void f(A&, const B&) "
-_CPP_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|cxx|cu|h|hpp):\d+\s+(?:[^()\n]*\([^()\n]*\)\s+)?")
+# Where a C++ library (ONNX Runtime) raised, before what it says: the source file and line, then the
+# function, qualified (a::b), as Linux builds write it ("void a::f(A&, const B&) const [with T = float]")
+# or Windows builds ("a::f", no arguments). Only a name with "::" is taken for the function: free text
+# after the line number ("file.cpp:5 error in f() here") is kept.
+_CPP_LOCATION = re.compile(
+    r"^\S+\.(?:cc|cpp|cxx|cu|h|hpp):\d+\s+"
+    r"(?:(?:[\w:<>*&]+\s+)?[\w~<>]*(?:::[\w~<>]+)+"
+    r"(?:\([^()\n]*\))?(?:\s+const)?(?:\s+\[with [^\]\n]*\])?\s+)?")
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -118,6 +118,8 @@ def test_verify_catches_a_changed_graph_and_a_foreign_model(exported, synthetic_
     with pytest.raises(VerificationError, match="differs.*fp16 rounds every layer: compare the two with "
                                                 "`stmae-edge evaluate` \\(AUROC\\), or allow more with --rtol$"):
         verify(fp16_path, checkpoint, images)
+    with pytest.raises(VerificationError, match="AUROC\\)$"):  # a limit given already: not told to give one
+        verify(fp16_path, checkpoint, images, rtol=1e-3)
     other = tmp_path / "other.pt"
     train(synthetic_dataset, other, preset("tiny"), TrainConfig(epochs=1, batch_size=8, seed=1),
           backbone_weights="random")

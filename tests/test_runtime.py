@@ -490,3 +490,31 @@ def test_an_overlays_picture_of_an_8_bit_image_is_its_own_pixels():
         assert not np.shares_memory(shown, image)  # a picture to draw on, not the caller's frame
     deep = (gray.astype(np.uint16) * 257)[:, :, None]  # other depths: the float path, rounded (it cut 1 off some)
     assert np.array_equal(display_image(deep), display_image(gray))
+
+
+def test_the_cuda_driver_is_told_apart_missing_without_a_gpu_and_failing(monkeypatch):
+    """A plan's error says which: no driver, a driver that sees no GPU (both: run the .onnx), or a
+    driver that fails (after an upgrade without a reboot: cuda-python's error, about the driver). The
+    driver is loaded as libcuda.so.1 first, as cuda-python loads it: find_library may name the
+    toolkit's stub, which sees no GPU. No GPU here: the library is stood in for."""
+    import os
+    from types import SimpleNamespace
+
+    from stmae_edge.runtime import devices
+
+    tried = []
+
+    def loader(answer):
+        def load(name):
+            tried.append(name)
+            if answer is None:
+                raise OSError(f"{name}: cannot open shared object file")
+            return SimpleNamespace(cuInit=lambda flags: answer, cuDeviceGetCount=lambda out: 0)
+        return load
+
+    for answer, state in ((None, "missing"), (100, "no GPU"), (803, "error 803"), (0, "ok")):
+        tried.clear()
+        monkeypatch.setattr(devices.ctypes, "CDLL", loader(answer))
+        assert devices.cuda_driver_state() == state
+        if os.name != "nt":
+            assert tried[0] == "libcuda.so.1"

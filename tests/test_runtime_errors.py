@@ -272,3 +272,11 @@ def test_a_library_exception_is_quoted_in_one_line_even_without_text():
     assert first_line(native) == "Please install TensorRT libraries as mentioned in the GPU requirements page"
     assert first_line(RuntimeError("/x/y.cc:12 it failed")) == "it failed"
     assert first_line(RuntimeError("a.cc:12")) == "a.cc:12"  # nothing after it: kept
+    # Windows builds name the function without its arguments; the reason's own brackets stay
+    assert first_line(RuntimeError("D:\\a\\_work\\1\\s\\onnxruntime\\python\\onnxruntime_pybind_state.cc:743 "
+                                   "onnxruntime::python::CreateExecutionProviderInstance CUDA_PATH is set but CUDA "
+                                   "wasn't able to be loaded")) == "CUDA_PATH is set but CUDA wasn't able to be loaded"
+    assert first_line(RuntimeError("C:\\s\\op_kernel.cc:83 onnxruntime::OpKernelContext::OutputMLValue status.IsOK() "
+                                   "was false. Shape mismatch")) == "status.IsOK() was false. Shape mismatch"
+    assert first_line(RuntimeError("/src/a.h:5 T onnxruntime::f(int) const [with T = float] the reason")) == "the reason"
+    assert first_line(RuntimeError("file.cpp:5 error in f() here")) == "error in f() here"  # no a::b: text kept

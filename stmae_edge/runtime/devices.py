@@ -13,15 +13,43 @@ from pathlib import Path
 
 from ..machine import available_cores, board_model
 
+CUDA_ERROR_NO_DEVICE = 100  # cuInit's answer where a driver is installed and sees no GPU
+
+
+def _load_cuda_driver():
+    """The CUDA driver library, not initialised, or None where it is not installed. libcuda.so.1 first,
+    the name the driver installs and cuda-python loads: find_library may name the unversioned
+    libcuda.so, which can be the toolkit's stub (in LD_LIBRARY_PATH for building) that finds no GPU."""
+    names = ["nvcuda.dll"] if os.name == "nt" else ["libcuda.so.1", ctypes.util.find_library("cuda")]
+    for name in filter(None, names):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def cuda_driver_state() -> str:
+    """"ok" (the driver starts), "missing" (no driver library), "no GPU" (the driver sees none), or
+    "error N" (cuInit's code: a driver that does not match its kernel module, say, after an upgrade
+    without a reboot): so that a plan's error says which."""
+    driver = _load_cuda_driver()
+    if driver is None:
+        return "missing"
+    try:
+        code = driver.cuInit(0)
+    except AttributeError:  # a library of that name that is not the driver
+        return "missing"
+    return "ok" if code == 0 else "no GPU" if code == CUDA_ERROR_NO_DEVICE else f"error {code}"
+
 
 def _cuda_driver():
     """The CUDA driver library, initialised, or None: asked directly so that no GPU library has to load
     just to find out there is no GPU."""
-    name = "nvcuda.dll" if os.name == "nt" else (ctypes.util.find_library("cuda") or "libcuda.so.1")
+    driver = _load_cuda_driver()
     try:
-        driver = ctypes.CDLL(name)
-        return driver if driver.cuInit(0) == 0 else None
-    except (OSError, AttributeError):
+        return driver if driver is not None and driver.cuInit(0) == 0 else None
+    except AttributeError:
         return None
 
 

@@ -30,7 +30,7 @@ from ..engine_plan import (
 )
 from ..errors import BackendError, EngineMismatchError, TensorRTMissingError, TensorRTUnloadableError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
-from .devices import cuda_device_count
+from .devices import cuda_driver_state
 
 logger = logging.getLogger(__name__)
 _TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
@@ -92,14 +92,18 @@ class TensorRTBackend:
                                       f"{trt.__version__}; plans only run on the TensorRT version that built "
                                       "them: rebuild it here with `stmae-edge build`")
         self.precision = str(sidecar.get("precision", "fp32"))
+        # Asked of the driver itself, before cuda-python is needed: without a driver cuda-python says
+        # "insufficient driver", and a machine without a GPU was first told to install cuda-python.
+        # A driver that is there but fails (after an upgrade without a reboot) goes on to cuda-python's error.
+        driver = cuda_driver_state()
+        if driver in ("missing", "no GPU"):
+            raise BackendError(f"{plan_path}: no NVIDIA GPU here (" + ("no CUDA driver is installed" if driver ==
+                               "missing" else "the CUDA driver finds none") + "): a TensorRT plan runs on an NVIDIA "
+                               "GPU; on this machine run the .onnx file it was built from (ONNX Runtime on the CPU)")
         self._cudart = cudart = _import_cudart()
         self._allocations: list[tuple[str, int]] = []
         self._graph: tuple | None = None  # (batch size, graph, executable)
         self._stream = None
-        if cuda_device_count() == 0:  # asked of the driver itself: cuda-python says "insufficient driver" here
-            raise BackendError(f"{plan_path}: no NVIDIA GPU here (the CUDA driver finds none, or is not installed): a "
-                               "TensorRT plan runs on an NVIDIA GPU; on this machine run the .onnx file it was built "
-                               "from (ONNX Runtime on the CPU)")
         count = self._call(cudart.cudaGetDeviceCount(), "finding a CUDA GPU", hint=NO_GPU_HINT)
         if not 0 <= device_index < count:
             raise BackendError(f"CUDA device {device_index} does not exist ({count} found)")
