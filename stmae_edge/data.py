@@ -192,11 +192,11 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
     """DATA_DIR/test/<type>/* with their masks; with `both_classes`, refused unless good and defective
     images are both there (AUROC needs both; a false-reject threshold needs only good ones)."""
     root = Path(root)
-    folder = child_folder(root, "test")
-    truth = child_folder(root, "ground_truth")
     if not root.is_dir():
         raise DatasetError(f"{root}: " + ("not a folder" if root.exists() else "no such folder")
                            + "; give a dataset folder in the MVTec AD layout (DATA_DIR/test/...)")
+    folder = child_folder(root, "test")
+    truth = child_folder(root, "ground_truth")
     if not folder.is_dir():
         raise DatasetError(f"{root}: no test folder; expected DATA_DIR/test/good and DATA_DIR/test/<defect>")
     samples = []

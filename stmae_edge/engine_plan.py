@@ -29,7 +29,7 @@ PLAN_PRECISIONS = ("fp32", "fp16", "int8")
 # T4, RTX 20xx), on which it cannot compile the graphs' float32 matrix products (engines/build.py).
 RTX_COMPUTE_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (12, 0), (12, 1))
 RTX_COMPUTE_CAPABILITIES_TEXT = ", ".join(f"{major}.{minor}" for major, minor in RTX_COMPUTE_CAPABILITIES)
-INSTALL_HINT = ("install TensorRT (pip install tensorrt, or JetPack on a Jetson), or TensorRT for RTX: "
+INSTALL_HINT = ("install TensorRT (pip install tensorrt), or TensorRT for RTX: "
                 "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings")
 # On a Jetson TensorRT comes with JetPack, for the system Python: a virtual environment sees it only if
 # made with the system's packages (pip's tensorrt and TensorRT for RTX are not built for L4T).

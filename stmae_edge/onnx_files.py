@@ -28,8 +28,6 @@ logger = logging.getLogger(__name__)
 # settings, its own to choose. Every import of ONNX Runtime in the package goes through
 # import_onnxruntime, so that the choice reaches export, verify and calibrate as well as the runtime.
 _quiet_onnxruntime = False
-
-
 _catch_loader_output = False
 
 
@@ -69,10 +67,10 @@ _preloaded = False
 
 def preload_cuda_libraries(ort) -> None:
     """Load the CUDA and cuDNN libraries of the gpu extra's nvidia-* wheels (onnxruntime 1.21+), once per
-    process, before the first GPU session. Their loader prints what it could not load to stdout; only a
-    program that asked (catch_cuda_loader_output, quiet_onnxruntime_logs) has that caught and logged, as catching it means
-    swapping sys.stdout, the host's, for everyone: each Detector doing it diverted other threads' output,
-    and two opened at once could leave stdout swapped for good."""
+    process, before the first GPU session. Their loader prints what it could not load to stdout. Only a
+    program that asked (catch_cuda_loader_output, quiet_onnxruntime_logs) has that caught and logged:
+    catching it means swapping sys.stdout, the host's, for everyone. Each Detector doing it diverted
+    other threads' output, and two opened at once could leave stdout swapped for good."""
     global _preloaded
     preload = getattr(ort, "preload_dlls", None)
     with _preload_lock:

@@ -518,3 +518,18 @@ def test_the_cuda_driver_is_told_apart_missing_without_a_gpu_and_failing(monkeyp
         assert devices.cuda_driver_state() == state
         if os.name != "nt":
             assert tried[0] == "libcuda.so.1"
+
+
+def test_autos_fallback_reads_and_checks_the_graph_once(tiny_export, monkeypatch, caplog):
+    """Every provider auto tried read the whole graph again for its external-data check and facts
+    (0.3 s for the default's): once per open now. A GPU is pretended, whose CUDA provider cannot start."""
+    from stmae_edge.runtime import backends
+
+    reads = []
+    real = backends.load_onnx
+    monkeypatch.setattr(backends, "load_onnx", lambda *a, **k: (reads.append(a[0]), real(*a, **k))[1])
+    monkeypatch.setattr(backends, "device_present", lambda name: True)  # auto starts with a GPU provider
+    with caplog.at_level("WARNING", logger="stmae_edge.runtime.backends"):
+        detector = Detector(tiny_export[1])  # the GPU providers fail here: no CUDA
+    assert detector.info["backend"] == "ort-cpu" and "ort-cuda cannot run m.onnx here" in caplog.text
+    assert len(reads) == 1

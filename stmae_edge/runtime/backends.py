@@ -144,25 +144,29 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
         # A GPU that is present but cannot run the file (a CUDA library missing, a provider that fails
         # to start) passes to auto's next choice, said; a backend named by the caller fails instead.
         candidates = (names := AUTO[file_kind_of(path)])[names.index(chosen):]
+        # the graph read and checked once for all the providers tried (0.3 s for the default's)
+        facts = _graph_facts(path) if len(candidates) > 1 and file_kind_of(path) == "onnx" else None
         for name, following in zip(candidates, candidates[1:], strict=False):
             try:
-                return _open_chosen(path, name, cuda_graph, threads, spin_threads)
+                return _open_chosen(path, name, cuda_graph, threads, spin_threads, facts)
             except EngineMismatchError:  # the file, not the machine: the next backend would say the same
                 raise
             except BackendError as exc:
                 logger.warning("backend auto: %s cannot run %s here (%s); trying %s", name, path.name,
                                first_line(exc, 300), following)
         chosen = candidates[-1]
+        return _open_chosen(path, chosen, cuda_graph, threads, spin_threads, facts)
     return _open_chosen(path, chosen, cuda_graph, threads, spin_threads)
 
 
-def _open_chosen(path: Path, chosen: str, cuda_graph: bool, threads: int, spin_threads: bool) -> Backend:
+def _open_chosen(path: Path, chosen: str, cuda_graph: bool, threads: int, spin_threads: bool,
+                 facts: tuple[str, tuple[int, ...]] | None = None) -> Backend:
     if chosen == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(path, cuda_graph=cuda_graph)
     if chosen in ORT_PROVIDERS:
-        return OnnxRuntimeBackend(path, chosen, threads=threads, spin_threads=spin_threads)
+        return OnnxRuntimeBackend(path, chosen, threads=threads, spin_threads=spin_threads, facts=facts)
     try:
         from .torch_backend import TorchBackend  # needs the train extra; never imported by the runtime
     except ModuleNotFoundError as exc:
@@ -179,7 +183,8 @@ class OnnxRuntimeBackend:
     name: str
     min_batch = 1
 
-    def __init__(self, path: Path | str, backend: str = "ort-cpu", threads: int = 0, spin_threads: bool = False):
+    def __init__(self, path: Path | str, backend: str = "ort-cpu", threads: int = 0, spin_threads: bool = False,
+                 facts: tuple[str, tuple[int, ...]] | None = None):
         ort = import_onnxruntime()
         self.name = backend
         wanted = ORT_PROVIDERS[backend]
@@ -196,7 +201,7 @@ class OnnxRuntimeBackend:
         # Read by the one loader of users' ONNX files before ONNX Runtime opens it: external data outside
         # the model's folder is refused here, whatever this onnxruntime checks (before 1.24 it read such
         # paths as given). About 0.3 s for the default's 165 MB graph, once per Detector.
-        facts = _graph_facts(path)
+        facts = facts or _graph_facts(path)  # given by auto's loop, which tries several providers on one file
         providers = [wanted] if wanted == "CPUExecutionProvider" else _gpu_providers(ort, wanted, path, facts)
         try:
             # No fallback: ONNX Runtime would otherwise print to stdout and move a failing GPU session

@@ -33,24 +33,26 @@ def cuda_driver_state() -> str:
     """"ok" (the driver starts), "missing" (no driver library), "no GPU" (the driver sees none), or
     "error N" (cuInit's code: a driver that does not match its kernel module, say, after an upgrade
     without a reboot): so that a plan's error says which."""
-    driver = _load_cuda_driver()
-    if driver is None:
-        return "missing"
-    try:
-        code = driver.cuInit(0)
-    except AttributeError:  # a library of that name that is not the driver
+    driver, code = _started_cuda_driver()
+    if code is None:
         return "missing"
     return "ok" if code == 0 else "no GPU" if code == CUDA_ERROR_NO_DEVICE else f"error {code}"
+
+
+def _started_cuda_driver():
+    """(the driver library, cuInit's code), or (None, None) where there is no driver library."""
+    driver = _load_cuda_driver()
+    try:
+        return (driver, driver.cuInit(0)) if driver is not None else (None, None)
+    except AttributeError:  # a library of that name that is not the driver
+        return None, None
 
 
 def _cuda_driver():
     """The CUDA driver library, initialised, or None: asked directly so that no GPU library has to load
     just to find out there is no GPU."""
-    driver = _load_cuda_driver()
-    try:
-        return driver if driver is not None and driver.cuInit(0) == 0 else None
-    except AttributeError:
-        return None
+    driver, code = _started_cuda_driver()
+    return driver if code == 0 else None
 
 
 def cuda_device_count() -> int:

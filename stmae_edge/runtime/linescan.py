@@ -236,7 +236,7 @@ class StreamingInspector:
             # loses none of them; the next call returns them, and scores the rows not blended again
             self._undelivered += self._blend(top, row_maps, final_row=top + self.stride)
         self.seconds["total"] += time.perf_counter() - started
-        return self._deliver([])
+        return self._deliver()
 
     def flush(self) -> list[StripDefect]:
         """End of the strip: score the rows not yet covered, close every open defect. Once flushed, the
@@ -249,7 +249,7 @@ class StreamingInspector:
         """
         if self._flushed or self.rows_pushed == 0:
             self._flushed = True
-            return self._deliver([])
+            return self._deliver()
         started = time.perf_counter()
         # tile rows a push completed but did not blend, having been interrupted
         pending = list(range(self._next_tile_row, self.rows_pushed - self.tile_height + 1, self.stride))
@@ -265,13 +265,13 @@ class StreamingInspector:
         self._undelivered += self._with_tiles(self._regions.close())
         self._flushed = True
         self.seconds["total"] += time.perf_counter() - started
-        return self._deliver([])
+        return self._deliver()
 
-    def _deliver(self, defects: list[StripDefect]) -> list[StripDefect]:
+    def _deliver(self) -> list[StripDefect]:
         """The defects to return, after on_rows has seen the rows made final. Called when every row and
         defect is stored: the host's callback failing then loses nothing; its defects are kept for
         the next call, so a display hook that raises cannot hide a defect."""
-        defects, self._undelivered = self._undelivered + defects, []
+        defects, self._undelivered = self._undelivered, []
         while self._unshown and self.on_rows is not None:
             first, final = self._unshown.pop(0)
             try:
