@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,8 @@ from .wire_format import DEFAULT_MAX_BATCH
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
 PARTIAL_EXIT_CODE = 3
 ABORTED_EXIT_CODE = 130  # Ctrl-C, as shells report SIGINT
+
+
 DEMO_GOOD_CELLS = 470  # ELPV's defect-free mono cells less the demo's test fifth: `demo --max-train 0`
 
 BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12 cameras, whose values stop "
@@ -55,7 +58,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                          "(INT8) -> build (TensorRT) -> predict, bench, linescan or serve. Exit codes: 0 done; "
                          "2 an error, said in one line, nothing half-written; 3 predict scored some images "
                          "and not others, or could not write some overlays (error lines name them); 130 "
-                         "interrupted (Ctrl-C).")
+                         "interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP).")
 
 
 def _model_out(out: Path | None, kind: str) -> Path | None:
@@ -466,10 +469,13 @@ def predict(
     else:
         detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph, bit_depth=bit_depth,
                             check_size=not any_size)
-    paths = expand_inputs(images)
+    paths, left_out = expand_inputs(images)
+    for folder in left_out:
+        typer.echo(f"warning: {folder['folder']}: not scored: {folder['not_scored']}", err=True)
     with progress_bar(f"scoring ({detector.info['backend']})", len(paths)) as advance:
         summary = predict_to_folder(detector, paths, out, overlays=overlays, advance=advance,
-                                    image_threshold=threshold, pixel_threshold=pixel_threshold, sigma=sigma)
+                                    image_threshold=threshold, pixel_threshold=pixel_threshold, sigma=sigma,
+                                    left_out=left_out)
     for error in summary["errors"]:
         typer.echo(f"error: {error['error']}", err=True)
     for result in summary["results"]:
@@ -477,9 +483,11 @@ def predict(
             typer.echo(f"error: {result['overlay_error']} (the image was scored: results.json has it)", err=True)
     scored = len(summary["results"])
     info = summary["runtime"]
+    left_out_line = (f", nor what {len(left_out)} of the folders hold in other formats or subfolders "
+                     "(warning lines)") if left_out else ""
     typer.echo(f"{scored} scored: {summary['failed']} fail, {scored - summary['failed']} pass "
-               f"(image threshold {summary['thresholds']['image']:.6g}); {summary['unreadable']} not scored (error lines); "
-               f"{info['backend']} on {info['device']}; wrote {out / 'results.json'}"
+               f"(image threshold {summary['thresholds']['image']:.6g}); {summary['unreadable']} not scored (error lines)"
+               f"{left_out_line}; {info['backend']} on {info['device']}; wrote {out / 'results.json'}"
                + (f" and {_overlays(scored - summary['overlays_not_written'])} ({out}/<name>.png)"
                   if overlays and scored else "")
                + (f"; removed {_overlays(summary['replaced_overlays'])} of the earlier run there"
@@ -667,32 +675,90 @@ OPTIONAL_PACKAGES = {"torch": "train", "onnxscript": "train",
 _CLICK = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a service manager, `kill`) or SIGHUP (the terminal closed), raised as Ctrl-C is, so that
+    what a command cleans up on Ctrl-C (temporary files, staging folders) is cleaned up here too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOPPED_BY: list[int] = []  # the signals that stopped the command, as they came
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (Stopped), where no one else handles them, and
+    are recorded: SIGTERM and SIGHUP killed a command outright, leaving temporary files the size of a
+    model in the temp and cache folders; and a library may turn the exception into an error of its own
+    (torch's exporter: "Failed to export the model"), or typer into exit code 130, on the way up."""
+    def stop(signum, frame):
+        _STOPPED_BY.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, stop)
+
+
+def _stopped() -> int:
+    """After a stopping signal: later ones ignored (a second Ctrl-C while Python shuts down printed a
+    traceback from torch's exit handlers), the line said, and 128 + the signal's number as the exit
+    code, as shells report it (130 for Ctrl-C)."""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    typer.echo("aborted: outputs are written whole or not at all, so none is left half-written", err=True)
+    return 128 + _STOPPED_BY[0] if _STOPPED_BY else ABORTED_EXIT_CODE
+
+
 def main() -> None:
     # A file name the console or pipe cannot encode (Windows writes pipes in its ANSI code page, strictly)
     # is printed escaped, not a traceback after the results were written; stderr does this already.
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):  # a replaced or closed stream
             stream.reconfigure(errors="backslashreplace")
+    _stop_on_signals()
     try:
-        code = app(standalone_mode=False)  # click's own errors come here, to be said in one line too
+        code = _run_app()
+    except (Exception, KeyboardInterrupt):
+        if not _STOPPED_BY:
+            raise
+        code = ABORTED_EXIT_CODE  # an error a stopping signal caused, in a library's words
+    except SystemExit as exc:
+        if not _STOPPED_BY:
+            raise
+        code = exc.code
+    if _STOPPED_BY or code == ABORTED_EXIT_CODE:  # typer turns Ctrl-C into this exit code, silently
+        code = _stopped()
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(3) from predict, 0 after --help
+
+
+def _run_app() -> int | None:
+    """The command's exit code; errors said in one line, with sys.exit(2) (the exit code they document)."""
+    try:
+        return app(standalone_mode=False)  # click's own errors come here, to be said in one line too
     except _CLICK["UsageError"] as exc:  # a bad option value, an unknown option, a missing argument
         if type(exc).__name__ == "NoArgsIsHelpError":  # `stmae-edge` alone: the help was the answer
             sys.exit(0)
         where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
         typer.echo(f"error: {first_line(exc.format_message()).rstrip('.')}{where}", err=True)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C
-        code = ABORTED_EXIT_CODE
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C, SIGTERM, SIGHUP
+        return ABORTED_EXIT_CODE
     except MemoryError:
         _out_of_memory("")
     except RuntimeError as exc:  # torch's allocator says it in a RuntimeError
-        if "can't allocate memory" not in str(exc) and "not enough memory" not in str(exc):
+        if _STOPPED_BY or ("can't allocate memory" not in str(exc) and "not enough memory" not in str(exc)):
             raise
         _out_of_memory(f" ({first_line(exc, 160)})")
     except _CLICK["ClickException"] as exc:
         typer.echo(f"error: {first_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except StmaeError as exc:
+        if _STOPPED_BY:  # the signal's doing, in a library's words: said as aborted instead
+            raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except ModuleNotFoundError as exc:
@@ -702,9 +768,6 @@ def main() -> None:
         typer.echo(f"error: this command needs {package}, which is not installed here: "
                    f"pip install 'stmae-edge[{OPTIONAL_PACKAGES[package]}]'", err=True)
         sys.exit(2)
-    if code == ABORTED_EXIT_CODE:  # typer turns Ctrl-C into this exit code, silently
-        typer.echo("aborted: outputs are written whole or not at all, so none is left half-written", err=True)
-    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(3) from predict, 0 after --help
 
 
 def _out_of_memory(detail: str) -> None:

@@ -1,6 +1,13 @@
 """Output files: checked before long work starts, so a bad --out fails in a second, not after training,
 and never one that would replace an input of the same command; written whole or not at all; and the
-one digest of a file's bytes (sha256_file) that sidecars, calibration caches and training records keep."""
+one digest of a file's bytes (sha256_file) that sidecars, calibration caches and training records keep.
+
+A command that writes many files into a folder (predict, report) writes them into a staging folder
+inside it first and moves them into place at the end, with Ctrl-C held for those few renames: an
+interrupted or failed run leaves the earlier run's files as they were.
+
+    staging_folder(out) -> files written there -> with signals_held(): move_into_place(...) each
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -207,3 +216,96 @@ def check_output_folder(out: Path | str, inputs: Iterable[Path | str]) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from exc
     return out
+
+
+STAGING_PREFIX = ".stmae-edge-staging-"
+# Where a staging folder cannot be locked (Windows), one untouched this long is an earlier run's, killed
+STALE_STAGING_S = 24 * 3600
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A fresh hidden folder inside `out` for a run's files until they are moved into place; removed,
+    with whatever is left in it, however the block ends. Staging folders that earlier runs left (killed
+    before they could remove theirs) are removed first, but not one that a running command holds.
+
+    Raises:
+        OutputError: the folder cannot be made in `out`.
+    """
+    _remove_stale_staging(out)
+    staging = out / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+    try:
+        staging.mkdir()
+        held = os.open(staging, os.O_RDONLY) if fcntl is not None else None
+    except OSError as exc:
+        raise OutputError(f"cannot write into {out}: {exc.strerror or exc}; choose another --out") from exc
+    try:
+        if held is not None:
+            fcntl.flock(held, fcntl.LOCK_EX)  # while held, a later run knows this one is alive
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if held is not None:
+            os.close(held)
+
+
+def _remove_stale_staging(out: Path) -> None:
+    try:
+        found = [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)]
+    except OSError:
+        return
+    for folder in found:
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        with contextlib.suppress(OSError):
+            if fcntl is None:
+                if time.time() - folder.stat().st_mtime > STALE_STAGING_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+                continue
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # refused while its run holds it
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                os.close(fd)
+
+
+def move_into_place(staged: Path, target: Path) -> None:
+    """A staged file (or folder) renamed to `target`, replacing a file there (a link itself, never what it
+    points to); retried on Windows while another program holds the target.
+
+    Raises:
+        OSError: the rename failed (PermissionError: the target is held open).
+    """
+    _replace(staged, target)
+
+
+def sync_folder(folder: Path) -> None:
+    """Renames into `folder` on the disk too, where the system allows it."""
+    _sync_folder(folder)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM put off until the block ends, then delivered to the handlers that were
+    there: for the few renames that put a run's files in place, which must not stop half-way. Only the
+    main thread can hold signals; elsewhere (a host program's worker thread) they do not reach the
+    block anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is None:  # installed from C, not Python's to put back
+            continue
+        previous[signum] = handler
+        signal.signal(signum, lambda received, frame: caught.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])

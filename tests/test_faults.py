@@ -71,6 +71,40 @@ def test_a_full_disk_in_the_middle_of_predict_loses_nothing_written_before(tiny_
     assert after == earlier  # results.json and every overlay whole: the same files, no partial ones beside them
 
 
+def test_an_interrupted_predict_leaves_the_earlier_run_whole_and_the_next_run_takes_its_names(
+        tiny_export, synthetic_dataset, tmp_path):
+    """A second run into the folder, with other thresholds, stopped by Ctrl-C after its first batch: it
+    had replaced half the earlier run's overlays under that run's results.json, and the next run took
+    those for a user's files and wrote NAME_2.png beside them. Now the earlier run is left as it was,
+    and staging folders that killed runs left are removed, but not one that a running command holds."""
+    from stmae_edge.outputs import STAGING_PREFIX, staging_folder
+    from stmae_edge.runtime import files
+
+    inputs = sorted((synthetic_dataset / "test" / "scratch").glob("*.png")) + sorted(
+        (synthetic_dataset / "test" / "good").glob("*.png"))
+    out = tmp_path / "out"
+    with Detector(tiny_export[1], batch_size=2) as detector:
+        files.predict_to_folder(detector, inputs, out)
+        earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+
+        def interrupt(done: int) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            files.predict_to_folder(detector, inputs, out, pixel_threshold=0.0, advance=interrupt)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # and no staging folder left
+
+        killed = out / f"{STAGING_PREFIX}0123456789ab"  # a run killed before it could remove its own
+        killed.mkdir()
+        (killed / "000.png").write_bytes(b"half a run")
+        with staging_folder(out) as running:  # another command's, still running
+            summary = files.predict_to_folder(detector, inputs, out, pixel_threshold=0.0)
+            assert running.is_dir() and not killed.exists()
+    assert summary["replaced_overlays"] == 0
+    assert {p.name for p in out.iterdir()} == set(earlier)  # the same names: no NAME_2.png
+    assert any((out / name).read_bytes() != earlier[name] for name in earlier if name != "results.json")
+
+
 def _kill_when(process: subprocess.Popen, ready, limit_s: float = 240) -> bool:
     """SIGKILL `process` as soon as `ready()` holds; False if it finished first."""
     deadline = time.monotonic() + limit_s
@@ -183,7 +217,11 @@ def test_an_atomic_write_keeps_a_symlink_and_the_permissions_and_types_a_failure
     assert real.read_bytes() == b"new" and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
-def test_ctrl_c_during_export_says_aborted_in_one_line_and_leaves_no_file(tiny_export, tmp_path):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_during_export_says_aborted_in_one_line_and_leaves_no_file(tiny_export, tmp_path, signum,
+                                                                                     code):
+    """SIGTERM (a service manager, `kill`) ended a command with no word and left its temporary files;
+    it stops the command as Ctrl-C does now."""
     out = tmp_path / "m.onnx"
     process = subprocess.Popen([*CLI, "export", str(tiny_export[0]), "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -191,9 +229,9 @@ def test_ctrl_c_during_export_says_aborted_in_one_line_and_leaves_no_file(tiny_e
     while process.poll() is None and not _partials(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.005)
     assert process.poll() is None, "export finished before it could be interrupted"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert process.returncode == code and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("aborted: outputs are written whole or not at all")
     assert not out.exists() and not _partials(tmp_path)
 

@@ -405,3 +405,21 @@ def test_the_pixel_threshold_can_be_set_until_the_strip_starts_and_is_fixed_afte
         StreamingInspector(detector, overlap=OVERLAP).pixel_threshold = float("nan")
     defect = found[0].to_dict()  # row first in a strip, named too
     assert defect["peak"] == [defect["peak_row"], defect["peak_col"]] == [found[0].peak_row, found[0].peak_col]
+
+
+def test_a_model_trained_on_whole_images_shrunk_to_its_input_is_warned_of_once(linescan_model, caplog):
+    """Tiles are cut at native scale: a model that learnt from 600-pixel images brought to 64 sees the
+    strip four times larger than it learnt, and ran without a word. Said once, when the inspector opens.
+    (The trained sizes are set on the opened detector: training such a model here would cost minutes.)"""
+    from stmae_edge.preprocessing import TrainedSizes
+
+    with Detector(linescan_model) as detector, caplog.at_level("WARNING", logger="stmae_edge.runtime.linescan"):
+        inspector = StreamingInspector(detector, overlap=OVERLAP)  # trained on 64-pixel crops: its scale
+        assert caplog.records == []
+        detector.metadata = replace(detector.metadata, trained_sizes=TrainedSizes((600, 600), (580, 620), (0.97, 1.03)))
+        inspector = StreamingInspector(detector, overlap=OVERLAP)
+        inspector.push(make_strip(8, 100, 100))
+        inspector.flush()
+    assert len(caplog.records) == 1
+    assert ("tiles are 64x64 pixels of the strip at its own scale, but this model was trained on images 580 to 620 "
+            "wide, 600 high" in caplog.text and "train with --crop 64" in caplog.text)

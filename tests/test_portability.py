@@ -125,7 +125,7 @@ def test_one_overlay_that_cannot_be_written_costs_only_itself(tiny_export, synth
     real_replace = os.replace
 
     def held_open(src, dst):  # what Windows does past the writer's retries (one attempt here)
-        if Path(dst).name == "001.png":
+        if Path(dst).name == "001.png" and Path(dst).parent.name == "out":  # not in the run's staging folder
             raise PermissionError(13, "Permission denied")
         real_replace(src, dst)
 

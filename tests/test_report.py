@@ -115,3 +115,31 @@ def test_a_link_planted_in_the_output_folder_sends_no_picture_elsewhere(tiny_exp
     assert list(elsewhere.iterdir()) == []
     assert not (out / "plots").is_symlink() and any((out / "plots").glob("*.png"))
     assert not (out / "index.html").is_symlink() and (out / "index.html").stat().st_size > 0
+
+
+def test_an_interrupted_report_leaves_the_earlier_one_whole(report, tiny_export, synthetic_dataset, tmp_path,
+                                                            monkeypatch):
+    """A second report into the folder, stopped by Ctrl-C once its pictures were drawn: the earlier page
+    stayed but showed the second model's plots and cases under its own captions. Now the earlier report is
+    left as it was, and a run that completes replaces it whole (no case picture of a longer --worst left)."""
+    from stmae_edge.evaluation import report as report_module
+
+    _, earlier_out, _ = report
+    out = tmp_path / "report"
+    shutil.copytree(earlier_out, out)
+    earlier = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report_module, "_page", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build_report(tiny_export[1], synthetic_dataset, out, backend="ort-cpu", worst=1)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
+
+    summary = build_report(tiny_export[1], synthetic_dataset, out, backend="ort-cpu", worst=1)
+    pictures = {p.name for p in (out / "cases").iterdir()}
+    linked = set(re.findall(r'src="cases/([^"]+)"', (out / "index.html").read_text()))
+    assert pictures == linked and len(pictures) <= 4 and summary["model"] == str(tiny_export[1])
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []

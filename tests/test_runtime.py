@@ -520,6 +520,24 @@ def test_the_cuda_driver_is_told_apart_missing_without_a_gpu_and_failing(monkeyp
             assert tried[0] == "libcuda.so.1"
 
 
+def test_auto_warns_when_a_failing_cuda_driver_sends_it_to_the_cpu(tiny_export, monkeypatch, caplog):
+    """A driver that fails (error 804: upgraded without a reboot) counts no GPU, and auto's only word was
+    an INFO line, hidden by default: a line PC with a GPU ran on its CPU, unsaid. The library is stood in for."""
+    from types import SimpleNamespace
+
+    from stmae_edge.runtime import backends, devices
+
+    for answer, level in ((804, "WARNING"), (100, "INFO")):
+        monkeypatch.setattr(devices.ctypes, "CDLL", lambda name, answer=answer: SimpleNamespace(
+            cuInit=lambda flags: answer, cuDeviceGetCount=lambda out: 0))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="stmae_edge.runtime.backends"):
+            assert backends.choose_backend(tiny_export[1], "auto") == "ort-cpu"
+        said = [record for record in caplog.records if "backend auto: ort-cpu for m.onnx" in record.getMessage()]
+        assert [record.levelname for record in said] == [level]
+        assert ("the CUDA driver fails (cuInit error 804" in said[0].getMessage()) == (answer == 804)
+
+
 def test_autos_fallback_reads_and_checks_the_graph_once(tiny_export, monkeypatch, caplog):
     """Every provider auto tried read the whole graph again for its external-data check and facts
     (0.3 s for the default's): once per open now. A GPU is pretended, whose CUDA provider cannot start."""

@@ -86,6 +86,26 @@ def test_predict_refuses_a_folder_without_images_and_a_negative_sigma(tiny_expor
     _assert_one_line_error(r, "Invalid value for '--sigma': Input should be greater than or equal to 0")
 
 
+def test_predict_records_what_its_folders_hold_that_it_does_not_score(tiny_export, synthetic_dataset, tmp_path):
+    """A .webp and a subfolder's images were named in one warning only: results.json said every file was
+    scored, so the record of what was inspected was wrong."""
+    inputs = tmp_path / "in"
+    shutil.copytree(synthetic_dataset / "test" / "good", inputs)
+    (inputs / "frame.webp").write_bytes(b"RIFF")
+    (inputs / "later").mkdir()
+    shutil.copy(inputs / "000.png", inputs / "later" / "000.png")
+    out = tmp_path / "out"
+    r = run("predict", str(tiny_export[1]), str(inputs), "--out", str(out), "--no-overlays")
+    assert r.returncode == 0, r.stderr  # files that are not images of a read format are not errors
+    assert (f"warning: {inputs}: not scored: 1 file in another format or linking to nothing (first: frame.webp"
+            in r.stderr and "and 1 image in its subfolders" in r.stderr)
+    assert "nor what 1 of the folders hold in other formats or subfolders (warning lines)" in r.stdout
+    summary = json.loads((out / "results.json").read_text())
+    assert len(summary["results"]) == 6
+    assert [entry["folder"] for entry in summary["left_out"]] == [str(inputs)]
+    assert "frame.webp" in summary["left_out"][0]["not_scored"]
+
+
 def test_without_torch_an_onnx_file_is_evaluated_and_a_checkpoint_says_what_to_install(tiny_export, synthetic_dataset,
                                                                                          tmp_path):
     r = run_without_torch("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--out", str(tmp_path / "e.json"))

@@ -50,6 +50,12 @@ def served(tiny_export, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with serve_in_subprocess(SERVE_PYTHON, onnx_path, "--max-batch", "8", "--max-queue-delay-us", "20000",
                              name="tiny", log=log) as server:
+        # the line says where the model runs: a GPU machine that fell back to its CPU shows it at start
+        # (printed once Triton runs, which may be just after it answers ready)
+        deadline = time.monotonic() + 30
+        while "serving tiny" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "serving tiny (m.onnx, batches up to 8; ort-cpu on CPU: " in log.read_text()
         yield server.http, server.grpc, server.metrics, onnx_path
 
 

@@ -26,7 +26,15 @@ import numpy as np
 
 from .. import data
 from ..errors import ConfigError, OutputError
-from ..outputs import check_output_folder, same_file, write_bytes_atomically
+from ..outputs import (
+    check_output_folder,
+    move_into_place,
+    same_file,
+    signals_held,
+    staging_folder,
+    sync_folder,
+    write_bytes_atomically,
+)
 from ..preprocessing import load_image
 from ..progress import progress_bar
 from ..scoring import fails, threshold_scoring
@@ -68,10 +76,10 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
         raise OutputError(f"--out {out} is inside the data folder {data_dir}: its pictures would be read as test "
                           "images next time; choose a folder outside it")
     out = check_output_folder(out, [])
-    for folder in ("plots", "cases"):
-        if (out / folder).is_symlink():  # a link planted there must not send the pictures elsewhere
-            (out / folder).unlink()
-        (out / folder).mkdir(exist_ok=True)
+    for folder in PICTURE_FOLDERS:
+        if not (out / folder).is_symlink() and (out / folder).exists() and not (out / folder).is_dir():
+            raise OutputError(f"{out / folder} is a file, where the report keeps its pictures; move it or choose "
+                              "another --out")
     scored = score_dataset(model, data_dir, backend, batch_size, description="scoring for the report",
                            bit_depth=bit_depth)
     detector = scored.detector
@@ -86,17 +94,47 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
     if masks is not None:
         summary["pixel_auroc"] = metric_or_none(pixel_auroc(masks, scored.maps))
         summary["aupro"] = metric_or_none(aupro(masks, scored.maps))
-    plots = {"histogram": _histogram(plt, scored, thresholds.image, out / "plots" / "scores.png"),
-             "roc": _roc(plt, labels, scored.scores, point, out / "plots" / "roc.png")}
-    if masks is not None:
-        plots["pro"] = _pro(plt, masks, scored.maps, thresholds.pixel, out / "plots" / "pro.png")
-    per_type = _per_type(scored, thresholds.image)
-    cases = _cases(scored, masks is not None, worst, out / "cases")
-    page = _page(summary, point, detector, per_type, plots, cases)
-    write_bytes_atomically(out / "index.html", page.encode(), follow_links=False)
-    write_bytes_atomically(out / "summary.json", (json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n").encode(), follow_links=False)
+    # The page and its pictures are made in a staging folder and put in place together at the end: an
+    # interrupted run leaves the earlier report as it was, not its page over another model's pictures.
+    with staging_folder(out) as staging:
+        for folder in PICTURE_FOLDERS:
+            (staging / folder).mkdir()
+        plots = {"histogram": _histogram(plt, scored, thresholds.image, staging / "plots" / "scores.png"),
+                 "roc": _roc(plt, labels, scored.scores, point, staging / "plots" / "roc.png")}
+        if masks is not None:
+            plots["pro"] = _pro(plt, masks, scored.maps, thresholds.pixel, staging / "plots" / "pro.png")
+        per_type = _per_type(scored, thresholds.image)
+        cases = _cases(scored, masks is not None, worst, staging / "cases")
+        page = _page(summary, point, detector, per_type, plots, cases)
+        write_bytes_atomically(staging / "index.html", page.encode(), follow_links=False)
+        write_bytes_atomically(staging / "summary.json", (json.dumps(_finite(summary), indent=2, allow_nan=False)
+                                                          + "\n").encode(), follow_links=False)
+        _put_in_place(staging, out)
     summary["index"] = str(out / "index.html")
     return summary
+
+
+PICTURE_FOLDERS = ("plots", "cases")  # the report's own: replaced whole by each run
+
+
+def _put_in_place(staging: Path, out: Path) -> None:
+    """The staged picture folders, page and summary moved into `out` with Ctrl-C held; the earlier
+    run's folders go into the staging folder, to be removed with it (a link planted at their name is
+    removed, never followed)."""
+    try:
+        with signals_held():
+            for folder in PICTURE_FOLDERS:
+                earlier = out / folder
+                if earlier.is_symlink():
+                    earlier.unlink()
+                elif earlier.is_dir():
+                    move_into_place(earlier, staging / f"earlier-{folder}")
+                move_into_place(staging / folder, earlier)
+            for name in ("index.html", "summary.json"):
+                move_into_place(staging / name, out / name)
+            sync_folder(out)
+    except OSError as exc:
+        raise OutputError(f"cannot write the report into {out}: {exc.strerror or exc}; choose another --out") from exc
 
 
 def _finite(value):

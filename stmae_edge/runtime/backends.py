@@ -30,7 +30,7 @@ from ..machine import nvidia_platform
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import import_onnxruntime, load_onnx, preload_cuda_libraries
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
-from .devices import cpu_description, cuda_device_count, gpu_description
+from .devices import cpu_description, cuda_device_count, cuda_driver_state, gpu_description
 
 logger = logging.getLogger(__name__)
 ORT_PROVIDERS = {kind.name: kind.provider for kind in BACKEND_KINDS if kind.provider}  # backend -> provider
@@ -76,6 +76,12 @@ def choose_backend(path: Path, backend: str) -> str:
                            chosen, path.name, missing, gpu_onnxruntime_hint() + (
                                ", or build a TensorRT plan with `stmae-edge build` and run that"
                                if nvidia_platform() in ("x86-64", "jetson") else ""))
+        elif skipped and (driver := cuda_driver_state()).startswith("error"):
+            # a driver that fails (after an upgrade without a reboot, say) looks like no GPU to the count:
+            # a line PC that has one would run on its CPU, slower than the line, with nothing said
+            logger.warning("backend auto: %s for %s: the CUDA driver fails (cuInit %s; a driver upgraded "
+                           "without a reboot, say): %s not tried; `nvidia-smi` says more", chosen, path.name,
+                           driver, ", ".join(skipped))
         elif skipped:  # said, not silent: a line PC that should have a GPU runs on its CPU
             logger.info("backend auto: %s for %s (%s: no CUDA GPU here)", chosen, path.name, ", ".join(skipped))
         return chosen

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
-from ..metadata import MAX_BATCH
+from ..metadata import MAX_BATCH, ModelMetadata
 from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, as_items, check_bit_depth, load_image, name_the_image
 from ..scoring import ScoreStats, Thresholds
 from .backend_table import BACKENDS
@@ -43,10 +43,11 @@ STAGES = ("preprocess", "infer", "postprocess")
 
 class ImageScorer(AssignableThresholds):
     """What turns images into Detections, for any network that `run_tensors` reaches: the in-process
-    Detector's backend, or a served model (RemoteDetector). A subclass sets `preprocessing`,
+    Detector's backend, or a served model (RemoteDetector). A subclass sets `metadata`, `preprocessing`,
     `score_stats`, `map_stats`, `min_region_area`, `batch_size` and `sizes_accepted`, and defines
     run_tensors(batch, offset) -> (maps, scores), checked."""
 
+    metadata: ModelMetadata
     preprocessing: Preprocessing
     score_stats: ScoreStats
     map_stats: ScoreStats

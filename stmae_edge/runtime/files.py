@@ -1,9 +1,11 @@
 """Scoring image files into a folder: results as JSON and heatmap overlays as PNG (`stmae-edge predict`).
 
 A file that cannot be read is reported and skipped; every other file is still scored and written.
-A run into a folder that holds an earlier run's results replaces them whole: the overlays that the
-earlier results.json lists and this run does not write are removed once the new results.json is in
-place, so the folder never mixes two runs. Files it did not write are never touched: an overlay is
+A run into a folder that holds an earlier run's results replaces them whole: it writes its overlays
+and results.json into a staging folder inside OUT, then, with Ctrl-C held, moves them into place and
+removes the overlays that the earlier results.json lists and this run does not write; a run
+interrupted or stopped by a full disk before then leaves the earlier run as it was, so the folder
+never mixes two runs. Files it did not write are never touched: an overlay is
 removed only while its bytes are those results.json recorded (a file of the same name that someone
 else wrote stays), an overlay whose name is another file's there takes the next free name
 (<stem>_2.png), and nothing is written through a symbolic link.
@@ -18,12 +20,21 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 
 from ..data import IMAGE_SUFFIXES, images_in, may_be_one_file, not_read_in
 from ..errors import DatasetError, InvalidImageError, OutputError
-from ..outputs import check_output_folder, sha256_file, write_bytes_atomically
+from ..outputs import (
+    check_output_folder,
+    move_into_place,
+    sha256_file,
+    signals_held,
+    staging_folder,
+    sync_folder,
+    write_bytes_atomically,
+)
 from ..preprocessing import load_image
 from ..scoring import threshold_scoring
 from .detector import Detector
@@ -34,13 +45,20 @@ logger = logging.getLogger(__name__)
 RESULTS_NAME = "results.json"
 
 
-def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
-    """Files as given, folders as their image files (sorted), in the order given.
+class ExpandedInputs(NamedTuple):
+    paths: list[Path]  # files as given, folders as their image files
+    left_out: list[dict]  # per folder, what it holds that is not scored: {"folder", "not_scored"} (not_read_in)
+
+
+def expand_inputs(inputs: Sequence[Path | str]) -> ExpandedInputs:
+    """Files as given, folders as their image files (sorted), in the order given, and what each folder
+    holds that a user may take for images but is not scored (another format, its subfolders' images).
 
     Raises:
         DatasetError: a folder holds no image files (an empty run would read as "all passed").
     """
     paths: list[Path] = []
+    left_out_of_folders: list[dict] = []
     for item in map(Path, inputs):
         if item.is_dir():
             found, left_out = images_in(item), not_read_in(item)
@@ -48,11 +66,11 @@ def expand_inputs(inputs: Sequence[Path | str]) -> list[Path]:
                 raise DatasetError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this "
                                    f"folder" + (f"; not read: {left_out}" if left_out else ""))
             if left_out:
-                logger.warning("%s: not scored: %s", item, left_out)
+                left_out_of_folders.append({"folder": str(item), "not_scored": left_out})
             paths += found
         else:
             paths.append(item)  # a missing or unreadable file is reported when it is scored
-    return paths
+    return ExpandedInputs(paths, left_out_of_folders)
 
 
 # File systems take names of up to 255 bytes, and the atomic writer's temporary name adds 22 to the
@@ -108,7 +126,8 @@ def replaceable(out: Path, earlier_overlays: dict[str, str]) -> Callable[[str], 
 
 def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, overlays: bool = True,
                       advance: Callable[[int], None] | None = None, image_threshold: float | None = None,
-                      pixel_threshold: float | None = None, sigma: float | None = None) -> dict:
+                      pixel_threshold: float | None = None, sigma: float | None = None,
+                      left_out: Sequence[dict] = ()) -> dict:
     """Score `paths` in batches; write OUT/results.json and OUT/<stem>.png. Returns the summary.
 
     Args:
@@ -120,6 +139,8 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
         advance: called with the number of files done after each batch (a progress bar).
         image_threshold, pixel_threshold, sigma: thresholds for this run instead of the model's
             (postprocess.resolve_thresholds).
+        left_out: what the input folders hold that is not scored (expand_inputs), kept in results.json
+            so that the record says what was not inspected.
 
     Raises:
         OutputError: `out` is an input's folder, or cannot be written. ConfigError: bad thresholds.
@@ -129,6 +150,19 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     check_output_folder(out, paths)
     earlier_overlays = overlays_listed_in(out / RESULTS_NAME)
     names = overlay_names(paths, replaceable(out, earlier_overlays)) if overlays else []
+    with staging_folder(out) as staging:
+        results, errors = _score_into(staging, detector, paths, names, chosen, advance)
+        summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
+                   "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
+                   "unreadable": len(errors), "results": results, "errors": errors, "left_out": list(left_out),
+                   "overlays_not_written": 0}
+        summary["replaced_overlays"] = _put_in_place(staging, out, summary, earlier_overlays)
+    return summary
+
+
+def _score_into(staging: Path, detector: Detector, paths: Sequence[Path], names: Sequence[str], chosen,
+                advance: Callable[[int], None] | None) -> tuple[list[dict], list[dict]]:
+    """Each file's result, and the files that could not be scored; overlays (where `names`) into `staging`."""
     results, errors = [], []
     for start in range(0, len(paths), detector.batch_size):
         chunk = list(range(start, min(start + detector.batch_size, len(paths))))
@@ -158,47 +192,73 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
         for i, image, detection in zip(kept, images, detections, strict=True):
             detection = dataclasses.replace(detection, source=str(paths[i]))
             entry = detection.to_dict()
-            if overlays:
+            if names:
                 ok, png = cv2.imencode(".png", render_overlay(image, detection, detector.map_stats,
                                                              bit_depth=detector.preprocessing.bit_depth))
                 if not ok:
                     raise OutputError(f"cannot encode the overlay of {paths[i]}")
                 encoded = png.tobytes()
-                try:
-                    write_bytes_atomically(out / names[i], encoded, follow_links=False)
-                except OutputError as exc:
-                    if not isinstance(exc.__cause__, PermissionError):  # a full disk fails every write after it
-                        raise
-                    # one overlay refused (a file held open on Windows, past the retries) costs only itself;
-                    # its result says so (the CLI prints it as an error line)
-                    logger.info("%s", exc)
-                    entry["overlay_error"] = str(exc)
-                else:
-                    entry["overlay"] = names[i]
-                    entry["overlay_sha256"] = hashlib.sha256(encoded).hexdigest()
+                write_bytes_atomically(staging / names[i], encoded, follow_links=False)
+                entry["overlay"] = names[i]
+                entry["overlay_sha256"] = hashlib.sha256(encoded).hexdigest()
             results.append(entry)
         if advance:
             advance(len(chunk))
-    summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
-               "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
-               "unreadable": len(errors), "results": results, "errors": errors,
-               "overlays_not_written": sum("overlay_error" in r for r in results)}
-    write_bytes_atomically(out / RESULTS_NAME, (json.dumps(summary, indent=2) + "\n").encode(), follow_links=False)
-    # on a case-insensitive disk (macOS, Windows) Part1.png is the part1.png just written
-    written = {may_be_one_file(entry["overlay"]) for entry in results if "overlay" in entry}
-    stale = sorted(name for name in earlier_overlays if may_be_one_file(name) not in written)
-    removed = 0
-    for name in stale:
-        path = out / name
+    return results, errors
+
+
+def _put_in_place(staging: Path, out: Path, summary: dict, earlier_overlays: dict[str, str]) -> int:
+    """Move the staged overlays and results.json into `out` and remove the earlier run's overlays that
+    this one does not replace, with Ctrl-C held: only renames and removals, which need no space, so the
+    folder holds one run or the other. Returns how many earlier overlays were removed.
+
+    Raises:
+        OutputError: results.json could not be staged (a full disk) or moved into place.
+    """
+    results = summary["results"]
+
+    def encoded() -> bytes:
+        return (json.dumps(summary, indent=2) + "\n").encode()
+
+    write_bytes_atomically(staging / RESULTS_NAME, encoded(), follow_links=False)
+    with signals_held():
+        for entry in results:
+            if "overlay" not in entry:
+                continue
+            try:
+                move_into_place(staging / entry["overlay"], out / entry["overlay"])
+            except OSError as exc:
+                if not isinstance(exc, PermissionError):
+                    raise OutputError(f"cannot write {out / entry['overlay']}: {exc.strerror or exc}") from exc
+                # one overlay refused (a file held open on Windows, past the retries) costs only itself;
+                # its result says so (the CLI prints it as an error line)
+                message = f"cannot write {out / entry['overlay']}: {exc.strerror or exc}"
+                logger.info("%s", message)
+                del entry["overlay"], entry["overlay_sha256"]
+                entry["overlay_error"] = message
+                summary["overlays_not_written"] += 1
+        if summary["overlays_not_written"]:
+            write_bytes_atomically(staging / RESULTS_NAME, encoded(), follow_links=False)
         try:
-            if path.is_symlink() or not path.is_file() or sha256_file(path) != earlier_overlays[name]:
-                continue  # not the overlay that run wrote
-            path.unlink()
-            removed += 1
-        except OSError as exc:  # open in a viewer on Windows: the results are written, the file stays
-            logger.warning("%s: an overlay of the earlier run could not be removed (%s)", out / name, exc.strerror or exc)
-    summary["replaced_overlays"] = removed
-    return summary
+            move_into_place(staging / RESULTS_NAME, out / RESULTS_NAME)
+        except OSError as exc:
+            raise OutputError(f"cannot write {out / RESULTS_NAME}: {exc.strerror or exc}") from exc
+        sync_folder(out)
+        # on a case-insensitive disk (macOS, Windows) Part1.png is the part1.png just written
+        written = {may_be_one_file(entry["overlay"]) for entry in results if "overlay" in entry}
+        stale = sorted(name for name in earlier_overlays if may_be_one_file(name) not in written)
+        removed = 0
+        for name in stale:
+            path = out / name
+            try:
+                if path.is_symlink() or not path.is_file() or sha256_file(path) != earlier_overlays[name]:
+                    continue  # not the overlay that run wrote
+                path.unlink()
+                removed += 1
+            except OSError as exc:  # open in a viewer on Windows: the results are written, the file stays
+                logger.warning("%s: an overlay of the earlier run could not be removed (%s)", out / name,
+                               exc.strerror or exc)
+    return removed
 
 
 def overlays_listed_in(results_file: Path) -> dict[str, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from ..preprocessing import check_within_bit_depth, mirror_pad
 from ..scoring import normalize
 from .detector import ImageScorer
 from .postprocess import resolve_thresholds
+
+logger = logging.getLogger(__name__)
+# A tile this many times smaller or larger than every training image, on a side, is at another scale
+SCALE_WARNING_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,22 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
+def warn_if_trained_at_another_scale(detector: ImageScorer, tile_height: int, tile_width: int) -> None:
+    """Tiles are cut from the strip at native scale; a model trained on whole images shrunk to its input
+    (train without --crop) saw its features at another scale, and its maps on tiles mean less. Said once,
+    here: the inspector runs either way."""
+    sizes = detector.metadata.trained_sizes
+    if sizes is None:
+        return
+    far = SCALE_WARNING_FACTOR
+    if (sizes.height[0] / far <= tile_height <= sizes.height[1] * far
+            and sizes.width[0] / far <= tile_width <= sizes.width[1] * far):
+        return
+    logger.warning("line-scan: tiles are %dx%d pixels of the strip at its own scale, but this model was trained "
+                   "on images %s, each brought to %dx%d; train with --crop %d on images at the strip's scale",
+                   tile_width, tile_height, sizes.describe(), tile_width, tile_height, max(tile_height, tile_width))
+
+
 class StreamingInspector:
     """One strip's rows in, its defects out (the module docstring shows the loop). One strip per
     inspector, fed from one thread: after flush() make a new one for the next strip. The pixel threshold
@@ -106,6 +127,7 @@ class StreamingInspector:
             raise ConfigError(f"detector must be a stmae_edge Detector or RemoteDetector, not {type(detector).__name__}")
         self.detector = detector
         self.tile_height, self.tile_width = detector.preprocessing.input_size
+        warn_if_trained_at_another_scale(detector, self.tile_height, self.tile_width)
         half = min(self.tile_height, self.tile_width) // 2
         if not is_whole(overlap) or not 0 <= overlap <= half:
             raise ConfigError(f"overlap {overlap!r} must be a whole number of pixels within 0..{half} "

@@ -240,7 +240,9 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "12
                     raise BackendError(f"Triton did not start: {first_line(exc)}") from exc
                 logger.warning("Triton's model load lost PyTriton's handshake race (attempt %d); starting again",
                                attempt)
-        print(f"serving {name} ({Path(model_path).name}, batches up to {max_batch}) at http://{address}:{http_port}, "
+        info = detectors[0].info
+        print(f"serving {name} ({Path(model_path).name}, batches up to {max_batch}; {info['backend']} on "
+              f"{info['device']}) at http://{address}:{http_port}, "
               f"grpc {address}:{grpc_port}, metrics http://{address}:{metrics_port}/metrics; Ctrl-C stops", flush=True)
         while not stop["requested"] and triton.is_alive():
             time.sleep(0.2)
