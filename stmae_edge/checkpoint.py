@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .checks import check_document, is_file
-from .errors import CheckpointError, ConfigError, ModelFileMissingError, first_line
+from .checks import check_document, require_model_file
+from .errors import CheckpointError, ConfigError, first_line
 from .metadata import ModelMetadata
 from .models.families import build_model, config_from_dict
 from .outputs import check_writable, written_atomically
@@ -48,9 +48,7 @@ def save_checkpoint(path: Path | str, model: torch.nn.Module, metadata: ModelMet
 
 
 def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Tensor]]:
-    path = Path(path)
-    if not is_file(path, ModelFileMissingError):
-        raise ModelFileMissingError(f"{path}: no such model file")
+    path = require_model_file(path)
     try:
         with warnings.catch_warnings():  # torch's warnings about a file it refuses would precede our one line
             warnings.simplefilter("ignore")

@@ -12,7 +12,7 @@ import math
 from numbers import Integral, Real
 from pathlib import Path
 
-from .errors import StmaeError, first_line
+from .errors import ModelFileMissingError, StmaeError, first_line
 
 MAX_DOCUMENT_BYTES = 1 << 20  # a model's metadata is a few KB; a megabyte means a broken or hostile file
 MAX_DOCUMENT_DEPTH = 32  # ours nest 4 deep
@@ -30,6 +30,18 @@ def is_file(path: Path, error: type[StmaeError]) -> bool:
         return path.is_file()
     except OSError as exc:
         raise error(f"{path}: cannot be read ({exc.strerror or first_line(exc)})") from exc
+
+
+def require_model_file(path: Path | str) -> Path:
+    """`path`, checked to be a file before any work (or output folder) is started for it.
+
+    Raises:
+        ModelFileMissingError: no such file, or its folder cannot be searched.
+    """
+    path = Path(path)
+    if not is_file(path, ModelFileMissingError):
+        raise ModelFileMissingError(f"{path}: no such model file")
+    return path
 
 
 def is_whole(value) -> bool:

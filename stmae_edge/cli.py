@@ -345,6 +345,9 @@ def calibrate(
              if settings["min_weight_elements"] > 1 else "")
     typer.echo(f"wrote {path}: {report['int8_layers']} of {report['weighted_layers']} layers in INT8{small}; calibrated "
                f"on {report['images']} images of {report['folder']} (cache {report['cache']}: {report['cache_file']})")
+    # the thresholds were set on the fp32 model's scores, which INT8 moves a little
+    typer.echo(f"next: its thresholds are the fp32 model's; on a labelled set, `stmae-edge evaluate {path} DATA` "
+               f"compares, and `stmae-edge threshold {path} DATA --write` sets its own")
 
 
 @app.command()
@@ -636,7 +639,7 @@ def serve(
     """Serve MODEL through Triton Inference Server (PyTriton) with dynamic batching, until Ctrl-C.
 
     Triton models: NAME (preprocessed images), NAME_frames (uint8 BGR frames), NAME_gray (uint8 gray
-    frames), NAME_metadata. Needs the serve extra: scripts/setup_serve_env.sh."""
+    frames), NAME_metadata. Needs the serve extra in its own environment (README, "Serving many cameras")."""
     from .serving.server import serve as run_server
 
     run_server(model, name, address=address, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,

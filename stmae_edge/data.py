@@ -200,15 +200,21 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
     if not folder.is_dir():
         raise DatasetError(f"{root}: no test folder; expected DATA_DIR/test/good and DATA_DIR/test/<defect>")
     samples = []
+    if loose := images_in(folder):  # a user's first try at the layout: said, not silently left out
+        logger.warning("%s: %d image%s directly in it (first: %s) not scored: test images go in test/good and "
+                       "test/<defect type>", folder, len(loose), "s" if len(loose) > 1 else "", loose[0].name)
     for type_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         # test/Good or test/GOOD are the good images too: counted as a defect type, their scores would
         # set a threshold that fails every part
         defect_type = GOOD if name_key(type_dir.name) == GOOD else type_dir.name
         masks = {} if defect_type == GOOD else files_by_name(child_folder(truth, type_dir.name))  # listed once
-        for path in images_in(type_dir):
+        found = images_in(type_dir)
+        for path in found:
             samples.append(EvalSample(path, defect_type, None if defect_type == GOOD else find_mask(masks, path)))
         if left_out := not_read_in(type_dir):
             logger.warning("%s: not scored: %s", type_dir, left_out)
+        elif not found:  # a type with no images would vanish from the per-type figures without a word
+            logger.warning("%s: no images; its type is left out of the figures", type_dir)
     labels = {s.label for s in samples}
     if not samples or (both_classes and labels != {0, 1}):
         raise DatasetError(f"{folder}: evaluation needs both good and defective test images, found "
@@ -311,12 +317,14 @@ def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
     """Every sample's ground truth at (height, width), stacked (N, H, W) bool. Masks whose own size
     differs from their image's are resized all the same, and one warning says how many: a mask of
     another shape usually belongs to another image, and the pixel metrics would then mislead."""
-    masks, mismatched, empty, most = [], [], [], []
+    masks, mismatched, empty, most, vanished = [], [], [], [], []
     for sample in samples:
         mask, mask_size, covered = fit_mask(sample, size)  # decoded once; its image's size from its header
         masks.append(mask)
         if mask_size is not None and mask_size != (image_size := declared_image_size(sample.path)):
             mismatched.append((sample, mask_size, image_size))
+        if mask_size is not None and covered > 0 and not mask.any():
+            vanished.append(sample.mask_path)
         if mask_size is not None and covered == 0:
             empty.append(sample.mask_path)
         elif mask_size is not None and covered > MASK_COVERS_MOST:
@@ -324,6 +332,10 @@ def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
     if empty:  # its image's pixels all count as normal, its defect as a false alarm
         logger.warning("%d masks of defective images mark no defect pixel (first: %s): their images' pixels all "
                        "count as normal in the pixel metrics", len(empty), empty[0])
+    if vanished:  # a defect thinner than a pixel of the maps: scored as normal, its detection a false alarm
+        logger.warning("%d masks lose every defect pixel when brought to the maps' %dx%d (first: %s): their defects "
+                       "are thinner than the maps resolve, and count as normal pixels in the pixel metrics",
+                       len(vanished), size[1], size[0], vanished[0])
     if most:  # an inverted mask (defects black on white), or a background of label 1 or opaque white
         logger.warning("%d masks mark more than %d%% of their image as defect (first: %s, %.0f%%): defects must "
                        "be the nonzero (white) pixels on a zero (black) background; check that they are not "

@@ -106,11 +106,15 @@ def sidecar_path(plan: Path | str) -> Path:
     return plan.with_name(plan.name + ".json")
 
 
+def sidecar_bytes(sidecar: dict) -> bytes:
+    return (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_sidecar(plan: Path, sidecar: dict) -> Path:
     from .outputs import write_bytes_atomically  # outputs is not needed by the runtime's readers
 
     path = sidecar_path(plan)
-    write_bytes_atomically(path, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomically(path, sidecar_bytes(sidecar))
     return path
 
 

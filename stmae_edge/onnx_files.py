@@ -56,9 +56,39 @@ def import_onnxruntime():
         import onnxruntime
     except ImportError:
         raise BackendError("ONNX Runtime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu") from None
+    if not hasattr(onnxruntime, "InferenceSession"):
+        # onnxruntime and onnxruntime-gpu install the same files: with both installed, removing one takes
+        # files the other needs, and what is left imports as an empty package
+        raise BackendError(f"ONNX Runtime's installation is broken ({onnxruntime.__name__} has no InferenceSession: "
+                           "onnxruntime and onnxruntime-gpu were both installed, and one removed?); "
+                           f"{ONNXRUNTIME_REINSTALL}")
+    _warn_if_both_onnxruntimes()
     if _quiet_onnxruntime:
         onnxruntime.set_default_logger_severity(4)  # 4: fatal only
     return onnxruntime
+
+
+ONNXRUNTIME_REINSTALL = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install onnxruntime-gpu (Linux and "
+                         "Windows x86-64) or onnxruntime (elsewhere), one of the two")
+_checked_distributions = False
+
+
+def _warn_if_both_onnxruntimes() -> None:
+    """Once per process: both ONNX Runtime builds installed (pip installs onnxruntime-gpu beside a user's
+    onnxruntime without a word), which of their files is used is then a matter of install order."""
+    global _checked_distributions
+    if _checked_distributions:
+        return
+    _checked_distributions = True
+    from importlib import metadata
+
+    installed = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            installed.append(f"{name} {metadata.version(name)}")
+    if len(installed) == 2:
+        logger.warning("both ONNX Runtime builds are installed (%s), which share one module: %s",
+                       " and ".join(installed), ONNXRUNTIME_REINSTALL)
 
 
 _preload_lock = threading.Lock()

@@ -51,8 +51,9 @@ def same_file(a: Path | str, b: Path | str) -> bool:
         return False
 
 
-def check_writable(path: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
-    """Fail before long work, not after it, when the output cannot be written or is one of `inputs`.
+def check_writable(path: Path | str, inputs: Iterable[Path | str] = (), option: str = "--out") -> Path:
+    """Fail before long work, not after it, when the output cannot be written or is one of `inputs`;
+    the message names `option`, the one that chose the path.
 
     Raises:
         OutputError: the folder cannot be created or written, the path is a folder, or it names an input.
@@ -67,7 +68,7 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = ()) -> Path:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose another --out") from exc
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose another {option}") from exc
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name with --out")
     return path
@@ -114,6 +115,44 @@ def written_atomically(path: Path | str, follow_links: bool = True) -> Iterator[
         _remove(partial)
         raise
     _sync_folder(target.parent)
+
+
+def write_files_together(files: dict[Path, bytes]) -> None:
+    """Several files that must match one another (a plan and its sidecar) written whole, then renamed
+    into place one after another with Ctrl-C held: an interrupted or failed write leaves the earlier
+    ones, all of them, as they were.
+
+    Raises:
+        OutputError: a write failed (nothing was replaced), or a rename did.
+    """
+    partials: list[tuple[Path, Path]] = []
+    replaced: list[Path] = []
+    try:
+        for target, data in files.items():
+            partial = partial_name(target)
+            partials.append((partial, target))
+            os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o666))
+            partial.write_bytes(data)
+            _sync_file(partial)
+        with signals_held():
+            for partial, target in partials:
+                _replace(partial, target)
+                replaced.append(target)
+    except OSError as exc:
+        target = partials[-1][1] if partials else next(iter(files))
+        if replaced:  # a rename refused after another was made (a file held open on Windows)
+            target = next(t for _, t in partials if t not in replaced)
+        reason = exc.strerror or first_line(exc, 200)
+        if _disk_full(exc, target.parent):
+            reason = f"no space left on the disk ({reason})"
+        done = (f"{', '.join(str(t) for t in replaced)} replaced, so they do not match: run the command again"
+                if replaced else "nothing was replaced")
+        raise OutputError(f"cannot write {target}: {reason}; {done}") from exc
+    finally:
+        for partial, _ in partials:
+            _remove(partial)
+    for folder in {target.parent for target in files}:
+        _sync_folder(folder)
 
 
 # Windows refuses to replace a file that another process holds open without sharing its deletion (a
@@ -286,15 +325,16 @@ def sync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[list[int]]:
     """Ctrl-C (SIGINT) and SIGTERM put off until the block ends, then delivered to the handlers that were
-    there: for the few renames that put a run's files in place, which must not stop half-way. Only the
-    main thread can hold signals; elsewhere (a host program's worker thread) they do not reach the
-    block anyway."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    there: for the few renames that put a run's files in place, which must not stop half-way, or for
+    work that stops itself where it can (a TensorRT build asks its monitor whether to go on). Yields
+    the list of the signals received so far. Only the main thread can hold signals; elsewhere (a host
+    program's worker thread) they do not reach the block anyway, and the list stays empty."""
     caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(signum)
@@ -303,7 +343,7 @@ def signals_held() -> Iterator[None]:
         previous[signum] = handler
         signal.signal(signum, lambda received, frame: caught.append(received))
     try:
-        yield
+        yield caught
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

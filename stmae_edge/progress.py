@@ -27,10 +27,10 @@ def progress_bar(description: str, total: int) -> Iterator:
         task = progress.add_task(description, total=total, status="")
         last_line = [time.monotonic()]
 
-        def line() -> None:
+        def line(end: str = "") -> None:
             done = progress.tasks[0]
             print(f"{description}: {int(done.completed)}/{int(done.total or 0)} in {done.elapsed or 0:.1f}s "
-                  f"{done.fields['status']}", file=sys.stderr, flush=True)
+                  f"{done.fields['status']}{end}", file=sys.stderr, flush=True)
 
         def advance(n: int = 1, status: str = "", total: int | None = None) -> None:
             progress.update(task, advance=n, status=status, **({"total": total} if total is not None else {}))
@@ -38,6 +38,11 @@ def progress_bar(description: str, total: int) -> Iterator:
                 last_line[0] = time.monotonic()
                 line()
 
-        yield advance
+        try:
+            yield advance
+        except BaseException:
+            if not live:  # a log then says how far the work got (a live bar shows it already)
+                line(" (stopped)")
+            raise
         if not live:
             line()

@@ -108,6 +108,9 @@ def test_only_layers_with_enough_weights_are_quantised(fp32_graph, synthetic_dat
     # no --images: a sample of the training images, from the folder the model recorded, named
     assert f"images of {(synthetic_dataset / 'train' / 'good').resolve()} (cache" in result.stdout
     assert f"{len(quantised)} of {len(transformer)} layers in INT8; those under {cut} weights stay in fp16" in result.stdout
+    # the thresholds it carries are the fp32 model's: said, with how to check and set its own
+    assert f"next: its thresholds are the fp32 model's; on a labelled set, `stmae-edge evaluate {tmp_path / 'cli.onnx'}" \
+        in result.stdout
     # --images with --count: that many of the folder's images (all 24 without it)
     good = synthetic_dataset / "train" / "good"
     for extra, used in (([], 24), (["--count", "8"], 8)):

@@ -259,14 +259,17 @@ def test_holdout_dir_sharing_a_training_image_is_refused(synthetic_dataset, tmp_
               TrainConfig(holdout_dir=str(tmp_path / "missing")), backbone_weights="random")
 
 
-def test_holdout_dir_is_checked_before_training(synthetic_dataset, tmp_path):
+def test_holdout_dir_is_checked_before_training(synthetic_dataset, tmp_path, caplog):
     held = tmp_path / "held"
     held.mkdir()
     for path in data.images_in(synthetic_dataset / "test" / "good")[:2]:
         (held / path.name).write_bytes(path.read_bytes())
+    (held / "frame.webp").write_bytes(b"RIFF")  # left out as in train/good, and said as there (it was not)
     paths = data.train_images(synthetic_dataset)
-    goods = good_images(paths, TrainConfig(holdout_dir=str(held)))
+    with caplog.at_level("WARNING"):
+        goods = good_images(paths, TrainConfig(holdout_dir=str(held)))
     assert goods.train == paths and len(goods.holdout) == 2 and goods.holdout_source == f"from {held}"
+    assert f"{held}: not read: 1 file in another format" in caplog.text and "set on the 2 images" in caplog.text
     with pytest.raises(DatasetError, match="training needs at least two"):
         good_images(paths[:1], TrainConfig(holdout_dir=str(held)))
     (held / "broken.png").write_bytes(b"not an image")

@@ -76,6 +76,12 @@ def test_user_mistakes_are_one_line(args, fragment):
     _assert_one_line_error(run(*args), fragment)
 
 
+def test_a_mistyped_model_leaves_no_empty_output_folder(tmp_path):
+    """export made its default folder (export/) in the user's folder before it found the checkpoint missing."""
+    _assert_one_line_error(run("export", "mistyped.pt", cwd=tmp_path), "mistyped.pt: no such model file")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_holdout_dir_of_training_images_is_one_line(synthetic_dataset, tmp_path):
     r = run("train", str(synthetic_dataset), "--out", str(tmp_path / "m.pt"), "--preset", "tiny",
             "--backbone-weights", "random", "--holdout-dir", str(synthetic_dataset / "train" / "good"))
@@ -265,6 +271,8 @@ def test_export_and_verify_commands(synthetic_dataset, tmp_path):
     # (on a pipe: one line at the end) is all there is
     assert r.stderr.splitlines() == [line for line in r.stderr.splitlines() if line.startswith("exporting m.pt: 3/3 in ")]
     assert len(r.stderr.splitlines()) == 1, r.stderr
+    # and the exporter's own status lines stay off stdout (verbose=False, not a process-wide swap of stdout)
+    assert [line.split(" ")[0] for line in r.stdout.splitlines()] == ["wrote", "ops"], r.stdout
     r = run("verify", str(onnx_file), "--model", str(model), "--images", str(synthetic_dataset / "test" / "good"))
     assert r.returncode == 0 and "batch 8" in r.stdout and r.stdout.strip().endswith("(CPUExecutionProvider)")
     assert "verifying m.onnx: 3/3 in " in r.stderr

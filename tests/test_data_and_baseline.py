@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import cv2
 import numpy as np
 import pytest
@@ -341,6 +343,21 @@ def test_a_thin_defect_that_vanishes_in_the_fitted_mask_is_not_called_an_empty_m
         fitted = data.load_masks(data.eval_samples(root), (32, 32))
     assert not fitted.any()  # gone at the input's resolution
     assert "mark no defect pixel" not in caplog.text
+    # ... but said: its defect now counts as normal pixels (2 of magnetic_tile's 392 masks at 256 x 256)
+    assert ("1 masks lose every defect pixel when brought to the maps' 32x32 (first: "
+            f"{root / 'ground_truth' / 'scratch' / '000_mask.png'})") in caplog.text
+
+
+def test_images_loose_in_test_and_a_type_folder_without_images_are_said(tmp_path, caplog):
+    """An image put in test/ itself was left out of every figure, and an empty type folder vanished from
+    the per-type table, both without a word."""
+    root = make_synthetic_dataset(tmp_path / "d", n_train=4, n_good=2, n_bad=2, size=32)
+    shutil.copy(root / "test" / "good" / "000.png", root / "test" / "loose.png")
+    (root / "test" / "crack").mkdir()
+    with caplog.at_level("WARNING"):
+        assert len(data.eval_samples(root)) == 4
+    assert "test: 1 image directly in it (first: loose.png) not scored: test images go in test/good" in caplog.text
+    assert f"{root / 'test' / 'crack'}: no images; its type is left out of the figures" in caplog.text
 
 
 def test_skipping_unreadable_images_still_needs_four_readable_ones(tmp_path):

@@ -359,3 +359,31 @@ def test_the_workspace_limit_reaches_tensorrt_and_a_jetson_caps_it(onnx_file, tm
     assert sidecar["workspace_bytes"] == 1 << 30
     monkeypatch.setattr(machine.platform, "release", lambda: "6.8.0-45-generic")
     assert build.default_workspace_bytes() is None
+
+
+@trt_available
+def test_ctrl_c_during_a_build_cancels_it_and_keeps_the_earlier_plan_and_sidecar(onnx_file, tmp_path, monkeypatch):
+    """Ctrl-C reached TensorRT's callback as an exception inside C++; and a build cut off between its
+    plan and its sidecar left a plan that read_plan refuses, the working engine lost. The monitor now
+    cancels the build, and the pair is replaced together or not at all."""
+    import contextlib
+    import signal
+
+    from stmae_edge.engine_plan import read_plan
+    from stmae_edge.engines import build
+
+    plan, _ = build_engine(onnx_file, "fp32", "1:1:2", tmp_path / "m.plan")
+    earlier = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    @contextlib.contextmanager
+    def ctrl_c_at_the_first_phase(description, total):
+        def advance(n=1, status="", total=None):
+            signal.raise_signal(signal.SIGINT)  # as a user's Ctrl-C, while TensorRT builds
+        yield advance
+
+    monkeypatch.setattr(build, "progress_bar", ctrl_c_at_the_first_phase)
+    with pytest.raises(KeyboardInterrupt):
+        build_engine(onnx_file, "fp32", "1:4:8", tmp_path / "m.plan")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == earlier
+    assert read_plan(plan)[1]["batch"]["max"] == 2  # the earlier engine, still whole
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

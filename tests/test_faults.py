@@ -247,3 +247,31 @@ def test_a_full_disk_is_named_when_a_write_fails(tmp_path):
         with written_atomically(tmp_path / "m.pt") as partial:
             full(partial)
     assert not list(tmp_path.iterdir())
+
+
+def test_files_written_together_replace_the_earlier_pair_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A plan and its sidecar: the plan was renamed into place before the sidecar was written, so a build
+    cut off between them left a new plan beside the old sidecar, refused, and the working engine lost."""
+    from stmae_edge import outputs
+    from stmae_edge.errors import OutputError
+
+    plan, side = tmp_path / "m.plan", tmp_path / "m.plan.json"
+    plan.write_bytes(b"old plan")
+    side.write_bytes(b"old sidecar")
+    with pytest.raises(OutputError, match="nothing was replaced"):  # the second file cannot be written
+        outputs.write_files_together({plan: b"new plan", tmp_path / "absent" / "m.plan.json": b"new sidecar"})
+    assert plan.read_bytes() == b"old plan" and sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.plan.json"]
+
+    real_replace = outputs._replace
+
+    def ctrl_c_between(partial, target):  # Ctrl-C lands between the two renames
+        real_replace(partial, target)
+        if target == plan:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(outputs, "_replace", ctrl_c_between)
+    with pytest.raises(KeyboardInterrupt):  # delivered once both are in place
+        outputs.write_files_together({plan: b"new plan", side: b"new sidecar"})
+    assert plan.read_bytes() == b"new plan" and side.read_bytes() == b"new sidecar"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.plan.json"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

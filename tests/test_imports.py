@@ -126,3 +126,29 @@ def test_cuda_libraries_are_loaded_once_without_taking_the_hosts_stdout(monkeypa
         onnx_files.preload_cuda_libraries(Loader)
     assert capsys.readouterr().out == "" and "Failed to load libcudnn.so.9" in caplog.text
     assert sys.stdout is host_stdout
+
+
+def test_a_broken_or_doubled_onnxruntime_install_is_said_in_one_line(monkeypatch, caplog):
+    """With onnxruntime and onnxruntime-gpu both installed (pip adds the one beside the other without a
+    word), removing one leaves an empty package: every command died with an AttributeError traceback.
+    Both installed at once is warned of, once per process."""
+    import types
+    from importlib import metadata
+
+    import pytest
+
+    from stmae_edge import onnx_files
+    from stmae_edge.errors import BackendError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.ModuleType("onnxruntime"))  # what is left of it
+    with pytest.raises(BackendError, match="ONNX Runtime's installation is broken .*pip uninstall -y onnxruntime "
+                                           "onnxruntime-gpu"):
+        onnx_files.import_onnxruntime()
+    monkeypatch.undo()
+    monkeypatch.setattr(onnx_files, "_checked_distributions", False)
+    monkeypatch.setattr(metadata, "version", lambda name: {"onnxruntime": "1.22.0", "onnxruntime-gpu": "1.23.2"}[name])
+    with caplog.at_level("WARNING", logger="stmae_edge.onnx_files"):
+        onnx_files.import_onnxruntime()
+        onnx_files.import_onnxruntime()
+    assert [r.getMessage()[:78] for r in caplog.records] == [
+        "both ONNX Runtime builds are installed (onnxruntime 1.22.0 and onnxruntime-gpu"]

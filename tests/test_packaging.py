@@ -52,3 +52,48 @@ def test_the_gpu_extra_asks_nothing_of_a_mac(platform, machine, release):
     env = {"sys_platform": platform, "platform_machine": machine, "platform_release": release}
     assert [r.name for r in map(Requirement, PROJECT["optional-dependencies"]["gpu"])
             if r.marker is None or r.marker.evaluate(env)] == []
+
+
+def test_dependency_floors_that_pip_keeps_are_ones_that_work():
+    """pip keeps an installed package that meets the floor: OpenCV before 4.10.0.84 fails to import beside
+    the numpy 2 that onnx brings, and typer before 0.18 fails every command with today's click."""
+    floors = {r.name: r.specifier for r in map(Requirement, PROJECT["dependencies"])}
+    assert not floors["opencv-python-headless"].contains("4.9.0.80") and floors["opencv-python-headless"].contains("4.10.0.84")
+    assert not floors["typer"].contains("0.17.4") and floors["typer"].contains("0.18.0")
+
+
+def test_the_wheel_runs_from_any_folder_with_nothing_of_the_repository(tiny_export, synthetic_dataset, tmp_path):
+    """Users install the wheel and run from their own folder: it must carry everything the commands read
+    (py.typed for type checkers too), its version must be the one models record, and no test or run
+    folder may ride along."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    from stmae_edge import __version__
+
+    repo, source = Path(__file__).resolve().parents[1], tmp_path / "source"
+    # built from a copy: setuptools leaves build/ in the folder it builds, whose stale files later wheels take
+    shutil.copytree(repo / "stmae_edge", source / "stmae_edge", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(repo / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("stmae_edge-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "stmae_edge/py.typed" in names and f"stmae_edge-{__version__}.dist-info/METADATA" in names
+    assert all(name.startswith(("stmae_edge/", "stmae_edge-")) for name in names), names
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    work = tmp_path / "work"
+    work.mkdir()
+    script = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import stmae_edge, stmae_edge.cli as cli; "
+              "assert stmae_edge.__file__.startswith(sys.path[0]), stmae_edge.__file__; "
+              "sys.argv = ['stmae-edge', *sys.argv[1:]]; cli.main()")
+    run = lambda *args: subprocess.run([sys.executable, "-c", script, str(tmp_path / "site"), *args],  # noqa: E731
+                                       capture_output=True, text=True, timeout=300, cwd=work)
+    version = run("--version")
+    assert version.returncode == 0 and __version__ in version.stdout, version.stderr
+    scored = run("predict", str(tiny_export[1]), str(synthetic_dataset / "test" / "good"), "--no-overlays")
+    assert scored.returncode == 0 and (work / "predictions" / "results.json").is_file(), scored.stderr

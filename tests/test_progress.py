@@ -29,3 +29,12 @@ def test_a_pipe_is_not_flooded(capsys):
         for _ in range(1000):
             advance()
     assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_work_stopped_on_a_pipe_says_how_far_it_got(capsys):
+    """An interrupted run's log never said how far it had come (a line every 30 s, and at the end)."""
+    with pytest.raises(KeyboardInterrupt), progress.progress_bar("training", 10) as advance:
+        advance(3, status="epoch 1/4")
+        raise KeyboardInterrupt
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("training: 3/10 in ") and lines[0].endswith("epoch 1/4 (stopped)")

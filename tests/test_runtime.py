@@ -551,3 +551,18 @@ def test_autos_fallback_reads_and_checks_the_graph_once(tiny_export, monkeypatch
         detector = Detector(tiny_export[1])  # the GPU providers fail here: no CUDA
     assert detector.info["backend"] == "ort-cpu" and "ort-cuda cannot run m.onnx here" in caplog.text
     assert len(reads) == 1
+
+
+def test_a_model_without_its_training_sizes_is_warned_of(tiny_export, caplog):
+    """The check that refuses a frame from a wrongly set camera is off for a model made before sizes were
+    recorded: that was an INFO line, hidden by default."""
+    from dataclasses import replace
+
+    from stmae_edge.metadata import ModelMetadata
+    from stmae_edge.runtime.detector import accepted_sizes
+
+    older = replace(ModelMetadata.from_onnx(tiny_export[1]), trained_sizes=None)
+    with caplog.at_level("INFO", logger="stmae_edge.runtime.detector"):
+        assert accepted_sizes(older, check_size=True) is None
+        assert accepted_sizes(older, check_size=False) is None
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "train it again" in caplog.text

@@ -69,6 +69,7 @@ def test_one_image_the_model_cannot_take_is_reported_and_the_rest_scored(tiny_ex
     assert len(errors) == 1 and "002_u16.png: uint16 pixels up to 65000 exceed the 12-bit range" in errors[0]
     summary = json.loads((out / "results.json").read_text())
     assert summary["unreadable"] == 1 and len(summary["results"]) == 6
+    assert summary["input"] == {"bit_depth": 12, "sizes_checked": True}  # both change verdicts: recorded
     assert [p["source"] for p in summary["results"]] == [str(p) for p in sorted(inputs.iterdir()) if "u16" not in p.name]
     assert "next: on a labelled set" in r.stdout and "overlays" not in r.stdout  # none were written
 

@@ -229,9 +229,12 @@ def test_serve_without_pytriton_says_how_to_install_it(tiny_export):
     result = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "serve", str(onnx_path)], capture_output=True,
                             text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    # the commands themselves: a wheel carries no scripts/
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: PyTriton is not installed: install the serve extra in its own environment: "
-        "`bash scripts/setup_serve_env.sh` (see the README, \"Serving many cameras\")")
+        "error: PyTriton is not installed: install the serve extra in its own environment (PyTriton needs numpy "
+        "< 2), made from a Python with a shared libpython (the system's python3): `python3 -m venv serve-env && "
+        "serve-env/bin/pip install 'stmae-edge[serve]'`; in a clone, `bash scripts/setup_serve_env.sh` does this "
+        "(README, \"Serving many cameras\")")
 
 
 @needs_serve_env

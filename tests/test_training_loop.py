@@ -118,3 +118,34 @@ def test_the_memory_estimate_follows_the_measured_peaks_and_warns_before_trainin
               TrainConfig(epochs=1, max_steps=1, self_supervised=True), backbone_weights="random")
     assert (f"training on 24 images ({sets} feature sets: crops or corrupted copies) needs about 2.6 GB" in caplog.text
             and "train on fewer (--max-images 10)" in caplog.text)
+
+
+def test_a_model_that_cannot_be_saved_after_training_is_saved_in_the_temp_folder(synthetic_dataset, tmp_path,
+                                                                                monkeypatch):
+    """A disk that filled up during training lost the whole training at the end: the model now goes to the
+    temp folder, and the error names where. (The write to --out is made to fail as a full disk would.)"""
+    import tempfile
+
+    from stmae_edge import checkpoint
+    from stmae_edge.errors import OutputError
+    from stmae_edge.models.stmae import preset
+    from stmae_edge.training import train as train_module
+
+    out = tmp_path / "model.pt"
+    real_save = checkpoint.save_checkpoint
+
+    def disk_full_at_out(path, model, metadata):
+        if path == out:
+            raise OutputError(f"cannot write {out}: no space left on the disk; nothing was replaced")
+        return real_save(path, model, metadata)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", disk_full_at_out)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    with pytest.raises(OutputError, match=r"no space left on the disk; nothing was replaced; the trained model was "
+                                          r"saved to .*model\.[0-9a-f]{8}\.pt instead") as caught:
+        train_module.train(synthetic_dataset, out, preset("tiny"), TrainConfig(epochs=1, batch_size=8),
+                           backbone_weights="random")
+    rescued = next((tmp_path / "temp").glob("model.*.pt"))
+    assert str(rescued) in str(caught.value) and not out.exists()
+    assert checkpoint.read_checkpoint(rescued)[0].training["train_images"] > 0  # the whole model, readable

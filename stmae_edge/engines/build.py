@@ -10,6 +10,7 @@ sidecar next to the plan.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -26,14 +27,15 @@ from ..engine_plan import (
     SIDECAR_FORMAT,
     collecting_logger,
     import_tensorrt,
+    sidecar_bytes,
+    sidecar_path,
     telling_error,
-    write_sidecar,
 )
-from ..errors import ConfigError, ExportError, first_line
+from ..errors import ConfigError, ExportError, OutputError, first_line
 from ..machine import is_jetson, total_memory_bytes
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 from ..onnx_files import load_onnx
-from ..outputs import check_writable, sha256_file, write_bytes_atomically
+from ..outputs import check_writable, sha256_file, signals_held, write_bytes_atomically, write_files_together
 from ..progress import progress_bar
 
 PRECISIONS = PLAN_PRECISIONS  # int8 graphs come from `stmae-edge calibrate`
@@ -81,10 +83,11 @@ def default_plan_path(onnx_path: Path | str, precision: str) -> Path:
     return Path("engines") / f"{stem}.plan"
 
 
-def phase_monitor(trt, advance):
+def phase_monitor(trt, advance, stop_requested: Sequence = ()):
     """A TensorRT IProgressMonitor (TensorRT 10+ and RTX) that moves a progress bar: its total is the
-    top phase's step count, its status the innermost phase under way. It never cancels the build, and a
-    failure of its own (a closed terminal) never stops one."""
+    top phase's step count, its status the innermost phase under way. It cancels the build once
+    `stop_requested` holds anything (Ctrl-C, held by outputs.signals_held: raised inside TensorRT's
+    callback it would have to cross C++), and a failure of its own (a closed terminal) never stops one."""
 
     class PhaseMonitor(trt.IProgressMonitor):
         def __init__(self) -> None:
@@ -114,7 +117,7 @@ def phase_monitor(trt, advance):
                         advance(1, status=self.under_way[-1] if self.under_way else phase_name)
             except Exception:  # noqa: BLE001
                 pass
-            return True  # go on
+            return not stop_requested  # False cancels the build
 
         def phase_finish(self, phase_name) -> None:
             with self.lock:
@@ -167,9 +170,9 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         raise ConfigError(f"{onnx_path} is an {graph_precision} graph; for {precision} run `{how}` "
                           "and build that file")
     precision = graph_precision
+    trt, flavour = import_tensorrt()  # before --out's folder is made: a machine without TensorRT keeps none
     out = check_writable(out or default_plan_path(onnx_path, precision), [onnx_path])
     cache_path = Path(timing_cache) if timing_cache else out.parent / "timing.cache"
-    trt, flavour = import_tensorrt()
 
     logger = collecting_logger(trt)
     builder = trt.Builder(logger)
@@ -208,22 +211,22 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
 
     started = time.perf_counter()
     # A build takes minutes on a Jetson: the bar follows TensorRT's top phase, naming the one under way
-    with progress_bar(f"building ({flavour})", 1) as advance:
-        monitor = phase_monitor(trt, advance)
+    with progress_bar(f"building ({flavour})", 1) as advance, signals_held() as stop_requested:
+        monitor = phase_monitor(trt, advance, stop_requested)
         config.progress_monitor = monitor
-        plan = builder.build_serialized_network(network, config)
+        plan = builder.build_serialized_network(network, config)  # None once cancelled: Ctrl-C comes after
         if plan is not None:  # TensorRT reports one step fewer than it announced for its top phase
             advance(max(monitor.total - monitor.done, 0), status="done")
     if plan is None:
         raise ExportError(f"{onnx_path}: TensorRT could not build an engine ({flavour}: {telling_error(logger.errors)}); "
                           "try a smaller --batch range or check the graph with `stmae-edge verify`")
     seconds = time.perf_counter() - started
-    # The plan, then its sidecar, each under its real name only when whole: a plan without its sidecar,
-    # or beside an older one, is refused by read_plan, so an interrupted build is never taken for done.
-    write_bytes_atomically(out, bytes(plan))
-    if uses_timing_cache:
-        write_bytes_atomically(cache_path, bytes(config.get_timing_cache().serialize()))
-
+    if uses_timing_cache:  # a speed-up for the next build: one that cannot be written costs this one nothing
+        try:
+            write_bytes_atomically(cache_path, bytes(config.get_timing_cache().serialize()))
+        except OutputError as exc:
+            log.warning("%s; the next build starts without a timing cache", exc)
+    plan = bytes(plan)
     sidecar = {
         "format": SIDECAR_FORMAT,
         "metadata": metadata.to_dict(),
@@ -233,11 +236,13 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         "target": _target(config, flavour),
         "workspace_bytes": int(config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE)),
         "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
-        "plan": {"path": out.name, "sha256": sha256_file(out), "size_bytes": out.stat().st_size},
+        "plan": {"path": out.name, "sha256": hashlib.sha256(plan).hexdigest(), "size_bytes": len(plan)},
         "build_seconds": round(seconds, 2),
         "package_version": __version__,
     }
-    write_sidecar(out, sidecar)
+    # The plan and its sidecar replace the earlier pair together, or not at all: a plan beside an older
+    # sidecar is refused by read_plan, so a build cut off between the two lost a working engine.
+    write_files_together({out: plan, sidecar_path(out): sidecar_bytes(sidecar)})
     return out, sidecar
 
 

@@ -228,7 +228,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     report = {"key": key, "images": len(images), "folder": data.folder_of(images), "cache": "hit" if hit else "miss",
               "cache_file": str(cached), "settings": settings}
     if not hit:
-        check_writable(cached)
+        check_writable(cached, option="--cache-dir")
         with written_atomically(cached) as partial:  # a cache hit must never find half a graph
             _quantize(onnx_path, proto, metadata, images, partial, batch_size, settings)
         write_bytes_atomically(record, (json.dumps(
@@ -254,7 +254,7 @@ def quantisation_errors(onnx_path: Path) -> Iterator[None]:
     one ExportError saying so, instead of a traceback (our own typed errors pass through)."""
     try:
         yield
-    except StmaeError:
+    except (StmaeError, OSError):  # an OSError is the disk's (full, say): the writer names it, not the graph
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the quantiser raises, the user needs its first line
         raise ExportError(f"{onnx_path}: ONNX Runtime's quantisation failed ({first_line(exc, 300)}); check the "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import io
 import logging
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ import onnx
 import torch
 
 from ..checkpoint import load_model
+from ..checks import require_model_file
 from ..errors import ConfigError, ExportError, StmaeError, first_line
 from ..metadata import (
     INPUT_NAME,
@@ -100,6 +100,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
     if precision not in EXPORT_PRECISIONS:
         raise ConfigError(f"unknown export precision {precision!r}; choose {', '.join(EXPORT_PRECISIONS)} "
                           "(int8 comes from `stmae-edge calibrate`)")
+    require_model_file(checkpoint)  # before --out's folder is made: a mistyped name leaves nothing behind
     out = check_writable(out or default_onnx_path(checkpoint, precision), [checkpoint])
     with progress_bar(f"exporting {Path(checkpoint).name}", 3) as step:
         step(0, status="loading the model")
@@ -118,14 +119,15 @@ def _export_and_check(checkpoint: Path | str, out: Path, precision: str, step) -
     # A batch of 2 as the example: with 1, exporters can bake batch 1 into the graph.
     example = torch.zeros(2, 3, *size)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    log = io.StringIO()
     step(1, status="exporting the graph (the longest step)")
     try:
-        with contextlib.redirect_stdout(log), quiet_exporter(), torch.no_grad():
+        # verbose=False: the exporter's status lines went to stdout, which was swapped for the whole export
+        # to keep them off (a host program's other threads lost their output meanwhile)
+        with quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME],
                                         output_names=[MAP_NAME, SCORE_NAME],
                                         dynamic_shapes={"images": {0: batch}}, dynamo=True,
-                                        opset_version=OPSET, optimize=True)
+                                        opset_version=OPSET, optimize=True, verbose=False)
     except Exception as exc:  # the exporter raises many types; the user needs the first line
         missing = missing_package(exc)
         if missing is not None and missing.name.partition(".")[0] == "onnxscript":  # the CLI says which extra

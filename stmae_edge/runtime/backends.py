@@ -23,9 +23,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ..checks import is_file
+from ..checks import require_model_file
 from ..engine_plan import DEFAULT_BATCH_PROFILE
-from ..errors import BackendError, CheckpointError, ConfigError, EngineMismatchError, ModelFileMissingError, first_line
+from ..errors import BackendError, CheckpointError, ConfigError, EngineMismatchError, first_line
 from ..machine import nvidia_platform
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import import_onnxruntime, load_onnx, preload_cuda_libraries
@@ -38,7 +38,7 @@ ORT_PROVIDERS = {kind.name: kind.provider for kind in BACKEND_KINDS if kind.prov
 # plan from `build` has by default. Larger batches are split by the Detector.
 ORT_TENSORRT_PROFILE = DEFAULT_BATCH_PROFILE
 GPU_PROVIDER_HINT = ("check the GPU driver and the CUDA, cuDNN (and TensorRT) versions that this onnxruntime-gpu "
-                     "needs (pip install '.[gpu]' brings CUDA's and cuDNN's), or ask for --backend ort-cpu")
+                     "needs (pip install 'stmae-edge[gpu]' brings CUDA's and cuDNN's), or ask for --backend ort-cpu")
 
 
 # How to get ONNX Runtime's GPU providers, per machine.nvidia_platform(): PyPI's onnxruntime-gpu is built
@@ -139,10 +139,8 @@ def open_backend(model_path: Path | str, backend: str = "auto", *, cuda_graph: b
         BackendError: no such file, or the backend cannot start here (each says what is missing).
         EngineMismatchError: a plan and its sidecar, or the graph and its metadata, do not agree.
     """
-    path = Path(model_path)
     check_backend_name(backend)
-    if not is_file(path, ModelFileMissingError):
-        raise ModelFileMissingError(f"{path}: no such model file")
+    path = require_model_file(model_path)
     chosen = choose_backend(path, backend)
     if cuda_graph and chosen != "tensorrt":
         raise ConfigError("CUDA graphs are a TensorRT option: give a .plan file, or leave out --cuda-graph")

@@ -351,8 +351,9 @@ def accepted_sizes(metadata, check_size: bool) -> TrainedSizes | None:
     """What `predict` holds images to: the training images' sizes, unless the caller opted out or the
     model predates the record (then said once, in the log)."""
     if check_size and metadata.trained_sizes is None:
-        logger.info("the model records no training image sizes (made before stmae-edge recorded them): images "
-                    "of any size are scored")
+        # a warning: the check that refuses a frame from a wrongly set camera is off for this model
+        logger.warning("the model records no training image sizes (made before stmae-edge recorded them): images "
+                       "of any size are scored; train it again to have them checked")
     return metadata.trained_sizes if check_size else None
 
 

@@ -153,6 +153,9 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     with staging_folder(out) as staging:
         results, errors = _score_into(staging, detector, paths, names, chosen, advance)
         summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
+                   # how the files were read: both change verdicts (--bit-depth, --any-size)
+                   "input": {"bit_depth": detector.preprocessing.bit_depth,
+                             "sizes_checked": detector.sizes_accepted is not None},
                    "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
                    "unreadable": len(errors), "results": results, "errors": errors, "left_out": list(left_out),
                    "overlays_not_written": 0}

@@ -33,8 +33,10 @@ from ..runtime.detector import Detector
 from ..scoring import fails, normalize
 
 logger = logging.getLogger(__name__)
-INSTALL_HINT = ("install the serve extra in its own environment: `bash scripts/setup_serve_env.sh` "
-                "(see the README, \"Serving many cameras\")")
+INSTALL_HINT = ("install the serve extra in its own environment (PyTriton needs numpy < 2), made from a Python "
+                "with a shared libpython (the system's python3): `python3 -m venv serve-env && serve-env/bin/pip "
+                "install 'stmae-edge[serve]'`; in a clone, `bash scripts/setup_serve_env.sh` does this (README, "
+                "\"Serving many cameras\")")
 MAX_INSTANCES = 16
 ADMIN_ENDPOINTS = ("shared-memory", "model-repository", "trace", "logging")
 START_ATTEMPTS = 3

@@ -73,6 +73,9 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
     if len(goods.paths) < 2:
         raise DatasetError(f"{len(goods.paths)} training image(s): training needs at least two")
     held = data.images_in(cfg.holdout_dir)
+    if left_out := data.not_read_in(Path(cfg.holdout_dir)):
+        logger.warning("%s: not read: %s; the threshold is set on the %d images directly in it", cfg.holdout_dir,
+                       left_out, len(held))
     if len(held) < 2:
         raise DatasetError(f"{cfg.holdout_dir}: {len(held)} images; hold out at least two good images")
     held = survey(held, f"held-out good images in {cfg.holdout_dir}", cfg.skip_unreadable, TRAINING_REMEDY)

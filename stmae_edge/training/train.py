@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -22,7 +24,7 @@ import torch
 
 from .. import data
 from ..checkpoint import save_checkpoint
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, OutputError, TrainingError
 from ..metadata import ModelMetadata
 from ..models.backbones import BACKBONE_PREPROCESSING
 from ..models.families import STMAE_FAMILY
@@ -295,7 +297,26 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             "seconds": round(time.perf_counter() - started, 1),
         },
     )
-    return save_checkpoint(out, model, metadata)
+    return save_where_possible(Path(out), model, metadata)
+
+
+def save_where_possible(out: Path, model: torch.nn.Module, metadata: ModelMetadata) -> ModelMetadata:
+    """The checkpoint at `out`; where that fails after training (its disk filled up meanwhile, say), in the
+    temp folder instead, so that the training is not lost, and an error naming both.
+
+    Raises:
+        OutputError: `out` could not be written (the message says where the model went, if anywhere).
+    """
+    try:
+        return save_checkpoint(out, model, metadata)
+    except OutputError as exc:
+        rescue = Path(tempfile.gettempdir()) / f"{out.stem}.{secrets.token_hex(4)}{out.suffix}"
+        try:
+            save_checkpoint(rescue, model, metadata)
+        except OutputError:
+            raise exc from None
+        raise OutputError(f"{exc}; the trained model was saved to {rescue} instead: move it where it belongs "
+                          "(the training is not lost)") from exc
 
 
 def check_scores_vary(scores: np.ndarray, what: str) -> None:
