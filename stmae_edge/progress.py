@@ -1,4 +1,8 @@
-"""Progress bars for long work (feature extraction, training, evaluation, export, engine builds), on stderr."""
+"""Progress bars for long work (feature extraction, training, evaluation, export, engine builds), on stderr.
+
+A program that calls the library and wants its stderr to itself turns them off for a block:
+`with progress_shown(False): train(...)`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -14,10 +19,26 @@ _console = Console(stderr=True)
 LOG_EVERY_S = 30.0
 
 
+_shown: ContextVar[bool] = ContextVar("stmae_edge_progress_shown", default=True)
+
+
+@contextmanager
+def progress_shown(shown: bool) -> Iterator[None]:
+    """Progress bars (and their lines on a pipe) shown or not, within the block, in this thread."""
+    token = _shown.set(bool(shown))
+    try:
+        yield
+    finally:
+        _shown.reset(token)
+
+
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator:
     """Yields advance(n=1, status="", total=None): `status` shows e.g. the running loss or the step under
     way; `total` replaces the count of steps where the work learns it as it goes (a TensorRT build)."""
+    if not _shown.get():
+        yield lambda n=1, status="", total=None: None
+        return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     # On a pipe (CI logs, nohup) a live bar prints nothing useful: print a plain line instead, every

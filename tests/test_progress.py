@@ -38,3 +38,13 @@ def test_work_stopped_on_a_pipe_says_how_far_it_got(capsys):
         raise KeyboardInterrupt
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("training: 3/10 in ") and lines[0].endswith("epoch 1/4 (stopped)")
+
+
+def test_a_calling_program_can_turn_the_bars_off(capsys):
+    """train, evaluate and export wrote their progress to the host program's stderr, with no way to stop it."""
+    with progress.progress_shown(False), progress.progress_bar("training", 3) as advance:
+        advance(3, status="epoch 1/1")
+    assert capsys.readouterr().err == ""
+    with progress.progress_bar("training", 1) as advance:  # on again after the block
+        advance()
+    assert capsys.readouterr().err.startswith("training: 1/1")
