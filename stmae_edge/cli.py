@@ -472,7 +472,7 @@ def predict(
     else:
         detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph, bit_depth=bit_depth,
                             check_size=not any_size)
-    paths, left_out = expand_inputs(images)
+    paths, left_out = expand_inputs(images, out)
     for folder in left_out:
         typer.echo(f"warning: {folder['folder']}: not scored: {folder['not_scored']}", err=True)
     with progress_bar(f"scoring ({detector.info['backend']})", len(paths)) as advance:
@@ -706,12 +706,13 @@ def _stop_on_signals() -> None:
 
 
 def _stopped() -> int:
-    """After a stopping signal: later ones ignored (a second Ctrl-C while Python shuts down printed a
-    traceback from torch's exit handlers), the line said, and 128 + the signal's number as the exit
+    """After a stopping signal: a later Ctrl-C ignored (a second one while Python shuts down printed a
+    traceback from torch's exit handlers), SIGTERM and SIGHUP back to ending the process at once (a
+    shutdown that hangs can still be ended), the line said, and 128 + the signal's number as the exit
     code, as shells report it (130 for Ctrl-C)."""
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+    for name, handler in (("SIGINT", signal.SIG_IGN), ("SIGTERM", signal.SIG_DFL), ("SIGHUP", signal.SIG_DFL)):
         with contextlib.suppress(AttributeError, ValueError, OSError):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+            signal.signal(getattr(signal, name), handler)
     typer.echo("aborted: outputs are written whole or not at all, so none is left half-written", err=True)
     return 128 + _STOPPED_BY[0] if _STOPPED_BY else ABORTED_EXIT_CODE
 

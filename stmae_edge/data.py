@@ -61,16 +61,17 @@ def images_in(folder: Path | str) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
-def not_read_in(folder: Path) -> str:
+def not_read_in(folder: Path, ignore: Sequence[Path] = ()) -> str:
     """What images_in leaves out of `folder` that a user may take for images, in words ("" if nothing):
     images in a format that is not read (UNREAD_IMAGE_SUFFIXES), links that lead to no file, and the
-    images of its subfolders."""
+    images of its subfolders but those in `ignore` (a command's own output folder there)."""
     other = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")
                    and (p.suffix.lower() in UNREAD_IMAGE_SUFFIXES or (p.suffix.lower() in IMAGE_SUFFIXES
                                                                      and not p.exists())))
     nested = 0
+    ignored = {Path(p).resolve() for p in ignore}
     for sub in folder.iterdir():
-        if sub.is_dir() and not sub.name.startswith("."):
+        if sub.is_dir() and not sub.name.startswith(".") and sub.resolve() not in ignored:
             with contextlib.suppress(OSError):  # a subfolder this user may not list: nothing to say of it
                 nested += len(images_in(sub))
     parts = []

@@ -128,12 +128,16 @@ def write_files_together(files: dict[Path, bytes]) -> None:
     partials: list[tuple[Path, Path]] = []
     replaced: list[Path] = []
     try:
-        for target, data in files.items():
+        for path, data in files.items():
+            # as written_atomically: a link is kept and its file replaced, with that file's permissions
+            target = path.resolve() if path.is_symlink() else path
             partial = partial_name(target)
             partials.append((partial, target))
             os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o666))
             partial.write_bytes(data)
             _sync_file(partial)
+            if target.exists():
+                os.chmod(partial, target.stat().st_mode & 0o7777)
         with signals_held():
             for partial, target in partials:
                 _replace(partial, target)
@@ -258,8 +262,11 @@ def check_output_folder(out: Path | str, inputs: Iterable[Path | str]) -> Path:
 
 
 STAGING_PREFIX = ".stmae-edge-staging-"
-# Where a staging folder cannot be locked (Windows), one untouched this long is an earlier run's, killed
+# Where a staging folder cannot be locked (Windows; NFS, whose flock needs a file open for writing),
+# one untouched this long is an earlier run's, killed; and none this young is taken for one (the moment
+# between a run's mkdir and its lock)
 STALE_STAGING_S = 24 * 3600
+YOUNG_STAGING_S = 60
 
 
 @contextlib.contextmanager
@@ -275,17 +282,40 @@ def staging_folder(out: Path) -> Iterator[Path]:
     staging = out / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
     try:
         staging.mkdir()
-        held = os.open(staging, os.O_RDONLY) if fcntl is not None else None
     except OSError as exc:
         raise OutputError(f"cannot write into {out}: {exc.strerror or exc}; choose another --out") from exc
+    held = None
     try:
-        if held is not None:
-            fcntl.flock(held, fcntl.LOCK_EX)  # while held, a later run knows this one is alive
+        held = _locked(staging)  # while held, a later run knows this one is alive
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if held is not None:
             os.close(held)
+
+
+def _locked(folder: Path, wait: bool = True) -> int | None:
+    """An open descriptor of `folder` holding an exclusive lock on it, or None where the system cannot
+    lock a folder (Windows, NFS: then the age rules apply).
+
+    Raises:
+        BlockingIOError: with wait=False, another process holds the lock.
+    """
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # EBADF on NFS, ENOLCK: no lock to be had here
+        os.close(fd)
+        return None
+    return fd
 
 
 def _remove_stale_staging(out: Path) -> None:
@@ -294,19 +324,22 @@ def _remove_stale_staging(out: Path) -> None:
     except OSError:
         return
     for folder in found:
-        if folder.is_symlink() or not folder.is_dir():
-            continue
         with contextlib.suppress(OSError):
-            if fcntl is None:
-                if time.time() - folder.stat().st_mtime > STALE_STAGING_S:
-                    shutil.rmtree(folder, ignore_errors=True)
+            if folder.is_symlink() or not folder.is_dir():
                 continue
-            fd = os.open(folder, os.O_RDONLY)
+            age = time.time() - folder.stat().st_mtime
+            if age < YOUNG_STAGING_S:
+                continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # refused while its run holds it
-                shutil.rmtree(folder, ignore_errors=True)
+                fd = _locked(folder, wait=False)
+            except BlockingIOError:  # its run holds it
+                continue
+            try:
+                if fd is not None or age > STALE_STAGING_S:
+                    shutil.rmtree(folder, ignore_errors=True)
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
 
 
 def move_into_place(staged: Path, target: Path) -> None:
@@ -324,28 +357,45 @@ def sync_folder(folder: Path) -> None:
     _sync_folder(folder)
 
 
+# The signals that stop a command (SIGHUP: its terminal closed; the CLI raises them all as Ctrl-C)
+HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[list[int]]:
-    """Ctrl-C (SIGINT) and SIGTERM put off until the block ends, then delivered to the handlers that were
-    there: for the few renames that put a run's files in place, which must not stop half-way, or for
-    work that stops itself where it can (a TensorRT build asks its monitor whether to go on). Yields
-    the list of the signals received so far. Only the main thread can hold signals; elsewhere (a host
-    program's worker thread) they do not reach the block anyway, and the list stays empty."""
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP put off until the block ends, then delivered to the handlers
+    that were there: for the few renames that put a run's files in place, which must not stop half-way,
+    or for work that stops itself where it can (a TensorRT build asks its monitor whether to go on).
+    Yields the list of the signals received so far. A signal the process ignores stays ignored. Only
+    the main thread can hold signals; elsewhere (a host program's worker thread) they do not reach the
+    block anyway, and the list stays empty."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(signum)
-        if handler is None:  # installed from C, not Python's to put back
-            continue
-        previous[signum] = handler
-        signal.signal(signum, lambda received, frame: caught.append(received))
+    previous: dict[int, object] = {}
     try:
+        for signum in HELD_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler is None or handler == signal.SIG_IGN:  # installed from C, or ignored: left as it is
+                continue
+            previous[signum] = handler
+            signal.signal(signum, lambda received, frame: caught.append(received))
         yield caught
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        _restore_handlers(previous)
         if caught:
             signal.raise_signal(caught[0])
+
+
+def _restore_handlers(previous: dict) -> None:
+    """Every handler put back, with the signals blocked meanwhile where the system can (POSIX): one that
+    came between two restores would raise from a restored handler and leave the rest unrestored."""
+    block = hasattr(signal, "pthread_sigmask") and previous
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(previous)) if block else None
+    try:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    finally:
+        if block:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -372,18 +372,26 @@ def test_ctrl_c_during_a_build_cancels_it_and_keeps_the_earlier_plan_and_sidecar
     from stmae_edge.engine_plan import read_plan
     from stmae_edge.engines import build
 
+    calls = {"whole": 0, "cancelled": 0}
+
+    def counting(kind, interrupt):
+        @contextlib.contextmanager
+        def bar(description, total):
+            def advance(n=1, status="", total=None):
+                calls[kind] += 1  # the monitor's phases and steps, as TensorRT reports them
+                if interrupt and calls[kind] == 1:
+                    signal.raise_signal(signal.SIGINT)  # as a user's Ctrl-C, while TensorRT builds
+            yield advance
+        return bar
+
+    monkeypatch.setattr(build, "progress_bar", counting("whole", interrupt=False))
     plan, _ = build_engine(onnx_file, "fp32", "1:1:2", tmp_path / "m.plan")
     earlier = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-
-    @contextlib.contextmanager
-    def ctrl_c_at_the_first_phase(description, total):
-        def advance(n=1, status="", total=None):
-            signal.raise_signal(signal.SIGINT)  # as a user's Ctrl-C, while TensorRT builds
-        yield advance
-
-    monkeypatch.setattr(build, "progress_bar", ctrl_c_at_the_first_phase)
+    monkeypatch.setattr(build, "progress_bar", counting("cancelled", interrupt=True))
     with pytest.raises(KeyboardInterrupt):
         build_engine(onnx_file, "fp32", "1:4:8", tmp_path / "m.plan")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == earlier
     assert read_plan(plan)[1]["batch"]["max"] == 2  # the earlier engine, still whole
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # cancelled at its first step, not built to the end and then thrown away
+    assert calls["whole"] > 10 and calls["cancelled"] < calls["whole"] / 2, calls

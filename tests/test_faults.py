@@ -97,7 +97,9 @@ def test_an_interrupted_predict_leaves_the_earlier_run_whole_and_the_next_run_ta
         killed = out / f"{STAGING_PREFIX}0123456789ab"  # a run killed before it could remove its own
         killed.mkdir()
         (killed / "000.png").write_bytes(b"half a run")
-        with staging_folder(out) as running:  # another command's, still running
+        os.utime(killed, (time.time() - 3600, time.time() - 3600))  # an hour ago
+        with staging_folder(out) as running:  # another command's, still running, for an hour: its lock keeps it
+            os.utime(running, (time.time() - 3600, time.time() - 3600))
             summary = files.predict_to_folder(detector, inputs, out, pixel_threshold=0.0)
             assert running.is_dir() and not killed.exists()
     assert summary["replaced_overlays"] == 0
@@ -275,3 +277,27 @@ def test_files_written_together_replace_the_earlier_pair_whole_or_not_at_all(tmp
     assert plan.read_bytes() == b"new plan" and side.read_bytes() == b"new sidecar"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.plan.json"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
+def test_signals_held_hold_sighup_leave_ignored_signals_ignored_and_put_each_handler_back():
+    """SIGHUP (a closed terminal) stops a command as Ctrl-C does, but was not held during the renames:
+    the folder could still mix two runs. A signal the process ignores (a job started with `&`) was
+    caught and cancelled a build."""
+    from stmae_edge.outputs import signals_held
+
+    hangups: list[int] = []
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
+    try:
+        with signals_held() as caught:
+            signal.raise_signal(signal.SIGTERM)  # ignored: stays so
+            signal.raise_signal(signal.SIGHUP)
+            assert caught == [signal.SIGHUP] and hangups == []
+        assert hangups == [signal.SIGHUP]  # delivered to the handler that was there, once the block ended
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN and signal.getsignal(signal.SIGINT) is \
+            signal.default_int_handler
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

@@ -416,10 +416,12 @@ def test_a_model_trained_on_whole_images_shrunk_to_its_input_is_warned_of_once(l
     with Detector(linescan_model) as detector, caplog.at_level("WARNING", logger="stmae_edge.runtime.linescan"):
         inspector = StreamingInspector(detector, overlap=OVERLAP)  # trained on 64-pixel crops: its scale
         assert caplog.records == []
-        detector.metadata = replace(detector.metadata, trained_sizes=TrainedSizes((600, 600), (580, 620), (0.97, 1.03)))
-        inspector = StreamingInspector(detector, overlap=OVERLAP)
-        inspector.push(make_strip(8, 100, 100))
-        inspector.flush()
+        detector.metadata = replace(detector.metadata, trained_sizes=TrainedSizes((600, 600), (580, 620), (0.97, 1.03)),
+                                    model_hash="shrunk " + detector.metadata.model_hash)
+        for strip in range(3):  # an inspector per strip: said for the first only, not once a strip
+            inspector = StreamingInspector(detector, overlap=OVERLAP)
+            inspector.push(make_strip(8 + strip, 100, 100))
+            inspector.flush()
     assert len(caplog.records) == 1
     assert ("tiles are 64x64 pixels of the strip at its own scale, but this model was trained on images 580 to 620 "
             "wide, 600 high" in caplog.text and "train with --crop 64" in caplog.text)

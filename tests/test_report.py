@@ -138,8 +138,12 @@ def test_an_interrupted_report_leaves_the_earlier_one_whole(report, tiny_export,
             build_report(tiny_export[1], synthetic_dataset, out, backend="ort-cpu", worst=1)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
 
+    (out / "plots" / "my_training_curve.png").write_bytes(b"a user's own")  # not the report's: kept
+    (out / "cases" / "notes.txt").write_text("a user's own")
     summary = build_report(tiny_export[1], synthetic_dataset, out, backend="ort-cpu", worst=1)
-    pictures = {p.name for p in (out / "cases").iterdir()}
+    pictures = {p.name for p in (out / "cases").iterdir()} - {"notes.txt"}
     linked = set(re.findall(r'src="cases/([^"]+)"', (out / "index.html").read_text()))
     assert pictures == linked and len(pictures) <= 4 and summary["model"] == str(tiny_export[1])
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert (out / "plots" / "my_training_curve.png").read_bytes() == b"a user's own"
+    assert (out / "cases" / "notes.txt").read_text() == "a user's own"

@@ -105,6 +105,11 @@ def test_predict_records_what_its_folders_hold_that_it_does_not_score(tiny_expor
     assert len(summary["results"]) == 6
     assert [entry["folder"] for entry in summary["left_out"]] == [str(inputs)]
     assert "frame.webp" in summary["left_out"][0]["not_scored"]
+    for _ in range(2):  # predict's own overlays, in a folder below its inputs, are not inputs left out
+        r = run("predict", str(tiny_export[1]), str(inputs), "--out", str(inputs / "pred"))
+        assert r.returncode == 0, r.stderr
+    left_out = json.loads((inputs / "pred" / "results.json").read_text())["left_out"][0]["not_scored"]
+    assert left_out.endswith("and 1 image in its subfolders"), left_out
 
 
 def test_without_torch_an_onnx_file_is_evaluated_and_a_checkpoint_says_what_to_install(tiny_export, synthetic_dataset,

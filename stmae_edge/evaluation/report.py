@@ -19,6 +19,7 @@ import html
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import cv2
@@ -114,22 +115,31 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
     return summary
 
 
-PICTURE_FOLDERS = ("plots", "cases")  # the report's own: replaced whole by each run
+PICTURE_FOLDERS = ("plots", "cases")  # the report's pictures; a user's own files there are left alone
+# The pictures a report writes (plots/<name>.png, cases/<kind>-<rank>-<image|overlay>.png): what a later
+# report replaces or removes, and nothing else
+REPORT_PICTURE = re.compile(r"(scores|roc|pro)\.png|(missed|false_rejects)-\d+-(image|overlay)\.png")
 
 
 def _put_in_place(staging: Path, out: Path) -> None:
-    """The staged picture folders, page and summary moved into `out` with Ctrl-C held; the earlier
-    run's folders go into the staging folder, to be removed with it (a link planted at their name is
-    removed, never followed)."""
+    """The staged pictures, page and summary moved into `out` with Ctrl-C held. The earlier report's
+    pictures go into the staging folder, to be removed with it; other files in plots/ and cases/ stay,
+    and a link planted at either folder's name is removed, never followed."""
     try:
         with signals_held():
             for folder in PICTURE_FOLDERS:
-                earlier = out / folder
+                earlier, staged = out / folder, staging / folder
                 if earlier.is_symlink():
                     earlier.unlink()
-                elif earlier.is_dir():
-                    move_into_place(earlier, staging / f"earlier-{folder}")
-                move_into_place(staging / folder, earlier)
+                if not earlier.is_dir():
+                    move_into_place(staged, earlier)
+                    continue
+                (staging / f"earlier-{folder}").mkdir()
+                for picture in earlier.iterdir():
+                    if REPORT_PICTURE.fullmatch(picture.name) and (picture.is_file() or picture.is_symlink()):
+                        move_into_place(picture, staging / f"earlier-{folder}" / picture.name)
+                for picture in staged.iterdir():
+                    move_into_place(picture, earlier / picture.name)
             for name in ("index.html", "summary.json"):
                 move_into_place(staging / name, out / name)
             sync_folder(out)

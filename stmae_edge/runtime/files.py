@@ -50,9 +50,10 @@ class ExpandedInputs(NamedTuple):
     left_out: list[dict]  # per folder, what it holds that is not scored: {"folder", "not_scored"} (not_read_in)
 
 
-def expand_inputs(inputs: Sequence[Path | str]) -> ExpandedInputs:
+def expand_inputs(inputs: Sequence[Path | str], out: Path | str | None = None) -> ExpandedInputs:
     """Files as given, folders as their image files (sorted), in the order given, and what each folder
-    holds that a user may take for images but is not scored (another format, its subfolders' images).
+    holds that a user may take for images but is not scored (another format, its subfolders' images,
+    but not `out`, where predict writes its overlays).
 
     Raises:
         DatasetError: a folder holds no image files (an empty run would read as "all passed").
@@ -61,7 +62,7 @@ def expand_inputs(inputs: Sequence[Path | str]) -> ExpandedInputs:
     left_out_of_folders: list[dict] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found, left_out = images_in(item), not_read_in(item)
+            found, left_out = images_in(item), not_read_in(item, [out] if out is not None else [])
             if not found:
                 raise DatasetError(f"{item}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this "
                                    f"folder" + (f"; not read: {left_out}" if left_out else ""))
@@ -132,7 +133,7 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
 
     Args:
         detector: the model, opened.
-        paths: image files (expand_inputs turns folders into them); unreadable ones are reported in the
+        paths: image files, or expand_inputs' result (it turns folders into them); unreadable ones are reported in the
             summary's `errors` and skipped.
         out: the output folder, not the folder of any input.
         overlays: write a heatmap overlay per image.
@@ -145,6 +146,8 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     Raises:
         OutputError: `out` is an input's folder, or cannot be written. ConfigError: bad thresholds.
     """
+    if isinstance(paths, ExpandedInputs):  # expand_inputs' result as it comes
+        paths, left_out = paths.paths, [*paths.left_out, *left_out]
     chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma,
                                 detector.map_stats, threshold_scoring(detector.metadata.training))
     check_output_folder(out, paths)

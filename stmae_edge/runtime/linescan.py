@@ -37,6 +37,7 @@ from .postprocess import resolve_thresholds
 logger = logging.getLogger(__name__)
 # A tile this many times smaller or larger than every training image, on a side, is at another scale
 SCALE_WARNING_FACTOR = 1.5
+_warned_of_scale: set[tuple[str, int, int]] = set()  # (model hash, tile size): said once per process
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,17 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
 
 def warn_if_trained_at_another_scale(detector: ImageScorer, tile_height: int, tile_width: int) -> None:
     """Tiles are cut from the strip at native scale; a model trained on whole images shrunk to its input
-    (train without --crop) saw its features at another scale, and its maps on tiles mean less. Said once,
-    here: the inspector runs either way."""
+    (train without --crop) saw its features at another scale, and its maps on tiles mean less. Said once
+    per model and process (an inspector is made per strip): the inspector runs either way."""
     sizes = detector.metadata.trained_sizes
-    if sizes is None:
+    key = (detector.metadata.model_hash, tile_height, tile_width)
+    if sizes is None or key in _warned_of_scale:
         return
     far = SCALE_WARNING_FACTOR
     if (sizes.height[0] / far <= tile_height <= sizes.height[1] * far
             and sizes.width[0] / far <= tile_width <= sizes.width[1] * far):
         return
+    _warned_of_scale.add(key)
     logger.warning("line-scan: tiles are %dx%d pixels of the strip at its own scale, but this model was trained "
                    "on images %s, each brought to %dx%d; train with --crop %d on images at the strip's scale",
                    tile_width, tile_height, sizes.describe(), tile_width, tile_height, max(tile_height, tile_width))
