@@ -20,7 +20,17 @@ import numpy as np
 
 from .errors import DatasetError, InvalidImageError
 from .machine import available_cores
-from .preprocessing import check_image, cv2, declared_image_size, decode, load_image, mirror_pad, read_image_bytes, shown_size
+from .preprocessing import (
+    check_image,
+    cv2,
+    declared_image_size,
+    decode,
+    load_image,
+    mirror_pad,
+    read_image_bytes,
+    shown_size,
+    turned_by_its_file,
+)
 from .progress import progress_bar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff"}
@@ -106,6 +116,7 @@ class SurveyedImages:
     sizes: dict[Path, tuple[int, int]]
     digests: dict[Path, str]
     unreadable: list[str]
+    turned: tuple[Path, ...] = ()  # read turned or mirrored by their files' orientation tags (EXIF)
 
 
 def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
@@ -128,7 +139,7 @@ def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
     if not paths:
         return SurveyedImages([], {}, {}, [])
 
-    def examine(path: Path) -> tuple[tuple[int, int], str] | str:
+    def examine(path: Path) -> tuple[tuple[int, int], str, bool] | str:
         try:
             raw = read_image_bytes(path)
             size = shown_size(raw)
@@ -136,18 +147,20 @@ def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
             check_image(pixels, str(path))
         except InvalidImageError as exc:
             return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-        return size, pixel_digest(pixels) if digests else ""
+        return size, pixel_digest(pixels) if digests else "", turned_by_its_file(raw)
 
-    sizes, found, unreadable = {}, {}, []
+    sizes, found, unreadable, turned = {}, {}, [], []
     bar = progress_bar(f"reading {role}", len(paths)) if progress else contextlib.nullcontext(lambda n=1: None)
     with bar as advance, ThreadPoolExecutor(max_workers=min(SURVEY_THREADS, len(paths))) as pool:
         for path, outcome in zip(paths, pool.map(examine, paths), strict=True):  # in order, as they finish
             if isinstance(outcome, str):
                 unreadable.append(outcome)
             else:
-                sizes[path], digest = outcome
+                sizes[path], digest, was_turned = outcome
                 if digests:
                     found[path] = digest
+                if was_turned:
+                    turned.append(path)
             advance()
     if unreadable:
         named = "; ".join(unreadable[:UNREADABLE_NAMED])
@@ -156,7 +169,7 @@ def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
             raise DatasetError(f"{len(unreadable)} of {len(paths)} {role} cannot be read: {named}{more}. {remedy}")
         logger.warning("%d of %d %s cannot be read and are left out: %s%s", len(unreadable),
                        len(paths), role, named, more)
-    return SurveyedImages([p for p in paths if p in sizes], sizes, found, unreadable)
+    return SurveyedImages([p for p in paths if p in sizes], sizes, found, unreadable, tuple(turned))
 
 
 def pixel_digest(pixels: np.ndarray) -> str:

@@ -290,6 +290,13 @@ def shown_size(data: np.ndarray) -> tuple[int, int]:
     return _declared(memoryview(data))[1]
 
 
+def turned_by_its_file(data: np.ndarray) -> bool:
+    """Whether an image file's orientation tag (a JPEG's EXIF, a TIFF's) turns or mirrors its pixels
+    when read: a camera's frames handed over as arrays carry no such tag."""
+    fmt, _, orientation = _declared(memoryview(data))
+    return (tiff_orientation(memoryview(data)) if fmt == "TIFF" else orientation) != 1
+
+
 def _declared(data: memoryview) -> tuple[str, tuple[int, int], int]:
     """(format, (height, width) as shown, the EXIF orientation to apply after decoding: 1 but for a JPEG
     that says otherwise). A TIFF's Orientation tag turns the shown size only: OpenCV turns its pixels."""

@@ -291,3 +291,26 @@ def test_a_git_lfs_pointer_says_to_fetch_the_images(tmp_path):
     with pytest.raises(InvalidImageError, match=r"000.png: a Git LFS pointer, not the image: fetch the images with "
                                                 r"`git lfs pull`"):
         load_image(pointer)
+
+
+def test_training_says_how_many_good_images_their_files_turn(tmp_path, caplog):
+    """A phone's JPEGs are read turned by their EXIF tag, as viewers show them; a camera's frames handed
+    over as arrays carry none, and the model then sees them another way round, without a word."""
+    from stmae_edge.data import survey
+    from stmae_edge.training.image_set import good_images
+    from stmae_edge.training.loop import TrainConfig
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        ok, encoded = cv2.imencode(".jpg", rng.integers(0, 256, (40, 64), np.uint8))
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(with_exif_orientation(encoded.tobytes(), 6 if i < 2 else 1))
+        paths.append(path)
+    tiff = tmp_path / "6.tif"
+    tiff.write_bytes(tiff_with_orientation(np.zeros((40, 64), np.uint8), 3))
+    assert survey([*paths, tiff], "good images", progress=False).turned == (paths[0], paths[1], tiff)
+    with caplog.at_level("WARNING", logger="stmae_edge.training.image_set"):
+        good_images(paths, TrainConfig())
+    assert "2 of the good images are turned or mirrored by their files' orientation tags (EXIF; first: 0.jpg)" \
+        in caplog.text

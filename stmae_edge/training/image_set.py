@@ -59,6 +59,11 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
         ConfigError: too few good images to hold some out and still train.
     """
     goods = survey(paths, "good images in train/good", cfg.skip_unreadable, TRAINING_REMEDY)
+    if goods.turned:  # a phone's photos, say: the line's frames must come turned the same way
+        logger.warning("%d of the good images are turned or mirrored by their files' orientation tags (EXIF; "
+                       "first: %s), as viewers show them, and the model learns them so: frames from a camera "
+                       "given as arrays carry no such tag, so give them in the same orientation",
+                       len(goods.turned), goods.turned[0].name)
     if goods.unreadable and len(goods.paths) < MIN_GOOD_IMAGES:  # what --skip-unreadable left
         raise DatasetError(f"{len(goods.paths)} of the {len(paths)} good images in train/good can be read; training "
                            f"needs at least {MIN_GOOD_IMAGES}")
