@@ -690,19 +690,23 @@ class Stopped(KeyboardInterrupt):
 _STOPPED_BY: list[int] = []  # the signals that stopped the command, as they came
 
 
-def _stop_on_signals() -> None:
+def _stop_on_signals() -> dict:
     """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (Stopped), where no one else handles them, and
     are recorded: SIGTERM and SIGHUP killed a command outright, leaving temporary files the size of a
     model in the temp and cache folders; and a library may turn the exception into an error of its own
-    (torch's exporter: "Failed to export the model"), or typer into exit code 130, on the way up."""
+    (torch's exporter: "Failed to export the model"), or typer into exit code 130, on the way up.
+    Returns the handlers replaced, for main to put back (a program that calls main() keeps its own)."""
     def stop(signum, frame):
         _STOPPED_BY.append(signum)
         raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
 
+    _STOPPED_BY.clear()
+    replaced = {}
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         signum = getattr(signal, name, None)
         if signum is not None and signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(signum, stop)
+            replaced[signum] = signal.signal(signum, stop)
+    return replaced
 
 
 def _stopped() -> int:
@@ -723,7 +727,7 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):  # a replaced or closed stream
             stream.reconfigure(errors="backslashreplace")
-    _stop_on_signals()
+    replaced = _stop_on_signals()
     try:
         code = _run_app()
     except (Exception, KeyboardInterrupt):
@@ -734,6 +738,10 @@ def main() -> None:
         if not _STOPPED_BY:
             raise
         code = exc.code
+    finally:
+        if not _STOPPED_BY:  # (after a stop, _stopped sets what the shutdown needs)
+            for signum, handler in replaced.items():
+                signal.signal(signum, handler)
     if _STOPPED_BY or code == ABORTED_EXIT_CODE:  # typer turns Ctrl-C into this exit code, silently
         code = _stopped()
     sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(3) from predict, 0 after --help

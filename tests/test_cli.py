@@ -442,3 +442,19 @@ def test_evaluate_threshold_and_report_take_the_bit_depth_predict_takes(tiny_exp
     assert r.returncode == 0 and json.loads(report.read_text())["bit_depth"] == 12, r.stderr
     r = run("threshold", str(tiny_export[1]), str(data), "--bit-depth", "12", "--max-false-reject", "0.25")
     assert r.returncode == 0, r.stderr
+
+
+def test_main_called_from_a_program_puts_its_signal_handlers_back(monkeypatch):
+    """main() turns SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt for the command's run; a program (or
+    a test) that calls it kept those handlers, and a later Ctrl-C was recorded as the command's."""
+    import signal
+
+    from stmae_edge import cli
+
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    before = {name: signal.getsignal(getattr(signal, name)) for name in names}
+    monkeypatch.setattr(sys, "argv", ["stmae-edge", "--version"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 0
+    assert {name: signal.getsignal(getattr(signal, name)) for name in names} == before

@@ -257,6 +257,7 @@ def test_files_written_together_replace_the_earlier_pair_whole_or_not_at_all(tmp
     from stmae_edge import outputs
     from stmae_edge.errors import OutputError
 
+    sigint_before = signal.getsignal(signal.SIGINT)
     plan, side = tmp_path / "m.plan", tmp_path / "m.plan.json"
     plan.write_bytes(b"old plan")
     side.write_bytes(b"old sidecar")
@@ -276,7 +277,7 @@ def test_files_written_together_replace_the_earlier_pair_whole_or_not_at_all(tmp
         outputs.write_files_together({plan: b"new plan", side: b"new sidecar"})
     assert plan.read_bytes() == b"new plan" and side.read_bytes() == b"new sidecar"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.plan.json"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
@@ -287,7 +288,7 @@ def test_signals_held_hold_sighup_leave_ignored_signals_ignored_and_put_each_han
     from stmae_edge.outputs import signals_held
 
     hangups: list[int] = []
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, lambda signum, frame: hangups.append(signum))
     try:
@@ -297,7 +298,7 @@ def test_signals_held_hold_sighup_leave_ignored_signals_ignored_and_put_each_han
             assert caught == [signal.SIGHUP] and hangups == []
         assert hangups == [signal.SIGHUP]  # delivered to the handler that was there, once the block ended
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN and signal.getsignal(signal.SIGINT) is \
-            signal.default_int_handler
+            before[signal.SIGINT]
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
