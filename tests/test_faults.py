@@ -219,11 +219,7 @@ def test_an_atomic_write_keeps_a_symlink_and_the_permissions_and_types_a_failure
     assert real.read_bytes() == b"new" and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_during_export_says_aborted_in_one_line_and_leaves_no_file(tiny_export, tmp_path, signum,
-                                                                                     code):
-    """SIGTERM (a service manager, `kill`) ended a command with no word and left its temporary files;
-    it stops the command as Ctrl-C does now."""
+def test_ctrl_c_during_export_says_aborted_in_one_line_and_leaves_no_file(tiny_export, tmp_path):
     out = tmp_path / "m.onnx"
     process = subprocess.Popen([*CLI, "export", str(tiny_export[0]), "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -231,11 +227,38 @@ def test_ctrl_c_or_sigterm_during_export_says_aborted_in_one_line_and_leaves_no_
     while process.poll() is None and not _partials(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.005)
     assert process.poll() is None, "export finished before it could be interrupted"
-    process.send_signal(signum)
+    process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == code and "Traceback" not in stderr, stderr
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("aborted: outputs are written whole or not at all")
     assert not out.exists() and not _partials(tmp_path)
+
+
+def test_sigterm_stops_predict_as_ctrl_c_does_and_leaves_the_earlier_run(tiny_export, synthetic_dataset, tmp_path):
+    """SIGTERM (a service manager, `kill`) ended a command with no word and left its temporary files; it
+    stops the command as Ctrl-C does now: one line, exit 143, its staging folder gone, the earlier run kept."""
+    from stmae_edge.outputs import STAGING_PREFIX
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    good = sorted((synthetic_dataset / "test" / "good").glob("*.png"))
+    for i in range(400):  # long enough to be stopped while it scores
+        shutil.copy(good[i % len(good)], inputs / f"{i:03d}.png")
+    first = subprocess.run([*CLI, "predict", str(tiny_export[1]), *map(str, good), "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    process = subprocess.Popen([*CLI, "predict", str(tiny_export[1]), str(inputs), "--out", str(out), "--batch-size", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and not any(out.glob(f"{STAGING_PREFIX}*/*.png")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "predict finished before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("aborted: outputs are written whole or not at all")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # no staging folder left either
 
 
 def test_a_full_disk_is_named_when_a_write_fails(tmp_path):
