@@ -22,8 +22,6 @@ from .wire_format import DEFAULT_MAX_BATCH
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
 PARTIAL_EXIT_CODE = 3
 ABORTED_EXIT_CODE = 130  # Ctrl-C, as shells report SIGINT
-
-
 DEMO_GOOD_CELLS = 470  # ELPV's defect-free mono cells less the demo's test fifth: `demo --max-train 0`
 
 BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12 cameras, whose values stop "
@@ -678,27 +676,20 @@ OPTIONAL_PACKAGES = {"torch": "train", "onnxscript": "train",
 _CLICK = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM (a service manager, `kill`) or SIGHUP (the terminal closed), raised as Ctrl-C is, so that
-    what a command cleans up on Ctrl-C (temporary files, staging folders) is cleaned up here too."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 _STOPPED_BY: list[int] = []  # the signals that stopped the command, as they came
 
 
 def _stop_on_signals() -> dict:
-    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (Stopped), where no one else handles them, and
-    are recorded: SIGTERM and SIGHUP killed a command outright, leaving temporary files the size of a
-    model in the temp and cache folders; and a library may turn the exception into an error of its own
-    (torch's exporter: "Failed to export the model"), or typer into exit code 130, on the way up.
-    Returns the handlers replaced, for main to put back (a program that calls main() keeps its own)."""
+    """Ctrl-C, SIGTERM (a service manager, `kill`) and SIGHUP (the terminal closed) raise
+    KeyboardInterrupt, where no one else handles them, so that what a command cleans up on Ctrl-C is
+    cleaned up for all three: SIGTERM and SIGHUP killed a command outright, leaving temporary files the
+    size of a model in the temp and cache folders. Each is recorded as it comes: a library may turn the
+    exception into an error of its own (torch's exporter: "Failed to export the model"), or typer into
+    exit code 130, on the way up. Returns the handlers replaced, for main to put back (a program that
+    calls main() keeps its own)."""
     def stop(signum, frame):
         _STOPPED_BY.append(signum)
-        raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+        raise KeyboardInterrupt
 
     _STOPPED_BY.clear()
     replaced = {}

@@ -104,17 +104,15 @@ def written_atomically(path: Path | str, follow_links: bool = True) -> Iterator[
         _sync_file(partial)  # before the target's mode, which may be read-only, is copied onto it
         if target.exists() and not target.is_symlink():
             os.chmod(partial, target.stat().st_mode & 0o7777)
-        _replace(partial, target)
+        move_into_place(partial, target)
     except (OSError, RuntimeError) as exc:
-        reason = getattr(exc, "strerror", None) or first_line(exc, 200)
-        if _disk_full(exc, target.parent):  # torch.save says it in its own words ("unexpected pos ...")
-            reason = f"no space left on the disk ({reason})"
+        reason = _failure_reason(exc, target.parent)
         _remove(partial)
         raise OutputError(f"cannot write {path}: {reason}; nothing was replaced") from exc
     except BaseException:
         _remove(partial)
         raise
-    _sync_folder(target.parent)
+    sync_folder(target.parent)
 
 
 def write_files_together(files: dict[Path, bytes]) -> None:
@@ -140,15 +138,13 @@ def write_files_together(files: dict[Path, bytes]) -> None:
                 os.chmod(partial, target.stat().st_mode & 0o7777)
         with signals_held():
             for partial, target in partials:
-                _replace(partial, target)
+                move_into_place(partial, target)
                 replaced.append(target)
     except OSError as exc:
         target = partials[-1][1] if partials else next(iter(files))
         if replaced:  # a rename refused after another was made (a file held open on Windows)
             target = next(t for _, t in partials if t not in replaced)
-        reason = exc.strerror or first_line(exc, 200)
-        if _disk_full(exc, target.parent):
-            reason = f"no space left on the disk ({reason})"
+        reason = _failure_reason(exc, target.parent)
         done = (f"{', '.join(str(t) for t in replaced)} replaced, so they do not match: run the command again"
                 if replaced else "nothing was replaced")
         raise OutputError(f"cannot write {target}: {reason}; {done}") from exc
@@ -156,7 +152,7 @@ def write_files_together(files: dict[Path, bytes]) -> None:
         for partial, _ in partials:
             _remove(partial)
     for folder in {target.parent for target in files}:
-        _sync_folder(folder)
+        sync_folder(folder)
 
 
 # Windows refuses to replace a file that another process holds open without sharing its deletion (a
@@ -166,10 +162,16 @@ REPLACE_ATTEMPTS = 6 if os.name == "nt" else 1
 REPLACE_PAUSE_S = 0.25
 
 
-def _replace(partial: Path, target: Path) -> None:
+def move_into_place(staged: Path, target: Path) -> None:
+    """A staged file (or folder) renamed to `target`, replacing a file there (a link itself, never what it
+    points to); retried on Windows while another program holds the target.
+
+    Raises:
+        OSError: the rename failed (PermissionError: the target is held open).
+    """
     for attempt in range(REPLACE_ATTEMPTS):
         try:
-            os.replace(partial, target)
+            os.replace(staged, target)
             return
         except PermissionError:
             if attempt == REPLACE_ATTEMPTS - 1:
@@ -185,6 +187,13 @@ def _remove(partial: Path) -> None:
 
 
 DISK_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _failure_reason(exc: BaseException, folder: Path) -> str:
+    """Why a write into `folder` failed, in words: the OS's, or the first line of torch.save's, which
+    says a full disk in its own words ("unexpected pos ...")."""
+    reason = getattr(exc, "strerror", None) or first_line(exc, 200)
+    return f"no space left on the disk ({reason})" if _disk_full(exc, folder) else reason
 
 
 def _disk_full(exc: BaseException, folder: Path) -> bool:
@@ -222,7 +231,7 @@ def _flush_to_disk(fd: int) -> None:
     os.fsync(fd)
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """The rename on the disk too, where the system allows it: the file is already in place, so a
     folder that cannot be synced (Windows cannot open one as a file, some file systems refuse) is no
     failure of the write."""
@@ -340,21 +349,6 @@ def _remove_stale_staging(out: Path) -> None:
             finally:
                 if fd is not None:
                     os.close(fd)
-
-
-def move_into_place(staged: Path, target: Path) -> None:
-    """A staged file (or folder) renamed to `target`, replacing a file there (a link itself, never what it
-    points to); retried on Windows while another program holds the target.
-
-    Raises:
-        OSError: the rename failed (PermissionError: the target is held open).
-    """
-    _replace(staged, target)
-
-
-def sync_folder(folder: Path) -> None:
-    """Renames into `folder` on the disk too, where the system allows it."""
-    _sync_folder(folder)
 
 
 # The signals that stop a command (SIGHUP: its terminal closed; the CLI raises them all as Ctrl-C)

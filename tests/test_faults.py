@@ -288,14 +288,14 @@ def test_files_written_together_replace_the_earlier_pair_whole_or_not_at_all(tmp
         outputs.write_files_together({plan: b"new plan", tmp_path / "absent" / "m.plan.json": b"new sidecar"})
     assert plan.read_bytes() == b"old plan" and sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.plan.json"]
 
-    real_replace = outputs._replace
+    real_replace = outputs.move_into_place
 
     def ctrl_c_between(partial, target):  # Ctrl-C lands between the two renames
         real_replace(partial, target)
         if target == plan:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(outputs, "_replace", ctrl_c_between)
+    monkeypatch.setattr(outputs, "move_into_place", ctrl_c_between)
     with pytest.raises(KeyboardInterrupt):  # delivered once both are in place
         outputs.write_files_together({plan: b"new plan", side: b"new sidecar"})
     assert plan.read_bytes() == b"new plan" and side.read_bytes() == b"new sidecar"
