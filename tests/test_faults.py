@@ -121,6 +121,19 @@ def _kill_when(process: subprocess.Popen, ready, limit_s: float = 240) -> bool:
     return False
 
 
+def _stop_when(process: subprocess.Popen, ready, signum: int, code: int) -> None:
+    """Send `signum` (Ctrl-C, SIGTERM) as soon as `ready()` holds; the command must then end with one
+    'aborted' line, no traceback, and exit code `code`."""
+    deadline = time.monotonic() + 240
+    while process.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None, "the command finished before it could be stopped"
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("aborted: outputs are written whole or not at all")
+
+
 def _partials(folder) -> list:
     return [p for p in folder.iterdir() if p.name.endswith(".partial")]
 
@@ -223,14 +236,7 @@ def test_ctrl_c_during_export_says_aborted_in_one_line_and_leaves_no_file(tiny_e
     out = tmp_path / "m.onnx"
     process = subprocess.Popen([*CLI, "export", str(tiny_export[0]), "--out", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while process.poll() is None and not _partials(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert process.poll() is None, "export finished before it could be interrupted"
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1].startswith("aborted: outputs are written whole or not at all")
+    _stop_when(process, lambda: bool(_partials(tmp_path)), signal.SIGINT, 130)
     assert not out.exists() and not _partials(tmp_path)
 
 
@@ -250,14 +256,7 @@ def test_sigterm_stops_predict_as_ctrl_c_does_and_leaves_the_earlier_run(tiny_ex
     earlier = {p.name: p.read_bytes() for p in out.iterdir()}
     process = subprocess.Popen([*CLI, "predict", str(tiny_export[1]), str(inputs), "--out", str(out), "--batch-size", "1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while process.poll() is None and not any(out.glob(f"{STAGING_PREFIX}*/*.png")) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert process.poll() is None, "predict finished before it could be stopped"
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143 and "Traceback" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1].startswith("aborted: outputs are written whole or not at all")
+    _stop_when(process, lambda: any(out.glob(f"{STAGING_PREFIX}*/*.png")), signal.SIGTERM, 143)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # no staging folder left either
 
 
