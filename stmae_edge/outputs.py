@@ -106,13 +106,26 @@ def written_atomically(path: Path | str, follow_links: bool = True) -> Iterator[
             os.chmod(partial, target.stat().st_mode & 0o7777)
         move_into_place(partial, target)
     except (OSError, RuntimeError) as exc:
-        reason = _failure_reason(exc, target.parent)
+        reason = failure_reason(exc, target.parent)
         _remove(partial)
         raise OutputError(f"cannot write {path}: {reason}; nothing was replaced") from exc
     except BaseException:
         _remove(partial)
         raise
     sync_folder(target.parent)
+
+
+def write_staged(path: Path, data: bytes) -> None:
+    """`data` as a new file at `path`, on the disk before this returns: for a staging folder (or a fresh
+    temporary name), where nothing reads a file before it is moved into place, so no temporary name of
+    its own is needed. Created here, never through a link planted at the name.
+
+    Raises:
+        OSError: the file exists, or cannot be written.
+    """
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o666))
+    path.write_bytes(data)
+    _sync_file(path)
 
 
 def write_files_together(files: dict[Path, bytes]) -> None:
@@ -131,9 +144,7 @@ def write_files_together(files: dict[Path, bytes]) -> None:
             target = path.resolve() if path.is_symlink() else path
             partial = partial_name(target)
             partials.append((partial, target))
-            os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o666))
-            partial.write_bytes(data)
-            _sync_file(partial)
+            write_staged(partial, data)
             if target.exists():
                 os.chmod(partial, target.stat().st_mode & 0o7777)
         with signals_held():
@@ -144,7 +155,7 @@ def write_files_together(files: dict[Path, bytes]) -> None:
         target = partials[-1][1] if partials else next(iter(files))
         if replaced:  # a rename refused after another was made (a file held open on Windows)
             target = next(t for _, t in partials if t not in replaced)
-        reason = _failure_reason(exc, target.parent)
+        reason = failure_reason(exc, target.parent)
         done = (f"{', '.join(str(t) for t in replaced)} replaced, so they do not match: run the command again"
                 if replaced else "nothing was replaced")
         raise OutputError(f"cannot write {target}: {reason}; {done}") from exc
@@ -189,7 +200,7 @@ def _remove(partial: Path) -> None:
 DISK_NEARLY_FULL_BYTES = 1 << 20
 
 
-def _failure_reason(exc: BaseException, folder: Path) -> str:
+def failure_reason(exc: BaseException, folder: Path) -> str:
     """Why a write into `folder` failed, in words: the OS's, or the first line of torch.save's, which
     says a full disk in its own words ("unexpected pos ...")."""
     reason = getattr(exc, "strerror", None) or first_line(exc, 200)

@@ -28,12 +28,14 @@ from ..data import IMAGE_SUFFIXES, images_in, may_be_one_file, not_read_in
 from ..errors import DatasetError, InvalidImageError, OutputError
 from ..outputs import (
     check_output_folder,
+    failure_reason,
     move_into_place,
     sha256_file,
     signals_held,
     staging_folder,
     sync_folder,
     write_bytes_atomically,
+    write_staged,
 )
 from ..preprocessing import load_image
 from ..scoring import threshold_scoring
@@ -204,7 +206,11 @@ def _score_into(staging: Path, detector: Detector, paths: Sequence[Path], names:
                 if not ok:
                     raise OutputError(f"cannot encode the overlay of {paths[i]}")
                 encoded = png.tobytes()
-                write_bytes_atomically(staging / names[i], encoded, follow_links=False)
+                try:  # the staging folder is this run's alone: no temporary name needed within it
+                    write_staged(staging / names[i], encoded)
+                except OSError as exc:
+                    raise OutputError(f"cannot write {staging.parent / names[i]}: "
+                                      f"{failure_reason(exc, staging)}; nothing was replaced") from exc
                 entry["overlay"] = names[i]
                 entry["overlay_sha256"] = hashlib.sha256(encoded).hexdigest()
             results.append(entry)
@@ -234,11 +240,11 @@ def _put_in_place(staging: Path, out: Path, summary: dict, earlier_overlays: dic
             try:
                 move_into_place(staging / entry["overlay"], out / entry["overlay"])
             except OSError as exc:
+                message = f"cannot write {out / entry['overlay']}: {exc.strerror or exc}"
                 if not isinstance(exc, PermissionError):
-                    raise OutputError(f"cannot write {out / entry['overlay']}: {exc.strerror or exc}") from exc
+                    raise OutputError(message) from exc
                 # one overlay refused (a file held open on Windows, past the retries) costs only itself;
                 # its result says so (the CLI prints it as an error line)
-                message = f"cannot write {out / entry['overlay']}: {exc.strerror or exc}"
                 logger.info("%s", message)
                 del entry["overlay"], entry["overlay_sha256"]
                 entry["overlay_error"] = message
