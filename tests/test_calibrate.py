@@ -93,7 +93,8 @@ def test_only_layers_with_enough_weights_are_quantised(fp32_graph, synthetic_dat
     assert max(transformer.values()) < FAMILY_SETTINGS["stmae"]["min_weight_elements"]
     largest = f"its largest MatMul has {max(transformer.values())} weights, INT8 starts at 65536"
     with pytest.raises(ConfigError, match=f"no layer of this model is large enough.*{largest}.*--min-weights 1"):
-        calibrate(path, out=tmp_path / "none.onnx", cache_dir=folder / "cache")
+        calibrate(path, out=tmp_path / "new" / "none.onnx", cache_dir=tmp_path / "new-cache")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new-cache").exists()  # no empty folders left
     with pytest.raises(ConfigError, match="at least 1"):
         calibrate(path, out=tmp_path / "none.onnx", cache_dir=folder / "cache", min_weight_elements=0)
     assert not (tmp_path / "none.onnx").exists()

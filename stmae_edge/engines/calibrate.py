@@ -123,6 +123,22 @@ def layers_left_in_float(sizes: dict[str, int], min_weight_elements: int) -> lis
     return [name for name, size in sizes.items() if size < min_weight_elements]
 
 
+def layers_kept_in_float(proto: onnx.ModelProto, settings: dict, onnx_path: Path) -> list[str]:
+    """Names of the layers calibration leaves unquantised: those that make the anomaly signal and those
+    too small to pay (layers_left_in_float).
+
+    Raises:
+        ConfigError: no layer is left to quantise; the INT8 graph would be the FP16 graph.
+    """
+    signal = signal_layers(proto, settings)
+    if not (settings["op_types"] and settings["min_weight_elements"]):  # op_types None: every op (the CPU study)
+        return signal
+    sizes = weight_elements(proto, settings["op_types"])
+    small = layers_left_in_float(sizes, settings["min_weight_elements"])
+    check_something_quantised(sizes, signal, small, settings, onnx_path)
+    return signal + small
+
+
 def check_something_quantised(sizes: dict[str, int], signal: Sequence[str], small: Sequence[str], settings: dict,
                               onnx_path: Path) -> None:
     """Raises ConfigError when no layer is left to quantise, once the layers that make the anomaly
@@ -214,12 +230,13 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     images = sorted(images) if images is not None else data.recorded_train_images(metadata.training, count)
     if len(images) < batch_size:
         raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
-    out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
     settings = settings_for(metadata, float_precision, min_weight_elements)
     if settings["float_precision"] == "fp16" and not scoring_nodes(proto):
         raise ConfigError(f"{onnx_path} was exported by an older version, without the marks that tell its "
                           "scoring part (kept in fp32) from the rest; export it again with `stmae-edge "
                           "export MODEL`, or calibrate with --float-precision fp32")
+    layers_kept_in_float(proto, settings, onnx_path)  # refused before any folder is made for its outputs
+    out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
     key = cache_key(onnx_path, images, settings)
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
@@ -228,6 +245,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     report = {"key": key, "images": len(images), "folder": data.folder_of(images), "cache": "hit" if hit else "miss",
               "cache_file": str(cached), "settings": settings}
     if not hit:
+        data.survey(images, "calibration images", digests=False)  # every one decoded before calibration starts
         check_writable(cached, option="--cache-dir")
         with written_atomically(cached) as partial:  # a cache hit must never find half a graph
             _quantize(onnx_path, proto, metadata, images, partial, batch_size, settings)
@@ -293,14 +311,7 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         prepared_proto = onnx.load(str(prepared))
-        signal = signal_layers(prepared_proto, settings)
-        small = []
-        if settings["op_types"] and settings["min_weight_elements"]:  # op_types None: every op (the CPU study)
-            sizes = weight_elements(prepared_proto, settings["op_types"])
-            small = layers_left_in_float(sizes, settings["min_weight_elements"])
-            check_something_quantised(sizes, signal, small, settings, onnx_path)
-        excluded = signal + small
-        data.survey(images, "calibration images", digests=False)  # every one decoded before calibration starts
+        excluded = layers_kept_in_float(prepared_proto, settings, onnx_path)
         with progress_bar("calibrating", len(images)) as advance:
             quantize_static(str(prepared), str(target), Batches(advance), nodes_to_exclude=excluded,
                             quant_format=getattr(QuantFormat, settings["format"]),
