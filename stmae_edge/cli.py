@@ -12,11 +12,11 @@ import typer
 
 from . import __version__
 from .engine_plan import DEFAULT_BATCH_TEXT, RTX_COMPUTE_CAPABILITIES_TEXT
-from .errors import StmaeError, first_line
+from .errors import ConfigError, StmaeError, first_line
 from .metadata import MAX_BATCH
 from .preprocessing import TrainedSizes
 from .runtime.backend_table import backend_help
-from .scoring import DEFAULT_SIGMA
+from .scoring import DEFAULT_SIGMA, Thresholds
 from .wire_format import DEFAULT_MAX_BATCH
 
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
@@ -351,11 +351,17 @@ def calibrate(
 @app.command()
 def threshold(
     model: Path = typer.Argument(..., help=".pt, .onnx or .plan file (a plan keeps its thresholds in its sidecar)"),
-    data_dir: Path = typer.Argument(..., help="labelled validation set in the MVTec AD layout (DATA_DIR/test/<type>)"),
+    data_dir: Path | None = typer.Argument(None, help="labelled validation set in the MVTec AD layout "
+                                           "(DATA_DIR/test/<type>): needed by --max-false-reject and --min-recall; "
+                                           "with --sigma or a value, it shows what the threshold costs there"),
     max_false_reject: float | None = typer.Option(None, help="reject at most this fraction of good parts, e.g. 0.01"),
     min_recall: float | None = typer.Option(None, help="catch at least this fraction of defective parts, e.g. 0.95"),
     sigma: float | None = typer.Option(None, help="mean + SIGMA * std of the model's good scores (held-out or "
                                          "cross-fitted, as training recorded)"),
+    value: float | None = typer.Option(None, "--threshold", help="this image threshold, raw score units (as predict "
+                                       "takes it)"),
+    pixel_value: float | None = typer.Option(None, "--pixel-threshold", help="this pixel threshold, raw map units "
+                                             "(default: kept; equal to --threshold for a model without a score head)"),
     write: bool = typer.Option(False, "--write", metavar=FLAG,
                                help="store the threshold (image and pixel) and its rule in MODEL"),
     backend: str | None = typer.Option(None, help=SCORING_BACKEND_HELP),
@@ -363,50 +369,123 @@ def threshold(
     bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's; "
                                          "as predict takes it)"),
 ) -> None:
-    """Choose the image threshold that meets a target on validation data; print what it costs there."""
-    from .data import eval_samples
-    from .evaluation.operating_point import check_support, check_target, choose, evaluate_threshold
-    from .evaluation.validation import score_dataset
+    """Choose the image threshold that meets a target on validation data, or set one; print what it costs there."""
+    from .evaluation.operating_point import check_target
     from .model_files import file_kind_of, read_metadata, write_thresholds
+
+    if value is not None or pixel_value is not None:
+        if any(t is not None for t in (max_false_reject, min_recall, sigma)):
+            raise ConfigError("give a target (--max-false-reject, --min-recall, --sigma) or the values themselves "
+                              "(--threshold, --pixel-threshold), not both")
+    else:
+        check_target(max_false_reject, min_recall, sigma)
+    if data_dir is None and (max_false_reject is not None or min_recall is not None):
+        target = "--max-false-reject" if max_false_reject is not None else "--min-recall"
+        raise ConfigError(f"{target} is measured on labelled images: give DATA_DIR, a validation set in the MVTec AD "
+                          "layout (DATA_DIR/test/good, DATA_DIR/test/<defect>)")
+    metadata = read_metadata(model)  # a file that would be refused when rewritten is refused before any scoring
+    chosen = (_threshold_from_data(model, data_dir, metadata, max_false_reject, min_recall, sigma, value, pixel_value,
+                                   backend, batch_size, bit_depth) if data_dir is not None
+              else _threshold_without_data(metadata, sigma, value, pixel_value))
+    if not write:
+        typer.echo(f"nothing written; add --write to store it in {model}")
+        return
+    written = write_thresholds(model, chosen)
+    typer.echo(f"wrote threshold {chosen.image:.6g} (pixel {chosen.pixel:.6g}) to {model} (model hash "
+               f"{written.model_hash[:12]} unchanged); next: stmae-edge report {model} {data_dir or 'DATA'} --out report/")
+    _write_served_thresholds(model, chosen)
+    if file_kind_of(model) != "plan":
+        # Each exported file carries its own copy, read by the line: say so, or the line keeps the old one
+        typer.echo(f"files exported or built from {model.name} before now keep their own thresholds: write the one "
+                   f"the line runs too (stmae-edge threshold FILE --threshold {chosen.image:.9g} --pixel-threshold "
+                   f"{chosen.pixel:.9g} --write)")
+    typer.echo("programs that have the model open (stmae-edge serve, a Detector) keep the thresholds they opened it "
+               "with: restart them")
+
+
+def _given_thresholds(metadata, value: float | None, pixel_value: float | None):
+    """Thresholds from the values given; the one not given is the model's, but for a model without a score
+    head, whose image score is the map's maximum: there the pixel threshold follows the image one, so that an
+    image still fails exactly when it has a region."""
+    current = metadata.thresholds
+    if pixel_value is None and metadata.map_stats is None:
+        pixel_value = value
+    image = current.image if value is None else value
+    pixel = current.pixel if pixel_value is None else pixel_value
+    # the kept one by its value, not its rule: rules quoting rules would grow with every change
+    parts = [f"image: {'set by hand' if value is not None else 'as before'} ({image:g})",
+             f"pixel: {'set by hand' if pixel_value is not None else 'as before'} ({pixel:g})"]
+    return Thresholds(image=image, pixel=pixel, rule="; ".join(parts))
+
+
+def _threshold_without_data(metadata, sigma: float | None, value: float | None, pixel_value: float | None):
+    """--sigma from the model's own statistics, or the values given: no image is scored."""
     from .scoring import threshold_scoring
 
-    check_target(max_false_reject, min_recall, sigma)
-    if write:  # a file that would be refused when rewritten is refused before the scoring, not after it
-        read_metadata(model)
+    if sigma is not None:
+        chosen = Thresholds.from_stats(metadata.score_stats, sigma, metadata.map_stats,
+                                       threshold_scoring(metadata.training))
+    else:
+        chosen = _given_thresholds(metadata, value, pixel_value)
+    typer.echo(f"threshold {chosen.image:.6g}, pixel threshold {chosen.pixel:.6g} ({chosen.rule})")
+    typer.echo(f"the model's threshold now: {metadata.thresholds.image:.6g}, pixel {metadata.thresholds.pixel:.6g} "
+               f"({metadata.thresholds.rule}); give a labelled DATA_DIR to see what each costs")
+    return chosen
+
+
+def _threshold_from_data(model: Path, data_dir: Path, metadata, max_false_reject, min_recall, sigma, value,
+                         pixel_value, backend, batch_size, bit_depth):
+    """The threshold that meets the target on DATA_DIR (or the one given), and what it costs there."""
+    from .data import eval_samples
+    from .evaluation.operating_point import check_support, choose, evaluate_threshold
+    from .evaluation.validation import score_dataset
+    from .scoring import threshold_scoring
+
     samples = eval_samples(data_dir, both_classes=False)  # read once: its warnings are said once
     labels = [s.label for s in samples]
     check_support(max_false_reject, min_recall, labels.count(0), labels.count(1), str(data_dir))
     scored = score_dataset(model, data_dir, backend, batch_size, description="scoring the validation set",
                            samples=samples, masks=False, bit_depth=bit_depth)  # image scores only: no masks read
-    point = choose(scored.good_scores, scored.defect_scores, max_false_reject=max_false_reject,
-                   min_recall=min_recall, sigma=sigma, stats=scored.detector.score_stats, data=str(data_dir),
-                   scored=threshold_scoring(scored.detector.metadata.training))
-    typer.echo(point.describe())
-    pixel = None
-    if scored.detector.metadata.map_stats is not None:
-        # A score head: the map has its own scale. Its threshold meets the same target on the maps' maxima,
-        # so that about as many parts show a region as fail.
-        maxima, labels = scored.map_maxima, scored.labels
-        pixel_point = choose(maxima[labels == 0], maxima[labels == 1], max_false_reject=max_false_reject,
-                             min_recall=min_recall, sigma=sigma, stats=scored.detector.map_stats, data=str(data_dir))
-        pixel = pixel_point.threshold
-        point = replace(point, rule=f"{point.rule}; pixel: the same target on the maps' maxima")
-        typer.echo(f"pixel threshold {pixel:.6g}: the same target on the maps' maxima ({pixel_point.false_rejects} "
-                   f"good and {pixel_point.defects - pixel_point.escapes} defective images have a region)")
-    current = evaluate_threshold(scored.detector.thresholds.image, scored.good_scores, scored.defect_scores,
-                                 scored.detector.thresholds.rule)
+    if sigma is None and max_false_reject is None and min_recall is None:
+        given = _given_thresholds(metadata, value, pixel_value)
+        point = evaluate_threshold(given.image, scored.good_scores, scored.defect_scores, given.rule)
+        typer.echo(point.describe())
+        chosen = given
+    else:
+        point = choose(scored.good_scores, scored.defect_scores, max_false_reject=max_false_reject,
+                       min_recall=min_recall, sigma=sigma, stats=scored.detector.score_stats, data=str(data_dir),
+                       scored=threshold_scoring(metadata.training))
+        typer.echo(point.describe())
+        pixel = None
+        if metadata.map_stats is not None:
+            # A score head: the map has its own scale. Its threshold meets the same target on the maps' maxima,
+            # so that about as many parts show a region as fail.
+            maxima, map_labels = scored.map_maxima, scored.labels
+            pixel_point = choose(maxima[map_labels == 0], maxima[map_labels == 1], max_false_reject=max_false_reject,
+                                 min_recall=min_recall, sigma=sigma, stats=metadata.map_stats, data=str(data_dir))
+            pixel = pixel_point.threshold
+            point = replace(point, rule=f"{point.rule}; pixel: the same target on the maps' maxima")
+            typer.echo(f"pixel threshold {pixel:.6g}: the same target on the maps' maxima ({pixel_point.false_rejects} "
+                       f"good and {pixel_point.defects - pixel_point.escapes} defective images have a region)")
+        chosen = point.thresholds(pixel)
+    current = evaluate_threshold(metadata.thresholds.image, scored.good_scores, scored.defect_scores,
+                                 metadata.thresholds.rule)
     typer.echo(f"the model's threshold now: {current.threshold:.6g} ({current.rule}): {current.false_rejects} "
                f"false rejects, {current.escapes} escapes on the same images")
-    if write:
-        metadata = write_thresholds(model, point.thresholds(pixel))
-        typer.echo(f"wrote threshold {point.threshold:.6g} to {model} (model hash {metadata.model_hash[:12]} unchanged); "
-                   f"next: stmae-edge report {model} {data_dir} --out report/")
-        if file_kind_of(model) != "plan":
-            # Each exported file carries its own copy, read by the line: say so, or the line keeps the old one
-            typer.echo(f"files exported or built from {model.name} before now keep their own thresholds: write the "
-                       f"one the line runs too (stmae-edge threshold FILE {data_dir} ... --write)")
-    else:
-        typer.echo(f"nothing written; add --write to store it in {model}")
+    return chosen
+
+
+def _write_served_thresholds(model: Path, thresholds) -> None:
+    """A model file inside a Triton model repository (triton-repo's NAME/1/model.*): its config.pbtxt
+    carries the thresholds the clients read, so it is rewritten too."""
+    from .serving.repository import config_of_served_file, rewrite_config_thresholds
+
+    config = config_of_served_file(model)
+    if config is None:
+        return
+    rewrite_config_thresholds(config, thresholds)
+    typer.echo(f"wrote them to {config} too, where Triton's clients read them: Triton reads it when it loads the "
+               "model (restart the server, or load the model again)")
 
 
 @app.command()

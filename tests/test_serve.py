@@ -23,7 +23,7 @@ from stmae_edge.errors import ConfigError, OutputError
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.runtime import Detector, RemoteDetector, RemoteError
 from stmae_edge.serving.launch import serve_in_subprocess
-from stmae_edge.serving.repository import write_repository
+from stmae_edge.serving.repository import config_of_served_file, write_repository
 from stmae_edge.wire_format import without_folders
 
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
@@ -288,6 +288,29 @@ def test_triton_repo_for_onnx_parses_as_a_model_config(tiny_export, tmp_path):
     with pytest.raises(ConfigError, match="--max-batch must be a whole number from 1 to 4096, got 5000"):
         write_repository(onnx_path, tmp_path / "repo2", max_batch=5000)
     assert not (tmp_path / "repo2").exists()
+
+
+@needs_serve_env
+def test_a_threshold_written_to_a_served_model_reaches_its_config(tiny_export, tmp_path):
+    from test_cli import run
+
+    _, onnx_path, _ = tiny_export
+    folder = write_repository(onnx_path, tmp_path / "repo", max_batch=8)
+    assert [p.name for p in (tmp_path / "repo").iterdir()] == [folder.name]  # no staging folder left
+    before = parse_config(folder / "config.pbtxt")
+    r = run("threshold", str(folder / "1" / "model.onnx"), "--threshold", "2.25", "--pixel-threshold", "3.5", "--write")
+    assert r.returncode == 0 and f"wrote them to {folder / 'config.pbtxt'} too" in r.stdout, r.stderr
+    after = parse_config(folder / "config.pbtxt")
+    document = json.loads(after["parameters"]["stmae_edge_metadata"]["string_value"])
+    written = {"image": 2.25, "pixel": 3.5, "rule": "image: set by hand (2.25); pixel: set by hand (3.5)"}
+    assert document["thresholds"] == document["metadata"]["thresholds"] == written
+    assert ModelMetadata.from_onnx(folder / "1" / "model.onnx").thresholds.to_dict() == written
+    before_document = json.loads(before["parameters"]["stmae_edge_metadata"]["string_value"])
+    assert document == {**before_document, "thresholds": written,
+                        "metadata": {**before_document["metadata"], "thresholds": written}}
+    assert {k: v for k, v in after.items() if k != "parameters"} == {k: v for k, v in before.items() if k != "parameters"}
+    # a model file outside a repository is not taken for one
+    assert config_of_served_file(onnx_path) is None
 
 
 def test_triton_repo_writes_through_no_planted_link_and_removes_no_folder_of_others(tiny_export, tmp_path):

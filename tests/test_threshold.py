@@ -171,6 +171,38 @@ def test_threshold_command_refuses_bad_targets_in_one_line(tiny_export, syntheti
     _assert_one_line_error(run("threshold", str(tiny_export[1]), str(synthetic_dataset), *args), fragment)
 
 
+def test_a_threshold_is_set_by_value_or_sigma_without_scoring_any_image(tiny_export, synthetic_dataset, tmp_path):
+    import shutil
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(tiny_export[1], model)
+    before = read_metadata(model)
+    assert before.map_stats is not None  # a score head: the pixel threshold has its own scale, and is kept
+    r = run("threshold", str(model), "--threshold", "2.5", "--write")
+    assert r.returncode == 0, r.stderr
+    assert "give a labelled DATA_DIR to see what each costs" in r.stdout and "restart them" in r.stdout
+    after = read_metadata(model)
+    assert (after.thresholds.image, after.thresholds.pixel) == (2.5, before.thresholds.pixel)
+    assert after.thresholds.rule == f"image: set by hand (2.5); pixel: as before ({before.thresholds.pixel:g})"
+    assert after.model_hash == before.model_hash
+    r = run("threshold", str(model), "--threshold", "3", "--pixel-threshold", "4.5", "--write")
+    assert r.returncode == 0 and (read_metadata(model).thresholds.image, read_metadata(model).thresholds.pixel) == (3, 4.5)
+    # --sigma from the model's own statistics, as training set the default, with no data to score
+    r = run("threshold", str(model), "--sigma", "2", "--write")
+    assert r.returncode == 0, r.stderr
+    expected = Thresholds.from_stats(before.score_stats, 2.0, before.map_stats, "cross-fitted")
+    assert read_metadata(model).thresholds == expected
+    # with DATA_DIR, a value shows what it costs there, as a target does
+    r = run("threshold", str(model), str(synthetic_dataset), "--threshold", "2.5")
+    assert r.returncode == 0 and "false rejects" in r.stdout and "95% CI" in r.stdout and "nothing written" in r.stdout
+    assert "threshold 2.5 (image: set by hand (2.5)" in r.stdout
+    _assert_one_line_error(run("threshold", str(model), "--max-false-reject", "0.01"),
+                           "--max-false-reject is measured on labelled images: give DATA_DIR")
+    _assert_one_line_error(run("threshold", str(model), "--threshold", "1", "--sigma", "3"), "not both")
+    _assert_one_line_error(run("threshold", str(model), "--threshold", "nan"), "finite number")
+    assert read_metadata(model).thresholds == expected  # nothing written by a refusal
+
+
 @pytest.mark.skipif(not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
                     reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
 def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, tmp_path):
@@ -183,6 +215,10 @@ def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, t
     data, sidecar, metadata = read_plan(plan)  # what the TensorRT backend reads: sha256 still matches
     assert data == plan_bytes and metadata.thresholds == Thresholds(7.5, 7.5, "false rejects <= 1% on line 3")
     assert metadata.model_hash == ModelMetadata.from_onnx(tiny_export[1]).model_hash
+    # from the command line too, on a machine without a GPU: no image is scored for a value
+    r = run("threshold", str(plan), "--threshold", "6", "--pixel-threshold", "6.5", "--write")
+    assert r.returncode == 0, r.stderr
+    assert read_plan(plan)[2].thresholds == Thresholds(6, 6.5, "image: set by hand (6); pixel: set by hand (6.5)")
 
 
 def test_without_a_score_head_the_thresholds_stay_equal_and_a_failing_image_has_a_region(synthetic_dataset, tmp_path):
@@ -203,6 +239,8 @@ def test_without_a_score_head_the_thresholds_stay_equal_and_a_failing_image_has_
     assert "pixel threshold" not in r.stdout
     after = read_metadata(model)
     assert after.thresholds.pixel == after.thresholds.image and "pixel:" not in after.thresholds.rule
+    r = run("threshold", str(model), "--threshold", "5", "--write")  # a value given: the pixel one follows it
+    assert r.returncode == 0 and read_metadata(model).thresholds.pixel == read_metadata(model).thresholds.image == 5
     paths = sorted((synthetic_dataset / "test").rglob("*.png"))
     results = Detector(model, "torch-cpu").predict(paths)
     assert any(r.is_anomalous for r in results) and not all(r.is_anomalous for r in results)

@@ -7,14 +7,14 @@
 The network's own input and outputs are served: images (N, 3, H, W) float32, anomaly_map (N, 1, H, W)
 and score (N,). Clients preprocess and postprocess with the package (runtime.RemoteDetector), which
 reads the model's metadata from the config's `stmae_edge_metadata` parameter. The repository is
-written under a temporary name and renamed when complete.
+written in a staging folder and renamed when complete. `threshold --write` on
+NAME/1/model.* rewrites the thresholds in config.pbtxt too (config_of_served_file).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import re
 from pathlib import Path
 
 import onnx
@@ -25,6 +25,15 @@ from ..errors import ConfigError, OutputError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME, ModelMetadata
 from ..model_files import file_kind_of
 from ..onnx_files import load_onnx
+from ..outputs import (
+    failure_reason,
+    move_into_place,
+    staging_folder,
+    sync_folder,
+    write_bytes_atomically,
+    write_staged,
+)
+from ..scoring import Thresholds
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}  # by file kind
 
@@ -95,23 +104,64 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
         raise OutputError(f"{target} exists; remove it or give another --out or --name")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        # A fresh name of our own: a fixed one could be a link someone planted, or a folder of theirs
-        partial = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}.", suffix=".partial"))
     except OSError as exc:
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
-    try:
-        (partial / "1").mkdir()
-        (partial / "config.pbtxt").write_text(to_pbtxt(config))
-        shutil.copyfile(model, partial / "1" / file_name)
-        partial.chmod(0o755)  # mkdtemp's 0700 would keep out a Triton running as another user
-        partial.rename(target)
-    except OSError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise OutputError(f"cannot write {target}: {failure_reason(exc, out)}; choose another --out") from None
+    # Written whole in a staging folder, then renamed: Triton never loads half a repository
+    with staging_folder(out) as staging:
+        staged = staging / name
+        try:
+            (staged / "1").mkdir(parents=True)
+            write_staged(staged / "config.pbtxt", to_pbtxt(config).encode())
+            write_staged(staged / "1" / file_name, model.read_bytes())
+            for folder in (staged / "1", staged):
+                folder.chmod(0o755)  # a Triton running as another user reads it
+                sync_folder(folder)
+            move_into_place(staged, target)
+            sync_folder(out)
+        except OSError as exc:
+            raise OutputError(f"cannot write {target}: {failure_reason(exc, out)}; choose another --out") from None
     return target
 
 
+def config_of_served_file(model: Path | str) -> Path | None:
+    """The config.pbtxt beside NAME/VERSION/model.onnx (or model.plan) when `model` is such a file of a
+    repository that triton-repo wrote (its config carries our metadata parameter), else None."""
+    model = Path(model)
+    if model.name not in {file_name for _, file_name in PLATFORMS.values()} or not model.parent.name.isdigit():
+        return None
+    config = model.parent.parent / "config.pbtxt"
+    try:
+        text = config.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return config if _METADATA_LITERAL.search(text) else None
+
+
+def rewrite_config_thresholds(config: Path, thresholds: Thresholds) -> None:
+    """Put `thresholds` into the metadata document of a config.pbtxt that triton-repo wrote: the
+    thresholds its clients (RemoteDetector) apply. The rest of the file stays as it is.
+
+    Raises:
+        ConfigError: the document in it cannot be read. OutputError: the file cannot be rewritten.
+    """
+    text = config.read_text(encoding="utf-8")
+    found = _METADATA_LITERAL.search(text)
+    try:
+        document = json.loads(_unstring(found.group(1))) if found else None
+        document["thresholds"] = document["metadata"]["thresholds"] = thresholds.to_dict()
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise ConfigError(f"{config}: its {wire.METADATA_PARAMETER} parameter is not the document triton-repo "
+                          "writes; write the repository again with `stmae-edge triton-repo`") from None
+    literal = _string(json.dumps(document, sort_keys=True))
+    try:
+        write_bytes_atomically(config, (text[:found.start(1)] + literal + text[found.end(1):]).encode())
+    except OSError as exc:
+        raise OutputError(f"cannot write {config}: {failure_reason(exc, config.parent)}") from None
+
+
 ENUMS = {"data_type", "kind"}
+# where to_pbtxt puts the metadata document: the string value of the parameter's map entry
+_METADATA_LITERAL = re.compile(r'key:\s*"' + wire.METADATA_PARAMETER + r'"\s*value\s*\{\s*string_value:\s*("(?:[^"\\]|\\.)*")')
 
 
 def to_pbtxt(message: dict, indent: int = 0) -> str:
@@ -141,6 +191,25 @@ def _scalar(key: str, value) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return value if key in ENUMS else _string(value)
+
+
+def _unstring(literal: str) -> str:
+    """The text of a protobuf text-format string literal (_string's, or one edited by hand)."""
+    body, decoded, i = literal[1:-1], bytearray(), 0
+    while i < len(body):
+        if body[i] != "\\":
+            decoded += body[i].encode()
+            i += 1
+        elif body[i + 1] in "01234567":
+            end = i + 2
+            while end < min(i + 4, len(body)) and body[end] in "01234567":
+                end += 1
+            decoded.append(int(body[i + 1:end], 8))
+            i = end
+        else:
+            decoded += {"n": b"\n", "t": b"\t", "r": b"\r"}.get(body[i + 1], body[i + 1].encode())
+            i += 2
+    return decoded.decode()
 
 
 def _string(text: str) -> str:
