@@ -11,11 +11,14 @@ file is rewritten under a temporary name and renamed: an interrupted write leave
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, StmaeError
 from .metadata import ONNX_METADATA_KEY, ModelMetadata
 from .scoring import Thresholds
+
+log = logging.getLogger(__name__)
 
 # The kinds of model file, one table for every command and for the runtime's backends
 # (runtime/backend_table.py): suffixes, what the file is, and how to get from it the file of each other kind.
@@ -107,3 +110,24 @@ def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
 def _with(metadata: ModelMetadata, thresholds: Thresholds) -> ModelMetadata:
     metadata.thresholds = thresholds
     return metadata
+
+
+def warn_if_thresholds_are_replaced(path: Path | str, metadata: ModelMetadata) -> None:
+    """Warn when writing a new file of the same model (the same model hash) to `path` would drop
+    thresholds that were set in the file there after it was made (`threshold --write`): a rebuild would
+    undo a line's tuning without a word. The new file carries its source's; the warning says how to put
+    the earlier ones back. Another model's file, or one that cannot be read, has nothing to keep."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        earlier = read_metadata(path)
+    except (StmaeError, OSError):
+        return
+    if earlier.model_hash != metadata.model_hash or earlier.thresholds == metadata.thresholds:
+        return
+    was, new = earlier.thresholds, metadata.thresholds
+    log.warning("%s had thresholds of its own (image %g, pixel %g: %s); the new file carries its source's (image "
+                "%g, pixel %g); to set the earlier ones again: stmae-edge threshold %s --threshold %.9g "
+                "--pixel-threshold %.9g --write", path, was.image, was.pixel, was.rule, new.image, new.pixel, path,
+                was.image, was.pixel)

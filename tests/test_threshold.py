@@ -205,7 +205,7 @@ def test_a_threshold_is_set_by_value_or_sigma_without_scoring_any_image(tiny_exp
 
 @pytest.mark.skipif(not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
                     reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
-def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, tmp_path):
+def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, tmp_path, caplog):
     from stmae_edge.engine_plan import read_plan
     from stmae_edge.engines.build import build_engine
 
@@ -219,6 +219,34 @@ def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, t
     r = run("threshold", str(plan), "--threshold", "6", "--pixel-threshold", "6.5", "--write")
     assert r.returncode == 0, r.stderr
     assert read_plan(plan)[2].thresholds == Thresholds(6, 6.5, "image: set by hand (6); pixel: set by hand (6.5)")
+    # a rebuild carries the .onnx's thresholds: the line's own are named, with the command that sets them again
+    with caplog.at_level("WARNING", logger="stmae_edge.model_files"):
+        build_engine(tiny_export[1], None, "1:2:4", plan, timing_cache=tmp_path / "t.cache")
+    assert read_plan(plan)[2].thresholds == ModelMetadata.from_onnx(tiny_export[1]).thresholds
+    assert f"{plan} had thresholds of its own (image 6, pixel 6.5" in caplog.text
+    assert f"stmae-edge threshold {plan} --threshold 6 --pixel-threshold 6.5 --write" in caplog.text
+
+
+def test_only_thresholds_set_in_the_file_replaced_are_warned_about(tiny_export, tmp_path, caplog):
+    import shutil
+    from dataclasses import replace
+
+    from stmae_edge.model_files import warn_if_thresholds_are_replaced
+
+    source = ModelMetadata.from_onnx(tiny_export[1])
+    out = tmp_path / "m.onnx"
+    with caplog.at_level("WARNING", logger="stmae_edge.model_files"):
+        warn_if_thresholds_are_replaced(out, source)  # nothing there
+        shutil.copy(tiny_export[1], out)
+        warn_if_thresholds_are_replaced(out, source)  # the same thresholds
+        out.write_bytes(b"not a model")
+        warn_if_thresholds_are_replaced(out, source)  # nothing readable to keep
+        shutil.copy(tiny_export[1], out)
+        write_thresholds(out, Thresholds(1.5, 2.5, "line 3"))
+        warn_if_thresholds_are_replaced(out, replace(source, model_hash="0" * 64))  # another model's file
+        assert caplog.text == ""
+        warn_if_thresholds_are_replaced(out, source)
+    assert "had thresholds of its own (image 1.5, pixel 2.5: line 3)" in caplog.text
 
 
 def test_without_a_score_head_the_thresholds_stay_equal_and_a_failing_image_has_a_region(synthetic_dataset, tmp_path):

@@ -34,6 +34,7 @@ from ..engine_plan import (
 from ..errors import ConfigError, ExportError, OutputError, first_line
 from ..machine import is_jetson, total_memory_bytes
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
+from ..model_files import warn_if_thresholds_are_replaced
 from ..onnx_files import load_onnx
 from ..outputs import check_writable, sha256_file, signals_held, write_bytes_atomically, write_files_together
 from ..progress import progress_bar
@@ -172,6 +173,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     precision = graph_precision
     trt, flavour = import_tensorrt()  # before --out's folder is made: a machine without TensorRT keeps none
     out = check_writable(out or default_plan_path(onnx_path, precision), [onnx_path])
+    warn_if_thresholds_are_replaced(out, metadata)
     cache_path = Path(timing_cache) if timing_cache else out.parent / "timing.cache"
 
     logger = collecting_logger(trt)

@@ -44,6 +44,7 @@ from .. import data
 from ..checks import parse_document
 from ..errors import ConfigError, DatasetError, ExportError, StmaeError, first_line
 from ..metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
+from ..model_files import warn_if_thresholds_are_replaced
 from ..onnx_files import import_onnxruntime, load_onnx
 from ..outputs import check_writable, sha256_file, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
@@ -237,6 +238,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
                           "export MODEL`, or calibrate with --float-precision fp32")
     layers_kept_in_float(proto, settings, onnx_path)  # refused before any folder is made for its outputs
     out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
+    warn_if_thresholds_are_replaced(out, metadata)
     key = cache_key(onnx_path, images, settings)
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"

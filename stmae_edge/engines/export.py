@@ -33,6 +33,7 @@ from ..metadata import (
     ModelMetadata,
     onnx_precision,
 )
+from ..model_files import warn_if_thresholds_are_replaced
 from ..onnx_files import import_onnxruntime
 from ..outputs import check_writable, written_atomically
 from ..progress import progress_bar
@@ -111,6 +112,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
 def _export_and_check(checkpoint: Path | str, out: Path, precision: str, step) -> dict:
     """export_onnx's work, `step` moving its progress bar: the export, then the checks on the file."""
     model, metadata = load_model(checkpoint)
+    warn_if_thresholds_are_replaced(out, metadata)
     reference = model
     if precision == "fp16":
         reference = copy.deepcopy(model)  # .half() converts in place; the fp32 twin checks parity
