@@ -671,7 +671,8 @@ def linescan(
         return
     typer.echo(f"{report['rows']} rows x {report['width']} px, {report['tiles']} tiles, "
                f"{len(report['defects'])} defects in {report['seconds']:.2f}s: {report['rows_per_s']:.0f} rows/s, "
-               f"{report['megapixels_per_s']:.2f} megapixels/s ({detector.info['backend']} on {detector.info['device']})")
+               f"{report['megapixels_per_s']:.2f} megapixels/s ({detector.info['backend']} on {detector.info['device']}); "
+               f"pixel threshold {report['pixel_threshold']:.6g} ({report['pixel_threshold_rule']})")
 
 
 def version_callback(value: bool) -> None:

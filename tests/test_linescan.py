@@ -15,7 +15,7 @@ from test_cli import run
 from stmae_edge.errors import BackendError, ConfigError, InvalidImageError
 from stmae_edge.runtime import Detector
 from stmae_edge.runtime.linescan import StreamingInspector, StripRegions, edge_ramp
-from stmae_edge.scoring import ScoreStats
+from stmae_edge.scoring import ScoreStats, Thresholds
 
 OVERLAP = 16  # tiles of 64: stride 48
 
@@ -204,9 +204,13 @@ def test_linescan_command_replays_an_image_or_a_folder_of_blocks(linescan_model,
         assert report["rows"] == 300 and report["width"] == 200 and report["rows_per_s"] > 0
         assert report["megapixels_per_s"] == pytest.approx(report["rows_per_s"] * 200 / 1e6)
         assert len(report["defects"]) == 1 and 140 <= report["defects"][0]["row"] <= 150
+        # what the run was judged by, for a record of it
+        assert report["overlap"] == OVERLAP and report["pixel_threshold_rule"] == "given for this strip"
+        assert report["pixel_threshold"] == pytest.approx(strong_threshold(Detector(linescan_model)))
     assert reports[0]["defects"] == reports[1]["defects"]
     r = run("linescan", str(linescan_model), str(tmp_path / "strip.png"))
     assert r.returncode == 0 and "rows/s" in r.stdout and "defect at row" in r.stdout
+    assert f"pixel threshold {Detector(linescan_model).thresholds.pixel:.6g} (the model's (" in r.stdout
 
 
 def test_components_across_bands_are_reported_once_and_long_ones_in_parts():
@@ -403,6 +407,18 @@ def test_the_pixel_threshold_can_be_set_until_the_strip_starts_and_is_fixed_afte
     assert len(inspector.push(strip[50:]) + inspector.flush()) == 1
     with pytest.raises(ConfigError, match="finite number"):
         StreamingInspector(detector, overlap=OVERLAP).pixel_threshold = float("nan")
+    # None given: the detector's, as it is when the strip starts (a change made before then counts)
+    inspector = StreamingInspector(detector, overlap=OVERLAP)
+    kept = detector.thresholds
+    try:
+        detector.thresholds = Thresholds(image=kept.image, pixel=strong_threshold(detector), rule="line 3")
+        assert inspector.pixel_threshold == strong_threshold(detector)
+        assert len(inspector.push(strip) + inspector.flush()) == 1
+        detector.thresholds = kept  # after the start: the strip's stays
+        assert inspector.pixel_threshold == strong_threshold(detector)
+        assert inspector.pixel_threshold_rule == "the model's (line 3)"
+    finally:
+        detector.thresholds = kept
     defect = found[0].to_dict()  # row first in a strip, named too
     assert defect["peak"] == [defect["peak_row"], defect["peak_col"]] == [found[0].peak_row, found[0].peak_col]
 

@@ -4,7 +4,8 @@
     for block in camera:                    # (rows, width[, channels]) uint8/uint16, any number of rows
         for defect in inspector.push(block):
             handle(defect)                  # defect.row is the absolute strip row, defect.col the column
-    inspector.flush()                       # end of the strip: the remaining rows
+    for defect in inspector.flush():        # end of the strip: the defects of the remaining rows
+        handle(defect)
 
 Tiles are cut at the model's native input size, with no resizing, so the scale the model sees on the
 line is the scale it was trained at (`train --crop`). They cover the width and run along the strip
@@ -115,7 +116,8 @@ class StreamingInspector:
             detector: the model, whose input size is the tile size; its thresholds are the defaults.
             overlap: pixels shared by neighbouring tiles, 0 to half the tile.
             width: the strip's width in pixels, at least one tile (default: the first block's).
-            pixel_threshold: raw map units (default: the detector's pixel threshold).
+            pixel_threshold: raw map units (default: the detector's pixel threshold, as it is when the
+                strip starts).
             max_defect_rows: a defect taller than this is reported in parts, each but the last marked
                 `continues` (default: 8 tile heights); bounds memory whatever the defect.
             on_rows: called with (first strip row, final strip map rows) as rows become final, once
@@ -141,7 +143,8 @@ class StreamingInspector:
         if width is not None and (not is_whole(width) or width < self.tile_width):
             raise ConfigError(f"width {width!r} must be a whole number of pixels, at least the model's "
                               f"{self.tile_width}-pixel tile")
-        self._pixel_threshold = self._resolved(pixel_threshold)
+        self._resolved(pixel_threshold)  # a bad value is refused here, where it was given
+        self._given_pixel_threshold = pixel_threshold  # None: the detector's, as it is when the strip starts
         self.overlap = int(overlap)
         self.stride = self.tile_height - self.overlap
         self.max_defect_rows = int(max_defect_rows)
@@ -174,15 +177,29 @@ class StreamingInspector:
 
     @property
     def pixel_threshold(self) -> float:
-        """Raw map units: the defects are the map's connected regions above it."""
-        return self._pixel_threshold
+        """Raw map units: the defects are the map's connected regions above it. Unless one was given,
+        the detector's pixel threshold, followed until the strip starts (a change to
+        `detector.thresholds` before the first push counts) and fixed from then on."""
+        if self._regions is not None:
+            return self._regions.threshold
+        return self._resolved(self._given_pixel_threshold)
 
     @pixel_threshold.setter
     def pixel_threshold(self, value: float) -> None:
         if self.rows_pushed or self._regions is not None:  # defects already tracked at the old one
             raise ConfigError("the pixel threshold is fixed once the strip has started (its defects are tracked "
                               "across tiles at one threshold): flush() and make a new StreamingInspector")
-        self._pixel_threshold = self._resolved(value)
+        self._resolved(value)
+        self._given_pixel_threshold = value
+
+    @property
+    def pixel_threshold_rule(self) -> str:
+        """Where pixel_threshold comes from, in words, for a record of the run."""
+        if self._regions is not None:
+            return self._regions_rule
+        if self._given_pixel_threshold is not None:
+            return "given for this strip"
+        return f"the model's ({self.detector.thresholds.rule})"
 
     # -- input -----------------------------------------------------------------------------------
     def _check_block(self, block: np.ndarray) -> np.ndarray:
@@ -221,7 +238,8 @@ class StreamingInspector:
         """The first block, once scored, fixes the strip's width, channels and pixel type."""
         self.width, self._channels, self._dtype = block.shape[1], 1 if block.ndim == 2 else block.shape[2], block.dtype
         self._columns = columns
-        self._regions = StripRegions(self.width, self._pixel_threshold, self.detector.map_stats, self.max_defect_rows)
+        self._regions_rule = self.pixel_threshold_rule  # both fixed from here on
+        self._regions = StripRegions(self.width, self.pixel_threshold, self.detector.map_stats, self.max_defect_rows)
 
     def push(self, block: np.ndarray) -> list[StripDefect]:
         """Add rows at the bottom of the strip; returns the defects completed by them.
@@ -475,7 +493,9 @@ def replay(inspector: StreamingInspector, source, block_rows: int = 256,
         on_defect(defect)
     seconds = inspector.seconds["total"]
     rows = inspector.rows_pushed
-    return {"rows": rows, "width": inspector.width, "tiles": inspector.tiles, "seconds": seconds,
+    return {"rows": rows, "width": inspector.width, "tiles": inspector.tiles, "overlap": inspector.overlap,
+            "pixel_threshold": inspector.pixel_threshold, "pixel_threshold_rule": inspector.pixel_threshold_rule,
+            "seconds": seconds,
             "rows_per_s": rows / seconds if seconds else 0.0,
             "megapixels_per_s": rows * inspector.width / seconds / 1e6 if seconds else 0.0,
             "defects": [d.to_dict() for d in defects]}
