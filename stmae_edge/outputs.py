@@ -58,10 +58,7 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = (), option: 
     Raises:
         OutputError: the folder cannot be created or written, the path is a folder, or it names an input.
     """
-    path = Path(path)
-    for source in inputs:
-        if same_file(path, source):
-            raise OutputError(f"{path} is an input of this command and would be replaced; choose another --out")
+    path = check_not_an_input(path, inputs)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = partial_name(path)  # the name the write will take: the longest it needs (255 bytes, MAX_PATH)
@@ -71,6 +68,20 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = (), option: 
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose another {option}") from exc
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name with --out")
+    return path
+
+
+def check_not_an_input(path: Path | str, inputs: Iterable[Path | str]) -> Path:
+    """`path`, after checking that it names none of `inputs` (check_writable's first check, which makes
+    no folder).
+
+    Raises:
+        OutputError: it does.
+    """
+    path = Path(path)
+    for source in inputs:
+        if same_file(path, source):
+            raise OutputError(f"{path} is an input of this command and would be replaced; choose another --out")
     return path
 
 

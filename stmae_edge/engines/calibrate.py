@@ -46,7 +46,7 @@ from ..errors import ConfigError, DatasetError, ExportError, StmaeError, first_l
 from ..metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
 from ..model_files import warn_if_thresholds_are_replaced
 from ..onnx_files import import_onnxruntime, load_onnx
-from ..outputs import check_writable, sha256_file, write_bytes_atomically, written_atomically
+from ..outputs import check_not_an_input, check_writable, sha256_file, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
 from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
 
@@ -236,8 +236,9 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
         raise ConfigError(f"{onnx_path} was exported by an older version, without the marks that tell its "
                           "scoring part (kept in fp32) from the rest; export it again with `stmae-edge "
                           "export MODEL`, or calibrate with --float-precision fp32")
+    out = check_not_an_input(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
     layers_kept_in_float(proto, settings, onnx_path)  # refused before any folder is made for its outputs
-    out = check_writable(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
+    out = check_writable(out, [onnx_path, *images])
     warn_if_thresholds_are_replaced(out, metadata)
     key = cache_key(onnx_path, images, settings)
     cache_dir = Path(cache_dir)
