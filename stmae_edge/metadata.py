@@ -111,12 +111,19 @@ class ModelMetadata:
                 raise CheckpointError(f"metadata {key!r} is a {type(d[key]).__name__}, not an object; re-create the model file")
 
         try:
+            thresholds = Thresholds.from_dict(d["thresholds"])
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # ConfigError too
+            # the one part that is edited by hand (a plan's sidecar): say how to mend it, not to retrain
+            raise CheckpointError(f"metadata 'thresholds' is malformed ({str(exc)[:200] or type(exc).__name__}): give "
+                                  "'image' and 'pixel' as numbers in raw score units, or copy the file again from its "
+                                  "source") from exc
+        try:
             metadata = cls(
                 model_family=str(d["model_family"]),
                 config=dict(d["config"]),
                 preprocessing=Preprocessing.from_dict(d["preprocessing"]),
                 score_stats=ScoreStats.from_dict(d["score_stats"]),
-                thresholds=Thresholds.from_dict(d["thresholds"]),
+                thresholds=thresholds,
                 map_stats=ScoreStats.from_dict(d["map_stats"]) if d.get("map_stats") is not None else None,
                 model_hash=str(d.get("model_hash", "")),
                 package_version=str(d.get("package_version", "")),

@@ -120,7 +120,12 @@ class Thresholds:
 
     @classmethod
     def from_dict(cls, d: dict) -> Thresholds:
-        return cls(float(d["image"]), float(d["pixel"]), str(d.get("rule", "")))
+        """Raises ConfigError (finite, within float32), TypeError (not a number: a quoted "2.5" is a
+        hand edit gone wrong, not a threshold) or KeyError."""
+        for name in ("image", "pixel"):
+            if isinstance(d[name], bool) or not isinstance(d[name], (int, float)):
+                raise TypeError(f"the {name} threshold is a {type(d[name]).__name__}, not a number")
+        return cls(d["image"], d["pixel"], str(d.get("rule", "")))
 
 
 def check_thresholds(value: object) -> Thresholds:

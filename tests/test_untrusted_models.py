@@ -111,6 +111,10 @@ def test_metadata_that_is_huge_deeply_nested_or_of_the_wrong_types_is_refused(ti
         "stats as text": (json.dumps(dict(good, score_stats="high")), "malformed"),
         "negative std": (json.dumps(dict(good, score_stats=dict(good["score_stats"], std=-1.0))), "must be positive"),
         "NaN threshold": (json.dumps(dict(good, thresholds=dict(good["thresholds"], image=float("nan")))), "finite"),
+        # the part edited by hand: how to mend it, not to retrain
+        "quoted threshold": (json.dumps(dict(good, thresholds=dict(good["thresholds"], pixel="2.5"))),
+                             "'thresholds' is malformed \\(the pixel threshold is a str, not a number\\): give 'image' "
+                             "and 'pixel' as numbers"),
         "input size 1e9": (json.dumps(dict(good, preprocessing=dict(good["preprocessing"], input_size=[10**9, 10**9]))),
                            "input size"),
         "unknown key": (json.dumps(dict(good, preprocessing=dict(good["preprocessing"], colour_space="lab"))), "malformed"),
