@@ -19,6 +19,12 @@ for package in (stmae_edge.runtime, stmae_edge.serving):
             importlib.import_module(module.name)
             walked.append(module.name)
 assert {'stmae_edge.runtime.remote', 'stmae_edge.runtime.tensorrt_backend', 'stmae_edge.serving.server'} <= set(walked)
+# every name an integrator imports from the runtime resolves (to the class defined where it is), torch-free
+assert set(stmae_edge.runtime.__all__) == set(stmae_edge.runtime._EXPORTS)
+for name in set(stmae_edge.runtime.__all__) - {'BACKENDS'}:
+    assert getattr(stmae_edge.runtime, name).__name__ == name, name
+from stmae_edge.runtime import StreamingInspector, Thresholds, InvalidImageError, StmaeError
+assert issubclass(InvalidImageError, StmaeError) and Thresholds is stmae_edge.scoring.Thresholds
 import numpy as np
 x = stmae_edge.preprocessing.Preprocessing()(np.zeros((10, 10), np.uint8))
 assert x.shape == (1, 3, 256, 256)

@@ -16,7 +16,7 @@ import pytest
 from loopback_http import LoopbackServer
 
 from stmae_edge import wire_format as wire
-from stmae_edge.errors import ConfigError
+from stmae_edge.errors import BackendError, ConfigError
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.runtime import RemoteDetector, RemoteError
 from stmae_edge.scoring import Thresholds
@@ -44,11 +44,13 @@ class FakeTriton(LoopbackServer):
     model, action, batch)`, which returns (status, dict of outputs | JSON-able | raw bytes). `batch`
     is the request's leading input dimension (None for a config request)."""
 
-    def __init__(self, answer):
+    def __init__(self, answer, prefix: str = ""):
         self.requests: list[tuple[str, str]] = []
 
         def respond(method, path, headers, body):
-            _, _, _, model, action = path.split("/")[:5]
+            if not path.startswith(prefix + "/v2/"):  # what a reverse proxy serving under `prefix` forwards
+                return 404, {}, b'{"error": "not found"}'
+            _, _, _, model, action = path[len(prefix):].split("/")[:5]
             batch = None
             if method == "POST":
                 head = json.loads(body[:int(headers["Inference-Header-Content-Length"])])
@@ -78,7 +80,7 @@ def document_for(model: ModelMetadata, /, **changes) -> dict:
     return {k: v for k, v in document.items() if v is not None}
 
 
-def repo_server(metadata: ModelMetadata, document=None, config=None, infer=None) -> FakeTriton:
+def repo_server(metadata: ModelMetadata, document=None, config=None, infer=None, prefix: str = "") -> FakeTriton:
     """A triton-repo model in the official container: NAME_metadata is unknown (400), the config holds
     the document, and `infer(batch)` gives the model's outputs."""
     document = document_for(metadata) if document is None else document
@@ -91,7 +93,7 @@ def repo_server(metadata: ModelMetadata, document=None, config=None, infer=None)
         if action == "config":
             return 200, config
         return 200, infer(batch)
-    return FakeTriton(answer)
+    return FakeTriton(answer, prefix)
 
 
 def network_outputs(metadata: ModelMetadata, batch: int, score: float = 0.0, map_width: int | None = None):
@@ -275,8 +277,41 @@ def test_a_served_model_is_used_as_the_in_process_detector_is(metadata):
 @pytest.mark.parametrize("url", [None, b"http://127.0.0.1:9", 8000])
 def test_a_url_that_is_not_a_string_is_a_config_error(url):
     """RemoteDetector(None, ...) ended in an AttributeError, a bytes url in a TypeError."""
-    with pytest.raises(ConfigError, match="give http://HOST:PORT or grpc://HOST:PORT as a string"):
+    with pytest.raises(ConfigError, match=re.escape("give http(s)://HOST:PORT[/PATH] or grpc://HOST:PORT as a string")):
         RemoteDetector(url, "tiny")
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:9", "http://", "grpc://127.0.0.1:9/triton", "127.0.0.1:8000"])
+def test_a_url_of_another_kind_is_a_config_error(url):
+    with pytest.raises(ConfigError, match=re.escape("give http(s)://HOST:PORT[/PATH] or grpc://HOST:PORT")):
+        RemoteDetector(url, "tiny")
+
+
+def test_a_server_behind_a_reverse_proxy_path_is_reached(metadata):
+    """The README puts a reverse proxy in front of the server; one that serves it under a path was
+    refused as a url."""
+    with repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch, score=0.5),
+                     prefix="/lines/3") as server:
+        remote = RemoteDetector(server.url + "/lines/3/", "tiny")
+        assert remote.url == server.url + "/lines/3" and remote.predict(frames(metadata, 1)[0]).score == 0.5
+
+
+def test_a_closed_or_misused_remote_detector_says_so_as_the_in_process_one_does(metadata):
+    with repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch)) as server:
+        remote = RemoteDetector(server.url, "tiny")
+        height, width = metadata.preprocessing.input_size
+        for bad in (None, np.zeros((1, 3, height, width), np.float64), np.zeros((1, 3, height + 1, width), np.float32)):
+            with pytest.raises(ConfigError, match=f"expected float32 images \\(N, 3, {height}, {width}\\)"):
+                remote.run_tensors(bad)
+        sent = len(server.requests)
+        remote.close()
+        remote.close()  # twice is fine
+        with pytest.raises(BackendError, match="closed"):
+            remote.predict(frames(metadata, 1))
+        with pytest.raises(BackendError, match="closed"):
+            with remote:
+                pass
+        assert len(server.requests) == sent  # nothing sent after the refusals and the close
 
 
 def test_an_output_of_a_datatype_the_client_does_not_read_is_refused_in_json_replies_too(metadata):

@@ -344,8 +344,12 @@ def test_bad_thresholds_and_non_images_are_typed_errors(tiny_export, detector):
     assert detector.predict(np.float32(image) / 255).score == pytest.approx(detector.predict(image).score, rel=1e-5)
     closed = Detector(tiny_export[1])
     closed.close()
+    closed.close()  # twice is fine
     with pytest.raises(BackendError, match="closed"):
         closed.predict(image)
+    with pytest.raises(BackendError, match="this Detector was closed"):  # not entered as if it were open
+        with closed:
+            pass
 
 
 def test_a_keep_aspect_model_lays_its_maps_over_each_image_in_every_path(tiny_export, images, tmp_path):

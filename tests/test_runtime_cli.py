@@ -49,7 +49,7 @@ def test_predict_writes_json_and_overlays_and_reports_unreadable_files(tiny_expo
     for result in summary["results"]:
         overlay = cv2.imread(str(out / result["overlay"]))
         assert overlay.shape == (*result["image_size"], 3)
-        assert result["decision"] in ("pass", "fail")
+        assert result["decision"] in ("pass", "fail") and result["is_anomalous"] == (result["decision"] == "fail")
         assert set(result) >= {"score", "normalized_score", "regions", "image_threshold", "pixel_threshold"}
     assert summary["results"][-1]["image_size"] == [70, 130] and summary["results"][-1]["overlay"] == "000_2.png"
     assert f"7 scored: {summary['failed']} fail" in r.stdout and "7 overlays" in r.stdout and "next: " in r.stdout

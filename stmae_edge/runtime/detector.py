@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import overload
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -58,15 +58,31 @@ class ImageScorer(AssignableThresholds):
     def run_tensors(self, batch: np.ndarray, offset: int | Sequence[int] = 0) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    # The shape of the result follows the call: one path, one Detection; a list or tuple, a list; an
+    # array is one image (H, W[, C]) or a batch (N, H, W, C), which only its ndim tells at run time.
     @overload
-    def predict(self, images: ImageInput, **kw) -> Detection: ...
+    def predict(self, images: str | os.PathLike, *, return_errors: Literal[False] = False, **kw: Any) -> Detection: ...
 
     @overload
-    def predict(self, images: Sequence[ImageInput], **kw) -> list[Detection]: ...
+    def predict(self, images: str | os.PathLike, *, return_errors: Literal[True],
+                **kw: Any) -> Detection | InvalidImageError: ...
+
+    @overload
+    def predict(self, images: list[ImageInput] | tuple[ImageInput, ...], *, return_errors: Literal[False] = False,
+                **kw: Any) -> list[Detection]: ...
+
+    @overload
+    def predict(self, images: list[ImageInput] | tuple[ImageInput, ...], *, return_errors: Literal[True],
+                **kw: Any) -> list[Detection | InvalidImageError]: ...
+
+    @overload
+    def predict(self, images: np.ndarray, *, return_errors: bool = False,
+                **kw: Any) -> Detection | list[Detection] | InvalidImageError | list[Detection | InvalidImageError]: ...
 
     def predict(self, images: ImageInput | Sequence[ImageInput], *, image_threshold: float | None = None,
                 pixel_threshold: float | None = None, sigma: float | None = None,
-                timings: dict | None = None, return_errors: bool = False) -> Detection | list[Detection]:
+                timings: dict | None = None, return_errors: bool = False,
+                ) -> Detection | InvalidImageError | list[Detection] | list[Detection | InvalidImageError]:
         """Score one image or a list (paths or arrays: gray, BGR or BGRA; uint8, uint16 or float in [0, 1]).
 
         Args:
@@ -246,6 +262,7 @@ class Detector(ImageScorer):
                        "batch_size %d exceeds the largest batch that %s takes (%d); batches of at most %d",
                        batch_size, self.model_path.name, self._backend.max_batch, self.batch_size)
         self._lock = threading.Lock()
+        self.closed = False  # close() was called
 
     @property
     def info(self) -> dict:
@@ -262,27 +279,41 @@ class Detector(ImageScorer):
             ConfigError: the batch has the wrong shape or dtype. BackendError: the network failed or
                 produced NaN or infinite values.
         """
-        height, width = self.preprocessing.input_size
-        if (not isinstance(batch, np.ndarray) or batch.dtype != np.float32 or batch.ndim != 4
-                or batch.shape[1:] != (3, height, width) or not 0 < len(batch) <= self._backend.max_batch):
-            got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
-            raise ConfigError(f"expected float32 images (N, 3, {height}, {width}) with 1 <= N <= "
-                              f"{self._backend.max_batch}, got {got}")
+        check_input_batch(batch, self.preprocessing.input_size, self._backend.max_batch)
         with self._lock:
             maps, scores = self._backend.run(batch)
-        check_network_outputs(maps, scores, len(batch), (height, width))
+        check_network_outputs(maps, scores, len(batch), self.preprocessing.input_size)
         return maps, scores
 
     def close(self) -> None:
-        """Free the backend (its session, engine and device buffers); later calls raise BackendError."""
+        """Free the backend (its session, engine and device buffers); later calls raise BackendError.
+        Closing twice is fine."""
         with self._lock:
             self._backend.close()
+            self.closed = True
 
     def __enter__(self) -> Detector:
+        """The detector itself, closed when the block ends.
+
+        Raises:
+            BackendError: it was closed already.
+        """
+        if self.closed:
+            raise BackendError("this Detector was closed; create a new one")
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_input_batch(batch: np.ndarray, input_size: tuple[int, int], max_batch: int) -> None:
+    """Raises ConfigError unless `batch` is preprocessed images as run_tensors takes them: float32
+    (N, 3, H, W) at the model's input size, 1 <= N <= max_batch."""
+    height, width = input_size
+    if (not isinstance(batch, np.ndarray) or batch.dtype != np.float32 or batch.ndim != 4
+            or batch.shape[1:] != (3, height, width) or not 0 < len(batch) <= max_batch):
+        got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
+        raise ConfigError(f"expected float32 images (N, 3, {height}, {width}) with 1 <= N <= {max_batch}, got {got}")
 
 
 def check_network_outputs(maps: np.ndarray, scores: np.ndarray, count: int, input_size: tuple[int, int], *,

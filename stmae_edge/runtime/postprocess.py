@@ -69,6 +69,7 @@ class Region:
         return self.x, self.y, self.width, self.height
 
     def to_dict(self) -> dict:
+        """JSON-able: the box as [x, y, width, height] and the peak as [x, y], in image pixels."""
         return {"box": list(self.box), "area": self.area, "peak_score": self.peak_score,
                 "peak_normalized": self.peak_normalized, "peak": [self.peak_x, self.peak_y],
                 "peak_x": self.peak_x, "peak_y": self.peak_y, "above_pixel_threshold": self.above_pixel_threshold}
@@ -109,9 +110,11 @@ class Detection:
         return not self.is_anomalous
 
     def to_dict(self) -> dict:
-        """JSON-able summary (the map itself is left out: write it as an image or .npy)."""
+        """JSON-able summary (the map itself is left out: write it as an image or .npy). The verdict as
+        `decision` ("pass" or "fail", for people) and `is_anomalous`, the attribute's and the server's name."""
         return {"source": self.source, "image_size": list(self.image_size), "score": self.score,
                 "normalized_score": self.normalized_score, "decision": "fail" if self.is_anomalous else "pass",
+                "is_anomalous": self.is_anomalous,
                 "image_threshold": self.image_threshold, "pixel_threshold": self.pixel_threshold,
                 "regions": [r.to_dict() for r in self.regions]}
 

@@ -32,7 +32,7 @@ from ..checks import is_whole, parse_document
 from ..errors import BackendError, CheckpointError, ConfigError, RemoteError, first_line
 from ..metadata import MAX_BATCH, ModelMetadata
 from ..scoring import Thresholds
-from .detector import ImageScorer, accepted_sizes, check_network_outputs
+from .detector import ImageScorer, accepted_sizes, check_input_batch, check_network_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ class RemoteDetector(ImageScorer):
         """Connect to a served model and read its metadata.
 
         Args:
-            url: http://HOST:PORT (Triton's HTTP endpoint) or grpc://HOST:PORT.
+            url: http://HOST:PORT (Triton's HTTP endpoint; https:// and a path where a reverse proxy
+                serves it, https://HOST/PATH) or grpc://HOST:PORT.
             model: the served model's name (`stmae-edge serve` prints it).
             timeout: seconds per request (more than 0).
             min_region_area: smaller regions, in image pixels, are not reported.
@@ -73,10 +74,12 @@ class RemoteDetector(ImageScorer):
         """
         self.model = wire.check_model_name(model)
         if not isinstance(url, str):
-            raise ConfigError(f"server url {url!r}: give http://HOST:PORT or grpc://HOST:PORT as a string")
+            raise ConfigError(f"server url {url!r}: give http(s)://HOST:PORT[/PATH] or grpc://HOST:PORT as a string")
         scheme, _, address = url.partition("://")
-        if scheme not in ("http", "grpc") or not address or "/" in address.rstrip("/"):
-            raise ConfigError(f"server url {url!r}: give http://HOST:PORT or grpc://HOST:PORT")
+        host, _, path = address.partition("/")
+        # https and a path: a reverse proxy in front of the server (README, "Serving"); gRPC has no path
+        if scheme not in ("http", "https", "grpc") or not host or (scheme == "grpc" and path.strip("/")):
+            raise ConfigError(f"server url {url!r}: give http(s)://HOST:PORT[/PATH] or grpc://HOST:PORT")
         if batch_size is not None and (not is_whole(batch_size) or batch_size < 1):
             raise ConfigError(f"batch_size {batch_size!r} must be a whole number, at least 1 (or None: the server's "
                               "max batch)")
@@ -88,7 +91,8 @@ class RemoteDetector(ImageScorer):
             raise ConfigError(f"timeout {timeout!r} must be a number of seconds above 0")
         self.url, self.protocol, self.timeout = url.rstrip("/"), scheme, float(timeout)
         self.min_region_area = min_region_area
-        self._grpc = self._grpc_client(address.rstrip("/")) if scheme == "grpc" else None
+        self._grpc = self._grpc_client(host) if scheme == "grpc" else None
+        self.closed = False  # close() was called
         self._outputs = [wire.SCORE, wire.ANOMALY_MAP]  # and ERROR from a `stmae-edge serve` server
         self.metadata, self.thresholds, self.max_batch, self._runtime = self._read_document(self._metadata_document())
         self.preprocessing = self.metadata.preprocessing
@@ -117,12 +121,17 @@ class RemoteDetector(ImageScorer):
                 out), so that an error names the image there.
 
         Raises:
+            ConfigError: the batch is not float32 (N, 3, H, W) at the model's input size, 1 <= N <= its
+                max batch, as Detector.run_tensors takes it. BackendError: the detector was closed.
             RemoteError: the server refused the request or an image (naming it), or answered maps or
                 scores that are missing, of the wrong shape, or NaN or infinite (a `triton-repo` model
                 has no error output: its network's NaN arrives as a score).
         """
+        if self.closed:
+            raise BackendError(f"this RemoteDetector for {self.url} was closed; create a new one")
+        check_input_batch(batch, self.preprocessing.input_size, self.max_batch)
         count = len(batch)
-        outputs = self.infer(self.model, {wire.IMAGES: np.ascontiguousarray(batch, np.float32)}, self._outputs)
+        outputs = self.infer(self.model, {wire.IMAGES: batch}, self._outputs)
         errors = outputs.get(wire.ERROR)  # from `stmae-edge serve`: why an image was not scored (its outputs are 0)
         if errors is not None:
             for i, message in enumerate(errors.reshape(-1)):
@@ -151,11 +160,20 @@ class RemoteDetector(ImageScorer):
         return maps, scores
 
     def close(self) -> None:
-        """Close the gRPC channel (HTTP keeps no connection open between requests)."""
-        if self._grpc is not None:
+        """Close the gRPC channel (HTTP keeps no connection open between requests); later calls raise
+        BackendError, as a closed Detector's do. Closing twice is fine."""
+        if self._grpc is not None and not self.closed:
             self._grpc.close()
+        self.closed = True
 
     def __enter__(self) -> RemoteDetector:
+        """The detector itself, closed when the block ends.
+
+        Raises:
+            BackendError: it was closed already.
+        """
+        if self.closed:
+            raise BackendError(f"this RemoteDetector for {self.url} was closed; create a new one")
         return self
 
     def __exit__(self, *exc) -> None:
