@@ -132,13 +132,24 @@ class ImageScorer(AssignableThresholds):
     __call__ = predict
 
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
-        """The network's input tensor for these images: the same definition training used."""
+        """The network's input tensor for these images: the same definition training used.
+
+        Args:
+            images: one image or a batch, as predict takes them.
+
+        Returns:
+            float32 (N, 3, H, W) at the model's input size, N = 1 for one image.
+
+        Raises:
+            InvalidImageError: an image cannot be read or used (the size check of predict is not made).
+        """
         return self.preprocessing(images)
 
     def raw_maps(self, images: ImageInput | Sequence[ImageInput], timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The network's own output for a list of images, batched: maps (N, H, W) at the model's input
         size and raw scores (N,), without thresholds or regions. For callers that combine maps
-        themselves, such as the line-scan inspector, which feeds tiles of exactly that size.
+        themselves, such as the line-scan inspector, which feeds tiles of exactly that size; so
+        predict's check of each image's size against the training sizes is not made here.
 
         Args:
             images: a list, a tuple or an (N, H, W, C) array of images (one image alone gives N = 1).
@@ -236,7 +247,8 @@ class Detector(ImageScorer):
 
         Raises:
             BackendError: the backend cannot run here. CheckpointError, EngineMismatchError: the file is
-                not a usable model. ConfigError: an argument is out of range.
+                not a usable model. ConfigError: an argument is out of range, the file's suffix is none
+                that a backend runs, or the backend named cannot run this kind of file.
         """
         _check_arguments(model_path, backend, batch_size, min_region_area, cuda_graph, threads, bit_depth)
         for name, value in (("check_size", check_size), ("spin_threads", spin_threads)):

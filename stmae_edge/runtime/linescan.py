@@ -285,6 +285,10 @@ class StreamingInspector:
         """End of the strip: score the rows not yet covered, close every open defect. Once flushed, the
         inspector takes no more rows; a second flush returns nothing.
 
+        Returns:
+            The defects still open at the end of the strip, and any that an interrupted call left
+            undelivered: handle them as push's.
+
         Raises:
             InvalidImageError: the model refuses pixels of the last rows, which no push has scored
                 yet (uint16 beyond the detector's bit_depth).
