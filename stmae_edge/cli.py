@@ -32,9 +32,11 @@ EPOCHS, MAX_STEPS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS, ASPECT = 20, 840, 16, 4
 SCORE_FOLDS, CROPS_PER_IMAGE, BIT_DEPTH = 5, 4, 16  # and the presets' names in --preset's help (a test checks)
 
 
-def use_available_cores() -> None:
+def use_available_cores(model: Path | None = None) -> None:
     """All cores this process may run on (not all the machine has: containers and affinity limit it), for
-    PyTorch where it is installed (an .onnx file is evaluated without it)."""
+    PyTorch where it is installed; not imported for a `model` that is not a .pt file, which runs without it."""
+    if model is not None and model.suffix.lower() != ".pt":
+        return
     try:
         import torch
     except ImportError:
@@ -198,7 +200,7 @@ def evaluate(
     from .evaluation.evaluate import format_report, write_json
     from .outputs import check_writable
 
-    use_available_cores()
+    use_available_cores(model)
     # the whole name: model.pt's and model.onnx's (or model.fp16.onnx's and model.fp16.plan's) reports apart
     out = check_writable(out or model.with_name(model.name + ".eval.json"), [model])
     result = run_evaluate(model, data_dir, batch_size, backend, bit_depth)

@@ -158,3 +158,14 @@ def test_a_broken_or_doubled_onnxruntime_install_is_said_in_one_line(monkeypatch
         onnx_files.import_onnxruntime()
     assert [r.getMessage()[:78] for r in caplog.records] == [
         "both ONNX Runtime builds are installed (onnxruntime 1.22.0 and onnxruntime-gpu"]
+
+
+def test_evaluating_an_onnx_file_does_not_import_torch(tiny_export, synthetic_dataset, tmp_path):
+    """torch was imported to set its threads for every evaluate, 1 to 2 s of a run that never uses it."""
+    code = ("import sys\nfrom stmae_edge.cli import main\n"
+            f"sys.argv = ['stmae-edge', 'evaluate', {str(tiny_export[1])!r}, {str(synthetic_dataset)!r}, "
+            f"'--out', {str(tmp_path / 'e.json')!r}]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
