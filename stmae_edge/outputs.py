@@ -65,7 +65,7 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = (), option: 
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose another {option}") from exc
+        raise OutputError(f"cannot write {path}: {failure_reason(exc, path.parent)}; choose another {option}") from exc
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name with --out")
     return path
@@ -209,6 +209,9 @@ def _remove(partial: Path) -> None:
 
 
 DISK_NEARLY_FULL_BYTES = 1 << 20
+# errors that say their own cause, whatever space the disk has left
+NOT_THE_DISKS_SPACE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                       errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 def failure_reason(exc: BaseException, folder: Path) -> str:
@@ -223,6 +226,8 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
     the partial file is removed, while it still fills it)."""
     if getattr(exc, "errno", None) == errno.ENOSPC:
         return True
+    if getattr(exc, "errno", None) in NOT_THE_DISKS_SPACE:  # a nearly full disk must not take the blame
+        return False
     try:
         return shutil.disk_usage(folder).free < DISK_NEARLY_FULL_BYTES
     except OSError:
@@ -288,7 +293,7 @@ def check_output_folder(out: Path | str, inputs: Iterable[Path | str]) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from exc
+        raise OutputError(f"cannot create {out}: {failure_reason(exc, out.parent)}; choose another --out") from exc
     return out
 
 
@@ -314,7 +319,7 @@ def staging_folder(out: Path) -> Iterator[Path]:
     try:
         staging.mkdir()
     except OSError as exc:
-        raise OutputError(f"cannot write into {out}: {exc.strerror or exc}; choose another --out") from exc
+        raise OutputError(f"cannot write into {out}: {failure_reason(exc, out)}; choose another --out") from exc
     held = None
     try:
         held = _locked(staging)  # while held, a later run knows this one is alive

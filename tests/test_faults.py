@@ -273,6 +273,24 @@ def test_a_full_disk_is_named_when_a_write_fails(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_nearly_full_disk_takes_the_blame_only_for_what_space_explains(tmp_path, monkeypatch):
+    """check_writable, report and predict name a full disk as the writers do; a refusal that says its own
+    cause (no permission, a read-only disk) is that cause, whatever space is left."""
+    import shutil
+    from collections import namedtuple
+
+    from stmae_edge import outputs
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(1 << 30, (1 << 30) - 4096, 4096))
+    assert outputs.failure_reason(OSError(errno.EIO, "Input/output error"), tmp_path).startswith("no space left")
+    for code, words in ((errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only file system")):
+        assert outputs.failure_reason(OSError(code, words), tmp_path) == words
+    monkeypatch.setattr(outputs.Path, "touch", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(outputs.OutputError, match="cannot write .*m.onnx: no space left on the disk"):
+        outputs.check_writable(tmp_path / "m.onnx")
+
+
 def test_files_written_together_replace_the_earlier_pair_whole_or_not_at_all(tmp_path, monkeypatch):
     """A plan and its sidecar: the plan was renamed into place before the sidecar was written, so a build
     cut off between them left a new plan beside the old sidecar, refused, and the working engine lost."""

@@ -29,6 +29,7 @@ from .. import data
 from ..errors import ConfigError, OutputError
 from ..outputs import (
     check_output_folder,
+    failure_reason,
     move_into_place,
     same_file,
     signals_held,
@@ -144,7 +145,7 @@ def _put_in_place(staging: Path, out: Path) -> None:
                 move_into_place(staging / name, out / name)
             sync_folder(out)
     except OSError as exc:
-        raise OutputError(f"cannot write the report into {out}: {exc.strerror or exc}; choose another --out") from exc
+        raise OutputError(f"cannot write the report into {out}: {failure_reason(exc, out)}; choose another --out") from exc
 
 
 def _finite(value):

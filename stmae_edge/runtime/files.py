@@ -240,7 +240,7 @@ def _put_in_place(staging: Path, out: Path, summary: dict, earlier_overlays: dic
             try:
                 move_into_place(staging / entry["overlay"], out / entry["overlay"])
             except OSError as exc:
-                message = f"cannot write {out / entry['overlay']}: {exc.strerror or exc}"
+                message = f"cannot write {out / entry['overlay']}: {failure_reason(exc, out)}"
                 if not isinstance(exc, PermissionError):
                     raise OutputError(message) from exc
                 # one overlay refused (a file held open on Windows, past the retries) costs only itself;
@@ -254,7 +254,7 @@ def _put_in_place(staging: Path, out: Path, summary: dict, earlier_overlays: dic
         try:
             move_into_place(staging / RESULTS_NAME, out / RESULTS_NAME)
         except OSError as exc:
-            raise OutputError(f"cannot write {out / RESULTS_NAME}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot write {out / RESULTS_NAME}: {failure_reason(exc, out)}") from exc
         sync_folder(out)
         # on a case-insensitive disk (macOS, Windows) Part1.png is the part1.png just written
         written = {may_be_one_file(entry["overlay"]) for entry in results if "overlay" in entry}
