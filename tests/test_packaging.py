@@ -97,3 +97,21 @@ def test_the_wheel_runs_from_any_folder_with_nothing_of_the_repository(tiny_expo
     assert version.returncode == 0 and __version__ in version.stdout, version.stderr
     scored = run("predict", str(tiny_export[1]), str(synthetic_dataset / "test" / "good"), "--no-overlays")
     assert scored.returncode == 0 and (work / "predictions" / "results.json").is_file(), scored.stderr
+
+
+def test_every_install_hint_names_an_extra_that_brings_the_package():
+    """Hints are written where each error is raised (`pip install 'stmae-edge[gpu]'`); an extra renamed
+    in pyproject.toml would leave them pointing at nothing."""
+    import re
+
+    from stmae_edge.cli import OPTIONAL_PACKAGES
+
+    extras = PROJECT["optional-dependencies"]
+    package = Path(__file__).resolve().parents[1] / "stmae_edge"
+    named = {(path.name, extra) for path in package.rglob("*.py")
+             for extra in re.findall(r"stmae-edge\[([a-z-]+)\]", path.read_text())}
+    assert {extra for _, extra in named} >= {"gpu", "train", "report", "demo", "serve"}
+    assert all(extra in extras for _, extra in named), sorted(named)
+    for module, extra in OPTIONAL_PACKAGES.items():
+        requirements = [Requirement(r).name for r in extras[extra]]
+        assert any(module.replace("_", "-") in name for name in requirements), (module, extra, requirements)
