@@ -17,6 +17,7 @@ from .metadata import MAX_BATCH
 from .preprocessing import TrainedSizes
 from .runtime.backend_table import backend_help
 from .scoring import DEFAULT_SIGMA, Thresholds
+from .training.config import TrainConfig
 from .wire_format import DEFAULT_MAX_BATCH
 
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
@@ -27,9 +28,12 @@ DEMO_GOOD_CELLS = 470  # ELPV's defect-free mono cells less the demo's test fift
 BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12 cameras, whose values stop "
                   "at 1023 or 4095; 8-bit images are unaffected")
 
-# Training defaults, mirrored from training.loop.TrainConfig without importing torch for `--help`.
-EPOCHS, MAX_STEPS, BATCH_SIZE, LR, HOLDOUT, CORRUPTIONS, ASPECT = 20, 840, 16, 4e-4, 0.1, 2, "auto"
-SCORE_FOLDS, CROPS_PER_IMAGE, BIT_DEPTH = 5, 4, 16  # and the presets' names in --preset's help (a test checks)
+# Training's defaults, from its torch-free settings (the presets' names in --preset's help are written
+# out: importing them needs torch, which `--help` must not wait for; a test checks them)
+_TRAINING = TrainConfig()
+EPOCHS, MAX_STEPS, BATCH_SIZE, LR = _TRAINING.epochs, _TRAINING.max_steps, _TRAINING.batch_size, _TRAINING.lr
+HOLDOUT, CORRUPTIONS, ASPECT = _TRAINING.holdout_fraction, _TRAINING.corruptions_per_image, _TRAINING.aspect
+SCORE_FOLDS, CROPS_PER_IMAGE, BIT_DEPTH = _TRAINING.score_folds, _TRAINING.crops_per_image, _TRAINING.bit_depth
 
 
 def use_available_cores(model: Path | None = None) -> None:
@@ -149,7 +153,6 @@ def train(
     from .evaluation.operating_point import holdout_check
     from .models.filtering_ae import FAMILY as FILTERING_FAMILY
     from .scoring import threshold_scoring
-    from .training.train import TrainConfig
     from .training.train import train as run_train
 
     if family == FILTERING_FAMILY and _given(ctx, "self_supervised", "corruptions_per_image", "backbone_weights"):
@@ -231,7 +234,6 @@ def demo(
     from .evaluation.evaluate import format_report, write_json
     from .evaluation.operating_point import holdout_check
     from .scoring import threshold_scoring
-    from .training.train import TrainConfig
     from .training.train import train as run_train
 
     use_available_cores()

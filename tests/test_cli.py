@@ -209,17 +209,6 @@ def test_vgg19_without_weights_offline_is_one_line(synthetic_dataset, tmp_path):
     _assert_one_line_error(subprocess.CompletedProcess(r.args, r.returncode, r.stdout, rest), "backbone-weights")
 
 
-def test_cli_defaults_match_the_training_config():
-    from stmae_edge import cli
-    from stmae_edge.training.train import TrainConfig
-
-    d = TrainConfig()
-    assert (cli.EPOCHS, cli.MAX_STEPS, cli.BATCH_SIZE, cli.LR, cli.HOLDOUT, cli.CORRUPTIONS, cli.ASPECT,
-            cli.SCORE_FOLDS, cli.CROPS_PER_IMAGE, cli.BIT_DEPTH) == (
-        d.epochs, d.max_steps, d.batch_size, d.lr, d.holdout_fraction, d.corruptions_per_image, d.aspect,
-        d.score_folds, d.crops_per_image, d.bit_depth)
-
-
 def test_every_preset_is_named_in_the_help_and_no_other():
     """--preset's help lists the presets by hand (importing them needs torch, which `--help` must not)."""
     import inspect
