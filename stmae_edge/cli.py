@@ -13,7 +13,7 @@ import typer
 from . import __version__
 from .engine_plan import DEFAULT_BATCH_TEXT, RTX_COMPUTE_CAPABILITIES_TEXT
 from .errors import ConfigError, StmaeError, first_line
-from .metadata import MAX_BATCH
+from .metadata import FILTERING_AE_FAMILY, MAX_BATCH, STMAE_FAMILY
 from .preprocessing import TrainedSizes
 from .runtime.backend_table import backend_help
 from .scoring import DEFAULT_SIGMA, Thresholds
@@ -95,7 +95,7 @@ def train(
     ctx: typer.Context,
     data_dir: Path = typer.Argument(..., help="dataset in the MVTec AD layout (uses DATA_DIR/train/good)"),
     out: Path = typer.Option(Path("model.pt"), "--out", "-o", help="checkpoint to write"),
-    family: str = typer.Option("stmae", help="stmae (transformer on frozen CNN features), or filtering-ae "
+    family: str = typer.Option(STMAE_FAMILY, help="stmae (transformer on frozen CNN features), or filtering-ae "
                                "(image autoencoder trained to remove synthetic defects, Bauer et al. 2022)"),
     preset_name: str = typer.Option("small", "--preset", help="stmae: tiny, small (default: the residual "
                                     "scored by per-position statistics, sharp and over 21 x 21 cells, "
@@ -151,11 +151,10 @@ def train(
     """Train a model on good images and write one self-describing checkpoint."""
     from .errors import ConfigError
     from .evaluation.operating_point import holdout_check
-    from .models.filtering_ae import FAMILY as FILTERING_FAMILY
     from .scoring import threshold_scoring
     from .training.train import train as run_train
 
-    if family == FILTERING_FAMILY and _given(ctx, "self_supervised", "corruptions_per_image", "backbone_weights"):
+    if family == FILTERING_AE_FAMILY and _given(ctx, "self_supervised", "corruptions_per_image", "backbone_weights"):
         raise ConfigError("--self-supervised, --corruptions-per-image and --backbone-weights are stmae options; "
                           "the filtering autoencoder has no backbone and always trains on fresh synthetic defects")
 
@@ -240,7 +239,7 @@ def demo(
     data_dir = prepare_elpv(workdir / "elpv_mono", max_train=max_train)
     model_path = workdir / "model.pt"
     typer.echo(f"dataset: {data_dir} (ELPV mono cells; image labels only, no pixel masks)")
-    meta = run_train(data_dir, model_path, _model_config("stmae", "small", None), TrainConfig(epochs=epochs))
+    meta = run_train(data_dir, model_path, _model_config(STMAE_FAMILY, "small", None), TrainConfig(epochs=epochs))
     typer.echo(f"trained {model_path} in {meta.training['seconds']:.0f}s; threshold {meta.thresholds.image:.6g}: "
                + holdout_check(meta.training["holdout_above_threshold"], meta.score_stats.count,
                                remedy=f"demo --max-train 0: all {DEMO_GOOD_CELLS} good cells",

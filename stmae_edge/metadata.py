@@ -45,9 +45,16 @@ def onnx_precision(model) -> str:
     return props.get(PRECISION_KEY, "fp32")
 
 
+# The model families a file can hold, by the name its metadata records (models/families.py builds them;
+# the names live here, torch-free, for the CLI and calibration)
+STMAE_FAMILY = "stmae"
+FILTERING_AE_FAMILY = "filtering-ae"
+FAMILIES = (STMAE_FAMILY, FILTERING_AE_FAMILY)
+
+
 @dataclass
 class ModelMetadata:
-    model_family: str  # "stmae" or "filtering-ae" (models/families.py); the runtime does not need it
+    model_family: str  # one of FAMILIES; the runtime does not need it
     config: dict  # the family's architecture config (STMAEConfig or FilteringAEConfig, to_dict())
     preprocessing: Preprocessing
     score_stats: ScoreStats

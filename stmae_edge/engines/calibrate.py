@@ -43,7 +43,7 @@ import onnx
 from .. import data
 from ..checks import parse_document
 from ..errors import ConfigError, DatasetError, ExportError, StmaeError, first_line
-from ..metadata import INPUT_NAME, PRECISION_KEY, ModelMetadata, onnx_precision
+from ..metadata import FILTERING_AE_FAMILY, INPUT_NAME, PRECISION_KEY, STMAE_FAMILY, ModelMetadata, onnx_precision
 from ..model_files import warn_if_thresholds_are_replaced
 from ..onnx_files import import_onnxruntime, load_onnx
 from ..outputs import check_not_an_input, check_writable, sha256_file, write_bytes_atomically, written_atomically
@@ -58,8 +58,8 @@ SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_b
             "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8",
             "float_precision": "fp16", "min_weight_elements": 0, "graph_version": 2}
 FLOAT_PRECISIONS = ("fp16", "fp32")
-FAMILY_SETTINGS = {"stmae": {"op_types": ["MatMul"], "float_statistics": True, "min_weight_elements": 65536},
-                   "filtering-ae": {"op_types": ["Conv"], "float_output_convs": True}}
+FAMILY_SETTINGS = {STMAE_FAMILY: {"op_types": ["MatMul"], "float_statistics": True, "min_weight_elements": 65536},
+                   FILTERING_AE_FAMILY: {"op_types": ["Conv"], "float_output_convs": True}}
 OUTPUT_CONV_CHANNELS = 3  # a Conv with at most this many output channels produces or smooths the map
 DEFAULT_COUNT = 64
 

@@ -12,12 +12,11 @@ import logging
 from torch import nn
 
 from ..errors import ConfigError
+from ..metadata import FAMILIES, STMAE_FAMILY  # noqa: F401 - the names (torch-free in metadata.py), by their family
 from . import filtering_ae, stmae
 
 logger = logging.getLogger(__name__)
 
-STMAE_FAMILY = "stmae"
-FAMILIES = (STMAE_FAMILY, filtering_ae.FAMILY)
 
 
 def check_family(family: str) -> str:

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..metadata import FILTERING_AE_FAMILY
 from .maps import ScoringScope, gaussian_kernel, maps_and_scores, smooth
 
-FAMILY = "filtering-ae"
+FAMILY = FILTERING_AE_FAMILY
 
 
 @dataclass(frozen=True)
