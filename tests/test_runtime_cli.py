@@ -10,6 +10,7 @@ import sys
 
 import cv2
 import numpy as np
+import pytest
 from test_cli import _assert_one_line_error, run
 
 # As on a machine without the train extra: every import of torch (or scipy, which the train extra
@@ -310,6 +311,27 @@ def test_overlay_for_16_bit_and_alpha_images():
         overlay = render_overlay(image, detection, stats)
         assert overlay.shape == (*image.shape[:2], 3) and overlay.dtype == np.uint8
     assert detections[0].is_anomalous and len(detections[0].regions) == 1 and not detections[1].regions
+
+
+@pytest.mark.parametrize("bit_depth", [16, 12, 10])
+def test_a_16_bit_image_shows_the_bytes_of_its_float_values_rounded(bit_depth):
+    """display_image reads uint16 pixels through a table (7x faster at 4 MP): every value gives the byte
+    the float round trip gives, gray and colour, and values beyond the bit depth are still refused."""
+    from stmae_edge.errors import InvalidImageError
+    from stmae_edge.preprocessing import to_rgb_float
+    from stmae_edge.runtime.overlay import display_image
+
+    every = np.arange(1 << bit_depth, dtype=np.uint16)
+    gray = np.resize(every, (len(every) // 64, 64))
+    colour = np.stack([gray, gray[::-1], np.roll(gray, 7)], axis=2)
+    for image in (gray, gray[..., None], colour, np.concatenate([colour, gray[..., None]], axis=2)):
+        expected = np.rint(to_rgb_float(image, bit_depth)[:, :, ::-1] * 255).clip(0, 255).astype(np.uint8)
+        shown = display_image(image, bit_depth)
+        assert shown.flags.c_contiguous and np.array_equal(shown, expected)
+    assert display_image(np.full((2, 2), 257 * 200, np.uint16))[0, 0].tolist() == [200] * 3  # 8-bit content
+    if bit_depth < 16:
+        with pytest.raises(InvalidImageError, match="exceed"):
+            display_image(np.full((2, 2), 1 << bit_depth, np.uint16), bit_depth)
 
 
 def test_the_overlay_says_the_score_against_the_threshold_it_was_judged_by():
