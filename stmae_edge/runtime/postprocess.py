@@ -14,6 +14,7 @@ z-score against good parts alongside, so a threshold read in the metadata means 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -90,8 +91,10 @@ class Detection:
         image_threshold, pixel_threshold: the raw thresholds this result was decided with.
         regions: the regions over the pixel threshold, highest peak first; a failed image with none
             gets one, where its map is highest (Region.above_pixel_threshold False).
+        model_map: float32 in raw map units at the model's resolution, covering the image's extent.
         anomaly_map: (height, width) float32 in raw map units, the image's own size, bilinearly
-            enlarged from the model's map.
+            enlarged from model_map when first read (16 MB for a 4-megapixel frame: made only for a
+            caller that reads it, such as the overlay).
     """
 
     source: str  # the path, or "array[i]" for the i-th array of a call
@@ -102,8 +105,17 @@ class Detection:
     image_threshold: float
     pixel_threshold: float
     regions: tuple[Region, ...]  # over the pixel threshold; a failed image with none: where its map is highest
-    # (height, width) float32, raw units, bilinear from the model's; left out of ==, which an array breaks
-    anomaly_map: np.ndarray = field(repr=False, compare=False)
+    # float32, raw units, at the model's resolution over the image's extent; left out of ==, which an array breaks
+    model_map: np.ndarray = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def anomaly_map(self) -> np.ndarray:
+        """(height, width) float32, raw map units, the image's own size: model_map enlarged bilinearly,
+        once, when first read."""
+        height, width = self.image_size
+        if self.model_map.shape == (height, width):
+            return self.model_map
+        return cv2.resize(self.model_map, (width, height), interpolation=cv2.INTER_LINEAR)
 
     @property
     def passed(self) -> bool:
@@ -199,16 +211,13 @@ def postprocess(maps: np.ndarray, scores: np.ndarray, sizes: list[tuple[int, int
     detections = []
     z_scores = normalize(scores, stats)
     for i, (height, width) in enumerate(sizes):
-        model_map = maps[i]
-        if model_map.shape != (height, width):
-            image_map = cv2.resize(model_map, (width, height), interpolation=cv2.INTER_LINEAR)
-        else:  # a copy: a view would keep the whole batch's maps alive for as long as one Detection is kept
-            image_map = np.array(model_map, dtype=np.float32)
+        # a copy: a view would keep the whole batch's maps alive for as long as one Detection is kept
+        model_map = np.array(maps[i], dtype=np.float32)
         score = float(scores[i])
         failed = bool(fails(score, thresholds.image))
         detections.append(Detection(
             source=sources[i], image_size=(height, width), score=score, normalized_score=float(z_scores[i]),
             is_anomalous=failed, image_threshold=thresholds.image, pixel_threshold=thresholds.pixel,
             regions=image_regions(model_map, thresholds, failed, map_stats or stats, (height, width), min_region_area),
-            anomaly_map=np.ascontiguousarray(image_map, dtype=np.float32)))
+            model_map=model_map))
     return detections
