@@ -374,12 +374,17 @@ def threshold(
 ) -> None:
     """Choose the image threshold that meets a target on validation data, or set one; print what it costs there."""
     from .evaluation.operating_point import check_target
-    from .model_files import file_kind_of, read_metadata, write_thresholds
+    from .model_files import read_metadata, write_thresholds
 
+    targets = [t for t in (max_false_reject, min_recall, sigma) if t is not None]
     if value is not None or pixel_value is not None:
-        if any(t is not None for t in (max_false_reject, min_recall, sigma)):
+        if targets:
             raise ConfigError("give a target (--max-false-reject, --min-recall, --sigma) or the values themselves "
                               "(--threshold, --pixel-threshold), not both")
+        Thresholds(image=value or 0.0, pixel=pixel_value or 0.0)  # a bad value refused before any scoring
+    elif not targets:
+        raise ConfigError("give a target (--max-false-reject, --min-recall or --sigma) or a value (--threshold, "
+                          "--pixel-threshold)")
     else:
         check_target(max_false_reject, min_recall, sigma)
     if data_dir is None and (max_false_reject is not None or min_recall is not None):
@@ -387,21 +392,29 @@ def threshold(
         raise ConfigError(f"{target} is measured on labelled images: give DATA_DIR, a validation set in the MVTec AD "
                           "layout (DATA_DIR/test/good, DATA_DIR/test/<defect>)")
     metadata = read_metadata(model)  # a file that would be refused when rewritten is refused before any scoring
+    if write:  # and a Triton config beside it that cannot be rewritten
+        _served_config(model, metadata.thresholds)
     chosen = (_threshold_from_data(model, data_dir, metadata, max_false_reject, min_recall, sigma, value, pixel_value,
                                    backend, batch_size, bit_depth) if data_dir is not None
               else _threshold_without_data(metadata, sigma, value, pixel_value))
     if not write:
         typer.echo(f"nothing written; add --write to store it in {model}")
         return
+    served = _served_config(model, chosen)  # read and checked before the model file changes
     written = write_thresholds(model, chosen)
     typer.echo(f"wrote threshold {chosen.image:.6g} (pixel {chosen.pixel:.6g}) to {model} (model hash "
                f"{written.model_hash[:12]} unchanged); next: stmae-edge report {model} {data_dir or 'DATA'} --out report/")
-    _write_served_thresholds(model, chosen)
-    if file_kind_of(model) != "plan":
-        # Each exported file carries its own copy, read by the line: say so, or the line keeps the old one
-        typer.echo(f"files exported or built from {model.name} before now keep their own thresholds: write the one "
-                   f"the line runs too (stmae-edge threshold FILE --threshold {chosen.image:.9g} --pixel-threshold "
-                   f"{chosen.pixel:.9g} --write)")
+    if served is not None:
+        from .serving.repository import write_served_config
+
+        write_served_config(*served)
+        typer.echo(f"wrote them to {served[0]} too, where Triton's clients read them: Triton reads it when it loads "
+                   "the model (restart the server, or load the model again)")
+    # Each exported, built or served copy carries its own thresholds, read by the line: say so, or the line
+    # keeps the old one (the values in full, so that a copy gets these exactly)
+    typer.echo(f"copies of {model.name} made before now (exported, built, in a Triton repository) keep their own "
+               f"thresholds: write the one the line runs too (stmae-edge threshold FILE --threshold {chosen.image!r} "
+               f"--pixel-threshold {chosen.pixel!r} --write)")
     typer.echo("programs that have the model open (stmae-edge serve, a Detector) keep the thresholds they opened it "
                "with: restart them")
 
@@ -411,13 +424,13 @@ def _given_thresholds(metadata, value: float | None, pixel_value: float | None):
     head, whose image score is the map's maximum: there the pixel threshold follows the image one, so that an
     image still fails exactly when it has a region."""
     current = metadata.thresholds
-    if pixel_value is None and metadata.map_stats is None:
-        pixel_value = value
+    follows = pixel_value is None and value is not None and metadata.map_stats is None
     image = current.image if value is None else value
-    pixel = current.pixel if pixel_value is None else pixel_value
+    pixel = value if follows else current.pixel if pixel_value is None else pixel_value
     # the kept one by its value, not its rule: rules quoting rules would grow with every change
     parts = [f"image: {'set by hand' if value is not None else 'as before'} ({image:g})",
-             f"pixel: {'set by hand' if pixel_value is not None else 'as before'} ({pixel:g})"]
+             f"pixel: {'the image threshold' if follows else 'set by hand' if pixel_value is not None else 'as before'}"
+             f" ({pixel:g})"]
     return Thresholds(image=image, pixel=pixel, rule="; ".join(parts))
 
 
@@ -478,17 +491,12 @@ def _threshold_from_data(model: Path, data_dir: Path, metadata, max_false_reject
     return chosen
 
 
-def _write_served_thresholds(model: Path, thresholds) -> None:
-    """A model file inside a Triton model repository (triton-repo's NAME/1/model.*): its config.pbtxt
-    carries the thresholds the clients read, so it is rewritten too."""
-    from .serving.repository import config_of_served_file, rewrite_config_thresholds
+def _served_config(model: Path, thresholds):
+    """(config.pbtxt, its new bytes) where MODEL is a file of a Triton repository that triton-repo wrote
+    (serving.repository.served_config_update), else None."""
+    from .serving.repository import served_config_update
 
-    config = config_of_served_file(model)
-    if config is None:
-        return
-    rewrite_config_thresholds(config, thresholds)
-    typer.echo(f"wrote them to {config} too, where Triton's clients read them: Triton reads it when it loads the "
-               "model (restart the server, or load the model again)")
+    return served_config_update(model, thresholds)
 
 
 @app.command()

@@ -12,6 +12,7 @@ file is rewritten under a temporary name and renamed: an interrupted write leave
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from .errors import ConfigError, StmaeError
@@ -112,22 +113,33 @@ def _with(metadata: ModelMetadata, thresholds: Thresholds) -> ModelMetadata:
     return metadata
 
 
-def warn_if_thresholds_are_replaced(path: Path | str, metadata: ModelMetadata) -> None:
-    """Warn when writing a new file of the same model (the same model hash) to `path` would drop
-    thresholds that were set in the file there after it was made (`threshold --write`): a rebuild would
-    undo a line's tuning without a word. The new file carries its source's; the warning says how to put
-    the earlier ones back. Another model's file, or one that cannot be read, has nothing to keep."""
+def thresholds_to_be_replaced(path: Path | str, metadata: ModelMetadata) -> Thresholds | None:
+    """The thresholds of the model file at `path`, where a new file of the same model (the same model
+    hash) with other values is about to replace it: values set in that file after it was made
+    (`threshold --write`), which a rebuild would undo without a word, or its source's earlier ones.
+    None where there is nothing to say: no file, one that cannot be read, another model's, the same
+    values (the rule's words aside). Read before the new file is written; warn_thresholds_replaced
+    after."""
     path = Path(path)
     if not path.is_file():
-        return
+        return None
     try:
         earlier = read_metadata(path)
     except (StmaeError, OSError):
-        return
-    if earlier.model_hash != metadata.model_hash or earlier.thresholds == metadata.thresholds:
-        return
-    was, new = earlier.thresholds, metadata.thresholds
-    log.warning("%s had thresholds of its own (image %g, pixel %g: %s); the new file carries its source's (image "
-                "%g, pixel %g); to set the earlier ones again: stmae-edge threshold %s --threshold %.9g "
-                "--pixel-threshold %.9g --write", path, was.image, was.pixel, was.rule, new.image, new.pixel, path,
-                was.image, was.pixel)
+        return None
+    new = metadata.thresholds
+    if earlier.model_hash != metadata.model_hash or all(
+            math.isclose(a, b, rel_tol=1e-9) for a, b in ((earlier.thresholds.image, new.image),
+                                                          (earlier.thresholds.pixel, new.pixel))):
+        return None
+    return earlier.thresholds
+
+
+def warn_thresholds_replaced(path: Path | str, earlier: Thresholds | None, new: Thresholds) -> None:
+    """Once the new file is written: the values the file at `path` carried before (thresholds_to_be_replaced),
+    and how to set them again if they were set for that file."""
+    if earlier is not None:
+        log.warning("%s carried other thresholds (image %g, pixel %g: %s); the new file carries its source's "
+                    "(image %g, pixel %g). If those were set for this file, set them again: stmae-edge threshold %s "
+                    "--threshold %r --pixel-threshold %r --write", path, earlier.image, earlier.pixel, earlier.rule,
+                    new.image, new.pixel, path, earlier.image, earlier.pixel)

@@ -3,6 +3,7 @@ batched scoring against the PyTorch model, maps at each image's size, thresholds
 
 from __future__ import annotations
 
+import pickle
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -99,8 +100,9 @@ def test_raw_maps_takes_what_predict_takes_and_detections_own_their_maps(detecto
     assert kept.anomaly_map.shape == size and kept.anomaly_map.base is None  # not a view of the batch's maps
     # the map at the image's own size is made for a caller who reads it (16 MB for a 4-megapixel frame)
     large = detector.predict(np.zeros((3 * size[0], 2 * size[1]), np.uint8))
-    assert "anomaly_map" not in vars(large) and large.model_map.shape == size
+    assert "_anomaly_map" not in vars(large) and large.model_map.shape == size
     assert large.anomaly_map.shape == (3 * size[0], 2 * size[1]) and large.anomaly_map is large.anomaly_map
+    assert pickle.loads(pickle.dumps(large)).anomaly_map.shape == large.anomaly_map.shape
     assert large == replace(large, model_map=large.model_map + 1)  # compared without its maps
     with pytest.raises(ConfigError, match="timings must be a dict"):
         detector.predict(arrays[0], timings=[])

@@ -23,7 +23,7 @@ from stmae_edge.errors import ConfigError, OutputError
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.runtime import Detector, RemoteDetector, RemoteError
 from stmae_edge.serving.launch import serve_in_subprocess
-from stmae_edge.serving.repository import config_of_served_file, write_repository
+from stmae_edge.serving.repository import served_config_update, write_repository
 from stmae_edge.wire_format import without_folders
 
 SERVE_PYTHON = REPO / ".venv-serve" / "bin" / "python"
@@ -292,7 +292,9 @@ def test_triton_repo_for_onnx_parses_as_a_model_config(tiny_export, tmp_path):
 
 @needs_serve_env
 def test_a_threshold_written_to_a_served_model_reaches_its_config(tiny_export, tmp_path):
-    from test_cli import run
+    from test_cli import _assert_one_line_error, run
+
+    from stmae_edge.scoring import Thresholds
 
     _, onnx_path, _ = tiny_export
     folder = write_repository(onnx_path, tmp_path / "repo", max_batch=8)
@@ -310,7 +312,21 @@ def test_a_threshold_written_to_a_served_model_reaches_its_config(tiny_export, t
                         "metadata": {**before_document["metadata"], "thresholds": written}}
     assert {k: v for k, v in after.items() if k != "parameters"} == {k: v for k, v in before.items() if k != "parameters"}
     # a model file outside a repository is not taken for one
-    assert config_of_served_file(onnx_path) is None
+    assert served_config_update(onnx_path, Thresholds(1, 2)) is None
+    # protobuf's other spelling, `value: {`, and a commented-out copy before the real one
+    config = folder / "config.pbtxt"
+    text = config.read_text()
+    config.write_text("# parameters { key: \"stmae_edge_metadata\" value { string_value: \"{}\" } }\n"
+                      + text.replace("value {", "value: {"))
+    r = run("threshold", str(folder / "1" / "model.onnx"), "--threshold", "1.5", "--write")
+    assert r.returncode == 0, r.stderr
+    document = json.loads(parse_config(config)["parameters"]["stmae_edge_metadata"]["string_value"])
+    assert document["thresholds"]["image"] == 1.5 and config.read_text().startswith("# parameters {")
+    # a spelling it cannot read: one line, and the model file left as it was, not out of step with its config
+    config.write_text(text.replace('string_value: "', "string_value: '", 1))
+    _assert_one_line_error(run("threshold", str(folder / "1" / "model.onnx"), "--threshold", "9", "--write"),
+                           "is not written as triton-repo writes it; nothing was written")
+    assert ModelMetadata.from_onnx(folder / "1" / "model.onnx").thresholds.image == 1.5
 
 
 def test_triton_repo_writes_through_no_planted_link_and_removes_no_folder_of_others(tiny_export, tmp_path):
@@ -346,9 +362,17 @@ def test_triton_repo_for_a_plan_keeps_its_profile_and_refuses_rtx_plans(tiny_exp
         write_repository(plan, tmp_path / "repo", max_batch=16)
     with pytest.raises(ConfigError, match="GPU only"):
         write_repository(plan, tmp_path / "repo", cpu=True)
-    config = parse_config(write_repository(plan, tmp_path / "repo", max_batch=8) / "config.pbtxt")
+    folder = write_repository(plan, tmp_path / "repo", max_batch=8)
+    config = parse_config(folder / "config.pbtxt")
     assert config["platform"] == "tensorrt_plan" and config["max_batch_size"] == 8
     assert config["instance_group"] == [{"count": 1, "kind": "KIND_GPU", "profile": ["0"]}]
+    # its sidecar beside it, as beside every plan: the served plan is re-thresholded where it is, config too
+    assert read_plan(folder / "1" / "model.plan")[2].thresholds == read_plan(plan)[2].thresholds
+    from test_cli import run
+    r = run("threshold", str(folder / "1" / "model.plan"), "--threshold", "4.25", "--write")
+    assert r.returncode == 0 and "config.pbtxt too" in r.stdout, r.stderr
+    document = json.loads(parse_config(folder / "config.pbtxt")["parameters"]["stmae_edge_metadata"]["string_value"])
+    assert document["thresholds"]["image"] == read_plan(folder / "1" / "model.plan")[2].thresholds.image == 4.25
 
 
 def test_an_image_whose_output_is_not_finite_fails_alone(tiny_export):

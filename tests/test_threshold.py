@@ -164,7 +164,7 @@ def test_threshold_command_refuses_a_target_its_data_cannot_support(tiny_export,
 
 @pytest.mark.parametrize("args, fragment", [
     (["--max-false-reject", "1.5"], "fraction in [0, 1)"),
-    ([], "exactly one target"),
+    ([], "give a target (--max-false-reject, --min-recall or --sigma) or a value"),
     (["--sigma", "3", "--min-recall", "0.9"], "exactly one target"),
 ])
 def test_threshold_command_refuses_bad_targets_in_one_line(tiny_export, synthetic_dataset, args, fragment):
@@ -200,6 +200,8 @@ def test_a_threshold_is_set_by_value_or_sigma_without_scoring_any_image(tiny_exp
                            "--max-false-reject is measured on labelled images: give DATA_DIR")
     _assert_one_line_error(run("threshold", str(model), "--threshold", "1", "--sigma", "3"), "not both")
     _assert_one_line_error(run("threshold", str(model), "--threshold", "nan"), "finite number")
+    _assert_one_line_error(run("threshold", str(model)), "give a target (--max-false-reject, --min-recall or "
+                           "--sigma) or a value (--threshold, --pixel-threshold)")
     assert read_metadata(model).thresholds == expected  # nothing written by a refusal
 
 
@@ -223,30 +225,29 @@ def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, t
     with caplog.at_level("WARNING", logger="stmae_edge.model_files"):
         build_engine(tiny_export[1], None, "1:2:4", plan, timing_cache=tmp_path / "t.cache")
     assert read_plan(plan)[2].thresholds == ModelMetadata.from_onnx(tiny_export[1]).thresholds
-    assert f"{plan} had thresholds of its own (image 6, pixel 6.5" in caplog.text
-    assert f"stmae-edge threshold {plan} --threshold 6 --pixel-threshold 6.5 --write" in caplog.text
+    assert f"{plan} carried other thresholds (image 6, pixel 6.5" in caplog.text
+    assert f"stmae-edge threshold {plan} --threshold 6.0 --pixel-threshold 6.5 --write" in caplog.text
 
 
-def test_only_thresholds_set_in_the_file_replaced_are_warned_about(tiny_export, tmp_path, caplog):
+def test_only_other_values_of_the_same_model_are_warned_about(tiny_export, tmp_path):
     import shutil
     from dataclasses import replace
 
-    from stmae_edge.model_files import warn_if_thresholds_are_replaced
+    from stmae_edge.model_files import thresholds_to_be_replaced
 
     source = ModelMetadata.from_onnx(tiny_export[1])
     out = tmp_path / "m.onnx"
-    with caplog.at_level("WARNING", logger="stmae_edge.model_files"):
-        warn_if_thresholds_are_replaced(out, source)  # nothing there
-        shutil.copy(tiny_export[1], out)
-        warn_if_thresholds_are_replaced(out, source)  # the same thresholds
-        out.write_bytes(b"not a model")
-        warn_if_thresholds_are_replaced(out, source)  # nothing readable to keep
-        shutil.copy(tiny_export[1], out)
-        write_thresholds(out, Thresholds(1.5, 2.5, "line 3"))
-        warn_if_thresholds_are_replaced(out, replace(source, model_hash="0" * 64))  # another model's file
-        assert caplog.text == ""
-        warn_if_thresholds_are_replaced(out, source)
-    assert "had thresholds of its own (image 1.5, pixel 2.5: line 3)" in caplog.text
+    assert thresholds_to_be_replaced(out, source) is None  # nothing there
+    shutil.copy(tiny_export[1], out)
+    assert thresholds_to_be_replaced(out, source) is None  # the same thresholds
+    write_thresholds(out, replace(source.thresholds, rule="other words"))
+    assert thresholds_to_be_replaced(out, source) is None  # the same values, in other words
+    out.write_bytes(b"not a model")
+    assert thresholds_to_be_replaced(out, source) is None  # nothing readable to keep
+    shutil.copy(tiny_export[1], out)
+    write_thresholds(out, Thresholds(1.5, 2.5, "line 3"))
+    assert thresholds_to_be_replaced(out, replace(source, model_hash="0" * 64)) is None  # another model's file
+    assert thresholds_to_be_replaced(out, source) == Thresholds(1.5, 2.5, "line 3")
 
 
 def test_without_a_score_head_the_thresholds_stay_equal_and_a_failing_image_has_a_region(synthetic_dataset, tmp_path):
@@ -268,7 +269,8 @@ def test_without_a_score_head_the_thresholds_stay_equal_and_a_failing_image_has_
     after = read_metadata(model)
     assert after.thresholds.pixel == after.thresholds.image and "pixel:" not in after.thresholds.rule
     r = run("threshold", str(model), "--threshold", "5", "--write")  # a value given: the pixel one follows it
-    assert r.returncode == 0 and read_metadata(model).thresholds.pixel == read_metadata(model).thresholds.image == 5
+    assert r.returncode == 0 and read_metadata(model).thresholds == Thresholds(
+        5, 5, "image: set by hand (5); pixel: the image threshold (5)")
     paths = sorted((synthetic_dataset / "test").rglob("*.png"))
     results = Detector(model, "torch-cpu").predict(paths)
     assert any(r.is_anomalous for r in results) and not all(r.is_anomalous for r in results)

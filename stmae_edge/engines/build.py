@@ -34,7 +34,7 @@ from ..engine_plan import (
 from ..errors import ConfigError, ExportError, OutputError, first_line
 from ..machine import is_jetson, total_memory_bytes
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
-from ..model_files import warn_if_thresholds_are_replaced
+from ..model_files import thresholds_to_be_replaced, warn_thresholds_replaced
 from ..onnx_files import load_onnx
 from ..outputs import check_writable, sha256_file, signals_held, write_bytes_atomically, write_files_together
 from ..progress import progress_bar
@@ -173,7 +173,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     precision = graph_precision
     trt, flavour = import_tensorrt()  # before --out's folder is made: a machine without TensorRT keeps none
     out = check_writable(out or default_plan_path(onnx_path, precision), [onnx_path])
-    warn_if_thresholds_are_replaced(out, metadata)
+    earlier_thresholds = thresholds_to_be_replaced(out, metadata)
     cache_path = Path(timing_cache) if timing_cache else out.parent / "timing.cache"
 
     logger = collecting_logger(trt)
@@ -245,6 +245,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     # The plan and its sidecar replace the earlier pair together, or not at all: a plan beside an older
     # sidecar is refused by read_plan, so a build cut off between the two lost a working engine.
     write_files_together({out: plan, sidecar_path(out): sidecar_bytes(sidecar)})
+    warn_thresholds_replaced(out, earlier_thresholds, metadata.thresholds)
     return out, sidecar
 
 

@@ -44,7 +44,7 @@ from .. import data
 from ..checks import parse_document
 from ..errors import ConfigError, DatasetError, ExportError, StmaeError, first_line
 from ..metadata import FILTERING_AE_FAMILY, INPUT_NAME, PRECISION_KEY, STMAE_FAMILY, ModelMetadata, onnx_precision
-from ..model_files import warn_if_thresholds_are_replaced
+from ..model_files import thresholds_to_be_replaced, warn_thresholds_replaced
 from ..onnx_files import import_onnxruntime, load_onnx
 from ..outputs import check_not_an_input, check_writable, sha256_file, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
@@ -239,7 +239,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     out = check_not_an_input(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
     layers_kept_in_float(proto, settings, onnx_path)  # refused before any folder is made for its outputs
     out = check_writable(out, [onnx_path, *images])
-    warn_if_thresholds_are_replaced(out, metadata)
+    earlier_thresholds = thresholds_to_be_replaced(out, metadata)
     key = cache_key(onnx_path, images, settings)
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
@@ -257,6 +257,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
              "images": [str(p) for p in images], "settings": settings}, indent=2) + "\n").encode())
     with written_atomically(out) as partial:
         shutil.copyfile(cached, partial)
+    warn_thresholds_replaced(out, earlier_thresholds, metadata.thresholds)
     quantized = onnx.load(str(out))
     report["quantized_nodes"] = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
     produced_by = {o: n.op_type for n in quantized.graph.node for o in n.output}

@@ -33,7 +33,7 @@ from ..metadata import (
     ModelMetadata,
     onnx_precision,
 )
-from ..model_files import warn_if_thresholds_are_replaced
+from ..model_files import thresholds_to_be_replaced, warn_thresholds_replaced
 from ..onnx_files import import_onnxruntime
 from ..outputs import check_writable, written_atomically
 from ..progress import progress_bar
@@ -112,7 +112,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str | None = None,
 def _export_and_check(checkpoint: Path | str, out: Path, precision: str, step) -> dict:
     """export_onnx's work, `step` moving its progress bar: the export, then the checks on the file."""
     model, metadata = load_model(checkpoint)
-    warn_if_thresholds_are_replaced(out, metadata)
+    earlier_thresholds = thresholds_to_be_replaced(out, metadata)
     reference = model
     if precision == "fp16":
         reference = copy.deepcopy(model)  # .half() converts in place; the fp32 twin checks parity
@@ -154,6 +154,7 @@ def _export_and_check(checkpoint: Path | str, out: Path, precision: str, step) -
             raise ExportError(f"the {precision} graph exported from {checkpoint} does not reproduce the model: its "
                               f"outputs differ by {difference:.1e} relative on random inputs, more than {limit:g}; "
                               "nothing was written")
+    warn_thresholds_replaced(out, earlier_thresholds, metadata.thresholds)
     step(1, status="done")
     return figures
 

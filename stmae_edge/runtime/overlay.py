@@ -37,6 +37,7 @@ def display_bytes(bit_depth: int) -> np.ndarray:
     table = np.full(1 << 16, 255, np.uint8)
     top = (1 << bit_depth) - 1
     table[:top + 1] = np.rint(to_float(np.arange(top + 1, dtype=np.uint16), bit_depth) * 255).clip(0, 255)
+    table.flags.writeable = False  # shared by every overlay of the process
     return table
 
 

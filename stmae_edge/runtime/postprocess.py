@@ -14,7 +14,6 @@ z-score against good parts alongside, so a threshold read in the metadata means 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -108,14 +107,18 @@ class Detection:
     # float32, raw units, at the model's resolution over the image's extent; left out of ==, which an array breaks
     model_map: np.ndarray = field(repr=False, compare=False)
 
-    @functools.cached_property
+    @property
     def anomaly_map(self) -> np.ndarray:
         """(height, width) float32, raw map units, the image's own size: model_map enlarged bilinearly,
-        once, when first read."""
-        height, width = self.image_size
-        if self.model_map.shape == (height, width):
-            return self.model_map
-        return cv2.resize(self.model_map, (width, height), interpolation=cv2.INTER_LINEAR)
+        once, when first read. (Not functools.cached_property: before Python 3.12 it holds one lock for
+        every instance, and threads reading different Detections' maps would take turns.)"""
+        made = self.__dict__.get("_anomaly_map")
+        if made is None:
+            height, width = self.image_size
+            made = self.model_map if self.model_map.shape == (height, width) else cv2.resize(
+                self.model_map, (width, height), interpolation=cv2.INTER_LINEAR)
+            object.__setattr__(self, "_anomaly_map", made)  # two threads at once make the same map: either stays
+        return made
 
     @property
     def passed(self) -> bool:

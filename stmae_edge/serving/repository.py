@@ -2,25 +2,26 @@
 
     MODEL.onnx ──> OUT/NAME/config.pbtxt   platform onnxruntime_onnx, KIND_GPU (or KIND_CPU with --cpu)
     MODEL.plan ──> OUT/NAME/config.pbtxt   platform tensorrt_plan, KIND_GPU, the plan's profile 0
-                   OUT/NAME/1/model.onnx | model.plan   (a copy of the file)
+                   OUT/NAME/1/model.onnx | model.plan   (a copy of the file; a plan's sidecar beside it)
 
 The network's own input and outputs are served: images (N, 3, H, W) float32, anomaly_map (N, 1, H, W)
 and score (N,). Clients preprocess and postprocess with the package (runtime.RemoteDetector), which
 reads the model's metadata from the config's `stmae_edge_metadata` parameter. The repository is
 written in a staging folder and renamed when complete. `threshold --write` on
-NAME/1/model.* rewrites the thresholds in config.pbtxt too (config_of_served_file).
+NAME/1/model.* rewrites the thresholds in config.pbtxt too (served_config_update).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import onnx
 
 from .. import wire_format as wire
-from ..engine_plan import read_plan
+from ..engine_plan import read_plan, sidecar_path
 from ..errors import ConfigError, OutputError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME, ModelMetadata
 from ..model_files import file_kind_of
@@ -113,6 +114,8 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
             (staged / "1").mkdir(parents=True)
             write_staged(staged / "config.pbtxt", to_pbtxt(config).encode())
             write_staged(staged / "1" / file_name, model.read_bytes())
+            if kind == "plan":  # beside it, as everywhere a plan goes: `threshold` reads and rewrites it there
+                write_staged(sidecar_path(staged / "1" / file_name), sidecar_path(model).read_bytes())
             for folder in (staged / "1", staged):
                 folder.chmod(0o755)  # a Triton running as another user reads it
                 sync_folder(folder)
@@ -123,45 +126,64 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
     return target
 
 
-def config_of_served_file(model: Path | str) -> Path | None:
-    """The config.pbtxt beside NAME/VERSION/model.onnx (or model.plan) when `model` is such a file of a
-    repository that triton-repo wrote (its config carries our metadata parameter), else None."""
+def served_config_update(model: Path | str, thresholds: Thresholds) -> tuple[Path, bytes] | None:
+    """When `model` is NAME/VERSION/model.onnx (or model.plan) of a Triton repository whose config.pbtxt
+    carries our metadata document (triton-repo's): that config, and its bytes with `thresholds` put
+    into the document, where its clients (RemoteDetector) read them; the rest of the file as it is.
+    Prepared before anything is written, so that a config that cannot be read or rewritten stops
+    `threshold --write` before the model file changes. None for any other file.
+
+    Raises:
+        ConfigError: the config names the document, but not as triton-repo writes it (a hand edit in
+            another spelling of protobuf's text format).
+        OutputError: the config cannot be rewritten (no permission, a read-only mount).
+    """
     model = Path(model)
     if model.name not in {file_name for _, file_name in PLATFORMS.values()} or not model.parent.name.isdigit():
         return None
     config = model.parent.parent / "config.pbtxt"
     try:
         text = config.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+    except FileNotFoundError:
         return None
-    return config if _METADATA_LITERAL.search(text) else None
-
-
-def rewrite_config_thresholds(config: Path, thresholds: Thresholds) -> None:
-    """Put `thresholds` into the metadata document of a config.pbtxt that triton-repo wrote: the
-    thresholds its clients (RemoteDetector) apply. The rest of the file stays as it is.
-
-    Raises:
-        ConfigError: the document in it cannot be read. OutputError: the file cannot be rewritten.
-    """
-    text = config.read_text(encoding="utf-8")
-    found = _METADATA_LITERAL.search(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OutputError(f"cannot read {config} ({getattr(exc, 'strerror', None) or exc}), whose thresholds its "
+                          "clients read; nothing was written") from None
+    if wire.METADATA_PARAMETER not in text:
+        return None
+    # commented-out lines blanked, same length: the positions found are the text's own
+    visible = re.sub(r"(?m)^[ \t]*#.*$", lambda line: " " * len(line.group()), text)
+    found = _METADATA_LITERAL.search(visible)
     try:
         document = json.loads(_unstring(found.group(1))) if found else None
         document["thresholds"] = document["metadata"]["thresholds"] = thresholds.to_dict()
-    except (ValueError, TypeError, KeyError, IndexError):
-        raise ConfigError(f"{config}: its {wire.METADATA_PARAMETER} parameter is not the document triton-repo "
-                          "writes; write the repository again with `stmae-edge triton-repo`") from None
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError):
+        raise ConfigError(f"{config}: its {wire.METADATA_PARAMETER} parameter is not written as triton-repo writes "
+                          "it; nothing was written: put the thresholds into its document by hand, or write the "
+                          "repository again with `stmae-edge triton-repo`") from None
+    if not (os.access(config, os.W_OK) and os.access(config.parent, os.W_OK)):
+        raise OutputError(f"cannot write {config}, whose thresholds its clients read (no permission); nothing "
+                          "was written")
     literal = _string(json.dumps(document, sort_keys=True))
+    return config, (text[:found.start(1)] + literal + text[found.end(1):]).encode()
+
+
+def write_served_config(config: Path, data: bytes) -> None:
+    """served_config_update's bytes, written whole.
+
+    Raises:
+        OutputError: the file cannot be rewritten.
+    """
     try:
-        write_bytes_atomically(config, (text[:found.start(1)] + literal + text[found.end(1):]).encode())
+        write_bytes_atomically(config, data)
     except OSError as exc:
         raise OutputError(f"cannot write {config}: {failure_reason(exc, config.parent)}") from None
 
 
 ENUMS = {"data_type", "kind"}
 # where to_pbtxt puts the metadata document: the string value of the parameter's map entry
-_METADATA_LITERAL = re.compile(r'key:\s*"' + wire.METADATA_PARAMETER + r'"\s*value\s*\{\s*string_value:\s*("(?:[^"\\]|\\.)*")')
+_METADATA_LITERAL = re.compile(r'key:\s*"' + wire.METADATA_PARAMETER
+                               + r'"\s*value\s*:?\s*\{\s*string_value:\s*("(?:[^"\\\n]|\\.)*")')
 
 
 def to_pbtxt(message: dict, indent: int = 0) -> str:
@@ -193,6 +215,9 @@ def _scalar(key: str, value) -> str:
     return value if key in ENUMS else _string(value)
 
 
+_ESCAPES = {"n": b"\n", "t": b"\t", "r": b"\r", "a": b"\a", "b": b"\b", "f": b"\f", "v": b"\v"}
+
+
 def _unstring(literal: str) -> str:
     """The text of a protobuf text-format string literal (_string's, or one edited by hand)."""
     body, decoded, i = literal[1:-1], bytearray(), 0
@@ -200,6 +225,12 @@ def _unstring(literal: str) -> str:
         if body[i] != "\\":
             decoded += body[i].encode()
             i += 1
+        elif body[i + 1] in "xX":  # one byte in hex
+            end = i + 2
+            while end < min(i + 4, len(body)) and body[end] in "0123456789abcdefABCDEF":
+                end += 1
+            decoded.append(int(body[i + 2:end], 16))
+            i = end
         elif body[i + 1] in "01234567":
             end = i + 2
             while end < min(i + 4, len(body)) and body[end] in "01234567":
@@ -207,7 +238,7 @@ def _unstring(literal: str) -> str:
             decoded.append(int(body[i + 1:end], 8))
             i = end
         else:
-            decoded += {"n": b"\n", "t": b"\t", "r": b"\r"}.get(body[i + 1], body[i + 1].encode())
+            decoded += _ESCAPES.get(body[i + 1], body[i + 1].encode())
             i += 2
     return decoded.decode()
 
