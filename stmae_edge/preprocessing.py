@@ -404,7 +404,10 @@ def check_image(array: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXE
     if array.ndim not in (2, 3) or array.size == 0:
         raise InvalidImageError(f"{source}: expected an image of shape (H, W) or (H, W, C), not {array.shape}")
     if array.ndim == 3 and array.shape[2] not in (1, 3, 4):
-        raise InvalidImageError(f"{source}: {array.shape[2]} channels; use 1 (gray), 3 (BGR) or 4 (BGRA)")
+        # (N, H, W): most likely a stack of gray frames, which one 3-d array cannot be told from
+        batch = (f"; for a batch of {array.shape[0]} gray frames give a list, or an array (N, H, W, 1)"
+                 if array.shape[2] > 4 else "")
+        raise InvalidImageError(f"{source}: {array.shape[2]} channels; use 1 (gray), 3 (BGR) or 4 (BGRA){batch}")
     if array.shape[0] * array.shape[1] > max_pixels:
         raise InvalidImageError(f"{source}: {array.shape[1]}x{array.shape[0]} pixels exceeds the limit of "
                                 f"{max_pixels}; crop or downscale it first")

@@ -44,7 +44,9 @@ def test_files_and_arrays_give_the_same_tensor(tmp_path):
 
 @pytest.mark.parametrize("bad,fragment", [
     (np.zeros((0, 10), np.uint8), "expected an image"),
-    (np.zeros((10, 10, 2), np.uint8), "2 channels"),
+    (np.zeros((10, 10, 2), np.uint8), "2 channels; use 1 \\(gray\\), 3 \\(BGR\\) or 4 \\(BGRA\\)$"),
+    # a stack of gray frames: how to give it as a batch
+    (np.zeros((5, 10, 10), np.uint8), "10 channels.*for a batch of 5 gray frames give a list, or an array \\(N, H, W, 1\\)"),
     (np.zeros((10,), np.uint8), "expected an image"),
     (np.full((10, 10), np.nan, np.float32), "NaN"),
     (np.zeros((10, 10), np.int64), "pixel type"),
