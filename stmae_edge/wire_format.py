@@ -4,14 +4,15 @@ at the package's top level so that the runtime's client and the serving side bot
 and neither imports the other's package for it.
 
     server / repository --writes--> Triton model NAME (IMAGES) / NAME_frames (FRAMES) / NAME_gray
-                                    NAME_metadata -> metadata_document(...)  --read by--> RemoteDetector
+                                    NAME_metadata -> metadata_document(...)  --read_metadata_document--> RemoteDetector
 """
 
 from __future__ import annotations
 
 import re
 
-from .errors import ConfigError
+from .checks import is_whole
+from .errors import CheckpointError, ConfigError, RemoteError, first_line
 from .metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata
 from .scoring import Thresholds
 
@@ -92,3 +93,35 @@ def metadata_document(name: str, max_batch: int, metadata: ModelMetadata, thresh
     if runtime is not None:
         document["runtime"] = runtime
     return document
+
+
+def read_metadata_document(document: dict, what: str) -> tuple[ModelMetadata, Thresholds, int, dict]:
+    """(metadata, thresholds, max batch, runtime) from a metadata document that metadata_document wrote,
+    as a served model returns it; `what` names it in messages.
+
+    Raises:
+        RemoteError: a part is missing or malformed, named: the server does not serve what
+            `stmae-edge serve` or `stmae-edge triton-repo` wrote.
+    """
+    remedy = ("restart the server with `stmae-edge serve`, or write the repository again with "
+              "`stmae-edge triton-repo`, with this version of stmae-edge")
+    if "metadata" not in document:
+        raise RemoteError(f"{what} has no 'metadata' entry; {remedy}")
+    try:
+        metadata = ModelMetadata.from_dict(document["metadata"])
+    except CheckpointError as exc:
+        raise RemoteError(f"{what}: {exc}") from None
+    thresholds = metadata.thresholds
+    if "thresholds" in document:
+        try:
+            thresholds = Thresholds.from_dict(document["thresholds"])
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # ConfigError too
+            raise RemoteError(f"{what} has malformed 'thresholds' ({first_line(exc, 200)}); {remedy}") from None
+    # Absent in documents from before the entry: `stmae-edge serve`'s default
+    max_batch = document.get("max_batch", DEFAULT_MAX_BATCH)
+    if not is_whole(max_batch) or not 1 <= max_batch <= MAX_BATCH:
+        raise RemoteError(f"{what} gives max_batch {max_batch!r}, not a whole number from 1 to {MAX_BATCH}; {remedy}")
+    runtime = document.get("runtime", {})
+    if not isinstance(runtime, dict):
+        raise RemoteError(f"{what} has a 'runtime' entry that is a {type(runtime).__name__}, not an object; {remedy}")
+    return metadata, thresholds, int(max_batch), runtime

@@ -29,9 +29,7 @@ import numpy as np
 
 from .. import wire_format as wire
 from ..checks import is_whole, parse_document
-from ..errors import BackendError, CheckpointError, ConfigError, RemoteError, first_line
-from ..metadata import MAX_BATCH, ModelMetadata
-from ..scoring import Thresholds
+from ..errors import BackendError, ConfigError, RemoteError
 from .detector import ImageScorer, accepted_sizes, check_input_batch, check_network_outputs
 
 logger = logging.getLogger(__name__)
@@ -94,7 +92,8 @@ class RemoteDetector(ImageScorer):
         self._grpc = self._grpc_client(host) if scheme == "grpc" else None
         self.closed = False  # close() was called
         self._outputs = [wire.SCORE, wire.ANOMALY_MAP]  # and ERROR from a `stmae-edge serve` server
-        self.metadata, self.thresholds, self.max_batch, self._runtime = self._read_document(self._metadata_document())
+        self.metadata, self.thresholds, self.max_batch, self._runtime = wire.read_metadata_document(
+            self._metadata_document(), f"{self.url}: the metadata document of model {self.model}")
         self.preprocessing = self.metadata.preprocessing
         self.score_stats = self.metadata.score_stats
         self.map_stats = self.metadata.region_stats
@@ -323,39 +322,6 @@ class RemoteDetector(ImageScorer):
         except RemoteError:
             return None
         return parse_document(body, f"{self.url}: the config of model {self.model}", RemoteError)
-
-    def _read_document(self, document: dict) -> tuple[ModelMetadata, Thresholds, int, dict]:
-        """(metadata, thresholds, max batch, runtime) from the server's metadata document.
-
-        Raises:
-            RemoteError: a part is missing or malformed, named: the server does not serve what
-                `stmae-edge serve` or `stmae-edge triton-repo` wrote.
-        """
-        what = f"{self.url}: the metadata document of model {self.model}"
-        remedy = ("restart the server with `stmae-edge serve`, or write the repository again with "
-                  "`stmae-edge triton-repo`, with this version of stmae-edge")
-        if "metadata" not in document:
-            raise RemoteError(f"{what} has no 'metadata' entry; {remedy}")
-        try:
-            metadata = ModelMetadata.from_dict(document["metadata"])
-        except CheckpointError as exc:
-            raise RemoteError(f"{what}: {exc}") from None
-        thresholds = metadata.thresholds
-        if "thresholds" in document:
-            try:
-                thresholds = Thresholds.from_dict(document["thresholds"])
-            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # ConfigError too
-                raise RemoteError(f"{what} has malformed 'thresholds' ({first_line(exc, 200)}); {remedy}") from None
-        # Absent in documents from before the entry: `stmae-edge serve`'s default
-        max_batch = document.get("max_batch", wire.DEFAULT_MAX_BATCH)
-        if not is_whole(max_batch) or not 1 <= max_batch <= MAX_BATCH:
-            raise RemoteError(f"{what} gives max_batch {max_batch!r}, not a whole number from 1 to {MAX_BATCH}; "
-                              f"{remedy}")
-        runtime = document.get("runtime", {})
-        if not isinstance(runtime, dict):
-            raise RemoteError(f"{what} has a 'runtime' entry that is a {type(runtime).__name__}, not an object; "
-                              f"{remedy}")
-        return metadata, thresholds, int(max_batch), runtime
 
 
 def _from_bytes(datatype: str, raw: bytes, shape: list[int]) -> np.ndarray:
