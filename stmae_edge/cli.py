@@ -353,6 +353,7 @@ def calibrate(
 
 @app.command()
 def threshold(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help=".pt, .onnx or .plan file (a plan keeps its thresholds in its sidecar)"),
     data_dir: Path | None = typer.Argument(None, help="labelled validation set in the MVTec AD layout "
                                            "(DATA_DIR/test/<type>): needed by --max-false-reject and --min-recall; "
@@ -387,6 +388,9 @@ def threshold(
                           "--pixel-threshold)")
     else:
         check_target(max_false_reject, min_recall, sigma)
+    if data_dir is None and _given(ctx, "backend", "batch_size", "bit_depth"):
+        raise ConfigError("--backend, --batch-size and --bit-depth say how DATA_DIR is scored: give DATA_DIR, or "
+                          "leave them out (no image is scored without it)")
     if data_dir is None and (max_false_reject is not None or min_recall is not None):
         target = "--max-false-reject" if max_false_reject is not None else "--min-recall"
         raise ConfigError(f"{target} is measured on labelled images: give DATA_DIR, a validation set in the MVTec AD "

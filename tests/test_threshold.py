@@ -202,6 +202,8 @@ def test_a_threshold_is_set_by_value_or_sigma_without_scoring_any_image(tiny_exp
     _assert_one_line_error(run("threshold", str(model), "--threshold", "nan"), "finite number")
     _assert_one_line_error(run("threshold", str(model)), "give a target (--max-false-reject, --min-recall or "
                            "--sigma) or a value (--threshold, --pixel-threshold)")
+    _assert_one_line_error(run("threshold", str(model), "--sigma", "2", "--backend", "ort-cpu"),
+                           "--backend, --batch-size and --bit-depth say how DATA_DIR is scored")
     assert read_metadata(model).thresholds == expected  # nothing written by a refusal
 
 
