@@ -76,6 +76,11 @@ def inventory() -> dict:
             except ImportError:
                 pass
     found["nvidia_smi"] = nvidia_smi()
+    # the driver itself (libcuda), as the runtime asks it: a Jetson may have neither torch nor a working
+    # `nvidia-smi --query-gpu`
+    from stmae_edge.runtime.devices import cuda_device_count
+
+    found["cuda_driver_gpus"] = cuda_device_count()
     try:
         import torch
 
@@ -380,10 +385,11 @@ def main() -> int:
     if any(r["status"] == "failed" for r in ran):
         return 1
     smi = have.get("nvidia_smi") or ""
-    gpu_here = args.expect_gpu or have.get("cuda_gpu") or (smi and not smi.startswith(SMI_FAILED))
+    gpu_here = (args.expect_gpu or have.get("cuda_gpu") or have.get("cuda_driver_gpus")
+                or (smi and not smi.startswith(SMI_FAILED)))
     if gpu_here and not any(r["path"] != "int8 against fp16 plan" for r in ran):
-        print("error: a GPU is expected here (nvidia-smi or torch sees one, or --expect-gpu) but no GPU path ran: "
-              "see each row's reason", file=sys.stderr)
+        print("error: a GPU is expected here (the CUDA driver, nvidia-smi or torch sees one, or --expect-gpu) but no "
+              "GPU path ran: see each row's reason", file=sys.stderr)
         return 2
     return 0
 

@@ -17,7 +17,10 @@ if [ ! -x .venv/bin/python ]; then
     echo "error: $python is not Python 3.10 or later; install one and run again with STMAE_PYTHON=python3.12 (say)" >&2
     exit 2
   fi
-  "$python" -m venv .venv || { echo "error: '$python -m venv' failed; install Python 3.10+ with venv" >&2; exit 2; }
+  # On a Jetson, JetPack installs TensorRT for the system Python only: the venv must see its packages
+  system_site=""
+  if [ -e /etc/nv_tegra_release ] || uname -r | grep -q tegra; then system_site="--system-site-packages"; fi
+  "$python" -m venv $system_site .venv || { echo "error: '$python -m venv' failed; install Python 3.10+ with venv (Debian, Ubuntu, JetPack: sudo apt install python3-venv)" >&2; exit 2; }
 fi
 . .venv/bin/activate
 stamp=".venv/.stmae-edge-installed"

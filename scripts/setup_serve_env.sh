@@ -16,7 +16,7 @@ if [ -z "$libpython" ] && [ -x /usr/bin/python3 ]; then
   python=/usr/bin/python3  # this Python has no shared libpython; the system's does
 fi
 if [ ! -x .venv-serve/bin/python ]; then
-  "$python" -m venv .venv-serve || { echo "error: '$python -m venv' failed; install Python 3.10+ with venv" >&2; exit 2; }
+  "$python" -m venv .venv-serve || { echo "error: '$python -m venv' failed; install Python 3.10+ with venv (Debian, Ubuntu, JetPack: sudo apt install python3-venv)" >&2; exit 2; }
 fi
 stamp=".venv-serve/.stmae-edge-installed"
 want="$(.venv-serve/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())') serve"

@@ -23,6 +23,7 @@ from .wire_format import DEFAULT_MAX_BATCH
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
 PARTIAL_EXIT_CODE = 3
 ABORTED_EXIT_CODE = 130  # Ctrl-C, as shells report SIGINT
+LINESCAN_BATCH = 64  # tiles per call by default: a 4096-pixel strip's tile row is 19 tiles of 256
 DEMO_GOOD_CELLS = 470  # ELPV's defect-free mono cells less the demo's test fifth: `demo --max-train 0`
 
 BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12 cameras, whose values stop "
@@ -656,8 +657,10 @@ def linescan(
     overlap: int = typer.Option(32, min=0, help="pixels shared by neighbouring tiles, across and along"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     pixel_threshold: float | None = typer.Option(None, help="defect threshold, raw units (default: the model's)"),
-    batch_size: int = typer.Option(64, min=1, help="most tiles per inference call "
-                                   "(the tile rows a block completes go out together)"),
+    batch_size: int | None = typer.Option(None, min=1, max=MAX_BATCH, help="most tiles per inference call (the "
+                                          f"tile rows a block completes go out together; default: {LINESCAN_BATCH}, "
+                                          "or the largest batch a plan takes)"),
+    cuda_graph: bool = typer.Option(False, metavar=FLAG, help="TensorRT: replay each batch size as a CUDA graph"),
     json_output: bool = typer.Option(False, "--json", metavar=FLAG, help="print JSON instead of lines"),
     bit_depth: int | None = typer.Option(None, min=9, max=16, help=BIT_DEPTH_HELP + " (default: the model's)"),
 ) -> None:
@@ -668,7 +671,11 @@ def linescan(
     from .runtime import Detector
     from .runtime.linescan import StreamingInspector, replay
 
-    detector = Detector(model, backend, batch_size=batch_size, bit_depth=bit_depth)
+    if batch_size is None:  # as many tiles as the model takes, up to LINESCAN_BATCH: a plan's profile is no mistake
+        detector = Detector(model, backend, cuda_graph=cuda_graph, bit_depth=bit_depth)
+        detector.batch_size = min(LINESCAN_BATCH, detector.info["batch"][1])
+    else:
+        detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph, bit_depth=bit_depth)
     inspector = StreamingInspector(detector, overlap=overlap, pixel_threshold=pixel_threshold)
 
     def show(defect) -> None:

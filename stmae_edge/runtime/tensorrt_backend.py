@@ -29,6 +29,7 @@ from ..engine_plan import (
     telling_error,
 )
 from ..errors import BackendError, EngineMismatchError, TensorRTMissingError, TensorRTUnloadableError
+from ..machine import nvidia_platform
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
 from .devices import cuda_driver_state
 
@@ -40,6 +41,13 @@ NO_GPU_HINT = ("TensorRT plans need an NVIDIA GPU and a driver at least as new a
                "version (cuda-python 13 needs a CUDA 13 driver; on CUDA 12 drivers pip install "
                "'cuda-python>=12.6,<13', on JetPack 6 'cuda-python>=12.6,<12.7', which the gpu extra takes on a "
                "Jetson); without a GPU run the .onnx file instead (--backend ort-cpu)")
+
+
+# The cuda-python that the gpu extra takes, by machine.nvidia_platform(): its major version follows the
+# CUDA driver, and a plain `pip install cuda-python` takes 13, which a CUDA 12 driver (JetPack 6's) cannot run
+CUDA_PYTHON_FOR = {"jetson": "'cuda-python>=12.6,<12.7'", "x86-64": "'cuda-python>=12.6' ('<13' on a CUDA 12 driver)",
+                   "arm": "'cuda-python>=12.6' ('<13' on a CUDA 12 driver)", "macos": "cuda-python",
+                   "other": "cuda-python"}
 
 
 def _native_handle(stream) -> int:
@@ -67,8 +75,8 @@ def _import_cudart():
         try:
             from cuda import cudart  # cuda-python before 12.6
         except ImportError:
-            raise BackendError("TensorRT plans need cuda-python for GPU buffers and streams: "
-                               "pip install 'stmae-edge[gpu]' (or pip install cuda-python)") from None
+            raise BackendError("TensorRT plans need cuda-python for GPU buffers and streams: pip install "
+                               f"'stmae-edge[gpu]' (or pip install {CUDA_PYTHON_FOR[nvidia_platform()]})") from None
     return cudart
 
 
