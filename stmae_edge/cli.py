@@ -377,6 +377,7 @@ def threshold(
     """Choose the image threshold that meets a target on validation data, or set one; print what it costs there."""
     from .evaluation.operating_point import check_target
     from .model_files import read_metadata, write_thresholds
+    from .serving.repository import served_config_update, write_served_config
 
     targets = [t for t in (max_false_reject, min_recall, sigma) if t is not None]
     if value is not None or pixel_value is not None:
@@ -398,20 +399,18 @@ def threshold(
                           "layout (DATA_DIR/test/good, DATA_DIR/test/<defect>)")
     metadata = read_metadata(model)  # a file that would be refused when rewritten is refused before any scoring
     if write:  # and a Triton config beside it that cannot be rewritten
-        _served_config(model, metadata.thresholds)
+        served_config_update(model, metadata.thresholds)
     chosen = (_threshold_from_data(model, data_dir, metadata, max_false_reject, min_recall, sigma, value, pixel_value,
                                    backend, batch_size, bit_depth) if data_dir is not None
               else _threshold_without_data(metadata, sigma, value, pixel_value))
     if not write:
         typer.echo(f"nothing written; add --write to store it in {model}")
         return
-    served = _served_config(model, chosen)  # read and checked before the model file changes
+    served = served_config_update(model, chosen)  # read and checked before the model file changes
     written = write_thresholds(model, chosen)
     typer.echo(f"wrote threshold {chosen.image:.6g} (pixel {chosen.pixel:.6g}) to {model} (model hash "
                f"{written.model_hash[:12]} unchanged); next: stmae-edge report {model} {data_dir or 'DATA'} --out report/")
     if served is not None:
-        from .serving.repository import write_served_config
-
         write_served_config(*served)
         typer.echo(f"wrote them to {served[0]} too, where Triton's clients read them: Triton reads it when it loads "
                    "the model (restart the server, or load the model again)")
@@ -494,14 +493,6 @@ def _threshold_from_data(model: Path, data_dir: Path, metadata, max_false_reject
     typer.echo(f"the model's threshold now: {current.threshold:.6g} ({current.rule}): {current.false_rejects} "
                f"false rejects, {current.escapes} escapes on the same images")
     return chosen
-
-
-def _served_config(model: Path, thresholds):
-    """(config.pbtxt, its new bytes) where MODEL is a file of a Triton repository that triton-repo wrote
-    (serving.repository.served_config_update), else None."""
-    from .serving.repository import served_config_update
-
-    return served_config_update(model, thresholds)
 
 
 @app.command()
