@@ -36,6 +36,7 @@ are not failures), 1 when one failed, 2 when a GPU is here (nvidia-smi or torch 
 from __future__ import annotations
 
 import argparse
+import atexit
 import faulthandler
 import json
 import shutil
@@ -343,7 +344,10 @@ def main() -> int:
         shutil.rmtree(args.prepare / "calibration", ignore_errors=True)  # the cache is not needed there
         print(f"prepared {args.prepare} in {time.monotonic() - started:.0f} s: carry it and run with --prepared")
         return 0
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu-acceptance-"))
+    work = args.work
+    if work is None:  # a folder of its own, removed when the script ends (each run left one behind in /tmp)
+        work = Path(tempfile.mkdtemp(prefix="gpu-acceptance-"))
+        atexit.register(shutil.rmtree, work, True)
     work.mkdir(parents=True, exist_ok=True)
     try:
         files = read_prepared(args.prepared) if args.prepared else prepare(work, args.model)

@@ -4,6 +4,7 @@ passes and fails, from rows shaped like those it collects. The GPU paths themsel
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,9 +79,10 @@ def prepared(synthetic_dataset, tmp_path_factory) -> Path:
     return folder
 
 
-def as_on_the_lent_machine(*args: str) -> subprocess.CompletedProcess:
+def as_on_the_lent_machine(*args: str, temp: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TMPDIR": str(temp)} if temp is not None else None
     return subprocess.run([sys.executable, "-c", AS_ON_THE_LENT_MACHINE, *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
 
 
 def test_a_prepared_folder_runs_where_only_the_runtime_is_installed(prepared, tmp_path):
@@ -90,7 +92,10 @@ def test_a_prepared_folder_runs_where_only_the_runtime_is_installed(prepared, tm
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert all((prepared / v).exists() for v in manifest.values() if isinstance(v, str))
     assert len(list((prepared / "data_sample" / "test").rglob("*.png"))) == 8 and not (prepared / "calibration").exists()
-    r = as_on_the_lent_machine("--prepared", str(prepared), "--out", str(out))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    r = as_on_the_lent_machine("--prepared", str(prepared), "--out", str(out), temp=temp)
+    assert not list(temp.glob("gpu-acceptance-*"))  # its work folder removed (each run left one in /tmp)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     inventory = rows[0]["inventory"]
     assert inventory["tensorrt"] is None and {"nvidia_smi", "torch_cuda", "cudnn"} <= set(inventory)
