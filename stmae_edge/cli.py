@@ -465,7 +465,8 @@ def _threshold_from_data(model: Path, data_dir: Path, metadata, max_false_reject
     labels = [s.label for s in samples]
     check_support(max_false_reject, min_recall, labels.count(0), labels.count(1), str(data_dir))
     scored = score_dataset(model, data_dir, backend, batch_size, description="scoring the validation set",
-                           samples=samples, masks=False, bit_depth=bit_depth)  # image scores only: no masks read
+                           samples=samples, masks=False, bit_depth=bit_depth,
+                           keep_maps=False)  # scores and each map's maximum: no masks read, no maps kept
     if sigma is None and max_false_reject is None and min_recall is None:
         given = _given_thresholds(metadata, value, pixel_value)
         point = evaluate_threshold(given.image, scored.good_scores, scored.defect_scores, given.rule)

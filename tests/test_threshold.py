@@ -285,3 +285,14 @@ def test_a_recall_target_without_good_images_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="stmae_edge.evaluation.operating_point"):
         check_support(None, 0.95, goods=0, defects=5)
     assert "has no good images (test/good): a threshold for recall alone may fail every good part" in caplog.text
+
+
+def test_threshold_keeps_each_maps_maximum_not_the_maps(tiny_export, synthetic_dataset):
+    """`threshold` needs two numbers per image; it held every map (5 GB for 20,000 images at 256 x 256)."""
+    from stmae_edge.evaluation.validation import score_dataset
+
+    whole = score_dataset(tiny_export[1], synthetic_dataset, batch_size=5)
+    light = score_dataset(tiny_export[1], synthetic_dataset, batch_size=5, keep_maps=False)
+    assert light.maps is None and whole.maps.shape[0] == len(whole.samples) > 5  # batches filled in place
+    np.testing.assert_array_equal(light.scores, whole.scores)
+    np.testing.assert_array_equal(light.map_maxima, whole.maps.reshape(len(whole.maps), -1).max(axis=1))
