@@ -366,7 +366,7 @@ def test_the_overlay_boxes_a_region_under_the_pixel_threshold_in_its_own_colour(
         assert tuple(int(v) for v in edge) == color
 
 
-def test_overlay_names_never_collide():
+def test_overlay_names_never_collide(monkeypatch):
     from pathlib import Path
 
     from stmae_edge.runtime.files import overlay_names
@@ -379,6 +379,20 @@ def test_overlay_names_never_collide():
     composed, decomposed = unicodedata.normalize("NFC", "rayé.png"), unicodedata.normalize("NFD", "rayé.png")
     names = overlay_names([Path("cam1") / composed, Path("cam2") / decomposed, Path("Part1.png"), Path("x/part1.png")])
     assert names[1] == unicodedata.normalize("NFD", "rayé_2.png") and names[3] == "part1_2.png"
+    # one stem in many folders (parts/*/image.png): each name found in a step or two, not counted up
+    # from 1 again (20,000 of them took minutes)
+    from stmae_edge.runtime import files
+
+    compared = []
+
+    def may_be_one_file(name: str) -> str:
+        compared.append(name)
+        return unicodedata.normalize("NFC", name).casefold()
+
+    monkeypatch.setattr(files, "may_be_one_file", may_be_one_file)
+    names = overlay_names([Path(f"part{i}/image.png") for i in range(2000)])
+    assert names[:3] == ["image.png", "image_2.png", "image_3.png"] and len(set(names)) == 2000
+    assert len(compared) <= 2 * 2000  # each checked once and recorded once
 
 
 def test_predict_that_scores_nothing_fails_and_says_so(tiny_export, tmp_path):
