@@ -23,6 +23,7 @@ from .wire_format import DEFAULT_MAX_BATCH
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
 PARTIAL_EXIT_CODE = 3
 ABORTED_EXIT_CODE = 130  # Ctrl-C, as shells report SIGINT
+ERROR_LINES_SHOWN = 20  # predict's error lines, one per file, before "and N more"
 LINESCAN_BATCH = 64  # tiles per call by default: a 4096-pixel strip's tile row is 19 tiles of 256
 DEMO_GOOD_CELLS = 470  # ELPV's defect-free mono cells less the demo's test fifth: `demo --max-train 0`
 
@@ -564,11 +565,14 @@ def predict(
         summary = predict_to_folder(detector, paths, out, overlays=overlays, advance=advance,
                                     image_threshold=threshold, pixel_threshold=pixel_threshold, sigma=sigma,
                                     left_out=left_out)
-    for error in summary["errors"]:
-        typer.echo(f"error: {error['error']}", err=True)
-    for result in summary["results"]:
-        if "overlay_error" in result:
-            typer.echo(f"error: {result['overlay_error']} (the image was scored: results.json has it)", err=True)
+    problems = [error["error"] for error in summary["errors"]] + [
+        f"{result['overlay_error']} (the image was scored: results.json has it)"
+        for result in summary["results"] if "overlay_error" in result]
+    for problem in problems[:ERROR_LINES_SHOWN]:
+        typer.echo(f"error: {problem}", err=True)
+    if len(problems) > ERROR_LINES_SHOWN:  # a line's folder of broken files must not flood the log
+        typer.echo(f"error: and {len(problems) - ERROR_LINES_SHOWN} more files; results.json names every one "
+                   "('errors', and 'overlay_error' in its results)", err=True)
     scored = len(summary["results"])
     info = summary["runtime"]
     left_out_line = (f", nor what {len(left_out)} of the folders hold in other formats or subfolders "

@@ -395,6 +395,20 @@ def test_overlay_names_never_collide(monkeypatch):
     assert len(compared) <= 2 * 2000  # each checked once and recorded once
 
 
+def test_predict_names_the_first_twenty_broken_files_and_counts_the_rest(tiny_export, synthetic_dataset, tmp_path):
+    """A line's folder of broken files wrote one error line each: 2,000 lines for 2,000 empty files."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(25):
+        (folder / f"broken{i:02d}.png").write_bytes(b"")
+    shutil.copy(next((synthetic_dataset / "test" / "good").glob("*.png")), folder / "good.png")
+    r = run("predict", str(tiny_export[1]), str(folder), "--out", str(tmp_path / "out"), "--no-overlays")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 3 and len(errors) == 21, r.stderr
+    assert errors[-1] == "error: and 5 more files; results.json names every one ('errors', and 'overlay_error' in its results)"
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["errors"]) == 25
+
+
 def test_predict_that_scores_nothing_fails_and_says_so(tiny_export, tmp_path):
     """Every file refused is the command failing (2), not a partial success (3); results.json lists them."""
     broken = tmp_path / "broken.png"
