@@ -78,18 +78,27 @@ def not_read_in(folder: Path, ignore: Sequence[Path] = ()) -> str:
     other = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")
                    and (p.suffix.lower() in UNREAD_IMAGE_SUFFIXES or (p.suffix.lower() in IMAGE_SUFFIXES
                                                                      and not p.exists())))
-    nested = 0
+    nested = subfolders = 0
     ignored = {Path(p).resolve() for p in ignore}
+    here = folder.resolve()
     for sub in folder.iterdir():
-        if sub.is_dir() and not sub.name.startswith(".") and sub.resolve() not in ignored:
-            with contextlib.suppress(OSError):  # a subfolder this user may not list: nothing to say of it
-                nested += len(images_in(sub))
+        if not sub.is_dir() or sub.name.startswith("."):
+            continue
+        target = sub.resolve()
+        if target in ignored or target == here or target in here.parents:  # a link back up: this folder's own
+            continue
+        subfolders += 1
+        with contextlib.suppress(OSError):  # a subfolder this user may not list: nothing to say of it
+            nested += len(images_in(sub))
     parts = []
     if other:
         parts.append(f"{len(other)} file{'s' if len(other) > 1 else ''} in another format or linking to nothing "
                      f"(first: {other[0]}; images are read from {', '.join(sorted(IMAGE_SUFFIXES))} files)")
     if nested:
         parts.append(f"{nested} image{'s' if nested > 1 else ''} in its subfolders")
+    elif subfolders:  # images deeper down (a tree by date, line and camera): say the folders are there
+        parts.append(f"{subfolders} subfolder{'s' if subfolders > 1 else ''} (images are read from the folder "
+                     "given, not below it)")
     return " and ".join(parts)
 
 

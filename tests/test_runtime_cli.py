@@ -113,6 +113,25 @@ def test_predict_records_what_its_folders_hold_that_it_does_not_score(tiny_expor
     assert left_out.endswith("and 1 image in its subfolders"), left_out
 
 
+def test_a_link_back_to_the_folder_is_not_its_subfolder_and_deeper_images_are_pointed_at(tmp_path):
+    """A link `loop -> .` counted the folder's own images as its subfolders'; a tree by date and camera,
+    with every image two folders down, was "no image files" with no word of the folders."""
+    from stmae_edge.data import not_read_in
+    from stmae_edge.errors import DatasetError
+    from stmae_edge.runtime.files import expand_inputs
+
+    folder = tmp_path / "line"
+    (folder / "2024-06-01" / "cam1").mkdir(parents=True)
+    cv2.imwrite(str(folder / "2024-06-01" / "cam1" / "a.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(DatasetError, match="no image files .* not read: 1 subfolder \\(images are read from the "
+                                           "folder given, not below it\\)"):
+        expand_inputs([folder])
+    cv2.imwrite(str(folder / "b.png"), np.zeros((8, 8), np.uint8))
+    (folder / "loop").symlink_to(folder)
+    (folder / "up").symlink_to(tmp_path)
+    assert not_read_in(folder) == "1 subfolder (images are read from the folder given, not below it)"
+
+
 def test_without_torch_an_onnx_file_is_evaluated_and_a_checkpoint_says_what_to_install(tiny_export, synthetic_dataset,
                                                                                          tmp_path):
     r = run_without_torch("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--out", str(tmp_path / "e.json"))
