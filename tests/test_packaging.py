@@ -42,6 +42,9 @@ def test_the_gpu_extra_follows_jetpacks_cuda_on_a_jetson(release, cuda_python, n
     cuda = [r for r in chosen if r.name == "cuda-python"]
     assert len(cuda) == 1 and cuda[0].specifier.contains(cuda_python)
     assert cuda[0].specifier.contains("13.0") != numpy_capped
+    if numpy_capped:  # the runtime's hint names the same pin as the extra
+        from stmae_edge.runtime.tensorrt_backend import JETPACK6_PIN
+        assert Requirement(JETPACK6_PIN.strip("'")).specifier == cuda[0].specifier
     base = [r for r in map(Requirement, PROJECT["dependencies"]) if r.marker is None or r.marker.evaluate(env)]
     assert any(r.name == "numpy" and not r.specifier.contains("2.0") for r in base) == numpy_capped
 

@@ -283,7 +283,7 @@ def test_a_library_exception_is_quoted_in_one_line_even_without_text():
 
 
 @pytest.mark.parametrize("platform_name, pin", [("jetson", "'cuda-python>=12.6,<12.7'"),
-                                                ("x86-64", "'cuda-python>=12.6' ('<13' on a CUDA 12 driver)")])
+                                                ("x86-64", "cuda-python ('cuda-python>=12.6,<13' on a CUDA 12 driver)")])
 def test_missing_cuda_python_names_the_one_this_machine_needs(monkeypatch, platform_name, pin):
     """`pip install cuda-python` takes 13, which JetPack 6's CUDA 12 driver cannot run: the hint said it."""
     from stmae_edge.runtime import tensorrt_backend

@@ -238,7 +238,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
                           "export MODEL`, or calibrate with --float-precision fp32")
     out = check_not_an_input(out or onnx_path.with_name(f"{onnx_path.stem}.int8.onnx"), [onnx_path, *images])
     layers_kept_in_float(proto, settings, onnx_path)  # refused before any folder is made for its outputs
-    out = check_writable(out, [onnx_path, *images])
+    out = check_writable(out)  # its inputs checked above
     earlier_thresholds = thresholds_to_be_replaced(out, metadata)
     key = cache_key(onnx_path, images, settings)
     cache_dir = Path(cache_dir)

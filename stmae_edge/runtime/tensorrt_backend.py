@@ -37,16 +37,18 @@ logger = logging.getLogger(__name__)
 _TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
 
 
+# The cuda-python for a CUDA 12 driver, and for JetPack 6's CUDA 12.6 (what the gpu extra takes on a Jetson)
+CUDA12_PIN, JETPACK6_PIN = "'cuda-python>=12.6,<13'", "'cuda-python>=12.6,<12.7'"
 NO_GPU_HINT = ("TensorRT plans need an NVIDIA GPU and a driver at least as new as cuda-python's CUDA major "
-               "version (cuda-python 13 needs a CUDA 13 driver; on CUDA 12 drivers pip install "
-               "'cuda-python>=12.6,<13', on JetPack 6 'cuda-python>=12.6,<12.7', which the gpu extra takes on a "
-               "Jetson); without a GPU run the .onnx file instead (--backend ort-cpu)")
+               f"version (cuda-python 13 needs a CUDA 13 driver; on CUDA 12 drivers pip install {CUDA12_PIN}, on "
+               f"JetPack 6 {JETPACK6_PIN}, which the gpu extra takes on a Jetson); without a GPU run the .onnx file "
+               "instead (--backend ort-cpu)")
 
 
 # The cuda-python that the gpu extra takes, by machine.nvidia_platform(): its major version follows the
 # CUDA driver, and a plain `pip install cuda-python` takes 13, which a CUDA 12 driver (JetPack 6's) cannot run
-CUDA_PYTHON_FOR = {"jetson": "'cuda-python>=12.6,<12.7'", "x86-64": "'cuda-python>=12.6' ('<13' on a CUDA 12 driver)",
-                   "arm": "'cuda-python>=12.6' ('<13' on a CUDA 12 driver)", "macos": "cuda-python",
+CUDA_PYTHON_FOR = {"jetson": JETPACK6_PIN, "x86-64": f"cuda-python ({CUDA12_PIN} on a CUDA 12 driver)",
+                   "arm": f"cuda-python ({CUDA12_PIN} on a CUDA 12 driver)", "macos": "cuda-python",
                    "other": "cuda-python"}
 
 
