@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +48,25 @@ def tiny_export(synthetic_dataset, tmp_path_factory):
           backbone_weights="random")
     path, figures = export_onnx(folder / "m.pt", folder / "m.onnx")
     return folder / "m.pt", path, figures
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_export(tiny_export):
+    """tiny_export's model exported as fp16, beside it: (checkpoint, onnx, export figures). An export
+    takes 15 to 25 s here; the tests that only read this graph share it (copy it to change it)."""
+    from stmae_edge.engines.export import export_onnx
+
+    checkpoint, path, _ = tiny_export
+    fp16_path, figures = export_onnx(checkpoint, path.with_name("m.fp16.onnx"), "fp16")
+    return checkpoint, fp16_path, figures
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each worker on cores of its own (its subprocesses inherit them): workers that
+    share every core oversubscribe them, PyTorch's and ONNX Runtime's threads waiting on each other."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= count:
+        os.sched_setaffinity(0, cores[int(worker[2:]) % count::count])

@@ -278,9 +278,8 @@ def test_intensity_normalisation_stays_fp32_in_every_graph_and_builds(synthetic_
     assert sidecar["precision"] == "int8" and plan.stat().st_size > 50_000
 
 
-def test_only_fp32_graphs_are_calibrated(fp32_graph, tmp_path):
-    folder, path = fp32_graph
-    fp16, _ = export_onnx(folder / "m.pt", tmp_path / "m.fp16.onnx", "fp16")
+def test_only_fp32_graphs_are_calibrated(tiny_fp16_export, tmp_path):
+    fp16 = tiny_fp16_export[1]
     with pytest.raises(ConfigError, match="calibrate the fp32 export"):
         calibrate(fp16, cache_dir=tmp_path / "cache")
 

@@ -13,7 +13,6 @@ import pytest
 from onnx import TensorProto, helper
 
 from stmae_edge.engines.build import BatchRange, build_engine
-from stmae_edge.engines.export import export_onnx
 from stmae_edge.errors import ConfigError, ExportError
 from stmae_edge.metadata import ONNX_METADATA_KEY, ModelMetadata
 from stmae_edge.outputs import sha256_file
@@ -144,8 +143,8 @@ def test_compute_capabilities_are_chosen_for_tensorrt_for_rtx_and_turing_is_refu
 
 
 @trt_available
-def test_fp16_engine_builds_and_precision_must_match_the_graph(onnx_file, tmp_path):
-    fp16, _ = export_onnx(onnx_file.with_name("m.pt"), tmp_path / "m.fp16.onnx", "fp16")
+def test_fp16_engine_builds_and_precision_must_match_the_graph(onnx_file, tiny_fp16_export, tmp_path):
+    fp16 = tiny_fp16_export[1]
     plan, sidecar = build_engine(fp16, None, "1:2:4", tmp_path / "m.fp16.plan")
     assert sidecar["precision"] == "fp16" and plan.stat().st_size > 50_000
     with pytest.raises(ConfigError, match="is an fp32 graph"):

@@ -97,7 +97,8 @@ def test_parity_on_real_images(magnetic_tile, exported):
     assert max(f["map_max_rel_diff"] for f in figures["batches"].values()) <= 1e-4
 
 
-def test_verify_catches_a_changed_graph_and_a_foreign_model(exported, synthetic_dataset, tmp_path):
+def test_verify_catches_a_changed_graph_and_a_foreign_model(exported, tiny_fp16_export, synthetic_dataset,
+                                                              tmp_path):
     checkpoint, path, _ = exported
     proto = onnx.load(str(path))
     bias = next(t for t in proto.graph.initializer if t.name == "head.bias")  # feeds every prediction
@@ -109,8 +110,8 @@ def test_verify_catches_a_changed_graph_and_a_foreign_model(exported, synthetic_
     with pytest.raises(VerificationError, match="differs.*; export .* again$"):  # fp32: something broke
         verify(altered, checkpoint, images)
     # an fp16 graph's failure says what to look at next
-    fp16_path, _ = export_onnx(checkpoint, tmp_path / "m.fp16.onnx", "fp16")
-    proto = onnx.load(str(fp16_path))
+    fp16_path = tmp_path / "m.fp16.onnx"
+    proto = onnx.load(str(tiny_fp16_export[1]))
     bias = next(t for t in proto.graph.initializer if t.name.endswith("head.bias"))  # under its fp16 wrapper
     bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.asarray(0.5, numpy_helper.to_array(bias).dtype),
                                           bias.name))
@@ -128,10 +129,8 @@ def test_verify_catches_a_changed_graph_and_a_foreign_model(exported, synthetic_
 
 
 @pytest.fixture(scope="module")
-def exported_fp16(exported):
-    checkpoint, path, _ = exported
-    fp16_path, figures = export_onnx(checkpoint, path.with_name("m.fp16.onnx"), "fp16")
-    return checkpoint, fp16_path, figures
+def exported_fp16(tiny_fp16_export):
+    return tiny_fp16_export
 
 
 def test_fp16_graph_has_fp32_edges_and_fp16_weights(exported_fp16):
