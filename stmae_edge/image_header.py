@@ -3,6 +3,7 @@
     file bytes -> format (PNG, JPEG, BMP, TIFF: what data.IMAGE_SUFFIXES lists) -> (width, height)
     JPEG bytes -> its EXIF orientation (1..8), how a viewer turns the stored pixels to show them
     TIFF bytes -> its Orientation tag (1..8), by which OpenCV turns the pixels it decodes
+    TIFF bytes -> how many pages it holds (OpenCV decodes the first only)
 
 Only formats whose header is read here get decoded at all, so the pixel cap holds for every file the
 package opens: a 0.5 MB file that declares 12000 x 12000 pixels is refused before OpenCV allocates
@@ -187,6 +188,41 @@ def _tiff_size(data) -> tuple[int, int]:
 
 
 _EXIF_ORIENTATION = 0x0112
+_TIFF_SUBFILE_TYPE, _TIFF_REDUCED_IMAGE = 254, 1
+MAX_TIFF_PAGES_COUNTED = 1000
+
+
+def tiff_pages(data: bytes | memoryview) -> int:
+    """How many pages a TIFF holds, up to MAX_TIFF_PAGES_COUNTED: its directories but those that only
+    repeat a page at a reduced resolution (a thumbnail, a pyramid level). 1 for a file whose chain of
+    directories cannot be followed: the first page is all OpenCV reads anyway. Never raises."""
+    try:
+        order = {b"II": "little", b"MM": "big"}[bytes(data[:2])]
+        big = int.from_bytes(data[2:4], order) == 43
+        word, entry_size, count_size = (8, 20, 8) if big else (4, 12, 2)
+
+        def number(at: int, size: int) -> int:
+            if at < 0 or at + size > len(data):
+                raise ValueError("outside the file")
+            return int.from_bytes(data[at:at + size], order)
+
+        pages, seen = 0, set()
+        directory = number(8 if big else 4, word)
+        while directory and directory not in seen and len(seen) < MAX_TIFF_PAGES_COUNTED:
+            seen.add(directory)  # a chain that loops back is counted once round
+            count = min(number(directory, count_size), _TIFF_MAX_ENTRIES)
+            first = directory + count_size
+            subfile_type = 0
+            for k in range(count):
+                at = first + k * entry_size
+                if number(at, 2) == _TIFF_SUBFILE_TYPE:
+                    subfile_type = number(at + (12 if big else 8), 4)
+                    break
+            pages += not subfile_type & _TIFF_REDUCED_IMAGE
+            directory = number(first + count * entry_size, word)
+        return max(pages, 1)
+    except (KeyError, IndexError, ValueError):
+        return 1
 
 
 def jpeg_orientation(data: bytes | memoryview) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .checks import is_whole
 from .errors import ConfigError, InvalidImageError
-from .image_header import declared_size, jpeg_orientation, tiff_orientation
+from .image_header import declared_size, jpeg_orientation, tiff_orientation, tiff_pages
 
 # What a file may make the decoder allocate: checked against the size its header declares, before
 # decoding (image_header). OpenCV's own process-wide cap (OPENCV_IO_MAX_IMAGE_PIXELS) is left to the host
@@ -355,7 +355,7 @@ def decode(data: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS,
 
     Raises:
         InvalidImageError: an unsupported format, a declared size over `max_pixels` or far from
-            `sizes_accepted`, or bytes OpenCV cannot decode (corrupt, truncated, or rewritten while it
+            `sizes_accepted`, a TIFF of several pages, or bytes OpenCV cannot decode (corrupt, truncated, or rewritten while it
             was read, as in a camera's hot folder).
     """
     try:
@@ -367,6 +367,10 @@ def decode(data: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXELS,
                                 f"(declared by its {fmt} header); crop or downscale it first")
     if sizes_accepted is not None and (why := sizes_accepted.refusal(height, width)):
         raise InvalidImageError(f"{source}: {why}")
+    if fmt == "TIFF" and (pages := tiff_pages(memoryview(data))) > 1:
+        # OpenCV decodes the first page only: the rest of the part would pass uninspected, without a word
+        raise InvalidImageError(f"{source}: a TIFF of {pages} pages, of which only the first would be scored; "
+                                "save each page as an image file of its own")
     try:
         array = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # some codecs raise instead of returning None

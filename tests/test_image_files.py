@@ -314,3 +314,46 @@ def test_training_says_how_many_good_images_their_files_turn(tmp_path, caplog):
         good_images(paths, TrainConfig())
     assert "2 of the good images are turned or mirrored by their files' orientation tags (EXIF; first: 0.jpg)" \
         in caplog.text
+
+
+def chained_tiff(pages: list[tuple[np.ndarray, int]], loop: bool = False) -> bytes:
+    """A classic little-endian TIFF of uncompressed 8-bit gray directories, chained in order, each with its
+    NewSubfileType (1: a reduced-resolution copy of the page before); `loop`: the last points to the first."""
+    out, offsets = bytearray(b"II*\0" + (8).to_bytes(4, "little")), []
+    for n, (image, subfile_type) in enumerate(pages):
+        height, width = image.shape
+        entries = [(254, 4, subfile_type), (256, 3, width), (257, 3, height), (258, 3, 8), (259, 3, 1),
+                   (262, 3, 1), (273, 4, None), (277, 3, 1), (278, 3, height), (279, 4, height * width)]
+        at = len(out)
+        offsets.append(at)
+        data_at = at + 2 + 12 * len(entries) + 4
+        out += len(entries).to_bytes(2, "little")
+        for tag, kind, value in entries:
+            value = data_at if value is None else value
+            field = value.to_bytes(2, "little") + b"\0\0" if kind == 3 else value.to_bytes(4, "little")
+            out += tag.to_bytes(2, "little") + kind.to_bytes(2, "little") + (1).to_bytes(4, "little") + field
+        following = data_at + image.size if n + 1 < len(pages) else (8 if loop else 0)
+        out += following.to_bytes(4, "little") + image.tobytes()
+    return bytes(out)
+
+
+def test_a_tiff_of_several_pages_is_refused_and_one_with_a_thumbnail_is_read(tmp_path):
+    """OpenCV decodes a TIFF's first page only: a multi-page file (an exposure series, a stack) was scored on
+    that page alone, the rest of the part passing uninspected without a word."""
+    from stmae_edge.image_header import tiff_pages
+
+    page, thumbnail = np.full((40, 64), 7, np.uint8), np.full((10, 16), 9, np.uint8)
+    pages = tmp_path / "series.tif"
+    assert cv2.imwritemulti(str(pages), [page, page + 1, page + 2])  # as OpenCV (libtiff) writes them
+    with pytest.raises(InvalidImageError, match=r"series.tif: a TIFF of 3 pages, of which only the first would be "
+                                                r"scored; save each page as an image file of its own$"):
+        load_image(pages)
+    # a reduced-resolution copy (a thumbnail, a pyramid level) is not a page: the file is one image
+    with_thumbnail = tmp_path / "thumb.tif"
+    with_thumbnail.write_bytes(chained_tiff([(page, 0), (thumbnail, 1)]))
+    assert np.array_equal(load_image(with_thumbnail), page)
+    assert tiff_pages(chained_tiff([(page, 0), (page, 2), (thumbnail, 1)])) == 2  # bit 2: a page of a series
+    assert tiff_pages(chained_tiff([(page, 0), (page, 0)], loop=True)) == 2  # a chain looping back: once round
+    ok, single = cv2.imencode(".tif", page)
+    assert ok and tiff_pages(single.tobytes()) == 1
+    assert tiff_pages(chained_tiff([(page, 0), (page, 0)])[:-page.size - 30]) == 1  # cut short: as OpenCV reads it
