@@ -5,14 +5,18 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 extras="${1:-train,dev}"
-python="${STMAE_PYTHON:-python3}"  # another interpreter: STMAE_PYTHON=python3.12
 too_old() { ! "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; }
-if [ -x .venv/bin/python ] && too_old .venv/bin/python; then
+# python.org's Windows installer gives `python` and `py`, and Git Bash's `python3` is the Store's stub
+python="${STMAE_PYTHON:-python3}"  # another interpreter: STMAE_PYTHON=python3.12
+if [ -z "${STMAE_PYTHON:-}" ] && too_old python3 && ! too_old python; then python=python; fi
+# a venv keeps its interpreter in bin/, or in Scripts/ on Windows
+venv_python() { if [ -e .venv/Scripts/python.exe ]; then echo .venv/Scripts/python.exe; else echo .venv/bin/python; fi; }
+if [ -x "$(venv_python)" ] && too_old "$(venv_python)"; then
   # a macOS /usr/bin/python3 is 3.9: the install would fail the same way on every run
-  echo "error: .venv was made with Python $(.venv/bin/python -c 'import platform; print(platform.python_version())'), and stmae-edge needs 3.10+: remove .venv and run again, with STMAE_PYTHON=python3.12 (say) if python3 is older" >&2
+  echo "error: .venv was made with Python $("$(venv_python)" -c 'import platform; print(platform.python_version())'), and stmae-edge needs 3.10+: remove .venv and run again, with STMAE_PYTHON=python3.12 (say) if python3 is older" >&2
   exit 2
 fi
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x "$(venv_python)" ]; then
   if too_old "$python"; then
     echo "error: $python is not Python 3.10 or later; install one and run again with STMAE_PYTHON=python3.12 (say)" >&2
     exit 2
@@ -22,7 +26,7 @@ if [ ! -x .venv/bin/python ]; then
   if [ -e /etc/nv_tegra_release ] || uname -r | grep -q tegra; then system_site="--system-site-packages"; fi
   "$python" -m venv $system_site .venv || { echo "error: '$python -m venv' failed; install Python 3.10+ with venv (Debian, Ubuntu, JetPack: sudo apt install python3-venv)" >&2; exit 2; }
 fi
-. .venv/bin/activate
+if [ -e .venv/Scripts/activate ]; then . .venv/Scripts/activate; else . .venv/bin/activate; fi
 stamp=".venv/.stmae-edge-installed"
 # hashlib, not sha256sum, which macOS 13 and older lack
 project="$(python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')"

@@ -14,6 +14,7 @@ from . import __version__
 from .engine_plan import DEFAULT_BATCH_TEXT, RTX_COMPUTE_CAPABILITIES_TEXT
 from .errors import ConfigError, StmaeError, first_line
 from .metadata import FILTERING_AE_FAMILY, MAX_BATCH, STMAE_FAMILY
+from .outputs import STOP_SIGNAL_NAMES
 from .preprocessing import TrainedSizes
 from .runtime.backend_table import backend_help
 from .scoring import DEFAULT_SIGMA, Thresholds
@@ -778,9 +779,9 @@ _STOPPED_BY: list[int] = []  # the signals that stopped the command, as they cam
 
 
 def _stop_on_signals() -> dict:
-    """Ctrl-C, SIGTERM (a service manager, `kill`) and SIGHUP (the terminal closed) raise
-    KeyboardInterrupt, where no one else handles them, so that what a command cleans up on Ctrl-C is
-    cleaned up for all three: SIGTERM and SIGHUP killed a command outright, leaving temporary files the
+    """Ctrl-C, SIGTERM (a service manager, `kill`), SIGHUP (the terminal closed) and Ctrl-Break (Windows'
+    SIGBREAK) raise KeyboardInterrupt, where no one else handles them, so that what a command cleans up
+    on Ctrl-C is cleaned up for all of them: SIGTERM and SIGHUP killed a command outright, leaving temporary files the
     size of a model in the temp and cache folders. Each is recorded as it comes: a library may turn the
     exception into an error of its own (torch's exporter: "Failed to export the model"), or typer into
     exit code 130, on the way up. Returns the handlers replaced, for main to put back (a program that
@@ -791,7 +792,7 @@ def _stop_on_signals() -> dict:
 
     _STOPPED_BY.clear()
     replaced = {}
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+    for name in STOP_SIGNAL_NAMES:
         signum = getattr(signal, name, None)
         if signum is not None and signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
             replaced[signum] = signal.signal(signum, stop)
@@ -800,12 +801,12 @@ def _stop_on_signals() -> dict:
 
 def _stopped() -> int:
     """After a stopping signal: a later Ctrl-C ignored (a second one while Python shuts down printed a
-    traceback from torch's exit handlers), SIGTERM and SIGHUP back to ending the process at once (a
+    traceback from torch's exit handlers), the others back to ending the process at once (a
     shutdown that hangs can still be ended), the line said, and 128 + the signal's number as the exit
     code, as shells report it (130 for Ctrl-C)."""
-    for name, handler in (("SIGINT", signal.SIG_IGN), ("SIGTERM", signal.SIG_DFL), ("SIGHUP", signal.SIG_DFL)):
+    for name in STOP_SIGNAL_NAMES:
         with contextlib.suppress(AttributeError, ValueError, OSError):
-            signal.signal(getattr(signal, name), handler)
+            signal.signal(getattr(signal, name), signal.SIG_IGN if name == "SIGINT" else signal.SIG_DFL)
     typer.echo("aborted: outputs are written whole or not at all, so none is left half-written", err=True)
     return 128 + _STOPPED_BY[0] if _STOPPED_BY else ABORTED_EXIT_CODE
 
@@ -867,7 +868,7 @@ def _run_app() -> int | None:
         if package not in OPTIONAL_PACKAGES:
             raise
         typer.echo(f"error: this command needs {package}, which is not installed here: "
-                   f"pip install 'stmae-edge[{OPTIONAL_PACKAGES[package]}]'", err=True)
+                   f'pip install "stmae-edge[{OPTIONAL_PACKAGES[package]}]"', err=True)
         sys.exit(2)
 
 

@@ -33,7 +33,7 @@ def elpv_root() -> Path:
     try:
         import elpv_dataset
     except ImportError as exc:
-        raise DatasetError("the demo needs the ELPV dataset: pip install 'stmae-edge[demo]' "
+        raise DatasetError("the demo needs the ELPV dataset: pip install \"stmae-edge[demo]\" "
                            "(or pip install elpv-dataset)") from exc
     return Path(elpv_dataset.__file__).parent / "data"
 

@@ -43,10 +43,38 @@ def nvidia_platform() -> str:
 
 def total_memory_bytes() -> int | None:
     """The machine's physical memory (None where it cannot be read)."""
+    if sys.platform == "win32":
+        status = windows_memory_status()
+        return status.ullTotalPhys if status else None
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def _memory_status_type():
+    """Windows' MEMORYSTATUSEX, the structure GlobalMemoryStatusEx fills (64 bytes)."""
+    import ctypes
+
+    class MemoryStatusEx(ctypes.Structure):
+        _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32),
+                    *((name, ctypes.c_uint64) for name in (
+                        "ullTotalPhys", "ullAvailPhys", "ullTotalPageFile", "ullAvailPageFile", "ullTotalVirtual",
+                        "ullAvailVirtual", "ullAvailExtendedVirtual"))]
+    return MemoryStatusEx
+
+
+def windows_memory_status():
+    """GlobalMemoryStatusEx's answer (Windows: no /proc/meminfo there), None where the call fails."""
+    import ctypes
+
+    status = _memory_status_type()()
+    status.dwLength = ctypes.sizeof(status)
+    try:
+        ok = ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status))
+    except (AttributeError, OSError):
+        return None
+    return status if ok else None
 
 
 def board_model() -> str | None:
@@ -67,7 +95,11 @@ def available_cores() -> int:
 
 def available_memory_bytes() -> int | None:
     """Memory this process can still take: the system's MemAvailable, or less where a container's limit
-    (cgroup v2 or v1) leaves less; None where neither can be read (not Linux)."""
+    (cgroup v2 or v1) leaves less; Windows' available physical memory there; None where none of these
+    can be read (macOS)."""
+    if sys.platform == "win32":
+        status = windows_memory_status()
+        return status.ullAvailPhys if status else None
     found = []
     try:
         with open("/proc/meminfo") as f:

@@ -172,6 +172,11 @@ def check_external_data(proto, path: Path, error: type[StmaeError] = CheckpointE
                         "model's folder; refusing the file (stmae-edge exports are self-contained)")
 
 
+def has_external_data(proto) -> bool:
+    """Whether any tensor of the model keeps its data in another file."""
+    return any(tensor.data_location == 1 for tensor in _tensors(proto))  # TensorProto.EXTERNAL
+
+
 def _tensors(model) -> Iterator:
     """All tensors of a model: initializers, sparse ones, and those inside node attributes, subgraphs
     and model-local functions."""

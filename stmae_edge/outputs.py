@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -45,7 +46,11 @@ def same_file(a: Path | str, b: Path | str) -> bool:
     a, b = Path(a), Path(b)
     try:
         if a.exists() and b.exists():
-            return os.path.samefile(a, b)
+            a_stat, b_stat = a.stat(), b.stat()
+            # Some Windows volumes (network, virtual) give every file the ID 0, which samefile would read
+            # as one file for any two: those are compared by path
+            if a_stat.st_ino and b_stat.st_ino:
+                return os.path.samestat(a_stat, b_stat)
         return a.resolve() == b.resolve()
     except OSError:
         return False
@@ -186,24 +191,53 @@ REPLACE_PAUSE_S = 0.25
 
 def move_into_place(staged: Path, target: Path) -> None:
     """A staged file (or folder) renamed to `target`, replacing a file there (a link itself, never what it
-    points to); retried on Windows while another program holds the target.
+    points to); retried on Windows while another program holds the target. A read-only target is
+    replaced there too (Windows refuses that where POSIX asks only the folder); if the rename fails, it
+    stays read-only.
 
     Raises:
         OSError: the rename failed (PermissionError: the target is held open).
     """
-    for attempt in range(REPLACE_ATTEMPTS):
-        try:
-            os.replace(staged, target)
-            return
-        except PermissionError:
-            if attempt == REPLACE_ATTEMPTS - 1:
-                raise
-            time.sleep(REPLACE_PAUSE_S * (attempt + 1))
+    mode_cleared = _clear_read_only(target) if READ_ONLY_REFUSES_REPLACE else None
+    try:
+        for attempt in range(REPLACE_ATTEMPTS):
+            try:
+                os.replace(staged, target)
+                return
+            except PermissionError:
+                if attempt == REPLACE_ATTEMPTS - 1:
+                    raise
+                time.sleep(REPLACE_PAUSE_S * (attempt + 1))
+    except OSError:
+        if mode_cleared is not None:
+            with contextlib.suppress(OSError):
+                os.chmod(target, mode_cleared)
+        raise
+
+
+# Windows refuses to replace or remove a read-only file (a model file locked down as README's security
+# section suggests; a partial file that took its mode): its read-only bit is cleared first there
+READ_ONLY_REFUSES_REPLACE = os.name == "nt"
+
+
+def _clear_read_only(path: Path) -> int | None:
+    """The file at `path` made writable where it was read-only; returns its mode before, or None where
+    nothing was changed (no such file, a folder or a link, or already writable)."""
+    try:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISREG(mode) or mode & stat.S_IWRITE:
+            return None
+        os.chmod(path, stat.S_IMODE(mode) | stat.S_IWRITE)
+        return stat.S_IMODE(mode)
+    except OSError:
+        return None
 
 
 def _remove(partial: Path) -> None:
     """The temporary file gone, where it could be made: its removal must not hide why the write failed
     (a name too long for the file system fails both)."""
+    if READ_ONLY_REFUSES_REPLACE:
+        _clear_read_only(partial)
     with contextlib.suppress(OSError):
         partial.unlink(missing_ok=True)
 
@@ -330,6 +364,26 @@ def staging_folder(out: Path) -> Iterator[Path]:
             os.close(held)
 
 
+def check_names_fit(staging: Path, names: Iterable[str]) -> None:
+    """Fail before long work where the longest path a run will write in its staging folder cannot be
+    made there (the staging folder adds about 33 characters to a name in `out`: past Windows' 260, or
+    the system's limit, the run failed after scoring everything). Tried with a file, then removed.
+
+    Raises:
+        OutputError: it cannot be made.
+    """
+    longest = max(names, key=lambda name: len(str(staging / name)), default=None)
+    if longest is None:
+        return
+    probe = staging / longest
+    try:
+        write_staged(probe, b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write {probe}: {failure_reason(exc, staging)}; choose a shorter --out (paths "
+                          "of 260 characters and more need long paths enabled on Windows); nothing was scored") from exc
+
+
 def _locked(folder: Path, wait: bool = True) -> int | None:
     """An open descriptor of `folder` holding an exclusive lock on it, or None where the system cannot
     lock a folder (Windows, NFS: then the age rules apply).
@@ -378,13 +432,15 @@ def _remove_stale_staging(out: Path) -> None:
                     os.close(fd)
 
 
-# The signals that stop a command (SIGHUP: its terminal closed; the CLI raises them all as Ctrl-C)
-HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# The signals that stop a command (SIGHUP: its terminal closed; SIGBREAK: Ctrl-Break on Windows, which
+# otherwise ends the process with no cleanup); the CLI raises them all as Ctrl-C
+STOP_SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
+HELD_SIGNALS = tuple(getattr(signal, name) for name in STOP_SIGNAL_NAMES if hasattr(signal, name))
 
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[list[int]]:
-    """Ctrl-C (SIGINT), SIGTERM and SIGHUP put off until the block ends, then delivered to the handlers
+    """Ctrl-C (SIGINT), SIGTERM, SIGHUP and Windows' SIGBREAK put off until the block ends, then delivered to the handlers
     that were there: for the few renames that put a run's files in place, which must not stop half-way,
     or for work that stops itself where it can (a TensorRT build asks its monitor whether to go on).
     Yields the list of the signals received so far. A signal the process ignores stays ignored. Only

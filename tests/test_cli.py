@@ -297,7 +297,7 @@ def test_export_without_onnxscript_says_which_extra_brings_it(tiny_export, tmp_p
     r = subprocess.run([sys.executable, "-c", ONNXSCRIPT_MISSING, "export", str(tiny_export[0]), "--out",
                         str(tmp_path / "m.onnx")], capture_output=True, text=True, timeout=300)
     _assert_one_line_error(r, "this command needs onnxscript, which is not installed here: pip install "
-                              "'stmae-edge[train]'")
+                              '"stmae-edge[train]"')
 
 
 def test_image_folder_options_are_checked(tmp_path):
@@ -447,3 +447,25 @@ def test_main_called_from_a_program_puts_its_signal_handlers_back(monkeypatch):
         cli.main()
     assert exited.value.code == 0
     assert {name: signal.getsignal(getattr(signal, name)) for name in names} == before
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="emulates Windows' SIGBREAK with SIGUSR1")
+def test_ctrl_break_stops_a_command_as_ctrl_c_does(monkeypatch):
+    """Windows' Ctrl-Break (SIGBREAK) ended a command with no cleanup: its temporary files stayed. Here
+    SIGUSR1 stands in for SIGBREAK, which Linux has not."""
+    import signal
+
+    from stmae_edge import cli
+
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
+    before = signal.getsignal(signal.SIGUSR1)
+    replaced = cli._stop_on_signals()
+    try:
+        assert signal.SIGUSR1 in replaced
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGUSR1)
+        assert cli._STOPPED_BY == [signal.SIGUSR1]
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+    assert signal.getsignal(signal.SIGUSR1) == before

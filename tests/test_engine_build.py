@@ -44,6 +44,24 @@ def test_fp32_engine_builds_with_a_sidecar(onnx_file, tmp_path):
 
 
 @trt_available
+def test_a_graph_in_a_folder_named_outside_ascii_builds_with_or_without_external_data(onnx_file, tmp_path):
+    """TensorRT's parser is handed the graph's bytes: its parse_from_file opens a narrow path, which
+    Windows reads in its code page (a folder named after a user with an umlaut failed there). A graph
+    whose tensors keep their data beside it still gets its path, where the parser looks for that data."""
+    folder = tmp_path / "J\u00fcrgen \u5de5\u5834"
+    folder.mkdir()
+    inline = folder / "inline.onnx"
+    inline.write_bytes(onnx_file.read_bytes())
+    build_engine(inline, "fp32", "1:1:2", folder / "inline.plan")
+    beside = folder / "beside.onnx"
+    onnx.save_model(onnx.load(str(onnx_file)), str(beside), save_as_external_data=True, location="beside.data",
+                    size_threshold=1024)
+    assert (folder / "beside.data").stat().st_size > 100_000
+    plan, sidecar = build_engine(beside, "fp32", "1:1:2", folder / "beside.plan")
+    assert plan.stat().st_size > 100_000 and sidecar["onnx"]["sha256"] == sha256_file(beside)
+
+
+@trt_available
 def test_builds_keep_float32_from_tf32():
     from stmae_edge.engine_plan import import_tensorrt
     from stmae_edge.engines.build import keep_float32

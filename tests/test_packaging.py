@@ -44,7 +44,7 @@ def test_the_gpu_extra_follows_jetpacks_cuda_on_a_jetson(release, cuda_python, n
     assert cuda[0].specifier.contains("13.0") != numpy_capped
     if numpy_capped:  # the runtime's hint names the same pin as the extra
         from stmae_edge.runtime.tensorrt_backend import JETPACK6_PIN
-        assert Requirement(JETPACK6_PIN.strip("'")).specifier == cuda[0].specifier
+        assert Requirement(JETPACK6_PIN.strip('"')).specifier == cuda[0].specifier
     base = [r for r in map(Requirement, PROJECT["dependencies"]) if r.marker is None or r.marker.evaluate(env)]
     assert any(r.name == "numpy" and not r.specifier.contains("2.0") for r in base) == numpy_capped
 
@@ -105,7 +105,7 @@ def test_the_wheel_runs_from_any_folder_with_nothing_of_the_repository(tiny_expo
 
 
 def test_every_install_hint_names_an_extra_that_brings_the_package():
-    """Hints are written where each error is raised (`pip install 'stmae-edge[gpu]'`); an extra renamed
+    """Hints are written where each error is raised (`pip install "stmae-edge[gpu]"`); an extra renamed
     in pyproject.toml would leave them pointing at nothing."""
     import re
 
@@ -120,3 +120,84 @@ def test_every_install_hint_names_an_extra_that_brings_the_package():
     for module, extra in OPTIONAL_PACKAGES.items():
         requirements = [Requirement(r).name for r in extras[extra]]
         assert any(module.replace("_", "-") in name for name in requirements), (module, extra, requirements)
+
+
+def test_install_hints_quote_as_every_shell_reads_them():
+    """Single quotes are not quotes to Windows' cmd.exe: `pip install 'stmae-edge[gpu]'` is an invalid
+    requirement there, and in `pip install 'cuda-python>=12.6,<13'` cmd reads > and < as redirections
+    (pip never runs). Double quotes work in cmd, PowerShell and POSIX shells alike."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "stmae_edge"
+    single = [(path.name, hint) for path in package.rglob("*.py")  # a hint may be cut across two lines
+              for hint in re.findall(r"install '[^']*'|'stmae-edge\[[^']*'|'cuda-python[^']*'", path.read_text())]
+    assert not single, single
+    from stmae_edge.runtime.tensorrt_backend import CUDA_PYTHON_FOR
+    assert all("'" not in hint for hint in CUDA_PYTHON_FOR.values()), CUDA_PYTHON_FOR
+
+
+def _repo_for_setup_env(tmp_path: Path) -> Path:
+    """A copy of what scripts/setup_env.sh reads, and a bin folder that plays Git Bash on Windows:
+    `python3` is the Store's stub (exit 9009), `python` the real interpreter."""
+    import shutil
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    work = tmp_path / "repo"
+    (work / "scripts").mkdir(parents=True)
+    shutil.copy(repo / "scripts" / "setup_env.sh", work / "scripts")
+    shutil.copy(repo / "pyproject.toml", work)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "python3").write_text("#!/bin/sh\necho 'Python was not found; run without arguments to install from "
+                                   "the Microsoft Store' >&2\nexit 9009\n")
+    (stubs / "python").symlink_to(sys.executable)
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    return work
+
+
+def _installed_stamp(work: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((work / "pyproject.toml").read_bytes()).hexdigest() + " train\n"
+
+
+@pytest.mark.skipif(__import__("sys").platform == "win32", reason="plays Windows' layout with POSIX links")
+def test_setup_env_takes_a_windows_venv_and_python_where_python3_is_the_store_stub(tmp_path):
+    """On Windows (Git Bash, as the README names for the scripts) a venv keeps its interpreter in
+    Scripts/, not bin/, and python.org's installer gives `python`, not `python3`: the script failed on
+    both, saying "python3 is not Python 3.10 or later"."""
+    import os
+    import subprocess
+    import sys
+
+    work = _repo_for_setup_env(tmp_path)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    env.pop("STMAE_PYTHON", None)
+    env.pop("VIRTUAL_ENV", None)
+    # a venv as Windows lays it out: its activate script is what the script must source
+    scripts = work / ".venv" / "Scripts"
+    scripts.mkdir(parents=True)
+    (scripts / "python.exe").symlink_to(sys.executable)
+    (scripts / "activate").write_text("echo activated Scripts\n")
+    (work / ".venv" / ".stmae-edge-installed").write_text(_installed_stamp(work))
+    run = subprocess.run(["bash", "-c", ". scripts/setup_env.sh train && echo ready"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.split() == ["activated", "Scripts", "ready"], run.stderr
+    # no venv yet: it is made with `python`, the one that works
+    import shutil
+
+    shutil.rmtree(work / ".venv")
+    made = tmp_path / "made-by"
+    (tmp_path / "bin" / "python").unlink()
+    (tmp_path / "bin" / "python").write_text(
+        f"#!/bin/sh\nif [ \"$1\" = -m ] && [ \"$2\" = venv ]; then echo python > {made}; mkdir -p .venv/bin; "
+        f"ln -s {sys.executable} .venv/bin/python; echo 'echo activated bin' > .venv/bin/activate; "
+        f"echo '{_installed_stamp(work).strip()}' > .venv/.stmae-edge-installed; exit 0; fi\n"
+        f"exec {sys.executable} \"$@\"\n")
+    (tmp_path / "bin" / "python").chmod(0o755)
+    run = subprocess.run(["bash", "-c", ". scripts/setup_env.sh train && echo ready"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.split() == ["activated", "bin", "ready"], run.stderr
+    assert made.read_text().strip() == "python"

@@ -50,6 +50,42 @@ def test_atomic_writes_flush_a_handle_open_for_writing_and_replace_read_only_fil
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]  # no temporary file left
 
 
+def windows_read_only_rules(monkeypatch):
+    """os.replace and os.unlink as Windows runs them: a read-only file can be neither replaced nor
+    removed (POSIX asks only the folder)."""
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def refuse_read_only(path):
+        if os.path.isfile(path) and not os.stat(path).st_mode & stat.S_IWRITE:
+            raise PermissionError(errno.EACCES, "Access is denied", str(path))
+
+    monkeypatch.setattr(outputs.os, "replace", lambda src, dst: (refuse_read_only(dst), real_replace(src, dst))[1])
+    monkeypatch.setattr(outputs.os, "unlink", lambda path, *a, **k: (refuse_read_only(path), real_unlink(path, *a, **k))[1])
+    monkeypatch.setattr(outputs, "READ_ONLY_REFUSES_REPLACE", True)
+    monkeypatch.setattr(outputs, "REPLACE_PAUSE_S", 0.0)
+
+
+def test_a_read_only_file_is_replaced_where_windows_refuses_that_and_stays_read_only(tmp_path, monkeypatch):
+    """Windows refused to replace a model file made read-only (threshold --write, export, build over a
+    locked-down file failed after 4 s of retries), and the partial file, read-only by then, stayed."""
+    windows_read_only_rules(monkeypatch)
+    target, plan, sidecar = tmp_path / "model.onnx", tmp_path / "model.plan", tmp_path / "model.plan.json"
+    for path in (target, plan, sidecar):
+        path.write_bytes(b"old")
+        path.chmod(0o444)
+    outputs.write_bytes_atomically(target, b"new")
+    outputs.write_files_together({plan: b"new plan", sidecar: b"new sidecar"})
+    assert [p.read_bytes() for p in (target, plan, sidecar)] == [b"new", b"new plan", b"new sidecar"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o444 for p in (target, plan, sidecar))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.plan", "model.plan.json"]
+    # a rename that fails for another reason leaves the old file as it was, read-only, and no partial file
+    monkeypatch.setattr(outputs.os, "replace", lambda src, dst: (_ for _ in ()).throw(PermissionError(13, "held open")))
+    with pytest.raises(OutputError, match="held open; nothing was replaced"):
+        outputs.write_bytes_atomically(target, b"newer")
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o444
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.plan", "model.plan.json"]
+
+
 def test_on_macos_a_file_reaches_the_drive_not_only_its_cache(tmp_path, monkeypatch):
     """macOS's fsync hands the data to the drive, whose cache can still lose it in a power cut; the
     promise "nothing half-written, also after a power cut" needs F_FULLFSYNC there (emulated: Linux's
@@ -140,6 +176,29 @@ def test_one_overlay_that_cannot_be_written_costs_only_itself(tiny_export, synth
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000.png", "002.png", "results.json"]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="builds a path near Linux's 4096-byte limit")
+def test_an_overlay_path_too_long_for_the_system_fails_before_anything_is_scored(tiny_export, synthetic_dataset,
+                                                                                  tmp_path):
+    """Overlays are written in a staging folder inside --out, about 33 characters deeper: a path past the
+    system's limit (Windows' 260 characters; Linux's 4096 bytes here) failed only after every image was
+    scored. Now the longest staged name is tried first."""
+    from stmae_edge.runtime import Detector, files
+
+    image = tmp_path / "in" / ("a" * 150 + ".png")
+    image.parent.mkdir()
+    shutil.copy(sorted((synthetic_dataset / "test" / "good").iterdir())[0], image)
+    out = tmp_path
+    while len(str(out)) < 4096 - 33 - 100:  # results.json's partial name fits; the overlay's does not
+        out /= "d" * min(200, 4096 - 33 - 100 - len(str(out)))
+    scored = []
+    with pytest.raises(OutputError, match=r"cannot write .*aaaa\.png: File name too long; choose a shorter --out .*"
+                                          r"nothing was scored"):
+        files.predict_to_folder(Detector(tiny_export[1]), [image], out, advance=scored.append)
+    assert scored == [] and not any(out.iterdir())
+    files.predict_to_folder(Detector(tiny_export[1]), [image], out, overlays=False, advance=scored.append)
+    assert scored == [1]
+
+
 def test_a_replacement_refused_for_a_moment_is_tried_again_where_windows_needs_it(tmp_path, monkeypatch):
     """On Windows a file held open for a moment (a virus scanner reading it) refuses its replacement:
     the rename is tried again there; where it stays refused, the old file is kept and the error says so."""
@@ -226,3 +285,17 @@ def test_install_hints_name_what_this_platform_can_install(monkeypatch, tmp_path
     assert {"jetson": "--system-site-packages", "macos": "macOS does not drive", "arm": "ARM servers",
             "other": "no TensorRT wheel for this platform"}.get(
         expected, "pip install tensorrt") in tensorrt
+
+
+def test_windows_memory_status_has_the_layout_global_memory_status_ex_fills():
+    """train's memory warning reads Windows' available memory through GlobalMemoryStatusEx (it was
+    silent there: no /proc/meminfo). The call refuses a structure whose dwLength is not its own size,
+    64 bytes, with the fields at Windows' offsets."""
+    import ctypes
+
+    from stmae_edge.machine import _memory_status_type
+
+    status_type = _memory_status_type()
+    assert ctypes.sizeof(status_type) == 64
+    assert (status_type.ullTotalPhys.offset, status_type.ullAvailPhys.offset,
+            status_type.ullAvailExtendedVirtual.offset) == (8, 16, 56)

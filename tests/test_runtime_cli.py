@@ -139,7 +139,7 @@ def test_without_torch_an_onnx_file_is_evaluated_and_a_checkpoint_says_what_to_i
     evaluated = json.loads((tmp_path / "e.json").read_text())
     assert evaluated["image_auroc"] is not None and evaluated["aupro"] is not None  # AUPRO's regions: OpenCV
     r = run_without_torch("info", str(tiny_export[0]))
-    _assert_one_line_error(r, "needs torch, which is not installed here: pip install 'stmae-edge[train]'")
+    _assert_one_line_error(r, 'needs torch, which is not installed here: pip install "stmae-edge[train]"')
     r = run_without_torch("predict", str(tiny_export[0]), str(synthetic_dataset / "test" / "good"), "--out",
                           str(tmp_path / "p"))
     _assert_one_line_error(r, "PyTorch is not installed here: run the exported .onnx file")

@@ -282,8 +282,8 @@ def test_a_library_exception_is_quoted_in_one_line_even_without_text():
     assert first_line(RuntimeError("file.cpp:5 error in f() here")) == "error in f() here"  # no a::b: text kept
 
 
-@pytest.mark.parametrize("platform_name, pin", [("jetson", "'cuda-python>=12.6,<12.7'"),
-                                                ("x86-64", "cuda-python ('cuda-python>=12.6,<13' on a CUDA 12 driver)")])
+@pytest.mark.parametrize("platform_name, pin", [("jetson", '"cuda-python>=12.6,<12.7"'),
+                                                ("x86-64", 'cuda-python ("cuda-python>=12.6,<13" on a CUDA 12 driver)')])
 def test_missing_cuda_python_names_the_one_this_machine_needs(monkeypatch, platform_name, pin):
     """`pip install cuda-python` takes 13, which JetPack 6's CUDA 12 driver cannot run: the hint said it."""
     from stmae_edge.runtime import tensorrt_backend
@@ -291,6 +291,6 @@ def test_missing_cuda_python_names_the_one_this_machine_needs(monkeypatch, platf
     for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
         monkeypatch.setitem(sys.modules, name, None)  # an import of it fails, as where it is not installed
     monkeypatch.setattr(tensorrt_backend, "nvidia_platform", lambda: platform_name)
-    with pytest.raises(BackendError, match=re.escape(f"pip install 'stmae-edge[gpu]' (or pip install {pin})")):
+    with pytest.raises(BackendError, match=re.escape(f'pip install "stmae-edge[gpu]" (or pip install {pin})')):
         tensorrt_backend._import_cudart()
     assert set(tensorrt_backend.CUDA_PYTHON_FOR) == {"jetson", "x86-64", "arm", "macos", "other"}

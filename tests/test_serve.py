@@ -195,6 +195,16 @@ def test_health_readiness_and_metrics_come_from_triton(served):
     assert 'nv_inference_count{model="tiny",version="1"}' in text
 
 
+def test_serve_off_linux_says_where_it_runs_instead_of_how_to_install_it(monkeypatch):
+    """The serve extra installs nothing off Linux: pointing a Windows user at it sent them in a circle."""
+    from stmae_edge.errors import BackendError
+    from stmae_edge.serving.server import import_pytriton
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    with pytest.raises(BackendError, match=r"^serve runs on Linux only .*`stmae-edge triton-repo MODEL` .*RemoteDetector"):
+        import_pytriton()
+
+
 @needs_serve_env
 def test_instances_each_get_a_runtime_and_answer_alike(tiny_export, synthetic_dataset, tmp_path):
     _, onnx_path, _ = tiny_export
@@ -233,7 +243,7 @@ def test_serve_without_pytriton_says_how_to_install_it(tiny_export):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: PyTriton is not installed: install the serve extra in its own environment (PyTriton needs numpy "
         "< 2), made from a Python with a shared libpython (the system's python3): `python3 -m venv serve-env && "
-        "serve-env/bin/pip install 'stmae-edge[serve]'`; in a clone, `bash scripts/setup_serve_env.sh` does this "
+        "serve-env/bin/pip install \"stmae-edge[serve]\"`; in a clone, `bash scripts/setup_serve_env.sh` does this "
         "(README, \"Serving many cameras\")")
 
 

@@ -35,7 +35,7 @@ from ..errors import ConfigError, ExportError, OutputError, first_line
 from ..machine import is_jetson, total_memory_bytes
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 from ..model_files import thresholds_to_be_replaced, warn_thresholds_replaced
-from ..onnx_files import load_onnx
+from ..onnx_files import has_external_data, load_onnx
 from ..outputs import check_writable, sha256_file, signals_held, write_bytes_atomically, write_files_together
 from ..progress import progress_bar
 
@@ -185,7 +185,14 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    # The graph as bytes: parse_from_file opens its path as a narrow string, which Windows reads in its
+    # code page, so a folder named outside ASCII (a user name with an umlaut) was "failed to parse". The path is
+    # handed over only where tensors keep their data beside the graph (never in stmae-edge's exports).
+    try:
+        graph = onnx_path.read_bytes()
+    except OSError as exc:
+        raise ExportError(f"{onnx_path}: cannot read it ({exc.strerror or exc})") from exc
+    if not parser.parse(graph, str(onnx_path) if has_external_data(proto) else None):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0] if errors else None
         where = f" at node {first.node_name()!r} ({first.node_operator()})" if first and first.node_name() else ""

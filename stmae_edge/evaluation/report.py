@@ -65,7 +65,7 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
         The summary written as OUT/summary.json.
 
     Raises:
-        ConfigError: matplotlib is not installed (pip install 'stmae-edge[report]'), or `worst` < 0.
+        ConfigError: matplotlib is not installed (pip install "stmae-edge[report]"), or `worst` < 0.
         OutputError: OUT lies inside DATA_DIR, or cannot be written.
         DatasetError: no test images, or test images or masks that cannot be read; and the typed errors
             of the model file readers.
@@ -166,7 +166,7 @@ def _pyplot():
         matplotlib.use("Agg")  # files only: no screen on a line PC or in CI
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("the report draws its plots with matplotlib: pip install 'stmae-edge[report]'") from None
+        raise ConfigError("the report draws its plots with matplotlib: pip install \"stmae-edge[report]\"") from None
     return plt
 
 

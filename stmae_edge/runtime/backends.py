@@ -38,7 +38,7 @@ ORT_PROVIDERS = {kind.name: kind.provider for kind in BACKEND_KINDS if kind.prov
 # plan from `build` has by default. Larger batches are split by the Detector.
 ORT_TENSORRT_PROFILE = DEFAULT_BATCH_PROFILE
 GPU_PROVIDER_HINT = ("check the GPU driver and the CUDA, cuDNN (and TensorRT) versions that this onnxruntime-gpu "
-                     "needs (pip install 'stmae-edge[gpu]' brings CUDA's and cuDNN's), or ask for --backend ort-cpu")
+                     "needs (pip install \"stmae-edge[gpu]\" brings CUDA's and cuDNN's), or ask for --backend ort-cpu")
 
 
 # How to get ONNX Runtime's GPU providers, per machine.nvidia_platform(): PyPI's onnxruntime-gpu is built
@@ -177,7 +177,7 @@ def _open_chosen(path: Path, chosen: str, cuda_graph: bool, threads: int, spin_t
         if exc.name != "torch":
             raise
         raise BackendError(f"{path} is a PyTorch checkpoint, and PyTorch is not installed here: run the exported "
-                           ".onnx file, or pip install 'stmae-edge[train]'") from None
+                           ".onnx file, or pip install \"stmae-edge[train]\"") from None
     return TorchBackend(path, device=chosen.removeprefix("torch-"))
 
 

@@ -27,9 +27,11 @@ import cv2
 from ..data import IMAGE_SUFFIXES, images_in, may_be_one_file, not_read_in
 from ..errors import DatasetError, InvalidImageError, OutputError
 from ..outputs import (
+    check_names_fit,
     check_output_folder,
     failure_reason,
     move_into_place,
+    partial_name,
     sha256_file,
     signals_held,
     staging_folder,
@@ -162,6 +164,7 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     earlier_overlays = overlays_listed_in(out / RESULTS_NAME)
     names = overlay_names(paths, replaceable(out, earlier_overlays)) if overlays else []
     with staging_folder(out) as staging:
+        check_names_fit(staging, [*names, partial_name(staging / RESULTS_NAME).name])
         results, errors = _score_into(staging, detector, paths, names, chosen, advance)
         summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
                    # how the files were read: both change verdicts (--bit-depth, --any-size)

@@ -1,5 +1,5 @@
 """TensorRT engine plans on an NVIDIA GPU, with explicit buffers and one stream, in the manner of
-TensorRT's samples/python/common_runtime.py, through cuda-python (`pip install 'stmae-edge[gpu]'`).
+TensorRT's samples/python/common_runtime.py, through cuda-python (`pip install "stmae-edge[gpu]"`).
 
 Everything is allocated once, at the profile's largest batch: device buffers, page-locked (pinned)
 host buffers for fast asynchronous copies, one non-blocking stream, and tensor addresses bound once.
@@ -38,7 +38,7 @@ _TENSORS = (INPUT_NAME, MAP_NAME, SCORE_NAME)
 
 
 # The cuda-python for a CUDA 12 driver, and for JetPack 6's CUDA 12.6 (what the gpu extra takes on a Jetson)
-CUDA12_PIN, JETPACK6_PIN = "'cuda-python>=12.6,<13'", "'cuda-python>=12.6,<12.7'"
+CUDA12_PIN, JETPACK6_PIN = '"cuda-python>=12.6,<13"', '"cuda-python>=12.6,<12.7"'
 NO_GPU_HINT = ("TensorRT plans need an NVIDIA GPU and a driver at least as new as cuda-python's CUDA major "
                f"version (cuda-python 13 needs a CUDA 13 driver; on CUDA 12 drivers pip install {CUDA12_PIN}, on "
                f"JetPack 6 {JETPACK6_PIN}, which the gpu extra takes on a Jetson); without a GPU run the .onnx file "
@@ -78,7 +78,7 @@ def _import_cudart():
             from cuda import cudart  # cuda-python before 12.6
         except ImportError:
             raise BackendError("TensorRT plans need cuda-python for GPU buffers and streams: pip install "
-                               f"'stmae-edge[gpu]' (or pip install {CUDA_PYTHON_FOR[nvidia_platform()]})") from None
+                               f"\"stmae-edge[gpu]\" (or pip install {CUDA_PYTHON_FOR[nvidia_platform()]})") from None
     return cudart
 
 

@@ -35,7 +35,7 @@ from ..scoring import fails, normalize
 logger = logging.getLogger(__name__)
 INSTALL_HINT = ("install the serve extra in its own environment (PyTriton needs numpy < 2), made from a Python "
                 "with a shared libpython (the system's python3): `python3 -m venv serve-env && serve-env/bin/pip "
-                "install 'stmae-edge[serve]'`; in a clone, `bash scripts/setup_serve_env.sh` does this (README, "
+                "install \"stmae-edge[serve]\"`; in a clone, `bash scripts/setup_serve_env.sh` does this (README, "
                 "\"Serving many cameras\")")
 MAX_INSTANCES = 16
 ADMIN_ENDPOINTS = ("shared-memory", "model-repository", "trace", "logging")
@@ -43,7 +43,14 @@ START_ATTEMPTS = 3
 HANDSHAKE_RACE = "get_config_from_handshake_server"
 
 
+LINUX_ONLY = ("serve runs on Linux only (PyTriton's wheels carry a Linux Triton server); on this machine, "
+              "`stmae-edge triton-repo MODEL` writes a model repository for a Triton server on a Linux machine, "
+              "and RemoteDetector scores through it (README, \"Serving many cameras\")")
+
+
 def import_pytriton():
+    if not sys.platform.startswith("linux"):
+        raise BackendError(LINUX_ONLY)  # the extra installs nothing here: its hint would send users in a circle
     try:
         from pytriton.decorators import batch
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
