@@ -299,3 +299,23 @@ def test_windows_memory_status_has_the_layout_global_memory_status_ex_fills():
     assert ctypes.sizeof(status_type) == 64
     assert (status_type.ullTotalPhys.offset, status_type.ullAvailPhys.offset,
             status_type.ullAvailExtendedVirtual.offset) == (8, 16, 56)
+
+
+def test_two_files_on_a_volume_without_file_ids_are_not_taken_for_one(tmp_path, monkeypatch):
+    """Some Windows volumes (network shares, virtual drives) give every file the ID 0: samefile then
+    called any two files one, and export refused its output as "an input of this command"."""
+    a, b = tmp_path / "model.pt", tmp_path / "model.onnx"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    real_stat = os.stat
+
+    def without_ids(path, *args, **kwargs):
+        found = real_stat(path, *args, **kwargs)
+        if str(tmp_path) not in os.fsdecode(path):
+            return found
+        return os.stat_result((found.st_mode, 0, 0, *tuple(found)[3:]))  # st_ino and st_dev 0
+
+    monkeypatch.setattr(os, "stat", without_ids)
+    assert not outputs.same_file(a, b)
+    assert outputs.same_file(a, tmp_path / "." / "model.pt")
+    assert outputs.check_writable(b, inputs=[a]) == b
