@@ -9,6 +9,12 @@ never mixes two runs. Files it did not write are never touched: an overlay is
 removed only while its bytes are those results.json recorded (a file of the same name that someone
 else wrote stays), an overlay whose name is another file's there takes the next free name
 (<stem>_2.png), and nothing is written through a symbolic link.
+
+Overlays are drawn, PNG-encoded and written by a pool of threads while the network scores the next
+batch (the encoding alone took longer than the network at 4 MP):
+
+    batch k:   decode -> Detector.predict -> results ──> pool: render, encode, write into staging
+    batch k+1: decode -> Detector.predict ...        (batch k's overlays finish before k+2 is scored)
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ import hashlib
 import json
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import cv2
 
 from ..data import IMAGE_SUFFIXES, images_in, may_be_one_file, not_read_in
-from ..errors import DatasetError, InvalidImageError, OutputError
+from ..errors import ConfigError, DatasetError, InvalidImageError, OutputError
+from ..machine import available_cores
 from ..outputs import (
     check_names_fit,
     check_output_folder,
@@ -138,7 +147,7 @@ def replaceable(out: Path, earlier_overlays: dict[str, str]) -> Callable[[str], 
 def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, overlays: bool = True,
                       advance: Callable[[int], None] | None = None, image_threshold: float | None = None,
                       pixel_threshold: float | None = None, sigma: float | None = None,
-                      left_out: Sequence[dict] = ()) -> dict:
+                      left_out: Sequence[dict] = (), overlay_threads: int | None = None) -> dict:
     """Score `paths` in batches; write OUT/results.json and OUT/<stem>.png. Returns the summary.
 
     Args:
@@ -152,10 +161,17 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
             (postprocess.resolve_thresholds).
         left_out: what the input folders hold that is not scored (expand_inputs), kept in results.json
             so that the record says what was not inspected.
+        overlay_threads: threads that draw, encode and write overlays while the next batch is scored
+            (None: one per core this process may use, at most 4; 0: in the calling thread, one after
+            another, as scoring waits).
 
     Raises:
-        OutputError: `out` is an input's folder, or cannot be written. ConfigError: bad thresholds.
+        OutputError: `out` is an input's folder, or cannot be written. ConfigError: bad thresholds, or
+            overlay_threads below 0.
     """
+    if overlay_threads is not None and (not isinstance(overlay_threads, int) or overlay_threads < 0):
+        raise ConfigError(f"overlay_threads={overlay_threads!r}: give a whole number of threads, 0 or more "
+                          "(None: one per core, at most 4)")
     if isinstance(paths, ExpandedInputs):  # expand_inputs' result as it comes
         paths, left_out = paths.paths, [*paths.left_out, *left_out]
     chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma,
@@ -165,7 +181,8 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     names = overlay_names(paths, replaceable(out, earlier_overlays)) if overlays else []
     with staging_folder(out) as staging:
         check_names_fit(staging, [*names, partial_name(staging / RESULTS_NAME).name])
-        results, errors = _score_into(staging, detector, paths, names, chosen, advance)
+        threads = min(MAX_OVERLAY_THREADS, available_cores()) if overlay_threads is None else overlay_threads
+        results, errors = _score_into(staging, detector, paths, names, chosen, advance, threads if names else 0)
         summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
                    # how the files were read: both change verdicts (--bit-depth, --any-size)
                    "input": {"bit_depth": detector.preprocessing.bit_depth,
@@ -177,55 +194,101 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     return summary
 
 
+MAX_OVERLAY_THREADS = 4  # PNG encoding is single-threaded per image; more threads hold more images
+
+
 def _score_into(staging: Path, detector: Detector, paths: Sequence[Path], names: Sequence[str], chosen,
-                advance: Callable[[int], None] | None) -> tuple[list[dict], list[dict]]:
-    """Each file's result, and the files that could not be scored; overlays (where `names`) into `staging`."""
+                advance: Callable[[int], None] | None, overlay_threads: int) -> tuple[list[dict], list[dict]]:
+    """Each file's result, and the files that could not be scored; overlays (where `names`) into `staging`,
+    by `overlay_threads` threads while the next batch is scored (0: here, one after another)."""
     results, errors = [], []
-    for start in range(0, len(paths), detector.batch_size):
-        chunk = list(range(start, min(start + detector.batch_size, len(paths))))
-        images, kept = [], []
-        for i in chunk:
+    pool = ThreadPoolExecutor(overlay_threads, thread_name_prefix="stmae-edge-overlay") if overlay_threads else None
+    # overlays still being written, oldest first: (result entry, its overlay's name, the sha256 to come)
+    in_flight: deque[tuple[dict, str, Future]] = deque()
+    try:
+        for start in range(0, len(paths), detector.batch_size):
+            chunk = list(range(start, min(start + detector.batch_size, len(paths))))
+            kept, images, detections = _score_batch(detector, paths, chunk, chosen, errors)
+            for i, image, detection in zip(kept, images, detections, strict=True):
+                detection = dataclasses.replace(detection, source=str(paths[i]))
+                entry = detection.to_dict()
+                results.append(entry)
+                if not names:
+                    continue
+                if pool is None:
+                    entry["overlay"], entry["overlay_sha256"] = names[i], _write_overlay(
+                        staging, names[i], paths[i], image, detection, detector)
+                else:
+                    in_flight.append((entry, names[i], pool.submit(_write_overlay, staging, names[i], paths[i],
+                                                                   image, detection, detector)))
+            # Double buffering: the batch just scored is drawn while the next one is; the one before
+            # must be written by then, so that at most two batches of images and maps are held.
+            while len(in_flight) > len(kept):
+                _collect(in_flight.popleft())
+            if advance:
+                advance(len(chunk))
+        while in_flight:
+            _collect(in_flight.popleft())
+    finally:
+        if pool is not None:  # before the staging folder is removed: no thread may write into it after
+            pool.shutdown(wait=True, cancel_futures=True)
+    return results, errors
+
+
+def _score_batch(detector: Detector, paths: Sequence[Path], chunk: list[int], chosen,
+                 errors: list[dict]) -> tuple[list[int], list, list]:
+    """One batch read and scored: the indices scored, their images and Detections; files that could not be
+    read or scored go to `errors`."""
+    images, kept = [], []
+    for i in chunk:
+        try:
+            # the model's size check too, here where the file is decoded: by its header, first
+            images.append(load_image(paths[i], detector.preprocessing.max_pixels, detector.sizes_accepted))
+            kept.append(i)
+        except InvalidImageError as exc:
+            errors.append({"source": str(paths[i]), "error": str(exc)})
+    try:
+        detections = detector.predict(images, image_threshold=chosen.image,
+                                      pixel_threshold=chosen.pixel) if images else []
+    except InvalidImageError:
+        # One image the model cannot take (a uint16 frame above its bit depth) fails the whole batch:
+        # score the batch one file at a time so that only that file is reported and skipped.
+        detections = []
+        for i in list(kept):
             try:
-                # the model's size check too, here where the file is decoded: by its header, first
-                images.append(load_image(paths[i], detector.preprocessing.max_pixels, detector.sizes_accepted))
-                kept.append(i)
+                detections.append(detector.predict(paths[i], image_threshold=chosen.image,
+                                                   pixel_threshold=chosen.pixel))
             except InvalidImageError as exc:
                 errors.append({"source": str(paths[i]), "error": str(exc)})
-        try:
-            detections = detector.predict(images, image_threshold=chosen.image,
-                                          pixel_threshold=chosen.pixel) if images else []
-        except InvalidImageError:
-            # One image the model cannot take (a uint16 frame above its bit depth) fails the whole batch:
-            # score the batch one file at a time so that only that file is reported and skipped.
-            detections = []
-            for i in list(kept):
-                try:
-                    detections.append(detector.predict(paths[i], image_threshold=chosen.image,
-                                                       pixel_threshold=chosen.pixel))
-                except InvalidImageError as exc:
-                    errors.append({"source": str(paths[i]), "error": str(exc)})
-                    images.pop(kept.index(i))
-                    kept.remove(i)
-        for i, image, detection in zip(kept, images, detections, strict=True):
-            detection = dataclasses.replace(detection, source=str(paths[i]))
-            entry = detection.to_dict()
-            if names:
-                ok, png = cv2.imencode(".png", render_overlay(image, detection, detector.map_stats,
-                                                             bit_depth=detector.preprocessing.bit_depth))
-                if not ok:
-                    raise OutputError(f"cannot encode the overlay of {paths[i]}")
-                encoded = png.tobytes()
-                try:  # the staging folder is this run's alone: no temporary name needed within it
-                    write_staged(staging / names[i], encoded)
-                except OSError as exc:
-                    raise OutputError(f"cannot write {staging.parent / names[i]}: "
-                                      f"{failure_reason(exc, staging)}; nothing was replaced") from exc
-                entry["overlay"] = names[i]
-                entry["overlay_sha256"] = hashlib.sha256(encoded).hexdigest()
-            results.append(entry)
-        if advance:
-            advance(len(chunk))
-    return results, errors
+                images.pop(kept.index(i))
+                kept.remove(i)
+    return kept, images, detections
+
+
+def _write_overlay(staging: Path, name: str, source: Path, image, detection, detector: Detector) -> str:
+    """One overlay drawn, encoded and written into `staging` (in a pool thread: OpenCV and hashlib
+    release the GIL while they work). Returns its sha256.
+
+    Raises:
+        OutputError: it cannot be encoded or written.
+    """
+    ok, png = cv2.imencode(".png", render_overlay(image, detection, detector.map_stats,
+                                                 bit_depth=detector.preprocessing.bit_depth))
+    if not ok:
+        raise OutputError(f"cannot encode the overlay of {source}")
+    encoded = png.tobytes()
+    try:  # the staging folder is this run's alone: no temporary name needed within it
+        write_staged(staging / name, encoded)
+    except OSError as exc:
+        raise OutputError(f"cannot write {staging.parent / name}: {failure_reason(exc, staging)}; "
+                          "nothing was replaced") from exc
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def _collect(written: tuple[dict, str, Future]) -> None:
+    """A pool thread's overlay put in its result entry; its error raised here, in the scoring thread."""
+    entry, name, sha256 = written
+    entry["overlay"], entry["overlay_sha256"] = name, sha256.result()
 
 
 def _put_in_place(staging: Path, out: Path, summary: dict, earlier_overlays: dict[str, str]) -> int:
