@@ -781,8 +781,8 @@ _STOPPED_BY: list[int] = []  # the signals that stopped the command, as they cam
 def _stop_on_signals() -> dict:
     """Ctrl-C, SIGTERM (a service manager, `kill`), SIGHUP (the terminal closed) and Ctrl-Break (Windows'
     SIGBREAK) raise KeyboardInterrupt, where no one else handles them, so that what a command cleans up
-    on Ctrl-C is cleaned up for all of them: SIGTERM and SIGHUP killed a command outright, leaving temporary files the
-    size of a model in the temp and cache folders. Each is recorded as it comes: a library may turn the
+    on Ctrl-C is cleaned up for all of them: the others killed a command outright, leaving temporary
+    files the size of a model in the temp and cache folders. Each is recorded as it comes: a library may turn the
     exception into an error of its own (torch's exporter: "Failed to export the model"), or typer into
     exit code 130, on the way up. Returns the handlers replaced, for main to put back (a program that
     calls main() keeps its own)."""

@@ -440,9 +440,10 @@ HELD_SIGNALS = tuple(getattr(signal, name) for name in STOP_SIGNAL_NAMES if hasa
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[list[int]]:
-    """Ctrl-C (SIGINT), SIGTERM, SIGHUP and Windows' SIGBREAK put off until the block ends, then delivered to the handlers
-    that were there: for the few renames that put a run's files in place, which must not stop half-way,
-    or for work that stops itself where it can (a TensorRT build asks its monitor whether to go on).
+    """Ctrl-C (SIGINT), SIGTERM, SIGHUP and Windows' SIGBREAK put off until the block ends, then delivered
+    to the handlers that were there: for the few renames that put a run's files in place, which must not
+    stop half-way, or for work that stops itself where it can (a TensorRT build asks its monitor whether
+    to go on).
     Yields the list of the signals received so far. A signal the process ignores stays ignored. Only
     the main thread can hold signals; elsewhere (a host program's worker thread) they do not reach the
     block anyway, and the list stays empty."""

@@ -186,8 +186,8 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     # The graph as bytes: parse_from_file opens its path as a narrow string, which Windows reads in its
-    # code page, so a folder named outside ASCII (a user name with an umlaut) was "failed to parse". The path is
-    # handed over only where tensors keep their data beside the graph (never in stmae-edge's exports).
+    # code page, so a folder named outside ASCII (a user name with an umlaut) "failed to parse". The
+    # path is handed over only where tensors keep their data beside the graph (never in our exports).
     try:
         graph = onnx_path.read_bytes()
     except OSError as exc:
