@@ -36,10 +36,12 @@ def require_model_file(path: Path | str) -> Path:
     """`path`, checked to be a file before any work (or output folder) is started for it.
 
     Raises:
-        ModelFileMissingError: no such file, or its folder cannot be searched.
+        ModelFileMissingError: no such file (or a folder), or its folder cannot be searched.
     """
     path = Path(path)
     if not is_file(path, ModelFileMissingError):
+        if path.is_dir():
+            raise ModelFileMissingError(f"{path} is a folder; give the model file in it (.onnx, .plan or .pt)")
         raise ModelFileMissingError(f"{path}: no such model file")
     return path
 

@@ -14,7 +14,7 @@ from . import __version__
 from .engine_plan import DEFAULT_BATCH_TEXT, RTX_COMPUTE_CAPABILITIES_TEXT
 from .errors import ConfigError, StmaeError, first_line
 from .metadata import FILTERING_AE_FAMILY, MAX_BATCH, STMAE_FAMILY
-from .outputs import STOP_SIGNAL_NAMES
+from .outputs import STOP_SIGNAL_NAMES, forget_folders_made, remove_folders_left_empty
 from .preprocessing import TrainedSizes
 from .runtime.backend_table import backend_help
 from .scoring import DEFAULT_SIGMA, Thresholds
@@ -546,34 +546,43 @@ def predict(
                                   "from the training images' sizes is refused (`info` shows them)"),
 ) -> None:
     """Score images: pass/fail, scores and defect regions as JSON, heatmap overlays as PNG."""
-    from .errors import ConfigError
+    from .errors import ConfigError, NothingScoredError
+    from .outputs import check_output_folder
     from .progress import progress_bar
     from .runtime import Detector, RemoteDetector
     from .runtime.files import expand_inputs, predict_to_folder
+    from .scoring import check_sigma, check_threshold
 
+    # what a user can get wrong is refused before the model is loaded (seconds for a large one)
+    for name, value in (("image", threshold), ("pixel", pixel_threshold)):
+        if value is not None:
+            check_threshold(name, value)
+    if sigma is not None:
+        check_sigma(sigma)
+    if server is not None and (backend != "auto" or cuda_graph or bit_depth is not None):
+        raise ConfigError("--backend, --cuda-graph and --bit-depth choose how this machine runs the model; "
+                          "with --server, the server decides (see `stmae-edge serve --help`)")
+    paths, left_out = expand_inputs(images, out)
+    check_output_folder(out, paths)
     if server is not None:
-        if backend != "auto" or cuda_graph or bit_depth is not None:
-            raise ConfigError("--backend, --cuda-graph and --bit-depth choose how this machine runs the model; "
-                              "with --server, the server decides (see `stmae-edge serve --help`)")
         detector = RemoteDetector(server, str(model), batch_size=batch_size, check_size=not any_size)
     else:
         detector = Detector(model, backend, batch_size=batch_size, cuda_graph=cuda_graph, bit_depth=bit_depth,
                             check_size=not any_size)
-    paths, left_out = expand_inputs(images, out)
     for folder in left_out:
         typer.echo(f"warning: {folder['folder']}: not scored: {folder['not_scored']}", err=True)
-    with progress_bar(f"scoring ({detector.info['backend']})", len(paths)) as advance:
-        summary = predict_to_folder(detector, paths, out, overlays=overlays, advance=advance,
-                                    image_threshold=threshold, pixel_threshold=pixel_threshold, sigma=sigma,
-                                    left_out=left_out)
-    problems = [error["error"] for error in summary["errors"]] + [
+    try:
+        with progress_bar(f"scoring ({detector.info['backend']})", len(paths)) as advance:
+            summary = predict_to_folder(detector, paths, out, overlays=overlays, advance=advance,
+                                        image_threshold=threshold, pixel_threshold=pixel_threshold, sigma=sigma,
+                                        left_out=left_out)
+    except NothingScoredError as exc:
+        _say_problems([error["error"] for error in exc.errors], "")
+        raise
+    _say_problems([error["error"] for error in summary["errors"]] + [
         f"{result['overlay_error']} (the image was scored: results.json has it)"
-        for result in summary["results"] if "overlay_error" in result]
-    for problem in problems[:ERROR_LINES_SHOWN]:
-        typer.echo(f"error: {problem}", err=True)
-    if len(problems) > ERROR_LINES_SHOWN:  # a line's folder of broken files must not flood the log
-        typer.echo(f"error: and {len(problems) - ERROR_LINES_SHOWN} more files; results.json names every one "
-                   "('errors', and 'overlay_error' in its results)", err=True)
+        for result in summary["results"] if "overlay_error" in result],
+        "; results.json names every one ('errors', and 'overlay_error' in its results)")
     scored = len(summary["results"])
     info = summary["runtime"]
     left_out_line = (f", nor what {len(left_out)} of the folders hold in other formats or subfolders "
@@ -589,11 +598,17 @@ def predict(
         typer.echo("next: " + ("look at the overlays; " if overlays else "")
                    + "on a labelled set, `stmae-edge report MODEL DATA` shows the worst cases "
                    "and `stmae-edge threshold MODEL DATA --max-false-reject 0.01` moves the threshold")
-    if not scored:  # every file refused: the command failed, though results.json lists why
-        typer.echo(f"error: none of the {len(paths)} images could be scored (the lines above say why)", err=True)
-        raise typer.Exit(2)
     if summary["unreadable"] or summary["overlays_not_written"]:
         raise typer.Exit(PARTIAL_EXIT_CODE)
+
+
+def _say_problems(problems: list[str], where_all: str) -> None:
+    """An `error:` line per file that could not be scored or written, the first ERROR_LINES_SHOWN of them:
+    a line's folder of broken files must not flood the log."""
+    for problem in problems[:ERROR_LINES_SHOWN]:
+        typer.echo(f"error: {problem}", err=True)
+    if len(problems) > ERROR_LINES_SHOWN:
+        typer.echo(f"error: and {len(problems) - ERROR_LINES_SHOWN} more files{where_all}", err=True)
 
 
 @app.command()
@@ -627,6 +642,8 @@ def bench(
         sizes = [int(v) for v in batch.split(",")]
     except ValueError:
         raise ConfigError(f"--batch {batch!r} must be comma-separated integers, e.g. 1,8,32") from None
+    if min(sizes) < 1:  # said for the option, before the model is loaded
+        raise ConfigError(f"--batch {batch!r}: batch sizes are 1 or more")
     detector = Detector(engine, backend, batch_size=max(sizes), cuda_graph=cuda_graph,
                         check_size=False)  # speed, not verdicts: frames of any size (a --crop model's are larger)
     low, high = detector.info["batch"]
@@ -818,14 +835,18 @@ def main() -> None:
         with contextlib.suppress(AttributeError, ValueError):  # a replaced or closed stream
             stream.reconfigure(errors="backslashreplace")
     replaced = _stop_on_signals()
+    forget_folders_made()
     try:
         code = _run_app()
     except (Exception, KeyboardInterrupt):
         if not _STOPPED_BY:
+            remove_folders_left_empty()
             raise
         code = ABORTED_EXIT_CODE  # an error a stopping signal caused, in a library's words
     except SystemExit as exc:
         if not _STOPPED_BY:
+            if exc.code not in (0, None):  # an error said in one line: no empty output folder left for it
+                remove_folders_left_empty()
             raise
         code = exc.code
     finally:
@@ -834,6 +855,8 @@ def main() -> None:
                 signal.signal(signum, handler)
     if _STOPPED_BY or code == ABORTED_EXIT_CODE:  # typer turns Ctrl-C into this exit code, silently
         code = _stopped()
+    if code not in (0, None):  # a stopped or failed command leaves no empty output folder of its own
+        remove_folders_left_empty()
     sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(3) from predict, 0 after --help
 
 

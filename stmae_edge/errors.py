@@ -35,6 +35,14 @@ class DatasetError(StmaeError):
     """A dataset folder does not have the expected (MVTec AD) layout or has no usable images."""
 
 
+class NothingScoredError(DatasetError):
+    """None of the images given could be scored; `errors` says why for each, as {"source", "error"}."""
+
+    def __init__(self, message: str, errors: list[dict]):
+        super().__init__(message)
+        self.errors = errors
+
+
 class CheckpointError(StmaeError):
     """A model file is missing, corrupt, from an incompatible version or fails its checksum."""
 

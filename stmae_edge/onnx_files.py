@@ -129,24 +129,38 @@ def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, OSError, ...
-        if _starts_with(path, ZIP_MAGIC):  # the usual swap: the checkpoint given where the graph goes
-            raise error(f"{path}: a zip file (a PyTorch checkpoint?), not an ONNX graph; export a checkpoint "
-                        "with `stmae-edge export` and give the .onnx file") from None
+        what = _what_else(path)
+        if what:  # the usual swaps: the checkpoint, the plan or its sidecar given where the graph goes
+            raise error(f"{path}: {what}, not an ONNX graph; give the .onnx file that `stmae-edge export` wrote") from None
         first = first_line(exc, 200)
         raise error(f"{path}: not a readable ONNX file ({first})") from None
+    if not proto.graph.node:  # an empty file parses as an empty model
+        raise error(f"{path}: {_what_else(path) or 'an ONNX file without a graph'}, not an ONNX graph; give the "
+                    ".onnx file that `stmae-edge export` wrote")
     check_external_data(proto, path, error)
     return proto
 
 
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format
+# What users give where a graph goes, by the file's first bytes (or name: a plan has no magic of its own)
+_MAGIC = ((b"PK\x03\x04", "a zip file (a PyTorch checkpoint?)"), (b"\x89PNG", "a PNG image"),
+          (b"\xff\xd8\xff", "a JPEG image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+          (b"BM", "a BMP image"), (b"{", "a JSON file (a plan's sidecar?)"))
+PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 
 
-def _starts_with(path: Path, magic: bytes) -> bool:
+def _what_else(path: Path) -> str | None:
+    """What the file is, where it is plainly something else than an ONNX graph (None: cannot tell)."""
     try:
         with open(path, "rb") as f:
-            return f.read(len(magic)) == magic
+            start = f.read(16)
     except OSError:
-        return False
+        return None
+    if not start:
+        return "an empty file"
+    found = next((what for magic, what in _MAGIC if start.lstrip().startswith(magic)), None)
+    if found is None and path.suffix.lower() in PLAN_SUFFIXES:
+        return "a TensorRT plan"
+    return found
 
 
 _INLINE_DATA = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")

@@ -65,7 +65,7 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = (), option: 
     """
     path = check_not_an_input(path, inputs)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)
         probe = partial_name(path)  # the name the write will take: the longest it needs (255 bytes, MAX_PATH)
         probe.touch()
         probe.unlink()
@@ -325,10 +325,42 @@ def check_output_folder(out: Path | str, inputs: Iterable[Path | str]) -> Path:
             raise OutputError(f"--out {out} is the folder of the input {source}: outputs would sit among (and "
                               "could replace) the inputs; choose another folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folders(out)
     except OSError as exc:
         raise OutputError(f"cannot create {out}: {failure_reason(exc, out.parent)}; choose another --out") from exc
     return out
+
+
+# The folders the checks above made for outputs, in the order made: a command that then fails removes
+# those still empty (remove_folders_left_empty), rather than leave `--out a/b/` behind for nothing
+_FOLDERS_MADE: list[Path] = []
+
+
+def make_folders(folder: Path) -> None:
+    """`folder` and the folders above it that are missing, made and remembered.
+
+    Raises:
+        OSError: one cannot be made.
+    """
+    missing = []
+    above = Path(folder)
+    while not os.path.lexists(above) and above != above.parent:
+        missing.append(above)
+        above = above.parent
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    _FOLDERS_MADE.extend(reversed(missing))
+
+
+def remove_folders_left_empty() -> None:
+    """The folders make_folders made that are still empty, deepest first (after a command failed)."""
+    while _FOLDERS_MADE:
+        with contextlib.suppress(OSError):  # not empty: something was written there, and stays
+            _FOLDERS_MADE.pop().rmdir()
+
+
+def forget_folders_made() -> None:
+    """Folders made so far are kept whatever follows (a command starts; one that succeeded ended)."""
+    _FOLDERS_MADE.clear()
 
 
 STAGING_PREFIX = ".stmae-edge-staging-"

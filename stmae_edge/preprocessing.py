@@ -335,8 +335,11 @@ def read_image_bytes(path: Path | str) -> np.ndarray:
             if not stat.S_ISREG(opened.st_mode):  # replaced by something else since the check above
                 raise InvalidImageError(f"{path} is not a regular file (a device, pipe or socket); give an image file")
             size = opened.st_size
-            if size == 0 or size > MAX_FILE_BYTES:
-                raise InvalidImageError(f"{path}: file size {size} bytes is outside 1..{MAX_FILE_BYTES}")
+            if size == 0:
+                raise InvalidImageError(f"{path}: an empty file (0 bytes), not an image")
+            if size > MAX_FILE_BYTES:
+                raise InvalidImageError(f"{path}: file size {size} bytes is above {MAX_FILE_BYTES} "
+                                        f"({MAX_FILE_BYTES >> 20} MiB), the most an image file may have")
             data = np.empty(size, dtype=np.uint8)
             read = file.readinto(memoryview(data))  # a file cut short meanwhile gives fewer bytes
     except FileNotFoundError:
@@ -344,7 +347,7 @@ def read_image_bytes(path: Path | str) -> np.ndarray:
     except OSError as exc:
         raise InvalidImageError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     if not read:
-        raise InvalidImageError(f"{path}: file size 0 bytes is outside 1..{MAX_FILE_BYTES}")
+        raise InvalidImageError(f"{path}: an empty file (0 bytes), not an image")
     return data[:read]
 
 

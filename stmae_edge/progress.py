@@ -15,6 +15,8 @@ from contextvars import ContextVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .errors import StmaeError
+
 _console = Console(stderr=True)
 LOG_EVERY_S = 30.0
 
@@ -61,8 +63,12 @@ def progress_bar(description: str, total: int) -> Iterator:
 
         try:
             yield advance
-        except BaseException:
-            if not live:  # a log then says how far the work got (a live bar shows it already)
+        except BaseException as exc:
+            if isinstance(exc, StmaeError) and not progress.tasks[0].completed:
+                # refused before any step (a bad option, the wrong file): the error is the one line said,
+                # with no empty bar above it
+                progress.update(task, visible=False)
+            elif not live:  # a log then says how far the work got (a live bar shows it already)
                 line(" (stopped)")
             raise
         if not live:

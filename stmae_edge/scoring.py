@@ -65,6 +65,31 @@ class ScoreStats:
         return cls(int(d["count"]), *(float(d[k]) for k in ("mean", "std", "min", "max", "p50", "p95", "p99")))
 
 
+def check_threshold(name: str, value) -> None:
+    """A raw threshold a user gives (`name`: image or pixel), before any work that takes it.
+
+    Raises:
+        ConfigError: not a finite number within float32's range.
+    """
+    # the scores and maps are float32: a threshold beyond its range cannot be compared with them
+    # without numpy warning of an overflow in the host program
+    if not is_finite_number(value) or abs(value) > FLOAT32_MAX:
+        raise ConfigError(f"{name} threshold {value!r} must be a finite number within float32's range "
+                          "(raw score units)")
+
+
+def check_sigma(sigma) -> None:
+    """A sigma rule's number of standard deviations, before any work that takes it.
+
+    Raises:
+        ConfigError: not a finite number >= 0.
+    """
+    if not is_finite_number(sigma) or sigma < 0:
+        # below the good images' mean a threshold fails most good parts: never what is meant
+        raise ConfigError(f"sigma {sigma!r} must be a finite number >= 0 (standard deviations above the "
+                          "good images' mean score)")
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Raw-score thresholds. `image` decides pass/fail; `pixel` outlines defect regions in the map.
@@ -80,11 +105,7 @@ class Thresholds:
     def __post_init__(self) -> None:
         for name in ("image", "pixel"):
             value = getattr(self, name)
-            # the scores and maps are float32: a threshold beyond its range cannot be compared with them
-            # without numpy warning of an overflow in the host program
-            if not is_finite_number(value) or abs(value) > FLOAT32_MAX:
-                raise ConfigError(f"{name} threshold {value!r} must be a finite number within float32's range "
-                                  "(raw score units)")
+            check_threshold(name, value)
             # a numpy scalar (a threshold computed on float32 scores) as Python's float: it must reach
             # results, JSON and the model's metadata like any other
             object.__setattr__(self, name, float(value))
@@ -103,10 +124,7 @@ class Thresholds:
         Raises:
             ConfigError: sigma is not a finite number >= 0.
         """
-        if not is_finite_number(sigma) or sigma < 0:
-            # below the good images' mean a threshold fails most good parts: never what is meant
-            raise ConfigError(f"sigma {sigma!r} must be a finite number >= 0 (standard deviations above the "
-                              "good images' mean score)")
+        check_sigma(sigma)
         t = stats.mean + sigma * stats.std
         rule = f"mean + {sigma:g} * std of {scored} good image scores"
         if map_stats is None or map_stats == stats:

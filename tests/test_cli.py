@@ -403,7 +403,20 @@ def test_a_checkpoint_given_where_a_graph_goes_is_named_for_what_it_is(tiny_expo
     for command in (["verify", str(tiny_export[0]), "--model", str(tiny_export[0])],
                     ["calibrate", str(tiny_export[0]), "--out", str(tmp_path / "q.onnx")],
                     ["build", str(tiny_export[0]), "--out", str(tmp_path / "m.plan")]):
-        _assert_one_line_error(run(*command), "a zip file (a PyTorch checkpoint?), not an ONNX graph; export a checkpoint")
+        _assert_one_line_error(run(*command), "a zip file (a PyTorch checkpoint?), not an ONNX graph; give the .onnx "
+                                              "file that `stmae-edge export` wrote")
+    # a plan, its sidecar, an image or an empty file: protobuf's "Wire format was corrupt" said none of that
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"ftrt\x00\x00\x00\x01" + bytes(range(200)))
+    (tmp_path / "m.plan.json").write_text('{"plan": {}}')
+    (tmp_path / "part.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for given, what in (("m.plan", "a TensorRT plan"), ("m.plan.json", "a JSON file (a plan's sidecar?)"),
+                        ("part.png", "a PNG image"), ("empty.onnx", "an empty file")):
+        for command in (["build", str(tmp_path / given), "--out", str(tmp_path / "x.plan")], ["info", str(tmp_path / given)]):
+            if command[0] == "info" and given != "empty.onnx":
+                continue  # info takes plans and checkpoints as they are
+            _assert_one_line_error(run(*command), f"{tmp_path / given}: {what}, not an ONNX graph; give the .onnx")
 
 
 def test_evaluate_threshold_and_report_take_the_bit_depth_predict_takes(tiny_export, synthetic_dataset, tmp_path):
@@ -469,3 +482,26 @@ def test_ctrl_break_stops_a_command_as_ctrl_c_does(monkeypatch):
         for signum, handler in replaced.items():
             signal.signal(signum, handler)
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_bench_refuses_a_batch_below_one_for_its_option_before_loading_the_model(tmp_path):
+    """`bench --batch 0` named an internal parameter (batch_size) after loading the model."""
+    _assert_one_line_error(run("bench", str(tmp_path / "not-even-there.onnx"), "--batch", "1,0"),
+                           "--batch '1,0': batch sizes are 1 or more")
+
+
+def test_a_command_that_fails_leaves_no_empty_output_folder_of_its_own(tiny_export, synthetic_dataset, tmp_path):
+    """`--out a/b/x` was made before the inputs were read: a command refused for a wrong model or an
+    empty dataset left a/b/ behind. Folders that were there before stay, and so does one that holds
+    anything."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    _assert_one_line_error(run("export", str(tiny_export[1]), "--out", str(kept / "ex" / "sub" / "e.onnx")),
+                           "not a checkpoint")
+    empty = tmp_path / "empty-dataset"
+    (empty / "train" / "good").mkdir(parents=True)
+    _assert_one_line_error(run("train", str(empty), "--out", str(kept / "m" / "x.pt")), "0 images")
+    _assert_one_line_error(run("evaluate", str(tiny_export[0]), str(empty), "--out", str(kept / "ev" / "e.json")), "")
+    assert list(kept.iterdir()) == []
+    r = run("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--out", str(kept / "ev" / "e.json"))
+    assert r.returncode == 0 and (kept / "ev" / "e.json").is_file(), r.stderr

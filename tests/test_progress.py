@@ -40,6 +40,20 @@ def test_work_stopped_on_a_pipe_says_how_far_it_got(capsys):
     assert len(lines) == 1 and lines[0].startswith("training: 3/10 in ") and lines[0].endswith("epoch 1/4 (stopped)")
 
 
+def test_a_refusal_before_any_step_is_the_one_line_said_with_no_bar_above_it(capsys):
+    """predict --threshold nan printed "scoring (ort-cpu): 0/4 in 0.0s (stopped)" above its error line
+    (on a terminal, the bar is hidden the same way)."""
+    from stmae_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError), progress.progress_bar("scoring", 4):
+        raise ConfigError("image threshold nan must be a finite number")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(KeyboardInterrupt), progress.progress_bar("scoring", 4) as advance:
+        advance(0, status="loading the model")
+        raise KeyboardInterrupt  # stopped by the user: the log says where, even before the first step
+    assert capsys.readouterr().err.strip().endswith("loading the model (stopped)")
+
+
 def test_a_calling_program_can_turn_the_bars_off(capsys):
     """train, evaluate and export wrote their progress to the host program's stderr, with no way to stop it."""
     with progress.progress_shown(False), progress.progress_bar("training", 3) as advance:

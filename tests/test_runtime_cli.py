@@ -428,11 +428,25 @@ def test_predict_names_the_first_twenty_broken_files_and_counts_the_rest(tiny_ex
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["errors"]) == 25
 
 
-def test_predict_that_scores_nothing_fails_and_says_so(tiny_export, tmp_path):
-    """Every file refused is the command failing (2), not a partial success (3); results.json lists them."""
+def test_predict_that_scores_nothing_fails_says_so_and_leaves_the_earlier_run(tiny_export, synthetic_dataset,
+                                                                              tmp_path):
+    """Every file refused is the command failing (2), not a partial success (3). It used to write a
+    results.json of its failures over the earlier run in --out, whose overlays it removed: a mistyped
+    folder (`imgz` for `imgs`) wiped the last good run. Now a path that does not exist at all is refused
+    before the model loads, and a run that scores nothing leaves --out as it was (or not made at all)."""
+    out = tmp_path / "out"
+    good = next((synthetic_dataset / "test" / "good").glob("*.png"))
+    assert run("predict", str(tiny_export[1]), str(good), "--out", str(out)).returncode == 0
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run("predict", str(tiny_export[1]), str(tmp_path / "imgz"), "--out", str(out))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {tmp_path / 'imgz'}: no such file or folder"]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n-broken-")
-    r = run("predict", str(tiny_export[1]), str(broken), str(tmp_path / "absent.png"), "--out", str(tmp_path / "out"))
+    r = run("predict", str(tiny_export[1]), str(broken), str(tmp_path / "absent.png"), "--out", str(out))
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "error: none of the 2 images could be scored (the lines above say why)"
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["unreadable"] == 2
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 3 and str(broken) in lines[0] and "absent.png" in lines[1], r.stderr
+    assert lines[-1] == f"error: none of the 2 images could be scored; {out} was left as it was"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    r = run("predict", str(tiny_export[1]), str(broken), "--out", str(tmp_path / "new" / "out"))
+    assert r.returncode == 2 and not (tmp_path / "new").exists()  # no empty folder made for nothing

@@ -83,7 +83,7 @@ def test_every_bad_input_gives_its_typed_error_and_the_detector_stays_usable(tin
         with pytest.raises(InvalidImageError, match=r"image 1: "):
             detector.predict([good, array])
         assert detector.predict(good).score == before.score
-    assert "no such image file" in messages["missing.png"] and "file size 0" in messages["empty.png"]
+    assert "no such image file" in messages["missing.png"] and "an empty file (0 bytes)" in messages["empty.png"]
     assert "exceeds the limit" in messages["huge.png"]
     for name in ("truncated.png", "truncated.jpg", "corrupt.png"):
         assert "corrupt" in messages[name], messages[name]
@@ -186,6 +186,10 @@ def test_model_file_errors_are_typed(tiny_export, tmp_path):
     text.write_bytes(b"x")
     with pytest.raises(StmaeError, match="unknown model file type"):
         Detector(text)
+    folder = tmp_path / "model.onnx"  # a folder named like a model: "no such model file" misled
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match=r"model.onnx is a folder; give the model file in it"):
+        Detector(folder)
 
 
 TORCH_FREE = """

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import cv2
 
 from ..data import IMAGE_SUFFIXES, images_in, may_be_one_file, not_read_in
-from ..errors import ConfigError, DatasetError, InvalidImageError, OutputError
+from ..errors import ConfigError, DatasetError, InvalidImageError, NothingScoredError, OutputError
 from ..machine import available_cores
 from ..outputs import (
     check_names_fit,
@@ -69,8 +69,13 @@ def expand_inputs(inputs: Sequence[Path | str], out: Path | str | None = None) -
     but not `out`, where predict writes its overlays).
 
     Raises:
-        DatasetError: a folder holds no image files (an empty run would read as "all passed").
+        DatasetError: a folder holds no image files (an empty run would read as "all passed"), or none
+            of `inputs` exists (a mistyped folder: nothing to score, and nothing to replace an earlier
+            run with).
     """
+    missing = [str(item) for item in inputs if not os.path.lexists(item)]
+    if inputs and len(missing) == len(inputs):
+        raise DatasetError(f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: no such file or folder")
     paths: list[Path] = []
     left_out_of_folders: list[dict] = []
     for item in map(Path, inputs):
@@ -83,7 +88,7 @@ def expand_inputs(inputs: Sequence[Path | str], out: Path | str | None = None) -
                 left_out_of_folders.append({"folder": str(item), "not_scored": left_out})
             paths += found
         else:
-            paths.append(item)  # a missing or unreadable file is reported when it is scored
+            paths.append(item)  # one missing or unreadable file among others is reported when it is scored
     return ExpandedInputs(paths, left_out_of_folders)
 
 
@@ -167,7 +172,8 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
 
     Raises:
         OutputError: `out` is an input's folder, or cannot be written. ConfigError: bad thresholds, or
-            overlay_threads below 0.
+            overlay_threads below 0. NothingScoredError: none of `paths` could be scored (its `errors` say
+            why for each); `out` is left as it was.
     """
     if overlay_threads is not None and (not isinstance(overlay_threads, int) or overlay_threads < 0):
         raise ConfigError(f"overlay_threads={overlay_threads!r}: give a whole number of threads, 0 or more "
@@ -183,6 +189,9 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
         check_names_fit(staging, [*names, partial_name(staging / RESULTS_NAME).name])
         threads = min(MAX_OVERLAY_THREADS, available_cores()) if overlay_threads is None else overlay_threads
         results, errors = _score_into(staging, detector, paths, names, chosen, advance, threads if names else 0)
+        if paths and not results:  # an earlier run in `out` must not be replaced by a record of failures
+            raise NothingScoredError(f"none of the {len(paths)} images could be scored; {out} was left as it was",
+                                     errors)
         summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
                    # how the files were read: both change verdicts (--bit-depth, --any-size)
                    "input": {"bit_depth": detector.preprocessing.bit_depth,
