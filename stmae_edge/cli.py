@@ -546,6 +546,7 @@ def predict(
                                   "from the training images' sizes is refused (`info` shows them)"),
 ) -> None:
     """Score images: pass/fail, scores and defect regions as JSON, heatmap overlays as PNG."""
+    from .checks import require_model_file
     from .errors import ConfigError, NothingScoredError
     from .outputs import check_output_folder
     from .progress import progress_bar
@@ -553,7 +554,10 @@ def predict(
     from .runtime.files import expand_inputs, predict_to_folder
     from .scoring import check_sigma, check_threshold
 
-    # what a user can get wrong is refused before the model is loaded (seconds for a large one)
+    # what a user can get wrong is refused before the model is loaded (seconds for a large one), the
+    # model file's absence first
+    if server is None:
+        require_model_file(model)
     for name, value in (("image", threshold), ("pixel", pixel_threshold)):
         if value is not None:
             check_threshold(name, value)

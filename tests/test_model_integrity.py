@@ -180,7 +180,9 @@ def test_a_checkpoint_whose_metadata_was_edited_is_refused(tiny_export, tmp_path
     _edited_checkpoint(checkpoint, tmp_path / "edited.pt", edit)
     with pytest.raises(CheckpointError, match="metadata was changed after training"):
         read_metadata(tmp_path / "edited.pt")
-    r = run("predict", str(tmp_path / "edited.pt"), str(tmp_path), "--out", str(tmp_path / "p"))
+    image = tmp_path / "part.png"  # an image to score: predict reads its inputs before loading the model
+    cv2.imwrite(str(image), np.zeros((64, 64), np.uint8))
+    r = run("predict", str(tmp_path / "edited.pt"), str(image), "--out", str(tmp_path / "p"))
     assert r.returncode == 2 and "metadata was changed after training" in r.stderr and "Traceback" not in r.stderr
 
 
