@@ -227,6 +227,12 @@ def test_vgg19_bad_files_raise_weights_error(vgg_file, tmp_path):
     with pytest.raises(WeightsError, match="no such"):
         FeatureExtractor("vgg19", layers, grid=16, weights=tmp_path / "absent.pth")
 
+    # a whole pickled module, not a state dict: refused in one readable line, not torch's page of advice
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
+    with pytest.raises(WeightsError, match=r"module.pth: holds Python objects besides tensors .*state_dict\(\)") as caught:
+        FeatureExtractor("vgg19", layers, grid=16, weights=tmp_path / "module.pth")
+    assert "\n" not in str(caught.value) and "weights_only" not in str(caught.value)
+
     # the full classifier needs every key, so a features-only file is not enough for it
     with pytest.raises(WeightsError, match="missing"):
         vgg19(weights=path)

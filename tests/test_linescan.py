@@ -211,6 +211,10 @@ def test_linescan_command_replays_an_image_or_a_folder_of_blocks(linescan_model,
     r = run("linescan", str(linescan_model), str(tmp_path / "strip.png"))
     assert r.returncode == 0 and "rows/s" in r.stdout and "defect at row" in r.stdout
     assert f"pixel threshold {Detector(linescan_model).thresholds.pixel:.6g} (the model's (" in r.stdout
+    cv2.imwrite(str(blocks / "0005.png"), strip[:70, :150])  # a block cut narrower: the file is named
+    r = run("linescan", str(linescan_model), str(blocks))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {blocks / '0005.png'}: a block is 150 pixels wide; this strip is 200"), r.stderr
 
 
 def test_components_across_bands_are_reported_once_and_long_ones_in_parts():

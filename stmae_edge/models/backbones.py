@@ -15,6 +15,7 @@ state_dict carries a few MB instead of the whole classifier.
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -53,7 +54,7 @@ BACKBONE_PREPROCESSING: dict[str, dict[str, tuple[float, float, float]]] = {
 }
 
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
-_WEIGHTS_HINT = "pass --backbone-weights PATH to a local copy"
+_WEIGHTS_HINT = "pass --backbone-weights PATH, a local copy of the weights"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,18 +372,23 @@ def _with_weights(build: Callable[[], nn.Module], build_full: Callable[[], nn.Mo
 
 def _read_state_dict(path: str, name: str) -> dict:
     if not os.path.isfile(path):
-        raise WeightsError(f"{path}: no such {name} weights file; {_WEIGHTS_HINT} to an existing state dict")
+        raise WeightsError(f"{path}: no such {name} weights file; {_WEIGHTS_HINT} (the {name} ImageNet .pth file)")
     try:
         with warnings.catch_warnings():  # torch's warnings about a file it refuses would precede our one line
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in str(exc).lower():
+            # torch's own text runs to a page about weights_only and the globals it would have to allow
+            raise WeightsError(f"{path}: holds Python objects besides tensors (a whole pickled model?), which are "
+                               "not loaded, as loading them could run code; save the model's state_dict() instead, "
+                               f"or {_WEIGHTS_HINT} (the {name} ImageNet .pth file)") from None
         reason = first_line(exc, 200)
         raise WeightsError(f"{path}: not a readable PyTorch state dict ({type(exc).__name__}: {reason}); "
-                           f"{_WEIGHTS_HINT} to the {name} ImageNet .pth file") from None
+                           f"{_WEIGHTS_HINT} (the {name} ImageNet .pth file)") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a plain state dict (name -> tensor) for {name}; "
-                           f"{_WEIGHTS_HINT} to the {name} ImageNet .pth file")
+                           f"{_WEIGHTS_HINT} (the {name} ImageNet .pth file)")
     return dict(state)
 
 
@@ -405,7 +411,7 @@ def _check_state_dict(state: Mapping[str, torch.Tensor], reference: Mapping[str,
         problems.append(f"wrong shape {listing(wrong)}")
     if problems:
         raise WeightsError(f"{source}: does not match {name}: {'; '.join(problems)}; "
-                           f"{_WEIGHTS_HINT} to the {name} ImageNet .pth file")
+                           f"{_WEIGHTS_HINT} (the {name} ImageNet .pth file)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -478,14 +478,17 @@ def replay(inspector: StreamingInspector, source, block_rows: int = 256,
         files = images_in(source)
         if not files:
             raise InvalidImageError(f"{source}: no block images in this folder")
-        blocks, total = (load_image(path) for path in files), len(files)
+        blocks, total = ((path, load_image(path)) for path in files), len(files)
     else:
         strip = load_image(source)
-        blocks = (strip[i:i + block_rows] for i in range(0, strip.shape[0], block_rows))
+        blocks = ((source, strip[i:i + block_rows]) for i in range(0, strip.shape[0], block_rows))
         total = -(-strip.shape[0] // block_rows)
     defects: list[StripDefect] = []
-    for done, block in enumerate(blocks, 1):
-        found = inspector.push(block)
+    for done, (path, block) in enumerate(blocks, 1):
+        try:
+            found = inspector.push(block)
+        except InvalidImageError as exc:  # the file that holds the block, as every other image error names it
+            raise InvalidImageError(f"{path}: {exc}") from None
         defects += found
         for defect in found if on_defect else ():
             on_defect(defect)
