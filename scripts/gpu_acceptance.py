@@ -26,11 +26,14 @@ perfectly (1.0), where a check says little; --model gives a trained model's.
 Needs only what the lent machines have (torch, onnx, onnxruntime, OpenCV, typer; cuda-python and
 TensorRT where present) once prepared: the tiny model is trained with random backbone weights, so no
 download. The inventory row records the GPU, its compute capability and driver (nvidia-smi), and
-torch's CUDA and cuDNN versions. FP32 comparisons run with TF32 off (PyTorch would otherwise use it for convolutions on the
-GPU, and FP32 would be measured against TF32). Each row is printed, and appended to --out, as it
-finishes, so a run cut short keeps what it measured. Exit code: 0 when every path that ran passed (skips
-are not failures), 1 when one failed, 2 when a GPU is here (nvidia-smi or torch sees one, or
---expect-gpu) and no GPU path ran, 3 when --prepared is not a prepared folder.
+torch's CUDA and cuDNN versions. FP32 comparisons run with TF32 off: NVIDIA_TF32_OVERRIDE=0 for the whole
+process (set before any GPU library loads; ONNX Runtime's TensorRT provider has no option of its own), and
+PyTorch's flags (it would otherwise use TF32 for convolutions, and FP32 would be measured against TF32).
+The plans are built after ONNX Runtime's paths have run, since importing TensorRT loads its libraries.
+Each row is printed, and appended to --out, as it finishes, so a run cut short keeps what it measured.
+Exit code: 0 when every path that ran passed (skips are not failures), 1 when one failed, 2 when a GPU
+is here (nvidia-smi or torch sees one, or --expect-gpu) and no GPU path ran, 3 when --prepared is not a
+prepared folder.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import argparse
 import atexit
 import faulthandler
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,6 +53,9 @@ from pathlib import Path
 
 import numpy as np
 
+# FP32 on the GPU as FP32 for every library in the process, ONNX Runtime's TensorRT provider included,
+# which has no option of its own for it: cuBLAS and cuDNN read this when they load, so it is set first
+os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -67,8 +74,18 @@ def inventory() -> dict:
         found["onnxruntime"] = f"{ort.__version__}: {', '.join(ort.get_available_providers())}"
     except ImportError:
         found["onnxruntime"] = None
-    for name, modules in (("tensorrt", ("tensorrt",)), ("tensorrt_rtx", ("tensorrt_rtx_bindings", "tensorrt_rtx")),
-                          ("cuda_python", ("cuda.bindings",))):
+    # TensorRT by its package records, not imported: importing it loads its libraries into the process,
+    # which would hide whether ONNX Runtime's TensorRT provider finds them on its own
+    import importlib.util
+
+    from stmae_edge.runtime.backends import _tensorrt_version
+
+    try:
+        found["tensorrt"] = _tensorrt_version() or ("present" if importlib.util.find_spec("tensorrt") else None)
+    except ImportError:
+        found["tensorrt"] = None
+    found["tf32_override"] = os.environ.get("NVIDIA_TF32_OVERRIDE")
+    for name, modules in (("tensorrt_rtx", ("tensorrt_rtx_bindings", "tensorrt_rtx")), ("cuda_python", ("cuda.bindings",))):
         found[name] = None
         for module in modules:
             try:
@@ -354,7 +371,7 @@ def main() -> int:
     except NotPrepared as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    plan_reasons = build_plans(files, work)
+    plan_reasons = None  # the plans are built when the first plan path comes, after ONNX Runtime's paths
     sets = {"synthetic": labelled(files["data"], 10_000)}
     data = files.get("data_sample") or args.data
     if data is not None and (Path(data) / "test").is_dir():
@@ -372,6 +389,10 @@ def main() -> int:
     results, frames = [], [np.asarray(np.random.default_rng(k).integers(0, 256, (96, 96)), np.uint8) for k in range(32)]
     for name, precision, model, kwargs in paths(files, work, have):
         row = {"path": name, "precision": precision}
+        if kwargs["backend"] == "tensorrt" and plan_reasons is None:
+            # not before: importing TensorRT loads its libraries into the process, which would hide whether
+            # ONNX Runtime's TensorRT provider finds them on its own (onnx_files.preload_tensorrt_libraries)
+            plan_reasons = build_plans(files, work)
         if kwargs["backend"] == "tensorrt" and precision in plan_reasons:
             results.append(emit(row | {"status": "skipped", "why": plan_reasons[precision]}, args.out))
             continue

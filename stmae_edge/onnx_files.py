@@ -117,6 +117,43 @@ def preload_cuda_libraries(ort) -> None:
         logger.info("onnxruntime.preload_dlls: %s", " | ".join(said.getvalue().split("\n")).strip(" |"))
 
 
+# What ONNX Runtime's TensorRT provider opens by name when a session starts (TensorRT 10's sonames)
+TENSORRT_PROVIDER_LIBRARIES = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
+_tensorrt_dll_folders: list = []  # Windows: kept, or the folder leaves the search path again
+
+
+def preload_tensorrt_libraries() -> None:
+    """TensorRT's libraries from pip's wheel (the `tensorrt_libs` folder), made findable for ONNX
+    Runtime's TensorRT provider, which opens libnvinfer by name and finds nothing in a virtual
+    environment (the tensorrt package itself loads them only when imported, which a runtime without
+    plans never does). Loaded by path with their symbols global, so that the provider's own dlopen by
+    name finds them loaded; on Windows the folder is added to the DLL search path. A library that does
+    not load is left to the provider's own error, which names it."""
+    import ctypes
+    import importlib.util
+    import os
+
+    try:
+        spec = importlib.util.find_spec("tensorrt_libs")
+    except (ImportError, ValueError):
+        return
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    if not folders:  # JetPack's or a system TensorRT: on the loader's path already
+        return
+    folder = Path(folders[0])
+    if os.name == "nt":
+        if hasattr(os, "add_dll_directory") and folder.is_dir():
+            _tensorrt_dll_folders.append(os.add_dll_directory(str(folder)))
+            os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+        return
+    for name in TENSORRT_PROVIDER_LIBRARIES:
+        if (folder / name).exists():
+            try:
+                ctypes.CDLL(str(folder / name), mode=ctypes.RTLD_GLOBAL)
+            except OSError as exc:
+                logger.info("%s: not loaded (%s)", folder / name, first_line(exc))
+
+
 def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
     """The ModelProto of `path`, its external data checked but not loaded.
 

@@ -298,3 +298,49 @@ def test_missing_cuda_python_names_the_one_this_machine_needs(monkeypatch, platf
     with pytest.raises(BackendError, match=re.escape(f'pip install "stmae-edge[gpu]" (or pip install {pin})')):
         tensorrt_backend._import_cudart()
     assert set(tensorrt_backend.CUDA_PYTHON_FOR) == {"jetson", "x86-64", "arm", "macos", "other"}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows adds the folder to the DLL search path instead")
+def test_tensorrt_libraries_of_pips_wheel_are_loaded_for_onnx_runtimes_tensorrt_provider(tmp_path, monkeypatch, caplog):
+    """ONNX Runtime's TensorRT provider opens libnvinfer.so.10 by name, which in a virtual environment
+    with pip's TensorRT is in site-packages/tensorrt_libs, on no loader path: the session failed to
+    start. (Here the wheel is played by a folder of stand-in files; the loads are recorded.)"""
+    import ctypes
+
+    from stmae_edge import onnx_files
+
+    package = tmp_path / "site" / "tensorrt_libs"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name in ("libnvinfer.so.10", "libnvonnxparser.so.10", "libnvinfer_builder_resource.so.10.9.0"):
+        (package / name).write_bytes(b"not really a library")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with caplog.at_level("INFO", logger="stmae_edge.onnx_files"):
+        onnx_files.preload_tensorrt_libraries()  # the stand-ins do not load: said at info, no exception
+    assert "libnvinfer.so.10: not loaded" in caplog.text
+    loaded = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda path, mode=0: loaded.append((path.rpartition("/")[2], mode)))
+    onnx_files.preload_tensorrt_libraries()
+    assert loaded == [("libnvinfer.so.10", ctypes.RTLD_GLOBAL), ("libnvonnxparser.so.10", ctypes.RTLD_GLOBAL)]
+
+
+@pytest.mark.parametrize("precision, override, warned", [("fp32", None, True), ("fp32", "0", False),
+                                                         ("fp16", None, False)])
+def test_onnx_runtimes_tensorrt_provider_on_a_float32_graph_warns_of_tf32(tmp_path, monkeypatch, caplog, precision,
+                                                                         override, warned):
+    """TensorRT multiplies float32 in TF32 unless told otherwise, and ONNX Runtime's TensorRT provider has
+    no option for it (its CUDA provider has use_tf32): a float32 graph's maps were fp16-precise there
+    without a word. Only NVIDIA_TF32_OVERRIDE=0 turns it off."""
+    from types import SimpleNamespace
+
+    from stmae_edge.runtime import backends
+
+    if override is None:
+        monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    else:
+        monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", override)
+    with caplog.at_level("WARNING", logger="stmae_edge.runtime.backends"):
+        providers = backends._gpu_providers(SimpleNamespace(), "TensorrtExecutionProvider", tmp_path / "m.onnx",
+                                            (precision, (3, 64, 64)))
+    assert providers[0][0] == "TensorrtExecutionProvider" and providers[1][1] == {"use_tf32": "0"}
+    assert ("NVIDIA_TF32_OVERRIDE=0" in caplog.text) == warned

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -28,7 +29,7 @@ from ..engine_plan import DEFAULT_BATCH_PROFILE
 from ..errors import BackendError, CheckpointError, ConfigError, EngineMismatchError, first_line
 from ..machine import nvidia_platform
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
-from ..onnx_files import import_onnxruntime, load_onnx, preload_cuda_libraries
+from ..onnx_files import import_onnxruntime, load_onnx, preload_cuda_libraries, preload_tensorrt_libraries
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
 from .devices import cpu_description, cuda_device_count, cuda_driver_state, gpu_description
 
@@ -244,14 +245,27 @@ class OnnxRuntimeBackend:
         self.session = None
 
 
+# ONNX Runtime's TensorRT provider has no option to keep float32 float32 (its CUDA provider has use_tf32,
+# a plan from `build` clears TensorRT's TF32 flag): TensorRT then multiplies in TF32, with fp16's
+# mantissa, which the map's Mahalanobis distances amplify. Only the environment turns it off.
+TF32_NOTE = ("ONNX Runtime's TensorRT provider computes this float32 graph's matrix products in TF32 (the "
+             "precision of fp16) on GPUs from Ampere on; set NVIDIA_TF32_OVERRIDE=0 before the program starts "
+             "for float32, or run a plan from `stmae-edge build`, which keeps float32")
+
+
 def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[int, ...]]) -> list:
-    """The provider list for a GPU session: CUDA's libraries found, float32 kept float32 (TF32 rounds
-    its operands as fp16 does, which the Mahalanobis distances of the map amplify), and for TensorRT one
-    engine for the whole batch range, cached beside the model."""
+    """The provider list for a GPU session: CUDA's libraries found, float32 kept float32 where the
+    provider can (TF32 rounds its operands as fp16 does, which the Mahalanobis distances of the map
+    amplify: CUDA's provider has an option; TensorRT's only the environment, TF32_NOTE), and for
+    TensorRT its libraries found and one engine for the whole batch range, cached beside the model."""
     preload_cuda_libraries(ort)  # 1.21+: CUDA and cuDNN from the nvidia-* wheels of [gpu]
+    precision, image_shape = facts
     cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})  # the option exists from onnxruntime 1.18, our floor
     if wanted == "CUDAExecutionProvider":
         return [cuda]
+    preload_tensorrt_libraries()  # pip's TensorRT wheel: not on the loader's path in a virtual environment
+    if precision == "fp32" and os.environ.get("NVIDIA_TF32_OVERRIDE") != "0":
+        logger.warning(TF32_NOTE)
     # Next to the model, not in the host program's working directory; a folder per TensorRT version, as
     # an engine from another one is not loadable (the provider rebuilds it, minutes on a Jetson).
     trt_version = _tensorrt_version()
@@ -261,7 +275,6 @@ def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[i
     except OSError as exc:
         raise BackendError(f"cannot create the TensorRT engine cache {engine_cache}: "
                            f"{exc.strerror or exc}; copy the model to a writable folder") from exc
-    precision, image_shape = facts
     shape = "x".join(str(v) for v in image_shape)
     # Without a profile the provider builds for the batch sizes it has seen and rebuilds for each larger one
     profile = {f"trt_profile_{bound}_shapes": f"{INPUT_NAME}:{batch}x{shape}"
