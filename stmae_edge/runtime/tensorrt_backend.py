@@ -9,6 +9,7 @@ which removes most launch overhead at small batches. One graph is kept: a smalle
 its size and replays it, a larger one re-captures, because a graph must not outlive a change of the
 context's shapes. Engines that
 TensorRT reports as not capturable run without a graph: `provider` says so, and a warning is logged.
+Plans of TensorRT for RTX use its own whole-graph capture instead (set in the context's runtime config).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..engine_plan import (
     read_plan,
     telling_error,
 )
-from ..errors import BackendError, EngineMismatchError, TensorRTMissingError, TensorRTUnloadableError
+from ..errors import BackendError, EngineMismatchError, TensorRTMissingError, TensorRTUnloadableError, first_line
 from ..machine import nvidia_platform
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME
 from .devices import cuda_driver_state
@@ -113,6 +114,7 @@ class TensorRTBackend:
         self._cudart = cudart = _import_cudart()
         self._allocations: list[tuple[str, int]] = []
         self._graph: tuple | None = None  # (batch size, graph, executable)
+        self._own_graphs = False  # TensorRT for RTX's whole-graph capture instead of capturing the stream here
         self._stream = None
         count = self._call(cudart.cudaGetDeviceCount(), "finding a CUDA GPU", hint=NO_GPU_HINT)
         if not 0 <= device_index < count:
@@ -150,7 +152,12 @@ class TensorRTBackend:
         if self._engine is None:
             raise EngineMismatchError(f"{plan_path}: TensorRT cannot load this plan on {self.device} "
                                       f"({telling_error(self._logger.errors)}); {_rebuild_hint(flavour, props)}")
-        self._context = self._engine.create_execution_context()
+        # TensorRT for RTX captures and replays its own CUDA graphs, per shape, when its runtime config asks
+        # (NVIDIA's samples/apiUsage); capturing the stream here would need plans built with
+        # REQUIRE_USER_ALLOCATION, and is_stream_capturable says no without it
+        self._own_graphs = cuda_graph and flavour == "tensorrt-rtx" and self._context_with_own_graphs(trt)
+        if not self._own_graphs:
+            self._context = self._engine.create_execution_context()
         names = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
         if not set(_TENSORS) <= names:
             raise EngineMismatchError(f"{plan_path}: tensors {sorted(names)} are not a stmae-edge model's "
@@ -163,12 +170,30 @@ class TensorRTBackend:
         self._stream_handle = _native_handle(self._stream)  # what TensorRT takes
         self._buffers = self._allocate(trt)
         capturable = getattr(self._context, "is_stream_capturable", None)
-        self.cuda_graph = cuda_graph and (capturable is None or bool(capturable(self._stream_handle)))
+        self.cuda_graph = cuda_graph and (self._own_graphs or capturable is None
+                                          or bool(capturable(self._stream_handle)))
         if cuda_graph and not self.cuda_graph:  # asked for, and silently slower without this line
             logger.warning("%s: TensorRT reports this engine cannot be captured as a CUDA graph; running it "
                            "without CUDA graphs", plan_path.name)
-        graphs = ", CUDA graphs" if self.cuda_graph else (", CUDA graphs not possible for this engine" if cuda_graph else "")
+        graphs = (", CUDA graphs" + (f" ({flavour}'s own)" if self._own_graphs else "") if self.cuda_graph
+                  else (", CUDA graphs not possible for this engine" if cuda_graph else ""))
         self.provider = f"{flavour} {version} (cuda-python{graphs})"
+
+    def _context_with_own_graphs(self, trt) -> bool:
+        """The execution context made with TensorRT for RTX's whole-graph capture; False where this
+        version has no such runtime config (before 1.2), and the context is left to be made plainly."""
+        strategy = getattr(getattr(trt, "CudaGraphStrategy", None), "WHOLE_GRAPH_CAPTURE", None)
+        if strategy is None or not hasattr(self._engine, "create_runtime_config"):
+            return False
+        try:
+            config = self._engine.create_runtime_config()
+            config.cuda_graph_strategy = strategy
+            self._context = self._engine.create_execution_context(config)
+        except (AttributeError, TypeError, RuntimeError) as exc:
+            logger.warning("TensorRT for RTX's own CUDA graphs could not be set up (%s); capturing the stream "
+                           "instead where the engine allows", first_line(exc))
+            return False
+        return self._context is not None
 
     def _call(self, result, what: str, hint: str = ""):
         """cuda-python returns (error, *values): raise a typed error unless it succeeded."""
@@ -251,16 +276,16 @@ class TensorRTBackend:
         if n > self.max_batch:
             raise BackendError(f"batch of {n} exceeds the engine's profile maximum {self.max_batch}")
         padded = max(n, self.min_batch)  # below the profile's minimum: pad, then drop the padding
-        if self.cuda_graph and self._graph is not None and padded <= self._graph[0]:
+        if self.cuda_graph and not self._own_graphs and self._graph is not None and padded <= self._graph[0]:
             padded = self._graph[0]  # a short last chunk replays the captured graph instead of re-capturing
         host = self._buffers[INPUT_NAME][0]
         host[:n] = batch
         host[n:padded] = 0
         with self._on_device():
             self._set_batch(padded)
-            if self.cuda_graph:
+            if self.cuda_graph and not self._own_graphs:
                 self._call(self._cudart.cudaGraphLaunch(self._graph_for(padded), self._stream), "launching a graph")
-            else:
+            else:  # TensorRT for RTX's own graphs are replayed inside its enqueue
                 self._enqueue(padded)
             self._call(self._cudart.cudaStreamSynchronize(self._stream), "waiting for the GPU")
         return self._buffers[MAP_NAME][0][:n, 0].copy(), self._buffers[SCORE_NAME][0][:n].copy()
