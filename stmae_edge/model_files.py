@@ -75,8 +75,12 @@ def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
     """Store `thresholds` in the model file; nothing else in it changes. Returns the new metadata.
 
     Raises:
-        as read_metadata; OutputError: the file cannot be rewritten.
+        as read_metadata; OutputError: the file cannot be rewritten; ConfigError: `thresholds` is not a
+            Thresholds.
     """
+    if not isinstance(thresholds, Thresholds):  # checked before the file is opened: it stays as it was
+        raise ConfigError(f"thresholds must be a stmae_edge.scoring.Thresholds (Thresholds(image=..., pixel=...)), "
+                          f"not {type(thresholds).__name__}")
     path = Path(path)
     kind = file_kind_of(path)
     if kind == "checkpoint":

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .errors import StmaeError
+from .errors import ConfigError, StmaeError
 
 _console = Console(stderr=True)
 LOG_EVERY_S = 30.0
@@ -26,8 +26,14 @@ _shown: ContextVar[bool] = ContextVar("stmae_edge_progress_shown", default=True)
 
 @contextmanager
 def progress_shown(shown: bool) -> Iterator[None]:
-    """Progress bars (and their lines on a pipe) shown or not, within the block, in this thread."""
-    token = _shown.set(bool(shown))
+    """Progress bars (and their lines on a pipe) shown or not, within the block, in this thread.
+
+    Raises:
+        ConfigError: `shown` is not True or False (the string "false" would have turned them on).
+    """
+    if not isinstance(shown, bool):
+        raise ConfigError(f"progress_shown takes True or False, not {shown!r}")
+    token = _shown.set(shown)
     try:
         yield
     finally:

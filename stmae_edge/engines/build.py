@@ -128,7 +128,7 @@ def phase_monitor(trt, advance, stop_requested: Sequence = ()):
     return PhaseMonitor()
 
 
-def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str | BatchRange = DEFAULT_BATCH_TEXT,
+def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str | tuple | BatchRange = DEFAULT_BATCH_TEXT,
                  out: Path | str | None = None, timing_cache: Path | str | None = None,
                  compute_capabilities: Sequence[str] = (), workspace_mb: int | None = None) -> tuple[Path, dict]:
     """ONNX -> engine plan and its sidecar (plan path + '.json'). Returns the plan path and the sidecar.
@@ -138,7 +138,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     Args:
         onnx_path: a graph written by `export` or `calibrate`.
         precision: fp32, fp16 or int8, checked against the graph's own (None: take the graph's).
-        batch: the optimisation profile, "MIN:OPT:MAX".
+        batch: the optimisation profile, "MIN:OPT:MAX" (or a (MIN, OPT, MAX) tuple, or a BatchRange).
         out: the plan (default: engines/NAME.PRECISION.plan); its sidecar is OUT.json.
         timing_cache: TensorRT's timing cache file (default: timing.cache beside the plan); not used
             with TensorRT for RTX, which has none.
@@ -160,6 +160,11 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         raise ConfigError(f"unknown precision {precision!r}; this version builds {', '.join(PRECISIONS)}")
     if workspace_mb is not None and (not is_whole(workspace_mb) or workspace_mb < 1):
         raise ConfigError(f"--workspace-mb {workspace_mb}: give at least 1 MiB (or leave it out for TensorRT's default)")
+    if isinstance(batch, tuple) and len(batch) == 3 and all(is_whole(b) for b in batch):
+        batch = ":".join(map(str, batch))  # (MIN, OPT, MAX), checked as the text is
+    if not isinstance(batch, (BatchRange, str)):
+        raise ConfigError(f"batch {batch!r} must be MIN:OPT:MAX (e.g. {DEFAULT_BATCH_TEXT}), a (MIN, OPT, MAX) tuple "
+                          "or a BatchRange")
     batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)
     onnx_path = Path(onnx_path)
     proto = load_onnx(onnx_path, ExportError)

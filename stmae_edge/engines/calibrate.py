@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -41,7 +42,7 @@ import numpy as np
 import onnx
 
 from .. import data
-from ..checks import parse_document
+from ..checks import is_whole, parse_document
 from ..errors import ConfigError, DatasetError, ExportError, StmaeError, first_line
 from ..metadata import FILTERING_AE_FAMILY, INPUT_NAME, PRECISION_KEY, STMAE_FAMILY, ModelMetadata, onnx_precision
 from ..model_files import thresholds_to_be_replaced, warn_thresholds_replaced
@@ -171,10 +172,22 @@ def scoring_region(quantized: onnx.ModelProto, scoring: set[str], onnx_path: Pat
 
 
 def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
+    """The graph's, the images' and the settings' digest, naming a cached calibration.
+
+    Raises:
+        DatasetError: images that cannot be read (every one named), before anything is calibrated.
+    """
     h = hashlib.sha256()
     h.update(sha256_file(onnx_path).encode())
+    unreadable = []
     for path in images:
-        h.update(sha256_file(path).encode())
+        try:
+            h.update(sha256_file(path).encode())
+        except OSError as exc:
+            unreadable.append(f"{path} ({exc.strerror or first_line(exc)})")
+    if unreadable:
+        raise DatasetError(f"{len(unreadable)} calibration images cannot be read: {'; '.join(unreadable[:10])}"
+                           + (f"; and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""))
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -215,12 +228,20 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
 
     Raises:
         ConfigError: not an fp32 graph, an unknown family or precision, (fp16) a graph exported
-            without the scoring scope, or no layer as large as `min_weight_elements`.
-        DatasetError: fewer images than one batch, or images that cannot be read (all of them named,
-            before calibration starts).
+            without the scoring scope, no layer as large as `min_weight_elements`, or a batch size or
+            count that is not a whole number >= 1.
+        DatasetError: fewer images than one batch, `images` not a list of paths, or images that cannot
+            be read (all of them named, before calibration starts).
         ExportError: ONNX Runtime's quantisation failed on the graph.
         CheckpointError: not a readable ONNX file of ours. OutputError: `out` cannot be written.
     """
+    for name, value in (("batch_size", batch_size), ("count", count)):
+        if not is_whole(value) or value < 1:
+            raise ConfigError(f"{name} {value!r} must be a whole number, at least 1")
+    if images is not None and (isinstance(images, (str, os.PathLike))
+                               or not all(isinstance(p, (str, os.PathLike)) for p in images)):
+        raise DatasetError("images must be a list of image file paths (data.images_in(FOLDER) lists a folder's), "
+                           f"not {images!r:.120}")
     onnx_path = Path(onnx_path)
     proto = load_onnx(onnx_path)
     metadata = ModelMetadata.from_onnx(proto)
@@ -228,7 +249,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
         raise ConfigError(f"{onnx_path} is an {onnx_precision(proto)} graph; calibrate the fp32 export "
                           "(`stmae-edge export MODEL`)")
     # an empty --images folder is refused below, not taken for "no folder given" (the training images instead)
-    images = sorted(images) if images is not None else data.recorded_train_images(metadata.training, count)
+    images = sorted(map(Path, images)) if images is not None else data.recorded_train_images(metadata.training, count)
     if len(images) < batch_size:
         raise DatasetError(f"{len(images)} calibration images; give at least {batch_size} good images")
     settings = settings_for(metadata, float_precision, min_weight_elements)

@@ -13,8 +13,9 @@ import torch
 
 from .. import data
 from ..checkpoint import load_model
-from ..errors import DatasetError, VerificationError, first_line
-from ..metadata import INPUT_NAME, ModelMetadata, onnx_precision
+from ..checks import is_finite_number, is_whole
+from ..errors import ConfigError, DatasetError, VerificationError, first_line
+from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 from ..onnx_files import import_onnxruntime, load_onnx
 from ..progress import progress_bar
 from .parity import PARITY_RTOL, relative_difference
@@ -35,9 +36,16 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
     Raises:
         VerificationError: the graph comes from another model, ONNX Runtime cannot run it, or it differs
             by more than `rtol`.
-        DatasetError: no images to verify with.
+        ConfigError: batch sizes that are not whole numbers from 1 to MAX_BATCH, or an rtol not above 0.
+        DatasetError: no images to verify with. InvalidImageError: an image cannot be read.
         CheckpointError: an unreadable or modified checkpoint or graph metadata.
     """
+    if (isinstance(batch_sizes, (str, bytes)) or not hasattr(batch_sizes, "__iter__")
+            or not (batch_sizes := list(batch_sizes))
+            or not all(is_whole(b) and 1 <= b <= MAX_BATCH for b in batch_sizes)):
+        raise ConfigError(f"batch sizes {batch_sizes!r} must be a list of whole numbers from 1 to {MAX_BATCH}")
+    if rtol is not None and (not is_finite_number(rtol) or rtol <= 0):
+        raise ConfigError(f"rtol {rtol!r} must be a number above 0 (the largest relative difference allowed)")
     proto = load_onnx(onnx_path)
     exported, precision = ModelMetadata.from_onnx(proto), onnx_precision(proto)
     rtol_given = rtol is not None

@@ -19,6 +19,7 @@ batch (the encoding alone took longer than the network at 4 MP):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,6 +33,7 @@ from typing import NamedTuple
 
 import cv2
 
+from ..checks import is_whole
 from ..data import IMAGE_SUFFIXES, images_in, may_be_one_file, not_read_in
 from ..errors import ConfigError, DatasetError, InvalidImageError, NothingScoredError, OutputError
 from ..machine import available_cores
@@ -73,6 +75,10 @@ def expand_inputs(inputs: Sequence[Path | str], out: Path | str | None = None) -
             of `inputs` exists (a mistyped folder: nothing to score, and nothing to replace an earlier
             run with).
     """
+    if isinstance(inputs, (str, os.PathLike)):  # one path given where a list goes: not its characters
+        inputs = [inputs]
+    if not all(isinstance(item, (str, os.PathLike)) for item in inputs):
+        raise DatasetError(f"inputs must be paths of image files or folders, not {inputs!r:.200}")
     missing = [str(item) for item in inputs if not os.path.lexists(item)]
     if inputs and len(missing) == len(inputs):
         raise DatasetError(f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: no such file or folder")
@@ -173,16 +179,33 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     Raises:
         OutputError: `out` is an input's folder, or cannot be written. ConfigError: bad thresholds, or
             overlay_threads below 0. NothingScoredError: none of `paths` could be scored (its `errors` say
-            why for each); `out` is left as it was.
+            why for each); `out` is left as it was. BackendError: the detector failed (or was closed).
     """
-    if overlay_threads is not None and (not isinstance(overlay_threads, int) or overlay_threads < 0):
+    if overlay_threads is not None and (not is_whole(overlay_threads) or overlay_threads < 0):
         raise ConfigError(f"overlay_threads={overlay_threads!r}: give a whole number of threads, 0 or more "
                           "(None: one per core, at most 4)")
     if isinstance(paths, ExpandedInputs):  # expand_inputs' result as it comes
         paths, left_out = paths.paths, [*paths.left_out, *left_out]
+    paths, out = [Path(path) for path in paths], Path(out)  # str as well as Path, as everywhere else
+    if (out / RESULTS_NAME).is_dir():  # found only after the overlays were in place, which then had no record
+        raise OutputError(f"{out / RESULTS_NAME} is a folder, where this run writes its results; move it away, or "
+                          "choose another --out")
     chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma,
                                 detector.map_stats, threshold_scoring(detector.metadata.training))
+    made = not out.exists()
     check_output_folder(out, paths)
+    try:
+        return _predict_into(detector, paths, out, overlays, advance, chosen, left_out, overlay_threads)
+    except BaseException:
+        if made:  # a folder made for this run, left empty by its failure
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _predict_into(detector: Detector, paths: list[Path], out: Path, overlays: bool, advance, chosen,
+                  left_out: Sequence[dict], overlay_threads: int | None) -> dict:
+    """predict_to_folder's work, once its arguments are checked and `out` is made."""
     earlier_overlays = overlays_listed_in(out / RESULTS_NAME)
     names = overlay_names(paths, replaceable(out, earlier_overlays)) if overlays else []
     with staging_folder(out) as staging:

@@ -148,6 +148,8 @@ class StreamingInspector:
         self.overlap = int(overlap)
         self.stride = self.tile_height - self.overlap
         self.max_defect_rows = int(max_defect_rows)
+        if on_rows is not None and not callable(on_rows):  # else every push would fail, after scoring
+            raise ConfigError(f"on_rows must be a function of (first row, rows) or None, not {type(on_rows).__name__}")
         self.on_rows = on_rows  # called with (first row, final strip map rows) as rows become final
         self._unshown: list[tuple[int, np.ndarray]] = []  # final rows for on_rows, shown after each call
         self._undelivered: list[StripDefect] = []  # found, not yet returned: on_rows raised, or an interruption

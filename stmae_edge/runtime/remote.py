@@ -136,6 +136,7 @@ class RemoteDetector(ImageScorer):
             for i, message in enumerate(errors.reshape(-1)):
                 if message:
                     text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
+                    text = " ".join(text.split())[:300]  # a server's text: one line, whatever it sent
                     raise RemoteError(f"image {offset + i if isinstance(offset, int) else offset[i]}: {text}")
         where = f"{self.url}, model {self.model}: "
         missing = [name for name in (wire.ANOMALY_MAP, wire.SCORE) if name not in outputs]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..checks import is_finite_number, is_whole
 from ..errors import ConfigError
 from ..scoring import DEFAULT_SIGMA
 
@@ -51,6 +52,14 @@ class TrainConfig:
     skip_unreadable: bool = False
 
     def __post_init__(self) -> None:
+        # types first: a float count (epochs=1.5) passed every check below and failed after the backbone pass
+        for name in ("epochs", "batch_size", "max_steps", "max_images", "crop", "crops_per_image",
+                     "corruptions_per_image", "score_folds", "bit_depth", "seed"):
+            if not is_whole(getattr(self, name)):
+                raise ConfigError(f"{name} {getattr(self, name)!r} must be a whole number")
+        for name in ("lr", "weight_decay", "warmup_fraction", "sigma", "defect_weight", "holdout_fraction"):
+            if not is_finite_number(getattr(self, name)):
+                raise ConfigError(f"{name} {getattr(self, name)!r} must be a finite number")
         if self.epochs < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("epochs, batch size and learning rate must be positive")
         if self.max_steps < 0:
