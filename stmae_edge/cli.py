@@ -14,7 +14,7 @@ from . import __version__
 from .engine_plan import DEFAULT_BATCH_TEXT, RTX_COMPUTE_CAPABILITIES_TEXT
 from .errors import ConfigError, StmaeError, first_line
 from .metadata import FILTERING_AE_FAMILY, MAX_BATCH, STMAE_FAMILY
-from .outputs import STOP_SIGNAL_NAMES, forget_folders_made, remove_folders_left_empty
+from .outputs import STOP_SIGNAL_NAMES, record_folders_made, remove_folders_left_empty
 from .preprocessing import TrainedSizes
 from .runtime.backend_table import backend_help
 from .scoring import DEFAULT_SIGMA, Thresholds
@@ -839,7 +839,7 @@ def main() -> None:
         with contextlib.suppress(AttributeError, ValueError):  # a replaced or closed stream
             stream.reconfigure(errors="backslashreplace")
     replaced = _stop_on_signals()
-    forget_folders_made()
+    record_folders_made()
     try:
         code = _run_app()
     except (Exception, KeyboardInterrupt):

@@ -331,9 +331,10 @@ def check_output_folder(out: Path | str, inputs: Iterable[Path | str]) -> Path:
     return out
 
 
-# The folders the checks above made for outputs, in the order made: a command that then fails removes
-# those still empty (remove_folders_left_empty), rather than leave `--out a/b/` behind for nothing
-_FOLDERS_MADE: list[Path] = []
+# The folders the checks above made for outputs, in the order made, while a command runs (None: not
+# recorded, as in a host program, whose calls would add to it for ever): a command that then fails
+# removes those still empty (remove_folders_left_empty), rather than leave `--out a/b/` behind for nothing
+_FOLDERS_MADE: list[Path] | None = None
 
 
 def make_folders(folder: Path) -> None:
@@ -348,19 +349,23 @@ def make_folders(folder: Path) -> None:
         missing.append(above)
         above = above.parent
     Path(folder).mkdir(parents=True, exist_ok=True)
-    _FOLDERS_MADE.extend(reversed(missing))
+    if _FOLDERS_MADE is not None:
+        _FOLDERS_MADE.extend(reversed(missing))
 
 
 def remove_folders_left_empty() -> None:
-    """The folders make_folders made that are still empty, deepest first (after a command failed)."""
+    """The folders make_folders made since record_folders_made that are still empty, deepest first
+    (after a command failed)."""
     while _FOLDERS_MADE:
         with contextlib.suppress(OSError):  # not empty: something was written there, and stays
             _FOLDERS_MADE.pop().rmdir()
 
 
-def forget_folders_made() -> None:
-    """Folders made so far are kept whatever follows (a command starts; one that succeeded ended)."""
-    _FOLDERS_MADE.clear()
+def record_folders_made() -> None:
+    """From now on, the folders made for outputs are remembered for remove_folders_left_empty (a command
+    starts); those made before are kept whatever follows."""
+    global _FOLDERS_MADE
+    _FOLDERS_MADE = []
 
 
 STAGING_PREFIX = ".stmae-edge-staging-"
