@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import check_document, require_model_file
+from .checks import PLAN_SUFFIXES, check_document, require_model_file
 from .errors import CheckpointError, ConfigError, first_line
 from .metadata import ModelMetadata
 from .models.families import build_model, config_from_dict
@@ -108,7 +108,7 @@ def why_unloadable(path: Path) -> str:
             head = f.read(4)
     except OSError as exc:
         return f"it cannot be read ({exc.strerror or exc})"
-    if path.suffix.lower() in (".onnx", ".plan", ".engine"):
+    if path.suffix.lower() in (".onnx", *PLAN_SUFFIXES):
         return f"it is {'an ONNX graph' if path.suffix.lower() == '.onnx' else 'a TensorRT plan'}, not a checkpoint"
     if head != b"PK\x03\x04":  # every checkpoint torch.save writes is a zip archive
         return "it is not a PyTorch file"

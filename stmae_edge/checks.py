@@ -32,6 +32,10 @@ def is_file(path: Path, error: type[StmaeError]) -> bool:
         raise error(f"{path}: cannot be read ({exc.strerror or first_line(exc)})") from exc
 
 
+# What a TensorRT plan file is called: one definition for every reader of model files
+PLAN_SUFFIXES = (".plan", ".engine")
+
+
 def require_model_file(path: Path | str) -> Path:
     """`path`, checked to be a file before any work (or output folder) is started for it.
 

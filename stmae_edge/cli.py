@@ -840,28 +840,30 @@ def main() -> None:
             stream.reconfigure(errors="backslashreplace")
     replaced = _stop_on_signals()
     record_folders_made()
+    succeeded = False
     try:
-        code = _run_app()
-    except (Exception, KeyboardInterrupt):
-        if not _STOPPED_BY:
-            remove_folders_left_empty()
-            raise
-        code = ABORTED_EXIT_CODE  # an error a stopping signal caused, in a library's words
-    except SystemExit as exc:
-        if not _STOPPED_BY:
-            if exc.code not in (0, None):  # an error said in one line: no empty output folder left for it
-                remove_folders_left_empty()
-            raise
-        code = exc.code
+        try:
+            code = _run_app()
+        except (Exception, KeyboardInterrupt):
+            if not _STOPPED_BY:
+                raise
+            code = ABORTED_EXIT_CODE  # an error a stopping signal caused, in a library's words
+        except SystemExit as exc:
+            if not _STOPPED_BY:
+                succeeded = exc.code in (0, None)
+                raise
+            code = exc.code
+        finally:
+            if not _STOPPED_BY:  # (after a stop, _stopped sets what the shutdown needs)
+                for signum, handler in replaced.items():
+                    signal.signal(signum, handler)
+        if _STOPPED_BY or code == ABORTED_EXIT_CODE:  # typer turns Ctrl-C into this exit code, silently
+            code = _stopped()
+        succeeded = code in (0, None)
+        sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(3) from predict, 0 after --help
     finally:
-        if not _STOPPED_BY:  # (after a stop, _stopped sets what the shutdown needs)
-            for signum, handler in replaced.items():
-                signal.signal(signum, handler)
-    if _STOPPED_BY or code == ABORTED_EXIT_CODE:  # typer turns Ctrl-C into this exit code, silently
-        code = _stopped()
-    if code not in (0, None):  # a stopped or failed command leaves no empty output folder of its own
-        remove_folders_left_empty()
-    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(3) from predict, 0 after --help
+        if not succeeded:  # a failed or stopped command leaves no empty output folder of its own behind
+            remove_folders_left_empty()
 
 
 def _run_app() -> int | None:

@@ -15,6 +15,7 @@ import logging
 import math
 from pathlib import Path
 
+from .checks import PLAN_SUFFIXES
 from .errors import ConfigError, StmaeError
 from .metadata import ONNX_METADATA_KEY, ModelMetadata
 from .scoring import Thresholds
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 # The kinds of model file, one table for every command and for the runtime's backends
 # (runtime/backend_table.py): suffixes, what the file is, and how to get from it the file of each other kind.
 FILE_KINDS = {
-    "plan": ((".plan", ".engine"), "a TensorRT plan", {
+    "plan": (PLAN_SUFFIXES, "a TensorRT plan", {
         "onnx": "run the .onnx file it was built from",
         "checkpoint": "run the .pt checkpoint that its .onnx was exported from"}),
     "onnx": ((".onnx",), "an ONNX file", {

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from .checks import PLAN_SUFFIXES
 from .errors import BackendError, CheckpointError, StmaeError, first_line
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def preload_cuda_libraries(ort) -> None:
 # What ONNX Runtime's TensorRT provider opens by name when a session starts (TensorRT 10's sonames)
 TENSORRT_PROVIDER_LIBRARIES = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
 _tensorrt_dll_folders: list = []  # Windows: kept, or the folder leaves the search path again
+_tensorrt_preloaded = False
 
 
 def preload_tensorrt_libraries() -> None:
@@ -128,11 +130,16 @@ def preload_tensorrt_libraries() -> None:
     environment (the tensorrt package itself loads them only when imported, which a runtime without
     plans never does). Loaded by path with their symbols global, so that the provider's own dlopen by
     name finds them loaded; on Windows the folder is added to the DLL search path. A library that does
-    not load is left to the provider's own error, which names it."""
+    not load is left to the provider's own error, which names it. Once per process."""
     import ctypes
     import importlib.util
     import os
 
+    global _tensorrt_preloaded
+    with _preload_lock:
+        if _tensorrt_preloaded:
+            return
+        _tensorrt_preloaded = True
     try:
         spec = importlib.util.find_spec("tensorrt_libs")
     except (ImportError, ValueError):
@@ -182,7 +189,6 @@ def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
 _MAGIC = ((b"PK\x03\x04", "a zip file (a PyTorch checkpoint?)"), (b"\x89PNG", "a PNG image"),
           (b"\xff\xd8\xff", "a JPEG image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
           (b"BM", "a BMP image"), (b"{", "a JSON file (a plan's sidecar?)"))
-PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 
 
 def _what_else(path: Path) -> str | None:

@@ -315,11 +315,15 @@ def test_tensorrt_libraries_of_pips_wheel_are_loaded_for_onnx_runtimes_tensorrt_
     for name in ("libnvinfer.so.10", "libnvonnxparser.so.10", "libnvinfer_builder_resource.so.10.9.0"):
         (package / name).write_bytes(b"not really a library")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(onnx_files, "_tensorrt_preloaded", False)
     with caplog.at_level("INFO", logger="stmae_edge.onnx_files"):
         onnx_files.preload_tensorrt_libraries()  # the stand-ins do not load: said at info, no exception
     assert "libnvinfer.so.10: not loaded" in caplog.text
     loaded = []
     monkeypatch.setattr(ctypes, "CDLL", lambda path, mode=0: loaded.append((path.rpartition("/")[2], mode)))
+    onnx_files.preload_tensorrt_libraries()
+    assert loaded == []  # once per process: every Detector after the first finds them loaded
+    monkeypatch.setattr(onnx_files, "_tensorrt_preloaded", False)
     onnx_files.preload_tensorrt_libraries()
     assert loaded == [("libnvinfer.so.10", ctypes.RTLD_GLOBAL), ("libnvonnxparser.so.10", ctypes.RTLD_GLOBAL)]
 

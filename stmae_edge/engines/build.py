@@ -190,14 +190,11 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    # The graph as bytes: parse_from_file opens its path as a narrow string, which Windows reads in its
-    # code page, so a folder named outside ASCII (a user name with an umlaut) "failed to parse". The
-    # path is handed over only where tensors keep their data beside the graph (never in our exports).
-    try:
-        graph = onnx_path.read_bytes()
-    except OSError as exc:
-        raise ExportError(f"{onnx_path}: cannot read it ({exc.strerror or exc})") from exc
-    if not parser.parse(graph, str(onnx_path) if has_external_data(proto) else None):
+    # The graph load_onnx read and checked, as bytes: parse_from_file would read the file again (another
+    # file, if it was swapped meanwhile) and opens its path as a narrow string, which Windows reads in its
+    # code page (a folder named with an umlaut "failed to parse"). The path is handed over only where
+    # tensors keep their data beside the graph (never in our exports).
+    if not parser.parse(proto.SerializeToString(), str(onnx_path) if has_external_data(proto) else None):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0] if errors else None
         where = f" at node {first.node_name()!r} ({first.node_operator()})" if first and first.node_name() else ""

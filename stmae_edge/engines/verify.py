@@ -40,9 +40,8 @@ def verify(onnx_path: Path | str, checkpoint: Path | str, images: Sequence[Path]
         DatasetError: no images to verify with. InvalidImageError: an image cannot be read.
         CheckpointError: an unreadable or modified checkpoint or graph metadata.
     """
-    if (isinstance(batch_sizes, (str, bytes)) or not hasattr(batch_sizes, "__iter__")
-            or not (batch_sizes := list(batch_sizes))
-            or not all(is_whole(b) and 1 <= b <= MAX_BATCH for b in batch_sizes)):
+    sizes = list(batch_sizes) if isinstance(batch_sizes, (list, tuple)) else []
+    if not sizes or not all(is_whole(b) and 1 <= b <= MAX_BATCH for b in sizes):
         raise ConfigError(f"batch sizes {batch_sizes!r} must be a list of whole numbers from 1 to {MAX_BATCH}")
     if rtol is not None and (not is_finite_number(rtol) or rtol <= 0):
         raise ConfigError(f"rtol {rtol!r} must be a number above 0 (the largest relative difference allowed)")

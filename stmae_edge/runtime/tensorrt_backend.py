@@ -155,9 +155,9 @@ class TensorRTBackend:
         # TensorRT for RTX captures and replays its own CUDA graphs, per shape, when its runtime config asks
         # (NVIDIA's samples/apiUsage); capturing the stream here would need plans built with
         # REQUIRE_USER_ALLOCATION, and is_stream_capturable says no without it
-        self._own_graphs = cuda_graph and flavour == "tensorrt-rtx" and self._context_with_own_graphs(trt)
-        if not self._own_graphs:
-            self._context = self._engine.create_execution_context()
+        own = self._context_with_own_graphs(trt) if cuda_graph and flavour == "tensorrt-rtx" else None
+        self._own_graphs = own is not None
+        self._context = own or self._engine.create_execution_context()
         names = {self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)}
         if not set(_TENSORS) <= names:
             raise EngineMismatchError(f"{plan_path}: tensors {sorted(names)} are not a stmae-edge model's "
@@ -179,21 +179,20 @@ class TensorRTBackend:
                   else (", CUDA graphs not possible for this engine" if cuda_graph else ""))
         self.provider = f"{flavour} {version} (cuda-python{graphs})"
 
-    def _context_with_own_graphs(self, trt) -> bool:
-        """The execution context made with TensorRT for RTX's whole-graph capture; False where this
-        version has no such runtime config (before 1.2), and the context is left to be made plainly."""
+    def _context_with_own_graphs(self, trt):
+        """An execution context with TensorRT for RTX's whole-graph capture; None where this version has
+        no such runtime config (before 1.2) or it refuses, and the context is to be made plainly."""
         strategy = getattr(getattr(trt, "CudaGraphStrategy", None), "WHOLE_GRAPH_CAPTURE", None)
         if strategy is None or not hasattr(self._engine, "create_runtime_config"):
-            return False
+            return None
         try:
             config = self._engine.create_runtime_config()
             config.cuda_graph_strategy = strategy
-            self._context = self._engine.create_execution_context(config)
+            return self._engine.create_execution_context(config)
         except (AttributeError, TypeError, RuntimeError) as exc:
             logger.warning("TensorRT for RTX's own CUDA graphs could not be set up (%s); capturing the stream "
                            "instead where the engine allows", first_line(exc))
-            return False
-        return self._context is not None
+            return None
 
     def _call(self, result, what: str, hint: str = ""):
         """cuda-python returns (error, *values): raise a typed error unless it succeeded."""
