@@ -36,6 +36,7 @@ BIT_DEPTH_HELP = ("significant bits of 16-bit pixels: 10 or 12 for Mono10/Mono12
 _TRAINING = TrainConfig()
 EPOCHS, MAX_STEPS, BATCH_SIZE, LR = _TRAINING.epochs, _TRAINING.max_steps, _TRAINING.batch_size, _TRAINING.lr
 HOLDOUT, CORRUPTIONS, ASPECT = _TRAINING.holdout_fraction, _TRAINING.corruptions_per_image, _TRAINING.aspect
+COLOR = _TRAINING.color
 SCORE_FOLDS, CROPS_PER_IMAGE, BIT_DEPTH = _TRAINING.score_folds, _TRAINING.crops_per_image, _TRAINING.bit_depth
 
 
@@ -146,6 +147,9 @@ def train(
                                "kept, mirror-padded; stretch: resize it to the input; auto: keep where the "
                                "training images' shapes differ (kept in the model; maps always come back "
                                "laid out over each image)"),
+    color: str = typer.Option(COLOR, help="gray: read every image as gray, colour ones converted; rgb: read "
+                              "colour images in colour; auto: gray where every good image is gray (kept in "
+                              "the model)"),
     skip_unreadable: bool = typer.Option(False, "--skip-unreadable", metavar=FLAG, help="leave out good images that cannot "
                                          "be read or decoded, with a warning naming them (without it, training "
                                          "stops before it starts and names them all)"),
@@ -169,7 +173,7 @@ def train(
                       holdout_dir=str(holdout_dir or ""), score_folds=score_folds,
                       max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
                       self_supervised=self_supervised, corruptions_per_image=corruptions_per_image,
-                      bit_depth=bit_depth, aspect=aspect, skip_unreadable=skip_unreadable)
+                      bit_depth=bit_depth, aspect=aspect, color=color, skip_unreadable=skip_unreadable)
     meta = run_train(data_dir, _model_out(out, "checkpoint"), _model_config(family, preset_name, backbone), cfg,
                      backbone_weights)
     t = meta.training
@@ -178,7 +182,8 @@ def train(
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out "
                f"({t['holdout']}){left_out}{head}, "
                f"final loss {t['loss_per_epoch'][-1]:.4f} after {len(t['loss_per_epoch'])} epoch(s), {t['seconds']:.0f}s; "
-               f"threshold {meta.thresholds.image:.6g} ({meta.thresholds.rule}); input shape: {t['aspect']}")
+               f"threshold {meta.thresholds.image:.6g} ({meta.thresholds.rule}); input shape: {t['aspect']}; "
+               f"colour: {t['color']}")
     # With --crop the statistics come from crops of the held-out images: count what was scored.
     typer.echo(holdout_check(t["holdout_above_threshold"], meta.score_stats.count, "crops" if cfg.crop else "images",
                              scored=threshold_scoring(t)))

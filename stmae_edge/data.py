@@ -26,6 +26,7 @@ from .preprocessing import (
     declared_image_size,
     decode,
     load_image,
+    looks_gray,
     mirror_pad,
     read_image_bytes,
     shown_size,
@@ -126,6 +127,7 @@ class SurveyedImages:
     digests: dict[Path, str]
     unreadable: list[str]
     turned: tuple[Path, ...] = ()  # read turned or mirrored by their files' orientation tags (EXIF)
+    colour: tuple[Path, ...] = ()  # whose pixels are not gray (preprocessing.looks_gray)
 
 
 def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
@@ -148,7 +150,7 @@ def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
     if not paths:
         return SurveyedImages([], {}, {}, [])
 
-    def examine(path: Path) -> tuple[tuple[int, int], str, bool] | str:
+    def examine(path: Path) -> tuple[tuple[int, int], str, bool, bool] | str:
         try:
             raw = read_image_bytes(path)
             size = shown_size(raw)
@@ -156,20 +158,22 @@ def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
             check_image(pixels, str(path))
         except InvalidImageError as exc:
             return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-        return size, pixel_digest(pixels) if digests else "", turned_by_its_file(raw)
+        return size, pixel_digest(pixels) if digests else "", turned_by_its_file(raw), not looks_gray(pixels)
 
-    sizes, found, unreadable, turned = {}, {}, [], []
+    sizes, found, unreadable, turned, colour = {}, {}, [], [], []
     bar = progress_bar(f"reading {role}", len(paths)) if progress else contextlib.nullcontext(lambda n=1: None)
     with bar as advance, ThreadPoolExecutor(max_workers=min(SURVEY_THREADS, len(paths))) as pool:
         for path, outcome in zip(paths, pool.map(examine, paths), strict=True):  # in order, as they finish
             if isinstance(outcome, str):
                 unreadable.append(outcome)
             else:
-                sizes[path], digest, was_turned = outcome
+                sizes[path], digest, was_turned, is_colour = outcome
                 if digests:
                     found[path] = digest
                 if was_turned:
                     turned.append(path)
+                if is_colour:
+                    colour.append(path)
             advance()
     if unreadable:
         named = "; ".join(unreadable[:UNREADABLE_NAMED])
@@ -178,7 +182,7 @@ def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
             raise DatasetError(f"{len(unreadable)} of {len(paths)} {role} cannot be read: {named}{more}. {remedy}")
         logger.warning("%d of %d %s cannot be read and are left out: %s%s", len(unreadable),
                        len(paths), role, named, more)
-    return SurveyedImages([p for p in paths if p in sizes], sizes, found, unreadable, tuple(turned))
+    return SurveyedImages([p for p in paths if p in sizes], sizes, found, unreadable, tuple(turned), tuple(colour))
 
 
 def pixel_digest(pixels: np.ndarray) -> str:

@@ -19,9 +19,10 @@ from .scoring import ScoreStats, Thresholds
 SCHEMA = "stmae-edge/metadata"
 # Version 2 adds `map_stats` (models with a score head). Files without them are still written as
 # version 1, so that older runtimes keep reading them; an older runtime refuses a version 2 file rather
-# than measure its map on the score's scale.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# than measure its map on the score's scale. Version 3 adds gray models (preprocessing color "gray"),
+# which an older runtime would feed colour images in colour: it refuses them by the version instead.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ONNX_METADATA_KEY = "stmae_edge.metadata"  # metadata_props key holding to_dict() as JSON
 PRECISION_KEY = "stmae_edge.precision"  # metadata_props: the graph's compute precision (fp32, fp16, int8)
 
@@ -73,6 +74,13 @@ class ModelMetadata:
         """What a map value is measured against: the good maps' maxima, or the scores where they are the same."""
         return self.map_stats or self.score_stats
 
+    @property
+    def schema_version(self) -> int:
+        """The oldest version that holds everything this model needs: older runtimes read the rest."""
+        if self.preprocessing.color == "gray":
+            return 3
+        return 2 if self.map_stats is not None else 1
+
     def check_input_size(self, shape, source) -> None:
         """Raises EngineMismatchError when the network in `source` takes images of another (H, W) than
         the preprocessing recorded with it."""
@@ -86,7 +94,7 @@ class ModelMetadata:
             extra["trained_sizes"] = self.trained_sizes.to_dict()
         d = {
             "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION if self.map_stats is not None else 1,
+            "schema_version": self.schema_version,
             "model_family": self.model_family,
             "config": self.config,
             "preprocessing": self.preprocessing.to_dict(),

@@ -1,8 +1,13 @@
 """The one definition of preprocessing, shared by training, evaluation, export and the runtime.
 
 numpy and OpenCV only (no torch), so the edge runtime uses exactly the code that training used.
-Pipeline: decode (8- or 16-bit, gray, colour or with alpha) -> float in [0, 1] (uint16: bit_depth bits) -> RGB -> resize to the
-model's input size -> (x - mean) / std per channel -> NCHW float32.
+Pipeline: decode (8- or 16-bit, gray, colour or with alpha) -> float in [0, 1] (uint16: bit_depth bits)
+-> [gray models: colour to gray] -> resize to the model's input size -> RGB (gray replicated) ->
+(x - mean) / std per channel -> NCHW float32.
+
+A model trained on gray images (`color="gray"`, chosen by `train` where every good image is gray) reads
+colour images as gray, as it learnt them: a colour camera on a line trained with a mono one, or a mono
+camera's frames saved as colour files, are scored on the intensities the model knows.
 
 With `keep_aspect` the resize keeps the image's aspect ratio (its long side fills the input) and the
 rest of the input is the image mirrored, centred (`content_box`); the network's maps then cover more
@@ -33,6 +38,11 @@ MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_INPUT_SIDE = 4096
 
+COLORS = ("rgb", "gray")  # Preprocessing.color
+# An image whose channels differ by at most this, on average over its pixels and relative to its
+# brightest value, is gray: a mono camera's frames saved as colour JPEGs differ by a level or two.
+GRAY_SPREAD_AT_MOST = 0.02
+
 ImageInput = str | os.PathLike | np.ndarray
 
 
@@ -49,7 +59,9 @@ class Preprocessing:
     """How an image becomes the model's input tensor. Stored in every checkpoint and ONNX file."""
 
     input_size: tuple[int, int] = (256, 256)  # (height, width) fed to the network
-    color: str = "rgb"  # the network sees RGB; gray input is replicated to three channels
+    # "rgb": the network sees colour images' channels, gray images replicated to three; "gray": every
+    # image is read as gray (colour converted, 0.299 R + 0.587 G + 0.114 B) and replicated to three.
+    color: str = "rgb"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # on [0, 1] intensities
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     layout: str = "NCHW"
@@ -63,9 +75,9 @@ class Preprocessing:
     keep_aspect: bool = False
 
     def __post_init__(self) -> None:
-        if self.color != "rgb" or self.layout != "NCHW":
+        if self.color not in COLORS or self.layout != "NCHW":
             raise ConfigError(f"unsupported preprocessing color={self.color!r} layout={self.layout!r}; "
-                              "only rgb/NCHW is implemented")
+                              f"color is one of {', '.join(COLORS)}, layout NCHW")
         if self.resize not in _INTERPOLATION:
             raise ConfigError(f"unknown resize mode {self.resize!r}; use one of {sorted(_INTERPOLATION)}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -122,8 +134,11 @@ class Preprocessing:
     def tensor(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """A decoded image (H, W[, C], uint8/uint16/float) -> normalised (3, H, W) float32, into `out`
         if given. Resizing happens before the gray-to-RGB and channel-order steps: resize works per
-        channel, so the result is the same as converting first, at a fraction of the work."""
+        channel, so the result is the same as converting first, at a fraction of the work. A gray model's
+        colour image is made gray first, for the same reason."""
         x = to_float(image, self.bit_depth)
+        if self.color == "gray" and x.ndim == 3 and x.shape[2] == 3:
+            x = cv2.cvtColor(x, cv2.COLOR_BGR2GRAY)
         height, width = self.input_size
         if self.keep_aspect:
             top, left, box_height, box_width = self.content_box(*x.shape[:2])
@@ -430,6 +445,21 @@ def check_image(array: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXE
             raise InvalidImageError(f"{source}: float pixels range {low:g}..{high:g}; float images must be "
                                     "in [0, 1] (values of 0..255 or 0..65535: store or pass them as 8- or 16-bit "
                                     "integers)")
+
+
+def looks_gray(image: np.ndarray) -> bool:
+    """Whether decoded pixels (H, W[, C], OpenCV's channel order) are gray: one channel, or colour
+    channels that differ by at most GRAY_SPREAD_AT_MOST (alpha ignored). Read on a grid of about 64
+    thousand pixels, so a large frame costs no more than a small one."""
+    if image.ndim == 2 or image.shape[2] == 1:
+        return True
+    step = max(1, int((image.shape[0] * image.shape[1] / 65536) ** 0.5))
+    pixels = image[::step, ::step, :3].astype(np.float32)
+    peak = float(pixels.max())
+    if peak <= 0:
+        return True
+    spread = float((pixels.max(axis=2) - pixels.min(axis=2)).mean())
+    return spread <= GRAY_SPREAD_AT_MOST * peak
 
 
 def mirror_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:

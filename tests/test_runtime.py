@@ -51,7 +51,7 @@ def images(synthetic_dataset, tmp_path_factory):
 
 def test_runtime_and_training_preprocess_files_identically(tiny_export, detector, images):
     _, metadata = load_model(tiny_export[0])
-    training = preprocessing_for(STMAEConfig.from_dict(metadata.config))
+    training = preprocessing_for(STMAEConfig.from_dict(metadata.config), color="gray")  # the synthetic parts are gray
     assert detector.preprocessing == training == metadata.preprocessing
     paths, arrays = images
     from_training = training(paths)  # what train.score_images feeds the network

@@ -35,7 +35,10 @@ def test_a_score_head_gives_the_pixel_threshold_its_own_statistics():
     assert md.map_stats is None and md.region_stats == md.score_stats and "map_stats" not in md.to_dict()
     assert md.to_dict()["schema_version"] == 1  # readable by older runtimes
     md.map_stats = maxima
-    assert md.to_dict()["schema_version"] == SCHEMA_VERSION == 2  # refused by them
+    assert md.to_dict()["schema_version"] == 2  # refused by them
+    gray = ModelMetadata(**{**md.__dict__, "preprocessing": Preprocessing(color="gray")})
+    assert gray.to_dict()["schema_version"] == SCHEMA_VERSION == 3  # a runtime that would read colour refuses it
+    assert ModelMetadata.from_json(gray.to_json()).preprocessing.color == "gray"
     again = ModelMetadata.from_json(md.to_json())
     assert again.map_stats == maxima == again.region_stats and again.to_dict() == md.to_dict()
     with pytest.raises(CheckpointError, match="malformed"):

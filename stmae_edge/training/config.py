@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from ..scoring import DEFAULT_SIGMA
 
 ASPECT_CHOICES = ("auto", "keep", "stretch")
+COLOR_CHOICES = ("auto", "gray", "rgb")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TrainConfig:
     defect_weight: float = 20.0  # filtering AE: extra loss weight on corrupted pixels (FilteringAutoencoder.loss)
     bit_depth: int = 16  # significant bits of uint16 training images (Preprocessing.bit_depth), kept in the model
     aspect: str = "auto"  # "keep" (Preprocessing.keep_aspect), "stretch", or "auto": keep where shapes vary
+    color: str = "auto"  # "gray", "rgb" (Preprocessing.color), or "auto": gray where every good image is gray
     # Every good image is decoded before training starts; one that cannot be stops the run there, unless
     # this leaves such files out (with a warning; their count kept in the checkpoint).
     skip_unreadable: bool = False
@@ -77,4 +79,6 @@ class TrainConfig:
             raise ConfigError(f"holdout fraction {self.holdout_fraction} must be between 0 and 1")
         if self.aspect not in ASPECT_CHOICES:
             raise ConfigError(f"aspect {self.aspect!r}: use one of {', '.join(ASPECT_CHOICES)}")
+        if self.color not in COLOR_CHOICES:
+            raise ConfigError(f"color {self.color!r}: use one of {', '.join(COLOR_CHOICES)}")
 

@@ -45,6 +45,7 @@ class GoodImages:
     holdout_source: str  # where the held-out images come from, in words
     sizes: dict[Path, tuple[int, int]]  # every image's (height, width) as shown
     left_out: list[str]  # the messages of unreadable files left out (skip_unreadable)
+    colour: tuple[Path, ...] = ()  # those whose pixels are not gray (preprocessing.looks_gray)
 
 
 def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
@@ -74,7 +75,7 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
     if not cfg.holdout_dir:
         warn_about_copies(goods)
         train, holdout = split_holdout(goods.paths, cfg.holdout_fraction, cfg.seed)
-        return GoodImages(train, holdout, "drawn at random from train/good", goods.sizes, goods.unreadable)
+        return GoodImages(train, holdout, "drawn at random from train/good", goods.sizes, goods.unreadable, goods.colour)
     if len(goods.paths) < 2:
         raise DatasetError(f"{len(goods.paths)} training image(s): training needs at least two")
     held = data.images_in(cfg.holdout_dir)
@@ -94,7 +95,7 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
         raise DatasetError(f"{cfg.holdout_dir}: {count} also in train/good (first: {first.name}, the same "
                            f"pixels as {twin.name}); hold out good images of parts that train/good does not show")
     return GoodImages(list(goods.paths), held.paths, f"from {cfg.holdout_dir}", goods.sizes | held.sizes,
-                      goods.unreadable + held.unreadable)
+                      goods.unreadable + held.unreadable, goods.colour + held.colour)
 
 
 def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
@@ -120,6 +121,24 @@ def choose_keep_aspect(cfg: TrainConfig, paths: Sequence[Path],
     why = (f"training images' width/height from {ratios.min():.2f} to {ratios.max():.2f}: "
            + ("aspect kept, mirror-padded" if keep else "stretched to the input"))
     return keep, why
+
+
+def choose_color(cfg: TrainConfig, goods: GoodImages) -> tuple[str, str]:
+    """(Preprocessing.color, why), for TrainConfig.color: "auto" reads images as gray where every good
+    image is gray, so that a colour camera's frames later are scored on the intensities the model learnt."""
+    count = len(goods.train) + len(goods.holdout)
+    colour = len(goods.colour)
+    if cfg.color == "auto":
+        if not colour:
+            return "gray", f"all {count} good images are gray: images are read as gray (colour ones converted)"
+        return "rgb", (f"{colour} of {count} good images are colour (first: {goods.colour[0].name}): images are "
+                       "read in colour")
+    if cfg.color == "gray" and colour:
+        logger.info("--color gray: %d of %d good images are colour and are read as gray", colour, count)
+    if cfg.color == "rgb" and not colour:
+        logger.info("--color rgb: all %d good images are gray; a colour image later will look unlike every one of "
+                    "them", count)
+    return cfg.color, f"--color {cfg.color}"
 
 
 def warn_about_sizes(sizes: dict[Path, tuple[int, int]], input_size: int, keep_aspect: bool) -> None:

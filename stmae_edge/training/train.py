@@ -39,7 +39,7 @@ from ..progress import progress_bar
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
 from .corruption import corrupt
 from .filtering import DONORS, train_filtering
-from .image_set import choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
+from .image_set import choose_color, choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
 from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
 from .memory import kept_bytes_per_image, warn_if_short
 
@@ -53,14 +53,14 @@ def seed_everything(seed: int) -> None:
 
 
 def preprocessing_for(config: STMAEConfig | FilteringAEConfig, bit_depth: int = 16,
-                      keep_aspect: bool = False) -> Preprocessing:
+                      keep_aspect: bool = False, color: str = "rgb") -> Preprocessing:
     """ST-MAE normalises as its backbone was trained; the filtering autoencoder takes the default."""
     size = (config.input_size, config.input_size)
     if isinstance(config, FilteringAEConfig):
-        return Preprocessing(input_size=size, bit_depth=bit_depth, keep_aspect=keep_aspect)
+        return Preprocessing(input_size=size, bit_depth=bit_depth, keep_aspect=keep_aspect, color=color)
     norm = BACKBONE_PREPROCESSING[config.backbone]
     return Preprocessing(input_size=size, mean=norm["mean"], std=norm["std"], bit_depth=bit_depth,
-                         keep_aspect=keep_aspect)
+                         keep_aspect=keep_aspect, color=color)
 
 
 @torch.no_grad()
@@ -236,7 +236,9 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     logger.info("input shape: %s", aspect_reason)
     if not cfg.crop:  # crops are cut at the input size: neither enlarged nor squashed
         warn_about_sizes(size_of, model_config.input_size, keep_aspect)
-    preprocessing = preprocessing_for(model_config, cfg.bit_depth, keep_aspect)
+    color, color_reason = choose_color(cfg, goods)
+    logger.info("colour: %s", color_reason)
+    preprocessing = preprocessing_for(model_config, cfg.bit_depth, keep_aspect, color)
     if cfg.bit_depth == 16:
         hint_bit_depth(paths)
     # What the runtime accepts: crops are the model's whole input; whole images come in their sizes.
@@ -291,6 +293,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             "threshold_scores": int(len(holdout_scores)),  # of how many: every good image's, where cross-fitted
             "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
             "aspect": aspect_reason,
+            "color": color_reason,
             **provenance,
             "train_config": asdict(cfg),
             "loss_per_epoch": history,
