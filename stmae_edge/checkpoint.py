@@ -21,6 +21,7 @@ from .errors import CheckpointError, ConfigError, first_line
 from .metadata import ModelMetadata
 from .models.families import build_model, config_from_dict
 from .outputs import check_writable, written_atomically
+from .weight_files import check_archive, check_weights
 
 FORMAT = "stmae-edge/checkpoint"
 
@@ -49,6 +50,7 @@ def save_checkpoint(path: Path | str, model: torch.nn.Module, metadata: ModelMet
 
 def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Tensor]]:
     path = require_model_file(path)
+    check_archive(path, CheckpointError)
     try:
         with warnings.catch_warnings():  # torch's warnings about a file it refuses would precede our one line
             warnings.simplefilter("ignore")
@@ -62,43 +64,11 @@ def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Te
         raise CheckpointError(f"{path}: model file without metadata or weights; it is corrupt")
     metadata = ModelMetadata.from_dict(check_document(blob["metadata"], f"{path}: the metadata", CheckpointError))
     state = blob["state_dict"]
-    check_weights(state, path)
+    check_weights(state, path, CheckpointError)
     if model_digest(state, metadata) != metadata.model_hash:
         raise CheckpointError(f"{path}: contents do not match their recorded sha256; the file is corrupt "
                               "or was modified, re-train or copy it again")
     return metadata, state
-
-
-# The dtypes stmae-edge's models have; anything else (quantized, complex, ...) is not one of its files.
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
-                 torch.bool)
-
-
-def check_weights(state: dict, path: Path) -> None:
-    """Plain dense tensors under string names, each holding its own bytes, no more in all than the
-    file: a 4 KB file can otherwise hold a tensor expanded to 256 GB, which the digest would read.
-
-    Raises:
-        CheckpointError: naming the first weight that is not such a tensor.
-    """
-    total = 0
-    for name, tensor in state.items():
-        if not isinstance(name, str):
-            raise CheckpointError(f"{path}: a weight named {name!r}, not by a string; the file is corrupt")
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"{path}: weight {name!r} is not a tensor; the file is corrupt")
-        if tensor.layout != torch.strided or tensor.is_quantized or tensor.dtype not in WEIGHT_DTYPES:
-            raise CheckpointError(f"{path}: weight {name!r} is a {tensor.layout} {tensor.dtype} tensor, which "
-                                  "stmae-edge does not write; the file is corrupt or not from stmae-edge")
-        size = tensor.numel() * tensor.element_size()
-        if size > tensor.untyped_storage().nbytes():
-            raise CheckpointError(f"{path}: weight {name!r} claims {size:,} bytes from {tensor.untyped_storage().nbytes():,} "
-                                  "of storage (an expanded view); the file is corrupt or crafted")
-        total += size
-    file_size = path.stat().st_size
-    if total > file_size:
-        raise CheckpointError(f"{path}: its weights claim {total:,} bytes, more than the {file_size:,}-byte file "
-                              "holds (shared storage); the file is corrupt or crafted")
 
 
 def why_unloadable(path: Path) -> str:
@@ -141,6 +111,7 @@ def load_model(path: Path | str) -> tuple[torch.nn.Module, ModelMetadata]:
     if metadata.preprocessing.input_size != (config.input_size, config.input_size):
         raise CheckpointError(f"{path}: preprocessing input size {metadata.preprocessing.input_size} does not "
                               f"match the model's {config.input_size}; the file is inconsistent")
+    check_architecture(metadata.model_family, config, state, path)
     model = build_model(metadata.model_family, config)
     try:
         model.load_state_dict(state, strict=True)
@@ -148,3 +119,33 @@ def load_model(path: Path | str) -> tuple[torch.nn.Module, ModelMetadata]:
         raise CheckpointError(f"{path}: weights do not fit the recorded architecture: "
                               f"{first_line(exc)}") from exc
     return model.eval(), metadata
+
+
+# What a config makes on the CPU before any weight is loaded (ST-MAE's token index tables, 8 bytes
+# a token, a few of them): a default model's take 16 KB.
+MAX_DERIVED_BYTES = 256 * 1024 * 1024
+
+
+def check_architecture(family: str, config, state: dict[str, torch.Tensor], path: Path) -> None:
+    """The weights' names and shapes against the architecture the config describes, built on the meta
+    device (no memory): a config that a file's author made huge (a 100,000-wide encoder) is refused
+    before anything is allocated, not after the build has run out of memory.
+
+    Raises:
+        CheckpointError: the config would build more than MAX_DERIVED_BYTES of tables, or the weights
+            do not have its names and shapes.
+    """
+    tokens = getattr(config, "tokens_per_side", 0) ** 2
+    if tokens * 8 * 8 > MAX_DERIVED_BYTES:
+        raise CheckpointError(f"{path}: its config asks for {tokens:,} tokens, which no stmae-edge model has; "
+                              "the file is corrupt or crafted")
+    with torch.device("meta"):
+        skeleton = build_model(family, config).state_dict()
+    missing = sorted(set(skeleton) - set(state))
+    unexpected = sorted(set(state) - set(skeleton))
+    wrong = sorted(name for name in skeleton.keys() & state.keys() if skeleton[name].shape != state[name].shape)
+    for what, names in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)):
+        if names:
+            listed = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+            raise CheckpointError(f"{path}: weights do not fit the recorded architecture: {what} {listed}; "
+                                  "the file is inconsistent, re-train with this version")

@@ -24,7 +24,10 @@ FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _JPEG_SOS = 0xDA
 MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10
-_TIFF_WIDTH, _TIFF_LENGTH = 256, 257
+_TIFF_WIDTH, _TIFF_LENGTH, _TIFF_BITS, _TIFF_SAMPLES = 256, 257, 258, 277
+_TIFF_SIZE_TAGS = (_TIFF_WIDTH, _TIFF_LENGTH, _TIFF_BITS, _TIFF_SAMPLES)
+# What a decoded image may take: 64M pixels (preprocessing.MAX_IMAGE_PIXELS) of four 16-bit samples.
+MAX_DECODED_BYTES = 512 * 1024 * 1024
 _TIFF_SHORT, _TIFF_LONG, _TIFF_LONG8 = 3, 4, 16
 _TIFF_MAX_ENTRIES = 4096  # a real first directory has a few dozen
 _PNG_MAX_CHUNKS = 100_000  # 256 MB in 8 KB IDAT chunks is 32,000
@@ -169,11 +172,12 @@ def _tiff_size(data) -> tuple[int, int]:
     if count > _TIFF_MAX_ENTRIES:
         raise InvalidImageError(f"TIFF directory claims {count} entries; the file is corrupt")
     entry_size, first = (20, offset + 8) if big else (12, offset + 2)
+    inline = 8 if big else 4  # bytes of value an entry holds itself; longer values sit at an offset
     sizes: dict[int, int] = {}
     for k in range(count):
         at = first + k * entry_size
         tag, kind = number(at, 2), number(at + 2, 2)
-        if tag not in (_TIFF_WIDTH, _TIFF_LENGTH):
+        if tag not in _TIFF_SIZE_TAGS:
             continue
         value_at = at + (12 if big else 8)
         width = {_TIFF_SHORT: 2, _TIFF_LONG: 4, _TIFF_LONG8: 8}.get(kind)
@@ -181,10 +185,21 @@ def _tiff_size(data) -> tuple[int, int]:
             raise InvalidImageError(f"TIFF size tag {tag} has type {kind}; the file is corrupt")
         if tag in sizes:  # libtiff would take one and OpenCV allocate for it: which one is not ours to guess
             raise InvalidImageError(f"TIFF directory gives tag {tag} twice; the file is corrupt")
+        values = number(at + 4, inline)
+        if tag == _TIFF_BITS and values * width > inline:  # one value per sample, the first read: all are equal
+            value_at = number(value_at, inline)
         sizes[tag] = number(value_at, width)
     if _TIFF_WIDTH not in sizes or _TIFF_LENGTH not in sizes:
         raise InvalidImageError("TIFF without an image width and length; the file is corrupt")
-    return _checked(sizes[_TIFF_WIDTH], sizes[_TIFF_LENGTH], "TIFF")
+    width, height = _checked(sizes[_TIFF_WIDTH], sizes[_TIFF_LENGTH], "TIFF")
+    # The pixel cap alone lets 64M pixels of four 64-bit samples through: 2 GiB once OpenCV decodes them.
+    samples, bits = sizes.get(_TIFF_SAMPLES, 1), sizes.get(_TIFF_BITS, 1)
+    decoded = width * height * samples * -(-bits // 8)
+    if decoded > MAX_DECODED_BYTES:
+        raise InvalidImageError(f"TIFF declares {width}x{height} pixels of {samples} {bits}-bit samples, "
+                                f"{decoded:,} bytes once decoded, above the {MAX_DECODED_BYTES:,} allowed; "
+                                "save it with fewer channels or bits (8- or 16-bit gray or colour)")
+    return width, height
 
 
 _EXIF_ORIENTATION = 0x0112

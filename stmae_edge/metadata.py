@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .checks import parse_document
-from .errors import CheckpointError, EngineMismatchError
+from .errors import CheckpointError, ConfigError, EngineMismatchError
 from .preprocessing import Preprocessing, TrainedSizes
 from .scoring import ScoreStats, Thresholds
 
@@ -30,9 +30,19 @@ PRECISION_KEY = "stmae_edge.precision"  # metadata_props: the graph's compute pr
 # training: a digest of these entries (METADATA_DIGEST_KEY) is written with them and checked on reading,
 # so a hand-edited file is refused instead of giving other verdicts without a word. The thresholds are
 # not among them: `stmae-edge threshold --write` moves them. Files from before the digest have none and
-# are read as before.
+# are read as before. It catches accidents and hand edits, not forgery: anyone can recompute a sha256
+# (or delete the entry), so a model file from an untrusted source is checked for what it could do
+# (bounded sizes, types, no code; checkpoint.py, onnx_files.py), never trusted for what it says.
 DIGESTED_KEYS = ("model_family", "config", "preprocessing", "score_stats", "map_stats", "trained_sizes", "model_hash")
 METADATA_DIGEST_KEY = "metadata_digest"
+
+# The types of the `training` record's entries that the package reads back from a file (the report,
+# verify, calibrate, bench); the rest is shown, never used. A file whose record holds another type
+# there is refused on reading, not met with a TypeError deep inside a command.
+PROVENANCE_TYPES: dict[str, tuple[type, ...]] = {
+    "data_dir": (str,), "train_images": (int,), "holdout_images": (int,), "seconds": (int, float),
+    "train_config": (dict,), "score_head": (str,), "color": (str,),
+}
 
 # The exported graph's interface, shared by export, build and the runtime: images (N, 3, H, W) float32
 # in; anomaly maps (N, 1, H, W) and image scores (N,) float32 out; N up to MAX_BATCH.
@@ -126,8 +136,8 @@ class ModelMetadata:
                 raise CheckpointError(f"metadata {key!r} is a {type(d[key]).__name__}, not an object; re-create the model file")
 
         try:
-            thresholds = Thresholds.from_dict(d["thresholds"])
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # ConfigError too
+            thresholds = Thresholds.from_dict(d.get("thresholds"))
+        except ConfigError as exc:
             # the one part that is edited by hand (a plan's sidecar): say how to mend it, not to retrain
             raise CheckpointError(f"metadata 'thresholds' is malformed ({str(exc)[:200] or type(exc).__name__}): give "
                                   "'image' and 'pixel' as numbers in raw score units, or copy the file again from its "
@@ -148,6 +158,7 @@ class ModelMetadata:
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise CheckpointError(f"metadata is incomplete or malformed ({str(exc)[:200] or type(exc).__name__}); "
                                   "re-create the model file") from exc
+        check_provenance(metadata.training)
         # Checked after the entries themselves, whose own messages say more about a malformed one.
         if METADATA_DIGEST_KEY in d and d[METADATA_DIGEST_KEY] != _digest_or_none(d):
             raise CheckpointError("the model's metadata was changed after training (its digest does not match "
@@ -181,6 +192,16 @@ class ModelMetadata:
     @classmethod
     def from_json(cls, text: str) -> ModelMetadata:
         return cls.from_dict(parse_document(text, "the model metadata", CheckpointError))
+
+
+def check_provenance(training: dict) -> None:
+    """Raises CheckpointError where an entry of PROVENANCE_TYPES holds a value of another type."""
+    for key, types in PROVENANCE_TYPES.items():
+        value = training.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise CheckpointError(f"metadata 'training' entry {key!r} is a {type(value).__name__}, not a "
+                                  f"{' or '.join(t.__name__ for t in types)}; the file is corrupt or hand-made, "
+                                  "re-create the model file")
 
 
 def metadata_digest(d: dict) -> str:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from .checks import PLAN_SUFFIXES
+from .checks import PLAN_SUFFIXES, require_model_file
 from .errors import BackendError, CheckpointError, StmaeError, first_line
 
 logger = logging.getLogger(__name__)
@@ -165,11 +165,12 @@ def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
     """The ModelProto of `path`, its external data checked but not loaded.
 
     Raises:
+        ModelFileMissingError: no such file, as for every model file the package opens.
         `error`: the file cannot be parsed, or a tensor's external data lies outside its folder.
     """
     import onnx
 
-    path = Path(path)
+    path = require_model_file(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, OSError, ...
@@ -212,7 +213,8 @@ _INLINE_DATA = ("raw_data", "float_data", "int32_data", "string_data", "int64_da
 def check_external_data(proto, path: Path, error: type[StmaeError] = CheckpointError) -> None:
     """Every external-data location is a relative path that stays inside the model's folder, and no
     tensor says its data is external while carrying data of its own (what onnx.save would write there)."""
-    folder = path.resolve().parent
+    # The folder the path names, where readers look: a link to a model elsewhere must not move it.
+    folder = path.absolute().parent.resolve()
     for tensor in _tensors(proto):
         if tensor.data_location != 1:  # TensorProto.EXTERNAL
             continue

@@ -12,6 +12,7 @@ map's maximum the two statistics are the same, and a model keeps only `score_sta
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from .checks import is_finite_number, is_whole
 from .errors import ConfigError
 
 DEFAULT_SIGMA = 3.0
+MAX_RULE_CHARS = 500  # a threshold rule's words, as kept from a file
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -109,7 +111,10 @@ class Thresholds:
             # a numpy scalar (a threshold computed on float32 scores) as Python's float: it must reach
             # results, JSON and the model's metadata like any other
             object.__setattr__(self, name, float(value))
-        object.__setattr__(self, "rule", str(self.rule))
+        # The rule is printed to terminals and reports: a file's control characters (escape sequences
+        # that rewrite a terminal) become spaces, and a page of text its first MAX_RULE_CHARS.
+        rule = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in str(self.rule)[:MAX_RULE_CHARS])
+        object.__setattr__(self, "rule", rule)
 
     @classmethod
     def from_stats(cls, stats: ScoreStats, sigma: float = DEFAULT_SIGMA,
@@ -138,11 +143,19 @@ class Thresholds:
 
     @classmethod
     def from_dict(cls, d: dict) -> Thresholds:
-        """Raises ConfigError (finite, within float32), TypeError (not a number: a quoted "2.5" is a
-        hand edit gone wrong, not a threshold) or KeyError."""
+        """Thresholds from their JSON object (to_dict's), as a file or a server hands it over.
+
+        Raises:
+            ConfigError: not an object, 'image' or 'pixel' missing, not a number (a quoted "2.5" is a
+                hand edit gone wrong, not a threshold), or not finite within float32.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"thresholds are a {type(d).__name__}, not an object with 'image' and 'pixel'")
         for name in ("image", "pixel"):
+            if name not in d:
+                raise ConfigError(f"the {name} threshold is missing")
             if isinstance(d[name], bool) or not isinstance(d[name], (int, float)):
-                raise TypeError(f"the {name} threshold is a {type(d[name]).__name__}, not a number")
+                raise ConfigError(f"the {name} threshold is a {type(d[name]).__name__}, not a number")
         return cls(d["image"], d["pixel"], str(d.get("rule", "")))
 
 

@@ -115,7 +115,7 @@ def read_metadata_document(document: dict, what: str) -> tuple[ModelMetadata, Th
     if "thresholds" in document:
         try:
             thresholds = Thresholds.from_dict(document["thresholds"])
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # ConfigError too
+        except ConfigError as exc:
             raise RemoteError(f"{what} has malformed 'thresholds' ({first_line(exc, 200)}); {remedy}") from None
     # Absent in documents from before the entry: `stmae-edge serve`'s default
     max_batch = document.get("max_batch", DEFAULT_MAX_BATCH)

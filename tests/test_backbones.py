@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,16 @@ def test_vgg19_bad_files_raise_weights_error(vgg_file, tmp_path):
         FeatureExtractor("vgg19", layers, grid=16, weights=tmp_path / "module.pth")
     assert "\n" not in str(caught.value) and "weights_only" not in str(caught.value)
 
+    # weights_only=True loads these without running code, but they could still make gigabytes or
+    # crash deeper in: refused in one line before anything is built from them
+    sparse = dict(state, **{"features.0.bias": state["features.0.bias"].to_sparse()})
+    torch.save(sparse, tmp_path / "sparse.pth")
+    with pytest.raises(WeightsError, match="features.0.bias.*torch.sparse_coo"):
+        FeatureExtractor("vgg19", layers, grid=16, weights=tmp_path / "sparse.pth")
+    _recompressed(path, tmp_path / "deflated.pth")
+    with pytest.raises(WeightsError, match="deflated.pth: entry .* is compressed"):
+        FeatureExtractor("vgg19", layers, grid=16, weights=tmp_path / "deflated.pth")
+
     # the full classifier needs every key, so a features-only file is not enough for it
     with pytest.raises(WeightsError, match="missing"):
         vgg19(weights=path)
@@ -272,3 +283,11 @@ def test_a_failed_download_of_vgg19s_weights_says_what_to_do_in_one_line(monkeyp
         message = str(caught.value)
         assert "\n" not in message and backbones.VGG19_URL in message and "download the file elsewhere" in message
         assert ("Install Certificates.command" in message) == told
+
+
+def _recompressed(source: Path, target: Path) -> None:
+    """`source`, a zip that torch.save wrote, with every entry deflated: how a few kilobytes can
+    stand for gigabytes of zeros."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as packed:
+        for entry in original.infolist():
+            packed.writestr(entry.filename, original.read(entry))

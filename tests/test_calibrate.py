@@ -3,6 +3,9 @@ model and images, TensorRT builds it."""
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +30,7 @@ from stmae_edge.errors import ConfigError
 from stmae_edge.evaluation.metrics import image_auroc
 from stmae_edge.metadata import ModelMetadata, onnx_precision
 from stmae_edge.models.maps import ScoringScope
+from stmae_edge.outputs import sha256_file
 from stmae_edge.runtime import Detector
 
 
@@ -192,7 +196,7 @@ def test_every_model_family_scores_under_the_scope_calibrate_looks_for():
         assert not list(getattr(model, SCORING_SCOPE).state_dict())  # checkpoints are unchanged by it
 
 
-def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_dataset, tmp_path):
+def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_dataset, tmp_path, caplog):
     folder, path = fp32_graph
     images = data.train_images(synthetic_dataset)[:16]
     _, first = calibrate(path, images, tmp_path / "a.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
@@ -206,6 +210,14 @@ def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_
     cached.write_bytes(cached.read_bytes()[:-64])
     _, redone = calibrate(path, images, tmp_path / "d.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
     assert redone["cache"] == "miss" and (tmp_path / "d.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+    # nor is a graph written there with a record to match: the cache is trusted no further than a user's file
+    record = cached.with_name(cached.name.replace(".int8.onnx", ".json"))
+    shutil.copyfile(path, cached)
+    record.write_text(json.dumps(dict(json.loads(record.read_text()), int8_sha256=sha256_file(cached))))
+    with caplog.at_level(logging.WARNING):
+        _, swapped = calibrate(path, images, tmp_path / "e.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
+    assert swapped["cache"] == "miss" and (tmp_path / "e.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+    assert "is not this model's INT8 graph (it is not an INT8 graph)" in caplog.text
 
 
 def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_dataset, tmp_path):

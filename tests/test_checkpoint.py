@@ -289,3 +289,50 @@ def test_pytorch_scoring_refuses_a_model_that_produces_nan(trained, synthetic_da
     images = data.train_images(synthetic_dataset)[:5]
     with pytest.raises(TrainingError, match="NaN or infinite values on images 0 to 3 of 5"):
         score_images(model, meta.preprocessing, images, batch_size=4)
+
+
+def _resaved(source: Path, target: Path, preprocessing: dict | None = None, **config_changes) -> None:
+    """`source` with its architecture config (and preprocessing) changed and its digests made to match,
+    as an author who knows the format would craft it: the checksum cannot stop this, the checks must."""
+    from stmae_edge.checkpoint import FORMAT, model_digest
+
+    metadata, state = read_checkpoint(source)
+    metadata.config = dict(metadata.config, **config_changes)
+    metadata.preprocessing = replace(metadata.preprocessing, **(preprocessing or {}))
+    metadata.model_hash = model_digest(state, metadata)
+    torch.save({"format": FORMAT, "metadata": metadata.to_dict(), "state_dict": state}, target)
+
+
+@pytest.mark.parametrize("changes,why", [
+    # 2M wide: the encoder's first MLP alone would take 64 TB; built on the meta device, nothing is allocated
+    ({"embed_dim": 2_000_000}, "do not fit the recorded architecture: wrongly shaped"),
+    ({"depth": 3}, "do not fit the recorded architecture: missing encoder.1"),
+    ({"depth": 10_000}, "depth 10000 and decoder depth 1 must be within 0..64"),
+    ({"patch": 0}, "need 1 <= patch"),
+])
+def test_a_config_that_does_not_match_the_weights_is_refused_before_the_model_is_built(trained, tmp_path, changes,
+                                                                                     why):
+    crafted = tmp_path / "crafted.pt"
+    _resaved(trained[0], crafted, **changes)
+    with pytest.raises(CheckpointError, match=why):
+        load_model(crafted)
+
+
+def test_a_config_asking_for_millions_of_tokens_is_refused_before_they_are_counted_out(trained, tmp_path):
+    crafted = tmp_path / "tokens.pt"
+    _resaved(trained[0], crafted, {"input_size": (4096, 4096)}, input_size=4096, grid=4096, patch=1, mask_unit=1)
+    with pytest.raises(CheckpointError, match="16,777,216 tokens"):
+        load_model(crafted)
+
+
+def test_a_repacked_checkpoint_with_compressed_entries_is_refused(trained, tmp_path):
+    """torch.save stores its entries; a deflated one is how a small file unpacks to gigabytes."""
+    import zipfile
+
+    packed = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(trained[0]) as original, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as out:
+        for entry in original.infolist():
+            out.writestr(entry.filename, original.read(entry))
+    assert torch.load(packed, weights_only=True)["format"] == "stmae-edge/checkpoint"  # torch itself would read it
+    with pytest.raises(CheckpointError, match="is compressed, which torch.save never does"):
+        read_checkpoint(packed)

@@ -266,7 +266,9 @@ def test_export_and_verify_commands(tiny_export, synthetic_dataset, tmp_path):
     assert r.returncode == 0 and "batch 8" in r.stdout and r.stdout.strip().endswith("(CPUExecutionProvider)")
     assert "verifying m.onnx: 3/3 in " in r.stderr
     assert f"real images of {(synthetic_dataset / 'test' / 'good').resolve()} (" in r.stdout  # which images it used
-    _assert_one_line_error(run("verify", str(tmp_path / "absent.onnx"), "--model", str(model)), "not a readable ONNX")
+    _assert_one_line_error(run("verify", str(tmp_path / "absent.onnx"), "--model", str(model)), "absent.onnx: no such model file")
+    for command in (["build", "absent.onnx"], ["calibrate", "absent.onnx"], ["evaluate", "absent.onnx", str(tmp_path)]):
+        _assert_one_line_error(run(*command, cwd=tmp_path), "absent.onnx: no such model file")  # one wording everywhere
     # an --images folder without images is refused, not replaced by the training images (nor by
     # synthetic frames in bench), which the output would then name as what was used
     empty = tmp_path / "empty"

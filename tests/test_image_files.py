@@ -46,6 +46,28 @@ def test_big_endian_and_bigtiff_headers():
     assert declared_size(header + ifd) == ("TIFF", 70000, 9)
 
 
+def _classic_tiff(entries: list[tuple[int, int, int, bytes]], tail: bytes = b"") -> bytes:
+    """A little-endian classic TIFF of one directory of (tag, type, count, 4-byte value) entries, `tail` after it."""
+    ifd = len(entries).to_bytes(2, "little") + b"".join(
+        t.to_bytes(2, "little") + k.to_bytes(2, "little") + n.to_bytes(4, "little") + v for t, k, n, v in entries)
+    return b"II*\x00" + (8).to_bytes(4, "little") + ifd + b"\0\0\0\0" + tail
+
+
+def test_a_tiff_whose_decoded_samples_would_take_gigabytes_is_refused_within_the_pixel_cap():
+    """8000 x 8000 is within the 64M-pixel cap; four 64-bit samples a pixel are 2 GB once decoded."""
+    size = [(256, 4, 1, (8000).to_bytes(4, "little")), (257, 4, 1, (8000).to_bytes(4, "little"))]
+    four = (277, 3, 1, (4).to_bytes(2, "little") + b"\0\0")
+    # four BitsPerSample values take 8 bytes: they sit after the directory (2 + 4 * 12 + 4 bytes from its start)
+    bits_at = (8 + 2 + 4 * 12 + 4).to_bytes(4, "little")
+    crafted = _classic_tiff([*size, (258, 3, 4, bits_at), four], (64).to_bytes(2, "little") * 4)
+    with pytest.raises(InvalidImageError, match="8000x8000 pixels of 4 64-bit samples, 2,048,000,000 bytes once decoded"):
+        declared_size(crafted)
+    eight_bit = _classic_tiff([*size, (258, 3, 4, bits_at), four], (8).to_bytes(2, "little") * 4)
+    assert declared_size(eight_bit) == ("TIFF", 8000, 8000)  # 256 MB: as a 16-bit colour PNG of that size may take
+    # a real 32-bit float TIFF, its BitsPerSample inline, is read as before
+    assert declared_size(_encode(".tif", np.zeros((30, 50), np.float32)))[1:] == (50, 30)
+
+
 @pytest.fixture(scope="module")
 def oversized(tmp_path_factory) -> dict:
     """Small files that declare 12000 x 12000 pixels (144 M, over the 64 M cap) where a 64 KB prefix

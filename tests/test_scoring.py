@@ -116,3 +116,16 @@ def test_thresholds_beyond_float32s_range_are_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not fails(np.float32([1.0]), largest.image).any()
+
+
+@pytest.mark.parametrize("document,why", [
+    ([1.0, 2.0], "thresholds are a list, not an object"),
+    ({"image": 1.0}, "the pixel threshold is missing"),
+    ({"image": "2.5", "pixel": 1.0}, "the image threshold is a str, not a number"),
+    ({"image": float("inf"), "pixel": 1.0}, "finite"),
+])
+def test_thresholds_from_a_document_raise_one_typed_error_for_every_fault(document, why):
+    """A host program reading thresholds it keeps itself catches ConfigError (a StmaeError), not
+    KeyError or TypeError from inside the package."""
+    with pytest.raises(ConfigError, match=why):
+        Thresholds.from_dict(document)

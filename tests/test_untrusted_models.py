@@ -135,3 +135,68 @@ def test_an_external_data_location_that_is_not_a_path_is_refused(tiny_export, tm
     _with_external_weight(tiny_export[1], evil, "weights\x00.bin")
     with pytest.raises(CheckpointError, match="outside the model's folder"):
         ModelMetadata.from_onnx(evil)
+
+
+def test_external_data_is_checked_in_the_folder_readers_look_in_not_where_a_link_points(tiny_export, tmp_path):
+    """ONNX Runtime reads a linked model's external data beside the link. Checked beside the link's
+    target instead, a folder link next to the link (`d` -> anywhere) would pass unseen."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(bytes(1 << 20))
+    store, models = tmp_path / "store", tmp_path / "models"
+    (store / "d").mkdir(parents=True)  # a real folder of that name where the link points
+    models.mkdir()
+    _with_external_weight(tiny_export[1], store / "evil.onnx", "d/secret.bin")
+    (models / "evil.onnx").symlink_to(store / "evil.onnx")
+    (models / "d").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="outside the model's folder"):
+        ModelMetadata.from_onnx(models / "evil.onnx")
+
+
+@pytest.mark.parametrize("entry,value", [("data_dir", ["/data"]), ("train_config", "epochs 40"),
+                                         ("train_images", True), ("seconds", "12")])
+def test_a_training_record_entry_the_package_reads_back_must_have_its_type(tiny_export, tmp_path, entry, value):
+    good = ModelMetadata.from_onnx(tiny_export[1]).to_dict()
+    path = tmp_path / "record.onnx"
+    _with_metadata(tiny_export[1], path, json.dumps(dict(good, training=dict(good["training"], **{entry: value}))))
+    with pytest.raises(CheckpointError, match=f"'training' entry '{entry}' is a {type(value).__name__}, not a"):
+        Detector(path, "ort-cpu")
+    if entry == "data_dir":  # what calibrate would have read as a folder
+        _assert_one_line_error(run("calibrate", str(path), "--out", str(tmp_path / "q.onnx")), "'training' entry")
+
+
+def test_a_threshold_rule_reaches_terminals_without_control_characters_and_within_bounds():
+    from stmae_edge.scoring import MAX_RULE_CHARS, Thresholds
+
+    rule = Thresholds.from_dict({"image": 1.0, "pixel": 1.0, "rule": "mean\x1b]0;owned\x07 + 3 std\r\n" * 1000}).rule
+    assert rule.startswith("mean ]0;owned  + 3 std  ") and len(rule) == MAX_RULE_CHARS
+    assert all(ch.isprintable() for ch in rule)
+
+
+def test_name_scopes_are_read_as_text_never_evaluated(tiny_export):
+    from stmae_edge.engines.half_precision import NAME_SCOPES_KEY, scoring_nodes
+
+    proto = onnx.load(str(tiny_export[1]))
+    assert scoring_nodes(proto)  # the exporter's own records are read
+    nodes = list(proto.graph.node)[:4]
+    for node in nodes:
+        del node.metadata_props[:]
+    for node, text in zip(nodes, ["['', 'scoring']", "[" * 3000 + "]" * 3000, "['', 'scoring'] + [().__class__]",
+                                  "('', 'scoring')"], strict=True):
+        entry = node.metadata_props.add()
+        entry.key, entry.value = NAME_SCOPES_KEY, text
+    found = scoring_nodes(proto)
+    assert nodes[0].name in found and not {n.name for n in nodes[1:]} & found
+
+
+def test_an_earlier_runs_results_file_that_is_huge_or_nested_deep_is_left_alone(tmp_path, monkeypatch, caplog):
+    from stmae_edge.runtime import files
+
+    results = tmp_path / "results.json"
+    results.write_text('{"results": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert files.overlays_listed_in(results) == {}
+    results.write_text(json.dumps({"results": [{"overlay": "a.png", "overlay_sha256": "0" * 64}]}))
+    assert files.overlays_listed_in(results) == {"a.png": "0" * 64}
+    monkeypatch.setattr(files, "MAX_RESULTS_BYTES", 16)
+    assert files.overlays_listed_in(results) == {}
+    assert "larger than 16 bytes" in caplog.text

@@ -192,9 +192,11 @@ def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_intact(cached: Path, record: Path) -> bool:
-    """Whether a cached INT8 graph is the one its record describes (its sha256): a cache folder is a
-    user's folder, and a graph edited or damaged there must be calibrated again, not shipped."""
+def cache_intact(cached: Path, record: Path, metadata: ModelMetadata) -> bool:
+    """Whether a cached INT8 graph is the one its record describes (its sha256), and an INT8 graph of
+    this model that passes the checks any graph a user hands in does: a cache folder is a user's
+    folder, and a graph edited, damaged or put there by anything else (with a record to match) must
+    be calibrated again, not shipped."""
     if not cached.is_file():
         return False
     try:
@@ -203,6 +205,15 @@ def cache_intact(cached: Path, record: Path) -> bool:
         recorded = None
     if recorded != sha256_file(cached):
         log.warning("calibration cache %s does not match its record %s; calibrating again", cached, record.name)
+        return False
+    try:
+        proto = load_onnx(cached)
+        why = ("it is not an INT8 graph" if onnx_precision(proto) != "int8" else
+               "it is another model's" if ModelMetadata.from_onnx(proto).model_hash != metadata.model_hash else "")
+    except StmaeError as exc:
+        why = str(exc)
+    if why:
+        log.warning("calibration cache %s is not this model's INT8 graph (%s); calibrating again", cached, why)
         return False
     return True
 
@@ -265,7 +276,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
     record = cache_dir / f"{onnx_path.stem}.{key}.json"
-    hit = cache_intact(cached, record)
+    hit = cache_intact(cached, record, metadata)
     report = {"key": key, "images": len(images), "folder": data.folder_of(images), "cache": "hit" if hit else "miss",
               "cache_file": str(cached), "settings": settings}
     if not hit:
@@ -279,7 +290,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     with written_atomically(out) as partial:
         shutil.copyfile(cached, partial)
     warn_thresholds_replaced(out, earlier_thresholds, metadata.thresholds)
-    quantized = onnx.load(str(out))
+    quantized = load_onnx(out, ExportError)
     report["quantized_nodes"] = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
     produced_by = {o: n.op_type for n in quantized.graph.node for o in n.output}
     report["int8_layers"] = sum(n.op_type in settings["op_types"] and

@@ -24,8 +24,8 @@ so calibrate reads it before quantising and finds the nodes again by name. This 
 
 from __future__ import annotations
 
-import ast
 import collections
+import re
 
 import numpy as np
 import onnx
@@ -63,6 +63,12 @@ def statistics_nodes(proto: onnx.ModelProto) -> list[str]:
     return [node.name for node in proto.graph.node if names.intersection(node.input)]
 
 
+# The exporter writes a node's module path as a Python list of quoted attribute names, e.g.
+# "['', 'scoring', 'scoring.gaussian']"; read it as text, never evaluated (the graph is a user's file).
+_SCOPE_NAME = re.compile(r"'([^'\\]*)'")
+_SCOPE_LIST = re.compile(r"\[(?:'[^'\\]*'(?:, '[^'\\]*')*)?\]")
+
+
 def scoring_nodes(proto: onnx.ModelProto, scope: str = SCORING_SCOPE) -> set[str]:
     """Names of the nodes that the exporter recorded under the models' scoring scope (or another module
     attribute's, INTENSITY_SCOPE); empty for a graph exported before the scope existed, or one that lost
@@ -70,13 +76,9 @@ def scoring_nodes(proto: onnx.ModelProto, scope: str = SCORING_SCOPE) -> set[str
     names = set()
     for node in proto.graph.node:
         scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES_KEY), None)
-        if scopes and len(scopes) < 10_000:
-            try:
-                path = ast.literal_eval(scopes)
-            except (ValueError, SyntaxError):
-                continue
-            if isinstance(path, list) and scope in path:
-                names.add(node.name)
+        if scopes and len(scopes) < 10_000 and _SCOPE_LIST.fullmatch(scopes) \
+                and scope in _SCOPE_NAME.findall(scopes):
+            names.add(node.name)
     return names
 
 

@@ -19,6 +19,7 @@ import pickle
 import sys
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Union
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, WeightsError, first_line
 from ..preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from ..weight_files import check_archive, check_weights
 
 __all__ = [
     "BACKBONE_PREPROCESSING",
@@ -373,6 +375,7 @@ def _with_weights(build: Callable[[], nn.Module], build_full: Callable[[], nn.Mo
 def _read_state_dict(path: str, name: str) -> dict:
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such {name} weights file; {_WEIGHTS_HINT} (the {name} ImageNet .pth file)")
+    check_archive(Path(path), WeightsError)
     try:
         with warnings.catch_warnings():  # torch's warnings about a file it refuses would precede our one line
             warnings.simplefilter("ignore")
@@ -389,7 +392,9 @@ def _read_state_dict(path: str, name: str) -> dict:
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a plain state dict (name -> tensor) for {name}; "
                            f"{_WEIGHTS_HINT} (the {name} ImageNet .pth file)")
-    return dict(state)
+    state = dict(state)
+    check_weights(state, Path(path), WeightsError)
+    return state
 
 
 def _check_state_dict(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],

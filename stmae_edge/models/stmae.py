@@ -125,7 +125,8 @@ def unit_tokens(side: int, unit: int = 1) -> torch.Tensor:
     masked too, so their receptive fields cannot hand it its own content (notes: model.md)."""
     if side % unit:
         raise ConfigError(f"a {side} x {side} token grid cannot be cut into {unit} x {unit} blocks")
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    # On the CPU even inside a meta-device build (checkpoint.check_architecture): indices are data.
+    rows, cols = torch.meshgrid(torch.arange(side, device="cpu"), torch.arange(side, device="cpu"), indexing="ij")
     block = ((rows // unit) * (side // unit) + cols // unit).flatten()
     return torch.argsort(block, stable=True).view(-1, unit * unit)
 
@@ -135,7 +136,8 @@ def checkerboard_split(side: int, unit: int = 1) -> tuple[torch.Tensor, torch.Te
     every block's 4 neighbouring blocks are in the other set. Each set is in raster order."""
     units = unit_tokens(side, unit)
     per_side = side // unit
-    rows, cols = torch.meshgrid(torch.arange(per_side), torch.arange(per_side), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(per_side, device="cpu"), torch.arange(per_side, device="cpu"),
+                                indexing="ij")
     white = ((rows + cols) % 2 == 0).flatten()
     return units[white].flatten().sort().values, units[~white].flatten().sort().values
 

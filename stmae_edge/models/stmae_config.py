@@ -11,6 +11,7 @@ from .backbones import DEFAULT_LAYERS
 
 RESIDUALS = ("mse", "mse_cos")
 GAUSSIAN_INPUTS = ("features", "residual")
+MAX_BLOCKS = 64  # transformer blocks in the encoder or the decoder; the paper preset has 12 and 8
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class STMAEConfig:
     intensity_norm: bool = False
 
     def __post_init__(self) -> None:
+        if not 1 <= self.patch <= self.grid <= self.input_size:
+            raise ConfigError(f"need 1 <= patch ({self.patch}) <= grid ({self.grid}) <= input size ({self.input_size})")
+        if not (0 <= self.depth <= MAX_BLOCKS and 0 <= self.decoder_depth <= MAX_BLOCKS):
+            raise ConfigError(f"depth {self.depth} and decoder depth {self.decoder_depth} must be within 0..{MAX_BLOCKS}")
         if self.grid % self.patch:
             raise ConfigError(f"grid {self.grid} is not a multiple of patch {self.patch}")
         side = self.grid // self.patch

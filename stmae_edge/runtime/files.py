@@ -377,6 +377,11 @@ def _put_in_place(staging: Path, out: Path, summary: dict, earlier_overlays: dic
     return removed
 
 
+# An earlier run's results.json, read to find its overlays: some 300 bytes an image, so 1 GiB is
+# millions of images; a larger file is not one this package wrote.
+MAX_RESULTS_BYTES = 1024 ** 3
+
+
 def overlays_listed_in(results_file: Path) -> dict[str, str]:
     """The overlay files an earlier run's results.json lists, by bare name, with the sha256 it recorded
     for each (anything else in it, or a file that is not such a document, is left alone: never a path
@@ -384,10 +389,12 @@ def overlays_listed_in(results_file: Path) -> dict[str, str]:
     try:
         if results_file.is_symlink():
             raise ValueError("a symbolic link")
+        if results_file.stat().st_size > MAX_RESULTS_BYTES:
+            raise ValueError(f"larger than {MAX_RESULTS_BYTES:,} bytes")
         document = json.loads(results_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: a document nested thousands deep
         logger.warning("%s is not the results of an earlier run (%s): its overlays, if any, stay", results_file, exc)
         return {}
     entries = document.get("results") if isinstance(document, dict) else None
