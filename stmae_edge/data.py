@@ -375,16 +375,20 @@ def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
     return np.stack(masks) if masks else np.zeros((0, *size), bool)
 
 
-def random_crops(paths: list[Path], size: int, per_image: int, seed: int = 0) -> list[np.ndarray]:
+def random_crops(paths: list[Path], size: int, per_image: int, seed: int = 0,
+                 description: str = "cutting crops") -> list[np.ndarray]:
     """`per_image` seeded random size x size crops of each image at its native resolution (no
     resizing), for models that will see tiles of a larger image, such as a line-scan strip. Images
-    smaller than the crop are mirrored at their borders up to it."""
+    smaller than the crop are mirrored at their borders up to it. A progress bar: line-scan strips of
+    tens of megapixels take a while to decode."""
     rng = np.random.default_rng(seed)
     crops = []
-    for path in paths:
-        image = mirror_pad(load_image(path), size, size)
-        for _ in range(per_image):
-            y = int(rng.integers(0, image.shape[0] - size + 1))
-            x = int(rng.integers(0, image.shape[1] - size + 1))
-            crops.append(np.ascontiguousarray(image[y:y + size, x:x + size]))
+    with progress_bar(description, len(paths)) as advance:
+        for path in paths:
+            image = mirror_pad(load_image(path), size, size)
+            for _ in range(per_image):
+                y = int(rng.integers(0, image.shape[0] - size + 1))
+                x = int(rng.integers(0, image.shape[1] - size + 1))
+                crops.append(np.ascontiguousarray(image[y:y + size, x:x + size]))
+            advance()
     return crops

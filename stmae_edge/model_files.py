@@ -122,20 +122,23 @@ def thresholds_to_be_replaced(path: Path | str, metadata: ModelMetadata) -> Thre
     """The thresholds of the model file at `path`, where a new file of the same model (the same model
     hash) with other values is about to replace it: values set in that file after it was made
     (`threshold --write`), which a rebuild would undo without a word, or its source's earlier ones.
-    None where there is nothing to say: no file, one that cannot be read, another model's, the same
-    values (the rule's words aside). Read before the new file is written; warn_thresholds_replaced
-    after."""
+    None where there is nothing to say: no file, the same values (the rule's words aside), or one that
+    cannot be read or is another model's (warn_replacing says so here). Read before the new file is
+    written; warn_thresholds_replaced after."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         earlier = read_metadata(path)
     except (StmaeError, OSError):
+        warn_replacing(path)
         return None
     new = metadata.thresholds
-    if earlier.model_hash != metadata.model_hash or all(
-            math.isclose(a, b, rel_tol=1e-9) for a, b in ((earlier.thresholds.image, new.image),
-                                                          (earlier.thresholds.pixel, new.pixel))):
+    if earlier.model_hash != metadata.model_hash:
+        warn_replacing(path, earlier)
+        return None
+    if all(math.isclose(a, b, rel_tol=1e-9) for a, b in ((earlier.thresholds.image, new.image),
+                                                         (earlier.thresholds.pixel, new.pixel))):
         return None
     return earlier.thresholds
 
@@ -148,3 +151,22 @@ def warn_thresholds_replaced(path: Path | str, earlier: Thresholds | None, new: 
                     "(image %g, pixel %g). If those were set for this file, set them again: stmae-edge threshold %s "
                     "--threshold %r --pixel-threshold %r --write", path, earlier.image, earlier.pixel, earlier.rule,
                     new.image, new.pixel, path, earlier.image, earlier.pixel)
+
+
+def warn_replacing(path: Path | str, earlier: ModelMetadata | None = None) -> None:
+    """A warning that the file at `path`, another model's, is about to be replaced: a validated model
+    and the thresholds set for it would otherwise be lost without a word. `earlier`: its metadata,
+    where the caller has read it already. Nothing where there is no file."""
+    path = Path(path)
+    if earlier is None:
+        if not path.is_file():
+            return
+        try:
+            earlier = read_metadata(path)
+        except (StmaeError, OSError):
+            log.warning("%s is replaced; it was not a readable model file", path)
+            return
+    source = earlier.training.get("data_dir") or "images it does not record"
+    log.warning("%s is replaced; it held the model (%s, trained on %s, image threshold %g, model sha256 %s...): "
+                "give another --out to keep it", path, earlier.model_family, source, earlier.thresholds.image,
+                earlier.model_hash[:12])

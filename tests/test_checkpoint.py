@@ -104,6 +104,9 @@ def test_training_is_seeded(trained, synthetic_dataset, tmp_path):
     path, meta = trained
     again = train(synthetic_dataset, tmp_path / "again.pt", preset("tiny"), CFG, backbone_weights="random")
     assert again.model_hash == meta.model_hash
+    other = train(synthetic_dataset, tmp_path / "other.pt", preset("tiny"), replace(CFG, seed=1, max_steps=1),
+                  backbone_weights="random")
+    assert other.model_hash != meta.model_hash  # the seed given is the one used, not one fixed inside
 
 
 def test_tampered_weights_fail_the_checksum(trained, tmp_path):

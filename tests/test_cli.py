@@ -37,6 +37,8 @@ def test_train_evaluate_info(synthetic_dataset, tmp_path):
     assert "wrote" in r.stdout and model.is_file()
     # The step budget stops after whole epochs, at least one, and says so.
     assert "training 1 of 2 epochs" in r.stderr and "after 1 epoch(s)" in r.stdout
+    # the work after the last epoch shows too: two passes over the 22 training images' features, one over the 2 held out
+    assert "residual statistics: 22/22 in " in r.stderr and "Gaussian statistics: 46/46 in " in r.stderr
     assert "2 held out (drawn at random from train/good); score head fitted on all 24 good images" in r.stdout
     assert "of 24 cross-fitted good images above the threshold" in r.stdout and "(95% upper bound)" in r.stdout
     assert "train on more good images to narrow it (add them to train/good)" in r.stdout  # 24 allow 13.8%

@@ -202,8 +202,11 @@ def test_a_plan_is_evaluated_by_tensorrt_not_read_as_a_checkpoint(onnx_file, syn
     assert r.returncode == 0 and json.loads(r.stdout) == ModelMetadata.from_onnx(onnx_file).to_dict(), r.stderr
     r = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "evaluate", str(plan), str(synthetic_dataset), "--out",
                         str(tmp_path / "e.json")], capture_output=True, text=True, timeout=300)
-    if r.returncode == 0:  # a machine with a GPU and TensorRT: the plan's figures
-        assert json.loads((tmp_path / "e.json").read_text())["image_auroc"] is not None
+    if r.returncode == 0:  # a machine with a GPU and TensorRT: the plan's figures, as the graph's
+        from stmae_edge.evaluation.evaluate import evaluate
+
+        on_plan, on_graph = json.loads((tmp_path / "e.json").read_text()), evaluate(onnx_file, synthetic_dataset)
+        assert on_plan["image_auroc"] == pytest.approx(on_graph["image_auroc"], abs=0.02), (on_plan, on_graph)
     else:
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr

@@ -211,6 +211,10 @@ def test_linescan_command_replays_an_image_or_a_folder_of_blocks(linescan_model,
     r = run("linescan", str(linescan_model), str(tmp_path / "strip.png"))
     assert r.returncode == 0 and "rows/s" in r.stdout and "defect at row" in r.stdout
     assert f"pixel threshold {Detector(linescan_model).thresholds.pixel:.6g} (the model's (" in r.stdout
+    (blocks / "0002b.webp").write_bytes(b"RIFF")  # a block in a format not read: the strip would close up without it
+    r = run("linescan", str(linescan_model), str(blocks))
+    assert r.returncode == 0 and f"{blocks}: not read: " in r.stderr and "0002b.webp" in r.stderr, r.stderr
+    (blocks / "0002b.webp").unlink()
     cv2.imwrite(str(blocks / "0005.png"), strip[:70, :150])  # a block cut narrower: the file is named
     r = run("linescan", str(linescan_model), str(blocks))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
@@ -247,7 +251,7 @@ def test_components_across_bands_are_reported_once_and_long_ones_in_parts():
         [(30, 20, 4, 5, False), (60, 30, 15, 2, False), (119, 10, 1, 1, False)]
 
 
-def test_random_crops_are_seeded_native_scale_and_mirror_small_images(tmp_path):
+def test_random_crops_are_seeded_native_scale_and_mirror_small_images(tmp_path, capsys):
     from stmae_edge.data import random_crops
 
     big = np.random.default_rng(0).integers(0, 256, (90, 120), np.uint8)
@@ -257,6 +261,7 @@ def test_random_crops_are_seeded_native_scale_and_mirror_small_images(tmp_path):
     paths = [tmp_path / "big.png", tmp_path / "small.png"]
     crops = random_crops(paths, 64, 3, seed=5)
     assert len(crops) == 6 and all(c.shape == (64, 64) for c in crops)
+    assert "cutting crops: 2/2 in " in capsys.readouterr().err  # decoding long strips shows
     assert all(any(np.array_equal(c, big[y:y + 64, x:x + 64]) for y in range(27) for x in range(57))
                for c in crops[:3])  # exact windows of the image: nothing resized
     # 40 rows tall, mirrored to 64: the top 40 rows of every crop are a window of the image itself

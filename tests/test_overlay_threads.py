@@ -52,6 +52,8 @@ def test_a_batch_is_drawn_while_the_next_is_scored_and_no_more_than_two_are_held
         summary = files.predict_to_folder(detector, inputs, out, overlay_threads=2)
     assert len(staged_when_scored) == 4 and len(summary["results"]) == 7
     assert all(staged >= 2 * (call - 1) for call, staged in enumerate(staged_when_scored)), staged_when_scored
+    # and drawn while the next is scored: one after another, batch 0's two overlays (0.2 s each) would be written
+    assert staged_when_scored[1] < 2, staged_when_scored
     assert len(list(out.glob("*.png"))) == 7
 
 

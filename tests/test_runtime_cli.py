@@ -136,8 +136,11 @@ def test_without_torch_an_onnx_file_is_evaluated_and_a_checkpoint_says_what_to_i
                                                                                          tmp_path):
     r = run_without_torch("evaluate", str(tiny_export[1]), str(synthetic_dataset), "--out", str(tmp_path / "e.json"))
     assert r.returncode == 0, r.stderr
-    evaluated = json.loads((tmp_path / "e.json").read_text())
-    assert evaluated["image_auroc"] is not None and evaluated["aupro"] is not None  # AUPRO's regions: OpenCV
+    from stmae_edge.evaluation.evaluate import evaluate
+
+    evaluated, with_torch = json.loads((tmp_path / "e.json").read_text()), evaluate(tiny_export[1], synthetic_dataset)
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1"):  # the same figures (AUPRO's regions: OpenCV)
+        assert evaluated[key] is not None and evaluated[key] == pytest.approx(with_torch[key], abs=1e-6), key
     r = run_without_torch("info", str(tiny_export[0]))
     _assert_one_line_error(r, 'needs torch, which is not installed here: pip install "stmae-edge[train]"')
     r = run_without_torch("predict", str(tiny_export[0]), str(synthetic_dataset / "test" / "good"), "--out",
@@ -189,6 +192,8 @@ def test_a_run_touches_no_file_it_did_not_write_and_writes_through_no_link(tiny_
     # the link at the overlay's name is not this command's: left as it is, the overlay takes the next name
     assert json.loads((out / "results.json").read_text())["results"][0]["overlay"] == f"{good[1].stem}_2.png"
     assert (out / f"{good[1].stem}.png").is_symlink() and not (out / f"{good[1].stem}_2.png").is_symlink()
+    assert (f"1 overlays took another name, as {out} holds files of theirs that this command did not write "
+            f"(first: {good[1].stem}_2.png for {good[1]})") in r.stderr  # not only inside results.json
 
 
 def test_an_overlay_never_replaces_a_users_file_of_its_name_and_long_names_are_cut(tiny_export, synthetic_dataset,
@@ -297,13 +302,15 @@ def test_bench_table_for_a_pytorch_checkpoint_and_bad_options(tiny_export, synth
     _assert_one_line_error(run("predict", str(tiny_export[1]).replace(".onnx", ".nope"), "x.png"), "no such model")
 
 
-def test_bench_frames_without_the_training_images_are_of_a_size_the_model_accepts(tiny_export, tmp_path):
+def test_bench_frames_without_the_training_images_are_of_a_size_the_model_accepts(tiny_export, tmp_path, caplog):
     from stmae_edge.runtime import Detector
     from stmae_edge.runtime.bench import bench_images
 
     detector = Detector(tiny_export[1], "ort-cpu")
     detector.metadata.training = {}  # the training images are not where they were (another machine)
-    images, what = bench_images(detector, count=4)
+    with caplog.at_level("WARNING", logger="stmae_edge.runtime.bench"):
+        images, what = bench_images(detector, count=4)
+    assert "benchmarking on synthetic frames: no --images given and the model records no training folder" in caplog.text
     assert "synthetic 96x96" in what and all(image.shape == (96, 96) for image in images)  # the tiny set's size
     assert len(detector.predict(images)) == 4  # not refused as far from the training images
     # bench measures speed, not verdicts: frames far larger than the training images are timed too

@@ -149,7 +149,7 @@ def test_many_clients_are_batched_and_each_gets_its_own_answer(served, synthetic
             for k in range(50):
                 path = paths[(index + k) % len(paths)]
                 got = remote.predict(path).score
-                if abs(got - expected[str(path)]) > RTOL * abs(expected[str(path)]):
+                if abs(got - expected[str(path)]) > RTOL * abs(expected[str(path)]) + 1e-6:  # scores near 0 too
                     mismatches.append((path, got))
         except Exception as exc:  # reported below with the rest
             failures.append(repr(exc))
@@ -385,7 +385,7 @@ def test_triton_repo_for_a_plan_keeps_its_profile_and_refuses_rtx_plans(tiny_exp
     assert document["thresholds"]["image"] == read_plan(folder / "1" / "model.plan")[2].thresholds.image == 4.25
 
 
-def test_an_image_whose_output_is_not_finite_fails_alone(tiny_export):
+def test_an_image_whose_output_is_not_finite_fails_alone(tiny_export, caplog):
     from stmae_edge.errors import BackendError
     from stmae_edge.serving.server import score_batch
 
@@ -403,8 +403,11 @@ def test_an_image_whose_output_is_not_finite_fails_alone(tiny_export):
         height, width = detector.preprocessing.input_size
         images = np.random.default_rng(0).normal(size=(3, 3, height, width)).astype(np.float32)
         images[1] = 7.0
-        out = score_batch(detector, images)
+        with caplog.at_level("WARNING", logger="stmae_edge.serving.server"):
+            out = score_batch(detector, images)
         alone = [detector.run_tensors(images[i:i + 1])[1][0] for i in (0, 2)]
+    # the clients read their own image's error; whoever watches the server sees that batches fail
+    assert "a batch of 3 images failed (the network produced NaN or infinite values;" in caplog.text
     assert out["error"][0, 0] == out["error"][2, 0] == b"" and b"NaN or infinite" in out["error"][1, 0]
     np.testing.assert_allclose(out["score"][[0, 2], 0], alone, rtol=RTOL)
     assert out["normalized_score"][1, 0] == 0.0 and not out["is_anomalous"][1, 0]

@@ -231,7 +231,7 @@ def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, t
     assert f"stmae-edge threshold {plan} --threshold 6.0 --pixel-threshold 6.5 --write" in caplog.text
 
 
-def test_only_other_values_of_the_same_model_are_warned_about(tiny_export, tmp_path):
+def test_only_other_values_of_the_same_model_are_warned_about(tiny_export, tmp_path, caplog):
     import shutil
     from dataclasses import replace
 
@@ -239,17 +239,39 @@ def test_only_other_values_of_the_same_model_are_warned_about(tiny_export, tmp_p
 
     source = ModelMetadata.from_onnx(tiny_export[1])
     out = tmp_path / "m.onnx"
-    assert thresholds_to_be_replaced(out, source) is None  # nothing there
-    shutil.copy(tiny_export[1], out)
-    assert thresholds_to_be_replaced(out, source) is None  # the same thresholds
-    write_thresholds(out, replace(source.thresholds, rule="other words"))
-    assert thresholds_to_be_replaced(out, source) is None  # the same values, in other words
-    out.write_bytes(b"not a model")
-    assert thresholds_to_be_replaced(out, source) is None  # nothing readable to keep
-    shutil.copy(tiny_export[1], out)
-    write_thresholds(out, Thresholds(1.5, 2.5, "line 3"))
-    assert thresholds_to_be_replaced(out, replace(source, model_hash="0" * 64)) is None  # another model's file
-    assert thresholds_to_be_replaced(out, source) == Thresholds(1.5, 2.5, "line 3")
+    with caplog.at_level("WARNING", logger="stmae_edge.model_files"):
+        assert thresholds_to_be_replaced(out, source) is None  # nothing there
+        shutil.copy(tiny_export[1], out)
+        assert thresholds_to_be_replaced(out, source) is None  # the same thresholds
+        write_thresholds(out, replace(source.thresholds, rule="other words"))
+        assert thresholds_to_be_replaced(out, source) is None  # the same values, in other words
+        assert not caplog.text  # the same model's file, with the same thresholds: nothing to say
+        out.write_bytes(b"not a model")
+        assert thresholds_to_be_replaced(out, source) is None  # nothing readable to keep...
+        assert f"{out} is replaced; it was not a readable model file" in caplog.text  # ...but it is said
+        shutil.copy(tiny_export[1], out)
+        write_thresholds(out, Thresholds(1.5, 2.5, "line 3"))
+        caplog.clear()
+        assert thresholds_to_be_replaced(out, replace(source, model_hash="0" * 64)) is None  # another model's file...
+        assert (f"{out} is replaced; it held the model (stmae, trained on {source.training['data_dir']}, image "
+                f"threshold 1.5, model sha256 {source.model_hash[:12]}...)") in caplog.text  # ...named before it goes
+        assert thresholds_to_be_replaced(out, source) == Thresholds(1.5, 2.5, "line 3")
+
+
+def test_training_over_another_model_says_which_before_it_starts(tiny_export, synthetic_dataset, tmp_path, caplog):
+    import shutil
+
+    from stmae_edge.models.stmae import preset
+    from stmae_edge.training.train import TrainConfig, train
+
+    out = tmp_path / "model.pt"
+    shutil.copy(tiny_export[0], out)
+    earlier = ModelMetadata.from_onnx(tiny_export[1])
+    cfg = TrainConfig(epochs=1, batch_size=8, max_images=12, score_folds=0)
+    with caplog.at_level("WARNING", logger="stmae_edge.model_files"):
+        train(synthetic_dataset, out, preset("tiny"), cfg, backbone_weights="random")
+    said = f"{out} is replaced; it held the model (stmae, trained on {earlier.training['data_dir']}"
+    assert said in caplog.text and caplog.records[0].getMessage().startswith(said)  # said first, before training
 
 
 def test_without_a_score_head_the_thresholds_stay_equal_and_a_failing_image_has_a_region(synthetic_dataset, tmp_path):

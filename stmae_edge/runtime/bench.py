@@ -3,11 +3,14 @@ postprocessing. Images are decoded once beforehand: a camera hands the runtime a
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
 from .detector import STAGES, Detector
+
+logger = logging.getLogger(__name__)
 
 
 def percentile_ms(values: list[float], q: float) -> float:
@@ -75,7 +78,8 @@ def bench_images(detector: Detector, folder=None, count: int = 32, seed: int = 0
         try:
             paths = recorded_train_images(detector.metadata.training, count, seed)
             what = "the model's training images"
-        except DatasetError:
+        except DatasetError as exc:  # the table then says "synthetic"; this says why
+            logger.warning("benchmarking on synthetic frames: %s", exc)
             paths = []
     if paths:
         images = [load_image(p) for p in paths]

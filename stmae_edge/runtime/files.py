@@ -207,7 +207,13 @@ def _predict_into(detector: Detector, paths: list[Path], out: Path, overlays: bo
                   left_out: Sequence[dict], overlay_threads: int | None) -> dict:
     """predict_to_folder's work, once its arguments are checked and `out` is made."""
     earlier_overlays = overlays_listed_in(out / RESULTS_NAME)
-    names = overlay_names(paths, replaceable(out, earlier_overlays)) if overlays else []
+    taken = replaceable(out, earlier_overlays)
+    names = overlay_names(paths, taken) if overlays else []
+    moved = [(path, name) for path, name in zip(paths, names, strict=False)
+             if name != f"{overlay_stem(path)}.png" and taken(f"{overlay_stem(path)}.png")]
+    if moved:  # the overlay is not where the user will look for it: results.json names it, and so does this
+        logger.warning("%d overlays took another name, as %s holds files of theirs that this command did not write "
+                       "(first: %s for %s)", len(moved), out, moved[0][1], moved[0][0])
     with staging_folder(out) as staging:
         check_names_fit(staging, [*names, partial_name(staging / RESULTS_NAME).name])
         threads = min(MAX_OVERLAY_THREADS, available_cores()) if overlay_threads is None else overlay_threads

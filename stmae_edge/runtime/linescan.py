@@ -470,7 +470,7 @@ def replay(inspector: StreamingInspector, source, block_rows: int = 256,
     """
     from pathlib import Path
 
-    from ..data import images_in
+    from ..data import images_in, not_read_in
     from ..preprocessing import load_image
 
     source = Path(source)
@@ -480,6 +480,9 @@ def replay(inspector: StreamingInspector, source, block_rows: int = 256,
         files = images_in(source)
         if not files:
             raise InvalidImageError(f"{source}: no block images in this folder")
+        if left_out := not_read_in(source):  # a missing block moves every later defect's rows
+            logger.warning("%s: not read: %s; the strip is the %d blocks directly in it, in name order", source,
+                           left_out, len(files))
         blocks, total = ((path, load_image(path)) for path in files), len(files)
     else:
         strip = load_image(source)

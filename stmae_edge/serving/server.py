@@ -132,7 +132,8 @@ def score_batch(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]
         rows = good[start:start + detector.batch_size]
         try:
             maps[rows], scores[rows] = detector.run_tensors(np.ascontiguousarray(images[rows]))
-        except BackendError:  # one image's NaN output must not fail the other clients' requests in the batch
+        except BackendError as exc:  # one image's NaN output must not fail the other clients' requests in the batch
+            logger.warning("a batch of %d images failed (%s); scoring them one by one", len(rows), first_line(exc, 200))
             for row in rows:
                 try:
                     row_maps, row_scores = detector.run_tensors(np.ascontiguousarray(images[row:row + 1]))

@@ -26,6 +26,7 @@ from .. import data
 from ..checkpoint import save_checkpoint
 from ..errors import ConfigError, OutputError, TrainingError
 from ..metadata import ModelMetadata
+from ..model_files import warn_replacing
 from ..models.backbones import BACKBONE_PREPROCESSING
 from ..models.families import STMAE_FAMILY
 from ..models.filtering_ae import FAMILY as FILTERING_FAMILY
@@ -128,8 +129,13 @@ def residual_statistics(model: STMAE, features: torch.Tensor, batch_size: int = 
     magnetic_tile, image AUROC 0.883 against 0.870. Per-position stds there are 0.06..0.09, far from
     the floor below."""
     model.eval()
-    residuals = torch.cat([model.residual(f, model.reconstruct(f))
-                           for f in (model.standardize(chunk.float()) for chunk in features.split(batch_size))])
+    residuals = []
+    with progress_bar("residual statistics", len(features)) as advance:
+        for chunk in features.split(batch_size):
+            f = model.standardize(chunk.float())
+            residuals.append(model.residual(f, model.reconstruct(f)))
+            advance(len(chunk))
+    residuals = torch.cat(residuals)
     return residuals.mean(dim=0, keepdim=True), residuals.std(dim=0, keepdim=True).clamp_min(FITTED_STD_FLOOR)
 
 
@@ -206,6 +212,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         raise ConfigError("backbone weights 'none' would train on an uninitialised backbone; "
                           "use 'imagenet', a weight file path, or 'random'")
     check_writable(out)
+    warn_replacing(out)  # said before minutes of training, while the user can still stop them
     seed_everything(cfg.seed)
     paths = data.train_images(data_dir)
     if cfg.max_images:
@@ -229,7 +236,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
                            "another (mirror-padded), so the held-out crops overstate how far the threshold is "
                            "measured; crop smaller than the images", small, len(paths), cfg.crop)
         train_items = data.random_crops(train_paths, cfg.crop, cfg.crops_per_image, cfg.seed)
-        holdout_items = data.random_crops(holdout_paths, cfg.crop, cfg.crops_per_image, cfg.seed + 1)
+        holdout_items = data.random_crops(holdout_paths, cfg.crop, cfg.crops_per_image, cfg.seed + 1,
+                                          "cutting held-out crops")
 
     started = time.perf_counter()
     keep_aspect, aspect_reason = choose_keep_aspect(cfg, paths, [size_of[p] for p in paths])
@@ -531,11 +539,12 @@ def fit_gaussian(model: STMAE, features: torch.Tensor, holdout_features: torch.T
     directions' sample of vectors, once for the Gaussians' sums, GAUSSIAN_CHUNK images at a time."""
     c = model.config
 
-    def pieces(raw: torch.Tensor):
+    def pieces(raw: torch.Tensor):  # moves the progress bar opened below, a chunk at a time
         for chunk in raw.split(batch_size):
             f = model.standardize(chunk.float())
             recon = model.reconstruct(f)
             yield f, recon, model.gaussian_input(f, recon)
+            advance(len(chunk))
 
     def input_groups():
         """The Gaussian's inputs of the training images, in consecutive groups of GAUSSIAN_CHUNK."""
@@ -549,38 +558,40 @@ def fit_gaussian(model: STMAE, features: torch.Tensor, holdout_features: torch.T
         if waiting:
             yield torch.cat(waiting)
 
-    if c.gaussian_dim or c.wide_window:  # first pass: the samples the principal directions come from
-        sharp = wide = None
-        for group in input_groups():
-            if sharp is None:
-                shape = (len(features), group.shape[2] * group.shape[3], group.shape[1])
-                sharp, wide = VectorSample(*shape), VectorSample(*shape)
-            sharp.add(group)
+    passes = 1 + bool(c.gaussian_dim or c.wide_window)  # over the training features; then the held-out ones
+    with progress_bar("Gaussian statistics", passes * len(features) + len(holdout_features)) as advance:
+        if c.gaussian_dim or c.wide_window:  # first pass: the samples the principal directions come from
+            sharp = wide = None
+            for group in input_groups():
+                if sharp is None:
+                    shape = (len(features), group.shape[2] * group.shape[3], group.shape[1])
+                    sharp, wide = VectorSample(*shape), VectorSample(*shape)
+                sharp.add(group)
+                if c.wide_window:
+                    wide.add(model.wide_input(group))
+            if c.gaussian_dim:
+                model.gaussian_projection.copy_(sharp.directions(c.gaussian_dim))
             if c.wide_window:
-                wide.add(model.wide_input(group))
-        if c.gaussian_dim:
-            model.gaussian_projection.copy_(sharp.directions(c.gaussian_dim))
+                model.wide_projection.copy_(wide.directions(model.wide_projection.shape[1]))
+            del sharp, wide
+        sharp_sums, wide_sums = PositionGaussianSums(), PositionGaussianSums()
+        for group in input_groups():  # second pass: the Gaussians' sums
+            sharp_sums.add(torch.einsum("bchw,cd->bdhw", group, model.gaussian_projection))
+            if c.wide_window:
+                wide_sums.add(torch.einsum("bchw,cd->bdhw", model.wide_input(group), model.wide_projection))
+        mean, precision = sharp_sums.fit(c.gaussian_eps)
+        model.gaussian_mean.copy_(mean)
+        model.gaussian_precision.copy_(precision)
         if c.wide_window:
-            model.wide_projection.copy_(wide.directions(model.wide_projection.shape[1]))
-        del sharp, wide
-    sharp_sums, wide_sums = PositionGaussianSums(), PositionGaussianSums()
-    for group in input_groups():  # second pass: the Gaussians' sums
-        sharp_sums.add(torch.einsum("bchw,cd->bdhw", group, model.gaussian_projection))
+            mean, precision = wide_sums.fit(c.gaussian_eps)
+            model.wide_mean.copy_(mean)
+            model.wide_precision.copy_(precision)
+        transition, gaussian, wide = [], [], []
+        for f, recon, x in pieces(holdout_features):
+            transition.append(model.transition_map(f, recon))
+            gaussian.append(model.gaussian_map(x))
+            if c.wide_window:
+                wide.append(model.wide_map(x))
+        model.fusion_stats.copy_(z_score_table([transition, gaussian]))
         if c.wide_window:
-            wide_sums.add(torch.einsum("bchw,cd->bdhw", model.wide_input(group), model.wide_projection))
-    mean, precision = sharp_sums.fit(c.gaussian_eps)
-    model.gaussian_mean.copy_(mean)
-    model.gaussian_precision.copy_(precision)
-    if c.wide_window:
-        mean, precision = wide_sums.fit(c.gaussian_eps)
-        model.wide_mean.copy_(mean)
-        model.wide_precision.copy_(precision)
-    transition, gaussian, wide = [], [], []
-    for f, recon, x in pieces(holdout_features):
-        transition.append(model.transition_map(f, recon))
-        gaussian.append(model.gaussian_map(x))
-        if c.wide_window:
-            wide.append(model.wide_map(x))
-    model.fusion_stats.copy_(z_score_table([transition, gaussian]))
-    if c.wide_window:
-        model.wide_stats.copy_(z_score_table([wide]))
+            model.wide_stats.copy_(z_score_table([wide]))
