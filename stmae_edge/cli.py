@@ -187,6 +187,10 @@ def train(
     # With --crop the statistics come from crops of the held-out images: count what was scored.
     typer.echo(holdout_check(t["holdout_above_threshold"], meta.score_stats.count, "crops" if cfg.crop else "images",
                              scored=threshold_scoring(t)))
+    if _given(ctx, "score_folds") and score_folds > 0 and threshold_scoring(t) != "cross-fitted":
+        typer.echo(f"warning: --score-folds {score_folds} was not used: the score head is cross-fitted only where it "
+                   "has two smoothings (the default preset's), without --crop and --holdout-dir; the threshold "
+                   "rests on the held-out images", err=True)
     if meta.trained_sizes is not None:
         typer.echo(f"trained on images {meta.trained_sizes.describe()}: `predict` refuses images far from these "
                    f"(more than {TrainedSizes.SIDE_FACTOR:g}x the sides, {TrainedSizes.ASPECT_FACTOR:g}x the "

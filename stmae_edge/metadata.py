@@ -41,7 +41,7 @@ METADATA_DIGEST_KEY = "metadata_digest"
 # there is refused on reading, not met with a TypeError deep inside a command.
 PROVENANCE_TYPES: dict[str, tuple[type, ...]] = {
     "data_dir": (str,), "train_images": (int,), "holdout_images": (int,), "seconds": (int, float),
-    "train_config": (dict,), "score_head": (str,), "color": (str,),
+    "train_config": (dict,), "score_head": (str,), "color": (str,), "colour_images": (int,),
 }
 
 # The exported graph's interface, shared by export, build and the runtime: images (N, 3, H, W) float32

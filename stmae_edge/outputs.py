@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import shutil
@@ -25,6 +26,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import OutputError, first_line
+
+logger = logging.getLogger(__name__)
 
 try:
     import fcntl
@@ -399,6 +402,9 @@ def staging_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         if held is not None:
             os.close(held)
+        if os.path.lexists(staging):  # a file held open (Windows), a disk gone read-only: it may hold gigabytes
+            logger.warning("could not remove %s, a hidden folder of this run's unused files; remove it once "
+                           "nothing uses it (the next run into %s removes it when it is old)", staging, out)
 
 
 def check_names_fit(staging: Path, names: Iterable[str]) -> None:
@@ -464,6 +470,7 @@ def _remove_stale_staging(out: Path) -> None:
             try:
                 if fd is not None or age > STALE_STAGING_S:
                     shutil.rmtree(folder, ignore_errors=True)
+                    logger.info("removed %s, left by an earlier run that was stopped", folder)
             finally:
                 if fd is not None:
                     os.close(fd)

@@ -13,6 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
+# Full TensorRT (a Jetson, pip's tensorrt) or TensorRT for RTX (what CI installs): either builds plans.
+TENSORRT_PRESENT = any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings"))
+NO_TENSORRT = "needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)"
+needs_tensorrt = pytest.mark.skipif(not TENSORRT_PRESENT, reason=NO_TENSORRT)
+
+
+def require_tensorrt() -> None:
+    """Skip the rest of a test where neither TensorRT is installed (its checks before this have run)."""
+    if not TENSORRT_PRESENT:
+        pytest.skip(NO_TENSORRT)
+
+
 def rank_correlation(a, b) -> float:
     """Spearman's rank correlation of two score lists: how alike two models (fp32 and INT8, say) rank
     the same images. INT8 is promised to rank like FP32, not to match its numbers: ONNX Runtime's INT8

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import rank_correlation
+from conftest import rank_correlation, require_tensorrt
 from onnx import TensorProto, numpy_helper
 
 from stmae_edge import data
@@ -233,7 +233,7 @@ def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_data
     assert image_auroc(labels, full) == 1.0  # the tiny model separates the synthetic defects ...
     assert image_auroc(labels, quantised) == 1.0  # ... and so does its INT8 graph
     assert rank_correlation(full, quantised) > 0.8
-    pytest.importorskip("tensorrt_rtx_bindings", reason="needs TensorRT for RTX: pip install '.[rtx]'")
+    require_tensorrt()
     from stmae_edge.engines.build import build_engine
 
     plan, sidecar = build_engine(out, "int8", "1:2:4", tmp_path / "m.int8.plan")
@@ -283,7 +283,7 @@ def test_intensity_normalisation_stays_fp32_in_every_graph_and_builds(synthetic_
     with Detector(path) as fp32, Detector(int8) as quantised:
         assert rank_correlation([r.score for r in fp32.predict(samples)],
                                 [r.score for r in quantised.predict(samples)]) > 0.8
-    pytest.importorskip("tensorrt_rtx_bindings", reason="needs TensorRT for RTX: pip install '.[rtx]'")
+    require_tensorrt()
     from stmae_edge.engines.build import build_engine
 
     plan, sidecar = build_engine(int8, "int8", "1:2:4", tmp_path / "m.int8.plan")

@@ -10,6 +10,7 @@ import warnings
 
 import onnx
 import pytest
+from conftest import needs_tensorrt
 from onnx import TensorProto, helper
 
 from stmae_edge.engines.build import BatchRange, build_engine
@@ -17,17 +18,13 @@ from stmae_edge.errors import ConfigError, ExportError
 from stmae_edge.metadata import ONNX_METADATA_KEY, ModelMetadata
 from stmae_edge.outputs import sha256_file
 
-trt_available = pytest.mark.skipif(
-    not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
-    reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
-
 
 @pytest.fixture(scope="module")
 def onnx_file(tiny_export):
     return tiny_export[1]
 
 
-@trt_available
+@needs_tensorrt
 def test_fp32_engine_builds_with_a_sidecar(onnx_file, tmp_path):
     plan, sidecar = build_engine(onnx_file, "fp32", "1:8:32", tmp_path / "m.fp32.plan")
     assert plan.stat().st_size > 100_000
@@ -43,7 +40,7 @@ def test_fp32_engine_builds_with_a_sidecar(onnx_file, tmp_path):
     assert (cache.is_file() and cache.stat().st_size > 0) == (on_disk["tensorrt"]["flavour"] == "tensorrt")
 
 
-@trt_available
+@needs_tensorrt
 def test_a_graph_in_a_folder_named_outside_ascii_builds_with_or_without_external_data(onnx_file, tmp_path):
     """TensorRT's parser is handed the graph's bytes: its parse_from_file opens a narrow path, which
     Windows reads in its code page (a folder named after a user with an umlaut failed there). A graph
@@ -61,7 +58,7 @@ def test_a_graph_in_a_folder_named_outside_ascii_builds_with_or_without_external
     assert plan.stat().st_size > 100_000 and sidecar["onnx"]["sha256"] == sha256_file(beside)
 
 
-@trt_available
+@needs_tensorrt
 def test_builds_keep_float32_from_tf32():
     from stmae_edge.engine_plan import import_tensorrt
     from stmae_edge.engines.build import keep_float32
@@ -81,7 +78,7 @@ def test_the_error_that_says_what_went_wrong_comes_before_driver_noise():
     assert telling_error([noise]) == noise and telling_error([]) == "no message"
 
 
-@trt_available
+@needs_tensorrt
 def test_a_build_calls_no_deprecated_tensorrt_api(onnx_file, tmp_path, caplog):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
@@ -94,7 +91,7 @@ def test_a_build_calls_no_deprecated_tensorrt_api(onnx_file, tmp_path, caplog):
         assert ignored == [f"{tmp_path / 't.cache'}: not used; tensorrt-rtx has no timing cache"]
 
 
-@trt_available
+@needs_tensorrt
 def test_parser_errors_name_the_node_and_op(onnx_file, tmp_path):
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8])
     y = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 3, 8, 8])
@@ -126,7 +123,7 @@ def test_missing_tensorrt_is_one_clear_line(onnx_file, tmp_path):
     assert r.stderr.strip().startswith("error: TensorRT is not installed: install TensorRT") and "\n" not in r.stderr.strip()
 
 
-@trt_available
+@needs_tensorrt
 def test_build_command(onnx_file, tmp_path):
     out = tmp_path / "cli.plan"
     r = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "build", str(onnx_file), "--batch", "1:4:8",
@@ -136,7 +133,7 @@ def test_build_command(onnx_file, tmp_path):
     assert len(done) == 1 and re.search(r"\): (\d+)/\1 in [\d.]+s done$", done[0]), r.stderr
 
 
-@trt_available
+@needs_tensorrt
 def test_compute_capabilities_are_chosen_for_tensorrt_for_rtx_and_turing_is_refused(onnx_file, tmp_path):
     """TensorRT for RTX builds ahead of time for a set of GPUs, which `--compute-capability` names; on
     Turing it compiles no float32 matrix product (what its builder says, seen here: "Cannot compile
@@ -160,7 +157,7 @@ def test_compute_capabilities_are_chosen_for_tensorrt_for_rtx_and_turing_is_refu
         build_engine(onnx_file, None, "1:1:2", tmp_path / "u.plan", compute_capabilities=["8.6", "7.5"])
 
 
-@trt_available
+@needs_tensorrt
 def test_fp16_engine_builds_and_precision_must_match_the_graph(onnx_file, tiny_fp16_export, tmp_path):
     fp16 = tiny_fp16_export[1]
     plan, sidecar = build_engine(fp16, None, "1:2:4", tmp_path / "m.fp16.plan")
@@ -169,7 +166,7 @@ def test_fp16_engine_builds_and_precision_must_match_the_graph(onnx_file, tiny_f
         build_engine(onnx_file, "fp16", "1:2:4", tmp_path / "x.plan")
 
 
-@trt_available
+@needs_tensorrt
 def test_a_corrupt_timing_cache_does_not_stop_a_build(onnx_file, tmp_path, caplog):
     (tmp_path / "timing.cache").write_bytes(b"not a timing cache")
     with caplog.at_level("WARNING", logger="stmae_edge.engines.build"):
@@ -189,7 +186,7 @@ def test_unreadable_onnx_is_an_export_error(tmp_path):
         build_engine(bad, None, "1:1:2", tmp_path / "bad.plan")
 
 
-@trt_available
+@needs_tensorrt
 def test_a_plan_is_evaluated_by_tensorrt_not_read_as_a_checkpoint(onnx_file, synthetic_dataset, tmp_path):
     """`evaluate` takes the plan kind from the one table of model files (any case of suffix) and runs
     it in TensorRT; without a GPU that is a one-line error about the GPU, not torch's unpickler."""
@@ -283,7 +280,7 @@ def test_on_a_jetson_missing_tensorrt_says_to_see_jetpacks(monkeypatch, tmp_path
     assert "tensorrt-rtx" not in str(jetson.value)
 
 
-@trt_available
+@needs_tensorrt
 def test_a_plan_whose_tensorrt_is_missing_here_says_to_rebuild_it(onnx_file, tmp_path, monkeypatch):
     from stmae_edge.errors import TensorRTMissingError
     from stmae_edge.runtime.tensorrt_backend import TensorRTBackend
@@ -357,7 +354,7 @@ def test_a_plan_runs_on_its_own_gpu_and_leaves_the_callers_current_gpu_as_it_was
     assert current["device"] == 0 and calls == [1, 0]
 
 
-@trt_available
+@needs_tensorrt
 def test_the_workspace_limit_reaches_tensorrt_and_a_jetson_caps_it(onnx_file, tmp_path, monkeypatch):
     """--workspace-mb is TensorRT's workspace pool, read back from the builder; on a Jetson, whose GPU
     shares the system's memory, the default is a quarter of it, at most 2 GiB."""
@@ -381,7 +378,7 @@ def test_the_workspace_limit_reaches_tensorrt_and_a_jetson_caps_it(onnx_file, tm
     assert build.default_workspace_bytes() is None
 
 
-@trt_available
+@needs_tensorrt
 def test_ctrl_c_during_a_build_cancels_it_and_keeps_the_earlier_plan_and_sidecar(onnx_file, tmp_path, monkeypatch):
     """Ctrl-C reached TensorRT's callback as an exception inside C++; and a build cut off between its
     plan and its sidecar left a plan that read_plan refuses, the working engine lost. The monitor now

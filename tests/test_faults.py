@@ -16,6 +16,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+from conftest import needs_tensorrt
 
 from stmae_edge.engine_plan import read_plan
 from stmae_edge.errors import EngineMismatchError, StmaeError
@@ -72,7 +73,7 @@ def test_a_full_disk_in_the_middle_of_predict_loses_nothing_written_before(tiny_
 
 
 def test_an_interrupted_predict_leaves_the_earlier_run_whole_and_the_next_run_takes_its_names(
-        tiny_export, synthetic_dataset, tmp_path):
+        tiny_export, synthetic_dataset, tmp_path, caplog):
     """A second run into the folder, with other thresholds, stopped by Ctrl-C after its first batch: it
     had replaced half the earlier run's overlays under that run's results.json, and the next run took
     those for a user's files and wrote NAME_2.png beside them. Now the earlier run is left as it was,
@@ -98,10 +99,13 @@ def test_an_interrupted_predict_leaves_the_earlier_run_whole_and_the_next_run_ta
         killed.mkdir()
         (killed / "000.png").write_bytes(b"half a run")
         os.utime(killed, (time.time() - 3600, time.time() - 3600))  # an hour ago
-        with staging_folder(out) as running:  # another command's, still running, for an hour: its lock keeps it
+        with caplog.at_level("INFO", logger="stmae_edge.outputs"), staging_folder(out) as running:
+            # another command's, still running, for an hour: its lock keeps it
             os.utime(running, (time.time() - 3600, time.time() - 3600))
             summary = files.predict_to_folder(detector, inputs, out, pixel_threshold=0.0)
             assert running.is_dir() and not killed.exists()
+            assert f"removed {killed}, left by an earlier run that was stopped" in caplog.text
+            assert f"removed {running}" not in caplog.text
     assert summary["replaced_overlays"] == 0
     assert {p.name for p in out.iterdir()} == set(earlier)  # the same names: no NAME_2.png
     assert any((out / name).read_bytes() != earlier[name] for name in earlier if name != "results.json")
@@ -194,8 +198,7 @@ def test_calibrate_killed_before_a_rename_leaves_no_graph_or_cache_entry_that_re
     assert ModelMetadata.from_onnx(out).model_hash == ModelMetadata.from_onnx(onnx_file).model_hash
 
 
-@pytest.mark.skipif(not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
-                    reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
+@needs_tensorrt
 def test_build_killed_before_either_rename_leaves_no_plan_that_reads_as_complete(tiny_export, tmp_path):
     """Killed before the plan's rename: no plan. Killed after it, before its sidecar's: a plan without
     a sidecar, which read_plan refuses (an interrupted build is never taken for done)."""
@@ -342,3 +345,16 @@ def test_signals_held_hold_sighup_leave_ignored_signals_ignored_and_put_each_han
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+def test_a_staging_folder_that_cannot_be_removed_is_named(tmp_path, monkeypatch, caplog):
+    """On Windows a file held open by another program (a viewer, a virus scanner) stops its removal:
+    the hidden folder, which may hold a run's overlays, was left without a word."""
+    import shutil
+
+    from stmae_edge.outputs import staging_folder
+
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None)  # the removal fails, as there
+    with caplog.at_level("WARNING", logger="stmae_edge.outputs"), staging_folder(tmp_path) as staging:
+        (staging / "000.png").write_bytes(b"an overlay")
+    assert f"could not remove {staging}, a hidden folder of this run's unused files" in caplog.text

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import rank_correlation
+from conftest import needs_tensorrt, rank_correlation
 
 from stmae_edge import data
 from stmae_edge.checkpoint import load_model
@@ -30,9 +30,6 @@ from stmae_edge.training.filtering import training_pairs
 from stmae_edge.training.train import TrainConfig, preprocessing_for, train
 
 CFG = TrainConfig(epochs=100, batch_size=4, lr=3e-3, seed=0)
-trt_available = pytest.mark.skipif(
-    not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
-    reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +145,7 @@ def test_int8_calibration_quantises_the_convolutions_but_not_the_anomaly_signal(
     assert rank_correlation(full, quantised_scores) > 0.8
 
 
-@trt_available
+@needs_tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engines_build_from_every_graph_the_family_emits(trained, exported, precision, tmp_path):
     from stmae_edge.engines.build import build_engine

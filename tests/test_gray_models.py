@@ -97,3 +97,34 @@ def test_a_model_trained_on_gray_images_scores_a_colour_frame_as_its_gray_versio
     colour, gray = detector.predict([frame, cv2.cvtColor(frame.astype(np.float32) / 255, cv2.COLOR_BGR2GRAY)])
     assert colour.score == pytest.approx(gray.score, rel=1e-4, abs=1e-5)
     np.testing.assert_allclose(colour.anomaly_map, gray.anomaly_map, rtol=1e-4, atol=1e-4)
+
+
+def test_a_gray_frame_given_to_a_model_trained_on_colour_images_is_said_once(synthetic_dataset, tmp_path, caplog):
+    """The reverse of a gray model: a colour model meets a mono camera's frames. They are scored (copied
+    to three channels), but nothing like them was trained on: said once a Detector, naming the frame."""
+    import shutil
+
+    from stmae_edge.models.stmae import preset
+    from stmae_edge.runtime import Detector
+    from stmae_edge.training.train import train
+
+    tinted = tmp_path / "tinted"
+    shutil.copytree(synthetic_dataset, tinted)
+    for path in (tinted / "train" / "good").glob("*.png"):
+        plane = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+        cv2.imwrite(str(path), np.dstack([plane * 0.7, plane * 0.9, np.clip(plane * 1.1 + 20, 0, 255)]).astype(np.uint8))
+    model = tmp_path / "colour.pt"
+    meta = train(tinted, model, preset("tiny"), TrainConfig(epochs=1, batch_size=8, max_images=12, score_folds=0),
+                 backbone_weights="random")
+    assert meta.preprocessing.color == "rgb" and meta.training["colour_images"] == 12
+    frames = [cv2.imread(str(p)) for p in sorted((tinted / "train" / "good").glob("*.png"))[:2]]
+    gray = cv2.cvtColor(frames[0], cv2.COLOR_BGR2GRAY)
+    with caplog.at_level("WARNING", logger="stmae_edge.runtime.detector"):
+        detector = Detector(model, check_size=False)
+        detector.predict(frames)
+        assert "gray image" not in caplog.text  # colour frames, as trained
+        detector.predict([frames[1], gray, gray])
+        detector.predict([gray])
+    said = [r.getMessage() for r in caplog.records if "gray image" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"array[1] is a gray image, and {model} was trained on colour "
+                                                 "images (12 of them)"), said

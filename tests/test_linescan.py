@@ -273,8 +273,9 @@ def test_random_crops_are_seeded_native_scale_and_mirror_small_images(tmp_path, 
 def test_train_crop_from_the_command_line(synthetic_dataset, tmp_path):
     model = tmp_path / "crop.pt"
     r = run("train", str(synthetic_dataset), "--out", str(model), "--preset", "tiny", "--epochs", "1",
-            "--crop", "48", "--crops-per-image", "2", "--backbone-weights", "random")
+            "--crop", "48", "--crops-per-image", "2", "--backbone-weights", "random", "--score-folds", "3")
     assert r.returncode == 0, r.stderr
+    assert "warning: --score-folds 3 was not used: the score head is cross-fitted only where" in r.stderr  # not silently
     info = json.loads(run("info", str(model)).stdout)
     assert info["preprocessing"]["input_size"] == [48, 48] and info["config"]["input_size"] == 48
     assert info["training"]["crop"] == 48 and info["training"]["train_config"]["crops_per_image"] == 2

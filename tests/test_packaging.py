@@ -81,7 +81,7 @@ def test_the_wheel_runs_from_any_folder_with_nothing_of_the_repository(tiny_expo
     repo, source = Path(__file__).resolve().parents[1], tmp_path / "source"
     # built from a copy: setuptools leaves build/ in the folder it builds, whose stale files later wheels take
     shutil.copytree(repo / "stmae_edge", source / "stmae_edge", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE"):
         shutil.copy(repo / name, source / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                             "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -89,6 +89,8 @@ def test_the_wheel_runs_from_any_folder_with_nothing_of_the_repository(tiny_expo
     wheel = next((tmp_path / "dist").glob("stmae_edge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "stmae_edge/py.typed" in names and f"stmae_edge-{__version__}.dist-info/METADATA" in names
+    # the licence pyproject.toml names, its text with the wheel (Apache-2.0 asks it of every copy)
+    assert "Apache License" in zipfile.ZipFile(wheel).read(f"stmae_edge-{__version__}.dist-info/licenses/LICENSE").decode()
     assert all(name.startswith(("stmae_edge/", "stmae_edge-")) for name in names), names
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     work = tmp_path / "work"

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_tensorrt
 
 from stmae_edge import outputs
 from stmae_edge.errors import OutputError, TensorRTMissingError
@@ -224,8 +225,7 @@ def test_a_replacement_refused_for_a_moment_is_tried_again_where_windows_needs_i
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
-@pytest.mark.skipif(not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
-                    reason="needs TensorRT or TensorRT for RTX to build a plan: pip install '.[rtx]'")
+@needs_tensorrt
 def test_a_plan_whose_tensorrt_cannot_load_gives_that_reason_not_install_advice(tiny_export, tmp_path, monkeypatch):
     from stmae_edge.engines.build import build_engine
     from stmae_edge.errors import TensorRTUnloadableError

@@ -10,20 +10,18 @@ import shutil
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import require_tensorrt
 
 from stmae_edge.engines.build import build_engine
 from stmae_edge.errors import BackendError, CheckpointError, EngineMismatchError, InvalidImageError, StmaeError
 from stmae_edge.model_files import read_metadata
 from stmae_edge.runtime import Detector
 from stmae_edge.runtime.devices import cuda_device_count
-
-trt_available = pytest.mark.skipif(
-    not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
-    reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
 
 
 def _png_declaring(width: int, height: int) -> bytes:
@@ -94,8 +92,7 @@ def test_every_bad_input_gives_its_typed_error_and_the_detector_stays_usable(tin
 @pytest.fixture(scope="module")
 def plans(tiny_export, tmp_path_factory):
     """Two real plans of the same model with different profiles (so different bytes), with sidecars."""
-    pytest.importorskip("tensorrt_rtx_bindings" if not __import__("importlib").util.find_spec("tensorrt")
-                        else "tensorrt", reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]'")
+    require_tensorrt()
     folder = tmp_path_factory.mktemp("plans")
     a, _ = build_engine(tiny_export[1], None, "1:4:8", folder / "a.plan", timing_cache=folder / "t.cache")
     b, _ = build_engine(tiny_export[1], None, "1:1:2", folder / "b.plan", timing_cache=folder / "t.cache")
@@ -348,3 +345,23 @@ def test_onnx_runtimes_tensorrt_provider_on_a_float32_graph_warns_of_tf32(tmp_pa
                                             (precision, (3, 64, 64)))
     assert providers[0][0] == "TensorrtExecutionProvider" and providers[1][1] == {"use_tf32": "0"}
     assert ("NVIDIA_TF32_OVERRIDE=0" in caplog.text) == warned
+
+
+def test_the_first_tensorrt_provider_session_says_it_builds_engines_and_where(tmp_path, caplog):
+    """Its first session builds engines for minutes before the first image, into a folder beside the
+    model: said once, not on the runs that load them."""
+    from types import SimpleNamespace
+
+    from stmae_edge.runtime import backends
+
+    def providers():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="stmae_edge.runtime.backends"):
+            return backends._gpu_providers(SimpleNamespace(), "TensorrtExecutionProvider", tmp_path / "m.onnx",
+                                           ("fp16", (3, 64, 64)))
+
+    cache = Path(providers()[0][1]["trt_engine_cache_path"])
+    assert f"builds this model's engines into {cache} before its first image" in caplog.text
+    (cache / "m_fp16.engine").write_bytes(b"an engine")  # what that session wrote
+    providers()
+    assert "builds this model's engines" not in caplog.text

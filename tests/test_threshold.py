@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import needs_tensorrt
 from test_cli import _assert_one_line_error, run
 
 from stmae_edge.checkpoint import read_checkpoint
@@ -207,8 +208,7 @@ def test_a_threshold_is_set_by_value_or_sigma_without_scoring_any_image(tiny_exp
     assert read_metadata(model).thresholds == expected  # nothing written by a refusal
 
 
-@pytest.mark.skipif(not any(__import__("importlib").util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")),
-                    reason="needs TensorRT or TensorRT for RTX: pip install '.[rtx]' (scripts/test.sh does)")
+@needs_tensorrt
 def test_a_plan_is_rethresholded_in_its_sidecar_without_a_rebuild(tiny_export, tmp_path, caplog):
     from stmae_edge.engine_plan import read_plan
     from stmae_edge.engines.build import build_engine

@@ -275,6 +275,9 @@ def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[i
     except OSError as exc:
         raise BackendError(f"cannot create the TensorRT engine cache {engine_cache}: "
                            f"{exc.strerror or exc}; copy the model to a writable folder") from exc
+    if not any(engine_cache.iterdir()):  # else a first run looks hung, and a folder appears beside the model
+        logger.warning("ONNX Runtime's TensorRT provider builds this model's engines into %s before its first "
+                       "image: minutes (on a Jetson, many); later runs load them from there", engine_cache)
     shape = "x".join(str(v) for v in image_shape)
     # Without a profile the provider builds for the batch sizes it has seen and rebuilds for each larger one
     profile = {f"trt_profile_{bound}_shapes": f"{INPUT_NAME}:{batch}x{shape}"

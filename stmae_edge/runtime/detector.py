@@ -30,7 +30,16 @@ import numpy as np
 from ..checks import is_whole
 from ..errors import BackendError, ConfigError, InvalidImageError
 from ..metadata import MAX_BATCH, ModelMetadata
-from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, as_items, check_bit_depth, load_image, name_the_image
+from ..preprocessing import (
+    ImageInput,
+    Preprocessing,
+    TrainedSizes,
+    as_items,
+    check_bit_depth,
+    load_image,
+    looks_gray,
+    name_the_image,
+)
 from ..scoring import ScoreStats, Thresholds
 from .backend_table import BACKENDS
 from .backends import Backend, describe, open_backend
@@ -44,8 +53,10 @@ STAGES = ("preprocess", "infer", "postprocess")
 class ImageScorer(AssignableThresholds):
     """What turns images into Detections, for any network that `run_tensors` reaches: the in-process
     Detector's backend, or a served model (RemoteDetector). A subclass sets `metadata`, `preprocessing`,
-    `score_stats`, `map_stats`, `min_region_area`, `batch_size` and `sizes_accepted`, and defines
-    run_tensors(batch, offset) -> (maps, scores), checked."""
+    `score_stats`, `map_stats`, `min_region_area`, `batch_size` and `sizes_accepted` (and `_gray_news`:
+    trained_on_colour), and defines run_tensors(batch, offset) -> (maps, scores), checked."""
+
+    _gray_news = False  # whether a gray frame is still to be warned about
 
     metadata: ModelMetadata
     preprocessing: Preprocessing
@@ -174,7 +185,14 @@ class ImageScorer(AssignableThresholds):
         """Decode, check and preprocess `items`, run the backend: (maps, scores, sizes, sources).
         With `errors`, images that cannot be used are put there by index in the call, and left out."""
         started = time.perf_counter()
-        batch, sizes, sources = decode_batch(items, offset, self.preprocessing, sizes_accepted, errors)
+        gray = [] if self._gray_news else None
+        batch, sizes, sources = decode_batch(items, offset, self.preprocessing, sizes_accepted, errors, gray)
+        if gray:
+            self._gray_news = False  # said once a Detector: a mono camera gives nothing but gray frames
+            logger.warning("%s is a gray image, and %s was trained on colour images (%d of them): a gray frame is "
+                           "scored as a colour one that looks like no training image, so its score is not comparable "
+                           "with theirs; train on the camera's own images", gray[0], self.model_path,
+                           self.metadata.training["colour_images"])
         if not len(batch):
             height, width = self.preprocessing.input_size
             return np.empty((0, height, width), np.float32), np.empty(0, np.float32), sizes, sources
@@ -266,6 +284,7 @@ class Detector(ImageScorer):
         self.thresholds = self.metadata.thresholds
         self.min_region_area = min_region_area
         self.sizes_accepted = accepted_sizes(self.metadata, check_size)
+        self._gray_news = trained_on_colour(self.metadata)
         self.batch_size = max(1, min(batch_size, self._backend.max_batch))
         if self.batch_size < batch_size:
             # The default meeting a plan's smaller profile is routine; a size the caller chose is not
@@ -359,9 +378,10 @@ def balanced_chunks(count: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def decode_batch(items: list, offset: int, preprocessing: Preprocessing, sizes_accepted: TrainedSizes | None = None,
-                 errors: dict | None = None) -> tuple[np.ndarray, list, list[str]]:
+                 errors: dict | None = None, gray: list | None = None) -> tuple[np.ndarray, list, list[str]]:
     """Decode and check `items` (paths or arrays; item i is image offset + i of the call) and preprocess
-    them: (batch (N, 3, H, W) float32, their (height, width), their sources for the Detections).
+    them: (batch (N, 3, H, W) float32, their (height, width), their sources for the Detections). With
+    `gray`, the sources of the gray images among them are put there (preprocessing.looks_gray).
 
     Raises:
         InvalidImageError: naming the file, or the image's index in the call; also an image far from
@@ -384,10 +404,18 @@ def decode_batch(items: list, offset: int, preprocessing: Preprocessing, sizes_a
             continue
         sizes.append(image.shape[:2])
         sources.append(str(item) if is_path else f"array[{offset + i}]")
+        if gray is not None and looks_gray(image):
+            gray.append(sources[-1])
     return batch[:len(sizes)], sizes, sources
 
 
 MAX_THREADS = 1024
+
+
+def trained_on_colour(metadata: ModelMetadata) -> bool:
+    """Whether the model reads colour and was trained on colour images, so that a gray frame is news
+    (a mono camera where a colour one was). Models from before the record say nothing of it: False."""
+    return metadata.preprocessing.color == "rgb" and metadata.training.get("colour_images", 0) > 0
 
 
 def accepted_sizes(metadata, check_size: bool) -> TrainedSizes | None:

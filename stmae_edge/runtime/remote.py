@@ -30,7 +30,7 @@ import numpy as np
 from .. import wire_format as wire
 from ..checks import is_whole, parse_document
 from ..errors import BackendError, ConfigError, RemoteError
-from .detector import ImageScorer, accepted_sizes, check_input_batch, check_network_outputs
+from .detector import ImageScorer, accepted_sizes, check_input_batch, check_network_outputs, trained_on_colour
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class RemoteDetector(ImageScorer):
         self.score_stats = self.metadata.score_stats
         self.map_stats = self.metadata.region_stats
         self.sizes_accepted = accepted_sizes(self.metadata, check_size)
+        self._gray_news = trained_on_colour(self.metadata)
         self.batch_size = self.max_batch if batch_size is None else min(int(batch_size), self.max_batch)
         if batch_size is not None and batch_size > self.max_batch:  # the caller asked for more than they get
             logger.warning("batch_size %d exceeds the max batch of model %s on %s (%d); requests of at most %d images",

@@ -302,6 +302,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             "crop": cfg.crop,  # 0: whole images resized to the input size; else native-scale crops
             "aspect": aspect_reason,
             "color": color_reason,
+            "colour_images": len(goods.colour),  # good images in colour: where > 0, gray frames later are news
             **provenance,
             "train_config": asdict(cfg),
             "loss_per_epoch": history,
