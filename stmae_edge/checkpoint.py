@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -50,6 +51,9 @@ def save_checkpoint(path: Path | str, model: torch.nn.Module, metadata: ModelMet
 
 def read_checkpoint(path: Path | str) -> tuple[ModelMetadata, dict[str, torch.Tensor]]:
     path = require_model_file(path)
+    if not zipfile.is_zipfile(path):  # torch.load allocates what a legacy file declares before reading it
+        raise CheckpointError(f"{path}: not a loadable stmae-edge checkpoint: {why_unloadable(path)}; give the "
+                              ".pt file that `stmae-edge train` wrote")
     check_archive(path, CheckpointError)
     try:
         with warnings.catch_warnings():  # torch's warnings about a file it refuses would precede our one line
@@ -80,6 +84,8 @@ def why_unloadable(path: Path) -> str:
         return f"it cannot be read ({exc.strerror or exc})"
     if path.suffix.lower() in (".onnx", *PLAN_SUFFIXES):
         return f"it is {'an ONNX graph' if path.suffix.lower() == '.onnx' else 'a TensorRT plan'}, not a checkpoint"
+    if head[:1] == b"\x80":  # a pickle: torch.save's format before PyTorch 1.6, which stmae-edge never wrote
+        return "it is a PyTorch file in the format before PyTorch 1.6, not a stmae-edge checkpoint"
     if head != b"PK\x03\x04":  # every checkpoint torch.save writes is a zip archive
         return "it is not a PyTorch file"
     return "it is damaged (truncated?) or holds objects other than weights, which are not loaded for safety"
