@@ -221,6 +221,19 @@ def test_malformed_metadata_documents_are_remote_errors_that_name_the_part(metad
             assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("status,expected", [(400, "no model 'tiny' there"), (404, "no model 'tiny' there"),
+                                             (500, "model repository failed to load")])
+def test_a_config_the_server_fails_to_give_is_its_failure_not_a_missing_model(status, expected):
+    def answer(method, model, action, batch):
+        if model == "tiny" + wire.METADATA_SUFFIX:
+            return 400, {"error": "unknown model"}
+        return status, {"error": "model repository failed to load" if status == 500 else "not found"}
+
+    with FakeTriton(answer) as server, pytest.raises(RemoteError, match=expected) as caught:
+        RemoteDetector(server.url, "tiny")
+    assert status != 500 or "no model" not in str(caught.value)
+
+
 def test_a_batch_size_above_the_servers_max_is_capped_with_a_warning(metadata, caplog):
     with repo_server(metadata, infer=lambda batch: network_outputs(metadata, batch)) as server:
         with caplog.at_level(logging.WARNING, logger="stmae_edge.runtime.remote"):

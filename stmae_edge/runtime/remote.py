@@ -321,8 +321,10 @@ class RemoteDetector(ImageScorer):
                 return None
         try:
             body, _ = self._http(urllib.request.Request(f"{self.url}/v2/models/{self.model}/config"))
-        except RemoteError:
-            return None
+        except RemoteError as exc:
+            if exc.status in (400, 404):  # Triton's answers for a model it does not know
+                return None
+            raise  # a server that failed, or went away: that, not "no such model"
         return parse_document(body, f"{self.url}: the config of model {self.model}", RemoteError)
 
 
