@@ -447,13 +447,14 @@ def check_image(array: np.ndarray, source: str, max_pixels: int = MAX_IMAGE_PIXE
                                     "integers)")
 
 
-def looks_gray(image: np.ndarray) -> bool:
+def looks_gray(image: np.ndarray, pixels_read: int = 65536) -> bool:
     """Whether decoded pixels (H, W[, C], OpenCV's channel order) are gray: one channel, or colour
-    channels that differ by at most GRAY_SPREAD_AT_MOST (alpha ignored). Read on a grid of about 64
-    thousand pixels, so a large frame costs no more than a small one."""
+    channels that differ by at most GRAY_SPREAD_AT_MOST (alpha ignored). Read on a grid of about
+    `pixels_read` pixels, so a large frame costs no more than a small one (the default: a training
+    image's survey; the runtime's per-frame check reads fewer)."""
     if image.ndim == 2 or image.shape[2] == 1:
         return True
-    step = max(1, int((image.shape[0] * image.shape[1] / 65536) ** 0.5))
+    step = max(1, int((image.shape[0] * image.shape[1] / pixels_read) ** 0.5))
     pixels = image[::step, ::step, :3].astype(np.float32)
     peak = float(pixels.max())
     if peak <= 0:

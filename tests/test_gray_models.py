@@ -54,6 +54,12 @@ def test_gray_is_told_from_colour_as_a_mono_camera_saves_it():
     tinted = np.dstack([plane, plane, np.clip(plane.astype(int) + 12, 0, 255).astype(np.uint8)])
     assert not looks_gray(tinted)  # a uniform cast of 12 levels is colour
     assert looks_gray(np.zeros((8, 8, 3), np.uint8))
+    # the runtime's per-frame check reads 4096 pixels, not 64K: the same verdicts, on a 4 MP frame too
+    from stmae_edge.runtime.detector import GRAY_CHECK_PIXELS
+
+    large = cv2.resize(_colour_frame(), (2048, 2048))
+    for image in (plane, saved, tinted, _colour_frame(), large, cv2.cvtColor(large, cv2.COLOR_BGR2GRAY)[:, :, None]):
+        assert looks_gray(image, GRAY_CHECK_PIXELS) == looks_gray(image)
 
 
 def _goods(folder: Path, frames: list[np.ndarray]) -> GoodImages:
