@@ -156,6 +156,7 @@ def test_a_second_run_into_the_same_folder_replaces_the_first_whole(tiny_export,
     (out / "other.png").write_bytes(b"not ours")
     r = run("predict", str(tiny_export[1]), str(good[0]), str(good[5]), "--out", str(out))
     assert r.returncode == 0 and "removed 3 overlays of the earlier run there" in r.stdout, r.stdout
+    assert "checking the earlier run's overlays: 2/2 in " in r.stderr  # hashed under a bar, not in silence
     listed = {entry["overlay"] for entry in json.loads((out / "results.json").read_text())["results"]}
     assert listed == {good[0].stem + ".png", good[5].stem + ".png"}
     assert {p.name for p in out.iterdir()} == listed | {"results.json", "notes.txt", "other.png"}

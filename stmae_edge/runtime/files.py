@@ -51,6 +51,7 @@ from ..outputs import (
     write_staged,
 )
 from ..preprocessing import load_image
+from ..progress import progress_bar
 from ..scoring import threshold_scoring
 from .detector import Detector
 from .overlay import render_overlay
@@ -115,9 +116,10 @@ def overlay_stem(path: Path) -> str:
     return f"{start}~{hashlib.sha256(raw).hexdigest()[:12]}"
 
 
-def overlay_names(paths: Sequence[Path], taken: Callable[[str], bool] = lambda name: False) -> list[str]:
+def overlay_names(paths: Sequence[Path], taken: Callable[[str], bool] = lambda name: False,
+                  advance: Callable[[], None] = lambda: None) -> list[str]:
     """<stem>.png per input, made unique (<stem>_2.png, ...) when inputs share a stem or the name is
-    `taken` (a file in the output folder that this run may not replace)."""
+    `taken` (a file in the output folder that this run may not replace); `advance` after each input."""
     used: set[str] = set()
     # per stem, the suffix its previous name took (1: the bare name); the names below it stay used or
     # taken, so the next starts above it: 20,000 inputs named image.png in as many folders each counted
@@ -136,6 +138,7 @@ def overlay_names(paths: Sequence[Path], taken: Callable[[str], bool] = lambda n
         last_count[stem] = count
         used.add(may_be_one_file(name))
         names.append(name)
+        advance()
     return names
 
 
@@ -208,7 +211,14 @@ def _predict_into(detector: Detector, paths: list[Path], out: Path, overlays: bo
     """predict_to_folder's work, once its arguments are checked and `out` is made."""
     earlier_overlays = overlays_listed_in(out / RESULTS_NAME)
     taken = replaceable(out, earlier_overlays)
-    names = overlay_names(paths, taken) if overlays else []
+    names = []
+    if overlays:
+        # Where an earlier run's overlays lie, each name is hashed before it is taken: 20,000 overlays
+        # at 4 MP took about a minute, silent before scoring began
+        bar = progress_bar("checking the earlier run's overlays", len(paths)) if earlier_overlays else \
+            contextlib.nullcontext(lambda n=1: None)
+        with bar as checked:
+            names = overlay_names(paths, taken, checked)
     moved = [(path, name) for path, name in zip(paths, names, strict=False)
              if name != f"{overlay_stem(path)}.png" and taken(f"{overlay_stem(path)}.png")]
     if moved:  # the overlay is not where the user will look for it: results.json names it, and so does this
