@@ -458,3 +458,16 @@ def test_predict_that_scores_nothing_fails_says_so_and_leaves_the_earlier_run(ti
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
     r = run("predict", str(tiny_export[1]), str(broken), "--out", str(tmp_path / "new" / "out"))
     assert r.returncode == 2 and not (tmp_path / "new").exists()  # no empty folder made for nothing
+
+
+def test_a_name_in_the_output_folder_is_hashed_once_however_often_it_is_asked_about(tmp_path, monkeypatch):
+    """predict asks about a name when it chooses overlay names and again to say which took another:
+    the second answer is remembered (20,000 overlays at 4 MP took a minute to hash)."""
+    from stmae_edge.runtime import files
+
+    (tmp_path / "a.png").write_bytes(b"changed since the earlier run wrote it")
+    hashed = []
+    monkeypatch.setattr(files, "sha256_file", lambda path: hashed.append(path) or "1" * 64)
+    taken = files.replaceable(tmp_path, {"a.png": "0" * 64})
+    assert taken("a.png") and taken("a.png") and not taken("b.png")
+    assert hashed == [tmp_path / "a.png"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -145,7 +146,9 @@ def overlay_names(paths: Sequence[Path], taken: Callable[[str], bool] = lambda n
 def replaceable(out: Path, earlier_overlays: dict[str, str]) -> Callable[[str], bool]:
     """Whether writing OUT/name would replace a file this command did not write: anything there but an
     overlay that the earlier results.json lists, with the bytes it recorded (a user's own image that
-    shares an input's stem, in particular)."""
+    shares an input's stem, in particular). Each name is looked at once: asked again (to say which
+    overlays took another name), the answer is remembered, not the file hashed again."""
+    @functools.cache
     def taken(name: str) -> bool:
         path = out / name
         if not os.path.lexists(path):
