@@ -556,7 +556,7 @@ def predict(
 ) -> None:
     """Score images: pass/fail, scores and defect regions as JSON, heatmap overlays as PNG."""
     from .checks import require_model_file
-    from .errors import ConfigError, NothingScoredError
+    from .errors import ConfigError, NothingScoredError, PredictionStoppedError
     from .outputs import check_output_folder
     from .progress import progress_bar
     from .runtime import Detector, RemoteDetector
@@ -591,6 +591,9 @@ def predict(
                                         left_out=left_out)
     except NothingScoredError as exc:
         _say_problems([error["error"] for error in exc.errors], "")
+        raise
+    except PredictionStoppedError as exc:  # what it scored is written: its unreadable files are said as usual
+        _say_problems([error["error"] for error in exc.summary["errors"]], "; results.json names every one")
         raise
     _say_problems([error["error"] for error in summary["errors"]] + [
         f"{result['overlay_error']} (the image was scored: results.json has it)"

@@ -75,6 +75,16 @@ class BackendError(StmaeError):
     """An inference backend cannot be used here: missing package, no GPU, or a provider that would fall back."""
 
 
+class PredictionStoppedError(BackendError):
+    """The backend failed part-way through scoring a folder (`predict_to_folder`): the images scored
+    before it are kept. `summary` is the run as written to results.json, whose `stopped` names the
+    error and lists the files not scored."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
 class EngineMismatchError(BackendError):
     """An engine plan does not match its sidecar, the model, or the TensorRT installed here."""
 

@@ -5,6 +5,7 @@ the running program, and nothing written before is lost or left half-written und
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 import shutil
@@ -21,6 +22,7 @@ from conftest import needs_tensorrt
 from stmae_edge.engine_plan import read_plan
 from stmae_edge.errors import EngineMismatchError, StmaeError
 from stmae_edge.metadata import ModelMetadata
+from stmae_edge.outputs import sha256_file
 from stmae_edge.runtime import Detector
 
 CLI = [sys.executable, "-m", "stmae_edge.cli"]
@@ -358,3 +360,60 @@ def test_a_staging_folder_that_cannot_be_removed_is_named(tmp_path, monkeypatch,
     with caplog.at_level("WARNING", logger="stmae_edge.outputs"), staging_folder(tmp_path) as staging:
         (staging / "000.png").write_bytes(b"an overlay")
     assert f"could not remove {staging}, a hidden folder of this run's unused files" in caplog.text
+
+
+def _tiles(folder, count: int) -> list:
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(count):
+        cv2.imwrite(str(folder / f"t{i}.png"), rng.integers(0, 256, (64, 64), np.uint8))
+    return sorted(folder.iterdir())
+
+
+def test_a_backend_that_fails_part_way_through_predict_keeps_what_it_scored(tiny_export, tmp_path):
+    """A server gone or a GPU lost after hours of scoring cost the whole run: the staging folder was
+    dropped with every result in it. Now what was scored is put in place as the run, and its results.json
+    lists the files not scored. The backend here is closed after the first batch, from the progress
+    callback, as a lost device closes it: its next call raises BackendError."""
+    from stmae_edge.errors import PredictionStoppedError
+    from stmae_edge.runtime import files
+
+    paths = _tiles(tmp_path / "in", 5)
+    (tmp_path / "in" / "t3.png").write_bytes(b"not a png")  # in the batch that fails: listed as not scored
+    out = tmp_path / "out"
+    detector = Detector(tiny_export[1], "ort-cpu", batch_size=2)
+    files.predict_to_folder(detector, paths, out)  # an earlier, complete run there
+    assert len(list(out.glob("*.png"))) == 4
+
+    def advance(done: int) -> None:
+        detector.close()  # after the first batch
+
+    with pytest.raises(PredictionStoppedError, match=r"after 2 of 5 images \(this .* was closed.*'stopped' "
+                                                     r"lists the 3 images not scored") as failure:
+        files.predict_to_folder(detector, paths, out, advance=advance, overlay_threads=2)
+    summary = failure.value.summary
+    assert [entry["source"] for entry in summary["results"]] == [str(paths[0]), str(paths[1])]
+    assert summary["errors"] == [] and summary["stopped"]["not_scored"] == [str(path) for path in paths[2:]]
+    written = json.loads((out / "results.json").read_text())
+    assert written == {key: value for key, value in summary.items() if key != "replaced_overlays"}
+    assert summary["replaced_overlays"] == 2
+    # one run in the folder: this one's two overlays; the earlier run's for the files not scored removed
+    assert sorted(p.name for p in out.glob("*.png")) == ["t0.png", "t1.png"]
+    for entry in summary["results"]:
+        assert sha256_file(out / entry["overlay"]) == entry["overlay_sha256"]
+
+
+def test_a_backend_that_fails_at_its_first_batch_leaves_the_earlier_run(tiny_export, tmp_path):
+    from stmae_edge.errors import BackendError, PredictionStoppedError
+    from stmae_edge.runtime import files
+
+    paths = _tiles(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    detector = Detector(tiny_export[1], "ort-cpu", batch_size=2)
+    files.predict_to_folder(detector, paths, out)
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    detector.close()
+    with pytest.raises(BackendError, match="closed") as failure:
+        files.predict_to_folder(detector, paths, out)
+    assert not isinstance(failure.value, PredictionStoppedError)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier

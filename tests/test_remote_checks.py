@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def document_for(model: ModelMetadata, /, **changes) -> dict:
 
 def repo_server(metadata: ModelMetadata, document=None, config=None, infer=None, prefix: str = "") -> FakeTriton:
     """A triton-repo model in the official container: NAME_metadata is unknown (400), the config holds
-    the document, and `infer(batch)` gives the model's outputs."""
+    the document, and `infer(batch)` gives the model's outputs (or a refusal: (status, JSON-able))."""
     document = document_for(metadata) if document is None else document
     if config is None:
         config = {"name": "tiny", "parameters": {wire.METADATA_PARAMETER: {"string_value": json.dumps(document)}}}
@@ -92,7 +93,8 @@ def repo_server(metadata: ModelMetadata, document=None, config=None, infer=None,
             return 400, {"error": f"Request for unknown model: '{model}' is not found"}
         if action == "config":
             return 200, config
-        return 200, infer(batch)
+        answered = infer(batch)
+        return answered if isinstance(answered, tuple) else (200, answered)
     return FakeTriton(answer, prefix)
 
 
@@ -352,3 +354,39 @@ def test_a_served_model_inspects_a_line_scan_strip(metadata):
         assert inspector.tiles == 4
     with pytest.raises(ConfigError, match="Detector or RemoteDetector, not str"):
         StreamingInspector(server.url)
+
+
+def test_predict_through_a_server_that_fails_part_way_keeps_what_it_scored(metadata, tmp_path):
+    """The CLI end to end: a server that answers the first batch and then fails (503, as Triton going
+    down does) leaves the first batch's results and overlays in --out, one error line naming the failure
+    and where the rest are listed, exit code 2."""
+    import subprocess
+    import sys
+
+    import cv2
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, frame in enumerate(frames(metadata, 5)):
+        cv2.imwrite(str(inputs / f"f{i}.png"), frame)
+    served = []
+
+    def infer(batch):
+        if served:
+            return 503, {"error": "Server is shutting down"}
+        served.append(batch)
+        return network_outputs(metadata, batch, score=0.5)
+
+    with repo_server(metadata, infer=infer) as server:
+        out = tmp_path / "out"
+        run = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "predict", "tiny", str(inputs), "--out",
+                              str(out), "--server", server.url, "--batch-size", "2"],
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert re.search(r"the backend failed after 2 of 5 images \(.*shutting down.*'stopped' lists the 3 images", errors[0])
+    written = json.loads((out / "results.json").read_text())
+    assert [Path(entry["source"]).name for entry in written["results"]] == ["f0.png", "f1.png"]
+    assert [Path(path).name for path in written["stopped"]["not_scored"]] == ["f2.png", "f3.png", "f4.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["f0.png", "f1.png"]

@@ -5,10 +5,14 @@ A run into a folder that holds an earlier run's results replaces them whole: it 
 and results.json into a staging folder inside OUT, then, with Ctrl-C held, moves them into place and
 removes the overlays that the earlier results.json lists and this run does not write; a run
 interrupted or stopped by a full disk before then leaves the earlier run as it was, so the folder
-never mixes two runs. Files it did not write are never touched: an overlay is
-removed only while its bytes are those results.json recorded (a file of the same name that someone
-else wrote stays), an overlay whose name is another file's there takes the next free name
-(<stem>_2.png), and nothing is written through a symbolic link.
+never mixes two runs. Files it did not write are never touched: an overlay is removed only while its
+bytes are those results.json recorded (a file of the same name that someone else wrote stays), an
+overlay whose name is another file's there takes the next free name (<stem>_2.png), and nothing is
+written through a symbolic link.
+
+A backend that fails part-way (a server gone, a GPU lost) costs only what it had not scored: the images
+scored before it are put in place as this run, whose results.json says under `stopped` why it stopped
+and which files it did not score (None when it scored them all), and PredictionStoppedError says so.
 
 Overlays are drawn, PNG-encoded and written by a pool of threads while the network scores the next
 batch (the encoding alone took longer than the network at 4 MP):
@@ -36,7 +40,16 @@ import cv2
 
 from ..checks import is_whole
 from ..data import IMAGE_SUFFIXES, images_in, may_be_one_file, not_read_in
-from ..errors import ConfigError, DatasetError, InvalidImageError, NothingScoredError, OutputError
+from ..errors import (
+    BackendError,
+    ConfigError,
+    DatasetError,
+    InvalidImageError,
+    NothingScoredError,
+    OutputError,
+    PredictionStoppedError,
+    first_line,
+)
 from ..machine import available_cores
 from ..outputs import (
     check_names_fit,
@@ -185,7 +198,10 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
     Raises:
         OutputError: `out` is an input's folder, or cannot be written. ConfigError: bad thresholds, or
             overlay_threads below 0. NothingScoredError: none of `paths` could be scored (its `errors` say
-            why for each); `out` is left as it was. BackendError: the detector failed (or was closed).
+            why for each); `out` is left as it was. PredictionStoppedError: the detector failed (or was
+            closed) after scoring some of `paths`: those are written, as this run, and the error's `summary`
+            (results.json) lists the rest under `stopped`. BackendError: it failed before scoring any;
+            `out` is left as it was.
     """
     if overlay_threads is not None and (not is_whole(overlay_threads) or overlay_threads < 0):
         raise ConfigError(f"overlay_threads={overlay_threads!r}: give a whole number of threads, 0 or more "
@@ -230,7 +246,8 @@ def _predict_into(detector: Detector, paths: list[Path], out: Path, overlays: bo
     with staging_folder(out) as staging:
         check_names_fit(staging, [*names, partial_name(staging / RESULTS_NAME).name])
         threads = min(MAX_OVERLAY_THREADS, available_cores()) if overlay_threads is None else overlay_threads
-        results, errors = _score_into(staging, detector, paths, names, chosen, advance, threads if names else 0)
+        results, errors, stopped = _score_into(staging, detector, paths, names, chosen, advance,
+                                               threads if names else 0)
         if paths and not results:  # an earlier run in `out` must not be replaced by a record of failures
             raise NothingScoredError(f"none of the {len(paths)} images could be scored; {out} was left as it was",
                                      errors)
@@ -240,8 +257,13 @@ def _predict_into(detector: Detector, paths: list[Path], out: Path, overlays: bo
                              "sizes_checked": detector.sizes_accepted is not None},
                    "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
                    "unreadable": len(errors), "results": results, "errors": errors, "left_out": list(left_out),
-                   "overlays_not_written": 0}
+                   "overlays_not_written": 0, "stopped": stopped}
         summary["replaced_overlays"] = _put_in_place(staging, out, summary, earlier_overlays)
+    if stopped:
+        raise PredictionStoppedError(
+            f"the backend failed after {len(results) + len(errors)} of {len(paths)} images ({stopped['error']}); "
+            f"what was scored is in {out / RESULTS_NAME}, whose 'stopped' lists the {len(stopped['not_scored'])} "
+            "images not scored: score those again once the backend works", summary)
     return summary
 
 
@@ -249,17 +271,28 @@ MAX_OVERLAY_THREADS = 4  # PNG encoding is single-threaded per image; more threa
 
 
 def _score_into(staging: Path, detector: Detector, paths: Sequence[Path], names: Sequence[str], chosen,
-                advance: Callable[[int], None] | None, overlay_threads: int) -> tuple[list[dict], list[dict]]:
-    """Each file's result, and the files that could not be scored; overlays (where `names`) into `staging`,
-    by `overlay_threads` threads while the next batch is scored (0: here, one after another)."""
-    results, errors = [], []
+                advance: Callable[[int], None] | None,
+                overlay_threads: int) -> tuple[list[dict], list[dict], dict | None]:
+    """Each file's result, the files that could not be scored, and, where the backend failed after some
+    were scored, why and which files it did not score ({"error", "not_scored"}; else None). Overlays
+    (where `names`) go into `staging`, by `overlay_threads` threads while the next batch is scored (0:
+    here, one after another)."""
+    results, errors, stopped = [], [], None
     pool = ThreadPoolExecutor(overlay_threads, thread_name_prefix="stmae-edge-overlay") if overlay_threads else None
     # overlays still being written, oldest first: (result entry, its overlay's name, the sha256 to come)
     in_flight: deque[tuple[dict, str, Future]] = deque()
     try:
         for start in range(0, len(paths), detector.batch_size):
             chunk = list(range(start, min(start + detector.batch_size, len(paths))))
-            kept, images, detections = _score_batch(detector, paths, chunk, chosen, errors)
+            unreadable_before = len(errors)
+            try:
+                kept, images, detections = _score_batch(detector, paths, chunk, chosen, errors)
+            except BackendError as exc:
+                if not results:  # nothing to keep: the earlier run in `out` stays
+                    raise
+                del errors[unreadable_before:]  # this batch's files are all listed as not scored
+                stopped = {"error": first_line(exc), "not_scored": [str(path) for path in paths[start:]]}
+                break
             for i, image, detection in zip(kept, images, detections, strict=True):
                 detection = dataclasses.replace(detection, source=str(paths[i]))
                 entry = detection.to_dict()
@@ -283,7 +316,7 @@ def _score_into(staging: Path, detector: Detector, paths: Sequence[Path], names:
     finally:
         if pool is not None:  # before the staging folder is removed: no thread may write into it after
             pool.shutdown(wait=True, cancel_futures=True)
-    return results, errors
+    return results, errors, stopped
 
 
 def _score_batch(detector: Detector, paths: Sequence[Path], chunk: list[int], chosen,
