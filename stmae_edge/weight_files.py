@@ -25,8 +25,10 @@ MAX_ARCHIVE_ENTRIES = 100_000  # torch.save writes one entry per storage plus a 
 def check_archive(path: Path, error: type[Exception]) -> None:
     """A zip file (every file torch.save has written since PyTorch 1.6) whose entries are stored, not
     compressed, and no larger than the file: torch.save never compresses, and a compressed entry is
-    how a few kilobytes expand to gigabytes in torch.load. Files in the legacy (pre-zip) format pass
-    unchecked here; check_weights still bounds what they hold.
+    how a few kilobytes expand to gigabytes in torch.load. Files in the legacy (pre-zip) format, as
+    torchvision's vgg19 file is, pass unchecked here: torch.load reserves what their storages declare,
+    which fails or is checked against the bytes there before any page is used (a terabyte claimed by a
+    small file costs no memory: tests/test_backbones.py), and check_weights bounds what they hold.
 
     Raises:
         error: naming the entry that is compressed or larger than the file.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import zipfile
 from pathlib import Path
 
@@ -243,6 +244,23 @@ def test_vgg19_bad_files_raise_weights_error(vgg_file, tmp_path):
     _recompressed(path, tmp_path / "deflated.pth")
     with pytest.raises(WeightsError, match="deflated.pth: entry .* is compressed"):
         FeatureExtractor("vgg19", layers, grid=16, weights=tmp_path / "deflated.pth")
+
+    # torchvision's own vgg19 file is in the legacy (pre-zip) format, which check_archive cannot read:
+    # such a file loads, and one whose storage claims a terabyte is refused in one line (torch reserves
+    # what the file declares, which fails or is checked against the bytes there before any is used)
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    FeatureExtractor("vgg19", layers, grid=16, weights=tmp_path / "legacy.pth")
+    torch.save({"features.0.bias": torch.zeros(1000)}, tmp_path / "small.pth", _use_new_zipfile_serialization=False)
+    legacy = (tmp_path / "small.pth").read_bytes()
+    numel = legacy.index(b"cpu") + len(b"cpuq\x06")  # the storage's element count follows its location
+    assert legacy[numel:numel + 3] == b"M\xe8\x03"  # BININT2 1000, as torch 2.13 writes it
+    terabyte = legacy[:numel] + b"\x8a\x06" + (2 ** 38).to_bytes(6, "little") + legacy[numel + 3:]  # LONG1
+    (tmp_path / "terabyte.pth").write_bytes(terabyte)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(WeightsError, match=r"terabyte.pth: not a readable PyTorch state dict") as caught:
+        FeatureExtractor("vgg19", layers, grid=16, weights=tmp_path / "terabyte.pth")
+    assert "\n" not in str(caught.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: under 100 MB more
 
     # the full classifier needs every key, so a features-only file is not enough for it
     with pytest.raises(WeightsError, match="missing"):
