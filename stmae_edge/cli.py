@@ -553,6 +553,9 @@ def predict(
                                          "grpc://HOST:PORT); MODEL is then the served model's name"),
     any_size: bool = typer.Option(False, "--any-size", metavar=FLAG, help="score images of any size; by default an image far "
                                   "from the training images' sizes is refused (`info` shows them)"),
+    resume: bool = typer.Option(False, "--resume", metavar=FLAG, help="--out holds a run that a failed backend "
+                                "stopped: score the images it did not and add them to it (the same command "
+                                "otherwise; any backend)"),
 ) -> None:
     """Score images: pass/fail, scores and defect regions as JSON, heatmap overlays as PNG."""
     from .checks import require_model_file
@@ -588,7 +591,7 @@ def predict(
         with progress_bar(f"scoring ({detector.info['backend']})", len(paths)) as advance:
             summary = predict_to_folder(detector, paths, out, overlays=overlays, advance=advance,
                                         image_threshold=threshold, pixel_threshold=pixel_threshold, sigma=sigma,
-                                        left_out=left_out)
+                                        left_out=left_out, resume=resume)
     except NothingScoredError as exc:
         _say_problems([error["error"] for error in exc.errors], "")
         raise

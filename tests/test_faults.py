@@ -417,3 +417,66 @@ def test_a_backend_that_fails_at_its_first_batch_leaves_the_earlier_run(tiny_exp
         files.predict_to_folder(detector, paths, out)
     assert not isinstance(failure.value, PredictionStoppedError)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+
+
+def _stopped_run(tiny_export, paths, out):
+    """predict_to_folder into `out`, its backend closed after the first batch of two."""
+    from stmae_edge.errors import PredictionStoppedError
+    from stmae_edge.runtime import files
+
+    detector = Detector(tiny_export[1], "ort-cpu", batch_size=2)
+    with pytest.raises(PredictionStoppedError):
+        files.predict_to_folder(detector, paths, out, advance=lambda done: detector.close())
+
+
+def test_a_stopped_run_resumed_is_the_run_scored_whole(tiny_export, tmp_path):
+    from stmae_edge.runtime import files
+
+    paths = _tiles(tmp_path / "in", 5)
+    (tmp_path / "in" / "t3.png").write_bytes(b"not a png")
+    with Detector(tiny_export[1], "ort-cpu", batch_size=2) as detector:
+        whole = files.predict_to_folder(detector, paths, tmp_path / "whole")
+    out = tmp_path / "out"
+    _stopped_run(tiny_export, paths, out)
+    done = []
+    with Detector(tiny_export[1], "ort-cpu", batch_size=3) as detector:  # any backend and batch
+        resumed = files.predict_to_folder(detector, paths, out, resume=True, advance=done.append)
+    assert done == [2, 3]  # the stopped run's two first, then the rest
+    assert resumed["stopped"] is None and [entry["images"] for entry in resumed["resumed"]] == [2]
+    for key in ("results", "errors", "failed", "unreadable", "images", "thresholds", "input"):
+        assert resumed[key] == whole[key], key
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == {
+        p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*.png")}
+    assert json.loads((out / "results.json").read_text())["results"] == whole["results"]
+
+
+def test_a_resume_that_is_not_of_the_stopped_run_is_refused_and_changes_nothing(tiny_export, tmp_path):
+    from stmae_edge.errors import ConfigError
+    from stmae_edge.runtime import files
+
+    paths = _tiles(tmp_path / "in", 5)
+    detector = Detector(tiny_export[1], "ort-cpu", batch_size=2)
+    with pytest.raises(ConfigError, match="holds no results.json"):
+        files.predict_to_folder(detector, paths, tmp_path / "empty", resume=True)
+    files.predict_to_folder(detector, paths, tmp_path / "complete")
+    with pytest.raises(ConfigError, match="scored every image; there is nothing to resume"):
+        files.predict_to_folder(detector, paths, tmp_path / "complete", resume=True)
+
+    out = tmp_path / "out"
+    _stopped_run(tiny_export, paths, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ConfigError, match=r"give the images of the stopped run .* \(5\), no others: 1 of it not given"):
+        files.predict_to_folder(detector, paths[:4], out, resume=True)
+    with pytest.raises(ConfigError, match=r"1 not in it \(first: .*other.png\)"):
+        files.predict_to_folder(detector, [*paths, tmp_path / "other.png"], out, resume=True)
+    with pytest.raises(ConfigError, match="scored with another thresholds; resume it as it was started"):
+        files.predict_to_folder(detector, paths, out, resume=True, image_threshold=123.0)
+    record = json.loads(before["results.json"])
+    (out / "results.json").write_text(json.dumps({**record, "model_hash": "0" * 64}))
+    with pytest.raises(ConfigError, match="scored with another model; resume it as it was started"):
+        files.predict_to_folder(detector, paths, out, resume=True)
+    (out / "results.json").write_text(json.dumps({**record, "results": [{"source": 3}]}))
+    with pytest.raises(ConfigError, match="is not the results of a stopped run"):
+        files.predict_to_folder(detector, paths, out, resume=True)
+    (out / "results.json").write_bytes(before["results.json"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

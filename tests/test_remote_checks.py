@@ -356,10 +356,10 @@ def test_a_served_model_inspects_a_line_scan_strip(metadata):
         StreamingInspector(server.url)
 
 
-def test_predict_through_a_server_that_fails_part_way_keeps_what_it_scored(metadata, tmp_path):
+def test_predict_through_a_server_that_fails_part_way_keeps_what_it_scored_and_resumes(metadata, tmp_path):
     """The CLI end to end: a server that answers the first batch and then fails (503, as Triton going
     down does) leaves the first batch's results and overlays in --out, one error line naming the failure
-    and where the rest are listed, exit code 2."""
+    and what to do, exit code 2; the same command with --resume, the server back, scores the rest."""
     import subprocess
     import sys
 
@@ -369,24 +369,34 @@ def test_predict_through_a_server_that_fails_part_way_keeps_what_it_scored(metad
     inputs.mkdir()
     for i, frame in enumerate(frames(metadata, 5)):
         cv2.imwrite(str(inputs / f"f{i}.png"), frame)
-    served = []
+    served, down = [], [True]
 
     def infer(batch):
-        if served:
+        if served and down[0]:
             return 503, {"error": "Server is shutting down"}
         served.append(batch)
         return network_outputs(metadata, batch, score=0.5)
 
+    out = tmp_path / "out"
     with repo_server(metadata, infer=infer) as server:
-        out = tmp_path / "out"
-        run = subprocess.run([sys.executable, "-m", "stmae_edge.cli", "predict", "tiny", str(inputs), "--out",
-                              str(out), "--server", server.url, "--batch-size", "2"],
-                             capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2, run.stderr
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
-    assert re.search(r"the backend failed after 2 of 5 images \(.*shutting down.*'stopped' lists the 3 images", errors[0])
+        command = [sys.executable, "-m", "stmae_edge.cli", "predict", "tiny", str(inputs), "--out", str(out),
+                   "--server", server.url, "--batch-size", "2"]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stderr
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
+        assert re.search(r"the backend failed after 2 of 5 images \(.*shutting down.*'stopped' lists the 3 images not "
+                         r"scored: once the backend works, run the same command with --resume", errors[0])
+        written = json.loads((out / "results.json").read_text())
+        assert [Path(entry["source"]).name for entry in written["results"]] == ["f0.png", "f1.png"]
+        assert [Path(path).name for path in written["stopped"]["not_scored"]] == ["f2.png", "f3.png", "f4.png"]
+        assert sorted(p.name for p in out.glob("*.png")) == ["f0.png", "f1.png"]
+
+        down[0] = False
+        run = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "5 scored: " in run.stdout
     written = json.loads((out / "results.json").read_text())
-    assert [Path(entry["source"]).name for entry in written["results"]] == ["f0.png", "f1.png"]
-    assert [Path(path).name for path in written["stopped"]["not_scored"]] == ["f2.png", "f3.png", "f4.png"]
-    assert sorted(p.name for p in out.glob("*.png")) == ["f0.png", "f1.png"]
+    assert [Path(entry["source"]).name for entry in written["results"]] == [f"f{i}.png" for i in range(5)]
+    assert written["stopped"] is None and len(written["resumed"]) == 1
+    assert sorted(p.name for p in out.glob("*.png")) == [f"f{i}.png" for i in range(5)]

@@ -13,6 +13,7 @@ written through a symbolic link.
 A backend that fails part-way (a server gone, a GPU lost) costs only what it had not scored: the images
 scored before it are put in place as this run, whose results.json says under `stopped` why it stopped
 and which files it did not score (None when it scored them all), and PredictionStoppedError says so.
+The same call with resume=True (`predict ... --resume`) scores those files and adds them to that run.
 
 Overlays are drawn, PNG-encoded and written by a pool of threads while the network scores the next
 batch (the encoding alone took longer than the network at 4 MP):
@@ -177,7 +178,8 @@ def replaceable(out: Path, earlier_overlays: dict[str, str]) -> Callable[[str], 
 def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, overlays: bool = True,
                       advance: Callable[[int], None] | None = None, image_threshold: float | None = None,
                       pixel_threshold: float | None = None, sigma: float | None = None,
-                      left_out: Sequence[dict] = (), overlay_threads: int | None = None) -> dict:
+                      left_out: Sequence[dict] = (), overlay_threads: int | None = None,
+                      resume: bool = False) -> dict:
     """Score `paths` in batches; write OUT/results.json and OUT/<stem>.png. Returns the summary.
 
     Args:
@@ -194,6 +196,9 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
         overlay_threads: threads that draw, encode and write overlays while the next batch is scored
             (None: one per core this process may use, at most 4; 0: in the calling thread, one after
             another, as scoring waits).
+        resume: `out` holds a run that a failed backend stopped (PredictionStoppedError): score the files
+            it did not, and add them to it. The same `paths`, thresholds and model (any backend) as that
+            run; `advance` is first called with the number it had done.
 
     Raises:
         OutputError: `out` is an input's folder, or cannot be written. ConfigError: bad thresholds, or
@@ -201,7 +206,8 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
             why for each); `out` is left as it was. PredictionStoppedError: the detector failed (or was
             closed) after scoring some of `paths`: those are written, as this run, and the error's `summary`
             (results.json) lists the rest under `stopped`. BackendError: it failed before scoring any;
-            `out` is left as it was.
+            `out` is left as it was. ConfigError, with resume: `out` holds no stopped run, or not one of
+            these images, thresholds and model.
     """
     if overlay_threads is not None and (not is_whole(overlay_threads) or overlay_threads < 0):
         raise ConfigError(f"overlay_threads={overlay_threads!r}: give a whole number of threads, 0 or more "
@@ -216,8 +222,9 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                                 detector.map_stats, threshold_scoring(detector.metadata.training))
     made = not out.exists()
     check_output_folder(out, paths)
+    stopped_run = _stopped_run(out, paths, detector, chosen) if resume else None
     try:
-        return _predict_into(detector, paths, out, overlays, advance, chosen, left_out, overlay_threads)
+        return _predict_into(detector, paths, out, overlays, advance, chosen, left_out, overlay_threads, stopped_run)
     except BaseException:
         if made:  # a folder made for this run, left empty by its failure
             with contextlib.suppress(OSError):
@@ -226,10 +233,21 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
 
 
 def _predict_into(detector: Detector, paths: list[Path], out: Path, overlays: bool, advance, chosen,
-                  left_out: Sequence[dict], overlay_threads: int | None) -> dict:
-    """predict_to_folder's work, once its arguments are checked and `out` is made."""
-    earlier_overlays = overlays_listed_in(out / RESULTS_NAME)
-    taken = replaceable(out, earlier_overlays)
+                  left_out: Sequence[dict], overlay_threads: int | None, stopped_run: dict | None) -> dict:
+    """predict_to_folder's work, once its arguments are checked and `out` is made; `stopped_run`: the
+    results.json of the run to resume (_stopped_run), or None."""
+    all_paths = paths
+    if stopped_run is None:
+        earlier_overlays = overlays_listed_in(out / RESULTS_NAME)
+        taken = replaceable(out, earlier_overlays)
+    else:  # the stopped run's overlays stay, and so do their names, even where a file has gone since
+        earlier_overlays = {}
+        recorded = {may_be_one_file(entry["overlay"]) for entry in stopped_run["results"] if "overlay" in entry}
+        taken = functools.cache(lambda name: may_be_one_file(name) in recorded or os.path.lexists(out / name))
+        not_scored = set(stopped_run["stopped"]["not_scored"])
+        paths = [path for path in paths if str(path) in not_scored]
+        if advance:
+            advance(len(all_paths) - len(paths))
     names = []
     if overlays:
         # Where an earlier run's overlays lie, each name is hashed before it is taken: 20,000 overlays
@@ -248,23 +266,95 @@ def _predict_into(detector: Detector, paths: list[Path], out: Path, overlays: bo
         threads = min(MAX_OVERLAY_THREADS, available_cores()) if overlay_threads is None else overlay_threads
         results, errors, stopped = _score_into(staging, detector, paths, names, chosen, advance,
                                                threads if names else 0)
-        if paths and not results:  # an earlier run in `out` must not be replaced by a record of failures
+        if paths and not results and stopped_run is None:  # an earlier run must not be replaced by failures
             raise NothingScoredError(f"none of the {len(paths)} images could be scored; {out} was left as it was",
                                      errors)
-        summary = {"model": str(detector.model_path), "runtime": detector.info, "thresholds": chosen.to_dict(),
+        summary = {"model": str(detector.model_path), "model_hash": detector.metadata.model_hash,
+                   "runtime": detector.info, "thresholds": chosen.to_dict(),
                    # how the files were read: both change verdicts (--bit-depth, --any-size)
                    "input": {"bit_depth": detector.preprocessing.bit_depth,
                              "sizes_checked": detector.sizes_accepted is not None},
                    "images": len(paths), "failed": sum(r["decision"] == "fail" for r in results),
                    "unreadable": len(errors), "results": results, "errors": errors, "left_out": list(left_out),
                    "overlays_not_written": 0, "stopped": stopped}
-        summary["replaced_overlays"] = _put_in_place(staging, out, summary, earlier_overlays)
+        staged = summary["results"]  # the entries whose overlays this run wrote
+        if stopped_run is not None:
+            summary = _resumed(stopped_run, summary)
+        summary["replaced_overlays"] = _put_in_place(staging, out, summary, earlier_overlays, staged)
     if stopped:
+        done = len(summary["results"]) + len(summary["errors"])
         raise PredictionStoppedError(
-            f"the backend failed after {len(results) + len(errors)} of {len(paths)} images ({stopped['error']}); "
-            f"what was scored is in {out / RESULTS_NAME}, whose 'stopped' lists the {len(stopped['not_scored'])} "
-            "images not scored: score those again once the backend works", summary)
+            f"the backend failed after {done} of {summary['images']} images ({stopped['error']}); what was scored "
+            f"is in {out / RESULTS_NAME}, whose 'stopped' lists the {len(stopped['not_scored'])} images not "
+            "scored: once the backend works, run the same command with --resume to score them", summary)
     return summary
+
+
+def _resumed(stopped_run: dict, summary: dict) -> dict:
+    """The stopped run's record with this run's results added: one run, scored in parts, each part's
+    runtime listed under `resumed` (a GPU lost, the rest may be scored on the CPU)."""
+    results = stopped_run["results"] + summary["results"]
+    errors = stopped_run["errors"] + summary["errors"]
+    resumed = [*stopped_run.get("resumed", []), {"runtime": summary["runtime"], "images": len(summary["results"])}]
+    return {**stopped_run, "failed": sum(r["decision"] == "fail" for r in results), "unreadable": len(errors),
+            "results": results, "errors": errors, "overlays_not_written": stopped_run["overlays_not_written"]
+            + summary["overlays_not_written"], "stopped": summary["stopped"], "resumed": resumed}
+
+
+def _stopped_run(out: Path, paths: Sequence[Path], detector: Detector, chosen) -> dict:
+    """The results.json in `out` of a run that a failed backend stopped, checked to be the run these
+    arguments would make: the same images, thresholds, input settings and model.
+
+    Raises:
+        ConfigError: there is no such run in `out`, or it differs (naming how).
+    """
+    where = out / RESULTS_NAME
+
+    def not_a_record(why: str) -> ConfigError:
+        return ConfigError(f"--resume: {where} is not the results of a stopped run ({why}); leave --resume out to "
+                           "score every image")
+
+    try:
+        if where.is_symlink() or where.stat().st_size > MAX_RESULTS_BYTES:
+            raise ValueError("a symbolic link, or larger than any results.json")
+        document = json.loads(where.read_text(encoding="utf-8"))
+        stopped = document["stopped"]
+    except FileNotFoundError:
+        raise ConfigError(f"--resume: {out} holds no results.json, so no stopped run to resume; leave --resume out"
+                          ) from None
+    except (OSError, ValueError, RecursionError, LookupError, TypeError) as exc:
+        raise not_a_record(first_line(exc, 120)) from None
+    if stopped is None:
+        raise ConfigError(f"--resume: {where} records a run that scored every image; there is nothing to resume: "
+                          "leave --resume out to score them again")
+    try:
+        recorded = [*(entry["source"] for entry in document["results"]),
+                    *(entry["source"] for entry in document["errors"]), *stopped["not_scored"]]
+        if not all(isinstance(source, str) for source in recorded):
+            raise TypeError("a file's name that is not a string")
+        if not (all(entry["decision"] in ("pass", "fail") and isinstance(entry.get("overlay", ""), str)
+                    for entry in document["results"]) and isinstance(document["overlays_not_written"], int)
+                and isinstance(document["runtime"], dict) and isinstance(document.get("resumed", []), list)):
+            raise TypeError("an entry of another kind than predict writes")
+    except (LookupError, TypeError, AttributeError) as exc:
+        raise not_a_record(f"{type(exc).__name__}: {first_line(exc, 120)}") from None
+    given = [str(path) for path in paths]
+    if sorted(given) != sorted(recorded):
+        extra, missing = sorted(set(given) - set(recorded)), sorted(set(recorded) - set(given))
+        raise ConfigError(f"--resume: give the images of the stopped run in {out} ({len(recorded)}), no others: "
+                          + "; ".join([*([f"{len(extra)} not in it (first: {extra[0]})"] if extra else []),
+                                       *([f"{len(missing)} of it not given (first: {missing[0]})"] if missing else []),
+                                       *(["some given twice"] if not extra and not missing else [])]))
+    differences = [what for what, earlier, now in (
+        ("model", document.get("model_hash"), detector.metadata.model_hash),
+        ("thresholds", document.get("thresholds"), json.loads(json.dumps(chosen.to_dict()))),
+        ("input settings (--bit-depth, --any-size)", document.get("input"),
+         {"bit_depth": detector.preprocessing.bit_depth, "sizes_checked": detector.sizes_accepted is not None}))
+        if earlier != now]
+    if differences:
+        raise ConfigError(f"--resume: the stopped run in {out} was scored with another {' and '.join(differences)}; "
+                          "resume it as it was started (the same model, thresholds and options)")
+    return document
 
 
 MAX_OVERLAY_THREADS = 4  # PNG encoding is single-threaded per image; more threads hold more images
@@ -375,10 +465,12 @@ def _collect(written: tuple[dict, str, Future]) -> None:
     entry["overlay"], entry["overlay_sha256"] = name, sha256.result()
 
 
-def _put_in_place(staging: Path, out: Path, summary: dict, earlier_overlays: dict[str, str]) -> int:
-    """Move the staged overlays and results.json into `out` and remove the earlier run's overlays that
-    this one does not replace, with Ctrl-C held: only renames and removals, which need no space, so the
-    folder holds one run or the other. Returns how many earlier overlays were removed.
+def _put_in_place(staging: Path, out: Path, summary: dict, earlier_overlays: dict[str, str],
+                  staged: list[dict]) -> int:
+    """Move the overlays of the `staged` entries of summary's results and results.json into `out` and
+    remove the earlier run's overlays that this one does not replace, with Ctrl-C held: only renames and
+    removals, which need no space, so the folder holds one run or the other. Returns how many earlier
+    overlays were removed.
 
     Raises:
         OutputError: results.json could not be staged (a full disk) or moved into place.
@@ -390,7 +482,7 @@ def _put_in_place(staging: Path, out: Path, summary: dict, earlier_overlays: dic
 
     write_bytes_atomically(staging / RESULTS_NAME, encoded(), follow_links=False)
     with signals_held():
-        for entry in results:
+        for entry in staged:
             if "overlay" not in entry:
                 continue
             try:
