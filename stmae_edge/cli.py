@@ -152,7 +152,7 @@ def train(
                               "the model)"),
     skip_unreadable: bool = typer.Option(False, "--skip-unreadable", metavar=FLAG, help="leave out good images that cannot "
                                          "be read or decoded, with a warning naming them (without it, training "
-                                         "stops before it starts and names them all)"),
+                                         "stops before it starts, counts them and names the first five)"),
     seed: int = typer.Option(0, help="seeds the held-out draw, the random splits of training and the initial weights"),
 ) -> None:
     """Train a model on good images and write one self-describing checkpoint."""

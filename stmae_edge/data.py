@@ -176,13 +176,18 @@ def survey(paths: Sequence[Path], role: str, skip_unreadable: bool = False,
                     colour.append(path)
             advance()
     if unreadable:
-        named = "; ".join(unreadable[:UNREADABLE_NAMED])
-        more = f"; and {len(unreadable) - UNREADABLE_NAMED} more" if len(unreadable) > UNREADABLE_NAMED else ""
         if not skip_unreadable:
-            raise DatasetError(f"{len(unreadable)} of {len(paths)} {role} cannot be read: {named}{more}. {remedy}")
-        logger.warning("%d of %d %s cannot be read and are left out: %s%s", len(unreadable),
-                       len(paths), role, named, more)
+            raise DatasetError(f"{len(unreadable)} of {len(paths)} {role} cannot be read: {first_named(unreadable)}. "
+                               f"{remedy}")
+        logger.warning("%d of %d %s cannot be read and are left out: %s", len(unreadable),
+                       len(paths), role, first_named(unreadable))
     return SurveyedImages([p for p in paths if p in sizes], sizes, found, unreadable, tuple(turned), tuple(colour))
+
+
+def first_named(unreadable: Sequence[str]) -> str:
+    """The first UNREADABLE_NAMED files that cannot be read, then how many more, for one line."""
+    more = len(unreadable) - UNREADABLE_NAMED
+    return "; ".join(unreadable[:UNREADABLE_NAMED]) + (f"; and {more} more" if more > 0 else "")
 
 
 def pixel_digest(pixels: np.ndarray) -> str:

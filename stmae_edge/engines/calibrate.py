@@ -175,7 +175,8 @@ def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
     """The graph's, the images' and the settings' digest, naming a cached calibration.
 
     Raises:
-        DatasetError: images that cannot be read (every one named), before anything is calibrated.
+        DatasetError: images that cannot be read (all counted, the first five named), before anything is
+            calibrated.
     """
     h = hashlib.sha256()
     h.update(sha256_file(onnx_path).encode())
@@ -186,8 +187,8 @@ def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
         except OSError as exc:
             unreadable.append(f"{path} ({exc.strerror or first_line(exc)})")
     if unreadable:
-        raise DatasetError(f"{len(unreadable)} calibration images cannot be read: {'; '.join(unreadable[:10])}"
-                           + (f"; and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""))
+        raise DatasetError(f"{len(unreadable)} of {len(images)} calibration images cannot be read: "
+                           f"{data.first_named(unreadable)}. Calibrate from image files that can be read")
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -242,7 +243,7 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
             without the scoring scope, no layer as large as `min_weight_elements`, or a batch size or
             count that is not a whole number >= 1.
         DatasetError: fewer images than one batch, `images` not a list of paths, or images that cannot
-            be read (all of them named, before calibration starts).
+            be read (all counted, the first five named, before calibration starts).
         ExportError: ONNX Runtime's quantisation failed on the graph.
         CheckpointError: not a readable ONNX file of ours. OutputError: `out` cannot be written.
     """

@@ -62,8 +62,8 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str | None =
     needs no more, such as `threshold`: 256 KB less per image at the default input size).
 
     Raises:
-        DatasetError: no test images, or test images or masks that cannot be read (all of them named,
-            before any is scored); and the Detector's typed errors.
+        DatasetError: no test images, or test images or masks that cannot be read (counted, the first
+            named, before any is scored: the images first, then the masks); and the Detector's typed errors.
     """
     from ..runtime import Detector
 
@@ -71,8 +71,8 @@ def score_dataset(model: Path | str, data_dir: Path | str, backend: str | None =
                         bit_depth=bit_depth)
     if samples is None:
         samples = data.eval_samples(data_dir, both_classes=False)
-    # Every image and mask decoded first: one that cannot be read stops the run here, all of them named,
-    # not after minutes of scoring (a mask was read only once every image had been scored)
+    # Every image and mask decoded first: one that cannot be read stops the run here, counted and the
+    # first named, not after minutes of scoring (a mask was read only once every image had been scored)
     images = data.survey([s.path for s in samples], "test images", digests=False)
     if masks:
         data.survey([s.mask_path for s in samples if s.mask_path is not None], "masks", digests=False)

@@ -1,7 +1,7 @@
 """The good images a training run uses, read once before any training starts.
 
     train/good (or --max-images of it) --> survey: every file read, hashed and decoded once, with a
-    progress bar; an unreadable one stops the run here, all of them named at once (or, with
+    progress bar; an unreadable one stops the run here, all counted at once, five named (or, with
     skip_unreadable, is left out with a warning) --> copies warned about --> training and held-out
     images (a seeded fraction, or --holdout-dir's) --> their shapes, for the input's aspect and the
     sizes the runtime will accept.

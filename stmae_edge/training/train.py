@@ -200,7 +200,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         ConfigError: inconsistent settings ("none" backbone weights for ST-MAE).
         WeightsError: the backbone's weights are missing or do not match its architecture.
         DatasetError: no training images, good images that all show the same pixels, or an unreadable one
-            (all of them named before training starts; cfg.skip_unreadable leaves them out instead, and
+            (all counted, the first five named, before training starts; cfg.skip_unreadable leaves them out instead, and
             then too few readable ones).
         ConfigError: also too few good images to hold some out and still train.
         TrainingError: the loss or the model's output is NaN or infinite, or the good images' scores do
