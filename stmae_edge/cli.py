@@ -18,8 +18,8 @@ from .outputs import STOP_SIGNAL_NAMES, record_folders_made, remove_folders_left
 from .preprocessing import TrainedSizes
 from .runtime.backend_table import backend_help
 from .scoring import DEFAULT_SIGMA, Thresholds
-from .training.config import TrainConfig
-from .wire_format import DEFAULT_MAX_BATCH
+from .training.config import MAX_CROP, MIN_CROP, TrainConfig
+from .wire_format import DEFAULT_MAX_BATCH, MAX_INSTANCES, MAX_QUEUE_DELAY_US
 
 # `predict` wrote results for some files but could not read others (2 is a failure of the whole command).
 PARTIAL_EXIT_CODE = 3
@@ -65,7 +65,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   epilog="The pipeline: train -> evaluate (report, threshold) -> export -> verify -> calibrate "
                          "(INT8) -> build (TensorRT) -> predict, bench, linescan or serve. Exit codes: 0 done; "
                          "2 an error, said in one line, nothing half-written; 3 predict scored some images "
-                         "and not others, or could not write some overlays (error lines name them); 130 "
+                         "and not others (error lines name them; a backend that stopped part-way: --resume), or "
+                         "could not write some overlays; 130 "
                          "interrupted (Ctrl-C; 143 SIGTERM, 129 SIGHUP).")
 
 
@@ -104,21 +105,23 @@ def train(
     preset_name: str = typer.Option("small", "--preset", help="stmae: tiny, small (default: the residual "
                                     "scored by per-position statistics, sharp and over 21 x 21 cells, "
                                     "lowered by half its mean over the image; images scored by a head on "
-                                    "deeper layers), small-intensity-norm (each "
-                                    "image brought to one brightness and contrast first, for lines whose "
-                                    "lighting varies), small-map-scaled (the residual scaled per image: small "
-                                    "defects outlined better, large ones fade), small-wide-map, small-sharp-map, "
+                                    "deeper layers), small-intensity-norm "
+                                    "(small-one-scale with each image brought to one brightness and contrast "
+                                    "first, for lines whose lighting varies), small-map-scaled (small-one-scale "
+                                    "with the residual scaled per image: small defects outlined better, large "
+                                    "ones fade), small-wide-map, small-sharp-map, "
                                     "small-one-scale, small-head-raw and small-map-score (earlier defaults), "
                                     "transition-only (the residual alone), paper; filtering-ae: tiny, small"),
     backbone: str | None = typer.Option(None, help="stmae: override the preset's backbone: "
                                            "efficientnet_lite0, vgg19"),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet', a path to a torchvision-format "
                                          "weight file, or 'random' (explicitly untrained)"),
-    epochs: int = typer.Option(EPOCHS, min=1, help="passes over the training images"),
+    epochs: int = typer.Option(EPOCHS, min=1, help="passes over the training samples (images; with --crop, "
+                               "crops; with --self-supervised, corrupted copies)"),
     max_steps: int = typer.Option(MAX_STEPS, min=0, help="at most this many optimiser steps, in whole epochs "
                                   "where one fits: fewer epochs on a large training set, so that training time "
                                   "stays bounded (the default: 20 epochs of 686 images; 0 = every epoch)"),
-    batch_size: int = typer.Option(BATCH_SIZE, min=1, help="images per optimisation step"),
+    batch_size: int = typer.Option(BATCH_SIZE, min=1, help="training samples per optimisation step"),
     lr: float = typer.Option(LR, min=1e-8, help="peak learning rate (AdamW, warm-up then cosine decay)"),
     holdout: float = typer.Option(HOLDOUT, min=0.01, max=0.9, help="fraction of good images held out: they "
                                   "set the map's statistics, and the image threshold where the score head is "
@@ -131,10 +134,12 @@ def train(
                                 "good images' scores (cross-fitted, or held-out)"),
     score_folds: int = typer.Option(SCORE_FOLDS, min=0, help="stmae's score head: fitted on every good "
                                     "image, its scales and the image threshold from scores cross-fitted in "
-                                    "this many folds (0: from the held-out images, as with --holdout-dir, "
-                                    "--crop and presets whose head has one smoothing)"),
-    max_images: int = typer.Option(0, min=0, help="use at most this many training images (0 = all)"),
-    crop: int = typer.Option(0, min=0, help="train on random SIZE x SIZE crops at native resolution, for "
+                                    "this many folds, at least 2 (0: from the held-out images, as with "
+                                    "--holdout-dir, --crop and presets whose head has one smoothing)"),
+    max_images: int = typer.Option(0, min=0, help="use at most this many of train/good's images, the held-out "
+                                   "ones among them (0 = all)"),
+    crop: int = typer.Option(0, min=0, max=MAX_CROP, help=f"train on random SIZE x SIZE crops ({MIN_CROP} to "
+                             f"{MAX_CROP}) at native resolution, for "
                              "tiles cut from larger images (line-scan); the model then takes SIZE x SIZE inputs"),
     crops_per_image: int = typer.Option(CROPS_PER_IMAGE, min=1, help="with --crop: crops drawn from each image"),
     self_supervised: bool = typer.Option(False, "--self-supervised", metavar=FLAG, help="stmae: learn to restore good "
@@ -151,7 +156,8 @@ def train(
                               "colour images in colour; auto: gray where every good image is gray (kept in "
                               "the model)"),
     skip_unreadable: bool = typer.Option(False, "--skip-unreadable", metavar=FLAG, help="leave out good images that cannot "
-                                         "be read or decoded, with a warning naming them (without it, training "
+                                         "be read or decoded, with a warning that counts them and names the first "
+                                         "five (without it, training "
                                          "stops before it starts, counts them and names the first five)"),
     seed: int = typer.Option(0, help="seeds the held-out draw, the random splits of training and the initial weights"),
 ) -> None:
@@ -284,7 +290,7 @@ def verify(
     onnx_file: Path = typer.Argument(..., help="ONNX file written by `stmae-edge export`"),
     model: Path = typer.Option(..., "--model", "-m", help="the checkpoint it was exported from"),
     images: Path | None = typer.Option(None, help="folder of real images (default: the model's training images)"),
-    rtol: float | None = typer.Option(None, min=0.0, help="largest allowed max relative difference (default: "
+    rtol: float | None = typer.Option(None, min=0.0, help="largest allowed max relative difference, above 0 (default: "
                                          "1e-4 for an fp32 graph, 2e-2 for an fp16 one)"),
 ) -> None:
     """Parity of ONNX Runtime (CPU) with PyTorch on real images at batch 1 and 8."""
@@ -360,7 +366,7 @@ def calibrate(
                f"on {report['images']} images of {report['folder']} (cache {report['cache']}: {report['cache_file']})")
     # the thresholds were set on the fp32 model's scores, which INT8 moves a little
     typer.echo(f"next: its thresholds are the fp32 model's; on a labelled set, `stmae-edge evaluate {path} DATA` "
-               f"compares, and `stmae-edge threshold {path} DATA --write` sets its own")
+               f"compares, and `stmae-edge threshold {path} DATA --max-false-reject 0.01 --write` sets its own")
 
 
 @app.command()
@@ -595,9 +601,10 @@ def predict(
     except NothingScoredError as exc:
         _say_problems([error["error"] for error in exc.errors], "")
         raise
-    except PredictionStoppedError as exc:  # what it scored is written: its unreadable files are said as usual
+    except PredictionStoppedError as exc:  # what it scored is written: some images scored, others not (exit 3)
         _say_problems([error["error"] for error in exc.summary["errors"]], "; results.json names every one")
-        raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(PARTIAL_EXIT_CODE) from None
     _say_problems([error["error"] for error in summary["errors"]] + [
         f"{result['overlay_error']} (the image was scored: results.json has it)"
         for result in summary["results"] if "overlay_error" in result],
@@ -764,8 +771,10 @@ def serve(
     metrics_port: int = typer.Option(8002, min=1, max=65535, help="Prometheus metrics at /metrics"),
     max_batch: int = typer.Option(DEFAULT_MAX_BATCH, min=1, max=MAX_BATCH,
                                   help="largest batch Triton forms from queued requests"),
-    max_queue_delay_us: int = typer.Option(2000, min=0, help="how long Triton waits to fill a batch"),
-    instances: int = typer.Option(1, min=1, help="model instances, each with its own runtime session"),
+    max_queue_delay_us: int = typer.Option(2000, min=0, max=MAX_QUEUE_DELAY_US, help="how long Triton waits to fill "
+                                           "a batch"),
+    instances: int = typer.Option(1, min=1, max=MAX_INSTANCES, help="model instances, each with its own runtime "
+                                  "session"),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     threads: int = typer.Option(0, min=0, help="ONNX Runtime CPU threads per instance (0: its default)"),
 ) -> None:

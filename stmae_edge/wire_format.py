@@ -31,6 +31,8 @@ FRAMES_SUFFIX, GRAY_SUFFIX, METADATA_SUFFIX = "_frames", "_gray", "_metadata"
 # max_batch_size of a served model unless the user gives another (`serve`, `triton-repo`); also what a
 # metadata document from before its "max_batch" entry means. At most MAX_BATCH, the runtime's limit.
 DEFAULT_MAX_BATCH = 8
+MAX_INSTANCES = 16  # model instances one `serve` starts, each its own runtime session
+MAX_QUEUE_DELAY_US = 10_000_000  # how long Triton may wait to fill a batch: 10 s, far past any line's
 # Triton model names: letters, digits, dots, underscores and dashes.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Triton's model config parameter that carries the metadata in a repository written by triton-repo.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,11 @@ def test_only_layers_with_enough_weights_are_quantised(fp32_graph, synthetic_dat
     # the thresholds it carries are the fp32 model's: said, with how to check and set its own
     assert f"next: its thresholds are the fp32 model's; on a labelled set, `stmae-edge evaluate {tmp_path / 'cli.onnx'}" \
         in result.stdout
+    # and the command it gives to set them runs as printed (it lacked the target `threshold` needs)
+    hint = re.search(r"`stmae-edge (threshold [^`]*)`", result.stdout).group(1).replace("DATA", str(synthetic_dataset))
+    result = subprocess.run([sys.executable, "-m", "stmae_edge.cli", *hint.split()], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "wrote" in result.stdout, result.stderr
     # --images with --count: that many of the folder's images (all 24 without it)
     good = synthetic_dataset / "train" / "good"
     for extra, used in (([], 24), (["--count", "8"], 8)):

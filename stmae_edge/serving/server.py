@@ -37,7 +37,6 @@ INSTALL_HINT = ("install the serve extra in its own environment (PyTriton needs 
                 "with a shared libpython (the system's python3): `python3 -m venv serve-env && serve-env/bin/pip "
                 "install \"stmae-edge[serve]\"`; in a clone, `bash scripts/setup_serve_env.sh` does this (README, "
                 "\"Serving many cameras\")")
-MAX_INSTANCES = 16
 ADMIN_ENDPOINTS = ("shared-memory", "model-repository", "trace", "logging")
 START_ATTEMPTS = 3
 HANDSHAKE_RACE = "get_config_from_handshake_server"
@@ -172,8 +171,8 @@ def serve(model_path: Path | str, name: str | None = None, *, address: str = "12
         raise ConfigError(f"--address {address}: give an IPv4 address (0.0.0.0 for every interface, 127.0.0.1 "
                           "for this machine); PyTriton does not reach Triton over IPv6")
     wire.check_max_batch(max_batch)
-    for option, value, low, high in (("--instances", instances, 1, MAX_INSTANCES),
-                                     ("--max-queue-delay-us", max_queue_delay_us, 0, 10_000_000),
+    for option, value, low, high in (("--instances", instances, 1, wire.MAX_INSTANCES),
+                                     ("--max-queue-delay-us", max_queue_delay_us, 0, wire.MAX_QUEUE_DELAY_US),
                                      ("--http-port", http_port, 1, 65535), ("--grpc-port", grpc_port, 1, 65535),
                                      ("--metrics-port", metrics_port, 1, 65535)):
         if not isinstance(value, int) or not low <= value <= high:

@@ -12,6 +12,7 @@ from ..scoring import DEFAULT_SIGMA
 
 ASPECT_CHOICES = ("auto", "keep", "stretch")
 COLOR_CHOICES = ("auto", "gray", "rgb")
+MIN_CROP, MAX_CROP = 16, 4096  # --crop's sides in pixels: a crop must span some cells and fit in memory
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,9 @@ class TrainConfig:
             raise ConfigError("max images, sigma and defect weight must not be negative")
         if self.corruptions_per_image < 1:
             raise ConfigError("corruptions per image must be at least 1")
-        if self.crop and not 16 <= self.crop <= 4096 or self.crops_per_image < 1:
-            raise ConfigError(f"crop {self.crop} must be 0 (whole images) or 16..4096 pixels, with at least "
-                              "one crop per image")
+        if self.crop and not MIN_CROP <= self.crop <= MAX_CROP or self.crops_per_image < 1:
+            raise ConfigError(f"crop {self.crop} must be 0 (whole images) or {MIN_CROP}..{MAX_CROP} pixels, with at "
+                              "least one crop per image")
         if self.score_folds == 1 or self.score_folds < 0:
             raise ConfigError(f"score folds {self.score_folds} must be 0 (the held-out images) or at least 2")
         if not 0 < self.holdout_fraction < 1:
