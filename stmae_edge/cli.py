@@ -156,9 +156,8 @@ def train(
                               "colour images in colour; auto: gray where every good image is gray (kept in "
                               "the model)"),
     skip_unreadable: bool = typer.Option(False, "--skip-unreadable", metavar=FLAG, help="leave out good images that cannot "
-                                         "be read or decoded, with a warning that counts them and names the first "
-                                         "five (without it, training "
-                                         "stops before it starts, counts them and names the first five)"),
+                                         "be read or decoded, with a warning (without it, training stops before "
+                                         "it starts); either way they are counted and the first five named"),
     seed: int = typer.Option(0, help="seeds the held-out draw, the random splits of training and the initial weights"),
 ) -> None:
     """Train a model on good images and write one self-describing checkpoint."""

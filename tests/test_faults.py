@@ -458,6 +458,7 @@ def test_a_resume_that_is_not_of_the_stopped_run_is_refused_and_changes_nothing(
     detector = Detector(tiny_export[1], "ort-cpu", batch_size=2)
     with pytest.raises(ConfigError, match="holds no results.json"):
         files.predict_to_folder(detector, paths, tmp_path / "empty", resume=True)
+    assert not (tmp_path / "empty").exists()  # no folder made for a run refused
     files.predict_to_folder(detector, paths, tmp_path / "complete")
     with pytest.raises(ConfigError, match="scored every image; there is nothing to resume"):
         files.predict_to_folder(detector, paths, tmp_path / "complete", resume=True)

@@ -220,9 +220,9 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                           "choose another --out")
     chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma,
                                 detector.map_stats, threshold_scoring(detector.metadata.training))
+    stopped_run = _stopped_run(out, paths, detector, chosen) if resume else None  # before `out` is made
     made = not out.exists()
     check_output_folder(out, paths)
-    stopped_run = _stopped_run(out, paths, detector, chosen) if resume else None
     try:
         return _predict_into(detector, paths, out, overlays, advance, chosen, left_out, overlay_threads, stopped_run)
     except BaseException:
