@@ -609,7 +609,7 @@ def predict(
         for result in summary["results"] if "overlay_error" in result],
         "; results.json names every one ('errors', and 'overlay_error' in its results)")
     scored = len(summary["results"])
-    info = summary["runtime"]
+    info = detector.info  # what ran this command (a resumed run lists every part under "resumed")
     left_out_line = (f", nor what {len(left_out)} of the folders hold in other formats or subfolders "
                      "(warning lines)") if left_out else ""
     typer.echo(f"{scored} scored: {summary['failed']} fail, {scored - summary['failed']} pass "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import resource
 import shutil
@@ -472,12 +473,47 @@ def test_a_resume_that_is_not_of_the_stopped_run_is_refused_and_changes_nothing(
         files.predict_to_folder(detector, [*paths, tmp_path / "other.png"], out, resume=True)
     with pytest.raises(ConfigError, match="scored with another thresholds; resume it as it was started"):
         files.predict_to_folder(detector, paths, out, resume=True, image_threshold=123.0)
+    with pytest.raises(ConfigError, match=r"scored with another overlay setting \(--no-overlays\)"):
+        files.predict_to_folder(detector, paths, out, resume=True, overlays=False)
+    with pytest.raises(ConfigError, match="in the order it was given them"):
+        files.predict_to_folder(detector, [*paths[2:], *paths[:2]], out, resume=True)
     record = json.loads(before["results.json"])
     (out / "results.json").write_text(json.dumps({**record, "model_hash": "0" * 64}))
     with pytest.raises(ConfigError, match="scored with another model; resume it as it was started"):
         files.predict_to_folder(detector, paths, out, resume=True)
-    (out / "results.json").write_text(json.dumps({**record, "results": [{"source": 3}]}))
-    with pytest.raises(ConfigError, match="is not the results of a stopped run"):
+    # a results.json edited by hand: refused in one line before anything is scored or merged
+    entry = record["results"][0]
+    for edit, why in (({"results": [{"source": 3}]}, "'results' is not as predict writes it"),
+                      ({"errors": ""}, "'errors' is not"), ({"errors": [{"source": "x.png"}]}, "'errors' is not"),
+                      ({"runtime": {}}, "'runtime' is not"), ({"images": None}, "'images' is not"),
+                      ({"images": 7}, "'images' is 7, where it lists 5"), ({"overlays": None}, "'overlays' is not"),
+                      ({"results": [{**entry, "decision": "maybe"}]}, "'results' is not"),
+                      ({"stopped": {"error": "x", "not_scored": "t2.png"}}, "'stopped' is not")):
+        (out / "results.json").write_text(json.dumps({**record, **edit}))
+        with pytest.raises(ConfigError, match=f"is not the results of a stopped run \\(its {why}"):
+            files.predict_to_folder(detector, paths, out, resume=True)
+    (out / "results.json").write_text(json.dumps({key: value for key, value in record.items() if key != "model"}))
+    with pytest.raises(ConfigError, match="its 'model' is missing"):
         files.predict_to_folder(detector, paths, out, resume=True)
     (out / "results.json").write_bytes(before["results.json"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_resumed_run_with_inputs_sharing_a_name_or_given_twice_is_the_run_scored_whole(tiny_export, tmp_path,
+                                                                                        caplog):
+    """x.png in two folders, and a file given twice: the resume scored the repeated file again when its
+    first copy had been scored, and warned that the stopped run's own overlays were a user's files."""
+    from stmae_edge.runtime import files
+
+    first, second = _tiles(tmp_path / "a", 2), _tiles(tmp_path / "b", 2)  # a/t0 a/t1, b/t0 b/t1
+    paths = [first[0], second[0], first[1], second[1], first[0]]
+    with Detector(tiny_export[1], "ort-cpu", batch_size=2) as detector:
+        whole = files.predict_to_folder(detector, paths, tmp_path / "whole")
+    out = tmp_path / "out"
+    _stopped_run(tiny_export, paths, out)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), Detector(tiny_export[1], "ort-cpu", batch_size=2) as detector:
+        resumed = files.predict_to_folder(detector, paths, out, resume=True)
+    assert "took another name" not in caplog.text
+    assert resumed["results"] == whole["results"] and resumed["images"] == 5
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in (tmp_path / "whole").glob("*.png"))

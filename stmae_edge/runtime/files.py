@@ -220,7 +220,7 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                           "choose another --out")
     chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma,
                                 detector.map_stats, threshold_scoring(detector.metadata.training))
-    stopped_run = _stopped_run(out, paths, detector, chosen) if resume else None  # before `out` is made
+    stopped_run = _stopped_run(out, paths, detector, chosen, overlays) if resume else None  # before `out` is made
     made = not out.exists()
     check_output_folder(out, paths)
     try:
@@ -236,18 +236,18 @@ def _predict_into(detector: Detector, paths: list[Path], out: Path, overlays: bo
                   left_out: Sequence[dict], overlay_threads: int | None, stopped_run: dict | None) -> dict:
     """predict_to_folder's work, once its arguments are checked and `out` is made; `stopped_run`: the
     results.json of the run to resume (_stopped_run), or None."""
-    all_paths = paths
     if stopped_run is None:
         earlier_overlays = overlays_listed_in(out / RESULTS_NAME)
-        taken = replaceable(out, earlier_overlays)
+        taken = foreign = replaceable(out, earlier_overlays)
     else:  # the stopped run's overlays stay, and so do their names, even where a file has gone since
         earlier_overlays = {}
         recorded = {may_be_one_file(entry["overlay"]) for entry in stopped_run["results"] if "overlay" in entry}
         taken = functools.cache(lambda name: may_be_one_file(name) in recorded or os.path.lexists(out / name))
-        not_scored = set(stopped_run["stopped"]["not_scored"])
-        paths = [path for path in paths if str(path) in not_scored]
+        foreign = functools.cache(lambda name: may_be_one_file(name) not in recorded and os.path.lexists(out / name))
+        done = len(paths) - len(stopped_run["stopped"]["not_scored"])  # the files not scored are the last ones
+        paths = paths[done:]
         if advance:
-            advance(len(all_paths) - len(paths))
+            advance(done)
     names = []
     if overlays:
         # Where an earlier run's overlays lie, each name is hashed before it is taken: 20,000 overlays
@@ -257,7 +257,7 @@ def _predict_into(detector: Detector, paths: list[Path], out: Path, overlays: bo
         with bar as checked:
             names = overlay_names(paths, taken, checked)
     moved = [(path, name) for path, name in zip(paths, names, strict=False)
-             if name != f"{overlay_stem(path)}.png" and taken(f"{overlay_stem(path)}.png")]
+             if name != f"{overlay_stem(path)}.png" and foreign(f"{overlay_stem(path)}.png")]
     if moved:  # the overlay is not where the user will look for it: results.json names it, and so does this
         logger.warning("%d overlays took another name, as %s holds files of theirs that this command did not write "
                        "(first: %s for %s)", len(moved), out, moved[0][1], moved[0][0])
@@ -270,7 +270,7 @@ def _predict_into(detector: Detector, paths: list[Path], out: Path, overlays: bo
             raise NothingScoredError(f"none of the {len(paths)} images could be scored; {out} was left as it was",
                                      errors)
         summary = {"model": str(detector.model_path), "model_hash": detector.metadata.model_hash,
-                   "runtime": detector.info, "thresholds": chosen.to_dict(),
+                   "runtime": detector.info, "thresholds": chosen.to_dict(), "overlays": overlays,
                    # how the files were read: both change verdicts (--bit-depth, --any-size)
                    "input": {"bit_depth": detector.preprocessing.bit_depth,
                              "sizes_checked": detector.sizes_accepted is not None},
@@ -301,9 +301,10 @@ def _resumed(stopped_run: dict, summary: dict) -> dict:
             + summary["overlays_not_written"], "stopped": summary["stopped"], "resumed": resumed}
 
 
-def _stopped_run(out: Path, paths: Sequence[Path], detector: Detector, chosen) -> dict:
+def _stopped_run(out: Path, paths: Sequence[Path], detector: Detector, chosen, overlays: bool) -> dict:
     """The results.json in `out` of a run that a failed backend stopped, checked to be the run these
-    arguments would make: the same images, thresholds, input settings and model.
+    arguments would make: the same images in the same order, thresholds, input settings, overlays and
+    model, and of the shape predict writes (a file edited by hand is refused, not half merged).
 
     Raises:
         ConfigError: there is no such run in `out`, or it differs (naming how).
@@ -327,17 +328,11 @@ def _stopped_run(out: Path, paths: Sequence[Path], detector: Detector, chosen) -
     if stopped is None:
         raise ConfigError(f"--resume: {where} records a run that scored every image; there is nothing to resume: "
                           "leave --resume out to score them again")
-    try:
-        recorded = [*(entry["source"] for entry in document["results"]),
-                    *(entry["source"] for entry in document["errors"]), *stopped["not_scored"]]
-        if not all(isinstance(source, str) for source in recorded):
-            raise TypeError("a file's name that is not a string")
-        if not (all(entry["decision"] in ("pass", "fail") and isinstance(entry.get("overlay", ""), str)
-                    for entry in document["results"]) and isinstance(document["overlays_not_written"], int)
-                and isinstance(document["runtime"], dict) and isinstance(document.get("resumed", []), list)):
-            raise TypeError("an entry of another kind than predict writes")
-    except (LookupError, TypeError, AttributeError) as exc:
-        raise not_a_record(f"{type(exc).__name__}: {first_line(exc, 120)}") from None
+    problem = _unlike_a_stopped_run(document)
+    if problem:
+        raise not_a_record(problem)
+    recorded = [*(entry["source"] for entry in document["results"]),
+                *(entry["source"] for entry in document["errors"]), *stopped["not_scored"]]
     given = [str(path) for path in paths]
     if sorted(given) != sorted(recorded):
         extra, missing = sorted(set(given) - set(recorded)), sorted(set(recorded) - set(given))
@@ -345,16 +340,56 @@ def _stopped_run(out: Path, paths: Sequence[Path], detector: Detector, chosen) -
                           + "; ".join([*([f"{len(extra)} not in it (first: {extra[0]})"] if extra else []),
                                        *([f"{len(missing)} of it not given (first: {missing[0]})"] if missing else []),
                                        *(["some given twice"] if not extra and not missing else [])]))
+    if given[len(given) - len(stopped["not_scored"]):] != stopped["not_scored"]:
+        raise ConfigError(f"--resume: give the images of the stopped run in {out} in the order it was given them "
+                          "(the same command)")
     differences = [what for what, earlier, now in (
-        ("model", document.get("model_hash"), detector.metadata.model_hash),
-        ("thresholds", document.get("thresholds"), json.loads(json.dumps(chosen.to_dict()))),
-        ("input settings (--bit-depth, --any-size)", document.get("input"),
-         {"bit_depth": detector.preprocessing.bit_depth, "sizes_checked": detector.sizes_accepted is not None}))
+        ("model", document["model_hash"], detector.metadata.model_hash),
+        ("thresholds", document["thresholds"], json.loads(json.dumps(chosen.to_dict()))),
+        ("input settings (--bit-depth, --any-size)", document["input"],
+         {"bit_depth": detector.preprocessing.bit_depth, "sizes_checked": detector.sizes_accepted is not None}),
+        ("overlay setting (--no-overlays)", document["overlays"], overlays))
         if earlier != now]
     if differences:
         raise ConfigError(f"--resume: the stopped run in {out} was scored with another {' and '.join(differences)}; "
                           "resume it as it was started (the same model, thresholds and options)")
     return document
+
+
+def _unlike_a_stopped_run(document) -> str:
+    """What in a stopped run's results.json is not as predict wrote it ("" where all is), before any of it
+    is merged: the entries the merge and the CLI's summary read, with their types."""
+    def strings(entry: dict, *keys: str) -> bool:
+        return all(isinstance(entry.get(key), str) for key in keys)
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checks = (
+        ("results", lambda v: isinstance(v, list) and all(
+            isinstance(e, dict) and strings(e, "source") and e.get("decision") in ("pass", "fail")
+            and isinstance(e.get("overlay", ""), str) and isinstance(e.get("overlay_error", ""), str) for e in v)),
+        ("errors", lambda v: isinstance(v, list) and all(isinstance(e, dict) and strings(e, "source", "error")
+                                                         for e in v)),
+        ("stopped", lambda v: isinstance(v, dict) and strings(v, "error") and isinstance(v.get("not_scored"), list)
+         and all(isinstance(source, str) for source in v["not_scored"])),
+        ("runtime", lambda v: isinstance(v, dict) and strings(v, "backend", "device")),
+        ("model", lambda v: isinstance(v, str)), ("model_hash", lambda v: isinstance(v, str)),
+        ("thresholds", lambda v: isinstance(v, dict)), ("input", lambda v: isinstance(v, dict)),
+        ("overlays", lambda v: isinstance(v, bool)), ("images", whole), ("failed", whole), ("unreadable", whole),
+        ("overlays_not_written", whole), ("left_out", lambda v: isinstance(v, list)),
+        ("resumed", lambda v: isinstance(v, list)))
+    if not isinstance(document, dict):
+        return f"a JSON {type(document).__name__}, not an object"
+    for key, fits in checks:
+        if key == "resumed" and key not in document:
+            continue
+        if key not in document or not fits(document[key]):
+            return f"its {key!r} is {'missing' if key not in document else 'not as predict writes it'}"
+    counted = len(document["results"]) + len(document["errors"]) + len(document["stopped"]["not_scored"])
+    if document["images"] != counted:
+        return f"its 'images' is {document['images']}, where it lists {counted}"
+    return ""
 
 
 MAX_OVERLAY_THREADS = 4  # PNG encoding is single-threaded per image; more threads hold more images
