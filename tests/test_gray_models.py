@@ -134,3 +134,28 @@ def test_a_gray_frame_given_to_a_model_trained_on_colour_images_is_said_once(syn
     said = [r.getMessage() for r in caplog.records if "gray image" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"array[1] is a gray image, and {model} was trained on colour "
                                                  "images (12 of them)"), said
+    # a served model's frame endpoints preprocess through Detector.preprocess: said there too, once
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stmae_edge.runtime.detector"):
+        served = Detector(model, check_size=False)
+        np.testing.assert_array_equal(served.preprocess([frames[0], gray]), detector.preprocess([frames[0], gray]))
+        served.preprocess([gray])
+    said = [r.getMessage() for r in caplog.records if "gray image" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("array[1] is a gray image"), said
+
+
+def test_only_a_model_trained_on_colour_images_alone_finds_a_gray_frame_unlike_its_training(tiny_export):
+    """One stray colour image among gray ones makes auto read colour, but gray frames are then what
+    the model mostly saw: the warning that a gray frame "looks like no training image" was wrong."""
+    from dataclasses import replace
+
+    from stmae_edge.metadata import ModelMetadata
+    from stmae_edge.runtime.detector import trained_on_colour
+
+    metadata = ModelMetadata.from_onnx(tiny_export[1])
+    rgb = replace(metadata.preprocessing, color="rgb")
+    for colour, expected in ((24, True), (23, False), (1, False), (0, False)):
+        training = {**metadata.training, "train_images": 20, "holdout_images": 4, "colour_images": colour}
+        assert trained_on_colour(replace(metadata, preprocessing=rgb, training=training)) is expected, colour
+    training = {**metadata.training, "train_images": 20, "holdout_images": 4, "colour_images": 24}
+    assert not trained_on_colour(replace(metadata, training=training))  # a gray model converts every frame

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -314,6 +315,10 @@ def test_bench_frames_without_the_training_images_are_of_a_size_the_model_accept
     assert "benchmarking on synthetic frames: no --images given and the model records no training folder" in caplog.text
     assert "synthetic 96x96" in what and all(image.shape == (96, 96) for image in images)  # the tiny set's size
     assert len(detector.predict(images)) == 4  # not refused as far from the training images
+    # a model that reads colour is timed on colour frames (the tiny model is gray: made to read colour here)
+    detector.preprocessing = dataclasses.replace(detector.preprocessing, color="rgb")
+    images, what = bench_images(detector, count=2)
+    assert "8-bit colour frames" in what and all(image.shape == (96, 96, 3) for image in images)
     # bench measures speed, not verdicts: frames far larger than the training images are timed too
     # (a --crop model's full frames)
     frames = tmp_path / "frames"

@@ -94,5 +94,9 @@ def bench_images(detector: Detector, folder=None, count: int = 32, seed: int = 0
         if not sizes.refusal(tall, wide):
             height, width = tall, wide
     rng = np.random.default_rng(seed)
-    images = [rng.integers(0, 256, (height, width), dtype=np.uint8) for _ in range(count)]
-    return images, f"{count} synthetic {width}x{height} 8-bit gray frames"
+    # a model that reads colour gets colour frames: the work its camera's frames cost, and no warning
+    # that a gray frame is unlike its training images
+    colour = detector.preprocessing.color == "rgb"
+    shape = (height, width, 3) if colour else (height, width)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count)]
+    return images, f"{count} synthetic {width}x{height} 8-bit {'colour' if colour else 'gray'} frames"

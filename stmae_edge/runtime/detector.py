@@ -157,7 +157,23 @@ class ImageScorer(AssignableThresholds):
         Raises:
             InvalidImageError: an image cannot be read or used (the size check of predict is not made).
         """
-        return self.preprocessing(images)
+        if not self._gray_news:
+            return self.preprocessing(images)
+        items, _ = as_items(images)  # a served model's frames come this way: a gray one is news there too
+        gray: list[str] = []
+        batch, _, _ = decode_batch(list(items), 0, self.preprocessing, gray=gray)
+        self._say_gray(gray)
+        return batch
+
+    def _say_gray(self, gray: list[str] | None) -> None:
+        """The first gray frame of a model trained on colour images alone, said once a Detector: a mono
+        camera gives nothing but gray frames."""
+        if gray:
+            self._gray_news = False
+            logger.warning("%s is a gray image, and %s was trained on colour images (%d of them): a gray frame is "
+                           "scored as a colour one that looks like no training image, so its score is not comparable "
+                           "with theirs; train on the camera's own images", gray[0], self.model_path,
+                           self.metadata.training["colour_images"])
 
     def raw_maps(self, images: ImageInput | Sequence[ImageInput], timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The network's own output for a list of images, batched: maps (N, H, W) at the model's input
@@ -190,12 +206,7 @@ class ImageScorer(AssignableThresholds):
         started = time.perf_counter()
         gray = [] if self._gray_news else None
         batch, sizes, sources = decode_batch(items, offset, self.preprocessing, sizes_accepted, errors, gray)
-        if gray:
-            self._gray_news = False  # said once a Detector: a mono camera gives nothing but gray frames
-            logger.warning("%s is a gray image, and %s was trained on colour images (%d of them): a gray frame is "
-                           "scored as a colour one that looks like no training image, so its score is not comparable "
-                           "with theirs; train on the camera's own images", gray[0], self.model_path,
-                           self.metadata.training["colour_images"])
+        self._say_gray(gray)
         if not len(batch):
             height, width = self.preprocessing.input_size
             return np.empty((0, height, width), np.float32), np.empty(0, np.float32), sizes, sources
@@ -416,9 +427,12 @@ MAX_THREADS = 1024
 
 
 def trained_on_colour(metadata: ModelMetadata) -> bool:
-    """Whether the model reads colour and was trained on colour images, so that a gray frame is news
-    (a mono camera where a colour one was). Models from before the record say nothing of it: False."""
-    return metadata.preprocessing.color == "rgb" and metadata.training.get("colour_images", 0) > 0
+    """Whether the model reads colour and every good image it was trained on was colour, so that a gray
+    frame looks like none of them (a mono camera where a colour one was). One gray training image makes
+    gray frames familiar; models from before the record say nothing of it: False."""
+    training = metadata.training
+    good = training.get("train_images", 0) + training.get("holdout_images", 0)
+    return metadata.preprocessing.color == "rgb" and good > 0 and training.get("colour_images", 0) >= good
 
 
 def accepted_sizes(metadata, check_size: bool) -> TrainedSizes | None:
