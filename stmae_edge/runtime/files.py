@@ -316,9 +316,7 @@ def _stopped_run(out: Path, paths: Sequence[Path], detector: Detector, chosen, o
                            "score every image")
 
     try:
-        if where.is_symlink() or where.stat().st_size > MAX_RESULTS_BYTES:
-            raise ValueError("a symbolic link, or larger than any results.json")
-        document = json.loads(where.read_text(encoding="utf-8"))
+        document = read_results(where)
         stopped = document["stopped"]
     except FileNotFoundError:
         raise ConfigError(f"--resume: {out} holds no results.json, so no stopped run to resume; leave --resume out"
@@ -561,16 +559,27 @@ def _put_in_place(staging: Path, out: Path, summary: dict, earlier_overlays: dic
 MAX_RESULTS_BYTES = 1024 ** 3
 
 
+def read_results(results_file: Path):
+    """An earlier run's results.json as JSON, read within bounds: never through a symbolic link, at most
+    MAX_RESULTS_BYTES. Its contents are the caller's to check.
+
+    Raises:
+        FileNotFoundError: there is none. OSError, ValueError (not JSON, a link, too large),
+            RecursionError (nested thousands deep): not one to read.
+    """
+    if results_file.is_symlink():
+        raise ValueError("a symbolic link")
+    if results_file.stat().st_size > MAX_RESULTS_BYTES:
+        raise ValueError(f"larger than {MAX_RESULTS_BYTES:,} bytes")
+    return json.loads(results_file.read_text(encoding="utf-8"))
+
+
 def overlays_listed_in(results_file: Path) -> dict[str, str]:
     """The overlay files an earlier run's results.json lists, by bare name, with the sha256 it recorded
     for each (anything else in it, or a file that is not such a document, is left alone: never a path
     outside the folder; overlays listed without a sha256, by versions before it was recorded, stay)."""
     try:
-        if results_file.is_symlink():
-            raise ValueError("a symbolic link")
-        if results_file.stat().st_size > MAX_RESULTS_BYTES:
-            raise ValueError(f"larger than {MAX_RESULTS_BYTES:,} bytes")
-        document = json.loads(results_file.read_text(encoding="utf-8"))
+        document = read_results(results_file)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: a document nested thousands deep
