@@ -166,21 +166,36 @@ def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
 
     Raises:
         ModelFileMissingError: no such file, as for every model file the package opens.
-        `error`: the file cannot be parsed, or a tensor's external data lies outside its folder.
+        `error`: the file cannot be read or parsed, or a tensor's external data lies outside its folder.
+    """
+    path = require_model_file(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: not a readable ONNX file ({first_line(exc, 200)})") from None
+    return parse_onnx(blob, path, error)
+
+
+def parse_onnx(blob: bytes, path: Path, error: type[StmaeError] = CheckpointError):
+    """The ModelProto in `blob`, the bytes of `path` (load_onnx), checked as load_onnx checks a file: a
+    caller that checks a graph and then writes it elsewhere reads it once, so the graph checked is the
+    graph written.
+
+    Raises:
+        `error`: the bytes are not an ONNX graph, or a tensor's external data lies outside `path`'s folder.
     """
     import onnx
 
-    path = require_model_file(path)
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError, OSError, ...
-        what = _what_else(path)
+        proto = onnx.load_model_from_string(blob)
+    except Exception as exc:  # protobuf DecodeError, ...
+        what = _what_else(path, blob)
         if what:  # the usual swaps: the checkpoint, the plan or its sidecar given where the graph goes
             raise error(f"{path}: {what}, not an ONNX graph; give the .onnx file that `stmae-edge export` wrote") from None
         first = first_line(exc, 200)
         raise error(f"{path}: not a readable ONNX file ({first})") from None
     if not proto.graph.node:  # an empty file parses as an empty model
-        raise error(f"{path}: {_what_else(path) or 'an ONNX file without a graph'}, not an ONNX graph; give the "
+        raise error(f"{path}: {_what_else(path, blob) or 'an ONNX file without a graph'}, not an ONNX graph; give the "
                     ".onnx file that `stmae-edge export` wrote")
     check_external_data(proto, path, error)
     return proto
@@ -192,13 +207,10 @@ _MAGIC = ((b"PK\x03\x04", "a zip file (a PyTorch checkpoint?)"), (b"\x89PNG", "a
           (b"BM", "a BMP image"), (b"{", "a JSON file (a plan's sidecar?)"))
 
 
-def _what_else(path: Path) -> str | None:
-    """What the file is, where it is plainly something else than an ONNX graph (None: cannot tell)."""
-    try:
-        with open(path, "rb") as f:
-            start = f.read(16)
-    except OSError:
-        return None
+def _what_else(path: Path, blob: bytes) -> str | None:
+    """What the file `path` holding `blob` is, where it is plainly something else than an ONNX graph
+    (None: cannot tell)."""
+    start = blob[:16]
     if not start:
         return "an empty file"
     found = next((what for magic, what in _MAGIC if start.lstrip().startswith(magic)), None)

@@ -18,6 +18,7 @@ from conftest import rank_correlation, require_tensorrt
 from onnx import TensorProto, numpy_helper
 
 from stmae_edge import data
+from stmae_edge.engines import calibrate as calibrate_module
 from stmae_edge.engines.calibrate import FAMILY_SETTINGS, calibrate, weight_elements
 from stmae_edge.engines.export import export_onnx
 from stmae_edge.engines.half_precision import (
@@ -202,7 +203,8 @@ def test_every_model_family_scores_under_the_scope_calibrate_looks_for():
         assert not list(getattr(model, SCORING_SCOPE).state_dict())  # checkpoints are unchanged by it
 
 
-def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_dataset, tmp_path, caplog):
+def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_dataset, tmp_path, caplog,
+                                                          monkeypatch):
     folder, path = fp32_graph
     images = data.train_images(synthetic_dataset)[:16]
     _, first = calibrate(path, images, tmp_path / "a.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
@@ -224,6 +226,26 @@ def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_
         _, swapped = calibrate(path, images, tmp_path / "e.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
     assert swapped["cache"] == "miss" and (tmp_path / "e.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
     assert "is not this model's INT8 graph (it is not an INT8 graph)" in caplog.text
+    # nor is a graph put there while the cached one is being checked: the graph checked is the graph copied
+    from_onnx = calibrate_module.ModelMetadata.from_onnx
+    calls = []
+
+    def swap_while_checking(proto):
+        calls.append(1)
+        if len(calls) == 2:  # the first reads the fp32 graph given; the second checks the cached one
+            shutil.copyfile(path, cached)
+        return from_onnx(proto)
+
+    monkeypatch.setattr(calibrate_module.ModelMetadata, "from_onnx", staticmethod(swap_while_checking))
+    _, checked = calibrate(path, images, tmp_path / "f.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
+    assert len(calls) >= 2 and checked["cache"] == "hit"
+    assert (tmp_path / "f.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+    # and a file far larger than the fp32 graph it would come from is not read at all
+    monkeypatch.undo()
+    with open(cached, "r+b") as f:
+        f.truncate(2 * path.stat().st_size + calibrate_module.CACHE_SLACK_BYTES + 1)
+    _, too_large = calibrate(path, images, tmp_path / "g.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
+    assert too_large["cache"] == "miss" and (tmp_path / "g.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
 
 
 def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_dataset, tmp_path):

@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -46,7 +45,7 @@ from ..checks import is_whole, parse_document
 from ..errors import ConfigError, DatasetError, ExportError, StmaeError, first_line
 from ..metadata import FILTERING_AE_FAMILY, INPUT_NAME, PRECISION_KEY, STMAE_FAMILY, ModelMetadata, onnx_precision
 from ..model_files import thresholds_to_be_replaced, warn_thresholds_replaced
-from ..onnx_files import import_onnxruntime, load_onnx
+from ..onnx_files import import_onnxruntime, load_onnx, parse_onnx
 from ..outputs import check_not_an_input, check_writable, sha256_file, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
 from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
@@ -193,30 +192,39 @@ def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_intact(cached: Path, record: Path, metadata: ModelMetadata) -> bool:
-    """Whether a cached INT8 graph is the one its record describes (its sha256), and an INT8 graph of
-    this model that passes the checks any graph a user hands in does: a cache folder is a user's
-    folder, and a graph edited, damaged or put there by anything else (with a record to match) must
-    be calibrated again, not shipped."""
-    if not cached.is_file():
-        return False
+# Room above twice the fp32 graph's size for a cached INT8 graph: Q/DQ nodes and scales of a tiny model
+CACHE_SLACK_BYTES = 1 << 20
+
+
+def intact_cached_graph(cached: Path, record: Path, metadata: ModelMetadata, largest: int) -> bytes | None:
+    """The bytes of a cached INT8 graph that is the one its record describes (its sha256) and an INT8 graph
+    of this model that passes the checks any graph a user hands in does; None where it must be calibrated
+    again. A cache folder is a user's folder: a graph edited, damaged or put there by anything else (with
+    a record to match) is not shipped. Read once, so the graph checked is the graph copied, and only up to
+    `largest` bytes (an INT8 graph is smaller than the fp32 graph it was made from)."""
+    try:
+        if not cached.is_file() or cached.stat().st_size > largest:
+            return None
+        graph = cached.read_bytes()
+    except OSError:
+        return None
     try:
         recorded = parse_document(record.read_bytes(), str(record), ConfigError).get("int8_sha256")
     except (OSError, ConfigError):
         recorded = None
-    if recorded != sha256_file(cached):
+    if recorded != hashlib.sha256(graph).hexdigest():
         log.warning("calibration cache %s does not match its record %s; calibrating again", cached, record.name)
-        return False
+        return None
     try:
-        proto = load_onnx(cached)
+        proto = parse_onnx(graph, cached)
         why = ("it is not an INT8 graph" if onnx_precision(proto) != "int8" else
                "it is another model's" if ModelMetadata.from_onnx(proto).model_hash != metadata.model_hash else "")
     except StmaeError as exc:
         why = str(exc)
     if why:
         log.warning("calibration cache %s is not this model's INT8 graph (%s); calibrating again", cached, why)
-        return False
-    return True
+        return None
+    return graph
 
 
 def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: Path | str | None = None,
@@ -277,21 +285,22 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
     record = cache_dir / f"{onnx_path.stem}.{key}.json"
-    hit = cache_intact(cached, record, metadata)
-    report = {"key": key, "images": len(images), "folder": data.folder_of(images), "cache": "hit" if hit else "miss",
-              "cache_file": str(cached), "settings": settings}
-    if not hit:
+    graph = intact_cached_graph(cached, record, metadata, largest=2 * onnx_path.stat().st_size + CACHE_SLACK_BYTES)
+    report = {"key": key, "images": len(images), "folder": data.folder_of(images),
+              "cache": "miss" if graph is None else "hit", "cache_file": str(cached), "settings": settings}
+    if graph is None:
         data.survey(images, "calibration images", digests=False)  # every one decoded before calibration starts
         check_writable(cached, option="--cache-dir")
         with written_atomically(cached) as partial:  # a cache hit must never find half a graph
             _quantize(onnx_path, proto, metadata, images, partial, batch_size, settings)
+            graph = partial.read_bytes()
         write_bytes_atomically(record, (json.dumps(
-            {"onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path), "int8_sha256": sha256_file(cached),
-             "images": [str(p) for p in images], "settings": settings}, indent=2) + "\n").encode())
-    with written_atomically(out) as partial:
-        shutil.copyfile(cached, partial)
+            {"onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path),
+             "int8_sha256": hashlib.sha256(graph).hexdigest(), "images": [str(p) for p in images],
+             "settings": settings}, indent=2) + "\n").encode())
+    write_bytes_atomically(out, graph)
     warn_thresholds_replaced(out, earlier_thresholds, metadata.thresholds)
-    quantized = load_onnx(out, ExportError)
+    quantized = parse_onnx(graph, out, ExportError)
     report["quantized_nodes"] = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
     produced_by = {o: n.op_type for n in quantized.graph.node for o in n.output}
     report["int8_layers"] = sum(n.op_type in settings["op_types"] and
