@@ -60,7 +60,30 @@ SCORING_BACKEND_HELP = ("how DATA_DIR is scored (default: on the CPU, the same f
 
 # A flag takes no value; typer would show "<bool>" after it, as if it did (`--json true` is refused)
 FLAG = " "
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+
+def _shown_as_flag(option):
+    """`option` (a command's --help, or None where it has none) shown without a value, as FLAG shows ours."""
+    if option is not None:
+        option.metavar = FLAG
+    return option
+
+
+class _Commands(typer.core.TyperGroup):
+    """typer's group, with its own --help and each command's shown as the flags they are: typer renders
+    them as "--help <bool>", on the first screen a user reads."""
+
+    def get_help_option(self, ctx):
+        return _shown_as_flag(super().get_help_option(ctx))
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:  # its --help is made once and kept, so this holds wherever it is shown
+            _shown_as_flag(command.get_help_option(ctx))
+        return command
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.",
                   epilog="The pipeline: train -> evaluate (report, threshold) -> export -> verify -> calibrate "
                          "(INT8) -> build (TensorRT) -> predict, bench, linescan or serve. Exit codes: 0 done; "
