@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,12 +169,41 @@ def load_onnx(path: Path | str, error: type[StmaeError] = CheckpointError):
         ModelFileMissingError: no such file, as for every model file the package opens.
         `error`: the file cannot be read or parsed, or a tensor's external data lies outside its folder.
     """
+    return load_onnx_bytes(path, error)[0]
+
+
+def load_onnx_bytes(path: Path | str, error: type[StmaeError] = CheckpointError):
+    """load_onnx's ModelProto and the bytes it was parsed from. Raises as load_onnx."""
     path = require_model_file(path)
     try:
         blob = path.read_bytes()
     except OSError as exc:
         raise error(f"{path}: not a readable ONNX file ({first_line(exc, 200)})") from None
-    return parse_onnx(blob, path, error)
+    return parse_onnx(blob, path, error), blob
+
+
+# ONNX Runtime on Windows converted a model's path to the ANSI code page while it started a session and
+# failed where the path held a character outside it, a folder named 検査 on a Western system
+# (microsoft/onnxruntime#27724 and #28390, fixed in 2026; this package takes onnxruntime 1.18 and later).
+PATHS_IN_ANSI = os.name == "nt"
+
+
+def ort_model_source(path: Path | str) -> str | bytes:
+    """What ONNX Runtime's InferenceSession is given for the graph at `path`: its path, or, where ONNX
+    Runtime may fail to open that path (PATHS_IN_ANSI, a name outside ASCII), the graph's bytes, unless
+    its tensors' data lies in other files, which ONNX Runtime finds from the path.
+
+    Raises:
+        ModelFileMissingError, CheckpointError: as load_onnx, where the bytes are read.
+    """
+    text = str(path)
+    if not PATHS_IN_ANSI or text.isascii():
+        return text
+    proto, blob = load_onnx_bytes(path)
+    if any(tensor.data_location == 1 for tensor in _tensors(proto)):  # TensorProto.EXTERNAL
+        logger.info("%s: its tensors' data lies in other files, so ONNX Runtime is given its path", path)
+        return text
+    return blob
 
 
 def parse_onnx(blob: bytes, path: Path, error: type[StmaeError] = CheckpointError):

@@ -340,6 +340,7 @@ def test_onnx_runtimes_tensorrt_provider_on_a_float32_graph_warns_of_tf32(tmp_pa
         monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
     else:
         monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", override)
+    (tmp_path / "m.onnx").write_bytes(b"a graph")
     with caplog.at_level("WARNING", logger="stmae_edge.runtime.backends"):
         providers = backends._gpu_providers(SimpleNamespace(), "TensorrtExecutionProvider", tmp_path / "m.onnx",
                                             (precision, (3, 64, 64)))
@@ -360,8 +361,69 @@ def test_the_first_tensorrt_provider_session_says_it_builds_engines_and_where(tm
             return backends._gpu_providers(SimpleNamespace(), "TensorrtExecutionProvider", tmp_path / "m.onnx",
                                            ("fp16", (3, 64, 64)))
 
+    (tmp_path / "m.onnx").write_bytes(b"a graph")
     cache = Path(providers()[0][1]["trt_engine_cache_path"])
     assert f"builds this model's engines into {cache} before its first image" in caplog.text
     (cache / "m_fp16.engine").write_bytes(b"an engine")  # what that session wrote
-    providers()
-    assert "builds this model's engines" not in caplog.text
+    assert Path(providers()[0][1]["trt_engine_cache_path"]) == cache
+    assert "builds this model's engines" not in caplog.text and "not used" not in caplog.text
+
+
+def test_a_model_exported_again_under_the_same_name_gets_engines_of_its_own(tmp_path, caplog):
+    """ONNX Runtime's TensorRT provider names its cached engines by the model's path alone
+    (GenerateMetaDefId): a model trained and exported again to the same file ran on the engines built
+    for the one before, with its weights, without a word."""
+    from types import SimpleNamespace
+
+    from stmae_edge.runtime import backends
+
+    model = tmp_path / "m.onnx"
+
+    def cache_folder():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="stmae_edge.runtime.backends"):
+            return Path(backends._gpu_providers(SimpleNamespace(), "TensorrtExecutionProvider", model,
+                                                ("fp16", (3, 64, 64)))[0][1]["trt_engine_cache_path"])
+
+    model.write_bytes(b"the first export")
+    first = cache_folder()
+    (first / "m_fp16.engine").write_bytes(b"its engine")
+    model.write_bytes(b"the second export")
+    second = cache_folder()
+    assert second != first and second.parent == first.parent and not any(second.iterdir())
+    assert f"engine caches from another export to this name or another TensorRT version ({first.name})" in caplog.text
+    model.write_bytes(b"the first export")  # the same bytes again: the same engines
+    assert cache_folder() == first and "builds this model's engines" not in caplog.text
+
+
+def test_onnx_runtime_is_given_the_graph_itself_where_it_may_not_open_its_path(tiny_export, tmp_path, monkeypatch,
+                                                                              synthetic_dataset):
+    """ONNX Runtime on Windows, before its 2026 fixes, failed to start a session on a model in a folder
+    named outside the ANSI code page (検査): there the session gets the graph's bytes, here as there."""
+    import onnxruntime as ort
+
+    from stmae_edge import onnx_files
+    from stmae_edge.engines.verify import verify
+
+    folder = tmp_path / "検査"
+    folder.mkdir()
+    model = folder / "model.onnx"
+    shutil.copyfile(tiny_export[1], model)
+    given = []
+    real = ort.InferenceSession
+
+    def recording(source, *args, **kwargs):
+        given.append(type(source))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    images = sorted((synthetic_dataset / "test" / "good").iterdir())[:2]
+    for paths_in_ansi, kind in ((False, str), (True, bytes)):
+        monkeypatch.setattr(onnx_files, "PATHS_IN_ANSI", paths_in_ansi)
+        given.clear()
+        with Detector(model, "ort-cpu") as detector:
+            scores = [r.score for r in detector.predict(images)]
+        with Detector(tiny_export[1], "ort-cpu") as detector:  # an ASCII path is given as it is
+            assert [r.score for r in detector.predict(images)] == scores
+        verify(model, tiny_export[0], images=images)
+        assert given == [kind, str, kind], (paths_in_ansi, given)

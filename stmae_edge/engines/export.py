@@ -34,7 +34,7 @@ from ..metadata import (
     onnx_precision,
 )
 from ..model_files import thresholds_to_be_replaced, warn_thresholds_replaced
-from ..onnx_files import import_onnxruntime
+from ..onnx_files import import_onnxruntime, ort_model_source
 from ..outputs import check_writable, written_atomically
 from ..progress import progress_bar
 from .half_precision import is_statistic
@@ -220,6 +220,6 @@ def _smoke_parity(path: Path | str, model) -> float:
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         maps, scores = model(x)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(ort_model_source(path), providers=["CPUExecutionProvider"])
     onnx_maps, onnx_scores = session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: x.numpy()})
     return max(relative_difference(got, want.numpy()) for got, want in ((onnx_maps, maps), (onnx_scores, scores)))

@@ -16,7 +16,7 @@ from ..checkpoint import load_model
 from ..checks import is_finite_number, is_whole
 from ..errors import ConfigError, DatasetError, VerificationError, first_line
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
-from ..onnx_files import import_onnxruntime, load_onnx
+from ..onnx_files import import_onnxruntime, load_onnx, ort_model_source
 from ..progress import progress_bar
 from .parity import PARITY_RTOL, relative_difference
 
@@ -88,7 +88,7 @@ def _compare(onnx_path, checkpoint, exported: ModelMetadata, images, batch_sizes
     batch = exported.preprocessing(paths)
 
     try:
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(ort_model_source(onnx_path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # ONNX Runtime's own exception types
         raise VerificationError(f"{onnx_path}: ONNX Runtime cannot load this graph ({first_line(exc, 200)}); export "
                                 f"{checkpoint} again") from exc

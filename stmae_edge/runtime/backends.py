@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +30,14 @@ from ..engine_plan import DEFAULT_BATCH_PROFILE
 from ..errors import BackendError, CheckpointError, ConfigError, EngineMismatchError, first_line
 from ..machine import nvidia_platform
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
-from ..onnx_files import import_onnxruntime, load_onnx, preload_cuda_libraries, preload_tensorrt_libraries
+from ..onnx_files import (
+    import_onnxruntime,
+    load_onnx,
+    ort_model_source,
+    preload_cuda_libraries,
+    preload_tensorrt_libraries,
+)
+from ..outputs import sha256_file
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
 from .devices import cpu_description, cuda_device_count, cuda_driver_state, gpu_description
 
@@ -211,7 +219,8 @@ class OnnxRuntimeBackend:
         try:
             # No fallback: ONNX Runtime would otherwise print to stdout and move a failing GPU session
             # to the CPU, at creation or in the middle of a run, while `provider` still named the GPU.
-            self.session = ort.InferenceSession(str(path), options, providers=providers, enable_fallback=0)
+            self.session = ort.InferenceSession(ort_model_source(path), options, providers=providers,
+                                                enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             _drop_empty_engine_cache(providers)
             if wanted != "CPUExecutionProvider":  # most often a library the provider needs (TensorRT's)
@@ -266,10 +275,7 @@ def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[i
     preload_tensorrt_libraries()  # pip's TensorRT wheel: not on the loader's path in a virtual environment
     if precision == "fp32" and os.environ.get("NVIDIA_TF32_OVERRIDE") != "0":
         logger.warning(TF32_NOTE)
-    # Next to the model, not in the host program's working directory; a folder per TensorRT version, as
-    # an engine from another one is not loadable (the provider rebuilds it, minutes on a Jetson).
-    trt_version = _tensorrt_version()
-    engine_cache = Path(path).with_name(f"{Path(path).stem}.ort-tensorrt-cache" + (f"-{trt_version}" if trt_version else ""))
+    engine_cache = _engine_cache_folder(Path(path))
     try:
         engine_cache.mkdir(exist_ok=True)
     except OSError as exc:
@@ -285,6 +291,23 @@ def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[i
     return [(wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache), **profile,
                       # Q/DQ graphs need the provider's INT8 mode; fp16 graphs carry their types
                       "trt_int8_enable": precision == "int8"}), cuda]
+
+
+def _engine_cache_folder(path: Path) -> Path:
+    """Where ONNX Runtime's TensorRT provider keeps the engines of the graph at `path`: next to it, not in
+    the host program's working directory; a folder per content of the file, because the provider names
+    its engines by the model's path alone (onnxruntime's GenerateMetaDefId) and would load the engines of
+    the model exported there before; and per TensorRT version, as an engine from another one is not
+    loadable (the provider rebuilds it, minutes on a Jetson)."""
+    trt_version = _tensorrt_version()
+    prefix = f"{path.stem}.ort-tensorrt-cache"
+    folder = path.with_name(f"{prefix}-{sha256_file(path)[:12]}" + (f"-{trt_version}" if trt_version else ""))
+    earlier = sorted(p.name for p in path.parent.glob(f"{glob_escape(prefix)}*") if p != folder and p.is_dir())
+    if earlier and not folder.exists():
+        logger.warning("%s: its engine caches from another export to this name or another TensorRT version (%s) "
+                       "are not used; remove them to free the disk", path,
+                       ", ".join(earlier[:3]) + (" ..." if len(earlier) > 3 else ""))
+    return folder
 
 
 def _drop_empty_engine_cache(providers: list) -> None:
