@@ -70,8 +70,9 @@ def check_writable(path: Path | str, inputs: Iterable[Path | str] = (), option: 
     try:
         make_folders(path.parent)
         probe = partial_name(path)  # the name the write will take: the longest it needs (255 bytes, MAX_PATH)
-        probe.touch()
-        probe.unlink()
+        with signals_held():  # Ctrl-C between the two would leave the probe beside the output
+            probe.touch()
+            probe.unlink()
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {failure_reason(exc, path.parent)}; choose another {option}") from exc
     if path.is_dir():

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -264,6 +265,23 @@ def test_sigterm_stops_predict_as_ctrl_c_does_and_leaves_the_earlier_run(tiny_ex
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _stop_when(process, lambda: any(out.glob(f"{STAGING_PREFIX}*/*.png")), signal.SIGTERM, 143)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier  # no staging folder left either
+
+
+def test_ctrl_c_while_the_output_is_checked_leaves_no_file(tmp_path, monkeypatch):
+    """check_writable makes and removes an empty file under the output's temporary name: Ctrl-C between
+    the two left it beside the output (the export test above caught it once, under load)."""
+    from stmae_edge.outputs import check_writable
+
+    made = Path.touch
+
+    def touch_then_ctrl_c(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C the moment the file exists
+
+    monkeypatch.setattr(Path, "touch", touch_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        check_writable(tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_full_disk_is_named_when_a_write_fails(tmp_path):
