@@ -446,7 +446,7 @@ def threshold(
         typer.echo(f"nothing written; add --write to store it in {model}")
         return
     served = served_config_update(model, chosen)  # read and checked before the model file changes
-    written = write_thresholds(model, chosen)
+    written = write_thresholds(model, chosen, model_hash=metadata.model_hash)  # the model they were measured on
     typer.echo(f"wrote threshold {chosen.image:.6g} (pixel {chosen.pixel:.6g}) to {model} (model hash "
                f"{written.model_hash[:12]} unchanged); next: stmae-edge report {model} {data_dir or 'DATA'} --out report/")
     if served is not None:

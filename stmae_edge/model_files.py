@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from .checks import PLAN_SUFFIXES
-from .errors import ConfigError, StmaeError
+from .errors import ConfigError, OutputError, StmaeError
 from .metadata import ONNX_METADATA_KEY, ModelMetadata
 from .scoring import Thresholds
 
@@ -72,11 +72,16 @@ def read_metadata(path: Path | str) -> ModelMetadata:
     return read_plan(path)[2]
 
 
-def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
+def write_thresholds(path: Path | str, thresholds: Thresholds, model_hash: str | None = None) -> ModelMetadata:
     """Store `thresholds` in the model file; nothing else in it changes. Returns the new metadata.
 
+    Args:
+        model_hash: the model they were chosen for (its metadata's model_hash), where the file was read
+            before they were measured: a file that holds another model by now is refused.
+
     Raises:
-        as read_metadata; OutputError: the file cannot be rewritten; ConfigError: `thresholds` is not a
+        as read_metadata; OutputError: the file cannot be rewritten, or holds another model than
+            `model_hash` (replaced while the thresholds were measured); ConfigError: `thresholds` is not a
             Thresholds.
     """
     if not isinstance(thresholds, Thresholds):  # checked before the file is opened: it stays as it was
@@ -87,7 +92,7 @@ def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
     if kind == "checkpoint":
         from .checkpoint import rewrite_metadata
 
-        return rewrite_metadata(path, lambda m: _with(m, thresholds))
+        return rewrite_metadata(path, lambda m: _with(m, thresholds, model_hash, path))
     if kind == "onnx":
         import onnx
 
@@ -95,7 +100,7 @@ def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
         from .outputs import write_bytes_atomically
 
         proto = load_onnx(path)
-        metadata = _with(ModelMetadata.from_onnx(proto), thresholds)
+        metadata = _with(ModelMetadata.from_onnx(proto), thresholds, model_hash, path)
         props = {p.key: p.value for p in proto.metadata_props}
         props[ONNX_METADATA_KEY] = metadata.to_onnx_value()
         del proto.metadata_props[:]
@@ -107,13 +112,17 @@ def write_thresholds(path: Path | str, thresholds: Thresholds) -> ModelMetadata:
     from .engine_plan import read_plan, write_sidecar
 
     _, sidecar, metadata = read_plan(path)
-    metadata = _with(metadata, thresholds)
+    metadata = _with(metadata, thresholds, model_hash, path)
     sidecar["metadata"] = metadata.to_dict()
     write_sidecar(path, sidecar)
     return metadata
 
 
-def _with(metadata: ModelMetadata, thresholds: Thresholds) -> ModelMetadata:
+def _with(metadata: ModelMetadata, thresholds: Thresholds, model_hash: str | None, path: Path) -> ModelMetadata:
+    if model_hash is not None and metadata.model_hash != model_hash:
+        raise OutputError(f"{path} holds another model now (hash {metadata.model_hash[:12]}; the thresholds were "
+                          f"measured on {model_hash[:12]}): it was replaced meanwhile, so nothing was written; choose "
+                          "the thresholds again on the model it holds")
     metadata.thresholds = thresholds
     return metadata
 

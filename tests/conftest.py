@@ -63,6 +63,21 @@ def tiny_export(synthetic_dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def other_tiny_export(synthetic_dataset, tmp_path_factory):
+    """Another tiny model (another seed: other weights, another model hash) and its fp32 export, for what
+    happens when a file is replaced by another model's: (checkpoint, onnx)."""
+    from stmae_edge.engines.export import export_onnx
+    from stmae_edge.models.stmae import preset
+    from stmae_edge.training.train import TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("other_tiny_export")
+    train(synthetic_dataset, folder / "m.pt", preset("tiny"), TrainConfig(epochs=1, batch_size=8, seed=1),
+          backbone_weights="random")
+    path, _ = export_onnx(folder / "m.pt", folder / "m.onnx")
+    return folder / "m.pt", path
+
+
+@pytest.fixture(scope="session")
 def tiny_fp16_export(tiny_export):
     """tiny_export's model exported as fp16, beside it: (checkpoint, onnx, export figures). An export
     takes 15 to 25 s here; the tests that only read this graph share it (copy it to change it)."""

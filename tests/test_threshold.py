@@ -12,7 +12,7 @@ from conftest import needs_tensorrt
 from test_cli import _assert_one_line_error, run
 
 from stmae_edge.checkpoint import read_checkpoint
-from stmae_edge.errors import ConfigError
+from stmae_edge.errors import ConfigError, OutputError
 from stmae_edge.evaluation.operating_point import choose, holdout_check, wilson_interval
 from stmae_edge.metadata import ModelMetadata
 from stmae_edge.model_files import read_metadata, write_thresholds
@@ -318,3 +318,35 @@ def test_threshold_keeps_each_maps_maximum_not_the_maps(tiny_export, synthetic_d
     assert light.maps is None and whole.maps.shape[0] == len(whole.samples) > 5  # batches filled in place
     np.testing.assert_array_equal(light.scores, whole.scores)
     np.testing.assert_array_equal(light.map_maxima, whole.maps.reshape(len(whole.maps), -1).max(axis=1))
+
+
+def test_threshold_write_refuses_a_model_file_replaced_while_its_images_were_scored(tiny_export, other_tiny_export,
+                                                                                    synthetic_dataset, tmp_path,
+                                                                                    monkeypatch):
+    """A threshold measured on one model was written into the file that another export had put there
+    meanwhile, which then said "model hash ... unchanged" of the other model's hash."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from stmae_edge import cli
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(tiny_export[1], model)
+    replaced = other_tiny_export[1].read_bytes()
+    other_hash = read_metadata(other_tiny_export[1]).model_hash
+    assert other_hash != read_metadata(model).model_hash
+    measure = cli._threshold_from_data
+
+    def measured_while_replaced(*args, **kwargs):
+        chosen = measure(*args, **kwargs)
+        model.write_bytes(replaced)  # an export to the same name finished meanwhile
+        return chosen
+
+    monkeypatch.setattr(cli, "_threshold_from_data", measured_while_replaced)
+    result = CliRunner().invoke(cli.app, ["threshold", str(model), str(synthetic_dataset), "--max-false-reject", "0.2",
+                                          "--write"])
+    # the CLI's main() prints a StmaeError as one line and exits 2 (test_cli); CliRunner hands it back
+    assert isinstance(result.exception, OutputError), result.output
+    assert f"holds another model now (hash {other_hash[:12]}; the thresholds were measured on" in str(result.exception)
+    assert model.read_bytes() == replaced  # nothing written
