@@ -200,7 +200,7 @@ def ort_model_source(path: Path | str) -> str | bytes:
     if not PATHS_IN_ANSI or text.isascii():
         return text
     proto, blob = load_onnx_bytes(path)
-    if any(tensor.data_location == 1 for tensor in _tensors(proto)):  # TensorProto.EXTERNAL
+    if has_external_data(proto):
         logger.info("%s: its tensors' data lies in other files, so ONNX Runtime is given its path", path)
         return text
     return blob

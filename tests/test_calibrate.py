@@ -248,6 +248,32 @@ def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_
     assert too_large["cache"] == "miss" and (tmp_path / "g.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
 
 
+def test_a_graph_replaced_while_the_images_are_read_is_not_mixed_into_the_int8_graph(fp32_graph, other_tiny_export,
+                                                                                      synthetic_dataset, tmp_path,
+                                                                                      monkeypatch):
+    """calibrate read the fp32 file three times (metadata, the cache key, the weights quantised): an export
+    to the same name while the images were read gave an INT8 graph of the other model's weights under
+    this model's metadata, cached, and served again on later hits."""
+    _, path = fp32_graph
+    images = data.train_images(synthetic_dataset)[:16]
+    model = tmp_path / "m.onnx"
+    shutil.copyfile(path, model)
+    expected, _ = calibrate(model, images, tmp_path / "expected.onnx", cache_dir=tmp_path / "cache-a",
+                            min_weight_elements=1)
+    survey = data.survey
+
+    def surveyed_while_replaced(*args, **kwargs):
+        found = survey(*args, **kwargs)
+        shutil.copyfile(other_tiny_export[1], model)  # an export to the same name finished meanwhile
+        return found
+
+    monkeypatch.setattr(data, "survey", surveyed_while_replaced)
+    out, report = calibrate(model, images, tmp_path / "out.onnx", cache_dir=tmp_path / "cache-b", min_weight_elements=1)
+    assert report["cache"] == "miss" and out.read_bytes() == expected.read_bytes()
+    record = json.loads(Path(report["cache_file"].replace(".int8.onnx", ".json")).read_text())
+    assert record["onnx_sha256"] == sha256_file(path)  # the graph quantised, not the one there now
+
+
 def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_dataset, tmp_path):
     # What INT8 promises is FP32's ranking, not its numbers: ONNX Runtime's INT8 kernels differ between
     # CPUs (AVX2 against AVX-512/VNNI), and a tolerance on maps held on one and failed on the other.

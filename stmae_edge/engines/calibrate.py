@@ -45,7 +45,7 @@ from ..checks import is_whole, parse_document
 from ..errors import ConfigError, DatasetError, ExportError, StmaeError, first_line
 from ..metadata import FILTERING_AE_FAMILY, INPUT_NAME, PRECISION_KEY, STMAE_FAMILY, ModelMetadata, onnx_precision
 from ..model_files import thresholds_to_be_replaced, warn_thresholds_replaced
-from ..onnx_files import import_onnxruntime, load_onnx, parse_onnx
+from ..onnx_files import has_external_data, import_onnxruntime, load_onnx_bytes, parse_onnx
 from ..outputs import check_not_an_input, check_writable, sha256_file, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
 from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
@@ -170,15 +170,15 @@ def scoring_region(quantized: onnx.ModelProto, scoring: set[str], onnx_path: Pat
     return region
 
 
-def cache_key(onnx_path: Path, images: Sequence[Path], settings: dict) -> str:
-    """The graph's, the images' and the settings' digest, naming a cached calibration.
+def cache_key(graph_sha256: str, images: Sequence[Path], settings: dict) -> str:
+    """The graph's (its bytes' sha256), the images' and the settings' digest, naming a cached calibration.
 
     Raises:
         DatasetError: images that cannot be read (all counted, the first five named), before anything is
             calibrated.
     """
     h = hashlib.sha256()
-    h.update(sha256_file(onnx_path).encode())
+    h.update(graph_sha256.encode())
     unreadable = []
     for path in images:
         try:
@@ -263,7 +263,10 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
         raise DatasetError("images must be a list of image file paths (data.images_in(FOLDER) lists a folder's), "
                            f"not {images!r:.120}")
     onnx_path = Path(onnx_path)
-    proto = load_onnx(onnx_path)
+    # Read once: its digest names the cache, and its bytes are what is quantised, so that an export to
+    # this name while the images are read cannot put one model's weights under another's metadata
+    proto, fp32_graph = load_onnx_bytes(onnx_path)
+    fp32_sha256 = hashlib.sha256(fp32_graph).hexdigest()
     metadata = ModelMetadata.from_onnx(proto)
     if onnx_precision(proto) != "fp32":
         raise ConfigError(f"{onnx_path} is an {onnx_precision(proto)} graph; calibrate the fp32 export "
@@ -281,21 +284,21 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     layers_kept_in_float(proto, settings, onnx_path)  # refused before any folder is made for its outputs
     out = check_writable(out)  # its inputs checked above
     earlier_thresholds = thresholds_to_be_replaced(out, metadata)
-    key = cache_key(onnx_path, images, settings)
+    key = cache_key(fp32_sha256, images, settings)
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
     record = cache_dir / f"{onnx_path.stem}.{key}.json"
-    graph = intact_cached_graph(cached, record, metadata, largest=2 * onnx_path.stat().st_size + CACHE_SLACK_BYTES)
+    graph = intact_cached_graph(cached, record, metadata, largest=2 * len(fp32_graph) + CACHE_SLACK_BYTES)
     report = {"key": key, "images": len(images), "folder": data.folder_of(images),
               "cache": "miss" if graph is None else "hit", "cache_file": str(cached), "settings": settings}
     if graph is None:
         data.survey(images, "calibration images", digests=False)  # every one decoded before calibration starts
         check_writable(cached, option="--cache-dir")
         with written_atomically(cached) as partial:  # a cache hit must never find half a graph
-            _quantize(onnx_path, proto, metadata, images, partial, batch_size, settings)
+            _quantize(onnx_path, proto, metadata, images, partial, batch_size, settings, fp32_graph)
             graph = partial.read_bytes()
         write_bytes_atomically(record, (json.dumps(
-            {"onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path),
+            {"onnx": str(onnx_path), "onnx_sha256": fp32_sha256,
              "int8_sha256": hashlib.sha256(graph).hexdigest(), "images": [str(p) for p in images],
              "settings": settings}, indent=2) + "\n").encode())
     write_bytes_atomically(out, graph)
@@ -326,9 +329,10 @@ def quantisation_errors(onnx_path: Path) -> Iterator[None]:
 
 
 def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, images: Sequence[Path],
-              target: Path, batch_size: int, settings: dict = SETTINGS) -> None:
+              target: Path, batch_size: int, settings: dict = SETTINGS, fp32_graph: bytes | None = None) -> None:
     """Static quantisation with `settings` (SETTINGS: the TensorRT-compatible default; the CPU study in
-    benchmarks/ tries others), calibrated on `images`, metadata carried over with precision int8."""
+    benchmarks/ tries others), calibrated on `images`, metadata carried over with precision int8.
+    `fp32_graph`: the bytes `proto` was read from, quantised from a copy (None: onnx_path's bytes now)."""
     import_onnxruntime()  # its log quieted as the CLI asked, before quantisation's sessions start
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -354,8 +358,12 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
 
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     with tempfile.TemporaryDirectory() as tmp, quantisation_errors(onnx_path):
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+        prepared, source = Path(tmp) / "prepared.onnx", Path(tmp) / "fp32.onnx"
+        if fp32_graph is None or has_external_data(proto):  # external data is found beside onnx_path
+            source = onnx_path
+        else:
+            source.write_bytes(fp32_graph)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         prepared_proto = onnx.load(str(prepared))
         excluded = layers_kept_in_float(prepared_proto, settings, onnx_path)
         with progress_bar("calibrating", len(images)) as advance:
