@@ -5,6 +5,7 @@ numpy < 2); scripts/test.sh makes it. Every server is started and stopped by the
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -263,6 +264,26 @@ def test_serve_refuses_a_port_in_use_at_once(tiny_export):
         f"error: --http-port {port} on 127.0.0.1: Address already in use; stop what uses it or choose another port")
 
 
+def test_triton_repo_serves_the_file_its_config_describes(tiny_export, other_tiny_export, tmp_path, monkeypatch):
+    """The config's metadata came from one read of the model and the served copy from another: a file
+    replaced between them was served under the other model's metadata (preprocessing, statistics,
+    thresholds), which the clients apply to its maps."""
+    from stmae_edge.serving import repository
+
+    model = tmp_path / "m.onnx"
+    shutil.copyfile(tiny_export[1], model)
+    original = model.read_bytes()
+    from_onnx = repository.ModelMetadata.from_onnx
+
+    def read_while_replaced(proto):
+        shutil.copyfile(other_tiny_export[1], model)  # an export to the same name finished meanwhile
+        return from_onnx(proto)
+
+    monkeypatch.setattr(repository.ModelMetadata, "from_onnx", staticmethod(read_while_replaced))
+    folder = write_repository(model, tmp_path / "repo", cpu=True)
+    assert (folder / "1" / "model.onnx").read_bytes() == original
+
+
 def parse_config(path: Path) -> dict:
     """config.pbtxt through the ModelConfig protobuf message that tritonclient ships (in .venv-serve)."""
     script = ("import json, sys; from google.protobuf import text_format, json_format\n"
@@ -287,6 +308,8 @@ def test_triton_repo_for_onnx_parses_as_a_model_config(tiny_export, tmp_path):
     assert outputs["anomaly_map"]["dims"] == ["1", str(height), str(width)] and outputs["score"]["dims"] == ["1"]
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "500"
     assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    # only version 1, which the metadata document describes: Triton serves the highest version otherwise
+    assert config["version_policy"] == {"specific": {"versions": ["1"]}}
     document = json.loads(config["parameters"]["stmae_edge_metadata"]["string_value"])
     expected = ModelMetadata.from_onnx(onnx_path).to_dict()
     assert document["metadata"] == {**expected, "training": without_folders(expected["training"])}

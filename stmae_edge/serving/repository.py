@@ -21,11 +21,11 @@ from pathlib import Path
 import onnx
 
 from .. import wire_format as wire
-from ..engine_plan import read_plan, sidecar_path
+from ..engine_plan import read_plan, sidecar_bytes, sidecar_path
 from ..errors import ConfigError, OutputError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME, ModelMetadata
 from ..model_files import file_kind_of
-from ..onnx_files import load_onnx
+from ..onnx_files import load_onnx_bytes
 from ..outputs import (
     failure_reason,
     move_into_place,
@@ -71,7 +71,7 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
     if kind == "plan":
         if cpu:
             raise ConfigError("a TensorRT plan runs on a GPU only; give the .onnx file for --cpu")
-        _, sidecar, metadata = read_plan(model)
+        served, sidecar, metadata = read_plan(model)
         if sidecar.get("tensorrt", {}).get("flavour") == "tensorrt-rtx":
             raise ConfigError(f"{model} was built by TensorRT for RTX; Triton's TensorRT backend loads plans of full "
                               "TensorRT, of its own version: build the plan with `stmae-edge build` on the serving "
@@ -81,7 +81,8 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
                               f"{sidecar['batch']['max']}); rebuild with a larger --batch or lower --max-batch")
         profile = "0"
     else:
-        proto = load_onnx(model)
+        # One read: the file served is the one the config describes, whatever replaces `model` meanwhile
+        proto, served = load_onnx_bytes(model)
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
             raise ConfigError(f"{model} keeps its weights in separate files; triton-repo copies one file: export "
                               "the model as one file (`stmae-edge export` does)")
@@ -94,6 +95,9 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
         "output": [{"name": MAP_NAME, "data_type": "TYPE_FP32", "dims": [1, height, width]},
                    # (N,) per batch: Triton wants dims per image, so [1] reshaped to a scalar
                    {"name": SCORE_NAME, "data_type": "TYPE_FP32", "dims": [1], "reshape": {"shape": []}}],
+        # Version 1 only: a model dropped in as NAME/2 would otherwise be served with version 1's metadata
+        # document (preprocessing, score statistics, thresholds), which the clients read from this config
+        "version_policy": {"specific": {"versions": [1]}},
         "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
         "instance_group": [{"count": instances, "kind": "KIND_CPU" if cpu else "KIND_GPU",
                             **({"profile": [profile]} if profile else {})}],
@@ -113,9 +117,9 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
         try:
             (staged / "1").mkdir(parents=True)
             write_staged(staged / "config.pbtxt", to_pbtxt(config).encode())
-            write_staged(staged / "1" / file_name, model.read_bytes())
+            write_staged(staged / "1" / file_name, served)
             if kind == "plan":  # beside it, as everywhere a plan goes: `threshold` reads and rewrites it there
-                write_staged(sidecar_path(staged / "1" / file_name), sidecar_path(model).read_bytes())
+                write_staged(sidecar_path(staged / "1" / file_name), sidecar_bytes(sidecar))
             for folder in (staged / "1", staged):
                 folder.chmod(0o755)  # a Triton running as another user reads it
                 sync_folder(folder)
