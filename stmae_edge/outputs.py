@@ -428,6 +428,27 @@ def check_names_fit(staging: Path, names: Iterable[str]) -> None:
                           "of 260 characters and more need long paths enabled on Windows); nothing was scored") from exc
 
 
+@contextlib.contextmanager
+def folder_held(folder: Path, command: str) -> Iterator[None]:
+    """`folder` held against another command writing into it at the same time, another process or
+    another thread: two runs into one folder mixed their files and records. Not held where the system
+    cannot lock a folder (Windows, NFS).
+
+    Raises:
+        OutputError: another command holds it.
+    """
+    try:
+        held = _locked(folder, wait=False)
+    except BlockingIOError:
+        raise OutputError(f"another stmae-edge {command} is writing into {folder}; wait for it to end, or choose "
+                          "another --out") from None
+    try:
+        yield
+    finally:
+        if held is not None:
+            os.close(held)
+
+
 def _locked(folder: Path, wait: bool = True) -> int | None:
     """An open descriptor of `folder` holding an exclusive lock on it, or None where the system cannot
     lock a folder (Windows, NFS: then the age rules apply).

@@ -422,6 +422,32 @@ def test_a_backend_that_fails_part_way_through_predict_keeps_what_it_scored(tiny
         assert sha256_file(out / entry["overlay"]) == entry["overlay_sha256"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot lock a folder: two runs are not kept apart there")
+def test_a_second_predict_into_a_folder_that_one_is_writing_is_refused(tiny_export, tmp_path):
+    """Two runs into one --out (two cameras' scripts, a --resume beside a new run) mixed their overlays
+    and records: the last results.json listed one run's files among the other's overlays."""
+    from stmae_edge.errors import OutputError
+    from stmae_edge.runtime import files
+
+    paths, others = _tiles(tmp_path / "in", 4), _tiles(tmp_path / "other", 2)
+    out = tmp_path / "out"
+    refused = []
+
+    def advance(done: int) -> None:  # the first run is writing: another starts into the same folder
+        if not refused:
+            with Detector(tiny_export[1], "ort-cpu") as second, pytest.raises(OutputError) as error:
+                files.predict_to_folder(second, others, out)
+            refused.append(str(error.value))
+
+    with Detector(tiny_export[1], "ort-cpu", batch_size=2) as detector:
+        summary = files.predict_to_folder(detector, paths, out, advance=advance)
+    assert refused == [f"another stmae-edge predict is writing into {out}; wait for it to end, or choose another --out"]
+    assert [entry["source"] for entry in summary["results"]] == [str(path) for path in paths]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"t{i}.png" for i in range(4)]
+    with Detector(tiny_export[1], "ort-cpu") as detector:  # once it has ended, the folder is free
+        assert len(files.predict_to_folder(detector, others, out)["results"]) == 2
+
+
 def test_a_backend_that_fails_at_its_first_batch_leaves_the_earlier_run(tiny_export, tmp_path):
     from stmae_edge.errors import BackendError, PredictionStoppedError
     from stmae_edge.runtime import files

@@ -56,6 +56,7 @@ from ..outputs import (
     check_names_fit,
     check_output_folder,
     failure_reason,
+    folder_held,
     move_into_place,
     partial_name,
     sha256_file,
@@ -220,11 +221,13 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                           "choose another --out")
     chosen = resolve_thresholds(detector.thresholds, detector.score_stats, image_threshold, pixel_threshold, sigma,
                                 detector.map_stats, threshold_scoring(detector.metadata.training))
-    stopped_run = _stopped_run(out, paths, detector, chosen, overlays) if resume else None  # before `out` is made
     made = not out.exists()
     check_output_folder(out, paths)
     try:
-        return _predict_into(detector, paths, out, overlays, advance, chosen, left_out, overlay_threads, stopped_run)
+        with folder_held(out, "predict"):  # from reading the earlier run to putting this one in place
+            stopped_run = _stopped_run(out, paths, detector, chosen, overlays) if resume else None
+            return _predict_into(detector, paths, out, overlays, advance, chosen, left_out, overlay_threads,
+                                 stopped_run)
     except BaseException:
         if made:  # a folder made for this run, left empty by its failure
             with contextlib.suppress(OSError):
