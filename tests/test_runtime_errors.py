@@ -369,7 +369,7 @@ def test_the_first_tensorrt_provider_session_says_it_builds_engines_and_where(tm
     assert "builds this model's engines" not in caplog.text and "not used" not in caplog.text
 
 
-def test_a_model_exported_again_under_the_same_name_gets_engines_of_its_own(tmp_path, caplog):
+def test_a_model_exported_again_under_the_same_name_gets_engines_of_its_own(tmp_path, caplog, monkeypatch):
     """ONNX Runtime's TensorRT provider names its cached engines by the model's path alone
     (GenerateMetaDefId): a model trained and exported again to the same file ran on the engines built
     for the one before, with its weights, without a word."""
@@ -378,6 +378,7 @@ def test_a_model_exported_again_under_the_same_name_gets_engines_of_its_own(tmp_
     from stmae_edge.runtime import backends
 
     model = tmp_path / "m.onnx"
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
 
     def cache_folder():
         caplog.clear()
@@ -394,6 +395,9 @@ def test_a_model_exported_again_under_the_same_name_gets_engines_of_its_own(tmp_
     assert f"engine caches from another export to this name or another TensorRT version ({first.name})" in caplog.text
     model.write_bytes(b"the first export")  # the same bytes again: the same engines
     assert cache_folder() == first and "builds this model's engines" not in caplog.text
+    # engines built with TF32 turned off as TF32_NOTE advises are not those built before it was
+    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")
+    assert cache_folder() == first.with_name(first.name + "-tf32off")
 
 
 def test_onnx_runtime_is_given_the_graph_itself_where_it_may_not_open_its_path(tiny_export, tmp_path, monkeypatch,

@@ -298,10 +298,13 @@ def _engine_cache_folder(path: Path) -> Path:
     the host program's working directory; a folder per content of the file, because the provider names
     its engines by the model's path alone (onnxruntime's GenerateMetaDefId) and would load the engines of
     the model exported there before; and per TensorRT version, as an engine from another one is not
-    loadable (the provider rebuilds it, minutes on a Jetson)."""
+    loadable (the provider rebuilds it, minutes on a Jetson); and apart for engines built with TF32 turned
+    off (NVIDIA_TF32_OVERRIDE=0, TF32_NOTE): the variable acts where engines are built, so engines built
+    before it was set would keep TF32 without a word."""
     trt_version = _tensorrt_version()
     prefix = f"{path.stem}.ort-tensorrt-cache"
-    folder = path.with_name(f"{prefix}-{sha256_file(path)[:12]}" + (f"-{trt_version}" if trt_version else ""))
+    folder = path.with_name(f"{prefix}-{sha256_file(path)[:12]}" + (f"-{trt_version}" if trt_version else "")
+                            + ("-tf32off" if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0" else ""))
     earlier = sorted(p.name for p in path.parent.glob(f"{glob_escape(prefix)}*") if p != folder and p.is_dir())
     if earlier and not folder.exists():
         logger.warning("%s: its engine caches from another export to this name or another TensorRT version (%s) "
