@@ -213,6 +213,12 @@ def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     _, other = calibrate(path, images[1:], tmp_path / "c.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
     assert other["cache"] == "miss" and other["key"] != first["key"]
+    import onnxruntime  # another quantiser may choose other scales from the same images: calibrated again
+
+    monkeypatch.setattr(onnxruntime, "__version__", onnxruntime.__version__ + ".post1")
+    _, upgraded = calibrate(path, images, tmp_path / "u.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
+    assert upgraded["cache"] == "miss" and upgraded["key"] != first["key"]
+    monkeypatch.undo()
     # a cached graph that no longer matches its record (edited, damaged) is calibrated again, not shipped
     cached = Path(first["cache_file"])
     cached.write_bytes(cached.read_bytes()[:-64])

@@ -171,7 +171,8 @@ def scoring_region(quantized: onnx.ModelProto, scoring: set[str], onnx_path: Pat
 
 
 def cache_key(graph_sha256: str, images: Sequence[Path], settings: dict) -> str:
-    """The graph's (its bytes' sha256), the images' and the settings' digest, naming a cached calibration.
+    """The graph's (its bytes' sha256), the images', the settings' and onnxruntime's version's digest,
+    naming a cached calibration.
 
     Raises:
         DatasetError: images that cannot be read (all counted, the first five named), before anything is
@@ -189,6 +190,8 @@ def cache_key(graph_sha256: str, images: Sequence[Path], settings: dict) -> str:
         raise DatasetError(f"{len(unreadable)} of {len(images)} calibration images cannot be read: "
                            f"{data.first_named(unreadable)}. Calibrate from image files that can be read")
     h.update(json.dumps(settings, sort_keys=True).encode())
+    # the quantiser's own version: another onnxruntime may choose other scales from the same images
+    h.update(import_onnxruntime().__version__.encode())
     return h.hexdigest()[:16]
 
 
