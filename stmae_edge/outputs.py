@@ -449,6 +449,23 @@ def folder_held(folder: Path, command: str) -> Iterator[None]:
             os.close(held)
 
 
+@contextlib.contextmanager
+def folder_waited_for(folder: Path, waiting: str) -> Iterator[None]:
+    """`folder` held while the block runs, once another process or thread that holds it is done (saying
+    `waiting` meanwhile): for work that others would otherwise do at the same time into the same folder.
+    Not held where the system cannot lock a folder (Windows, NFS)."""
+    try:
+        held = _locked(folder, wait=False)
+    except BlockingIOError:
+        logger.warning("%s", waiting)
+        held = _locked(folder)
+    try:
+        yield
+    finally:
+        if held is not None:
+            os.close(held)
+
+
 def _locked(folder: Path, wait: bool = True) -> int | None:
     """An open descriptor of `folder` holding an exclusive lock on it, or None where the system cannot
     lock a folder (Windows, NFS: then the age rules apply).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -431,3 +432,42 @@ def test_onnx_runtime_is_given_the_graph_itself_where_it_may_not_open_its_path(t
             assert [r.score for r in detector.predict(images)] == scores
         verify(model, tiny_export[0], images=images)
         assert given == [kind, str, kind], (paths_in_ansi, given)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot lock a folder: the sessions are not kept apart there")
+def test_tensorrt_provider_sessions_build_their_engines_one_process_at_a_time(tiny_export, tmp_path, monkeypatch):
+    """The provider builds its engines as the session starts and writes them without a temporary name:
+    two processes starting at once (one per camera) built them twice, and one could read the other's
+    half-written engine. The cache folder is held while a session starts; an engine a stopped run left
+    half-written is named in the error, with what to do."""
+    import fcntl
+
+    import onnxruntime as ort
+
+    from stmae_edge.runtime import backends
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no TensorRT provider to ask for (onnxruntime-gpu has, GPU or not)")
+    model = tmp_path / "m.onnx"
+    shutil.copyfile(tiny_export[1], model)
+    seen = []
+
+    def starting(source, options, providers, **kwargs):  # the provider's start, where the engines are built
+        cache = Path(providers[0][1]["trt_engine_cache_path"])
+        probe = os.open(cache, os.O_RDONLY)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append("free")
+        except BlockingIOError:
+            seen.append("held")
+        finally:
+            os.close(probe)
+        (cache / "TensorrtExecutionProvider_TRTKernel_graph_main_0_0.engine").write_bytes(b"half an eng")
+        raise RuntimeError("TensorRT EP could not deserialize engine from cache")
+
+    monkeypatch.setattr(ort, "InferenceSession", starting)
+    with pytest.raises(BackendError) as failure:
+        backends.OnnxRuntimeBackend(model, "ort-tensorrt")
+    assert seen == ["held"]
+    cache = next(tmp_path.glob("m.ort-tensorrt-cache-*"))
+    assert str(failure.value).endswith(f"; if a run was stopped while it built engines, remove {cache} and try again")

@@ -37,7 +37,7 @@ from ..onnx_files import (
     preload_cuda_libraries,
     preload_tensorrt_libraries,
 )
-from ..outputs import sha256_file
+from ..outputs import folder_waited_for, sha256_file
 from .backend_table import AUTO, BACKEND_KINDS, FILE_KINDS, KINDS_BY_NAME, check_backend_name, file_kind_of
 from .devices import cpu_description, cuda_device_count, cuda_driver_state, gpu_description
 
@@ -216,16 +216,25 @@ class OnnxRuntimeBackend:
         # paths as given). About 0.3 s for the default's 165 MB graph, once per Detector.
         facts = facts or _graph_facts(path)  # given by auto's loop, which tries several providers on one file
         providers = [wanted] if wanted == "CPUExecutionProvider" else _gpu_providers(ort, wanted, path, facts)
+        cache = _engine_cache_of(providers)
+        # The TensorRT provider builds its engines as the session starts and writes them without a
+        # temporary name: two processes (two cameras' programs) starting at once built them twice, and one
+        # could read the other's half-written engine. The second waits, then loads what the first built.
+        held = (folder_waited_for(cache, f"waiting for another process to finish building the engines in {cache}")
+                if cache is not None else contextlib.nullcontext())
         try:
-            # No fallback: ONNX Runtime would otherwise print to stdout and move a failing GPU session
-            # to the CPU, at creation or in the middle of a run, while `provider` still named the GPU.
-            self.session = ort.InferenceSession(ort_model_source(path), options, providers=providers,
-                                                enable_fallback=0)
+            with held:
+                # No fallback: ONNX Runtime would otherwise print to stdout and move a failing GPU session
+                # to the CPU, at creation or in the middle of a run, while `provider` still named the GPU.
+                self.session = ort.InferenceSession(ort_model_source(path), options, providers=providers,
+                                                    enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             _drop_empty_engine_cache(providers)
             if wanted != "CPUExecutionProvider":  # most often a library the provider needs (TensorRT's)
+                stale = (f"; if a run was stopped while it built engines, remove {cache} and try again"
+                         if cache is not None and cache.exists() else "")
                 raise BackendError(f"ONNX Runtime could not start {wanted} for {Path(path).name} "
-                                   f"({first_line(exc)}); {GPU_PROVIDER_HINT}") from exc
+                                   f"({first_line(exc)}); {GPU_PROVIDER_HINT}{stale}") from exc
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from exc
         self.session.disable_fallback()  # for versions that do not read enable_fallback
         used = self.session.get_providers()
@@ -311,6 +320,14 @@ def _engine_cache_folder(path: Path) -> Path:
                        "are not used; remove them to free the disk", path,
                        ", ".join(earlier[:3]) + (" ..." if len(earlier) > 3 else ""))
     return folder
+
+
+def _engine_cache_of(providers: list) -> Path | None:
+    """The TensorRT provider's engine cache folder in a provider list (_gpu_providers), or None."""
+    for provider in providers:
+        if isinstance(provider, tuple) and "trt_engine_cache_path" in provider[1]:
+            return Path(provider[1]["trt_engine_cache_path"])
+    return None
 
 
 def _drop_empty_engine_cache(providers: list) -> None:
