@@ -129,6 +129,29 @@ def read_plan(plan: Path | str) -> tuple[bytes, dict, ModelMetadata]:
     if not is_file(side, EngineMismatchError):
         raise EngineMismatchError(f"{plan}: its sidecar {side.name} is missing; rebuild with "
                                   "`stmae-edge build MODEL.onnx`, which writes both")
+    # `build` replaces the plan and then its sidecar: read between the two renames, they differ, and read
+    # again, they are the new pair
+    for _ in range(2):
+        sidecar = _read_sidecar(side)
+        try:
+            data = plan.read_bytes()
+        except OSError as exc:
+            raise EngineMismatchError(f"{plan}: cannot be read ({exc.strerror or exc})") from exc
+        if hashlib.sha256(data).hexdigest() == sidecar["plan"]["sha256"]:
+            break
+    else:
+        raise EngineMismatchError(f"{plan} does not match its sidecar {side.name} (sha256 differs): the plan "
+                                  "was rebuilt, replaced or paired with another model's sidecar; rebuild both "
+                                  "with `stmae-edge build`")
+    try:
+        metadata = ModelMetadata.from_dict(sidecar["metadata"])
+    except (KeyError, StmaeError) as exc:
+        raise EngineMismatchError(f"{side}: the model metadata is missing or unusable ({exc})") from exc
+    return data, sidecar, metadata
+
+
+def _read_sidecar(side: Path) -> dict:
+    """A plan's sidecar, its fields checked (EngineMismatchError where it is unreadable or not ours)."""
     try:
         if side.stat().st_size > MAX_DOCUMENT_BYTES:
             raise EngineMismatchError(f"{side}: {side.stat().st_size:,} bytes is far more than a sidecar holds; "
@@ -140,20 +163,7 @@ def read_plan(plan: Path | str) -> tuple[bytes, dict, ModelMetadata]:
     if sidecar.get("format") != SIDECAR_FORMAT:
         raise EngineMismatchError(f"{side}: not a stmae-edge engine sidecar; rebuild the engine")
     check_sidecar_fields(sidecar, side)
-    try:
-        data = plan.read_bytes()
-    except OSError as exc:
-        raise EngineMismatchError(f"{plan}: cannot be read ({exc.strerror or exc})") from exc
-    expected = sidecar["plan"]["sha256"]
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise EngineMismatchError(f"{plan} does not match its sidecar {side.name} (sha256 differs): the plan "
-                                  "was rebuilt, replaced or paired with another model's sidecar; rebuild both "
-                                  "with `stmae-edge build`")
-    try:
-        metadata = ModelMetadata.from_dict(sidecar["metadata"])
-    except (KeyError, StmaeError) as exc:
-        raise EngineMismatchError(f"{side}: the model metadata is missing or unusable ({exc})") from exc
-    return data, sidecar, metadata
+    return sidecar
 
 
 def check_sidecar_fields(sidecar: dict, side: Path) -> None:

@@ -471,3 +471,38 @@ def test_tensorrt_provider_sessions_build_their_engines_one_process_at_a_time(ti
     assert seen == ["held"]
     cache = next(tmp_path.glob("m.ort-tensorrt-cache-*"))
     assert str(failure.value).endswith(f"; if a run was stopped while it built engines, remove {cache} and try again")
+
+
+def test_a_plan_read_while_build_replaces_it_and_its_sidecar_is_read_again(tiny_export, tmp_path, monkeypatch):
+    """`build` renames the new plan, then its sidecar: a Detector or server opening the plan between the
+    two read the old sidecar and the new plan, and said they were another model's pair, rebuild both."""
+    import hashlib
+
+    from stmae_edge import engine_plan
+    from stmae_edge.metadata import ModelMetadata
+
+    metadata = ModelMetadata.from_onnx(tiny_export[1]).to_dict()
+
+    def pair(plan_bytes: bytes) -> tuple[bytes, bytes]:
+        return plan_bytes, engine_plan.sidecar_bytes({
+            "format": engine_plan.SIDECAR_FORMAT, "metadata": metadata, "precision": "fp16",
+            "plan": {"sha256": hashlib.sha256(plan_bytes).hexdigest(), "size_bytes": len(plan_bytes)},
+            "batch": {"min": 1, "opt": 8, "max": 32}, "tensorrt": {"flavour": "tensorrt", "version": "10.0"}})
+
+    plan = tmp_path / "m.plan"
+    side = engine_plan.sidecar_path(plan)
+    old, new = pair(b"the plan built before"), pair(b"the plan built now")
+    plan.write_bytes(old[0])
+    side.write_bytes(old[1])
+    read, built = Path.read_bytes, []
+
+    def built_meanwhile(self):
+        if self == plan and not built:  # the build's renames, after the sidecar was read, before the plan
+            built.append(True)
+            plan.write_bytes(new[0])
+            side.write_bytes(new[1])
+        return read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", built_meanwhile)
+    data, sidecar, _ = engine_plan.read_plan(plan)
+    assert data == new[0] and engine_plan.sidecar_bytes(sidecar) == new[1]

@@ -35,8 +35,8 @@ from ..errors import ConfigError, ExportError, OutputError, first_line
 from ..machine import is_jetson, total_memory_bytes
 from ..metadata import INPUT_NAME, MAX_BATCH, ModelMetadata, onnx_precision
 from ..model_files import thresholds_to_be_replaced, warn_thresholds_replaced
-from ..onnx_files import has_external_data, load_onnx
-from ..outputs import check_writable, sha256_file, signals_held, write_bytes_atomically, write_files_together
+from ..onnx_files import has_external_data, load_onnx_bytes
+from ..outputs import check_writable, signals_held, write_bytes_atomically, write_files_together
 from ..progress import progress_bar
 
 PRECISIONS = PLAN_PRECISIONS  # int8 graphs come from `stmae-edge calibrate`
@@ -167,7 +167,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
                           "or a BatchRange")
     batch = batch if isinstance(batch, BatchRange) else BatchRange.parse(batch)
     onnx_path = Path(onnx_path)
-    proto = load_onnx(onnx_path, ExportError)
+    proto, graph = load_onnx_bytes(onnx_path, ExportError)  # its digest goes in the sidecar: the graph built
     metadata = ModelMetadata.from_onnx(proto)  # also refuses files that are not ours
     graph_precision = onnx_precision(proto)
     if precision is not None and precision != graph_precision:
@@ -194,7 +194,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
     # file, if it was swapped meanwhile) and opens its path as a narrow string, which Windows reads in its
     # code page (a folder named with an umlaut "failed to parse"). The path is handed over only where
     # tensors keep their data beside the graph (never in our exports).
-    if not parser.parse(proto.SerializeToString(), str(onnx_path) if has_external_data(proto) else None):
+    if not parser.parse(graph, str(onnx_path) if has_external_data(proto) else None):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0] if errors else None
         where = f" at node {first.node_name()!r} ({first.node_operator()})" if first and first.node_name() else ""
@@ -246,7 +246,7 @@ def build_engine(onnx_path: Path | str, precision: str | None = None, batch: str
         "tensorrt": {"flavour": flavour, "version": trt.__version__},
         "target": _target(config, flavour),
         "workspace_bytes": int(config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE)),
-        "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
+        "onnx": {"path": str(onnx_path), "sha256": hashlib.sha256(graph).hexdigest()},
         "plan": {"path": out.name, "sha256": hashlib.sha256(plan).hexdigest(), "size_bytes": len(plan)},
         "build_seconds": round(seconds, 2),
         "package_version": __version__,
