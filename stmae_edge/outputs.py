@@ -435,11 +435,14 @@ def folder_held(folder: Path, command: str) -> Iterator[None]:
     cannot lock a folder (Windows, NFS).
 
     Raises:
-        OutputError: another command holds it.
+        OutputError: another command holds it (which then has `folder`: a failed command's clean-up,
+            remove_folders_left_empty, leaves it).
     """
     try:
         held = _locked(folder, wait=False)
     except BlockingIOError:
+        if _FOLDERS_MADE is not None and folder in _FOLDERS_MADE:  # made at once by both: the other's now
+            _FOLDERS_MADE.remove(folder)
         raise OutputError(f"another stmae-edge {command} is writing into {folder}; wait for it to end, or choose "
                           "another --out") from None
     try:

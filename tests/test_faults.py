@@ -448,6 +448,39 @@ def test_a_second_predict_into_a_folder_that_one_is_writing_is_refused(tiny_expo
         assert len(files.predict_to_folder(detector, others, out)["results"]) == 2
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot lock a folder: two runs are not kept apart there")
+def test_a_refused_predict_leaves_the_folder_that_a_run_started_with_it_made(tiny_export, tmp_path, monkeypatch):
+    """Two runs started at once into a folder that did not exist: both made it, the second was refused,
+    and its clean-up removed the folder while the first was about to write into it."""
+    import fcntl
+
+    from stmae_edge import outputs
+    from stmae_edge.errors import OutputError
+    from stmae_edge.runtime import files
+
+    paths, out = _tiles(tmp_path / "in", 1), tmp_path / "out"
+    made = files.check_output_folder
+    other_run = []
+
+    def made_by_both(folder, inputs):  # the other run, started at the same moment, takes the folder first
+        found = made(folder, inputs)
+        other_run.append(os.open(folder, os.O_RDONLY))
+        fcntl.flock(other_run[0], fcntl.LOCK_EX)
+        return found
+
+    monkeypatch.setattr(files, "check_output_folder", made_by_both)
+    outputs.record_folders_made()  # as the CLI does, to remove the folders a failed command made
+    try:
+        with Detector(tiny_export[1], "ort-cpu") as detector, pytest.raises(OutputError, match="another stmae-edge"):
+            files.predict_to_folder(detector, paths, out)
+        outputs.remove_folders_left_empty()
+        assert out.is_dir()  # still there for the run that holds it
+    finally:
+        for fd in other_run:
+            os.close(fd)
+        outputs._FOLDERS_MADE = None
+
+
 def test_a_backend_that_fails_at_its_first_batch_leaves_the_earlier_run(tiny_export, tmp_path):
     from stmae_edge.errors import BackendError, PredictionStoppedError
     from stmae_edge.runtime import files

@@ -223,13 +223,15 @@ def predict_to_folder(detector: Detector, paths: Sequence[Path], out: Path, *, o
                                 detector.map_stats, threshold_scoring(detector.metadata.training))
     made = not out.exists()
     check_output_folder(out, paths)
+    held = False
     try:
         with folder_held(out, "predict"):  # from reading the earlier run to putting this one in place
+            held = True
             stopped_run = _stopped_run(out, paths, detector, chosen, overlays) if resume else None
             return _predict_into(detector, paths, out, overlays, advance, chosen, left_out, overlay_threads,
                                  stopped_run)
     except BaseException:
-        if made:  # a folder made for this run, left empty by its failure
+        if made and held:  # a folder made for this run, left empty by its failure (not one another run holds)
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
