@@ -280,6 +280,20 @@ def test_a_graph_replaced_while_the_images_are_read_is_not_mixed_into_the_int8_g
     assert record["onnx_sha256"] == sha256_file(path)  # the graph quantised, not the one there now
 
 
+def test_a_graph_with_its_weights_beside_it_is_calibrated_once(fp32_graph, synthetic_dataset, tmp_path):
+    """The cached INT8 graph holds its weights inside it, so it is larger than such an fp32 graph's own
+    file: the size bound on cached graphs refused it, and every run calibrated again."""
+    _, path = fp32_graph
+    folder = tmp_path / "external"
+    folder.mkdir()
+    onnx.save(onnx.load(str(path)), str(folder / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    images = data.train_images(synthetic_dataset)[:16]
+    runs = [calibrate(folder / "m.onnx", images, tmp_path / f"{n}.onnx", cache_dir=tmp_path / "cache",
+                      min_weight_elements=1)[1]["cache"] for n in range(2)]
+    assert runs == ["miss", "hit"]
+
+
 def test_int8_graph_ranks_images_like_fp32_and_builds(fp32_graph, synthetic_dataset, tmp_path):
     # What INT8 promises is FP32's ranking, not its numbers: ONNX Runtime's INT8 kernels differ between
     # CPUs (AVX2 against AVX-512/VNNI), and a tolerance on maps held on one and failed on the other.

@@ -199,14 +199,14 @@ def cache_key(graph_sha256: str, images: Sequence[Path], settings: dict) -> str:
 CACHE_SLACK_BYTES = 1 << 20
 
 
-def intact_cached_graph(cached: Path, record: Path, metadata: ModelMetadata, largest: int) -> bytes | None:
+def intact_cached_graph(cached: Path, record: Path, metadata: ModelMetadata, largest: int | None) -> bytes | None:
     """The bytes of a cached INT8 graph that is the one its record describes (its sha256) and an INT8 graph
     of this model that passes the checks any graph a user hands in does; None where it must be calibrated
     again. A cache folder is a user's folder: a graph edited, damaged or put there by anything else (with
     a record to match) is not shipped. Read once, so the graph checked is the graph copied, and only up to
-    `largest` bytes (an INT8 graph is smaller than the fp32 graph it was made from)."""
+    `largest` bytes (an INT8 graph is smaller than the fp32 graph it was made from; None: any size)."""
     try:
-        if not cached.is_file() or cached.stat().st_size > largest:
+        if not cached.is_file() or (largest is not None and cached.stat().st_size > largest):
             return None
         graph = cached.read_bytes()
     except OSError:
@@ -291,7 +291,9 @@ def calibrate(onnx_path: Path | str, images: Sequence[Path] | None = None, out: 
     cache_dir = Path(cache_dir)
     cached = cache_dir / f"{onnx_path.stem}.{key}.int8.onnx"
     record = cache_dir / f"{onnx_path.stem}.{key}.json"
-    graph = intact_cached_graph(cached, record, metadata, largest=2 * len(fp32_graph) + CACHE_SLACK_BYTES)
+    # A graph whose weights lie beside it has an INT8 graph larger than its own file: no bound then
+    largest = None if has_external_data(proto) else 2 * len(fp32_graph) + CACHE_SLACK_BYTES
+    graph = intact_cached_graph(cached, record, metadata, largest)
     report = {"key": key, "images": len(images), "folder": data.folder_of(images),
               "cache": "miss" if graph is None else "hit", "cache_file": str(cached), "settings": settings}
     if graph is None:
