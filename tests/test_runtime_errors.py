@@ -393,12 +393,14 @@ def test_a_model_exported_again_under_the_same_name_gets_engines_of_its_own(tmp_
     model.write_bytes(b"the second export")
     second = cache_folder()
     assert second != first and second.parent == first.parent and not any(second.iterdir())
-    assert f"engine caches from another export to this name or another TensorRT version ({first.name})" in caplog.text
+    assert f"the engine caches of other exports to this name ({first.name}) are not used" in caplog.text
     model.write_bytes(b"the first export")  # the same bytes again: the same engines
     assert cache_folder() == first and "builds this model's engines" not in caplog.text
-    # engines built with TF32 turned off as TF32_NOTE advises are not those built before it was
+    # engines built with TF32 turned off as TF32_NOTE advises are not those built before it was (which
+    # are this export's all the same: not named for removal)
     monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")
     assert cache_folder() == first.with_name(first.name + "-tf32off")
+    assert f"other exports to this name ({second.name}) are not used" in caplog.text
 
 
 def test_onnx_runtime_is_given_the_graph_itself_where_it_may_not_open_its_path(tiny_export, tmp_path, monkeypatch,
@@ -440,7 +442,9 @@ def test_tensorrt_provider_sessions_build_their_engines_one_process_at_a_time(ti
     two processes starting at once (one per camera) built them twice, and one could read the other's
     half-written engine. The cache folder is held while a session starts; an engine a stopped run left
     half-written is named in the error, with what to do."""
+    import contextlib
     import fcntl
+    import hashlib
 
     import onnxruntime as ort
 
@@ -450,10 +454,22 @@ def test_tensorrt_provider_sessions_build_their_engines_one_process_at_a_time(ti
         pytest.skip("this onnxruntime has no TensorRT provider to ask for (onnxruntime-gpu has, GPU or not)")
     model = tmp_path / "m.onnx"
     shutil.copyfile(tiny_export[1], model)
+    original = model.read_bytes()
     seen = []
+    waited_for = backends.folder_waited_for
+
+    @contextlib.contextmanager
+    def exported_again_meanwhile(folder, waiting):  # another model exported to the name while this one waits
+        with waited_for(folder, waiting):
+            model.write_bytes(b"another model's graph")
+            yield
+
+    monkeypatch.setattr(backends, "folder_waited_for", exported_again_meanwhile)
 
     def starting(source, options, providers, **kwargs):  # the provider's start, where the engines are built
         cache = Path(providers[0][1]["trt_engine_cache_path"])
+        # the graph whose digest names the engine cache, not what lies under the name by now
+        assert source == original and hashlib.sha256(source).hexdigest()[:12] in cache.name
         probe = os.open(cache, os.O_RDONLY)
         try:
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)

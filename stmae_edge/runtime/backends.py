@@ -17,6 +17,7 @@ the CLI's --backend help are all read from it:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from glob import escape as glob_escape
@@ -31,8 +32,10 @@ from ..errors import BackendError, CheckpointError, ConfigError, EngineMismatchE
 from ..machine import nvidia_platform
 from ..metadata import INPUT_NAME, MAP_NAME, MAX_BATCH, SCORE_NAME, ModelMetadata, onnx_precision
 from ..onnx_files import (
+    has_external_data,
     import_onnxruntime,
     load_onnx,
+    load_onnx_bytes,
     ort_model_source,
     preload_cuda_libraries,
     preload_tensorrt_libraries,
@@ -215,7 +218,9 @@ class OnnxRuntimeBackend:
         # the model's folder is refused here, whatever this onnxruntime checks (before 1.24 it read such
         # paths as given). About 0.3 s for the default's 165 MB graph, once per Detector.
         facts = facts or _graph_facts(path)  # given by auto's loop, which tries several providers on one file
-        providers = [wanted] if wanted == "CPUExecutionProvider" else _gpu_providers(ort, wanted, path, facts)
+        source, digest = _session_source(path, wanted)
+        providers = ([wanted] if wanted == "CPUExecutionProvider"
+                     else _gpu_providers(ort, wanted, path, facts, digest))
         cache = _engine_cache_of(providers)
         # The TensorRT provider builds its engines as the session starts and writes them without a
         # temporary name: two processes (two cameras' programs) starting at once built them twice, and one
@@ -226,8 +231,7 @@ class OnnxRuntimeBackend:
             with held:
                 # No fallback: ONNX Runtime would otherwise print to stdout and move a failing GPU session
                 # to the CPU, at creation or in the middle of a run, while `provider` still named the GPU.
-                self.session = ort.InferenceSession(ort_model_source(path), options, providers=providers,
-                                                    enable_fallback=0)
+                self.session = ort.InferenceSession(source, options, providers=providers, enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             _drop_empty_engine_cache(providers)
             if wanted != "CPUExecutionProvider":  # most often a library the provider needs (TensorRT's)
@@ -271,7 +275,24 @@ TF32_NOTE = ("ONNX Runtime's TensorRT provider computes this float32 graph's mat
              "for float32, or run a plan from `stmae-edge build`, which keeps float32")
 
 
-def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[int, ...]]) -> list:
+def _session_source(path: Path | str, wanted: str) -> tuple[str | bytes, str | None]:
+    """What ONNX Runtime's session is given for the graph at `path` (onnx_files.ort_model_source), and for
+    the TensorRT provider the sha256 of exactly that graph, which names its engine cache: the graph itself
+    then, read once, so that a model exported to the same name meanwhile (while this process waited for
+    another's engines, minutes) cannot be loaded beside the earlier one's engines.
+
+    Raises:
+        CheckpointError: the file cannot be read or is not an ONNX graph.
+    """
+    if wanted != "TensorrtExecutionProvider":
+        return ort_model_source(path), None
+    proto, graph = load_onnx_bytes(path, CheckpointError)
+    # tensors whose data lies beside the graph are found from its path: given the path then
+    return (str(path) if has_external_data(proto) else graph), hashlib.sha256(graph).hexdigest()
+
+
+def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[int, ...]],
+                   digest: str | None = None) -> list:
     """The provider list for a GPU session: CUDA's libraries found, float32 kept float32 where the
     provider can (TF32 rounds its operands as fp16 does, which the Mahalanobis distances of the map
     amplify: CUDA's provider has an option; TensorRT's only the environment, TF32_NOTE), and for
@@ -284,7 +305,7 @@ def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[i
     preload_tensorrt_libraries()  # pip's TensorRT wheel: not on the loader's path in a virtual environment
     if precision == "fp32" and os.environ.get("NVIDIA_TF32_OVERRIDE") != "0":
         logger.warning(TF32_NOTE)
-    engine_cache = _engine_cache_folder(Path(path))
+    engine_cache = _engine_cache_folder(Path(path), digest or sha256_file(path))
     try:
         engine_cache.mkdir(exist_ok=True)
     except OSError as exc:
@@ -302,7 +323,7 @@ def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[i
                       "trt_int8_enable": precision == "int8"}), cuda]
 
 
-def _engine_cache_folder(path: Path) -> Path:
+def _engine_cache_folder(path: Path, digest: str) -> Path:
     """Where ONNX Runtime's TensorRT provider keeps the engines of the graph at `path`: next to it, not in
     the host program's working directory; a folder per content of the file, because the provider names
     its engines by the model's path alone (onnxruntime's GenerateMetaDefId) and would load the engines of
@@ -312,12 +333,14 @@ def _engine_cache_folder(path: Path) -> Path:
     before it was set would keep TF32 without a word."""
     trt_version = _tensorrt_version()
     prefix = f"{path.stem}.ort-tensorrt-cache"
-    folder = path.with_name(f"{prefix}-{sha256_file(path)[:12]}" + (f"-{trt_version}" if trt_version else "")
+    this_export = f"{prefix}-{digest[:12]}"
+    folder = path.with_name(this_export + (f"-{trt_version}" if trt_version else "")
                             + ("-tf32off" if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0" else ""))
-    earlier = sorted(p.name for p in path.parent.glob(f"{glob_escape(prefix)}*") if p != folder and p.is_dir())
+    earlier = sorted(p.name for p in path.parent.glob(f"{glob_escape(prefix)}*")
+                     if not p.name.startswith(this_export) and p.is_dir())
     if earlier and not folder.exists():
-        logger.warning("%s: its engine caches from another export to this name or another TensorRT version (%s) "
-                       "are not used; remove them to free the disk", path,
+        logger.warning("%s: the engine caches of other exports to this name (%s) are not used; remove them to free "
+                       "the disk", path,
                        ", ".join(earlier[:3]) + (" ..." if len(earlier) > 3 else ""))
     return folder
 
