@@ -325,9 +325,10 @@ def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[i
 
 def _engine_cache_folder(path: Path, digest: str) -> Path:
     """Where ONNX Runtime's TensorRT provider keeps the engines of the graph at `path`: next to it, not in
-    the host program's working directory; a folder per content of the file, because the provider names
-    its engines by the model's path alone (onnxruntime's GenerateMetaDefId) and would load the engines of
-    the model exported there before; and per TensorRT version, as an engine from another one is not
+    the host program's working directory; a folder per content of the file (`digest`, the sha256 of the
+    graph the session is given), because the provider names its engines by the model's path, or for a
+    graph given as bytes by its layers' names (onnxruntime's GenerateMetaDefId), never by its weights, and
+    would load the engines of the model exported there before; and per TensorRT version, as an engine from another one is not
     loadable (the provider rebuilds it, minutes on a Jetson); and apart for engines built with TF32 turned
     off (NVIDIA_TF32_OVERRIDE=0, TF32_NOTE): the variable acts where engines are built, so engines built
     before it was set would keep TF32 without a word."""
