@@ -363,10 +363,9 @@ def _quantize(onnx_path: Path, proto: onnx.ModelProto, metadata: ModelMetadata, 
 
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     with tempfile.TemporaryDirectory() as tmp, quantisation_errors(onnx_path):
-        prepared, source = Path(tmp) / "prepared.onnx", Path(tmp) / "fp32.onnx"
-        if fp32_graph is None or has_external_data(proto):  # external data is found beside onnx_path
-            source = onnx_path
-        else:
+        prepared, source = Path(tmp) / "prepared.onnx", onnx_path
+        if fp32_graph is not None and not has_external_data(proto):  # external data is found beside onnx_path
+            source = Path(tmp) / "fp32.onnx"
             source.write_bytes(fp32_graph)
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         prepared_proto = onnx.load(str(prepared))

@@ -217,8 +217,7 @@ class OnnxRuntimeBackend:
         # Read by the one loader of users' ONNX files before ONNX Runtime opens it: external data outside
         # the model's folder is refused here, whatever this onnxruntime checks (before 1.24 it read such
         # paths as given). About 0.3 s for the default's 165 MB graph, once per Detector.
-        facts = facts or _graph_facts(path)  # given by auto's loop, which tries several providers on one file
-        source, digest = _session_source(path, wanted)
+        source, digest, facts = _session_source(path, wanted, facts)
         providers = ([wanted] if wanted == "CPUExecutionProvider"
                      else _gpu_providers(ort, wanted, path, facts, digest))
         cache = _engine_cache_of(providers)
@@ -275,20 +274,24 @@ TF32_NOTE = ("ONNX Runtime's TensorRT provider computes this float32 graph's mat
              "for float32, or run a plan from `stmae-edge build`, which keeps float32")
 
 
-def _session_source(path: Path | str, wanted: str) -> tuple[str | bytes, str | None]:
-    """What ONNX Runtime's session is given for the graph at `path` (onnx_files.ort_model_source), and for
-    the TensorRT provider the sha256 of exactly that graph, which names its engine cache: the graph itself
-    then, read once, so that a model exported to the same name meanwhile (while this process waited for
-    another's engines, minutes) cannot be loaded beside the earlier one's engines.
+def _session_source(path: Path | str, wanted: str, facts: tuple[str, tuple[int, ...]] | None
+                    ) -> tuple[str | bytes, str | None, tuple[str, tuple[int, ...]]]:
+    """What ONNX Runtime's session is given for the graph at `path` (onnx_files.ort_model_source); for the
+    TensorRT provider the sha256 of exactly that graph, which names its engine cache (else None); and the
+    graph's facts (_graph_facts), unless given (auto's loop reads them once for several providers).
+    For the TensorRT provider the session is given the graph itself, from the one read that all three
+    come from: a model exported to the same name meanwhile (while this process waited for another's
+    engines, minutes) cannot be loaded beside the earlier one's engines.
 
     Raises:
         CheckpointError: the file cannot be read or is not an ONNX graph.
     """
     if wanted != "TensorrtExecutionProvider":
-        return ort_model_source(path), None
+        return ort_model_source(path), None, facts or _graph_facts(path)
     proto, graph = load_onnx_bytes(path, CheckpointError)
     # tensors whose data lies beside the graph are found from its path: given the path then
-    return (str(path) if has_external_data(proto) else graph), hashlib.sha256(graph).hexdigest()
+    return ((str(path) if has_external_data(proto) else graph), hashlib.sha256(graph).hexdigest(),
+            facts or _graph_facts(path, proto))
 
 
 def _gpu_providers(ort, wanted: str, path: Path | str, facts: tuple[str, tuple[int, ...]],
@@ -328,10 +331,10 @@ def _engine_cache_folder(path: Path, digest: str) -> Path:
     the host program's working directory; a folder per content of the file (`digest`, the sha256 of the
     graph the session is given), because the provider names its engines by the model's path, or for a
     graph given as bytes by its layers' names (onnxruntime's GenerateMetaDefId), never by its weights, and
-    would load the engines of the model exported there before; and per TensorRT version, as an engine from another one is not
-    loadable (the provider rebuilds it, minutes on a Jetson); and apart for engines built with TF32 turned
-    off (NVIDIA_TF32_OVERRIDE=0, TF32_NOTE): the variable acts where engines are built, so engines built
-    before it was set would keep TF32 without a word."""
+    would load the engines of the model exported there before; per TensorRT version, as an engine from
+    another one is not loadable (the provider rebuilds it, minutes on a Jetson); and apart for engines
+    built with TF32 turned off (NVIDIA_TF32_OVERRIDE=0, TF32_NOTE): the variable acts where engines are
+    built, so engines built before it was set would keep TF32 without a word."""
     trt_version = _tensorrt_version()
     prefix = f"{path.stem}.ort-tensorrt-cache"
     this_export = f"{prefix}-{digest[:12]}"
@@ -375,12 +378,13 @@ def _tensorrt_version() -> str:
     return ""
 
 
-def _graph_facts(path: Path | str) -> tuple[str, tuple[int, ...]]:
+def _graph_facts(path: Path | str, proto=None) -> tuple[str, tuple[int, ...]]:
     """The graph's precision and its input's (channels, height, width), read by the one loader of
-    users' ONNX files (onnx_files.load_onnx: external data checked, not loaded)."""
+    users' ONNX files (onnx_files.load_onnx: external data checked, not loaded), or from its `proto`
+    where the caller read it so."""
     # CheckpointError: the file's own fault, which `auto` must not take for the machine's and try the
     # next backend with (its loop passes BackendErrors on)
-    proto = load_onnx(path, CheckpointError)
+    proto = proto or load_onnx(path, CheckpointError)
     if not proto.graph.input:
         raise CheckpointError(f"{path}: a graph without inputs, not an stmae-edge model; give the .onnx that "
                               "`stmae-edge export` wrote")
