@@ -18,14 +18,12 @@ import os
 import re
 from pathlib import Path
 
-import onnx
-
 from .. import wire_format as wire
 from ..engine_plan import read_plan, sidecar_bytes, sidecar_path
 from ..errors import ConfigError, OutputError
 from ..metadata import INPUT_NAME, MAP_NAME, SCORE_NAME, ModelMetadata
 from ..model_files import file_kind_of
-from ..onnx_files import load_onnx_bytes
+from ..onnx_files import has_external_data, load_onnx_bytes
 from ..outputs import (
     failure_reason,
     move_into_place,
@@ -83,7 +81,7 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
     else:
         # One read: the file served is the one the config describes, whatever replaces `model` meanwhile
         proto, served = load_onnx_bytes(model)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        if has_external_data(proto):
             raise ConfigError(f"{model} keeps its weights in separate files; triton-repo copies one file: export "
                               "the model as one file (`stmae-edge export` does)")
         metadata = ModelMetadata.from_onnx(proto)
