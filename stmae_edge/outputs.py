@@ -153,6 +153,9 @@ def write_files_together(files: dict[Path, bytes]) -> None:
     into place one after another with Ctrl-C held: an interrupted or failed write leaves the earlier
     ones, all of them, as they were.
 
+    Two processes (or threads) writing pairs to the same names rename theirs one pair after the other,
+    their folders held meanwhile: interleaved, they left one's plan beside the other's sidecar.
+
     Raises:
         OutputError: a write failed (nothing was replaced), or a rename did.
     """
@@ -167,10 +170,14 @@ def write_files_together(files: dict[Path, bytes]) -> None:
             write_staged(partial, data)
             if target.exists():
                 os.chmod(partial, target.stat().st_mode & 0o7777)
-        with signals_held():
-            for partial, target in partials:
-                move_into_place(partial, target)
-                replaced.append(target)
+        with contextlib.ExitStack() as folders:
+            for folder in sorted({target.parent for _, target in partials}):  # one order: no deadlock
+                folders.enter_context(folder_waited_for(
+                    folder, f"waiting for another stmae-edge command to finish writing into {folder}"))
+            with signals_held():
+                for partial, target in partials:
+                    move_into_place(partial, target)
+                    replaced.append(target)
     except OSError as exc:
         target = partials[-1][1] if partials else next(iter(files))
         if replaced:  # a rename refused after another was made (a file held open on Windows)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -342,6 +343,37 @@ def test_files_written_together_replace_the_earlier_pair_whole_or_not_at_all(tmp
     assert plan.read_bytes() == b"new plan" and side.read_bytes() == b"new sidecar"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.plan.json"]
     assert signal.getsignal(signal.SIGINT) is sigint_before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot lock a folder: two builds are not kept apart there")
+def test_two_builds_to_one_plan_leave_one_build_s_pair(tmp_path, monkeypatch):
+    """Two `build` runs to one --out renamed their plans and sidecars in turn: one's plan could end
+    beside the other's sidecar, refused when loaded, and nothing stopped the second build."""
+    from stmae_edge import outputs
+
+    plan, side = tmp_path / "m.plan", tmp_path / "m.plan.json"
+    real_move = outputs.move_into_place
+    second_started, second_done = threading.Event(), threading.Event()
+
+    def the_other_build_between(partial, target):  # the first build's renames, the second's in between
+        real_move(partial, target)
+        if target == plan and threading.current_thread() is first:
+            threading.Thread(target=second_build, daemon=True).start()
+            second_started.wait(5)
+            second_done.wait(1.5)  # held off by the first's renames: it finishes after them
+
+    def second_build():
+        second_started.set()
+        outputs.write_files_together({plan: b"plan B", side: b"sidecar B"})
+        second_done.set()
+
+    monkeypatch.setattr(outputs, "move_into_place", the_other_build_between)
+    first = threading.Thread(target=outputs.write_files_together, args=({plan: b"plan A", side: b"sidecar A"},))
+    first.start()
+    first.join(10)
+    assert second_done.wait(10)
+    assert (plan.read_bytes(), side.read_bytes()) == (b"plan B", b"sidecar B")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.plan.json"]
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
