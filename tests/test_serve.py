@@ -284,6 +284,35 @@ def test_triton_repo_serves_the_file_its_config_describes(tiny_export, other_tin
     assert (folder / "1" / "model.onnx").read_bytes() == original
 
 
+def test_triton_repo_stages_its_model_folder_where_triton_does_not_look(tiny_export, tmp_path, monkeypatch, caplog):
+    """Triton takes every folder of its repository as a model, hidden ones too: the staging folder inside
+    the repository was polled as a model that failed to load, and one left by a killed run stopped a
+    server started with --exit-on-error (its default) from starting."""
+    from stmae_edge.serving import repository
+
+    repo = tmp_path / "repo"
+    (repo / "other").mkdir(parents=True)  # a model served already
+    seen_by_triton = []
+    move = repository.move_into_place
+
+    def renamed(staged, target):
+        seen_by_triton.append(sorted(p.name for p in repo.iterdir()))
+        move(staged, target)
+
+    monkeypatch.setattr(repository, "move_into_place", renamed)
+    folder = write_repository(tiny_export[1], repo, cpu=True)
+    assert seen_by_triton == [["other"]] and sorted(p.name for p in repo.iterdir()) == sorted(["other", folder.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # nothing left beside it either
+
+    # A repository that is a file system of its own (a mount) cannot take a folder renamed from beside it
+    monkeypatch.setattr(repository.os, "access", lambda path, mode: False)
+    seen_by_triton.clear()
+    with caplog.at_level("WARNING", logger=repository.__name__):
+        write_repository(tiny_export[1], repo, name="again", cpu=True)
+    assert [name for name in seen_by_triton[0] if name.startswith(".")]  # staged inside, with a warning
+    assert "staged in a hidden folder inside it" in caplog.text and (repo / "again" / "config.pbtxt").is_file()
+
+
 def parse_config(path: Path) -> dict:
     """config.pbtxt through the ModelConfig protobuf message that tritonclient ships (in .venv-serve)."""
     script = ("import json, sys; from google.protobuf import text_format, json_format\n"

@@ -6,14 +6,16 @@
 
 The network's own input and outputs are served: images (N, 3, H, W) float32, anomaly_map (N, 1, H, W)
 and score (N,). Clients preprocess and postprocess with the package (runtime.RemoteDetector), which
-reads the model's metadata from the config's `stmae_edge_metadata` parameter. The repository is
-written in a staging folder and renamed when complete. `threshold --write` on
+reads the model's metadata from the config's `stmae_edge_metadata` parameter. A model folder is
+written in a staging folder beside the repository (Triton would take one inside for a model) and
+renamed into it when complete. `threshold --write` on
 NAME/1/model.* rewrites the thresholds in config.pbtxt too (served_config_update).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -33,6 +35,8 @@ from ..outputs import (
     write_staged,
 )
 from ..scoring import Thresholds
+
+logger = logging.getLogger(__name__)
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}  # by file kind
 
@@ -110,7 +114,7 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {failure_reason(exc, out)}; choose another --out") from None
     # Written whole in a staging folder, then renamed: Triton never loads half a repository
-    with staging_folder(out) as staging:
+    with staging_folder(staging_place(out)) as staging:
         staged = staging / name
         try:
             (staged / "1").mkdir(parents=True)
@@ -126,6 +130,26 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
         except OSError as exc:
             raise OutputError(f"cannot write {target}: {failure_reason(exc, out)}; choose another --out") from None
     return target
+
+
+def staging_place(out: Path) -> Path:
+    """Where a model folder is written before it is renamed into the repository `out`: beside `out`, on
+    its file system. Triton takes every folder of its repository as a model, hidden ones too: a polling
+    server logged an error for the staging folder, and one left by a killed run kept a server started
+    with `--exit-on-error` (the default) from starting. Inside `out` only where it is a file system of its
+    own (a mount) or its parent cannot be written, with a warning."""
+    place = out.resolve()
+    parent = place.parent
+    try:
+        beside = parent != place and parent.stat().st_dev == place.stat().st_dev
+    except OSError:
+        beside = False
+    if beside and os.access(parent, os.W_OK | os.X_OK):
+        return parent
+    logger.warning("%s is a file system of its own or its parent folder cannot be written: the model folder is "
+                   "staged in a hidden folder inside it, which a Triton server polling it may report as a model "
+                   "that fails to load until it is renamed into place", out)
+    return place
 
 
 def served_config_update(model: Path | str, thresholds: Thresholds) -> tuple[Path, bytes] | None:
