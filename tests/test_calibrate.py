@@ -219,6 +219,17 @@ def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_
     _, upgraded = calibrate(path, images, tmp_path / "u.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
     assert upgraded["cache"] == "miss" and upgraded["key"] != first["key"]
     monkeypatch.undo()
+    # nor by another version of this package's decoding or quantisation code, which no setting records
+    code = tmp_path / "preprocessing.py"
+    code.write_bytes(Path(calibrate_module.preprocessing.__file__).read_bytes())
+    monkeypatch.setattr(calibrate_module, "CODE_DECIDING_CALIBRATION",
+                        (*calibrate_module.CODE_DECIDING_CALIBRATION[:-1], code))
+    _, same = calibrate(path, images, tmp_path / "g.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
+    assert same["key"] == first["key"]
+    code.write_bytes(code.read_bytes() + b"\n# a decoding fix\n")
+    _, fixed = calibrate(path, images, tmp_path / "h.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
+    assert fixed["cache"] == "miss" and fixed["key"] != first["key"]
+    monkeypatch.undo()
     # a cached graph that no longer matches its record (edited, damaged) is calibrated again, not shipped
     cached = Path(first["cache_file"])
     cached.write_bytes(cached.read_bytes()[:-64])

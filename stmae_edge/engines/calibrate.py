@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .. import data
+from .. import __version__, data, preprocessing
 from ..checks import is_whole, parse_document
 from ..errors import ConfigError, DatasetError, ExportError, StmaeError, first_line
 from ..metadata import FILTERING_AE_FAMILY, INPUT_NAME, PRECISION_KEY, STMAE_FAMILY, ModelMetadata, onnx_precision
@@ -48,15 +48,16 @@ from ..model_files import thresholds_to_be_replaced, warn_thresholds_replaced
 from ..onnx_files import has_external_data, import_onnxruntime, load_onnx_bytes, parse_onnx
 from ..outputs import check_not_an_input, check_writable, sha256_file, write_bytes_atomically, written_atomically
 from ..progress import progress_bar
+from . import half_precision
 from .half_precision import INTENSITY_SCOPE, float_region, scoring_nodes, statistics_nodes, to_half
 
 log = logging.getLogger(__name__)
 
-# graph_version: changes when the graph we write does. min_weight_elements: the smallest layer quantised
+# min_weight_elements: the smallest layer quantised
 # (0: no rule, products of two activations too; the model families set their own).
 SETTINGS = {"format": "QDQ", "symmetric": True, "per_channel": True, "quantize_bias": False,
             "op_types": ["MatMul"], "method": "MinMax", "activation": "int8", "weight": "int8",
-            "float_precision": "fp16", "min_weight_elements": 0, "graph_version": 2}
+            "float_precision": "fp16", "min_weight_elements": 0}
 FLOAT_PRECISIONS = ("fp16", "fp32")
 FAMILY_SETTINGS = {STMAE_FAMILY: {"op_types": ["MatMul"], "float_statistics": True, "min_weight_elements": 65536},
                    FILTERING_AE_FAMILY: {"op_types": ["Conv"], "float_output_convs": True}}
@@ -170,9 +171,26 @@ def scoring_region(quantized: onnx.ModelProto, scoring: set[str], onnx_path: Pat
     return region
 
 
+# This package's code that turns a graph and images into an INT8 graph: a change to any of it (a decoding
+# fix, another quantisation rule, another graph written) calibrates again, with no version to raise by hand
+CODE_DECIDING_CALIBRATION = (Path(__file__), Path(half_precision.__file__), Path(preprocessing.__file__))
+
+
+def code_digest() -> str:
+    """sha256 of the source files that decide a calibration; the package's version where they cannot be
+    read (an installation without its .py files)."""
+    h = hashlib.sha256()
+    try:
+        for source in CODE_DECIDING_CALIBRATION:
+            h.update(source.read_bytes())
+    except OSError:
+        return __version__
+    return h.hexdigest()
+
+
 def cache_key(graph_sha256: str, images: Sequence[Path], settings: dict) -> str:
-    """The graph's (its bytes' sha256), the images', the settings' and onnxruntime's version's digest,
-    naming a cached calibration.
+    """The graph's (its bytes' sha256), the images', the settings', onnxruntime's version's and this
+    package's calibration code's digest, naming a cached calibration.
 
     Raises:
         DatasetError: images that cannot be read (all counted, the first five named), before anything is
@@ -192,6 +210,7 @@ def cache_key(graph_sha256: str, images: Sequence[Path], settings: dict) -> str:
     h.update(json.dumps(settings, sort_keys=True).encode())
     # the quantiser's own version: another onnxruntime may choose other scales from the same images
     h.update(import_onnxruntime().__version__.encode())
+    h.update(code_digest().encode())
     return h.hexdigest()[:16]
 
 
