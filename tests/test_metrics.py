@@ -13,6 +13,8 @@ from stmae_edge.evaluation.metrics import (
     f1_at_threshold,
     image_auroc,
     image_auroc_by_type,
+    image_auroc_interval,
+    interval_text,
     metric_or_none,
     percent_text,
     pixel_auroc,
@@ -303,7 +305,8 @@ def test_summarize_overall_and_per_type():
     per = s["per_defect_type"]
     assert set(per) == {"scratch", "dent"}
     assert per["scratch"] == {"image_auroc": 1.0, "pixel_auroc": 1.0, "aupro": pytest.approx(1.0), "n_images": 2,
-                              "pixel_auroc_against": {"dent": 1.0, "good": 1.0, "scratch": 1.0}}
+                              "pixel_auroc_against": {"dent": 1.0, "good": 1.0, "scratch": 1.0},
+                              "image_auroc_interval": None}  # perfectly separated: no spread to estimate
     # dent's defects (0.0) lose to every normal pixel but scratch's background (0.0, ties)
     assert per["dent"]["pixel_auroc_against"] == {"dent": 0.0, "good": 0.0, "scratch": 0.5}
     assert per["dent"]["image_auroc"] == pytest.approx(1 / 6)
@@ -373,3 +376,47 @@ def test_pixel_auroc_against_is_nan_without_pixels():
     maps = np.zeros((2, 4, 4))
     table = pixel_auroc_against(masks, maps, ["crack", "dent"])  # no good image; crack has no defect pixel
     assert table["dent"] == {"crack": 0.5, "dent": 0.5} and all(math.isnan(v) for v in table["crack"].values())
+
+
+def test_image_auroc_interval_is_delong_s_and_covers_the_true_auroc():
+    """evaluate printed an AUROC without its spread, so a user could not tell a model better by a point
+    from the draw of its test images (the benchmarks saw 97.1 to 98.0 from one model over draws)."""
+    rng = np.random.default_rng(7)
+    labels = np.r_[np.zeros(40, int), np.ones(25, int)]
+    scores = np.round(np.r_[rng.normal(0, 1, 40), rng.normal(1, 1, 25)], 1)  # ties, counted half
+    # DeLong from the pairs themselves: each pair's order, 1, 1/2 or 0
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    auc = pairs.mean()
+    variance = pairs.mean(1).var(ddof=1) / pos.size + pairs.mean(0).var(ddof=1) / neg.size
+    se = math.sqrt(variance) / (auc * (1 - auc))
+    logit = math.log(auc / (1 - auc))
+    expected = [1 / (1 + math.exp(-(logit + k * 1.959963984540054 * se))) for k in (-1, 1)]
+    assert image_auroc_interval(labels, scores) == pytest.approx(expected, rel=1e-12)
+    assert expected[0] < image_auroc(labels, scores) < expected[1]
+
+    # About 95 of 100 intervals hold the true AUROC, Phi(1 / sqrt 2) for these two normals
+    true_auroc = 0.5 * (1 + math.erf(0.5))
+    held = 0
+    for _ in range(400):
+        draw = np.r_[rng.normal(0, 1, 40), rng.normal(1, 1, 25)]
+        low, high = image_auroc_interval(labels, draw)
+        held += low <= true_auroc <= high
+    assert 0.92 <= held / 400 <= 0.98
+
+    # None where it cannot be estimated: perfect separation, or a class of one image
+    assert image_auroc_interval([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) is None
+    assert image_auroc_interval([0, 0, 1], [0.1, 0.9, 0.5]) is None
+    summary = summarize([0, 0, 0, 1, 1, 1], [0.1, 0.5, 0.3, 0.4, 0.9, 0.8], None, None,
+                        ["good"] * 3 + ["crack"] * 3, None)
+    assert summary["image_auroc_interval"] == pytest.approx(list(image_auroc_interval([0, 0, 0, 1, 1, 1],
+                                                                 [0.1, 0.5, 0.3, 0.4, 0.9, 0.8])))
+    assert summary["per_defect_type"]["crack"]["image_auroc_interval"] == summary["image_auroc_interval"]
+    json.dumps(summary, allow_nan=False)
+    # as evaluate prints it, beside each row's AUROC
+    from stmae_edge.evaluation.evaluate import format_report
+
+    assert interval_text([0.96412, 0.98951]) == "96.4 to 99.0" and interval_text(None) == "n/a"
+    table = format_report(summary).splitlines()
+    assert "95% interval" in table[0]
+    assert table[1].split()[:5] == ["all", "88.9", *interval_text(summary["image_auroc_interval"]).split()]

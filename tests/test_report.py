@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_cli import run
 
-from stmae_edge.evaluation.metrics import percent_text, summarize
+from stmae_edge.evaluation.metrics import interval_text, percent_text, summarize
 from stmae_edge.evaluation.report import build_report
 from stmae_edge.model_files import write_thresholds
 from stmae_edge.runtime import Detector
@@ -62,12 +62,17 @@ def test_the_page_matches_the_data_and_every_image_is_beside_it(report, syntheti
     training = detector.metadata.training
     assert (f"data_dir {training['data_dir']}, train_images {training['train_images']}, holdout_images "
             f"{training['holdout_images']}, seconds {training['seconds']}, epochs 2") in page
-    assert json.loads((out / "summary.json").read_text())["images"] == len(paths)
-    # The page's per-type image AUROC is evaluate's figure (one definition: metrics.image_auroc_by_type).
+    written = json.loads((out / "summary.json").read_text())
+    assert written["images"] == len(paths)
+    # The page's image AUROC and its interval, overall and per type, are evaluate's figures (one
+    # definition: metrics.image_auroc_by_type, metrics.image_auroc_interval).
     evaluated = summarize(defective, scores, None, None, [p.parent.name for p in paths], threshold)
+    assert written["image_auroc_interval"] == evaluated["image_auroc_interval"]
+    assert f"(95% interval {interval_text(evaluated['image_auroc_interval'])})" in page
     for name, entry in evaluated["per_defect_type"].items():
         row = f"<td>{name}</td><td class='num'>{entry['n_images']}</td>"
-        assert row + f"<td class='num'>{percent_text(entry['image_auroc'])}</td>" in page
+        assert (row + f"<td class='num'>{percent_text(entry['image_auroc'])}</td>"
+                f"<td class='num'>{interval_text(entry['image_auroc_interval'])}</td>") in page
 
 
 def test_report_command_says_where_it_wrote_and_what_next(tiny_export, synthetic_dataset, tmp_path):

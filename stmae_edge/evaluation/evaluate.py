@@ -11,7 +11,7 @@ import numpy as np
 from .. import data
 from ..model_files import read_metadata
 from ..outputs import check_writable, write_bytes_atomically
-from .metrics import percent_text, summarize
+from .metrics import interval_text, percent_text, summarize
 from .validation import score_dataset
 
 
@@ -68,14 +68,13 @@ def format_report(result: dict) -> str:
     def pct(v):
         return percent_text(v, 5)
 
-    lines = [
-        f"{'':14s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'AUPRO@30%':>9s} {'images':>6s}",
-        f"{'all':14s} {pct(result['image_auroc']):>11s} {pct(result['pixel_auroc']):>11s} "
-        f"{pct(result['aupro']):>9s} {result['n_images']:6d}",
+    lines = [  # the interval is None where too few images, or perfectly separated (metrics.image_auroc_interval)
+        f"{'':14s} {'image AUROC':>11s} {'95% interval':>13s} {'pixel AUROC':>11s} {'AUPRO@30%':>9s} {'images':>6s}",
+        *(f"{name:14s} {pct(m['image_auroc']):>11s} {interval_text(m.get('image_auroc_interval')):>13s} "
+          f"{pct(m['pixel_auroc']):>11s} "
+          f"{pct(m['aupro']):>9s} {m['n_images']:6d}"
+          for name, m in (("all", result), *result["per_defect_type"].items())),
     ]
-    for name, m in result["per_defect_type"].items():
-        lines.append(f"{name:14s} {pct(m['image_auroc']):>11s} {pct(m['pixel_auroc']):>11s} "
-                     f"{pct(m['aupro']):>9s} {m['n_images']:6d}")
     if result["threshold"] is not None:
         n_good = result["n_images"] - result["n_anomalous"]
         failed = round((result.get("false_reject_rate") or 0.0) * n_good)

@@ -20,10 +20,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .operating_point import OperatingPoint, evaluate_threshold
+from .operating_point import Z_95, OperatingPoint, evaluate_threshold
 
-__all__ = ["image_auroc", "image_auroc_by_type", "pixel_auroc", "pixel_auroc_against", "aupro", "pro_curve",
-           "roc_curve", "f1_at_threshold", "summarize", "metric_or_none", "percent_text"]
+__all__ = ["image_auroc", "image_auroc_interval", "image_auroc_by_type", "pixel_auroc", "pixel_auroc_against", "aupro",
+           "pro_curve", "roc_curve", "f1_at_threshold", "summarize", "metric_or_none", "percent_text",
+           "interval_text"]
 
 _NAN = float("nan")
 # Thresholds processed per block when building the PRO curve: bounds the memory of the exact curve.
@@ -73,6 +74,29 @@ def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
     if y.all() or not y.any():
         return _NAN
     return _auc_from_classes(s[y].copy(), s[~y].copy())  # the pixel AUROC's one definition, ties counted half
+
+
+def image_auroc_interval(labels: Sequence[int], scores: Sequence[float], z: float = Z_95) -> tuple[float, float] | None:
+    """95% confidence interval of the image AUROC (DeLong's variance, on the logit scale so that it stays
+    inside 0..1), for images drawn independently: several photographs of one part are not, and then the
+    true spread is wider. None where it cannot be estimated: fewer than two images of a class, or the
+    classes perfectly separated (AUROC 0 or 1, where DeLong's variance is 0 whatever the count)."""
+    y, s = _scores_1d(labels, scores)
+    pos, neg = s[y], s[~y]
+    m, n = pos.size, neg.size
+    if m < 2 or n < 2:
+        return None
+    neg_sorted, pos_sorted = np.sort(neg), np.sort(pos)
+    # each defective image's share of good images it outranks, each good image's share of defective
+    # images that outrank it (ties half): DeLong's structural components; their means are the AUROC
+    per_defect = (np.searchsorted(neg_sorted, pos, "left") + np.searchsorted(neg_sorted, pos, "right")) / (2.0 * n)
+    per_good = (2 * m - np.searchsorted(pos_sorted, neg, "right") - np.searchsorted(pos_sorted, neg, "left")) / (2.0 * m)
+    auc = float(per_defect.mean())
+    variance = per_defect.var(ddof=1) / m + per_good.var(ddof=1) / n
+    if not 0.0 < auc < 1.0 or variance <= 0.0:
+        return None
+    centre, half = math.log(auc / (1.0 - auc)), z * math.sqrt(variance) / (auc * (1.0 - auc))
+    return 1.0 / (1.0 + math.exp(half - centre)), 1.0 / (1.0 + math.exp(-centre - half))
 
 
 def f1_at_threshold(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, float | None]:
@@ -333,6 +357,11 @@ def percent_text(value: float | None, width: int = 0) -> str:
     return f"{text:>{width}s}"
 
 
+def interval_text(bounds: Sequence[float] | None) -> str:
+    """A 95% interval of rates as percent ("96.4 to 98.9"), or "n/a" where it was not estimated."""
+    return "n/a" if bounds is None else f"{percent_text(bounds[0])} to {percent_text(bounds[1])}"
+
+
 def image_auroc_by_type(labels: Sequence[int], scores: Sequence[float],
                         defect_types: Sequence[str]) -> dict[str, float | None]:
     """Image AUROC of each defect type's images against all "good" images (None where undefined)."""
@@ -345,6 +374,11 @@ def image_auroc_by_type(labels: Sequence[int], scores: Sequence[float],
             for name in sorted(set(types.tolist()) - {"good"})}
 
 
+def _interval_or_none(y: np.ndarray, s: np.ndarray) -> list[float] | None:
+    interval = image_auroc_interval(y, s)
+    return None if interval is None else [float(interval[0]), float(interval[1])]
+
+
 def summarize(
     labels: Sequence[int],
     scores: Sequence[float],
@@ -355,10 +389,11 @@ def summarize(
 ) -> dict[str, Any]:
     """All metrics of an evaluation run as plain Python values (JSON-serialisable, no NaN).
 
-    Overall: image_auroc, pixel_auroc, aupro, f1, precision, recall and false_reject_rate (the share of
-    good images failed; all at ``score > threshold``), threshold, n_images, n_anomalous.
-    ``per_defect_type``: for each defect type other than "good", image_auroc (that type's images
-    against all "good" images), pixel_auroc and aupro (that type's images plus the good images),
+    Overall: image_auroc and image_auroc_interval ([low, high], :func:`image_auroc_interval`),
+    pixel_auroc, aupro, f1, precision, recall and false_reject_rate (the share of good images failed;
+    all at ``score > threshold``), threshold, n_images, n_anomalous.
+    ``per_defect_type``: for each defect type other than "good", image_auroc and its interval (that
+    type's images against all "good" images), pixel_auroc and aupro (that type's images plus the good images),
     pixel_auroc_against (its anomalous pixels against the normal pixels of each group of images,
     :func:`pixel_auroc_against`) and n_images (of that type).
 
@@ -375,7 +410,8 @@ def summarize(
         if g.shape[0] != y.size:
             raise ValueError(f"masks/maps have {g.shape[0]} images, labels {y.size}")
 
-    out: dict[str, Any] = {"image_auroc": metric_or_none(image_auroc(y, s))}
+    out: dict[str, Any] = {"image_auroc": metric_or_none(image_auroc(y, s)),
+                           "image_auroc_interval": _interval_or_none(y, s)}
     out["pixel_auroc"] = metric_or_none(pixel_auroc(g, m)) if has_pixels else None
     out["aupro"] = metric_or_none(aupro(g, m)) if has_pixels else None
     if threshold is None:
@@ -394,7 +430,7 @@ def summarize(
     for name, auroc in image_auroc_by_type(y, s, types).items():
         this = types == name
         sel = np.flatnonzero(this | good)
-        entry: dict[str, Any] = {"image_auroc": auroc}
+        entry: dict[str, Any] = {"image_auroc": auroc, "image_auroc_interval": _interval_or_none(y[sel], s[sel])}
         if has_pixels:
             entry["pixel_auroc"] = metric_or_none(pixel_auroc(g[sel], m[sel]))
             entry["aupro"] = metric_or_none(aupro(g[sel], m[sel]))

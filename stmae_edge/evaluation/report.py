@@ -40,7 +40,18 @@ from ..outputs import (
 from ..preprocessing import load_image
 from ..progress import progress_bar
 from ..scoring import fails, threshold_scoring
-from .metrics import aupro, image_auroc, image_auroc_by_type, metric_or_none, percent_text, pixel_auroc, pro_curve, roc_curve
+from .metrics import (
+    aupro,
+    image_auroc,
+    image_auroc_by_type,
+    image_auroc_interval,
+    interval_text,
+    metric_or_none,
+    percent_text,
+    pixel_auroc,
+    pro_curve,
+    roc_curve,
+)
 from .operating_point import evaluate_threshold
 from .validation import ScoredDataset, score_dataset
 
@@ -92,7 +103,8 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
     masks = data.load_masks(scored.samples, size) if data.has_masks(scored.samples) else None
 
     summary = {"model": str(model), "data": str(data_dir), "images": len(labels), "operating_point": point.to_dict(),
-               "image_auroc": metric_or_none(image_auroc(labels, scored.scores))}
+               "image_auroc": metric_or_none(image_auroc(labels, scored.scores)),
+               "image_auroc_interval": image_auroc_interval(labels, scored.scores)}
     if masks is not None:
         summary["pixel_auroc"] = metric_or_none(pixel_auroc(masks, scored.maps))
         summary["aupro"] = metric_or_none(aupro(masks, scored.maps))
@@ -230,7 +242,9 @@ def _per_type(scored: ScoredDataset, threshold: float) -> list[dict]:
     for name, auroc in aurocs.items():
         scores = scored.scores[types == name]
         escapes = int((~fails(scores, threshold)).sum())
-        rows.append({"type": name, "images": int(scores.size), "image_auroc": auroc, "escapes": escapes})
+        of_type = (types == name) | (types == "good")
+        rows.append({"type": name, "images": int(scores.size), "image_auroc": auroc, "escapes": escapes,
+                     "image_auroc_interval": image_auroc_interval(scored.labels[of_type], scored.scores[of_type])})
     return rows
 
 
@@ -323,7 +337,8 @@ def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cas
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>stmae-edge report: {e(Path(summary['model']).name)}</title>",
              f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>",
              f"<h1>What {e(Path(summary['model']).name)} does on {e(summary['data'])}</h1>",
-             f"<p>{summary['images']} images. Image AUROC {percent_text(summary['image_auroc'])}"
+             f"<p>{summary['images']} images. Image AUROC {percent_text(summary['image_auroc'])} "
+             f"(95% interval {interval_text(summary['image_auroc_interval'])})"
              + (f", pixel AUROC {percent_text(summary.get('pixel_auroc'))}, AUPRO@30% {percent_text(summary.get('aupro'))}" if "aupro" in summary else "")
              + f". Scored by {e(detector.info['backend'])} on {e(detector.info['device'])}. <span id='image-check'>checking images...</span></p>",
              "<h2>At the model's threshold</h2>",
@@ -339,9 +354,10 @@ def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cas
     parts.append("<h2>Scores and curves</h2><div class='plots'>")
     parts += [f"<img src='{e(src)}' alt='{e(name)}'>" for name, src in plots.items()]
     parts.append("</div><h2>Per defect type</h2><table><tr><th>type</th><th class='num'>images</th>"
-                 "<th class='num'>image AUROC</th><th class='num'>escapes at the threshold</th></tr>")
+                 "<th class='num'>image AUROC</th><th class='num'>95% interval</th><th class='num'>escapes at the threshold</th></tr>")
     for row in per_type:
         parts.append(f"<tr><td>{e(row['type'])}</td><td class='num'>{row['images']}</td><td class='num'>{percent_text(row['image_auroc'])}</td>"
+                     f"<td class='num'>{interval_text(row['image_auroc_interval'])}</td>"
                      f"<td class='num'>{row['escapes']} ({percent_text(row['escapes'] / row['images'] if row['images'] else None)}%)</td></tr>")
     parts.append("</table>")
     for kind, title, none in (("missed", "Missed defects, lowest score first", "No defective image scored at or below the threshold."),
