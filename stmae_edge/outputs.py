@@ -171,7 +171,7 @@ def write_files_together(files: dict[Path, bytes]) -> None:
             if target.exists():
                 os.chmod(partial, target.stat().st_mode & 0o7777)
         with contextlib.ExitStack() as folders:
-            for folder in sorted({target.parent for _, target in partials}):  # one order: no deadlock
+            for folder in _in_lock_order({target.parent for _, target in partials}):
                 folders.enter_context(folder_waited_for(
                     folder, f"waiting for another stmae-edge command to finish writing into {folder}"))
             with signals_held():
@@ -191,6 +191,20 @@ def write_files_together(files: dict[Path, bytes]) -> None:
             _remove(partial)
     for folder in {target.parent for target in files}:
         sync_folder(folder)
+
+
+def _in_lock_order(folders: Iterable[Path]) -> list[Path]:
+    """Folders, each once however its path is spelt (through links, relative parts), in one order for
+    every process: by the folder itself (device, inode), so that two writers locking them in turn
+    cannot each hold one and wait for the other."""
+    found: dict[tuple[int, int], Path] = {}
+    for folder in folders:
+        try:
+            info = folder.stat()
+        except OSError:  # not there: nothing to lock (the rename fails and says so)
+            continue
+        found.setdefault((info.st_dev, info.st_ino), folder)
+    return [found[key] for key in sorted(found)]
 
 
 # Windows refuses to replace a file that another process holds open without sharing its deletion (a
@@ -396,7 +410,7 @@ def staging_folder(out: Path) -> Iterator[Path]:
     Raises:
         OutputError: the folder cannot be made in `out`.
     """
-    _remove_stale_staging(out)
+    remove_stale_staging(out)
     staging = out / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
     try:
         staging.mkdir()
@@ -497,10 +511,15 @@ def _locked(folder: Path, wait: bool = True) -> int | None:
     except OSError:  # EBADF on NFS, ENOLCK: no lock to be had here
         os.close(fd)
         return None
+    except BaseException:  # Ctrl-C while waiting: the descriptor is not kept
+        os.close(fd)
+        raise
     return fd
 
 
-def _remove_stale_staging(out: Path) -> None:
+def remove_stale_staging(out: Path) -> None:
+    """Staging folders that earlier runs left in `out` (killed before they could remove theirs) removed,
+    but not one that a running command holds or that is younger than YOUNG_STAGING_S."""
     try:
         found = [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)]
     except OSError:

@@ -377,6 +377,63 @@ def test_two_builds_to_one_plan_leave_one_build_s_pair(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.plan.json"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot lock a folder: two builds are not kept apart there")
+def test_pairs_written_through_other_spellings_of_their_folders_take_the_locks_in_one_order(tmp_path, monkeypatch):
+    """The folders were locked in the order of their names: a plan linked into another folder, written
+    by two builds that named its folder differently (a link to it), locked the two folders in opposite
+    orders, and each build waited for the other for ever."""
+    import contextlib
+
+    from stmae_edge import outputs
+
+    engines, store = tmp_path / "c-engines", tmp_path / "b-store"
+    engines.mkdir()
+    store.mkdir()
+    (tmp_path / "a-link").symlink_to(engines)
+    (engines / "m.plan").symlink_to(store / "m.plan")  # the plan itself kept in another folder
+    both_hold_one = threading.Barrier(2)
+    real_wait = outputs.folder_waited_for
+    first_taken = set()
+
+    @contextlib.contextmanager
+    def each_takes_its_first_lock_together(folder, waiting):
+        with real_wait(folder, waiting):
+            if threading.current_thread() not in first_taken:
+                first_taken.add(threading.current_thread())
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    both_hold_one.wait(2)  # the other build takes its first lock meanwhile, if it can
+            yield
+
+    monkeypatch.setattr(outputs, "folder_waited_for", each_takes_its_first_lock_together)
+    builds = [threading.Thread(target=outputs.write_files_together, daemon=True,
+                               args=({folder / "m.plan": b"plan " + name, folder / "m.plan.json": b"sidecar " + name},))
+              for folder, name in ((engines, b"A"), (tmp_path / "a-link", b"B"))]
+    for build in builds:
+        build.start()
+    for build in builds:
+        build.join(20)
+    assert not any(build.is_alive() for build in builds), "the two builds wait for each other"
+    plan, sidecar = (store / "m.plan").read_bytes(), (engines / "m.plan.json").read_bytes()
+    assert (plan, sidecar) in ((b"plan A", b"sidecar A"), (b"plan B", b"sidecar B"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open descriptors in Linux's /proc")
+def test_ctrl_c_while_waiting_for_a_folder_keeps_no_descriptor(tmp_path, monkeypatch):
+    """A Ctrl-C while a command waited for another's lock on a folder left that folder's descriptor open:
+    a host that retries a build for days ran out of descriptors."""
+    from stmae_edge import outputs
+
+    def interrupted(fd, operation):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.fcntl, "flock", interrupted)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt), outputs.folder_waited_for(tmp_path, "waiting"):
+            pass
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
 def test_signals_held_hold_sighup_leave_ignored_signals_ignored_and_put_each_handler_back():
     """SIGHUP (a closed terminal) stops a command as Ctrl-C does, but was not held during the renames:
