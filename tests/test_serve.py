@@ -4,7 +4,9 @@ numpy < 2); scripts/test.sh makes it. Every server is started and stopped by the
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -311,6 +313,30 @@ def test_triton_repo_stages_its_model_folder_where_triton_does_not_look(tiny_exp
         write_repository(tiny_export[1], repo, name="again", cpu=True)
     assert [name for name in seen_by_triton[0] if name.startswith(".")]  # staged inside, with a warning
     assert "staged in a hidden folder inside it" in caplog.text and (repo / "again" / "config.pbtxt").is_file()
+
+    # A bind mount shares its parent's device, and refuses a rename from it all the same: staged again inside
+    monkeypatch.undo()
+    caplog.clear()
+
+    def bind_mounted(staged, target):
+        if staged.parent.parent != repo:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        move(staged, target)
+
+    monkeypatch.setattr(repository, "move_into_place", bind_mounted)
+    with caplog.at_level("WARNING", logger=repository.__name__):
+        write_repository(tiny_export[1], repo, name="bound", cpu=True)
+    assert "(a bind mount)" in caplog.text and (repo / "bound" / "1" / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    assert not [p for p in repo.iterdir() if p.name.startswith(".")]
+
+    # What a killed run of a version that staged inside the repository left there is removed
+    left = repo / ".stmae-edge-staging-0123456789ab"
+    (left / "m" / "1").mkdir(parents=True)
+    os.utime(left, (time.time() - 2 * 86400,) * 2)
+    write_repository(tiny_export[1], repo, name="later", cpu=True)
+    assert not left.exists()
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["again", "bound", "later", folder.name, "other"])
 
 
 def parse_config(path: Path) -> dict:

@@ -14,6 +14,7 @@ NAME/1/model.* rewrites the thresholds in config.pbtxt too (served_config_update
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from ..onnx_files import has_external_data, load_onnx_bytes
 from ..outputs import (
     failure_reason,
     move_into_place,
+    remove_stale_staging,
     staging_folder,
     sync_folder,
     write_bytes_atomically,
@@ -113,23 +115,44 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {failure_reason(exc, out)}; choose another --out") from None
-    # Written whole in a staging folder, then renamed: Triton never loads half a repository
-    with staging_folder(staging_place(out)) as staging:
-        staged = staging / name
+    files = {"config.pbtxt": to_pbtxt(config).encode(), f"1/{file_name}": served}
+    if kind == "plan":  # beside it, as everywhere a plan goes: `threshold` reads and rewrites it there
+        files[f"1/{sidecar_path(Path(file_name)).name}"] = sidecar_bytes(sidecar)
+    remove_stale_staging(out)  # left inside by a killed run of a version that staged there
+    place = staging_place(out)
+    try:
         try:
-            (staged / "1").mkdir(parents=True)
-            write_staged(staged / "config.pbtxt", to_pbtxt(config).encode())
-            write_staged(staged / "1" / file_name, served)
-            if kind == "plan":  # beside it, as everywhere a plan goes: `threshold` reads and rewrites it there
-                write_staged(sidecar_path(staged / "1" / file_name), sidecar_bytes(sidecar))
-            for folder in (staged / "1", staged):
-                folder.chmod(0o755)  # a Triton running as another user reads it
-                sync_folder(folder)
-            move_into_place(staged, target)
-            sync_folder(out)
+            _write_model_folder(place, target, files)
         except OSError as exc:
-            raise OutputError(f"cannot write {target}: {failure_reason(exc, out)}; choose another --out") from None
+            if exc.errno != errno.EXDEV or place == out.resolve():
+                raise
+            # a bind mount of the same file system: its device is its parent's, a rename into it is refused
+            logger.warning("%s cannot take a folder renamed from beside it (a bind mount): the model folder is "
+                           "staged in a hidden folder inside it, which a Triton server polling it may report as a "
+                           "model that fails to load until it is renamed into place", out)
+            _write_model_folder(out.resolve(), target, files)
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {failure_reason(exc, out)}; choose another --out") from None
     return target
+
+
+def _write_model_folder(place: Path, target: Path, files: dict[str, bytes]) -> None:
+    """`files` (relative name -> bytes) written whole in a staging folder in `place`, then renamed to
+    `target`: Triton never loads half a model.
+
+    Raises:
+        OSError: a write or the rename failed (the staging folder is removed).
+    """
+    with staging_folder(place) as staging:
+        staged = staging / target.name
+        (staged / "1").mkdir(parents=True)
+        for name, data in files.items():
+            write_staged(staged / name, data)
+        for folder in (staged / "1", staged):
+            folder.chmod(0o755)  # a Triton running as another user reads it
+            sync_folder(folder)
+        move_into_place(staged, target)
+        sync_folder(target.parent)
 
 
 def staging_place(out: Path) -> Path:
