@@ -37,10 +37,11 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 
-from .. import __version__, data, preprocessing
+from .. import __version__, data, image_header, preprocessing
 from ..checks import is_whole, parse_document
 from ..errors import ConfigError, DatasetError, ExportError, StmaeError, first_line
 from ..metadata import FILTERING_AE_FAMILY, INPUT_NAME, PRECISION_KEY, STMAE_FAMILY, ModelMetadata, onnx_precision
@@ -173,19 +174,18 @@ def scoring_region(quantized: onnx.ModelProto, scoring: set[str], onnx_path: Pat
 
 # This package's code that turns a graph and images into an INT8 graph: a change to any of it (a decoding
 # fix, another quantisation rule, another graph written) calibrates again, with no version to raise by hand
-CODE_DECIDING_CALIBRATION = (Path(__file__), Path(half_precision.__file__), Path(preprocessing.__file__))
+CODE_DECIDING_CALIBRATION = (Path(__file__), Path(half_precision.__file__), Path(preprocessing.__file__),
+                             Path(image_header.__file__))
 
 
 def code_digest() -> str:
-    """sha256 of the source files that decide a calibration; the package's version where they cannot be
-    read (an installation without its .py files)."""
-    h = hashlib.sha256()
+    """sha256 of the source files that decide a calibration, and of the versions of the libraries they
+    decode and rewrite with; the package's version in place of the files where they cannot be read."""
     try:
-        for source in CODE_DECIDING_CALIBRATION:
-            h.update(source.read_bytes())
+        sources = [sha256_file(source) for source in CODE_DECIDING_CALIBRATION]
     except OSError:
-        return __version__
-    return h.hexdigest()
+        sources = [__version__]
+    return hashlib.sha256(" ".join([*sources, onnx.__version__, cv2.__version__, np.__version__]).encode()).hexdigest()
 
 
 def cache_key(graph_sha256: str, images: Sequence[Path], settings: dict) -> str:
