@@ -69,8 +69,8 @@ def format_report(result: dict) -> str:
         return percent_text(v, 5)
 
     lines = [  # the interval is None where too few images, or perfectly separated (metrics.image_auroc_interval)
-        f"{'':14s} {'image AUROC':>11s} {'95% interval':>13s} {'pixel AUROC':>11s} {'AUPRO@30%':>9s} {'images':>6s}",
-        *(f"{name:14s} {pct(m['image_auroc']):>11s} {interval_text(m.get('image_auroc_interval')):>13s} "
+        f"{'':14s} {'image AUROC':>11s} {'95% interval':>14s} {'pixel AUROC':>11s} {'AUPRO@30%':>9s} {'images':>6s}",
+        *(f"{name:14s} {pct(m['image_auroc']):>11s} {interval_text(m.get('image_auroc_interval')):>14s} "
           f"{pct(m['pixel_auroc']):>11s} "
           f"{pct(m['aupro']):>9s} {m['n_images']:6d}"
           for name, m in (("all", result), *result["per_defect_type"].items())),

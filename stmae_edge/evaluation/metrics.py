@@ -79,8 +79,9 @@ def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
 def image_auroc_interval(labels: Sequence[int], scores: Sequence[float], z: float = Z_95) -> tuple[float, float] | None:
     """95% confidence interval of the image AUROC (DeLong's variance, on the logit scale so that it stays
     inside 0..1), for images drawn independently: several photographs of one part are not, and then the
-    true spread is wider. None where it cannot be estimated: fewer than two images of a class, or the
-    classes perfectly separated (AUROC 0 or 1, where DeLong's variance is 0 whatever the count)."""
+    true spread is wider. None where it cannot be estimated: fewer than two images of a class, the
+    classes perfectly separated (AUROC 0 or 1), or every score tied (DeLong's variance is then 0 whatever
+    the count)."""
     y, s = _scores_1d(labels, scores)
     pos, neg = s[y], s[~y]
     m, n = pos.size, neg.size

@@ -346,8 +346,7 @@ def _page(summary: dict, point, detector, per_type: list[dict], plots: dict, cas
              "An image fails when its score is above the threshold. Intervals are 95% Wilson intervals: they say how few images a figure rests on.</p>",
              "<table><tr><th>measure</th><th class='num'>%</th><th class='num'>95% interval</th><th>counts</th></tr>"]
     for name, value, key, counts in rows:
-        low, high = ci[key]
-        parts.append(f"<tr><td>{name}</td><td class='num'>{percent_text(value)}</td><td class='num'>{100 * low:.1f} to {100 * high:.1f}</td>"
+        parts.append(f"<tr><td>{name}</td><td class='num'>{percent_text(value)}</td><td class='num'>{interval_text(ci[key])}</td>"
                      f"<td>{counts}</td></tr>")
     parts.append("</table><p>Move it with <code>stmae-edge threshold MODEL DATA --max-false-reject 0.01 --write</code> "
                  "(or <code>--min-recall 0.95</code>).</p>")
