@@ -188,6 +188,12 @@ def load_onnx_bytes(path: Path | str, error: type[StmaeError] = CheckpointError)
 PATHS_IN_ANSI = os.name == "nt"
 
 
+def ort_may_not_open(path: Path | str) -> bool:
+    """Whether ONNX Runtime may fail to open the graph at `path` (PATHS_IN_ANSI, a name outside ASCII),
+    so that it is given the graph's bytes instead (ort_model_source)."""
+    return PATHS_IN_ANSI and not str(path).isascii()
+
+
 def ort_model_source(path: Path | str) -> str | bytes:
     """What ONNX Runtime's InferenceSession is given for the graph at `path`: its path, or, where ONNX
     Runtime may fail to open that path (PATHS_IN_ANSI, a name outside ASCII), the graph's bytes, unless
@@ -197,7 +203,7 @@ def ort_model_source(path: Path | str) -> str | bytes:
         ModelFileMissingError, CheckpointError: as load_onnx, where the bytes are read.
     """
     text = str(path)
-    if not PATHS_IN_ANSI or text.isascii():
+    if not ort_may_not_open(path):
         return text
     proto, blob = load_onnx_bytes(path)
     if has_external_data(proto):

@@ -424,16 +424,29 @@ def test_onnx_runtime_is_given_the_graph_itself_where_it_may_not_open_its_path(t
         return real(source, *args, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", recording)
+    reads = []
+    required = onnx_files.require_model_file
+
+    def counted(path, *args, **kwargs):  # every read of a graph goes through it
+        reads.append(Path(path))
+        return required(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_files, "require_model_file", counted)
     images = sorted((synthetic_dataset / "test" / "good").iterdir())[:2]
+    reads_of = {}
     for paths_in_ansi, kind in ((False, str), (True, bytes)):
         monkeypatch.setattr(onnx_files, "PATHS_IN_ANSI", paths_in_ansi)
         given.clear()
+        reads.clear()
         with Detector(model, "ort-cpu") as detector:
             scores = [r.score for r in detector.predict(images)]
+        reads_of[paths_in_ansi] = reads.count(model)
         with Detector(tiny_export[1], "ort-cpu") as detector:  # an ASCII path is given as it is
             assert [r.score for r in detector.predict(images)] == scores
         verify(model, tiny_export[0], images=images)
         assert given == [kind, str, kind], (paths_in_ansi, given)
+    # the graph given as bytes is the graph checked: one read, no more than where the path is given
+    assert reads_of[True] == reads_of[False], reads_of
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot lock a folder: the sessions are not kept apart there")

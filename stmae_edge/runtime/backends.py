@@ -36,7 +36,7 @@ from ..onnx_files import (
     import_onnxruntime,
     load_onnx,
     load_onnx_bytes,
-    ort_model_source,
+    ort_may_not_open,
     preload_cuda_libraries,
     preload_tensorrt_libraries,
 )
@@ -276,21 +276,24 @@ TF32_NOTE = ("ONNX Runtime's TensorRT provider computes this float32 graph's mat
 
 def _session_source(path: Path | str, wanted: str, facts: tuple[str, tuple[int, ...]] | None
                     ) -> tuple[str | bytes, str | None, tuple[str, tuple[int, ...]]]:
-    """What ONNX Runtime's session is given for the graph at `path` (onnx_files.ort_model_source); for the
-    TensorRT provider the sha256 of exactly that graph, which names its engine cache (else None); and the
-    graph's facts (_graph_facts), unless given (auto's loop reads them once for several providers).
-    For the TensorRT provider the session is given the graph itself, from the one read that all three
-    come from: a model exported to the same name meanwhile (while this process waited for another's
-    engines, minutes) cannot be loaded beside the earlier one's engines.
+    """What ONNX Runtime's session is given for the graph at `path`: its path, or the graph itself; for
+    the TensorRT provider the sha256 of exactly that graph, which names its engine cache (else None); and
+    the graph's facts (_graph_facts), unless given (auto's loop reads them once for several providers).
+    The TensorRT provider, and any provider where ONNX Runtime may not open the path
+    (onnx_files.ort_may_not_open), is given the graph itself, from the one read that all three come
+    from: a model exported to the same name meanwhile (while this process waited for another's engines,
+    minutes) cannot be loaded beside the earlier one's engines, nor checked in one read and run from
+    another.
 
     Raises:
         CheckpointError: the file cannot be read or is not an ONNX graph.
     """
-    if wanted != "TensorrtExecutionProvider":
-        return ort_model_source(path), None, facts or _graph_facts(path)
-    proto, graph = load_onnx_bytes(path, CheckpointError)
+    tensorrt = wanted == "TensorrtExecutionProvider"
+    if not tensorrt and not ort_may_not_open(path):
+        return str(path), None, facts or _graph_facts(path)
+    proto, graph = load_onnx_bytes(path, CheckpointError)  # one read for the session and the facts
     # tensors whose data lies beside the graph are found from its path: given the path then
-    return ((str(path) if has_external_data(proto) else graph), hashlib.sha256(graph).hexdigest(),
+    return ((str(path) if has_external_data(proto) else graph), hashlib.sha256(graph).hexdigest() if tensorrt else None,
             facts or _graph_facts(path, proto))
 
 
