@@ -68,7 +68,7 @@ def format_report(result: dict) -> str:
     def pct(v):
         return percent_text(v, 5)
 
-    lines = [  # the interval is None where too few images, or perfectly separated (metrics.image_auroc_interval)
+    lines = [  # an interval is None where it cannot be estimated (metrics.image_auroc_interval)
         f"{'':14s} {'image AUROC':>11s} {'95% interval':>14s} {'pixel AUROC':>11s} {'AUPRO@30%':>9s} {'images':>6s}",
         *(f"{name:14s} {pct(m['image_auroc']):>11s} {interval_text(m.get('image_auroc_interval')):>14s} "
           f"{pct(m['pixel_auroc']):>11s} "

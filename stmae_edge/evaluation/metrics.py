@@ -14,7 +14,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cv2
@@ -22,9 +22,9 @@ import numpy as np
 
 from .operating_point import Z_95, OperatingPoint, evaluate_threshold
 
-__all__ = ["image_auroc", "image_auroc_interval", "image_auroc_by_type", "pixel_auroc", "pixel_auroc_against", "aupro",
-           "pro_curve", "roc_curve", "f1_at_threshold", "summarize", "metric_or_none", "percent_text",
-           "interval_text"]
+__all__ = ["image_auroc", "image_auroc_interval", "image_auroc_by_type", "image_auroc_interval_by_type",
+           "interval_or_none", "pixel_auroc", "pixel_auroc_against", "aupro", "pro_curve", "roc_curve",
+           "f1_at_threshold", "summarize", "metric_or_none", "percent_text", "interval_text"]
 
 _NAN = float("nan")
 # Thresholds processed per block when building the PRO curve: bounds the memory of the exact curve.
@@ -363,20 +363,34 @@ def interval_text(bounds: Sequence[float] | None) -> str:
     return "n/a" if bounds is None else f"{percent_text(bounds[0])} to {percent_text(bounds[1])}"
 
 
-def image_auroc_by_type(labels: Sequence[int], scores: Sequence[float],
-                        defect_types: Sequence[str]) -> dict[str, float | None]:
-    """Image AUROC of each defect type's images against all "good" images (None where undefined)."""
+def _each_type_with_good(labels: Sequence[int], scores: Sequence[float],
+                         defect_types: Sequence[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(type, labels, scores) of each defect type's images with all "good" images, types in name order."""
     y, s = _scores_1d(labels, scores)
     types = np.asarray([str(t) for t in defect_types])
     if types.shape != y.shape:
         raise ValueError(f"defect_types ({types.size}) and labels ({y.size}) must have the same length")
     good = types == "good"
-    return {name: metric_or_none(image_auroc(y[(types == name) | good], s[(types == name) | good]))
-            for name in sorted(set(types.tolist()) - {"good"})}
+    for name in sorted(set(types.tolist()) - {"good"}):
+        chosen = (types == name) | good
+        yield name, y[chosen], s[chosen]
 
 
-def _interval_or_none(y: np.ndarray, s: np.ndarray) -> list[float] | None:
-    interval = image_auroc_interval(y, s)
+def image_auroc_by_type(labels: Sequence[int], scores: Sequence[float],
+                        defect_types: Sequence[str]) -> dict[str, float | None]:
+    """Image AUROC of each defect type's images against all "good" images (None where undefined)."""
+    return {name: metric_or_none(image_auroc(y, s)) for name, y, s in _each_type_with_good(labels, scores, defect_types)}
+
+
+def image_auroc_interval_by_type(labels: Sequence[int], scores: Sequence[float],
+                                 defect_types: Sequence[str]) -> dict[str, list[float] | None]:
+    """:func:`image_auroc_interval` of each defect type's images against all "good" images, as [low, high]."""
+    return {name: interval_or_none(y, s) for name, y, s in _each_type_with_good(labels, scores, defect_types)}
+
+
+def interval_or_none(labels: Sequence[int], scores: Sequence[float]) -> list[float] | None:
+    """:func:`image_auroc_interval` as a JSON value: [low, high], or None."""
+    interval = image_auroc_interval(labels, scores)
     return None if interval is None else [float(interval[0]), float(interval[1])]
 
 
@@ -412,7 +426,7 @@ def summarize(
             raise ValueError(f"masks/maps have {g.shape[0]} images, labels {y.size}")
 
     out: dict[str, Any] = {"image_auroc": metric_or_none(image_auroc(y, s)),
-                           "image_auroc_interval": _interval_or_none(y, s)}
+                           "image_auroc_interval": interval_or_none(y, s)}
     out["pixel_auroc"] = metric_or_none(pixel_auroc(g, m)) if has_pixels else None
     out["aupro"] = metric_or_none(aupro(g, m)) if has_pixels else None
     if threshold is None:
@@ -428,10 +442,11 @@ def summarize(
     good = types == "good"
     against = pixel_auroc_against(g, m, types) if has_pixels else {}
     per_type: dict[str, dict[str, Any]] = {}
+    intervals = image_auroc_interval_by_type(y, s, types)
     for name, auroc in image_auroc_by_type(y, s, types).items():
         this = types == name
         sel = np.flatnonzero(this | good)
-        entry: dict[str, Any] = {"image_auroc": auroc, "image_auroc_interval": _interval_or_none(y[sel], s[sel])}
+        entry: dict[str, Any] = {"image_auroc": auroc, "image_auroc_interval": intervals[name]}
         if has_pixels:
             entry["pixel_auroc"] = metric_or_none(pixel_auroc(g[sel], m[sel]))
             entry["aupro"] = metric_or_none(aupro(g[sel], m[sel]))

@@ -44,7 +44,8 @@ from .metrics import (
     aupro,
     image_auroc,
     image_auroc_by_type,
-    image_auroc_interval,
+    image_auroc_interval_by_type,
+    interval_or_none,
     interval_text,
     metric_or_none,
     percent_text,
@@ -104,7 +105,7 @@ def build_report(model: Path | str, data_dir: Path | str, out: Path | str, backe
 
     summary = {"model": str(model), "data": str(data_dir), "images": len(labels), "operating_point": point.to_dict(),
                "image_auroc": metric_or_none(image_auroc(labels, scored.scores)),
-               "image_auroc_interval": image_auroc_interval(labels, scored.scores)}
+               "image_auroc_interval": interval_or_none(labels, scored.scores)}
     if masks is not None:
         summary["pixel_auroc"] = metric_or_none(pixel_auroc(masks, scored.maps))
         summary["aupro"] = metric_or_none(aupro(masks, scored.maps))
@@ -238,13 +239,13 @@ def _pro(plt, masks: np.ndarray, maps: np.ndarray, pixel_threshold: float, path:
 def _per_type(scored: ScoredDataset, threshold: float) -> list[dict]:
     types = np.array([s.defect_type for s in scored.samples])
     aurocs = image_auroc_by_type(scored.labels, scored.scores, types)
+    intervals = image_auroc_interval_by_type(scored.labels, scored.scores, types)
     rows = []
     for name, auroc in aurocs.items():
         scores = scored.scores[types == name]
         escapes = int((~fails(scores, threshold)).sum())
-        of_type = (types == name) | (types == "good")
         rows.append({"type": name, "images": int(scores.size), "image_auroc": auroc, "escapes": escapes,
-                     "image_auroc_interval": image_auroc_interval(scored.labels[of_type], scored.scores[of_type])})
+                     "image_auroc_interval": intervals[name]})
     return rows
 
 

@@ -40,6 +40,9 @@ from ..scoring import Thresholds
 
 logger = logging.getLogger(__name__)
 
+STAGED_INSIDE = ("the model folder is staged in a hidden folder inside it, which a Triton server polling it may "
+                 "report as a model that fails to load until it is renamed into place")
+
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "plan": ("tensorrt_plan", "model.plan")}  # by file kind
 
 
@@ -127,9 +130,7 @@ def write_repository(model: Path | str, out: Path | str, name: str | None = None
             if exc.errno != errno.EXDEV or place == out.resolve():
                 raise
             # a bind mount of the same file system: its device is its parent's, a rename into it is refused
-            logger.warning("%s cannot take a folder renamed from beside it (a bind mount): the model folder is "
-                           "staged in a hidden folder inside it, which a Triton server polling it may report as a "
-                           "model that fails to load until it is renamed into place", out)
+            logger.warning("%s cannot take a folder renamed from beside it (a bind mount): %s", out, STAGED_INSIDE)
             _write_model_folder(out.resolve(), target, files)
     except OSError as exc:
         raise OutputError(f"cannot write {target}: {failure_reason(exc, out)}; choose another --out") from None
@@ -169,9 +170,7 @@ def staging_place(out: Path) -> Path:
         beside = False
     if beside and os.access(parent, os.W_OK | os.X_OK):
         return parent
-    logger.warning("%s is a file system of its own or its parent folder cannot be written: the model folder is "
-                   "staged in a hidden folder inside it, which a Triton server polling it may report as a model "
-                   "that fails to load until it is renamed into place", out)
+    logger.warning("%s is a file system of its own or its parent folder cannot be written: %s", out, STAGED_INSIDE)
     return place
 
 
