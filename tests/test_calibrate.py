@@ -220,9 +220,8 @@ def test_cache_is_reused_only_when_model_and_images_match(fp32_graph, synthetic_
     assert upgraded["cache"] == "miss" and upgraded["key"] != first["key"]
     monkeypatch.undo()
     # nor by another version of this package's decoding or quantisation code, which no setting records
-    code = tmp_path / "preprocessing.py"
-    code.write_bytes(Path(calibrate_module.preprocessing.__file__).read_bytes())
-    decoding = Path(calibrate_module.preprocessing.__file__)
+    decoding, code = Path(calibrate_module.preprocessing.__file__), tmp_path / "preprocessing.py"
+    code.write_bytes(decoding.read_bytes())
     monkeypatch.setattr(calibrate_module, "CODE_DECIDING_CALIBRATION", tuple(
         code if source == decoding else source for source in calibrate_module.CODE_DECIDING_CALIBRATION))
     _, same = calibrate(path, images, tmp_path / "g.onnx", cache_dir=tmp_path / "cache", min_weight_elements=1)
