@@ -181,9 +181,15 @@ def train(
     skip_unreadable: bool = typer.Option(False, "--skip-unreadable", metavar=FLAG, help="leave out good images that cannot "
                                          "be read or decoded, with a warning (without it, training stops before "
                                          "it starts); either way they are counted and the first five named"),
+    defects: Path | None = typer.Option(None, help="stmae: labelled defects, a folder in the MVTec AD layout "
+                                        "(DEFECTS/test/<type>/ images, their masks in DEFECTS/ground_truth/<type>/) "
+                                        "kept apart from DATA_DIR/test: a head learnt from them joins the map "
+                                        "(magnetic_tile, on tiles no labelled image shows: pixel AUROC 85 -> 89 to 90 "
+                                        "with 30 labelled images, 91 to 93 with 100; docs/BENCHMARKS.md)"),
     seed: int = typer.Option(0, help="seeds the held-out draw, the random splits of training and the initial weights"),
 ) -> None:
-    """Train a model on good images and write one self-describing checkpoint."""
+    """Train a model on good images (and, with --defects, labelled defects) and write one self-describing
+    checkpoint."""
     from .errors import ConfigError
     from .evaluation.operating_point import holdout_check
     from .scoring import threshold_scoring
@@ -201,11 +207,16 @@ def train(
                       holdout_dir=str(holdout_dir or ""), score_folds=score_folds,
                       max_images=max_images, sigma=sigma, crop=crop, crops_per_image=crops_per_image,
                       self_supervised=self_supervised, corruptions_per_image=corruptions_per_image,
-                      bit_depth=bit_depth, aspect=aspect, color=color, skip_unreadable=skip_unreadable)
+                      bit_depth=bit_depth, aspect=aspect, color=color, skip_unreadable=skip_unreadable,
+                      defects_dir=str(defects or ""))
     meta = run_train(data_dir, _model_out(out, "checkpoint"), _model_config(family, preset_name, backbone), cfg,
                      backbone_weights)
     t = meta.training
     head = f"; score head {t['score_head']}" if "score_head" in t else ""
+    if "defect_head" in t:
+        d = t["defect_head"]
+        head += (f"; defect head from {d['defective_images']} labelled defective images "
+                 f"({', '.join(f'{k} {v}' for k, v in d['types'].items())}), loss {d['loss']:.4f}")
     left_out = f" ({t['unreadable_left_out']} unreadable left out)" if t.get("unreadable_left_out") else ""
     typer.echo(f"wrote {out}: {t['train_images']} training images, {t['holdout_images']} held out "
                f"({t['holdout']}){left_out}{head}, "

@@ -139,21 +139,34 @@ class Preprocessing:
         x = to_float(image, self.bit_depth)
         if self.color == "gray" and x.ndim == 3 and x.shape[2] == 3:
             x = cv2.cvtColor(x, cv2.COLOR_BGR2GRAY)
-        height, width = self.input_size
-        if self.keep_aspect:
-            top, left, box_height, box_width = self.content_box(*x.shape[:2])
-            if x.shape[:2] != (box_height, box_width):
-                x = cv2.resize(x, (box_width, box_height), interpolation=_INTERPOLATION[self.resize])
-            # OpenCV mirrors again where a margin is wider than the image (a 1-pixel line is repeated)
-            x = cv2.copyMakeBorder(x, top, height - box_height - top, left, width - box_width - left,
-                                   cv2.BORDER_REFLECT_101)
-        elif x.shape[:2] != (height, width):
-            x = cv2.resize(x, (width, height), interpolation=_INTERPOLATION[self.resize])
-        out = np.empty((3, height, width), np.float32) if out is None else out
+        x = self._laid_out(x, _INTERPOLATION[self.resize])
+        out = np.empty((3, *self.input_size), np.float32) if out is None else out
         for c, plane in enumerate(rgb_planes(x)):  # (x - mean) / std, straight into the channel-first slot
             np.multiply(plane, np.float32(1.0 / self.std[c]), out=out[c])
             out[c] -= np.float32(self.mean[c] / self.std[c])
         return out
+
+    def _laid_out(self, x: np.ndarray, interpolation: int) -> np.ndarray:
+        """Pixels (H, W[, C]) laid out over the network's input: resized to it, or with keep_aspect fitted
+        into it and mirror-padded."""
+        height, width = self.input_size
+        if self.keep_aspect:
+            top, left, box_height, box_width = self.content_box(*x.shape[:2])
+            if x.shape[:2] != (box_height, box_width):
+                x = cv2.resize(x, (box_width, box_height), interpolation=interpolation)
+            # OpenCV mirrors again where a margin is wider than the image (a 1-pixel line is repeated)
+            return cv2.copyMakeBorder(x, top, height - box_height - top, left, width - box_width - left,
+                                      cv2.BORDER_REFLECT_101)
+        if x.shape[:2] != (height, width):
+            x = cv2.resize(x, (width, height), interpolation=interpolation)
+        return x
+
+    def mask_tensor(self, mask: np.ndarray) -> np.ndarray:
+        """A defect mask over an image's own pixels (H, W), bool -> the share of defect in each pixel of
+        the network's input (input_size, float32), laid out as tensor() lays out the image: where the
+        image is mirrored into a margin, so is its defect (a head trained on labelled defects learns
+        from what the network sees there)."""
+        return self._laid_out(np.asarray(mask, np.float32), cv2.INTER_AREA)
 
     def content_box(self, image_height: int, image_width: int) -> tuple[int, int, int, int]:
         """(top, left, height, width) of the image inside the network's input: all of it when stretching;

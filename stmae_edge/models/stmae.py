@@ -22,8 +22,13 @@ Data flow for one image (the names below are the methods):
             with wide_window (the default) a second Gaussian of the same input averaged over
             the k x k cells around each position (models/maps.py: two 1-D AveragePools in the
             graph), and the larger of the two z-scores
+  defect_z  (models trained with --defects: defect_hidden) a classifier of each cell learnt from
+            labelled defects, on the features, the residual and its neighbourhood means and both
+            Gaussians' z-scores (defect_inputs; two 1 x 1 convolutions), as a z-score on held-out good
+            images (training/defect_head.py)
   anomaly   transition_map alone, or the two maps as z-scores on held-out good images, weighted by
-            transition_weight and gaussian_weight and added; with level_fraction (the default) lowered
+            transition_weight and gaussian_weight and added (and defect_z, where there is one); with
+            level_fraction (the default) lowered
             by that fraction of its own mean over the image; Gaussian-smoothed, upsampled
   score     image score = max of the map; or, with a score head (score_layers, the default), from the
             same backbone pass: deeper layers on a coarser grid (score_grid), each channel standardised
@@ -67,6 +72,12 @@ from .stmae_config import (  # noqa: F401  (re-exported: the model's one definit
     STMAEConfig,
     preset,
 )
+
+# The labelled-defect head's inputs (defect_inputs): five sets of C channels, and the residual's mean
+# over this many cells around each (its wide mean is over wide_window's). Measured on magnetic_tile's
+# unseen tiles (docs/BENCHMARKS.md, issue 15).
+DEFECT_INPUT_SETS = 5
+DEFECT_NEAR_WINDOW = 5
 
 # Added to a channel's std over an image's positions before dividing by it (score head, Gaussian input):
 # a channel that is 0 everywhere on an image (ReLU6 layers can be) stays 0 instead of dividing by zero.
@@ -228,6 +239,14 @@ class STMAE(nn.Module):
                 self.register_buffer("score_wide_kernel", gaussian_kernel(c.score_wide_sigma))
                 # (mean, std) over held-out good images of each smoothing's maximum; rows: narrow, wide.
                 self.register_buffer("score_scale_stats", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+        if c.defect_hidden:
+            inputs = DEFECT_INPUT_SETS * channels + 2  # and the two Gaussians' z-scores
+            self.register_buffer("defect_hidden_weight", torch.zeros(c.defect_hidden, inputs, 1, 1))
+            self.register_buffer("defect_hidden_bias", torch.zeros(c.defect_hidden))
+            self.register_buffer("defect_output_weight", torch.zeros(1, c.defect_hidden, 1, 1))
+            self.register_buffer("defect_output_bias", torch.zeros(1))
+            # (mean, std) of the head's output over held-out good images' cells: its z-score's scale.
+            self.register_buffer("defect_stats", torch.tensor([[0.0, 1.0]]))
         if c.intensity_norm:
             self.intensity = IntensityNormalization()  # the attribute name is INTENSITY_SCOPE
         self._init_weights()
@@ -351,12 +370,39 @@ class STMAE(nn.Module):
     def gaussian_z(self, inputs: torch.Tensor) -> torch.Tensor:
         """The Gaussian's map as a z-score on held-out good images; with wide_window, the larger of the
         sharp and the wide Gaussian's z-scores."""
+        sharp, wide = self.gaussian_zs(inputs)
+        return sharp if wide is None else torch.maximum(sharp, wide)
+
+    def gaussian_zs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sharp Gaussian's z-score map and, with wide_window, the wide one's (else None)."""
         stats = self.fusion_stats.float()
-        z = (self.gaussian_map(inputs) - stats[1, 0]) / stats[1, 1]
+        sharp = (self.gaussian_map(inputs) - stats[1, 0]) / stats[1, 1]
         if not self.config.wide_window:
-            return z
+            return sharp, None
         wide = self.wide_stats.float()
-        return torch.maximum(z, (self.wide_map(inputs) - wide[0, 0]) / wide[0, 1])
+        return sharp, (self.wide_map(inputs) - wide[0, 0]) / wide[0, 1]
+
+    def defect_inputs(self, feats: torch.Tensor, recon: torch.Tensor, sharp_z: torch.Tensor,
+                      wide_z: torch.Tensor) -> torch.Tensor:
+        """What the labelled-defect head reads at each cell (B, DEFECT_INPUT_SETS * C + 2, G, G), float32:
+        the standardised features, the residual, the residual averaged over DEFECT_NEAR_WINDOW and over
+        wide_window cells, the features less their mean over the image, and both Gaussians' z-scores."""
+        feats, recon = feats.float(), recon.float()
+        residual = feats - recon
+        return torch.cat([feats, residual, neighbourhood_mean(residual, DEFECT_NEAR_WINDOW),
+                          neighbourhood_mean(residual, self.config.wide_window),
+                          feats - feats.mean(dim=(2, 3), keepdim=True), sharp_z, wide_z], dim=1)
+
+    def defect_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The labelled-defect head on defect_inputs: (B, 1, G, G), a logit per cell (two 1 x 1
+        convolutions; the inputs' standardisation is folded into the first)."""
+        hidden = F.relu(F.conv2d(inputs, self.defect_hidden_weight.float(), self.defect_hidden_bias.float()))
+        return F.conv2d(hidden, self.defect_output_weight.float(), self.defect_output_bias.float())
+
+    def defect_z(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The head's logits as a z-score on held-out good images (defect_stats)."""
+        stats = self.defect_stats.float()
+        return (self.defect_logits(inputs) - stats[0, 0]) / stats[0, 1]
 
     def score_inputs(self, score_features: torch.Tensor) -> torch.Tensor:
         """What the score head's Gaussian models, float32: the raw deep features, or with score_standardize
@@ -412,7 +458,10 @@ class STMAE(nn.Module):
         c = self.config
         if c.gaussian_weight <= 0:
             return smooth(self.transition_map(feats, recon), self.smoothing_kernel.float())
-        grid_map = c.gaussian_weight * self.gaussian_z(self.gaussian_input(feats.float(), recon.float()))
+        sharp, wide = self.gaussian_zs(self.gaussian_input(feats.float(), recon.float()))
+        grid_map = c.gaussian_weight * (sharp if wide is None else torch.maximum(sharp, wide))
+        if c.defect_hidden:
+            grid_map = grid_map + self.defect_z(self.defect_inputs(feats, recon, sharp, wide))
         if c.transition_weight > 0:  # the default weighs it 0: neither computed nor exported then
             stats = self.fusion_stats.float()
             grid_map = grid_map + c.transition_weight * (self.transition_map(feats, recon) - stats[0, 0]) / stats[0, 1]

@@ -12,6 +12,7 @@ from .backbones import DEFAULT_LAYERS
 RESIDUALS = ("mse", "mse_cos")
 GAUSSIAN_INPUTS = ("features", "residual")
 MAX_BLOCKS = 64  # transformer blocks in the encoder or the decoder; the paper preset has 12 and 8
+MAX_DEFECT_HIDDEN = 1024  # hidden units of the labelled-defect head; train --defects gives it 128
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class STMAEConfig:
     # Each image's intensities brought to the training images' mean and std inside the graph, before
     # the backbone (models/intensity.py); the target is fitted at training.
     intensity_norm: bool = False
+    # A head learnt from labelled defects (`train --defects`): a classifier of each grid cell, with this
+    # many hidden units, on what the map is made of (the features, the residual and its neighbourhood
+    # means, the Gaussians' z-scores); its output, a z-score on held-out good images, is added to the map.
+    # 0 (every preset) = none: the model learns from good images alone (docs/BENCHMARKS.md, issue 15).
+    defect_hidden: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.patch <= self.grid <= self.input_size:
@@ -105,6 +111,9 @@ class STMAEConfig:
                               "and a positive wide_dim")
         if self.gaussian_input not in GAUSSIAN_INPUTS:
             raise ConfigError(f"unknown gaussian input {self.gaussian_input!r}; choose one of {GAUSSIAN_INPUTS}")
+        if not 0 <= self.defect_hidden <= MAX_DEFECT_HIDDEN or (self.defect_hidden and not self.wide_window):
+            raise ConfigError(f"defect_hidden {self.defect_hidden!r} must be within 0..{MAX_DEFECT_HIDDEN}, and above 0 "
+                              "only with the Gaussian map's wide window (the head reads both Gaussians)")
         if not 0 <= self.level_fraction < 1 or (self.level_fraction and self.gaussian_weight <= 0):
             raise ConfigError(f"level_fraction {self.level_fraction!r} must be in [0, 1), and above 0 only with "
                               "the Gaussian map (gaussian_weight > 0)")
@@ -117,6 +126,10 @@ class STMAEConfig:
         d = asdict(self)
         d["layers"] = list(self.layers)
         d["score_layers"] = list(self.score_layers)
+        if not self.defect_hidden:
+            # Written only with a head: models trained on good images alone keep the config dictionary,
+            # and so the digest, of earlier versions, which read them as before
+            del d["defect_hidden"]
         return d
 
     @classmethod

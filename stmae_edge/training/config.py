@@ -53,6 +53,10 @@ class TrainConfig:
     # Every good image is decoded before training starts; one that cannot be stops the run there, unless
     # this leaves such files out (with a warning; their count kept in the checkpoint).
     skip_unreadable: bool = False
+    # A folder of labelled defects in the MVTec AD layout (test/<type>/, ground_truth/<type>/), kept
+    # apart from the training set's test images: ST-MAE then learns a head from them that the map adds
+    # (training/defect_head.py). "" = good images alone.
+    defects_dir: str = ""
 
     def __post_init__(self) -> None:
         # types first: a float count (epochs=1.5) passed every check below and failed after the backbone pass
@@ -80,6 +84,9 @@ class TrainConfig:
             raise ConfigError(f"holdout fraction {self.holdout_fraction} must be between 0 and 1")
         if self.aspect not in ASPECT_CHOICES:
             raise ConfigError(f"aspect {self.aspect!r}: use one of {', '.join(ASPECT_CHOICES)}")
+        if self.defects_dir and self.crop:
+            raise ConfigError("--defects and --crop: a head learnt from labelled whole images cannot score crops; "
+                              "train on whole images to use labelled defects")
         if self.color not in COLOR_CHOICES:
             raise ConfigError(f"color {self.color!r}: use one of {', '.join(COLOR_CHOICES)}")
 

@@ -109,3 +109,13 @@ def optimize(model: torch.nn.Module, count: int, cfg: TrainConfig, loss_of, desc
             history.append(float(np.mean(losses)))
     model.eval()
     return history
+
+
+def z_score_table(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """(mean, std) per group of held-out values, one row each, as the graph's z-scores read them
+    (mean_and_std: population std, float64), the std floored at FITTED_STD_FLOOR."""
+    rows = []
+    for group in groups:
+        mean, std = mean_and_std((v.flatten() for v in group), dims=(0,))
+        rows.append([float(mean), max(float(std), FITTED_STD_FLOOR)])
+    return torch.tensor(rows)

@@ -39,9 +39,10 @@ from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, load_image
 from ..progress import progress_bar
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
 from .corruption import corrupt
+from .defect_head import DEFECT_HIDDEN, LabelledDefects, fit_defect_head, labelled_defects
 from .filtering import DONORS, train_filtering
 from .image_set import choose_color, choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
-from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize
+from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize, z_score_table
 from .memory import kept_bytes_per_image, warn_if_short
 
 logger = logging.getLogger(__name__)
@@ -206,13 +207,20 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         TrainingError: the loss or the model's output is NaN or infinite, or the good images' scores do
             not vary (a threshold on them would fail every other image).
         OutputError: `out` cannot be written.
+        DatasetError, ConfigError: with cfg.defects_dir, a labelled set that defect_head.labelled_defects
+            refuses, or a model that cannot take the head (with_defect_head), before any training.
     """
     is_filtering = isinstance(model_config, FilteringAEConfig)
     if backbone_weights == "none" and not is_filtering:
         raise ConfigError("backbone weights 'none' would train on an uninitialised backbone; "
                           "use 'imagenet', a weight file path, or 'random'")
+    defects = None
+    if cfg.defects_dir:
+        model_config = with_defect_head(model_config)
     check_writable(out)
     warn_replacing(out)  # said before minutes of training, while the user can still stop them
+    if cfg.defects_dir:  # every labelled file read before the good ones and before any training
+        defects = labelled_defects(cfg.defects_dir, data_dir)
     seed_everything(cfg.seed)
     paths = data.train_images(data_dir)
     if cfg.max_images:
@@ -258,11 +266,13 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         model, history = train_filtering(model_config, preprocessing, train_items, cfg)
         family, provenance = FILTERING_FAMILY, {"self_supervised": True}
     else:
-        model, history, cross_fitted = train_stmae(model_config, preprocessing, train_items, cfg, backbone_weights,
-                                                   holdout_items, score_folds,
-                                                   image_count=len(train_paths) + len(holdout_paths))
+        model, history, cross_fitted, defect_head = train_stmae(
+            model_config, preprocessing, train_items, cfg, backbone_weights, holdout_items, score_folds,
+            image_count=len(train_paths) + len(holdout_paths), defects=defects)
         family, provenance = STMAE_FAMILY, {"self_supervised": cfg.self_supervised,
                                             "backbone_weights": backbone_weights}
+        if defect_head is not None:
+            provenance["defect_head"] = defect_head
         if cross_fitted is not None:
             provenance["score_head"] = (f"fitted on all {len(cross_fitted)} good images; its scales and the image "
                                         f"threshold from {min(score_folds, len(cross_fitted))}-fold cross-fitted "
@@ -342,16 +352,32 @@ def check_scores_vary(scores: np.ndarray, what: str) -> None:
                             "photographs of several good parts")
 
 
+def with_defect_head(model_config: STMAEConfig | FilteringAEConfig) -> STMAEConfig:
+    """The config with the labelled-defect head that --defects trains (training/defect_head.py).
+
+    Raises:
+        ConfigError: a filtering autoencoder, or a preset whose map has no wide Gaussian.
+    """
+    if isinstance(model_config, FilteringAEConfig):
+        raise ConfigError("--defects is an stmae option: the filtering autoencoder learns from synthetic defects")
+    if not model_config.wide_window:
+        raise ConfigError("--defects needs a preset whose map has the wide Gaussian (small, tiny, small-wide-map): "
+                          "the head reads both Gaussians")
+    return replace(model_config, defect_hidden=model_config.defect_hidden or DEFECT_HIDDEN)
+
+
 def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: Sequence[ImageInput],
                 cfg: TrainConfig, backbone_weights: str, holdout: Sequence[ImageInput] = (),
-                score_folds: int = 0, image_count: int | None = None) -> tuple[STMAE, list[float], torch.Tensor | None]:
+                score_folds: int = 0, image_count: int | None = None, defects: LabelledDefects | None = None,
+                ) -> tuple[STMAE, list[float], torch.Tensor | None, dict | None]:
     """Features once (and the score head's), then the transformer on them; residual statistics from
     the training images; with a fused map, the per-position Gaussian from the training images and the
     fusion's scale from the held-out ones. The score head with two smoothings and score_folds: fitted on
     the training and held-out images together, cross-fitted (fit_score_head_cross_fitted), and the
     cross-fitted image scores returned (else None: the head from the training images, its scales from
     the held-out ones). `image_count`: the good images behind `items` and `holdout` (fewer where they
-    are crops), for the memory estimate's --max-images."""
+    are crops), for the memory estimate's --max-images. With `defects`, last, the labelled-defect head,
+    and what the metadata records of it returned (else None)."""
     model = STMAE(model_config, backbone_weights=backbone_weights)
     # said before the backbone pass: every item's features (crops', corrupted copies') are kept
     kept_sets = len(items) + len(holdout) + (cfg.corruptions_per_image * len(items) if cfg.self_supervised else 0)
@@ -397,7 +423,12 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
             cross_fitted = fit_score_head_cross_fitted(model, goods, min(score_folds, len(goods)), cfg.seed)
         elif two_scales:
             fit_score_scales(model, holdout_score_features)
-    return model, history, cross_fitted
+        if defects is not None:
+            labelled = extract_features(model, preprocessing, [s.path for s in defects.samples],
+                                        description="labelled defects")
+            return model, history, cross_fitted, fit_defect_head(model, preprocessing, defects, labelled, features,
+                                                                 holdout_features, cfg.seed)
+    return model, history, cross_fitted, None
 
 
 @torch.no_grad()
@@ -517,16 +548,6 @@ def fit_score_head_cross_fitted(model: STMAE, score_features: torch.Tensor, fold
     fit_score_head(model, score_features)
     model.score_scale_stats.copy_(z_score_table([[narrow], [wide]]))
     return model.scale_score(narrow, wide)
-
-
-def z_score_table(groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """(mean, std) per group of held-out values, one row each, as the graph's z-scores read them
-    (mean_and_std: population std, float64), the std floored at FITTED_STD_FLOOR."""
-    rows = []
-    for group in groups:
-        mean, std = mean_and_std((v.flatten() for v in group), dims=(0,))
-        rows.append([float(mean), max(float(std), FITTED_STD_FLOOR)])
-    return torch.tensor(rows)
 
 
 @torch.no_grad()
