@@ -2,6 +2,7 @@
 on defective tiles that no labelled image shows.
 
     python benchmarks/defect_head_magnetic_tile.py [--model runs/bench_quality/stmae.pt] [--counts 10,30,100,all]
+    python benchmarks/defect_head_magnetic_tile.py --unseen-good 0.2 --workdir runs/bench_defect_head_unseen
 
 magnetic_tile's defects are all in its test folder, and each tile is photographed up to six times. The
 defective tiles (`unseen_tiles.tile_groups`) are split in two, seeded: one half's images are the pool
@@ -38,7 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quality_magnetic_tile import machine, pct, write_rows, write_table  # noqa: E402
 from runtime_cpu import BATCH, side_by_side  # noqa: E402
-from unseen_tiles import tile_groups  # noqa: E402
+from unseen_tiles import regroup, tile_groups  # noqa: E402
 
 from stmae_edge import data  # noqa: E402
 from stmae_edge.checkpoint import load_model, save_checkpoint  # noqa: E402
@@ -56,9 +57,10 @@ from stmae_edge.training.train import TrainConfig, extract_features, train, with
 THROUGHPUT = "<!-- defect-head-throughput:begin -->", "<!-- defect-head-throughput:end -->"
 
 
-def markers(seed: int) -> tuple[str, str]:
-    """Each draw of labelled tiles keeps its own rows."""
-    return f"<!-- defect-head-seed{seed}:begin -->", f"<!-- defect-head-seed{seed}:end -->"
+def markers(seed: int, unseen: bool) -> tuple[str, str]:
+    """Each draw of labelled tiles keeps its own rows, and so does each with unseen good tiles."""
+    name = f"defect-head{'-unseen' if unseen else ''}-seed{seed}"
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 def split_by_tile(data_dir: Path, seed: int) -> tuple[list[data.EvalSample], list[data.EvalSample]]:
@@ -80,16 +82,19 @@ def link_samples(samples: list[data.EvalSample], out: Path, data_dir: Path) -> N
     (out / "ground_truth").symlink_to((data_dir / "ground_truth").resolve())
 
 
-def build_folders(data_dir: Path, workdir: Path, counts: list[int | None], seed: int) -> tuple[Path, dict]:
-    """WORKDIR/data (the test set) and WORKDIR/labelled_N for each count (None: the whole pool)."""
+def build_folders(data_dir: Path, workdir: Path, counts: list[int | None], seed: int,
+                  good_from: Path | None = None) -> tuple[Path, dict]:
+    """WORKDIR/data (the test set) and WORKDIR/labelled_N for each count (None: the whole pool). Its
+    train/good and test/good are the dataset's, or `good_from`'s (a regrouped copy)."""
     pool, tested = split_by_tile(data_dir, seed)
+    good_from = good_from or data_dir
     test_set = workdir / "data"
     if test_set.exists():
         shutil.rmtree(test_set)
     (test_set / "train").mkdir(parents=True)
-    (test_set / "train" / "good").symlink_to((data_dir / "train" / "good").resolve())
+    (test_set / "train" / "good").symlink_to((good_from / "train" / "good").resolve())
     link_samples(tested, test_set, data_dir)
-    (test_set / "test" / "good").symlink_to((data_dir / "test" / "good").resolve())
+    (test_set / "test" / "good").symlink_to((good_from / "test" / "good").resolve())
     order = np.random.default_rng(seed + 1).permutation(len(pool))
     labelled = {}
     for count in counts:
@@ -111,6 +116,8 @@ def the_default(model_path: Path | None, data_dir: Path, workdir: Path) -> Path:
     if (STMAEConfig.from_dict(meta.config) != preset("small")
             or TrainConfig(**meta.training["train_config"]) != TrainConfig()):
         raise SystemExit(f"{model_path}: not trained by `stmae-edge train DATA` with its defaults")
+    if meta.training["train_images"] + meta.training["holdout_images"] != len(data.train_images(data_dir)):
+        raise SystemExit(f"{model_path}: trained on other good images than {data_dir}/train/good's")
     return model_path
 
 
@@ -139,6 +146,9 @@ def main() -> None:
                         "WORKDIR/stmae.pt, trained if missing)")
     parser.add_argument("--counts", default="10,30,100,all", help="labelled images per set, drawn from the pool")
     parser.add_argument("--seed", type=int, default=0, help="which defective tiles are labelled")
+    parser.add_argument("--unseen-good", type=float, default=0.0, help="hold out this share of the good tiles, "
+                        "every exposure, as the test set's good images (unseen_tiles.regroup); the default is then "
+                        "trained on the other tiles here: does the head raise new good parts' maps?")
     parser.add_argument("--rounds", type=int, default=10, help="timed batches per graph for the throughput")
     parser.add_argument("--throughput-only", action="store_true", help="measure the throughput of WORKDIR's "
                         "models from an earlier run only")
@@ -151,13 +161,17 @@ def main() -> None:
         heads = sorted(args.workdir.glob("stmae_defects_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
         throughput(the_default(args.model, args.data, args.workdir), heads[-1], args.data, args.rounds, args.md)
         return
-    test_set, split = build_folders(args.data, args.workdir, counts, args.seed)
+    regrouped = None
+    if args.unseen_good:
+        regrouped = args.workdir / "regrouped"
+        print("regrouped good tiles:", regroup(args.data, regrouped, args.unseen_good, args.seed))
+    test_set, split = build_folders(args.data, args.workdir, counts, args.seed, regrouped)
     print(f"labelled pool {split['pool']} images, test set {split['tested']} defective images")
 
-    default_path = the_default(args.model, args.data, args.workdir)
+    default_path = the_default(args.model, test_set, args.workdir)
     base, meta = load_model(default_path)
     cfg = TrainConfig(**meta.training["train_config"])
-    goods = good_images(data.train_images(args.data), cfg)  # the split training drew, from its settings
+    goods = good_images(data.train_images(test_set), cfg)  # the split training drew, from its settings
     prep = meta.preprocessing
     good_features = extract_features(base, prep, goods.train, description="training images")
     holdout_features = extract_features(base, prep, goods.holdout, description="held-out images")
@@ -184,20 +198,26 @@ def main() -> None:
 
     def line(name: str, r: dict, fit: str) -> str:
         by_type = " / ".join(f"{pct(r['per_defect_type'][t]['pixel_auroc'])}" for t in types)
+        # a head that took "unseen" for "defect" would raise the good tiles' maps: these would fall
+        against_good = " / ".join(f"{pct(r['per_defect_type'][t]['pixel_auroc_against']['good'])}" for t in types)
         return (f"| {name} | {pct(r['image_auroc'])} | {pct(r['pixel_auroc'])} | {pct(r['aupro'])} | "
-                f"{pct(r['per_defect_type']['crack']['image_auroc'])} | {by_type} | {fit} |")
+                f"{pct(r['per_defect_type']['crack']['image_auroc'])} | {by_type} | {against_good} | {fit} |")
 
     rows = [line("the default (good images only)", results["default"], "")]
     rows += [line(f"the default + a head from {count} labelled images", results[count], f"{seconds[count]:.0f} s")
              for count in split["labelled"]]
-    command = f"python benchmarks/defect_head_magnetic_tile.py --counts {args.counts} --seed {args.seed}"
+    unseen = f" --unseen-good {args.unseen_good:g}" if args.unseen_good else ""
+    command = f"python benchmarks/defect_head_magnetic_tile.py --counts {args.counts} --seed {args.seed}{unseen}"
+    goods_are = (f"{args.unseen_good:.0%} of the good tiles, every exposure, held out: good tiles that no training "
+                 "image shows" if args.unseen_good else "other exposures of training tiles")
     header = (f"Measured {dt.date.today().isoformat()} on {machine()}, by `{command}` (one seeded run; the default "
               f"trained by `stmae-edge train` on train/good; labelled images drawn from {split['pool']} defective "
               f"images of half the defective tiles; test set: the other tiles' {split['tested']} defective images "
-              f"and the {results['default']['n_images'] - split['tested']} test/good images).\n\n"
+              f"and {results['default']['n_images'] - split['tested']} good images, {goods_are}).\n\n"
               "| model | image AUROC | pixel AUROC | AUPRO@30% | crack image AUROC | pixel AUROC by type ("
-              + ", ".join(types) + ") | head fit |\n|---|---|---|---|---|---|---|")
-    write_rows(args.md, rows, header, *markers(args.seed))
+              + ", ".join(types) + ") | each type's defects against the good images' pixels | head fit |\n"
+              "|---|---|---|---|---|---|---|---|")
+    write_rows(args.md, rows, header, *markers(args.seed, bool(args.unseen_good)))
     print("\n".join([header, *rows]))
     if args.rounds:
         throughput(default_path, args.workdir / f"stmae_defects_{max(split['labelled'])}.pt", args.data,

@@ -220,9 +220,10 @@ def train_images(root: Path | str) -> list[Path]:
     return paths
 
 
-def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample]:
+def eval_samples(root: Path | str, both_classes: bool = True, warn_unmasked: bool = True) -> list[EvalSample]:
     """DATA_DIR/test/<type>/* with their masks; with `both_classes`, refused unless good and defective
-    images are both there (AUROC needs both; a false-reject threshold needs only good ones)."""
+    images are both there (AUROC needs both; a false-reject threshold needs only good ones). Without
+    `warn_unmasked`, defective images without a mask are left for the caller to say."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: " + ("not a folder" if root.exists() else "no such folder")
@@ -252,7 +253,7 @@ def eval_samples(root: Path | str, both_classes: bool = True) -> list[EvalSample
         raise DatasetError(f"{folder}: evaluation needs both good and defective test images, found "
                            f"{sorted({s.defect_type for s in samples}) or 'none'}")
     unmasked = [s for s in samples if s.label == 1 and s.mask_path is None]
-    if unmasked and truth.is_dir():
+    if unmasked and truth.is_dir() and warn_unmasked:
         first = unmasked[0]
         logger.warning("%d of %d defective test images have no mask (first: %s, looked for %s), so pixel "
                        "metrics are left out", len(unmasked), sum(s.label for s in samples), first.path,

@@ -78,7 +78,9 @@ def without_folders(training: dict) -> dict:
     if isinstance(kept.get("holdout"), str) and kept["holdout"].startswith("from "):
         kept["holdout"] = "from a folder of good images of their own"
     if isinstance(kept.get("train_config"), dict):
-        kept["train_config"] = {k: v for k, v in kept["train_config"].items() if k != "holdout_dir"}
+        kept["train_config"] = {k: v for k, v in kept["train_config"].items() if k not in ("holdout_dir", "defects_dir")}
+    if isinstance(kept.get("defect_head"), dict):  # train --defects: the labelled folder's path
+        kept["defect_head"] = {k: v for k, v in kept["defect_head"].items() if k != "folder"}
     return kept
 
 

@@ -5,6 +5,7 @@ and that labelled sets it must not learn from are refused in one line."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -27,6 +28,7 @@ from stmae_edge.models.stmae import STMAEConfig, preset
 from stmae_edge.preprocessing import Preprocessing
 from stmae_edge.training.defect_head import grid_labels, labelled_defects
 from stmae_edge.training.train import TrainConfig, train
+from stmae_edge.wire_format import without_folders
 
 TINY = TrainConfig(epochs=2, batch_size=8)  # tiny_export's settings: its checkpoint is the model without the head
 
@@ -74,6 +76,12 @@ def test_the_head_travels_in_the_fp32_fp16_and_int8_graphs(with_head, tiny_expor
     assert figures["smoke_max_rel_diff"] < 1e-4
     verify(onnx_path, path)  # raises VerificationError where ONNX Runtime differs from PyTorch
     fp16_path, _ = export_onnx(path, tmp_path / "m.fp16.onnx", precision="fp16")
+    # the head's folded weights (scaled by up to 1 / the std floor) stay fp32; its z-score's two numbers
+    # are folded into constants by the exporter
+    head = {t.name.rpartition(".")[2]: t.data_type for t in onnx.load(str(fp16_path)).graph.initializer
+            if t.name.rpartition(".")[2].startswith("defect_")}
+    assert head == dict.fromkeys(["defect_hidden_weight", "defect_hidden_bias", "defect_output_weight",
+                                  "defect_output_bias"], onnx.TensorProto.FLOAT), head
     # the tiny model's INT8 needs its small layers quantised too (calibrate refuses otherwise)
     int8_path, _ = calibrate(onnx_path, cache_dir=tmp_path / "calibration", count=8, min_weight_elements=1)
     reference = evaluate(path, synthetic_dataset)["pixel_auroc"]
@@ -136,6 +144,13 @@ def test_the_config_names_the_head_only_where_there_is_one():
 def test_labelled_sets_it_must_not_learn_from_are_refused(synthetic_dataset, labelled, tmp_path):
     with pytest.raises(DatasetError, match="the training set's own test images"):
         labelled_defects(synthetic_dataset, synthetic_dataset)
+    with pytest.raises(DatasetError, match="no such folder; put the labelled defective images in DEFECTS/test"):
+        labelled_defects(tmp_path / "missing", synthetic_dataset)
+    (tmp_path / "empty" / "test").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no images in test/<type>/"):
+        labelled_defects(tmp_path / "empty", synthetic_dataset)
+    with pytest.raises(DatasetError, match="no test folder"):
+        labelled_defects(synthetic_dataset / "ground_truth", synthetic_dataset)
     copied = tmp_path / "copied"
     shutil.copytree(labelled, copied)
     shutil.copy(synthetic_dataset / "test" / "scratch" / "000.png", copied / "test" / "scratch" / "copy.png")
@@ -147,6 +162,15 @@ def test_labelled_sets_it_must_not_learn_from_are_refused(synthetic_dataset, lab
     (copied / "ground_truth" / "scratch" / "000_mask.png").unlink()
     with pytest.raises(DatasetError, match="1 of 12 defective images have no mask .*000.png"):
         labelled_defects(copied, synthetic_dataset)
+    masks = copied / "ground_truth" / "scratch"
+    shutil.copy(labelled / "ground_truth" / "scratch" / "000_mask.png", masks / "000_mask.png")
+    good_mask = cv2.imread(str(masks / "001_mask.png"), cv2.IMREAD_GRAYSCALE)
+    for wrong, message in ((cv2.resize(good_mask, (48, 96)), "is 48x96, its image 001.png 96x96"),
+                           (np.zeros_like(good_mask), "marks no defect pixel"),
+                           (255 - good_mask, "check that it is not inverted")):
+        cv2.imwrite(str(masks / "001_mask.png"), wrong)
+        with pytest.raises(DatasetError, match=message):
+            labelled_defects(copied, synthetic_dataset)
     only_good = tmp_path / "only_good"
     shutil.copytree(labelled / "test" / "good", only_good / "test" / "good")
     with pytest.raises(DatasetError, match="no defective images"):
@@ -167,9 +191,19 @@ def test_models_that_cannot_take_the_head_are_refused_before_training(synthetic_
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_defects_with_crops_are_refused():
+def test_defects_with_crops_are_refused_and_folders_are_kept_as_text():
     with pytest.raises(ConfigError, match="--defects and --crop"):
         TrainConfig(defects_dir="x", crop=32)
+    # a Path kept as such would go into the checkpoint, which weights_only loading then refuses
+    assert TrainConfig(defects_dir=Path("x"), holdout_dir=Path("y")).defects_dir == "x"
+    with pytest.raises(ConfigError, match="must be a folder's path"):
+        TrainConfig(defects_dir=3)
+
+
+def test_a_server_does_not_show_the_labelled_folder(with_head):
+    training = without_folders(with_head[1].training)
+    assert "folder" not in training["defect_head"] and "defects_dir" not in training["train_config"]
+    assert training["defect_head"]["defective_images"] == 12
 
 
 def test_the_cli_says_in_one_line_why_a_labelled_set_is_refused(synthetic_dataset, tmp_path):

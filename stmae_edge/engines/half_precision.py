@@ -37,7 +37,7 @@ from ..errors import ConfigError, ExportError, first_line
 # (sharp and wide) and residual statistics, the fusion's scale, and the image score head's projection
 # and Gaussian. Export keeps them fp32 in the FP16 graph, calibrate leaves them unquantised in the INT8
 # graph, and `to_half` keeps them and everything after them in fp32.
-STATISTICS_PREFIXES = ("gaussian_", "wide_", "fusion_stats", "residual_mean", "residual_std", "score_")
+STATISTICS_PREFIXES = ("gaussian_", "wide_", "fusion_stats", "residual_mean", "residual_std", "score_", "defect_")
 # The attribute name of models.maps.ScoringScope in every model; the exporter records it per node.
 SCORING_SCOPE = "scoring"
 # The attribute name of models.intensity.IntensityNormalization: its nodes alone stay fp32 (a mean over

@@ -4,6 +4,7 @@ its --help, which must not wait for torch to import (training/loop.py and train.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 from ..checks import is_finite_number, is_whole
@@ -59,6 +60,10 @@ class TrainConfig:
     defects_dir: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("holdout_dir", "defects_dir"):  # a Path would go into the checkpoint, which then would not load
+            if not isinstance(getattr(self, name), str | os.PathLike):
+                raise ConfigError(f"{name} {getattr(self, name)!r} must be a folder's path")
+            object.__setattr__(self, name, os.fspath(getattr(self, name)))
         # types first: a float count (epochs=1.5) passed every check below and failed after the backbone pass
         for name in ("epochs", "batch_size", "max_steps", "max_images", "crop", "crops_per_image",
                      "corruptions_per_image", "score_folds", "bit_depth", "seed"):

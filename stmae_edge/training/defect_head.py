@@ -47,6 +47,8 @@ DEFECT_BATCH = 4096  # cells per step
 DEFECT_LR = 1e-3
 DEFECT_WEIGHT_DECAY = 1e-2
 REMEDY = "Replace or remove them"
+LAYOUT = ("put the labelled defective images in DEFECTS/test/<type>/ and their masks in "
+          "DEFECTS/ground_truth/<type>/<name>_mask.png (the MVTec AD layout)")
 
 
 @dataclass(frozen=True)
@@ -73,34 +75,37 @@ def labelled_defects(folder: Path | str, data_dir: Path | str) -> LabelledDefect
     """The labelled images in `folder` (the MVTec AD layout's test/ and ground_truth/), read before training.
 
     Raises:
-        DatasetError: no defective image, a defective image without a mask, an unreadable image or mask,
-            or images that are also in DATA_DIR/test (the same pixels): `evaluate` would then measure the
-            model on what it learnt from.
+        DatasetError: no such folder, or no test/ in it; no defective image; a defective image without a
+            mask, or whose mask is of another size, marks nothing or marks nearly all of it (inverted);
+            an unreadable image or mask; images that are also in DATA_DIR/test (the same pixels):
+            `evaluate` would then measure the model on what it learnt from.
     """
     folder = Path(folder)
+    where = f"--defects {folder}"
+    if not folder.is_dir():
+        raise DatasetError(f"{where}: {'not a folder' if folder.exists() else 'no such folder'}; {LAYOUT}")
     if folder.resolve() == Path(data_dir).resolve():
-        raise DatasetError(f"--defects {folder}: the training set's own test images, which evaluate measures the model "
-                           "on; give labelled defects kept apart from DATA_DIR/test")
+        raise DatasetError(f"{where}: the training set's own test images, which evaluate measures the model on; give "
+                           "labelled defects kept apart from DATA_DIR/test")
+    if not data.child_folder(folder, "test").is_dir():
+        raise DatasetError(f"{where}: no test folder; {LAYOUT}")
     try:
-        samples = data.eval_samples(folder, both_classes=False)
-    except DatasetError as exc:
-        raise DatasetError(f"--defects: {exc}") from None
+        samples = data.eval_samples(folder, both_classes=False, warn_unmasked=False)
+    except DatasetError:  # the only refusal left: no image at all
+        raise DatasetError(f"{where}: no images in test/<type>/; {LAYOUT}") from None
     defective = [s for s in samples if s.label == 1]
     if not defective:
-        raise DatasetError(f"--defects {folder}: no defective images in test/<type>; the head learns from "
-                           "defective images and their masks")
+        raise DatasetError(f"{where}: no defective images in test/<type>/; the head learns from defective images "
+                           "and their masks")
     unmasked = [s for s in defective if s.mask_path is None]
     if unmasked:
-        raise DatasetError(f"--defects {folder}: {len(unmasked)} of {len(defective)} defective images have no mask "
-                           f"(first: {unmasked[0].path}); put each one's mask in ground_truth/<type>/ as "
+        raise DatasetError(f"{where}: {len(unmasked)} of {len(defective)} defective images have no mask (first: "
+                           f"{unmasked[0].path}); put each one's mask in ground_truth/<type>/ as "
                            f"{unmasked[0].path.stem}_mask.png")
-    if len(defective) < DEFECT_IMAGES_ADVISED:
-        logger.warning("--defects %s: %d labelled defective images; a head from so few can as well lower the map's "
-                       "figures as raise them (on magnetic_tile, 10 images: pixel AUROC -4.1 or +2.7 points, by "
-                       "draw); label at least %d, and compare the two models with `stmae-edge evaluate` on parts "
-                       "the labelled ones do not show", folder, len(defective), DEFECT_IMAGES_ADVISED)
     read = data.survey([s.path for s in samples], f"labelled images in {folder}", remedy=REMEDY)
-    data.survey([s.mask_path for s in defective], f"masks in {folder}", remedy=REMEDY, digests=False, progress=False)
+    masks = data.survey([s.mask_path for s in defective], f"masks in {folder}", remedy=REMEDY, digests=False,
+                        progress=False)
+    check_masks(where, defective, read.sizes, masks.sizes)
     test_folder = data.child_folder(Path(data_dir), "test")
     if test_folder.is_dir():
         tested = data.survey([p for sub in sorted(test_folder.iterdir()) if sub.is_dir() for p in data.images_in(sub)],
@@ -108,10 +113,41 @@ def labelled_defects(folder: Path | str, data_dir: Path | str) -> LabelledDefect
         shared = set(read.digests.values()) & set(tested.digests.values())
         if shared:
             first = next(path for path, digest in read.digests.items() if digest in shared)
-            raise DatasetError(f"--defects {folder}: {len(shared)} of its images are also in {test_folder} (first: "
+            raise DatasetError(f"{where}: {len(shared)} of its images are also in {test_folder} (first: "
                                f"{first.name}); evaluate would measure the model on what it learnt from: keep the "
                                "labelled defects apart from the test images")
+    if len(defective) < DEFECT_IMAGES_ADVISED:
+        logger.warning("%s: %d labelled defective images; a head from so few can as well lower the map's figures "
+                       "as raise them (on magnetic_tile, 10 images: pixel AUROC -4.1 or +2.7 points, by draw); "
+                       "label at least %d, and compare the two models with `stmae-edge evaluate` on parts the "
+                       "labelled ones do not show", where, len(defective), DEFECT_IMAGES_ADVISED)
     return LabelledDefects(folder, samples, read.sizes)
+
+
+def check_masks(where: str, defective: list[data.EvalSample], image_sizes: dict[Path, tuple[int, int]],
+                mask_sizes: dict[Path, tuple[int, int]]) -> None:
+    """Raises DatasetError for the first mask that would teach the head wrong: of another size than its
+    image (likely another image's), marking no pixel (its defect learnt as normal), or marking nearly
+    all of it (likely inverted)."""
+    for sample in defective:
+        mask, image = sample.mask_path, image_sizes[sample.path]
+        if mask_sizes[mask] != image:
+            raise DatasetError(f"{where}: the mask {mask} is {mask_sizes[mask][1]}x{mask_sizes[mask][0]}, its image "
+                               f"{sample.path.name} {image[1]}x{image[0]}; each mask must be its own image's")
+        covered = data.fit_mask(sample, image)[2]
+        if covered == 0:
+            raise DatasetError(f"{where}: the mask {mask} marks no defect pixel; the head would learn its image's "
+                               "defect as normal: mark it (white on black), or move the image to test/good")
+        if covered > data.MASK_COVERS_MOST:
+            raise DatasetError(f"{where}: the mask {mask} marks {100 * covered:.0f}% of its image; defects must be "
+                               "the white pixels on black: check that it is not inverted")
+
+
+def kept_feature_sets(defects: LabelledDefects, good_images: int) -> int:
+    """How many images' worth of backbone features the head keeps in memory, for training's estimate:
+    the labelled images' features, and the head's inputs (five times the features' channels) of them
+    and of up to DEFECT_GOOD_IMAGES good images."""
+    return len(defects.samples) + 5 * (len(defects.samples) + min(good_images, DEFECT_GOOD_IMAGES))
 
 
 def grid_labels(preprocessing: Preprocessing, sample: data.EvalSample, size: tuple[int, int], grid: int) -> np.ndarray:
@@ -122,14 +158,14 @@ def grid_labels(preprocessing: Preprocessing, sample: data.EvalSample, size: tup
 
 
 @torch.no_grad()
-def head_inputs(model: STMAE, raw_features: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """STMAE.defect_inputs of cached raw backbone features, in fp16 to hold them: (N, K, G, G)."""
+def head_inputs(model: STMAE, raw_features: torch.Tensor, batch_size: int = 32, dtype=torch.float16) -> torch.Tensor:
+    """STMAE.defect_inputs of cached raw backbone features, (N, K, G, G); in fp16 by default, to hold them."""
     out = []
     for chunk in raw_features.split(batch_size):
         feats = model.standardize(chunk.float())
         recon = model.reconstruct(feats)
         sharp, wide = model.gaussian_zs(model.gaussian_input(feats, recon))
-        out.append(model.defect_inputs(feats, recon, sharp, wide).half())
+        out.append(model.defect_inputs(feats, recon, sharp, wide).to(dtype))
     return torch.cat(out)
 
 
@@ -164,9 +200,10 @@ def fit_defect_head(model: STMAE, preprocessing: Preprocessing, defects: Labelle
     mean, std = standardisation(x)
     generator = torch.Generator().manual_seed(seed)
     hidden = model.config.defect_hidden
-    first = torch.nn.Linear(x.shape[1], hidden)
-    second = torch.nn.Linear(hidden, 1)
-    for layer in (first, second):  # seeded here, not from the global generator: the rest of training is unmoved
+    with torch.random.fork_rng(devices=[]):  # their default initialisation leaves the global generator as it was
+        first = torch.nn.Linear(x.shape[1], hidden)
+        second = torch.nn.Linear(hidden, 1)
+    for layer in (first, second):  # seeded here, from `generator`
         bound = layer.in_features ** -0.5
         with torch.no_grad():
             layer.weight.uniform_(-bound, bound, generator=generator)
@@ -192,7 +229,8 @@ def fit_defect_head(model: STMAE, preprocessing: Preprocessing, defects: Labelle
         model.defect_hidden_bias.copy_(first.bias - weight @ mean)
         model.defect_output_weight.copy_(second.weight[:, :, None, None])
         model.defect_output_bias.copy_(second.bias)
-        logits = [model.defect_logits(head_inputs(model, chunk).float()) for chunk in holdout_features.split(32)]
+        # the z-score's scale from the inputs as the graph computes them, in fp32
+        logits = [model.defect_logits(head_inputs(model, chunk, dtype=torch.float32)) for chunk in holdout_features.split(32)]
     model.defect_stats.copy_(z_score_table([logits]))
     share = float(y.mean())
     logger.info("defect head: %d labelled images, %d cells, %.1f%% of them defect, loss %.4f",

@@ -39,7 +39,7 @@ from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, load_image
 from ..progress import progress_bar
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
 from .corruption import corrupt
-from .defect_head import DEFECT_HIDDEN, LabelledDefects, fit_defect_head, labelled_defects
+from .defect_head import DEFECT_HIDDEN, LabelledDefects, fit_defect_head, kept_feature_sets, labelled_defects
 from .filtering import DONORS, train_filtering
 from .image_set import choose_color, choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
 from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize, z_score_table
@@ -219,10 +219,10 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
         model_config = with_defect_head(model_config)
     check_writable(out)
     warn_replacing(out)  # said before minutes of training, while the user can still stop them
-    if cfg.defects_dir:  # every labelled file read before the good ones and before any training
-        defects = labelled_defects(cfg.defects_dir, data_dir)
     seed_everything(cfg.seed)
     paths = data.train_images(data_dir)
+    if cfg.defects_dir:  # every labelled file read before the good ones and before any training
+        defects = labelled_defects(cfg.defects_dir, data_dir)
     if cfg.max_images:
         paths = [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
     goods = good_images(paths, cfg)  # every file read and decoded once, before any training
@@ -261,6 +261,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     trained_sizes = TrainedSizes.of([(cfg.crop, cfg.crop)] if cfg.crop
                                     else [size_of[p] for p in (*train_paths, *holdout_paths)])
     logger.info("images accepted at run time: near %s", trained_sizes.describe())
+    if defects is not None:
+        warn_about_labelled_sizes(defects, trained_sizes)
     cross_fitted = None
     if is_filtering:
         model, history = train_filtering(model_config, preprocessing, train_items, cfg)
@@ -314,7 +316,8 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             "color": color_reason,
             "colour_images": len(goods.colour),  # good images in colour: where > 0, gray frames later are news
             **provenance,
-            "train_config": asdict(cfg),
+            # defects_dir only where given: older readers of the record (TrainConfig(**it)) take the rest
+            "train_config": {k: v for k, v in asdict(cfg).items() if k != "defects_dir" or v},
             "loss_per_epoch": history,
             "seconds": round(time.perf_counter() - started, 1),
         },
@@ -352,6 +355,18 @@ def check_scores_vary(scores: np.ndarray, what: str) -> None:
                             "photographs of several good parts")
 
 
+def warn_about_labelled_sizes(defects: LabelledDefects, trained_sizes: TrainedSizes) -> None:
+    """Says where labelled images are of sizes that `predict` refuses for this model: the head learns
+    from them all the same, but nothing on the line will look like them."""
+    refused = [(path, size) for path, size in defects.sizes.items() if trained_sizes.refusal(*size)]
+    if refused:
+        (first, (height, width)) = refused[0]
+        logger.warning("--defects: %d of the %d labelled images are of sizes that `predict` refuses for this model "
+                       "(first: %s, %dx%d; trained on %s); the head learns from them all the same: label images "
+                       "like the line's", len(refused), len(defects.sizes), first.name, width, height,
+                       trained_sizes.describe())
+
+
 def with_defect_head(model_config: STMAEConfig | FilteringAEConfig) -> STMAEConfig:
     """The config with the labelled-defect head that --defects trains (training/defect_head.py).
 
@@ -380,7 +395,8 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
     and what the metadata records of it returned (else None)."""
     model = STMAE(model_config, backbone_weights=backbone_weights)
     # said before the backbone pass: every item's features (crops', corrupted copies') are kept
-    kept_sets = len(items) + len(holdout) + (cfg.corruptions_per_image * len(items) if cfg.self_supervised else 0)
+    kept_sets = (len(items) + len(holdout) + (cfg.corruptions_per_image * len(items) if cfg.self_supervised else 0)
+                 + (kept_feature_sets(defects, len(items)) if defects is not None else 0))
     warn_if_short(image_count or len(items) + len(holdout), kept_sets,
                   kept_bytes_per_image(model, preprocessing.input_size))
     if model_config.intensity_norm:
