@@ -207,7 +207,8 @@ def main() -> None:
     rows += [line(f"the default + a head from {count} labelled images", results[count], f"{seconds[count]:.0f} s")
              for count in split["labelled"]]
     unseen = f" --unseen-good {args.unseen_good:g}" if args.unseen_good else ""
-    command = f"python benchmarks/defect_head_magnetic_tile.py --counts {args.counts} --seed {args.seed}{unseen}"
+    given = " --model MODEL" if args.model else ""
+    command = f"python benchmarks/defect_head_magnetic_tile.py{given} --counts {args.counts} --seed {args.seed}{unseen}"
     goods_are = (f"{args.unseen_good:.0%} of the good tiles, every exposure, held out: good tiles that no training "
                  "image shows" if args.unseen_good else "other exposures of training tiles")
     header = (f"Measured {dt.date.today().isoformat()} on {machine()}, by `{command}` (one seeded run; the default "

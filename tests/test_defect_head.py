@@ -141,7 +141,7 @@ def test_the_config_names_the_head_only_where_there_is_one():
         preset("small-sharp-map", defect_hidden=128)
 
 
-def test_labelled_sets_it_must_not_learn_from_are_refused(synthetic_dataset, labelled, tmp_path):
+def test_labelled_sets_it_must_not_learn_from_are_refused(synthetic_dataset, labelled, tmp_path, caplog):
     with pytest.raises(DatasetError, match="the training set's own test images"):
         labelled_defects(synthetic_dataset, synthetic_dataset)
     with pytest.raises(DatasetError, match="no such folder; put the labelled defective images in DEFECTS/test"):
@@ -166,11 +166,15 @@ def test_labelled_sets_it_must_not_learn_from_are_refused(synthetic_dataset, lab
     shutil.copy(labelled / "ground_truth" / "scratch" / "000_mask.png", masks / "000_mask.png")
     good_mask = cv2.imread(str(masks / "001_mask.png"), cv2.IMREAD_GRAYSCALE)
     for wrong, message in ((cv2.resize(good_mask, (48, 96)), "is 48x96, its image 001.png 96x96"),
-                           (np.zeros_like(good_mask), "marks no defect pixel"),
                            (255 - good_mask, "check that it is not inverted")):
         cv2.imwrite(str(masks / "001_mask.png"), wrong)
         with pytest.raises(DatasetError, match=message):
             labelled_defects(copied, synthetic_dataset)
+    cv2.imwrite(str(masks / "001_mask.png"), np.zeros_like(good_mask))  # marks nothing: left out, and said
+    with caplog.at_level("WARNING", logger="stmae_edge.training.defect_head"):
+        kept = labelled_defects(copied, synthetic_dataset)
+    assert "1 masks mark no defect pixel" in caplog.text and "001_mask.png" in caplog.text
+    assert len(kept.defective) == 11 and all(s.path.name != "001.png" for s in kept.defective)
     only_good = tmp_path / "only_good"
     shutil.copytree(labelled / "test" / "good", only_good / "test" / "good")
     with pytest.raises(DatasetError, match="no defective images"):
