@@ -175,6 +175,7 @@ def test_labelled_sets_it_must_not_learn_from_are_refused(synthetic_dataset, lab
         kept = labelled_defects(copied, synthetic_dataset)
     assert "1 masks mark no defect pixel" in caplog.text and "001_mask.png" in caplog.text
     assert len(kept.defective) == 11 and all(s.path.name != "001.png" for s in kept.defective)
+    assert set(kept.sizes) == {s.path for s in kept.samples}  # what warnings count: the images learnt from
     only_good = tmp_path / "only_good"
     shutil.copytree(labelled / "test" / "good", only_good / "test" / "good")
     with pytest.raises(DatasetError, match="no defective images"):

@@ -131,7 +131,7 @@ def labelled_defects(folder: Path | str, data_dir: Path | str) -> LabelledDefect
                        "as raise them (on magnetic_tile, 10 images: pixel AUROC -4.1 or +2.7 points, by draw); "
                        "label at least %d, and compare the two models with `stmae-edge evaluate` on parts the "
                        "labelled ones do not show", where, len(defective), DEFECT_IMAGES_ADVISED)
-    return LabelledDefects(folder, samples, read.sizes)
+    return LabelledDefects(folder, samples, {s.path: read.sizes[s.path] for s in samples})
 
 
 def unmarked(where: str, defective: list[data.EvalSample], image_sizes: dict[Path, tuple[int, int]],
