@@ -346,6 +346,19 @@ def fit_mask(sample: EvalSample, size: tuple[int, int]) -> tuple[np.ndarray, tup
     return fitted, mask.shape[:2], float(defect.mean())
 
 
+def mask_faults(mask_size: tuple[int, int], image_size: tuple[int, int], covered: float) -> set[str]:
+    """What is wrong with a defect mask (fit_mask's size and share of defect, its image's size): "size"
+    (another size than its image: likely another image's mask), "empty" (it marks no pixel), "inverted"
+    (it marks more than MASK_COVERS_MOST of the image: defects black on white, or an opaque background).
+    `evaluate` warns of each; `train --defects` refuses all but an empty one, whose image it leaves out."""
+    faults = {"size"} if mask_size != image_size else set()
+    if covered == 0:
+        faults.add("empty")
+    elif covered > MASK_COVERS_MOST:
+        faults.add("inverted")
+    return faults
+
+
 def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
     """Every sample's ground truth at (height, width), stacked (N, H, W) bool. Masks whose own size
     differs from their image's are resized all the same, and one warning says how many: a mask of
@@ -354,13 +367,16 @@ def load_masks(samples: list[EvalSample], size: tuple[int, int]) -> np.ndarray:
     for sample in samples:
         mask, mask_size, covered = fit_mask(sample, size)  # decoded once; its image's size from its header
         masks.append(mask)
-        if mask_size is not None and mask_size != (image_size := declared_image_size(sample.path)):
+        if mask_size is None:
+            continue
+        faults = mask_faults(mask_size, image_size := declared_image_size(sample.path), covered)
+        if "size" in faults:
             mismatched.append((sample, mask_size, image_size))
-        if mask_size is not None and covered > 0 and not mask.any():
+        if covered > 0 and not mask.any():
             vanished.append(sample.mask_path)
-        if mask_size is not None and covered == 0:
+        if "empty" in faults:
             empty.append(sample.mask_path)
-        elif mask_size is not None and covered > MASK_COVERS_MOST:
+        elif "inverted" in faults:
             most.append((sample.mask_path, covered))
     if empty:  # its image's pixels all count as normal, its defect as a false alarm
         logger.warning("%d masks of defective images mark no defect pixel (first: %s): their images' pixels all "

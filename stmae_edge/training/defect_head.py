@@ -146,15 +146,16 @@ def unmarked(where: str, defective: list[data.EvalSample], image_sizes: dict[Pat
     empty = []
     for sample in defective:
         mask, image = sample.mask_path, image_sizes[sample.path]
-        if mask_sizes[mask] != image:
+        covered = data.fit_mask(sample, image)[2]
+        faults = data.mask_faults(mask_sizes[mask], image, covered)
+        if "size" in faults:
             raise DatasetError(f"{where}: the mask {mask} is {mask_sizes[mask][1]}x{mask_sizes[mask][0]}, its image "
                                f"{sample.path.name} {image[1]}x{image[0]}; each mask must be its own image's")
-        covered = data.fit_mask(sample, image)[2]
-        if covered == 0:
-            empty.append(sample)
-        elif covered > data.MASK_COVERS_MOST:
+        if "inverted" in faults:
             raise DatasetError(f"{where}: the mask {mask} marks {100 * covered:.0f}% of its image; defects must be "
                                "the white pixels on black: check that it is not inverted")
+        if "empty" in faults:
+            empty.append(sample)
     return empty
 
 
