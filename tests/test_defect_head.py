@@ -5,6 +5,7 @@ and that labelled sets it must not learn from are refused in one line."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -27,7 +28,8 @@ from stmae_edge.evaluation.evaluate import evaluate
 from stmae_edge.models.stmae import STMAEConfig, preset
 from stmae_edge.preprocessing import Preprocessing
 from stmae_edge.training.defect_head import grid_labels, labelled_defects
-from stmae_edge.training.train import TrainConfig, train
+from stmae_edge.training.image_set import good_images
+from stmae_edge.training.train import TrainConfig, train, warn_about_labelled_colour
 from stmae_edge.wire_format import without_folders
 
 TINY = TrainConfig(epochs=2, batch_size=8)  # tiny_export's settings: its checkpoint is the model without the head
@@ -128,6 +130,31 @@ def test_few_labelled_defects_are_warned_about(synthetic_dataset, labelled, capl
         defects = labelled_defects(labelled, synthetic_dataset)
     assert len(defects.defective) == 12 and len(defects.samples) == 14
     assert "12 labelled defective images" in caplog.text and "at least 30" in caplog.text
+
+
+def test_labelled_images_from_another_kind_of_camera_are_warned_about(synthetic_dataset, labelled, tmp_path, caplog):
+    """Colour labelled images beside gray good ones (or the other way round) likely come from another camera."""
+    goods = good_images(data.train_images(synthetic_dataset), TrainConfig())
+    assert not goods.colour
+    defects = labelled_defects(labelled, synthetic_dataset)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stmae_edge.training.train"):
+        warn_about_labelled_colour(defects, goods)
+    assert "camera" not in caplog.text  # gray beside gray: nothing to say
+    tinted = tmp_path / "tinted"
+    shutil.copytree(labelled, tinted)
+    for path in sorted((tinted / "test" / "scratch").glob("*.png"))[:3]:
+        gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(path), np.dstack([gray, gray, np.clip(gray.astype(int) + 40, 0, 255).astype(np.uint8)]))
+    defects = labelled_defects(tinted, synthetic_dataset)
+    assert len(defects.colour) == 3
+    with caplog.at_level("WARNING", logger="stmae_edge.training.train"):
+        warn_about_labelled_colour(defects, goods)
+    assert "3 of the 14 labelled images are colour (first: 000.png)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stmae_edge.training.train"):
+        warn_about_labelled_colour(labelled_defects(labelled, synthetic_dataset), replace(goods, colour=(goods.train[0],)))
+    assert "all 14 labelled images are gray, and 1 of the" in caplog.text
 
 
 def test_the_config_names_the_head_only_where_there_is_one():

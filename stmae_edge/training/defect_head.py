@@ -57,6 +57,7 @@ class LabelledDefects:
     folder: Path
     samples: list[data.EvalSample]
     sizes: dict[Path, tuple[int, int]]  # each image's (height, width) as shown (data.survey)
+    colour: tuple[Path, ...] = ()  # those whose pixels are not gray (preprocessing.looks_gray)
 
     @property
     def defective(self) -> list[data.EvalSample]:
@@ -131,7 +132,9 @@ def labelled_defects(folder: Path | str, data_dir: Path | str) -> LabelledDefect
                        "as raise them (on magnetic_tile, 10 images: pixel AUROC -4.1 or +2.7 points, by draw); "
                        "label at least %d, and compare the two models with `stmae-edge evaluate` on parts the "
                        "labelled ones do not show", where, len(defective), DEFECT_IMAGES_ADVISED)
-    return LabelledDefects(folder, samples, {s.path: read.sizes[s.path] for s in samples})
+    kept = {s.path for s in samples}
+    return LabelledDefects(folder, samples, {s.path: read.sizes[s.path] for s in samples},
+                           tuple(p for p in read.colour if p in kept))
 
 
 def unmarked(where: str, defective: list[data.EvalSample], image_sizes: dict[Path, tuple[int, int]],

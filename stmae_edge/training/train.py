@@ -41,7 +41,7 @@ from ..scoring import ScoreStats, Thresholds, fails, map_maxima
 from .corruption import corrupt
 from .defect_head import DEFECT_HIDDEN, LabelledDefects, fit_defect_head, kept_feature_sets, labelled_defects
 from .filtering import DONORS, train_filtering
-from .image_set import choose_color, choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
+from .image_set import GoodImages, choose_color, choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
 from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize, z_score_table
 from .memory import kept_bytes_per_image, warn_if_short
 
@@ -263,6 +263,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     logger.info("images accepted at run time: near %s", trained_sizes.describe())
     if defects is not None:
         warn_about_labelled_sizes(defects, trained_sizes)
+        warn_about_labelled_colour(defects, goods)
     cross_fitted = None
     if is_filtering:
         model, history = train_filtering(model_config, preprocessing, train_items, cfg)
@@ -365,6 +366,20 @@ def warn_about_labelled_sizes(defects: LabelledDefects, trained_sizes: TrainedSi
                        "(first: %s, %dx%d; trained on %s); the head learns from them all the same: label images "
                        "like the line's", len(refused), len(defects.sizes), first.name, width, height,
                        trained_sizes.describe())
+
+
+def warn_about_labelled_colour(defects: LabelledDefects, goods: GoodImages) -> None:
+    """Says where the labelled images are colour and every good image gray, or the other way round: they
+    then likely come from another camera than the line's, and the head learns a difference that the
+    line's parts will not show (a gray model reads colour images as gray all the same)."""
+    count, good_count = len(defects.sizes), len(goods.train) + len(goods.holdout)
+    if defects.colour and not goods.colour:
+        logger.warning("--defects: %d of the %d labelled images are colour (first: %s), and all %d good images gray; "
+                       "label images from the line's camera", len(defects.colour), count, defects.colour[0].name,
+                       good_count)
+    elif goods.colour and not defects.colour:
+        logger.warning("--defects: all %d labelled images are gray, and %d of the %d good images colour; label "
+                       "images from the line's camera", count, len(goods.colour), good_count)
 
 
 def with_defect_head(model_config: STMAEConfig | FilteringAEConfig) -> STMAEConfig:
