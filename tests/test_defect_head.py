@@ -29,7 +29,7 @@ from stmae_edge.models.stmae import STMAEConfig, preset
 from stmae_edge.preprocessing import Preprocessing
 from stmae_edge.training.defect_head import grid_labels, labelled_defects
 from stmae_edge.training.image_set import good_images
-from stmae_edge.training.train import TrainConfig, train, warn_about_labelled_colour
+from stmae_edge.training.train import TrainConfig, train, warn_about_labelled_colour, with_defect_head
 from stmae_edge.wire_format import without_folders
 
 TINY = TrainConfig(epochs=2, batch_size=8)  # tiny_export's settings: its checkpoint is the model without the head
@@ -164,8 +164,34 @@ def test_the_config_names_the_head_only_where_there_is_one():
     assert STMAEConfig.from_dict(plain.to_dict()) == plain
     headed = preset("small", defect_hidden=128)
     assert headed.to_dict()["defect_hidden"] == 128 and STMAEConfig.from_dict(headed.to_dict()) == headed
+    assert "defect_rectified" not in headed.to_dict()  # heads trained before it read as they were: signed
+    rectified = with_defect_head(preset("small"))
+    assert rectified.to_dict()["defect_rectified"] is True and STMAEConfig.from_dict(rectified.to_dict()) == rectified
     with pytest.raises(ConfigError, match="wide window"):
         preset("small-sharp-map", defect_hidden=128)
+    with pytest.raises(ConfigError, match="defect_rectified needs the labelled-defect head"):
+        preset("small", defect_rectified=True)
+
+
+@torch.no_grad()
+def test_a_head_lowers_no_cell_of_the_map(with_head, tiny_export, synthetic_dataset):
+    """A head that takes every cell for normal (a kind of defect its labelled images lack) leaves the map
+    of the model without it; one that takes every cell for a defect raises it; signed, as heads trained
+    before, it would lower the map."""
+    plain_model, meta = load_model(tiny_export[0])
+    head_model, _ = load_model(with_head[0])
+    assert head_model.config.defect_rectified
+    images = torch.from_numpy(meta.preprocessing([s.path for s in data.eval_samples(synthetic_dataset)][:6]))
+    plain_maps = plain_model(images)[0]
+    head_model.defect_output_bias.fill_(-1e4)
+    assert torch.equal(head_model(images)[0], plain_maps)
+    head_model.defect_output_bias.fill_(1e4)
+    assert (head_model(images)[0] > plain_maps + 1).all()
+    head_model.defect_output_bias.fill_(-1e4)
+    signed = load_model(with_head[0])[0]
+    signed.load_state_dict(head_model.state_dict())
+    signed.config = replace(signed.config, defect_rectified=False)
+    assert (signed(images)[0] < plain_maps - 1).any()
 
 
 def test_labelled_sets_it_must_not_learn_from_are_refused(synthetic_dataset, labelled, tmp_path, caplog):

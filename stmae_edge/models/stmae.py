@@ -25,7 +25,7 @@ Data flow for one image (the names below are the methods):
   defect_z  (models trained with --defects: defect_hidden) a classifier of each cell learnt from
             labelled defects, on the features, the residual and its neighbourhood means and both
             Gaussians' z-scores (defect_inputs; two 1 x 1 convolutions), as a z-score on held-out good
-            images (training/defect_head.py)
+            images (training/defect_head.py), where positive (defect_rectified, as --defects trains it)
   anomaly   transition_map alone, or the two maps as z-scores on held-out good images, weighted by
             transition_weight and gaussian_weight and added (and defect_z, where there is one); with
             level_fraction (the default) lowered
@@ -461,7 +461,8 @@ class STMAE(nn.Module):
         sharp, wide = self.gaussian_zs(self.gaussian_input(feats.float(), recon.float()))
         grid_map = c.gaussian_weight * (sharp if wide is None else torch.maximum(sharp, wide))
         if c.defect_hidden:
-            grid_map = grid_map + self.defect_z(self.defect_inputs(feats, recon, sharp, wide))
+            defect = self.defect_z(self.defect_inputs(feats, recon, sharp, wide))
+            grid_map = grid_map + (F.relu(defect) if c.defect_rectified else defect)
         if c.transition_weight > 0:  # the default weighs it 0: neither computed nor exported then
             stats = self.fusion_stats.float()
             grid_map = grid_map + c.transition_weight * (self.transition_map(feats, recon) - stats[0, 0]) / stats[0, 1]

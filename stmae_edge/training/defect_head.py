@@ -10,7 +10,8 @@ learn is what a defect looks like beside the rest of an unusual part (docs/BENCH
       -> a per-cell classifier, DEFECT_HIDDEN hidden units, binary cross-entropy on the shares,
          seeded AdamW (fit_defect_head)
       -> its inputs' standardisation folded into the first layer; its output's (mean, std) over the
-         held-out good images' cells: the z-score the map adds (STMAE.defect_z)
+         held-out good images' cells: the z-score the map adds where positive (STMAE.defect_z,
+         STMAEConfig.defect_rectified: a kind of defect the labelled images lack is not lowered)
 
 The rest of the model is fitted before the head and does not depend on it: a model trained with
 --defects is the model trained without, plus the head.
@@ -37,7 +38,7 @@ from .loop import batches, z_score_table
 logger = logging.getLogger(__name__)
 
 # Fewer labelled defective images than this are warned about: on magnetic_tile a head from 10 images
-# moved the test tiles' pixel AUROC by -4.1 or +2.7 points (two draws), from 30 by +4.2 to +4.8
+# moved the test tiles' pixel AUROC by -1.2 or +3.6 points (two draws), from 30 by +4.9 to +5.6
 # (docs/BENCHMARKS.md, "A head learnt from labelled defects").
 DEFECT_IMAGES_ADVISED = 30
 DEFECT_HIDDEN = 128  # the head's hidden units (STMAEConfig.defect_hidden) where train --defects sets it
@@ -129,7 +130,7 @@ def labelled_defects(folder: Path | str, data_dir: Path | str) -> LabelledDefect
                                "labelled defects apart from the test images")
     if len(defective) < DEFECT_IMAGES_ADVISED:
         logger.warning("%s: %d labelled defective images; a head from so few can as well lower the map's figures "
-                       "as raise them (on magnetic_tile, 10 images: pixel AUROC -4.1 or +2.7 points, by draw); "
+                       "as raise them (on magnetic_tile, 10 images: pixel AUROC -1.2 or +3.6 points, by draw); "
                        "label at least %d, and compare the two models with `stmae-edge evaluate` on parts the "
                        "labelled ones do not show", where, len(defective), DEFECT_IMAGES_ADVISED)
     kept = {s.path for s in samples}

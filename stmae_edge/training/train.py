@@ -393,7 +393,7 @@ def with_defect_head(model_config: STMAEConfig | FilteringAEConfig) -> STMAEConf
     if not model_config.wide_window:
         raise ConfigError("--defects needs a preset whose map has the wide Gaussian (small, tiny, small-wide-map): "
                           "the head reads both Gaussians")
-    return replace(model_config, defect_hidden=model_config.defect_hidden or DEFECT_HIDDEN)
+    return replace(model_config, defect_hidden=model_config.defect_hidden or DEFECT_HIDDEN, defect_rectified=True)
 
 
 def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: Sequence[ImageInput],
