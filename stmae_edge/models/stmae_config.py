@@ -83,9 +83,10 @@ class STMAEConfig:
     # 0 (every preset) = none: the model learns from good images alone (docs/BENCHMARKS.md, issue 15).
     defect_hidden: int = 0
     # The head's z-score added only where it is positive: it raises the cells it takes for defects and
-    # lowers none, so a kind of defect that the labelled images lack is not hidden by a head that learnt
-    # to call it normal (magnetic_tile, labelled sets without uneven: pixel AUROC -4 to -10 points added,
-    # -0 to -2 rectified; docs/BENCHMARKS.md). Heads trained before it add the signed z-score.
+    # takes nothing from the others, so a kind of defect that the labelled images lack is not hidden by a
+    # head that learnt to call it normal (magnetic_tile, labelled sets without uneven: pixel AUROC -3.7
+    # to -10.5 points signed, -0.1 to -2.3 rectified; docs/BENCHMARKS.md). Heads trained before it add
+    # the signed z-score.
     defect_rectified: bool = False
 
     def __post_init__(self) -> None:
