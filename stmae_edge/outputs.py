@@ -464,8 +464,10 @@ def folder_held(folder: Path, command: str) -> Iterator[None]:
     except BlockingIOError:
         if _FOLDERS_MADE is not None and folder in _FOLDERS_MADE:  # made at once by both: the other's now
             _FOLDERS_MADE.remove(folder)
-        raise OutputError(f"another stmae-edge {command} is writing into {folder}; wait for it to end, or choose "
-                          "another --out") from None
+        # The lock does not say who holds it: another `command`, or a build renaming its plan and sidecar
+        # into the folder (write_files_together)
+        raise OutputError(f"another stmae-edge run (a {command}, or a build putting its engine there) is writing "
+                          f"into {folder}; wait for it to end, or choose another --out") from None
     try:
         yield
     finally:

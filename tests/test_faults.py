@@ -531,11 +531,29 @@ def test_a_second_predict_into_a_folder_that_one_is_writing_is_refused(tiny_expo
 
     with Detector(tiny_export[1], "ort-cpu", batch_size=2) as detector:
         summary = files.predict_to_folder(detector, paths, out, advance=advance)
-    assert refused == [f"another stmae-edge predict is writing into {out}; wait for it to end, or choose another --out"]
+    assert refused == [f"another stmae-edge run (a predict, or a build putting its engine there) is writing into {out}; "
+                       "wait for it to end, or choose another --out"]
     assert [entry["source"] for entry in summary["results"]] == [str(path) for path in paths]
     assert sorted(p.name for p in out.glob("*.png")) == [f"t{i}.png" for i in range(4)]
     with Detector(tiny_export[1], "ort-cpu") as detector:  # once it has ended, the folder is free
         assert len(files.predict_to_folder(detector, others, out)["results"]) == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot lock a folder: two runs are not kept apart there")
+def test_a_predict_refused_while_a_build_puts_its_engine_in_the_folder_does_not_blame_a_predict(tiny_export, tmp_path):
+    """The folder's lock does not say who holds it: the refusal named "another stmae-edge predict" where a
+    build was renaming its plan and sidecar into the folder."""
+    from stmae_edge import outputs
+    from stmae_edge.errors import OutputError
+    from stmae_edge.runtime import files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with outputs.folder_waited_for(out, "a build's renames"), Detector(tiny_export[1], "ort-cpu") as detector:
+        with pytest.raises(OutputError, match=r"another stmae-edge run \(a predict, or a build putting its engine "
+                           r"there\) is writing into"):
+            files.predict_to_folder(detector, _tiles(tmp_path / "in", 1), out)
+    assert not any(out.iterdir())  # nothing of the refused run
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows cannot lock a folder: two runs are not kept apart there")
