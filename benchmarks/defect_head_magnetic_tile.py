@@ -15,9 +15,9 @@ are what a user would run.
 Training the default takes minutes, and a model trained with --defects is the default plus the head
 (training/defect_head.py; tests/test_defect_head.py checks it). So the default is trained once, or
 given (--model: trained by `stmae-edge train` with its defaults on magnetic_tile's train/good), and
-each labelled set's head is fitted on it with the training's own functions (the good images' split
-re-drawn from the model's recorded settings). The checkpoints written keep the default's region
-threshold, which the figures here do not use. Writes docs/BENCHMARKS.md's section.
+each labelled set's head is added to it as `stmae-edge add-defects DEFAULT WORKDIR/labelled_N --data
+WORKDIR/data` adds it (training/add_defects.py: the model `train --defects` writes, to the bit; its
+"head fit" time counts the backbone passes that command makes). Writes docs/BENCHMARKS.md's section.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +41,15 @@ from runtime_cpu import BATCH, side_by_side  # noqa: E402
 from unseen_tiles import regroup, tile_groups  # noqa: E402
 
 from stmae_edge import data  # noqa: E402
-from stmae_edge.checkpoint import load_model, save_checkpoint  # noqa: E402
+from stmae_edge.checkpoint import load_model  # noqa: E402
 from stmae_edge.cli import use_available_cores  # noqa: E402
 from stmae_edge.engines.export import export_onnx  # noqa: E402
 from stmae_edge.evaluation.evaluate import evaluate  # noqa: E402
-from stmae_edge.models.families import build_model  # noqa: E402
 from stmae_edge.models.stmae import STMAEConfig, preset  # noqa: E402
 from stmae_edge.preprocessing import load_image  # noqa: E402
 from stmae_edge.runtime import Detector  # noqa: E402
-from stmae_edge.training.defect_head import fit_defect_head, labelled_defects  # noqa: E402
-from stmae_edge.training.image_set import good_images  # noqa: E402
-from stmae_edge.training.train import TrainConfig, extract_features, train, with_defect_head  # noqa: E402
+from stmae_edge.training.add_defects import add_defects  # noqa: E402
+from stmae_edge.training.train import TrainConfig, train  # noqa: E402
 
 THROUGHPUT = "<!-- defect-head-throughput:begin -->", "<!-- defect-head-throughput:end -->"
 
@@ -169,28 +166,13 @@ def main() -> None:
     print(f"labelled pool {split['pool']} images, test set {split['tested']} defective images")
 
     default_path = the_default(args.model, test_set, args.workdir)
-    base, meta = load_model(default_path)
-    cfg = TrainConfig(**meta.training["train_config"])
-    goods = good_images(data.train_images(test_set), cfg)  # the split training drew, from its settings
-    prep = meta.preprocessing
-    good_features = extract_features(base, prep, goods.train, description="training images")
-    holdout_features = extract_features(base, prep, goods.holdout, description="held-out images")
-
     results = {"default": evaluate(default_path, test_set)}
     seconds = {}
     for count, folder in split["labelled"].items():
         started = time.perf_counter()
-        defects = labelled_defects(folder, test_set)
-        config = with_defect_head(base.config)
-        model = build_model(meta.model_family, config)
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("defect_") for k in missing), missing
-        labelled = extract_features(model, prep, [s.path for s in defects.samples], description="labelled defects")
-        summary = fit_defect_head(model, prep, defects, labelled, good_features, holdout_features, cfg.seed)
-        seconds[count] = time.perf_counter() - started
         path = args.workdir / f"stmae_defects_{count}.pt"
-        save_checkpoint(path, model, replace(meta, config=config.to_dict(),
-                                             training={**meta.training, "defect_head": summary}))
+        add_defects(default_path, folder, path, data_dir=test_set)
+        seconds[count] = time.perf_counter() - started
         results[count] = evaluate(path, test_set)
     (args.workdir / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
 

@@ -86,7 +86,8 @@ class _Commands(typer.core.TyperGroup):
 app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ST-MAE anomaly detection: train on good parts, evaluate, export, run on the line.",
                   epilog="The pipeline: train -> evaluate (report, threshold) -> export -> verify -> calibrate "
-                         "(INT8) -> build (TensorRT) -> predict, bench, linescan or serve. Exit codes: 0 done; "
+                         "(INT8) -> build (TensorRT) -> predict, bench, linescan or serve; labelled defects found "
+                         "later: add-defects. Exit codes: 0 done; "
                          "2 an error, said in one line, nothing half-written; 3 predict scored some images "
                          "and not others (error lines name them; a backend that stopped part-way: --resume), or "
                          "could not write some overlays; 130 "
@@ -185,7 +186,8 @@ def train(
                                         "(DEFECTS/test/<type>/ images, their masks in DEFECTS/ground_truth/<type>/) "
                                         "kept apart from DATA_DIR/test: a head learnt from them joins the map "
                                         "(magnetic_tile, on tiles no labelled image shows: pixel AUROC 85 -> 90 to 91 "
-                                        "with 30 labelled images, 91 to 93 with 100; docs/BENCHMARKS.md)"),
+                                        "with 30 labelled images, 91 to 93 with 100; docs/BENCHMARKS.md); to add them to a "
+                                        "model already trained: add-defects"),
     seed: int = typer.Option(0, help="seeds the held-out draw, the random splits of training and the initial weights"),
 ) -> None:
     """Train a model on good images (and, with --defects, labelled defects) and write one self-describing
@@ -234,6 +236,31 @@ def train(
         typer.echo(f"trained on images {meta.trained_sizes.describe()}: `predict` refuses images far from these "
                    f"(more than {TrainedSizes.SIDE_FACTOR:g}x the sides, {TrainedSizes.ASPECT_FACTOR:g}x the "
                    "width/height; --any-size scores them)")
+
+
+@app.command("add-defects")
+def add_defects(
+    model: Path = typer.Argument(..., help="a trained stmae model (.pt) whose map has the wide Gaussian (the default's)"),
+    defects: Path = typer.Argument(..., help="labelled defects, a folder in the MVTec AD layout (DEFECTS/test/<type>/ "
+                                   "images, their masks in DEFECTS/ground_truth/<type>/), as train --defects takes"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="checkpoint to write (default: MODEL's name with "
+                                    "_defects; not MODEL itself, which stays as it is)"),
+    data: Path | None = typer.Option(None, help="the dataset MODEL was trained on, where it has moved (default: the "
+                                     "folder its training record names)"),
+) -> None:
+    """Add a head learnt from labelled defects to a trained model, without training it again: OUT is the
+    model that `train --defects DEFECTS` would write with MODEL's settings, its image scores and image
+    threshold unchanged where it has a score head."""
+    from .training.add_defects import add_defects as run_add_defects
+
+    use_available_cores(model)
+    out = _model_out(out, "checkpoint") or model.with_name(f"{model.stem}_defects.pt")
+    meta = run_add_defects(model, defects, out, data)
+    d = meta.training["defect_head"]
+    types = ", ".join(f"{k} {v}" for k, v in d["types"].items())
+    typer.echo(f"wrote {out}: {model} with a defect head from {d['defective_images']} labelled defective images "
+               f"({types}), loss {d['loss']:.4f}, {d['seconds']:.0f}s; image threshold {meta.thresholds.image:.6g}, "
+               f"pixel threshold {meta.thresholds.pixel:.6g} ({meta.thresholds.rule})")
 
 
 @app.command()

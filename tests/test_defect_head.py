@@ -23,10 +23,11 @@ from stmae_edge.engines.build import build_engine
 from stmae_edge.engines.calibrate import calibrate
 from stmae_edge.engines.export import TENSORRT_OPS, export_onnx
 from stmae_edge.engines.verify import verify
-from stmae_edge.errors import ConfigError, DatasetError
+from stmae_edge.errors import ConfigError, DatasetError, OutputError
 from stmae_edge.evaluation.evaluate import evaluate
 from stmae_edge.models.stmae import STMAEConfig, preset
 from stmae_edge.preprocessing import Preprocessing
+from stmae_edge.training.add_defects import add_defects
 from stmae_edge.training.defect_head import grid_labels, labelled_defects
 from stmae_edge.training.image_set import good_images
 from stmae_edge.training.train import TrainConfig, train, warn_about_labelled_colour, with_defect_head
@@ -274,3 +275,91 @@ def test_the_cli_says_in_one_line_why_a_labelled_set_is_refused(synthetic_datase
                  "--epochs", "1", "--defects", str(synthetic_dataset), "--out", str(tmp_path / "m.pt"))
     _assert_one_line_error(result, "the training set's own test images")
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def added(tiny_export, labelled, tmp_path_factory):
+    """The head added to the model trained without it (`add-defects`)."""
+    out = tmp_path_factory.mktemp("added") / "m_defects.pt"
+    return out, add_defects(tiny_export[0], labelled, out)
+
+
+def test_a_head_added_to_a_trained_model_is_the_head_trained_with_it(with_head, added, tiny_export):
+    """add-defects writes the model that train --defects writes with the same settings, to the bit, and
+    records what it was added to; the model it was added to is not touched."""
+    (trained_path, trained), (added_path, meta) = with_head, added
+    before = tiny_export[0].read_bytes()
+    trained_state, added_state = load_model(trained_path)[0].state_dict(), load_model(added_path)[0].state_dict()
+    assert set(trained_state) == set(added_state)
+    assert all(torch.equal(trained_state[k], added_state[k]) for k in trained_state)
+    assert meta.thresholds == trained.thresholds and meta.map_stats == trained.map_stats
+    assert meta.score_stats == trained.score_stats == load_model(tiny_export[0])[1].score_stats
+    assert meta.config == trained.config and meta.preprocessing == trained.preprocessing
+    head = meta.training["defect_head"]
+    assert head.pop("added_to") == load_model(tiny_export[0])[1].model_hash and head.pop("seconds") >= 0
+    assert head == trained.training["defect_head"]
+    assert meta.training["train_config"] == trained.training["train_config"]
+    assert meta.training["holdout_above_threshold"] == trained.training["holdout_above_threshold"]
+    assert tiny_export[0].read_bytes() == before
+
+
+def test_a_head_is_added_only_where_the_model_was_trained_on_the_data_given(tiny_export, labelled, synthetic_dataset,
+                                                                            tmp_path):
+    """Other good images would give the head's scale and the map's statistics from images the model was
+    not trained on: fewer or more of them, or as many that score otherwise, are refused."""
+    moved = tmp_path / "moved"
+    shutil.copytree(synthetic_dataset, moved)
+    extra = moved / "train" / "good" / "extra.png"
+    shutil.copy(labelled / "train" / "good" / "000.png", extra)
+    with pytest.raises(DatasetError, match="training and .* held-out good images, where .* was trained on"):
+        add_defects(tiny_export[0], labelled, tmp_path / "a.pt", data_dir=moved)
+    extra.unlink()
+    for path in sorted((moved / "train" / "good").glob("*.png")):  # as many images, of other parts
+        shutil.copy(labelled / "train" / "good" / "000.png", path)
+        image = cv2.imread(str(path))
+        cv2.imwrite(str(path), np.roll(image, len(path.stem) * int(path.stem) % 40, axis=1))
+    with pytest.raises(DatasetError, match="do not score as when .* was trained"):
+        add_defects(tiny_export[0], labelled, tmp_path / "a.pt", data_dir=moved)
+    assert not (tmp_path / "a.pt").exists()
+    with pytest.raises(OutputError, match="--out"):  # the model itself stays as it is
+        add_defects(tiny_export[0], labelled, tiny_export[0])
+
+
+def test_thresholds_set_after_training_are_kept_where_the_head_does_not_move_them(tiny_export, labelled, tmp_path,
+                                                                                  caplog):
+    """With a score head the image threshold measures what the head does not change: a user's is kept;
+    the pixel threshold, on the map, is set again by the training's rule, and the user is told."""
+    from stmae_edge.checkpoint import read_checkpoint, save_checkpoint
+    from stmae_edge.scoring import Thresholds
+
+    model, meta = load_model(tiny_export[0])
+    chosen = Thresholds(image=meta.thresholds.image * 1.5, pixel=meta.thresholds.pixel * 1.5, rule="chosen on site")
+    tuned = tmp_path / "tuned.pt"
+    save_checkpoint(tuned, model, replace(meta, thresholds=chosen))
+    with caplog.at_level("WARNING", logger="stmae_edge.training.add_defects"):
+        added = add_defects(tuned, labelled, tmp_path / "out.pt")
+    assert added.thresholds.image == chosen.image and added.thresholds.pixel != chosen.pixel
+    assert added.thresholds.rule.startswith("chosen on site; pixel: reset")
+    assert "pixel threshold was set after training (chosen on site)" in caplog.text
+    assert read_checkpoint(tmp_path / "out.pt")[0].thresholds == added.thresholds
+
+
+def test_add_defects_says_in_one_line_why_it_cannot(tiny_export, labelled, synthetic_dataset, tmp_path):
+    from stmae_edge.models import filtering_ae
+
+    filtering = tmp_path / "filtering.pt"
+    train(synthetic_dataset, filtering, filtering_ae.preset("tiny"), TrainConfig(epochs=1, batch_size=8))
+    result = run("add-defects", str(filtering), str(labelled), "--out", str(tmp_path / "f.pt"))
+    _assert_one_line_error(result, "is a filtering-ae model; a defect head is an stmae model's")
+    result = run("add-defects", str(tiny_export[0]), str(tmp_path / "missing"))
+    _assert_one_line_error(result, "no such folder")
+    assert not (tiny_export[0].parent / "m_defects.pt").exists()
+
+
+def test_add_defects_writes_beside_the_model_by_default(tiny_export, labelled, tmp_path):
+    model = tmp_path / "line.pt"
+    shutil.copy(tiny_export[0], model)
+    result = run("add-defects", str(model), str(labelled))
+    assert result.returncode == 0, result.stderr
+    assert "with a defect head from 12 labelled defective images (scratch 12)" in result.stdout
+    assert load_model(tmp_path / "line_defects.pt")[1].training["defect_head"]["defective_images"] == 12

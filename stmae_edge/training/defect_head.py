@@ -194,14 +194,21 @@ def cells(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
+def normal_images(count: int, seed: int) -> np.ndarray:
+    """Which of `count` training images (their indices, sorted) the head sees as normal: up to
+    DEFECT_GOOD_IMAGES, drawn by the training's seed."""
+    return np.sort(np.random.default_rng(seed).permutation(count)[:DEFECT_GOOD_IMAGES])
+
+
 def fit_defect_head(model: STMAE, preprocessing: Preprocessing, defects: LabelledDefects,
-                    labelled_features: torch.Tensor, good_features: torch.Tensor, holdout_features: torch.Tensor,
+                    labelled_features: torch.Tensor, normal_features: torch.Tensor, holdout_features: torch.Tensor,
                     seed: int) -> dict:
     """Fit the model's labelled-defect head; everything else in the model must be fitted already.
 
     Args:
-        labelled_features, good_features, holdout_features: raw backbone features (N, C, G, G) of
-            defects.samples, of the training and of the held-out good images, as training caches them.
+        labelled_features, normal_features, holdout_features: raw backbone features (N, C, G, G) of
+            defects.samples, of the training images that normal_images chooses and of the held-out good
+            images, as training caches them.
 
     Returns:
         What the metadata records of it: the labelled images, the cells it learnt from, its last loss.
@@ -212,8 +219,7 @@ def fit_defect_head(model: STMAE, preprocessing: Preprocessing, defects: Labelle
     labelled = head_inputs(model, labelled_features)
     labels = torch.from_numpy(np.stack([grid_labels(preprocessing, s, defects.sizes[s.path], grid)
                                        for s in defects.samples]))
-    goods = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(good_features))[:DEFECT_GOOD_IMAGES]))
-    normal = head_inputs(model, good_features[goods])
+    normal = head_inputs(model, normal_features)
     x = torch.cat([cells(labelled), cells(normal)])
     y = torch.cat([labels.reshape(-1), torch.zeros(len(normal) * grid * grid)])
     del labelled, normal
@@ -256,7 +262,7 @@ def fit_defect_head(model: STMAE, preprocessing: Preprocessing, defects: Labelle
     logger.info("defect head: %d labelled images, %d cells, %.1f%% of them defect, loss %.4f",
                 len(defects.samples), len(x), 100 * share, last)
     return {**defects.describe(), "cells": int(len(x)), "defect_share": round(share, 4),
-            "training_good_images": int(len(goods)), "loss": round(last, 5)}
+            "training_good_images": int(len(normal_features)), "loss": round(last, 5)}
 
 
 def standardisation(x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,14 @@ from ..preprocessing import ImageInput, Preprocessing, TrainedSizes, load_image
 from ..progress import progress_bar
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima
 from .corruption import corrupt
-from .defect_head import DEFECT_HIDDEN, LabelledDefects, fit_defect_head, kept_feature_sets, labelled_defects
+from .defect_head import (
+    DEFECT_HIDDEN,
+    LabelledDefects,
+    fit_defect_head,
+    kept_feature_sets,
+    labelled_defects,
+    normal_images,
+)
 from .filtering import DONORS, train_filtering
 from .image_set import GoodImages, choose_color, choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
 from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize, z_score_table
@@ -457,7 +464,8 @@ def train_stmae(model_config: STMAEConfig, preprocessing: Preprocessing, items: 
         if defects is not None:
             labelled = extract_features(model, preprocessing, [s.path for s in defects.samples],
                                         description="labelled defects")
-            return model, history, cross_fitted, fit_defect_head(model, preprocessing, defects, labelled, features,
+            normal = features[torch.from_numpy(normal_images(len(features), cfg.seed))]
+            return model, history, cross_fitted, fit_defect_head(model, preprocessing, defects, labelled, normal,
                                                                  holdout_features, cfg.seed)
     return model, history, cross_fitted, None
 

@@ -1,0 +1,197 @@
+"""A defect head added to a model already trained (`stmae-edge add-defects MODEL DEFECTS`): labelled
+defects often come after a model is on the line, and the head is the last thing `train --defects`
+fits, on a model that does not depend on it (training/defect_head.py). So it is fitted here on
+the model as it is, in a minute or two, without the transformer's training again:
+
+    MODEL (its training settings, TrainConfig) + DATA_DIR (the folder it recorded, or --data)
+      -> the same good images, training and held-out, drawn again from those settings
+      -> the held-out images scored by MODEL: their maps' statistics must be those it recorded, or
+         DATA_DIR is not what it was trained on (DatasetError)
+      -> DEFECTS read and checked as train --defects reads them (labelled_defects)
+      -> fit_defect_head on the backbone features of the labelled images, of the training images
+         the head sees as normal and of the held-out ones
+      -> the held-out maps scored again: the map's statistics and pixel threshold are the new map's;
+         with a score head, the image scores and threshold are MODEL's, unchanged
+      -> OUT: the model `train --defects` would have written with MODEL's settings
+
+A user's own thresholds (set by `stmae-edge threshold` after training) are kept where the head does
+not move what they measure, the image threshold with a score head; the rest are set again by the
+training's rule, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from .. import data
+from ..checkpoint import load_model
+from ..errors import ConfigError, DatasetError
+from ..metadata import ModelMetadata
+from ..model_files import warn_replacing
+from ..models.families import STMAE_FAMILY, build_model
+from ..outputs import check_writable
+from ..scoring import ScoreStats, Thresholds, fails, map_maxima, threshold_scoring
+from .defect_head import fit_defect_head, labelled_defects, normal_images
+from .image_set import good_images
+from .loop import TrainConfig
+from .train import (
+    check_scores_vary,
+    extract_feature_pairs,
+    extract_features,
+    save_where_possible,
+    score_images,
+    seed_everything,
+    warn_about_labelled_colour,
+    warn_about_labelled_sizes,
+    with_defect_head,
+)
+
+logger = logging.getLogger(__name__)
+
+# How closely the held-out maps' statistics, scored again, must match the recorded ones: another
+# machine's arithmetic (AVX2 or AVX-512, a GPU) moves them by about 1e-6; other images by far more.
+RECORDED_RTOL = 1e-3
+
+
+def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str,
+                data_dir: Path | str | None = None) -> ModelMetadata:
+    """Fit the labelled-defect head on the model at `model_path` and write the model with it to `out`.
+
+    Args:
+        data_dir: the dataset the model was trained on; by default the folder its training record names.
+
+    Returns:
+        The written model's metadata: the training record gains `defect_head` (as train --defects
+        writes it, with `added_to`, the model's sha256) and `defects_dir` in its settings.
+
+    Raises:
+        ConfigError: a model that cannot take the head (the filtering
+            autoencoder, a map without the wide Gaussian, a model trained on --crop tiles); a training
+            record without its settings (a model older than them: train again with --defects) or, where
+            `data_dir` is not given, without the folder it was trained on.
+        DatasetError: DATA_DIR's good images are not those the model was trained on (fewer or more,
+            or scoring otherwise); a labelled set that labelled_defects refuses.
+        CheckpointError: `model_path` is not a loadable model.
+        OutputError: `out` cannot be written, or is the model itself.
+    """
+    model_path, out = Path(model_path), Path(out)
+    check_writable(out, inputs=(model_path,))
+    base, meta = load_model(model_path)
+    if meta.model_family != STMAE_FAMILY:
+        raise ConfigError(f"{model_path} is a {meta.model_family} model; a defect head is an stmae model's (the "
+                          "filtering autoencoder learns from synthetic defects)")
+    recorded = meta.training.get("train_config")
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{model_path} does not record the settings it was trained with; train it again with "
+                          "--defects")
+    try:
+        trained_with = TrainConfig(**recorded)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{model_path}: its training settings are not this version's ({exc}); train it again with "
+                          "--defects") from None
+    if trained_with.crop:
+        raise ConfigError(f"{model_path} was trained on --crop tiles; the head learns from whole labelled images, "
+                          "as train --defects does")
+    cfg = replace(trained_with, defects_dir=str(defects_dir))
+    config = with_defect_head(base.config)  # ConfigError: a map without the wide Gaussian
+    data_dir = data_dir or meta.training.get("data_dir")
+    if not data_dir:
+        raise ConfigError(f"{model_path} does not record the folder it was trained on; give it as --data")
+    data_dir = Path(data_dir)
+    warn_replacing(out)
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    paths = data.train_images(data_dir)
+    defects = labelled_defects(defects_dir, data_dir)
+    if cfg.max_images:
+        paths = [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
+    goods = good_images(paths, cfg)
+    counted = (len(goods.train), len(goods.holdout))
+    if counted != (meta.training.get("train_images"), meta.training.get("holdout_images")):
+        raise DatasetError(f"{data_dir}: {counted[0]} training and {counted[1]} held-out good images, where "
+                           f"{model_path} was trained on {meta.training.get('train_images')} and "
+                           f"{meta.training.get('holdout_images')}: give --data the folder it was trained on, as it "
+                           "was, or train again with --defects")
+    if meta.trained_sizes is not None:
+        warn_about_labelled_sizes(defects, meta.trained_sizes)
+    warn_about_labelled_colour(defects, goods)
+    prep = meta.preprocessing
+    holdout_maps, holdout_scores = score_images(base, prep, goods.holdout, description="held-out scores, as recorded")
+    check_recorded(meta, holdout_maps, holdout_scores, data_dir, model_path)
+
+    model = build_model(STMAE_FAMILY, config)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("defect_") for k in missing):  # what with_defect_head adds, and only that
+        raise ConfigError(f"{model_path}: its weights do not fit its config with a defect head ({unexpected or missing})")
+    model.eval()
+    two_scales = bool(config.score_layers) and config.score_wide_sigma > 0
+    # the same backbone passes as training's, so that the features are the same to the bit
+    chosen = normal_images(len(goods.train), cfg.seed)
+    normal, _ = extract_feature_pairs(model, prep, [goods.train[i] for i in chosen], description="training images")
+    holdout, _ = extract_feature_pairs(model, prep, goods.holdout, description="held-out features",
+                                       with_score=two_scales)
+    labelled = extract_features(model, prep, [s.path for s in defects.samples], description="labelled defects")
+    summary = fit_defect_head(model, prep, defects, labelled, normal, holdout, cfg.seed)
+    holdout_maps, holdout_scores = score_images(model, prep, goods.holdout, description="held-out scores")
+    stats, map_stats, thresholds = new_statistics(meta, cfg.sigma, holdout_maps, holdout_scores, model_path)
+    training = {**meta.training,
+                "defect_head": {**summary, "added_to": meta.model_hash,
+                                "seconds": round(time.perf_counter() - started, 1)},
+                "train_config": asdict(cfg)}
+    if stats is not meta.score_stats:  # the image score is the map's: what the threshold fails moved with it
+        training["holdout_above_threshold"] = int(np.count_nonzero(fails(holdout_scores, thresholds.image)))
+    metadata = replace(meta, config=config.to_dict(), score_stats=stats, map_stats=map_stats,
+                       thresholds=thresholds, training=training)
+    return save_where_possible(out, model, metadata)
+
+
+def check_recorded(meta: ModelMetadata, holdout_maps: np.ndarray, holdout_scores: np.ndarray, data_dir: Path,
+                   model_path: Path) -> None:
+    """Raises DatasetError where the held-out images, scored by the model, do not give the statistics it
+    recorded: they are not the images it was trained on (changed, replaced), so the head's scale would
+    rest on others."""
+    if meta.map_stats is not None:
+        found, recorded, what = ScoreStats.from_scores(map_maxima(holdout_maps)), meta.map_stats, "maps' maxima"
+    elif threshold_scoring(meta.training) == "held-out":
+        found, recorded, what = ScoreStats.from_scores(holdout_scores), meta.score_stats, "scores"
+    else:  # no model writes cross-fitted scores without a score head's map statistics
+        return
+    if not all(np.isclose(getattr(found, k), getattr(recorded, k), rtol=RECORDED_RTOL, atol=0)
+               for k in ("count", "mean", "std", "max")):
+        raise DatasetError(f"{data_dir}: its {found.count} held-out good images do not score as when {model_path} "
+                           f"was trained (their {what}: mean {found.mean:.6g}, recorded {recorded.mean:.6g}): give "
+                           "--data the folder it was trained on, unchanged, or train again with --defects")
+
+
+def new_statistics(meta: ModelMetadata, sigma: float, holdout_maps: np.ndarray, holdout_scores: np.ndarray,
+                   model_path: Path) -> tuple[ScoreStats, ScoreStats | None, Thresholds]:
+    """The score and map statistics and the thresholds of the model with its head, as train --defects sets
+    them: a score head's image scores are the model's (the head moves the map only); the map's are new."""
+    scored = threshold_scoring(meta.training)
+    if meta.map_stats is not None:  # a score head
+        stats = meta.score_stats
+        map_stats = ScoreStats.from_scores(map_maxima(holdout_maps))
+        check_scores_vary(map_maxima(holdout_maps), "held-out good images' map maxima")
+    else:
+        check_scores_vary(holdout_scores, "good images' scores")
+        stats, map_stats = ScoreStats.from_scores(holdout_scores), None
+    trained = Thresholds.from_stats(meta.score_stats, sigma, meta.map_stats, scored=scored)
+    thresholds = Thresholds.from_stats(stats, sigma, map_stats, scored=scored)
+    if meta.thresholds == trained:
+        return stats, map_stats, thresholds
+    if map_stats is not None:  # the image threshold measures what the head does not move: kept
+        logger.warning("%s: its pixel threshold was set after training (%s); the head changes the map, so it is set "
+                       "again by the training's rule (%.6g); its image threshold is kept: run `stmae-edge threshold` "
+                       "on the new model to choose them again", model_path, meta.thresholds.rule, thresholds.pixel)
+        return stats, map_stats, Thresholds(image=meta.thresholds.image, pixel=thresholds.pixel,
+                                            rule=f"{meta.thresholds.rule}; pixel: reset to the training's rule when "
+                                                 "the defect head was added")
+    logger.warning("%s: its thresholds were set after training (%s); the head changes the map, which scores its "
+                   "images, so both are set again by the training's rule (%.6g): run `stmae-edge threshold` on the "
+                   "new model to choose them again", model_path, meta.thresholds.rule, thresholds.image)
+    return stats, map_stats, thresholds
