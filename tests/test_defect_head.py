@@ -5,7 +5,7 @@ and that labelled sets it must not learn from are refused in one line."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import cv2
@@ -277,36 +277,58 @@ def test_the_cli_says_in_one_line_why_a_labelled_set_is_refused(synthetic_datase
     assert not (tmp_path / "m.pt").exists()
 
 
-@pytest.fixture(scope="module")
-def added(tiny_export, labelled, tmp_path_factory):
-    """The head added to the model trained without it (`add-defects`)."""
-    out = tmp_path_factory.mktemp("added") / "m_defects.pt"
-    return out, add_defects(tiny_export[0], labelled, out)
-
-
-def test_a_head_added_to_a_trained_model_is_the_head_trained_with_it(with_head, added, tiny_export):
-    """add-defects writes the model that train --defects writes with the same settings, to the bit, and
-    records what it was added to; the model it was added to is not touched."""
-    (trained_path, trained), (added_path, meta) = with_head, added
-    before = tiny_export[0].read_bytes()
-    trained_state, added_state = load_model(trained_path)[0].state_dict(), load_model(added_path)[0].state_dict()
+def same_models(trained: Path, added: Path) -> None:
+    """What train --defects and add-defects write alike: weights, statistics, thresholds, the record but
+    for what add-defects adds (what it was added to, its time) and MODEL's own time."""
+    (trained_model, trained), (added_model, meta) = load_model(trained), load_model(added)
+    trained_state, added_state = trained_model.state_dict(), added_model.state_dict()
     assert set(trained_state) == set(added_state)
     assert all(torch.equal(trained_state[k], added_state[k]) for k in trained_state)
     assert meta.thresholds == trained.thresholds and meta.map_stats == trained.map_stats
-    assert meta.score_stats == trained.score_stats == load_model(tiny_export[0])[1].score_stats
+    assert meta.score_stats == trained.score_stats
     assert meta.config == trained.config and meta.preprocessing == trained.preprocessing
-    head = meta.training["defect_head"]
-    assert head.pop("added_to") == load_model(tiny_export[0])[1].model_hash and head.pop("seconds") >= 0
+    head = dict(meta.training["defect_head"])
+    assert head.pop("seconds") >= 0 and len(head.pop("added_to")) == 64
     assert head == trained.training["defect_head"]
-    assert meta.training["train_config"] == trained.training["train_config"]
-    assert meta.training["holdout_above_threshold"] == trained.training["holdout_above_threshold"]
-    assert tiny_export[0].read_bytes() == before
+    ignored = ("defect_head", "seconds", "data_dir")
+    assert {k: v for k, v in meta.training.items() if k not in ignored} == \
+        {k: v for k, v in trained.training.items() if k not in ignored}
+
+
+@pytest.mark.parametrize("score_head", [True, False])
+def test_a_head_added_to_a_trained_model_is_the_head_trained_with_it(synthetic_dataset, labelled, tmp_path,
+                                                                     monkeypatch, score_head):
+    """add-defects writes the model that train --defects writes with the same settings, to the bit, from
+    a dataset given where it has moved; the model it was added to is not touched. The head sees 5 of the
+    22 training images as normal here (150 by default, more than there are), so that the images it draws
+    are drawn again, as on a real dataset."""
+    from stmae_edge.training import defect_head
+
+    monkeypatch.setattr(defect_head, "DEFECT_GOOD_IMAGES", 5)
+    config = preset("tiny") if score_head else preset("tiny", score_layers=())
+    base, trained = tmp_path / "base.pt", tmp_path / "trained.pt"
+    train(synthetic_dataset, base, config, TINY, backbone_weights="random")
+    train(synthetic_dataset, trained, config, replace(TINY, defects_dir=str(labelled)), backbone_weights="random")
+    moved = tmp_path / "moved"
+    shutil.copytree(synthetic_dataset, moved)
+    before = base.read_bytes()
+    meta = add_defects(base, labelled, tmp_path / "added.pt", data_dir=moved)
+    same_models(trained, tmp_path / "added.pt")
+    assert meta.training["defect_head"]["training_good_images"] == 5
+    assert meta.training["defect_head"]["added_to"] == load_model(base)[1].model_hash
+    assert meta.training["data_dir"] == str(moved.resolve())  # where verify and calibrate will read it
+    assert base.read_bytes() == before
+    if not score_head:  # the image score is the map's maximum: the head moves it, and its statistics
+        assert meta.score_stats != load_model(base)[1].score_stats
 
 
 def test_a_head_is_added_only_where_the_model_was_trained_on_the_data_given(tiny_export, labelled, synthetic_dataset,
                                                                             tmp_path):
     """Other good images would give the head's scale and the map's statistics from images the model was
-    not trained on: fewer or more of them, or as many that score otherwise, are refused."""
+    not trained on: more of them, or one whose pixels changed, are refused; so are, for a model that
+    records no fingerprint of them (an earlier version's), held-out images that score otherwise."""
+    from stmae_edge.checkpoint import save_checkpoint
+
     moved = tmp_path / "moved"
     shutil.copytree(synthetic_dataset, moved)
     extra = moved / "train" / "good" / "extra.png"
@@ -314,21 +336,29 @@ def test_a_head_is_added_only_where_the_model_was_trained_on_the_data_given(tiny
     with pytest.raises(DatasetError, match="training and .* held-out good images, where .* was trained on"):
         add_defects(tiny_export[0], labelled, tmp_path / "a.pt", data_dir=moved)
     extra.unlink()
-    for path in sorted((moved / "train" / "good").glob("*.png")):  # as many images, of other parts
-        shutil.copy(labelled / "train" / "good" / "000.png", path)
-        image = cv2.imread(str(path))
-        cv2.imwrite(str(path), np.roll(image, len(path.stem) * int(path.stem) % 40, axis=1))
-    with pytest.raises(DatasetError, match="do not score as when .* was trained"):
+    first = sorted((moved / "train" / "good").glob("*.png"))[0]
+    image = cv2.imread(str(first))
+    cv2.imwrite(str(first), np.roll(image, 7, axis=1))  # one image of the 26, the same name
+    with pytest.raises(DatasetError, match="its good images are not those .* was trained on"):
         add_defects(tiny_export[0], labelled, tmp_path / "a.pt", data_dir=moved)
+    model, meta = load_model(tiny_export[0])
+    earlier = tmp_path / "earlier.pt"
+    save_checkpoint(earlier, model, replace(meta, training={k: v for k, v in meta.training.items()
+                                                            if k != "good_images_sha256"}))
+    for path in sorted((moved / "train" / "good").glob("*.png")):  # as many images, of other parts
+        cv2.imwrite(str(path), np.roll(image, 3 * int(path.stem) % 40, axis=0))
+    with pytest.raises(DatasetError, match="do not score as when .* was trained"):
+        add_defects(earlier, labelled, tmp_path / "a.pt", data_dir=moved)
     assert not (tmp_path / "a.pt").exists()
     with pytest.raises(OutputError, match="--out"):  # the model itself stays as it is
         add_defects(tiny_export[0], labelled, tiny_export[0])
 
 
-def test_thresholds_set_after_training_are_kept_where_the_head_does_not_move_them(tiny_export, labelled, tmp_path,
-                                                                                  caplog):
+def test_thresholds_set_after_training_are_kept_where_the_head_does_not_move_them(tiny_export, with_head, labelled,
+                                                                                  tmp_path, caplog):
     """With a score head the image threshold measures what the head does not change: a user's is kept;
-    the pixel threshold, on the map, is set again by the training's rule, and the user is told."""
+    the pixel threshold, on the map, is set again by the training's rule, and the user is told. A head
+    added again replaces the earlier one, and the user is told that too."""
     from stmae_edge.checkpoint import read_checkpoint, save_checkpoint
     from stmae_edge.scoring import Thresholds
 
@@ -338,13 +368,44 @@ def test_thresholds_set_after_training_are_kept_where_the_head_does_not_move_the
     save_checkpoint(tuned, model, replace(meta, thresholds=chosen))
     with caplog.at_level("WARNING", logger="stmae_edge.training.add_defects"):
         added = add_defects(tuned, labelled, tmp_path / "out.pt")
-    assert added.thresholds.image == chosen.image and added.thresholds.pixel != chosen.pixel
+    assert added.thresholds.image == chosen.image
+    assert added.thresholds.pixel == with_head[1].thresholds.pixel != chosen.pixel
     assert added.thresholds.rule.startswith("chosen on site; pixel: reset")
     assert "pixel threshold was set after training (chosen on site)" in caplog.text
     assert read_checkpoint(tmp_path / "out.pt")[0].thresholds == added.thresholds
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stmae_edge.training.add_defects"):
+        add_defects(tmp_path / "out.pt", labelled, tmp_path / "again.pt")
+    assert "has a defect head already, learnt from 12 labelled defective images" in caplog.text
 
 
-def test_add_defects_says_in_one_line_why_it_cannot(tiny_export, labelled, synthetic_dataset, tmp_path):
+def edited(tiny_export, tmp_path, **training) -> Path:
+    """The tiny model with its training record edited (a key given None is taken out)."""
+    from stmae_edge.checkpoint import save_checkpoint
+
+    model, meta = load_model(tiny_export[0])
+    record = {**meta.training, **training}
+    path = tmp_path / "edited.pt"
+    save_checkpoint(path, model, replace(meta, training={k: v for k, v in record.items() if v is not None}))
+    return path
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"train_config": None}, "does not record the settings it was trained with"),
+    ({"data_dir": None}, "does not record the folder it was trained on; give it as --data"),
+    ({"data_dir": "/nonexistent/dataset"}, "was trained on /nonexistent/dataset, not a folder here; give the dataset"),
+    ({"train_config": {**asdict(TINY), "crop": 32}}, "was trained on --crop tiles"),
+    ({"train_config": {**asdict(TINY), "holdout_dir": "/nonexistent/held"}}, "held out the good images of "
+                                                                              "/nonexistent/held, not a folder here"),
+])
+def test_add_defects_says_in_one_line_why_it_cannot(tiny_export, labelled, tmp_path, training, message):
+    result = run("add-defects", str(edited(tiny_export, tmp_path, **training)), str(labelled), "--out",
+                 str(tmp_path / "out.pt"))
+    _assert_one_line_error(result, message)
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_add_defects_refuses_other_models_and_folders_in_one_line(tiny_export, labelled, synthetic_dataset, tmp_path):
     from stmae_edge.models import filtering_ae
 
     filtering = tmp_path / "filtering.pt"

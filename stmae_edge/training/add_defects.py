@@ -4,15 +4,17 @@ fits, on a model that does not depend on it (training/defect_head.py). So it is 
 the model as it is, in a minute or two, without the transformer's training again:
 
     MODEL (its training settings, TrainConfig) + DATA_DIR (the folder it recorded, or --data)
-      -> the same good images, training and held-out, drawn again from those settings
-      -> the held-out images scored by MODEL: their maps' statistics must be those it recorded, or
-         DATA_DIR is not what it was trained on (DatasetError)
       -> DEFECTS read and checked as train --defects reads them (labelled_defects)
+      -> the same good images, training and held-out, drawn again from those settings: their
+         fingerprint (names and pixels) must be the one MODEL recorded, or DATA_DIR is not what it
+         was trained on (DatasetError; a model of an earlier version, without one: their counts, and
+         the held-out images' maps scored by MODEL against the statistics it recorded)
       -> fit_defect_head on the backbone features of the labelled images, of the training images
          the head sees as normal and of the held-out ones
       -> the held-out maps scored again: the map's statistics and pixel threshold are the new map's;
          with a score head, the image scores and threshold are MODEL's, unchanged
-      -> OUT: the model `train --defects` would have written with MODEL's settings
+      -> OUT: the weights, statistics and thresholds that `train --defects` would write with MODEL's
+         settings, bit for bit; its training record is MODEL's (losses, time) with the head's added
 
 A user's own thresholds (set by `stmae-edge threshold` after training) are kept where the head does
 not move what they measure, the image threshold with a score head; the rest are set again by the
@@ -23,10 +25,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import data
 from ..checkpoint import load_model
@@ -37,12 +40,13 @@ from ..models.families import STMAE_FAMILY, build_model
 from ..outputs import check_writable
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima, threshold_scoring
 from .defect_head import fit_defect_head, labelled_defects, normal_images
-from .image_set import good_images
+from .image_set import GoodImages, good_images
 from .loop import TrainConfig
 from .train import (
     check_scores_vary,
     extract_feature_pairs,
     extract_features,
+    recorded_settings,
     save_where_possible,
     score_images,
     seed_everything,
@@ -66,16 +70,17 @@ def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str
         data_dir: the dataset the model was trained on; by default the folder its training record names.
 
     Returns:
-        The written model's metadata: the training record gains `defect_head` (as train --defects
-        writes it, with `added_to`, the model's sha256) and `defects_dir` in its settings.
+        The written model's metadata. Its training record is MODEL's, and gains `defect_head` (as train
+        --defects writes it, with `added_to`, MODEL's sha256, and `seconds`), `defects_dir` in its
+        settings, the dataset's absolute path and its good images' fingerprint.
 
     Raises:
-        ConfigError: a model that cannot take the head (the filtering
-            autoencoder, a map without the wide Gaussian, a model trained on --crop tiles); a training
-            record without its settings (a model older than them: train again with --defects) or, where
-            `data_dir` is not given, without the folder it was trained on.
-        DatasetError: DATA_DIR's good images are not those the model was trained on (fewer or more,
-            or scoring otherwise); a labelled set that labelled_defects refuses.
+        ConfigError: a model that cannot take the head (the filtering autoencoder, a map without the
+            wide Gaussian, a model trained on --crop tiles); a training record without its settings (a
+            model older than them: train again with --defects); without `data_dir`, a record that names
+            no dataset or one that is not a folder here; a --holdout-dir it recorded that is not here.
+        DatasetError: DATA_DIR's good images are not those the model was trained on (check_same_images,
+            check_recorded); a labelled set that labelled_defects refuses.
         CheckpointError: `model_path` is not a loadable model.
         OutputError: `out` cannot be written, or is the model itself.
     """
@@ -99,10 +104,14 @@ def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str
                           "as train --defects does")
     cfg = replace(trained_with, defects_dir=str(defects_dir))
     config = with_defect_head(base.config)  # ConfigError: a map without the wide Gaussian
-    data_dir = data_dir or meta.training.get("data_dir")
-    if not data_dir:
-        raise ConfigError(f"{model_path} does not record the folder it was trained on; give it as --data")
-    data_dir = Path(data_dir)
+    data_dir = dataset_of(meta, model_path, data_dir)
+    if cfg.holdout_dir and not Path(cfg.holdout_dir).is_dir():
+        raise ConfigError(f"{model_path} held out the good images of {cfg.holdout_dir}, not a folder here; add the "
+                          "head where that folder is, or train again with --defects")
+    if "defect_head" in meta.training:
+        logger.warning("%s has a defect head already, learnt from %d labelled defective images; it is replaced by "
+                       "one learnt from %s alone: give every labelled image, the earlier ones too", model_path,
+                       meta.training["defect_head"].get("defective_images", 0), defects_dir)
     warn_replacing(out)
     started = time.perf_counter()
     seed_everything(cfg.seed)
@@ -111,18 +120,14 @@ def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str
     if cfg.max_images:
         paths = [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
     goods = good_images(paths, cfg)
-    counted = (len(goods.train), len(goods.holdout))
-    if counted != (meta.training.get("train_images"), meta.training.get("holdout_images")):
-        raise DatasetError(f"{data_dir}: {counted[0]} training and {counted[1]} held-out good images, where "
-                           f"{model_path} was trained on {meta.training.get('train_images')} and "
-                           f"{meta.training.get('holdout_images')}: give --data the folder it was trained on, as it "
-                           "was, or train again with --defects")
     if meta.trained_sizes is not None:
         warn_about_labelled_sizes(defects, meta.trained_sizes)
     warn_about_labelled_colour(defects, goods)
     prep = meta.preprocessing
-    holdout_maps, holdout_scores = score_images(base, prep, goods.holdout, description="held-out scores, as recorded")
-    check_recorded(meta, holdout_maps, holdout_scores, data_dir, model_path)
+    check_same_images(meta, goods, data_dir, model_path)
+    if "good_images_sha256" not in meta.training:  # a model of an earlier version: its scores are what it has
+        holdout_maps, holdout_scores = score_images(base, prep, goods.holdout, description="held-out scores, as recorded")
+        check_recorded(meta, holdout_maps, holdout_scores, data_dir, model_path)
 
     model = build_model(STMAE_FAMILY, config)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
@@ -130,24 +135,62 @@ def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str
         raise ConfigError(f"{model_path}: its weights do not fit its config with a defect head ({unexpected or missing})")
     model.eval()
     two_scales = bool(config.score_layers) and config.score_wide_sigma > 0
-    # the same backbone passes as training's, so that the features are the same to the bit
-    chosen = normal_images(len(goods.train), cfg.seed)
-    normal, _ = extract_feature_pairs(model, prep, [goods.train[i] for i in chosen], description="training images")
+    # The same backbone passes as training's, batch for batch: a convolution's rounding can depend on
+    # what else is in its batch (with one thread, on this machine), and the head is to be the one
+    # that train --defects fits, to the bit. So every training image is passed, as training does.
+    features, _ = extract_feature_pairs(model, prep, goods.train, description="training images")
+    normal = features[torch.from_numpy(normal_images(len(goods.train), cfg.seed))]
+    del features
     holdout, _ = extract_feature_pairs(model, prep, goods.holdout, description="held-out features",
                                        with_score=two_scales)
     labelled = extract_features(model, prep, [s.path for s in defects.samples], description="labelled defects")
     summary = fit_defect_head(model, prep, defects, labelled, normal, holdout, cfg.seed)
     holdout_maps, holdout_scores = score_images(model, prep, goods.holdout, description="held-out scores")
     stats, map_stats, thresholds = new_statistics(meta, cfg.sigma, holdout_maps, holdout_scores, model_path)
-    training = {**meta.training,
+    training = {**meta.training, "data_dir": str(data_dir.resolve()), "good_images_sha256": goods.fingerprint(),
                 "defect_head": {**summary, "added_to": meta.model_hash,
                                 "seconds": round(time.perf_counter() - started, 1)},
-                "train_config": asdict(cfg)}
+                "train_config": recorded_settings(cfg)}
     if stats is not meta.score_stats:  # the image score is the map's: what the threshold fails moved with it
         training["holdout_above_threshold"] = int(np.count_nonzero(fails(holdout_scores, thresholds.image)))
     metadata = replace(meta, config=config.to_dict(), score_stats=stats, map_stats=map_stats,
                        thresholds=thresholds, training=training)
     return save_where_possible(out, model, metadata)
+
+
+def dataset_of(meta: ModelMetadata, model_path: Path, data_dir: Path | str | None) -> Path:
+    """The dataset the model was trained on: `data_dir`, or the folder its training record names.
+
+    Raises:
+        ConfigError: no `data_dir`, and the record names none, or one that is not a folder here (the
+            model moved to another machine, or the dataset to another folder).
+    """
+    if data_dir:
+        return Path(data_dir)
+    recorded = meta.training.get("data_dir")
+    if not recorded:
+        raise ConfigError(f"{model_path} does not record the folder it was trained on; give it as --data")
+    if not Path(recorded).is_dir():
+        raise ConfigError(f"{model_path} was trained on {recorded}, not a folder here; give the dataset it was "
+                          "trained on as --data")
+    return Path(recorded)
+
+
+def check_same_images(meta: ModelMetadata, goods: GoodImages, data_dir: Path, model_path: Path) -> None:
+    """Raises DatasetError where the good images drawn again are not those the model was trained on: by
+    their fingerprint (names and pixels, training and held-out), or for a model of an earlier version
+    that records none, by their counts (its held-out images' scores are checked after, check_recorded)."""
+    recorded = meta.training.get("good_images_sha256")
+    counted = (len(goods.train), len(goods.holdout))
+    trained = (meta.training.get("train_images"), meta.training.get("holdout_images"))
+    if (recorded is None and counted == trained) or recorded == goods.fingerprint():
+        return
+    differ = (f"{counted[0]} training and {counted[1]} held-out good images, where {model_path} was trained on "
+              f"{trained[0]} and {trained[1]}" if counted != trained else
+              f"its good images are not those {model_path} was trained on (one or more changed, renamed or "
+              "replaced)")
+    raise DatasetError(f"{data_dir}: {differ}: give --data the folder it was trained on, as it was, or train again "
+                       "with --defects")
 
 
 def check_recorded(meta: ModelMetadata, holdout_maps: np.ndarray, holdout_scores: np.ndarray, data_dir: Path,

@@ -12,9 +12,10 @@ a file found corrupt in the middle of the run (or, for a held-out image, after i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,14 @@ class GoodImages:
     sizes: dict[Path, tuple[int, int]]  # every image's (height, width) as shown
     left_out: list[str]  # the messages of unreadable files left out (skip_unreadable)
     colour: tuple[Path, ...] = ()  # those whose pixels are not gray (preprocessing.looks_gray)
+    digests: dict[Path, str] = field(default_factory=dict)  # each image's decoded pixels' sha256 (data.survey)
+
+    def fingerprint(self) -> str:
+        """A sha256 of which images, by name and pixels, are training and which held-out ones: what a model
+        records of them, so that a head added later (training/add_defects.py) is fitted on the same ones."""
+        lines = [f"{role}\t{path.name}\t{self.digests.get(path, '')}\n"
+                 for role, paths in (("train", self.train), ("holdout", self.holdout)) for path in paths]
+        return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
@@ -75,7 +84,8 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
     if not cfg.holdout_dir:
         warn_about_copies(goods)
         train, holdout = split_holdout(goods.paths, cfg.holdout_fraction, cfg.seed)
-        return GoodImages(train, holdout, "drawn at random from train/good", goods.sizes, goods.unreadable, goods.colour)
+        return GoodImages(train, holdout, "drawn at random from train/good", goods.sizes, goods.unreadable, goods.colour,
+                          goods.digests)
     if len(goods.paths) < 2:
         raise DatasetError(f"{len(goods.paths)} training image(s): training needs at least two")
     held = data.images_in(cfg.holdout_dir)
@@ -95,7 +105,7 @@ def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
         raise DatasetError(f"{cfg.holdout_dir}: {count} also in train/good (first: {first.name}, the same "
                            f"pixels as {twin.name}); hold out good images of parts that train/good does not show")
     return GoodImages(list(goods.paths), held.paths, f"from {cfg.holdout_dir}", goods.sizes | held.sizes,
-                      goods.unreadable + held.unreadable, goods.colour + held.colour)
+                      goods.unreadable + held.unreadable, goods.colour + held.colour, goods.digests | held.digests)
 
 
 def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:

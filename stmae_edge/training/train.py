@@ -313,6 +313,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             "train_images": len(train_paths),
             "holdout_images": len(holdout_paths),
             "holdout": holdout_source,
+            "good_images_sha256": goods.fingerprint(),  # which images trained and which were held out
             "unreadable_left_out": len(goods.left_out),  # good images that could not be read (skip_unreadable)
             # How many held-out scores (images, or crops with `crop`; with a cross-fitted score head, every
             # good image's) the image threshold fails: with score_stats.count, how far it can be trusted
@@ -324,13 +325,22 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
             "color": color_reason,
             "colour_images": len(goods.colour),  # good images in colour: where > 0, gray frames later are news
             **provenance,
-            # defects_dir only where given: older readers of the record (TrainConfig(**it)) take the rest
-            "train_config": {k: v for k, v in asdict(cfg).items() if k != "defects_dir" or v},
+            "train_config": recorded_settings(cfg),
             "loss_per_epoch": history,
             "seconds": round(time.perf_counter() - started, 1),
         },
     )
     return save_where_possible(Path(out), model, metadata)
+
+
+def recorded_settings(cfg: TrainConfig) -> dict:
+    """The settings as the training record keeps them: defects_dir only where given (older readers,
+    TrainConfig(**it), take the rest), holdout_dir as an absolute path (add-defects draws the same
+    held-out images again, from wherever it runs)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "defects_dir" or v}
+    if cfg.holdout_dir:
+        settings["holdout_dir"] = str(Path(cfg.holdout_dir).resolve())
+    return settings
 
 
 def save_where_possible(out: Path, model: torch.nn.Module, metadata: ModelMetadata) -> ModelMetadata:
