@@ -247,6 +247,8 @@ def add_defects(
                                     "_defects; not MODEL itself, which stays as it is)"),
     data: Path | None = typer.Option(None, help="the dataset MODEL was trained on, where it has moved (default: the "
                                      "folder its training record names)"),
+    holdout_dir: Path | None = typer.Option(None, help="for a MODEL trained with --holdout-dir: that folder, where it "
+                                            "has moved (default: the one its training record names)"),
 ) -> None:
     """Add a head learnt from labelled defects to a trained model, without training it again: OUT is the
     model that `train --defects DEFECTS` would write with MODEL's settings, its image scores and image
@@ -255,7 +257,7 @@ def add_defects(
 
     use_available_cores(model)
     out = _model_out(out, "checkpoint") or model.with_name(f"{model.stem}_defects.pt")
-    meta = run_add_defects(model, defects, out, data)
+    meta = run_add_defects(model, defects, out, data, holdout_dir)
     d = meta.training["defect_head"]
     types = ", ".join(f"{k} {v}" for k, v in d["types"].items())
     typer.echo(f"wrote {out}: {model} with a defect head from {d['defective_images']} labelled defective images "

@@ -349,6 +349,12 @@ def test_a_head_is_added_only_where_the_model_was_trained_on_the_data_given(tiny
         cv2.imwrite(str(path), np.roll(image, 3 * int(path.stem) % 40, axis=0))
     with pytest.raises(DatasetError, match="do not score as when .* was trained"):
         add_defects(earlier, labelled, tmp_path / "a.pt", data_dir=moved)
+    shutil.rmtree(moved)
+    shutil.copytree(synthetic_dataset, moved)
+    goods = good_images(data.train_images(moved), TrainConfig(**meta.training["train_config"]))
+    cv2.imwrite(str(goods.train[3]), np.roll(cv2.imread(str(goods.train[3])), 7, axis=1))  # a training image only
+    with pytest.raises(DatasetError, match="its training images are not those .* was trained on"):
+        add_defects(earlier, labelled, tmp_path / "a.pt", data_dir=moved)
     assert not (tmp_path / "a.pt").exists()
     with pytest.raises(OutputError, match="--out"):  # the model itself stays as it is
         add_defects(tiny_export[0], labelled, tiny_export[0])
@@ -359,24 +365,56 @@ def test_thresholds_set_after_training_are_kept_where_the_head_does_not_move_the
     """With a score head the image threshold measures what the head does not change: a user's is kept;
     the pixel threshold, on the map, is set again by the training's rule, and the user is told. A head
     added again replaces the earlier one, and the user is told that too."""
+    from stmae_edge import __version__
     from stmae_edge.checkpoint import read_checkpoint, save_checkpoint
     from stmae_edge.scoring import Thresholds
 
     model, meta = load_model(tiny_export[0])
     chosen = Thresholds(image=meta.thresholds.image * 1.5, pixel=meta.thresholds.pixel * 1.5, rule="chosen on site")
     tuned = tmp_path / "tuned.pt"
-    save_checkpoint(tuned, model, replace(meta, thresholds=chosen))
+    save_checkpoint(tuned, model, replace(meta, thresholds=chosen, package_version="0.0.9"))
     with caplog.at_level("WARNING", logger="stmae_edge.training.add_defects"):
         added = add_defects(tuned, labelled, tmp_path / "out.pt")
     assert added.thresholds.image == chosen.image
     assert added.thresholds.pixel == with_head[1].thresholds.pixel != chosen.pixel
-    assert added.thresholds.rule.startswith("chosen on site; pixel: reset")
+    assert added.thresholds.rule == "chosen on site; pixel: set by the training's rule when the defect head was added"
     assert "pixel threshold was set after training (chosen on site)" in caplog.text
     assert read_checkpoint(tmp_path / "out.pt")[0].thresholds == added.thresholds
+    assert added.package_version == __version__  # the version that wrote the head, not the model's
     caplog.clear()
     with caplog.at_level("WARNING", logger="stmae_edge.training.add_defects"):
-        add_defects(tmp_path / "out.pt", labelled, tmp_path / "again.pt")
+        again = add_defects(tmp_path / "out.pt", labelled, tmp_path / "again.pt")
     assert "has a defect head already, learnt from 12 labelled defective images" in caplog.text
+    assert "threshold was set after training" not in caplog.text  # the pixel one is the rule's now
+    assert again.thresholds == added.thresholds  # the rule's words not added twice
+    # the training's rule worded by an earlier version, and the user's image threshold alone
+    caplog.clear()
+    worded = tmp_path / "worded.pt"
+    save_checkpoint(worded, model, replace(meta, thresholds=replace(meta.thresholds, rule="an earlier wording")))
+    image_only = tmp_path / "image_only.pt"
+    save_checkpoint(image_only, model, replace(meta, thresholds=replace(meta.thresholds, image=chosen.image)))
+    with caplog.at_level("WARNING", logger="stmae_edge.training.add_defects"):
+        assert add_defects(worded, labelled, tmp_path / "w.pt").thresholds == with_head[1].thresholds
+        kept = add_defects(image_only, labelled, tmp_path / "i.pt").thresholds
+    assert "threshold was set after training" not in caplog.text
+    assert (kept.image, kept.pixel) == (chosen.image, with_head[1].thresholds.pixel)
+
+
+def test_a_moved_holdout_folder_is_given_as_holdout_dir(synthetic_dataset, tiny_export, labelled, tmp_path):
+    """A model trained with --holdout-dir records that folder; where it has moved, --holdout-dir says
+    where it is now (its images' fingerprint still proves them the same)."""
+    held = tmp_path / "held"
+    shutil.copytree(synthetic_dataset / "test" / "good", held)
+    base = tmp_path / "base.pt"
+    train(synthetic_dataset, base, preset("tiny"), replace(TINY, holdout_dir=str(held)), backbone_weights="random")
+    moved = held.rename(tmp_path / "moved_held")
+    result = run("add-defects", str(base), str(labelled), "--out", str(tmp_path / "out.pt"))
+    _assert_one_line_error(result, f"held out the good images of {held}, not a folder here; give that folder as "
+                                   "--holdout-dir")
+    meta = add_defects(base, labelled, tmp_path / "out.pt", holdout_dir=moved)
+    assert meta.training["train_config"]["holdout_dir"] == str(moved.resolve())
+    with pytest.raises(ConfigError, match="held out good images drawn from train/good"):
+        add_defects(tiny_export[0], labelled, tmp_path / "x.pt", holdout_dir=moved)
 
 
 def edited(tiny_export, tmp_path, **training) -> Path:

@@ -8,17 +8,19 @@ the model as it is, in a minute or two, without the transformer's training again
       -> the same good images, training and held-out, drawn again from those settings: their
          fingerprint (names and pixels) must be the one MODEL recorded, or DATA_DIR is not what it
          was trained on (DatasetError; a model of an earlier version, without one: their counts, and
-         the held-out images' maps scored by MODEL against the statistics it recorded)
+         the held-out images' maps scored by MODEL against the statistics it recorded, and the training
+         images' features against its standardisation)
       -> fit_defect_head on the backbone features of the labelled images, of the training images
          the head sees as normal and of the held-out ones
       -> the held-out maps scored again: the map's statistics and pixel threshold are the new map's;
          with a score head, the image scores and threshold are MODEL's, unchanged
       -> OUT: the weights, statistics and thresholds that `train --defects` would write with MODEL's
-         settings, bit for bit; its training record is MODEL's (losses, time) with the head's added
+         settings, bit for bit; its training record is MODEL's (losses, time), with the head's, the
+         dataset's path and the good images' fingerprint as they are now, and --defects in its settings
 
 A user's own thresholds (set by `stmae-edge threshold` after training) are kept where the head does
-not move what they measure, the image threshold with a score head; the rest are set again by the
-training's rule, with a warning.
+not move what they measure, the image threshold with a score head; a pixel threshold, and without a
+score head both, are set again by the training's rule, with a warning.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import data
+from .. import __version__, data
 from ..checkpoint import load_model
 from ..errors import ConfigError, DatasetError
 from ..metadata import ModelMetadata
@@ -46,6 +48,7 @@ from .train import (
     check_scores_vary,
     extract_feature_pairs,
     extract_features,
+    feature_statistics,
     recorded_settings,
     save_where_possible,
     score_images,
@@ -60,14 +63,18 @@ logger = logging.getLogger(__name__)
 # How closely the held-out maps' statistics, scored again, must match the recorded ones: another
 # machine's arithmetic (AVX2 or AVX-512, a GPU) moves them by about 1e-6; other images by far more.
 RECORDED_RTOL = 1e-3
+PIXEL_RESET = "; pixel: set by the training's rule when the defect head was added"
+FEATURE_MEAN_TOLERANCE = 1e-4  # in each channel's std, far above arithmetic's drift: check_standardisation
 
 
 def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str,
-                data_dir: Path | str | None = None) -> ModelMetadata:
+                data_dir: Path | str | None = None, holdout_dir: Path | str | None = None) -> ModelMetadata:
     """Fit the labelled-defect head on the model at `model_path` and write the model with it to `out`.
 
     Args:
         data_dir: the dataset the model was trained on; by default the folder its training record names.
+        holdout_dir: for a model trained with --holdout-dir, that folder where it has moved; by default
+            the one its training record names.
 
     Returns:
         The written model's metadata. Its training record is MODEL's, and gains `defect_head` (as train
@@ -102,12 +109,15 @@ def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str
     if trained_with.crop:
         raise ConfigError(f"{model_path} was trained on --crop tiles; the head learns from whole labelled images, "
                           "as train --defects does")
-    cfg = replace(trained_with, defects_dir=str(defects_dir))
+    if holdout_dir and not trained_with.holdout_dir:
+        raise ConfigError(f"--holdout-dir: {model_path} held out good images drawn from train/good, not a folder's; "
+                          "leave --holdout-dir out")
+    cfg = replace(trained_with, defects_dir=str(defects_dir), holdout_dir=str(holdout_dir or trained_with.holdout_dir))
     config = with_defect_head(base.config)  # ConfigError: a map without the wide Gaussian
     data_dir = dataset_of(meta, model_path, data_dir)
     if cfg.holdout_dir and not Path(cfg.holdout_dir).is_dir():
-        raise ConfigError(f"{model_path} held out the good images of {cfg.holdout_dir}, not a folder here; add the "
-                          "head where that folder is, or train again with --defects")
+        raise ConfigError(f"{model_path} held out the good images of {cfg.holdout_dir}, not a folder here; give that "
+                          "folder as --holdout-dir")
     if "defect_head" in meta.training:
         logger.warning("%s has a defect head already, learnt from %d labelled defective images; it is replaced by "
                        "one learnt from %s alone: give every labelled image, the earlier ones too", model_path,
@@ -139,6 +149,8 @@ def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str
     # what else is in its batch (with one thread, on this machine), and the head is to be the one
     # that train --defects fits, to the bit. So every training image is passed, as training does.
     features, _ = extract_feature_pairs(model, prep, goods.train, description="training images")
+    if "good_images_sha256" not in meta.training:
+        check_standardisation(base, features, data_dir, model_path)
     normal = features[torch.from_numpy(normal_images(len(goods.train), cfg.seed))]
     del features
     holdout, _ = extract_feature_pairs(model, prep, goods.holdout, description="held-out features",
@@ -154,7 +166,7 @@ def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str
     if stats is not meta.score_stats:  # the image score is the map's: what the threshold fails moved with it
         training["holdout_above_threshold"] = int(np.count_nonzero(fails(holdout_scores, thresholds.image)))
     metadata = replace(meta, config=config.to_dict(), score_stats=stats, map_stats=map_stats,
-                       thresholds=thresholds, training=training)
+                       thresholds=thresholds, training=training, package_version=__version__)
     return save_where_possible(out, model, metadata)
 
 
@@ -193,6 +205,21 @@ def check_same_images(meta: ModelMetadata, goods: GoodImages, data_dir: Path, mo
                        "with --defects")
 
 
+def check_standardisation(base: torch.nn.Module, features: torch.Tensor, data_dir: Path, model_path: Path) -> None:
+    """Raises DatasetError where the training images' features do not give the model's standardisation
+    (each channel's mean over them, fitted by training): for a model that records no fingerprint of its
+    good images, the check that they are the training images it had. One of magnetic_tile's 686 training
+    images replaced by another moved some channel's mean by 1.3e-3 to 1.7e-3 of its std (three tried);
+    the same images on the same machine, by 0. The mean over positions does not see an image mirrored
+    or turned."""
+    mean, _ = feature_statistics(features)
+    shift = float(((mean - base.feature_mean).abs() / base.feature_std).max())
+    if shift > FEATURE_MEAN_TOLERANCE:
+        raise DatasetError(f"{data_dir}: its training images are not those {model_path} was trained on (a feature's "
+                           f"mean over them is {shift:.2g} of its std off the model's): give --data the folder it was "
+                           "trained on, as it was, or train again with --defects")
+
+
 def check_recorded(meta: ModelMetadata, holdout_maps: np.ndarray, holdout_scores: np.ndarray, data_dir: Path,
                    model_path: Path) -> None:
     """Raises DatasetError where the held-out images, scored by the model, do not give the statistics it
@@ -225,16 +252,21 @@ def new_statistics(meta: ModelMetadata, sigma: float, holdout_maps: np.ndarray, 
         stats, map_stats = ScoreStats.from_scores(holdout_scores), None
     trained = Thresholds.from_stats(meta.score_stats, sigma, meta.map_stats, scored=scored)
     thresholds = Thresholds.from_stats(stats, sigma, map_stats, scored=scored)
-    if meta.thresholds == trained:
+    # by value: a rule worded by an earlier version is still the training's rule
+    image_set, pixel_set = meta.thresholds.image != trained.image, meta.thresholds.pixel != trained.pixel
+    if map_stats is None:  # the image score is the map's maximum: both thresholds measure what the head moves
+        if image_set or pixel_set:
+            logger.warning("%s: its thresholds were set after training (%s); the head changes the map, which scores "
+                           "its images, so both are set again by the training's rule (%.6g): run `stmae-edge "
+                           "threshold` on the new model to choose them again", model_path, meta.thresholds.rule,
+                           thresholds.image)
         return stats, map_stats, thresholds
-    if map_stats is not None:  # the image threshold measures what the head does not move: kept
+    if pixel_set:
         logger.warning("%s: its pixel threshold was set after training (%s); the head changes the map, so it is set "
-                       "again by the training's rule (%.6g); its image threshold is kept: run `stmae-edge threshold` "
-                       "on the new model to choose them again", model_path, meta.thresholds.rule, thresholds.pixel)
-        return stats, map_stats, Thresholds(image=meta.thresholds.image, pixel=thresholds.pixel,
-                                            rule=f"{meta.thresholds.rule}; pixel: reset to the training's rule when "
-                                                 "the defect head was added")
-    logger.warning("%s: its thresholds were set after training (%s); the head changes the map, which scores its "
-                   "images, so both are set again by the training's rule (%.6g): run `stmae-edge threshold` on the "
-                   "new model to choose them again", model_path, meta.thresholds.rule, thresholds.image)
-    return stats, map_stats, thresholds
+                       "again by the training's rule (%.6g): run `stmae-edge threshold` on the new model to choose it "
+                       "again", model_path, meta.thresholds.rule, thresholds.pixel)
+    if not image_set:
+        return stats, map_stats, thresholds
+    # a user's image threshold measures what the head does not move (the score head's scores): kept
+    rule = meta.thresholds.rule if PIXEL_RESET in meta.thresholds.rule else f"{meta.thresholds.rule}{PIXEL_RESET}"
+    return stats, map_stats, Thresholds(image=meta.thresholds.image, pixel=thresholds.pixel, rule=rule)

@@ -52,7 +52,7 @@ class GoodImages:
     def fingerprint(self) -> str:
         """A sha256 of which images, by name and pixels, are training and which held-out ones: what a model
         records of them, so that a head added later (training/add_defects.py) is fitted on the same ones."""
-        lines = [f"{role}\t{path.name}\t{self.digests.get(path, '')}\n"
+        lines = [f"{role}\t{path.name}\t{self.digests[path]}\n"
                  for role, paths in (("train", self.train), ("holdout", self.holdout)) for path in paths]
         return hashlib.sha256("".join(lines).encode()).hexdigest()
 

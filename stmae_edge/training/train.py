@@ -335,11 +335,12 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
 
 def recorded_settings(cfg: TrainConfig) -> dict:
     """The settings as the training record keeps them: defects_dir only where given (older readers,
-    TrainConfig(**it), take the rest), holdout_dir as an absolute path (add-defects draws the same
-    held-out images again, from wherever it runs)."""
+    TrainConfig(**it), take the rest); folders as absolute paths (add-defects draws the same held-out
+    images again, from wherever it runs)."""
     settings = {k: v for k, v in asdict(cfg).items() if k != "defects_dir" or v}
-    if cfg.holdout_dir:
-        settings["holdout_dir"] = str(Path(cfg.holdout_dir).resolve())
+    for name in ("holdout_dir", "defects_dir"):
+        if settings.get(name):
+            settings[name] = str(Path(settings[name]).resolve())
     return settings
 
 
