@@ -52,7 +52,6 @@ from .train import (
     recorded_settings,
     save_where_possible,
     score_images,
-    seed_everything,
     warn_about_labelled_colour,
     warn_about_labelled_sizes,
     with_defect_head,
@@ -123,8 +122,7 @@ def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str
                        "one learnt from %s alone: give every labelled image, the earlier ones too", model_path,
                        meta.training["defect_head"].get("defective_images", 0), defects_dir)
     warn_replacing(out)
-    started = time.perf_counter()
-    seed_everything(cfg.seed)
+    started = time.perf_counter()  # every draw below has its own seeded generator, as in training
     paths = data.train_images(data_dir)
     defects = labelled_defects(defects_dir, data_dir)
     if cfg.max_images:
