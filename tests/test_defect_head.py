@@ -462,3 +462,13 @@ def test_add_defects_writes_beside_the_model_by_default(tiny_export, labelled, t
     assert result.returncode == 0, result.stderr
     assert "with a defect head from 12 labelled defective images (scratch 12)" in result.stdout
     assert load_model(tmp_path / "line_defects.pt")[1].training["defect_head"]["defective_images"] == 12
+
+
+def test_the_report_says_the_model_has_a_head_and_from_what(with_head, tiny_export, labelled, tmp_path):
+    from stmae_edge.evaluation.report import training_summary
+
+    assert "defect head" not in training_summary(load_model(tiny_export[0])[1].training)
+    assert training_summary(with_head[1].training)["defect head"] == "from 12 labelled defective images (scratch 12)"
+    added = add_defects(tiny_export[0], labelled, tmp_path / "added.pt")
+    assert training_summary(added.training)["defect head"] == (
+        f"from 12 labelled defective images (scratch 12), added to the model {load_model(tiny_export[0])[1].model_hash[:12]}...")

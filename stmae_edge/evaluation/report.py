@@ -393,4 +393,9 @@ def training_summary(training: dict) -> dict:
     summary = {k: training[k] for k in ("data_dir", "train_images", "holdout_images", "seconds") if k in training}
     if "epochs" in training.get("train_config", {}):
         summary["epochs"] = training["train_config"]["epochs"]
+    head = training.get("defect_head")
+    if isinstance(head, dict):  # train --defects, or add-defects (which records what it was added to)
+        types = ", ".join(f"{k} {v}" for k, v in head.get("types", {}).items())
+        added = f", added to the model {head['added_to'][:12]}..." if head.get("added_to") else ""
+        summary["defect head"] = f"from {head.get('defective_images')} labelled defective images ({types}){added}"
     return summary
