@@ -42,7 +42,7 @@ from ..models.families import STMAE_FAMILY, build_model
 from ..outputs import check_writable
 from ..scoring import ScoreStats, Thresholds, fails, map_maxima, threshold_scoring
 from .defect_head import fit_defect_head, labelled_defects, normal_images
-from .image_set import GoodImages, good_images
+from .image_set import GoodImages, capped, good_images
 from .loop import TrainConfig
 from .train import (
     check_scores_vary,
@@ -125,8 +125,7 @@ def add_defects(model_path: Path | str, defects_dir: Path | str, out: Path | str
     started = time.perf_counter()  # every draw below has its own seeded generator, as in training
     paths = data.train_images(data_dir)
     defects = labelled_defects(defects_dir, data_dir)
-    if cfg.max_images:
-        paths = [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
+    paths = capped(paths, cfg)
     goods = good_images(paths, cfg)
     if meta.trained_sizes is not None:
         warn_about_labelled_sizes(defects, meta.trained_sizes)

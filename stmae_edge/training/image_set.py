@@ -57,6 +57,14 @@ class GoodImages:
         return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+def capped(paths: Sequence[Path], cfg: TrainConfig) -> list[Path]:
+    """train/good's images, or cfg.max_images of them drawn by the seed (in their order): what training,
+    and add-defects after it, draw the good images from."""
+    if not cfg.max_images:
+        return list(paths)
+    return [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
+
+
 def good_images(paths: Sequence[Path], cfg: TrainConfig) -> GoodImages:
     """The training images and the held-out good images: cfg.holdout_dir's images beside every image in
     `paths`, or a seeded holdout_fraction of `paths`. Every file is surveyed first.

@@ -48,7 +48,7 @@ from .defect_head import (
     normal_images,
 )
 from .filtering import DONORS, train_filtering
-from .image_set import GoodImages, choose_color, choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
+from .image_set import GoodImages, capped, choose_color, choose_keep_aspect, good_images, hint_bit_depth, warn_about_sizes
 from .loop import FITTED_STD_FLOOR, TrainConfig, batches, mean_and_std, optimize, z_score_table
 from .memory import kept_bytes_per_image, warn_if_short
 
@@ -230,8 +230,7 @@ def train(data_dir: Path | str, out: Path | str, model_config: STMAEConfig | Fil
     paths = data.train_images(data_dir)
     if cfg.defects_dir:  # every labelled file read before the good ones and before any training
         defects = labelled_defects(cfg.defects_dir, data_dir)
-    if cfg.max_images:
-        paths = [paths[i] for i in sorted(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_images])]
+    paths = capped(paths, cfg)
     goods = good_images(paths, cfg)  # every file read and decoded once, before any training
     train_paths, holdout_paths, holdout_source = goods.train, goods.holdout, goods.holdout_source
     paths = [p for p in paths if p in goods.sizes]
